@@ -1,0 +1,104 @@
+"""python -m densemoe.bench {fc2,sweep} ... (needs a CUDA GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+
+def _ints(s: str) -> list[int]:
+    out = []
+    for part in s.split(","):
+        if "-" in part:
+            lo, hi = map(int, part.split("-"))
+            out += [m for m in (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512) if lo <= m <= hi]
+        else:
+            out.append(int(part))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m densemoe.bench", description=__doc__)
+    ap.add_argument("what", choices=["fc2", "sweep", "plot"], help="fc2: default configs vs baselines; "
+                    "sweep: time a set of configs per M (exploration); plot: redraw <out>.md/.png from "
+                    "<out>.json (no GPU needed)")
+    ap.add_argument("--shapes", default="deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b")
+    ap.add_argument("--dtypes", default="fp8,bf16")
+    ap.add_argument("--m", default="1-512", help="comma list; a-b takes the MISSION sweep points in [a, b]")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot)")
+    ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
+    args = ap.parse_args(argv)
+    if args.what == "plot":
+        from densemoe.bench.report import markdown, plot
+
+        with open(args.out + ".json") as f:
+            data = json.load(f)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(data["meta"], data["records"]))
+        plot(data["meta"], data["records"], args.out + ".png")
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("densemoe.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    from densemoe.bench import common, fc2
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.cuda.get_device_name()
+    commit = args.commit or common.git_commit()
+    timer = common.Timer(reps=args.reps)
+    t0 = time.time()
+    ceiling = common.read_ceiling(timer)
+    peaks = common.peak_tflops(timer)
+    print(f"# {device}: read ceiling {ceiling['tb_s']:.3f} TB/s {ceiling['variants']}; "
+          f"peak fp8 {peaks['fp8']:.0f} bf16 {peaks['bf16']:.0f} TFLOP/s ({time.time() - t0:.1f}s)", flush=True)
+    print("# " + fc2.HEADER, flush=True)
+    shapes = args.shapes.split(",")
+    dtypes = args.dtypes.split(",")
+    configs = fc2.sweep_space if args.what == "sweep" else None
+    records = fc2.run(shapes, dtypes, _ints(args.m), timer, ceiling, peaks, device, commit,
+                      configs=configs, log=lambda s: print(s, flush=True))
+    meta = dict(device=device, commit=commit, command="python -m densemoe.bench " + " ".join(argv or sys.argv[1:]),
+                read_ceiling_tb_s=ceiling["tb_s"], read_variants=ceiling["variants"], peak_tflops=peaks,
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), wall_s=time.time() - t0)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=1)
+        from densemoe.bench.report import markdown, plot
+
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(meta, records))
+        if args.plot:
+            try:
+                plot(meta, records, args.out + ".png")
+            except ImportError as exc:  # matplotlib is the optional `bench` extra
+                print(f"# no plot: {exc}; redraw later with `python -m densemoe.bench plot --out {args.out}`")
+    if args.what == "sweep":
+        from densemoe.bench.fc2 import fmt_row
+
+        keys = sorted({(r["shape"], r["dtype"], r["M"]) for r in records})
+        print("# best per point (sweep):")
+        for k in keys:
+            rs = sorted((r for r in records if (r["shape"], r["dtype"], r["M"]) == k and r.get("us")),
+                        key=lambda r: r["us"])
+            for r in rs[:3]:
+                print(fmt_row(r))
+    bad = [r for r in records if r.get("us") is None]
+    print(f"# {len(records)} records, {len(bad)} failed, {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

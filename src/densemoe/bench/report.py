@@ -1,0 +1,70 @@
+"""Markdown table and plot of benchmark records (no GPU needed)."""
+
+from __future__ import annotations
+
+
+def _best(records):
+    """Per (shape, dtype, M) the fastest successful record."""
+    best = {}
+    for r in records:
+        if r.get("us") is None:
+            continue
+        k = (r["shape"], r["dtype"], r["M"])
+        if k not in best or r["us"] < best[k]["us"]:
+            best[k] = r
+    return [best[k] for k in sorted(best, key=lambda k: (k[0], k[1] != "fp8", k[2]))]
+
+
+def markdown(meta: dict, records: list[dict]) -> str:
+    lines = [f"# FC2 on {meta['device']}", "",
+             f"commit `{meta['commit']}`, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
+             f"Measured in the same run: read ceiling {meta['read_ceiling_tb_s']:.2f} TB/s, "
+             f"cuBLAS peaks fp8 {meta['peak_tflops']['fp8']:.0f} / bf16 {meta['peak_tflops']['bf16']:.0f} TFLOP/s. "
+             "Floor = max(bytes / read ceiling, FLOPs / peak). Times: CUDA-graph replay, L2 flushed, median. "
+             "cuBLAS runs get alpha pre-folded into `a` (fold not timed) and apply no alpha.", "",
+             f"Command: `{meta['command']}`", "",
+             "| shape | dtype | M | us | TB/s | TFLOP/s | floor us | % floor | cuBLAS fp8 us | x fp8 | cuBLAS bf16 us | x bf16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in _best(records):
+        c8 = f"{r['cublas_fp8_us']:.1f}" if r.get("cublas_fp8_us") else "-"
+        x8 = f"{r['speedup_vs_cublas_fp8']:.2f}" if r.get("speedup_vs_cublas_fp8") else "-"
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['M']} | {r['us']:.1f} | {r['tb_s']:.2f} | "
+                     f"{r['tflops']:.0f} | {r['floor_us']:.1f} | {r['pct_floor']:.1f} | {c8} | {x8} | "
+                     f"{r['cublas_bf16_us']:.1f} | {r['speedup_vs_cublas_bf16']:.2f} |")
+    failed = [r for r in records if r.get("us") is None]
+    if failed:
+        lines += ["", f"{len(failed)} runs failed or were wrong (see JSON `error`)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(meta: dict, records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _best(records)
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rs = [r for r in rows if r["shape"] == shape]
+        for dt, style in (("fp8", "-o"), ("bf16", "-s")):
+            d = [r for r in rs if r["dtype"] == dt]
+            if not d:
+                continue
+            ms = [r["M"] for r in d]
+            ax.plot(ms, [r["us"] for r in d], style, label=f"densemoe {dt}")
+            ax.plot(ms, [r["floor_us"] for r in d], ":", label=f"floor {dt}")
+        base = {r["M"]: r for r in rs}
+        ms = sorted(base)
+        ax.plot(ms, [base[m]["cublas_fp8_us"] or float("nan") for m in ms], "--", label="cuBLAS fp8 (alpha folded)")
+        ax.plot(ms, [base[m]["cublas_bf16_us"] for m in ms], "--", label="cuBLAS bf16 (alpha folded)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("us")
+        ax.set_title(f"FC2 {shape}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"densemoe FC2 on {meta['device']} ({meta['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,320 @@
+"""FC2 (dense-MoE down projection) as one Triton kernel.
+
+Semantics (the contract; ``densemoe.reference.fc2_ref`` is its executable twin)::
+
+    # a:     [M, E*I]  fp8 e4m3 or bf16, K-major      (FC1's output, token rows)
+    # w:     [N, E*I]  same dtype as a, K-major       (each expert's [N, I] block side by side)
+    # alpha: [M, E]    float32                        (routing weight x dequant scales, 0 = not routed)
+    # out:   [M, N]    bf16 / fp16 / fp32
+    for m, n:
+        acc = 0.0                                      # fp32
+        for e in range(E):
+            part = sum(a[m, e*I + i] * w[n, e*I + i] for i in range(I))   # tensor cores
+            acc += alpha[m, e] * part                  # fp32, once per expert, per token row
+        out[m, n] = acc.to(out.dtype)
+
+Schedule. The work is a list of *units*: one unit is one (token tile, column tile, expert)
+triple, i.e. ``I // BLOCK_K`` k-tiles of MMA followed by one fp32 scale-and-add. Units are
+ordered expert-fastest inside a column tile. Programs are persistent: the token tiles each
+get ``G`` programs and every program takes one contiguous slice of the ``n_tiles * E`` units
+of its token tile (stream-K over experts). A program that owns every expert of a column
+tile stores the result directly; otherwise it adds its partial sum into an fp32 workspace
+with atomics and bumps a per-tile counter by the number of experts it covered; the program
+that brings the counter to ``E`` reads the finished sum back and writes ``out``. So one launch
+fills every SM whatever ``M`` is, and alpha is applied per token row once per expert.
+
+Swap-AB (``SWAP_AB``): for small M the weight tile is the MMA's M operand (64/128 rows, the
+wgmma minimum is 64) and the token tile is its N operand (16..256), so M=1 does not pay for
+a 64-row token tile.
+
+``USE_TMA`` loads both operands with tensor descriptors (Hopper TMA); without it the loads
+are plain masked pointer loads, which work for any strides and alignment.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fc2_kernel(
+    a_ptr, w_ptr, a_desc, w_desc,  # pointer pair (USE_TMA=False) or descriptor pair (True)
+    alpha_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, E,
+    stride_am, stride_ak, stride_wn, stride_wk,
+    stride_alm, stride_ale, stride_om, stride_on,
+    I: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    groups = tl.num_programs(0) // m_tiles  # host launches groups * m_tiles programs
+    m_tile = pid % m_tiles
+    g = pid // m_tiles
+    num_units = n_tiles * E
+    u_begin = (g.to(tl.int64) * num_units // groups).to(tl.int32)
+    u_end = ((g.to(tl.int64) + 1) * num_units // groups).to(tl.int32)
+
+    off_m = m_tile * BLOCK_M
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # Column tiles this program touches: [n_first, n_last]; experts [e_lo, e_hi) of each.
+    n_first = u_begin // E
+    n_last = (u_end - 1) // E
+    for n_tile in range(n_first, n_last + 1):
+        e_lo = tl.maximum(u_begin - n_tile * E, 0)
+        e_hi = tl.minimum(u_end - n_tile * E, E)
+        off_n = n_tile * BLOCK_N
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # One flat, software-pipelined loop over the k-tiles of experts [e_lo, e_hi): the
+        # pipeline depth is num_stages k-tiles whatever I is. Expert e = kt // KT.
+        for kt in tl.range(e_lo * KT, e_hi * KT, num_stages=NUM_STAGES):
+            e = kt // KT
+            k0 = kt * BLOCK_K
+            if USE_TMA:
+                w = w_desc.load([off_n, k0])
+                a = a_desc.load([off_m, k0])
+            else:
+                offs_n = off_n + tl.arange(0, BLOCK_N)
+                w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+                            + (k0 + offs_k)[None, :] * stride_wk,
+                            mask=(offs_n < N)[:, None], other=0.0)
+                a = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+                            + (k0 + offs_k)[None, :] * stride_ak,
+                            mask=mask_m[:, None], other=0.0)
+            al = tl.load(alpha_ptr + offs_m * stride_alm + e * stride_ale, mask=mask_m, other=0.0)
+            if KT == 1:  # a k-tile is a whole expert: scale its product and add
+                if SWAP_AB:
+                    acc += tl.dot(w, tl.trans(a)) * al[None, :]
+                else:
+                    acc += tl.dot(a, tl.trans(w)) * al[:, None]
+            else:  # accumulate the expert's KT k-tiles in `part`, then one scale-and-add
+                if SWAP_AB:
+                    part = tl.dot(w, tl.trans(a), part)
+                    scaled = acc + part * al[None, :]
+                else:
+                    part = tl.dot(a, tl.trans(w), part)
+                    scaled = acc + part * al[:, None]
+                last = (kt % KT) == KT - 1
+                acc = tl.where(last, scaled, acc)
+                part = tl.where(last, 0.0, part)
+
+        # Flush the column tile: direct store if we own all E experts, else reduce.
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows = offs_m.to(tl.int64)
+        if SWAP_AB:
+            o_offs = rows[None, :] * stride_om + offs_n[:, None] * stride_on
+            ws_offs = rows[None, :] * N + offs_n[:, None]
+            o_mask = mask_m[None, :] & mask_n[:, None]
+        else:
+            o_offs = rows[:, None] * stride_om + offs_n[None, :] * stride_on
+            ws_offs = rows[:, None] * N + offs_n[None, :]
+            o_mask = mask_m[:, None] & mask_n[None, :]
+        if (e_lo == 0) & (e_hi == E):
+            tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            tl.atomic_add(ws_ptr + ws_offs, acc, mask=o_mask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial is issued before the release below
+            covered = e_hi - e_lo
+            done = tl.atomic_add(cnt_ptr + m_tile * n_tiles + n_tile, covered, sem="acq_rel")
+            if done + covered == E:  # last contributor: the sum is complete
+                total = tl.load(ws_ptr + ws_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + o_offs, total.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: config, validity, launch.
+# --------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+
+import torch  # noqa: E402
+
+from densemoe._runtime import sm_count, supports_tma  # noqa: E402
+
+SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit
+_SMEM_RESERVE = 1024  # barriers, alpha ring
+_MAX_ACC_REGS = 192  # fp32 registers per thread for the two accumulators (acc + per-expert part)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fc2Problem:
+    """The static description of one FC2 call (what a config must fit)."""
+
+    m: int
+    n: int
+    e: int
+    i: int
+    dtype: torch.dtype  # of a and w
+    out_dtype: torch.dtype
+
+    @property
+    def k(self) -> int:
+        return self.e * self.i
+
+
+@dataclasses.dataclass(frozen=True)
+class Fc2TritonConfig:
+    """One tactic of the Triton FC2 kernel. Every field is a compile-time or launch choice.
+
+    block_m:     token tile (MMA N operand when swap_ab, else MMA M operand)
+    block_n:     output-column tile (MMA M operand when swap_ab)
+    block_k:     k-tile; must divide I (an expert is I // block_k k-tiles, then one alpha FMA)
+    num_warps, num_stages: Triton's; num_stages is the depth of the load pipeline
+    swap_ab:     compute out^T = w @ a^T (small M) instead of out = a @ w^T
+    use_tma:     tensor-descriptor (TMA) loads; needs sm_90+, K-major operands, 16-byte alignment
+    split:       how a column tile's E experts are shared among programs.
+                 0: stream-K, one wave of ``ctas_per_sm * SMs`` programs shares all
+                 (column tile, expert) units evenly (tiles may be cut anywhere);
+                 s >= 1: each column tile is cut into s equal expert ranges, one program
+                 each (s = 1: no split, no workspace, no atomics). Cut tiles are reduced in
+                 an fp32 workspace with atomics; the last program to finish a tile writes it.
+    ctas_per_sm: programs per SM for split=0 (the wave size)
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+    swap_ab: bool = True
+    use_tma: bool = True
+    split: int = 0
+    ctas_per_sm: int = 1
+
+    def to_str(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def from_str(s: str) -> "Fc2TritonConfig":
+        kw = {}
+        types = {f.name: f.type for f in dataclasses.fields(Fc2TritonConfig)}
+        for item in s.split(","):
+            k, v = item.split("=")
+            t = types[k]
+            kw[k] = (v == "True") if t in (bool, "bool") else int(v)
+        return Fc2TritonConfig(**kw)
+
+    def smem_bytes(self, dtype: torch.dtype) -> int:
+        """The load ring: num_stages x (a tile + w tile)."""
+        return self.num_stages * (self.block_m + self.block_n) * self.block_k * dtype.itemsize
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def can_implement(problem: Fc2Problem, config: Fc2TritonConfig) -> tuple[bool, str]:
+    """Whether ``config`` can run ``problem``; the reason when it cannot.
+
+    The single validity rule: the heuristic, the tests and the tuner all go through it.
+    """
+    c, p = config, problem
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(c, name)
+        if not _pow2(v) or not 16 <= v <= 256:
+            return False, f"{name}={v} must be a power of two in [16, 256] (TMA box limit)"
+    min_k = 32 if p.dtype == torch.float8_e4m3fn else 16
+    if c.block_k < min_k:
+        return False, f"block_k={c.block_k} below the MMA's k ({min_k}) for {p.dtype}"
+    if p.i % c.block_k:
+        return False, f"block_k={c.block_k} does not divide I={p.i}"
+    if c.num_warps not in (4, 8):
+        return False, f"num_warps={c.num_warps} not in (4, 8)"
+    if c.num_stages < 1:
+        return False, "num_stages must be >= 1"
+    if c.split < 0:
+        return False, f"split={c.split} must be >= 0"
+    if c.ctas_per_sm not in (1, 2, 3, 4):
+        return False, f"ctas_per_sm={c.ctas_per_sm} not in 1..4"
+    smem = c.smem_bytes(p.dtype) + _SMEM_RESERVE
+    if smem * (c.ctas_per_sm if c.split == 0 else 1) > SMEM_BYTES:
+        return False, f"needs {smem} B of shared memory per program (limit {SMEM_BYTES})"
+    regs = 2 * c.block_m * c.block_n // (32 * c.num_warps)
+    if regs > _MAX_ACC_REGS:
+        return False, f"accumulators need {regs} registers per thread (limit {_MAX_ACC_REGS})"
+    return True, ""
+
+
+def _grid_groups(problem: Fc2Problem, config: Fc2TritonConfig, wave: int) -> tuple[int, int]:
+    """(token tiles, programs per token tile) for a wave of ``wave`` programs."""
+    m_tiles = triton.cdiv(problem.m, config.block_m)
+    n_tiles = triton.cdiv(problem.n, config.block_n)
+    if config.split == 0:
+        groups = max(1, wave // m_tiles)
+    else:
+        groups = config.split * n_tiles
+    return m_tiles, min(groups, n_tiles * problem.e)
+
+
+def _needs_workspace(n_tiles: int, e: int, groups: int) -> bool:
+    units = n_tiles * e
+    return any((g * units // groups) % e for g in range(1, groups))
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """TMA needs a unit inner stride, 16-byte aligned row strides and base address."""
+    for t in tensors:
+        if (t.stride(1) != 1 or t.stride(0) < t.shape[1] or (t.stride(0) * t.element_size()) % 16
+                or t.data_ptr() % 16):
+            return False
+    return True
+
+
+def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
+               config: Fc2TritonConfig, *, num_programs: int | None = None) -> None:
+    """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
+
+    Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
+    the wave size of split=0 (tests use it to force splits on the CPU interpreter).
+    """
+    M, K = a.shape
+    N = w.shape[0]
+    E = alpha.shape[1]
+    problem = Fc2Problem(M, N, E, K // E, a.dtype, out.dtype)
+    ok, why = can_implement(problem, config)
+    if not ok:
+        raise ValueError(f"config {config} cannot run {problem}: {why}")
+    if M == 0 or N == 0:
+        return
+    wave = num_programs if num_programs is not None else sm_count(a.device) * config.ctas_per_sm
+    m_tiles, groups = _grid_groups(problem, config, wave)
+    n_tiles = triton.cdiv(N, config.block_n)
+    if _needs_workspace(n_tiles, E, groups):
+        ws = torch.zeros(M * N + m_tiles * n_tiles, dtype=torch.float32, device=a.device)
+        cnt = ws[M * N:].view(torch.int32)
+    else:  # never touched: every program owns whole tiles
+        ws = torch.empty(1, dtype=torch.float32, device=a.device)
+        cnt = ws.view(torch.int32)
+    use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor.from_tensor(a, [config.block_m, config.block_k])
+        w_desc = TensorDescriptor.from_tensor(w, [config.block_n, config.block_k])
+    else:
+        a_desc, w_desc = a, w
+    _fc2_kernel[(m_tiles * groups,)](
+        a, w, a_desc, w_desc, alpha, out, ws, cnt,
+        M, N, E,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+        alpha.stride(0), alpha.stride(1), out.stride(0), out.stride(1),
+        I=K // E,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )

@@ -1,0 +1,56 @@
+"""Argument checks shared by the public ops: each error names the argument, what was given and
+what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+from densemoe._runtime import capability, interpreter_enabled
+
+FP8 = torch.float8_e4m3fn
+_DT_NAMES = {FP8: "float8_e4m3fn", torch.bfloat16: "bfloat16", torch.float16: "float16",
+             torch.float32: "float32"}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return _DT_NAMES.get(dt, str(dt).replace("torch.", ""))
+
+
+def tensor(op: str, name: str, x, ndim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def dtype(op: str, name: str, x: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if x.dtype not in allowed:
+        want = " or ".join(dtype_name(d) for d in allowed)
+        raise TypeError(f"{op}: {name} must be {want}, got {dtype_name(x.dtype)}")
+
+
+def same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    names = list(tensors)
+    dev = tensors[names[0]].device
+    for n in names[1:]:
+        if tensors[n].device != dev:
+            raise ValueError(f"{op}: {n} is on {tensors[n].device} but {names[0]} is on {dev}; "
+                             "all tensors must be on one device")
+    if dev.type == "cuda":
+        return dev
+    if dev.type == "cpu" and interpreter_enabled():
+        return dev  # Triton's interpreter runs the kernels on the CPU (tests)
+    raise ValueError(f"{op}: tensors are on {dev}; densemoe's kernels run on CUDA devices "
+                     "(on the CPU they run only under TRITON_INTERPRET=1; "
+                     "densemoe.reference has the plain-PyTorch twins)")
+
+
+def device_supports(op: str, dev: torch.device, dt: torch.dtype) -> None:
+    if dev.type != "cuda":
+        return
+    cap = capability(dev)
+    need = (8, 9) if dt == FP8 else (8, 0)
+    if cap < need:
+        raise ValueError(f"{op}: {dtype_name(dt)} needs compute capability >= {need[0]}.{need[1]}; "
+                         f"{dev} is sm_{cap[0]}{cap[1]}")

@@ -1,0 +1,159 @@
+"""FC2, the dense-MoE down projection: public op, validation, default config, custom op."""
+
+from __future__ import annotations
+
+import torch
+
+from densemoe.kernels.triton.fc2 import (
+    SMEM_BYTES,
+    Fc2Problem,
+    Fc2TritonConfig,
+    can_implement,
+    fc2_triton,
+)
+from densemoe._runtime import sm_count
+from densemoe.ops import _validate as v
+
+OP = "densemoe.fc2"
+IN_DTYPES = (v.FP8, torch.bfloat16)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+I_MULTIPLE = 32
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
+    """Deterministic config choice, no timing: the same problem always gets the same config.
+
+    Measured rule (H100, docs/fc2-triton.md): swap-AB with the token tile as the MMA's N up to
+    M = 128, a 128x128 tile beyond; the largest k-tile that divides I (256 B of fp8 per row);
+    the deepest load ring that fits; each column tile cut into as many expert ranges as keep
+    the launch within one wave of ``num_sms`` programs.
+    """
+    p = problem
+    fp8 = p.dtype == v.FP8
+    block_k = 256 if fp8 else 128
+    while p.i % block_k:
+        block_k //= 2
+    bm = max(16, _next_pow2(p.m))
+    if p.m <= 16:
+        cfg = dict(block_m=16, block_n=64, num_warps=4, swap_ab=True)
+    elif p.m <= 64:
+        cfg = dict(block_m=bm, block_n=128, num_warps=4, swap_ab=True)
+    elif p.m <= 128:
+        cfg = dict(block_m=128, block_n=64, num_warps=4, swap_ab=True)
+    else:
+        cfg = dict(block_m=128, block_n=128, num_warps=8, swap_ab=False)
+    tiles = max(1, -(-p.m // cfg["block_m"]) * -(-p.n // cfg["block_n"]))
+    split = max(1, min(num_sms // tiles, p.e))
+    stage = (cfg["block_m"] + cfg["block_n"]) * block_k * p.dtype.itemsize
+    stages = max(2, min(6, (SMEM_BYTES - 2048) // stage))
+    config = Fc2TritonConfig(block_k=block_k, num_stages=stages, split=split, **cfg)
+    ok, why = can_implement(p, config)
+    assert ok, f"default_config produced an invalid config for {p}: {why}"
+    return config
+
+
+@torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
+def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
+            config: str) -> None:
+    M, K = a.shape
+    E = alpha.shape[1]
+    if config:
+        cfg = Fc2TritonConfig.from_str(config)
+    else:
+        cfg = default_config(Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype), sm_count(a.device))
+    fc2_triton(a, w, alpha, out, cfg)
+
+
+@_fc2_op.register_fake
+def _(a, w, alpha, out, config):
+    return None
+
+
+def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
+        out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+        config: Fc2TritonConfig | None = None) -> torch.Tensor:
+    """Dense-MoE FC2 (down projection) over all experts with a per-token, per-expert scale.
+
+        out[m, n] = sum_e alpha[m, e] * sum_{i < I} a[m, e*I + i] * w[n, e*I + i]
+        E = alpha.shape[1], I = a.shape[1] // E
+
+    Args:
+        a:     [M, E*I] float8_e4m3fn or bfloat16: the activations (FC1's output).
+        w:     [N, E*I] same dtype as ``a``: each expert's [N, I] down projection side by side
+               along K (K-major).
+        alpha: [M, E] float32: routing weight x dequantisation scales; 0 where token m did not
+               pick expert e. Applied in fp32 to each expert's partial sum, per token row.
+        out_dtype: bfloat16 (default), float16 or float32.
+        out:   optional [M, N] tensor of ``out_dtype`` to write into (unit column stride).
+        config: pin a kernel config (tests, tuning); default: ``default_config``.
+
+    Returns:
+        out [M, N].
+
+    Constraints (anything else raises TypeError/ValueError naming the argument):
+        * E >= 1, K = a.shape[1] = w.shape[1] a multiple of E, and I = K / E a multiple of 32.
+        * any M >= 0 (M = 0 returns an empty tensor) and any N >= 0.
+        * all tensors on one CUDA device (sm_89+ for fp8, sm_80+ for bf16); CPU tensors only
+          under TRITON_INTERPRET=1.
+        * any strides are accepted. The fast path (TMA, sm_90+) needs a and w with unit column
+          stride, 16-byte aligned row stride and base; other layouts run a slower pointer path.
+          Nothing is copied.
+    Inference only: inputs that require grad (with grad mode on) are rejected.
+    Not bit-reproducible when a column tile is split across programs (fp32 atomics).
+    """
+    a = v.tensor(OP, "a", a, 2)
+    w = v.tensor(OP, "w", w, 2)
+    alpha = v.tensor(OP, "alpha", alpha, 2)
+    v.dtype(OP, "a", a, IN_DTYPES)
+    if w.dtype != a.dtype:
+        raise TypeError(f"{OP}: w must have a's dtype ({v.dtype_name(a.dtype)}), got {v.dtype_name(w.dtype)}")
+    v.dtype(OP, "alpha", alpha, (torch.float32,))
+    M, K = a.shape
+    N = w.shape[0]
+    E = alpha.shape[1]
+    if w.shape[1] != K:
+        raise ValueError(f"{OP}: w has K={w.shape[1]} columns but a has K={K}; both must be E*I")
+    if alpha.shape[0] != M:
+        raise ValueError(f"{OP}: alpha has {alpha.shape[0]} rows, expected M={M} (a.shape[0])")
+    if E < 1:
+        raise ValueError(f"{OP}: alpha must have E >= 1 columns (one per expert), got shape {tuple(alpha.shape)}")
+    if K == 0 or K % E:
+        raise ValueError(f"{OP}: K={K} (a.shape[1]) must be a positive multiple of E={E} (alpha.shape[1])")
+    I = K // E
+    if I % I_MULTIPLE:
+        raise ValueError(f"{OP}: I = K / E = {K} / {E} = {I} per expert must be a multiple of {I_MULTIPLE}")
+    if out is not None:
+        out = v.tensor(OP, "out", out, 2)
+        if out_dtype is not None and out.dtype != out_dtype:
+            raise TypeError(f"{OP}: out has dtype {v.dtype_name(out.dtype)} but out_dtype={v.dtype_name(out_dtype)}")
+        v.dtype(OP, "out", out, OUT_DTYPES)
+        if tuple(out.shape) != (M, N):
+            raise ValueError(f"{OP}: out has shape {tuple(out.shape)}, expected (M, N) = ({M}, {N})")
+        bad_cols = N > 1 and out.stride(1) != 1
+        bad_rows = M > 1 and out.stride(0) < N
+        if bad_cols or bad_rows:
+            raise ValueError(f"{OP}: out must have unit column stride and non-overlapping rows, "
+                             f"got strides {tuple(out.stride())}")
+        dev = v.same_device(OP, a=a, w=w, alpha=alpha, out=out)
+    else:
+        out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+        if out_dtype not in OUT_DTYPES:
+            raise TypeError(f"{OP}: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+        dev = v.same_device(OP, a=a, w=w, alpha=alpha)
+        out = torch.empty((M, N), dtype=out_dtype, device=dev)
+    v.device_supports(OP, dev, a.dtype)
+    if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or alpha.requires_grad):
+        raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad() "
+                         "or on tensors that do not require grad")
+    if config is not None:
+        ok, why = can_implement(Fc2Problem(M, N, E, I, a.dtype, out.dtype), config)
+        if not ok:
+            raise ValueError(f"{OP}: config {config} cannot run this problem: {why}")
+    if M == 0 or N == 0:
+        return out
+    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "")
+    return out

@@ -1,0 +1,32 @@
+"""The MoE shapes that matter (../shared/MISSION.md), by name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+    name: str
+    hidden: int  # H
+    experts: int  # E (per rank)
+    inter: int  # I, expert intermediate size per rank
+    topk: int
+
+    @property
+    def fc2_nk(self) -> tuple[int, int]:
+        return self.hidden, self.experts * self.inter
+
+    @property
+    def fc1_nk(self) -> tuple[int, int]:
+        return self.experts * 2 * self.inter, self.hidden
+
+
+SHAPES = {s.name: s for s in (
+    MoEShape("deepseek-v3-tp8", 7168, 256, 256, 8),
+    MoEShape("deepseek-v3-tp4", 7168, 256, 512, 8),
+    MoEShape("qwen3-30b-a3b", 2048, 128, 768, 8),
+    MoEShape("mixtral-8x7b-tp2", 4096, 8, 7168, 2),
+)}
+
+M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)

@@ -1,0 +1,116 @@
+"""Shared test helpers: input generation, the plain-PyTorch per-expert loop, the error check."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+IN_DTYPES = (FP8, torch.bfloat16)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+ALPHA_KINDS = ("sparse", "dense", "zero_col", "zero_row")
+
+
+def dtype_id(dt: torch.dtype) -> str:
+    return {FP8: "fp8", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+            torch.float64: "fp64"}.get(dt, str(dt))
+
+
+def seed_of(*parts) -> int:
+    """A stable seed from any reprs (e.g. a test's node id): reproducible, distinct per test."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def make_alpha(M: int, E: int, gen: torch.Generator, alpha_kind: str = "sparse") -> torch.Tensor:
+    """[M, E] float32 routing scales.
+
+    sparse:   randn with about half of each row zeroed (E // 2 entries per row, random
+              positions; never a whole row), at least one negative entry.
+    dense:    randn, no zeros forced.
+    zero_col: sparse, plus one whole expert column (E // 2) zeroed.
+    zero_row: sparse, plus one whole token row (M // 2) zeroed.
+    """
+    if alpha_kind not in ALPHA_KINDS:
+        raise ValueError(f"alpha_kind must be one of {ALPHA_KINDS}, got {alpha_kind!r}")
+    alpha = torch.randn(M, E, generator=gen, dtype=torch.float32)
+    if alpha_kind != "dense" and E >= 2:
+        order = torch.rand(M, E, generator=gen).argsort(dim=1)
+        alpha.scatter_(1, order[:, : E // 2], 0.0)
+    if alpha.numel() and not (alpha < 0).any():
+        nz = alpha.nonzero()
+        if len(nz):
+            alpha[nz[0, 0], nz[0, 1]] *= -1
+    if alpha_kind == "zero_col" and M:
+        alpha[:, E // 2] = 0.0
+    if alpha_kind == "zero_row" and M:
+        alpha[M // 2, :] = 0.0
+    return alpha
+
+
+def make_inputs(M: int, N: int, E: int, I: int, dtype: torch.dtype, seed: int,
+                alpha_kind: str = "sparse"):
+    """Fresh random (a [M, E*I], w [N, E*I], alpha [M, E]) on the CPU; never all zeros.
+
+    a = randn cast to ``dtype``; w = randn * 0.5 cast to ``dtype``; alpha see ``make_alpha``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    K = E * I
+    a = torch.randn(M, K, generator=gen).to(dtype)
+    w = (torch.randn(N, K, generator=gen) * 0.5).to(dtype)
+    alpha = make_alpha(M, E, gen, alpha_kind)
+    return a, w, alpha
+
+
+def torch_loop(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out_dtype: torch.dtype,
+               compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The per-expert loop in plain PyTorch, independent of ``densemoe.reference``:
+
+        out = sum_e alpha[:, e:e+1] * (a_e @ w_e.T), each product, scale and sum in
+        ``compute_dtype`` (upcast inputs), cast to ``out_dtype`` once.
+
+    With compute_dtype=float32 this is "what PyTorch gets at the kernel's precision".
+    """
+    M, K = a.shape
+    E = alpha.shape[1]
+    I = K // E
+    acc = torch.zeros(M, w.shape[0], dtype=compute_dtype)
+    a_c, w_c, al_c = a.to(compute_dtype), w.to(compute_dtype), alpha.to(compute_dtype)
+    for e in range(E):
+        part = a_c[:, e * I:(e + 1) * I] @ w_c[:, e * I:(e + 1) * I].T
+        acc = acc + al_c[:, e:e + 1] * part
+    return acc.to(out_dtype)
+
+
+def errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(relative Frobenius error, max abs error) of x against ref, in float64."""
+    d = x.double() - ref.double()
+    ref_norm = ref.double().norm().item()
+    fro = d.norm().item()
+    rel = fro / ref_norm if ref_norm > 0 else fro
+    mx = d.abs().max().item() if d.numel() else 0.0
+    return rel, mx
+
+
+def assert_close_to_torch(out: torch.Tensor, ref: torch.Tensor, torch_same_precision: torch.Tensor):
+    """Our result must be about as accurate as PyTorch at the same precision.
+
+    ref: the float64 reference; torch_same_precision: ``torch_loop`` in float32 cast to the
+    out dtype. Requires no NaN/inf, rel Frobenius error <= 1.5 * torch's + 2**-20 and max-abs
+    error <= 2 * torch's + 2**-20 * max|ref|.
+    """
+    assert out.shape == ref.shape == torch_same_precision.shape, (out.shape, ref.shape,
+                                                                  torch_same_precision.shape)
+    assert out.dtype == torch_same_precision.dtype, (out.dtype, torch_same_precision.dtype)
+    assert not torch.isnan(out).any(), f"{int(torch.isnan(out).sum())} NaNs in the output"
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    rel, mx = errors(out, ref)
+    t_rel, t_mx = errors(torch_same_precision, ref)
+    ref_max = ref.double().abs().max().item() if ref.numel() else 0.0
+    rel_bound = 1.5 * t_rel + 2.0 ** -20
+    mx_bound = 2.0 * t_mx + 2.0 ** -20 * ref_max
+    assert rel <= rel_bound, (f"relative Frobenius error {rel:.3e} > {rel_bound:.3e} "
+                              f"(torch at the same precision: {t_rel:.3e})")
+    assert mx <= mx_bound, (f"max abs error {mx:.3e} > {mx_bound:.3e} "
+                            f"(torch at the same precision: {t_mx:.3e}, max|ref| {ref_max:.3e})")

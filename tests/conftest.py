@@ -1,0 +1,80 @@
+"""Test set-up.
+
+Without a GPU the kernels run on the CPU through Triton's interpreter, which must be switched on
+before any @triton.jit function is defined, hence here, before densemoe is imported. GPU tests
+(marker ``gpu``) run in a separate process without the interpreter (see README).
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _patch_interpreter_bf16_dot():
+    """Triton's interpreter (3.9 and earlier) stores bf16 as uint16 and multiplies the bit patterns
+    as integers in tl.dot. Widen bf16 operands to float32 (exact) before its matmul; fp8 and
+    other dtypes go through unchanged. Also make its fp32 -> bf16 cast round to nearest even
+    (it truncates). The GPU compiles the same kernel code untouched."""
+    from triton.runtime import interpreter as interp
+    import triton.language as tl
+
+    builder_cls = interp.InterpreterBuilder
+    if getattr(builder_cls, "_densemoe_bf16_fix", False):
+        return
+    orig = builder_cls.create_dot
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            f32 = (h.data.astype(np.uint32) << 16).view(np.float32)
+            return interp.TensorHandle(f32, tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder_cls.create_dot = create_dot
+
+    # The interpreter's fp32 -> bf16 cast (``x.to(tl.bfloat16)``, create_fp_trunc -> cast_impl)
+    # passes no rounding mode and so truncates the mantissa; the GPU rounds to nearest even.
+    # Round to nearest even here (NaN stays NaN, overflow goes to inf as on the GPU).
+    orig_cast = builder_cls.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            f32 = np.ascontiguousarray(src.data).view(np.float32)
+            bits = f32.view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            nan = np.isnan(f32)
+            if nan.any():
+                rounded[nan] = ((f32.view(np.uint32)[nan] >> 16) | 0x0040).astype(np.uint16)
+            return interp.TensorHandle(rounded.reshape(np.shape(src.data)), tl.bfloat16)
+        return orig_cast(self, src, dst_type)
+
+    builder_cls.cast_impl = cast_impl
+    builder_cls._densemoe_bf16_fix = True
+
+
+if INTERPRET:
+    _patch_interpreter_bf16_dot()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter: runs the Triton kernels on the CPU (needs TRITON_INTERPRET=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests need CUDA and no interpreter; CPU-kernel tests need the interpreter."""
+    has_gpu = torch.cuda.is_available() and not INTERPRET
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU and TRITON_INTERPRET unset"))
+        if "interpreter" in item.keywords and not INTERPRET:
+            item.add_marker(pytest.mark.skip(reason="runs the kernels on the CPU: set TRITON_INTERPRET=1"))
