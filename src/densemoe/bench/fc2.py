@@ -173,9 +173,10 @@ def sweep_space(problem: Fc2Problem) -> list[Fc2TritonConfig]:
                 cands.append(C(bm0, bn, bk, warps, 8, True, True, split, cps))
         cands.append(C(bm0, 64, bks[0], 4, 8, True, False, 1, 1))
     else:
-        for bm, bn, bk, warps, split in itertools.product((64, 128), (64, 128), bks, (4, 8), (0, 1, 2)):
-            cands.append(C(bm, bn, bk, warps, 8, False, True, split, 1))
-        cands.append(C(256, 64, bks[1], 8, 8, True, True, 1, 1))
+        for bm, bn, bk, warps, split, cps in itertools.product((64, 128), (64, 128), bks, (4, 8), (0, 1, 2), (1, 2)):
+            if warps == 8 and bm * bn < 128 * 128 or warps == 4 and bm * bn > 64 * 128:
+                continue
+            cands.append(C(bm, bn, bk, warps, 8, False, True, split, cps))
     out = []
     for c in cands:
         f = _fit_stages(problem, c)

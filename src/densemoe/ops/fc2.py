@@ -24,33 +24,47 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+# (max M, block_m, block_n, num_warps, swap_ab, ctas_per_sm): measured on an H100 at the MISSION
+# shapes (docs/fc2-triton.md has the sweeps). Swap-AB keeps the token tile as the MMA's N while
+# M is small; past 128 tokens the kernel is compute-bound and a 128x128 tile wins.
+_TILE_TABLE = (
+    (16, 16, 64, 4, True, 1),
+    (32, 32, 64, 4, True, 1),
+    (64, 64, 128, 4, True, 1),
+    (128, 128, 64, 4, True, 1),
+    (192, 64, 128, 4, False, 2),
+    (None, 128, 128, 8, False, 1),
+)
+
+
 def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
     """Deterministic config choice, no timing: the same problem always gets the same config.
 
-    Measured rule (H100, docs/fc2-triton.md): swap-AB with the token tile as the MMA's N up to
-    M = 128, a 128x128 tile beyond; the largest k-tile that divides I (256 B of fp8 per row);
-    the deepest load ring that fits; each column tile cut into as many expert ranges as keep
-    the launch within one wave of ``num_sms`` programs.
+    Tile shape from ``_TILE_TABLE`` by M; the largest k-tile that divides I (256 B per row);
+    the deepest load ring (<= 8) that fits shared memory; and the split of each column tile's
+    experts: below one wave of ``num_sms * ctas_per_sm`` tiles, as many expert ranges as keep
+    the launch within the wave; above it, stream-K (split=0) when the last wave would be less
+    than half full, else one program per tile.
     """
     p = problem
-    fp8 = p.dtype == v.FP8
-    block_k = 256 if fp8 else 128
+    for max_m, bm, bn, warps, swap, cps in _TILE_TABLE:
+        if max_m is None or p.m <= max_m:
+            break
+    block_k = (256 if p.dtype == v.FP8 else 128) // cps
     while p.i % block_k:
         block_k //= 2
-    bm = max(16, _next_pow2(p.m))
-    if p.m <= 16:
-        cfg = dict(block_m=16, block_n=64, num_warps=4, swap_ab=True)
-    elif p.m <= 64:
-        cfg = dict(block_m=bm, block_n=128, num_warps=4, swap_ab=True)
-    elif p.m <= 128:
-        cfg = dict(block_m=128, block_n=64, num_warps=4, swap_ab=True)
+    slots = num_sms * cps
+    tiles = max(1, -(-p.m // bm) * -(-p.n // bn))
+    if tiles < slots:
+        split = max(1, min(slots // tiles, p.e))
     else:
-        cfg = dict(block_m=128, block_n=128, num_warps=8, swap_ab=False)
-    tiles = max(1, -(-p.m // cfg["block_m"]) * -(-p.n // cfg["block_n"]))
-    split = max(1, min(num_sms // tiles, p.e))
-    stage = (cfg["block_m"] + cfg["block_n"]) * block_k * p.dtype.itemsize
-    stages = max(2, min(6, (SMEM_BYTES - 2048) // stage))
-    config = Fc2TritonConfig(block_k=block_k, num_stages=stages, split=split, **cfg)
+        rem = tiles % slots
+        split = 0 if 0 < rem <= slots // 2 else 1
+    if max_m == 192:
+        split = 0  # measured: stream-K with two programs per SM
+    stage = (bm + bn) * block_k * p.dtype.itemsize
+    stages = max(2, min(8, (SMEM_BYTES // cps - 1024) // stage))
+    config = Fc2TritonConfig(bm, bn, block_k, warps, stages, swap, True, split, cps)
     ok, why = can_implement(p, config)
     assert ok, f"default_config produced an invalid config for {p}: {why}"
     return config

@@ -182,7 +182,9 @@ class Fc2TritonConfig:
                  s >= 1: each column tile is cut into s equal expert ranges, one program
                  each (s = 1: no split, no workspace, no atomics). Cut tiles are reduced in
                  an fp32 workspace with atomics; the last program to finish a tile writes it.
-    ctas_per_sm: programs per SM for split=0 (the wave size)
+    ctas_per_sm: programs meant to share an SM: the shared-memory ring must fit 1/ctas_per_sm of
+                 it (so the MMA of one overlaps the epilogue math of another); for split=0
+                 it also sets the wave size
     """
 
     block_m: int
@@ -242,8 +244,9 @@ def can_implement(problem: Fc2Problem, config: Fc2TritonConfig) -> tuple[bool, s
     if c.ctas_per_sm not in (1, 2, 3, 4):
         return False, f"ctas_per_sm={c.ctas_per_sm} not in 1..4"
     smem = c.smem_bytes(p.dtype) + _SMEM_RESERVE
-    if smem * (c.ctas_per_sm if c.split == 0 else 1) > SMEM_BYTES:
-        return False, f"needs {smem} B of shared memory per program (limit {SMEM_BYTES})"
+    if smem * c.ctas_per_sm > SMEM_BYTES:
+        return False, (f"needs {smem} B of shared memory per program "
+                       f"(limit {SMEM_BYTES} / ctas_per_sm={c.ctas_per_sm})")
     regs = 2 * c.block_m * c.block_n // (32 * c.num_warps)
     if regs > _MAX_ACC_REGS:
         return False, f"accumulators need {regs} registers per thread (limit {_MAX_ACC_REGS})"
