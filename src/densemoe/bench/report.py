@@ -12,7 +12,10 @@ def _best(records):
         k = (r["shape"], r["dtype"], r["M"])
         if k not in best or r["us"] < best[k]["us"]:
             best[k] = r
-    return [best[k] for k in sorted(best, key=lambda k: (k[0], k[1] != "fp8", k[2]))]
+    from densemoe.shapes import SHAPES
+
+    order = {name: i for i, name in enumerate(SHAPES)}
+    return [best[k] for k in sorted(best, key=lambda k: (order.get(k[0], len(order)), k[0], k[1] != "fp8", k[2]))]
 
 
 def markdown(meta: dict, records: list[dict]) -> str:
@@ -44,7 +47,7 @@ def plot(meta: dict, records: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = _best(records)
-    shapes = sorted({r["shape"] for r in rows})
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         rs = [r for r in rows if r["shape"] == shape]
