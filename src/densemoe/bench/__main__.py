@@ -9,13 +9,15 @@ import platform
 import sys
 import time
 
+from densemoe.shapes import M_SWEEP
+
 
 def _ints(s: str) -> list[int]:
     out = []
     for part in s.split(","):
         if "-" in part:
             lo, hi = map(int, part.split("-"))
-            out += [m for m in (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512) if lo <= m <= hi]
+            out += [m for m in M_SWEEP if lo <= m <= hi]
         else:
             out.append(int(part))
     return out
