@@ -24,16 +24,16 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-# (max M, block_m, block_n, num_warps, swap_ab, ctas_per_sm): measured on an H100 at the MISSION
+# (max M, block_m, block_n, num_warps, swap_ab, ctas_per_sm, split or None = by waves): measured on an H100 at the MISSION
 # shapes (docs/fc2-triton.md has the sweeps). Swap-AB keeps the token tile as the MMA's N while
 # M is small; past 128 tokens the kernel is compute-bound and a 128x128 tile wins.
 _TILE_TABLE = (
-    (16, 16, 64, 4, True, 1),
-    (32, 32, 64, 4, True, 1),
-    (64, 64, 128, 4, True, 1),
-    (128, 128, 64, 4, True, 1),
-    (192, 64, 128, 4, False, 2),
-    (None, 128, 128, 8, False, 1),
+    (16, 16, 64, 4, True, 1, None),
+    (32, 32, 64, 4, True, 1, None),
+    (64, 64, 128, 4, True, 1, None),
+    (128, 128, 64, 4, True, 1, None),
+    (192, 64, 128, 4, False, 2, 0),  # stream-K, two programs per SM
+    (None, 128, 128, 8, False, 1, None),
 )
 
 
@@ -47,7 +47,7 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
     than half full, else one program per tile.
     """
     p = problem
-    for max_m, bm, bn, warps, swap, cps in _TILE_TABLE:
+    for max_m, bm, bn, warps, swap, cps, forced_split in _TILE_TABLE:
         if max_m is None or p.m <= max_m:
             break
     block_k = (256 if p.dtype == v.FP8 else 128) // cps
@@ -55,13 +55,13 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
         block_k //= 2
     slots = num_sms * cps
     tiles = max(1, -(-p.m // bm) * -(-p.n // bn))
-    if tiles < slots:
+    if forced_split is not None:
+        split = forced_split
+    elif tiles < slots:
         split = max(1, min(slots // tiles, p.e))
     else:
         rem = tiles % slots
         split = 0 if 0 < rem <= slots // 2 else 1
-    if max_m == 192:
-        split = 0  # measured: stream-K with two programs per SM
     stage = (bm + bn) * block_k * p.dtype.itemsize
     stages = max(2, min(6, (SMEM_BYTES // cps - 1024) // stage))
     config = Fc2TritonConfig(bm, bn, block_k, warps, stages, swap, True, split, cps)
