@@ -450,7 +450,7 @@ def test_config_str_round_trip(cfg):
 def test_custom_op_opcheck(config, seed):
     a, w, alpha = make_inputs(7, 48, 3, 32, torch.bfloat16, seed)
     out = torch.empty(7, 48, dtype=torch.float32)
-    torch.library.opcheck(torch.ops.densemoe.fc2.default, (a, w, alpha, out, config))
+    torch.library.opcheck(torch.ops.densemoe.fc2.default, (a, w, alpha, out, config, "auto"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from densemoe.kernels.triton.fc2 import (
     fc2_triton,
 )
 from densemoe._runtime import sm_count
+from densemoe.kernels.cute import fc2_sm90 as cute_fc2
+from densemoe.kernels.cute.fc2_sm90 import Fc2CuteConfig
 from densemoe.ops import _validate as v
 
 OP = "densemoe.fc2"
@@ -70,26 +72,80 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
     return config
 
 
-@torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
-def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-            config: str) -> None:
+# CuTe DSL backend: (max M, tile_n, tile_m, consumers, cluster_n, cluster_m) by M.
+_CUTE_TABLE = (
+    (16, 128, 16, 1, 2, 1),
+    (32, 128, 32, 1, 2, 1),
+    (64, 128, 64, 1, 2, 1),
+    (128, 128, 128, 2, 2, 1),
+    (None, 128, 128, 2, 1, 2),
+)
+# Largest M for which the CuTe backend is the default (where it measured faster than Triton).
+_CUTE_MAX_M = 1 << 30
+
+
+def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
+    """Deterministic CuTe config: tile by M from ``_CUTE_TABLE``, deepest ring, one wave."""
+    p = problem
+    for max_m, tn, tm, cons, cn, cm in _CUTE_TABLE:
+        if max_m is None or p.m <= max_m:
+            break
+    tk = 128 // p.dtype.itemsize
+    cfg = Fc2CuteConfig(tile_n=tn, tile_m=tm, tile_k=tk, consumers=cons, cluster_n=cn, cluster_m=cm)
+    ok, why = cute_fc2.can_implement(p, cfg)
+    assert ok, f"default_cute_config produced an invalid config for {p}: {why}"
+    return cfg
+
+
+BACKENDS = ("auto", "triton", "cute")
+
+
+def _choose(a, w, alpha, out, config: str, backend: str):
+    """(backend, config object) for one call; raises when a forced backend cannot run."""
     M, K = a.shape
     E = alpha.shape[1]
-    if config:
-        cfg = Fc2TritonConfig.from_str(config)
+    problem = Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype)
+    if config.startswith("cute:"):
+        backend = "cute"
+    elif config:
+        backend = "triton"
+    if backend in ("auto", "cute"):
+        ok, why = cute_fc2.runtime_ok(a, w, alpha, out)
+        if ok:
+            cfg = Fc2CuteConfig.from_str(config) if config else default_cute_config(problem)
+            ok, why = cute_fc2.can_implement(problem, cfg)
+        if ok and (backend == "cute" or M <= _CUTE_MAX_M):
+            return "cute", cfg
+        if backend == "cute":
+            raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
+    cfg = Fc2TritonConfig.from_str(config) if config else default_config(problem, sm_count(a.device))
+    return "triton", cfg
+
+
+@torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
+def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
+            config: str, backend: str) -> None:
+    which, cfg = _choose(a, w, alpha, out, config, backend)
+    if which == "cute":
+        cute_fc2.fc2_cute(a, w, alpha, out, cfg)
     else:
-        cfg = default_config(Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype), sm_count(a.device))
-    fc2_triton(a, w, alpha, out, cfg)
+        fc2_triton(a, w, alpha, out, cfg)
 
 
 @_fc2_op.register_fake
-def _(a, w, alpha, out, config):
+def _(a, w, alpha, out, config, backend):
     return None
+
+
+def which_backend(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
+                  config=None, backend: str = "auto"):
+    """The (backend, config) ``fc2`` would use for these tensors (for logs and benchmarks)."""
+    return _choose(a, w, alpha, out, config.to_str() if config is not None else "", backend)
 
 
 def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-        config: Fc2TritonConfig | None = None) -> torch.Tensor:
+        config: Fc2TritonConfig | Fc2CuteConfig | None = None, backend: str = "auto") -> torch.Tensor:
     """Dense-MoE FC2 (down projection) over all experts with a per-token, per-expert scale.
 
         out[m, n] = sum_e alpha[m, e] * sum_{i < I} a[m, e*I + i] * w[n, e*I + i]
@@ -103,7 +159,12 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
                pick expert e. Applied in fp32 to each expert's partial sum, per token row.
         out_dtype: bfloat16 (default), float16 or float32.
         out:   optional [M, N] tensor of ``out_dtype`` to write into (unit column stride).
-        config: pin a kernel config (tests, tuning); default: ``default_config``.
+        config: pin a kernel config (tests, tuning): a ``Fc2TritonConfig`` or a
+               ``Fc2CuteConfig`` (which also picks the backend); default: the backend's
+               deterministic rule (``default_config`` / ``default_cute_config``).
+        backend: "auto" (default): the CuTe DSL sm_90a kernel where it can run and is the
+               measured winner for this M, else Triton; "triton" or "cute" forces one
+               ("cute" raises if it cannot run: no CuTe DSL, not sm_90, strided a/w).
 
     Returns:
         out [M, N].
@@ -163,11 +224,18 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
     if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or alpha.requires_grad):
         raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad() "
                          "or on tensors that do not require grad")
+    if backend not in BACKENDS:
+        raise ValueError(f"{OP}: backend must be one of {BACKENDS}, got {backend!r}")
     if config is not None:
-        ok, why = can_implement(Fc2Problem(M, N, E, I, a.dtype, out.dtype), config)
+        if not isinstance(config, (Fc2TritonConfig, Fc2CuteConfig)):
+            raise TypeError(f"{OP}: config must be a Fc2TritonConfig or Fc2CuteConfig, got {type(config).__name__}")
+        if backend != "auto" and backend != config.backend:
+            raise ValueError(f"{OP}: config is a {config.backend} config but backend={backend!r}")
+        check = cute_fc2.can_implement if config.backend == "cute" else can_implement
+        ok, why = check(Fc2Problem(M, N, E, I, a.dtype, out.dtype), config)
         if not ok:
             raise ValueError(f"{OP}: config {config} cannot run this problem: {why}")
     if M == 0 or N == 0:
         return out
-    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "")
+    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "", backend)
     return out

@@ -197,6 +197,8 @@ class Fc2TritonConfig:
     split: int = 0
     ctas_per_sm: int = 1
 
+    backend = "triton"  # class attribute, not a field
+
     def to_str(self) -> str:
         return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 

@@ -1,0 +1,612 @@
+"""FC2 (dense-MoE down projection) for Hopper (sm_90a) in NVIDIA's CuTe DSL.
+
+Semantics: the same contract as the Triton kernel (``densemoe.reference.fc2_ref`` is the twin)::
+
+    # a:     [M, E*I]  fp8 e4m3 or bf16, K-major, contiguous
+    # w:     [N, E*I]  same dtype, K-major, contiguous
+    # alpha: [M, E]    float32, contiguous
+    # out:   [M, N]    bf16 / fp16 / fp32, contiguous
+    for m, n:
+        acc = 0.0                                                         # fp32
+        for e in range(E):
+            part = sum(a[m, e*I + i] * w[n, e*I + i] for i in range(I))   # wgmma, fp32
+            acc += alpha[m, e] * part                                     # fp32, once per expert
+        out[m, n] = acc.to(out.dtype)
+
+Kernel (operands swapped: the MMA computes out^T = w @ a^T, so the weight tile is wgmma's
+M operand (64 rows per consumer warpgroup atom) and the token tile its N operand (8..256):
+M = 1 costs a 16-wide token tile, not a 64-row one):
+
+* Work list. One *unit* = (column tile group, token tile group, expert): ``I / tile_k``
+  k-tiles of MMA, then one fp32 scale-and-add. Units are ordered expert-fastest, then token
+  tile, then column tile, and the ``G`` clusters of the launch (at most one wave) each take
+  one contiguous slice of them (stream-K over experts): every SM gets the same number of
+  bytes to stream whatever M is. A slice that covers a whole tile stores it; a slice that
+  covers part of one adds its partial sum into an fp32 workspace (``red.global.add``) and
+  bumps the tile's counter by the number of experts it covered; the CTA that brings the
+  counter to E reads the sum back and writes ``out``.
+* Warp specialisation. Warpgroup 0 is the producer: one warp issues TMA loads of the w and a
+  tiles into a ``stages``-deep shared-memory ring guarded by mbarriers (``PipelineTmaAsync``).
+  Warpgroups 1.. are consumers issuing wgmma. The producer gives its registers away
+  (``setmaxnreg``) to the consumers.
+* Per expert the consumers accumulate the expert's k-tiles into a temporary accumulator
+  (wgmma with ``ACCUMULATE=False`` on the first k-block), then promote it once:
+  ``acc += tmp * alpha[m, e]`` per token column. With ``acc_buffers=2`` experts alternate
+  between two temporaries and the promotion of expert e runs while expert e+1's wgmmas are
+  in flight, so the tensor cores do not wait for the scale-and-add.
+* Alpha is read straight from global memory (L2-resident, a few KB per tile) into
+  registers one expert ahead of its use: no loader warp, no shared-memory staging.
+* Clusters (``cluster_n``, ``cluster_m``): CTAs of a cluster work on neighbouring column
+  tiles (``cluster_n``) and/or token tiles (``cluster_m``) of the same experts in lock
+  step; the token tile they share is TMA-multicast across ``cluster_n`` CTAs and the weight
+  tile across ``cluster_m`` CTAs, halving the L2->SM traffic of the shared operand.
+
+Constraints live in ``can_implement``; ``densemoe.ops.fc2`` falls back to Triton for
+anything this kernel cannot run (strided inputs, CuTe DSL missing, not sm_90).
+"""
+
+
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from densemoe.kernels.triton.fc2 import Fc2Problem  # one problem description for every backend
+
+SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit (232448 B)
+_SMEM_RESERVE = 2048  # mbarriers + alignment slack
+_CONSUMER_REGS = 232
+_PRODUCER_REGS = 40
+_MAX_ACC_REGS = 200  # fp32 accumulator registers per consumer thread (main + temporaries)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fc2CuteConfig:
+    """One tactic of the CuTe DSL FC2 kernel (sm_90a). Every field is a compile-time choice
+    except ``ctas`` which only sizes the launch.
+
+    tile_n:      output columns per CTA = wgmma M: 64 * consumer warpgroups * atoms (64..256)
+    tile_m:      tokens per CTA = wgmma N: a multiple of 16 in [16, 256]
+    tile_k:      k-tile (bytes per row = 128: 128 for fp8, 64 for bf16); must divide I
+    stages:      depth of the shared-memory load ring (0 = as deep as shared memory allows)
+    consumers:   consumer warpgroups (1 or 2); each owns tile_n / consumers rows
+    acc_buffers: per-expert temporaries (1 or 2); 2 overlaps promotion with the next MMA
+    cluster_n:   CTAs per cluster along columns (share, and multicast, the token tile)
+    cluster_m:   CTAs per cluster along tokens (share, and multicast, the weight tile)
+    ctas:        CTAs launched (0 = one per SM, rounded to whole clusters); the work
+                 list is split evenly between the clusters
+    """
+
+    tile_n: int = 128
+    tile_m: int = 16
+    tile_k: int = 128
+    stages: int = 0
+    consumers: int = 1
+    acc_buffers: int = 1
+    cluster_n: int = 1
+    cluster_m: int = 1
+    ctas: int = 0
+
+    backend = "cute"
+
+    def to_str(self) -> str:
+        return "cute:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def from_str(s: str) -> "Fc2CuteConfig":
+        s = s.removeprefix("cute:")
+        return Fc2CuteConfig(**{k: int(v) for k, v in (item.split("=") for item in s.split(","))})
+
+    @property
+    def cluster_size(self) -> int:
+        return self.cluster_n * self.cluster_m
+
+    def stage_bytes(self, dtype: torch.dtype) -> int:
+        return (self.tile_n + self.tile_m) * self.tile_k * dtype.itemsize
+
+    def resolved_stages(self, dtype: torch.dtype) -> int:
+        if self.stages:
+            return self.stages
+        return min(16, (SMEM_BYTES - _SMEM_RESERVE) // self.stage_bytes(dtype))
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str]:
+    """Whether ``config`` can run ``problem`` on the CuTe sm_90a kernel; the reason if not.
+
+    Shape and config rules only (no device queries): the op adds the runtime rules
+    (contiguity, alignment, device, CuTe DSL installed).
+    """
+    c, p = config, problem
+    if p.dtype not in (torch.float8_e4m3fn, torch.bfloat16):
+        return False, f"input dtype {p.dtype} not supported (fp8 e4m3 or bf16)"
+    if p.out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False, f"out dtype {p.out_dtype} not supported"
+    if c.consumers not in (1, 2):
+        return False, f"consumers={c.consumers} not in (1, 2)"
+    if c.tile_n not in (64, 128, 192, 256) or c.tile_n % (64 * c.consumers):
+        return False, f"tile_n={c.tile_n} must be 64/128/192/256 and a multiple of 64 * consumers"
+    m_mult = 16  # the accumulator's value mode is (2, 2, tile_m / 8) only from 16 up
+    if not (m_mult <= c.tile_m <= 256 and c.tile_m % m_mult == 0):
+        return False, f"tile_m={c.tile_m} must be a multiple of {m_mult} in [{m_mult}, 256] (wgmma N)"
+    want_k = 128 // p.dtype.itemsize
+    if c.tile_k != want_k:
+        return False, f"tile_k={c.tile_k} must be {want_k} for {p.dtype} (128-byte rows, 128B swizzle)"
+    if p.i % c.tile_k:
+        return False, f"tile_k={c.tile_k} does not divide I={p.i}"
+    if p.n % 8 and p.out_dtype != torch.float32:
+        pass  # plain (predicated) stores: any N works
+    if (p.k * p.dtype.itemsize) % 16:
+        return False, f"K={p.k} rows are not 16-byte aligned (TMA)"
+    if c.acc_buffers not in (1, 2):
+        return False, f"acc_buffers={c.acc_buffers} not in (1, 2)"
+    regs = (1 + c.acc_buffers) * (c.tile_n // c.consumers) * c.tile_m // 128
+    if regs > _MAX_ACC_REGS:
+        return False, f"accumulators need {regs} fp32 registers per thread (limit {_MAX_ACC_REGS})"
+    if c.cluster_n not in (1, 2) or c.cluster_m not in (1, 2):
+        return False, f"cluster ({c.cluster_n}, {c.cluster_m}) must be 1 or 2 per dimension"
+    if c.cluster_m == 2 and c.tile_m < 16:
+        return False, "cluster_m=2 splits the weight tile's multicast rows; needs tile_m >= 16"
+    stages = c.resolved_stages(p.dtype)
+    if stages < 2:
+        return False, f"stages={stages} must be >= 2"
+    smem = stages * c.stage_bytes(p.dtype) + _SMEM_RESERVE
+    if smem > SMEM_BYTES:
+        return False, f"{stages} stages need {smem} B of shared memory (limit {SMEM_BYTES})"
+    if c.ctas < 0 or (c.ctas and c.ctas % c.cluster_size):
+        return False, f"ctas={c.ctas} must be 0 or a positive multiple of the cluster size"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------
+# The kernel. Everything below imports cutlass lazily: the module is importable (and the
+# config / can_implement usable) without CuTe DSL installed.
+# ----------------------------------------------------------------------------------------
+
+
+def cute_available() -> bool:
+    try:
+        import cutlass  # noqa: F401
+        import cutlass.cute  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+_TORCH_TO_CUTLASS = {}
+
+
+def _cutlass_dtype(dt: torch.dtype):
+    import cutlass
+
+    if not _TORCH_TO_CUTLASS:
+        _TORCH_TO_CUTLASS.update({
+            torch.float8_e4m3fn: cutlass.Float8E4M3FN,
+            torch.bfloat16: cutlass.BFloat16,
+            torch.float16: cutlass.Float16,
+            torch.float32: cutlass.Float32,
+        })
+    return _TORCH_TO_CUTLASS[dt]
+
+
+def _build_kernel_class():
+    """Define the kernel class (needs cutlass); called once."""
+    import cutlass
+    import cutlass.cute as cute
+    import cutlass.pipeline as pipeline
+    import cutlass.utils as utils
+    import cutlass.utils.hopper_helpers as sm90_utils
+    from cutlass import Float32, Int32
+
+    class Fc2Sm90:
+        def __init__(self, cfg: Fc2CuteConfig, ab_dtype, out_dtype, n: int, e: int, i: int):
+            self.cfg = cfg
+            self.ab_dtype = ab_dtype
+            self.out_dtype = out_dtype
+            self.N, self.E, self.I = n, e, i
+            self.K = e * i
+            self.tile_n, self.tile_m, self.tile_k = cfg.tile_n, cfg.tile_m, cfg.tile_k
+            self.kt_per_expert = i // cfg.tile_k
+            self.consumers = cfg.consumers
+            self.acc_buffers = cfg.acc_buffers
+            self.cluster = (cfg.cluster_n, cfg.cluster_m)
+            self.num_mcast_w = cfg.cluster_m  # w tile shared by CTAs with other token tiles
+            self.num_mcast_a = cfg.cluster_n  # a tile shared by CTAs with other column tiles
+            self.threads = 128 * (1 + cfg.consumers)
+            self.num_consumer_threads = 128 * cfg.consumers
+            self.stages = cfg.resolved_stages(
+                torch.float8_e4m3fn if ab_dtype.width == 8 else torch.bfloat16)
+            self.n_groups = -(-n // (cfg.tile_n * cfg.cluster_n))
+            self.epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=self.num_consumer_threads)
+
+        # ---------------------------------------------------------------- host side
+        @cute.jit
+        def __call__(self, w_ptr: cute.Pointer, a_ptr: cute.Pointer, alpha_ptr: cute.Pointer,
+                     out_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer,
+                     m: Int32, ld_alpha: Int32, ld_out: Int32, num_clusters: Int32, stream):
+            N, K, E = self.N, self.K, self.E
+            mW = cute.make_tensor(w_ptr, cute.make_layout((N, K), stride=(K, 1)))
+            mA = cute.make_tensor(a_ptr, cute.make_layout((m, K), stride=(K, 1)))
+            mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((m, E), stride=(ld_alpha, 1)))
+            mOut = cute.make_tensor(out_ptr, cute.make_layout((m, N), stride=(ld_out, 1)))
+            mWs = cute.make_tensor(ws_ptr, cute.make_layout((m, N), stride=(N, 1)))
+
+            self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
+                self.ab_dtype, self.ab_dtype,
+                cute.nvgpu.warpgroup.OperandMajorMode.K, cute.nvgpu.warpgroup.OperandMajorMode.K,
+                Float32, (self.consumers, 1, 1), tiler_mn=(64, self.tile_m))
+            w_layout = self._smem_layout(self.tile_n)
+            a_layout = self._smem_layout(self.tile_m)
+            self.w_smem_layout, self.a_smem_layout = w_layout, a_layout
+            tma_w, tma_tw = self._tma(mW, w_layout, self.tile_n, self.num_mcast_w)
+            tma_a, tma_ta = self._tma(mA, a_layout, self.tile_m, self.num_mcast_a)
+
+            @cute.struct
+            class SharedStorage:
+                pipe_mbar: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+                flag: cute.struct.MemRange[Int32, 4]
+                sW: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(w_layout)], 1024]
+                sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(a_layout)], 1024]
+
+            self.shared_storage = SharedStorage
+            self.kernel(tma_w, tma_tw, tma_a, tma_ta, mAlpha, mOut, mWs, cnt_ptr, m,
+                        self.tiled_mma, w_layout, a_layout).launch(
+                grid=[num_clusters * self.cluster[0], self.cluster[1], 1],
+                block=[self.threads, 1, 1],
+                cluster=[self.cluster[0], self.cluster[1], 1],
+                min_blocks_per_mp=1,
+                stream=stream,
+            )
+
+        def _smem_layout(self, rows: int):
+            atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
+                sm90_utils.get_smem_layout_atom(utils.LayoutEnum.ROW_MAJOR, self.ab_dtype, self.tile_k),
+                self.ab_dtype)
+            return cute.tile_to_shape(atom, (rows, self.tile_k, self.stages), order=(0, 1, 2))
+
+        def _tma(self, tensor, smem_layout_staged, rows: int, mcast: int):
+            op = (cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp() if mcast == 1
+                  else cute.nvgpu.cpasync.CopyBulkTensorTileG2SMulticastOp())
+            smem_layout = cute.slice_(smem_layout_staged, (None, None, 0))
+            return cute.nvgpu.cpasync.make_tiled_tma_atom(
+                op, tensor, smem_layout, (rows, self.tile_k), num_multicast=mcast)
+
+        # ---------------------------------------------------------------- device side
+        @cute.kernel
+        def kernel(self, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_a: cute.CopyAtom, mA: cute.Tensor,
+                   mAlpha: cute.Tensor, mOut: cute.Tensor, mWs: cute.Tensor, cnt_ptr: cute.Pointer,
+                   m: Int32, tiled_mma: cute.TiledMma,
+                   w_smem_layout: cute.ComposedLayout, a_smem_layout: cute.ComposedLayout):
+            tile_n, tile_m, tile_k = self.tile_n, self.tile_m, self.tile_k
+            E, N, KT = self.E, self.N, self.kt_per_expert
+            cn, cm = self.cluster
+            tidx, _, _ = cute.arch.thread_idx()
+            warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            if warp_idx == 0:
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_w)
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_a)
+
+            # ---- cluster coordinates and multicast masks
+            cta_layout = cute.make_layout((cn, cm, 1))
+            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+            ccoord = cta_layout.get_flat_coord(rank)
+            w_mask = cute.make_layout_image_mask(cta_layout, ccoord, mode=1) if cm > 1 else 0
+            a_mask = cute.make_layout_image_mask(cta_layout, ccoord, mode=0) if cn > 1 else 0
+            bidx, _, _ = cute.arch.block_idx()
+            gdim, _, _ = cute.arch.grid_dim()
+            cluster_id = bidx // cn
+            num_clusters = gdim // cn
+
+            # ---- shared memory and the load pipeline
+            smem = utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            w_one = cute.slice_(w_smem_layout, (None, None, 0))
+            a_one = cute.slice_(a_smem_layout, (None, None, 0))
+            tx_bytes = cute.size_in_bytes(self.ab_dtype, w_one) + cute.size_in_bytes(self.ab_dtype, a_one)
+            mcast_size = self.num_mcast_w + self.num_mcast_a - 1
+            pipe = pipeline.PipelineTmaAsync.create(
+                barrier_storage=storage.pipe_mbar.data_ptr(),
+                num_stages=self.stages,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, mcast_size * self.consumers * 4),
+                tx_count=tx_bytes,
+                cta_layout_vmnk=cute.make_layout((1, *cta_layout.shape)),
+                defer_sync=True,
+            )
+            pipeline.pipeline_init_arrive(cluster_shape_mn=self.cluster, is_relaxed=True)
+            sW = storage.sW.get_tensor(w_smem_layout.outer, swizzle=w_smem_layout.inner)
+            sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
+            flag = storage.flag.get_tensor(cute.make_layout(4))
+
+            # ---- global tiles: (rows, tile_k, row tiles, k tiles)
+            gW = cute.local_tile(mW, (tile_n, tile_k), (None, None))
+            gA = cute.local_tile(mA, (tile_m, tile_k), (None, None))
+            tWsW, tWgW = cute.nvgpu.cpasync.tma_partition(
+                tma_w, ccoord[1], cute.make_layout(cm), cute.group_modes(sW, 0, 2), cute.group_modes(gW, 0, 2))
+            tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
+                tma_a, ccoord[0], cute.make_layout(cn), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
+
+            # ---- the work list: units [u0, u1) of this cluster
+            m_tiles = (m + tile_m - 1) // tile_m
+            m_groups = (m_tiles + cm - 1) // cm
+            tiles = self.n_groups * m_groups
+            units = tiles * E
+            u0 = Int32(cutlass.Int64(cluster_id) * cutlass.Int64(units) // cutlass.Int64(num_clusters))
+            u1 = Int32(cutlass.Int64(cluster_id + 1) * cutlass.Int64(units) // cutlass.Int64(num_clusters))
+
+            pipeline.pipeline_init_wait(cluster_shape_mn=self.cluster)
+            warp_group = cute.arch.make_warp_uniform(tidx // 128)
+
+            if warp_group == 0:  # ------------------------------------------ producer
+                cute.arch.setmaxregister_decrease(_PRODUCER_REGS)
+                if warp_idx == 0:
+                    state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                    for u in range(u0, u1):
+                        tile = u // E
+                        e = u - tile * E
+                        ng = tile // m_groups
+                        mg = tile - ng * m_groups
+                        n_tile = ng * cn + ccoord[0]
+                        m_tile = mg * cm + ccoord[1]
+                        for kt in cutlass.range(KT, unroll=1):
+                            k_tile = e * KT + kt
+                            pipe.producer_acquire(state)
+                            bar = pipe.producer_get_barrier(state)
+                            cute.copy(tma_w, tWgW[(None, n_tile, k_tile)], tWsW[(None, state.index)],
+                                      tma_bar_ptr=bar, mcast_mask=w_mask)
+                            cute.copy(tma_a, tAgA[(None, m_tile, k_tile)], tAsA[(None, state.index)],
+                                      tma_bar_ptr=bar, mcast_mask=a_mask)
+                            pipe.producer_commit(state)
+                            state.advance()
+                    pipe.producer_tail(state)
+            else:  # --------------------------------------------------------- consumers
+                cute.arch.setmaxregister_increase(_CONSUMER_REGS)
+                ctid = tidx - 128
+                wg_mma = tiled_mma.get_slice((warp_group - 1) * 128)  # A/B: per warpgroup
+                thr_mma = tiled_mma.get_slice(ctid)  # C: per thread
+                tCsW = wg_mma.partition_A(sW)
+                tCsA = wg_mma.partition_B(sA)
+                tCrW = tiled_mma.make_fragment_A(tCsW)
+                tCrA = tiled_mma.make_fragment_B(tCsA)
+                cC = cute.make_identity_tensor((tile_n, tile_m))
+                tCcC = thr_mma.partition_C(cC)
+                acc = cute.make_rmem_tensor(tCcC.shape, Float32)
+                tmp0 = cute.make_rmem_tensor(tCcC.shape, Float32)
+                tmp1 = cute.make_rmem_tensor(tCcC.shape, Float32)
+                # token columns this thread holds: value mode ((2, 2, tile_m/8), atoms_m, 1);
+                # the column depends on the first and third sub-modes only.
+                ncols = tile_m // 4
+                alpha_cur = cute.make_rmem_tensor((ncols,), Float32)
+                alpha_nxt = cute.make_rmem_tensor((ncols,), Float32)
+                num_kb = cute.size(tCrW, mode=[2])
+                read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+
+                acc.fill(0.0)
+                seg_e0 = Int32(0)
+                if u0 < u1:
+                    tile = u0 // E
+                    seg_e0 = u0 - tile * E
+                    mg0 = tile - (tile // m_groups) * m_groups
+                    self._load_alpha(alpha_nxt, mAlpha, tCcC, (mg0 * cm + ccoord[1]) * tile_m, seg_e0, m)
+                for u in range(u0, u1):
+                    tile = u // E
+                    e = u - tile * E
+                    ng = tile // m_groups
+                    mg = tile - ng * m_groups
+                    n_tile = ng * cn + ccoord[0]
+                    m_tile = mg * cm + ccoord[1]
+                    if e == 0:
+                        seg_e0 = Int32(0)
+                    for c in cutlass.range_constexpr(ncols):
+                        alpha_cur[c] = alpha_nxt[c]
+                    # prefetch the next unit's alpha (its token tile may differ)
+                    if u + 1 < u1:
+                        tile_x = (u + 1) // E
+                        e_x = u + 1 - tile_x * E
+                        mg_x = tile_x - (tile_x // m_groups) * m_groups
+                        self._load_alpha(alpha_nxt, mAlpha, tCcC, (mg_x * cm + ccoord[1]) * tile_m, e_x, m)
+                    # this expert's k-tiles into tmp0, then one promotion
+                    cute.nvgpu.warpgroup.fence()
+                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+                    for kt in cutlass.range(KT, unroll=1):
+                        pipe.consumer_wait(read)
+                        for kb in cutlass.range_constexpr(num_kb):
+                            coord = (None, None, kb, read.index)
+                            cute.gemm(tiled_mma, tmp0, tCrW[coord], tCrA[coord], tmp0)
+                            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                        cute.nvgpu.warpgroup.commit_group()
+                        if kt > 0:
+                            cute.nvgpu.warpgroup.wait_group(1)
+                            pipe.consumer_release(release)
+                            release.advance()
+                        read.advance()
+                    cute.nvgpu.warpgroup.wait_group(0)
+                    pipe.consumer_release(release)
+                    release.advance()
+                    self._promote(acc, tmp0, alpha_cur, tile_m)
+                    # end of a tile segment: store or reduce
+                    if e == E - 1 or u == u1 - 1:
+                        self._epilogue(acc, tCcC, mOut, mWs, cnt_ptr, flag, n_tile, m_tile, m,
+                                       seg_e0, e, ctid)
+                        acc.fill(0.0)
+                        seg_e0 = Int32(0)
+
+        @cute.jit
+        def _load_alpha(self, dst: cute.Tensor, mAlpha: cute.Tensor, tCcC: cute.Tensor,
+                        m_base: Int32, e: Int32, m: Int32):
+            for v2 in cutlass.range_constexpr(self.tile_m // 8):
+                for v0 in cutlass.range_constexpr(2):
+                    col = tCcC[((v0, 0, v2), 0, 0)][1]
+                    row = m_base + col
+                    val = Float32(0.0)
+                    if row < m:
+                        val = mAlpha[row, e]
+                    dst[v0 + 2 * v2] = val
+
+        @cute.jit
+        def _promote(self, acc: cute.Tensor, tmp: cute.Tensor, alpha: cute.Tensor, tile_m: cutlass.Constexpr):
+            atoms = cute.size(acc, mode=[1])
+            for a_ in cutlass.range_constexpr(atoms):
+                for v2 in cutlass.range_constexpr(tile_m // 8):
+                    for v1 in cutlass.range_constexpr(2):
+                        for v0 in cutlass.range_constexpr(2):
+                            crd = ((v0, v1, v2), a_, 0)
+                            acc[crd] = acc[crd] + tmp[crd] * alpha[v0 + 2 * v2]
+
+        @cute.jit
+        def _epilogue(self, acc: cute.Tensor, tCcC: cute.Tensor, mOut: cute.Tensor, mWs: cute.Tensor,
+                      cnt_ptr: cute.Pointer, flag: cute.Tensor, n_tile: Int32, m_tile: Int32, m: Int32,
+                      seg_e0: Int32, e_last: Int32, ctid: Int32):
+            n_base = n_tile * self.tile_n
+            m_base = m_tile * self.tile_m
+            N = self.N
+            if seg_e0 == 0 and e_last == self.E - 1:  # the whole tile: store it
+                for i in cutlass.range_constexpr(cute.size(acc)):
+                    crd = tCcC[i]
+                    n = n_base + crd[0]
+                    r = m_base + crd[1]
+                    if n < N and r < m:
+                        mOut[r, n] = acc[i].to(self.out_dtype)
+            else:  # part of a tile: reduce in the workspace, last CTA writes out
+                for i in cutlass.range_constexpr(cute.size(acc)):
+                    crd = tCcC[i]
+                    n = n_base + crd[0]
+                    r = m_base + crd[1]
+                    if n < N and r < m:
+                        cute.arch.red(mWs.iterator + (r * N + n), acc[i], op="add", dtype="f32",
+                                      sem="relaxed", scope="gpu")
+                cute.arch.fence_acq_rel_gpu()
+                self.epi_barrier.arrive_and_wait()
+                if ctid == 0:
+                    tile_id = m_tile * (self.n_groups * self.cluster[0]) + n_tile
+                    old = cute.arch.atomic_add(cnt_ptr + tile_id, e_last - seg_e0 + 1,
+                                               sem="acq_rel", scope="gpu")
+                    flag[0] = Int32(old + e_last - seg_e0 + 1 == self.E)
+                self.epi_barrier.arrive_and_wait()
+                if flag[0] != 0:
+                    cute.arch.fence_acq_rel_gpu()
+                    for i in cutlass.range_constexpr(cute.size(acc)):
+                        crd = tCcC[i]
+                        n = n_base + crd[0]
+                        r = m_base + crd[1]
+                        if n < N and r < m:
+                            val = cute.arch.load(mWs.iterator + (r * N + n), Float32, cop="cg")
+                            mOut[r, n] = val.to(self.out_dtype)
+                self.epi_barrier.arrive_and_wait()  # flag is reused by the next segment
+
+    return Fc2Sm90
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_class():
+    return _build_kernel_class()
+
+
+@functools.lru_cache(maxsize=64)
+def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtype, n: int, e: int, i: int):
+    """Compile (once per static key) and return the launchable function.
+
+    The key is static only: config, dtypes and the model shape (N, E, I). M is a runtime
+    argument; so is the number of clusters launched.
+    """
+    import cuda.bindings.driver as cuda
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    ok, why = can_implement(Fc2Problem(1, n, e, i, dtype, out_dtype), config)
+    if not ok:
+        raise ValueError(f"CuTe FC2 config {config} cannot run N={n} E={e} I={i} {dtype}: {why}")
+    cls = _kernel_class()
+    ab = _cutlass_dtype(dtype)
+    od = _cutlass_dtype(out_dtype)
+    gmem = cute.AddressSpace.gmem
+    kern = cls(config, ab, od, n, e, i)
+    args = (make_ptr(ab, 16, gmem, assumed_align=16), make_ptr(ab, 16, gmem, assumed_align=16),
+            make_ptr(cutlass.Float32, 16, gmem, assumed_align=4), make_ptr(od, 16, gmem, assumed_align=od.width // 8),
+            make_ptr(cutlass.Float32, 16, gmem, assumed_align=16), make_ptr(cutlass.Int32, 16, gmem, assumed_align=4),
+            cutlass.Int32(1), cutlass.Int32(e), cutlass.Int32(n), cutlass.Int32(1), cuda.CUstream(0))
+    return cute.compile(kern, *args)
+
+
+def runtime_ok(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> tuple[bool, str]:
+    """Whether these tensors can take the CuTe path (beyond ``can_implement``)."""
+    from densemoe._runtime import capability
+
+    if a.device.type != "cuda":
+        return False, "the CuTe kernel runs on CUDA devices only"
+    cap = capability(a.device)
+    if cap != (9, 0):
+        return False, f"the CuTe kernel is built for sm_90a (Hopper); {a.device} is sm_{cap[0]}{cap[1]}"
+    if not cute_available():
+        return False, "CuTe DSL (nvidia-cutlass-dsl) is not installed"
+    for name, t in (("a", a), ("w", w)):
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            return False, f"{name} must be contiguous and 16-byte aligned for the CuTe kernel (TMA)"
+    if alpha.stride(1) != 1 or out.stride(1) != 1:
+        return False, "alpha and out need unit column stride for the CuTe kernel"
+    if alpha.shape[0] > 1 and alpha.stride(0) < alpha.shape[1]:
+        return False, "alpha rows overlap"
+    return True, ""
+
+
+def _ptr(t: torch.Tensor, dtype, align: int = 16):
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
+
+
+def launch_shape(problem: Fc2Problem, config: Fc2CuteConfig, num_sms: int) -> tuple[int, bool]:
+    """(clusters launched, whether some tile is cut and needs the workspace)."""
+    c, p = config, problem
+    m_groups = -(-(-(-p.m // c.tile_m)) // c.cluster_m)
+    n_groups = -(-p.n // (c.tile_n * c.cluster_n))
+    units = m_groups * n_groups * p.e
+    ctas = c.ctas or num_sms
+    clusters = max(1, min(ctas // c.cluster_size, units))
+    cut = any((g * units // clusters) % p.e for g in range(1, clusters))
+    return clusters, cut
+
+
+def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
+             config: Fc2CuteConfig) -> None:
+    """Launch the CuTe kernel: out[M, N] <- FC2(a, w, alpha). Inputs validated by the op."""
+    import cuda.bindings.driver as cuda
+    import cutlass
+
+    from densemoe._runtime import sm_count
+
+    M, K = a.shape
+    N = w.shape[0]
+    E = alpha.shape[1]
+    problem = Fc2Problem(M, N, E, K // E, a.dtype, out.dtype)
+    ok, why = can_implement(problem, config)
+    if not ok:
+        raise ValueError(f"config {config} cannot run {problem}: {why}")
+    if M == 0 or N == 0:
+        return
+    fn = compile_fc2(config, a.dtype, out.dtype, N, E, K // E)
+    clusters, cut = launch_shape(problem, config, sm_count(a.device))
+    if clusters * (-(-M // config.tile_m)) * E * N >= 2**31:
+        raise ValueError("problem too large for 32-bit work indices")
+    if cut:
+        m_tiles = -(-M // config.tile_m) + config.cluster_m
+        n_tiles = -(-N // config.tile_n) + config.cluster_n
+        ws = torch.zeros(M * N + m_tiles * n_tiles, dtype=torch.float32, device=a.device)
+        cnt = ws[M * N:].view(torch.int32)
+    else:
+        ws = torch.empty(1, dtype=torch.float32, device=a.device)
+        cnt = ws.view(torch.int32)
+    ab = _cutlass_dtype(a.dtype)
+    stream = cuda.CUstream(torch.cuda.current_stream(a.device).cuda_stream)
+    fn(_ptr(w, ab), _ptr(a, ab), _ptr(alpha, cutlass.Float32, 4), _ptr(out, _cutlass_dtype(out.dtype), out.element_size()),
+       _ptr(ws, cutlass.Float32), _ptr(cnt, cutlass.Int32, 4), cutlass.Int32(M), cutlass.Int32(alpha.stride(0)), cutlass.Int32(out.stride(0)),
+       cutlass.Int32(clusters), stream)
