@@ -564,12 +564,18 @@ def _ptr(t: torch.Tensor, dtype, align: int = 16):
     return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
 
 
-def launch_shape(problem: Fc2Problem, config: Fc2CuteConfig, num_sms: int) -> tuple[int, bool]:
-    """(clusters launched, whether some tile is cut and needs the workspace)."""
+def units_of(problem: Fc2Problem, config: Fc2CuteConfig) -> int:
+    """Work units (cluster tile x expert) of one call."""
     c, p = config, problem
     m_groups = -(-(-(-p.m // c.tile_m)) // c.cluster_m)
     n_groups = -(-p.n // (c.tile_n * c.cluster_n))
-    units = m_groups * n_groups * p.e
+    return m_groups * n_groups * p.e
+
+
+def launch_shape(problem: Fc2Problem, config: Fc2CuteConfig, num_sms: int) -> tuple[int, bool]:
+    """(clusters launched, whether some tile is cut and needs the workspace)."""
+    c, p = config, problem
+    units = units_of(p, c)
     ctas = c.ctas or num_sms
     clusters = max(1, min(ctas // c.cluster_size, units))
     cut = any((g * units // clusters) % p.e for g in range(1, clusters))
@@ -595,8 +601,8 @@ def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.T
         return
     fn = compile_fc2(config, a.dtype, out.dtype, N, E, K // E)
     clusters, cut = launch_shape(problem, config, sm_count(a.device))
-    if clusters * (-(-M // config.tile_m)) * E * N >= 2**31:
-        raise ValueError("problem too large for 32-bit work indices")
+    if units_of(problem, config) >= 2**31:
+        raise ValueError(f"M={M} is too large for the CuTe kernel's 32-bit work indices; split the batch")
     if cut:
         m_tiles = -(-M // config.tile_m) + config.cluster_m
         n_tiles = -(-N // config.tile_n) + config.cluster_n
