@@ -47,14 +47,14 @@ if not args.skip_check:
             alpha = torch.rand(M, E, generator=gen, device="cuda") * (torch.rand(M, E, generator=gen, device="cuda") < 0.1)
             alpha[:, 0] = -0.7
             ref = fc2_ref(a, w, alpha, torch.float64).float()
-            cfgs = [C(128, 16, tk), C(128, 16, tk, cluster_n=2), C(64, 32, tk), C(128, 64, tk, cluster_m=2),
-                    C(128, 128, tk, consumers=2), C(256, 64, tk, consumers=2, cluster_n=2),
-                    C(128, 32, tk, ctas=7), C(128, 16, tk, ctas=132, cluster_m=2), C(128, 64, tk, ctas=6, cluster_n=2)]
+            cfgs = [C(128, 16, tk), C(128, 16, 2 * tk, cluster_n=2), C(128, 64, tk, acc_buffers=2),
+                    C(128, 128, tk, consumers=2, acc_buffers=2, cluster_m=2), C(256, 64, 2 * tk, consumers=2, cluster_n=2),
+                    C(64, 32, 2 * tk, ctas=7, acc_buffers=2), C(128, 64, tk, ctas=6, cluster_n=2, acc_buffers=2)]
             for cfg in cfgs:
                 pr = Fc2Problem(M, N, E, I, DT[dt], torch.bfloat16)
                 if not can_implement(pr, cfg)[0]:
                     continue
-                for od in (torch.bfloat16, torch.float32):
+                for od in ((torch.bfloat16, torch.float32) if M == 7 else (torch.bfloat16,)):
                     buf = torch.full((M + 2, N + 8), float("nan"), dtype=od, device="cuda")
                     out = buf[1:M + 1, 4:N + 4]
                     t0 = time.time()
@@ -88,18 +88,28 @@ records = []
 
 def space(M, dt):
     tk = 128 // DT[dt].itemsize
+    pr = Fc2Problem(M, N, E, I, DT[dt], torch.bfloat16)
     out = []
-    tms = sorted({min(256, max(16, -(-M // 16) * 16)), min(128, max(16, 1 << (M - 1).bit_length()))})
-    if M > 128:
+    if M <= 64:
+        tms = [max(16, 1 << (M - 1).bit_length())]
+        shapes = ((64, 1), (128, 1))
+        clusters = ((1, 1), (2, 1))
+    elif M <= 128:
+        tms = sorted({-(-M // 16) * 16, 128})
+        shapes = ((64, 1), (128, 2))
+        clusters = ((1, 1), (2, 1))
+    else:
         tms = [64, 128]
+        shapes = ((128, 2), (256, 2))
+        clusters = ((1, 1), (1, 2), (2, 1))
     for tm in tms:
-        for tn, cons in ((128, 1), (64, 1), (128, 2), (256, 2)):
-            for cn, cm in ((1, 1), (2, 1), (1, 2)):
-                if cm == 2 and M <= tm:
-                    continue
-                cfg = C(tn, tm, tk, consumers=cons, cluster_n=cn, cluster_m=cm)
-                if can_implement(Fc2Problem(M, N, E, I, DT[dt], torch.bfloat16), cfg)[0]:
-                    out.append(cfg)
+        for tn, cons in shapes:
+            for cn, cm in clusters:
+                for k in (tk, 2 * tk):
+                    for ab in (1, 2):
+                        cfg = C(tn, tm, k, consumers=cons, cluster_n=cn, cluster_m=cm, acc_buffers=ab)
+                        if can_implement(pr, cfg)[0]:
+                            out.append(cfg)
     return out
 
 

@@ -69,7 +69,7 @@ class Fc2CuteConfig:
 
     tile_n:      output columns per CTA = wgmma M: 64 * consumer warpgroups * atoms (64..256)
     tile_m:      tokens per CTA = wgmma N: a multiple of 16 in [16, 256]
-    tile_k:      k-tile (bytes per row = 128: 128 for fp8, 64 for bf16); must divide I
+    tile_k:      k-tile: 128 or 256 bytes per row (fp8 128/256, bf16 64/128); must divide I
     stages:      depth of the shared-memory load ring (0 = as deep as shared memory allows)
     consumers:   consumer warpgroups (1 or 2); each owns tile_n / consumers rows
     acc_buffers: per-expert temporaries (1 or 2); 2 overlaps promotion with the next MMA
@@ -135,9 +135,9 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
     m_mult = 16  # the accumulator's value mode is (2, 2, tile_m / 8) only from 16 up
     if not (m_mult <= c.tile_m <= 256 and c.tile_m % m_mult == 0):
         return False, f"tile_m={c.tile_m} must be a multiple of {m_mult} in [{m_mult}, 256] (wgmma N)"
-    want_k = 128 // p.dtype.itemsize
-    if c.tile_k != want_k:
-        return False, f"tile_k={c.tile_k} must be {want_k} for {p.dtype} (128-byte rows, 128B swizzle)"
+    row_bytes = c.tile_k * p.dtype.itemsize
+    if row_bytes not in (128, 256):
+        return False, f"tile_k={c.tile_k} must give 128 or 256 bytes per row for {p.dtype} (128B swizzle atoms)"
     if p.i % c.tile_k:
         return False, f"tile_k={c.tile_k} does not divide I={p.i}"
     if p.n % 8 and p.out_dtype != torch.float32:
@@ -156,6 +156,10 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
     stages = c.resolved_stages(p.dtype)
     if stages < 2:
         return False, f"stages={stages} must be >= 2"
+    kt = p.i // c.tile_k
+    if c.acc_buffers == 2 and (kt > 8 or stages < 2 * kt + 1):
+        return False, (f"acc_buffers=2 holds two experts' k-tiles ({kt} each, unrolled): needs "
+                       f"I / tile_k <= 8 and stages >= {2 * kt + 1} (have {stages})")
     smem = stages * c.stage_bytes(p.dtype) + _SMEM_RESERVE
     if smem > SMEM_BYTES:
         return False, f"{stages} stages need {smem} B of shared memory (limit {SMEM_BYTES})"
@@ -384,71 +388,129 @@ def _build_kernel_class():
                 ncols = tile_m // 4
                 alpha_cur = cute.make_rmem_tensor((ncols,), Float32)
                 alpha_nxt = cute.make_rmem_tensor((ncols,), Float32)
-                num_kb = cute.size(tCrW, mode=[2])
                 read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                 release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
 
                 acc.fill(0.0)
-                seg_e0 = Int32(0)
+                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
                 if u0 < u1:
-                    tile = u0 // E
-                    seg_e0 = u0 - tile * E
-                    mg0 = tile - (tile // m_groups) * m_groups
-                    self._load_alpha(alpha_nxt, mAlpha, tCcC, (mg0 * cm + ccoord[1]) * tile_m, seg_e0, m)
-                for u in range(u0, u1):
-                    tile = u // E
-                    e = u - tile * E
-                    ng = tile // m_groups
-                    mg = tile - ng * m_groups
-                    n_tile = ng * cn + ccoord[0]
-                    m_tile = mg * cm + ccoord[1]
-                    if e == 0:
-                        seg_e0 = Int32(0)
-                    for c in cutlass.range_constexpr(ncols):
-                        alpha_cur[c] = alpha_nxt[c]
-                    # prefetch the next unit's alpha (its token tile may differ)
-                    if u + 1 < u1:
-                        tile_x = (u + 1) // E
-                        e_x = u + 1 - tile_x * E
-                        mg_x = tile_x - (tile_x // m_groups) * m_groups
-                        self._load_alpha(alpha_nxt, mAlpha, tCcC, (mg_x * cm + ccoord[1]) * tile_m, e_x, m)
-                    # this expert's k-tiles into tmp0, then one promotion
-                    cute.nvgpu.warpgroup.fence()
-                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-                    for kt in cutlass.range(KT, unroll=1):
-                        pipe.consumer_wait(read)
-                        for kb in cutlass.range_constexpr(num_kb):
-                            coord = (None, None, kb, read.index)
-                            cute.gemm(tiled_mma, tmp0, tCrW[coord], tCrA[coord], tmp0)
-                            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-                        cute.nvgpu.warpgroup.commit_group()
-                        if kt > 0:
+                    self._load_alpha(alpha_nxt, mAlpha, tCcC, u0, m_groups, ccoord[1], m)
+                if cutlass.const_expr(self.acc_buffers == 1):
+                    for u in range(u0, u1):
+                        read, release = self._issue_release(tiled_mma, pipe, read, release, tCrW, tCrA, tmp0)
+                        self._finish(u, u0, u1, m_groups, ccoord, tmp0, acc, alpha_cur, alpha_nxt, mAlpha,
+                                     tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
+                else:
+                    # two temporaries: unit u's wgmmas run while unit u-1 is promoted
+                    for up in range(u0, u1, 2):
+                        read = self._issue(tiled_mma, pipe, read, tCrW, tCrA, tmp0)
+                        if up > u0:
                             cute.nvgpu.warpgroup.wait_group(1)
-                            pipe.consumer_release(release)
-                            release.advance()
-                        read.advance()
-                    cute.nvgpu.warpgroup.wait_group(0)
-                    pipe.consumer_release(release)
-                    release.advance()
-                    self._promote(acc, tmp0, alpha_cur, tile_m)
-                    # end of a tile segment: store or reduce
-                    if e == E - 1 or u == u1 - 1:
-                        self._epilogue(acc, tCcC, mOut, mWs, cnt_ptr, flag, n_tile, m_tile, m,
-                                       seg_e0, e, ctid)
-                        acc.fill(0.0)
-                        seg_e0 = Int32(0)
+                            release = self._release(pipe, release)
+                            self._finish(up - 1, u0, u1, m_groups, ccoord, tmp1, acc, alpha_cur, alpha_nxt,
+                                         mAlpha, tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
+                        if up + 1 < u1:
+                            read = self._issue(tiled_mma, pipe, read, tCrW, tCrA, tmp1)
+                            cute.nvgpu.warpgroup.wait_group(1)
+                        else:
+                            cute.nvgpu.warpgroup.wait_group(0)
+                        release = self._release(pipe, release)
+                        self._finish(up, u0, u1, m_groups, ccoord, tmp0, acc, alpha_cur, alpha_nxt,
+                                     mAlpha, tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
+                    if u1 > u0 and (u1 - u0) % 2 == 0:
+                        cute.nvgpu.warpgroup.wait_group(0)
+                        release = self._release(pipe, release)
+                        self._finish(u1 - 1, u0, u1, m_groups, ccoord, tmp1, acc, alpha_cur, alpha_nxt,
+                                     mAlpha, tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
 
         @cute.jit
-        def _load_alpha(self, dst: cute.Tensor, mAlpha: cute.Tensor, tCcC: cute.Tensor,
-                        m_base: Int32, e: Int32, m: Int32):
+        def _issue_release(self, tiled_mma: cute.TiledMma, pipe, read, release, tCrW: cute.Tensor,
+                           tCrA: cute.Tensor, tmp: cute.Tensor):
+            """One unit's k-tiles into tmp; each stage released as soon as its wgmma is done
+            (at most two stages held: works for any number of k-tiles per expert)."""
+            num_kb = cute.size(tCrW, mode=[2])
+            tmp.fill(0.0)  # (not ACCUMULATE=False: a helper cannot rebind tiled_mma's state)
+            cute.nvgpu.warpgroup.fence()
+            for kt in cutlass.range(self.kt_per_expert, unroll=1):
+                pipe.consumer_wait(read)
+                for kb in cutlass.range_constexpr(num_kb):
+                    coord = (None, None, kb, read.index)
+                    cute.gemm(tiled_mma, tmp, tCrW[coord], tCrA[coord], tmp)
+                cute.nvgpu.warpgroup.commit_group()
+                if kt > 0:
+                    cute.nvgpu.warpgroup.wait_group(1)
+                    pipe.consumer_release(release)
+                    release.advance()
+                read.advance()
+            cute.nvgpu.warpgroup.wait_group(0)
+            pipe.consumer_release(release)
+            release.advance()
+            return read, release
+
+        @cute.jit
+        def _issue(self, tiled_mma: cute.TiledMma, pipe, read, tCrW: cute.Tensor, tCrA: cute.Tensor,
+                   tmp: cute.Tensor):
+            """One unit's k-tiles into tmp as ONE wgmma commit group; its stages stay held
+            until ``_release`` (after the caller has waited for the group)."""
+            num_kb = cute.size(tCrW, mode=[2])
+            tmp.fill(0.0)  # (not ACCUMULATE=False: a helper cannot rebind tiled_mma's state)
+            cute.nvgpu.warpgroup.fence()
+            for kt in cutlass.range_constexpr(self.kt_per_expert):
+                pipe.consumer_wait(read)
+                for kb in cutlass.range_constexpr(num_kb):
+                    coord = (None, None, kb, read.index)
+                    cute.gemm(tiled_mma, tmp, tCrW[coord], tCrA[coord], tmp)
+                read.advance()
+            cute.nvgpu.warpgroup.commit_group()
+            return read
+
+        @cute.jit
+        def _release(self, pipe, release):
+            for kt in cutlass.range_constexpr(self.kt_per_expert):
+                pipe.consumer_release(release)
+                release.advance()
+            return release
+
+        @cute.jit
+        def _finish(self, u: Int32, u0: Int32, u1: Int32, m_groups: Int32, ccoord, tmp: cute.Tensor,
+                    acc: cute.Tensor, alpha_cur: cute.Tensor, alpha_nxt: cute.Tensor, mAlpha: cute.Tensor,
+                    tCcC: cute.Tensor, mOut: cute.Tensor, mWs: cute.Tensor, cnt_ptr: cute.Pointer,
+                    flag: cute.Tensor, m: Int32, ctid: Int32):
+            """Unit u's MMAs are complete: promote with alpha (loaded one unit ago), prefetch the
+            next unit's alpha, and store / reduce the tile if u ends this CTA's segment of it."""
+            E = self.E
+            cn, cm = self.cluster
+            for c in cutlass.range_constexpr(self.tile_m // 4):
+                alpha_cur[c] = alpha_nxt[c]
+            if u + 1 < u1:
+                self._load_alpha(alpha_nxt, mAlpha, tCcC, u + 1, m_groups, ccoord[1], m)
+            self._promote(acc, tmp, alpha_cur, self.tile_m)
+            tile = u // E
+            e = u - tile * E
+            if e == E - 1 or u == u1 - 1:
+                ng = tile // m_groups
+                mg = tile - ng * m_groups
+                seg_e0 = Int32(0)
+                if tile == u0 // E:
+                    seg_e0 = u0 - tile * E
+                self._epilogue(acc, tCcC, mOut, mWs, cnt_ptr, flag, ng * cn + ccoord[0], mg * cm + ccoord[1],
+                               m, seg_e0, e, ctid)
+                acc.fill(0.0)
+
+        @cute.jit
+        def _load_alpha(self, dst: cute.Tensor, mAlpha: cute.Tensor, tCcC: cute.Tensor, u: Int32,
+                        m_groups: Int32, rank_m: Int32, m: Int32):
+            """alpha[token, expert of unit u] for this thread's token columns. Rows past M are
+            clamped (their products are zero and never stored): no branch, so the loads are
+            waited for only when the values are used, a unit later."""
+            tile = u // self.E
+            e = u - tile * self.E
+            mg = tile - (tile // m_groups) * m_groups
+            m_base = (mg * self.cluster[1] + rank_m) * self.tile_m
             for v2 in cutlass.range_constexpr(self.tile_m // 8):
                 for v0 in cutlass.range_constexpr(2):
-                    col = tCcC[((v0, 0, v2), 0, 0)][1]
-                    row = m_base + col
-                    val = Float32(0.0)
-                    if row < m:
-                        val = mAlpha[row, e]
-                    dst[v0 + 2 * v2] = val
+                    row = cutlass.min(m_base + tCcC[((v0, 0, v2), 0, 0)][1], m - 1)
+                    dst[v0 + 2 * v2] = mAlpha[row, e]
 
         @cute.jit
         def _promote(self, acc: cute.Tensor, tmp: cute.Tensor, alpha: cute.Tensor, tile_m: cutlass.Constexpr):
