@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# One device call: GPU test suite, then the FC2 benchmark (all MISSION shapes, both dtypes, the
-# M sweep) into $OUT. Usage on the GPU machine: bash bench/run_h100.sh <commit>
+# One device call: GPU test suite (Triton and CuTe backends), then the FC2 benchmark (MISSION
+# shapes, both dtypes, the M sweep, both backends side by side) into $OUT, then Nsight Compute
+# on the CuTe kernel. Usage on the GPU machine (with .carry/cutedsl.tar.xz carried):
+#   bash bench/run_h100.sh <commit>
 set -uo pipefail
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+if [[ -f .carry/cutedsl.tar.xz ]]; then
+  mkdir -p /tmp/site && xz -T16 -dc .carry/cutedsl.tar.xz | tar -x -C /tmp/site
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 commit=${1:-unknown}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee $OUT/gpu_tests.log | tail -15
-python3 -m densemoe.bench fc2 --shapes deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b --dtypes fp8,bf16 \
-  --m 1-512 --reps 50 --commit "$commit" --out $OUT/fc2_h100 > $OUT/fc2_h100.log 2>&1
-head -2 $OUT/fc2_h100.log | cut -c1-250
-grep -v "^#" $OUT/fc2_h100.log | sed -e 's/,use_tma=True//; s/block_//g; s/num_//g; s/,ctas_per_sm=1//; s/swap_ab=//'
+python3 -c "import torch, triton, cutlass; print('torch', torch.__version__, 'triton', triton.__version__, 'cutlass-dsl', getattr(cutlass, '__version__', '?'))"
+timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -x 2>&1 | tee $OUT/gpu_tests.log | tail -8
+timeout 330 python3 -m densemoe.bench fc2 --shapes ${SHAPES:-deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b} \
+  --dtypes fp8,bf16 --m 1-512 --reps ${REPS:-30} --backends triton,cute --commit "$commit" --out $OUT/fc2_h100 \
+  > $OUT/fc2_h100.log 2>&1
+head -1 $OUT/fc2_h100.log | cut -c1-250
+grep -v "^#" $OUT/fc2_h100.log | grep "deepseek-v3-tp8 fp8" | sed -e 's/,use_tma=True//; s/block_//g; s/num_//g; s/,ctas_per_sm=1//; s/swap_ab=//; s/stages=0,//; s/,ctas=0//' | cut -c1-200
 tail -1 $OUT/fc2_h100.log
+if command -v ncu >/dev/null && [[ -n ${NCU:-} ]]; then
+  for M in $NCU; do
+    timeout 60 ncu --kernel-name regex:kernel_cutlass --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 bench/experiments/cute_ncu.py $M cute > $OUT/ncu_cute_M$M.txt 2>&1
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Stall|Warp Cycles Per Issued" $OUT/ncu_cute_M$M.txt | head -14
+  done
+fi

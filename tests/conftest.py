@@ -6,6 +6,7 @@ before any @triton.jit function is defined, hence here, before densemoe is impor
 """
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,6 +16,13 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# CuTe DSL reads these when it is imported: without a GPU, compile for Hopper (sm_90a); keep the
+# PTX of every compile in a scratch directory so the compile tests can inspect it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+os.environ.setdefault("CUTE_DSL_KEEP", "ptx,ir")
+os.environ.setdefault("CUTE_DSL_DUMP_DIR", tempfile.mkdtemp(prefix="densemoe_cute_"))
 
 
 def _patch_interpreter_bf16_dot():

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot)")
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--backends", default="triton,cute", help="fc2: backends timed side by side (default configs)")
     ap.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
     args = ap.parse_args(argv)
     if args.what == "plot":
@@ -69,10 +70,17 @@ def main(argv=None) -> int:
     dtypes = args.dtypes.split(",")
     configs = fc2.sweep_space if args.what == "sweep" else None
     records = fc2.run(shapes, dtypes, _ints(args.m), timer, ceiling, peaks, device, commit,
-                      configs=configs, log=lambda s: print(s, flush=True))
+                      configs=configs, log=lambda s: print(s, flush=True), backends=args.backends.split(","))
+    try:
+        import cutlass
+
+        cute_version = getattr(cutlass, "__version__", "installed")
+    except ImportError:
+        cute_version = None
     meta = dict(device=device, commit=commit, command="python -m densemoe.bench " + " ".join(argv or sys.argv[1:]),
                 read_ceiling_tb_s=ceiling["tb_s"], read_variants=ceiling["variants"], peak_tflops=peaks,
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                torch=torch.__version__, triton=triton.__version__, cutlass_dsl=cute_version,
+                python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), wall_s=time.time() - t0)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

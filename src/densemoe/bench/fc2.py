@@ -17,7 +17,7 @@ import torch
 import densemoe
 from densemoe.bench.common import FP8, Timer
 from densemoe.kernels.triton.fc2 import Fc2Problem, Fc2TritonConfig, can_implement
-from densemoe.ops.fc2 import default_config
+from densemoe.ops.fc2 import default_config, which_backend  # noqa: F401
 from densemoe.reference import fc2_ref
 from densemoe.shapes import SHAPES
 
@@ -73,9 +73,9 @@ def floor_us(N, K, M, E, dtype, out_bytes, ceiling_tb_s, peaks) -> float:
 
 
 def run(shapes, dtypes, ms, timer: Timer, ceiling: dict, peaks: dict, device: str, commit: str,
-        configs=None, log=print):
-    """One record per (shape, dtype, M, config). ``configs``: None = the default config, else a
-    callable (problem) -> list of Fc2TritonConfig to try (sweep)."""
+        configs=None, log=print, backends=("triton",)):
+    """One record per (shape, dtype, M, backend, config). ``configs``: None = each backend's
+    default config, else a callable (problem) -> list of Fc2TritonConfig to try (sweep)."""
     records = []
     for shape_name in shapes:
         case = Fc2Case(shape_name, dtypes)
@@ -95,15 +95,22 @@ def run(shapes, dtypes, ms, timer: Timer, ceiling: dict, peaks: dict, device: st
             for dt in dtypes:
                 problem = Fc2Problem(M, N, E, case.I, DTYPES[dt], torch.bfloat16)
                 fl, nbytes = floor_us(N, K, M, E, dt, 2, ceiling["tb_s"], peaks)
-                cfgs = [None] if configs is None else configs(problem)
+                if configs is None:
+                    cfgs = [(be, None) for be in backends]
+                else:
+                    cfgs = [("triton", c) for c in configs(problem)]
                 ref = fc2_ref(a[dt], case.w[dt], alpha, torch.float32, compute_dtype=torch.float32)
-                for cfg in cfgs:
-                    used = cfg if cfg is not None else default_config(problem)
-                    rec = dict(device=device, op="fc2", shape=shape_name, dtype=dt, M=M, N=N, K=K, E=E,
-                               backend="triton", config=used.to_str(), tuned=False, commit=commit,
-                               floor_us=fl, bytes=nbytes, **base)
+                for be, cfg in cfgs:
                     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
-                    fn = lambda: densemoe.fc2(a[dt], case.w[dt], alpha, out=out, config=cfg)  # noqa: E731
+                    try:
+                        be_used, used = which_backend(a[dt], case.w[dt], alpha, out, cfg, be)
+                    except ValueError as exc:  # a forced backend that cannot run here
+                        log(f"  SKIP {be} {shape_name} {dt} M={M}: {exc}")
+                        continue
+                    rec = dict(device=device, op="fc2", shape=shape_name, dtype=dt, M=M, N=N, K=K, E=E,
+                               backend=be_used, config=used.to_str(), tuned=False, commit=commit,
+                               floor_us=fl, bytes=nbytes, **base)
+                    fn = lambda: densemoe.fc2(a[dt], case.w[dt], alpha, out=out, config=cfg, backend=be)  # noqa: E731
                     t0 = time.time()
                     try:
                         fn()
@@ -135,14 +142,14 @@ def run(shapes, dtypes, ms, timer: Timer, ceiling: dict, peaks: dict, device: st
     return records
 
 
-HEADER = (f"{'shape':16} {'dt':4} {'M':>4} {'us':>8} {'TB/s':>5} {'TFLOP/s':>7} {'floor':>7} {'%fl':>5} "
+HEADER = (f"{'shape':16} {'dt':4} {'M':>4} {'backend':7} {'us':>8} {'TB/s':>5} {'TFLOP/s':>7} {'floor':>7} {'%fl':>5} "
           f"{'cuBLAS8':>8} {'x8':>5} {'cuBLAS16':>8} {'x16':>5}  config")
 
 
 def fmt_row(r: dict) -> str:
     x8 = f"{r['speedup_vs_cublas_fp8']:.2f}" if r.get("speedup_vs_cublas_fp8") else "  -"
     c8 = f"{r['cublas_fp8_us']:.1f}" if r.get("cublas_fp8_us") else "-"
-    return (f"{r['shape']:16} {r['dtype']:4} {r['M']:>4} {r['us']:8.1f} {r['tb_s']:5.2f} {r['tflops']:7.1f} "
+    return (f"{r['shape']:16} {r['dtype']:4} {r['M']:>4} {r['backend']:7} {r['us']:8.1f} {r['tb_s']:5.2f} {r['tflops']:7.1f} "
             f"{r['floor_us']:7.1f} {r['pct_floor']:5.1f} {c8:>8} {x8:>5} {r['cublas_bf16_us']:8.1f} "
             f"{r['speedup_vs_cublas_bf16']:5.2f}  {r['config']}")
 

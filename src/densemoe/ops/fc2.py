@@ -72,29 +72,43 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
     return config
 
 
-# CuTe DSL backend: (max M, tile_n, tile_m, consumers, cluster_n, cluster_m) by M.
+# CuTe DSL backend: (max M, tile_n, tile_m, consumers, acc_buffers, cluster_n, cluster_m), the
+# fastest CuTe configs per M bucket measured on an H100 at DeepSeek-V3 TP8 fp8
+# (bench/experiments/cute_sweep.py; docs/fc2-cute.md). k-tiles are 256 bytes per row.
 _CUTE_TABLE = (
-    (16, 128, 16, 1, 2, 1),
-    (32, 128, 32, 1, 2, 1),
-    (64, 128, 64, 1, 2, 1),
-    (128, 128, 128, 2, 2, 1),
-    (None, 128, 128, 2, 1, 2),
+    (16, 128, 16, 1, 2, 2, 1),
+    (32, 64, 32, 1, 1, 2, 1),
+    (64, 64, 64, 1, 1, 2, 1),
+    (96, 64, 96, 1, 1, 1, 1),
+    (128, 64, 128, 1, 1, 1, 1),
+    (None, 128, 128, 2, 1, 1, 2),
 )
-# Largest M for which the CuTe backend is the default (where it measured faster than Triton).
-_CUTE_MAX_M = 1 << 30
+# M buckets (lo, hi] where "auto" picks CuTe: only where it measured faster than Triton's default
+# in the same run (H100, DeepSeek-V3 TP8 fp8: M = 96, 196.1 vs 200.6 us). Everywhere else the
+# Triton kernel is still faster (docs/fc2-cute.md has the table and the reasons).
+_CUTE_WINS = ((64, 96),)
 
 
 def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
     """Deterministic CuTe config: tile by M from ``_CUTE_TABLE``, deepest ring, one wave."""
     p = problem
-    for max_m, tn, tm, cons, cn, cm in _CUTE_TABLE:
+    for max_m, tn, tm, cons, ab, cn, cm in _CUTE_TABLE:
         if max_m is None or p.m <= max_m:
             break
-    tk = 128 // p.dtype.itemsize
-    cfg = Fc2CuteConfig(tile_n=tn, tile_m=tm, tile_k=tk, consumers=cons, cluster_n=cn, cluster_m=cm)
+    tk = 256 // p.dtype.itemsize
+    while p.i % tk and tk * p.dtype.itemsize > 128:
+        tk //= 2
+    cfg = Fc2CuteConfig(tile_n=tn, tile_m=tm, tile_k=tk, consumers=cons, acc_buffers=ab, cluster_n=cn, cluster_m=cm)
+    if not cute_fc2.can_implement(p, cfg)[0]:  # e.g. too few stages for two temporaries
+        cfg = Fc2CuteConfig(tile_n=tn, tile_m=tm, tile_k=tk, consumers=cons, acc_buffers=1, cluster_n=cn, cluster_m=cm)
     ok, why = cute_fc2.can_implement(p, cfg)
     assert ok, f"default_cute_config produced an invalid config for {p}: {why}"
     return cfg
+
+
+def cute_preferred(problem: Fc2Problem) -> bool:
+    """The measured rule: does "auto" prefer the CuTe backend for this problem?"""
+    return problem.dtype == v.FP8 and any(lo < problem.m <= hi for lo, hi in _CUTE_WINS)
 
 
 BACKENDS = ("auto", "triton", "cute")
@@ -114,7 +128,7 @@ def _choose(a, w, alpha, out, config: str, backend: str):
         if ok:
             cfg = Fc2CuteConfig.from_str(config) if config else default_cute_config(problem)
             ok, why = cute_fc2.can_implement(problem, cfg)
-        if ok and (backend == "cute" or M <= _CUTE_MAX_M):
+        if ok and (backend == "cute" or cute_preferred(problem)):
             return "cute", cfg
         if backend == "cute":
             raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")

@@ -146,9 +146,11 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
         return False, f"K={p.k} rows are not 16-byte aligned (TMA)"
     if c.acc_buffers not in (1, 2):
         return False, f"acc_buffers={c.acc_buffers} not in (1, 2)"
-    regs = (1 + c.acc_buffers) * (c.tile_n // c.consumers) * c.tile_m // 128
+    # accumulator + temporaries, plus two alpha vectors (tile_m / 4 token columns per thread)
+    regs = (1 + c.acc_buffers) * (c.tile_n // c.consumers) * c.tile_m // 128 + 2 * (c.tile_m // 4)
     if regs > _MAX_ACC_REGS:
-        return False, f"accumulators need {regs} fp32 registers per thread (limit {_MAX_ACC_REGS})"
+        return False, (f"accumulators and alpha need {regs} fp32 registers per thread "
+                       f"(limit {_MAX_ACC_REGS}; measured: more spills)")
     if c.cluster_n not in (1, 2) or c.cluster_m not in (1, 2):
         return False, f"cluster ({c.cluster_n}, {c.cluster_m}) must be 1 or 2 per dimension"
     if c.cluster_m == 2 and c.tile_m < 16:

@@ -1,0 +1,260 @@
+"""The CuTe DSL FC2 backend (sm_90a).
+
+CPU (CI): config validity, backend selection and fallback, and the real kernel compiled for
+sm_90a without a GPU (``CUTE_DSL_ARCH=sm_90a``) for several configs, cluster ones included,
+with the PTX checked for the instructions the design relies on.
+GPU (marker ``gpu``): results against the float64 reference, error bounded by PyTorch at the
+same precision, over the FC2 shapes, ragged M, both dtypes, pinned variants and graph replay.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+import densemoe
+from densemoe import Fc2CuteConfig, Fc2Problem
+from densemoe.kernels.cute import fc2_sm90
+from densemoe.kernels.cute.fc2_sm90 import can_implement
+from densemoe.ops.fc2 import cute_preferred, default_cute_config, which_backend
+from densemoe.reference import fc2_ref
+from _helpers import FP8, OUT_DTYPES, assert_close_to_torch, dtype_id, make_inputs, seed_of
+
+C = Fc2CuteConfig
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def seed(request):
+    return seed_of(request.node.nodeid)
+
+
+def problem(M=16, N=7168, E=256, I=256, dtype=FP8, out_dtype=BF16):
+    return Fc2Problem(M, N, E, I, dtype, out_dtype)
+
+
+# ---------------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("cfg, reason", [
+    (C(tile_n=96), "tile_n"),
+    (C(tile_n=64, consumers=2), "tile_n"),
+    (C(tile_m=8), "tile_m"),
+    (C(tile_m=24), "tile_m"),
+    (C(tile_k=64), "128 or 256 bytes"),
+    (C(consumers=3), "consumers"),
+    (C(cluster_n=4), "cluster"),
+    (C(acc_buffers=3), "acc_buffers"),
+    (C(tile_n=128, tile_m=128, consumers=1), "registers"),
+    (C(stages=1), "stages"),
+    (C(tile_n=256, tile_m=64, consumers=2, stages=8), "shared memory"),
+    (C(ctas=3, cluster_n=2), "multiple of the cluster size"),
+])
+def test_can_implement_rejects(cfg, reason):
+    ok, why = can_implement(problem(), cfg)
+    assert not ok and reason in why
+
+
+def test_can_implement_k_tile_must_divide_expert():
+    ok, why = can_implement(problem(I=384), C(tile_k=256))
+    assert not ok and "does not divide I" in why
+    assert can_implement(problem(I=384), C(tile_k=128))[0]
+
+
+def test_two_temporaries_need_room_for_two_experts():
+    ok, why = can_implement(problem(N=2048, E=128, I=768), C(tile_n=128, tile_m=32, tile_k=128, acc_buffers=2))
+    assert not ok and "acc_buffers=2" in why
+
+
+@pytest.mark.parametrize("M", (1, 7, 16, 33, 64, 96, 100, 128, 200, 512, 4096))
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=dtype_id)
+@pytest.mark.parametrize("nei", [(7168, 256, 256), (7168, 256, 512), (2048, 128, 768), (4096, 8, 7168)])
+def test_default_config_valid_and_deterministic(M, dtype, nei):
+    p = problem(M, *nei, dtype=dtype)
+    cfg = default_cute_config(p)
+    assert can_implement(p, cfg)[0]
+    assert default_cute_config(p) == cfg
+    assert C.from_str(cfg.to_str()) == cfg
+
+
+def test_measured_rule_only_where_cute_won():
+    assert cute_preferred(problem(96))
+    assert not cute_preferred(problem(96, dtype=BF16))
+    for m in (1, 16, 64, 128, 256, 512):
+        assert not cute_preferred(problem(m))
+
+
+# ---------------------------------------------------------------------------------- selection
+
+def test_backend_cute_on_cpu_raises_clearly(seed):
+    a, w, alpha = make_inputs(7, 64, 2, 128, BF16, seed)
+    with pytest.raises(ValueError, match="backend='cute' cannot run this call: .*CUDA"):
+        densemoe.fc2(a, w, alpha, backend="cute")
+
+
+def test_auto_falls_back_to_triton_on_cpu(seed):
+    a, w, alpha = make_inputs(7, 64, 2, 128, BF16, seed)
+    out = torch.empty(7, 64, dtype=BF16)
+    assert which_backend(a, w, alpha, out)[0] == "triton"
+    got = densemoe.fc2(a, w, alpha)
+    ref = fc2_ref(a, w, alpha, torch.float64)
+    assert (got.double() - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def test_bad_backend_and_config_mismatch(seed):
+    a, w, alpha = make_inputs(7, 64, 2, 128, BF16, seed)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        densemoe.fc2(a, w, alpha, backend="cutlass")
+    with pytest.raises(ValueError, match="is a cute config but backend='triton'"):
+        densemoe.fc2(a, w, alpha, config=C(tile_k=64), backend="triton")
+    with pytest.raises(ValueError, match="cannot run this problem"):
+        densemoe.fc2(a, w, alpha, config=C(tile_k=32))
+    with pytest.raises(TypeError, match="Fc2TritonConfig or Fc2CuteConfig"):
+        densemoe.fc2(a, w, alpha, config="tile_n=128")
+
+
+# ---------------------------------------------------------------------------------- compile (no GPU)
+
+COMPILE_CASES = [
+    (C(tile_n=128, tile_m=16, tile_k=256, acc_buffers=2, cluster_n=2), FP8, (7168, 256, 256)),
+    (C(tile_n=64, tile_m=64, tile_k=128), FP8, (7168, 256, 256)),
+    (C(tile_n=128, tile_m=128, tile_k=256, consumers=2, cluster_m=2), FP8, (7168, 256, 256)),
+    (C(tile_n=256, tile_m=32, tile_k=128, consumers=2, cluster_n=2), FP8, (2048, 128, 768)),
+    (C(tile_n=128, tile_m=32, tile_k=64, acc_buffers=2), BF16, (7168, 256, 256)),
+    (C(tile_n=64, tile_m=96, tile_k=128), BF16, (4096, 8, 7168)),
+]
+
+
+@pytest.fixture(scope="module")
+def cute_env():
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed (pip install -e '.[dev]')")
+    dump = os.environ.get("CUTE_DSL_DUMP_DIR")
+    assert dump and "ptx" in os.environ.get("CUTE_DSL_KEEP", ""), "tests/conftest.py sets the CuTe dump env"
+    return dump
+
+
+@pytest.mark.cute_compile
+@pytest.mark.parametrize("cfg, dtype, nei", COMPILE_CASES, ids=lambda x: x.to_str()[5:] if isinstance(x, C) else None)
+def test_compiles_for_sm90a(cute_env, cfg, dtype, nei):
+    _DUMP = cute_env
+    N, E, I = nei
+    assert can_implement(problem(1, N, E, I, dtype), cfg)[0]
+    for f in glob.glob(os.path.join(_DUMP, "*.ptx")):
+        os.remove(f)
+    fc2_sm90.compile_fc2.cache_clear()
+    fn = fc2_sm90.compile_fc2(cfg, dtype, BF16, N, E, I)
+    assert callable(fn)
+    ptx_files = glob.glob(os.path.join(_DUMP, "*.ptx"))
+    assert len(ptx_files) == 1, ptx_files
+    ptx = open(ptx_files[0]).read()
+    assert ".target sm_90a" in ptx
+    ab = "e4m3.e4m3" if dtype == FP8 else "bf16.bf16"
+    n_per_wg = 64
+    assert f"wgmma.mma_async.sync.aligned.m{n_per_wg}n{cfg.tile_m}k" in ptx and ab in ptx
+    assert "cp.async.bulk.tensor.2d" in ptx
+    assert ("multicast::cluster" in ptx) == (cfg.cluster_size > 1)
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    assert "red.relaxed.gpu.global.add.f32" in ptx  # split tiles reduce in the workspace
+    assert "atom.global.acq_rel" in ptx  # the last CTA of a split tile is found by a counter
+    assert ".local" not in ptx  # nothing spilled to local memory at the PTX level
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.gpu
+SHAPES = {"deepseek-v3-tp8": (7168, 256, 256), "qwen3-30b-a3b": (2048, 128, 768)}
+
+
+def _gpu_helpers():
+    from test_fc2_gpu import gpu_inputs, torch_same_precision
+    return gpu_inputs, torch_same_precision
+
+
+@gpu
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=dtype_id)
+@pytest.mark.parametrize("M", (1, 7, 96, 100, 256, 1000))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_cute_model_shapes(shape, M, dtype, request):
+    gpu_inputs, torch_same_precision = _gpu_helpers()
+    N, E, I = SHAPES[shape]
+    a, w, alpha = gpu_inputs(M, N, E, I, dtype, seed_of(request.node.nodeid))
+    ref = fc2_ref(a, w, alpha, torch.float64)
+    base = torch_same_precision(a, w, alpha)
+    for out_dtype in OUT_DTYPES:
+        buf = torch.full((M + 2, N + 8), float("nan"), dtype=out_dtype, device="cuda")
+        out = buf[1:M + 1, 4:N + 4]
+        got = densemoe.fc2(a, w, alpha, out=out, backend="cute")
+        assert got is out
+        assert_close_to_torch(out.cpu(), ref.cpu(), base.to(out_dtype).cpu())
+        outside = buf.clone()
+        outside[1:M + 1, 4:N + 4] = 0
+        assert torch.isnan(outside).sum() == outside.numel() - M * N, "kernel wrote outside out"
+
+
+GPU_CONFIGS = [
+    C(128, 16, 256, acc_buffers=2, cluster_n=2),
+    C(64, 32, 256, cluster_n=2),
+    C(128, 64, 128, acc_buffers=2, ctas=6, cluster_n=2),  # few CTAs: every tile cut
+    C(128, 128, 256, consumers=2, cluster_m=2),
+    C(256, 64, 128, consumers=2, cluster_n=2, cluster_m=1),
+    C(64, 96, 256, ctas=7),
+    C(128, 32, 128, acc_buffers=2, cluster_m=2, ctas=10),
+]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=dtype_id)
+@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=lambda c: c.to_str()[5:].replace(",", "|"))
+@pytest.mark.parametrize("M", (7, 100, 300))
+def test_cute_pinned_configs(cfg, M, dtype, request):
+    gpu_inputs, torch_same_precision = _gpu_helpers()
+    N, E, I = 1000, 24, 256  # ragged N; 24 experts so the work list cuts tiles unevenly
+    tk = cfg.tile_k if dtype == FP8 else cfg.tile_k // 2
+    cfg = C(cfg.tile_n, cfg.tile_m, tk, cfg.stages, cfg.consumers, cfg.acc_buffers, cfg.cluster_n,
+            cfg.cluster_m, cfg.ctas)
+    a, w, alpha = gpu_inputs(M, N, E, I, dtype, seed_of(request.node.nodeid), "zero_col")
+    ref = fc2_ref(a, w, alpha, torch.float64)
+    base = torch_same_precision(a, w, alpha).to(BF16)
+    out = torch.full((M, N), float("nan"), dtype=BF16, device="cuda")
+    densemoe.fc2(a, w, alpha, out=out, config=cfg)
+    assert_close_to_torch(out.cpu(), ref.cpu(), base.cpu())
+
+
+@gpu
+def test_cute_cuda_graph_replay_with_new_inputs(request):
+    gpu_inputs, torch_same_precision = _gpu_helpers()
+    M, N, E, I = 96, 1024, 32, 256
+    a, w, alpha = gpu_inputs(M, N, E, I, FP8, seed_of(request.node.nodeid))
+    out = torch.empty(M, N, dtype=BF16, device="cuda")
+    cfg = C(64, 96, 256, ctas=20)  # cut tiles: the workspace memset is captured too
+    densemoe.fc2(a, w, alpha, out=out, config=cfg)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        densemoe.fc2(a, w, alpha, out=out, config=cfg)
+    for i in range(3):
+        a2, _, alpha2 = gpu_inputs(M, N, E, I, FP8, seed_of(request.node.nodeid, i))
+        a.copy_(a2)
+        alpha.copy_(alpha2)
+        out.fill_(float("nan"))
+        g.replay()
+        ref = fc2_ref(a, w, alpha, torch.float64)
+        assert_close_to_torch(out.cpu(), ref.cpu(), torch_same_precision(a, w, alpha).to(BF16).cpu())
+
+
+@gpu
+def test_auto_picks_cute_where_measured_faster(request):
+    gpu_inputs, _ = _gpu_helpers()
+    a, w, alpha = gpu_inputs(96, 7168, 256, 256, FP8, seed_of(request.node.nodeid))
+    out = torch.empty(96, 7168, dtype=BF16, device="cuda")
+    assert which_backend(a, w, alpha, out)[0] == "cute"
+    assert which_backend(a[:64], w, alpha[:64], out[:64])[0] == "triton"
+    # strided a cannot take TMA in the CuTe kernel: auto falls back, forcing raises
+    wide = torch.empty(96, a.shape[1] + 16, dtype=FP8, device="cuda")
+    wide[:, :a.shape[1]] = a
+    a_strided = wide[:, :a.shape[1]]
+    assert which_backend(a_strided, w, alpha, out)[0] == "triton"
+    with pytest.raises(ValueError, match="backend='cute' cannot run this call: a must be contiguous"):
+        densemoe.fc2(a_strided, w, alpha, backend="cute")
