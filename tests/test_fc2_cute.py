@@ -84,6 +84,8 @@ def test_measured_rule_only_where_cute_won():
     assert not cute_preferred(problem(96, dtype=BF16))
     for m in (1, 16, 64, 128, 256, 512):
         assert not cute_preferred(problem(m))
+    assert cute_preferred(problem(16, I=512)) and not cute_preferred(problem(64, I=512))
+    assert not cute_preferred(problem(96, N=2048, E=128, I=768))
 
 
 # ---------------------------------------------------------------------------------- selection
@@ -196,7 +198,7 @@ def test_cute_model_shapes(shape, M, dtype, request):
 GPU_CONFIGS = [
     C(128, 16, 256, acc_buffers=2, cluster_n=2),
     C(64, 32, 256, cluster_n=2),
-    C(128, 64, 128, acc_buffers=2, ctas=6, cluster_n=2),  # few CTAs: every tile cut
+    C(64, 64, 128, acc_buffers=2, ctas=6, cluster_n=2),  # few CTAs: every tile cut
     C(128, 128, 256, consumers=2, cluster_m=2),
     C(256, 64, 128, consumers=2, cluster_n=2, cluster_m=1),
     C(64, 96, 256, ctas=7),

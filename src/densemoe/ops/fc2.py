@@ -83,10 +83,14 @@ _CUTE_TABLE = (
     (128, 64, 128, 1, 1, 1, 1),
     (None, 128, 128, 2, 1, 1, 2),
 )
-# M buckets (lo, hi] where "auto" picks CuTe: only where it measured faster than Triton's default
-# in the same run (H100, DeepSeek-V3 TP8 fp8: M = 96, 196.1 vs 200.6 us). Everywhere else the
-# Triton kernel is still faster (docs/fc2-cute.md has the table and the reasons).
-_CUTE_WINS = ((64, 96),)
+# Where "auto" picks CuTe: (N, E, I, dtype) -> M buckets (lo, hi], only where the CuTe default
+# measured faster than Triton's default in the same run (H100, bench/results/fc2_h100_2026-11-26_cute.md):
+# DeepSeek-V3 TP8 fp8 M=96 (200.2 vs 203.1 us) and TP4 fp8 M<=32 (317-348 vs 344-351 us). Every
+# other measured point is faster on Triton; unmeasured shapes stay on Triton.
+_CUTE_WINS = {
+    (7168, 256, 256, v.FP8): ((64, 96),),
+    (7168, 256, 512, v.FP8): ((0, 32),),
+}
 
 
 def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
@@ -108,7 +112,8 @@ def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
 
 def cute_preferred(problem: Fc2Problem) -> bool:
     """The measured rule: does "auto" prefer the CuTe backend for this problem?"""
-    return problem.dtype == v.FP8 and any(lo < problem.m <= hi for lo, hi in _CUTE_WINS)
+    p = problem
+    return any(lo < p.m <= hi for lo, hi in _CUTE_WINS.get((p.n, p.e, p.i, p.dtype), ()))
 
 
 BACKENDS = ("auto", "triton", "cute")
