@@ -21,7 +21,7 @@ from densemoe.kernels.cute import fc2_sm90
 from densemoe.kernels.cute.fc2_sm90 import can_implement
 from densemoe.ops.fc2 import cute_preferred, default_cute_config, which_backend
 from densemoe.reference import fc2_ref
-from _helpers import FP8, OUT_DTYPES, assert_close_to_torch, dtype_id, make_inputs, seed_of
+from _helpers import FP8, assert_close_to_torch, dtype_id, make_inputs, seed_of
 
 C = Fc2CuteConfig
 BF16 = torch.bfloat16
@@ -179,20 +179,8 @@ def _gpu_helpers():
 @pytest.mark.parametrize("M", (1, 7, 96, 100, 256, 1000))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cute_model_shapes(shape, M, dtype, request):
-    gpu_inputs, torch_same_precision = _gpu_helpers()
-    N, E, I = SHAPES[shape]
-    a, w, alpha = gpu_inputs(M, N, E, I, dtype, seed_of(request.node.nodeid))
-    ref = fc2_ref(a, w, alpha, torch.float64)
-    base = torch_same_precision(a, w, alpha)
-    for out_dtype in OUT_DTYPES:
-        buf = torch.full((M + 2, N + 8), float("nan"), dtype=out_dtype, device="cuda")
-        out = buf[1:M + 1, 4:N + 4]
-        got = densemoe.fc2(a, w, alpha, out=out, backend="cute")
-        assert got is out
-        assert_close_to_torch(out.cpu(), ref.cpu(), base.to(out_dtype).cpu())
-        outside = buf.clone()
-        outside[1:M + 1, 4:N + 4] = 0
-        assert torch.isnan(outside).sum() == outside.numel() - M * N, "kernel wrote outside out"
+    from test_fc2_gpu import check_model_shape
+    check_model_shape(SHAPES[shape], M, dtype, seed_of(request.node.nodeid), backend="cute")
 
 
 GPU_CONFIGS = [

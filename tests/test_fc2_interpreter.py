@@ -218,7 +218,7 @@ def _split_facts(M, N, E, I, P, block_m=16, block_n=16):
     problem = Fc2Problem(M, N, E, I, FP8, torch.bfloat16)
     m_tiles, groups = kfc2._grid_groups(problem, cfg, P)
     n_tiles = math.ceil(N / block_n)
-    return groups, kfc2._needs_workspace(n_tiles, E, groups)
+    return groups, kfc2.tiles_cut(n_tiles, E, groups)
 
 
 def test_streamk_cases_cover_both_paths():
@@ -234,15 +234,15 @@ def test_streamk_cases_cover_both_paths():
     assert facts[((33, 80, 8, 32), 13)] == (4, True)  # 3 token tiles x 4 programs
 
 
-def test_needs_workspace_matches_unit_split():
-    """_needs_workspace is true exactly when some program boundary falls inside a column tile."""
+def test_tiles_cut_matches_unit_split():
+    """tiles_cut is true exactly when some program boundary falls inside a column tile."""
     for n_tiles in range(1, 6):
         for E in range(1, 9):
             units = n_tiles * E
             for groups in range(1, units + 1):
                 bounds = [g * units // groups for g in range(groups + 1)]
                 split = any(b % E for b in bounds)
-                assert kfc2._needs_workspace(n_tiles, E, groups) == split
+                assert kfc2.tiles_cut(n_tiles, E, groups) == split
 
 
 @pytest.mark.parametrize("split", [1, 2, 3, 8])
@@ -270,7 +270,7 @@ def test_fixed_split_grid(M, N, E, I, split):
     n_tiles = math.ceil(N / 16)
     assert m_tiles == math.ceil(M / 16)
     assert groups == n_tiles * min(split, E)
-    assert kfc2._needs_workspace(n_tiles, E, groups) == (min(split, E) > 1)
+    assert kfc2.tiles_cut(n_tiles, E, groups) == (min(split, E) > 1)
 
 
 @pytest.mark.parametrize("dtype", IN_DTYPES, ids=dtype_id)

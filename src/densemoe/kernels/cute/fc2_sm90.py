@@ -49,11 +49,10 @@ anything this kernel cannot run (strided inputs, CuTe DSL missing, not sm_90).
 
 import dataclasses
 import functools
-import math
 
 import torch
 
-from densemoe.kernels.triton.fc2 import Fc2Problem  # one problem description for every backend
+from densemoe.kernels.triton.fc2 import Fc2Problem, tiles_cut  # shared by every backend
 
 SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit (232448 B)
 _SMEM_RESERVE = 2048  # mbarriers + alignment slack
@@ -140,8 +139,6 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
         return False, f"tile_k={c.tile_k} must give 128 or 256 bytes per row for {p.dtype} (128B swizzle atoms)"
     if p.i % c.tile_k:
         return False, f"tile_k={c.tile_k} does not divide I={p.i}"
-    if p.n % 8 and p.out_dtype != torch.float32:
-        pass  # plain (predicated) stores: any N works
     if (p.k * p.dtype.itemsize) % 16:
         return False, f"K={p.k} rows are not 16-byte aligned (TMA)"
     if c.acc_buffers not in (1, 2):
@@ -290,7 +287,7 @@ def _build_kernel_class():
                    m: Int32, tiled_mma: cute.TiledMma,
                    w_smem_layout: cute.ComposedLayout, a_smem_layout: cute.ComposedLayout):
             tile_n, tile_m, tile_k = self.tile_n, self.tile_m, self.tile_k
-            E, N, KT = self.E, self.N, self.kt_per_expert
+            E, KT = self.E, self.kt_per_expert
             cn, cm = self.cluster
             tidx, _, _ = cute.arch.thread_idx()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -642,8 +639,7 @@ def launch_shape(problem: Fc2Problem, config: Fc2CuteConfig, num_sms: int) -> tu
     units = units_of(p, c)
     ctas = c.ctas or num_sms
     clusters = max(1, min(ctas // c.cluster_size, units))
-    cut = any((g * units // clusters) % p.e for g in range(1, clusters))
-    return clusters, cut
+    return clusters, tiles_cut(units // p.e, p.e, clusters)
 
 
 def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,

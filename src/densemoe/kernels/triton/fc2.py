@@ -266,7 +266,11 @@ def _grid_groups(problem: Fc2Problem, config: Fc2TritonConfig, wave: int) -> tup
     return m_tiles, min(groups, n_tiles * problem.e)
 
 
-def _needs_workspace(n_tiles: int, e: int, groups: int) -> bool:
+@functools.lru_cache(maxsize=1024)
+def tiles_cut(n_tiles: int, e: int, groups: int) -> bool:
+    """Whether splitting ``n_tiles * e`` (tile, expert) units evenly over ``groups`` workers cuts
+    some tile (so partial sums need the workspace). Shared by the Triton and CuTe launchers;
+    cached because it loops over the groups."""
     units = n_tiles * e
     return any((g * units // groups) % e for g in range(1, groups))
 
@@ -299,7 +303,7 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     wave = num_programs if num_programs is not None else sm_count(a.device) * config.ctas_per_sm
     m_tiles, groups = _grid_groups(problem, config, wave)
     n_tiles = triton.cdiv(N, config.block_n)
-    if _needs_workspace(n_tiles, E, groups):
+    if tiles_cut(n_tiles, E, groups):
         ws = torch.zeros(M * N + m_tiles * n_tiles, dtype=torch.float32, device=a.device)
         cnt = ws[M * N:].view(torch.int32)
     else:  # never touched: every program owns whole tiles
