@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 commit=${1:-unknown}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton, cutlass; print('torch', torch.__version__, 'triton', triton.__version__, 'cutlass-dsl', getattr(cutlass, '__version__', '?'))"
-timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider -x 2>&1 | tee $OUT/gpu_tests.log | tail -8
+timeout 320 python3 -m pytest -q -m gpu tests -p no:cacheprovider -x 2>&1 | tee $OUT/gpu_tests.log | tail -8
 timeout 330 python3 -m densemoe.bench fc2 --shapes ${SHAPES:-deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b} \
   --dtypes fp8,bf16 --m 1-512 --reps ${REPS:-30} --backends triton,cute --commit "$commit" --out $OUT/fc2_h100 \
   > $OUT/fc2_h100.log 2>&1

@@ -9,6 +9,7 @@ same precision, over the FC2 shapes, ragged M, both dtypes, pinned variants and 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -46,15 +47,41 @@ def problem(M=16, N=7168, E=256, I=256, dtype=FP8, out_dtype=BF16):
     (C(tile_k=64), "128 or 256 bytes"),
     (C(consumers=3), "consumers"),
     (C(cluster_n=4), "cluster"),
+    (C(cluster_m=5), "cluster"),
+    (C(tile_n=128, cluster_m=3), "multiple of 8"),
     (C(acc_buffers=3), "acc_buffers"),
     (C(tile_n=128, tile_m=128, consumers=1), "registers"),
     (C(stages=1), "stages"),
     (C(tile_n=256, tile_m=64, consumers=2, stages=8), "shared memory"),
     (C(ctas=3, cluster_n=2), "multiple of the cluster size"),
+    (C(swap_ab=2), "swap_ab"),
+    (C(lockstep=2), "lockstep"),
+    (C(tile_n=128, tile_m=64, consumers=2, swap_ab=0), "64 * consumers"),
+    (C(tile_n=48, tile_m=64, swap_ab=0), "multiple of 32"),
+    (C(tile_n=256, tile_m=128, consumers=2, swap_ab=0), "registers"),
+    (C(tile_n=192, tile_m=64, acc_buffers=2, swap_ab=0), "registers"),
 ])
 def test_can_implement_rejects(cfg, reason):
     ok, why = can_implement(problem(), cfg)
     assert not ok and reason in why
+
+
+def test_can_implement_allows_clusters_up_to_eight():
+    assert can_implement(problem(), C(tile_n=64, tile_m=16, cluster_n=2, cluster_m=4))[0]
+    assert can_implement(problem(), C(tile_n=192, tile_m=128, tile_k=128, consumers=2, cluster_n=2,
+                                      cluster_m=4, swap_ab=0))[0]
+
+
+@pytest.mark.parametrize("units_per_tile, tiles, clusters", [(256, 76, 66), (24, 16, 132), (24, 160, 7), (8, 3, 3)])
+def test_lockstep_rotation_is_a_bijection_per_tile_and_in_phase(units_per_tile, tiles, clusters):
+    E, U = units_per_tile, units_per_tile * tiles
+    for t in range(tiles):
+        assert sorted(fc2_sm90.lockstep_expert(u, U, clusters, E) for u in range(t * E, (t + 1) * E)) == list(range(E))
+    # every cluster meets expert j at its j-th unit, except in a tile that started in an earlier slice
+    for c in range(clusters):
+        u0, u1 = c * U // clusters, (c + 1) * U // clusters
+        first_full = -(-u0 // E) * E
+        assert all(fc2_sm90.lockstep_expert(u, U, clusters, E) == (u - u0) % E for u in range(first_full, u1))
 
 
 def test_can_implement_k_tile_must_divide_expert():
@@ -126,6 +153,11 @@ COMPILE_CASES = [
     (C(tile_n=256, tile_m=32, tile_k=128, consumers=2, cluster_n=2), FP8, (2048, 128, 768)),
     (C(tile_n=128, tile_m=32, tile_k=64, acc_buffers=2), BF16, (7168, 256, 256)),
     (C(tile_n=64, tile_m=96, tile_k=128), BF16, (4096, 8, 7168)),
+    (C(tile_n=192, tile_m=128, tile_k=128, consumers=2, cluster_m=2, swap_ab=0), FP8, (7168, 256, 256)),
+    (C(tile_n=128, tile_m=64, tile_k=64, acc_buffers=2, cluster_n=2, swap_ab=0), BF16, (7168, 256, 256)),
+    (C(tile_n=192, tile_m=128, tile_k=128, consumers=2, cluster_n=2, cluster_m=4, swap_ab=0), FP8, (7168, 256, 256)),
+    (C(tile_n=128, tile_m=128, tile_k=128, consumers=2, cluster_m=2, swap_ab=0, lockstep=1), FP8, (7168, 256, 256)),
+    (C(tile_n=192, tile_m=128, tile_k=128, consumers=2, cluster_m=3, swap_ab=0, lockstep=1), FP8, (7168, 256, 256)),
 ]
 
 
@@ -153,8 +185,8 @@ def test_compiles_for_sm90a(cute_env, cfg, dtype, nei):
     ptx = open(ptx_files[0]).read()
     assert ".target sm_90a" in ptx
     ab = "e4m3.e4m3" if dtype == FP8 else "bf16.bf16"
-    n_per_wg = 64
-    assert f"wgmma.mma_async.sync.aligned.m{n_per_wg}n{cfg.tile_m}k" in ptx and ab in ptx
+    wg_n = cfg.tile_m if cfg.swap_ab else cfg.tile_n  # tokens are wgmma's N only when swapped
+    assert f"wgmma.mma_async.sync.aligned.m64n{wg_n}k" in ptx and ab in ptx
     assert "cp.async.bulk.tensor.2d" in ptx
     assert ("multicast::cluster" in ptx) == (cfg.cluster_size > 1)
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
@@ -191,7 +223,31 @@ GPU_CONFIGS = [
     C(256, 64, 128, consumers=2, cluster_n=2, cluster_m=1),
     C(64, 96, 256, ctas=7),
     C(128, 32, 128, acc_buffers=2, cluster_m=2, ctas=10),
+    C(192, 128, 128, consumers=2, cluster_m=2, swap_ab=0),  # tokens as wgmma M
+    C(128, 64, 128, acc_buffers=2, ctas=10, swap_ab=0),
+    C(128, 128, 128, consumers=2, cluster_n=2, swap_ab=0),
+    C(128, 128, 128, consumers=2, cluster_n=2, cluster_m=2, swap_ab=0),
+    C(192, 128, 128, consumers=2, cluster_m=4, swap_ab=0),
+    C(64, 16, 256, cluster_m=4, ctas=16),  # 4 token tiles (M=100) in lock step
+    C(64, 32, 256, lockstep=1),  # rotated expert order; at M=7 slices are shorter than a tile
+    C(128, 128, 128, consumers=2, cluster_m=2, ctas=14, swap_ab=0, lockstep=1),
+    C(192, 128, 128, consumers=2, cluster_m=3, swap_ab=0, lockstep=1),  # 3-CTA clusters
 ]
+
+
+def _pinned(cfg, dtype):
+    """The pinned config for this dtype: the same k-tile bytes (tile_k halves for bf16)."""
+    return dataclasses.replace(cfg, tile_k=cfg.tile_k if dtype == FP8 else cfg.tile_k // 2)
+
+
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=dtype_id)
+def test_gpu_pinned_configs_are_valid(dtype):
+    """CPU guard for the GPU list below: a pinned config that can_implement rejects would
+    only show up as a GPU failure."""
+    for cfg in GPU_CONFIGS:
+        for M in (7, 100, 300):
+            ok, why = can_implement(problem(M, 1000, 24, 256, dtype), _pinned(cfg, dtype))
+            assert ok, (cfg, why)
 
 
 @gpu
@@ -201,9 +257,7 @@ GPU_CONFIGS = [
 def test_cute_pinned_configs(cfg, M, dtype, request):
     gpu_inputs, torch_same_precision = _gpu_helpers()
     N, E, I = 1000, 24, 256  # ragged N; 24 experts so the work list cuts tiles unevenly
-    tk = cfg.tile_k if dtype == FP8 else cfg.tile_k // 2
-    cfg = C(cfg.tile_n, cfg.tile_m, tk, cfg.stages, cfg.consumers, cfg.acc_buffers, cfg.cluster_n,
-            cfg.cluster_m, cfg.ctas)
+    cfg = _pinned(cfg, dtype)
     a, w, alpha = gpu_inputs(M, N, E, I, dtype, seed_of(request.node.nodeid), "zero_col")
     ref = fc2_ref(a, w, alpha, torch.float64)
     base = torch_same_precision(a, w, alpha).to(BF16)

@@ -18,6 +18,7 @@ from densemoe.bench.common import FP8, Timer, read_ceiling, peak_tflops
 from densemoe.bench.fc2 import Fc2Case, cublas_fp8, floor_us, rel_err
 from densemoe.kernels.cute.fc2_sm90 import can_implement
 from densemoe.kernels.triton.fc2 import Fc2Problem
+from densemoe.ops.fc2 import default_cute_config
 from densemoe.reference import fc2_ref
 
 p = argparse.ArgumentParser()
@@ -27,6 +28,8 @@ p.add_argument("--shape", default="deepseek-v3-tp8")
 p.add_argument("--reps", type=int, default=30)
 p.add_argument("--check-only", action="store_true")
 p.add_argument("--skip-check", action="store_true")
+p.add_argument("--space", default="swap", choices=("swap", "noswap", "clusters"),
+               help="swap: the swap-AB grid; noswap: tokens as wgmma M (plus the CuTe default)")
 p.add_argument("--out", default=".")
 args = p.parse_args()
 C = Fc2CuteConfig
@@ -86,7 +89,40 @@ N, K, E, I = case.N, case.K, case.E, case.I
 records = []
 
 
+def space_noswap(M, dt):
+    """Large M: tokens as wgmma M, wider clusters, lockstep expert order (plus the swap-AB default)."""
+    tk = 128 // DT[dt].itemsize
+    pr = Fc2Problem(M, N, E, I, DT[dt], torch.bfloat16)
+    d = default_cute_config(pr)
+    out = [d, dataclasses.replace(d, lockstep=1)]
+    tm, cons = (64, 1) if M <= 64 else (128, 2)
+    for tn, ab in ((128, 1), (128, 2), (192, 1)):
+        for cn, cm in ((1, 2), (1, 4), (2, 2)):
+            for ls in (0, 1):
+                cfg = C(tn, tm, tk, consumers=cons, acc_buffers=ab, cluster_n=cn, cluster_m=cm, swap_ab=0, lockstep=ls)
+                if can_implement(pr, cfg)[0] and cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def space_clusters(M, dt):
+    """Tokens as wgmma M with lockstep: token-tile clusters of 1..4 (3 fits M = 257..384)."""
+    tk = 128 // DT[dt].itemsize
+    pr = Fc2Problem(M, N, E, I, DT[dt], torch.bfloat16)
+    out = [default_cute_config(pr)]
+    for tn in (192, 128):
+        for cm in (1, 2, 3, 4):
+            cfg = C(tn, 128, tk, consumers=2, cluster_m=cm, swap_ab=0, lockstep=1)
+            if can_implement(pr, cfg)[0] and cfg not in out and cm <= -(-M // 128):
+                out.append(cfg)
+    return out
+
+
 def space(M, dt):
+    if args.space == "noswap":
+        return space_noswap(M, dt)
+    if args.space == "clusters":
+        return space_clusters(M, dt)
     tk = 128 // DT[dt].itemsize
     pr = Fc2Problem(M, N, E, I, DT[dt], torch.bfloat16)
     out = []

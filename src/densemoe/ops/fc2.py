@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from densemoe.kernels.triton.fc2 import (
@@ -72,16 +74,19 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
     return config
 
 
-# CuTe DSL backend: (max M, tile_n, tile_m, consumers, acc_buffers, cluster_n, cluster_m), the
-# fastest CuTe configs per M bucket measured on an H100 at DeepSeek-V3 TP8 fp8
-# (bench/experiments/cute_sweep.py; docs/fc2-cute.md). k-tiles are 256 bytes per row.
+# CuTe DSL backend: (max M, k-tile bytes per row, Fc2CuteConfig fields), the fastest CuTe configs
+# per M bucket measured on an H100 at DeepSeek-V3 TP8 fp8 (bench/experiments/cute_sweep.py;
+# docs/fc2-cute.md). Up to M = 128 tokens are wgmma's N (swap-AB); above, tokens are wgmma's M
+# in a 128 x 192 tile, weights multicast to the two token tiles of a cluster, and the experts
+# visited in lock step across clusters (M = 512: 454 us against 627 us without lockstep).
 _CUTE_TABLE = (
-    (16, 128, 16, 1, 2, 2, 1),
-    (32, 64, 32, 1, 1, 2, 1),
-    (64, 64, 64, 1, 1, 2, 1),
-    (96, 64, 96, 1, 1, 1, 1),
-    (128, 64, 128, 1, 1, 1, 1),
-    (None, 128, 128, 2, 1, 1, 2),
+    (16, 256, dict(tile_n=128, tile_m=16, consumers=1, acc_buffers=2, cluster_n=2, cluster_m=1)),
+    (32, 256, dict(tile_n=64, tile_m=32, consumers=1, acc_buffers=1, cluster_n=2, cluster_m=1)),
+    (64, 256, dict(tile_n=64, tile_m=64, consumers=1, acc_buffers=1, cluster_n=2, cluster_m=1)),
+    (96, 256, dict(tile_n=64, tile_m=96, consumers=1, acc_buffers=1, cluster_n=1, cluster_m=1)),
+    (128, 256, dict(tile_n=64, tile_m=128, consumers=1, acc_buffers=1, cluster_n=1, cluster_m=1)),
+    (None, 128, dict(tile_n=192, tile_m=128, consumers=2, acc_buffers=1, cluster_n=1, cluster_m=2,
+                     swap_ab=0, lockstep=1)),
 )
 # Where "auto" picks CuTe: (N, E, I, dtype) -> M buckets (lo, hi], only where the CuTe default
 # measured faster than Triton's default in the same run (H100, bench/results/fc2_h100_2026-11-26_cute.md):
@@ -96,15 +101,15 @@ _CUTE_WINS = {
 def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
     """Deterministic CuTe config: tile by M from ``_CUTE_TABLE``, deepest ring, one wave."""
     p = problem
-    for max_m, tn, tm, cons, ab, cn, cm in _CUTE_TABLE:
+    for max_m, k_bytes, fields in _CUTE_TABLE:
         if max_m is None or p.m <= max_m:
             break
-    tk = 256 // p.dtype.itemsize
+    tk = k_bytes // p.dtype.itemsize
     while p.i % tk and tk * p.dtype.itemsize > 128:
         tk //= 2
-    cfg = Fc2CuteConfig(tile_n=tn, tile_m=tm, tile_k=tk, consumers=cons, acc_buffers=ab, cluster_n=cn, cluster_m=cm)
+    cfg = Fc2CuteConfig(tile_k=tk, **fields)
     if not cute_fc2.can_implement(p, cfg)[0]:  # e.g. too few stages for two temporaries
-        cfg = Fc2CuteConfig(tile_n=tn, tile_m=tm, tile_k=tk, consumers=cons, acc_buffers=1, cluster_n=cn, cluster_m=cm)
+        cfg = dataclasses.replace(cfg, acc_buffers=1)
     ok, why = cute_fc2.can_implement(p, cfg)
     assert ok, f"default_cute_config produced an invalid config for {p}: {why}"
     return cfg

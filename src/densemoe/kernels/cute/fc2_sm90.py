@@ -18,10 +18,13 @@ M operand (64 rows per consumer warpgroup atom) and the token tile its N operand
 M = 1 costs a 16-wide token tile, not a 64-row one):
 
 * Work list. One *unit* = (column tile group, token tile group, expert): ``I / tile_k``
-  k-tiles of MMA, then one fp32 scale-and-add. Units are ordered expert-fastest, then token
-  tile, then column tile, and the ``G`` clusters of the launch (at most one wave) each take
+  k-tiles of MMA, then one fp32 scale-and-add. Units are ordered expert-fastest, then column
+  tile, then token tile, and the ``G`` clusters of the launch (at most one wave) each take
   one contiguous slice of them (stream-K over experts): every SM gets the same number of
-  bytes to stream whatever M is. A slice that covers a whole tile stores it; a slice that
+  bytes to stream whatever M is. With ``G`` a multiple of the token-tile groups (the
+  launcher rounds it down when it can), the clusters working on different token tiles walk
+  the same (column tile, expert) sequence in lock step, so each weight tile comes from DRAM
+  once and from L2 for the other token tiles. A slice that covers a whole tile stores it; a slice that
   covers part of one adds its partial sum into an fp32 workspace (``red.global.add``) and
   bumps the tile's counter by the number of experts it covered; the CTA that brings the
   counter to E reads the sum back and writes ``out``.
@@ -76,6 +79,13 @@ class Fc2CuteConfig:
     cluster_m:   CTAs per cluster along tokens (share, and multicast, the weight tile)
     ctas:        CTAs launched (0 = one per SM, rounded to whole clusters); the work
                  list is split evenly between the clusters
+    swap_ab:     1: weights are wgmma's M operand, tokens its N (small M: a token tile can
+                 be 16 wide). 0: tokens are wgmma's M (tile_m = 64 * consumers), weights
+                 its N (tile_n up to 256): alpha is then per accumulator row, 2 values per
+                 thread instead of tile_m / 4, which leaves the registers for wide tiles
+    lockstep:    1: each tile visits the experts in a rotated order chosen so that every
+                 cluster works on (nearly) the same expert at the same time: the token
+                 tile's L2 working set is a few experts wide, not all of ``a`` (large M)
     """
 
     tile_n: int = 128
@@ -87,6 +97,8 @@ class Fc2CuteConfig:
     cluster_n: int = 1
     cluster_m: int = 1
     ctas: int = 0
+    swap_ab: int = 1
+    lockstep: int = 0
 
     backend = "cute"
 
@@ -129,11 +141,21 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
         return False, f"out dtype {p.out_dtype} not supported"
     if c.consumers not in (1, 2):
         return False, f"consumers={c.consumers} not in (1, 2)"
-    if c.tile_n not in (64, 128, 192, 256) or c.tile_n % (64 * c.consumers):
-        return False, f"tile_n={c.tile_n} must be 64/128/192/256 and a multiple of 64 * consumers"
-    m_mult = 16  # the accumulator's value mode is (2, 2, tile_m / 8) only from 16 up
-    if not (m_mult <= c.tile_m <= 256 and c.tile_m % m_mult == 0):
-        return False, f"tile_m={c.tile_m} must be a multiple of {m_mult} in [{m_mult}, 256] (wgmma N)"
+    if c.swap_ab not in (0, 1):
+        return False, f"swap_ab={c.swap_ab} not in (0, 1)"
+    if c.lockstep not in (0, 1):
+        return False, f"lockstep={c.lockstep} not in (0, 1)"
+    if c.swap_ab:
+        if c.tile_n not in (64, 128, 192, 256) or c.tile_n % (64 * c.consumers):
+            return False, f"tile_n={c.tile_n} must be 64/128/192/256 and a multiple of 64 * consumers"
+        m_mult = 16  # the accumulator's value mode is (2, 2, tile_m / 8) only from 16 up
+        if not (m_mult <= c.tile_m <= 256 and c.tile_m % m_mult == 0):
+            return False, f"tile_m={c.tile_m} must be a multiple of {m_mult} in [{m_mult}, 256] (wgmma N)"
+    else:
+        if c.tile_m != 64 * c.consumers:
+            return False, f"tile_m={c.tile_m} must be 64 * consumers without swap_ab (one wgmma M atom each)"
+        if not (32 <= c.tile_n <= 256 and c.tile_n % 32 == 0):
+            return False, f"tile_n={c.tile_n} must be a multiple of 32 in [32, 256] (wgmma N) without swap_ab"
     row_bytes = c.tile_k * p.dtype.itemsize
     if row_bytes not in (128, 256):
         return False, f"tile_k={c.tile_k} must give 128 or 256 bytes per row for {p.dtype} (128B swizzle atoms)"
@@ -143,15 +165,18 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
         return False, f"K={p.k} rows are not 16-byte aligned (TMA)"
     if c.acc_buffers not in (1, 2):
         return False, f"acc_buffers={c.acc_buffers} not in (1, 2)"
-    # accumulator + temporaries, plus two alpha vectors (tile_m / 4 token columns per thread)
-    regs = (1 + c.acc_buffers) * (c.tile_n // c.consumers) * c.tile_m // 128 + 2 * (c.tile_m // 4)
+    # accumulator + temporaries, plus two alpha vectors (swap_ab: tile_m / 4 token columns per
+    # thread; otherwise 2 token rows per thread)
+    alpha_regs = 2 * (c.tile_m // 4) if c.swap_ab else 2 * 2
+    regs = (1 + c.acc_buffers) * c.tile_n * c.tile_m // (128 * c.consumers) + alpha_regs
     if regs > _MAX_ACC_REGS:
         return False, (f"accumulators and alpha need {regs} fp32 registers per thread "
                        f"(limit {_MAX_ACC_REGS}; measured: more spills)")
-    if c.cluster_n not in (1, 2) or c.cluster_m not in (1, 2):
-        return False, f"cluster ({c.cluster_n}, {c.cluster_m}) must be 1 or 2 per dimension"
-    if c.cluster_m == 2 and c.tile_m < 16:
-        return False, "cluster_m=2 splits the weight tile's multicast rows; needs tile_m >= 16"
+    if c.cluster_n not in (1, 2) or c.cluster_m not in (1, 2, 3, 4):
+        return False, f"cluster ({c.cluster_n}, {c.cluster_m}) must be 1 or 2 along columns, 1 to 4 along tokens"
+    if c.tile_n % (8 * c.cluster_m):
+        return False, (f"cluster_m={c.cluster_m} multicasts tile_n / cluster_m = {c.tile_n / c.cluster_m:g} "
+                       f"weight rows per CTA; must be a multiple of 8")
     stages = c.resolved_stages(p.dtype)
     if stages < 2:
         return False, f"stages={stages} must be >= 2"
@@ -208,8 +233,10 @@ def _build_kernel_class():
     from cutlass import Float32, Int32
 
     class Fc2Sm90:
-        def __init__(self, cfg: Fc2CuteConfig, ab_dtype, out_dtype, n: int, e: int, i: int):
+        def __init__(self, cfg: Fc2CuteConfig, ab_dtype, out_dtype, n: int, e: int, i: int,
+                     w_tiled: bool = False):
             self.cfg = cfg
+            self.w_tiled = w_tiled
             self.ab_dtype = ab_dtype
             self.out_dtype = out_dtype
             self.N, self.E, self.I = n, e, i
@@ -219,6 +246,11 @@ def _build_kernel_class():
             self.consumers = cfg.consumers
             self.acc_buffers = cfg.acc_buffers
             self.cluster = (cfg.cluster_n, cfg.cluster_m)
+            self.swap = bool(cfg.swap_ab)
+            self.lockstep = bool(cfg.lockstep)
+            # fp32 alpha values per consumer thread: one per token column it holds (swap_ab),
+            # or one per accumulator row (2)
+            self.alpha_n = cfg.tile_m // 4 if self.swap else 2
             self.num_mcast_w = cfg.cluster_m  # w tile shared by CTAs with other token tiles
             self.num_mcast_a = cfg.cluster_n  # a tile shared by CTAs with other column tiles
             self.threads = 128 * (1 + cfg.consumers)
@@ -234,7 +266,13 @@ def _build_kernel_class():
                      out_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer,
                      m: Int32, ld_alpha: Int32, ld_out: Int32, num_clusters: Int32, stream):
             N, K, E = self.N, self.K, self.E
-            mW = cute.make_tensor(w_ptr, cute.make_layout((N, K), stride=(K, 1)))
+            if cutlass.const_expr(self.w_tiled):
+                # w pre-packed tile by tile: block (n_tile, k_tile) is tile_n x tile_k contiguous
+                tn, tk = self.tile_n, self.tile_k
+                mW = cute.make_tensor(w_ptr, cute.make_layout(
+                    ((tn, N // tn), (tk, K // tk)), stride=((tk, tn * K), (1, tn * tk))))
+            else:
+                mW = cute.make_tensor(w_ptr, cute.make_layout((N, K), stride=(K, 1)))
             mA = cute.make_tensor(a_ptr, cute.make_layout((m, K), stride=(K, 1)))
             mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((m, E), stride=(ld_alpha, 1)))
             mOut = cute.make_tensor(out_ptr, cute.make_layout((m, N), stride=(ld_out, 1)))
@@ -243,7 +281,7 @@ def _build_kernel_class():
             self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
                 self.ab_dtype, self.ab_dtype,
                 cute.nvgpu.warpgroup.OperandMajorMode.K, cute.nvgpu.warpgroup.OperandMajorMode.K,
-                Float32, (self.consumers, 1, 1), tiler_mn=(64, self.tile_m))
+                Float32, (self.consumers, 1, 1), tiler_mn=(64, self.tile_m if self.swap else self.tile_n))
             w_layout = self._smem_layout(self.tile_n)
             a_layout = self._smem_layout(self.tile_m)
             self.w_smem_layout, self.a_smem_layout = w_layout, a_layout
@@ -352,9 +390,9 @@ def _build_kernel_class():
                     state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     for u in range(u0, u1):
                         tile = u // E
-                        e = u - tile * E
-                        ng = tile // m_groups
-                        mg = tile - ng * m_groups
+                        e = self._expert(u, tile, units, num_clusters)
+                        mg = tile // self.n_groups
+                        ng = tile - mg * self.n_groups
                         n_tile = ng * cn + ccoord[0]
                         m_tile = mg * cm + ccoord[1]
                         for kt in cutlass.range(KT, unroll=1):
@@ -373,68 +411,69 @@ def _build_kernel_class():
                 ctid = tidx - 128
                 wg_mma = tiled_mma.get_slice((warp_group - 1) * 128)  # A/B: per warpgroup
                 thr_mma = tiled_mma.get_slice(ctid)  # C: per thread
-                tCsW = wg_mma.partition_A(sW)
-                tCsA = wg_mma.partition_B(sA)
-                tCrW = tiled_mma.make_fragment_A(tCsW)
-                tCrA = tiled_mma.make_fragment_B(tCsA)
-                cC = cute.make_identity_tensor((tile_n, tile_m))
+                # tCrA / tCrB: wgmma's A and B operands (w and a when swapped, else a and w)
+                if cutlass.const_expr(self.swap):
+                    tCrA = tiled_mma.make_fragment_A(wg_mma.partition_A(sW))
+                    tCrB = tiled_mma.make_fragment_B(wg_mma.partition_B(sA))
+                    cC = cute.make_identity_tensor((tile_n, tile_m))  # (column, token)
+                else:
+                    tCrA = tiled_mma.make_fragment_A(wg_mma.partition_A(sA))
+                    tCrB = tiled_mma.make_fragment_B(wg_mma.partition_B(sW))
+                    cC = cute.make_identity_tensor((tile_m, tile_n))  # (token, column)
                 tCcC = thr_mma.partition_C(cC)
                 acc = cute.make_rmem_tensor(tCcC.shape, Float32)
                 tmp0 = cute.make_rmem_tensor(tCcC.shape, Float32)
                 tmp1 = cute.make_rmem_tensor(tCcC.shape, Float32)
-                # token columns this thread holds: value mode ((2, 2, tile_m/8), atoms_m, 1);
-                # the column depends on the first and third sub-modes only.
-                ncols = tile_m // 4
-                alpha_cur = cute.make_rmem_tensor((ncols,), Float32)
-                alpha_nxt = cute.make_rmem_tensor((ncols,), Float32)
+                alpha_cur = cute.make_rmem_tensor((self.alpha_n,), Float32)
+                alpha_nxt = cute.make_rmem_tensor((self.alpha_n,), Float32)
                 read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                 release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
 
                 acc.fill(0.0)
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
                 if u0 < u1:
-                    self._load_alpha(alpha_nxt, mAlpha, tCcC, u0, m_groups, ccoord[1], m)
+                    self._load_alpha(alpha_nxt, mAlpha, tCcC, u0, m_groups, num_clusters, ccoord[1], m)
                 if cutlass.const_expr(self.acc_buffers == 1):
                     for u in range(u0, u1):
-                        read, release = self._issue_release(tiled_mma, pipe, read, release, tCrW, tCrA, tmp0)
-                        self._finish(u, u0, u1, m_groups, ccoord, tmp0, acc, alpha_cur, alpha_nxt, mAlpha,
+                        read, release = self._issue_release(tiled_mma, pipe, read, release, tCrA, tCrB, tmp0)
+                        self._finish(u, u0, u1, m_groups, num_clusters, ccoord, tmp0, acc, alpha_cur, alpha_nxt, mAlpha,
                                      tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
                 else:
                     # two temporaries: unit u's wgmmas run while unit u-1 is promoted
                     for up in range(u0, u1, 2):
-                        read = self._issue(tiled_mma, pipe, read, tCrW, tCrA, tmp0)
+                        read = self._issue(tiled_mma, pipe, read, tCrA, tCrB, tmp0)
                         if up > u0:
                             cute.nvgpu.warpgroup.wait_group(1)
                             release = self._release(pipe, release)
-                            self._finish(up - 1, u0, u1, m_groups, ccoord, tmp1, acc, alpha_cur, alpha_nxt,
+                            self._finish(up - 1, u0, u1, m_groups, num_clusters, ccoord, tmp1, acc, alpha_cur, alpha_nxt,
                                          mAlpha, tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
                         if up + 1 < u1:
-                            read = self._issue(tiled_mma, pipe, read, tCrW, tCrA, tmp1)
+                            read = self._issue(tiled_mma, pipe, read, tCrA, tCrB, tmp1)
                             cute.nvgpu.warpgroup.wait_group(1)
                         else:
                             cute.nvgpu.warpgroup.wait_group(0)
                         release = self._release(pipe, release)
-                        self._finish(up, u0, u1, m_groups, ccoord, tmp0, acc, alpha_cur, alpha_nxt,
+                        self._finish(up, u0, u1, m_groups, num_clusters, ccoord, tmp0, acc, alpha_cur, alpha_nxt,
                                      mAlpha, tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
                     if u1 > u0 and (u1 - u0) % 2 == 0:
                         cute.nvgpu.warpgroup.wait_group(0)
                         release = self._release(pipe, release)
-                        self._finish(u1 - 1, u0, u1, m_groups, ccoord, tmp1, acc, alpha_cur, alpha_nxt,
+                        self._finish(u1 - 1, u0, u1, m_groups, num_clusters, ccoord, tmp1, acc, alpha_cur, alpha_nxt,
                                      mAlpha, tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
 
         @cute.jit
-        def _issue_release(self, tiled_mma: cute.TiledMma, pipe, read, release, tCrW: cute.Tensor,
-                           tCrA: cute.Tensor, tmp: cute.Tensor):
+        def _issue_release(self, tiled_mma: cute.TiledMma, pipe, read, release, tCrA: cute.Tensor,
+                           tCrB: cute.Tensor, tmp: cute.Tensor):
             """One unit's k-tiles into tmp; each stage released as soon as its wgmma is done
             (at most two stages held: works for any number of k-tiles per expert)."""
-            num_kb = cute.size(tCrW, mode=[2])
+            num_kb = cute.size(tCrA, mode=[2])
             tmp.fill(0.0)  # (not ACCUMULATE=False: a helper cannot rebind tiled_mma's state)
             cute.nvgpu.warpgroup.fence()
             for kt in cutlass.range(self.kt_per_expert, unroll=1):
                 pipe.consumer_wait(read)
                 for kb in cutlass.range_constexpr(num_kb):
                     coord = (None, None, kb, read.index)
-                    cute.gemm(tiled_mma, tmp, tCrW[coord], tCrA[coord], tmp)
+                    cute.gemm(tiled_mma, tmp, tCrA[coord], tCrB[coord], tmp)
                 cute.nvgpu.warpgroup.commit_group()
                 if kt > 0:
                     cute.nvgpu.warpgroup.wait_group(1)
@@ -447,18 +486,18 @@ def _build_kernel_class():
             return read, release
 
         @cute.jit
-        def _issue(self, tiled_mma: cute.TiledMma, pipe, read, tCrW: cute.Tensor, tCrA: cute.Tensor,
+        def _issue(self, tiled_mma: cute.TiledMma, pipe, read, tCrA: cute.Tensor, tCrB: cute.Tensor,
                    tmp: cute.Tensor):
             """One unit's k-tiles into tmp as ONE wgmma commit group; its stages stay held
             until ``_release`` (after the caller has waited for the group)."""
-            num_kb = cute.size(tCrW, mode=[2])
+            num_kb = cute.size(tCrA, mode=[2])
             tmp.fill(0.0)  # (not ACCUMULATE=False: a helper cannot rebind tiled_mma's state)
             cute.nvgpu.warpgroup.fence()
             for kt in cutlass.range_constexpr(self.kt_per_expert):
                 pipe.consumer_wait(read)
                 for kb in cutlass.range_constexpr(num_kb):
                     coord = (None, None, kb, read.index)
-                    cute.gemm(tiled_mma, tmp, tCrW[coord], tCrA[coord], tmp)
+                    cute.gemm(tiled_mma, tmp, tCrA[coord], tCrB[coord], tmp)
                 read.advance()
             cute.nvgpu.warpgroup.commit_group()
             return read
@@ -471,7 +510,7 @@ def _build_kernel_class():
             return release
 
         @cute.jit
-        def _finish(self, u: Int32, u0: Int32, u1: Int32, m_groups: Int32, ccoord, tmp: cute.Tensor,
+        def _finish(self, u: Int32, u0: Int32, u1: Int32, m_groups: Int32, nclu: Int32, ccoord, tmp: cute.Tensor,
                     acc: cute.Tensor, alpha_cur: cute.Tensor, alpha_nxt: cute.Tensor, mAlpha: cute.Tensor,
                     tCcC: cute.Tensor, mOut: cute.Tensor, mWs: cute.Tensor, cnt_ptr: cute.Pointer,
                     flag: cute.Tensor, m: Int32, ctid: Int32):
@@ -479,16 +518,16 @@ def _build_kernel_class():
             next unit's alpha, and store / reduce the tile if u ends this CTA's segment of it."""
             E = self.E
             cn, cm = self.cluster
-            for c in cutlass.range_constexpr(self.tile_m // 4):
+            for c in cutlass.range_constexpr(self.alpha_n):
                 alpha_cur[c] = alpha_nxt[c]
             if u + 1 < u1:
-                self._load_alpha(alpha_nxt, mAlpha, tCcC, u + 1, m_groups, ccoord[1], m)
-            self._promote(acc, tmp, alpha_cur, self.tile_m)
+                self._load_alpha(alpha_nxt, mAlpha, tCcC, u + 1, m_groups, nclu, ccoord[1], m)
+            self._promote(acc, tmp, alpha_cur)
             tile = u // E
             e = u - tile * E
             if e == E - 1 or u == u1 - 1:
-                ng = tile // m_groups
-                mg = tile - ng * m_groups
+                mg = tile // self.n_groups
+                ng = tile - mg * self.n_groups
                 seg_e0 = Int32(0)
                 if tile == u0 // E:
                     seg_e0 = u0 - tile * E
@@ -498,28 +537,60 @@ def _build_kernel_class():
 
         @cute.jit
         def _load_alpha(self, dst: cute.Tensor, mAlpha: cute.Tensor, tCcC: cute.Tensor, u: Int32,
-                        m_groups: Int32, rank_m: Int32, m: Int32):
+                        m_groups: Int32, nclu: Int32, rank_m: Int32, m: Int32):
             """alpha[token, expert of unit u] for this thread's token columns. Rows past M are
             clamped (their products are zero and never stored): no branch, so the loads are
             waited for only when the values are used, a unit later."""
             tile = u // self.E
-            e = u - tile * self.E
-            mg = tile - (tile // m_groups) * m_groups
+            e = self._expert(u, tile, self.n_groups * m_groups * self.E, nclu)
+            mg = tile // self.n_groups
             m_base = (mg * self.cluster[1] + rank_m) * self.tile_m
-            for v2 in cutlass.range_constexpr(self.tile_m // 8):
-                for v0 in cutlass.range_constexpr(2):
-                    row = cutlass.min(m_base + tCcC[((v0, 0, v2), 0, 0)][1], m - 1)
-                    dst[v0 + 2 * v2] = mAlpha[row, e]
+            if cutlass.const_expr(self.swap):
+                # value mode ((2, 2, tile_m/8), atoms, 1): the token column depends on v0, v2
+                for v2 in cutlass.range_constexpr(self.tile_m // 8):
+                    for v0 in cutlass.range_constexpr(2):
+                        row = cutlass.min(m_base + tCcC[((v0, 0, v2), 0, 0)][1], m - 1)
+                        dst[v0 + 2 * v2] = mAlpha[row, e]
+            else:
+                # value mode ((2, 2, tile_n/8), 1, 1): the token row depends on v1 only
+                for v1 in cutlass.range_constexpr(2):
+                    row = cutlass.min(m_base + tCcC[((0, v1, 0), 0, 0)][0], m - 1)
+                    dst[v1] = mAlpha[row, e]
 
         @cute.jit
-        def _promote(self, acc: cute.Tensor, tmp: cute.Tensor, alpha: cute.Tensor, tile_m: cutlass.Constexpr):
+        def _promote(self, acc: cute.Tensor, tmp: cute.Tensor, alpha: cute.Tensor):
             atoms = cute.size(acc, mode=[1])
+            wg_n = self.tile_m if self.swap else self.tile_n  # the wgmma instruction's N
             for a_ in cutlass.range_constexpr(atoms):
-                for v2 in cutlass.range_constexpr(tile_m // 8):
+                for v2 in cutlass.range_constexpr(wg_n // 8):
                     for v1 in cutlass.range_constexpr(2):
                         for v0 in cutlass.range_constexpr(2):
                             crd = ((v0, v1, v2), a_, 0)
-                            acc[crd] = acc[crd] + tmp[crd] * alpha[v0 + 2 * v2]
+                            ai = v0 + 2 * v2 if self.swap else v1
+                            acc[crd] = acc[crd] + tmp[crd] * alpha[ai]
+
+        def _expert(self, u, tile, units, nclu):
+            """The expert of unit u (position u - tile * E of its tile). Without lockstep the
+            position itself. With lockstep, tile t visits expert (u - base_t) mod E, where
+            base_t is the first unit of the cluster slice that holds the tile's first unit: that
+            cluster meets expert j at its j-th unit for every tile it starts, so all clusters
+            are on the same expert at once (a cluster's last, cut tile is the exception). The
+            rotation is a bijection per tile, the same for every CTA that works on the tile."""
+            E = self.E
+            if not self.lockstep:  # plain Python at trace time
+                return u - tile * E
+            x = cutlass.Int64(tile) * E  # the tile's first unit
+            g = cutlass.Int64(nclu)
+            total = cutlass.Int64(units)
+            owner = ((x + 1) * g + total - 1) // total - 1  # slice c holds [c*U//G, (c+1)*U//G)
+            base = owner * total // g
+            return Int32((cutlass.Int64(u) - base) % E)
+
+        def _nr(self, crd, n_base, m_base):
+            """(output column, token row) of an accumulator coordinate."""
+            if self.swap:  # plain Python at trace time
+                return n_base + crd[0], m_base + crd[1]
+            return n_base + crd[1], m_base + crd[0]
 
         @cute.jit
         def _epilogue(self, acc: cute.Tensor, tCcC: cute.Tensor, mOut: cute.Tensor, mWs: cute.Tensor,
@@ -530,16 +601,12 @@ def _build_kernel_class():
             N = self.N
             if seg_e0 == 0 and e_last == self.E - 1:  # the whole tile: store it
                 for i in cutlass.range_constexpr(cute.size(acc)):
-                    crd = tCcC[i]
-                    n = n_base + crd[0]
-                    r = m_base + crd[1]
+                    n, r = self._nr(tCcC[i], n_base, m_base)
                     if n < N and r < m:
                         mOut[r, n] = acc[i].to(self.out_dtype)
             else:  # part of a tile: reduce in the workspace, last CTA writes out
                 for i in cutlass.range_constexpr(cute.size(acc)):
-                    crd = tCcC[i]
-                    n = n_base + crd[0]
-                    r = m_base + crd[1]
+                    n, r = self._nr(tCcC[i], n_base, m_base)
                     if n < N and r < m:
                         cute.arch.red(mWs.iterator + (r * N + n), acc[i], op="add", dtype="f32",
                                       sem="relaxed", scope="gpu")
@@ -554,9 +621,7 @@ def _build_kernel_class():
                 if flag[0] != 0:
                     cute.arch.fence_acq_rel_gpu()
                     for i in cutlass.range_constexpr(cute.size(acc)):
-                        crd = tCcC[i]
-                        n = n_base + crd[0]
-                        r = m_base + crd[1]
+                        n, r = self._nr(tCcC[i], n_base, m_base)
                         if n < N and r < m:
                             val = cute.arch.load(mWs.iterator + (r * N + n), Float32, cop="cg")
                             mOut[r, n] = val.to(self.out_dtype)
@@ -571,7 +636,8 @@ def _kernel_class():
 
 
 @functools.lru_cache(maxsize=64)
-def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtype, n: int, e: int, i: int):
+def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtype, n: int, e: int, i: int,
+                w_tiled: bool = False):
     """Compile (once per static key) and return the launchable function.
 
     The key is static only: config, dtypes and the model shape (N, E, I). M is a runtime
@@ -589,7 +655,7 @@ def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtyp
     ab = _cutlass_dtype(dtype)
     od = _cutlass_dtype(out_dtype)
     gmem = cute.AddressSpace.gmem
-    kern = cls(config, ab, od, n, e, i)
+    kern = cls(config, ab, od, n, e, i, w_tiled)
     args = (make_ptr(ab, 16, gmem, assumed_align=16), make_ptr(ab, 16, gmem, assumed_align=16),
             make_ptr(cutlass.Float32, 16, gmem, assumed_align=4), make_ptr(od, 16, gmem, assumed_align=od.width // 8),
             make_ptr(cutlass.Float32, 16, gmem, assumed_align=16), make_ptr(cutlass.Int32, 16, gmem, assumed_align=4),
@@ -625,6 +691,13 @@ def _ptr(t: torch.Tensor, dtype, align: int = 16):
     return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
 
 
+def lockstep_expert(u: int, units: int, clusters: int, e: int) -> int:
+    """Host twin of the kernel's ``_expert`` with lockstep (tests check its properties)."""
+    x = (u // e) * e
+    owner = ((x + 1) * clusters + units - 1) // units - 1
+    return (u - owner * units // clusters) % e
+
+
 def units_of(problem: Fc2Problem, config: Fc2CuteConfig) -> int:
     """Work units (cluster tile x expert) of one call."""
     c, p = config, problem
@@ -633,17 +706,34 @@ def units_of(problem: Fc2Problem, config: Fc2CuteConfig) -> int:
     return m_groups * n_groups * p.e
 
 
-def launch_shape(problem: Fc2Problem, config: Fc2CuteConfig, num_sms: int) -> tuple[int, bool]:
-    """(clusters launched, whether some tile is cut and needs the workspace)."""
+@functools.lru_cache(maxsize=32)
+def max_active_clusters(device_index: int, cluster_size: int) -> int:
+    """How many clusters of this size the GPU can hold at once (asked once per device and
+    size, at the first call that needs it; never at import). Clusters must fit in one GPC, so
+    for size 4 or 8 this is less than SMs / size: a launch sized by SMs alone would run a
+    second, nearly empty wave."""
+    import cutlass.utils as utils
+
+    with torch.cuda.device(device_index):
+        return int(utils.HardwareInfo(device_index).get_max_active_clusters(cluster_size))
+
+
+def launch_shape(problem: Fc2Problem, config: Fc2CuteConfig, num_sms: int,
+                 max_clusters: int | None = None) -> tuple[int, bool]:
+    """(clusters launched, whether some tile is cut and needs the workspace).
+    ``max_clusters``: the device's limit for this cluster size (default: SMs / size)."""
     c, p = config, problem
     units = units_of(p, c)
     ctas = c.ctas or num_sms
-    clusters = max(1, min(ctas // c.cluster_size, units))
+    clusters = max(1, min(ctas // c.cluster_size, units, max_clusters or num_sms // c.cluster_size))
+    m_groups = -(-(-(-p.m // c.tile_m)) // c.cluster_m)
+    if 1 < m_groups <= clusters:
+        clusters -= clusters % m_groups  # token-tile groups in lock step (see the kernel docstring)
     return clusters, tiles_cut(units // p.e, p.e, clusters)
 
 
 def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-             config: Fc2CuteConfig) -> None:
+             config: Fc2CuteConfig, w_tiled: bool = False) -> None:
     """Launch the CuTe kernel: out[M, N] <- FC2(a, w, alpha). Inputs validated by the op."""
     import cuda.bindings.driver as cuda
     import cutlass
@@ -659,8 +749,10 @@ def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.T
         raise ValueError(f"config {config} cannot run {problem}: {why}")
     if M == 0 or N == 0:
         return
-    fn = compile_fc2(config, a.dtype, out.dtype, N, E, K // E)
-    clusters, cut = launch_shape(problem, config, sm_count(a.device))
+    fn = compile_fc2(config, a.dtype, out.dtype, N, E, K // E, w_tiled)
+    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    cap = max_active_clusters(dev, config.cluster_size) if config.cluster_size > 1 else None
+    clusters, cut = launch_shape(problem, config, sm_count(a.device), cap)
     if units_of(problem, config) >= 2**31:
         raise ValueError(f"M={M} is too large for the CuTe kernel's 32-bit work indices; split the batch")
     if cut:
