@@ -77,23 +77,27 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
 # CuTe DSL backend: (max M, k-tile bytes per row, Fc2CuteConfig fields), the fastest CuTe configs
 # per M bucket measured on an H100 at DeepSeek-V3 TP8 fp8 (bench/experiments/cute_sweep.py;
 # docs/fc2-cute.md). Up to M = 128 tokens are wgmma's N (swap-AB); above, tokens are wgmma's M
-# in a 128 x 192 tile, weights multicast to the two token tiles of a cluster, and the experts
-# visited in lock step across clusters (M = 512: 454 us against 627 us without lockstep).
+# in a 128 x 192 tile with the experts visited in lock step across clusters (M = 512: 450 us
+# against 552 us without lockstep); cluster_m = 2 (weights multicast to two token tiles) when
+# the number of 128-token tiles is even, else 1 (a 3-tile M = 384 wastes a quarter with pairs:
+# 440 us against 362 us).
 _CUTE_TABLE = (
     (16, 256, dict(tile_n=128, tile_m=16, consumers=1, acc_buffers=2, cluster_n=2, cluster_m=1)),
     (32, 256, dict(tile_n=64, tile_m=32, consumers=1, acc_buffers=1, cluster_n=2, cluster_m=1)),
     (64, 256, dict(tile_n=64, tile_m=64, consumers=1, acc_buffers=1, cluster_n=2, cluster_m=1)),
     (96, 256, dict(tile_n=64, tile_m=96, consumers=1, acc_buffers=1, cluster_n=1, cluster_m=1)),
     (128, 256, dict(tile_n=64, tile_m=128, consumers=1, acc_buffers=1, cluster_n=1, cluster_m=1)),
-    (None, 128, dict(tile_n=192, tile_m=128, consumers=2, acc_buffers=1, cluster_n=1, cluster_m=2,
-                     swap_ab=0, lockstep=1)),
+    (None, 128, dict(tile_n=192, tile_m=128, consumers=2, acc_buffers=1, cluster_n=1, cluster_m=0,
+                     swap_ab=0, lockstep=1)),  # cluster_m=0: 2 or 1 by the token-tile count
 )
 # Where "auto" picks CuTe: (N, E, I, dtype) -> M buckets (lo, hi], only where the CuTe default
-# measured faster than Triton's default in the same run (H100, bench/results/fc2_h100_2026-11-26_cute.md):
-# DeepSeek-V3 TP8 fp8 M=96 (200.2 vs 203.1 us) and TP4 fp8 M<=32 (317-348 vs 344-351 us). Every
-# other measured point is faster on Triton; unmeasured shapes stay on Triton.
+# measured faster than Triton's default in the same run (H100, bench/results/fc2_h100_2026-11-26_cute.md
+# and bench/results/fc2_h100_cute_clusters_2026-11-26.json): DeepSeek-V3 TP8 fp8 M=96 (200.2 vs
+# 203.1 us) and M=257..384 (M=320: 370.8 vs 397.5 us, M=384: 361.7 vs 368.9 us), TP4 fp8 M<=32
+# (317-348 vs 344-351 us). Every other measured point is faster on Triton; unmeasured shapes
+# stay on Triton.
 _CUTE_WINS = {
-    (7168, 256, 256, v.FP8): ((64, 96),),
+    (7168, 256, 256, v.FP8): ((64, 96), (256, 384)),
     (7168, 256, 512, v.FP8): ((0, 32),),
 }
 
@@ -107,6 +111,8 @@ def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
     tk = k_bytes // p.dtype.itemsize
     while p.i % tk and tk * p.dtype.itemsize > 128:
         tk //= 2
+    if fields["cluster_m"] == 0:
+        fields = dict(fields, cluster_m=2 if -(-p.m // fields["tile_m"]) % 2 == 0 else 1)
     cfg = Fc2CuteConfig(tile_k=tk, **fields)
     if not cute_fc2.can_implement(p, cfg)[0]:  # e.g. too few stages for two temporaries
         cfg = dataclasses.replace(cfg, acc_buffers=1)
