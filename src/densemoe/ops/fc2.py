@@ -90,15 +90,20 @@ _CUTE_TABLE = (
     (None, 128, dict(tile_n=192, tile_m=128, consumers=2, acc_buffers=1, cluster_n=1, cluster_m=0,
                      swap_ab=0, lockstep=1)),  # cluster_m=0: 2 or 1 by the token-tile count
 )
-# Where "auto" picks CuTe: (N, E, I, dtype) -> M buckets (lo, hi], only where the CuTe default
-# measured faster than Triton's default in the same run (H100, bench/results/fc2_h100_2026-11-26_cute.md
-# and bench/results/fc2_h100_cute_clusters_2026-11-26.json): DeepSeek-V3 TP8 fp8 M=96 (200.2 vs
-# 203.1 us) and M=257..384 (M=320: 370.8 vs 397.5 us, M=384: 361.7 vs 368.9 us), TP4 fp8 M<=32
-# (317-348 vs 344-351 us). Every other measured point is faster on Triton; unmeasured shapes
-# stay on Triton.
+# Where "auto" picks CuTe: (N, E, I, dtype) -> M buckets (lo, hi] (hi None: no upper bound),
+# exactly the sweep points where the CuTe default measured at least 1% faster than Triton's
+# default in one run (H100, _CUTE_WINS_SOURCE; tests/test_fc2_cute.py checks the table against
+# that file point by point). A bucket reaches down to the previous sweep point. Above M = 512
+# (not measured) CuTe stays chosen where it won at 256..512: both backends are compute-bound there
+# and CuTe's lead grew with M on every shape. Unmeasured shapes stay on Triton.
+_CUTE_WINS_SOURCE = "bench/results/fc2_h100_2026-11-26_large_m.json"
 _CUTE_WINS = {
-    (7168, 256, 256, v.FP8): ((64, 96), (256, 384)),
-    (7168, 256, 512, v.FP8): ((0, 32),),
+    (7168, 256, 256, v.FP8): ((64, 96), (192, None)),
+    (7168, 256, 256, torch.bfloat16): ((128, None),),
+    (7168, 256, 512, v.FP8): ((1, 4), (16, 32), (128, None)),
+    (7168, 256, 512, torch.bfloat16): ((128, 256), (384, None)),
+    (2048, 128, 768, v.FP8): ((256, None),),
+    (2048, 128, 768, torch.bfloat16): ((256, None),),
 }
 
 
@@ -124,7 +129,7 @@ def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
 def cute_preferred(problem: Fc2Problem) -> bool:
     """The measured rule: does "auto" prefer the CuTe backend for this problem?"""
     p = problem
-    return any(lo < p.m <= hi for lo, hi in _CUTE_WINS.get((p.n, p.e, p.i, p.dtype), ()))
+    return any(lo < p.m and (hi is None or p.m <= hi) for lo, hi in _CUTE_WINS.get((p.n, p.e, p.i, p.dtype), ()))
 
 
 BACKENDS = ("auto", "triton", "cute")

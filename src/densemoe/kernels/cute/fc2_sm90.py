@@ -233,10 +233,8 @@ def _build_kernel_class():
     from cutlass import Float32, Int32
 
     class Fc2Sm90:
-        def __init__(self, cfg: Fc2CuteConfig, ab_dtype, out_dtype, n: int, e: int, i: int,
-                     w_tiled: bool = False):
+        def __init__(self, cfg: Fc2CuteConfig, ab_dtype, out_dtype, n: int, e: int, i: int):
             self.cfg = cfg
-            self.w_tiled = w_tiled
             self.ab_dtype = ab_dtype
             self.out_dtype = out_dtype
             self.N, self.E, self.I = n, e, i
@@ -266,13 +264,7 @@ def _build_kernel_class():
                      out_ptr: cute.Pointer, ws_ptr: cute.Pointer, cnt_ptr: cute.Pointer,
                      m: Int32, ld_alpha: Int32, ld_out: Int32, num_clusters: Int32, stream):
             N, K, E = self.N, self.K, self.E
-            if cutlass.const_expr(self.w_tiled):
-                # w pre-packed tile by tile: block (n_tile, k_tile) is tile_n x tile_k contiguous
-                tn, tk = self.tile_n, self.tile_k
-                mW = cute.make_tensor(w_ptr, cute.make_layout(
-                    ((tn, N // tn), (tk, K // tk)), stride=((tk, tn * K), (1, tn * tk))))
-            else:
-                mW = cute.make_tensor(w_ptr, cute.make_layout((N, K), stride=(K, 1)))
+            mW = cute.make_tensor(w_ptr, cute.make_layout((N, K), stride=(K, 1)))
             mA = cute.make_tensor(a_ptr, cute.make_layout((m, K), stride=(K, 1)))
             mAlpha = cute.make_tensor(alpha_ptr, cute.make_layout((m, E), stride=(ld_alpha, 1)))
             mOut = cute.make_tensor(out_ptr, cute.make_layout((m, N), stride=(ld_out, 1)))
@@ -636,8 +628,7 @@ def _kernel_class():
 
 
 @functools.lru_cache(maxsize=64)
-def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtype, n: int, e: int, i: int,
-                w_tiled: bool = False):
+def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtype, n: int, e: int, i: int):
     """Compile (once per static key) and return the launchable function.
 
     The key is static only: config, dtypes and the model shape (N, E, I). M is a runtime
@@ -655,7 +646,7 @@ def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtyp
     ab = _cutlass_dtype(dtype)
     od = _cutlass_dtype(out_dtype)
     gmem = cute.AddressSpace.gmem
-    kern = cls(config, ab, od, n, e, i, w_tiled)
+    kern = cls(config, ab, od, n, e, i)
     args = (make_ptr(ab, 16, gmem, assumed_align=16), make_ptr(ab, 16, gmem, assumed_align=16),
             make_ptr(cutlass.Float32, 16, gmem, assumed_align=4), make_ptr(od, 16, gmem, assumed_align=od.width // 8),
             make_ptr(cutlass.Float32, 16, gmem, assumed_align=16), make_ptr(cutlass.Int32, 16, gmem, assumed_align=4),
@@ -733,7 +724,7 @@ def launch_shape(problem: Fc2Problem, config: Fc2CuteConfig, num_sms: int,
 
 
 def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-             config: Fc2CuteConfig, w_tiled: bool = False) -> None:
+             config: Fc2CuteConfig) -> None:
     """Launch the CuTe kernel: out[M, N] <- FC2(a, w, alpha). Inputs validated by the op."""
     import cuda.bindings.driver as cuda
     import cutlass
@@ -749,7 +740,7 @@ def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.T
         raise ValueError(f"config {config} cannot run {problem}: {why}")
     if M == 0 or N == 0:
         return
-    fn = compile_fc2(config, a.dtype, out.dtype, N, E, K // E, w_tiled)
+    fn = compile_fc2(config, a.dtype, out.dtype, N, E, K // E)
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     cap = max_active_clusters(dev, config.cluster_size) if config.cluster_size > 1 else None
     clusters, cut = launch_shape(problem, config, sm_count(a.device), cap)
