@@ -306,6 +306,18 @@ def test_cute_cuda_graph_replay_with_new_inputs(request):
 
 
 @gpu
+def test_auto_with_expert_slices_below_a_cute_k_tile_runs_triton(request):
+    # I = 32 fp8 (32 B per expert): no CuTe config fits; "auto" must take Triton, not fail
+    gpu_inputs, torch_same_precision = _gpu_helpers()
+    a, w, alpha = gpu_inputs(7, 256, 8, 32, FP8, seed_of(request.node.nodeid))
+    out = torch.full((7, 256), float("nan"), dtype=BF16, device="cuda")
+    assert which_backend(a, w, alpha, out)[0] == "triton"
+    densemoe.fc2(a, w, alpha, out=out)
+    assert_close_to_torch(out.cpu(), fc2_ref(a, w, alpha, torch.float64).cpu(),
+                          torch_same_precision(a, w, alpha).to(BF16).cpu())
+
+
+@gpu
 def test_auto_picks_cute_where_measured_faster(request):
     gpu_inputs, _ = _gpu_helpers()
     a, w, alpha = gpu_inputs(96, 7168, 256, 256, FP8, seed_of(request.node.nodeid))

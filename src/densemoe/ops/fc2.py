@@ -17,6 +17,7 @@ from densemoe._runtime import sm_count
 from densemoe.kernels.cute import fc2_sm90 as cute_fc2
 from densemoe.kernels.cute.fc2_sm90 import Fc2CuteConfig
 from densemoe.ops import _validate as v
+from densemoe.tuning import cache as tuning
 
 OP = "densemoe.fc2"
 IN_DTYPES = (v.FP8, torch.bfloat16)
@@ -108,8 +109,12 @@ _CUTE_WINS = {
 
 
 def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
-    """Deterministic CuTe config: tile by M from ``_CUTE_TABLE``, deepest ring, one wave."""
+    """Deterministic CuTe config: tile by M from ``_CUTE_TABLE``, deepest ring, one wave.
+    Raises ValueError when no CuTe config fits (an expert's k-slice below 128 bytes)."""
     p = problem
+    if (p.i * p.dtype.itemsize) % 128:
+        raise ValueError(f"the CuTe kernel needs I * element size to be a multiple of 128 bytes "
+                         f"(k-tiles of 128B swizzle atoms); I={p.i} {p.dtype} gives {p.i * p.dtype.itemsize}")
     for max_m, k_bytes, fields in _CUTE_TABLE:
         if max_m is None or p.m <= max_m:
             break
@@ -135,26 +140,75 @@ def cute_preferred(problem: Fc2Problem) -> bool:
 BACKENDS = ("auto", "triton", "cute")
 
 
-def _choose(a, w, alpha, out, config: str, backend: str):
-    """(backend, config object) for one call; raises when a forced backend cannot run."""
-    M, K = a.shape
-    E = alpha.shape[1]
-    problem = Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype)
-    if config.startswith("cute:"):
-        backend = "cute"
-    elif config:
-        backend = "triton"
+def _parse_config(config: str):
+    return Fc2CuteConfig.from_str(config) if config.startswith("cute:") else Fc2TritonConfig.from_str(config)
+
+
+def _heuristic(problem: Fc2Problem, a, w, alpha, out, backend: str):
+    """(backend, config) from the deterministic rules alone: no tuned table, no timing."""
     if backend in ("auto", "cute"):
         ok, why = cute_fc2.runtime_ok(a, w, alpha, out)
         if ok:
-            cfg = Fc2CuteConfig.from_str(config) if config else default_cute_config(problem)
-            ok, why = cute_fc2.can_implement(problem, cfg)
+            try:
+                cfg = default_cute_config(problem)
+            except ValueError as exc:
+                ok, why = False, str(exc)
         if ok and (backend == "cute" or cute_preferred(problem)):
             return "cute", cfg
         if backend == "cute":
             raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
-    cfg = Fc2TritonConfig.from_str(config) if config else default_config(problem, sm_count(a.device))
-    return "triton", cfg
+    return "triton", default_config(problem, sm_count(a.device))
+
+
+def _tuned(problem: Fc2Problem, a, w, alpha, out, backend: str):
+    """(backend, config) from the tuned tables (user cache, then shipped), or None. With
+    DENSEMOE_AUTOTUNE=1 a missing key on a CUDA device is tuned first (not while a CUDA graph
+    is being captured: capture never starts tuning)."""
+    if not tuning.tuned_lookups_enabled():
+        return None
+    key = tuning.make_key("fc2", tuning.device_name(a.device), problem)
+    entry, _ = tuning.lookup(key)
+    if (entry is None and tuning.autotune_enabled() and a.device.type == "cuda"
+            and not torch.cuda.is_current_stream_capturing()):
+        from densemoe.tuning.tuner import tune_problem
+
+        tune_problem(problem, a.device, save=True)
+        entry, _ = tuning.lookup(key)
+    if entry is None:
+        return None
+    slots = ("best", "triton") if backend == "auto" else (backend,)
+    for slot in slots:
+        item = entry.get(slot)
+        if not item:
+            continue
+        try:
+            cfg = _parse_config(item["config"])
+        except Exception as exc:  # noqa: BLE001 - any malformed entry: warn, fall back
+            tuning.warn_stale(key, f"config {item.get('config')!r} does not parse ({type(exc).__name__}: {exc})")
+            return None
+        if cfg.backend == "cute" and not cute_fc2.runtime_ok(a, w, alpha, out)[0]:
+            continue  # fine on the tuning machine, not for these tensors here: next slot
+        ok, why = (cute_fc2.can_implement if cfg.backend == "cute" else can_implement)(problem, cfg)
+        if ok:
+            return cfg.backend, cfg
+        tuning.warn_stale(key, f"config {item['config']!r} does not fit this problem ({why})")
+    return None
+
+
+def _choose(a, w, alpha, out, config: str, backend: str):
+    """(backend, config object) for one call: the pinned config, else the tuned entry for this
+    problem's key, else the deterministic heuristic. Raises when a forced backend cannot run."""
+    M, K = a.shape
+    E = alpha.shape[1]
+    problem = Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype)
+    if config:
+        cfg = _parse_config(config)
+        if cfg.backend == "cute":
+            ok, why = cute_fc2.runtime_ok(a, w, alpha, out)
+            if not ok:
+                raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
+        return cfg.backend, cfg
+    return _tuned(problem, a, w, alpha, out, backend) or _heuristic(problem, a, w, alpha, out, backend)
 
 
 @torch.library.custom_op("densemoe::fc2", mutates_args=("out",))

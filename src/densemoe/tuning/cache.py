@@ -1,0 +1,207 @@
+"""Tuned configs on disk: keys, the user's cache, the tables shipped with the package.
+
+Key (one string): op, device name, input and output dtypes, N, K, E, the M bucket, and the
+versions of densemoe, Triton and CuTe DSL (``none`` when it is not installed). A config tuned
+under other versions is not used: the key does not match, and the heuristic runs instead.
+
+Files, same format (``{"format": 1, "entries": {key: entry}}``):
+
+* the user's cache, ``$DENSEMOE_CACHE_DIR/tuned.json`` (default: ``$XDG_CACHE_HOME/densemoe``
+  or ``~/.cache/densemoe``), written by ``densemoe.tune``;
+* the shipped tables, ``densemoe/tuning/tables/*.json``, used when the user's cache has no entry.
+
+Writes take an exclusive lock on ``tuned.json.lock`` (``fcntl``; two processes tuning at once
+both keep their entries), re-read the file under the lock, merge, write a temporary file in the
+same directory and ``os.replace`` it over the old one, so a reader never sees half a file. A file
+that does not parse, or has another format, gives one warning per path and process and is
+treated as empty: the heuristic runs, nothing crashes. An entry whose config no longer parses or
+fits the problem gives one warning and is skipped.
+
+An entry: ``{"best": {"backend", "config", "us"}, "triton": {...}, "cute": {...},
+"heuristic": {"backend", "config", "us"}, "m": tuned M, "device": ..., "time": ...}``: the
+overall winner, each backend's best, and what the heuristic picked, as measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from densemoe.tuning.buckets import m_bucket
+
+FORMAT = 1
+ENV_CACHE_DIR = "DENSEMOE_CACHE_DIR"
+ENV_AUTOTUNE = "DENSEMOE_AUTOTUNE"
+ENV_TUNED = "DENSEMOE_TUNED"
+FILE_NAME = "tuned.json"
+TABLES_DIR = Path(__file__).resolve().parent / "tables"
+
+_DTYPE_NAMES = {torch.float8_e4m3fn: "fp8", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_warned: set[str] = set()
+
+
+def _warn_once(tag: str, msg: str) -> None:
+    if tag not in _warned:
+        _warned.add(tag)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _env_flag(name: str) -> bool | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    return v.strip().lower() not in ("0", "false", "no", "off")
+
+
+def tuned_lookups_enabled() -> bool:
+    """``DENSEMOE_TUNED=0`` turns every tuned lookup off (heuristic only, for comparisons)."""
+    return _env_flag(ENV_TUNED) is not False
+
+
+def autotune_enabled() -> bool:
+    """``DENSEMOE_AUTOTUNE=1``: tune a missing key on first use (never during graph capture)."""
+    return bool(_env_flag(ENV_AUTOTUNE))
+
+
+def cache_dir() -> Path:
+    d = os.environ.get(ENV_CACHE_DIR)
+    if d:
+        return Path(d).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "densemoe"
+
+
+def cache_path() -> Path:
+    return cache_dir() / FILE_NAME
+
+
+@functools.lru_cache(maxsize=1)
+def versions() -> dict[str, str]:
+    """Versions that make a tuned entry valid (part of the key)."""
+    import importlib.metadata as md
+
+    import triton
+
+    import densemoe
+
+    try:
+        cute = md.version("nvidia-cutlass-dsl")
+    except md.PackageNotFoundError:
+        cute = "none"
+    return {"densemoe": densemoe.__version__, "triton": triton.__version__, "cutedsl": cute}
+
+
+@functools.lru_cache(maxsize=16)
+def device_name(device: torch.device) -> str:
+    """The key's device part: the CUDA device name, or ``cpu`` (Triton's interpreter)."""
+    if device.type != "cuda":
+        return device.type
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_name(idx)
+
+
+def make_key(op: str, device: str, problem) -> str:
+    """The cache key of ``problem`` (an ``Fc2Problem``) on ``device`` (a name)."""
+    p = problem
+    v = versions()
+    return (f"{op}|{device}|{_DTYPE_NAMES.get(p.dtype, str(p.dtype))}->{_DTYPE_NAMES.get(p.out_dtype, str(p.out_dtype))}"
+            f"|N={p.n}|K={p.k}|E={p.e}|M<={m_bucket(p.m)}"
+            f"|densemoe={v['densemoe']}|triton={v['triton']}|cutedsl={v['cutedsl']}")
+
+
+# ------------------------------------------------------------------------------------ files
+
+def read_file(path: Path) -> dict:
+    """The entries of one tuning file ({} when missing; {} and one warning when unreadable)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        _warn_once(f"read:{path}", f"densemoe: cannot read tuning file {path} ({exc}); using the heuristic")
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"not a format-{FORMAT} densemoe tuning file")
+    except ValueError as exc:
+        _warn_once(f"read:{path}", f"densemoe: ignoring tuning file {path} ({exc}); using the heuristic "
+                   f"(densemoe.tune rewrites it)")
+        return {}
+    return data["entries"]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): the atomic replace still never tears a file
+        yield
+        return
+    with open(str(path) + ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def write_entries(path: Path, entries: dict) -> None:
+    """Merge ``entries`` into the file at ``path``: locked, re-read, merged, atomically replaced."""
+    with _locked(path):
+        merged = read_file(path)
+        merged.update(entries)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": FORMAT, "entries": merged}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    _tables.cache_clear()
+
+
+@functools.lru_cache(maxsize=1)
+def _tables() -> tuple[dict, dict]:
+    """(user cache entries, shipped entries), read once per process (``reload`` re-reads)."""
+    shipped: dict = {}
+    if TABLES_DIR.is_dir():
+        for f in sorted(TABLES_DIR.glob("*.json")):
+            shipped.update(read_file(f))
+    return read_file(cache_path()), shipped
+
+
+def reload() -> None:
+    """Forget what was read (after another process tuned, or the env changed)."""
+    _tables.cache_clear()
+
+
+def lookup(key: str) -> tuple[dict | None, str]:
+    """(entry, where): the user's cache first, then the shipped tables; (None, "") if neither."""
+    user, shipped = _tables()
+    if key in user:
+        return user[key], "cache"
+    if key in shipped:
+        return shipped[key], "shipped"
+    return None, ""
+
+
+def record(key: str, entry: dict, path: Path | None = None) -> None:
+    write_entries(path or cache_path(), {key: entry})
+
+
+def warn_stale(key: str, why: str) -> None:
+    _warn_once(f"stale:{key}", f"densemoe: ignoring tuned entry {key}: {why}; using the heuristic "
+               f"(re-tune with densemoe.tune)")

@@ -1,0 +1,227 @@
+"""The tuner: time every valid tactic on real inputs, keep the fastest verified one.
+
+For one problem (shape, dtypes, M bucket) on one device:
+
+1. inputs: fresh random ``a`` and ``w`` (never zeros) and a top-k routing ``alpha``, at the
+   bucket's top M (its largest, slowest call);
+2. candidates: ``space.fc2_space`` for the requested backends; a candidate that fails to compile
+   or run is dropped and reported (``TuneResult.failures``), never hidden;
+3. timing: CUDA-graph replays with L2 flushed by a read before each, median of ``reps``
+   (``densemoe.bench.common.Timer``); the heuristic's own choice is timed the same way;
+4. verification: the fastest candidate's output is checked against the fp32 reference
+   (relative error <= ``TOL``); a failure drops it and the next fastest is checked;
+5. recording: the winner, each backend's best and the heuristic's time, under the problem's key,
+   into the user's cache (atomic, locked: ``cache.write_entries``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+import torch
+
+from densemoe.kernels.triton.fc2 import Fc2Problem
+from densemoe.tuning import cache
+from densemoe.tuning.buckets import m_bucket
+from densemoe.tuning.space import BACKENDS, describe, fc2_space
+
+TOL = 1e-2  # relative Frobenius error against the fp32 reference (bf16 output: ~4e-3)
+DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Timing:
+    config: object
+    us: float | None = None
+    error: str = ""
+
+
+@dataclasses.dataclass
+class TuneResult:
+    key: str
+    problem: Fc2Problem
+    best: Timing | None
+    per_backend: dict
+    heuristic: Timing
+    failures: list
+    timings: list
+
+    @property
+    def speedup(self) -> float:
+        """Heuristic time / tuned time (>= 1 when tuning helped)."""
+        if not self.best or not self.heuristic.us:
+            return float("nan")
+        return self.heuristic.us / self.best.us
+
+    def entry(self, device: str) -> dict:
+        def slot(t: Timing | None):
+            return None if t is None else {"backend": t.config.backend, "config": t.config.to_str(), "us": t.us}
+        return {"best": slot(self.best), **{b: slot(t) for b, t in self.per_backend.items()},
+                "heuristic": slot(self.heuristic), "m": self.problem.m, "device": device,
+                "failures": len(self.failures), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def make_inputs(problem: Fc2Problem, device, seed: int = 0, topk: int = 8, w: torch.Tensor | None = None):
+    """Fresh random a [M, K], w [N, K] (unless given), alpha [M, E] with ``topk`` experts per token."""
+    p = problem
+    gen = torch.Generator(device=device).manual_seed(seed)
+    a = torch.randn(p.m, p.k, generator=gen, device=device).to(p.dtype)
+    if w is None:
+        w = (torch.randn(p.n, p.k, generator=gen, device=device) * 0.5).to(p.dtype)
+    k = min(topk, p.e)
+    ids = torch.rand(p.m, p.e, generator=gen, device=device).topk(k, dim=1).indices
+    wts = torch.softmax(torch.randn(p.m, k, generator=gen, device=device), dim=1)
+    alpha = torch.zeros(p.m, p.e, device=device).scatter_(1, ids, wts)
+    return a, w, alpha
+
+
+def _as_us(t) -> float:
+    return float(t["us"] if isinstance(t, dict) else t)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, space=None, reps: int = 20,
+                 inputs=None, save: bool = True, progress=None) -> TuneResult:
+    """Tune one problem; ``problem.m`` is rounded up to its bucket's top. ``timer(fn)`` returns
+    microseconds (or a dict with "us"); default: the benchmark's cold-L2 CUDA-graph timer.
+    ``space``: candidate configs (default: ``fc2_space``); ``inputs``: (a, w, alpha) to reuse."""
+    import densemoe
+    from densemoe.ops.fc2 import _heuristic
+    from densemoe.reference import fc2_ref
+
+    device = torch.device(device)
+    p = dataclasses.replace(problem, m=m_bucket(problem.m))
+    if timer is None:
+        if device.type != "cuda":
+            raise ValueError("tuning times kernels on a CUDA GPU; on another device pass timer=")
+        from densemoe.bench.common import Timer
+
+        timer = Timer(reps=reps)
+    a, w, alpha = inputs if inputs is not None else make_inputs(p, device)
+    out = torch.empty(p.m, p.n, dtype=p.out_dtype, device=device)
+    ref = fc2_ref(a, w, alpha, torch.float32, compute_dtype=torch.float32)
+    be, hcfg = _heuristic(p, a, w, alpha, out, "auto")
+    cands = list(space) if space is not None else fc2_space(p, backends, _sms(device))
+    if hcfg not in cands and hcfg.backend in backends:
+        cands.insert(0, hcfg)
+    timings: list[Timing] = []
+    for i, cfg in enumerate(cands):
+        t = Timing(cfg)
+        if progress:
+            progress(i, len(cands), cfg)
+        try:
+            fn = (lambda c=cfg: densemoe.fc2(a, w, alpha, out=out, config=c))  # noqa: E731
+            fn()  # compile + first run outside the timer
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t.us = _as_us(timer(fn))
+            if not (t.us > 0 and math.isfinite(t.us)):
+                raise RuntimeError(f"timer returned {t.us}")
+        except Exception as exc:  # noqa: BLE001 - a tactic that fails is dropped and reported
+            t.us, t.error = None, f"{type(exc).__name__}: {str(exc)[:300]}"
+        timings.append(t)
+    if progress:
+        progress(len(cands), len(cands), None)
+    ok = sorted((t for t in timings if t.us is not None), key=lambda t: t.us)
+    failures = [t for t in timings if t.us is None]
+    best = None
+    for t in ok:  # verify the fastest; a wrong one is dropped, the next is checked
+        out.fill_(float("nan"))
+        densemoe.fc2(a, w, alpha, out=out, config=t.config)
+        err = _rel_err(out, ref)
+        if math.isfinite(err) and err <= TOL:
+            best = t
+            break
+        t.error = f"wrong result: relative error {err:.3g} > {TOL}"
+        failures.append(t)
+    per_backend = {}
+    for t in ok:
+        if t.error:
+            continue
+        b = t.config.backend
+        if b not in per_backend:
+            per_backend[b] = t
+    heur = next((t for t in timings if t.config == hcfg), None)
+    if heur is None:  # the heuristic's backend is outside ``backends``: timed for the comparison only
+        heur = Timing(hcfg)
+        try:
+            heur.us = _as_us(timer(lambda: densemoe.fc2(a, w, alpha, out=out, config=hcfg)))
+        except Exception as exc:  # noqa: BLE001
+            heur.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    key = cache.make_key("fc2", cache.device_name(device), p)
+    result = TuneResult(key, p, best, per_backend, heur, failures, timings)
+    if save and best is not None:
+        cache.record(key, result.entry(cache.device_name(device)))
+    return result
+
+
+def _sms(device: torch.device) -> int:
+    from densemoe._runtime import sm_count
+
+    return sm_count(device)
+
+
+def _progress_bar(label: str, stream=None):
+    stream = stream or sys.stderr
+    t0 = time.time()
+
+    def show(i: int, n: int, cfg) -> None:
+        width = 30
+        filled = width * i // max(n, 1)
+        line = f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {i}/{n} {time.time() - t0:5.0f}s"
+        stream.write(line + ("\n" if i == n else ""))
+        stream.flush()
+    return show
+
+
+def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512),
+         dtypes=("fp8",), out_dtype: torch.dtype = torch.bfloat16, backends=BACKENDS, device=None,
+         reps: int = 20, save: bool = True, progress: bool = True, timer=None) -> list[TuneResult]:
+    """Tune ``op`` for a model shape over token counts; returns one result per (dtype, M bucket).
+
+    shape: a name from ``densemoe.shapes.SHAPES`` or (N, E, I). m_values: token counts (each is
+    tuned at its bucket's top; duplicates within a bucket are tuned once). Results are written to
+    the user's cache (``DENSEMOE_CACHE_DIR``) when ``save``.
+    """
+    from densemoe.shapes import SHAPES
+
+    if op != "fc2":
+        raise ValueError(f"op={op!r}: only 'fc2' can be tuned so far")
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+        s = SHAPES[shape]
+        n, e, i = s.hidden, s.experts, s.inter
+    else:
+        n, e, i = shape
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    results = []
+    for dt in dtypes:
+        dtype = DTYPES[dt] if isinstance(dt, str) else dt
+        w = None
+        for b in sorted({m_bucket(m) for m in m_values}):
+            p = Fc2Problem(b, n, e, i, dtype, out_dtype)
+            a, w, alpha = make_inputs(p, device, seed=b, w=w)
+            bar = _progress_bar(f"{op} {shape if isinstance(shape, str) else shape} {dt} M<={b}") if progress else None
+            results.append(tune_problem(p, device, backends=backends, timer=timer, reps=reps,
+                                        inputs=(a, w, alpha), save=save, progress=bar))
+    return results
+
+
+def summary(results: list[TuneResult]) -> str:
+    """A markdown table: M bucket, chosen config, us, heuristic us, speedup over the heuristic."""
+    lines = ["| dtype | M bucket | tuned config | us | heuristic config | heuristic us | speedup | failed |",
+             "|---|---:|---|---:|---|---:|---:|---:|"]
+    for r in results:
+        dt = cache._DTYPE_NAMES.get(r.problem.dtype, str(r.problem.dtype))
+        best = f"{describe(r.best.config)} | {r.best.us:.1f}" if r.best else "none | -"
+        h = f"{r.heuristic.us:.1f}" if r.heuristic.us else "-"
+        lines.append(f"| {dt} | {r.problem.m} | {best} | {describe(r.heuristic.config)} | {h} | "
+                     f"{r.speedup:.3f} | {len(r.failures)} |")
+    return "\n".join(lines)

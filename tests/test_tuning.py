@@ -1,0 +1,338 @@
+"""The tuning layer: search space, M buckets, keys, the on-disk cache (round trip, corrupt and
+stale files, two processes writing at once), lookups in ``fc2``, pinning, the heuristic, and the
+tuner end to end (CPU: Triton's interpreter with an injected timer; GPU: the real timer)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import warnings
+
+import pytest
+import torch
+
+import densemoe
+from densemoe import Fc2CuteConfig, Fc2Problem, Fc2TritonConfig
+from densemoe.kernels.cute.fc2_sm90 import can_implement as cute_can_implement
+from densemoe.kernels.triton.fc2 import can_implement as triton_can_implement
+from densemoe.ops import fc2 as fc2_ops
+from densemoe.ops.fc2 import which_backend
+from densemoe.reference import fc2_ref
+from densemoe.shapes import M_SWEEP, SHAPES
+from densemoe.tuning import cache
+from densemoe.tuning.buckets import bucket_range, m_bucket
+from densemoe.tuning.space import fc2_space
+from densemoe.tuning.tuner import TOL, make_inputs, summary, tune, tune_problem
+from _helpers import FP8
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(cache.ENV_TUNED, raising=False)
+    monkeypatch.delenv(cache.ENV_AUTOTUNE, raising=False)
+    cache.reload()
+    cache._warned.clear()
+    yield tmp_path
+    cache.reload()
+    cache._warned.clear()
+
+
+# ---------------------------------------------------------------------------------- buckets
+
+def test_buckets():
+    assert [m_bucket(m) for m in (0, 1, 2, 3, 5, 33, 64, 65, 97, 129, 200, 257, 385, 513, 700, 1000)] == \
+        [1, 1, 2, 4, 8, 64, 64, 96, 128, 192, 256, 384, 512, 768, 768, 1024]
+    for m in M_SWEEP:
+        assert m_bucket(m) == m  # every sweep point tops its own bucket
+    prev = 0
+    for m in range(1, 3000):
+        b = m_bucket(m)
+        assert b >= m and b >= prev and m_bucket(b) == b
+        lo, hi = bucket_range(b)
+        assert lo < m <= hi == b
+        prev = b
+    with pytest.raises(ValueError, match="not a bucket"):
+        bucket_range(100)
+
+
+# ---------------------------------------------------------------------------------- space
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=("fp8", "bf16"))
+def test_space_is_valid_deterministic_and_bounded(shape, dtype):
+    s = SHAPES[shape]
+    for m in M_SWEEP + (1000,):
+        p = Fc2Problem(m, s.hidden, s.experts, s.inter, dtype, BF16)
+        space = fc2_space(p)
+        assert space == fc2_space(p)  # same order every time: no timing, no device queries
+        assert len(space) == len(set(space)) and 10 <= len(space) <= 200, (m, len(space))
+        for cfg in space:
+            check = cute_can_implement if cfg.backend == "cute" else triton_can_implement
+            assert check(p, cfg)[0], cfg
+        assert {c.backend for c in space} == {"triton", "cute"}
+        assert fc2_ops.default_config(p) in space and fc2_ops.default_cute_config(p) in space
+        assert all(c.backend == "triton" for c in fc2_space(p, backends=("triton",)))
+
+
+def test_space_covers_the_variants_the_kernels_have():
+    p = Fc2Problem(96, 7168, 256, 256, FP8, BF16)
+    space = fc2_space(p)
+    tri = [c for c in space if c.backend == "triton"]
+    cute = [c for c in space if c.backend == "cute"]
+    assert {c.swap_ab for c in tri} == {True, False} and {c.split for c in tri} >= {0, 1}
+    assert {c.ctas_per_sm for c in tri} == {1, 2}
+    assert {c.swap_ab for c in cute} == {0, 1} and {c.lockstep for c in cute} == {0, 1}
+    assert {(c.cluster_n, c.cluster_m) for c in cute} == {(1, 1), (2, 1)}  # one token tile: no (1, 2)
+    big = [c for c in fc2_space(Fc2Problem(256, 7168, 256, 256, FP8, BF16)) if c.backend == "cute"]
+    assert {(c.cluster_n, c.cluster_m) for c in big} >= {(1, 1), (2, 1), (1, 2)}
+    assert {c.acc_buffers for c in cute} == {1, 2}
+    with pytest.raises(ValueError, match="unknown backends"):
+        fc2_space(p, backends=("cublas",))
+
+
+# ---------------------------------------------------------------------------------- keys
+
+def test_key_holds_what_makes_an_entry_valid():
+    p = Fc2Problem(100, 7168, 256, 256, FP8, BF16)
+    key = cache.make_key("fc2", "NVIDIA H100 80GB HBM3", p)
+    v = cache.versions()
+    for part in ("fc2|", "NVIDIA H100 80GB HBM3", "fp8->bf16", "N=7168", "K=65536", "E=256", "M<=128",
+                 f"densemoe={v['densemoe']}", f"triton={v['triton']}", f"cutedsl={v['cutedsl']}"):
+        assert part in key
+    assert cache.make_key("fc2", "x", Fc2Problem(97, 7168, 256, 256, FP8, BF16)) == \
+        cache.make_key("fc2", "x", Fc2Problem(128, 7168, 256, 256, FP8, BF16))
+    assert cache.make_key("fc2", "x", p) != cache.make_key("fc2", "x", Fc2Problem(129, 7168, 256, 256, FP8, BF16))
+    assert cache.make_key("fc2", "x", p) != cache.make_key("fc2", "x", Fc2Problem(100, 7168, 256, 256, BF16, BF16))
+
+
+# ---------------------------------------------------------------------------------- the file
+
+def _entry(cfg, us=10.0):
+    slot = {"backend": cfg.backend, "config": cfg.to_str(), "us": us}
+    return {"best": slot, cfg.backend: slot, "heuristic": slot, "m": 1}
+
+
+def test_cache_round_trip_is_atomic_json(cache_dir):
+    cfg = Fc2TritonConfig(16, 64, 64, 4, 3, True, True, 1, 1)
+    cache.record("k1", _entry(cfg))
+    cache.record("k2", _entry(cfg, 5.0))
+    assert cache.cache_path() == cache_dir / "tuned.json"
+    data = json.loads((cache_dir / "tuned.json").read_text())
+    assert data["format"] == cache.FORMAT and set(data["entries"]) == {"k1", "k2"}
+    assert cache.lookup("k2") == (_entry(cfg, 5.0), "cache")
+    assert cache.lookup("nope") == (None, "")
+    assert not list(cache_dir.glob("*.tmp"))  # the temporary file was renamed into place
+
+
+def _cpu_call(M=5, N=64, E=4, I=32, dtype=FP8, seed=0):
+    p = Fc2Problem(M, N, E, I, dtype, BF16)
+    a, w, alpha = make_inputs(p, "cpu", seed=seed)
+    out = torch.empty(M, N, dtype=BF16)
+    return p, a, w, alpha, out
+
+
+def test_tuned_entry_is_used_pinning_wins_and_env_turns_it_off(cache_dir, monkeypatch):
+    p, a, w, alpha, out = _cpu_call()
+    heuristic = which_backend(a, w, alpha, out)
+    tuned = Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 2, 1)
+    assert tuned != heuristic[1]
+    cache.record(cache.make_key("fc2", "cpu", p), _entry(tuned))
+    assert which_backend(a, w, alpha, out) == ("triton", tuned)
+    assert which_backend(a, w, alpha, out, backend="triton") == ("triton", tuned)
+    pinned = Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1)
+    assert which_backend(a, w, alpha, out, config=pinned) == ("triton", pinned)
+    monkeypatch.setenv(cache.ENV_TUNED, "0")
+    assert which_backend(a, w, alpha, out) == heuristic
+    monkeypatch.delenv(cache.ENV_TUNED)
+    # the tuned config really runs: same result as the reference
+    got = densemoe.fc2(a, w, alpha)
+    ref = fc2_ref(a, w, alpha, torch.float64)
+    assert ((got.double() - ref).norm() / ref.norm()).item() < TOL
+
+
+def test_tuned_cute_entry_falls_back_where_cute_cannot_run(cache_dir):
+    p, a, w, alpha, out = _cpu_call()
+    tri = Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 2, 1)
+    cute = Fc2CuteConfig(tile_n=64, tile_m=16, tile_k=32 * 4)
+    entry = _entry(tri)
+    entry["best"] = entry["cute"] = {"backend": "cute", "config": cute.to_str(), "us": 1.0}
+    cache.record(cache.make_key("fc2", "cpu", p), entry)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not stale: just not runnable on a CPU
+        assert which_backend(a, w, alpha, out) == ("triton", tri)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 99, "entries": {}}', "[1, 2]", ""])
+def test_corrupt_file_warns_once_and_uses_the_heuristic(cache_dir, content):
+    p, a, w, alpha, out = _cpu_call()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        heuristic = fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    (cache_dir / "tuned.json").write_text(content)
+    cache.reload()
+    with pytest.warns(RuntimeWarning, match="ignoring tuning file") as rec:
+        for _ in range(3):
+            assert which_backend(a, w, alpha, out) == heuristic
+            cache.reload()
+    assert len([r for r in rec if "ignoring tuning file" in str(r.message)]) == 1
+    cfg = Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 2, 1)
+    cache.record(cache.make_key("fc2", "cpu", p), _entry(cfg))  # rewrites a valid file
+    assert json.loads((cache_dir / "tuned.json").read_text())["format"] == cache.FORMAT
+    assert which_backend(a, w, alpha, out) == ("triton", cfg)
+
+
+@pytest.mark.parametrize("config", ["bogus", "block_m=7,block_n=64,block_k=32,num_warps=4,num_stages=2,"
+                                    "swap_ab=True,use_tma=True,split=1,ctas_per_sm=1", "block_m=16,zzz=1"])
+def test_stale_entry_warns_and_uses_the_heuristic(cache_dir, config):
+    p, a, w, alpha, out = _cpu_call()
+    heuristic = fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    slot = {"backend": "triton", "config": config, "us": 1.0}
+    cache.record(cache.make_key("fc2", "cpu", p), {"best": slot, "triton": slot})
+    with pytest.warns(RuntimeWarning, match="ignoring tuned entry"):
+        assert which_backend(a, w, alpha, out) == heuristic
+
+
+def _writer(path: str, tag: int, n: int, start) -> None:
+    from pathlib import Path
+
+    from densemoe.tuning import cache as c
+
+    start.wait()
+    for i in range(n):
+        c.write_entries(Path(path), {f"{tag}-{i}": {"i": i}})
+
+
+def test_two_processes_tuning_at_once_keep_all_entries(tmp_path):
+    path = tmp_path / "tuned.json"
+    ctx = mp.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_writer, args=(str(path), t, 25, start)) for t in range(2)]
+    for pr in procs:
+        pr.start()
+    start.set()
+    for pr in procs:
+        pr.join(120)
+        assert pr.exitcode == 0
+    entries = json.loads(path.read_text())["entries"]
+    assert set(entries) == {f"{t}-{i}" for t in range(2) for i in range(25)}
+
+
+# ---------------------------------------------------------------------------------- heuristic
+
+def test_heuristic_is_deterministic_and_ignores_the_cache(cache_dir):
+    p, a, w, alpha, out = _cpu_call(M=7)
+    first = fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    cache.record(cache.make_key("fc2", "cpu", p), _entry(Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 2, 1)))
+    for _ in range(3):
+        assert fc2_ops._heuristic(p, a, w, alpha, out, "auto") == first
+
+
+def test_heuristic_without_a_cute_config_takes_triton(monkeypatch):
+    # I = 32 fp8: an expert's k-slice (32 B) is below the CuTe kernel's 128-byte k-tile. Where
+    # the CuTe runtime is available, "auto" must fall back to Triton, and "cute" must say why.
+    p, a, w, alpha, out = _cpu_call(I=32)
+    monkeypatch.setattr(fc2_ops.cute_fc2, "runtime_ok", lambda *args: (True, ""))
+    with pytest.raises(ValueError, match="multiple of 128 bytes"):
+        fc2_ops.default_cute_config(p)
+    assert fc2_ops._heuristic(p, a, w, alpha, out, "auto")[0] == "triton"
+    with pytest.raises(ValueError, match="backend='cute' cannot run this call: .*128 bytes"):
+        fc2_ops._heuristic(p, a, w, alpha, out, "cute")
+    assert all(c.backend == "triton" for c in fc2_space(p))
+
+
+def test_autotune_env_never_tunes_off_gpu(cache_dir, monkeypatch):
+    p, a, w, alpha, out = _cpu_call()
+    monkeypatch.setenv(cache.ENV_AUTOTUNE, "1")
+    assert which_backend(a, w, alpha, out) == fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    assert not (cache_dir / "tuned.json").exists()
+
+
+# ---------------------------------------------------------------------------------- the tuner
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_tuner_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
+    p = Fc2Problem(5, 64, 4, 32, FP8, BF16)  # tuned at its bucket's top, M = 8
+    space = [Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 1, 1),
+             Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 2, 1),   # fastest: returns garbage
+             Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 2, 1),   # next: fails to run
+             Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1)]   # the verified winner
+    times = {space[0]: 30.0, space[1]: 5.0, space[2]: 1.0, space[3]: 10.0}
+    real = fc2_ops.fc2_triton
+
+    def launcher(a, w, alpha, out, config, **kw):
+        if config == space[2]:
+            raise RuntimeError("compile failed (injected)")
+        real(a, w, alpha, out, config, **kw)
+        if config == space[1]:
+            out.mul_(-1)  # a wrong kernel: the verification must catch it
+    monkeypatch.setattr(fc2_ops, "fc2_triton", launcher)
+    last = {}
+    monkeypatch.setattr(fc2_ops, "_choose", _recording(fc2_ops._choose, last))
+
+    def timer(fn):
+        fn()
+        return {"us": times.get(last["cfg"], 20.0)}
+
+    seen = []
+    r = tune_problem(p, "cpu", timer=timer, space=space, progress=lambda i, n, c: seen.append((i, n)))
+    assert r.problem.m == 8 and seen[-1] == (len(r.timings), len(r.timings))
+    assert r.best.config == space[3] and r.best.us == 10.0
+    errors = {t.config: t.error for t in r.failures}
+    assert "injected" in errors[space[2]] and "wrong result" in errors[space[1]]
+    assert r.heuristic.us == 20.0 and r.speedup == pytest.approx(2.0)
+    assert r.per_backend["triton"].config == space[3]
+    # recorded and then used by fc2 for any M of the bucket
+    entry, where = cache.lookup(r.key)
+    assert where == "cache" and entry["best"]["config"] == space[3].to_str() and entry["failures"] == 2
+    p2, a, w, alpha, out = _cpu_call(M=7)
+    assert which_backend(a, w, alpha, out) == ("triton", space[3])
+    assert "| fp8 | 8 |" in summary([r])
+
+
+def _recording(choose, last):
+    def wrapped(*args):
+        which = choose(*args)
+        last["cfg"] = which[1]
+        return which
+    return wrapped
+
+
+def test_tune_needs_a_gpu_or_a_timer():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        tune_problem(Fc2Problem(5, 64, 4, 32, FP8, BF16), "cpu")
+    with pytest.raises(ValueError, match="only 'fc2'"):
+        tune("fc1")
+    with pytest.raises(ValueError, match="unknown shape"):
+        tune("fc2", "llama")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and TRITON_INTERPRET unset")
+def test_tuner_on_the_gpu_small_shape(cache_dir):
+    p = Fc2Problem(100, 1024, 16, 256, FP8, BF16)
+    space = fc2_space(p)[:4] + [c for c in fc2_space(p) if c.backend == "cute"][:2]
+    r = tune_problem(p, "cuda", space=space, reps=5)
+    assert r.best is not None and r.best.us > 0 and r.key.startswith("fc2|")
+    assert r.best.us <= min(t.us for t in r.timings if t.us and not t.error) + 1e-9
+    # the recorded winner is what fc2 now runs, and it is right
+    a, w, alpha = make_inputs(dataclasses_replace(p, m=97), "cuda", seed=3)
+    out = torch.full((97, p.n), float("nan"), dtype=BF16, device="cuda")
+    assert which_backend(a, w, alpha, out)[1] == r.best.config
+    densemoe.fc2(a, w, alpha, out=out)
+    ref = fc2_ref(a, w, alpha, torch.float64)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL
+
+
+def dataclasses_replace(p, **kw):
+    import dataclasses
+
+    return dataclasses.replace(p, **kw)
