@@ -130,6 +130,21 @@ def test_cache_round_trip_is_atomic_json(cache_dir):
     assert not list(cache_dir.glob("*.tmp"))  # the temporary file was renamed into place
 
 
+def test_shipped_tables_are_used_after_the_users_cache(cache_dir, tmp_path, monkeypatch):
+    shipped_dir = tmp_path / "tables"
+    shipped_dir.mkdir()
+    a_cfg = Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 1, 1)
+    b_cfg = Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1)
+    (shipped_dir / "h100.json").write_text(json.dumps({"format": cache.FORMAT, "entries": {
+        "k": _entry(a_cfg), "only-shipped": _entry(b_cfg)}}))
+    monkeypatch.setattr(cache, "TABLES_DIR", shipped_dir)
+    cache.reload()
+    assert cache.lookup("only-shipped") == (_entry(b_cfg), "shipped")
+    assert cache.lookup("k")[1] == "shipped"
+    cache.record("k", _entry(b_cfg))
+    assert cache.lookup("k") == (_entry(b_cfg), "cache")  # the user's own tuning wins
+
+
 def _cpu_call(M=5, N=64, E=4, I=32, dtype=FP8, seed=0):
     p = Fc2Problem(M, N, E, I, dtype, BF16)
     a, w, alpha = make_inputs(p, "cpu", seed=seed)
@@ -144,11 +159,13 @@ def test_tuned_entry_is_used_pinning_wins_and_env_turns_it_off(cache_dir, monkey
     assert tuned != heuristic[1]
     cache.record(cache.make_key("fc2", "cpu", p), _entry(tuned))
     assert which_backend(a, w, alpha, out) == ("triton", tuned)
+    assert which_backend(a, w, alpha, out, with_source=True) == ("triton", tuned, "cache")
     assert which_backend(a, w, alpha, out, backend="triton") == ("triton", tuned)
     pinned = Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1)
     assert which_backend(a, w, alpha, out, config=pinned) == ("triton", pinned)
     monkeypatch.setenv(cache.ENV_TUNED, "0")
     assert which_backend(a, w, alpha, out) == heuristic
+    assert which_backend(a, w, alpha, out, with_source=True)[2] == "heuristic"
     monkeypatch.delenv(cache.ENV_TUNED)
     # the tuned config really runs: same result as the reference
     got = densemoe.fc2(a, w, alpha)

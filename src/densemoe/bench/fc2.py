@@ -103,12 +103,14 @@ def run(shapes, dtypes, ms, timer: Timer, ceiling: dict, peaks: dict, device: st
                 for be, cfg in cfgs:
                     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
                     try:
-                        be_used, used = which_backend(a[dt], case.w[dt], alpha, out, cfg, be)
+                        be_used, used, source = which_backend(a[dt], case.w[dt], alpha, out, cfg, be,
+                                                              with_source=True)
                     except ValueError as exc:  # a forced backend that cannot run here
                         log(f"  SKIP {be} {shape_name} {dt} M={M}: {exc}")
                         continue
                     rec = dict(device=device, op="fc2", shape=shape_name, dtype=dt, M=M, N=N, K=K, E=E,
-                               backend=be_used, config=used.to_str(), tuned=False, commit=commit,
+                               backend=be_used, config=used.to_str(), tuned=source in ("cache", "shipped"),
+                               config_source=source, commit=commit,
                                floor_us=fl, bytes=nbytes, **base)
                     fn = lambda: densemoe.fc2(a[dt], case.w[dt], alpha, out=out, config=cfg, backend=be)  # noqa: E731
                     t0 = time.time()

@@ -161,19 +161,20 @@ def _heuristic(problem: Fc2Problem, a, w, alpha, out, backend: str):
 
 
 def _tuned(problem: Fc2Problem, a, w, alpha, out, backend: str):
-    """(backend, config) from the tuned tables (user cache, then shipped), or None. With
+    """(backend, config, source) from the tuned tables (source "cache" for the user's, else
+    "shipped"), or None. With
     DENSEMOE_AUTOTUNE=1 a missing key on a CUDA device is tuned first (not while a CUDA graph
     is being captured: capture never starts tuning)."""
     if not tuning.tuned_lookups_enabled():
         return None
     key = tuning.make_key("fc2", tuning.device_name(a.device), problem)
-    entry, _ = tuning.lookup(key)
+    entry, where = tuning.lookup(key)
     if (entry is None and tuning.autotune_enabled() and a.device.type == "cuda"
             and not torch.cuda.is_current_stream_capturing()):
         from densemoe.tuning.tuner import tune_problem
 
         tune_problem(problem, a.device, save=True)
-        entry, _ = tuning.lookup(key)
+        entry, where = tuning.lookup(key)
     if entry is None:
         return None
     slots = ("best", "triton") if backend == "auto" else (backend,)
@@ -190,14 +191,20 @@ def _tuned(problem: Fc2Problem, a, w, alpha, out, backend: str):
             continue  # fine on the tuning machine, not for these tensors here: next slot
         ok, why = (cute_fc2.can_implement if cfg.backend == "cute" else can_implement)(problem, cfg)
         if ok:
-            return cfg.backend, cfg
+            return cfg.backend, cfg, where
         tuning.warn_stale(key, f"config {item['config']!r} does not fit this problem ({why})")
     return None
 
 
 def _choose(a, w, alpha, out, config: str, backend: str):
-    """(backend, config object) for one call: the pinned config, else the tuned entry for this
-    problem's key, else the deterministic heuristic. Raises when a forced backend cannot run."""
+    """(backend, config object) for one call (see ``_choose_src``)."""
+    return _choose_src(a, w, alpha, out, config, backend)[:2]
+
+
+def _choose_src(a, w, alpha, out, config: str, backend: str):
+    """(backend, config object, source) for one call: the pinned config (source "pinned"), else
+    the tuned entry for this problem's key ("cache" / "shipped"), else the deterministic
+    heuristic ("heuristic"). Raises when a forced backend cannot run."""
     M, K = a.shape
     E = alpha.shape[1]
     problem = Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype)
@@ -207,8 +214,8 @@ def _choose(a, w, alpha, out, config: str, backend: str):
             ok, why = cute_fc2.runtime_ok(a, w, alpha, out)
             if not ok:
                 raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
-        return cfg.backend, cfg
-    return _tuned(problem, a, w, alpha, out, backend) or _heuristic(problem, a, w, alpha, out, backend)
+        return cfg.backend, cfg, "pinned"
+    return _tuned(problem, a, w, alpha, out, backend) or (*_heuristic(problem, a, w, alpha, out, backend), "heuristic")
 
 
 @torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
@@ -227,9 +234,12 @@ def _(a, w, alpha, out, config, backend):
 
 
 def which_backend(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-                  config=None, backend: str = "auto"):
-    """The (backend, config) ``fc2`` would use for these tensors (for logs and benchmarks)."""
-    return _choose(a, w, alpha, out, config.to_str() if config is not None else "", backend)
+                  config=None, backend: str = "auto", with_source: bool = False):
+    """The (backend, config) ``fc2`` would use for these tensors (for logs and benchmarks);
+    with ``with_source`` also where the config came from: "pinned", "cache" (the user's tuned
+    cache), "shipped" (the package's tuned tables) or "heuristic"."""
+    which = _choose_src(a, w, alpha, out, config.to_str() if config is not None else "", backend)
+    return which if with_source else which[:2]
 
 
 def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
