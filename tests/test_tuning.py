@@ -326,6 +326,8 @@ def test_tune_needs_a_gpu_or_a_timer():
         pytest.skip("has a GPU")
     with pytest.raises(ValueError, match="CUDA GPU"):
         tune_problem(Fc2Problem(5, 64, 4, 32, FP8, BF16), "cpu")
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        tune("fc2", "deepseek-v3-tp8", [1])
     with pytest.raises(ValueError, match="only 'fc2'"):
         tune("fc1")
     with pytest.raises(ValueError, match="unknown shape"):
@@ -353,3 +355,26 @@ def dataclasses_replace(p, **kw):
     import dataclasses
 
     return dataclasses.replace(p, **kw)
+
+
+def test_cli_tune_passes_its_arguments_and_prints_the_summary(monkeypatch, tmp_path, capsys):
+    from densemoe import __main__ as cli
+    from densemoe.tuning import tuner
+
+    seen = {}
+
+    def fake_tune(op, shape, ms, dtypes, backends, reps, save):
+        seen.update(op=op, shape=shape, ms=ms, dtypes=dtypes, backends=backends, reps=reps, save=save)
+        p = Fc2Problem(8, 64, 4, 32, FP8, BF16)
+        best = tuner.Timing(Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1), 10.0)
+        heur = tuner.Timing(Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 1, 1), 12.5)
+        return [tuner.TuneResult("k", p, best, {"triton": best}, heur, [], [best, heur])]
+    monkeypatch.setattr(tuner, "tune", fake_tune)
+    out = tmp_path / "t.md"
+    assert cli.main(["tune", "--shape", "64,4,32", "--m", "1-8,100", "--dtypes", "fp8,bf16",
+                     "--backends", "triton", "--reps", "7", "--no-save", "--out", str(out)]) == 0
+    assert seen == dict(op="fc2", shape=(64, 4, 32), ms=[1, 2, 4, 8, 100], dtypes=["fp8", "bf16"],
+                        backends=("triton",), reps=7, save=False)
+    table = capsys.readouterr().out
+    assert "| fp8 | 8 | triton:block_m=16,block_n=64" in table and "| 1.250 |" in table
+    assert out.read_text().strip() == table.strip()

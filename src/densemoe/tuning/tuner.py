@@ -200,7 +200,15 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
         n, e, i = s.hidden, s.experts, s.inter
     else:
         n, e, i = shape
-    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    if device is None:
+        if not torch.cuda.is_available():
+            raise ValueError("densemoe.tune times kernels on a CUDA GPU and none is available")
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if timer is None and device.type == "cuda":
+        from densemoe.bench.common import Timer
+
+        timer = Timer(reps=reps)  # one flush buffer for the whole sweep
     results = []
     for dt in dtypes:
         dtype = DTYPES[dt] if isinstance(dt, str) else dt
