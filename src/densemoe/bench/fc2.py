@@ -136,12 +136,28 @@ def run(shapes, dtypes, ms, timer: Timer, ceiling: dict, peaks: dict, device: st
                                pct_floor=100 * fl / us,
                                speedup_vs_cublas_fp8=(base["cublas_fp8_us"] / us) if base["cublas_fp8_us"] else None,
                                speedup_vs_cublas_bf16=base["cublas_bf16_us"] / us)
+                    if source in ("cache", "shipped"):  # tuned: time what the heuristic picks too
+                        rec.update(_time_heuristic(problem, a[dt], case.w[dt], alpha, out, be, ref, timer))
                     records.append(rec)
                     log(fmt_row(rec))
             del a, alpha, a8, a16
         del case
         torch.cuda.empty_cache()
     return records
+
+
+def _time_heuristic(problem, a, w, alpha, out, backend, ref, timer) -> dict:
+    """heuristic_config / heuristic_us: the untuned choice for the same call, checked first."""
+    from densemoe.ops.fc2 import _heuristic
+
+    _, cfg = _heuristic(problem, a, w, alpha, out, backend)
+    fn = lambda: densemoe.fc2(a, w, alpha, out=out, config=cfg)  # noqa: E731
+    out.fill_(float("nan"))
+    fn()
+    err = rel_err(out, ref)
+    if not math.isfinite(err) or err > 1e-2:
+        return {"heuristic_config": cfg.to_str(), "heuristic_us": None, "heuristic_error": f"rel err {err:.3e}"}
+    return {"heuristic_config": cfg.to_str(), "heuristic_us": timer(fn)["us"]}
 
 
 HEADER = (f"{'shape':16} {'dt':4} {'M':>4} {'backend':7} {'us':>8} {'TB/s':>5} {'TFLOP/s':>7} {'floor':>7} {'%fl':>5} "
