@@ -145,6 +145,19 @@ def test_shipped_tables_are_used_after_the_users_cache(cache_dir, tmp_path, monk
     assert cache.lookup("k") == (_entry(b_cfg), "cache")  # the user's own tuning wins
 
 
+def test_entries_from_other_versions_warn_once_and_use_the_heuristic(cache_dir):
+    p, a, w, alpha, out = _cpu_call()
+    heuristic = fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    key = cache.make_key("fc2", "cpu", p)
+    old = key.replace(f"triton={cache.versions()['triton']}", "triton=0.0.1")
+    assert old != key
+    cache.record(old, _entry(Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 2, 1)))
+    with pytest.warns(RuntimeWarning, match="made with .*triton=0.0.1") as rec:
+        for _ in range(3):
+            assert which_backend(a, w, alpha, out) == heuristic
+    assert len(rec) == 1
+
+
 def _cpu_call(M=5, N=64, E=4, I=32, dtype=FP8, seed=0):
     p = Fc2Problem(M, N, E, I, dtype, BF16)
     a, w, alpha = make_inputs(p, "cpu", seed=seed)
@@ -378,3 +391,53 @@ def test_cli_tune_passes_its_arguments_and_prints_the_summary(monkeypatch, tmp_p
     table = capsys.readouterr().out
     assert "| fp8 | 8 | triton:block_m=16,block_n=64" in table and "| 1.250 |" in table
     assert out.read_text().strip() == table.strip()
+
+
+# ---------------------------------------------------------------------------------- every tactic runs
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+@pytest.mark.parametrize("M,dtype", [(5, FP8), (70, BF16)], ids=("M5-fp8", "M70-bf16"))
+def test_every_triton_tactic_in_the_space_is_right(M, dtype):
+    """Each Triton config the tuner may pick runs through the interpreter and matches the fp64
+    reference within PyTorch's own error at this precision."""
+    from densemoe.tuning.space import triton_space
+    from _helpers import assert_close_to_torch, torch_loop
+
+    p = Fc2Problem(M, 64, 4, 64, dtype, BF16)
+    a, w, alpha = make_inputs(p, "cpu", seed=M)
+    ref = fc2_ref(a, w, alpha, torch.float64)
+    base = torch_loop(a, w, alpha, BF16)
+    space = triton_space(p, num_sms=4)
+    assert len(space) >= 15
+    for cfg in space:
+        out = torch.full((M, 64), float("nan"), dtype=BF16)
+        densemoe.fc2(a, w, alpha, out=out, config=cfg)
+        assert_close_to_torch(out, ref, base)
+
+
+def _cute_variants(problem):
+    from densemoe.tuning.space import cute_space
+
+    seen, out = set(), []
+    for c in cute_space(problem):
+        cls = (c.swap_ab, c.consumers, c.acc_buffers, c.cluster_n, c.cluster_m, c.lockstep)
+        if cls not in seen:
+            seen.add(cls)
+            out.append(c)
+    return out
+
+
+CUTE_SPACE_VARIANTS = (_cute_variants(Fc2Problem(100, 7168, 256, 256, FP8, BF16))
+                       + _cute_variants(Fc2Problem(300, 7168, 256, 256, FP8, BF16)))
+
+
+@pytest.mark.cute_compile
+@pytest.mark.parametrize("cfg", CUTE_SPACE_VARIANTS, ids=lambda c: c.to_str()[5:])
+def test_every_cute_variant_in_the_space_compiles(cfg):
+    """One config per structural variant of the CuTe space (orientation, consumers,
+    temporaries, cluster shape, lockstep) compiles for sm_90a without a GPU."""
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed")
+    from densemoe.kernels.cute import fc2_sm90
+
+    assert callable(fc2_sm90.compile_fc2(cfg, FP8, BF16, 7168, 256, 256))

@@ -173,14 +173,24 @@ def write_entries(path: Path, entries: dict) -> None:
     _tables.cache_clear()
 
 
+def _unversioned(key: str) -> str:
+    return "|".join(part for part in key.split("|") if not part.startswith(_VERSION_PARTS))
+
+
+_VERSION_PARTS = ("densemoe=", "triton=", "cutedsl=")
+
+
 @functools.lru_cache(maxsize=1)
-def _tables() -> tuple[dict, dict]:
-    """(user cache entries, shipped entries), read once per process (``reload`` re-reads)."""
+def _tables() -> tuple[dict, dict, dict]:
+    """(user cache entries, shipped entries, {key without versions: a key with them}), read once
+    per process (``reload`` re-reads)."""
     shipped: dict = {}
     if TABLES_DIR.is_dir():
         for f in sorted(TABLES_DIR.glob("*.json")):
             shipped.update(read_file(f))
-    return read_file(cache_path()), shipped
+    user = read_file(cache_path())
+    other = {_unversioned(k): k for k in (*shipped, *user)}
+    return user, shipped, other
 
 
 def reload() -> None:
@@ -190,11 +200,17 @@ def reload() -> None:
 
 def lookup(key: str) -> tuple[dict | None, str]:
     """(entry, where): the user's cache first, then the shipped tables; (None, "") if neither."""
-    user, shipped = _tables()
+    user, shipped, other = _tables()
     if key in user:
         return user[key], "cache"
     if key in shipped:
         return shipped[key], "shipped"
+    stale = other.get(_unversioned(key))
+    if stale is not None:
+        have = "|".join(p for p in stale.split("|") if p.startswith(_VERSION_PARTS))
+        want = "|".join(p for p in key.split("|") if p.startswith(_VERSION_PARTS))
+        _warn_once(f"versions:{_unversioned(key)}", f"densemoe: the tuned entry for {_unversioned(key)} was "
+                   f"made with {have}, this is {want}; using the heuristic (re-tune with densemoe.tune)")
     return None, ""
 
 
