@@ -13,9 +13,12 @@ Semantics: the same contract as the Triton kernel (``densemoe.reference.fc2_ref`
             acc += alpha[m, e] * part                                     # fp32, once per expert
         out[m, n] = acc.to(out.dtype)
 
-Kernel (operands swapped: the MMA computes out^T = w @ a^T, so the weight tile is wgmma's
-M operand (64 rows per consumer warpgroup atom) and the token tile its N operand (8..256):
-M = 1 costs a 16-wide token tile, not a 64-row one):
+Kernel. Two orientations (``swap_ab``): swapped, the MMA computes out^T = w @ a^T, so the
+weight tile is wgmma's M operand (64 rows per consumer warpgroup atom) and the token tile its
+N operand (16..256): M = 1 costs a 16-wide token tile, not a 64-row one. Unswapped, tokens are
+wgmma's M (64 rows per consumer warpgroup) and weights its N (up to 256): alpha is then per
+accumulator row (2 values per thread, not tile_m / 4), which leaves registers for wide tiles
+at large M.
 
 * Work list. One *unit* = (column tile group, token tile group, expert): ``I / tile_k``
   k-tiles of MMA, then one fp32 scale-and-add. Units are ordered expert-fastest, then column
