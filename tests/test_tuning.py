@@ -441,3 +441,13 @@ def test_every_cute_variant_in_the_space_compiles(cfg):
     from densemoe.kernels.cute import fc2_sm90
 
     assert callable(fc2_sm90.compile_fc2(cfg, FP8, BF16, 7168, 256, 256))
+
+
+def test_cli_dry_run_lists_the_space_without_a_gpu(capsys):
+    from densemoe import __main__ as cli
+
+    assert cli.main(["tune", "--shape", "deepseek-v3-tp8", "--m", "1,96,100,512", "--dtypes", "fp8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("| fp8 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["1", "96", "128", "512", "distinct (compiles)"]
+    assert all(int(r.split("|")[3]) > 0 and int(r.split("|")[4]) > 0 for r in rows)

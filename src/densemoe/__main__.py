@@ -19,6 +19,35 @@ def _ms(text: str) -> list[int]:
     return out
 
 
+def _dry_run(args) -> str:
+    """The tuning plan without a GPU: candidates per bucket and distinct compiles."""
+    import torch
+
+    from densemoe.kernels.triton.fc2 import Fc2Problem
+    from densemoe.shapes import SHAPES
+    from densemoe.tuning.buckets import m_bucket
+    from densemoe.tuning.space import fc2_space
+    from densemoe.tuning.tuner import DTYPES
+
+    if "," in args.shape:
+        n, e, i = (int(x) for x in args.shape.split(","))
+    else:
+        s = SHAPES[args.shape]
+        n, e, i = s.hidden, s.experts, s.inter
+    backends = tuple(args.backends.split(","))
+    lines = ["| dtype | M bucket | triton | cute |", "|---|---:|---:|---:|"]
+    for dt in args.dtypes.split(","):
+        distinct = set()
+        for b in sorted({m_bucket(m) for m in _ms(args.m)}):
+            space = fc2_space(Fc2Problem(b, n, e, i, DTYPES[dt], torch.bfloat16), backends)
+            distinct |= set(space)
+            lines.append(f"| {dt} | {b} | {sum(c.backend == 'triton' for c in space)} | "
+                         f"{sum(c.backend == 'cute' for c in space)} |")
+        lines.append(f"| {dt} | distinct (compiles) | {sum(c.backend == 'triton' for c in distinct)} | "
+                     f"{sum(c.backend == 'cute' for c in distinct)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m densemoe", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -31,7 +60,12 @@ def main(argv=None) -> int:
     t.add_argument("--reps", type=int, default=20)
     t.add_argument("--no-save", action="store_true", help="do not write the user's cache")
     t.add_argument("--out", default=None, help="also write the summary table (markdown) here")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the search space per M bucket (configs per backend, distinct compiles) and exit")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        print(_dry_run(args))
+        return 0
 
     from densemoe.tuning import cache
     from densemoe.tuning.tuner import summary, tune

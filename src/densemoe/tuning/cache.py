@@ -107,6 +107,7 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(idx)
 
 
+@functools.lru_cache(maxsize=4096)
 def make_key(op: str, device: str, problem) -> str:
     """The cache key of ``problem`` (an ``Fc2Problem``) on ``device`` (a name)."""
     p = problem
@@ -170,7 +171,7 @@ def write_entries(path: Path, entries: dict) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-    _tables.cache_clear()
+    reload()
 
 
 def _unversioned(key: str) -> str:
@@ -196,10 +197,13 @@ def _tables() -> tuple[dict, dict, dict]:
 def reload() -> None:
     """Forget what was read (after another process tuned, or the env changed)."""
     _tables.cache_clear()
+    lookup.cache_clear()
 
 
+@functools.lru_cache(maxsize=4096)
 def lookup(key: str) -> tuple[dict | None, str]:
-    """(entry, where): the user's cache first, then the shipped tables; (None, "") if neither."""
+    """(entry, where): the user's cache first, then the shipped tables; (None, "") if neither.
+    Memoised per key until ``reload`` (or a write by this process)."""
     user, shipped, other = _tables()
     if key in user:
         return user[key], "cache"
