@@ -451,3 +451,21 @@ def test_cli_dry_run_lists_the_space_without_a_gpu(capsys):
     rows = [r for r in out.splitlines() if r.startswith("| fp8 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["1", "96", "128", "512", "distinct (compiles)"]
     assert all(int(r.split("|")[3]) > 0 and int(r.split("|")[4]) > 0 for r in rows)
+
+
+def test_report_marks_tuned_configs_and_shows_the_heuristic_beside_them():
+    from pathlib import Path
+
+    from densemoe.bench.report import markdown
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "bench/results/fc2_h100_2026-11-26_large_m.json").read_text())
+    plain = markdown(data["meta"], data["records"])
+    assert "*" not in plain.split("| shape |")[1] and "heuristic" not in plain
+    recs = [dict(r) for r in data["records"]]
+    for r in recs:
+        if r["shape"] == "deepseek-v3-tp8" and r["dtype"] == "fp8" and r["M"] == 64 and r["backend"] == "cute":
+            r.update(tuned=True, config_source="cache", heuristic_us=r["us"] * 1.25)
+    md = markdown(data["meta"], recs)
+    row = next(line for line in md.splitlines() if line.startswith("| deepseek-v3-tp8 | fp8 | 64 |"))
+    assert row.split("|")[5].strip().endswith("*") and not row.split("|")[4].strip().endswith("*")
+    assert "| deepseek-v3-tp8 | fp8 | 64 | cute |" in md and "| 1.250 |" in md

@@ -30,20 +30,31 @@ def markdown(meta: dict, records: list[dict]) -> str:
              "describe the faster of the two.", "",
              "| shape | dtype | M | triton us | cute us | best us | TB/s | TFLOP/s | floor us | % floor | cuBLAS fp8 us | x fp8 | cuBLAS bf16 us | x bf16 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    per_backend = {}
+    per_backend, tuned = {}, {}
     for r in records:
         if r.get("us") is not None:
             k = (r["shape"], r["dtype"], r["M"], r.get("backend", "triton"))
             if k not in per_backend or r["us"] < per_backend[k]:
                 per_backend[k] = r["us"]
+                tuned[k] = r
+    any_tuned = any(r.get("tuned") for r in tuned.values())
     for r in _best(records):
         c8 = f"{r['cublas_fp8_us']:.1f}" if r.get("cublas_fp8_us") else "-"
         x8 = f"{r['speedup_vs_cublas_fp8']:.2f}" if r.get("speedup_vs_cublas_fp8") else "-"
-        be = [per_backend.get((r["shape"], r["dtype"], r["M"], b)) for b in ("triton", "cute")]
-        be = [f"{x:.1f}" if x is not None else "-" for x in be]
+        keys = [(r["shape"], r["dtype"], r["M"], b) for b in ("triton", "cute")]
+        be = [f"{per_backend[k]:.1f}" + ("*" if tuned[k].get("tuned") else "") if k in per_backend else "-"
+              for k in keys]
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['M']} | {be[0]} | {be[1]} | {r['us']:.1f} | {r['tb_s']:.2f} | "
                      f"{r['tflops']:.0f} | {r['floor_us']:.1f} | {r['pct_floor']:.1f} | {c8} | {x8} | "
                      f"{r['cublas_bf16_us']:.1f} | {r['speedup_vs_cublas_bf16']:.2f} |")
+    if any_tuned:
+        heur = [(r["shape"], r["dtype"], r["M"], r["backend"], r["heuristic_us"], r["us"])
+                for r in tuned.values() if r.get("tuned") and r.get("heuristic_us")]
+        lines += ["", "`*`: a tuned config (user cache or shipped table, JSON `config_source`). "
+                  "The heuristic's own choice, timed in the same run:", "",
+                  "| shape | dtype | M | backend | tuned us | heuristic us | heuristic / tuned |",
+                  "|---|---|---:|---|---:|---:|---:|"]
+        lines += [f"| {s_} | {d} | {m} | {b} | {t:.1f} | {h:.1f} | {h / t:.3f} |" for s_, d, m, b, h, t in heur]
     failed = [r for r in records if r.get("us") is None]
     if failed:
         lines += ["", f"{len(failed)} runs failed or were wrong (see JSON `error`)."]
