@@ -24,6 +24,10 @@ if not torch.cuda.is_available():
 os.environ.setdefault("CUTE_DSL_KEEP", "ptx,ir")
 os.environ.setdefault("CUTE_DSL_DUMP_DIR", tempfile.mkdtemp(prefix="densemoe_cute_"))
 
+# Hermetic tuning lookups: an empty cache of our own, never the developer's ~/.cache/densemoe
+# (tests that need entries write them into their own directory).
+os.environ["DENSEMOE_CACHE_DIR"] = tempfile.mkdtemp(prefix="densemoe_cache_")
+
 
 def _patch_interpreter_bf16_dot():
     """Triton's interpreter (3.9 and earlier) stores bf16 as uint16 and multiplies the bit patterns
