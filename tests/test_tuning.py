@@ -326,6 +326,21 @@ def test_tuner_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
     assert "| fp8 | 8 |" in summary([r])
 
 
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_tuner_keeps_its_result_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(cache.ENV_CACHE_DIR, str(blocker / "sub"))
+    cache.reload()
+    p = Fc2Problem(5, 64, 4, 32, FP8, BF16)
+    space = [Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 1, 1)]
+    with pytest.warns(RuntimeWarning, match="could not save"):
+        r = tune_problem(p, "cpu", timer=lambda fn: 1.0, space=space)
+    assert r.best is not None and r.best.us == 1.0 and len(r.timings) == 2  # the heuristic joined the space
+    cache.reload()
+
+
 def _recording(choose, last):
     def wrapped(*args):
         which = choose(*args)

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 
 import torch
 
@@ -157,7 +158,11 @@ def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, 
     key = cache.make_key("fc2", cache.device_name(device), p)
     result = TuneResult(key, p, best, per_backend, heur, failures, timings)
     if save and best is not None:
-        cache.record(key, result.entry(cache.device_name(device)))
+        try:
+            cache.record(key, result.entry(cache.device_name(device)))
+        except OSError as exc:  # an unwritable cache must not throw the measurements away
+            warnings.warn(f"densemoe: could not save the tuned entry to {cache.cache_path()} ({exc}); "
+                          f"set DENSEMOE_CACHE_DIR to a writable directory", RuntimeWarning, stacklevel=2)
     return result
 
 
