@@ -285,24 +285,9 @@ def test_cute_pinned_configs(cfg, M, dtype, request):
 
 @gpu
 def test_cute_cuda_graph_replay_with_new_inputs(request):
-    gpu_inputs, torch_same_precision = _gpu_helpers()
-    M, N, E, I = 96, 1024, 32, 256
-    a, w, alpha = gpu_inputs(M, N, E, I, FP8, seed_of(request.node.nodeid))
-    out = torch.empty(M, N, dtype=BF16, device="cuda")
-    cfg = C(64, 96, 256, ctas=20)  # cut tiles: the workspace memset is captured too
-    densemoe.fc2(a, w, alpha, out=out, config=cfg)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        densemoe.fc2(a, w, alpha, out=out, config=cfg)
-    for i in range(3):
-        a2, _, alpha2 = gpu_inputs(M, N, E, I, FP8, seed_of(request.node.nodeid, i))
-        a.copy_(a2)
-        alpha.copy_(alpha2)
-        out.fill_(float("nan"))
-        g.replay()
-        ref = fc2_ref(a, w, alpha, torch.float64)
-        assert_close_to_torch(out.cpu(), ref.cpu(), torch_same_precision(a, w, alpha).to(BF16).cpu())
+    from test_fc2_gpu import check_graph_replay
+    # cut tiles: the workspace memset is captured too
+    check_graph_replay(96, 1024, 32, 256, request.node.nodeid, config=C(64, 96, 256, ctas=20))
 
 
 @gpu

@@ -132,23 +132,28 @@ def test_unaligned_and_strided_inputs(dtype, request):
     assert_close_to_torch(densemoe.fc2(a, w, alpha).cpu(), ref.cpu(), base.cpu())
 
 
-def test_cuda_graph_replay_with_new_inputs(request):
-    M, N, E, I = 64, 1024, 32, 256
-    a, w, alpha = gpu_inputs(M, N, E, I, FP8, seed_of(request.node.nodeid))
+def check_graph_replay(M, N, E, I, node_id, config=None):
+    """Capture one fc2 call in a CUDA graph, replay it with new a and alpha copied in: each
+    replay matches the reference (shared by the Triton and CuTe suites)."""
+    a, w, alpha = gpu_inputs(M, N, E, I, FP8, seed_of(node_id))
     out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
-    densemoe.fc2(a, w, alpha, out=out)  # compile outside capture
+    densemoe.fc2(a, w, alpha, out=out, config=config)  # compile outside capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        densemoe.fc2(a, w, alpha, out=out)
+        densemoe.fc2(a, w, alpha, out=out, config=config)
     for i in range(3):
-        a2, _, alpha2 = gpu_inputs(M, N, E, I, FP8, seed_of(request.node.nodeid, i))
+        a2, _, alpha2 = gpu_inputs(M, N, E, I, FP8, seed_of(node_id, i))
         a.copy_(a2)
         alpha.copy_(alpha2)
         out.fill_(float("nan"))
         g.replay()
         ref = fc2_ref(a, w, alpha, torch.float64)
         assert_close_to_torch(out.cpu(), ref.cpu(), torch_same_precision(a, w, alpha).to(torch.bfloat16).cpu())
+
+
+def test_cuda_graph_replay_with_new_inputs(request):
+    check_graph_replay(64, 1024, 32, 256, request.node.nodeid)
 
 
 def test_device_mismatch_rejected():

@@ -360,6 +360,10 @@ def test_tune_needs_a_gpu_or_a_timer():
         tune("fc1")
     with pytest.raises(ValueError, match="unknown shape"):
         tune("fc2", "llama")
+    with pytest.raises(ValueError, match="dtypes: 'fp4'"):
+        tune("fc2", "deepseek-v3-tp8", [1], dtypes=("fp4",), device="cpu", timer=lambda fn: 1.0)
+    with pytest.raises(ValueError, match="dtypes: torch.float16"):
+        tune("fc2", "deepseek-v3-tp8", [1], dtypes=(torch.float16,), device="cpu", timer=lambda fn: 1.0)
 
 
 @pytest.mark.gpu

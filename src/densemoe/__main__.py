@@ -5,18 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _ms(text: str) -> list[int]:
-    from densemoe.shapes import M_SWEEP
-
-    out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = map(int, part.split("-"))
-            out += [m for m in M_SWEEP if lo <= m <= hi]
-        else:
-            out.append(int(part))
-    return out
+from densemoe.shapes import parse_ms
 
 
 def _dry_run(args) -> str:
@@ -38,7 +27,7 @@ def _dry_run(args) -> str:
     lines = ["| dtype | M bucket | triton | cute |", "|---|---:|---:|---:|"]
     for dt in args.dtypes.split(","):
         distinct = set()
-        for b in sorted({m_bucket(m) for m in _ms(args.m)}):
+        for b in sorted({m_bucket(m) for m in parse_ms(args.m)}):
             space = fc2_space(Fc2Problem(b, n, e, i, DTYPES[dt], torch.bfloat16), backends)
             distinct |= set(space)
             lines.append(f"| {dt} | {b} | {sum(c.backend == 'triton' for c in space)} | "
@@ -71,7 +60,7 @@ def main(argv=None) -> int:
     from densemoe.tuning.tuner import summary, tune
 
     shape = tuple(int(x) for x in args.shape.split(",")) if "," in args.shape else args.shape
-    results = tune(args.op, shape, _ms(args.m), dtypes=args.dtypes.split(","), backends=tuple(args.backends.split(",")),
+    results = tune(args.op, shape, parse_ms(args.m), dtypes=args.dtypes.split(","), backends=tuple(args.backends.split(",")),
                    reps=args.reps, save=not args.no_save)
     table = summary(results)
     print(table)

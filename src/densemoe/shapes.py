@@ -30,3 +30,15 @@ SHAPES = {s.name: s for s in (
 )}
 
 M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+
+
+def parse_ms(text: str) -> list[int]:
+    """Token counts from the command line: a comma list; ``a-b`` takes the sweep points in [a, b]."""
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = map(int, part.split("-"))
+            out += [m for m in M_SWEEP if lo <= m <= hi]
+        else:
+            out.append(int(part))
+    return out

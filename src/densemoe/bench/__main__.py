@@ -9,18 +9,7 @@ import platform
 import sys
 import time
 
-from densemoe.shapes import M_SWEEP
-
-
-def _ints(s: str) -> list[int]:
-    out = []
-    for part in s.split(","):
-        if "-" in part:
-            lo, hi = map(int, part.split("-"))
-            out += [m for m in M_SWEEP if lo <= m <= hi]
-        else:
-            out.append(int(part))
-    return out
+from densemoe.shapes import parse_ms
 
 
 def main(argv=None) -> int:
@@ -69,7 +58,7 @@ def main(argv=None) -> int:
     shapes = args.shapes.split(",")
     dtypes = args.dtypes.split(",")
     configs = fc2.sweep_space if args.what == "sweep" else None
-    records = fc2.run(shapes, dtypes, _ints(args.m), timer, ceiling, peaks, device, commit,
+    records = fc2.run(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit,
                       configs=configs, log=lambda s: print(s, flush=True), backends=args.backends.split(","))
     try:
         import cutlass

@@ -216,7 +216,11 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
         timer = Timer(reps=reps)  # one flush buffer for the whole sweep
     results = []
     for dt in dtypes:
+        if isinstance(dt, str) and dt not in DTYPES:
+            raise ValueError(f"dtypes: {dt!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dt] if isinstance(dt, str) else dt
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtypes: {dtype} is not one of {sorted(DTYPES)} (float8_e4m3fn, bfloat16)")
         w = None
         for b in sorted({m_bucket(m) for m in m_values}):
             p = Fc2Problem(b, n, e, i, dtype, out_dtype)

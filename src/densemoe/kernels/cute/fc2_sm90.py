@@ -58,7 +58,7 @@ import functools
 
 import torch
 
-from densemoe.kernels.triton.fc2 import Fc2Problem, tiles_cut  # shared by every backend
+from densemoe.kernels.triton.fc2 import Fc2Problem, split_workspace, tiles_cut  # shared by every backend
 
 SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit (232448 B)
 _SMEM_RESERVE = 2048  # mbarriers + alignment slack
@@ -749,14 +749,9 @@ def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.T
     clusters, cut = launch_shape(problem, config, sm_count(a.device), cap)
     if units_of(problem, config) >= 2**31:
         raise ValueError(f"M={M} is too large for the CuTe kernel's 32-bit work indices; split the batch")
-    if cut:
-        m_tiles = -(-M // config.tile_m) + config.cluster_m
-        n_tiles = -(-N // config.tile_n) + config.cluster_n
-        ws = torch.zeros(M * N + m_tiles * n_tiles, dtype=torch.float32, device=a.device)
-        cnt = ws[M * N:].view(torch.int32)
-    else:
-        ws = torch.empty(1, dtype=torch.float32, device=a.device)
-        cnt = ws.view(torch.int32)
+    # counters for every tile a cluster can address, padding tiles included
+    ws, cnt = split_workspace(M, N, -(-M // config.tile_m) + config.cluster_m,
+                              -(-N // config.tile_n) + config.cluster_n, cut, a.device)
     ab = _cutlass_dtype(a.dtype)
     stream = cuda.CUstream(torch.cuda.current_stream(a.device).cuda_stream)
     fn(_ptr(w, ab), _ptr(a, ab), _ptr(alpha, cutlass.Float32, 4), _ptr(out, _cutlass_dtype(out.dtype), out.element_size()),

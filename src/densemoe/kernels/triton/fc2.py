@@ -275,6 +275,17 @@ def tiles_cut(n_tiles: int, e: int, groups: int) -> bool:
     return any((g * units // groups) % e for g in range(1, groups))
 
 
+def split_workspace(m: int, n: int, m_tiles: int, n_tiles: int, cut: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partial sums [m * n], int32 per-tile counters [m_tiles * n_tiles]) for launches that
+    cut tiles, zeroed; a 1-element placeholder (never touched) when no tile is cut. Shared by the
+    Triton and CuTe launchers."""
+    if not cut:
+        ws = torch.empty(1, dtype=torch.float32, device=device)
+        return ws, ws.view(torch.int32)
+    ws = torch.zeros(m * n + m_tiles * n_tiles, dtype=torch.float32, device=device)
+    return ws, ws[m * n:].view(torch.int32)
+
+
 def tma_compatible(*tensors: torch.Tensor) -> bool:
     """TMA needs a unit inner stride, 16-byte aligned row strides and base address."""
     for t in tensors:
@@ -303,12 +314,7 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     wave = num_programs if num_programs is not None else sm_count(a.device) * config.ctas_per_sm
     m_tiles, groups = _grid_groups(problem, config, wave)
     n_tiles = triton.cdiv(N, config.block_n)
-    if tiles_cut(n_tiles, E, groups):
-        ws = torch.zeros(M * N + m_tiles * n_tiles, dtype=torch.float32, device=a.device)
-        cnt = ws[M * N:].view(torch.int32)
-    else:  # never touched: every program owns whole tiles
-        ws = torch.empty(1, dtype=torch.float32, device=a.device)
-        cnt = ws.view(torch.int32)
+    ws, cnt = split_workspace(M, N, m_tiles, n_tiles, tiles_cut(n_tiles, E, groups), a.device)
     use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
