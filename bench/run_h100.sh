@@ -4,17 +4,11 @@
 # on the CuTe kernel. Usage on the GPU machine (with .carry/cutedsl.tar.xz carried):
 #   bash bench/run_h100.sh <commit>
 set -uo pipefail
-if [[ -f .carry/cutedsl.tar.xz ]]; then
-  mkdir -p /tmp/site && xz -T16 -dc .carry/cutedsl.tar.xz | tar -x -C /tmp/site
-  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+source bench/device_env.sh
 commit=${1:-unknown}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-python3 -c "import torch, triton, cutlass; print('torch', torch.__version__, 'triton', triton.__version__, 'cutlass-dsl', getattr(cutlass, '__version__', '?'))"
-timeout 320 python3 -m pytest -q -m gpu tests -p no:cacheprovider -x 2>&1 | tee $OUT/gpu_tests.log | tail -8
+[[ -z ${NO_SUITE:-} ]] && gpu_suite 320
 timeout 330 python3 -m densemoe.bench fc2 --shapes ${SHAPES:-deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b} \
-  --dtypes fp8,bf16 --m 1-512 --reps ${REPS:-30} --backends triton,cute --commit "$commit" --out $OUT/fc2_h100 \
+  --dtypes fp8,bf16 --m 1-512 --reps ${REPS:-30} --backends ${BACKENDS:-triton,cute} --commit "$commit" --out $OUT/fc2_h100 \
   > $OUT/fc2_h100.log 2>&1
 head -1 $OUT/fc2_h100.log | cut -c1-250
 grep -v "^#" $OUT/fc2_h100.log | grep "deepseek-v3-tp8 fp8" | sed -e 's/,use_tma=True//; s/block_//g; s/num_//g; s/,ctas_per_sm=1//; s/swap_ab=//; s/stages=0,//; s/,ctas=0//' | cut -c1-200

@@ -341,6 +341,61 @@ def test_tuner_keeps_its_result_when_the_cache_cannot_be_written(tmp_path, monke
     cache.reload()
 
 
+def test_finals_retime_the_fastest_and_the_heuristic_and_rank_by_the_retimed_median():
+    from densemoe.tuning.tuner import Timing, _finals
+
+    cfgs = [Fc2TritonConfig(16, 32, 32, 4, 2, True, True, s, 1) for s in range(1, 7)]
+    cute_cfg = Fc2CuteConfig(tile_n=128, tile_m=16, tile_k=128)
+    screen = {cfgs[0]: 5.0, cfgs[1]: 8.0, cfgs[2]: 9.0, cfgs[3]: 30.0, cfgs[4]: 40.0, cfgs[5]: 50.0, cute_cfg: 60.0}
+    again = {cfgs[0]: [15.0, 14.0, 16.0], cfgs[1]: [8.0, 8.5, 7.5], cfgs[2]: [9.0, 9.0, 9.0],
+             cfgs[4]: [41.0, 39.0, 40.0], cute_cfg: [61.0, 59.0, 60.0]}
+    timings = [Timing(c, screen[c], screen_us=screen[c]) for c in screen]
+    timings.append(Timing(Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1), None, "failed"))
+    calls = []
+    state = {}
+
+    def run(c):
+        state["cfg"] = c
+
+    def timer(fn):
+        fn()
+        c = state["cfg"]
+        calls.append(c)
+        return again[c][sum(x == c for x in calls) - 1]
+
+    _finals(timings, cfgs[4], timer, 20, 3, 3, run)  # the heuristic is cfgs[4], slow
+    by = {t.config: t for t in timings}
+    # finalists: the three fastest, the other backend's fastest, the heuristic; interleaved rounds
+    assert calls == [cfgs[0], cfgs[1], cfgs[2], cfgs[4], cute_cfg] * 3
+    assert by[cfgs[0]].us == 15.0 and by[cfgs[0]].screen_us == 5.0  # the lucky screening loses
+    assert by[cfgs[1]].us == 8.0 and by[cfgs[4]].us == 40.0 and by[cute_cfg].us == 60.0
+    assert by[cfgs[3]].us == 30.0 and by[cfgs[5]].us == 50.0  # not finalists: screening time
+    assert min((t for t in timings if t.us), key=lambda t: t.us).config == cfgs[1]
+    _finals(timings, cfgs[4], timer, 20, 0, 3, run)  # finalists=0: nothing re-timed
+    assert len(calls) == 15
+
+
+def test_precompile_does_nothing_off_the_gpu():
+    from densemoe.tuning.precompile import default_workers, precompile
+
+    p = Fc2Problem(8, 64, 4, 32, FP8, BF16)
+    stats = precompile([(p, fc2_space(p))], "cpu", workers=2)
+    assert stats.triton_jobs == 0 and stats.workers == 0 and "0/0" in stats.line()
+    assert 0 <= default_workers() <= 8
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_precompile_worker_runs_each_candidate_and_counts_failures():
+    from densemoe.tuning.precompile import _worker
+
+    p8, p16 = Fc2Problem(8, 64, 4, 32, FP8, BF16), Fc2Problem(16, 64, 4, 32, FP8, BF16)
+    good = Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 1, 1)
+    bad = Fc2TritonConfig(16, 32, 64, 4, 2, True, True, 1, 1)  # k-tile 64 > I = 32: refused
+    assert not triton_can_implement(p8, bad)[0]
+    assert _worker([(p8, good), (p8, bad), (p16, good)], "cpu") == 2
+
+
 def _recording(choose, last):
     def wrapped(*args):
         which = choose(*args)
@@ -371,8 +426,14 @@ def test_tune_needs_a_gpu_or_a_timer():
 def test_tuner_on_the_gpu_small_shape(cache_dir):
     p = Fc2Problem(100, 1024, 16, 256, FP8, BF16)
     space = fc2_space(p)[:4] + [c for c in fc2_space(p) if c.backend == "cute"][:2]
+    from densemoe.tuning.precompile import precompile
+
+    stats = precompile([(dataclasses_replace(p, m=128), space)], "cuda", workers=2)  # M=100 is tuned at 128
+    assert stats.workers == 2 and stats.triton_ok == stats.triton_jobs == 4, stats.line()
+    assert stats.cute_ok == stats.cute_configs == 2, stats.line()
     r = tune_problem(p, "cuda", space=space, reps=5)
     assert r.best is not None and r.best.us > 0 and r.key.startswith("fc2|")
+    assert not r.failures, [(t.config, t.error) for t in r.failures]
     assert r.best.us <= min(t.us for t in r.timings if t.us and not t.error) + 1e-9
     # the recorded winner is what fc2 now runs, and it is right
     a, w, alpha = make_inputs(dataclasses_replace(p, m=97), "cuda", seed=3)
@@ -395,8 +456,9 @@ def test_cli_tune_passes_its_arguments_and_prints_the_summary(monkeypatch, tmp_p
 
     seen = {}
 
-    def fake_tune(op, shape, ms, dtypes, backends, reps, save):
-        seen.update(op=op, shape=shape, ms=ms, dtypes=dtypes, backends=backends, reps=reps, save=save)
+    def fake_tune(op, shape, ms, dtypes, backends, reps, save, compile_workers):
+        seen.update(op=op, shape=shape, ms=ms, dtypes=dtypes, backends=backends, reps=reps, save=save,
+                    compile_workers=compile_workers)
         p = Fc2Problem(8, 64, 4, 32, FP8, BF16)
         best = tuner.Timing(Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1), 10.0)
         heur = tuner.Timing(Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 1, 1), 12.5)
@@ -404,9 +466,9 @@ def test_cli_tune_passes_its_arguments_and_prints_the_summary(monkeypatch, tmp_p
     monkeypatch.setattr(tuner, "tune", fake_tune)
     out = tmp_path / "t.md"
     assert cli.main(["tune", "--shape", "64,4,32", "--m", "1-8,100", "--dtypes", "fp8,bf16",
-                     "--backends", "triton", "--reps", "7", "--no-save", "--out", str(out)]) == 0
+                     "--backends", "triton", "--reps", "7", "--no-save", "--out", str(out), "--compile-workers", "3"]) == 0
     assert seen == dict(op="fc2", shape=(64, 4, 32), ms=[1, 2, 4, 8, 100], dtypes=["fp8", "bf16"],
-                        backends=("triton",), reps=7, save=False)
+                        backends=("triton",), reps=7, save=False, compile_workers=3)
     table = capsys.readouterr().out
     assert "| fp8 | 8 | triton:block_m=16,block_n=64" in table and "| 1.250 |" in table
     assert out.read_text().strip() == table.strip()

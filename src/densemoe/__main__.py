@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     t.add_argument("--dtypes", default="fp8", help="fp8,bf16")
     t.add_argument("--backends", default="triton,cute")
     t.add_argument("--reps", type=int, default=20)
+    t.add_argument("--compile-workers", type=int, default=None,
+                   help="processes that compile Triton candidates before timing (default: half the CPUs, at most 8; 0: none)")
     t.add_argument("--no-save", action="store_true", help="do not write the user's cache")
     t.add_argument("--out", default=None, help="also write the summary table (markdown) here")
     t.add_argument("--dry-run", action="store_true",
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
 
     shape = tuple(int(x) for x in args.shape.split(",")) if "," in args.shape else args.shape
     results = tune(args.op, shape, parse_ms(args.m), dtypes=args.dtypes.split(","), backends=tuple(args.backends.split(",")),
-                   reps=args.reps, save=not args.no_save)
+                   reps=args.reps, save=not args.no_save, compile_workers=args.compile_workers)
     table = summary(results)
     print(table)
     for r in results:

@@ -31,7 +31,9 @@ class Timer:
         n = self._flush_buf.numel()
         _read_kernel[(self._flush_out.numel(),)](self._flush_buf, self._flush_out, n, BLOCK=4096, ITERS=8)
 
-    def __call__(self, fn, graph: bool = True) -> dict:
+    def __call__(self, fn, graph: bool = True, reps: int | None = None) -> dict:
+        """``reps`` overrides the timer's own count for this call."""
+        reps = self.reps if reps is None else reps
         for _ in range(self.warmup):
             fn()
         torch.cuda.synchronize()
@@ -47,7 +49,7 @@ class Timer:
                 fn()
             run = g.replay
         times = []
-        for _ in range(self.reps):
+        for _ in range(reps):
             self.flush()
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)

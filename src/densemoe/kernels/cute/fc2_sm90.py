@@ -630,7 +630,7 @@ def _kernel_class():
     return _build_kernel_class()
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)  # a tuning sweep compiles a few hundred; each holds one small module
 def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtype, n: int, e: int, i: int):
     """Compile (once per static key) and return the launchable function.
 

@@ -1,0 +1,20 @@
+# Sourced by the device scripts: unpack the carried CuTe DSL bundle and test wheels (.carry/,
+# built here by ../shared/tools/cutedsl-bundle and `pip download pytest-xdist execnet`), put the
+# tree's src/ first on PYTHONPATH. The device machine has no package index.
+if [[ -f .carry/cutedsl.tar.xz ]]; then
+  mkdir -p /tmp/site && xz -T16 -dc .carry/cutedsl.tar.xz | tar -x -C /tmp/site
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}
+fi
+if compgen -G ".carry/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl 2>&1 | grep -v WARN | tail -2
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton, cutlass; print('torch', torch.__version__, 'triton', triton.__version__, 'cutlass-dsl', getattr(cutlass, '__version__', '?'))"
+# the GPU test suite, spread over processes when pytest-xdist came along: gpu_suite <timeout_s>
+gpu_suite() {
+  local par=""
+  python3 -c "import xdist" 2>/dev/null && par="-n ${SUITE_PROCS:-8}"
+  timeout ${1:-320} python3 -m pytest -q -m gpu tests -p no:cacheprovider $par 2>&1 | tee $OUT/gpu_tests.log | tail -8
+}

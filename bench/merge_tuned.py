@@ -1,0 +1,66 @@
+"""Merge tuned entries (a tuning-cache file brought back from the device) into a shipped table.
+
+    python bench/merge_tuned.py <tuned.json> [<tuned.json> ...] [--into src/densemoe/tuning/tables/h100.json]
+
+Entries are checked on the way: each must name a config that parses and that its backend's
+``can_implement`` accepts for the key's problem; bad ones are listed and left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from densemoe.kernels.cute.fc2_sm90 import can_implement as cute_ok
+from densemoe.kernels.triton.fc2 import Fc2Problem
+from densemoe.kernels.triton.fc2 import can_implement as triton_ok
+from densemoe.ops.fc2 import _parse_config
+from densemoe.tuning import cache
+
+_DT = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def problem_of(key: str) -> Fc2Problem:
+    parts = dict(p.split("=", 1) for p in key.split("|") if "=" in p)
+    dt, out = key.split("|")[2].split("->")
+    m = int(next(p for p in key.split("|") if p.startswith("M<=")).split("=")[1])
+    return Fc2Problem(m, int(parts["N"]), int(parts["E"]), int(parts["K"]) // int(parts["E"]), _DT[dt], _DT[out])
+
+
+def check(key: str, entry: dict) -> str:
+    p = problem_of(key)
+    for slot in ("best", "triton", "cute", "heuristic"):
+        item = entry.get(slot)
+        if not item:
+            continue
+        cfg = _parse_config(item["config"])
+        ok, why = (cute_ok if cfg.backend == "cute" else triton_ok)(p, cfg)
+        if not ok:
+            return f"{slot}: {why}"
+    return ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--into", default=str(cache.TABLES_DIR / "h100.json"))
+    args = ap.parse_args(argv)
+    good = {}
+    for f in args.files:
+        for key, entry in json.loads(Path(f).read_text())["entries"].items():
+            why = check(key, entry)
+            if why:
+                print(f"left out {key}: {why}", file=sys.stderr)
+            else:
+                good[key] = entry
+    cache.write_entries(Path(args.into), good)
+    print(f"merged {len(good)} entries into {args.into}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
