@@ -57,7 +57,10 @@ def main(argv=None) -> int:
                 print(f"left out {key}: {why}", file=sys.stderr)
             else:
                 good[key] = entry
-    cache.write_entries(Path(args.into), good)
+    into = Path(args.into)
+    cache.write_entries(into, good)
+    into.chmod(0o644)  # package data: readable by every user (the cache writer makes 0600 files)
+    Path(str(into) + ".lock").unlink(missing_ok=True)
     print(f"merged {len(good)} entries into {args.into}")
     return 0
 

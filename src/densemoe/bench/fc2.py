@@ -109,7 +109,7 @@ def run(shapes, dtypes, ms, timer: Timer, ceiling: dict, peaks: dict, device: st
                         log(f"  SKIP {be} {shape_name} {dt} M={M}: {exc}")
                         continue
                     rec = dict(device=device, op="fc2", shape=shape_name, dtype=dt, M=M, N=N, K=K, E=E,
-                               backend=be_used, config=used.to_str(), tuned=source in ("cache", "shipped"),
+                               requested=be, backend=be_used, config=used.to_str(), tuned=source in ("cache", "shipped"),
                                config_source=source, commit=commit,
                                floor_us=fl, bytes=nbytes, **base)
                     fn = lambda: densemoe.fc2(a[dt], case.w[dt], alpha, out=out, config=cfg, backend=be)  # noqa: E731

@@ -30,13 +30,16 @@ def _next_pow2(x: int) -> int:
 
 
 # (max M, block_m, block_n, num_warps, swap_ab, ctas_per_sm, split or None = by waves): measured on an H100 at the MISSION
-# shapes (docs/fc2-triton.md has the sweeps). Swap-AB keeps the token tile as the MMA's N while
-# M is small; past 128 tokens the kernel is compute-bound and a 128x128 tile wins.
+# shapes (docs/fc2-triton.md has the sweeps; docs/tuning.md the tuner's results). Swap-AB keeps the token tile as
+# the MMA's N while M is small; from 65 tokens a 64x128 tile with tokens as the MMA's M wins (the
+# tuner's pick at M = 96 and 128 on DeepSeek-V3 TP8 fp8 and bf16 and TP4 fp8: 176 us against
+# 184-196 us for the previous rows at TP8 fp8 M = 96); past 192 tokens the kernel is compute-bound
+# and a 128x128 tile wins.
 _TILE_TABLE = (
     (16, 16, 64, 4, True, 1, None),
     (32, 32, 64, 4, True, 1, None),
-    (64, 64, 128, 4, True, 1, None),
-    (128, 128, 64, 4, True, 1, None),
+    (64, 64, 64, 4, True, 1, None),
+    (128, 64, 128, 4, False, 1, None),
     (192, 64, 128, 4, False, 2, 0),  # stream-K, two programs per SM
     (None, 128, 128, 8, False, 1, None),
 )
@@ -92,16 +95,18 @@ _CUTE_TABLE = (
                      swap_ab=0, lockstep=1)),  # cluster_m=0: 2 or 1 by the token-tile count
 )
 # Where "auto" picks CuTe: (N, E, I, dtype) -> M buckets (lo, hi] (hi None: no upper bound),
-# exactly the sweep points where the CuTe default measured at least 1% faster than Triton's
-# default in one run (H100, _CUTE_WINS_SOURCE; tests/test_fc2_cute.py checks the table against
-# that file point by point). A bucket reaches down to the previous sweep point. Above M = 512
-# (not measured) CuTe stays chosen where it won at 256..512: both backends are compute-bound there
-# and CuTe's lead grew with M on every shape. Unmeasured shapes stay on Triton.
-_CUTE_WINS_SOURCE = "bench/results/fc2_h100_2026-11-26_large_m.json"
+# measured on an H100 (_CUTE_WINS_SOURCE, each backend's default timed in one run). At every
+# measured point where one default is at least 3% faster, the table picks it; inside that band
+# either pick stands (the same config measured 1-3% apart between the tuner's and the
+# benchmark's runs). tests/test_fc2_cute.py checks this against the file point by point. A bucket
+# reaches down to the previous sweep point. Above M = 512 (not measured) CuTe stays chosen where it
+# won at 256..512: both backends are compute-bound there and CuTe's lead grew with M on every
+# shape. Unmeasured shapes stay on Triton.
+_CUTE_WINS_SOURCE = "bench/results/fc2_h100_2026-11-26_tuned.json"
 _CUTE_WINS = {
-    (7168, 256, 256, v.FP8): ((64, 96), (192, None)),
+    (7168, 256, 256, v.FP8): ((192, None),),
     (7168, 256, 256, torch.bfloat16): ((128, None),),
-    (7168, 256, 512, v.FP8): ((1, 4), (16, 32), (128, None)),
+    (7168, 256, 512, v.FP8): ((128, None),),
     (7168, 256, 512, torch.bfloat16): ((128, 256), (384, None)),
     (2048, 128, 768, v.FP8): ((256, None),),
     (2048, 128, 768, torch.bfloat16): ((256, None),),
