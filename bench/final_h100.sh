@@ -7,7 +7,9 @@ set -uo pipefail
 source bench/device_env.sh
 commit=${1:-unknown}
 export DENSEMOE_CACHE_DIR=$OUT/cache
-[[ -z ${NO_SUITE:-} ]] && gpu_suite ${SUITE_TIMEOUT:-150}
+if [[ -n ${TESTS:-} ]]; then  # only these tests (pytest arguments), e.g. after a test-only change
+  timeout ${SUITE_TIMEOUT:-150} python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS 2>&1 | tee $OUT/gpu_tests.log | tail -3
+elif [[ -z ${NO_SUITE:-} ]]; then gpu_suite ${SUITE_TIMEOUT:-150}; fi
 timeout ${BENCH_TIMEOUT:-300} python3 -m densemoe.bench fc2 --shapes ${SHAPES:-deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b} \
   --dtypes fp8,bf16 --m 1-512 --reps ${REPS:-20} --backends auto,triton,cute --commit "$commit" --out $OUT/fc2_h100_tuned \
   > $OUT/fc2_h100_tuned.log 2>&1

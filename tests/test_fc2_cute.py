@@ -334,12 +334,12 @@ def test_auto_with_expert_slices_below_a_cute_k_tile_runs_triton(request):
 def test_auto_picks_cute_where_measured_faster(request, monkeypatch):
     monkeypatch.setenv("DENSEMOE_TUNED", "0")  # the measured rule itself, not a tuned table
     gpu_inputs, _ = _gpu_helpers()
-    a, w, alpha = gpu_inputs(96, 7168, 256, 256, FP8, seed_of(request.node.nodeid))
-    out = torch.empty(96, 7168, dtype=BF16, device="cuda")
+    a, w, alpha = gpu_inputs(512, 7168, 256, 256, FP8, seed_of(request.node.nodeid))
+    out = torch.empty(512, 7168, dtype=BF16, device="cuda")
     assert which_backend(a, w, alpha, out)[0] == "cute"
-    assert which_backend(a[:64], w, alpha[:64], out[:64])[0] == "triton"
+    assert which_backend(a[:128], w, alpha[:128], out[:128])[0] == "triton"
     # strided a cannot take TMA in the CuTe kernel: auto falls back, forcing raises
-    wide = torch.empty(96, a.shape[1] + 16, dtype=FP8, device="cuda")
+    wide = torch.empty(512, a.shape[1] + 16, dtype=FP8, device="cuda")
     wide[:, :a.shape[1]] = a
     a_strided = wide[:, :a.shape[1]]
     assert which_backend(a_strided, w, alpha, out)[0] == "triton"

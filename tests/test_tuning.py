@@ -550,3 +550,26 @@ def test_report_marks_tuned_configs_and_shows_the_heuristic_beside_them():
     row = next(line for line in md.splitlines() if line.startswith("| deepseek-v3-tp8 | fp8 | 64 |"))
     assert row.split("|")[5].strip().endswith("*") and not row.split("|")[4].strip().endswith("*")
     assert "| deepseek-v3-tp8 | fp8 | 64 | cute |" in md and "| 1.250 |" in md
+
+
+def test_timer_compare_interleaves_rounds_and_takes_the_median_round():
+    from densemoe.bench.common import Timer
+
+    calls = []
+    slow = {("b", 1)}  # a slow spell of the GPU during B's second round
+
+    class Fake(Timer):
+        def __init__(self):  # no CUDA buffers
+            pass
+
+        def __call__(self, fn, graph=True, reps=None):
+            name = fn()
+            calls.append(name)
+            rnd = sum(c == name for c in calls) - 1
+            us = {"a": 10.0, "b": 12.0}[name] * (3 if (name, rnd) in slow else 1)
+            return {"us": us + rnd * 0.1, "us_min": us - 1, "us_p90": us + 1}
+
+    a, b = Fake().compare([lambda: "a", lambda: "b"], rounds=3)
+    assert calls == ["a", "b"] * 3
+    assert a["us"] == pytest.approx(10.1) and b["us"] == pytest.approx(12.2)  # the slow round is not the median
+    assert b["us_rounds"] == pytest.approx([12.0, 36.1, 12.2]) and a["us_min"] == 9.0

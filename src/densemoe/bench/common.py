@@ -21,8 +21,8 @@ class Timer:
     overlaps the timed kernel and costs a bandwidth-bound kernel 10-20 us on an H100 (seen here:
     Nsight Compute put our M=16 FC2 kernel at 157 us while write-flushed events said 166-172)."""
 
-    def __init__(self, reps: int = 50, warmup: int = 3, flush_mb: int = 256):
-        self.reps, self.warmup = reps, warmup
+    def __init__(self, reps: int = 50, warmup: int = 3, flush_mb: int = 256, settle: int = 100):
+        self.reps, self.warmup, self.settle = reps, warmup, settle
         n = flush_mb * 2**20 // 4
         self._flush_buf = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32, device="cuda")
         self._flush_out = torch.empty(triton.cdiv(n, 4096 * 8), dtype=torch.int32, device="cuda")
@@ -34,6 +34,8 @@ class Timer:
     def __call__(self, fn, graph: bool = True, reps: int | None = None) -> dict:
         """``reps`` overrides the timer's own count for this call."""
         reps = self.reps if reps is None else reps
+        for _ in range(self.settle):  # ~10 ms of reads first: clocks back up after an idle GPU (a compile)
+            self.flush()
         for _ in range(self.warmup):
             fn()
         torch.cuda.synchronize()
@@ -61,6 +63,22 @@ class Timer:
         times.sort()
         return {"us": statistics.median(times), "us_min": times[0],
                 "us_p90": times[int(0.9 * (len(times) - 1))]}
+
+    def compare(self, fns: list, rounds: int = 3, reps: int | None = None) -> list[dict]:
+        """Time several callables fairly: ``rounds`` interleaved rounds (A, B, A, B, ...), each
+        a full timing; per callable ``us`` is the median of its round medians, ``us_min`` the
+        least sample, ``us_rounds`` the round medians. A slow spell of the GPU then lands on
+        one round of each, not on one callable."""
+        per = [[] for _ in fns]
+        for _ in range(rounds):
+            for i, fn in enumerate(fns):
+                per[i].append(self(fn, reps=reps))
+        out = []
+        for rs in per:
+            meds = sorted(r["us"] for r in rs)
+            out.append({"us": meds[len(meds) // 2], "us_min": min(r["us_min"] for r in rs),
+                        "us_p90": sorted(r["us_p90"] for r in rs)[len(rs) // 2], "us_rounds": [r["us"] for r in rs]})
+        return out
 
 
 @triton.jit
