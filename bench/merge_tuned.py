@@ -20,6 +20,7 @@ from densemoe.kernels.triton.fc2 import Fc2Problem
 from densemoe.kernels.triton.fc2 import can_implement as triton_ok
 from densemoe.ops.fc2 import _parse_config
 from densemoe.tuning import cache
+from densemoe.tuning.tuner import MARGIN
 
 _DT = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,14 +45,31 @@ def check(key: str, entry: dict) -> str:
     return ""
 
 
+def apply_margin(entry: dict, margin: float) -> bool:
+    """The tuner's rule (tuner.MARGIN) applied to an entry recorded without it: the heuristic's
+    choice stays the winner unless the best beat it by more than ``margin``. True if changed."""
+    best, heur = entry.get("best"), entry.get("heuristic")
+    if not best or not heur or not heur.get("us") or best["config"] == heur["config"]:
+        return False
+    if best["us"] * (1 + margin) >= heur["us"]:
+        entry["best"] = dict(heur)
+        return True
+    return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--into", default=str(cache.TABLES_DIR / "h100.json"))
+    ap.add_argument("--margin", type=float, default=None,
+                    help="re-apply the tuner's heuristic margin to every entry (default: tuner.MARGIN); 0: off")
     args = ap.parse_args(argv)
     good = {}
     for f in args.files:
         for key, entry in json.loads(Path(f).read_text())["entries"].items():
+            margin = MARGIN if args.margin is None else args.margin
+            if margin and apply_margin(entry, margin):
+                print(f"kept the heuristic (within {margin:.0%}): {key.split('|densemoe')[0]}", file=sys.stderr)
             why = check(key, entry)
             if why:
                 print(f"left out {key}: {why}", file=sys.stderr)

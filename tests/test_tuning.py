@@ -328,6 +328,36 @@ def test_tuner_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+@pytest.mark.parametrize("heuristic_us, keeps_heuristic", [(10.1, True), (10.25, False)])
+def test_tuner_keeps_the_heuristic_unless_beaten_by_the_margin(cache_dir, monkeypatch, heuristic_us, keeps_heuristic):
+    p = Fc2Problem(5, 64, 4, 32, FP8, BF16)
+    faster = Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1)
+    last = {}
+    monkeypatch.setattr(fc2_ops, "_choose", _recording(fc2_ops._choose, last))
+
+    def timer(fn):
+        fn()
+        return 10.0 if last["cfg"] == faster else heuristic_us
+    r = tune_problem(p, "cpu", timer=timer, space=[faster], save=False)
+    assert r.heuristic.config != faster and r.heuristic.us == heuristic_us
+    assert (r.best.config == r.heuristic.config) == keeps_heuristic
+
+
+def test_merge_applies_the_margin_to_old_entries():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("merge_tuned", Path(__file__).resolve().parents[1] / "bench" / "merge_tuned.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    e = {"best": {"config": "a", "us": 10.0}, "heuristic": {"config": "h", "us": 10.1}}
+    assert merge.apply_margin(e, 0.02) and e["best"]["config"] == "h"
+    e = {"best": {"config": "a", "us": 10.0}, "heuristic": {"config": "h", "us": 10.3}}
+    assert not merge.apply_margin(e, 0.02) and e["best"]["config"] == "a"
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
 def test_tuner_keeps_its_result_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
