@@ -5,7 +5,9 @@ before any @triton.jit function is defined, hence here, before densemoe is impor
 (marker ``gpu``) run in a separate process without the interpreter (see README).
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -27,6 +29,7 @@ os.environ.setdefault("CUTE_DSL_DUMP_DIR", tempfile.mkdtemp(prefix="densemoe_cut
 # Hermetic tuning lookups: an empty cache of our own, never the developer's ~/.cache/densemoe
 # (tests that need entries write them into their own directory).
 os.environ["DENSEMOE_CACHE_DIR"] = tempfile.mkdtemp(prefix="densemoe_cache_")
+atexit.register(shutil.rmtree, os.environ["DENSEMOE_CACHE_DIR"], True)
 
 
 def _patch_interpreter_bf16_dot():
