@@ -73,6 +73,21 @@ def _patch_interpreter_bf16_dot():
         return orig_cast(self, src, dst_type)
 
     builder_cls.cast_impl = cast_impl
+
+    # The interpreter's fp32 -> fp8 e4m3 conversion (create_fp_to_fp -> _convert_float) shifts
+    # the mantissa without rounding and gets values below 1 wrong (e.g. -0.4947 -> -0.25);
+    # the GPU converts with cvt.rn.satfinite (round to nearest even). Convert through torch,
+    # which rounds to nearest even; callers clamp to +-448 first (satfinite).
+    orig_fp_to_fp = builder_cls.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            f32 = torch.from_numpy(np.ascontiguousarray(src.data).astype(np.float32))
+            u8 = f32.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            return interp.TensorHandle(u8.reshape(np.shape(src.data)), tl.float8e4nv)
+        return orig_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    builder_cls.create_fp_to_fp = create_fp_to_fp
     builder_cls._densemoe_bf16_fix = True
 
 

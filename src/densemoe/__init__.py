@@ -3,8 +3,12 @@
 from densemoe import reference
 from densemoe.kernels.cute.fc2_sm90 import Fc2CuteConfig
 from densemoe.kernels.triton.fc2 import Fc2Problem, Fc2TritonConfig
+from densemoe.layer import DenseMoE, experts_forward, fused_experts, register_hf
+from densemoe.ops.fc1 import fc1
 from densemoe.ops.fc2 import fc2
 from densemoe.tuning import tune
+from densemoe.weights import PreparedWeights, prepare_weights
 
 __version__ = "0.1.0"
-__all__ = ["fc2", "tune", "reference", "Fc2Problem", "Fc2TritonConfig", "Fc2CuteConfig", "__version__"]
+__all__ = ["fc1", "fc2", "DenseMoE", "fused_experts", "experts_forward", "prepare_weights", "PreparedWeights",
+           "register_hf", "tune", "reference", "Fc2Problem", "Fc2TritonConfig", "Fc2CuteConfig", "__version__"]

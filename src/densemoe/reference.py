@@ -25,3 +25,34 @@ def fc2_ref(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
         raise ValueError(f"shapes disagree: a {tuple(a.shape)}, w {tuple(w.shape)}, alpha {tuple(alpha.shape)}")
     a_c = a.to(compute_dtype).reshape(M, E, K // E) * alpha.to(compute_dtype)[:, :, None]
     return (a_c.reshape(M, K) @ w.to(compute_dtype).T).to(out_dtype)
+
+
+def fc1_ref(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
+            x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
+            out_dtype: torch.dtype = torch.bfloat16, out_scale: torch.Tensor | None = None,
+            compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """FC1 with SwiGLU in ``compute_dtype``, cast once (see ``densemoe.fc1`` for the contract).
+
+        g = alpha1[e] * x_scale[m] * (x @ w1[e*2I : e*2I+I].T)
+        u = alpha1[e] * x_scale[m] * (x @ w1[e*2I+I : e*2I+2I].T)
+        y[m, e*I + i] = silu(g) * u * alpha_post[m, e]     (fp8: clamp(y / out_scale, +-448))
+    """
+    M, H = x.shape
+    E = alpha1.shape[0]
+    if E < 1 or w1.shape[0] % (2 * E) or w1.shape[1] != H:
+        raise ValueError(f"shapes disagree: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, alpha1 {tuple(alpha1.shape)}")
+    I = w1.shape[0] // (2 * E)
+    h = (x.to(compute_dtype) @ w1.to(compute_dtype).T).reshape(M, E, 2, I)
+    s = alpha1.to(compute_dtype)[None, :, None]
+    if x_scale is not None:
+        s = s * x_scale.to(compute_dtype)[:, None, None]
+    g, u = h[:, :, 0] * s, h[:, :, 1] * s
+    y = torch.nn.functional.silu(g) * u
+    if alpha_post is not None:
+        y = y * alpha_post.to(compute_dtype)[:, :, None]
+    y = y.reshape(M, E * I)
+    if out_dtype == torch.float8_e4m3fn:
+        if out_scale is None:
+            raise ValueError("an fp8 output needs out_scale")
+        y = (y / out_scale.to(compute_dtype).reshape(())).clamp(-448.0, 448.0)
+    return y.to(out_dtype)

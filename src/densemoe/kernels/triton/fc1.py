@@ -1,0 +1,176 @@
+"""FC1 (dense-MoE gate/up projection with SwiGLU fused) as one Triton kernel.
+
+Semantics (the contract; ``densemoe.reference.fc1_ref`` is its executable twin)::
+
+    # x:          [M, H]     fp8 e4m3 or bf16, K-major   (token rows)
+    # w1:         [E*2I, H]  same dtype as x, K-major    (expert e: rows e*2I .. e*2I+I-1 gate,
+    #                                                      rows e*2I+I .. e*2I+2I-1 up)
+    # alpha1:     [E]        float32                     (per-expert dequant scale of w1)
+    # x_scale:    [M]        float32, optional           (per-token dequant scale of x)
+    # alpha_post: [M, E]     float32, optional           (applied after the activation)
+    # y:          [M, E*I]   bf16 / fp16 / fp32, or fp8 e4m3 with a static scale
+    for m, e, i:
+        s = alpha1[e] * x_scale[m]                        # fp32
+        g = s * sum(x[m, k] * w1[e*2I + i, k] for k)      # tensor cores, fp32 accumulate
+        u = s * sum(x[m, k] * w1[e*2I + I + i, k] for k)
+        v = silu(g) * u * alpha_post[m, e]                # fp32
+        y[m, e*I + i] = v.to(y.dtype)                    # fp8: clamp(v / out_scale, +-448)
+
+Schedule: one program per (token tile, expert, tile of I): it streams the matching gate and up
+row tiles of w1 over K = H into two fp32 accumulators and applies the activation in the
+epilogue, so gate and up never leave registers. Loads are masked pointer loads (any strides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fc1_kernel(
+    x_ptr, w_ptr, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
+    M, H, I,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn,
+    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    i_tiles = tl.cdiv(I, BLOCK_I)
+    e = pid_n // i_tiles
+    it = pid_n % i_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    i_ok = offs_i < I
+    gate_rows = (e * 2 * I + offs_i).to(tl.int64)
+    up_rows = gate_rows + I
+    x_rows = offs_m.to(tl.int64) * stride_xm
+    acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < H
+        xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(w_ptr + gate_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
+                     mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        wu = tl.load(w_ptr + up_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
+                     mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    s = tl.load(alpha1_ptr + e)
+    g = acc_g * s
+    u = acc_u * s
+    if HAS_XS:
+        xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+        g = g * xs[:, None]
+        u = u * xs[:, None]
+    v = g * tl.sigmoid(g) * u
+    if HAS_POST:
+        p = tl.load(post_ptr + offs_m.to(tl.int64) * stride_pm + e * stride_pe, mask=m_ok, other=0.0)
+        v = v * p[:, None]
+    if OUT_FP8:
+        inv = 1.0 / tl.load(oscale_ptr)
+        v = tl.minimum(tl.maximum(v * inv, -448.0), 448.0)
+    cols = (e * I + offs_i).to(tl.int64)
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn,
+             v.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class Fc1Problem:
+    """The static description of one FC1 call (M is bucketed wherever it keys anything)."""
+
+    m: int
+    h: int
+    e: int
+    i: int
+    dtype: torch.dtype
+    out_dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Fc1TritonConfig:
+    """One FC1 tactic: token tile x tile of I (gate and up each) x k-tile, warps, pipeline depth."""
+
+    block_m: int = 16
+    block_i: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    backend = "triton"
+
+    def to_str(self) -> str:
+        return "fc1-triton:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    @classmethod
+    def from_str(cls, s: str) -> "Fc1TritonConfig":
+        body = s.split(":", 1)[1] if ":" in s else s
+        return cls(**{k: int(v) for k, v in (kv.split("=") for kv in body.split(",") if kv)})
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def can_implement(problem: Fc1Problem, config: Fc1TritonConfig) -> tuple[bool, str]:
+    """(ok, why not): the one validity check shared by the heuristic, tests and any tuner."""
+    c = config
+    if not (_pow2(c.block_m) and 16 <= c.block_m <= 256):
+        return False, f"block_m={c.block_m} must be a power of two in [16, 256]"
+    if not (_pow2(c.block_i) and 16 <= c.block_i <= 256):
+        return False, f"block_i={c.block_i} must be a power of two in [16, 256]"
+    if not (_pow2(c.block_k) and 16 <= c.block_k <= 256):
+        return False, f"block_k={c.block_k} must be a power of two in [16, 256]"
+    if c.num_warps not in (1, 2, 4, 8, 16) or not 1 <= c.num_stages <= 8:
+        return False, f"num_warps={c.num_warps} / num_stages={c.num_stages} out of range"
+    acc_regs = 2 * c.block_m * c.block_i // (32 * c.num_warps)
+    if acc_regs > 128:
+        return False, f"two {c.block_m}x{c.block_i} fp32 accumulators need {acc_regs} registers per thread (> 128)"
+    return True, ""
+
+
+def default_config(problem: Fc1Problem) -> Fc1TritonConfig:
+    """Deterministic choice, no timing: token tile from M, tile of I from I, 128-byte k rows."""
+    p = problem
+    bm = 16 if p.m <= 16 else 32 if p.m <= 32 else 64
+    bi = 64 if p.i >= 64 else max(16, 1 << (max(p.i, 1) - 1).bit_length())
+    bk = 128 if p.dtype == torch.float8_e4m3fn else 64
+    warps = 4 if bm * bi <= 64 * 64 else 8
+    cfg = Fc1TritonConfig(bm, bi, bk, warps, 3)
+    ok, why = can_implement(p, cfg)
+    assert ok, f"default_config produced an invalid config for {p}: {why}"
+    return cfg
+
+
+def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,
+               config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
+               alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> None:
+    """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op)."""
+    M, H = x.shape
+    E = alpha1.shape[0]
+    I = w1.shape[0] // (2 * E)
+    if M == 0 or E == 0 or I == 0:
+        return
+    c = config
+    grid = (triton.cdiv(M, c.block_m), E * triton.cdiv(I, c.block_i))
+    post = alpha_post if alpha_post is not None else alpha1
+    _fc1_kernel[grid](
+        x, w1, alpha1, x_scale if x_scale is not None else alpha1, post, y,
+        out_scale if out_scale is not None else alpha1,
+        M, H, I,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
+        post.stride(0) if alpha_post is not None else 0, post.stride(1) if alpha_post is not None else 0,
+        y.stride(0), y.stride(1),
+        HAS_XS=x_scale is not None, HAS_POST=alpha_post is not None, OUT_FP8=y.dtype == torch.float8_e4m3fn,
+        BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )

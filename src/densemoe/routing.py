@@ -1,0 +1,342 @@
+"""MoE routers: router logits -> ``alpha [M, E] float32``, the dense kernels' per-token,
+per-expert scales (the routing weight of expert e for token m, 0 where token m did not pick e).
+
+    softmax_topk      Mixtral / Qwen2-MoE / Qwen3-MoE style: softmax, top-k, optional renorm.
+    deepseek_v3_topk  DeepSeek-V3 style: sigmoid, grouped top-k with a score-correction bias.
+    alpha_from_topk   (topk_ids, topk_weights) -> alpha, for routers computed elsewhere.
+
+Every router runs on the device of its inputs with no host synchronisation (no ``.item()``, no
+``nonzero``, no branching on tensor values), so it can be captured by CUDA graphs and by
+``torch.compile(fullgraph=True)``. Argument checks look at shapes, dtypes and Python values only.
+
+The weights are always returned in float32. Hugging Face's routers differ here: Qwen3-MoE casts
+its top-k weights back to the router-logits (hidden) dtype, Mixtral and DeepSeek-V3 keep float32;
+``out.topk_weights.to(hidden_dtype)`` reproduces the Qwen3-MoE cast exactly.
+
+Each router has a plain-PyTorch twin ``*_ref`` (Python loops, float64 by default): slow on
+purpose, the semantics the tests hold the fast versions to.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "RouterOutput",
+    "alpha_from_topk",
+    "softmax_topk",
+    "deepseek_v3_topk",
+    "alpha_from_topk_ref",
+    "softmax_topk_ref",
+    "deepseek_v3_topk_ref",
+]
+
+
+class RouterOutput(NamedTuple):
+    """What a router returns (a NamedTuple: immutable, unpacks, passes through torch.compile).
+
+    alpha         [M, E] float32: alpha[m, topk_ids[m, j]] = topk_weights[m, j], 0 elsewhere.
+    topk_ids      [M, k] int64: the experts token m picked (distinct within a row).
+    topk_weights  [M, k] float32: their weights, slot for slot with topk_ids.
+
+    The order of the k slots within a row is the router's own (see each router); alpha does not
+    depend on it.
+    """
+
+    alpha: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks (shapes, dtypes and Python values only: nothing that reads device memory)
+
+
+def _check_tensor(op: str, name: str, x, ndim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_float(op: str, name: str, x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must have a floating dtype, got {x.dtype}")
+
+
+def _check_int(op: str, name: str, v) -> int:
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be an int, got bool")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}") from None
+
+
+def _check_logits(op: str, router_logits) -> int:
+    """Checks router_logits [M, E] (2-D, floating, E >= 1); returns E."""
+    _check_tensor(op, "router_logits", router_logits, 2)
+    _check_float(op, "router_logits", router_logits)
+    E = router_logits.shape[1]
+    if E < 1:
+        raise ValueError(f"{op}: router_logits must have at least one expert column, "
+                         f"got shape {tuple(router_logits.shape)}")
+    return E
+
+
+def _check_top_k(op: str, top_k, E: int) -> int:
+    top_k = _check_int(op, "top_k", top_k)
+    if not 1 <= top_k <= E:
+        raise ValueError(f"{op}: top_k must be in [1, E={E}] (E = router_logits.shape[1]), got {top_k}")
+    return top_k
+
+
+def _check_bool(op: str, name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
+    return v
+
+
+def _check_deepseek_args(router_logits, top_k, n_group, topk_group, e_score_correction_bias,
+                         routed_scaling_factor, norm_topk_prob):
+    op = "deepseek_v3_topk"
+    E = _check_logits(op, router_logits)
+    top_k = _check_top_k(op, top_k, E)
+    n_group = _check_int(op, "n_group", n_group)
+    topk_group = _check_int(op, "topk_group", topk_group)
+    if n_group < 1 or E % n_group:
+        raise ValueError(f"{op}: n_group must be a positive divisor of E={E} "
+                         f"(E = router_logits.shape[1]), got {n_group}")
+    if E // n_group < 2:
+        raise ValueError(f"{op}: n_group={n_group} leaves {E // n_group} expert per group; a group's "
+                         f"score is the sum of its top-2 scores, so E // n_group must be >= 2 (E={E})")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"{op}: topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    if top_k > topk_group * (E // n_group):
+        raise ValueError(f"{op}: top_k={top_k} exceeds the {topk_group * (E // n_group)} experts in "
+                         f"the topk_group={topk_group} kept groups of {E // n_group}")
+    if e_score_correction_bias is not None:
+        _check_tensor(op, "e_score_correction_bias", e_score_correction_bias, 1)
+        _check_float(op, "e_score_correction_bias", e_score_correction_bias)
+        if e_score_correction_bias.shape[0] != E:
+            raise ValueError(f"{op}: e_score_correction_bias must have shape [E={E}], "
+                             f"got {tuple(e_score_correction_bias.shape)}")
+        if e_score_correction_bias.device != router_logits.device:
+            raise ValueError(f"{op}: e_score_correction_bias is on {e_score_correction_bias.device} "
+                             f"but router_logits is on {router_logits.device}")
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)):
+        raise TypeError(f"{op}: routed_scaling_factor must be a float, "
+                        f"got {type(routed_scaling_factor).__name__}")
+    _check_bool(op, "norm_topk_prob", norm_topk_prob)
+    return top_k, n_group, topk_group
+
+
+# ----------------------------------------------------------------------------------------------
+# alpha from (ids, weights)
+
+
+def alpha_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Scatter the top-k weights into a dense [M, E] float32 matrix.
+
+        alpha = zeros(M, E, float32)
+        alpha[m, topk_ids[m, j]] = float32(topk_weights[m, j])   for every m, j
+
+    topk_ids      [M, k] any integer dtype, values in [0, num_experts), distinct within a row
+                  (duplicates are not expected: which of them lands is unspecified; out-of-range
+                  ids are not checked here, they fail inside the scatter)
+    topk_weights  [M, k] any floating dtype
+    num_experts   E, int >= k
+    returns       alpha [M, E] float32, on topk_ids' device
+    """
+    op = "alpha_from_topk"
+    _check_tensor(op, "topk_ids", topk_ids, 2)
+    if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+        raise TypeError(f"{op}: topk_ids must have an integer dtype, got {topk_ids.dtype}")
+    _check_tensor(op, "topk_weights", topk_weights, 2)
+    _check_float(op, "topk_weights", topk_weights)
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"{op}: topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, "
+                         f"got {tuple(topk_weights.shape)}")
+    if topk_weights.device != topk_ids.device:
+        raise ValueError(f"{op}: topk_weights is on {topk_weights.device} but topk_ids is on {topk_ids.device}")
+    num_experts = _check_int(op, "num_experts", num_experts)
+    if num_experts < max(1, topk_ids.shape[1]):
+        raise ValueError(f"{op}: num_experts must be >= max(1, k={topk_ids.shape[1]}) "
+                         f"(k = topk_ids.shape[1]), got {num_experts}")
+    return _alpha(topk_ids, topk_weights, num_experts)
+
+
+def _alpha(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    alpha = torch.zeros((topk_ids.shape[0], num_experts), dtype=torch.float32, device=topk_ids.device)
+    return alpha.scatter(1, topk_ids.long(), topk_weights.to(torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax top-k (Mixtral, Qwen2-MoE, Qwen3-MoE)
+
+
+def softmax_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool) -> RouterOutput:
+    """Softmax top-k routing, as Hugging Face transformers 5.x's MixtralTopKRouter (which always
+    renormalises) and Qwen3MoeTopKRouter (renormalises iff config.norm_topk_prob).
+
+        p = softmax(float32(router_logits), dim=-1)            # [M, E]
+        topk_weights, topk_ids = topk(p, top_k, dim=-1)        # sorted: descending weight
+        if renormalize:
+            topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
+        alpha = alpha_from_topk(topk_ids, topk_weights, E)
+
+    router_logits  [M, E] any floating dtype (the gate's hidden @ W_gate.T)
+    top_k          int in [1, E]
+    renormalize    make each row's k weights sum to 1 (Mixtral: True; Qwen3-MoE: norm_topk_prob)
+    returns        RouterOutput(alpha [M, E] f32, topk_ids [M, k] i64, topk_weights [M, k] f32)
+
+    The weights stay float32. HF's Qwen3MoeTopKRouter casts them to router_logits.dtype (the hidden
+    dtype) before returning; ``topk_weights.to(router_logits.dtype)`` equals it. Mixtral keeps them
+    float32 as here.
+    """
+    op = "softmax_topk"
+    E = _check_logits(op, router_logits)
+    top_k = _check_top_k(op, top_k, E)
+    _check_bool(op, "renormalize", renormalize)
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return RouterOutput(_alpha(topk_ids, topk_weights, E), topk_ids, topk_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V3 sigmoid grouped top-k
+
+
+def deepseek_v3_topk(router_logits: torch.Tensor, top_k: int, *, n_group: int, topk_group: int,
+                     e_score_correction_bias: torch.Tensor | None, routed_scaling_factor: float,
+                     norm_topk_prob: bool) -> RouterOutput:
+    """DeepSeek-V3's "noaux_tc" routing, as Hugging Face transformers 5.x's DeepseekV3TopkRouter.
+
+        G = E // n_group                                          # experts per group
+        scores = sigmoid(float32(router_logits))                  # [M, E]
+        choice = scores + e_score_correction_bias                 # [M, E]; bias only steers choice
+        group_score = choice.view(M, n_group, G).topk(2).values.sum(-1)        # [M, n_group]
+        keep = topk(group_score, topk_group).indices              # best topk_group groups
+        choice = choice where the expert's group is in keep, else -inf
+        topk_ids = topk(choice, top_k, sorted=False).indices      # [M, k]
+        topk_weights = scores.gather(1, topk_ids)                 # the unbiased scores
+        if norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+        topk_weights = topk_weights * routed_scaling_factor
+        alpha = alpha_from_topk(topk_ids, topk_weights, E)
+
+    router_logits            [M, E] floating (HF computes them in float32 from float32 hidden
+                             states and gate weight; other dtypes are cast to float32 first)
+    top_k                    int, 1 <= top_k <= topk_group * G
+    n_group                  int dividing E with G = E // n_group >= 2
+    topk_group               int in [1, n_group]
+    e_score_correction_bias  [E] floating (cast to float32) or None (= zeros)
+    routed_scaling_factor    Python float, applied after the optional normalisation
+    norm_topk_prob           normalise the k unbiased scores to sum 1 (the 1e-20 is HF's)
+    returns                  RouterOutput(alpha [M, E] f32, topk_ids [M, k] i64, topk_weights [M, k] f32)
+
+    The order of the k slots is whatever topk(sorted=False) gives on the device, as in HF (the
+    same calls, so the same order and the same float32 sum); alpha does not depend on it.
+    """
+    top_k, n_group, topk_group = _check_deepseek_args(
+        router_logits, top_k, n_group, topk_group, e_score_correction_bias,
+        routed_scaling_factor, norm_topk_prob)
+    M, E = router_logits.shape
+    G = E // n_group
+    scores = router_logits.to(torch.float32).sigmoid()
+    if e_score_correction_bias is None:
+        scores_for_choice = scores
+    else:
+        scores_for_choice = scores + e_score_correction_bias.to(torch.float32)
+    group_scores = scores_for_choice.view(-1, n_group, G).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, G).reshape(-1, E)
+    scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+    topk_ids = torch.topk(scores_for_choice, k=top_k, dim=-1, sorted=False)[1]
+    topk_weights = scores.gather(1, topk_ids)
+    if norm_topk_prob:
+        denominator = topk_weights.sum(dim=-1, keepdim=True) + 1e-20
+        topk_weights = topk_weights / denominator
+    topk_weights = topk_weights * routed_scaling_factor
+    return RouterOutput(_alpha(topk_ids, topk_weights, E), topk_ids, topk_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# reference twins: Python loops over tokens, computed in ``dtype`` (float64 by default)
+
+
+def alpha_from_topk_ref(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Loop twin of alpha_from_topk: alpha [M, E] float32, element by element."""
+    M, k = topk_ids.shape
+    alpha = torch.zeros(M, num_experts, dtype=torch.float32)
+    for m in range(M):
+        for j in range(k):
+            alpha[m, int(topk_ids[m, j])] = float(topk_weights[m, j])
+    return alpha.to(topk_ids.device)
+
+
+def _ref_output(ids: list[list[int]], weights: list[list[float]], E: int, device) -> RouterOutput:
+    M = len(ids)
+    k = len(ids[0]) if M else 0
+    topk_ids = torch.tensor(ids, dtype=torch.int64).reshape(M, k)
+    topk_weights = torch.tensor(weights, dtype=torch.float64).reshape(M, k).to(torch.float32)
+    alpha = alpha_from_topk_ref(topk_ids, topk_weights, E)
+    return RouterOutput(alpha.to(device), topk_ids.to(device), topk_weights.to(device))
+
+
+def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, *, renormalize: bool,
+                     dtype: torch.dtype = torch.float64) -> RouterOutput:
+    """Loop twin of softmax_topk, token by token in ``dtype``; slots in descending weight."""
+    x = router_logits.detach().to("cpu", dtype)
+    M, E = x.shape
+    ids, weights = [], []
+    for m in range(M):
+        row = x[m]
+        e = torch.exp(row - row.max())
+        p = (e / e.sum()).tolist()
+        order = sorted(range(E), key=lambda i: -p[i])[:top_k]
+        w = [p[i] for i in order]
+        if renormalize:
+            s = sum(w)
+            w = [v / s for v in w]
+        ids.append(order)
+        weights.append(w)
+    return _ref_output(ids, weights, E, router_logits.device)
+
+
+def deepseek_v3_topk_ref(router_logits: torch.Tensor, top_k: int, *, n_group: int, topk_group: int,
+                         e_score_correction_bias: torch.Tensor | None, routed_scaling_factor: float,
+                         norm_topk_prob: bool, dtype: torch.dtype = torch.float64) -> RouterOutput:
+    """Loop twin of deepseek_v3_topk, token by token in ``dtype``; slots in descending choice
+    score (biased score)."""
+    x = router_logits.detach().to("cpu", dtype)
+    M, E = x.shape
+    G = E // n_group
+    bias = (torch.zeros(E, dtype=dtype) if e_score_correction_bias is None
+            else e_score_correction_bias.detach().to("cpu", dtype)).tolist()
+    ids, weights = [], []
+    for m in range(M):
+        s = torch.sigmoid(x[m]).tolist()
+        c = [s[i] + bias[i] for i in range(E)]
+        gscore = []
+        for g in range(n_group):
+            top2 = sorted(c[g * G:(g + 1) * G], reverse=True)[:2]
+            gscore.append(top2[0] + top2[1])
+        groups = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
+        candidates = [i for g in groups for i in range(g * G, (g + 1) * G)]
+        order = sorted(candidates, key=lambda i: -c[i])[:top_k]
+        w = [s[i] for i in order]
+        if norm_topk_prob:
+            d = sum(w) + 1e-20
+            w = [v / d for v in w]
+        w = [v * routed_scaling_factor for v in w]
+        ids.append(order)
+        weights.append(w)
+    return _ref_output(ids, weights, E, router_logits.device)

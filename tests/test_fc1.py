@@ -1,0 +1,163 @@
+"""FC1 with fused SwiGLU: the op against its float64 reference twin.
+
+CPU (CI): the real Triton kernel through the interpreter, small shapes, every config variant
+pinned, ragged M, fp8 and bf16 inputs, bf16/fp32/fp8 outputs, optional x_scale / alpha_post.
+GPU: the MISSION shapes (run on the H100 by bench/run_h100.sh)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import densemoe
+from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_config
+from densemoe.reference import fc1_ref
+from _helpers import FP8, seed_of
+
+BF16 = torch.bfloat16
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEV = "cpu" if INTERPRET else "cuda"
+needs_kernel = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                  reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+
+
+def inputs(M, H, E, I, dtype, seed, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, H, generator=g)
+    w1 = torch.randn(2 * E * I, H, generator=g) * H ** -0.5
+    if dtype == FP8:
+        x = x * 4  # use fp8's range
+    alpha1 = torch.rand(E, generator=g) + 0.5
+    x_scale = torch.rand(M, generator=g) + 0.5
+    post = torch.rand(M, E, generator=g) * (torch.rand(M, E, generator=g) < 0.5)
+    return [t.to(device) for t in (x.to(dtype), w1.to(dtype), alpha1, x_scale, post)]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def torch_error(ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """What PyTorch itself loses storing the exact result in ``dtype`` (round to nearest)."""
+    return rel(ref64.to(dtype), ref64)
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [1, 7, 100])
+@pytest.mark.parametrize("dtype", [FP8, BF16], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("extras", ["none", "x_scale", "post", "both"])
+def test_fc1_matches_reference(M, dtype, extras, request):
+    E, I, H = 3, 48, 80  # I not a multiple of the 64-wide tile, H not of the k-tile: masks
+    x, w1, a1, xs, post = inputs(M, H, E, I, dtype, seed_of(request.node.nodeid))
+    kw = dict(x_scale=xs if extras in ("x_scale", "both") else None,
+              alpha_post=post if extras in ("post", "both") else None)
+    out = torch.full((M, E * I), float("nan"), dtype=BF16, device=DEV)
+    y = densemoe.fc1(x, w1, a1, out=out, **kw)
+    assert y is out
+    ref = fc1_ref(x, w1, a1, out_dtype=torch.float64, **kw)
+    # bf16 output: fp32 accumulation then one rounding; allow 2x torch's own rounding error
+    assert rel(y, ref) <= 2 * torch_error(ref, BF16) + 1e-6, (rel(y, ref), torch_error(ref, BF16))
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [1, 33])
+def test_fc1_fp8_output_with_static_scale(M, request):
+    E, I, H = 2, 64, 64
+    x, w1, a1, xs, post = inputs(M, H, E, I, FP8, seed_of(request.node.nodeid))
+    ref = fc1_ref(x, w1, a1, x_scale=xs, out_dtype=torch.float64)
+    scale = (ref.abs().amax() / 448).float().reshape(1)
+    y8 = densemoe.fc1(x, w1, a1, x_scale=xs, out_dtype=FP8, out_scale=scale)
+    assert y8.dtype == FP8 and tuple(y8.shape) == (M, E * I)
+    deq = y8.double() * scale.double()
+    torch_err = rel((ref / scale.double()).to(FP8).double() * scale.double(), ref)
+    # one rounding to nearest of an fp32-accumulated value: within 1.5x torch's own rounding error
+    assert rel(deq, ref) <= 1.5 * torch_err, (rel(deq, ref), torch_err)
+    # values beyond the scale's range saturate at +-448, never inf/nan
+    small = scale / 16
+    y_sat = densemoe.fc1(x, w1, a1, x_scale=xs, out_dtype=FP8, out_scale=small)
+    assert torch.isfinite(y_sat.float()).all() and y_sat.float().abs().max().item() == 448.0
+
+
+CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1), Fc1TritonConfig(32, 64, 32, 4, 2), Fc1TritonConfig(64, 32, 128, 8, 3)]
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.to_str().split(":")[1])
+def test_every_pinned_config(cfg, request):
+    M, E, I, H = 20, 2, 40, 48
+    x, w1, a1, xs, post = inputs(M, H, E, I, BF16, seed_of(request.node.nodeid))
+    assert can_implement(Fc1Problem(M, H, E, I, BF16, BF16), cfg)[0]
+    y = densemoe.fc1(x, w1, a1, alpha_post=post, config=cfg, out_dtype=torch.float32)
+    ref = fc1_ref(x, w1, a1, alpha_post=post, out_dtype=torch.float64)
+    assert rel(y, ref) <= 1e-5  # fp32 output: only accumulation order differs
+
+
+def test_config_validity_and_default():
+    p = Fc1Problem(5, 7168, 256, 256, FP8, BF16)
+    assert not can_implement(p, Fc1TritonConfig(block_m=24))[0]
+    assert "registers" in can_implement(p, Fc1TritonConfig(256, 256, 64, 4, 3))[1]
+    for m in (1, 16, 17, 64, 512):
+        for i in (16, 48, 256, 768, 7168):
+            q = Fc1Problem(m, 2048, 8, i, BF16, BF16)
+            c = default_config(q)
+            assert can_implement(q, c)[0] and default_config(q) == c
+    c = Fc1TritonConfig(32, 64, 128, 4, 2)
+    assert Fc1TritonConfig.from_str(c.to_str()) == c
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU validation path")
+def test_validation_names_the_argument():
+    x, w1, a1, xs, post = inputs(4, 32, 2, 16, BF16, 0)
+    with pytest.raises(TypeError, match="w1 must have x's dtype"):
+        densemoe.fc1(x, w1.float(), a1)
+    with pytest.raises(TypeError, match="alpha1 must be float32"):
+        densemoe.fc1(x, w1, a1.double())
+    with pytest.raises(ValueError, match="w1 has 64 rows, expected a positive multiple of 2\\*E = 6"):
+        densemoe.fc1(x, w1, torch.ones(3))
+    with pytest.raises(ValueError, match="w1 has 31 columns"):
+        densemoe.fc1(x, w1[:, :31], a1)
+    with pytest.raises(ValueError, match="x_scale has 3 entries"):
+        densemoe.fc1(x, w1, a1, x_scale=xs[:3])
+    with pytest.raises(ValueError, match="alpha_post has shape"):
+        densemoe.fc1(x, w1, a1, alpha_post=post[:, :1])
+    with pytest.raises(ValueError, match="needs out_scale"):
+        densemoe.fc1(x, w1, a1, out_dtype=FP8)
+    with pytest.raises(ValueError, match="out_scale is only for an fp8 output"):
+        densemoe.fc1(x, w1, a1, out_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="out has shape"):
+        densemoe.fc1(x, w1, a1, out=torch.empty(4, 3, dtype=BF16))
+    with pytest.raises(ValueError, match="cannot run"):
+        densemoe.fc1(x, w1, a1, config=Fc1TritonConfig(block_m=24))
+    with pytest.raises(ValueError, match="inference-only"):
+        densemoe.fc1(x, w1, a1.clone().requires_grad_())
+    assert densemoe.fc1(x[:0], w1, a1).shape == (0, 32)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU compile path")
+def test_fc1_under_torch_compile_fullgraph():
+    x, w1, a1, xs, post = inputs(3, 32, 2, 16, BF16, 1)
+    f = torch.compile(lambda x, w, a, p: densemoe.fc1(x, w, a, alpha_post=p), fullgraph=True, backend="aot_eager")
+    y = f(x, w1, a1, post)
+    ref = fc1_ref(x, w1, a1, alpha_post=post, out_dtype=torch.float64)
+    assert rel(y, ref) <= 2 * torch_error(ref, BF16) + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and TRITON_INTERPRET unset")
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("M", [1, 7, 100, 1000])
+@pytest.mark.parametrize("dtype", [FP8, BF16], ids=["fp8", "bf16"])
+def test_fc1_model_shapes_on_gpu(shape, M, dtype, request):
+    from densemoe.shapes import SHAPES
+
+    s = SHAPES[shape]
+    x, w1, a1, xs, post = inputs(M, s.hidden, s.experts, s.inter, dtype, seed_of(request.node.nodeid), "cuda")
+    out = torch.full((M, s.experts * s.inter), float("nan"), dtype=BF16, device="cuda")
+    densemoe.fc1(x, w1, a1, x_scale=xs, alpha_post=post, out=out)
+    ref = fc1_ref(x, w1, a1, x_scale=xs, alpha_post=post, out_dtype=torch.float32, compute_dtype=torch.float32)
+    assert rel(out, ref) <= 2 * torch_error(ref, BF16) + 1e-5

@@ -1,0 +1,78 @@
+"""The layer on the GPU: real MISSION shapes, CUDA-graph capture with routing that changes
+between replays (run on the H100 by bench/run_h100.sh)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import densemoe
+from densemoe.routing import softmax_topk
+from densemoe.shapes import SHAPES
+from densemoe.weights import prepare_weights
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and TRITON_INTERPRET unset")]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _case(shape, M, seed):
+    s = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    E, I, H = s.experts, s.inter, s.hidden
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g, dtype=torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=g, dtype=torch.bfloat16) * I ** -0.5
+    x = torch.randn(M, H, device="cuda", generator=g, dtype=torch.bfloat16)
+    logits = torch.randn(M, E, device="cuda", generator=g)
+    return w13, w2, x, logits, s.topk
+
+
+def _ref(x, w13, w2, alpha):
+    """Dense float32 reference: every expert for every token, weighted by alpha."""
+    E, twoI, H = w13.shape
+    I = twoI // 2
+    h = x.float() @ w13.float().reshape(E * twoI, H).T
+    h = h.reshape(-1, E, 2, I)
+    y = torch.nn.functional.silu(h[:, :, 0]) * h[:, :, 1] * alpha[:, :, None]
+    return y.reshape(-1, E * I) @ w2.float().permute(1, 0, 2).reshape(H, E * I).T
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("M", [1, 7, 100])
+def test_layer_fp8_and_bf16_on_model_shapes(shape, M):
+    w13, w2, x, logits, k = _case(shape, M, M)
+    alpha = softmax_topk(logits, k, renormalize=True).alpha
+    ref = _ref(x, w13, w2, alpha)
+    out16 = densemoe.experts_forward(x, prepare_weights(w13, w2, dtype="bf16"), alpha)
+    out8 = densemoe.experts_forward(x, prepare_weights(w13, w2, dtype="fp8"), alpha)
+    assert rel(out16, ref) < 1e-2 and rel(out8, ref) < 0.1, (rel(out16, ref), rel(out8, ref))
+
+
+def test_layer_graph_capture_with_changing_routing():
+    w13, w2, x, logits, k = _case("deepseek-v3-tp8", 16, 3)
+    prepared = prepare_weights(w13, w2, dtype="fp8")
+    static_x, static_logits = x.clone(), logits.clone()
+
+    def step():
+        return densemoe.experts_forward(static_x, prepared, softmax_topk(static_logits, k, renormalize=True).alpha)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    for seed in (5, 6):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        static_x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+        static_logits.copy_(torch.randn(logits.shape, device="cuda", generator=gen))
+        g.replay()
+        alpha = softmax_topk(static_logits, k, renormalize=True).alpha
+        assert rel(out, _ref(static_x, w13, w2, alpha)) < 0.1
