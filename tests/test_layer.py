@@ -245,3 +245,16 @@ def test_hf_experts_interface_runs_a_tiny_qwen3_model():
         ours8 = model(ids).logits
     assert rel(ours, eager) < 2e-2, rel(ours, eager)  # fp32 model: our bf16 kernels' rounding
     assert rel(ours8, eager) < 0.1, rel(ours8, eager)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_dense_moe_under_torch_compile_fullgraph(dtype):
+    cfg, block = _deepseek()
+    block = _init(block, 9).eval()
+    moe = densemoe.DenseMoE.from_hf(block, dtype=dtype)
+    x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        eager = moe(x)
+        compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")(x)
+    assert rel(compiled, eager) < 1e-6
