@@ -50,7 +50,7 @@ def torch_error(ref64: torch.Tensor, dtype: torch.dtype) -> float:
 @pytest.mark.parametrize("dtype", [FP8, BF16], ids=["fp8", "bf16"])
 @pytest.mark.parametrize("extras", ["none", "x_scale", "post", "both"])
 def test_fc1_matches_reference(M, dtype, extras, request):
-    E, I, H = 3, 48, 80  # I not a multiple of the 64-wide tile, H not of the k-tile: masks
+    E, I, H = 3, 80, 80  # I not a multiple of the 64-wide tile, H not of the k-tile: masks
     x, w1, a1, xs, post = inputs(M, H, E, I, dtype, seed_of(request.node.nodeid))
     kw = dict(x_scale=xs if extras in ("x_scale", "both") else None,
               alpha_post=post if extras in ("post", "both") else None)
@@ -82,7 +82,8 @@ def test_fc1_fp8_output_with_static_scale(M, request):
     assert torch.isfinite(y_sat.float()).all() and y_sat.float().abs().max().item() == 448.0
 
 
-CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1), Fc1TritonConfig(32, 64, 32, 4, 2), Fc1TritonConfig(64, 32, 128, 8, 3)]
+CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1), Fc1TritonConfig(32, 64, 32, 4, 2), Fc1TritonConfig(64, 32, 128, 8, 3),
+           Fc1TritonConfig(16, 64, 32, 4, 3, swap_ab=1), Fc1TritonConfig(32, 128, 64, 8, 2, swap_ab=1, use_tma=0)]
 
 
 @needs_kernel
@@ -100,6 +101,8 @@ def test_every_pinned_config(cfg, request):
 def test_config_validity_and_default():
     p = Fc1Problem(5, 7168, 256, 256, FP8, BF16)
     assert not can_implement(p, Fc1TritonConfig(block_m=24))[0]
+    assert "swap_ab needs block_i >= 64" in can_implement(p, Fc1TritonConfig(block_i=32, swap_ab=1))[1]
+    assert default_config(p).swap_ab == 1 and default_config(Fc1Problem(512, 7168, 256, 256, FP8, BF16)).swap_ab == 0
     assert "registers" in can_implement(p, Fc1TritonConfig(256, 256, 64, 4, 3))[1]
     for m in (1, 16, 17, 64, 512):
         for i in (16, 48, 256, 768, 7168):

@@ -18,7 +18,9 @@ Semantics (the contract; ``densemoe.reference.fc1_ref`` is its executable twin):
 
 Schedule: one program per (token tile, expert, tile of I): it streams the matching gate and up
 row tiles of w1 over K = H into two fp32 accumulators and applies the activation in the
-epilogue, so gate and up never leave registers. Loads are masked pointer loads (any strides).
+epilogue, so gate and up never leave registers. ``SWAP_AB`` makes the weight tile the MMA's M
+operand and the token tile its N (small M); ``USE_TMA`` loads with tensor descriptors (Hopper),
+else masked pointer loads (any strides).
 """
 
 from __future__ import annotations
@@ -29,59 +31,90 @@ import torch
 import triton
 import triton.language as tl
 
+from densemoe._runtime import supports_tma
+from densemoe.kernels.triton.fc2 import tma_compatible
+
 FP8_MAX = 448.0
 
 
 @triton.jit(do_not_specialize=["M"])
 def _fc1_kernel(
-    x_ptr, w_ptr, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
     M, H, I,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn,
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     i_tiles = tl.cdiv(I, BLOCK_I)
     e = pid_n // i_tiles
     it = pid_n % i_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_m = pid_m * BLOCK_M
+    offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     i_ok = offs_i < I
+    gate_row0 = e * 2 * I + it * BLOCK_I  # first gate row of the tile; its up rows start I later
     gate_rows = (e * 2 * I + offs_i).to(tl.int64)
     up_rows = gate_rows + I
     x_rows = offs_m.to(tl.int64) * stride_xm
-    acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < H
-        xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(w_ptr + gate_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
-                     mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-        wu = tl.load(w_ptr + up_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
-                     mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    if SWAP_AB:  # weights are the MMA's M operand, tokens its N: acc [BLOCK_I, BLOCK_M]
+        acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
+        if USE_TMA:  # out-of-range rows and columns read as 0 (x) or belong to masked outputs (w)
+            xt = x_desc.load([off_m, k0])
+            wg = w_desc.load([gate_row0, k0])
+            wu = w_desc.load([gate_row0 + I, k0])
+        else:
+            kk = k0 + offs_k
+            k_ok = kk < H
+            xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(w_ptr + gate_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
+                         mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+            wu = tl.load(w_ptr + up_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
+                         mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        if SWAP_AB:
+            acc_g = tl.dot(wg, tl.trans(xt), acc_g)
+            acc_u = tl.dot(wu, tl.trans(xt), acc_u)
+        else:
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
     s = tl.load(alpha1_ptr + e)
     g = acc_g * s
     u = acc_u * s
     if HAS_XS:
         xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-        g = g * xs[:, None]
-        u = u * xs[:, None]
+        if SWAP_AB:
+            g = g * xs[None, :]
+            u = u * xs[None, :]
+        else:
+            g = g * xs[:, None]
+            u = u * xs[:, None]
     v = g * tl.sigmoid(g) * u
     if HAS_POST:
         p = tl.load(post_ptr + offs_m.to(tl.int64) * stride_pm + e * stride_pe, mask=m_ok, other=0.0)
-        v = v * p[:, None]
+        if SWAP_AB:
+            v = v * p[None, :]
+        else:
+            v = v * p[:, None]
     if OUT_FP8:
         inv = 1.0 / tl.load(oscale_ptr)
         v = tl.minimum(tl.maximum(v * inv, -448.0), 448.0)
     cols = (e * I + offs_i).to(tl.int64)
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn,
-             v.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
+    rows = offs_m.to(tl.int64)
+    if SWAP_AB:
+        tl.store(y_ptr + rows[None, :] * stride_ym + cols[:, None] * stride_yn,
+                 v.to(y_ptr.dtype.element_ty), mask=i_ok[:, None] & m_ok[None, :])
+    else:
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                 v.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +138,8 @@ class Fc1TritonConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: int = 0   # 1: weights as the MMA's M operand, tokens as N (small M)
+    use_tma: int = 1   # TMA tensor descriptors where the device and strides allow (else pointers)
 
     backend = "triton"
 
@@ -132,6 +167,10 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig) -> tuple[bool, s
         return False, f"block_k={c.block_k} must be a power of two in [16, 256]"
     if c.num_warps not in (1, 2, 4, 8, 16) or not 1 <= c.num_stages <= 8:
         return False, f"num_warps={c.num_warps} / num_stages={c.num_stages} out of range"
+    if c.swap_ab not in (0, 1) or c.use_tma not in (0, 1):
+        return False, f"swap_ab={c.swap_ab} / use_tma={c.use_tma} must be 0 or 1"
+    if c.swap_ab and c.block_i < 64:
+        return False, f"swap_ab needs block_i >= 64 (the MMA's M), got {c.block_i}"
     acc_regs = 2 * c.block_m * c.block_i // (32 * c.num_warps)
     if acc_regs > 128:
         return False, f"two {c.block_m}x{c.block_i} fp32 accumulators need {acc_regs} registers per thread (> 128)"
@@ -139,13 +178,16 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig) -> tuple[bool, s
 
 
 def default_config(problem: Fc1Problem) -> Fc1TritonConfig:
-    """Deterministic choice, no timing: token tile from M, tile of I from I, 128-byte k rows."""
+    """Deterministic choice, no timing (not yet measured on a GPU: a starting point modelled on
+    FC2's measured table): up to 64 tokens swap-AB with a 64-row weight tile and the token tile
+    as the MMA's N; above, 64-token x 64-column tiles. k-tile of 128 bytes per row; 4 stages."""
     p = problem
     bm = 16 if p.m <= 16 else 32 if p.m <= 32 else 64
+    swap = int(p.m <= 64 and p.i >= 64)
     bi = 64 if p.i >= 64 else max(16, 1 << (max(p.i, 1) - 1).bit_length())
     bk = 128 if p.dtype == torch.float8_e4m3fn else 64
     warps = 4 if bm * bi <= 64 * 64 else 8
-    cfg = Fc1TritonConfig(bm, bi, bk, warps, 3)
+    cfg = Fc1TritonConfig(bm, bi, bk, warps, 4, swap, 1)
     ok, why = can_implement(p, cfg)
     assert ok, f"default_config produced an invalid config for {p}: {why}"
     return cfg
@@ -163,8 +205,16 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
     c = config
     grid = (triton.cdiv(M, c.block_m), E * triton.cdiv(I, c.block_i))
     post = alpha_post if alpha_post is not None else alpha1
+    use_tma = bool(c.use_tma) and supports_tma(x.device) and tma_compatible(x, w1)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_desc = TensorDescriptor.from_tensor(x, [c.block_m, c.block_k])
+        w_desc = TensorDescriptor.from_tensor(w1, [c.block_i, c.block_k])
+    else:
+        x_desc, w_desc = x, w1
     _fc1_kernel[grid](
-        x, w1, alpha1, x_scale if x_scale is not None else alpha1, post, y,
+        x, w1, x_desc, w_desc, alpha1, x_scale if x_scale is not None else alpha1, post, y,
         out_scale if out_scale is not None else alpha1,
         M, H, I,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
@@ -172,5 +222,6 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         y.stride(0), y.stride(1),
         HAS_XS=x_scale is not None, HAS_POST=alpha_post is not None, OUT_FP8=y.dtype == torch.float8_e4m3fn,
         BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k,
+        SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, NUM_STAGES=c.num_stages,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
