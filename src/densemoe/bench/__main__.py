@@ -14,7 +14,8 @@ from densemoe.shapes import parse_ms
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m densemoe.bench", description=__doc__)
-    ap.add_argument("what", choices=["fc2", "sweep", "plot"], help="fc2: default configs vs baselines; "
+    ap.add_argument("what", choices=["fc2", "sweep", "plot", "fc1", "layer"], help="fc2: default configs vs baselines; "
+                    "fc1 / layer: FC1 alone and the whole layer vs cuBLAS and transformers (bench/layer.py); "
                     "sweep: time a set of configs per M (exploration); plot: redraw <out>.md/.png from "
                     "<out>.json (no GPU needed)")
     ap.add_argument("--shapes", default="deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b")
@@ -57,9 +58,16 @@ def main(argv=None) -> int:
     print("# " + fc2.HEADER, flush=True)
     shapes = args.shapes.split(",")
     dtypes = args.dtypes.split(",")
-    configs = fc2.sweep_space if args.what == "sweep" else None
-    records = fc2.run(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit,
-                      configs=configs, log=lambda s: print(s, flush=True), backends=args.backends.split(","))
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.what in ("fc1", "layer"):
+        from densemoe.bench import layer
+
+        run = layer.run_fc1 if args.what == "fc1" else layer.run_layer
+        records = run(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit, log=log)
+    else:
+        configs = fc2.sweep_space if args.what == "sweep" else None
+        records = fc2.run(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit,
+                          configs=configs, log=log, backends=args.backends.split(","))
     try:
         import cutlass
 
@@ -77,9 +85,11 @@ def main(argv=None) -> int:
             json.dump({"meta": meta, "records": records}, f, indent=1)
         from densemoe.bench.report import markdown, plot
 
+        if args.what in ("fc1", "layer"):
+            from densemoe.bench.layer import markdown
         with open(args.out + ".md", "w") as f:
             f.write(markdown(meta, records))
-        if args.plot:
+        if args.plot and args.what not in ("fc1", "layer"):
             try:
                 plot(meta, records, args.out + ".png")
             except ImportError as exc:  # matplotlib is the optional `bench` extra

@@ -1,0 +1,252 @@
+"""FC1 and whole-layer benchmarks: ours against cuBLAS and transformers, in one process.
+
+Protocol as for FC2 (``bench/fc2.py``): every result is checked against an fp32 reference before
+anything is timed; timings are CUDA-graph replays with the L2 flushed before each (``Timer``);
+the read ceiling and GEMM peaks come from the same process.
+
+FC1 (``op="fc1"``): ``densemoe.fc1`` (SwiGLU and, for fp8, per-token dequantisation fused)
+against cuBLAS's *bare* GEMM of the same shape (``x @ w1.T``: FP8 ``_scaled_mm`` and bf16), which
+does no activation at all. Floor = max(bytes / read ceiling, FLOPs / peak).
+
+Layer (``op="layer"``): router + FC1 + FC2 (``DenseMoE.route`` + ``experts_forward``) against
+  * transformers' experts module (``Qwen3MoeExperts``, bf16) under its own ``grouped_mm`` and
+    ``batched_mm`` implementations, given the same top-k (router not timed for them);
+  * the same fp8 pipeline through cuBLAS: per-token quantisation of x, FP8 ``_scaled_mm`` for
+    FC1 (row-wise scales), SwiGLU in torch, routing weights folded into the activations,
+    per-token quantisation, FP8 ``_scaled_mm`` for FC2.
+Errors against the fp32 reference are recorded for ours and for the cuBLAS pipeline
+(``rel_err``, ``rel_err_torch_fp8``: the issue bounds their ratio by 1.5).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+import densemoe
+from densemoe.layer import DenseMoE
+from densemoe.quant import FP8, quantize_per_expert, quantize_per_token
+from densemoe.reference import fc1_ref
+from densemoe.routing import softmax_topk
+from densemoe.shapes import SHAPES
+from densemoe.weights import prepare_weights
+
+DTYPES = {"fp8": FP8, "bf16": torch.bfloat16}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def _rates(rec: dict, nbytes: float, flops: float, floor: float, base: dict) -> None:
+    us = rec["us"]
+    rec.update(bytes=nbytes, floor_us=floor, tb_s=nbytes / us / 1e6, tflops=flops / us / 1e6,
+               pct_floor=100 * floor / us)
+    for name, t in base.items():
+        rec[name] = t
+        if t:
+            rec["speedup_vs_" + name[:-3]] = t / us
+
+
+class ExpertsCase:
+    """One shape's experts in checkpoint layout (bf16), prepared once per dtype."""
+
+    def __init__(self, shape_name, device="cuda", seed: int = 0, scale: float = 1.0):
+        s = SHAPES[shape_name] if isinstance(shape_name, str) else shape_name  # a name or a MoEShape
+        self.shape, self.E, self.I, self.H, self.k = s, s.experts, s.inter, s.hidden, s.topk
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.device = device
+        self.w13 = (torch.randn(self.E, 2 * self.I, self.H, generator=self.gen, device=device) * self.H ** -0.5
+                    * scale).to(torch.bfloat16)
+        self.w2 = (torch.randn(self.E, self.H, self.I, generator=self.gen, device=device) * self.I ** -0.5
+                   * scale).to(torch.bfloat16)
+        self.gate = torch.randn(self.E, self.H, generator=self.gen, device=device).to(torch.bfloat16) * self.H ** -0.5
+        self.prepared = {dt: prepare_weights(self.w13, self.w2, dtype=dt) for dt in DTYPES}
+
+    def x(self, M: int) -> torch.Tensor:
+        return torch.randn(M, self.H, generator=self.gen, device=self.device).to(torch.bfloat16)
+
+
+def cublas_fp8_pipeline(case: ExpertsCase):
+    """The fp8 layer through cuBLAS and torch (see the module docstring). Returns fn(x, alpha)."""
+    E, I, H = case.E, case.I, case.H
+    w1_8, s1 = quantize_per_expert(case.w13)
+    w2_8, s2 = quantize_per_expert(case.w2)
+    w1 = w1_8.reshape(E * 2 * I, H)
+    s1_cols = s1.repeat_interleave(2 * I)[None, :].contiguous()
+    w2 = w2_8.permute(1, 0, 2).reshape(H, E * I).contiguous()
+    one = torch.ones((1, H), device=case.device)
+
+    def run(x, alpha):
+        x8, sx = quantize_per_token(x)
+        h = torch._scaled_mm(x8, w1.T, scale_a=sx[:, None], scale_b=s1_cols, out_dtype=torch.bfloat16)
+        h = h.float().view(-1, E, 2, I)
+        y = torch.nn.functional.silu(h[:, :, 0]) * h[:, :, 1] * (alpha * s2[None, :])[:, :, None]
+        y8, sy = quantize_per_token(y.reshape(-1, E * I))
+        return torch._scaled_mm(y8, w2.T, scale_a=sy[:, None], scale_b=one, out_dtype=torch.bfloat16)
+    return run
+
+
+def hf_experts(case: ExpertsCase, implementation: str):
+    """transformers' Qwen3MoeExperts holding the same weights, under ``implementation``."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    cfg = Qwen3MoeConfig(hidden_size=case.H, num_experts=case.E, moe_intermediate_size=case.I,
+                         num_experts_per_tok=case.k)
+    cfg._experts_implementation = implementation
+    mod = Qwen3MoeExperts(cfg).to(device=case.device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        mod.gate_up_proj.copy_(case.w13)
+        mod.down_proj.copy_(case.w2)
+    return mod
+
+
+def layer_ref(case: ExpertsCase, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """fp32: every expert for every token, weighted by alpha (0 for experts not picked)."""
+    E, I, H = case.E, case.I, case.H
+    h = (x.float() @ case.w13.float().reshape(E * 2 * I, H).T).view(-1, E, 2, I)
+    y = torch.nn.functional.silu(h[:, :, 0]) * h[:, :, 1] * alpha[:, :, None]
+    return y.reshape(-1, E * I) @ case.w2.float().permute(1, 0, 2).reshape(H, E * I).T
+
+
+def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print, dev="cuda"):
+    records = []
+    for shape_name in shapes:
+        case = ExpertsCase(shape_name, dev)
+        shape_name = case.shape.name
+        E, I, H = case.E, case.I, case.H
+        N = E * 2 * I
+        w1_bf16 = case.w13.reshape(N, H)
+        w1_fp8 = case.prepared["fp8"].w1
+        one = torch.ones((), device=dev)
+        for M in ms:
+            x = case.x(M)
+            x8, sx = quantize_per_token(x)
+            base = {"cublas_fp8_us": timer(lambda: torch._scaled_mm(x8, w1_fp8.T, scale_a=one, scale_b=one,
+                                                                    out_dtype=torch.bfloat16))["us"],
+                    "cublas_bf16_us": timer(lambda: x @ w1_bf16.T)["us"]}
+            for dt in dtypes:
+                p = case.prepared[dt]
+                xin, xs = (x8, sx) if dt == "fp8" else (x, None)
+                out = torch.full((M, E * I), float("nan"), dtype=torch.bfloat16, device=dev)
+                fn = lambda: densemoe.fc1(xin, p.w1, p.alpha1, x_scale=xs, out=out)  # noqa: E731
+                rec = dict(device=device, op="fc1", shape=shape_name, dtype=dt, M=M, N=N, K=H, E=E,
+                           backend="triton", commit=commit)
+                t0 = time.time()
+                fn()
+                rec["compile_s"] = time.time() - t0
+                ref = fc1_ref(xin, p.w1, p.alpha1, x_scale=xs, out_dtype=torch.float32, compute_dtype=torch.float32)
+                rec["rel_err"] = err = rel_err(out, ref)
+                if not math.isfinite(err) or err > 1e-2:
+                    rec.update(us=None, error=f"wrong result: rel err {err:.3e}")
+                    records.append(rec)
+                    log(f"  WRONG fc1 {shape_name} {dt} M={M}: {err:.3e}")
+                    continue
+                rec.update(timer(fn))
+                es = 1 if dt == "fp8" else 2
+                nbytes = N * H * es + M * H * es + M * E * I * 2
+                flops = 2 * M * N * H
+                floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peaks[dt] / 1e6)
+                _rates(rec, nbytes, flops, floor, base)
+                records.append(rec)
+                log(fmt(rec))
+        del case
+    return records
+
+
+def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print, dev="cuda",
+              hf_implementations=("grouped_mm", "batched_mm")):
+    records = []
+    for shape_name in shapes:
+        case = ExpertsCase(shape_name, dev)
+        shape_name = case.shape.name
+        E, I, H, k = case.E, case.I, case.H, case.k
+        cublas = cublas_fp8_pipeline(case)
+        hf = {}
+        for impl in hf_implementations:
+            try:
+                hf[impl] = hf_experts(case, impl)
+            except Exception as exc:  # noqa: BLE001 - a baseline that cannot be built is reported
+                log(f"  no transformers {impl} baseline: {type(exc).__name__}: {exc}")
+        for M in ms:
+            x = case.x(M)
+            route = softmax_topk(x @ case.gate.T, k, renormalize=True)
+            ref = layer_ref(case, x, route.alpha)
+            base = {}
+            try:
+                base["cublas_fp8_pipeline_us"] = timer(lambda: cublas(x, route.alpha))["us"]
+                err_torch = rel_err(cublas(x, route.alpha), ref)
+            except RuntimeError as exc:
+                base["cublas_fp8_pipeline_us"], err_torch = None, None
+                log(f"  cuBLAS pipeline failed at M={M}: {exc}")
+            for impl, mod in hf.items():
+                try:
+                    base[f"hf_{impl}_bf16_us"] = timer(lambda m=mod: m(x, route.topk_ids, route.topk_weights.to(x.dtype)))["us"]
+                except Exception as exc:  # noqa: BLE001
+                    base[f"hf_{impl}_bf16_us"] = None
+                    log(f"  transformers {impl} failed at M={M}: {type(exc).__name__}: {exc}")
+            for dt in dtypes:
+                moe = DenseMoE(case.prepared[dt], case.gate, k, renormalize=True)
+                fn = lambda m=moe: m(x)  # noqa: E731
+                rec = dict(device=device, op="layer", shape=shape_name, dtype=dt, M=M, N=H, K=H, E=E,
+                           backend="triton", commit=commit, rel_err_torch_fp8=err_torch)
+                t0 = time.time()
+                out = fn()
+                rec["compile_s"] = time.time() - t0
+                rec["rel_err"] = err = rel_err(out, ref)
+                if err_torch:
+                    rec["err_ratio_vs_torch_fp8"] = err / err_torch
+                bound = 0.1 if dt == "fp8" else 2e-2
+                if not math.isfinite(err) or err > bound:
+                    rec.update(us=None, error=f"wrong result: rel err {err:.3e}")
+                    records.append(rec)
+                    log(f"  WRONG layer {shape_name} {dt} M={M}: {err:.3e}")
+                    continue
+                rec.update(timer(fn))
+                es = 1 if dt == "fp8" else 2
+                nbytes = 3 * E * I * H * es + 2 * M * H * 2
+                flops = 2 * M * 3 * E * I * H
+                floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peaks[dt] / 1e6)
+                _rates(rec, nbytes, flops, floor, base)
+                records.append(rec)
+                log(fmt(rec))
+        del case, hf
+    return records
+
+
+def fmt(r: dict) -> str:
+    extra = " ".join(f"{k[:-3]}={v:.1f}" for k, v in r.items() if k.endswith("_us") and k not in ("floor_us",) and v)
+    return (f"{r['op']:5} {r['shape']:16} {r['dtype']:4} {r['M']:>4} {r['us']:8.1f} us {r['tb_s']:5.2f} TB/s "
+            f"{r['pct_floor']:5.1f}% floor err {r['rel_err']:.2e}  {extra}")
+
+
+def markdown(meta: dict, records: list[dict]) -> str:
+    """One table per op: us, TB/s, TFLOP/s, % floor and every baseline with our speedup."""
+    lines = [f"# {'/'.join(sorted({r['op'] for r in records}))} on {meta['device']}", "",
+             f"commit `{meta['commit']}`, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
+             f"Read ceiling {meta['read_ceiling_tb_s']:.2f} TB/s, peaks fp8 {meta['peak_tflops']['fp8']:.0f} / "
+             f"bf16 {meta['peak_tflops']['bf16']:.0f} TFLOP/s, same run.", "", f"Command: `{meta['command']}`", ""]
+    for op in ("fc1", "layer"):
+        rs = [r for r in records if r["op"] == op and r.get("us")]
+        if not rs:
+            continue
+        bases = sorted({k for r in rs for k in r if k.endswith("_us") and k not in ("floor_us", "us")})
+        lines += [f"## {op}", "", "| shape | dtype | M | us | TB/s | TFLOP/s | floor us | % floor | "
+                  + " | ".join(f"{b[:-3]} us | x {b[:-3]}" for b in bases) + " | rel err |",
+                  "|---|---|---:|" + "---:|" * (6 + 2 * len(bases))]
+        for r in rs:
+            cells = []
+            for b in bases:
+                t = r.get(b)
+                cells += [f"{t:.1f}", f"{t / r['us']:.2f}"] if t else ["-", "-"]
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['M']} | {r['us']:.1f} | {r['tb_s']:.2f} | "
+                         f"{r['tflops']:.0f} | {r['floor_us']:.1f} | {r['pct_floor']:.1f} | " + " | ".join(cells)
+                         + f" | {r['rel_err']:.2e} |")
+        lines.append("")
+    failed = [r for r in records if r.get("us") is None]
+    if failed:
+        lines += [f"{len(failed)} runs failed or were wrong (see JSON `error`)."]
+    return "\n".join(lines) + "\n"
