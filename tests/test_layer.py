@@ -258,3 +258,21 @@ def test_dense_moe_under_torch_compile_fullgraph(dtype):
         eager = moe(x)
         compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")(x)
     assert rel(compiled, eager) < 1e-6
+
+
+@pytest.mark.interpreter
+def test_hf_from_pretrained_with_experts_implementation_densemoe(tmp_path):
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    densemoe.register_hf()
+    cfg = MixtralConfig(hidden_size=64, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=128)
+    torch.manual_seed(1)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").eval()(ids).logits
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="densemoe").eval()
+        ours = model(ids).logits
+        assert "_densemoe_prepared" in model.model.layers[1].mlp.experts.__dict__
+    assert rel(ours, eager) < 2e-2, rel(ours, eager)

@@ -76,3 +76,17 @@ def test_layer_graph_capture_with_changing_routing():
         g.replay()
         alpha = softmax_topk(static_logits, k, renormalize=True).alpha
         assert rel(out, _ref(static_x, w13, w2, alpha)) < 0.1
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+def test_dense_moe_forward_never_syncs(dtype):
+    w13, w2, x, logits, k = _case("qwen3-30b-a3b", 8, 4)
+    gate = torch.randn(w13.shape[0], w13.shape[2], device="cuda", dtype=torch.bfloat16) * 0.05
+    moe = densemoe.DenseMoE(prepare_weights(w13, w2, dtype=dtype), gate, k, renormalize=True)
+    moe(x)  # first call: compiles, looks up configs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        moe(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
