@@ -424,6 +424,10 @@ def test_precompile_worker_runs_each_candidate_and_counts_failures():
     bad = Fc2TritonConfig(16, 32, 64, 4, 2, True, True, 1, 1)  # k-tile 64 > I = 32: refused
     assert not triton_can_implement(p8, bad)[0]
     assert _worker([(p8, good), (p8, bad), (p16, good)], "cpu") == 2
+    from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig
+
+    q = Fc1Problem(8, 64, 2, 64, FP8, BF16)  # FC1 candidates go through the same workers
+    assert _worker([(q, Fc1TritonConfig(16, 64, 64, 4, 2, 1, 0)), (p8, good)], "cpu") == 2
 
 
 def _recording(choose, last):
@@ -441,8 +445,8 @@ def test_tune_needs_a_gpu_or_a_timer():
         tune_problem(Fc2Problem(5, 64, 4, 32, FP8, BF16), "cpu")
     with pytest.raises(ValueError, match="CUDA GPU"):
         tune("fc2", "deepseek-v3-tp8", [1])
-    with pytest.raises(ValueError, match="only 'fc2'"):
-        tune("fc1")
+    with pytest.raises(ValueError, match="tunable ops are"):
+        tune("fc3")
     with pytest.raises(ValueError, match="unknown shape"):
         tune("fc2", "llama")
     with pytest.raises(ValueError, match="dtypes: 'fp4'"):
@@ -603,3 +607,58 @@ def test_timer_compare_interleaves_rounds_and_takes_the_median_round():
     assert calls == ["a", "b"] * 3
     assert a["us"] == pytest.approx(10.1) and b["us"] == pytest.approx(12.2)  # the slow round is not the median
     assert b["us_rounds"] == pytest.approx([12.0, 36.1, 12.2]) and a["us_min"] == 9.0
+
+
+# ---------------------------------------------------------------------------------- FC1 through the same tuner
+
+def test_fc1_space_is_valid_deterministic_and_holds_the_heuristic():
+    from densemoe.kernels.triton.fc1 import Fc1Problem, default_config
+    from densemoe.kernels.triton.fc1 import can_implement as fc1_ok
+    from densemoe.tuning.ops import fc1_space
+
+    for name in ("deepseek-v3-tp8", "qwen3-30b-a3b", "mixtral-8x7b-tp2"):
+        s = SHAPES[name]
+        for dt in (FP8, BF16):
+            for m in M_SWEEP + (1000,):
+                p = Fc1Problem(m, s.hidden, s.experts, s.inter, dt, BF16)
+                space = fc1_space(p)
+                assert space == fc1_space(p) and len(space) == len(set(space)) and default_config(p) in space
+                assert all(fc1_ok(p, c)[0] for c in space)
+    assert fc1_space(Fc1Problem(8, 64, 2, 64, FP8, BF16), backends=("cute",)) == []
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_fc1_tuned_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
+    from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig
+    from densemoe.ops import fc1 as fc1_ops
+    from densemoe.ops.fc1 import which_config
+
+    p = Fc1Problem(5, 64, 2, 64, FP8, BF16)  # tuned at M = 8
+    space = [Fc1TritonConfig(16, 64, 64, 4, 2, 1, 0), Fc1TritonConfig(16, 64, 128, 4, 2, 1, 0)]
+    last = {}
+    real = fc1_ops.fc1_triton
+
+    def launcher(x, w1, alpha1, y, cfg, **kw):
+        last["cfg"] = cfg
+        real(x, w1, alpha1, y, cfg, **kw)
+    monkeypatch.setattr(fc1_ops, "fc1_triton", launcher)
+
+    def timer(fn):
+        fn()
+        return 10.0 if last["cfg"] == space[1] else 30.0
+    r = tune_problem(p, "cpu", timer=timer, space=space)
+    assert len(r.timings) == 3 and not r.failures  # the heuristic joined the two
+    assert r.key.startswith("fc1|cpu|fp8->bf16|N=256|K=64|E=2|M<=8") and r.best.config == space[1]
+    x = torch.randn(7, 64).to(FP8)
+    w1 = torch.randn(256, 64).to(FP8)
+    out = torch.empty(7, 128, dtype=BF16)
+    assert which_config(x, w1, torch.ones(2), out) == (space[1], "cache")
+    y = densemoe.fc1(x, w1, torch.ones(2), out=out)
+    ref = densemoe.reference.fc1_ref(x, w1, torch.ones(2), out_dtype=torch.float64)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    os.environ["DENSEMOE_TUNED"] = "0"
+    try:
+        assert which_config(x, w1, torch.ones(2), out)[1] == "heuristic"
+    finally:
+        del os.environ["DENSEMOE_TUNED"]

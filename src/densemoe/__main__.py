@@ -12,23 +12,25 @@ def _dry_run(args) -> str:
     """The tuning plan without a GPU: candidates per bucket and distinct compiles."""
     import torch
 
-    from densemoe.kernels.triton.fc2 import Fc2Problem
-    from densemoe.shapes import SHAPES
+    from densemoe.shapes import SHAPES, MoEShape
     from densemoe.tuning.buckets import m_bucket
-    from densemoe.tuning.space import fc2_space
+    from densemoe.tuning.ops import OPS
     from densemoe.tuning.tuner import DTYPES
 
+    if args.op not in OPS:
+        raise SystemExit(f"--op {args.op!r}: tunable ops are {sorted(OPS)}")
+    spec = OPS[args.op]
     if "," in args.shape:
         n, e, i = (int(x) for x in args.shape.split(","))
+        s = MoEShape("custom", n, e, i, 8)
     else:
         s = SHAPES[args.shape]
-        n, e, i = s.hidden, s.experts, s.inter
     backends = tuple(args.backends.split(","))
     lines = ["| dtype | M bucket | triton | cute |", "|---|---:|---:|---:|"]
     for dt in args.dtypes.split(","):
         distinct = set()
         for b in sorted({m_bucket(m) for m in parse_ms(args.m)}):
-            space = fc2_space(Fc2Problem(b, n, e, i, DTYPES[dt], torch.bfloat16), backends)
+            space = spec.space(spec.problem(b, s, DTYPES[dt], torch.bfloat16), backends, 132)
             distinct |= set(space)
             lines.append(f"| {dt} | {b} | {sum(c.backend == 'triton' for c in space)} | "
                          f"{sum(c.backend == 'cute' for c in space)} |")
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m densemoe", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tune", help="time every valid config per M bucket, record the fastest verified one")
-    t.add_argument("--op", default="fc2")
+    t.add_argument("--op", default="fc2", help="fc2 or fc1")
     t.add_argument("--shape", default="deepseek-v3-tp8", help="a MISSION shape name, or N,E,I")
     t.add_argument("--m", default="1-512", help="token counts: comma list; a-b takes the MISSION sweep points in [a, b]")
     t.add_argument("--dtypes", default="fp8", help="fp8,bf16")

@@ -6,19 +6,48 @@ import torch
 
 from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_config, fc1_triton
 from densemoe.ops import _validate as v
+from densemoe.tuning import cache as tuning
 
 OP = "densemoe.fc1"
 IN_DTYPES = (v.FP8, torch.bfloat16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, v.FP8)
 
 
-@torch.library.custom_op("densemoe::fc1", mutates_args=("out",))
-def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
-            alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, out: torch.Tensor, config: str) -> None:
+def _choose_src(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor, config: str):
+    """(config, source) for one call: pinned, else the tuned entry for the problem's key (the
+    user's cache, then the shipped tables), else ``default_config``."""
     M, H = x.shape
     E = alpha1.shape[0]
     problem = Fc1Problem(M, H, E, w1.shape[0] // (2 * E), x.dtype, out.dtype)
-    cfg = Fc1TritonConfig.from_str(config) if config else default_config(problem)
+    if config:
+        return Fc1TritonConfig.from_str(config), "pinned"
+    if tuning.tuned_lookups_enabled():
+        key = tuning.make_key("fc1", tuning.device_name(x.device), problem)
+        entry, where = tuning.lookup(key)
+        item = (entry or {}).get("best")
+        if item:
+            try:
+                cfg = Fc1TritonConfig.from_str(item["config"])
+            except Exception as exc:  # noqa: BLE001 - any malformed entry: warn, fall back
+                tuning.warn_stale(key, f"config {item.get('config')!r} does not parse ({type(exc).__name__}: {exc})")
+            else:
+                ok, why = can_implement(problem, cfg)
+                if ok:
+                    return cfg, where
+                tuning.warn_stale(key, f"config {item['config']!r} does not fit this problem ({why})")
+    return default_config(problem), "heuristic"
+
+
+def which_config(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor,
+                 config: Fc1TritonConfig | None = None) -> tuple[Fc1TritonConfig, str]:
+    """The (config, source) ``fc1`` would use for these tensors (for logs and benchmarks)."""
+    return _choose_src(x, w1, alpha1, out, config.to_str() if config is not None else "")
+
+
+@torch.library.custom_op("densemoe::fc1", mutates_args=("out",))
+def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
+            alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, out: torch.Tensor, config: str) -> None:
+    cfg, _ = _choose_src(x, w1, alpha1, out, config)
     fc1_triton(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
 
 
@@ -51,7 +80,8 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
                     ``alpha * out_scale``). For a dynamic per-token-per-expert scale, take a
                     bf16 output through ``densemoe.quant.quantize_per_token_expert``.
         out:        optional [M, E*I] output tensor (unit column stride).
-        config:     pin a ``Fc1TritonConfig``; default: ``default_config`` (no timing).
+        config:     pin a ``Fc1TritonConfig``; default: a tuned entry for this problem if one
+                    exists (``densemoe.tune("fc1", ...)``, shipped tables), else ``default_config``.
 
     Returns:
         y [M, E*I], ready to be FC2's ``a``.

@@ -54,23 +54,23 @@ def default_workers() -> int:
 def _worker(jobs: list, device: str) -> int:
     """Run each (problem, Triton config) once on ``device``; returns how many ran. Inputs are
     made once per token count and the weights once per process."""
-    import densemoe
-    from densemoe.tuning.tuner import make_inputs
+    from densemoe.tuning.ops import op_of
 
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     inputs, weights, ran = {}, {}, 0
     for p, cfg in jobs:
-        key = (p.m, p.n, p.e, p.i, p.dtype, p.out_dtype)
+        spec = op_of(p)
+        key = (spec.name, p)
         if key not in inputs:
-            wkey = (p.n, p.k, p.dtype)
-            a, w, alpha = make_inputs(p, device, seed=p.m, w=weights.get(wkey))
-            weights = {wkey: w}  # one weight tensor at a time
-            inputs = {key: (a, w, alpha, torch.empty(p.m, p.n, dtype=p.out_dtype, device=device))}
-        a, w, alpha, out = inputs[key]
+            wkey = (spec.name, p.n, p.k, p.dtype)
+            made, shared = spec.make_inputs(p, device, p.m, weights.get(wkey))
+            weights = {wkey: shared}  # one weight tensor at a time
+            inputs = {key: (made, spec.make_out(p, device))}
+        made, out = inputs[key]
         try:
-            densemoe.fc2(a, w, alpha, out=out, config=cfg)
+            spec.run(made, out, cfg)
             ran += 1
         except Exception:  # noqa: BLE001 - the timing loop retries it and reports the failure
             pass
@@ -109,7 +109,7 @@ def precompile(plan: list[tuple[Fc2Problem, list]], device, workers: int | None 
     for p, cfgs in plan:
         for c in cfgs:
             k = (c, p.dtype, p.out_dtype, p.n, p.e, p.i)
-            if c.backend == "cute" and k not in cute:
+            if getattr(c, "backend", "") == "cute" and k not in cute:
                 cute.append(k)
     stats.cute_configs = len(cute)
     if cute and fc2_sm90.cute_available():

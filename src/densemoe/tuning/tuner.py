@@ -32,7 +32,7 @@ import torch
 from densemoe.kernels.triton.fc2 import Fc2Problem
 from densemoe.tuning import cache
 from densemoe.tuning.buckets import m_bucket
-from densemoe.tuning.space import BACKENDS, describe, fc2_space
+from densemoe.tuning.space import BACKENDS, describe
 
 TOL = 1e-2  # relative Frobenius error against the fp32 reference (bf16 output: ~4e-3)
 MARGIN = 0.02  # a tuned winner must beat the heuristic's choice by more than this (see tune_problem)
@@ -106,10 +106,9 @@ def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, 
     ``margin``: the heuristic's choice stays the winner unless the fastest beats it by more than
     this fraction (a tuned entry that only wins inside run-to-run noise would make calls slower
     as often as faster)."""
-    import densemoe
-    from densemoe.ops.fc2 import _heuristic
-    from densemoe.reference import fc2_ref
+    from densemoe.tuning.ops import op_of
 
+    spec = op_of(problem)
     device = torch.device(device)
     p = dataclasses.replace(problem, m=m_bucket(problem.m))
     if timer is None:
@@ -118,11 +117,14 @@ def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, 
         from densemoe.bench.common import Timer
 
         timer = Timer(reps=reps)
-    a, w, alpha = inputs if inputs is not None else make_inputs(p, device)
-    out = torch.empty(p.m, p.n, dtype=p.out_dtype, device=device)
-    ref = fc2_ref(a, w, alpha, torch.float32, compute_dtype=torch.float32)
-    be, hcfg = _heuristic(p, a, w, alpha, out, "auto")
-    cands = list(space) if space is not None else fc2_space(p, backends, _sms(device))
+    inputs = inputs if inputs is not None else spec.make_inputs(p, device, 0, None)[0]
+    out = spec.make_out(p, device)
+    ref = spec.reference(inputs)
+    hcfg = spec.heuristic(p, inputs, out)
+
+    def run(c):
+        spec.run(inputs, out, c)
+    cands = list(space) if space is not None else spec.space(p, backends, _sms(device))
     if hcfg not in cands and hcfg.backend in backends:
         cands.insert(0, hcfg)
     if precompile_workers != 0 and device.type == "cuda":
@@ -135,7 +137,7 @@ def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, 
         if progress:
             progress(i, len(cands), cfg)
         try:
-            fn = (lambda c=cfg: densemoe.fc2(a, w, alpha, out=out, config=c))  # noqa: E731
+            fn = (lambda c=cfg: run(c))  # noqa: E731
             fn()  # compile + first run outside the timer
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -147,13 +149,13 @@ def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, 
         timings.append(t)
     if progress:
         progress(len(cands), len(cands), None)
-    _finals(timings, hcfg, timer, reps, finalists, rounds, lambda c: densemoe.fc2(a, w, alpha, out=out, config=c))
+    _finals(timings, hcfg, timer, reps, finalists, rounds, run)
     ok = sorted((t for t in timings if t.us is not None), key=lambda t: t.us)
     failures = [t for t in timings if t.us is None]
     best = None
     for t in ok:  # verify the fastest; a wrong one is dropped, the next is checked
         out.fill_(float("nan"))
-        densemoe.fc2(a, w, alpha, out=out, config=t.config)
+        run(t.config)
         err = _rel_err(out, ref)
         if math.isfinite(err) and err <= TOL:
             best = t
@@ -163,7 +165,7 @@ def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, 
     h = next((t for t in timings if t.config == hcfg and t.us is not None and not t.error), None)
     if best is not None and h is not None and h is not best and best.us * (1 + margin) >= h.us:
         out.fill_(float("nan"))  # the fastest won by less than the margin: keep the heuristic's choice
-        densemoe.fc2(a, w, alpha, out=out, config=h.config)
+        run(h.config)
         err = _rel_err(out, ref)
         if math.isfinite(err) and err <= TOL:
             best = h
@@ -178,10 +180,10 @@ def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, 
     if heur is None:  # the heuristic's backend is outside ``backends``: timed for the comparison only
         heur = Timing(hcfg)
         try:
-            heur.us = _as_us(timer(lambda: densemoe.fc2(a, w, alpha, out=out, config=hcfg)))
+            heur.us = _as_us(timer(lambda: run(hcfg)))
         except Exception as exc:  # noqa: BLE001
             heur.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-    key = cache.make_key("fc2", cache.device_name(device), p)
+    key = cache.make_key(spec.name, cache.device_name(device), p)
     result = TuneResult(key, p, best, per_backend, heur, failures, timings)
     if save and best is not None:
         try:
@@ -257,17 +259,19 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
     are compiled first (``tuning.precompile``), Triton's in ``compile_workers`` processes
     (None: half the CPUs, at most 8; 0: compile in the timing loop).
     """
-    from densemoe.shapes import SHAPES
+    from densemoe.shapes import SHAPES, MoEShape
+    from densemoe.tuning.ops import OPS
 
-    if op != "fc2":
-        raise ValueError(f"op={op!r}: only 'fc2' can be tuned so far")
+    if op not in OPS:
+        raise ValueError(f"op={op!r}: tunable ops are {sorted(OPS)}")
+    spec = OPS[op]
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
         s = SHAPES[shape]
-        n, e, i = s.hidden, s.experts, s.inter
     else:
         n, e, i = shape
+        s = MoEShape("custom", n, e, i, 8)
     if device is None:
         if not torch.cuda.is_available():
             raise ValueError("densemoe.tune times kernels on a CUDA GPU and none is available")
@@ -284,22 +288,22 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
         dtype = DTYPES[dt] if isinstance(dt, str) else dt
         if dtype not in DTYPES.values():
             raise ValueError(f"dtypes: {dtype} is not one of {sorted(DTYPES)} (float8_e4m3fn, bfloat16)")
-        w = None
+        shared = None
         buckets = sorted({m_bucket(m) for m in m_values})
         if device.type == "cuda" and compile_workers != 0:
             from densemoe.tuning.precompile import precompile
 
-            plan = [(q, fc2_space(q, backends, _sms(device))) for q in
-                    (Fc2Problem(b, n, e, i, dtype, out_dtype) for b in buckets)]
+            plan = [(q, spec.space(q, backends, _sms(device))) for q in
+                    (spec.problem(b, s, dtype, out_dtype) for b in buckets)]
             stats = precompile(plan, device, compile_workers)
             if progress:
                 print(f"{op} {shape if isinstance(shape, str) else shape} {dt}: {stats.line()}", file=sys.stderr)
         for b in buckets:
-            p = Fc2Problem(b, n, e, i, dtype, out_dtype)
-            a, w, alpha = make_inputs(p, device, seed=b, w=w)
+            p = spec.problem(b, s, dtype, out_dtype)
+            inputs, shared = spec.make_inputs(p, device, b, shared)
             bar = _progress_bar(f"{op} {shape if isinstance(shape, str) else shape} {dt} M<={b}") if progress else None
             results.append(tune_problem(p, device, backends=backends, timer=timer, reps=reps,
-                                        inputs=(a, w, alpha), save=save, progress=bar))
+                                        inputs=inputs, save=save, progress=bar))
     return results
 
 

@@ -128,6 +128,14 @@ class Fc1Problem:
     dtype: torch.dtype
     out_dtype: torch.dtype
 
+    @property
+    def n(self) -> int:  # the GEMM's N (rows of w1) and K, for tuning keys
+        return self.e * 2 * self.i
+
+    @property
+    def k(self) -> int:
+        return self.h
+
 
 @dataclasses.dataclass(frozen=True)
 class Fc1TritonConfig:

@@ -1,0 +1,158 @@
+"""What the tuner needs to know about each tunable op, in one place per op.
+
+A ``TunedOp`` says how to build the op's problem for a model shape and token count, list its
+search space, make inputs, run one config, compute the reference, and what the heuristic picks.
+The tuner, the precompiler and the CLI work through these only, so a new op (or backend) is one
+more entry in ``OPS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable
+
+import torch
+
+from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig
+from densemoe.kernels.triton.fc1 import can_implement as fc1_can_implement
+from densemoe.kernels.triton.fc2 import Fc2Problem
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedOp:
+    name: str
+    problem: Callable      # (m, shape: MoEShape-like with hidden/experts/inter, dtype, out_dtype) -> problem
+    space: Callable        # (problem, backends, num_sms) -> [config]
+    make_inputs: Callable  # (problem, device, seed, shared or None) -> (inputs tuple, shared)
+    make_out: Callable     # (problem, device) -> out tensor
+    run: Callable          # (inputs, out, config) -> None
+    reference: Callable    # (inputs) -> fp32 reference of out
+    heuristic: Callable    # (problem, inputs, out) -> config
+
+
+# ------------------------------------------------------------------------------------------ fc2
+
+def _fc2_inputs(p, device, seed, shared):
+    from densemoe.tuning.tuner import make_inputs
+
+    a, w, alpha = make_inputs(p, device, seed=seed, w=shared)
+    return (a, w, alpha), w
+
+
+def _fc2_run(inputs, out, cfg):
+    import densemoe
+
+    a, w, alpha = inputs
+    densemoe.fc2(a, w, alpha, out=out, config=cfg)
+
+
+def _fc2_ref(inputs):
+    from densemoe.reference import fc2_ref
+
+    a, w, alpha = inputs
+    return fc2_ref(a, w, alpha, torch.float32, compute_dtype=torch.float32)
+
+
+def _fc2_heuristic(p, inputs, out):
+    from densemoe.ops.fc2 import _heuristic
+
+    a, w, alpha = inputs
+    return _heuristic(p, a, w, alpha, out, "auto")[1]
+
+
+def _fc2_space(p, backends, sms):
+    from densemoe.tuning.space import fc2_space
+
+    return fc2_space(p, backends, sms)
+
+
+FC2 = TunedOp(
+    "fc2",
+    problem=lambda m, s, dtype, out_dtype: Fc2Problem(m, s.hidden, s.experts, s.inter, dtype, out_dtype),
+    space=_fc2_space,
+    make_inputs=_fc2_inputs,
+    make_out=lambda p, device: torch.empty(p.m, p.n, dtype=p.out_dtype, device=device),
+    run=_fc2_run, reference=_fc2_ref, heuristic=_fc2_heuristic)
+
+
+# ------------------------------------------------------------------------------------------ fc1
+
+def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> list[Fc1TritonConfig]:
+    """FC1 tactics (Triton): orientation x token tile x tile of I x k-tile x warps; the pipeline
+    depth is 4 (3 where 4 stages of both operands would not fit shared memory)."""
+    from densemoe.kernels.triton.fc1 import default_config
+    from densemoe.tuning.space import _token_tiles
+
+    if "triton" not in backends:
+        return []
+    p = problem
+    out: list[Fc1TritonConfig] = []
+    ks = sorted({kb // p.dtype.itemsize for kb in (128, 256)})
+    swaps = ([1] if p.m <= 128 else []) + ([0] if p.m >= 32 else [])
+    for swap in swaps:
+        tokens = _token_tiles(p.m, (16, 32, 64, 128) if swap else (32, 64, 128), keep=2)
+        for bm, bi, bk, warps in itertools.product(tokens, (64, 128), ks, (4, 8)):
+            stage = (bm + 2 * bi) * bk * p.dtype.itemsize
+            stages = 4 if 4 * stage <= 200 * 1024 else 3
+            cfg = Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1)
+            if fc1_can_implement(p, cfg)[0] and cfg not in out:
+                out.append(cfg)
+    h = default_config(p)
+    return ([h] if h not in out else []) + out
+
+
+def _fc1_inputs(p, device, seed, shared):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(p.m, p.h, generator=gen, device=device)
+    xs = None
+    if p.dtype == torch.float8_e4m3fn:
+        from densemoe.quant import quantize_per_token
+
+        x, xs = quantize_per_token(x)
+    else:
+        x = x.to(p.dtype)
+    if shared is None:
+        w1 = (torch.randn(p.n, p.h, generator=gen, device=device) * (448 / 4 if p.dtype == torch.float8_e4m3fn else 1)
+              ).clamp(-448, 448).to(p.dtype)
+        alpha1 = (torch.rand(p.e, generator=gen, device=device) + 0.5) * (4 / 448 if p.dtype == torch.float8_e4m3fn
+                                                                         else 1) * p.h ** -0.5
+        shared = (w1, alpha1)
+    w1, alpha1 = shared
+    return (x, w1, alpha1, xs), shared
+
+
+def _fc1_run(inputs, out, cfg):
+    import densemoe
+
+    x, w1, alpha1, xs = inputs
+    densemoe.fc1(x, w1, alpha1, x_scale=xs, out=out, config=cfg)
+
+
+def _fc1_ref(inputs):
+    from densemoe.reference import fc1_ref
+
+    x, w1, alpha1, xs = inputs
+    return fc1_ref(x, w1, alpha1, x_scale=xs, out_dtype=torch.float32, compute_dtype=torch.float32)
+
+
+def _fc1_heuristic(p, inputs, out):
+    from densemoe.kernels.triton.fc1 import default_config
+
+    return default_config(p)
+
+
+FC1 = TunedOp(
+    "fc1",
+    problem=lambda m, s, dtype, out_dtype: Fc1Problem(m, s.hidden, s.experts, s.inter, dtype, out_dtype),
+    space=fc1_space,
+    make_inputs=_fc1_inputs,
+    make_out=lambda p, device: torch.empty(p.m, p.e * p.i, dtype=p.out_dtype, device=device),
+    run=_fc1_run, reference=_fc1_ref, heuristic=_fc1_heuristic)
+
+OPS = {"fc2": FC2, "fc1": FC1}
+
+
+def op_of(problem) -> TunedOp:
+    """The op a problem belongs to (by its class)."""
+    return FC1 if isinstance(problem, Fc1Problem) else FC2
