@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import densemoe
+from densemoe.reference import experts_ref
 from densemoe.routing import softmax_topk
 from densemoe.shapes import SHAPES
 from densemoe.weights import prepare_weights
@@ -34,13 +35,7 @@ def _case(shape, M, seed):
 
 
 def _ref(x, w13, w2, alpha):
-    """Dense float32 reference: every expert for every token, weighted by alpha."""
-    E, twoI, H = w13.shape
-    I = twoI // 2
-    h = x.float() @ w13.float().reshape(E * twoI, H).T
-    h = h.reshape(-1, E, 2, I)
-    y = torch.nn.functional.silu(h[:, :, 0]) * h[:, :, 1] * alpha[:, :, None]
-    return y.reshape(-1, E * I) @ w2.float().permute(1, 0, 2).reshape(H, E * I).T
+    return experts_ref(x, w13, w2, alpha, compute_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])

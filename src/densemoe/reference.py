@@ -56,3 +56,18 @@ def fc1_ref(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
             raise ValueError("an fp8 output needs out_scale")
         y = (y / out_scale.to(compute_dtype).reshape(())).clamp(-448.0, 448.0)
     return y.to(out_dtype)
+
+
+def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, alpha: torch.Tensor, *,
+                compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The routed experts in ``compute_dtype`` (see ``densemoe.experts_forward``), checkpoint layouts:
+
+        out[m] = sum_e alpha[m, e] * w2[e] @ (silu(w13[e, :I] @ x[m]) * (w13[e, I:] @ x[m]))
+
+    x [M, H], w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], alpha [M, E] (0 = not picked).
+    """
+    E, two_i, H = w13.shape
+    I = two_i // 2
+    h = (x.to(compute_dtype) @ w13.to(compute_dtype).reshape(E * two_i, H).T).reshape(-1, E, 2, I)
+    y = torch.nn.functional.silu(h[:, :, 0]) * h[:, :, 1] * alpha.to(compute_dtype)[:, :, None]
+    return y.reshape(-1, E * I) @ w2.to(compute_dtype).permute(1, 0, 2).reshape(H, E * I).T

@@ -28,7 +28,7 @@ import torch
 import densemoe
 from densemoe.layer import DenseMoE
 from densemoe.quant import FP8, quantize_per_expert, quantize_per_token
-from densemoe.reference import fc1_ref
+from densemoe.reference import experts_ref, fc1_ref
 from densemoe.routing import softmax_topk
 from densemoe.shapes import SHAPES
 from densemoe.weights import prepare_weights
@@ -48,6 +48,16 @@ def _rates(rec: dict, nbytes: float, flops: float, floor: float, base: dict) -> 
         rec[name] = t
         if t:
             rec["speedup_vs_" + name[:-3]] = t / us
+
+
+def _wrong(rec: dict, err: float, bound: float, records: list, log) -> bool:
+    """Record and report a result above ``bound`` (never timed); False when it is right."""
+    if math.isfinite(err) and err <= bound:
+        return False
+    rec.update(us=None, error=f"wrong result: rel err {err:.3e} > {bound}")
+    records.append(rec)
+    log(f"  WRONG {rec['op']} {rec['shape']} {rec['dtype']} M={rec['M']}: {err:.3e}")
+    return True
 
 
 class ExpertsCase:
@@ -104,14 +114,6 @@ def hf_experts(case: ExpertsCase, implementation: str):
     return mod
 
 
-def layer_ref(case: ExpertsCase, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """fp32: every expert for every token, weighted by alpha (0 for experts not picked)."""
-    E, I, H = case.E, case.I, case.H
-    h = (x.float() @ case.w13.float().reshape(E * 2 * I, H).T).view(-1, E, 2, I)
-    y = torch.nn.functional.silu(h[:, :, 0]) * h[:, :, 1] * alpha[:, :, None]
-    return y.reshape(-1, E * I) @ case.w2.float().permute(1, 0, 2).reshape(H, E * I).T
-
-
 def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print, dev="cuda"):
     records = []
     for shape_name in shapes:
@@ -140,10 +142,7 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
                 rec["compile_s"] = time.time() - t0
                 ref = fc1_ref(xin, p.w1, p.alpha1, x_scale=xs, out_dtype=torch.float32, compute_dtype=torch.float32)
                 rec["rel_err"] = err = rel_err(out, ref)
-                if not math.isfinite(err) or err > 1e-2:
-                    rec.update(us=None, error=f"wrong result: rel err {err:.3e}")
-                    records.append(rec)
-                    log(f"  WRONG fc1 {shape_name} {dt} M={M}: {err:.3e}")
+                if _wrong(rec, err, 1e-2, records, log):
                     continue
                 rec.update(timer(fn))
                 es = 1 if dt == "fp8" else 2
@@ -174,7 +173,7 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
         for M in ms:
             x = case.x(M)
             route = softmax_topk(x @ case.gate.T, k, renormalize=True)
-            ref = layer_ref(case, x, route.alpha)
+            ref = experts_ref(x, case.w13, case.w2, route.alpha, compute_dtype=torch.float32)
             base = {}
             try:
                 base["cublas_fp8_pipeline_us"] = timer(lambda: cublas(x, route.alpha))["us"]
@@ -200,10 +199,7 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 if err_torch:
                     rec["err_ratio_vs_torch_fp8"] = err / err_torch
                 bound = 0.1 if dt == "fp8" else 2e-2
-                if not math.isfinite(err) or err > bound:
-                    rec.update(us=None, error=f"wrong result: rel err {err:.3e}")
-                    records.append(rec)
-                    log(f"  WRONG layer {shape_name} {dt} M={M}: {err:.3e}")
+                if _wrong(rec, err, bound, records, log):
                     continue
                 rec.update(timer(fn))
                 es = 1 if dt == "fp8" else 2
