@@ -35,9 +35,11 @@ def test_fc1_and_layer_benchmarks_run_and_report():
         assert KEYS <= set(r), KEYS - set(r)
         assert r["us"] == 10.0 and r["rel_err"] < (0.1 if r["dtype"] == "fp8" else 2e-2)
     assert all(r["cublas_fp8_us"] == 10.0 and r["speedup_vs_cublas_fp8"] == 1.0 for r in fc1)
+    assert all(r["config"].startswith("fc1-") and r["config_source"] == "heuristic" for r in fc1)
     for r in lay:
         assert r["cublas_fp8_pipeline_us"] == 10.0 and r["hf_eager_bf16_us"] == 10.0
         assert r["rel_err_torch_fp8"] > 0 and r["err_ratio_vs_torch_fp8"] > 0
+        assert r["experts_only_us"] == 10.0 and r["router_us"] == 10.0
     fp8 = [r for r in lay if r["dtype"] == "fp8"]
     assert all(r["err_ratio_vs_torch_fp8"] < 1.5 for r in fp8), [r["err_ratio_vs_torch_fp8"] for r in fp8]
     meta = dict(device="cpu", commit="abc", date="today", torch="t", triton="t", read_ceiling_tb_s=3.0,

@@ -115,6 +115,7 @@ def test_experts_bf16_and_fp8_against_references(M):
     exact = moe_ref(x, w13, w2, ids, wts)
     alpha = torch.zeros(M, E).scatter_(1, ids, wts)
     assert rel(densemoe.reference.experts_ref(x, w13, w2, alpha), exact) < 1e-12  # the vectorised twin
+    assert rel(densemoe.reference.experts_ref(x, w13, w2, alpha, experts_per_chunk=3), exact) < 1e-12  # in blocks
     # bf16: the same computation as torch in bf16 (inputs, weights and the intermediate in bf16)
     out16 = experts_forward(x.to(BF16), prepare_weights(w13, w2, dtype="bf16"), alpha)
     torch16 = moe_ref(x.to(BF16), w13.to(BF16), w2.to(BF16), ids, wts).to(BF16)

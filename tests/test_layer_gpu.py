@@ -15,7 +15,8 @@ from densemoe.shapes import SHAPES
 from densemoe.weights import prepare_weights
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-pytestmark = [pytest.mark.gpu,
+# model-shape weights take GBs: these tests share one pytest-xdist worker (--dist loadgroup)
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu_big"),
               pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and TRITON_INTERPRET unset")]
 
 
@@ -35,7 +36,7 @@ def _case(shape, M, seed):
 
 
 def _ref(x, w13, w2, alpha):
-    return experts_ref(x, w13, w2, alpha, compute_dtype=torch.float32)
+    return experts_ref(x, w13, w2, alpha, compute_dtype=torch.float32, experts_per_chunk=16)
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])

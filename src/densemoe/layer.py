@@ -10,8 +10,10 @@ Pipelines (no host sync anywhere):
 
     fp8:  x8, sx = quantize_per_token(x)                     # [M, H] fp8, [M]
           y  = fc1(x8, w1, alpha1, x_scale=sx)              # [M, E*I] bf16, SwiGLU fused
-          y8, sy = quantize_per_token_expert(y, E)           # [M, E*I] fp8, [M, E]
-          out = fc2(y8, w2, alpha * sy * w2_scale)           # [M, H] bf16
+          y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
+              # [M, E*I] fp8 per (token, expert), alpha2 = alpha * s_y * w2_scale; one kernel,
+              # which reads y only where alpha != 0 and writes zeros elsewhere
+          out = fc2(y8, w2, alpha2)                          # [M, H] bf16
     bf16: out = fc2(fc1(x, w1, alpha1), w2, alpha)
 """
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from densemoe.ops.fc1 import fc1
 from densemoe.ops.fc2 import fc2
-from densemoe.quant import FP8, quantize_per_token, quantize_per_token_expert
+from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights, prepare_weights
 
 
@@ -36,13 +38,12 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
     dtype (bf16 for fp8 x)."""
     if x.dim() != 2 or x.shape[1] != prepared.hidden:
         raise ValueError(f"experts_forward: x must be [M, H={prepared.hidden}], got {tuple(x.shape)}")
-    E = prepared.num_experts
     alpha = alpha.float()
     if prepared.dtype == FP8:
         x8, sx = quantize_per_token(x)
         y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx)
-        y8, sy = quantize_per_token_expert(y, E)
-        out = fc2(y8, prepared.w2, alpha * sy * prepared.w2_scale[None, :])
+        y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
+        out = fc2(y8, prepared.w2, alpha2)
     else:
         y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1)
         out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :])

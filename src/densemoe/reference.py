@@ -59,15 +59,24 @@ def fc1_ref(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
 
 
 def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, alpha: torch.Tensor, *,
-                compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                compute_dtype: torch.dtype = torch.float64, experts_per_chunk: int | None = None) -> torch.Tensor:
     """The routed experts in ``compute_dtype`` (see ``densemoe.experts_forward``), checkpoint layouts:
 
         out[m] = sum_e alpha[m, e] * w2[e] @ (silu(w13[e, :I] @ x[m]) * (w13[e, I:] @ x[m]))
 
     x [M, H], w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], alpha [M, E] (0 = not picked).
+    ``experts_per_chunk``: sum over blocks of that many experts, so the ``compute_dtype`` copies
+    of the weights stay small (model shapes on a GPU); None = all at once.
     """
     E, two_i, H = w13.shape
     I = two_i // 2
-    h = (x.to(compute_dtype) @ w13.to(compute_dtype).reshape(E * two_i, H).T).reshape(-1, E, 2, I)
-    y = torch.nn.functional.silu(h[:, :, 0]) * h[:, :, 1] * alpha.to(compute_dtype)[:, :, None]
-    return y.reshape(-1, E * I) @ w2.to(compute_dtype).permute(1, 0, 2).reshape(H, E * I).T
+    step = experts_per_chunk or E
+    out = None
+    for e0 in range(0, E, step):
+        e1 = min(E, e0 + step)
+        n = e1 - e0
+        h = (x.to(compute_dtype) @ w13[e0:e1].to(compute_dtype).reshape(n * two_i, H).T).reshape(-1, n, 2, I)
+        y = torch.nn.functional.silu(h[:, :, 0]) * h[:, :, 1] * alpha[:, e0:e1].to(compute_dtype)[:, :, None]
+        part = y.reshape(-1, n * I) @ w2[e0:e1].to(compute_dtype).permute(1, 0, 2).reshape(H, n * I).T
+        out = part if out is None else out + part
+    return out

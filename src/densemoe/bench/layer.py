@@ -8,12 +8,15 @@ FC1 (``op="fc1"``): ``densemoe.fc1`` (SwiGLU and, for fp8, per-token dequantisat
 against cuBLAS's *bare* GEMM of the same shape (``x @ w1.T``: FP8 ``_scaled_mm`` and bf16), which
 does no activation at all. Floor = max(bytes / read ceiling, FLOPs / peak).
 
-Layer (``op="layer"``): router + FC1 + FC2 (``DenseMoE.route`` + ``experts_forward``) against
+Layer (``op="layer"``): router + FC1 + FC2 (``DenseMoE.forward``) against the same router
+(``DenseMoE.route``, timed in every baseline too) followed by
   * transformers' experts module (``Qwen3MoeExperts``, bf16) under its own ``grouped_mm`` and
-    ``batched_mm`` implementations, given the same top-k (router not timed for them);
+    ``batched_mm`` implementations;
   * the same fp8 pipeline through cuBLAS: per-token quantisation of x, FP8 ``_scaled_mm`` for
     FC1 (row-wise scales), SwiGLU in torch, routing weights folded into the activations,
     per-token quantisation, FP8 ``_scaled_mm`` for FC2.
+``experts_only_us`` is ours without the router (``experts_forward`` with a given alpha) and
+``router_us`` the router alone; neither is a baseline.
 Errors against the fp32 reference are recorded for ours and for the cuBLAS pipeline
 (``rel_err``, ``rel_err_torch_fp8``: the issue bounds their ratio by 1.5).
 """
@@ -29,11 +32,12 @@ import densemoe
 from densemoe.layer import DenseMoE
 from densemoe.quant import FP8, quantize_per_expert, quantize_per_token
 from densemoe.reference import experts_ref, fc1_ref
-from densemoe.routing import softmax_topk
+from densemoe.ops.fc1 import which_config as fc1_which_config
 from densemoe.shapes import SHAPES
 from densemoe.weights import prepare_weights
 
 DTYPES = {"fp8": FP8, "bf16": torch.bfloat16}
+NOT_BASELINES = ("floor_us", "us", "experts_only_us", "router_us")  # *_us keys that are not baselines
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -135,8 +139,10 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
                 xin, xs = (x8, sx) if dt == "fp8" else (x, None)
                 out = torch.full((M, E * I), float("nan"), dtype=torch.bfloat16, device=dev)
                 fn = lambda: densemoe.fc1(xin, p.w1, p.alpha1, x_scale=xs, out=out)  # noqa: E731
+                chosen = fc1_which_config(xin, p.w1, p.alpha1, out)
+                cfg, src = chosen[0], chosen[-1]
                 rec = dict(device=device, op="fc1", shape=shape_name, dtype=dt, M=M, N=N, K=H, E=E,
-                           backend="triton", commit=commit)
+                           backend=cfg.backend, config=cfg.to_str(), config_source=src, commit=commit)
                 t0 = time.time()
                 fn()
                 rec["compile_s"] = time.time() - t0
@@ -170,20 +176,24 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 hf[impl] = hf_experts(case, impl)
             except Exception as exc:  # noqa: BLE001 - a baseline that cannot be built is reported
                 log(f"  no transformers {impl} baseline: {type(exc).__name__}: {exc}")
+        router = DenseMoE(case.prepared["bf16"], case.gate, k, renormalize=True)  # the router every run times
         for M in ms:
             x = case.x(M)
-            route = softmax_topk(x @ case.gate.T, k, renormalize=True)
-            ref = experts_ref(x, case.w13, case.w2, route.alpha, compute_dtype=torch.float32)
+            route = router.route(x)
+            ref = experts_ref(x, case.w13, case.w2, route.alpha, compute_dtype=torch.float32, experts_per_chunk=32)
             base = {}
             try:
-                base["cublas_fp8_pipeline_us"] = timer(lambda: cublas(x, route.alpha))["us"]
+                base["cublas_fp8_pipeline_us"] = timer(lambda: cublas(x, router.route(x).alpha))["us"]
                 err_torch = rel_err(cublas(x, route.alpha), ref)
             except RuntimeError as exc:
                 base["cublas_fp8_pipeline_us"], err_torch = None, None
                 log(f"  cuBLAS pipeline failed at M={M}: {exc}")
             for impl, mod in hf.items():
                 try:
-                    base[f"hf_{impl}_bf16_us"] = timer(lambda m=mod: m(x, route.topk_ids, route.topk_weights.to(x.dtype)))["us"]
+                    def hf_run(m=mod):
+                        r = router.route(x)
+                        return m(x, r.topk_ids, r.topk_weights.to(x.dtype))
+                    base[f"hf_{impl}_bf16_us"] = timer(hf_run)["us"]
                 except Exception as exc:  # noqa: BLE001
                     base[f"hf_{impl}_bf16_us"] = None
                     log(f"  transformers {impl} failed at M={M}: {type(exc).__name__}: {exc}")
@@ -202,6 +212,8 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 if _wrong(rec, err, bound, records, log):
                     continue
                 rec.update(timer(fn))
+                rec["experts_only_us"] = timer(lambda m=moe: densemoe.experts_forward(x, m.prepared, route.alpha))["us"]
+                rec["router_us"] = timer(lambda: router.route(x))["us"]
                 es = 1 if dt == "fp8" else 2
                 nbytes = 3 * E * I * H * es + 2 * M * H * 2
                 flops = 2 * M * 3 * E * I * H
@@ -214,7 +226,9 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
 
 
 def fmt(r: dict) -> str:
-    extra = " ".join(f"{k[:-3]}={v:.1f}" for k, v in r.items() if k.endswith("_us") and k not in ("floor_us",) and v)
+    extra = " ".join(f"{k[:-3]}={v:.1f}" for k, v in r.items() if k.endswith("_us") and k != "floor_us" and v)
+    if r.get("config"):
+        extra += f" [{r['config']}]"
     return (f"{r['op']:5} {r['shape']:16} {r['dtype']:4} {r['M']:>4} {r['us']:8.1f} us {r['tb_s']:5.2f} TB/s "
             f"{r['pct_floor']:5.1f}% floor err {r['rel_err']:.2e}  {extra}")
 
@@ -229,7 +243,7 @@ def markdown(meta: dict, records: list[dict]) -> str:
         rs = [r for r in records if r["op"] == op and r.get("us")]
         if not rs:
             continue
-        bases = sorted({k for r in rs for k in r if k.endswith("_us") and k not in ("floor_us", "us")})
+        bases = sorted({k for r in rs for k in r if k.endswith("_us") and k not in NOT_BASELINES})
         lines += [f"## {op}", "", "| shape | dtype | M | us | TB/s | TFLOP/s | floor us | % floor | "
                   + " | ".join(f"{b[:-3]} us | x {b[:-3]}" for b in bases) + " | rel err |",
                   "|---|---|---:|" + "---:|" * (6 + 2 * len(bases))]
