@@ -94,10 +94,13 @@ def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> 
         tokens = _token_tiles(p.m, (16, 32, 64, 128) if swap else (32, 64, 128), keep=2)
         for bm, bi, bk, warps in itertools.product(tokens, (64, 128), ks, (4, 8)):
             stage = (bm + 2 * bi) * bk * p.dtype.itemsize
-            stages = 4 if 4 * stage <= 200 * 1024 else 3
-            cfg = Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1)
-            if fc1_can_implement(p, cfg)[0] and cfg not in out:
-                out.append(cfg)
+            # pipeline depth: 4 (3 where that does not fit), plus a deeper ring for small token
+            # tiles, where bytes in flight decide the streaming rate
+            depths = [4 if 4 * stage <= 200 * 1024 else 3] + ([6] if bm <= 32 and 6 * stage <= 200 * 1024 else [])
+            for stages in depths:
+                cfg = Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1)
+                if fc1_can_implement(p, cfg)[0] and cfg not in out:
+                    out.append(cfg)
     h = default_config(p)
     return ([h] if h not in out else []) + out
 
