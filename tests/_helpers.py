@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
@@ -114,3 +115,21 @@ def assert_close_to_torch(out: torch.Tensor, ref: torch.Tensor, torch_same_preci
                               f"(torch at the same precision: {t_rel:.3e})")
     assert mx <= mx_bound, (f"max abs error {mx:.3e} > {mx_bound:.3e} "
                             f"(torch at the same precision: {t_mx:.3e}, max|ref| {ref_max:.3e})")
+
+
+@contextlib.contextmanager
+def cute_dump_dir(path):
+    """Make CuTe DSL write this process's compile artifacts (the PTX that CUTE_DSL_KEEP keeps)
+    into ``path`` while the block runs. tests/conftest.py sets one CUTE_DSL_DUMP_DIR before
+    pytest-xdist starts its workers, so every worker inherits the same directory, and the file
+    name does not depend on the config: two workers compiling at once would read each other's
+    PTX. A directory per test avoids that."""
+    from cutlass.cutlass_dsl import CuTeDSL
+
+    env = CuTeDSL._get_dsl().envar
+    old = env.dump_dir
+    env.dump_dir = str(path)
+    try:
+        yield str(path)
+    finally:
+        env.dump_dir = old

@@ -22,7 +22,7 @@ from densemoe.kernels.cute import fc2_sm90
 from densemoe.kernels.cute.fc2_sm90 import can_implement
 from densemoe.ops.fc2 import cute_preferred, default_cute_config, which_backend
 from densemoe.reference import fc2_ref
-from _helpers import FP8, assert_close_to_torch, dtype_id, make_inputs, seed_of
+from _helpers import FP8, assert_close_to_torch, cute_dump_dir, dtype_id, make_inputs, seed_of
 
 C = Fc2CuteConfig
 BF16 = torch.bfloat16
@@ -206,12 +206,13 @@ COMPILE_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cute_env():
+@pytest.fixture
+def cute_env(tmp_path):
+    """This test's own directory for the PTX the compile keeps (see ``_helpers.cute_dump_dir``)."""
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed (pip install -e '.[dev]')")
-    dump = os.environ.get("CUTE_DSL_DUMP_DIR")
-    assert dump and "ptx" in os.environ.get("CUTE_DSL_KEEP", ""), "tests/conftest.py sets the CuTe dump env"
-    return dump
+    assert "ptx" in os.environ.get("CUTE_DSL_KEEP", ""), "tests/conftest.py sets the CuTe dump env"
+    with cute_dump_dir(tmp_path) as dump:
+        yield dump
 
 
 @pytest.mark.cute_compile

@@ -1,9 +1,20 @@
-"""FC1, the dense-MoE gate/up projection with SwiGLU fused: public op, validation, custom op."""
+"""FC1, the dense-MoE gate/up projection with SwiGLU fused: public op, validation, backend and
+config choice, custom op.
+
+Two backends: the Triton kernel (``kernels/triton/fc1.py``, every device the package supports)
+and the CuTe DSL kernel for sm_90a (``kernels/cute/fc1_sm90.py``). Nothing of the CuTe kernel has
+been measured on a GPU yet, so ``backend="auto"`` takes it only where a tuned entry (measured by
+``densemoe.tune``) names it or where ``_CUTE_WINS`` says it measured faster (empty today); it is
+used on request (``backend="cute"`` or a pinned ``Fc1CuteConfig``), which raises, naming why,
+when it cannot run these tensors.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from densemoe.kernels.cute import fc1_sm90 as cute_fc1
+from densemoe.kernels.cute.fc1_sm90 import Fc1CuteConfig
 from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_config, fc1_triton
 from densemoe.ops import _validate as v
 from densemoe.tuning import cache as tuning
@@ -11,55 +22,173 @@ from densemoe.tuning import cache as tuning
 OP = "densemoe.fc1"
 IN_DTYPES = (v.FP8, torch.bfloat16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, v.FP8)
+BACKENDS = ("auto", "triton", "cute")
+
+# Where "auto" picks CuTe without a tuned entry: (H, E, I, dtype) -> M buckets (lo, hi] (hi None: no
+# upper bound), to be filled from a GPU run that times both backends' defaults (as ops/fc2.py's
+# table is). Empty: nothing has been measured, so "auto" stays on Triton.
+_CUTE_WINS: dict = {}
 
 
-def _choose_src(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor, config: str):
-    """(config, source) for one call: pinned, else the tuned entry for the problem's key (the
-    user's cache, then the shipped tables), else ``default_config``."""
+def cute_preferred(problem: Fc1Problem) -> bool:
+    """The measured rule: does "auto" prefer the CuTe backend for this problem (no tuned entry)?"""
+    p = problem
+    return any(lo < p.m and (hi is None or p.m <= hi) for lo, hi in _CUTE_WINS.get((p.h, p.e, p.i, p.dtype), ()))
+
+
+def default_cute_config(problem: Fc1Problem) -> Fc1CuteConfig:
+    """Deterministic CuTe config, no timing (not measured yet: a starting point from FC2's
+    measured CuTe table and the register budget).
+
+    Up to 128 tokens: swap-AB (weights are wgmma's M, tokens its N) with the token tile the
+    smallest of 16/32/64/128 that covers M, 128 gate + 128 up rows per unit (two consumer
+    warpgroups from 64 tokens up, one below); above 128 tokens: tokens as wgmma's M, 128 tokens
+    x 128 gate + 128 up rows, two consumers. The tile of I shrinks to 64 (then 32 unswapped)
+    where 128 does not divide I. k-tile 128 bytes per row (deepest ring). One CTA per SM.
+    Raises ValueError when no CuTe config fits (H not a multiple of 128 bytes, I not a
+    multiple of 64 / 32, M too large for 32-bit indices).
+    """
+    p = problem
+    tk = 128 // p.dtype.itemsize
+    if p.m <= 128:
+        tm = next(t for t in (16, 32, 64, 128) if p.m <= t)
+        cons = 2 if tm >= 64 else 1
+        cands = [Fc1CuteConfig(tile_i=ti, tile_m=tm, tile_k=tk, consumers=c, swap_ab=1)
+                 for ti, c in ((128, cons), (64, 1))]
+    else:
+        cands = [Fc1CuteConfig(tile_i=ti, tile_m=128, tile_k=tk, consumers=2, swap_ab=0) for ti in (128, 64, 32)]
+    why = ""
+    for cfg in cands:
+        ok, why = cute_fc1.can_implement(p, cfg)
+        if ok:
+            return cfg
+    raise ValueError(f"no CuTe FC1 config fits H={p.h} E={p.e} I={p.i} {p.dtype} M={p.m}: {why}")
+
+
+def _problem(x, w1, alpha1, out) -> Fc1Problem:
     M, H = x.shape
     E = alpha1.shape[0]
-    problem = Fc1Problem(M, H, E, w1.shape[0] // (2 * E), x.dtype, out.dtype)
-    if config:
-        return Fc1TritonConfig.from_str(config), "pinned"
-    if tuning.tuned_lookups_enabled():
-        key = tuning.make_key("fc1", tuning.device_name(x.device), problem)
-        entry, where = tuning.lookup(key)
-        item = (entry or {}).get("best")
-        if item:
+    return Fc1Problem(M, H, E, w1.shape[0] // (2 * E), x.dtype, out.dtype)
+
+
+def _parse_config(config: str):
+    return Fc1CuteConfig.from_str(config) if config.startswith("fc1-cute:") else Fc1TritonConfig.from_str(config)
+
+
+def _cute_ok(x, w1, alpha1, out, extras) -> tuple[bool, str]:
+    return cute_fc1.runtime_ok(x, w1, alpha1, out, **extras)
+
+
+def _heuristic(problem: Fc1Problem, x, w1, alpha1, out, backend: str, extras: dict):
+    """(backend, config) from the deterministic rules alone: no tuned table, no timing."""
+    if backend == "cute" or (backend == "auto" and cute_preferred(problem)):
+        ok, why = _cute_ok(x, w1, alpha1, out, extras)
+        if ok:
             try:
-                cfg = Fc1TritonConfig.from_str(item["config"])
-            except Exception as exc:  # noqa: BLE001 - any malformed entry: warn, fall back
-                tuning.warn_stale(key, f"config {item.get('config')!r} does not parse ({type(exc).__name__}: {exc})")
-            else:
-                ok, why = can_implement(problem, cfg)
-                if ok:
-                    return cfg, where
-                tuning.warn_stale(key, f"config {item['config']!r} does not fit this problem ({why})")
-    return default_config(problem), "heuristic"
+                return "cute", default_cute_config(problem)
+            except ValueError as exc:
+                why = str(exc)
+        if backend == "cute":
+            raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
+    return "triton", default_config(problem)
+
+
+def _tuned(problem: Fc1Problem, x, w1, alpha1, out, backend: str, extras: dict):
+    """(backend, config, source) from the tuned tables ("cache": the user's, "shipped"), or None.
+    "auto" takes the entry's best and then its best Triton config; a forced backend takes that
+    backend's slot (or the best, if it is of that backend). A CuTe entry that these tensors cannot
+    take (not sm_90, strided, no CuTe DSL) moves on to the next slot."""
+    if not tuning.tuned_lookups_enabled():
+        return None
+    key = tuning.make_key("fc1", tuning.device_name(x.device), problem)
+    entry, where = tuning.lookup(key)
+    if entry is None:
+        return None
+    slots = ("best", "triton") if backend == "auto" else (backend, "best")
+    for slot in slots:
+        item = entry.get(slot)
+        if not item:
+            continue
+        try:
+            cfg = _parse_config(item["config"])
+        except Exception as exc:  # noqa: BLE001 - any malformed entry: warn, fall back
+            tuning.warn_stale(key, f"config {item.get('config')!r} does not parse ({type(exc).__name__}: {exc})")
+            return None
+        if backend != "auto" and cfg.backend != backend:
+            continue
+        if cfg.backend == "cute" and not _cute_ok(x, w1, alpha1, out, extras)[0]:
+            continue  # fine on the tuning machine, not for these tensors here: next slot
+        ok, why = (cute_fc1.can_implement if cfg.backend == "cute" else can_implement)(problem, cfg)
+        if ok:
+            return cfg.backend, cfg, where
+        tuning.warn_stale(key, f"config {item['config']!r} does not fit this problem ({why})")
+    return None
+
+
+def _choose_src(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor, config: str,
+                backend: str = "auto", extras: dict | None = None):
+    """(backend, config, source) for one call: the pinned config ("pinned"), else the tuned entry
+    for the problem's key ("cache": the user's, "shipped": the package's tables), else the
+    deterministic rule ("heuristic"). Raises when the CuTe backend is forced (by ``backend`` or a
+    pinned config) and cannot run these tensors."""
+    extras = extras or {}
+    problem = _problem(x, w1, alpha1, out)
+    if config:
+        cfg = _parse_config(config)
+        if cfg.backend == "cute":
+            ok, why = _cute_ok(x, w1, alpha1, out, extras)
+            if not ok:
+                raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
+        return cfg.backend, cfg, "pinned"
+    return (_tuned(problem, x, w1, alpha1, out, backend, extras)
+            or (*_heuristic(problem, x, w1, alpha1, out, backend, extras), "heuristic"))
+
+
+def _extras(x_scale=None, alpha_post=None, out_scale=None) -> dict:
+    return dict(x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
+
+
+def which_backend(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor,
+                  config=None, backend: str = "auto", with_source: bool = False, *,
+                  x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
+                  out_scale: torch.Tensor | None = None):
+    """The (backend, config) ``fc1`` would use for these tensors (for logs and benchmarks); with
+    ``with_source`` also where the config came from: "pinned", "cache", "shipped" or "heuristic"."""
+    which = _choose_src(x, w1, alpha1, out, config.to_str() if config is not None else "", backend,
+                        _extras(x_scale, alpha_post, out_scale))
+    return which if with_source else which[:2]
 
 
 def which_config(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor,
-                 config: Fc1TritonConfig | None = None) -> tuple[Fc1TritonConfig, str]:
-    """The (config, source) ``fc1`` would use for these tensors (for logs and benchmarks)."""
-    return _choose_src(x, w1, alpha1, out, config.to_str() if config is not None else "")
+                 config: Fc1TritonConfig | Fc1CuteConfig | None = None, backend: str = "auto", *,
+                 x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
+                 out_scale: torch.Tensor | None = None):
+    """The (config, source) ``fc1`` would use for these tensors; the config's ``backend``
+    attribute ("triton" / "cute") names the backend (``which_backend`` returns it first)."""
+    _, cfg, src = _choose_src(x, w1, alpha1, out, config.to_str() if config is not None else "", backend,
+                              _extras(x_scale, alpha_post, out_scale))
+    return cfg, src
 
 
 @torch.library.custom_op("densemoe::fc1", mutates_args=("out",))
 def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
-            alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, out: torch.Tensor, config: str) -> None:
-    cfg, _ = _choose_src(x, w1, alpha1, out, config)
-    fc1_triton(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
+            alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, out: torch.Tensor, config: str,
+            backend: str) -> None:
+    which, cfg, _ = _choose_src(x, w1, alpha1, out, config, backend, _extras(x_scale, alpha_post, out_scale))
+    launch = cute_fc1.fc1_cute if which == "cute" else fc1_triton
+    launch(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
 
 
 @_fc1_op.register_fake
-def _(x, w1, alpha1, x_scale, alpha_post, out_scale, out, config):
+def _(x, w1, alpha1, x_scale, alpha_post, out_scale, out, config, backend):
     return None
 
 
 def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
         out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
-        out: torch.Tensor | None = None, config: Fc1TritonConfig | None = None) -> torch.Tensor:
+        out: torch.Tensor | None = None, config: Fc1TritonConfig | Fc1CuteConfig | None = None,
+        backend: str = "auto") -> torch.Tensor:
     """Dense-MoE FC1 (gate/up projection) over all experts with SwiGLU fused.
 
         s       = alpha1[e] * x_scale[m]                       (x_scale: 1 when None)
@@ -80,8 +209,14 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
                     ``alpha * out_scale``). For a dynamic per-token-per-expert scale, take a
                     bf16 output through ``densemoe.quant.quantize_per_token_expert``.
         out:        optional [M, E*I] output tensor (unit column stride).
-        config:     pin a ``Fc1TritonConfig``; default: a tuned entry for this problem if one
-                    exists (``densemoe.tune("fc1", ...)``, shipped tables), else ``default_config``.
+        config:     pin a ``Fc1TritonConfig`` or a ``Fc1CuteConfig`` (which also picks the
+                    backend); default: a tuned entry for this problem if one exists
+                    (``densemoe.tune("fc1", ...)``, shipped tables), else the backend's
+                    deterministic rule (``default_config`` / ``default_cute_config``).
+        backend:    "auto" (default): a tuned entry's choice, else Triton (the CuTe kernel is not
+                    measured yet); "triton" or "cute" forces one. "cute" (the sm_90a CuTe DSL
+                    kernel) raises, naming why, when it cannot run: no CuTe DSL, not sm_90,
+                    strided or misaligned x / w1, or no CuTe config fits the shape.
 
     Returns:
         y [M, E*I], ready to be FC2's ``a``.
@@ -148,10 +283,15 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     v.device_supports(OP, dev, x.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
         raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad()")
+    if backend not in BACKENDS:
+        raise ValueError(f"{OP}: backend must be one of {BACKENDS}, got {backend!r}")
     if config is not None:
-        if not isinstance(config, Fc1TritonConfig):
-            raise TypeError(f"{OP}: config must be a Fc1TritonConfig, got {type(config).__name__}")
-        ok, why = can_implement(Fc1Problem(M, H, E, I, x.dtype, out_dtype), config)
+        if not isinstance(config, (Fc1TritonConfig, Fc1CuteConfig)):
+            raise TypeError(f"{OP}: config must be a Fc1TritonConfig or Fc1CuteConfig, got {type(config).__name__}")
+        if backend != "auto" and backend != config.backend:
+            raise ValueError(f"{OP}: config is a {config.backend} config but backend={backend!r}")
+        check = cute_fc1.can_implement if config.backend == "cute" else can_implement
+        ok, why = check(Fc1Problem(M, H, E, I, x.dtype, out_dtype), config)
         if not ok:
             raise ValueError(f"{OP}: config {config.to_str()} cannot run: {why}")
     if out is None:
@@ -159,5 +299,5 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     if M == 0:
         return out
     _fc1_op(x, w1, alpha1, x_scale, alpha_post, out_scale.reshape(1) if out_scale is not None else None,
-            out, config.to_str() if config is not None else "")
+            out, config.to_str() if config is not None else "", backend)
     return out

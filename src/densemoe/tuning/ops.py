@@ -78,31 +78,45 @@ FC2 = TunedOp(
 
 # ------------------------------------------------------------------------------------------ fc1
 
-def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> list[Fc1TritonConfig]:
-    """FC1 tactics (Triton): orientation x token tile x tile of I x k-tile x warps; the pipeline
-    depth is 4 (3 where 4 stages of both operands would not fit shared memory)."""
+def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> list:
+    """FC1 tactics, in a fixed order, each passing its backend's ``can_implement``.
+
+    Triton: orientation x token tile x tile of I x k-tile x warps; the pipeline depth is 4 (3
+    where 4 stages of both operands would not fit shared memory); the heuristic's choice first.
+    CuTe DSL (sm_90a): swap-AB up to M = 128 (token tile from ``_token_tiles``, tile of I 64/128,
+    k-tile 128/256 bytes, 1 or 2 consumer warpgroups) and tokens as wgmma's M from M = 64
+    (64 or 128 tokens, tile of I 64/128, both k-tiles); the deepest ring; one CTA per SM."""
+    from densemoe.kernels.cute import fc1_sm90 as cute_fc1
     from densemoe.kernels.triton.fc1 import default_config
     from densemoe.tuning.space import _token_tiles
 
-    if "triton" not in backends:
-        return []
     p = problem
-    out: list[Fc1TritonConfig] = []
+    out: list = []
     ks = sorted({kb // p.dtype.itemsize for kb in (128, 256)})
-    swaps = ([1] if p.m <= 128 else []) + ([0] if p.m >= 32 else [])
-    for swap in swaps:
-        tokens = _token_tiles(p.m, (16, 32, 64, 128) if swap else (32, 64, 128), keep=2)
-        for bm, bi, bk, warps in itertools.product(tokens, (64, 128), ks, (4, 8)):
-            stage = (bm + 2 * bi) * bk * p.dtype.itemsize
-            # pipeline depth: 4 (3 where that does not fit), plus a deeper ring for small token
-            # tiles, where bytes in flight decide the streaming rate
-            depths = [4 if 4 * stage <= 200 * 1024 else 3] + ([6] if bm <= 32 and 6 * stage <= 200 * 1024 else [])
-            for stages in depths:
+    if "triton" in backends:
+        swaps = ([1] if p.m <= 128 else []) + ([0] if p.m >= 32 else [])
+        for swap in swaps:
+            tokens = _token_tiles(p.m, (16, 32, 64, 128) if swap else (32, 64, 128), keep=2)
+            for bm, bi, bk, warps in itertools.product(tokens, (64, 128), ks, (4, 8)):
+                stage = (bm + 2 * bi) * bk * p.dtype.itemsize
+                stages = 4 if 4 * stage <= 200 * 1024 else 3
                 cfg = Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1)
                 if fc1_can_implement(p, cfg)[0] and cfg not in out:
                     out.append(cfg)
-    h = default_config(p)
-    return ([h] if h not in out else []) + out
+        h = default_config(p)
+        out = ([h] if h not in out else []) + out
+    if "cute" in backends:
+        cands = []
+        if p.m <= 128:
+            for tm, ti, tk, cons in itertools.product(_token_tiles(p.m, (16, 32, 64, 128), keep=2), (64, 128), ks, (1, 2)):
+                cands.append(cute_fc1.Fc1CuteConfig(tile_i=ti, tile_m=tm, tile_k=tk, consumers=cons, swap_ab=1))
+        if p.m >= 64:
+            for cons, ti, tk in itertools.product((1, 2) if p.m > 64 else (1,), (64, 128), ks):
+                cands.append(cute_fc1.Fc1CuteConfig(tile_i=ti, tile_m=64 * cons, tile_k=tk, consumers=cons, swap_ab=0))
+        for cfg in cands:
+            if cute_fc1.can_implement(p, cfg)[0] and cfg not in out:
+                out.append(cfg)
+    return out
 
 
 def _fc1_inputs(p, device, seed, shared):
@@ -140,9 +154,10 @@ def _fc1_ref(inputs):
 
 
 def _fc1_heuristic(p, inputs, out):
-    from densemoe.kernels.triton.fc1 import default_config
+    from densemoe.ops.fc1 import _extras, _heuristic
 
-    return default_config(p)
+    x, w1, alpha1, xs = inputs
+    return _heuristic(p, x, w1, alpha1, out, "auto", _extras(x_scale=xs))[1]
 
 
 FC1 = TunedOp(

@@ -9,8 +9,9 @@ candidate takes tens of milliseconds. So, before the timing loop:
   source, constexprs and argument specialisation; the workers run the tuner's exact calls (same
   shapes, dtypes, token count), so the tuner's own first call of each candidate only loads the
   binary.
-- **CuTe DSL** candidates compile in this process meanwhile: ``compile_fc2`` is keyed by config
-  and model shape (N, E, I), not by M, and its in-process cache cannot be shared with workers.
+- **CuTe DSL** candidates compile in this process meanwhile: ``compile_fc2`` / ``compile_fc1``
+  are keyed by config and model shape (N or H, E, I), not by M, and their in-process caches
+  cannot be shared with workers.
 
 Nothing here decides a result. A candidate that fails in a worker is simply left to the timing
 loop, which compiles it again and reports the failure; a pool that cannot start (no CUDA, a
@@ -105,17 +106,25 @@ def precompile(plan: list[tuple[Fc2Problem, list]], device, workers: int | None 
         except Exception as exc:  # noqa: BLE001 - no pool: the timing loop compiles everything
             stats.error = f"no worker pool: {type(exc).__name__}: {exc}"
             pool = None
-    cute = []
+    from densemoe.kernels.cute import fc1_sm90
+    from densemoe.kernels.triton.fc1 import Fc1Problem
+
+    cute = []  # static compile keys: (compile function, config, dtype, out dtype, N or H, E, I)
     for p, cfgs in plan:
         for c in cfgs:
-            k = (c, p.dtype, p.out_dtype, p.n, p.e, p.i)
-            if getattr(c, "backend", "") == "cute" and k not in cute:
+            if getattr(c, "backend", "") != "cute":
+                continue
+            if isinstance(p, Fc1Problem):
+                k = (fc1_sm90.compile_fc1, c, p.dtype, p.out_dtype, p.h, p.e, p.i)
+            else:
+                k = (fc2_sm90.compile_fc2, c, p.dtype, p.out_dtype, p.n, p.e, p.i)
+            if k not in cute:
                 cute.append(k)
     stats.cute_configs = len(cute)
     if cute and fc2_sm90.cute_available():
-        for k in cute:
+        for fn, *k in cute:
             try:
-                fc2_sm90.compile_fc2(*k)
+                fn(*k)
                 stats.cute_ok += 1
             except Exception:  # noqa: BLE001 - reported by the timing loop
                 pass

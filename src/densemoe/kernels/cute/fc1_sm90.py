@@ -1,0 +1,593 @@
+"""FC1 (dense-MoE gate/up projection with SwiGLU fused) for Hopper (sm_90a) in NVIDIA's CuTe DSL.
+
+Semantics: the contract of the Triton kernel (``densemoe.kernels.triton.fc1``;
+``densemoe.reference.fc1_ref`` is the executable twin)::
+
+    # x:          [M, H]     fp8 e4m3 or bf16, K-major, contiguous
+    # w1:         [E*2I, H]  same dtype, K-major, contiguous (expert e: rows e*2I .. e*2I+I-1
+    #                        are gate, rows e*2I+I .. e*2I+2I-1 are up: the checkpoint layout)
+    # alpha1:     [E]        float32
+    # x_scale:    [M]        float32, optional (1 when absent)
+    # alpha_post: [M, E]     float32, optional (1 when absent), unit column stride
+    # y:          [M, E*I]   bf16 / fp16 / fp32, or fp8 e4m3 with a one-element out_scale
+    for m, e, i:
+        s = alpha1[e] * x_scale[m]                                   # fp32
+        g = s * sum(x[m, k] * w1[e*2I + i, k] for k in range(H))     # wgmma, fp32 accumulate
+        u = s * sum(x[m, k] * w1[e*2I + I + i, k] for k in range(H))
+        v = silu(g) * u * alpha_post[m, e]                            # fp32
+        y[m, e*I + i] = v.to(y.dtype)         # fp8: clamp(v / out_scale, +-448) then round
+
+A plain dense GEMM (N = E*2I, K = H, no per-expert scale along K) with a SwiGLU epilogue that
+pairs gate row i with up row I+i of the same expert.
+
+Kernel.
+
+* Work unit = (token tile, expert, tile of I): ``tile_i`` gate rows at ``e*2I + i0`` and the
+  ``tile_i`` up rows at ``e*2I + I + i0`` (``tile_i`` divides I, so a unit never straddles two
+  experts), times ``tile_m`` tokens, over all of K = H. Units are numbered weight-tile-major,
+  token-tile-fastest: ``u = weight_tile * m_tiles + token_tile`` with ``weight_tile = e * (I /
+  tile_i) + i0 / tile_i``. The persistent CTAs (``ctas``, default one per SM) take units
+  ``cta, cta + G, cta + 2G, ...``: the CTAs running at the same time hold consecutive units, i.e.
+  the same few weight tiles against every token tile, so each weight byte comes from DRAM once
+  (the other token tiles find it in L2) and x (M * H bytes: a few MB) stays in L2.
+* Two TMA loads per stage fetch the weight tile from the checkpoint layout as it is (no
+  re-layout of w1): the gate rows into one shared-memory buffer and the up rows into another
+  (same swizzled layout), plus a third load for the token tile. Rows past M read as zeros
+  (TMA fills out-of-bounds rows), so a ragged last token tile needs no mask until the store.
+* Warp specialisation as in ``fc2_sm90``: warpgroup 0 is the producer (one warp issues the TMA
+  loads into a ``stages``-deep ring guarded by mbarriers, ``PipelineTmaAsync``, and gives its
+  registers away with ``setmaxnreg``); warpgroups 1.. are consumers issuing wgmma. Each k-tile
+  runs the gate and the up wgmmas into two fp32 accumulators with identical layouts, so the
+  SwiGLU pairing is element-wise in registers. A stage is released as soon as the wgmmas that
+  read it are complete (one commit group in flight).
+* Orientation (``swap_ab``): 1 = weights are wgmma's M operand (64 rows per consumer atom) and
+  tokens its N (``tile_m`` 16..256: M = 1 costs a 16-wide token tile); 0 = tokens are wgmma's M
+  (``tile_m = 64 * consumers``) and the weight tile its N (``tile_i`` up to 256).
+* Epilogue (per unit, after its last wgmma): ``alpha1[e] * x_scale[m]`` and ``alpha_post[m,
+  e]`` are read per token column this thread holds (L2-resident), then ``silu(g) * u * post``
+  in fp32, converted and stored straight to global memory, masked to rows < M.
+
+Constraints live in ``can_implement``; ``densemoe.ops.fc1`` uses this kernel only where it is
+asked for (backend="cute", a pinned ``Fc1CuteConfig`` or a tuned entry) and falls back to (or,
+when forced, names why it cannot leave) Triton otherwise.
+"""
+
+
+import dataclasses
+import functools
+
+import torch
+
+from densemoe.kernels.cute.fc2_sm90 import (  # shared with FC2: limits, dtype map, lazy import probe
+    SMEM_BYTES,
+    _cutlass_dtype,
+    cute_available,
+)
+from densemoe.kernels.triton.fc1 import Fc1Problem  # shared by every backend
+
+_SMEM_RESERVE = 2048  # mbarriers + alignment slack
+_CONSUMER_REGS = 232
+_PRODUCER_REGS = 40
+_MAX_ACC_REGS = 200  # fp32 accumulator (+ epilogue scale) registers per consumer thread
+_SCALE_CHUNK = 8  # token columns whose factors the epilogue reads at once (swap_ab: 16 registers)
+_INDEX_LIMIT = 2**31  # the kernel's tensor coordinates are 32-bit
+FP8 = torch.float8_e4m3fn
+
+__all__ = ["Fc1CuteConfig", "can_implement", "compile_fc1", "runtime_ok", "fc1_cute", "cute_available",
+           "units_of", "launch_ctas"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fc1CuteConfig:
+    """One tactic of the CuTe DSL FC1 kernel (sm_90a). Every field is a compile-time choice
+    except ``ctas``, which only sizes the launch.
+
+    tile_i:    gate rows per unit (and as many up rows): the unit covers rows e*2I + i0 ..
+               + tile_i and e*2I + I + i0 .. + tile_i of one expert; must divide I.
+               swap_ab=1: wgmma M, a multiple of 64 * consumers in [64, 256];
+               swap_ab=0: wgmma N, a multiple of 32 in [32, 256]
+    tile_m:    tokens per unit. swap_ab=1: wgmma N, a multiple of 16 in [16, 256];
+               swap_ab=0: wgmma M, exactly 64 * consumers
+    tile_k:    k-tile in elements: 128 or 256 bytes per row (fp8 128/256, bf16 64/128);
+               must divide H
+    stages:    depth of the shared-memory load ring (0 = as deep as shared memory allows, <= 16)
+    consumers: consumer warpgroups (1 or 2)
+    swap_ab:   1: weights are wgmma's M operand, tokens its N (small M); 0: tokens are wgmma's M
+    ctas:      persistent CTAs launched (0 = one per SM, never more than there are units)
+    """
+
+    tile_i: int = 64
+    tile_m: int = 16
+    tile_k: int = 128
+    stages: int = 0
+    consumers: int = 1
+    swap_ab: int = 1
+    ctas: int = 0
+
+    backend = "cute"
+
+    def to_str(self) -> str:
+        return "fc1-cute:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def from_str(s: str) -> "Fc1CuteConfig":
+        body = s.removeprefix("fc1-cute:")
+        return Fc1CuteConfig(**{k: int(v) for k, v in (kv.split("=") for kv in body.split(",") if kv)})
+
+    def stage_bytes(self, dtype: torch.dtype) -> int:
+        """Shared memory of one ring stage: gate tile + up tile + token tile."""
+        return (2 * self.tile_i + self.tile_m) * self.tile_k * dtype.itemsize
+
+    def resolved_stages(self, dtype: torch.dtype) -> int:
+        if self.stages:
+            return self.stages
+        return min(16, (SMEM_BYTES - _SMEM_RESERVE) // self.stage_bytes(dtype))
+
+    def acc_regs(self) -> int:
+        """fp32 registers per consumer thread for the two accumulators."""
+        return 2 * self.tile_i * self.tile_m // (128 * self.consumers)
+
+    def scale_regs(self) -> int:
+        """fp32 registers per consumer thread for the epilogue's per-token factors: two
+        values per token column, read ``_SCALE_CHUNK`` columns at a time."""
+        return 2 * min(_SCALE_CHUNK, self.tile_m // 4 if self.swap_ab else 2)
+
+
+def can_implement(problem: Fc1Problem, config: Fc1CuteConfig) -> tuple[bool, str]:
+    """Whether ``config`` can run ``problem`` on the CuTe sm_90a kernel; the reason if not.
+
+    Shape and config rules only (no device queries): ``runtime_ok`` adds the tensors' rules
+    (device, contiguity, alignment, CuTe DSL installed).
+    """
+    c, p = config, problem
+    if p.dtype not in (FP8, torch.bfloat16):
+        return False, f"input dtype {p.dtype} not supported (fp8 e4m3 or bf16)"
+    if p.out_dtype not in (torch.bfloat16, torch.float16, torch.float32, FP8):
+        return False, f"out dtype {p.out_dtype} not supported (bf16, fp16, fp32 or fp8 e4m3)"
+    if c.consumers not in (1, 2):
+        return False, f"consumers={c.consumers} not in (1, 2)"
+    if c.swap_ab not in (0, 1):
+        return False, f"swap_ab={c.swap_ab} not in (0, 1)"
+    if c.swap_ab:
+        if c.tile_i not in (64, 128, 192, 256) or c.tile_i % (64 * c.consumers):
+            return False, f"tile_i={c.tile_i} must be 64/128/192/256 and a multiple of 64 * consumers (wgmma M)"
+        if not (16 <= c.tile_m <= 256 and c.tile_m % 16 == 0):
+            return False, f"tile_m={c.tile_m} must be a multiple of 16 in [16, 256] (wgmma N)"
+    else:
+        if c.tile_m != 64 * c.consumers:
+            return False, f"tile_m={c.tile_m} must be 64 * consumers without swap_ab (one wgmma M atom each)"
+        if not (32 <= c.tile_i <= 256 and c.tile_i % 32 == 0):
+            return False, f"tile_i={c.tile_i} must be a multiple of 32 in [32, 256] (wgmma N) without swap_ab"
+    if p.i % c.tile_i:
+        return False, f"tile_i={c.tile_i} does not divide I={p.i} (a unit's gate and up rows are one expert's)"
+    row_bytes = c.tile_k * p.dtype.itemsize
+    if row_bytes not in (128, 256):
+        return False, f"tile_k={c.tile_k} must give 128 or 256 bytes per row for {p.dtype} (128B swizzle atoms)"
+    if p.h % c.tile_k:
+        return False, f"tile_k={c.tile_k} does not divide H={p.h}"
+    regs = c.acc_regs() + c.scale_regs()
+    if regs > _MAX_ACC_REGS:
+        return False, (f"gate and up accumulators and the token factors need {regs} fp32 registers per "
+                       f"thread (limit {_MAX_ACC_REGS})")
+    stages = c.resolved_stages(p.dtype)
+    if stages < 2:
+        return False, f"stages={stages} must be >= 2"
+    smem = stages * c.stage_bytes(p.dtype) + _SMEM_RESERVE
+    if smem > SMEM_BYTES:
+        return False, f"{stages} stages need {smem} B of shared memory (limit {SMEM_BYTES})"
+    if c.ctas < 0:
+        return False, f"ctas={c.ctas} must be >= 0"
+    for what, n in (("w1 (E*2I*H)", 2 * p.e * p.i * p.h), ("x (M*H)", p.m * p.h), ("y (M*E*I)", p.m * p.e * p.i)):
+        if n >= _INDEX_LIMIT:
+            return False, f"{what} has {n} elements: the kernel's indices are 32-bit (< 2**31); split the batch"
+    return True, ""
+
+
+# ----------------------------------------------------------------------------------------
+# The kernel. Everything below imports cutlass lazily: the module is importable (and the
+# config / can_implement usable) without CuTe DSL installed.
+# ----------------------------------------------------------------------------------------
+
+
+def _build_kernel_class():
+    """Define the kernel class (needs cutlass); called once."""
+    import cutlass
+    import cutlass.cute as cute
+    import cutlass.pipeline as pipeline
+    import cutlass.utils as utils
+    import cutlass.utils.hopper_helpers as sm90_utils
+    from cutlass import Float32, Int32
+
+    log2e = 1.4426950408889634
+
+    class Fc1Sm90:
+        def __init__(self, cfg: Fc1CuteConfig, ab_dtype, out_dtype, h: int, e: int, i: int):
+            self.cfg = cfg
+            self.ab_dtype = ab_dtype
+            self.out_dtype = out_dtype
+            self.out_fp8 = out_dtype.width == 8
+            self.H, self.E, self.I = h, e, i
+            self.tile_i, self.tile_m, self.tile_k = cfg.tile_i, cfg.tile_m, cfg.tile_k
+            self.kt = h // cfg.tile_k  # k-tiles per unit
+            self.i_tiles = i // cfg.tile_i  # units per expert and token tile
+            self.w_tiles = e * self.i_tiles
+            self.consumers = cfg.consumers
+            self.swap = bool(cfg.swap_ab)
+            # token factors per consumer thread: one per token column it holds (swap_ab: the
+            # accumulator's N), or one per accumulator row it holds (2)
+            self.scale_n = cfg.tile_m // 4 if self.swap else 2
+            self.scale_chunk = min(self.scale_n, _SCALE_CHUNK)  # read this many at a time
+            self.threads = 128 * (1 + cfg.consumers)
+            self.stages = cfg.resolved_stages(FP8 if ab_dtype.width == 8 else torch.bfloat16)
+
+        # ---------------------------------------------------------------- host side
+        @cute.jit
+        def __call__(self, w_ptr: cute.Pointer, x_ptr: cute.Pointer, alpha1_ptr: cute.Pointer,
+                     xs_ptr: cute.Pointer, post_ptr: cute.Pointer, oscale_ptr: cute.Pointer,
+                     y_ptr: cute.Pointer, m: Int32, has_xs: Int32, has_post: Int32, ld_post: Int32,
+                     ld_y: Int32, num_ctas: Int32, stream):
+            H, E, I = self.H, self.E, self.I
+            mW = cute.make_tensor(w_ptr, cute.make_layout((E * 2 * I, H), stride=(H, 1)))
+            mX = cute.make_tensor(x_ptr, cute.make_layout((m, H), stride=(H, 1)))
+            mAlpha1 = cute.make_tensor(alpha1_ptr, cute.make_layout(E))
+            mXs = cute.make_tensor(xs_ptr, cute.make_layout(m))
+            mPost = cute.make_tensor(post_ptr, cute.make_layout((m, E), stride=(ld_post, 1)))
+            mOscale = cute.make_tensor(oscale_ptr, cute.make_layout(1))
+            mY = cute.make_tensor(y_ptr, cute.make_layout((m, E * I), stride=(ld_y, 1)))
+
+            self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
+                self.ab_dtype, self.ab_dtype,
+                cute.nvgpu.warpgroup.OperandMajorMode.K, cute.nvgpu.warpgroup.OperandMajorMode.K,
+                Float32, (self.consumers, 1, 1), tiler_mn=(64, self.tile_m if self.swap else self.tile_i))
+            w_layout = self._smem_layout(self.tile_i)
+            x_layout = self._smem_layout(self.tile_m)
+            tma_w, tma_tw = self._tma(mW, w_layout, self.tile_i)
+            tma_x, tma_tx = self._tma(mX, x_layout, self.tile_m)
+
+            @cute.struct
+            class SharedStorage:
+                pipe_mbar: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+                sG: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(w_layout)], 1024]
+                sU: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(w_layout)], 1024]
+                sX: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(x_layout)], 1024]
+
+            self.shared_storage = SharedStorage
+            self.kernel(tma_w, tma_tw, tma_x, tma_tx, mAlpha1, mXs, mPost, mOscale, mY, m, has_xs, has_post,
+                        self.tiled_mma, w_layout, x_layout).launch(
+                grid=[num_ctas, 1, 1],
+                block=[self.threads, 1, 1],
+                cluster=[1, 1, 1],
+                min_blocks_per_mp=1,
+                stream=stream,
+            )
+
+        def _smem_layout(self, rows: int):
+            atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
+                sm90_utils.get_smem_layout_atom(utils.LayoutEnum.ROW_MAJOR, self.ab_dtype, self.tile_k),
+                self.ab_dtype)
+            return cute.tile_to_shape(atom, (rows, self.tile_k, self.stages), order=(0, 1, 2))
+
+        def _tma(self, tensor, smem_layout_staged, rows: int):
+            smem_layout = cute.slice_(smem_layout_staged, (None, None, 0))
+            return cute.nvgpu.cpasync.make_tiled_tma_atom(
+                cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp(), tensor, smem_layout, (rows, self.tile_k))
+
+        # ---------------------------------------------------------------- device side
+        @cute.kernel
+        def kernel(self, tma_w: cute.CopyAtom, mW: cute.Tensor, tma_x: cute.CopyAtom, mX: cute.Tensor,
+                   mAlpha1: cute.Tensor, mXs: cute.Tensor, mPost: cute.Tensor, mOscale: cute.Tensor,
+                   mY: cute.Tensor, m: Int32, has_xs: Int32, has_post: Int32, tiled_mma: cute.TiledMma,
+                   w_smem_layout: cute.ComposedLayout, x_smem_layout: cute.ComposedLayout):
+            tile_i, tile_m, tile_k = self.tile_i, self.tile_m, self.tile_k
+            KT, IT = self.kt, self.i_tiles
+            tidx, _, _ = cute.arch.thread_idx()
+            warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            if warp_idx == 0:
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_w)
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_x)
+            bidx, _, _ = cute.arch.block_idx()
+            gdim, _, _ = cute.arch.grid_dim()
+
+            # ---- shared memory and the load pipeline
+            smem = utils.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            w_one = cute.slice_(w_smem_layout, (None, None, 0))
+            x_one = cute.slice_(x_smem_layout, (None, None, 0))
+            tx_bytes = 2 * cute.size_in_bytes(self.ab_dtype, w_one) + cute.size_in_bytes(self.ab_dtype, x_one)
+            pipe = pipeline.PipelineTmaAsync.create(
+                barrier_storage=storage.pipe_mbar.data_ptr(),
+                num_stages=self.stages,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumers * 4),
+                tx_count=tx_bytes,
+                cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
+                defer_sync=True,
+            )
+            pipeline.pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+            sG = storage.sG.get_tensor(w_smem_layout.outer, swizzle=w_smem_layout.inner)
+            sU = storage.sU.get_tensor(w_smem_layout.outer, swizzle=w_smem_layout.inner)
+            sX = storage.sX.get_tensor(x_smem_layout.outer, swizzle=x_smem_layout.inner)
+
+            # ---- global tiles: (rows, tile_k, row tiles, k tiles)
+            gW = cute.local_tile(mW, (tile_i, tile_k), (None, None))
+            gX = cute.local_tile(mX, (tile_m, tile_k), (None, None))
+            tGsG, tWgW = cute.nvgpu.cpasync.tma_partition(
+                tma_w, 0, cute.make_layout(1), cute.group_modes(sG, 0, 2), cute.group_modes(gW, 0, 2))
+            tUsU, _ = cute.nvgpu.cpasync.tma_partition(
+                tma_w, 0, cute.make_layout(1), cute.group_modes(sU, 0, 2), cute.group_modes(gW, 0, 2))
+            tXsX, tXgX = cute.nvgpu.cpasync.tma_partition(
+                tma_x, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
+
+            # ---- the work list: units bidx, bidx + G, ... (weight tile major, token tile fastest)
+            m_tiles = (m + tile_m - 1) // tile_m
+            units = m_tiles * self.w_tiles
+
+            pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
+            warp_group = cute.arch.make_warp_uniform(tidx // 128)
+
+            if warp_group == 0:  # ------------------------------------------ producer
+                cute.arch.setmaxregister_decrease(_PRODUCER_REGS)
+                if warp_idx == 0:
+                    state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                    for u in range(bidx, units, gdim):
+                        wt = u // m_tiles
+                        mt = u - wt * m_tiles
+                        e = wt // IT
+                        gate_tile = wt + e * IT  # row tile of w1: (e*2I + it*tile_i) / tile_i
+                        up_tile = gate_tile + IT  # I rows further down
+                        for kt in cutlass.range(KT, unroll=1):
+                            pipe.producer_acquire(state)
+                            bar = pipe.producer_get_barrier(state)
+                            cute.copy(tma_w, tWgW[(None, gate_tile, kt)], tGsG[(None, state.index)], tma_bar_ptr=bar)
+                            cute.copy(tma_w, tWgW[(None, up_tile, kt)], tUsU[(None, state.index)], tma_bar_ptr=bar)
+                            cute.copy(tma_x, tXgX[(None, mt, kt)], tXsX[(None, state.index)], tma_bar_ptr=bar)
+                            pipe.producer_commit(state)
+                            state.advance()
+                    pipe.producer_tail(state)
+            else:  # --------------------------------------------------------- consumers
+                cute.arch.setmaxregister_increase(_CONSUMER_REGS)
+                ctid = tidx - 128
+                wg_mma = tiled_mma.get_slice((warp_group - 1) * 128)  # A/B: per warpgroup
+                thr_mma = tiled_mma.get_slice(ctid)  # C: per thread
+                # wgmma operands of the gate product (gA, gB) and of the up product (uA, uB)
+                if cutlass.const_expr(self.swap):
+                    gA = tiled_mma.make_fragment_A(wg_mma.partition_A(sG))
+                    uA = tiled_mma.make_fragment_A(wg_mma.partition_A(sU))
+                    gB = tiled_mma.make_fragment_B(wg_mma.partition_B(sX))
+                    uB = gB
+                    cC = cute.make_identity_tensor((tile_i, tile_m))  # (weight row, token)
+                else:
+                    gA = tiled_mma.make_fragment_A(wg_mma.partition_A(sX))
+                    uA = gA
+                    gB = tiled_mma.make_fragment_B(wg_mma.partition_B(sG))
+                    uB = tiled_mma.make_fragment_B(wg_mma.partition_B(sU))
+                    cC = cute.make_identity_tensor((tile_m, tile_i))  # (token, weight row)
+                tCcC = thr_mma.partition_C(cC)
+                acc_g = cute.make_rmem_tensor(tCcC.shape, Float32)
+                acc_u = cute.make_rmem_tensor(tCcC.shape, Float32)
+                s_tok = cute.make_rmem_tensor((self.scale_chunk,), Float32)
+                p_tok = cute.make_rmem_tensor((self.scale_chunk,), Float32)
+                read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                inv_os = Float32(1.0)
+                if cutlass.const_expr(self.out_fp8):
+                    inv_os = Float32(1.0) / mOscale[0]
+                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                for u in range(bidx, units, gdim):
+                    read, release = self._mainloop(tiled_mma, pipe, read, release, gA, gB, uA, uB, acc_g, acc_u)
+                    wt = u // m_tiles
+                    mt = u - wt * m_tiles
+                    e = wt // IT
+                    it = wt - e * IT
+                    self._epilogue(acc_g, acc_u, s_tok, p_tok, tCcC, mAlpha1, mXs, mPost, mY, e,
+                                   e * self.I + it * tile_i, mt * tile_m, m, has_xs, has_post, inv_os)
+
+        @cute.jit
+        def _mainloop(self, tiled_mma: cute.TiledMma, pipe, read, release, gA: cute.Tensor, gB: cute.Tensor,
+                      uA: cute.Tensor, uB: cute.Tensor, acc_g: cute.Tensor, acc_u: cute.Tensor):
+            """One unit's k-tiles into the two accumulators; each stage released as soon as the
+            wgmmas that read it are complete (at most two stages held)."""
+            num_kb = cute.size(gA, mode=[2])
+            acc_g.fill(0.0)  # (not ACCUMULATE=False: a helper cannot rebind tiled_mma's state)
+            acc_u.fill(0.0)
+            cute.nvgpu.warpgroup.fence()
+            for kt in cutlass.range(self.kt, unroll=1):
+                pipe.consumer_wait(read)
+                for kb in cutlass.range_constexpr(num_kb):
+                    coord = (None, None, kb, read.index)
+                    cute.gemm(tiled_mma, acc_g, gA[coord], gB[coord], acc_g)
+                    cute.gemm(tiled_mma, acc_u, uA[coord], uB[coord], acc_u)
+                cute.nvgpu.warpgroup.commit_group()
+                if kt > 0:
+                    cute.nvgpu.warpgroup.wait_group(1)
+                    pipe.consumer_release(release)
+                    release.advance()
+                read.advance()
+            cute.nvgpu.warpgroup.wait_group(0)
+            pipe.consumer_release(release)
+            release.advance()
+            return read, release
+
+        @cute.jit
+        def _epilogue(self, acc_g: cute.Tensor, acc_u: cute.Tensor, s_tok: cute.Tensor, p_tok: cute.Tensor,
+                      tCcC: cute.Tensor, mAlpha1: cute.Tensor, mXs: cute.Tensor, mPost: cute.Tensor, mY: cute.Tensor,
+                      e: Int32, col_base: Int32, m_base: Int32, m: Int32, has_xs: Int32, has_post: Int32,
+                      inv_os: Float32):
+            """y[tokens, col_base + rows] = silu(g * s) * (u * s) * post for this thread's values.
+
+            The token factors (s = alpha1[e] * x_scale[token], post = alpha_post[token, e]) are read
+            ``scale_chunk`` token columns at a time (all loads of a chunk issued together, one L2
+            latency per chunk), then every accumulator value of those columns is finished."""
+            a1 = mAlpha1[e]
+            atoms = cute.size(acc_g, mode=[1])
+            chunk = self.scale_chunk
+            for c0 in cutlass.range_constexpr(-(-self.scale_n // chunk)):
+                for j in cutlass.range_constexpr(min(chunk, self.scale_n - c0 * chunk)):
+                    c = c0 * chunk + j
+                    if cutlass.const_expr(self.swap):
+                        # value mode ((2, 2, tile_m/8), atoms, 1): the token column is set by v0, v2
+                        tok = tCcC[((c % 2, 0, c // 2), 0, 0)][1]
+                    else:
+                        # value mode ((2, 2, tile_i/8), 1, 1): the token row is set by v1 only
+                        tok = tCcC[((0, c, 0), 0, 0)][0]
+                    row = cutlass.min(m_base + tok, m - 1)  # rows past M: clamped, never stored
+                    xs = Float32(1.0)
+                    if has_xs != 0:
+                        xs = mXs[row]
+                    post = Float32(1.0)
+                    if has_post != 0:
+                        post = mPost[row, e]
+                    s_tok[j] = a1 * xs
+                    p_tok[j] = post
+                for j in cutlass.range_constexpr(min(chunk, self.scale_n - c0 * chunk)):
+                    c = c0 * chunk + j
+                    if cutlass.const_expr(self.swap):
+                        for a_ in cutlass.range_constexpr(atoms):
+                            for v1 in cutlass.range_constexpr(2):
+                                self._finish(acc_g, acc_u, s_tok[j], p_tok[j], tCcC, mY, ((c % 2, v1, c // 2), a_, 0),
+                                             col_base, m_base, m, inv_os)
+                    else:
+                        for v2 in cutlass.range_constexpr(self.tile_i // 8):
+                            for v0 in cutlass.range_constexpr(2):
+                                self._finish(acc_g, acc_u, s_tok[j], p_tok[j], tCcC, mY, ((v0, c, v2), 0, 0),
+                                             col_base, m_base, m, inv_os)
+
+        @cute.jit
+        def _finish(self, acc_g: cute.Tensor, acc_u: cute.Tensor, s: Float32, post: Float32, tCcC: cute.Tensor,
+                    mY: cute.Tensor, crd: cutlass.Constexpr, col_base: Int32, m_base: Int32, m: Int32,
+                    inv_os: Float32):
+            """One output value: SwiGLU of the paired gate and up accumulators, converted, stored."""
+            g = acc_g[crd] * s
+            up = acc_u[crd] * s
+            sig = Float32(1.0) / (Float32(1.0) + cute.math.exp2(g * (-log2e), fastmath=True))
+            val = g * sig * up * post
+            if cutlass.const_expr(self.out_fp8):
+                val = cute.arch.fmin(cute.arch.fmax(val * inv_os, Float32(-448.0)), Float32(448.0))
+            if cutlass.const_expr(self.swap):
+                col, tok = tCcC[crd][0], tCcC[crd][1]
+            else:
+                tok, col = tCcC[crd][0], tCcC[crd][1]
+            r = m_base + tok
+            if r < m:
+                mY[r, col_base + col] = val.to(self.out_dtype)
+
+    return Fc1Sm90
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_class():
+    return _build_kernel_class()
+
+
+@functools.lru_cache(maxsize=1024)  # a tuning sweep compiles a few hundred; each holds one small module
+def compile_fc1(config: Fc1CuteConfig, dtype: torch.dtype, out_dtype: torch.dtype, h: int, e: int, i: int):
+    """Compile (once per static key) and return the launchable function.
+
+    The key is static only: config, dtypes and the model shape (H, E, I). M, the optional
+    inputs' presence (x_scale, alpha_post: runtime flags) and the number of CTAs are runtime
+    arguments, so every token count shares one compiled kernel per config.
+    """
+    import cuda.bindings.driver as cuda
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    ok, why = can_implement(Fc1Problem(1, h, e, i, dtype, out_dtype), config)
+    if not ok:
+        raise ValueError(f"CuTe FC1 config {config} cannot run H={h} E={e} I={i} {dtype}: {why}")
+    cls = _kernel_class()
+    ab = _cutlass_dtype(dtype)
+    od = cutlass.Float8E4M3FN if out_dtype == FP8 else _cutlass_dtype(out_dtype)
+    gmem = cute.AddressSpace.gmem
+    f32 = cutlass.Float32
+    kern = cls(config, ab, od, h, e, i)
+    args = (make_ptr(ab, 16, gmem, assumed_align=16), make_ptr(ab, 16, gmem, assumed_align=16),
+            make_ptr(f32, 16, gmem, assumed_align=4), make_ptr(f32, 16, gmem, assumed_align=4),
+            make_ptr(f32, 16, gmem, assumed_align=4), make_ptr(f32, 16, gmem, assumed_align=4),
+            make_ptr(od, 16, gmem, assumed_align=od.width // 8),
+            cutlass.Int32(1), cutlass.Int32(1), cutlass.Int32(1), cutlass.Int32(e), cutlass.Int32(e * i),
+            cutlass.Int32(1), cuda.CUstream(0))
+    return cute.compile(kern, *args)
+
+
+def runtime_ok(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor, *,
+               x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
+               out_scale: torch.Tensor | None = None) -> tuple[bool, str]:
+    """Whether these tensors can take the CuTe path (beyond ``can_implement``)."""
+    from densemoe._runtime import capability
+
+    if x.device.type != "cuda":
+        return False, "the CuTe kernel runs on CUDA devices only"
+    cap = capability(x.device)
+    if cap != (9, 0):
+        return False, f"the CuTe kernel is built for sm_90a (Hopper); {x.device} is sm_{cap[0]}{cap[1]}"
+    if not cute_available():
+        return False, "CuTe DSL (nvidia-cutlass-dsl) is not installed"
+    for name, t in (("x", x), ("w1", w1)):
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            return False, f"{name} must be contiguous and 16-byte aligned for the CuTe kernel (TMA)"
+    for name, t in (("alpha1", alpha1), ("x_scale", x_scale)):
+        if t is not None and t.numel() > 1 and t.stride(0) != 1:
+            return False, f"{name} must be contiguous for the CuTe kernel"
+    if alpha_post is not None and alpha_post.numel() and (alpha_post.stride(1) != 1 or (
+            alpha_post.shape[0] > 1 and alpha_post.stride(0) < alpha_post.shape[1])):
+        return False, "alpha_post needs unit column stride and non-overlapping rows for the CuTe kernel"
+    if out.numel() and (out.stride(1) != 1 or (out.shape[0] > 1 and out.stride(0) < out.shape[1])):
+        return False, "out needs unit column stride and non-overlapping rows for the CuTe kernel"
+    return True, ""
+
+
+def _ptr(t: torch.Tensor, dtype, align: int = 16):
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
+
+
+def units_of(problem: Fc1Problem, config: Fc1CuteConfig) -> int:
+    """Work units (token tile x expert x tile of I) of one call."""
+    p, c = problem, config
+    return -(-p.m // c.tile_m) * p.e * (p.i // c.tile_i)
+
+
+def launch_ctas(problem: Fc1Problem, config: Fc1CuteConfig, num_sms: int) -> int:
+    """Persistent CTAs launched: ``ctas`` (or one per SM), never more than there are units."""
+    return max(1, min(config.ctas or num_sms, units_of(problem, config)))
+
+
+def fc1_cute(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,
+             config: Fc1CuteConfig, *, x_scale: torch.Tensor | None = None,
+             alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> None:
+    """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (inputs checked by the op)."""
+    import cuda.bindings.driver as cuda
+    import cutlass
+
+    from densemoe._runtime import sm_count
+
+    M, H = x.shape
+    E = alpha1.shape[0]
+    I = w1.shape[0] // (2 * E)
+    problem = Fc1Problem(M, H, E, I, x.dtype, y.dtype)
+    ok, why = can_implement(problem, config)
+    if not ok:
+        raise ValueError(f"config {config} cannot run {problem}: {why}")
+    if y.dtype == FP8 and out_scale is None:
+        raise ValueError("an fp8 output needs out_scale")
+    if M == 0 or E == 0 or I == 0:
+        return
+    fn = compile_fc1(config, x.dtype, y.dtype, H, E, I)
+    ctas = launch_ctas(problem, config, sm_count(x.device))
+    ab = _cutlass_dtype(x.dtype)
+    od = cutlass.Float8E4M3FN if y.dtype == FP8 else _cutlass_dtype(y.dtype)
+    f32 = cutlass.Float32
+    dummy = alpha1  # never read when its flag is 0
+    xs = x_scale if x_scale is not None else dummy
+    post = alpha_post if alpha_post is not None else dummy
+    osc = out_scale if out_scale is not None else dummy
+    ld_post = alpha_post.stride(0) if alpha_post is not None else E
+    stream = cuda.CUstream(torch.cuda.current_stream(x.device).cuda_stream)
+    fn(_ptr(w1, ab), _ptr(x, ab), _ptr(alpha1, f32, 4), _ptr(xs, f32, 4), _ptr(post, f32, 4), _ptr(osc, f32, 4),
+       _ptr(y, od, y.element_size()), cutlass.Int32(M), cutlass.Int32(x_scale is not None),
+       cutlass.Int32(alpha_post is not None), cutlass.Int32(ld_post), cutlass.Int32(y.stride(0)),
+       cutlass.Int32(ctas), stream)
