@@ -1,4 +1,5 @@
-"""Merge tuned entries (a tuning-cache file brought back from the device) into a shipped table.
+"""Merge tuned entries (a tuning-cache file brought back from the device) into a shipped table
+(FC2 and FC1 keys).
 
     python bench/merge_tuned.py <tuned.json> [<tuned.json> ...] [--into src/densemoe/tuning/tables/h100.json]
 
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 
 from densemoe.kernels.cute.fc2_sm90 import can_implement as cute_ok
+from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig
+from densemoe.kernels.triton.fc1 import can_implement as fc1_triton_ok
 from densemoe.kernels.triton.fc2 import Fc2Problem
 from densemoe.kernels.triton.fc2 import can_implement as triton_ok
 from densemoe.ops.fc2 import _parse_config
@@ -25,11 +28,23 @@ from densemoe.tuning.tuner import MARGIN
 _DT = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def problem_of(key: str) -> Fc2Problem:
+def problem_of(key: str):
+    """The op's problem for a key: ``fc2|device|in->out|N=|K=|E=|M<=..`` or ``fc1|...``."""
     parts = dict(p.split("=", 1) for p in key.split("|") if "=" in p)
     dt, out = key.split("|")[2].split("->")
     m = int(next(p for p in key.split("|") if p.startswith("M<=")).split("=")[1])
-    return Fc2Problem(m, int(parts["N"]), int(parts["E"]), int(parts["K"]) // int(parts["E"]), _DT[dt], _DT[out])
+    n, k, e = int(parts["N"]), int(parts["K"]), int(parts["E"])
+    if key.startswith("fc1|"):
+        return Fc1Problem(m, k, e, n // (2 * e), _DT[dt], _DT[out])
+    return Fc2Problem(m, n, e, k // e, _DT[dt], _DT[out])
+
+
+def _fc1_check(p, config: str):
+    if config.startswith("fc1-cute:"):
+        from densemoe.kernels.cute import fc1_sm90
+
+        return fc1_sm90.can_implement(p, fc1_sm90.Fc1CuteConfig.from_str(config))
+    return fc1_triton_ok(p, Fc1TritonConfig.from_str(config))
 
 
 def check(key: str, entry: dict) -> str:
@@ -38,8 +53,11 @@ def check(key: str, entry: dict) -> str:
         item = entry.get(slot)
         if not item:
             continue
-        cfg = _parse_config(item["config"])
-        ok, why = (cute_ok if cfg.backend == "cute" else triton_ok)(p, cfg)
+        if isinstance(p, Fc1Problem):
+            ok, why = _fc1_check(p, item["config"])
+        else:
+            cfg = _parse_config(item["config"])
+            ok, why = (cute_ok if cfg.backend == "cute" else triton_ok)(p, cfg)
         if not ok:
             return f"{slot}: {why}"
     return ""

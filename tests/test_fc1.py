@@ -104,6 +104,9 @@ def test_config_validity_and_default():
     assert "swap_ab needs block_i >= 64" in can_implement(p, Fc1TritonConfig(block_i=32, swap_ab=1))[1]
     assert default_config(p).swap_ab == 1 and default_config(Fc1Problem(512, 7168, 256, 256, FP8, BF16)).swap_ab == 0
     assert "registers" in can_implement(p, Fc1TritonConfig(256, 256, 64, 4, 3))[1]
+    # the H100 refused this one at compile time (294936 B needed): rejected up front now
+    assert "shared memory" in can_implement(p, Fc1TritonConfig(128, 128, 256, 8, 3))[1]
+    assert can_implement(p, Fc1TritonConfig(128, 128, 128, 8, 4))[0]
     for m in (1, 16, 17, 64, 512):
         for i in (16, 48, 256, 768, 7168):
             q = Fc1Problem(m, 2048, 8, i, BF16, BF16)

@@ -35,6 +35,7 @@ from densemoe._runtime import supports_tma
 from densemoe.kernels.triton.fc2 import tma_compatible
 
 FP8_MAX = 448.0
+SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers and slack
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -182,20 +183,26 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig) -> tuple[bool, s
     acc_regs = 2 * c.block_m * c.block_i // (32 * c.num_warps)
     if acc_regs > 128:
         return False, f"two {c.block_m}x{c.block_i} fp32 accumulators need {acc_regs} registers per thread (> 128)"
+    smem = c.num_stages * (c.block_m + 2 * c.block_i) * c.block_k * problem.dtype.itemsize
+    if smem > SMEM_BYTES:
+        return False, (f"{c.num_stages} stages of a {c.block_m}-token and two {c.block_i}-row k-tiles need {smem} B "
+                       f"of shared memory (limit {SMEM_BYTES})")
     return True, ""
 
 
 def default_config(problem: Fc1Problem) -> Fc1TritonConfig:
-    """Deterministic choice, no timing (not yet measured on a GPU: a starting point modelled on
-    FC2's measured table): up to 64 tokens swap-AB with a 64-row weight tile and the token tile
-    as the MMA's N; above, 64-token x 64-column tiles. k-tile of 128 bytes per row; 4 stages."""
+    """Deterministic choice, no timing: the tuner's picks on the H100 (DeepSeek-V3 TP8 and
+    Qwen3-30B-A3B, fp8 and bf16; ``bench/results/tune_fc1_h100_*.md``), as one rule. Swap-AB
+    (weights as the MMA's M, 64-row weight tiles) with the smallest token tile that holds M up to
+    M = 128, 256-byte k-tiles; above, 128 tokens x 128 columns per tile, 8 warps."""
     p = problem
-    bm = 16 if p.m <= 16 else 32 if p.m <= 32 else 64
-    swap = int(p.m <= 64 and p.i >= 64)
-    bi = 64 if p.i >= 64 else max(16, 1 << (max(p.i, 1) - 1).bit_length())
-    bk = 128 if p.dtype == torch.float8_e4m3fn else 64
-    warps = 4 if bm * bi <= 64 * 64 else 8
-    cfg = Fc1TritonConfig(bm, bi, bk, warps, 4, swap, 1)
+    es = p.dtype.itemsize
+    if p.m <= 128 and p.i >= 64:
+        bm = 16 if p.m <= 16 else 32 if p.m <= 32 else 64 if p.m <= 64 else 128
+        cfg = Fc1TritonConfig(bm, 64, 256 // es, 4, 4 if bm <= 64 else 3, 1, 1)
+    else:
+        bi = 128 if p.i >= 128 else max(16, 1 << (max(p.i, 1) - 1).bit_length())
+        cfg = Fc1TritonConfig(128 if p.m > 64 else 64, bi, 128 // es, 8, 4, 0, 1)
     ok, why = can_implement(p, cfg)
     assert ok, f"default_config produced an invalid config for {p}: {why}"
     return cfg
