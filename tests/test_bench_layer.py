@@ -46,3 +46,34 @@ def test_fc1_and_layer_benchmarks_run_and_report():
                 peak_tflops=peaks, command="python -m densemoe.bench layer")
     md = layer.markdown(meta, fc1 + lay)
     assert "## fc1" in md and "## layer" in md and "x cublas_fp8_pipeline" in md and "hf_eager_bf16 us" in md
+
+
+class OrderTimer:
+    """A timer whose ``compare`` gives callable i of a call the time 10 * (i + 1) us, so the
+    records show which timing went where."""
+
+    def __call__(self, fn, **kw):
+        fn()
+        return {"us": 1.0, "us_min": 1.0, "us_p90": 1.0}
+
+    def compare(self, fns, **kw):
+        for fn in fns:
+            fn()
+        return [{"us": 10.0 * (i + 1), "us_min": 0.0, "us_p90": 0.0, "us_rounds": [10.0 * (i + 1)] * 3}
+                for i in range(len(fns))]
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_interleaved_timings_land_on_the_right_records():
+    ceiling, peaks = {"tb_s": 3.0}, {"fp8": 1000.0, "bf16": 500.0}
+    fc1 = layer.run_fc1([TINY], ["fp8", "bf16"], [7], OrderTimer(), ceiling, peaks, "cpu", "abc", log=lambda s: None,
+                        dev="cpu")
+    assert [(r["dtype"], r["us"], r["cublas_fp8_us"], r["cublas_bf16_us"]) for r in fc1] == [
+        ("fp8", 30.0, 10.0, 20.0), ("bf16", 40.0, 10.0, 20.0)]
+    assert fc1[0]["us_rounds"] == [30.0] * 3
+    lay = layer.run_layer([TINY], ["fp8", "bf16"], [7], OrderTimer(), ceiling, peaks, "cpu", "abc", log=lambda s: None,
+                          dev="cpu", hf_implementations=("grouped_mm", "batched_mm"))
+    # interleaved: cuBLAS pipeline, grouped_mm, ours fp8, ours bf16; batched_mm timed once (1 us)
+    assert [(r["dtype"], r["us"], r["cublas_fp8_pipeline_us"], r["hf_grouped_mm_bf16_us"], r["hf_batched_mm_bf16_us"])
+            for r in lay] == [("fp8", 30.0, 10.0, 20.0, 1.0), ("bf16", 40.0, 10.0, 20.0, 1.0)]

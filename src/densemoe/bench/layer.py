@@ -1,8 +1,10 @@
 """FC1 and whole-layer benchmarks: ours against cuBLAS and transformers, in one process.
 
 Protocol as for FC2 (``bench/fc2.py``): every result is checked against an fp32 reference before
-anything is timed; timings are CUDA-graph replays with the L2 flushed before each (``Timer``);
-the read ceiling and GEMM peaks come from the same process.
+anything is timed; timings are CUDA-graph replays with the L2 flushed before each (``Timer``),
+ours and the baselines in three interleaved rounds (``Timer.compare``; ``us`` is the median of
+the round medians, ``us_rounds`` the rounds); the read ceiling and GEMM peaks come from the
+same process.
 
 FC1 (``op="fc1"``): ``densemoe.fc1`` (SwiGLU and, for fp8, per-token dequantisation fused)
 against cuBLAS's *bare* GEMM of the same shape (``x @ w1.T``: FP8 ``_scaled_mm`` and bf16), which
@@ -118,7 +120,17 @@ def hf_experts(case: ExpertsCase, implementation: str):
     return mod
 
 
+def _compare(timer, fns: list) -> list[dict]:
+    """Interleaved rounds (``Timer.compare``): a slow spell of the GPU (seen after the fp32
+    references: the first timing then reads 10-20% slow) lands on one round of every callable."""
+    if hasattr(timer, "compare"):
+        return timer.compare(fns)
+    return [timer(fn) for fn in fns]
+
+
 def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print, dev="cuda"):
+    """Per M: every result checked first; then ours (each dtype) and cuBLAS's bare FP8 and bf16
+    GEMMs timed in interleaved rounds."""
     records = []
     for shape_name in shapes:
         case = ExpertsCase(shape_name, dev)
@@ -131,14 +143,16 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
         for M in ms:
             x = case.x(M)
             x8, sx = quantize_per_token(x)
-            base = {"cublas_fp8_us": timer(lambda: torch._scaled_mm(x8, w1_fp8.T, scale_a=one, scale_b=one,
-                                                                    out_dtype=torch.bfloat16))["us"],
-                    "cublas_bf16_us": timer(lambda: x @ w1_bf16.T)["us"]}
+            bases = {"cublas_fp8_us": lambda: torch._scaled_mm(x8, w1_fp8.T, scale_a=one, scale_b=one,
+                                                               out_dtype=torch.bfloat16),
+                     "cublas_bf16_us": lambda: x @ w1_bf16.T}
+            ours = []
             for dt in dtypes:
                 p = case.prepared[dt]
                 xin, xs = (x8, sx) if dt == "fp8" else (x, None)
                 out = torch.full((M, E * I), float("nan"), dtype=torch.bfloat16, device=dev)
-                fn = lambda: densemoe.fc1(xin, p.w1, p.alpha1, x_scale=xs, out=out)  # noqa: E731
+                fn = (lambda xin=xin, p=p, xs=xs, out=out:
+                      densemoe.fc1(xin, p.w1, p.alpha1, x_scale=xs, out=out))
                 chosen = fc1_which_config(xin, p.w1, p.alpha1, out)
                 cfg, src = chosen[0], chosen[-1]
                 rec = dict(device=device, op="fc1", shape=shape_name, dtype=dt, M=M, N=N, K=H, E=E,
@@ -148,13 +162,17 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
                 rec["compile_s"] = time.time() - t0
                 ref = fc1_ref(xin, p.w1, p.alpha1, x_scale=xs, out_dtype=torch.float32, compute_dtype=torch.float32)
                 rec["rel_err"] = err = rel_err(out, ref)
-                if _wrong(rec, err, 1e-2, records, log):
-                    continue
-                rec.update(timer(fn))
-                es = 1 if dt == "fp8" else 2
+                del ref
+                if not _wrong(rec, err, 1e-2, records, log):
+                    ours.append((rec, fn))
+            res = _compare(timer, list(bases.values()) + [fn for _, fn in ours])
+            base = {name: r["us"] for name, r in zip(bases, res)}
+            for (rec, _), r in zip(ours, res[len(bases):]):
+                rec.update(r)
+                es = 1 if rec["dtype"] == "fp8" else 2
                 nbytes = N * H * es + M * H * es + M * E * I * 2
                 flops = 2 * M * N * H
-                floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peaks[dt] / 1e6)
+                floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peaks[rec["dtype"]] / 1e6)
                 _rates(rec, nbytes, flops, floor, base)
                 records.append(rec)
                 log(fmt(rec))
@@ -164,6 +182,9 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
 
 def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print, dev="cuda",
               hf_implementations=("grouped_mm", "batched_mm")):
+    """Per M: every result checked first; then ours (each dtype), the cuBLAS fp8 pipeline and
+    transformers' ``grouped_mm`` timed in interleaved rounds, each with the same router;
+    ``batched_mm`` (5-40x slower) and the diagnostics (experts only, router only) once."""
     records = []
     for shape_name in shapes:
         case = ExpertsCase(shape_name, dev)
@@ -181,22 +202,24 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
             x = case.x(M)
             route = router.route(x)
             ref = experts_ref(x, case.w13, case.w2, route.alpha, compute_dtype=torch.float32, experts_per_chunk=32)
-            base = {}
+            interleaved, once = {}, {}
             try:
-                base["cublas_fp8_pipeline_us"] = timer(lambda: cublas(x, router.route(x).alpha))["us"]
                 err_torch = rel_err(cublas(x, route.alpha), ref)
+                interleaved["cublas_fp8_pipeline_us"] = lambda: cublas(x, router.route(x).alpha)
             except RuntimeError as exc:
-                base["cublas_fp8_pipeline_us"], err_torch = None, None
+                err_torch = None
                 log(f"  cuBLAS pipeline failed at M={M}: {exc}")
             for impl, mod in hf.items():
+                def hf_run(m=mod):
+                    r = router.route(x)
+                    return m(x, r.topk_ids, r.topk_weights.to(x.dtype))
                 try:
-                    def hf_run(m=mod):
-                        r = router.route(x)
-                        return m(x, r.topk_ids, r.topk_weights.to(x.dtype))
-                    base[f"hf_{impl}_bf16_us"] = timer(hf_run)["us"]
+                    hf_run()
                 except Exception as exc:  # noqa: BLE001
-                    base[f"hf_{impl}_bf16_us"] = None
                     log(f"  transformers {impl} failed at M={M}: {type(exc).__name__}: {exc}")
+                    continue
+                (once if impl == "batched_mm" else interleaved)[f"hf_{impl}_bf16_us"] = hf_run
+            ours = []
             for dt in dtypes:
                 moe = DenseMoE(case.prepared[dt], case.gate, k, renormalize=True)
                 fn = lambda m=moe: m(x)  # noqa: E731
@@ -209,15 +232,20 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 if err_torch:
                     rec["err_ratio_vs_torch_fp8"] = err / err_torch
                 bound = 0.1 if dt == "fp8" else 2e-2
-                if _wrong(rec, err, bound, records, log):
-                    continue
-                rec.update(timer(fn))
+                if not _wrong(rec, err, bound, records, log):
+                    ours.append((rec, fn, moe))
+            del ref
+            res = _compare(timer, list(interleaved.values()) + [fn for _, fn, _ in ours])
+            base = {name: r["us"] for name, r in zip(interleaved, res)}
+            base.update({name: timer(fn)["us"] for name, fn in once.items()})
+            for (rec, _, moe), r in zip(ours, res[len(interleaved):]):
+                rec.update(r)
                 rec["experts_only_us"] = timer(lambda m=moe: densemoe.experts_forward(x, m.prepared, route.alpha))["us"]
                 rec["router_us"] = timer(lambda: router.route(x))["us"]
-                es = 1 if dt == "fp8" else 2
+                es = 1 if rec["dtype"] == "fp8" else 2
                 nbytes = 3 * E * I * H * es + 2 * M * H * 2
                 flops = 2 * M * 3 * E * I * H
-                floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peaks[dt] / 1e6)
+                floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peaks[rec["dtype"]] / 1e6)
                 _rates(rec, nbytes, flops, floor, base)
                 records.append(rec)
                 log(fmt(rec))
