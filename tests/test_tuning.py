@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from pathlib import Path
 import warnings
 
 import pytest
@@ -662,3 +663,21 @@ def test_fc1_tuned_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
         assert which_config(x, w1, torch.ones(2), out)[1] == "heuristic"
     finally:
         del os.environ["DENSEMOE_TUNED"]
+
+
+def test_every_shipped_entry_fits_its_problem():
+    """The shipped tables hold only entries whose configs parse and pass their backend's
+    can_implement for the key's problem (bench/merge_tuned.py's check, FC1 and FC2 keys)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_tuned", Path(__file__).parents[1] / "bench" / "merge_tuned.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    tables = sorted(cache.TABLES_DIR.glob("*.json"))
+    assert tables
+    ops = set()
+    for table in tables:
+        for key, entry in json.loads(table.read_text())["entries"].items():
+            assert merge.check(key, entry) == "", key
+            ops.add(key.split("|")[0])
+    assert ops == {"fc1", "fc2"}
