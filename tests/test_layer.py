@@ -262,11 +262,53 @@ def test_dense_moe_under_torch_compile_fullgraph(dtype):
     assert rel(compiled, eager) < 1e-6
 
 
+_AUTO_REGISTER = r"""
+import sys
+sys.path.insert(0, {tests!r})
+import conftest  # the interpreter fixes, as in the test process
+{first}
+{second}
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+cfg = MixtralConfig(hidden_size=64, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+torch.manual_seed(1)
+MixtralForCausalLM(cfg).save_pretrained({path!r})
+ids = torch.randint(0, 64, (1, 3))
+with torch.no_grad():
+    eager = AutoModelForCausalLM.from_pretrained({path!r}, experts_implementation="eager")(ids).logits
+    ours = AutoModelForCausalLM.from_pretrained({path!r}, experts_implementation="densemoe")(ids).logits
+print("REL", ((ours - eager).norm() / eager.norm()).item())
+"""
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("order", ["densemoe_first", "transformers_first"])
+def test_from_pretrained_finds_densemoe_without_register_hf(tmp_path, order):
+    """A fresh interpreter: ``import densemoe`` alone makes experts_implementation="densemoe"
+    valid, whether transformers was imported before or after it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lines = ["import densemoe", "import transformers.modeling_utils"]
+    if order == "transformers_first":
+        lines.reverse()
+    code = _AUTO_REGISTER.format(tests=str(Path(__file__).parent), first=lines[0], second=lines[1],
+                                 path=str(tmp_path))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("DENSEMOE_NO_HF_REGISTER", None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rel_err = float(res.stdout.split("REL")[1])
+    assert rel_err < 2e-2, rel_err
+
+
 @pytest.mark.interpreter
 def test_hf_from_pretrained_with_experts_implementation_densemoe(tmp_path):
     from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    densemoe.register_hf()
+    densemoe.register_hf()  # explicit (import densemoe registers too: the test above)
     cfg = MixtralConfig(hidden_size=64, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=128)
     torch.manual_seed(1)

@@ -12,6 +12,10 @@ from densemoe.tuning import tune
 from densemoe.weights import PreparedWeights, prepare_weights
 
 __version__ = "0.1.0"
+
+from densemoe import _hf_hook  # noqa: E402
+
+_hf_hook.install()  # experts_implementation="densemoe" in transformers, no import of it here
 __all__ = ["fc1", "fc2", "DenseMoE", "fused_experts", "experts_forward", "prepare_weights", "PreparedWeights",
            "register_hf", "tune", "reference", "Fc2Problem", "Fc2TritonConfig", "Fc2CuteConfig",
            "Fc1Problem", "Fc1TritonConfig", "Fc1CuteConfig", "__version__"]
