@@ -272,9 +272,11 @@ def markdown(meta: dict, records: list[dict]) -> str:
         if not rs:
             continue
         bases = sorted({k for r in rs for k in r if k.endswith("_us") and k not in NOT_BASELINES})
+        ratio = op == "layer"  # the fp8 layer's error over the torch fp8 pipeline's (bound: 1.5)
         lines += [f"## {op}", "", "| shape | dtype | M | us | TB/s | TFLOP/s | floor us | % floor | "
-                  + " | ".join(f"{b[:-3]} us | x {b[:-3]}" for b in bases) + " | rel err |",
-                  "|---|---|---:|" + "---:|" * (6 + 2 * len(bases))]
+                  + " | ".join(f"{b[:-3]} us | x {b[:-3]}" for b in bases) + " | rel err |"
+                  + (" err / torch fp8 |" if ratio else ""),
+                  "|---|---|---:|" + "---:|" * (6 + 2 * len(bases) + ratio)]
         for r in rs:
             cells = []
             for b in bases:
@@ -282,7 +284,9 @@ def markdown(meta: dict, records: list[dict]) -> str:
                 cells += [f"{t:.1f}", f"{t / r['us']:.2f}"] if t else ["-", "-"]
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['M']} | {r['us']:.1f} | {r['tb_s']:.2f} | "
                          f"{r['tflops']:.0f} | {r['floor_us']:.1f} | {r['pct_floor']:.1f} | " + " | ".join(cells)
-                         + f" | {r['rel_err']:.2e} |")
+                         + f" | {r['rel_err']:.2e} |"
+                         + (f" {r['err_ratio_vs_torch_fp8']:.3f} |" if ratio and r.get("err_ratio_vs_torch_fp8") else
+                            " - |" if ratio else ""))
         lines.append("")
     failed = [r for r in records if r.get("us") is None]
     if failed:
