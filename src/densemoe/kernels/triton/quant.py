@@ -115,18 +115,19 @@ def quant_rows_triton(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None
 
 
 def quant_y_triton(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor | None,
-                   q: torch.Tensor, alpha2: torch.Tensor) -> None:
+                   q: torch.Tensor, alpha2: torch.Tensor, *, elems: int = 2048, num_warps: int = 4) -> None:
     """q [M, E*I] fp8, alpha2 [M, E] fp32 <- y [M, E*I], alpha [M, E], w2_scale [E] (see the
-    module docstring; unit strides along the last dimension, checked by the caller)."""
+    module docstring; unit strides along the last dimension, checked by the caller).
+    ``elems``: elements per program and pass (a power of two); ``num_warps``: warps per program."""
     M, EI = y.shape
     E = alpha.shape[1]
     if M == 0 or E == 0:
         return
     I = EI // E
     block_i = min(_pow2_at_least(I), _MAX_BLOCK)
-    block_e = max(1, min(_pow2_at_least(E), 2048 // block_i))
+    block_e = max(1, min(_pow2_at_least(E), elems // block_i))
     grid = (M, triton.cdiv(E, block_e))
     _quant_y_kernel[grid](y, alpha, w2_scale if w2_scale is not None else alpha, q, alpha2, E, I,
                           y.stride(0), alpha.stride(0), q.stride(0), alpha2.stride(0),
                           BLOCK_E=block_e, BLOCK_I=block_i, ONE_PASS=I <= block_i,
-                          HAS_WS=w2_scale is not None, num_warps=4)
+                          HAS_WS=w2_scale is not None, num_warps=num_warps)
