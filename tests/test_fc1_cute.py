@@ -1,12 +1,16 @@
 """The CuTe DSL FC1 backend (sm_90a): gate/up GEMM with SwiGLU fused.
 
-CPU (CI): config rules, the default rule and the search space, backend selection and fallback
-through the op, and the real kernel compiled for sm_90a without a GPU (``CUTE_DSL_ARCH=sm_90a``)
-over both orientations, fp8 / bf16 inputs, 1 / 2 consumer warpgroups and every output dtype, with
-the PTX checked for the instructions the design relies on.
+CPU (CI): config rules (clusters included), the default rule and the search space, backend
+selection and fallback through the op, the cluster schedule's host twin, and the real kernel
+compiled for sm_90a without a GPU (``CUTE_DSL_ARCH=sm_90a``) over both orientations, fp8 / bf16
+inputs, 1 / 2 consumer warpgroups, one or two token atoms per consumer, clusters along either
+axis and every output dtype, with the PTX checked for the instructions the design relies on
+(multicast TMA exactly where a cluster shares an operand).
 GPU (marker ``gpu``): results against the float64 reference (``fc1_ref``), output poisoned with
-NaN, ragged M, pinned configs of both orientations, x_scale / alpha_post, fp32 and fp8 outputs,
-a strided output and alpha_post, graph replay, and the DeepSeek-V3 TP8 / Qwen3-30B-A3B shapes.
+NaN, ragged M, pinned configs of both orientations with and without clusters, cluster tails
+(odd weight-tile and token-tile counts: padding units), x_scale / alpha_post, fp32 and fp8
+outputs, a strided output and alpha_post, graph replay, and the DeepSeek-V3 TP8 / Qwen3-30B-A3B
+shapes (default config, and a cluster config on DeepSeek-V3 TP8).
 """
 
 from __future__ import annotations
@@ -39,15 +43,33 @@ def problem(M=16, H=7168, E=256, I=256, dtype=FP8, out_dtype=BF16):
     return Fc1Problem(M, H, E, I, dtype, out_dtype)
 
 
+def _cfg_id(c):
+    return c.to_str().split(":")[1].replace(",", "|")
+
+
 # ---------------------------------------------------------------------------------- configs
 
 def test_config_round_trip_and_backend():
-    for cfg in (C(), C(128, 64, 256, 3, 2, 1, 17), C(tile_i=32, tile_m=64, swap_ab=0)):
+    for cfg in (C(), C(128, 64, 256, 3, 2, 1, 17), C(tile_i=32, tile_m=64, swap_ab=0),
+                C(tile_i=64, tile_m=256, consumers=2, swap_ab=0, cluster_n=2, cluster_m=2, ctas=128),
+                C(cluster_n=4), C(tile_i=128, cluster_m=2)):
         s = cfg.to_str()
         assert s.startswith("fc1-cute:") and C.from_str(s) == cfg
+    assert "cluster_n=2,cluster_m=1" in C(cluster_n=2).to_str()
     assert C.backend == "cute" and C().backend == "cute"
     assert fc1_ops._parse_config(C(128).to_str()) == C(128)
     assert fc1_ops._parse_config(Fc1TritonConfig(32).to_str()) == Fc1TritonConfig(32)
+
+
+def test_old_strings_without_cluster_fields_still_parse():
+    """Tuned tables and caches written before the cluster fields existed: no cluster."""
+    old = "fc1-cute:tile_i=128,tile_m=64,tile_k=256,stages=0,consumers=2,swap_ab=1,ctas=0"
+    cfg = C.from_str(old)
+    assert cfg == C(tile_i=128, tile_m=64, tile_k=256, consumers=2, swap_ab=1)
+    assert cfg.cluster_n == 1 and cfg.cluster_m == 1 and cfg.cluster_size == 1
+    assert fc1_ops._parse_config(old) == cfg
+    assert C.from_str(cfg.to_str()) == cfg and cfg.to_str() != old  # new strings name them
+    assert C.from_str(old.replace("ctas=0", "ctas=0,cluster_n=2")) == C(128, 64, 256, 0, 2, 1, 0, 2, 1)
 
 
 @pytest.mark.parametrize("cfg, reason", [
@@ -65,7 +87,18 @@ def test_config_round_trip_and_backend():
     (C(stages=1), "stages"),
     (C(tile_i=256, tile_m=64, tile_k=256, consumers=2, stages=3), "shared memory"),
     (C(ctas=-1), "ctas"),
-    (C(tile_i=64, tile_m=128, consumers=1, swap_ab=0), "64 * consumers"),
+    (C(tile_i=64, tile_m=192, consumers=1, swap_ab=0), "64 * consumers or 128 * consumers"),
+    (C(tile_i=64, tile_m=64, consumers=2, swap_ab=0), "64 * consumers or 128 * consumers"),
+    (C(tile_i=128, tile_m=256, consumers=2, swap_ab=0), "registers"),  # two atoms: 256 + 8 registers
+    (C(tile_i=128, tile_m=128, consumers=1, swap_ab=0), "registers"),
+    (C(cluster_n=3), "cluster"),
+    (C(cluster_m=8), "cluster"),
+    (C(cluster_n=0), "cluster"),
+    (C(tile_m=32, cluster_n=4, cluster_m=2), "at most 4 CTAs"),
+    (C(tile_m=16, cluster_n=4), "multiple of 8"),  # 4 token rows per CTA
+    (C(tile_m=48, cluster_n=4), "multiple of 8"),  # 12 token rows per CTA
+    (C(ctas=3, cluster_n=2), "multiple of the cluster size"),
+    (C(ctas=6, cluster_n=2, cluster_m=2), "multiple of the cluster size"),
     (C(tile_i=48, tile_m=64, swap_ab=0), "multiple of 32"),
     (C(tile_i=288, tile_m=64, swap_ab=0), "multiple of 32"),
     (C(tile_i=256, tile_m=128, consumers=2, swap_ab=0), "registers"),
@@ -73,6 +106,17 @@ def test_config_round_trip_and_backend():
 def test_can_implement_rejects(cfg, reason):
     ok, why = can_implement(problem(), cfg)
     assert not ok and reason in why, why
+
+
+def test_can_implement_allows_clusters_and_two_token_atoms():
+    ok = [C(cluster_n=2), C(tile_m=32, cluster_n=4), C(tile_m=16, cluster_n=2, cluster_m=2),
+          C(tile_i=64, tile_m=32, cluster_m=4), C(tile_i=64, tile_m=256, consumers=2, swap_ab=0),
+          C(tile_i=64, tile_m=256, consumers=2, swap_ab=0, cluster_n=2, cluster_m=2, ctas=128),
+          C(tile_i=96, tile_m=128, consumers=1, swap_ab=0, cluster_m=4),
+          C(tile_i=32, tile_m=64, swap_ab=0, cluster_n=4, ctas=8)]
+    for cfg in ok:
+        assert can_implement(problem(I=192 if cfg.tile_i == 96 else 256), cfg)[0], cfg
+    assert can_implement(problem(), C(tile_m=256, tile_i=64, consumers=2, swap_ab=0, tile_k=256))[0]
 
 
 def test_can_implement_shape_rules():
@@ -99,6 +143,12 @@ def test_register_and_smem_budgets_are_what_can_implement_checks():
     assert C(tile_i=128, tile_m=128, consumers=2, swap_ab=0).acc_regs() == 128
     assert C(tile_i=128, tile_m=128, consumers=2, swap_ab=0).scale_regs() == 4
     assert c.stage_bytes(FP8) == (2 * 128 + 64) * 128
+    # two 64-row token atoms per consumer (unswapped): 2 * tile_i accumulator registers, two
+    # token rows per atom for the factors
+    big = C(tile_i=64, tile_m=256, consumers=2, swap_ab=0)
+    assert big.m_atoms() == 2 and big.acc_regs() == 128 and big.scale_regs() == 8
+    assert C(tile_i=96, tile_m=128, consumers=1, swap_ab=0).acc_regs() + 8 == 200  # the limit exactly
+    assert C(tile_i=128, tile_m=128, consumers=2, swap_ab=0).m_atoms() == 1 and C(tile_m=128).m_atoms() == 1
     assert c.resolved_stages(FP8) == (fc1_sm90.SMEM_BYTES - 2048) // c.stage_bytes(FP8)
     assert C(stages=3).resolved_stages(BF16) == 3
 
@@ -132,6 +182,53 @@ def test_units_and_launch():
     assert fc1_sm90.launch_ctas(p, cfg, 132) == 32
     assert fc1_sm90.launch_ctas(p, dataclasses.replace(cfg, ctas=5), 132) == 5
     assert fc1_sm90.launch_ctas(problem(1), C(tile_i=64), 132) == 132
+    # clusters: units are cluster units (groups padded), the launch is in whole clusters
+    p3 = problem(100, E=3, I=192)  # 9 tiles of 64: odd
+    assert fc1_sm90.units_of(p3, C(tile_i=64, tile_m=32, cluster_n=2)) == 4 * 5
+    assert fc1_sm90.units_of(p3, C(tile_i=64, tile_m=16, cluster_m=2)) == 4 * 9  # 7 token tiles -> 4 groups
+    assert fc1_sm90.units_of(p3, C(tile_i=64, tile_m=32, cluster_n=4)) == 4 * 3
+    assert fc1_sm90.launch_clusters(p3, C(tile_i=64, tile_m=32, cluster_n=2), 132) == 20
+    assert fc1_sm90.launch_ctas(p3, C(tile_i=64, tile_m=32, cluster_n=2), 132) == 40
+    big = problem(256)
+    c2 = C(tile_i=64, tile_m=256, consumers=2, swap_ab=0, cluster_n=2)
+    assert fc1_sm90.launch_clusters(big, c2, 132) == 66 and fc1_sm90.launch_ctas(big, c2, 132) == 132
+    assert fc1_sm90.launch_clusters(big, c2, 132, max_clusters=60) == 60  # the device's limit
+    c4 = C(tile_i=64, tile_m=32, cluster_n=2, cluster_m=2)
+    assert fc1_sm90.launch_ctas(big, c4, 132) == 132 and fc1_sm90.launch_ctas(big, c4, 133) == 132
+    assert fc1_sm90.launch_ctas(big, dataclasses.replace(c4, ctas=8), 132) == 8
+    assert fc1_sm90.launch_ctas(problem(1), C(tile_m=16, cluster_m=4), 132) == 132  # padding clusters are cheap
+
+
+@pytest.mark.parametrize("cfg", [C(tile_i=64, tile_m=16), C(tile_i=64, tile_m=16, cluster_n=2),
+                                 C(tile_i=64, tile_m=32, cluster_n=4), C(tile_i=64, tile_m=16, cluster_m=2),
+                                 C(tile_i=64, tile_m=16, cluster_n=2, cluster_m=2),
+                                 C(tile_i=192, tile_m=32, cluster_m=4)], ids=_cfg_id)
+@pytest.mark.parametrize("M", [1, 7, 33, 100, 300])
+@pytest.mark.parametrize("clusters", [1, 2, 7, 66])
+def test_cluster_schedule_covers_every_unit_once_in_lock_step(cfg, M, clusters):
+    """Host run of the kernel's own index math (``unit_tiles``): every CTA of a cluster walks
+    the same list of cluster units (so all take part in every stage); at each step the CTAs of
+    a row hold the same token tile and those of a column the same weight tile (what each
+    multicasts); every real (weight tile, token tile) is computed exactly once, the rest is
+    padding past the ends (odd tile counts here: 9 weight tiles of 64, 3 of 192)."""
+    p = problem(M, 512, 3, 192)
+    cn, cm = cfg.cluster_n, cfg.cluster_m
+    w_tiles = p.e * p.i // cfg.tile_i
+    m_tiles = -(-M // cfg.tile_m)
+    m_groups = -(-m_tiles // cm)
+    cunits = fc1_sm90.units_of(p, cfg)
+    g = min(clusters, cunits)
+    seen = []
+    for c in range(g):
+        for cu in range(c, cunits, g):
+            tiles = {(rn, rm): fc1_sm90.unit_tiles(cu, m_groups, rn, rm, cn, cm)
+                     for rn in range(cn) for rm in range(cm)}
+            for rm in range(cm):
+                assert len({tiles[rn, rm][1] for rn in range(cn)}) == 1  # a row shares the token tile
+            for rn in range(cn):
+                assert len({tiles[rn, rm][0] for rm in range(cm)}) == 1  # a column shares the weight tile
+            seen += [t for t in tiles.values() if t[0] < w_tiles and t[1] < m_tiles]
+    assert sorted(seen) == [(w, t) for w in range(w_tiles) for t in range(m_tiles)]
 
 
 def test_compile_key_is_static_only():
@@ -153,10 +250,17 @@ def test_fc1_space_cute_candidates_valid_deterministic_and_triton_unchanged():
                 both = fc1_space(p, backends=("triton", "cute"))
                 cute = fc1_space(p, backends=("cute",))
                 assert both == tri + cute and cute == fc1_space(p, backends=("cute",))
-                assert cute and len(cute) == len(set(cute)) and len(cute) <= 32
+                assert cute and len(cute) == len(set(cute)) and len(cute) <= 30
                 assert all(isinstance(c, C) and can_implement(p, c)[0] for c in cute)
                 assert any(c.swap_ab for c in cute) == (m <= 128)
                 assert any(not c.swap_ab for c in cute) == (m >= 64)
+                assert any(c.cluster_n == 2 for c in cute)
+                assert any(c.cluster_m == 2 for c in cute) == (m > 128)
+                assert any(not c.swap_ab and c.m_atoms() == 2 for c in cute) == (m > 128)
+                assert all(c.ctas == 0 and c.stages == 0 for c in cute)
+                # the clusterless candidates are the ones of before the clusters came
+                assert [c for c in cute if c.cluster_size == 1 and c.m_atoms() == 1] == cute[:len(
+                    [c for c in cute if c.cluster_size == 1 and c.m_atoms() == 1])]
 
 
 # ---------------------------------------------------------------------------------- selection (CPU)
@@ -260,6 +364,21 @@ COMPILE_CASES = [
     (C(tile_i=128, tile_m=64, tile_k=256, swap_ab=0), FP8, FP8, (7168, 256, 256)),
     (C(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0), BF16, BF16, (2048, 128, 768)),
     (C(tile_i=96, tile_m=64, tile_k=64, swap_ab=0, stages=2, ctas=7), BF16, torch.float32, (4096, 8, 7168 - 64)),
+    # two 64-row token atoms per consumer (M = 256 in one token tile)
+    (C(tile_i=64, tile_m=256, tile_k=128, consumers=2, swap_ab=0), FP8, BF16, (7168, 256, 256)),
+    (C(tile_i=96, tile_m=128, tile_k=64, consumers=1, swap_ab=0), BF16, FP8, (2048, 128, 768)),
+    # clusters: the token tile multicast along cluster_n, the gate / up tiles along cluster_m
+    (C(tile_i=64, tile_m=16, tile_k=128, cluster_n=2), FP8, BF16, (7168, 256, 256)),
+    (C(tile_i=128, tile_m=32, tile_k=256, consumers=2, cluster_n=2), FP8, BF16, (7168, 256, 256)),
+    (C(tile_i=64, tile_m=32, tile_k=128, cluster_n=4), FP8, BF16, (2048, 128, 768)),
+    (C(tile_i=128, tile_m=64, tile_k=64, cluster_m=2), BF16, BF16, (7168, 256, 256)),
+    (C(tile_i=64, tile_m=16, tile_k=256, cluster_n=2, cluster_m=2), FP8, torch.float32, (7168, 256, 256)),
+    (C(tile_i=128, tile_m=128, tile_k=128, consumers=2, swap_ab=0, cluster_n=2), FP8, BF16, (7168, 256, 256)),
+    (C(tile_i=64, tile_m=256, tile_k=128, consumers=2, swap_ab=0, cluster_m=2), FP8, BF16, (7168, 256, 256)),
+    (C(tile_i=64, tile_m=256, tile_k=256, consumers=2, swap_ab=0, cluster_n=2), FP8, FP8, (7168, 256, 256)),
+    (C(tile_i=128, tile_m=128, tile_k=64, consumers=2, swap_ab=0, cluster_n=2, cluster_m=2), BF16, BF16,
+     (2048, 128, 768)),
+    (C(tile_i=64, tile_m=64, tile_k=128, swap_ab=0, cluster_m=4, ctas=8), FP8, BF16, (7168, 256, 256)),
 ]
 
 
@@ -298,10 +417,16 @@ def test_compiles_for_sm90a(cute_env, cfg, dtype, out_dtype, hei):
     wg_n = cfg.tile_m if cfg.swap_ab else cfg.tile_i  # tokens are wgmma's N only when swapped
     assert f"wgmma.mma_async.sync.aligned.m64n{wg_n}k{32 if dtype == FP8 else 16}.f32.{ab}" in ptx
     # three TMA loads per stage (gate rows, up rows, token tile), each one box per 128 bytes of
-    # row (the 128B swizzle's widest box), no multicast
+    # row (the 128B swizzle's widest box); multicast exactly for the operands a cluster shares
+    # (the token tile along cluster_n, the gate and up tiles along cluster_m)
     boxes = cfg.tile_k * dtype.itemsize // 128
-    assert ptx.count("cp.async.bulk.tensor.2d.shared::cta.global") == 3 * boxes
-    assert "multicast::cluster" not in ptx
+    assert ptx.count("cp.async.bulk.tensor.2d.") == 3 * boxes
+    mcast = (cfg.cluster_n > 1) + 2 * (cfg.cluster_m > 1)
+    assert ptx.count(".multicast::cluster") == mcast * boxes
+    assert ptx.count("cp.async.bulk.tensor.2d.shared::cta.global") == (3 - mcast) * boxes
+    # stages released to the partner CTAs' barriers (remote arrives) only in a cluster
+    assert ("mbarrier.arrive.shared::cluster" in ptx) == (cfg.cluster_size > 1)
+    assert ("barrier.cluster.arrive" in ptx) == (cfg.cluster_size > 1)
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     assert "ex2.approx" in ptx  # the SiLU
     store = {BF16: "st.global.b16", torch.float16: "st.global.b16", torch.float32: "st.global.b32",
@@ -426,6 +551,22 @@ GPU_CONFIGS = [
     C(tile_i=128, tile_m=128, tile_k=256, consumers=2, swap_ab=0),
     C(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0, ctas=5),
     C(tile_i=32, tile_m=64, tile_k=128, swap_ab=0, stages=2),
+    # two 64-row token atoms per consumer (unswapped)
+    C(tile_i=64, tile_m=256, tile_k=128, consumers=2, swap_ab=0),
+    C(tile_i=64, tile_m=128, tile_k=256, consumers=1, swap_ab=0, ctas=3),
+    # clusters (M = 100 with 16-token tiles: 7 token tiles, odd; M = 1, 7: one token tile, so a
+    # cluster_m partner is all padding)
+    C(tile_i=64, tile_m=16, tile_k=128, cluster_n=2),
+    C(tile_i=128, tile_m=32, tile_k=256, consumers=2, cluster_n=2),
+    C(tile_i=64, tile_m=16, tile_k=256, cluster_m=2),
+    C(tile_i=128, tile_m=64, tile_k=128, cluster_n=2, cluster_m=2),
+    C(tile_i=64, tile_m=32, tile_k=128, cluster_n=4, ctas=8),  # two clusters: many units each
+    C(tile_i=64, tile_m=32, tile_k=128, cluster_m=4),
+    C(tile_i=128, tile_m=128, tile_k=128, consumers=2, swap_ab=0, cluster_n=2),
+    C(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0, cluster_m=2),
+    C(tile_i=64, tile_m=256, tile_k=128, consumers=2, swap_ab=0, cluster_n=2),
+    C(tile_i=64, tile_m=256, tile_k=128, consumers=2, swap_ab=0, cluster_m=2, ctas=4),
+    C(tile_i=128, tile_m=128, tile_k=256, consumers=2, swap_ab=0, cluster_n=2, cluster_m=2),
 ]
 SMALL = (1024, 6, 256)  # H, E, I: small enough for many configs, 6 experts x 1..4 tiles of I
 
@@ -572,4 +713,95 @@ def test_cute_model_shapes(shape, M, dtype, request):
     assert not torch.isnan(out.float()).any(), f"{int(torch.isnan(out.float()).sum())} NaNs"
     ref = ref_chunked(x, w1, a1, xs, post, torch.float32, torch.float32)
     bound = bf16_bound(ref, x, w1, a1, xs, post) + 1e-5  # + the fp32 reference's own error
+    assert rel(out, ref) <= bound, (rel(out, ref), bound, torch_error(ref, BF16))
+
+
+# Odd tile counts: 3 experts of I = 192 are 9 tiles of 64 (3 of 192), so cluster_n = 2 / 4 pads
+# the last weight-tile group with tiles past the end of w1; M = 33 / 300 give 3 / 19 token tiles
+# (odd: cluster_m = 2 pads the last token-tile group); M = 1 makes every cluster_m partner pad.
+TAIL = (512, 3, 192)
+TAIL_CONFIGS = [
+    C(tile_i=64, tile_m=16, tile_k=128, cluster_n=2),
+    C(tile_i=192, tile_m=32, tile_k=256, cluster_n=2),
+    C(tile_i=64, tile_m=32, tile_k=128, cluster_n=4),
+    C(tile_i=64, tile_m=16, tile_k=128, cluster_n=2, cluster_m=2),
+    C(tile_i=64, tile_m=16, tile_k=128, cluster_n=2, ctas=2),  # one cluster walks everything
+    C(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0, cluster_n=2),
+    C(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0, cluster_m=2),
+    C(tile_i=96, tile_m=256, tile_k=128, consumers=2, swap_ab=0, cluster_m=2),
+    C(tile_i=32, tile_m=64, tile_k=128, swap_ab=0, cluster_n=4),
+]
+
+
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=dtype_id)
+def test_tail_configs_are_valid_and_ragged(dtype):
+    """CPU guard for the tail list: valid, and each really has a padded group at some M."""
+    H, E, I = TAIL
+    for cfg in TAIL_CONFIGS:
+        w_tiles = E * I // cfg.tile_i
+        pads = []
+        for M in (1, 33, 300):
+            ok, why = can_implement(problem(M, H, E, I, dtype), _pinned(cfg, dtype))
+            assert ok, (cfg, why)
+            pads.append(w_tiles % cfg.cluster_n or -(-M // cfg.tile_m) % cfg.cluster_m)
+        assert cfg.cluster_size > 1 and any(pads), cfg
+
+
+@gpu
+@needs_gpu
+@pytest.mark.usefixtures("_no_tf32")
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=dtype_id)
+@pytest.mark.parametrize("cfg", TAIL_CONFIGS, ids=_case_id)
+@pytest.mark.parametrize("M", (1, 33, 300))
+def test_cute_cluster_tails(cfg, M, dtype, request):
+    """Clusters whose last weight-tile or token-tile group is padded: the padding CTAs take
+    part in every stage (else a hang: the test would time out) and store nothing (the NaN
+    border stays, every real element is written)."""
+    H, E, I = TAIL
+    x, w1, a1, xs, post = gpu_inputs(M, H, E, I, dtype, seed_of(request.node.nodeid))
+    cfg = _pinned(cfg, dtype)
+    buf, out = poisoned_out(M, E * I, BF16)
+    densemoe.fc1(x, w1, a1, x_scale=xs, alpha_post=post, out=out, config=cfg)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out.float()).any(), f"{int(torch.isnan(out.float()).sum())} NaNs"
+    assert_untouched_border(buf, M, E * I)
+    ref = fc1_ref(x, w1, a1, x_scale=xs, alpha_post=post, out_dtype=torch.float64)
+    bound = bf16_bound(ref, x, w1, a1, xs, post)
+    assert rel(out, ref) <= bound, (rel(out, ref), bound, torch_error(ref, BF16))
+
+
+def _cluster_config(M):
+    """A cluster config for the DeepSeek-V3 TP8 shape at M (fp8 tile_k; ``_pinned`` for bf16)."""
+    if M <= 128:
+        tm = next(t for t in (16, 32, 64, 128) if M <= t)
+        return C(tile_i=64, tile_m=tm, tile_k=256, cluster_n=2)
+    return C(tile_i=64, tile_m=256, tile_k=128, consumers=2, swap_ab=0, cluster_n=2,
+             cluster_m=2 if M > 256 else 1)
+
+
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=dtype_id)
+def test_model_shape_cluster_configs_are_valid(dtype):
+    s = SHAPES["deepseek-v3-tp8"]
+    for M in (1, 100, 256, 1000):
+        cfg = _pinned(_cluster_config(M), dtype)
+        assert can_implement(problem(M, s.hidden, s.experts, s.inter, dtype), cfg)[0], cfg
+
+
+@gpu
+@needs_gpu
+@pytest.mark.usefixtures("_no_tf32")
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=dtype_id)
+@pytest.mark.parametrize("M", [1, 100, 256, 1000])
+def test_cute_model_shape_with_clusters(M, dtype, request):
+    """DeepSeek-V3 TP8 with a pinned cluster config (cluster_n = 2; above M = 256 also
+    cluster_m = 2 with 256-token tiles): within ``bf16_bound`` of the float32 reference."""
+    s = SHAPES["deepseek-v3-tp8"]
+    x, w1, a1, xs, post = gpu_inputs(M, s.hidden, s.experts, s.inter, dtype, seed_of(request.node.nodeid))
+    cfg = _pinned(_cluster_config(M), dtype)
+    out = torch.full((M, s.experts * s.inter), float("nan"), dtype=BF16, device="cuda")
+    densemoe.fc1(x, w1, a1, x_scale=xs, alpha_post=post, out=out, config=cfg)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out.float()).any(), f"{int(torch.isnan(out.float()).sum())} NaNs"
+    ref = ref_chunked(x, w1, a1, xs, post, torch.float32, torch.float32)
+    bound = bf16_bound(ref, x, w1, a1, xs, post) + 1e-5
     assert rel(out, ref) <= bound, (rel(out, ref), bound, torch_error(ref, BF16))

@@ -83,9 +83,16 @@ def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> 
 
     Triton: orientation x token tile x tile of I x k-tile x warps; the pipeline depth is 4 (3
     where 4 stages of both operands would not fit shared memory); the heuristic's choice first.
-    CuTe DSL (sm_90a): swap-AB up to M = 128 (token tile from ``_token_tiles``, tile of I 64/128,
-    k-tile 128/256 bytes, 1 or 2 consumer warpgroups) and tokens as wgmma's M from M = 64
-    (64 or 128 tokens, tile of I 64/128, both k-tiles); the deepest ring; one CTA per SM."""
+    CuTe DSL (sm_90a), always the deepest ring and one CTA per SM (whole clusters):
+    swap-AB up to M = 128 (token tile from ``_token_tiles``, tile of I 64/128, k-tile 128/256
+    bytes, 1 or 2 consumer warpgroups) and tokens as wgmma's M from M = 64 (64 or 128 tokens,
+    tile of I 64/128, both k-tiles); then the same with ``cluster_n=2`` (the token tile
+    multicast to two CTAs on neighbouring tiles of I; swap-AB: tile of I 64 with one consumer
+    or 128 with two; tokens as M: two consumers above M = 64); above M = 128 also 256-token
+    tiles (two 64-row atoms per consumer, tile of I 64/96) alone, with ``cluster_n=2`` and,
+    where there are two or more such tiles, ``cluster_m=2``, and the 128-token tiles with
+    ``cluster_m=2`` (the weight tile multicast to two token tiles) and with both. At most 30
+    CuTe tactics per M bucket."""
     from densemoe.kernels.cute import fc1_sm90 as cute_fc1
     from densemoe.kernels.triton.fc1 import default_config
     from densemoe.tuning.space import _token_tiles
@@ -106,13 +113,33 @@ def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> 
         h = default_config(p)
         out = ([h] if h not in out else []) + out
     if "cute" in backends:
+        C = cute_fc1.Fc1CuteConfig
         cands = []
-        if p.m <= 128:
-            for tm, ti, tk, cons in itertools.product(_token_tiles(p.m, (16, 32, 64, 128), keep=2), (64, 128), ks, (1, 2)):
-                cands.append(cute_fc1.Fc1CuteConfig(tile_i=ti, tile_m=tm, tile_k=tk, consumers=cons, swap_ab=1))
+        swap_tokens = _token_tiles(p.m, (16, 32, 64, 128), keep=2) if p.m <= 128 else []
+        for tm, ti, tk, cons in itertools.product(swap_tokens, (64, 128), ks, (1, 2)):
+            cands.append(C(tile_i=ti, tile_m=tm, tile_k=tk, consumers=cons, swap_ab=1))
         if p.m >= 64:
             for cons, ti, tk in itertools.product((1, 2) if p.m > 64 else (1,), (64, 128), ks):
-                cands.append(cute_fc1.Fc1CuteConfig(tile_i=ti, tile_m=64 * cons, tile_k=tk, consumers=cons, swap_ab=0))
+                cands.append(C(tile_i=ti, tile_m=64 * cons, tile_k=tk, consumers=cons, swap_ab=0))
+        # clusters: cluster_n=2 (the token tile read from L2 once per two tiles of I)
+        for tm, (ti, cons), tk in itertools.product(swap_tokens, ((64, 1), (128, 2)), ks):
+            cands.append(C(tile_i=ti, tile_m=tm, tile_k=tk, consumers=cons, swap_ab=1, cluster_n=2))
+        if p.m >= 64:
+            cons = 2 if p.m > 64 else 1
+            for ti, tk in itertools.product((64, 128), ks):
+                cands.append(C(tile_i=ti, tile_m=64 * cons, tile_k=tk, consumers=cons, swap_ab=0, cluster_n=2))
+        if p.m > 128:
+            # 256 tokens per tile (two atoms per consumer): M <= 256 is one token tile
+            two_big = -(-p.m // 256) >= 2
+            for ti, tk in itertools.product((64, 96), ks):
+                for cn, cm in ((1, 1), (2, 1)) + (((1, 2),) if two_big else ()):
+                    cands.append(C(tile_i=ti, tile_m=256, tile_k=tk, consumers=2, swap_ab=0, cluster_n=cn,
+                                   cluster_m=cm))
+            # 128-token tiles with the weight tile multicast to two token tiles (and both)
+            for ti, tk in itertools.product((64, 128), ks):
+                cands.append(C(tile_i=ti, tile_m=128, tile_k=tk, consumers=2, swap_ab=0, cluster_m=2))
+            for tk in ks:
+                cands.append(C(tile_i=128, tile_m=128, tile_k=tk, consumers=2, swap_ab=0, cluster_n=2, cluster_m=2))
         for cfg in cands:
             if cute_fc1.can_implement(p, cfg)[0] and cfg not in out:
                 out.append(cfg)

@@ -29,7 +29,8 @@ Kernel.
   tile_i) + i0 / tile_i``. The persistent CTAs (``ctas``, default one per SM) take units
   ``cta, cta + G, cta + 2G, ...``: the CTAs running at the same time hold consecutive units, i.e.
   the same few weight tiles against every token tile, so each weight byte comes from DRAM once
-  (the other token tiles find it in L2) and x (M * H bytes: a few MB) stays in L2.
+  (the other token tiles find it in L2) and x (M * H bytes: a few MB) stays in L2. (With
+  clusters the same order holds for groups of tiles: see Clusters below.)
 * Two TMA loads per stage fetch the weight tile from the checkpoint layout as it is (no
   re-layout of w1): the gate rows into one shared-memory buffer and the up rows into another
   (same swizzled layout), plus a third load for the token tile. Rows past M read as zeros
@@ -42,7 +43,31 @@ Kernel.
   read it are complete (one commit group in flight).
 * Orientation (``swap_ab``): 1 = weights are wgmma's M operand (64 rows per consumer atom) and
   tokens its N (``tile_m`` 16..256: M = 1 costs a 16-wide token tile); 0 = tokens are wgmma's M
-  (``tile_m = 64 * consumers``) and the weight tile its N (``tile_i`` up to 256).
+  (``tile_m = 64 * consumers``, or ``128 * consumers``: two 64-row atoms per consumer, so that
+  M = 256 is one token tile and each weight byte goes to the SMs once) and the weight tile its
+  N (``tile_i`` up to 256).
+* Clusters (``cluster_n`` x ``cluster_m`` CTAs, at most 4; the construction of ``fc2_sm90``).
+  The work list is then one of *cluster units*: (weight-tile group ``wg``, token-tile group
+  ``mg``), numbered ``wg * m_groups + mg`` (weight-group major, as above), where a weight-tile
+  group is ``cluster_n`` consecutive tiles of I (``wt = wg * cluster_n + rank_n``; neighbours
+  may belong to two experts) and a token-tile group ``cluster_m`` consecutive token tiles
+  (``mt = mg * cluster_m + rank_m``). Cluster ``c`` of ``G`` takes cluster units ``c, c + G,
+  ...``, and *every CTA of the cluster walks that same list*: at each step the CTAs of a row
+  (same ``rank_m``) hold the same token tile, which each loads ``tile_m / cluster_n`` rows of
+  and multicasts to the row, and the CTAs of a column (same ``rank_n``) hold the same weight
+  tile, whose gate and up rows each loads ``tile_i / cluster_m`` of and multicasts to the
+  column. A consumer warp releases a stage to every CTA of its row and column (the ones that
+  write into its ring), so the empty barriers count ``(cluster_n + cluster_m - 1) * warps``.
+  Tail: where the tiles of I (``E * I / tile_i``) are not a multiple of ``cluster_n``, or the
+  token tiles not a multiple of ``cluster_m``, the last group is padded with tiles past the
+  end of w1 (rows >= E * 2I) or of x (rows >= M). A CTA on such a padding unit runs the full
+  protocol like its partners (the same k-tiles, its TMA slices, which still multicast its share
+  of the shared operand; TMA fills out-of-bounds boxes with zeros and still signals their
+  bytes) and only skips the epilogue. So all CTAs of a cluster issue and consume exactly the
+  same number of stages: no CTA waits on a barrier that a partner never arrives on, and none
+  exits while a partner still multicasts into it (``producer_tail`` waits for every stage's
+  release, remote ones included). The launch is rounded to whole clusters and capped by the
+  device's ``max_active_clusters`` for the size (clusters must fit in a GPC).
 * Epilogue (per unit, after its last wgmma): ``alpha1[e] * x_scale[m]`` and ``alpha_post[m,
   e]`` are read per token column this thread holds (L2-resident), then ``silu(g) * u * post``
   in fp32, converted and stored straight to global memory, masked to rows < M.
@@ -62,6 +87,7 @@ from densemoe.kernels.cute.fc2_sm90 import (  # shared with FC2: limits, dtype m
     SMEM_BYTES,
     _cutlass_dtype,
     cute_available,
+    max_active_clusters,
 )
 from densemoe.kernels.triton.fc1 import Fc1Problem  # shared by every backend
 
@@ -74,7 +100,16 @@ _INDEX_LIMIT = 2**31  # the kernel's tensor coordinates are 32-bit
 FP8 = torch.float8_e4m3fn
 
 __all__ = ["Fc1CuteConfig", "can_implement", "compile_fc1", "runtime_ok", "fc1_cute", "cute_available",
-           "units_of", "launch_ctas"]
+           "units_of", "unit_tiles", "launch_clusters", "launch_ctas"]
+
+
+def unit_tiles(cu, m_groups, rank_n, rank_m, cluster_n: int, cluster_m: int):
+    """(weight tile, token tile) of the CTA at (rank_n, rank_m) of its cluster on cluster unit
+    ``cu``: weight-tile group major, token-tile group fastest. The kernel traces this very
+    function with its 32-bit values; the host calls it with ints (tests check the schedule).
+    A weight tile >= E * I / tile_i or a token tile >= ceil(M / tile_m) is padding."""
+    wg = cu // m_groups
+    return wg * cluster_n + rank_n, (cu - wg * m_groups) * cluster_m + rank_m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +122,20 @@ class Fc1CuteConfig:
                swap_ab=1: wgmma M, a multiple of 64 * consumers in [64, 256];
                swap_ab=0: wgmma N, a multiple of 32 in [32, 256]
     tile_m:    tokens per unit. swap_ab=1: wgmma N, a multiple of 16 in [16, 256];
-               swap_ab=0: wgmma M, exactly 64 * consumers
+               swap_ab=0: wgmma M, 64 * consumers or 128 * consumers (two 64-row atoms each)
     tile_k:    k-tile in elements: 128 or 256 bytes per row (fp8 128/256, bf16 64/128);
                must divide H
     stages:    depth of the shared-memory load ring (0 = as deep as shared memory allows, <= 16)
     consumers: consumer warpgroups (1 or 2)
     swap_ab:   1: weights are wgmma's M operand, tokens its N (small M); 0: tokens are wgmma's M
-    ctas:      persistent CTAs launched (0 = one per SM, never more than there are units)
+    ctas:      persistent CTAs launched (0 = one per SM; rounded down to whole clusters, never
+               more clusters than there are cluster units, nor than the device holds at once)
+    cluster_n: CTAs per cluster along the weight tiles (1, 2, 4): they take neighbouring tiles of
+               I (possibly of two experts) of the same token tile, which is TMA-multicast to all
+               of them (each CTA loads tile_m / cluster_n of its rows)
+    cluster_m: CTAs per cluster along the token tiles (1, 2, 4): they take neighbouring token
+               tiles of the same weight tile, whose gate and up rows are multicast (each CTA
+               loads tile_i / cluster_m of them); cluster_n * cluster_m <= 4
     """
 
     tile_i: int = 64
@@ -103,6 +145,8 @@ class Fc1CuteConfig:
     consumers: int = 1
     swap_ab: int = 1
     ctas: int = 0
+    cluster_n: int = 1
+    cluster_m: int = 1
 
     backend = "cute"
 
@@ -112,8 +156,18 @@ class Fc1CuteConfig:
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def from_str(s: str) -> "Fc1CuteConfig":
+        """Inverse of ``to_str``; fields a string lacks (e.g. the cluster sizes, in strings
+        written before they existed) take their defaults."""
         body = s.removeprefix("fc1-cute:")
         return Fc1CuteConfig(**{k: int(v) for k, v in (kv.split("=") for kv in body.split(",") if kv)})
+
+    @property
+    def cluster_size(self) -> int:
+        return self.cluster_n * self.cluster_m
+
+    def m_atoms(self) -> int:
+        """64-row wgmma atoms per consumer warpgroup along the tokens (unswapped: 1 or 2)."""
+        return 1 if self.swap_ab else max(1, self.tile_m // (64 * self.consumers))
 
     def stage_bytes(self, dtype: torch.dtype) -> int:
         """Shared memory of one ring stage: gate tile + up tile + token tile."""
@@ -130,8 +184,9 @@ class Fc1CuteConfig:
 
     def scale_regs(self) -> int:
         """fp32 registers per consumer thread for the epilogue's per-token factors: two
-        values per token column, read ``_SCALE_CHUNK`` columns at a time."""
-        return 2 * min(_SCALE_CHUNK, self.tile_m // 4 if self.swap_ab else 2)
+        values per token column, read ``_SCALE_CHUNK`` columns at a time (unswapped: two token
+        rows per 64-row atom)."""
+        return 2 * min(_SCALE_CHUNK, self.tile_m // 4 if self.swap_ab else 2 * self.m_atoms())
 
 
 def can_implement(problem: Fc1Problem, config: Fc1CuteConfig) -> tuple[bool, str]:
@@ -155,8 +210,9 @@ def can_implement(problem: Fc1Problem, config: Fc1CuteConfig) -> tuple[bool, str
         if not (16 <= c.tile_m <= 256 and c.tile_m % 16 == 0):
             return False, f"tile_m={c.tile_m} must be a multiple of 16 in [16, 256] (wgmma N)"
     else:
-        if c.tile_m != 64 * c.consumers:
-            return False, f"tile_m={c.tile_m} must be 64 * consumers without swap_ab (one wgmma M atom each)"
+        if c.tile_m not in (64 * c.consumers, 128 * c.consumers):
+            return False, (f"tile_m={c.tile_m} must be 64 * consumers or 128 * consumers without swap_ab "
+                           f"(one or two wgmma M atoms each)")
         if not (32 <= c.tile_i <= 256 and c.tile_i % 32 == 0):
             return False, f"tile_i={c.tile_i} must be a multiple of 32 in [32, 256] (wgmma N) without swap_ab"
     if p.i % c.tile_i:
@@ -176,8 +232,17 @@ def can_implement(problem: Fc1Problem, config: Fc1CuteConfig) -> tuple[bool, str
     smem = stages * c.stage_bytes(p.dtype) + _SMEM_RESERVE
     if smem > SMEM_BYTES:
         return False, f"{stages} stages need {smem} B of shared memory (limit {SMEM_BYTES})"
-    if c.ctas < 0:
-        return False, f"ctas={c.ctas} must be >= 0"
+    if c.cluster_n not in (1, 2, 4) or c.cluster_m not in (1, 2, 4) or c.cluster_size > 4:
+        return False, (f"cluster ({c.cluster_n}, {c.cluster_m}) must be 1, 2 or 4 along each of weight "
+                       f"tiles and token tiles, at most 4 CTAs")
+    if c.tile_m % (8 * c.cluster_n):
+        return False, (f"cluster_n={c.cluster_n} multicasts tile_m / cluster_n = {c.tile_m / c.cluster_n:g} "
+                       f"token rows per CTA; must be a multiple of 8")
+    if c.tile_i % (8 * c.cluster_m):
+        return False, (f"cluster_m={c.cluster_m} multicasts tile_i / cluster_m = {c.tile_i / c.cluster_m:g} "
+                       f"gate (and up) rows per CTA; must be a multiple of 8")
+    if c.ctas < 0 or (c.ctas and c.ctas % c.cluster_size):
+        return False, f"ctas={c.ctas} must be 0 or a positive multiple of the cluster size ({c.cluster_size})"
     for what, n in (("w1 (E*2I*H)", 2 * p.e * p.i * p.h), ("x (M*H)", p.m * p.h), ("y (M*E*I)", p.m * p.e * p.i)):
         if n >= _INDEX_LIMIT:
             return False, f"{what} has {n} elements: the kernel's indices are 32-bit (< 2**31); split the batch"
@@ -214,9 +279,13 @@ def _build_kernel_class():
             self.w_tiles = e * self.i_tiles
             self.consumers = cfg.consumers
             self.swap = bool(cfg.swap_ab)
+            self.cluster = (cfg.cluster_n, cfg.cluster_m)
+            self.num_mcast_x = cfg.cluster_n  # token tile shared by CTAs on other weight tiles
+            self.num_mcast_w = cfg.cluster_m  # gate / up tiles shared by CTAs on other token tiles
+            self.w_groups = -(-self.w_tiles // cfg.cluster_n)  # weight-tile groups (last one padded)
             # token factors per consumer thread: one per token column it holds (swap_ab: the
-            # accumulator's N), or one per accumulator row it holds (2)
-            self.scale_n = cfg.tile_m // 4 if self.swap else 2
+            # accumulator's N), or one per accumulator row it holds (2 per 64-row atom)
+            self.scale_n = cfg.tile_m // 4 if self.swap else 2 * cfg.m_atoms()
             self.scale_chunk = min(self.scale_n, _SCALE_CHUNK)  # read this many at a time
             self.threads = 128 * (1 + cfg.consumers)
             self.stages = cfg.resolved_stages(FP8 if ab_dtype.width == 8 else torch.bfloat16)
@@ -226,7 +295,7 @@ def _build_kernel_class():
         def __call__(self, w_ptr: cute.Pointer, x_ptr: cute.Pointer, alpha1_ptr: cute.Pointer,
                      xs_ptr: cute.Pointer, post_ptr: cute.Pointer, oscale_ptr: cute.Pointer,
                      y_ptr: cute.Pointer, m: Int32, has_xs: Int32, has_post: Int32, ld_post: Int32,
-                     ld_y: Int32, num_ctas: Int32, stream):
+                     ld_y: Int32, num_clusters: Int32, stream):
             H, E, I = self.H, self.E, self.I
             mW = cute.make_tensor(w_ptr, cute.make_layout((E * 2 * I, H), stride=(H, 1)))
             mX = cute.make_tensor(x_ptr, cute.make_layout((m, H), stride=(H, 1)))
@@ -242,8 +311,8 @@ def _build_kernel_class():
                 Float32, (self.consumers, 1, 1), tiler_mn=(64, self.tile_m if self.swap else self.tile_i))
             w_layout = self._smem_layout(self.tile_i)
             x_layout = self._smem_layout(self.tile_m)
-            tma_w, tma_tw = self._tma(mW, w_layout, self.tile_i)
-            tma_x, tma_tx = self._tma(mX, x_layout, self.tile_m)
+            tma_w, tma_tw = self._tma(mW, w_layout, self.tile_i, self.num_mcast_w)
+            tma_x, tma_tx = self._tma(mX, x_layout, self.tile_m, self.num_mcast_x)
 
             @cute.struct
             class SharedStorage:
@@ -255,9 +324,9 @@ def _build_kernel_class():
             self.shared_storage = SharedStorage
             self.kernel(tma_w, tma_tw, tma_x, tma_tx, mAlpha1, mXs, mPost, mOscale, mY, m, has_xs, has_post,
                         self.tiled_mma, w_layout, x_layout).launch(
-                grid=[num_ctas, 1, 1],
+                grid=[num_clusters * self.cluster[0], self.cluster[1], 1],
                 block=[self.threads, 1, 1],
-                cluster=[1, 1, 1],
+                cluster=[self.cluster[0], self.cluster[1], 1],
                 min_blocks_per_mp=1,
                 stream=stream,
             )
@@ -268,10 +337,12 @@ def _build_kernel_class():
                 self.ab_dtype)
             return cute.tile_to_shape(atom, (rows, self.tile_k, self.stages), order=(0, 1, 2))
 
-        def _tma(self, tensor, smem_layout_staged, rows: int):
+        def _tma(self, tensor, smem_layout_staged, rows: int, mcast: int):
+            op = (cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp() if mcast == 1
+                  else cute.nvgpu.cpasync.CopyBulkTensorTileG2SMulticastOp())
             smem_layout = cute.slice_(smem_layout_staged, (None, None, 0))
             return cute.nvgpu.cpasync.make_tiled_tma_atom(
-                cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp(), tensor, smem_layout, (rows, self.tile_k))
+                op, tensor, smem_layout, (rows, self.tile_k), num_multicast=mcast)
 
         # ---------------------------------------------------------------- device side
         @cute.kernel
@@ -281,30 +352,45 @@ def _build_kernel_class():
                    w_smem_layout: cute.ComposedLayout, x_smem_layout: cute.ComposedLayout):
             tile_i, tile_m, tile_k = self.tile_i, self.tile_m, self.tile_k
             KT, IT = self.kt, self.i_tiles
+            cn, cm = self.cluster
             tidx, _, _ = cute.arch.thread_idx()
             warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
             if warp_idx == 0:
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_w)
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_x)
+
+            # ---- cluster coordinates and multicast masks (as in fc2_sm90: mode 0 = cluster_n,
+            # CTAs on neighbouring weight tiles; mode 1 = cluster_m, on neighbouring token tiles)
+            cta_layout = cute.make_layout((cn, cm, 1))
+            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+            ccoord = cta_layout.get_flat_coord(rank)
+            w_mask = cute.make_layout_image_mask(cta_layout, ccoord, mode=1) if cm > 1 else 0
+            x_mask = cute.make_layout_image_mask(cta_layout, ccoord, mode=0) if cn > 1 else 0
             bidx, _, _ = cute.arch.block_idx()
             gdim, _, _ = cute.arch.grid_dim()
+            cluster_id = bidx // cn
+            num_clusters = gdim // cn
 
             # ---- shared memory and the load pipeline
             smem = utils.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             w_one = cute.slice_(w_smem_layout, (None, None, 0))
             x_one = cute.slice_(x_smem_layout, (None, None, 0))
+            # every CTA receives whole tiles (its own slices and its partners' multicasts)
             tx_bytes = 2 * cute.size_in_bytes(self.ab_dtype, w_one) + cute.size_in_bytes(self.ab_dtype, x_one)
+            # each consumer warp releases a stage to every CTA that multicasts into it: the CTAs
+            # of its row and of its column of the cluster (itself counted once)
+            mcast_size = self.num_mcast_w + self.num_mcast_x - 1
             pipe = pipeline.PipelineTmaAsync.create(
                 barrier_storage=storage.pipe_mbar.data_ptr(),
                 num_stages=self.stages,
                 producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.consumers * 4),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, mcast_size * self.consumers * 4),
                 tx_count=tx_bytes,
-                cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
+                cta_layout_vmnk=cute.make_layout((1, *cta_layout.shape)),
                 defer_sync=True,
             )
-            pipeline.pipeline_init_arrive(cluster_shape_mn=(1, 1), is_relaxed=True)
+            pipeline.pipeline_init_arrive(cluster_shape_mn=self.cluster, is_relaxed=True)
             sG = storage.sG.get_tensor(w_smem_layout.outer, swizzle=w_smem_layout.inner)
             sU = storage.sU.get_tensor(w_smem_layout.outer, swizzle=w_smem_layout.inner)
             sX = storage.sX.get_tensor(x_smem_layout.outer, swizzle=x_smem_layout.inner)
@@ -312,36 +398,42 @@ def _build_kernel_class():
             # ---- global tiles: (rows, tile_k, row tiles, k tiles)
             gW = cute.local_tile(mW, (tile_i, tile_k), (None, None))
             gX = cute.local_tile(mX, (tile_m, tile_k), (None, None))
+            # the weight tiles' slices by rank along cluster_m, the token tile's along cluster_n
             tGsG, tWgW = cute.nvgpu.cpasync.tma_partition(
-                tma_w, 0, cute.make_layout(1), cute.group_modes(sG, 0, 2), cute.group_modes(gW, 0, 2))
+                tma_w, ccoord[1], cute.make_layout(cm), cute.group_modes(sG, 0, 2), cute.group_modes(gW, 0, 2))
             tUsU, _ = cute.nvgpu.cpasync.tma_partition(
-                tma_w, 0, cute.make_layout(1), cute.group_modes(sU, 0, 2), cute.group_modes(gW, 0, 2))
+                tma_w, ccoord[1], cute.make_layout(cm), cute.group_modes(sU, 0, 2), cute.group_modes(gW, 0, 2))
             tXsX, tXgX = cute.nvgpu.cpasync.tma_partition(
-                tma_x, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
+                tma_x, ccoord[0], cute.make_layout(cn), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
 
-            # ---- the work list: units bidx, bidx + G, ... (weight tile major, token tile fastest)
+            # ---- the work list: cluster units cluster_id, cluster_id + G, ... (weight-tile group
+            # major, token-tile group fastest); every CTA of a cluster walks the same list
             m_tiles = (m + tile_m - 1) // tile_m
-            units = m_tiles * self.w_tiles
+            m_groups = (m_tiles + cm - 1) // cm
+            cunits = m_groups * self.w_groups
 
-            pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
+            pipeline.pipeline_init_wait(cluster_shape_mn=self.cluster)
             warp_group = cute.arch.make_warp_uniform(tidx // 128)
 
             if warp_group == 0:  # ------------------------------------------ producer
                 cute.arch.setmaxregister_decrease(_PRODUCER_REGS)
                 if warp_idx == 0:
                     state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-                    for u in range(bidx, units, gdim):
-                        wt = u // m_tiles
-                        mt = u - wt * m_tiles
+                    for cu in range(cluster_id, cunits, num_clusters):
+                        # padding: wt past the weight tiles (rows past w1), mt past M: zeros
+                        wt, mt = unit_tiles(cu, m_groups, ccoord[0], ccoord[1], cn, cm)
                         e = wt // IT
                         gate_tile = wt + e * IT  # row tile of w1: (e*2I + it*tile_i) / tile_i
                         up_tile = gate_tile + IT  # I rows further down
                         for kt in cutlass.range(KT, unroll=1):
                             pipe.producer_acquire(state)
                             bar = pipe.producer_get_barrier(state)
-                            cute.copy(tma_w, tWgW[(None, gate_tile, kt)], tGsG[(None, state.index)], tma_bar_ptr=bar)
-                            cute.copy(tma_w, tWgW[(None, up_tile, kt)], tUsU[(None, state.index)], tma_bar_ptr=bar)
-                            cute.copy(tma_x, tXgX[(None, mt, kt)], tXsX[(None, state.index)], tma_bar_ptr=bar)
+                            cute.copy(tma_w, tWgW[(None, gate_tile, kt)], tGsG[(None, state.index)],
+                                      tma_bar_ptr=bar, mcast_mask=w_mask)
+                            cute.copy(tma_w, tWgW[(None, up_tile, kt)], tUsU[(None, state.index)],
+                                      tma_bar_ptr=bar, mcast_mask=w_mask)
+                            cute.copy(tma_x, tXgX[(None, mt, kt)], tXsX[(None, state.index)],
+                                      tma_bar_ptr=bar, mcast_mask=x_mask)
                             pipe.producer_commit(state)
                             state.advance()
                     pipe.producer_tail(state)
@@ -374,14 +466,17 @@ def _build_kernel_class():
                 if cutlass.const_expr(self.out_fp8):
                     inv_os = Float32(1.0) / mOscale[0]
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-                for u in range(bidx, units, gdim):
+                for cu in range(cluster_id, cunits, num_clusters):
                     read, release = self._mainloop(tiled_mma, pipe, read, release, gA, gB, uA, uB, acc_g, acc_u)
-                    wt = u // m_tiles
-                    mt = u - wt * m_tiles
-                    e = wt // IT
-                    it = wt - e * IT
-                    self._epilogue(acc_g, acc_u, s_tok, p_tok, tCcC, mAlpha1, mXs, mPost, mY, e,
-                                   e * self.I + it * tile_i, mt * tile_m, m, has_xs, has_post, inv_os)
+                    wt, mt = unit_tiles(cu, m_groups, ccoord[0], ccoord[1], cn, cm)
+                    # a padding unit (past the weight tiles or the token tiles): computed on
+                    # zeros, not stored
+                    if wt < self.w_tiles:
+                        if mt < m_tiles:
+                            e = wt // IT
+                            it = wt - e * IT
+                            self._epilogue(acc_g, acc_u, s_tok, p_tok, tCcC, mAlpha1, mXs, mPost, mY, e,
+                                           e * self.I + it * tile_i, mt * tile_m, m, has_xs, has_post, inv_os)
 
         @cute.jit
         def _mainloop(self, tiled_mma: cute.TiledMma, pipe, read, release, gA: cute.Tensor, gB: cute.Tensor,
@@ -429,8 +524,9 @@ def _build_kernel_class():
                         # value mode ((2, 2, tile_m/8), atoms, 1): the token column is set by v0, v2
                         tok = tCcC[((c % 2, 0, c // 2), 0, 0)][1]
                     else:
-                        # value mode ((2, 2, tile_i/8), 1, 1): the token row is set by v1 only
-                        tok = tCcC[((0, c, 0), 0, 0)][0]
+                        # value mode ((2, 2, tile_i/8), m_atoms, 1): the token row is set by v1
+                        # and the atom
+                        tok = tCcC[((0, c % 2, 0), c // 2, 0)][0]
                     row = cutlass.min(m_base + tok, m - 1)  # rows past M: clamped, never stored
                     xs = Float32(1.0)
                     if has_xs != 0:
@@ -450,8 +546,8 @@ def _build_kernel_class():
                     else:
                         for v2 in cutlass.range_constexpr(self.tile_i // 8):
                             for v0 in cutlass.range_constexpr(2):
-                                self._finish(acc_g, acc_u, s_tok[j], p_tok[j], tCcC, mY, ((v0, c, v2), 0, 0),
-                                             col_base, m_base, m, inv_os)
+                                self._finish(acc_g, acc_u, s_tok[j], p_tok[j], tCcC, mY,
+                                             ((v0, c % 2, v2), c // 2, 0), col_base, m_base, m, inv_os)
 
         @cute.jit
         def _finish(self, acc_g: cute.Tensor, acc_u: cute.Tensor, s: Float32, post: Float32, tCcC: cute.Tensor,
@@ -485,8 +581,9 @@ def compile_fc1(config: Fc1CuteConfig, dtype: torch.dtype, out_dtype: torch.dtyp
     """Compile (once per static key) and return the launchable function.
 
     The key is static only: config, dtypes and the model shape (H, E, I). M, the optional
-    inputs' presence (x_scale, alpha_post: runtime flags) and the number of CTAs are runtime
-    arguments, so every token count shares one compiled kernel per config.
+    inputs' presence (x_scale, alpha_post: runtime flags) and the number of clusters are
+    runtime arguments, so every token count shares one compiled kernel per config (the cluster
+    shape, a static field of the config, is part of the key).
     """
     import cuda.bindings.driver as cuda
     import cutlass
@@ -546,14 +643,28 @@ def _ptr(t: torch.Tensor, dtype, align: int = 16):
 
 
 def units_of(problem: Fc1Problem, config: Fc1CuteConfig) -> int:
-    """Work units (token tile x expert x tile of I) of one call."""
+    """Cluster work units of one call: (token-tile group of ``cluster_m`` token tiles) x
+    (weight-tile group of ``cluster_n`` tiles of I, the last group padded); without clusters
+    simply token tiles x experts x tiles of I."""
     p, c = problem, config
-    return -(-p.m // c.tile_m) * p.e * (p.i // c.tile_i)
+    m_groups = -(-(-(-p.m // c.tile_m)) // c.cluster_m)
+    w_groups = -(-(p.e * (p.i // c.tile_i)) // c.cluster_n)
+    return m_groups * w_groups
 
 
-def launch_ctas(problem: Fc1Problem, config: Fc1CuteConfig, num_sms: int) -> int:
-    """Persistent CTAs launched: ``ctas`` (or one per SM), never more than there are units."""
-    return max(1, min(config.ctas or num_sms, units_of(problem, config)))
+def launch_clusters(problem: Fc1Problem, config: Fc1CuteConfig, num_sms: int,
+                    max_clusters: int | None = None) -> int:
+    """Persistent clusters launched: ``ctas`` (or one CTA per SM) in whole clusters, never more
+    than there are cluster units nor than ``max_clusters`` (the device's limit for this
+    cluster size; default SMs / size)."""
+    c = config
+    size = c.cluster_size
+    return max(1, min((c.ctas or num_sms) // size, units_of(problem, c), max_clusters or num_sms // size))
+
+
+def launch_ctas(problem: Fc1Problem, config: Fc1CuteConfig, num_sms: int, max_clusters: int | None = None) -> int:
+    """Persistent CTAs launched: ``launch_clusters`` times the cluster size."""
+    return launch_clusters(problem, config, num_sms, max_clusters) * config.cluster_size
 
 
 def fc1_cute(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,
@@ -577,7 +688,9 @@ def fc1_cute(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.T
     if M == 0 or E == 0 or I == 0:
         return
     fn = compile_fc1(config, x.dtype, y.dtype, H, E, I)
-    ctas = launch_ctas(problem, config, sm_count(x.device))
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    cap = max_active_clusters(dev, config.cluster_size) if config.cluster_size > 1 else None
+    clusters = launch_clusters(problem, config, sm_count(x.device), cap)
     ab = _cutlass_dtype(x.dtype)
     od = cutlass.Float8E4M3FN if y.dtype == FP8 else _cutlass_dtype(y.dtype)
     f32 = cutlass.Float32
@@ -590,4 +703,4 @@ def fc1_cute(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.T
     fn(_ptr(w1, ab), _ptr(x, ab), _ptr(alpha1, f32, 4), _ptr(xs, f32, 4), _ptr(post, f32, 4), _ptr(osc, f32, 4),
        _ptr(y, od, y.element_size()), cutlass.Int32(M), cutlass.Int32(x_scale is not None),
        cutlass.Int32(alpha_post is not None), cutlass.Int32(ld_post), cutlass.Int32(y.stride(0)),
-       cutlass.Int32(ctas), stream)
+       cutlass.Int32(clusters), stream)
