@@ -18,8 +18,10 @@ Semantics (``densemoe.quant`` holds the torch twins)::
             y8[m, e*I:(e+1)*I] = clamp(y[...] / s, +-448).to(fp8)
             alpha2[m, e] = alpha[m, e] * s * w2_scale[e]
 
-Schedule: one program per (token, block of experts); a segment of I columns that fits one
-block is loaded once and kept in registers, a longer one is read twice (amax, then scale).
+Schedule: one program per (token, block of experts). A block none of whose experts the token
+picked (most of them: top-8 of 256) only stores zeros. Otherwise a segment of I columns that
+fits one block is loaded once and kept in registers, a longer one is read twice (amax, then
+scale); the division is IEEE round-to-nearest (``div_rn``) so the bits match torch's.
 """
 
 from __future__ import annotations
@@ -72,6 +74,20 @@ def _quant_y_kernel(y_ptr, alpha_ptr, ws_ptr, q_ptr, a2_ptr, E, I,
     a = tl.load(alpha_ptr + m * stride_am + offs_e, mask=e_ok, other=0.0)
     live = e_ok & (a != 0.0)
     cols = offs_e.to(tl.int64)[:, None] * I + offs_i[None, :]
+    if tl.sum(live.to(tl.int32), axis=0) == 0:  # no expert of the block picked (most blocks): zeros
+        zero = tl.zeros((BLOCK_E, BLOCK_I), dtype=q_ptr.dtype.element_ty)
+        for i0 in range(0, I, BLOCK_I):
+            tl.store(q_ptr + m * stride_qm + cols + i0, zero, mask=e_ok[:, None] & (i0 + offs_i[None, :] < I))
+        tl.store(a2_ptr + m * stride_a2m + offs_e, tl.zeros((BLOCK_E,), dtype=tl.float32), mask=e_ok)
+    else:
+        _quant_y_live(y_ptr, ws_ptr, q_ptr, a2_ptr, I, m, offs_e, offs_i, e_ok, a, live, cols,
+                      stride_ym, stride_qm, stride_a2m, BLOCK_E, BLOCK_I, ONE_PASS, HAS_WS)
+
+
+@triton.jit
+def _quant_y_live(y_ptr, ws_ptr, q_ptr, a2_ptr, I, m, offs_e, offs_i, e_ok, a, live, cols,
+                  stride_ym, stride_qm, stride_a2m,
+                  BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, ONE_PASS: tl.constexpr, HAS_WS: tl.constexpr):
     if ONE_PASS:
         ok = live[:, None] & (offs_i[None, :] < I)
         v = tl.load(y_ptr + m * stride_ym + cols, mask=ok, other=0.0).to(tl.float32)
