@@ -1,10 +1,15 @@
 """densemoe.routing: the routers against their loop twins, against Hugging Face transformers' own
-router modules (tiny configs, CPU), alpha's layout, the argument checks and torch.compile."""
+router modules (tiny configs, CPU), alpha's layout, the argument checks and torch.compile.
+
+The loop-twin comparisons here pin impl="torch"; tests/test_routing_kernels.py holds the fused
+kernels (impl="triton") to the same twins and to the torch path. The transformers comparisons
+run both impl="torch" and impl="auto" (the kernel, through Triton's interpreter on the CPU)."""
 
 import pytest
 import torch
 
 from _helpers import seed_of
+from densemoe import routing
 from densemoe.routing import (RouterOutput, alpha_from_topk, alpha_from_topk_ref, deepseek_v3_topk,
                               deepseek_v3_topk_ref, softmax_topk, softmax_topk_ref)
 
@@ -72,7 +77,7 @@ SOFTMAX_SHAPES = [  # (M, E, k)
 @pytest.mark.parametrize("M,E,k", SOFTMAX_SHAPES)
 def test_softmax_topk_matches_ref(M, E, k, renormalize):
     x = rand_logits(M, E, gen_for("softmax", M, E, k, renormalize))
-    out = softmax_topk(x, k, renormalize=renormalize)
+    out = softmax_topk(x, k, renormalize=renormalize, impl="torch")
     ref = softmax_topk_ref(x, k, renormalize=renormalize)
     check_layout(out, M, E, k)
     # both put the slots in descending weight
@@ -122,7 +127,7 @@ def test_deepseek_v3_topk_matches_ref(M, E, n_group, topk_group, k, with_bias, n
     scale = 2.5 if norm else 1.75
     kw = dict(n_group=n_group, topk_group=topk_group, e_score_correction_bias=bias,
               routed_scaling_factor=scale, norm_topk_prob=norm)
-    out = deepseek_v3_topk(x, k, **kw)
+    out = deepseek_v3_topk(x, k, **kw, impl="torch")
     ref = deepseek_v3_topk_ref(x, k, **kw)
     check_layout(out, M, E, k)
     assert_same_routing(out, ref.topk_ids, ref.topk_weights, E, rtol=2e-6, atol=1e-8)
@@ -141,20 +146,34 @@ def test_deepseek_v3_topk_matches_ref(M, E, n_group, topk_group, k, with_bias, n
         torch.testing.assert_close(sums, torch.full((M,), scale), rtol=2e-6, atol=0)
 
 
-def test_deepseek_bias_steers_choice_not_weight():
-    """A large bias on one expert makes every token pick it, with its unbiased score as weight."""
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_deepseek_bias_steers_choice_not_weight(impl):
+    """A large bias on one expert makes every token pick it, with its unbiased score as weight
+    (torch: bit for bit; the kernel's sigmoid: within a few ulps)."""
     g = gen_for("deepseek_bias")
     x = rand_logits(20, 16, g)
     bias = torch.zeros(16)
     bias[5] = 10.0
     out = deepseek_v3_topk(x, 4, n_group=4, topk_group=2, e_score_correction_bias=bias,
-                           routed_scaling_factor=1.0, norm_topk_prob=False)
+                           routed_scaling_factor=1.0, norm_topk_prob=False, impl=impl)
     assert (out.topk_ids == 5).any(dim=1).all()
-    torch.testing.assert_close(out.alpha[:, 5], torch.sigmoid(x)[:, 5], rtol=0, atol=0)
+    rtol = 0 if impl == "torch" else 1e-6
+    torch.testing.assert_close(out.alpha[:, 5], torch.sigmoid(x)[:, 5], rtol=rtol, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------
 # against Hugging Face transformers' router modules (tiny configs, CPU)
+
+
+def assert_same_slots_up_to_ties(out: RouterOutput, hf_ids: torch.Tensor, hf_w: torch.Tensor,
+                                 probs: torch.Tensor, rtol: float) -> None:
+    """Slot for slot the same probability (so the same experts, save for exactly tied ones,
+    which bf16 logits make common and torch.topk orders its own way) and the same weight."""
+    assert torch.equal(probs.gather(1, out.topk_ids), probs.gather(1, hf_ids.long()))
+    torch.testing.assert_close(out.topk_weights, hf_w.float(), rtol=rtol, atol=0)
+    same = (out.topk_ids == hf_ids).all(dim=1)
+    torch.testing.assert_close(out.alpha[same], alpha_from_topk_ref(hf_ids, hf_w, out.alpha.shape[1])[same],
+                               rtol=rtol, atol=0)
 
 
 def _init_router(router: torch.nn.Module, g: torch.Generator, dtype=torch.float32):
@@ -163,9 +182,10 @@ def _init_router(router: torch.nn.Module, g: torch.Generator, dtype=torch.float3
     return router.to(dtype)
 
 
+@pytest.mark.parametrize("impl", ["torch", "auto"])
 @pytest.mark.parametrize("M", [1, 7, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_softmax_topk_matches_hf_mixtral(M, dtype):
+def test_softmax_topk_matches_hf_mixtral(M, dtype, impl):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
@@ -177,18 +197,22 @@ def test_softmax_topk_matches_hf_mixtral(M, dtype):
     with torch.no_grad():
         logits, hf_w, hf_ids = router(hidden)
     assert hf_w.dtype == torch.float32  # Mixtral keeps its weights in float32
-    out = softmax_topk(logits, cfg.num_experts_per_tok, renormalize=True)
+    out = softmax_topk(logits, cfg.num_experts_per_tok, renormalize=True, impl=impl)
     check_layout(out, M, 8, 2)
-    assert torch.equal(out.topk_ids, hf_ids)  # both sorted by descending weight
-    torch.testing.assert_close(out.topk_weights, hf_w, rtol=1e-6, atol=0)
     torch.testing.assert_close(out.alpha.sum(dim=1), torch.ones(M), rtol=1e-6, atol=0)
-    assert_same_routing(out, hf_ids, hf_w, 8, rtol=1e-6, atol=0)
+    if impl == "torch":
+        assert torch.equal(out.topk_ids, hf_ids)  # both sorted by descending weight
+        torch.testing.assert_close(out.topk_weights, hf_w, rtol=1e-6, atol=0)
+        assert_same_routing(out, hf_ids, hf_w, 8, rtol=1e-6, atol=0)
+    else:  # the kernel: ties (bf16 logits) go to the lowest index
+        assert_same_slots_up_to_ties(out, hf_ids, hf_w, torch.softmax(logits.float(), dim=1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["torch", "auto"])
 @pytest.mark.parametrize("M", [1, 7, 100])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_softmax_topk_matches_hf_qwen3_moe(M, norm, dtype):
+def test_softmax_topk_matches_hf_qwen3_moe(M, norm, dtype, impl):
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
@@ -202,9 +226,13 @@ def test_softmax_topk_matches_hf_qwen3_moe(M, norm, dtype):
         logits, hf_w, hf_ids = router(hidden)
     # Qwen3-MoE casts the weights back to the logits' (hidden) dtype; we keep float32
     assert hf_w.dtype == dtype
-    out = softmax_topk(logits, cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob)
+    out = softmax_topk(logits, cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob, impl=impl)
     check_layout(out, M, 16, 4)
-    assert torch.equal(out.topk_ids, hf_ids)
+    if impl == "torch":
+        assert torch.equal(out.topk_ids, hf_ids)
+    else:  # the kernel: ties (bf16 logits) go to the lowest index; the same probabilities slot for slot
+        probs = torch.softmax(logits.float(), dim=1)
+        assert torch.equal(probs.gather(1, out.topk_ids), probs.gather(1, hf_ids))
     if dtype == torch.float32:
         torch.testing.assert_close(out.topk_weights, hf_w, rtol=1e-6, atol=0)
         assert_same_routing(out, hf_ids, hf_w, 16, rtol=1e-6, atol=0)
@@ -216,10 +244,11 @@ def test_softmax_topk_matches_hf_qwen3_moe(M, norm, dtype):
     torch.testing.assert_close(out.alpha.sum(dim=1), expect_sum, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("impl", ["torch", "auto"])
 @pytest.mark.parametrize("M", [1, 7, 100])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_deepseek_v3_topk_matches_hf(M, norm, hidden_dtype):
+def test_deepseek_v3_topk_matches_hf(M, norm, hidden_dtype, impl):
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
@@ -240,16 +269,21 @@ def test_deepseek_v3_topk_matches_hf(M, norm, hidden_dtype):
     assert logits.dtype == torch.float32 and hf_w.dtype == torch.float32
     out = deepseek_v3_topk(logits, cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
                            e_score_correction_bias=bias, routed_scaling_factor=cfg.routed_scaling_factor,
-                           norm_topk_prob=cfg.norm_topk_prob)
+                           norm_topk_prob=cfg.norm_topk_prob, impl=impl)
     check_layout(out, M, 16, 4)
     assert_same_routing(out, hf_ids, hf_w, 16, rtol=1e-6, atol=0)
     if M == 100:  # the bias changes some picks
         unbiased = deepseek_v3_topk(logits, 4, n_group=4, topk_group=2, e_score_correction_bias=None,
-                                    routed_scaling_factor=2.5, norm_topk_prob=norm)
+                                    routed_scaling_factor=2.5, norm_topk_prob=norm, impl="torch")
         assert not torch.equal(unbiased.topk_ids.sort(dim=1).values, out.topk_ids.sort(dim=1).values)
-    # the same calls in the same order: the same slot order and bit-identical weights
-    assert torch.equal(out.topk_ids, hf_ids)
-    assert torch.equal(out.topk_weights, hf_w)
+    if impl == "torch" or routing._kernel_blocker(logits, 16, 4, bias) is not None:  # auto = torch here
+        # the same calls in the same order: the same slot order and bit-identical weights
+        assert torch.equal(out.topk_ids, hf_ids)
+        assert torch.equal(out.topk_weights, hf_w)
+    else:
+        # the kernel's slots: descending biased score
+        choice = torch.sigmoid(logits.double()) + bias.double()
+        assert (choice.gather(1, out.topk_ids).diff(dim=1) < 0).all()
     if norm:
         torch.testing.assert_close(out.alpha.sum(dim=1), torch.full((M,), 2.5), rtol=1e-6, atol=0)
     else:
@@ -361,7 +395,8 @@ def test_validation_names_argument(call, exc, arg):
 # torch.compile(fullgraph=True): no graph breaks, so no host sync (.item(), nonzero, ...)
 
 
-def test_routers_compile_fullgraph():
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_routers_compile_fullgraph(impl):
     torch._dynamo.reset()
     g = gen_for("compile")
     x = rand_logits(7, 16, g)
@@ -369,15 +404,15 @@ def test_routers_compile_fullgraph():
 
     @torch.compile(fullgraph=True)
     def route(x, bias):
-        a = softmax_topk(x, 4, renormalize=True)
+        a = softmax_topk(x, 4, renormalize=True, impl=impl)
         b = deepseek_v3_topk(x, 4, n_group=4, topk_group=2, e_score_correction_bias=bias,
-                             routed_scaling_factor=2.5, norm_topk_prob=True)
+                             routed_scaling_factor=2.5, norm_topk_prob=True, impl=impl)
         return a, b, alpha_from_topk(a.topk_ids, a.topk_weights, 16)
 
     ca, cb, calpha = route(x, bias)
-    ea = softmax_topk(x, 4, renormalize=True)
+    ea = softmax_topk(x, 4, renormalize=True, impl=impl)
     eb = deepseek_v3_topk(x, 4, n_group=4, topk_group=2, e_score_correction_bias=bias,
-                          routed_scaling_factor=2.5, norm_topk_prob=True)
+                          routed_scaling_factor=2.5, norm_topk_prob=True, impl=impl)
     for c, e in ((ca, ea), (cb, eb)):
         assert isinstance(c, RouterOutput)
         check_layout(c, 7, 16, 4)

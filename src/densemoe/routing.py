@@ -15,6 +15,24 @@ its top-k weights back to the router-logits (hidden) dtype, Mixtral and DeepSeek
 
 Each router has a plain-PyTorch twin ``*_ref`` (Python loops, float64 by default): slow on
 purpose, the semantics the tests hold the fast versions to.
+
+``softmax_topk`` and ``deepseek_v3_topk`` each have two implementations, picked by ``impl``:
+
+    "torch"   the plain torch ops below (about 10 small kernels per call on a GPU)
+    "triton"  one fused Triton kernel per call (``densemoe.kernels.triton.routing``: one program
+              per token, ids, weights and alpha written together), or a ValueError naming why
+              it cannot run: a CPU tensor without Triton's interpreter (TRITON_INTERPRET=1),
+              E > 1024, top_k > 128, logits (or the bias) not float32/bfloat16/float16/float64,
+              or inputs that require grad while grad is enabled (the kernel has no backward)
+    "auto"    (default) "triton" where it can run, else "torch"
+
+Both give the same routing up to rounding. The differences (see the kernel module): the
+DeepSeek-V3 slot order (the kernel's is descending by biased score, torch.topk(sorted=False)'s
+is the device's own), ties (the kernel picks the lowest index), and ulps of exp/sigmoid and of
+the sums (weights and alpha within ~1e-6 relative; an exact near-tie at the k-th pick can go
+either way). The kernels are ``torch.library`` custom ops (``densemoe::router_softmax_topk``,
+``densemoe::router_deepseek_v3_topk``) with fakes, so torch.compile(fullgraph=True) and CUDA
+graphs take them.
 """
 
 from __future__ import annotations
@@ -23,6 +41,8 @@ import operator
 from typing import NamedTuple
 
 import torch
+
+from densemoe._runtime import interpreter_enabled
 
 __all__ = [
     "RouterOutput",
@@ -176,10 +196,94 @@ def _alpha(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int)
 
 
 # ----------------------------------------------------------------------------------------------
+# the fused Triton kernels: when they can run, and their custom ops
+
+_IMPLS = ("auto", "triton", "torch")
+# mirrors of densemoe.kernels.triton.routing's limits (kept here so that importing this module
+# does not import Triton)
+_KERNEL_MAX_EXPERTS = 1024
+_KERNEL_MAX_TOP_K = 128
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_impl(op: str, impl) -> str:
+    if not isinstance(impl, str) or impl not in _IMPLS:
+        raise ValueError(f"{op}: impl must be one of {_IMPLS}, got {impl!r}")
+    return impl
+
+
+def _kernel_blocker(router_logits: torch.Tensor, E: int, top_k: int,
+                    bias: torch.Tensor | None = None) -> str | None:
+    """Why the fused kernel cannot run on these inputs (shapes, dtypes, devices and flags only),
+    or None when it can."""
+    if router_logits.device.type != "cuda" and not interpreter_enabled():
+        return (f"router_logits is on {router_logits.device}; the kernel needs a CUDA tensor "
+                f"(or Triton's interpreter, TRITON_INTERPRET=1)")
+    if router_logits.dtype not in _KERNEL_DTYPES:
+        return f"router_logits has dtype {router_logits.dtype}; the kernel takes {_KERNEL_DTYPES}"
+    if E > _KERNEL_MAX_EXPERTS:
+        return f"E={E} experts; the kernel holds a row in registers, up to {_KERNEL_MAX_EXPERTS}"
+    if top_k > _KERNEL_MAX_TOP_K:
+        return f"top_k={top_k}; the kernel runs k argmax rounds, up to {_KERNEL_MAX_TOP_K}"
+    if bias is not None and bias.dtype not in _KERNEL_DTYPES:
+        return f"e_score_correction_bias has dtype {bias.dtype}; the kernel takes {_KERNEL_DTYPES}"
+    if torch.is_grad_enabled() and (router_logits.requires_grad or (bias is not None and bias.requires_grad)):
+        return "an input requires grad and the kernel has no backward"
+    return None
+
+
+def _use_kernel(op: str, impl: str, blocker: str | None) -> bool:
+    if impl == "torch":
+        return False
+    if blocker is None:
+        return True
+    if impl == "triton":
+        raise ValueError(f"{op}: impl='triton' cannot run here: {blocker}")
+    return False
+
+
+def _router_outputs(M: int, E: int, top_k: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty((M, E), dtype=torch.float32, device=device),
+            torch.empty((M, top_k), dtype=torch.int64, device=device),
+            torch.empty((M, top_k), dtype=torch.float32, device=device))
+
+
+@torch.library.custom_op("densemoe::router_softmax_topk", mutates_args=("alpha", "topk_ids", "topk_weights"))
+def _softmax_topk_op(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                     alpha: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    from densemoe.kernels.triton.routing import softmax_topk_triton
+
+    softmax_topk_triton(router_logits, top_k, renormalize, alpha, topk_ids, topk_weights)
+
+
+@_softmax_topk_op.register_fake
+def _(router_logits, top_k, renormalize, alpha, topk_ids, topk_weights):
+    return None
+
+
+@torch.library.custom_op("densemoe::router_deepseek_v3_topk", mutates_args=("alpha", "topk_ids", "topk_weights"))
+def _deepseek_v3_topk_op(router_logits: torch.Tensor, e_score_correction_bias: torch.Tensor | None,
+                         top_k: int, n_group: int, topk_group: int, routed_scaling_factor: float,
+                         norm_topk_prob: bool, alpha: torch.Tensor, topk_ids: torch.Tensor,
+                         topk_weights: torch.Tensor) -> None:
+    from densemoe.kernels.triton.routing import deepseek_v3_topk_triton
+
+    deepseek_v3_topk_triton(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
+                            routed_scaling_factor, norm_topk_prob, alpha, topk_ids, topk_weights)
+
+
+@_deepseek_v3_topk_op.register_fake
+def _(router_logits, e_score_correction_bias, top_k, n_group, topk_group, routed_scaling_factor,
+      norm_topk_prob, alpha, topk_ids, topk_weights):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # softmax top-k (Mixtral, Qwen2-MoE, Qwen3-MoE)
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool) -> RouterOutput:
+def softmax_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool,
+                 impl: str = "auto") -> RouterOutput:
     """Softmax top-k routing, as Hugging Face transformers 5.x's MixtralTopKRouter (which always
     renormalises) and Qwen3MoeTopKRouter (renormalises iff config.norm_topk_prob).
 
@@ -192,7 +296,11 @@ def softmax_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool) 
     router_logits  [M, E] any floating dtype (the gate's hidden @ W_gate.T)
     top_k          int in [1, E]
     renormalize    make each row's k weights sum to 1 (Mixtral: True; Qwen3-MoE: norm_topk_prob)
+    impl           "auto" (default), "triton" (the fused kernel) or "torch" (see the module docstring)
     returns        RouterOutput(alpha [M, E] f32, topk_ids [M, k] i64, topk_weights [M, k] f32)
+
+    The fused kernel gives the same slots in the same order, weights within ~1e-6 relative; among
+    exactly equal probabilities it picks the lowest expert index.
 
     The weights stay float32. HF's Qwen3MoeTopKRouter casts them to router_logits.dtype (the hidden
     dtype) before returning; ``topk_weights.to(router_logits.dtype)`` equals it. Mixtral keeps them
@@ -202,6 +310,11 @@ def softmax_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool) 
     E = _check_logits(op, router_logits)
     top_k = _check_top_k(op, top_k, E)
     _check_bool(op, "renormalize", renormalize)
+    impl = _check_impl(op, impl)
+    if _use_kernel(op, impl, _kernel_blocker(router_logits, E, top_k)):
+        alpha, topk_ids, topk_weights = _router_outputs(router_logits.shape[0], E, top_k, router_logits.device)
+        _softmax_topk_op(router_logits, top_k, renormalize, alpha, topk_ids, topk_weights)
+        return RouterOutput(alpha, topk_ids, topk_weights)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -215,7 +328,7 @@ def softmax_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool) 
 
 def deepseek_v3_topk(router_logits: torch.Tensor, top_k: int, *, n_group: int, topk_group: int,
                      e_score_correction_bias: torch.Tensor | None, routed_scaling_factor: float,
-                     norm_topk_prob: bool) -> RouterOutput:
+                     norm_topk_prob: bool, impl: str = "auto") -> RouterOutput:
     """DeepSeek-V3's "noaux_tc" routing, as Hugging Face transformers 5.x's DeepseekV3TopkRouter.
 
         G = E // n_group                                          # experts per group
@@ -239,16 +352,27 @@ def deepseek_v3_topk(router_logits: torch.Tensor, top_k: int, *, n_group: int, t
     e_score_correction_bias  [E] floating (cast to float32) or None (= zeros)
     routed_scaling_factor    Python float, applied after the optional normalisation
     norm_topk_prob           normalise the k unbiased scores to sum 1 (the 1e-20 is HF's)
+    impl                     "auto" (default), "triton" (the fused kernel) or "torch" (see the
+                             module docstring)
     returns                  RouterOutput(alpha [M, E] f32, topk_ids [M, k] i64, topk_weights [M, k] f32)
 
-    The order of the k slots is whatever topk(sorted=False) gives on the device, as in HF (the
-    same calls, so the same order and the same float32 sum); alpha does not depend on it.
+    impl="torch": the order of the k slots is whatever topk(sorted=False) gives on the device, as
+    in HF (the same calls, so the same order and the same float32 sum). The fused kernel puts
+    them in descending biased score (``choice``), breaks ties by the lowest index, and its
+    weights agree within ~1e-6 relative. alpha does not depend on the order.
     """
     top_k, n_group, topk_group = _check_deepseek_args(
         router_logits, top_k, n_group, topk_group, e_score_correction_bias,
         routed_scaling_factor, norm_topk_prob)
+    op = "deepseek_v3_topk"
+    impl = _check_impl(op, impl)
     M, E = router_logits.shape
     G = E // n_group
+    if _use_kernel(op, impl, _kernel_blocker(router_logits, E, top_k, e_score_correction_bias)):
+        alpha, topk_ids, topk_weights = _router_outputs(M, E, top_k, router_logits.device)
+        _deepseek_v3_topk_op(router_logits, e_score_correction_bias, top_k, n_group, topk_group,
+                             float(routed_scaling_factor), norm_topk_prob, alpha, topk_ids, topk_weights)
+        return RouterOutput(alpha, topk_ids, topk_weights)
     scores = router_logits.to(torch.float32).sigmoid()
     if e_score_correction_bias is None:
         scores_for_choice = scores
