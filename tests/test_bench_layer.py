@@ -39,7 +39,7 @@ def test_fc1_and_layer_benchmarks_run_and_report():
     for r in lay:
         assert r["cublas_fp8_pipeline_us"] == 10.0 and r["hf_eager_bf16_us"] == 10.0
         assert r["rel_err_torch_fp8"] > 0 and r["err_ratio_vs_torch_fp8"] > 0
-        assert r["experts_only_us"] == 10.0 and r["router_us"] == 10.0
+        assert r["experts_only_us"] == 10.0 and r["router_us"] == 10.0 and r["torch_router_us"] == 10.0
     fp8 = [r for r in lay if r["dtype"] == "fp8"]
     assert all(r["err_ratio_vs_torch_fp8"] < 1.5 for r in fp8), [r["err_ratio_vs_torch_fp8"] for r in fp8]
     meta = dict(device="cpu", commit="abc", date="today", torch="t", triton="t", read_ceiling_tb_s=3.0,

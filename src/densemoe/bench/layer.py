@@ -10,15 +10,17 @@ FC1 (``op="fc1"``): ``densemoe.fc1`` (SwiGLU and, for fp8, per-token dequantisat
 against cuBLAS's *bare* GEMM of the same shape (``x @ w1.T``: FP8 ``_scaled_mm`` and bf16), which
 does no activation at all. Floor = max(bytes / read ceiling, FLOPs / peak).
 
-Layer (``op="layer"``): router + FC1 + FC2 (``DenseMoE.forward``) against the same router
-(``DenseMoE.route``, timed in every baseline too) followed by
+Layer (``op="layer"``): router + FC1 + FC2 (``DenseMoE.forward``, its fused Triton router)
+against the same routing done in torch ops (gate GEMM, softmax top-k: ``impl="torch"``, timed
+in every baseline) followed by
   * transformers' experts module (``Qwen3MoeExperts``, bf16) under its own ``grouped_mm`` and
     ``batched_mm`` implementations;
   * the same fp8 pipeline through cuBLAS: per-token quantisation of x, FP8 ``_scaled_mm`` for
     FC1 (row-wise scales), SwiGLU in torch, routing weights folded into the activations,
     per-token quantisation, FP8 ``_scaled_mm`` for FC2.
-``experts_only_us`` is ours without the router (``experts_forward`` with a given alpha) and
-``router_us`` the router alone; neither is a baseline.
+``experts_only_us`` is ours without the router (``experts_forward`` with a given alpha),
+``router_us`` our router alone and ``torch_router_us`` the baselines' router alone; none is a
+baseline.
 Errors against the fp32 reference are recorded for ours and for the cuBLAS pipeline
 (``rel_err``, ``rel_err_torch_fp8``: the issue bounds their ratio by 1.5).
 """
@@ -35,11 +37,12 @@ from densemoe.layer import DenseMoE
 from densemoe.quant import FP8, quantize_per_expert, quantize_per_token
 from densemoe.reference import experts_ref, fc1_ref
 from densemoe.ops.fc1 import which_config as fc1_which_config
+from densemoe.routing import softmax_topk
 from densemoe.shapes import SHAPES
 from densemoe.weights import prepare_weights
 
 DTYPES = {"fp8": FP8, "bf16": torch.bfloat16}
-NOT_BASELINES = ("floor_us", "us", "experts_only_us", "router_us")  # *_us keys that are not baselines
+NOT_BASELINES = ("floor_us", "us", "experts_only_us", "router_us", "torch_router_us")  # *_us keys that are not baselines
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -197,7 +200,10 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 hf[impl] = hf_experts(case, impl)
             except Exception as exc:  # noqa: BLE001 - a baseline that cannot be built is reported
                 log(f"  no transformers {impl} baseline: {type(exc).__name__}: {exc}")
-        router = DenseMoE(case.prepared["bf16"], case.gate, k, renormalize=True)  # the router every run times
+        router = DenseMoE(case.prepared["bf16"], case.gate, k, renormalize=True)  # ours: the fused router
+
+X
+            return softmax_topk(torch.nn.functional.linear(x, case.gate), k, renormalize=True, impl="torch")
         for M in ms:
             x = case.x(M)
             route = router.route(x)
@@ -205,13 +211,13 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
             interleaved, once = {}, {}
             try:
                 err_torch = rel_err(cublas(x, route.alpha), ref)
-                interleaved["cublas_fp8_pipeline_us"] = lambda: cublas(x, router.route(x).alpha)
+                interleaved["cublas_fp8_pipeline_us"] = lambda: cublas(x, torch_route(x).alpha)
             except RuntimeError as exc:
                 err_torch = None
                 log(f"  cuBLAS pipeline failed at M={M}: {exc}")
             for impl, mod in hf.items():
                 def hf_run(m=mod):
-                    r = router.route(x)
+                    r = torch_route(x)
                     return m(x, r.topk_ids, r.topk_weights.to(x.dtype))
                 try:
                     hf_run()
@@ -242,6 +248,7 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 rec.update(r)
                 rec["experts_only_us"] = timer(lambda m=moe: densemoe.experts_forward(x, m.prepared, route.alpha))["us"]
                 rec["router_us"] = timer(lambda: router.route(x))["us"]
+                rec["torch_router_us"] = timer(lambda: torch_route(x))["us"]
                 es = 1 if rec["dtype"] == "fp8" else 2
                 nbytes = 3 * E * I * H * es + 2 * M * H * 2
                 flops = 2 * M * 3 * E * I * H
