@@ -202,8 +202,8 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 log(f"  no transformers {impl} baseline: {type(exc).__name__}: {exc}")
         router = DenseMoE(case.prepared["bf16"], case.gate, k, renormalize=True)  # ours: the fused router
 
-X
-            return softmax_topk(torch.nn.functional.linear(x, case.gate), k, renormalize=True, impl="torch")
+        def torch_route(x, gate=case.gate, k=k):  # the baselines' router: same gate, softmax top-k in torch
+            return softmax_topk(torch.nn.functional.linear(x, gate), k, renormalize=True, impl="torch")
         for M in ms:
             x = case.x(M)
             route = router.route(x)
