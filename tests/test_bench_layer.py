@@ -74,6 +74,7 @@ def test_interleaved_timings_land_on_the_right_records():
     assert fc1[0]["us_rounds"] == [30.0] * 3
     lay = layer.run_layer([TINY], ["fp8", "bf16"], [7], OrderTimer(), ceiling, peaks, "cpu", "abc", log=lambda s: None,
                           dev="cpu", hf_implementations=("grouped_mm", "batched_mm"))
-    # interleaved: cuBLAS pipeline, grouped_mm, ours fp8, ours bf16; batched_mm timed once (1 us)
-    assert [(r["dtype"], r["us"], r["cublas_fp8_pipeline_us"], r["hf_grouped_mm_bf16_us"], r["hf_batched_mm_bf16_us"])
-            for r in lay] == [("fp8", 30.0, 10.0, 20.0, 1.0), ("bf16", 40.0, 10.0, 20.0, 1.0)]
+    # interleaved: cuBLAS pipeline, grouped_mm, ours fp8, ours bf16, experts-only fp8, bf16;
+    # batched_mm timed once (1 us)
+    assert [(r["dtype"], r["us"], r["cublas_fp8_pipeline_us"], r["hf_grouped_mm_bf16_us"], r["hf_batched_mm_bf16_us"],
+             r["experts_only_us"]) for r in lay] == [("fp8", 30.0, 10.0, 20.0, 1.0, 50.0), ("bf16", 40.0, 10.0, 20.0, 1.0, 60.0)]

@@ -185,9 +185,9 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
 
 def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print, dev="cuda",
               hf_implementations=("grouped_mm", "batched_mm")):
-    """Per M: every result checked first; then ours (each dtype), the cuBLAS fp8 pipeline and
-    transformers' ``grouped_mm`` timed in interleaved rounds, each with the same router;
-    ``batched_mm`` (5-40x slower) and the diagnostics (experts only, router only) once."""
+    """Per M: every result checked first; then ours (each dtype, and its experts without the
+    router), the cuBLAS fp8 pipeline and transformers' ``grouped_mm`` timed in interleaved
+    rounds; ``batched_mm`` (5-40x slower) and the routers alone once."""
     records = []
     for shape_name in shapes:
         case = ExpertsCase(shape_name, dev)
@@ -241,12 +241,14 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 if not _wrong(rec, err, bound, records, log):
                     ours.append((rec, fn, moe))
             del ref
-            res = _compare(timer, list(interleaved.values()) + [fn for _, fn, _ in ours])
+            experts_only = [lambda m=moe: densemoe.experts_forward(x, m.prepared, route.alpha) for _, _, moe in ours]
+            res = _compare(timer, list(interleaved.values()) + [fn for _, fn, _ in ours] + experts_only)
             base = {name: r["us"] for name, r in zip(interleaved, res)}
             base.update({name: timer(fn)["us"] for name, fn in once.items()})
-            for (rec, _, moe), r in zip(ours, res[len(interleaved):]):
-                rec.update(r)
-                rec["experts_only_us"] = timer(lambda m=moe: densemoe.experts_forward(x, m.prepared, route.alpha))["us"]
+            n, k_ours = len(interleaved), len(ours)
+            for j, (rec, _, moe) in enumerate(ours):
+                rec.update(res[n + j])
+                rec["experts_only_us"] = res[n + k_ours + j]["us"]
                 rec["router_us"] = timer(lambda: router.route(x))["us"]
                 rec["torch_router_us"] = timer(lambda: torch_route(x))["us"]
                 es = 1 if rec["dtype"] == "fp8" else 2
