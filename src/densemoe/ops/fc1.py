@@ -2,11 +2,11 @@
 config choice, custom op.
 
 Two backends: the Triton kernel (``kernels/triton/fc1.py``, every device the package supports)
-and the CuTe DSL kernel for sm_90a (``kernels/cute/fc1_sm90.py``). Nothing of the CuTe kernel has
-been measured on a GPU yet, so ``backend="auto"`` takes it only where a tuned entry (measured by
-``densemoe.tune``) names it or where ``_CUTE_WINS`` says it measured faster (empty today); it is
-used on request (``backend="cute"`` or a pinned ``Fc1CuteConfig``), which raises, naming why,
-when it cannot run these tensors.
+and the CuTe DSL kernel for sm_90a (``kernels/cute/fc1_sm90.py``). Tuned over both on the H100
+(DeepSeek-V3 TP8 fp8), CuTe won one M bucket (129-192, by 4%), so ``backend="auto"`` takes it
+only where a tuned entry (measured by ``densemoe.tune``) names it or where ``_CUTE_WINS`` says it
+measured faster (empty); it is used on request (``backend="cute"`` or a pinned
+``Fc1CuteConfig``), which raises, naming why, when it cannot run these tensors.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, v.FP8)
 BACKENDS = ("auto", "triton", "cute")
 
 # Where "auto" picks CuTe without a tuned entry: (H, E, I, dtype) -> M buckets (lo, hi] (hi None: no
-# upper bound), to be filled from a GPU run that times both backends' defaults (as ops/fc2.py's
-# table is). Empty: nothing has been measured, so "auto" stays on Triton.
+# upper bound), from a GPU run that times both backends' defaults (as ops/fc2.py's table is).
+# Empty: on the H100 the CuTe kernel's best beat Triton's in one tuned bucket only (TP8 fp8
+# M = 129-192, 410 vs 413-426 us), which the shipped table carries; no default-vs-default win.
 _CUTE_WINS: dict = {}
 
 
@@ -37,8 +38,8 @@ def cute_preferred(problem: Fc1Problem) -> bool:
 
 
 def default_cute_config(problem: Fc1Problem) -> Fc1CuteConfig:
-    """Deterministic CuTe config, no timing (not measured yet: a starting point from FC2's
-    measured CuTe table and the register budget).
+    """Deterministic CuTe config, no timing (a starting point from FC2's measured CuTe table and
+    the register budget; the H100 tuner's CuTe picks are in bench/results/tune_fc1_h100_*.md).
 
     Up to 128 tokens: swap-AB (weights are wgmma's M, tokens its N) with the token tile the
     smallest of 16/32/64/128 that covers M, 128 gate + 128 up rows per unit (two consumer
