@@ -71,6 +71,9 @@ def test_interleaved_timings_land_on_the_right_records():
                         dev="cpu")
     assert [(r["dtype"], r["us"], r["cublas_fp8_us"], r["cublas_bf16_us"]) for r in fc1] == [
         ("fp8", 30.0, 10.0, 20.0), ("bf16", 40.0, 10.0, 20.0)]
+    # then FC1 with its fp8 output quantisation: fused in the epilogue, and bf16 + the separate kernel
+    assert (fc1[0]["fused_quant_us"], fc1[0]["separate_quant_us"]) == (50.0, 60.0)
+    assert "fused_quant_us" not in fc1[1]
     assert fc1[0]["us_rounds"] == [30.0] * 3
     lay = layer.run_layer([TINY], ["fp8", "bf16"], [7], OrderTimer(), ceiling, peaks, "cpu", "abc", log=lambda s: None,
                           dev="cpu", hf_implementations=("grouped_mm", "batched_mm"))

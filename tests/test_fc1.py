@@ -167,3 +167,43 @@ def test_fc1_model_shapes_on_gpu(shape, M, dtype, request):
     densemoe.fc1(x, w1, a1, x_scale=xs, alpha_post=post, out=out)
     ref = fc1_ref(x, w1, a1, x_scale=xs, alpha_post=post, out_dtype=torch.float32, compute_dtype=torch.float32)
     assert rel(out, ref) <= 2 * torch_error(ref, BF16) + 1e-5
+
+
+DYN_CONFIGS = [None, Fc1TritonConfig(16, 64, 32, 4, 2, swap_ab=1), Fc1TritonConfig(32, 64, 64, 8, 2, swap_ab=0),
+               Fc1TritonConfig(16, 128, 32, 4, 2, swap_ab=1, use_tma=0)]
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [1, 7, 40])
+@pytest.mark.parametrize("dtype", [FP8, BF16], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("cfg", DYN_CONFIGS, ids=lambda c: "default" if c is None else c.to_str().split(":")[1])
+def test_fc1_fp8_dynamic_scale_per_token_expert(M, dtype, cfg, request):
+    """The epilogue quantises per (token, expert): against the float64 reference quantised the
+    same way in torch (from the exact values), the scales agree to fp32 accumulation error and
+    the dequantised output is within 1.5x torch's own fp8 rounding error."""
+    E, I, H = 3, 56, 80  # I below the 64-row tile: masked rows must not enter the amax
+    x, w1, a1, xs, post = inputs(M, H, E, I, dtype, seed_of(request.node.nodeid))
+    post[0, 1] = 0.0  # an all-zero (token, expert) segment: scale 1, zeros
+    y8, ys = densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1, x_scale=xs, alpha_post=post, config=cfg)
+    assert y8.dtype == FP8 and tuple(y8.shape) == (M, E * I) and tuple(ys.shape) == (M, E)
+    ref = fc1_ref(x, w1, a1, x_scale=xs, alpha_post=post, out_dtype=torch.float64)
+    amax = ref.reshape(M, E, I).abs().amax(dim=2)
+    want = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    assert ((ys.double().cpu() - want.cpu()).abs() <= 1e-5 * want.cpu()).all()
+    assert ys[0, 1].item() == 1.0 and not y8.float()[0, I:2 * I].any()
+    deq = (y8.double().reshape(M, E, I) * ys.double()[:, :, None]).reshape(M, E * I)
+    torch_q = ((ref.reshape(M, E, I) / want[:, :, None]).clamp(-448, 448).to(FP8).double()
+               * want[:, :, None]).reshape(M, E * I)
+    assert rel(deq, ref) <= 1.5 * rel(torch_q, ref) + 1e-12, (rel(deq, ref), rel(torch_q, ref))
+
+
+def test_fc1_fp8_dynamic_rejects_what_it_cannot_run():
+    x, w1, a1, xs, post = inputs(2, 32, 2, 512, BF16, 0, device="cpu")
+    with pytest.raises(ValueError, match=r"I=512"):  # one tile cannot hold I = 512
+        densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1)
+    x, w1, a1, xs, post = inputs(2, 32, 2, 64, BF16, 0, device="cpu")
+    with pytest.raises(ValueError, match=r"block_i >= I=64"):
+        densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1, config=Fc1TritonConfig(16, 32, 32, 4, 2))
+    with pytest.raises(TypeError, match="Fc1TritonConfig"):
+        densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1, config=densemoe.Fc1CuteConfig())

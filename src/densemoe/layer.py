@@ -9,10 +9,12 @@
 Pipelines (no host sync anywhere):
 
     fp8:  x8, sx = quantize_per_token(x)                     # [M, H] fp8, [M]
-          y  = fc1(x8, w1, alpha1, x_scale=sx)              # [M, E*I] bf16, SwiGLU fused
-          y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
-              # [M, E*I] fp8 per (token, expert), alpha2 = alpha * s_y * w2_scale; one kernel,
-              # which reads y only where alpha != 0 and writes zeros elsewhere
+          I <= 256: y8, s_y = fc1_fp8_dynamic(x8, w1, alpha1, x_scale=sx)
+                        # SwiGLU and the per-(token, expert) fp8 quantisation in FC1's epilogue
+                    alpha2 = alpha * s_y * w2_scale
+          else:     y = fc1(x8, w1, alpha1, x_scale=sx)     # [M, E*I] bf16, SwiGLU fused
+                    y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
+                        # one kernel; reads y only where alpha != 0, writes zeros elsewhere
           out = fc2(y8, w2, alpha2)                          # [M, H] bf16
     bf16: out = fc2(fc1(x, w1, alpha1), w2, alpha)
 """
@@ -25,10 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densemoe.ops.fc1 import fc1
+from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
 from densemoe.ops.fc2 import fc2
 from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights, prepare_weights
+
+
+# The fp8 pipeline quantises FC1's output in FC1's epilogue (``fc1_fp8_dynamic``) when one tile
+# holds all of an expert's I, else in a separate pass (``quantize_y_fold_alpha``).
+FUSED_QUANT_MAX_I = 256
 
 
 def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor) -> torch.Tensor:
@@ -41,8 +48,12 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
     alpha = alpha.float()
     if prepared.dtype == FP8:
         x8, sx = quantize_per_token(x)
-        y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx)
-        y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
+        if prepared.inter <= FUSED_QUANT_MAX_I:  # one FC1 tile holds all of I: quantise in its epilogue
+            y8, ys = fc1_fp8_dynamic(x8, prepared.w1, prepared.alpha1, x_scale=sx)
+            alpha2 = alpha * ys * prepared.w2_scale[None, :]
+        else:
+            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx)
+            y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
         out = fc2(y8, prepared.w2, alpha2)
     else:
         y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1)

@@ -8,7 +8,10 @@ same process.
 
 FC1 (``op="fc1"``): ``densemoe.fc1`` (SwiGLU and, for fp8, per-token dequantisation fused)
 against cuBLAS's *bare* GEMM of the same shape (``x @ w1.T``: FP8 ``_scaled_mm`` and bf16), which
-does no activation at all. Floor = max(bytes / read ceiling, FLOPs / peak).
+does no activation at all. Floor = max(bytes / read ceiling, FLOPs / peak). fp8 records also
+carry FC1 with its output quantised for FC2 per (token, expert): ``fused_quant_us``
+(``fc1_fp8_dynamic``, in the epilogue, I <= 256) and ``separate_quant_us`` (bf16 FC1, then
+``quantize_y_fold_alpha``), timed in the same interleaved rounds.
 
 Layer (``op="layer"``): router + FC1 + FC2 (``DenseMoE.forward``, its fused Triton router)
 against the same routing done in torch ops (gate GEMM, softmax top-k: ``impl="torch"``, timed
@@ -33,8 +36,9 @@ import time
 import torch
 
 import densemoe
-from densemoe.layer import DenseMoE
-from densemoe.quant import FP8, quantize_per_expert, quantize_per_token
+from densemoe.layer import FUSED_QUANT_MAX_I, DenseMoE
+from densemoe.ops.fc1 import fc1_fp8_dynamic
+from densemoe.quant import FP8, quantize_per_expert, quantize_per_token, quantize_y_fold_alpha
 from densemoe.reference import experts_ref, fc1_ref
 from densemoe.ops.fc1 import which_config as fc1_which_config
 from densemoe.routing import softmax_topk
@@ -42,7 +46,8 @@ from densemoe.shapes import SHAPES
 from densemoe.weights import prepare_weights
 
 DTYPES = {"fp8": FP8, "bf16": torch.bfloat16}
-NOT_BASELINES = ("floor_us", "us", "experts_only_us", "router_us", "torch_router_us")  # *_us keys that are not baselines
+NOT_BASELINES = ("floor_us", "us", "experts_only_us", "router_us", "torch_router_us", "fused_quant_us",
+                 "separate_quant_us")  # *_us keys that are not baselines
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -168,10 +173,31 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
                 del ref
                 if not _wrong(rec, err, 1e-2, records, log):
                     ours.append((rec, fn))
-            res = _compare(timer, list(bases.values()) + [fn for _, fn in ours])
+            # FC1 with its output quantised for FC2 (fp8 only): in the epilogue (I <= 256), and
+            # as bf16 FC1 + the separate quantisation kernel; checked, then timed with the rest
+            extra = {}
+            p8 = case.prepared["fp8"]
+            if "fp8" in dtypes:
+                top = torch.randn(M, E, device=dev, generator=case.gen).topk(case.k, dim=1)
+                alpha = torch.zeros(M, E, device=dev).scatter_(1, top.indices, top.values.softmax(dim=1))
+                y_ref = fc1_ref(x8, p8.w1, p8.alpha1, x_scale=sx, out_dtype=torch.float32, compute_dtype=torch.float32)
+                if I <= FUSED_QUANT_MAX_I:
+                    y8, ys = fc1_fp8_dynamic(x8, p8.w1, p8.alpha1, x_scale=sx)
+                    deq = (y8.float().reshape(M, E, I) * ys[:, :, None]).reshape(M, E * I)
+                    if rel_err(deq, y_ref) <= 0.08:
+                        extra["fused_quant_us"] = lambda: fc1_fp8_dynamic(x8, p8.w1, p8.alpha1, x_scale=sx)
+                    else:
+                        log(f"  WRONG fc1_fp8_dynamic at M={M}: rel err {rel_err(deq, y_ref):.3e}")
+                extra["separate_quant_us"] = lambda: quantize_y_fold_alpha(
+                    densemoe.fc1(x8, p8.w1, p8.alpha1, x_scale=sx), alpha, p8.w2_scale)
+                del y_ref
+            res = _compare(timer, list(bases.values()) + [fn for _, fn in ours] + list(extra.values()))
             base = {name: r["us"] for name, r in zip(bases, res)}
-            for (rec, _), r in zip(ours, res[len(bases):]):
+            extra_us = {name: r["us"] for name, r in zip(extra, res[len(bases) + len(ours):])}
+            for (rec, _), r in zip(ours, res[len(bases):len(bases) + len(ours)]):
                 rec.update(r)
+                if rec["dtype"] == "fp8":
+                    rec.update(extra_us)
                 es = 1 if rec["dtype"] == "fp8" else 2
                 nbytes = N * H * es + M * H * es + M * E * I * 2
                 flops = 2 * M * N * H

@@ -15,7 +15,7 @@ import torch
 
 from densemoe.kernels.cute import fc1_sm90 as cute_fc1
 from densemoe.kernels.cute.fc1_sm90 import Fc1CuteConfig
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_config, fc1_triton
+from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_config, fc1_triton, default_config_dynamic
 from densemoe.ops import _validate as v
 from densemoe.tuning import cache as tuning
 
@@ -302,3 +302,70 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     _fc1_op(x, w1, alpha1, x_scale, alpha_post, out_scale.reshape(1) if out_scale is not None else None,
             out, config.to_str() if config is not None else "", backend)
     return out
+
+
+@torch.library.custom_op("densemoe::fc1_fp8_dynamic", mutates_args=("out", "out_scale"))
+def _fc1_dyn_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
+                alpha_post: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor, config: str) -> None:
+    M, H = x.shape
+    E = alpha1.shape[0]
+    problem = Fc1Problem(M, H, E, w1.shape[0] // (2 * E), x.dtype, v.FP8)
+    cfg = Fc1TritonConfig.from_str(config) if config else default_config_dynamic(problem)
+    fc1_triton(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, y_scale=out_scale)
+
+
+@_fc1_dyn_op.register_fake
+def _(x, w1, alpha1, x_scale, alpha_post, out, out_scale, config):
+    return None
+
+
+def fc1_fp8_dynamic(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
+                    x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
+                    config: Fc1TritonConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FC1 with its output quantised to fp8 in the epilogue, one scale per (token, expert):
+
+        v[m, e*I + i] as in ``fc1`` (fp32, after SwiGLU and alpha_post)
+        y_scale[m, e] = amax_i |v[m, e*I + i]| / 448            (1 where all zero)
+        y[m, e*I + i] = fp8(clamp(v[m, e*I + i] / y_scale[m, e], +-448))
+
+    FC2 then takes ``alpha * y_scale`` (times w2's dequantisation scale). One Triton program
+    holds all of an expert's I, so I <= 256 (DeepSeek-V3 TP8: I = 256); for a larger I use
+    ``fc1`` with a bf16 output and ``densemoe.quant.quantize_y_fold_alpha``.
+
+    Args: as ``fc1`` (x, w1, alpha1, x_scale, alpha_post); ``config`` pins a Fc1TritonConfig
+    whose ``block_i`` >= I (default: ``default_config_dynamic``).
+    Returns (y [M, E*I] float8_e4m3fn, y_scale [M, E] float32).
+    """
+    x = v.tensor(OP, "x", x, 2)
+    w1 = v.tensor(OP, "w1", w1, 2)
+    alpha1 = v.tensor(OP, "alpha1", alpha1, 1)
+    E = alpha1.shape[0]
+    if E < 1 or w1.shape[0] == 0 or w1.shape[0] % (2 * E):
+        raise ValueError(f"{OP}: w1 has {w1.shape[0]} rows, expected a positive multiple of 2*E = {2 * E}")
+    M, H = x.shape
+    problem = Fc1Problem(M, H, E, w1.shape[0] // (2 * E), x.dtype, v.FP8)
+    if config is not None:
+        if not isinstance(config, Fc1TritonConfig):
+            raise TypeError(f"{OP}: fc1_fp8_dynamic runs the Triton kernel: config must be a Fc1TritonConfig, "
+                            f"got {type(config).__name__}")
+        ok, why = can_implement(problem, config, dynamic_scale=True)
+    else:
+        try:
+            default_config_dynamic(problem)
+            ok, why = True, ""
+        except ValueError as exc:
+            ok, why = False, str(exc)
+    if not ok:
+        raise ValueError(f"{OP}: a dynamic fp8 output cannot run here: {why}")
+    # the shared checks (dtypes, shapes, devices, grad) through fc1's validation, on a 0-row call
+    fc1(x[:0], w1, alpha1, x_scale=x_scale[:0] if x_scale is not None else None,
+        alpha_post=alpha_post[:0] if alpha_post is not None else None)
+    if x_scale is not None and x_scale.shape[0] != M:
+        raise ValueError(f"{OP}: x_scale has {x_scale.shape[0]} entries, expected M={M}")
+    if alpha_post is not None and tuple(alpha_post.shape) != (M, E):
+        raise ValueError(f"{OP}: alpha_post has shape {tuple(alpha_post.shape)}, expected (M, E) = ({M}, {E})")
+    out = torch.empty((M, w1.shape[0] // 2), dtype=v.FP8, device=x.device)
+    out_scale = torch.empty((M, E), dtype=torch.float32, device=x.device)
+    if M:
+        _fc1_dyn_op(x, w1, alpha1, x_scale, alpha_post, out, out_scale, config.to_str() if config is not None else "")
+    return out, out_scale

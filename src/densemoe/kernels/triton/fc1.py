@@ -15,6 +15,8 @@ Semantics (the contract; ``densemoe.reference.fc1_ref`` is its executable twin):
         u = s * sum(x[m, k] * w1[e*2I + I + i, k] for k)
         v = silu(g) * u * alpha_post[m, e]                # fp32
         y[m, e*I + i] = v.to(y.dtype)                    # fp8: clamp(v / out_scale, +-448)
+    # dynamic fp8 (y_scale [M, E] given): y_scale[m, e] = amax_i |v| / 448 (1 if all zero),
+    #     y[m, e*I + i] = fp8(clamp(v / y_scale[m, e], +-448))   (one tile holds all of I)
 
 Schedule: one program per (token tile, expert, tile of I): it streams the matching gate and up
 row tiles of w1 over K = H into two fp32 accumulators and applies the activation in the
@@ -40,10 +42,10 @@ SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers a
 
 @triton.jit(do_not_specialize=["M"])
 def _fc1_kernel(
-    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr, ys_ptr,
     M, H, I,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn,
-    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
+    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr, DYN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -105,7 +107,17 @@ def _fc1_kernel(
             v = v * p[None, :]
         else:
             v = v * p[:, None]
-    if OUT_FP8:
+    if DYN_SCALE:  # one tile holds all of I: s[m, e] = amax_i |v| / 448, fp8 out = v / s
+        if SWAP_AB:
+            amax = tl.max(tl.where(i_ok[:, None], tl.abs(v), 0.0), axis=0)
+            sc = tl.where(amax > 0, amax / 448.0, 1.0)
+            v = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[None, :]), -448.0), 448.0)
+        else:
+            amax = tl.max(tl.where(i_ok[None, :], tl.abs(v), 0.0), axis=1)
+            sc = tl.where(amax > 0, amax / 448.0, 1.0)
+            v = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
+        tl.store(ys_ptr + offs_m.to(tl.int64) * stride_ysm + e * stride_yse, sc, mask=m_ok)
+    elif OUT_FP8:
         inv = 1.0 / tl.load(oscale_ptr)
         v = tl.minimum(tl.maximum(v * inv, -448.0), 448.0)
     cols = (e * I + offs_i).to(tl.int64)
@@ -165,9 +177,13 @@ def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def can_implement(problem: Fc1Problem, config: Fc1TritonConfig) -> tuple[bool, str]:
-    """(ok, why not): the one validity check shared by the heuristic, tests and any tuner."""
+def can_implement(problem: Fc1Problem, config: Fc1TritonConfig, dynamic_scale: bool = False) -> tuple[bool, str]:
+    """(ok, why not): the one validity check shared by the heuristic, tests and any tuner.
+    ``dynamic_scale``: an fp8 output with a per-(token, expert) scale, which needs one tile to
+    hold all of I."""
     c = config
+    if dynamic_scale and c.block_i < problem.i:
+        return False, f"a dynamic per-(token, expert) scale needs block_i >= I={problem.i}, got {c.block_i}"
     if not (_pow2(c.block_m) and 16 <= c.block_m <= 256):
         return False, f"block_m={c.block_m} must be a power of two in [16, 256]"
     if not (_pow2(c.block_i) and 16 <= c.block_i <= 256):
@@ -208,10 +224,31 @@ def default_config(problem: Fc1Problem) -> Fc1TritonConfig:
     return cfg
 
 
+def default_config_dynamic(problem: Fc1Problem) -> Fc1TritonConfig:
+    """The rule for an fp8 output with a dynamic per-(token, expert) scale, where one tile must
+    hold all of an expert's I (I <= 256): swap-AB with 16/32/64-token tiles up to M = 64, tokens
+    as the MMA's M (64 per tile) above; 128-byte k-tiles, 3 stages (not measured yet)."""
+    p = problem
+    bi = max(64, 1 << (max(p.i, 1) - 1).bit_length())
+    bk = 128 // p.dtype.itemsize
+    if p.m <= 64:
+        bm = 16 if p.m <= 16 else 32 if p.m <= 32 else 64
+        cfg = Fc1TritonConfig(bm, bi, bk, 4 if bm * bi <= 16 * 256 else 8, 3, 1, 1)
+    else:
+        cfg = Fc1TritonConfig(64, bi, bk, 8, 3, 0, 1)
+    ok, why = can_implement(p, cfg, dynamic_scale=True)
+    if not ok:
+        raise ValueError(f"no FC1 tile holds I={p.i} for a dynamic fp8 scale: {why}")
+    return cfg
+
+
 def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,
                config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
-               alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> None:
-    """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op)."""
+               alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
+               y_scale: torch.Tensor | None = None) -> None:
+    """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
+    ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
+    there (the config's ``block_i`` must hold all of I)."""
     M, H = x.shape
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
@@ -230,12 +267,14 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         x_desc, w_desc = x, w1
     _fc1_kernel[grid](
         x, w1, x_desc, w_desc, alpha1, x_scale if x_scale is not None else alpha1, post, y,
-        out_scale if out_scale is not None else alpha1,
+        out_scale if out_scale is not None else alpha1, y_scale if y_scale is not None else alpha1,
         M, H, I,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
         post.stride(0) if alpha_post is not None else 0, post.stride(1) if alpha_post is not None else 0,
         y.stride(0), y.stride(1),
+        y_scale.stride(0) if y_scale is not None else 0, y_scale.stride(1) if y_scale is not None else 0,
         HAS_XS=x_scale is not None, HAS_POST=alpha_post is not None, OUT_FP8=y.dtype == torch.float8_e4m3fn,
+        DYN_SCALE=y_scale is not None,
         BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k,
         SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, NUM_STAGES=c.num_stages,
         num_warps=c.num_warps, num_stages=c.num_stages,
