@@ -129,6 +129,32 @@ def test_experts_bf16_and_fp8_against_references(M):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("M", [1, 33])
+def test_fp8_layer_with_the_quantisation_in_fc1s_epilogue(M, monkeypatch):
+    """The fp8 pipeline's other branch (``FUSED_QUANT_MAX_I`` >= I: fc1_fp8_dynamic) keeps the
+    issue's error bound and agrees with the default branch."""
+    import densemoe.layer as layer
+
+    E, I, H, k = 8, 32, 64, 2
+    w13, w2 = experts(E, I, H, seed=M)
+    ids, wts = routing(M, E, k, seed=M + 1)
+    x = torch.randn(M, H, generator=torch.Generator().manual_seed(M + 2))
+    alpha = torch.zeros(M, E).scatter_(1, ids, wts)
+    prepared = prepare_weights(w13, w2, dtype="fp8")
+    separate = experts_forward(x, prepared, alpha)
+    monkeypatch.setattr(layer, "FUSED_QUANT_MAX_I", 256)
+    calls = []
+    real = layer.fc1_fp8_dynamic
+    monkeypatch.setattr(layer, "fc1_fp8_dynamic", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fused = experts_forward(x, prepared, alpha)
+    assert calls == [1]  # the epilogue branch ran
+    exact = moe_ref(x, w13, w2, ids, wts)
+    ref8 = torch_fp8_pipeline(x, w13, w2, ids, wts)
+    assert rel(fused, exact) <= 1.5 * rel(ref8, exact), (rel(fused, exact), rel(ref8, exact))
+    assert rel(fused, separate) < 0.05  # the same pipeline up to where y is rounded (fp32 vs bf16)
+
+
+@pytest.mark.interpreter
 def test_fused_experts_matches_and_caches_the_prepared_weights():
     M, E, I, H, k = 5, 8, 32, 64, 2
     w13, w2 = experts(E, I, H, seed=3)

@@ -36,8 +36,8 @@ import time
 import torch
 
 import densemoe
-from densemoe.layer import FUSED_QUANT_MAX_I, DenseMoE
-from densemoe.ops.fc1 import fc1_fp8_dynamic
+from densemoe.layer import DenseMoE
+from densemoe.ops.fc1 import DYNAMIC_MAX_I, fc1_fp8_dynamic
 from densemoe.quant import FP8, quantize_per_expert, quantize_per_token, quantize_y_fold_alpha
 from densemoe.reference import experts_ref, fc1_ref
 from densemoe.ops.fc1 import which_config as fc1_which_config
@@ -181,7 +181,7 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
                 top = torch.randn(M, E, device=dev, generator=case.gen).topk(case.k, dim=1)
                 alpha = torch.zeros(M, E, device=dev).scatter_(1, top.indices, top.values.softmax(dim=1))
                 y_ref = fc1_ref(x8, p8.w1, p8.alpha1, x_scale=sx, out_dtype=torch.float32, compute_dtype=torch.float32)
-                if I <= FUSED_QUANT_MAX_I:
+                if I <= DYNAMIC_MAX_I:
                     y8, ys = fc1_fp8_dynamic(x8, p8.w1, p8.alpha1, x_scale=sx)
                     deq = (y8.float().reshape(M, E, I) * ys[:, :, None]).reshape(M, E * I)
                     if rel_err(deq, y_ref) <= 0.08:

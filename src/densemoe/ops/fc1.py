@@ -304,6 +304,9 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     return out
 
 
+DYNAMIC_MAX_I = 256  # fc1_fp8_dynamic: the largest I one Triton tile holds
+
+
 @torch.library.custom_op("densemoe::fc1_fp8_dynamic", mutates_args=("out", "out_scale"))
 def _fc1_dyn_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
                 alpha_post: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor, config: str) -> None:
@@ -330,7 +333,9 @@ def fc1_fp8_dynamic(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
 
     FC2 then takes ``alpha * y_scale`` (times w2's dequantisation scale). One Triton program
     holds all of an expert's I, so I <= 256 (DeepSeek-V3 TP8: I = 256); for a larger I use
-    ``fc1`` with a bf16 output and ``densemoe.quant.quantize_y_fold_alpha``.
+    ``fc1`` with a bf16 output and ``densemoe.quant.quantize_y_fold_alpha``. Measured on the
+    H100 (TP8 fp8): slower than that pair up to M = 128 (337.6 vs 313.0 us at M = 1) because the
+    tiles must hold all of I; the layer does not use it (``layer.FUSED_QUANT_MAX_I``).
 
     Args: as ``fc1`` (x, w1, alpha1, x_scale, alpha_post); ``config`` pins a Fc1TritonConfig
     whose ``block_i`` >= I (default: ``default_config_dynamic``).
