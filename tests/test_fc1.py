@@ -207,3 +207,7 @@ def test_fc1_fp8_dynamic_rejects_what_it_cannot_run():
         densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1, config=Fc1TritonConfig(16, 32, 32, 4, 2))
     with pytest.raises(TypeError, match="Fc1TritonConfig"):
         densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1, config=densemoe.Fc1CuteConfig())
+    with pytest.raises(TypeError, match="alpha1"):  # fc1's shared checks name the argument
+        densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1.double())
+    with pytest.raises(ValueError, match="x_scale has 3 entries, expected M=2"):
+        densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1, x_scale=torch.ones(3))

@@ -85,6 +85,8 @@ def test_quantize_y_fold_alpha_validation():
         quantize_y_fold_alpha(y, torch.ones(4, 3), torch.ones(4))
     with pytest.raises(ValueError, match="y must be"):
         quantize_y_fold_alpha(y[0], torch.ones(4, 3))
+    with pytest.raises(ValueError, match="one device"):
+        quantize_y_fold_alpha(y, torch.ones(4, 3, device="meta"))
     with pytest.raises(ValueError, match="x must be"):
         quantize_per_token(y[0])
 

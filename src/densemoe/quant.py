@@ -125,7 +125,10 @@ def quantize_y_fold_alpha(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.
     if w2_scale is not None and (w2_scale.shape != (E,) or w2_scale.dtype != torch.float32):
         raise ValueError(f"quantize_y_fold_alpha: w2_scale must be [E={E}] float32, got "
                          f"{tuple(w2_scale.shape)} {w2_scale.dtype}")
-    if not (_use_kernel(y) and alpha.stride(-1) == 1 and alpha.device == y.device):
+    if alpha.device != y.device or (w2_scale is not None and w2_scale.device != y.device):
+        raise ValueError(f"quantize_y_fold_alpha: y, alpha and w2_scale must be on one device, got y on {y.device}, "
+                         f"alpha on {alpha.device}" + (f", w2_scale on {w2_scale.device}" if w2_scale is not None else ""))
+    if not (_use_kernel(y) and alpha.stride(-1) == 1):
         return quantize_y_fold_alpha_ref(y, alpha, w2_scale)
     q = torch.empty(y.shape, dtype=FP8, device=y.device)
     a2 = torch.empty(alpha.shape, dtype=torch.float32, device=y.device)

@@ -185,6 +185,41 @@ def _(x, w1, alpha1, x_scale, alpha_post, out_scale, out, config, backend):
     return None
 
 
+def _check_inputs(x, w1, alpha1, x_scale, alpha_post):
+    """The checks every FC1 entry point shares: (x, w1, alpha1, x_scale, alpha_post, I, tensors)."""
+    x = v.tensor(OP, "x", x, 2)
+    w1 = v.tensor(OP, "w1", w1, 2)
+    alpha1 = v.tensor(OP, "alpha1", alpha1, 1)
+    v.dtype(OP, "x", x, IN_DTYPES)
+    if w1.dtype != x.dtype:
+        raise TypeError(f"{OP}: w1 must have x's dtype ({v.dtype_name(x.dtype)}), got {v.dtype_name(w1.dtype)}")
+    v.dtype(OP, "alpha1", alpha1, (torch.float32,))
+    M, H = x.shape
+    E = alpha1.shape[0]
+    if E < 1:
+        raise ValueError(f"{OP}: alpha1 must have E >= 1 entries (one per expert), got shape {tuple(alpha1.shape)}")
+    if w1.shape[1] != H:
+        raise ValueError(f"{OP}: w1 has {w1.shape[1]} columns but x has H={H}")
+    if w1.shape[0] == 0 or w1.shape[0] % (2 * E):
+        raise ValueError(f"{OP}: w1 has {w1.shape[0]} rows, expected a positive multiple of 2*E = {2 * E} "
+                         "(gate and up rows of each expert)")
+    I = w1.shape[0] // (2 * E)
+    tensors = dict(x=x, w1=w1, alpha1=alpha1)
+    if x_scale is not None:
+        x_scale = v.tensor(OP, "x_scale", x_scale, 1)
+        v.dtype(OP, "x_scale", x_scale, (torch.float32,))
+        if x_scale.shape[0] != M:
+            raise ValueError(f"{OP}: x_scale has {x_scale.shape[0]} entries, expected M={M}")
+        tensors["x_scale"] = x_scale
+    if alpha_post is not None:
+        alpha_post = v.tensor(OP, "alpha_post", alpha_post, 2)
+        v.dtype(OP, "alpha_post", alpha_post, (torch.float32,))
+        if tuple(alpha_post.shape) != (M, E):
+            raise ValueError(f"{OP}: alpha_post has shape {tuple(alpha_post.shape)}, expected (M, E) = ({M}, {E})")
+        tensors["alpha_post"] = alpha_post
+    return x, w1, alpha1, x_scale, alpha_post, I, tensors
+
+
 def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
         out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
@@ -226,36 +261,9 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     w1.shape[0] = 2*E*I with I >= 1, w1.shape[1] = H; tensors on one CUDA device (CPU only
     under TRITON_INTERPRET=1). Inference only.
     """
-    x = v.tensor(OP, "x", x, 2)
-    w1 = v.tensor(OP, "w1", w1, 2)
-    alpha1 = v.tensor(OP, "alpha1", alpha1, 1)
-    v.dtype(OP, "x", x, IN_DTYPES)
-    if w1.dtype != x.dtype:
-        raise TypeError(f"{OP}: w1 must have x's dtype ({v.dtype_name(x.dtype)}), got {v.dtype_name(w1.dtype)}")
-    v.dtype(OP, "alpha1", alpha1, (torch.float32,))
+    x, w1, alpha1, x_scale, alpha_post, I, tensors = _check_inputs(x, w1, alpha1, x_scale, alpha_post)
     M, H = x.shape
     E = alpha1.shape[0]
-    if E < 1:
-        raise ValueError(f"{OP}: alpha1 must have E >= 1 entries (one per expert), got shape {tuple(alpha1.shape)}")
-    if w1.shape[1] != H:
-        raise ValueError(f"{OP}: w1 has {w1.shape[1]} columns but x has H={H}")
-    if w1.shape[0] == 0 or w1.shape[0] % (2 * E):
-        raise ValueError(f"{OP}: w1 has {w1.shape[0]} rows, expected a positive multiple of 2*E = {2 * E} "
-                         "(gate and up rows of each expert)")
-    I = w1.shape[0] // (2 * E)
-    tensors = dict(x=x, w1=w1, alpha1=alpha1)
-    if x_scale is not None:
-        x_scale = v.tensor(OP, "x_scale", x_scale, 1)
-        v.dtype(OP, "x_scale", x_scale, (torch.float32,))
-        if x_scale.shape[0] != M:
-            raise ValueError(f"{OP}: x_scale has {x_scale.shape[0]} entries, expected M={M}")
-        tensors["x_scale"] = x_scale
-    if alpha_post is not None:
-        alpha_post = v.tensor(OP, "alpha_post", alpha_post, 2)
-        v.dtype(OP, "alpha_post", alpha_post, (torch.float32,))
-        if tuple(alpha_post.shape) != (M, E):
-            raise ValueError(f"{OP}: alpha_post has shape {tuple(alpha_post.shape)}, expected (M, E) = ({M}, {E})")
-        tensors["alpha_post"] = alpha_post
     if out is not None:
         out = v.tensor(OP, "out", out, 2)
         if out_dtype is not None and out.dtype != out_dtype:
@@ -341,14 +349,14 @@ def fc1_fp8_dynamic(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     whose ``block_i`` >= I (default: ``default_config_dynamic``).
     Returns (y [M, E*I] float8_e4m3fn, y_scale [M, E] float32).
     """
-    x = v.tensor(OP, "x", x, 2)
-    w1 = v.tensor(OP, "w1", w1, 2)
-    alpha1 = v.tensor(OP, "alpha1", alpha1, 1)
-    E = alpha1.shape[0]
-    if E < 1 or w1.shape[0] == 0 or w1.shape[0] % (2 * E):
-        raise ValueError(f"{OP}: w1 has {w1.shape[0]} rows, expected a positive multiple of 2*E = {2 * E}")
+    x, w1, alpha1, x_scale, alpha_post, I, tensors = _check_inputs(x, w1, alpha1, x_scale, alpha_post)
     M, H = x.shape
-    problem = Fc1Problem(M, H, E, w1.shape[0] // (2 * E), x.dtype, v.FP8)
+    E = alpha1.shape[0]
+    dev = v.same_device(OP, **tensors)
+    v.device_supports(OP, dev, x.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad()")
+    problem = Fc1Problem(M, H, E, I, x.dtype, v.FP8)
     if config is not None:
         if not isinstance(config, Fc1TritonConfig):
             raise TypeError(f"{OP}: fc1_fp8_dynamic runs the Triton kernel: config must be a Fc1TritonConfig, "
@@ -362,13 +370,6 @@ def fc1_fp8_dynamic(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
             ok, why = False, str(exc)
     if not ok:
         raise ValueError(f"{OP}: a dynamic fp8 output cannot run here: {why}")
-    # the shared checks (dtypes, shapes, devices, grad) through fc1's validation, on a 0-row call
-    fc1(x[:0], w1, alpha1, x_scale=x_scale[:0] if x_scale is not None else None,
-        alpha_post=alpha_post[:0] if alpha_post is not None else None)
-    if x_scale is not None and x_scale.shape[0] != M:
-        raise ValueError(f"{OP}: x_scale has {x_scale.shape[0]} entries, expected M={M}")
-    if alpha_post is not None and tuple(alpha_post.shape) != (M, E):
-        raise ValueError(f"{OP}: alpha_post has shape {tuple(alpha_post.shape)}, expected (M, E) = ({M}, {E})")
     out = torch.empty((M, w1.shape[0] // 2), dtype=v.FP8, device=x.device)
     out_scale = torch.empty((M, E), dtype=torch.float32, device=x.device)
     if M:

@@ -86,6 +86,7 @@ import torch
 from densemoe.kernels.cute.fc2_sm90 import (  # shared with FC2: limits, dtype map, lazy import probe
     SMEM_BYTES,
     _cutlass_dtype,
+    _ptr,
     cute_available,
     max_active_clusters,
 )
@@ -633,13 +634,6 @@ def runtime_ok(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: tor
     if out.numel() and (out.stride(1) != 1 or (out.shape[0] > 1 and out.stride(0) < out.shape[1])):
         return False, "out needs unit column stride and non-overlapping rows for the CuTe kernel"
     return True, ""
-
-
-def _ptr(t: torch.Tensor, dtype, align: int = 16):
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_ptr
-
-    return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
 
 
 def units_of(problem: Fc1Problem, config: Fc1CuteConfig) -> int:
