@@ -83,7 +83,11 @@ def test_fc1_fp8_output_with_static_scale(M, request):
 
 
 CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1), Fc1TritonConfig(32, 64, 32, 4, 2), Fc1TritonConfig(64, 32, 128, 8, 3),
-           Fc1TritonConfig(16, 64, 32, 4, 3, swap_ab=1), Fc1TritonConfig(32, 128, 64, 8, 2, swap_ab=1, use_tma=0)]
+           Fc1TritonConfig(16, 64, 32, 4, 3, swap_ab=1), Fc1TritonConfig(32, 128, 64, 8, 2, swap_ab=1, use_tma=0),
+           # persistent programs (4 "SMs" in the interpreter: 12 tiles, 3 or more per program)
+           Fc1TritonConfig(16, 16, 16, 1, 1, persistent=1),
+           Fc1TritonConfig(16, 64, 32, 4, 3, swap_ab=1, persistent=2),
+           Fc1TritonConfig(32, 32, 32, 4, 2, use_tma=0, persistent=1)]
 
 
 @needs_kernel
@@ -107,13 +111,17 @@ def test_config_validity_and_default():
     # the H100 refused this one at compile time (294936 B needed): rejected up front now
     assert "shared memory" in can_implement(p, Fc1TritonConfig(128, 128, 256, 8, 3))[1]
     assert can_implement(p, Fc1TritonConfig(128, 128, 128, 8, 4))[0]
+    assert "must be in [0, 4]" in can_implement(p, Fc1TritonConfig(persistent=5))[1]
+    # two persistent programs per SM must both fit in shared memory
+    assert "2 persistent programs per SM" in can_implement(p, Fc1TritonConfig(64, 64, 256, 4, 3, 1, persistent=2))[1]
+    assert can_implement(p, Fc1TritonConfig(64, 64, 128, 4, 3, 1, persistent=2))[0]
     for m in (1, 16, 17, 64, 512):
         for i in (16, 48, 256, 768, 7168):
             q = Fc1Problem(m, 2048, 8, i, BF16, BF16)
             c = default_config(q)
             assert can_implement(q, c)[0] and default_config(q) == c
-    c = Fc1TritonConfig(32, 64, 128, 4, 2)
-    assert Fc1TritonConfig.from_str(c.to_str()) == c
+    for c in (Fc1TritonConfig(32, 64, 128, 4, 2), Fc1TritonConfig(64, 64, 128, 4, 3, 1, persistent=2)):
+        assert Fc1TritonConfig.from_str(c.to_str()) == c
 
 
 @pytest.mark.skipif(not INTERPRET, reason="CPU validation path")
@@ -170,7 +178,8 @@ def test_fc1_model_shapes_on_gpu(shape, M, dtype, request):
 
 
 DYN_CONFIGS = [None, Fc1TritonConfig(16, 64, 32, 4, 2, swap_ab=1), Fc1TritonConfig(32, 64, 64, 8, 2, swap_ab=0),
-               Fc1TritonConfig(16, 128, 32, 4, 2, swap_ab=1, use_tma=0)]
+               Fc1TritonConfig(16, 128, 32, 4, 2, swap_ab=1, use_tma=0),
+               Fc1TritonConfig(16, 64, 32, 4, 2, swap_ab=1, persistent=1)]
 
 
 @needs_kernel

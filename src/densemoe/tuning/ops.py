@@ -82,7 +82,9 @@ def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> 
     """FC1 tactics, in a fixed order, each passing its backend's ``can_implement``.
 
     Triton: orientation x token tile x tile of I x k-tile x warps; the pipeline depth is 4 (3
-    where 4 stages of both operands would not fit shared memory); the heuristic's choice first.
+    where 4 stages of both operands would not fit shared memory), and also the depth at which
+    two programs share an SM where that is 2 or more and shallower; above M = 128 the tokens-as-M
+    tiles also as one persistent program per SM; the heuristic's choice first.
     CuTe DSL (sm_90a), always the deepest ring and one CTA per SM (whole clusters):
     swap-AB up to M = 128 (token tile from ``_token_tiles``, tile of I 64/128, k-tile 128/256
     bytes, 1 or 2 consumer warpgroups) and tokens as wgmma's M from M = 64 (64 or 128 tokens,
@@ -107,9 +109,15 @@ def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> 
             for bm, bi, bk, warps in itertools.product(tokens, (64, 128), ks, (4, 8)):
                 stage = (bm + 2 * bi) * bk * p.dtype.itemsize
                 stages = 4 if 4 * stage <= 200 * 1024 else 3
-                cfg = Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1)
-                if fc1_can_implement(p, cfg)[0] and cfg not in out:
-                    out.append(cfg)
+                two = min(4, 100 * 1024 // stage)  # the depth at which two programs share an SM
+                cands = [Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1)]
+                if 2 <= two < stages:
+                    cands.append(Fc1TritonConfig(bm, bi, bk, warps, two, swap, 1))
+                if not swap and p.m > 128:
+                    cands.append(Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1, persistent=1))
+                for cfg in cands:
+                    if fc1_can_implement(p, cfg)[0] and cfg not in out:
+                        out.append(cfg)
         h = default_config(p)
         out = ([h] if h not in out else []) + out
     if "cute" in backends:

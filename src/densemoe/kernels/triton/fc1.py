@@ -22,7 +22,8 @@ Schedule: one program per (token tile, expert, tile of I): it streams the matchi
 row tiles of w1 over K = H into two fp32 accumulators and applies the activation in the
 epilogue, so gate and up never leave registers. ``SWAP_AB`` makes the weight tile the MMA's M
 operand and the token tile its N (small M); ``USE_TMA`` loads with tensor descriptors (Hopper),
-else masked pointer loads (any strides).
+else masked pointer loads (any strides). ``persistent=n`` launches n programs per SM that take
+the tiles in turn (``_fc1_persistent_kernel``) instead of one program per tile.
 """
 
 from __future__ import annotations
@@ -33,62 +34,19 @@ import torch
 import triton
 import triton.language as tl
 
-from densemoe._runtime import supports_tma
+from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.triton.fc2 import tma_compatible
 
 FP8_MAX = 448.0
 SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers and slack
 
 
-@triton.jit(do_not_specialize=["M"])
-def _fc1_kernel(
-    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr, ys_ptr,
-    M, H, I,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
-    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr, DYN_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    i_tiles = tl.cdiv(I, BLOCK_I)
-    e = pid_n // i_tiles
-    it = pid_n % i_tiles
-    off_m = pid_m * BLOCK_M
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    i_ok = offs_i < I
-    gate_row0 = e * 2 * I + it * BLOCK_I  # first gate row of the tile; its up rows start I later
-    gate_rows = (e * 2 * I + offs_i).to(tl.int64)
-    up_rows = gate_rows + I
-    x_rows = offs_m.to(tl.int64) * stride_xm
-    if SWAP_AB:  # weights are the MMA's M operand, tokens its N: acc [BLOCK_I, BLOCK_M]
-        acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
-    else:
-        acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
-        if USE_TMA:  # out-of-range rows and columns read as 0 (x) or belong to masked outputs (w)
-            xt = x_desc.load([off_m, k0])
-            wg = w_desc.load([gate_row0, k0])
-            wu = w_desc.load([gate_row0 + I, k0])
-        else:
-            kk = k0 + offs_k
-            k_ok = kk < H
-            xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(w_ptr + gate_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
-                         mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-            wu = tl.load(w_ptr + up_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
-                         mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-        if SWAP_AB:
-            acc_g = tl.dot(wg, tl.trans(xt), acc_g)
-            acc_u = tl.dot(wu, tl.trans(xt), acc_u)
-        else:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+@triton.jit
+def _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
+                  ys_ptr, I, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
+                  HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr, DYN_SCALE: tl.constexpr,
+                  SWAP_AB: tl.constexpr):
+    """Scales, SwiGLU, alpha_post, the output's fp8 scaling and the masked store of one tile."""
     s = tl.load(alpha1_ptr + e)
     g = acc_g * s
     u = acc_u * s
@@ -130,6 +88,116 @@ def _fc1_kernel(
                  v.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
 
 
+@triton.jit
+def _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0, I, H, offs_k, x_rows, gate_rows,
+                up_rows, m_ok, i_ok, stride_xk, stride_wn, stride_wk, SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr):
+    """One k-tile: load the token tile and the gate and up weight tiles, accumulate both."""
+    if USE_TMA:  # out-of-range rows and columns read as 0 (x) or belong to masked outputs (w)
+        xt = x_desc.load([off_m, k0])
+        wg = w_desc.load([gate_row0, k0])
+        wu = w_desc.load([gate_row0 + I, k0])
+    else:
+        kk = k0 + offs_k
+        k_ok = kk < H
+        xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(w_ptr + gate_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
+                     mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        wu = tl.load(w_ptr + up_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
+                     mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+    if SWAP_AB:
+        acc_g = tl.dot(wg, tl.trans(xt), acc_g)
+        acc_u = tl.dot(wu, tl.trans(xt), acc_u)
+    else:
+        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    return acc_g, acc_u
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fc1_kernel(
+    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr, ys_ptr,
+    M, H, I,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
+    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr, DYN_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    i_tiles = tl.cdiv(I, BLOCK_I)
+    e = pid_n // i_tiles
+    it = pid_n % i_tiles
+    off_m = pid_m * BLOCK_M
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    i_ok = offs_i < I
+    gate_row0 = e * 2 * I + it * BLOCK_I  # first gate row of the tile; its up rows start I later
+    gate_rows = (e * 2 * I + offs_i).to(tl.int64)
+    up_rows = gate_rows + I
+    x_rows = offs_m.to(tl.int64) * stride_xm
+    if SWAP_AB:  # weights are the MMA's M operand, tokens its N: acc [BLOCK_I, BLOCK_M]
+        acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
+        acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0, I, H, offs_k,
+                                   x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn, stride_wk,
+                                   SWAP_AB, USE_TMA)
+    _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
+                  ys_ptr, I, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
+                  HAS_XS, HAS_POST, OUT_FP8, DYN_SCALE, SWAP_AB)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fc1_persistent_kernel(
+    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr, ys_ptr,
+    M, H, I, E, NUM_PROGS,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
+    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr, DYN_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs
+    (tile t = token tile t % m_tiles of weight tile t // m_tiles, so the token tiles of one
+    weight tile run side by side and share it through L2)."""
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    i_tiles = tl.cdiv(I, BLOCK_I)
+    num_tiles = m_tiles * E * i_tiles
+    k_tiles = tl.cdiv(H, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS):
+        pid_m = tile % m_tiles
+        pid_n = tile // m_tiles
+        e = pid_n // i_tiles
+        it = pid_n % i_tiles
+        off_m = pid_m * BLOCK_M
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+        m_ok = offs_m < M
+        i_ok = offs_i < I
+        gate_row0 = e * 2 * I + it * BLOCK_I
+        gate_rows = (e * 2 * I + offs_i).to(tl.int64)
+        up_rows = gate_rows + I
+        x_rows = offs_m.to(tl.int64) * stride_xm
+        if SWAP_AB:
+            acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+        else:
+            acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        for kt in range(k_tiles):
+            acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
+                                       H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
+                                       stride_wk, SWAP_AB, USE_TMA)
+        _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
+                      ys_ptr, I, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
+                      HAS_XS, HAS_POST, OUT_FP8, DYN_SCALE, SWAP_AB)
+
+
 @dataclasses.dataclass(frozen=True)
 class Fc1Problem:
     """The static description of one FC1 call (M is bucketed wherever it keys anything)."""
@@ -161,6 +229,7 @@ class Fc1TritonConfig:
     num_stages: int = 3
     swap_ab: int = 0   # 1: weights as the MMA's M operand, tokens as N (small M)
     use_tma: int = 1   # TMA tensor descriptors where the device and strides allow (else pointers)
+    persistent: int = 0  # 0: one program per tile; n: n persistent programs per SM take the tiles in turn
 
     backend = "triton"
 
@@ -194,6 +263,8 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig, dynamic_scale: b
         return False, f"num_warps={c.num_warps} / num_stages={c.num_stages} out of range"
     if c.swap_ab not in (0, 1) or c.use_tma not in (0, 1):
         return False, f"swap_ab={c.swap_ab} / use_tma={c.use_tma} must be 0 or 1"
+    if not 0 <= c.persistent <= 4:
+        return False, f"persistent={c.persistent} must be in [0, 4]"
     if c.swap_ab and c.block_i < 64:
         return False, f"swap_ab needs block_i >= 64 (the MMA's M), got {c.block_i}"
     acc_regs = 2 * c.block_m * c.block_i // (32 * c.num_warps)
@@ -203,6 +274,8 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig, dynamic_scale: b
     if smem > SMEM_BYTES:
         return False, (f"{c.num_stages} stages of a {c.block_m}-token and two {c.block_i}-row k-tiles need {smem} B "
                        f"of shared memory (limit {SMEM_BYTES})")
+    if c.persistent > 1 and c.persistent * smem > SMEM_BYTES:
+        return False, f"{c.persistent} persistent programs per SM need {c.persistent} x {smem} B of shared memory"
     return True, ""
 
 
@@ -210,12 +283,15 @@ def default_config(problem: Fc1Problem) -> Fc1TritonConfig:
     """Deterministic choice, no timing: the tuner's picks on the H100 (DeepSeek-V3 TP8 and
     Qwen3-30B-A3B, fp8 and bf16; ``bench/results/tune_fc1_h100_*.md``), as one rule. Swap-AB
     (weights as the MMA's M, 64-row weight tiles) with the smallest token tile that holds M up to
-    M = 128, 256-byte k-tiles; above, 128 tokens x 128 columns per tile, 8 warps."""
+    M = 128, 256-byte k-tiles, 4 stages; 128-token tiles take 128-element k-tiles and 3 stages
+    (fp8: two programs per SM, 1-1.4% faster at M = 96-128 on TP8,
+    ``bench/results/fc1_persistent_h100_2026-11-26.md``); above, 128 tokens x 128 columns per
+    tile, 8 warps."""
     p = problem
     es = p.dtype.itemsize
     if p.m <= 128 and p.i >= 64:
         bm = 16 if p.m <= 16 else 32 if p.m <= 32 else 64 if p.m <= 64 else 128
-        cfg = Fc1TritonConfig(bm, 64, 256 // es, 4, 4 if bm <= 64 else 3, 1, 1)
+        cfg = Fc1TritonConfig(bm, 64, 256 // es, 4, 4, 1, 1) if bm <= 64 else Fc1TritonConfig(128, 64, 128, 4, 3, 1, 1)
     else:
         bi = 128 if p.i >= 128 else max(16, 1 << (max(p.i, 1) - 1).bit_length())
         cfg = Fc1TritonConfig(128 if p.m > 64 else 64, bi, 128 // es, 8, 4, 0, 1)
@@ -245,8 +321,10 @@ def default_config_dynamic(problem: Fc1Problem) -> Fc1TritonConfig:
 def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,
                config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
-               y_scale: torch.Tensor | None = None) -> None:
+               y_scale: torch.Tensor | None = None, num_programs: int | None = None) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
+    ``num_programs`` overrides the persistent configs' program count (tests force several tiles
+    per program on small shapes).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
     there (the config's ``block_i`` must hold all of I)."""
     M, H = x.shape
@@ -265,17 +343,21 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         w_desc = TensorDescriptor.from_tensor(w1, [c.block_i, c.block_k])
     else:
         x_desc, w_desc = x, w1
-    _fc1_kernel[grid](
+    common = (
         x, w1, x_desc, w_desc, alpha1, x_scale if x_scale is not None else alpha1, post, y,
-        out_scale if out_scale is not None else alpha1, y_scale if y_scale is not None else alpha1,
-        M, H, I,
+        out_scale if out_scale is not None else alpha1, y_scale if y_scale is not None else alpha1)
+    strides = (
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
         post.stride(0) if alpha_post is not None else 0, post.stride(1) if alpha_post is not None else 0,
         y.stride(0), y.stride(1),
-        y_scale.stride(0) if y_scale is not None else 0, y_scale.stride(1) if y_scale is not None else 0,
+        y_scale.stride(0) if y_scale is not None else 0, y_scale.stride(1) if y_scale is not None else 0)
+    flags = dict(
         HAS_XS=x_scale is not None, HAS_POST=alpha_post is not None, OUT_FP8=y.dtype == torch.float8_e4m3fn,
-        DYN_SCALE=y_scale is not None,
-        BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k,
-        SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, NUM_STAGES=c.num_stages,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )
+        DYN_SCALE=y_scale is not None, BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k,
+        SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, num_warps=c.num_warps, num_stages=c.num_stages)
+    if c.persistent:
+        tiles = grid[0] * grid[1]
+        progs = min(tiles, num_programs if num_programs is not None else sm_count(x.device) * c.persistent)
+        _fc1_persistent_kernel[(progs,)](*common, M, H, I, E, progs, *strides, **flags)
+    else:
+        _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
