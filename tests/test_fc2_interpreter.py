@@ -447,10 +447,11 @@ def test_config_str_round_trip(cfg):
 
 @pytest.mark.parametrize("config", ["", Fc2TritonConfig(16, 16, 32, swap_ab=False).to_str()],
                          ids=["default", "pinned"])
-def test_custom_op_opcheck(config, seed):
+@pytest.mark.parametrize("skip", [False, True], ids=["dense", "skip"])
+def test_custom_op_opcheck(config, skip, seed):
     a, w, alpha = make_inputs(7, 48, 3, 32, torch.bfloat16, seed)
     out = torch.empty(7, 48, dtype=torch.float32)
-    torch.library.opcheck(torch.ops.densemoe.fc2.default, (a, w, alpha, out, config, "auto"))
+    torch.library.opcheck(torch.ops.densemoe.fc2.default, (a, w, alpha, out, config, "auto", skip))
 
 
 # --------------------------------------------------------------------------------------------

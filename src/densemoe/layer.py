@@ -9,13 +9,16 @@
 Pipelines (no host sync anywhere):
 
     fp8:  x8, sx = quantize_per_token(x)                     # [M, H] fp8, [M]
-          y = fc1(x8, w1, alpha1, x_scale=sx)               # [M, E*I] bf16, SwiGLU fused
+          y = fc1(x8, w1, alpha1, x_scale=sx, routing=alpha)  # [M, E*I] bf16, SwiGLU fused
           y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
               # one kernel; reads y only where alpha != 0, writes zeros elsewhere
           (with I <= FUSED_QUANT_MAX_I, 0 today: y8, s_y = fc1_fp8_dynamic(...) quantises in
            FC1's epilogue and alpha2 = alpha * s_y * w2_scale)
           out = fc2(y8, w2, alpha2)                          # [M, H] bf16
-    bf16: out = fc2(fc1(x, w1, alpha1), w2, alpha)
+    bf16: out = fc2(fc1(x, w1, alpha1, routing=alpha), w2, alpha)
+
+Expert skipping (``skip``; on by default up to M = ``SKIP_MAX_M``): FC1 and FC2 each list, on
+the GPU, the experts each token tile picked and read only those weights.
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ from densemoe.weights import PreparedWeights, prepare_weights
 FUSED_QUANT_MAX_I = 0
 
 
-def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor) -> torch.Tensor:
+def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor, *,
+                    skip: bool | None = None) -> torch.Tensor:
     """out [M, H] = sum_e alpha[m, e] * expert_e(x[m]) with expert_e = down(silu(gate x) * up x).
 
     x [M, H] (any float dtype), alpha [M, E] float32 (0 where m did not pick e). Returns x's
-    dtype (bf16 for fp8 x)."""
+    dtype (bf16 for fp8 x). ``skip``: expert skipping in FC1 and FC2 (the experts no token of a
+    tile picked are never read): None (default) where it pays (M <= ``SKIP_MAX_M``), True
+    always, False never (the dense path, for comparison)."""
     if x.dim() != 2 or x.shape[1] != prepared.hidden:
         raise ValueError(f"experts_forward: x must be [M, H={prepared.hidden}], got {tuple(x.shape)}")
     alpha = alpha.float()
@@ -53,12 +59,12 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
             y8, ys = fc1_fp8_dynamic(x8, prepared.w1, prepared.alpha1, x_scale=sx)
             alpha2 = alpha * ys * prepared.w2_scale[None, :]
         else:
-            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx)
+            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip)
             y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
-        out = fc2(y8, prepared.w2, alpha2)
+        out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
-        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1)
-        out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :])
+        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip)
+        out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=skip)
     return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
 
 
@@ -83,7 +89,8 @@ def _prepared_cached(w1, w2, dtype, w1_scale, w2_scale) -> PreparedWeights:
 def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, dtype: str | None = None,
                   w1_scale=None, w2_scale=None, activation: str = "silu", inplace: bool = False,
-                  global_num_experts: int = -1, expert_map=None, **unsupported) -> torch.Tensor:
+                  global_num_experts: int = -1, expert_map=None, skip: bool | None = None,
+                  **unsupported) -> torch.Tensor:
     """vLLM/SGLang-style routed experts through densemoe's dense kernels.
 
         out[m] = sum_j topk_weights[m, j] * down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_ids[m, j]
@@ -96,6 +103,7 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
         dtype: the kernels' dtype, "fp8" or "bf16"; default: "fp8" for fp8 weights, else "bf16".
         The weights are converted to the kernels' layout on the first call and cached while
         ``w1`` lives (redone if ``w1`` or ``w2`` is modified in place).
+        skip: expert skipping (``experts_forward``): None (default) where it pays, False off.
     Only ``activation="silu"`` (SwiGLU) without expert parallelism (``expert_map``) is supported.
     """
     if activation != "silu":
@@ -110,7 +118,7 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     from densemoe.routing import alpha_from_topk
 
     alpha = alpha_from_topk(topk_ids, topk_weights.float(), prepared.num_experts)
-    out = experts_forward(hidden_states, prepared, alpha)
+    out = experts_forward(hidden_states, prepared, alpha, skip=skip)
     if inplace:
         hidden_states.copy_(out)
         return hidden_states
@@ -123,13 +131,14 @@ class DenseMoE(nn.Module):
     router: "softmax" (Mixtral, Qwen3-MoE: softmax top-k, ``renormalize``) or "deepseek_v3"
     (sigmoid grouped top-k with ``n_group``, ``topk_group``, ``e_score_correction_bias``,
     ``routed_scaling_factor``, ``norm_topk_prob``). ``logits_fp32``: compute router logits in
-    float32 (DeepSeek-V3) instead of the hidden states' dtype (Mixtral, Qwen3)."""
+    float32 (DeepSeek-V3) instead of the hidden states' dtype (Mixtral, Qwen3). ``skip``: expert
+    skipping in FC1 and FC2 (``experts_forward``; an attribute, settable)."""
 
     def __init__(self, prepared: PreparedWeights, gate_weight: torch.Tensor, top_k: int, *,
                  router: str = "softmax", renormalize: bool = True, logits_fp32: bool = False,
                  n_group: int = 1, topk_group: int = 1, e_score_correction_bias: torch.Tensor | None = None,
                  routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True,
-                 shared_experts: nn.Module | None = None):
+                 shared_experts: nn.Module | None = None, skip: bool | None = None):
         super().__init__()
         if router not in ("softmax", "deepseek_v3"):
             raise ValueError(f"DenseMoE: router must be 'softmax' or 'deepseek_v3', got {router!r}")
@@ -146,6 +155,7 @@ class DenseMoE(nn.Module):
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
         self.shared_experts = shared_experts
+        self.skip = skip  # expert skipping: None where it pays, True always, False off
 
     def route(self, x: torch.Tensor):
         """RouterOutput (alpha [M, E] float32, topk_ids, topk_weights) for x [M, H]."""
@@ -165,7 +175,7 @@ class DenseMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        out = experts_forward(x, self.prepared, self.route(x).alpha).reshape(shape)
+        out = experts_forward(x, self.prepared, self.route(x).alpha, skip=self.skip).reshape(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out

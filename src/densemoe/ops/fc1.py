@@ -15,8 +15,18 @@ import torch
 
 from densemoe.kernels.cute import fc1_sm90 as cute_fc1
 from densemoe.kernels.cute.fc1_sm90 import Fc1CuteConfig
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_config, fc1_triton, default_config_dynamic
+from densemoe.kernels.triton.fc1 import (
+    Fc1Problem,
+    Fc1TritonConfig,
+    can_implement,
+    default_config,
+    default_config_dynamic,
+    default_skip_config,
+    fc1_triton,
+)
+from densemoe._runtime import sm_count
 from densemoe.ops import _validate as v
+from densemoe.ops.fc2 import skip_by_default
 from densemoe.tuning import cache as tuning
 
 OP = "densemoe.fc1"
@@ -127,13 +137,24 @@ def _tuned(problem: Fc1Problem, x, w1, alpha1, out, backend: str, extras: dict):
 
 
 def _choose_src(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor, config: str,
-                backend: str = "auto", extras: dict | None = None):
+                backend: str = "auto", extras: dict | None = None, mode: str = "dense"):
     """(backend, config, source) for one call: the pinned config ("pinned"), else the tuned entry
     for the problem's key ("cache": the user's, "shipped": the package's tables), else the
-    deterministic rule ("heuristic"). Raises when the CuTe backend is forced (by ``backend`` or a
+    deterministic rule ("heuristic"). ``mode``: "dense"; "route" (a routing mask: Triton only,
+    the dense choice's Triton config); "skip" (expert skipping: the pinned config or
+    ``default_skip_config``). Raises when the CuTe backend is forced (by ``backend`` or a
     pinned config) and cannot run these tensors."""
     extras = extras or {}
     problem = _problem(x, w1, alpha1, out)
+    if mode == "skip":
+        if config:
+            return "triton", _parse_config(config), "pinned"
+        return "triton", default_skip_config(problem, sm_count(x.device)), "heuristic"
+    if mode == "route":
+        if config:
+            return "triton", _parse_config(config), "pinned"
+        return (_tuned(problem, x, w1, alpha1, out, "triton", extras)
+                or ("triton", default_config(problem), "heuristic"))
     if config:
         cfg = _parse_config(config)
         if cfg.backend == "cute":
@@ -173,15 +194,24 @@ def which_config(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: t
 
 @torch.library.custom_op("densemoe::fc1", mutates_args=("out",))
 def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
-            alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, out: torch.Tensor, config: str,
-            backend: str) -> None:
-    which, cfg, _ = _choose_src(x, w1, alpha1, out, config, backend, _extras(x_scale, alpha_post, out_scale))
-    launch = cute_fc1.fc1_cute if which == "cute" else fc1_triton
-    launch(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
+            alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, routing: torch.Tensor | None,
+            out: torch.Tensor, config: str, backend: str, skip: bool) -> None:
+    mode = "skip" if skip else "route" if routing is not None else "dense"
+    which, cfg, _ = _choose_src(x, w1, alpha1, out, config, backend, _extras(x_scale, alpha_post, out_scale), mode)
+    if which == "cute":
+        cute_fc1.fc1_cute(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
+        return
+    active = None
+    if skip:
+        from densemoe.kernels.triton.skip import active_experts
+
+        active = active_experts(routing if routing is not None else alpha_post, cfg.block_m)
+    fc1_triton(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale,
+               routing=routing, active=active)
 
 
 @_fc1_op.register_fake
-def _(x, w1, alpha1, x_scale, alpha_post, out_scale, out, config, backend):
+def _(x, w1, alpha1, x_scale, alpha_post, out_scale, routing, out, config, backend, skip):
     return None
 
 
@@ -224,14 +254,19 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
         out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
         out: torch.Tensor | None = None, config: Fc1TritonConfig | Fc1CuteConfig | None = None,
-        backend: str = "auto") -> torch.Tensor:
+        backend: str = "auto", routing: torch.Tensor | None = None, skip: bool | None = None) -> torch.Tensor:
     """Dense-MoE FC1 (gate/up projection) over all experts with SwiGLU fused.
 
         s       = alpha1[e] * x_scale[m]                       (x_scale: 1 when None)
         g[m, i] = s * sum_k x[m, k] * w1[e*2I + i, k]          gate rows of expert e
         u[m, i] = s * sum_k x[m, k] * w1[e*2I + I + i, k]      up rows of expert e
         y[m, e*I + i] = silu(g) * u * alpha_post[m, e]         (alpha_post: 1 when None)
+        with routing: y[m, e*I + i] = 0 where routing[m, e] == 0
         fp8 output: y = clamp(y / out_scale, -448, 448).to(float8_e4m3fn)
+
+    Expert skipping (``skip``, needs ``routing`` or ``alpha_post``): a token tile never reads the
+    weights of experts none of its tokens picked (routing, else alpha_post, == 0 for all of
+    them); their output segments are written as zeros. Same result as without skipping.
 
     Args:
         x:          [M, H] float8_e4m3fn or bfloat16: the tokens.
@@ -253,6 +288,12 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
                     measured yet); "triton" or "cute" forces one. "cute" (the sm_90a CuTe DSL
                     kernel) raises, naming why, when it cannot run: no CuTe DSL, not sm_90,
                     strided or misaligned x / w1, or no CuTe config fits the shape.
+        routing:    [M, E] tensor (float, bf16 or bool), optional: nonzero where token m picked
+                    expert e (the router's alpha). Runs on the Triton kernel.
+        skip:       expert skipping. None (default): on when ``routing`` or ``alpha_post`` is
+                    given, M <= ``densemoe.ops.fc2.SKIP_MAX_M`` (64) and no non-persistent or
+                    CuTe config is pinned; True: always (needs routing or alpha_post; Triton; a
+                    pinned config must be persistent); False: off.
 
     Returns:
         y [M, E*I], ready to be FC2's ``a``.
@@ -303,12 +344,33 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         ok, why = check(Fc1Problem(M, H, E, I, x.dtype, out_dtype), config)
         if not ok:
             raise ValueError(f"{OP}: config {config.to_str()} cannot run: {why}")
+    if routing is not None:
+        routing = v.tensor(OP, "routing", routing, 2)
+        if tuple(routing.shape) != (M, E):
+            raise ValueError(f"{OP}: routing has shape {tuple(routing.shape)}, expected (M, E) = ({M}, {E})")
+        v.same_device(OP, x=x, routing=routing)
+    if skip not in (None, True, False):
+        raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
+    wants_cute = backend == "cute" or (config is not None and config.backend == "cute")
+    if skip is None:  # a pinned config decides: persistent Triton configs can skip, others not
+        skip = ((routing is not None or alpha_post is not None) and skip_by_default(M) and not wants_cute
+                and (config is None or bool(config.persistent)))
+    elif skip:
+        if routing is None and alpha_post is None:
+            raise ValueError(f"{OP}: skip=True needs routing (or alpha_post) to know which experts were picked")
+        if wants_cute:
+            raise ValueError(f"{OP}: expert skipping (skip=True) runs on the Triton kernel; "
+                             "backend='cute' or a CuTe config cannot skip")
+    if skip and config is not None and not config.persistent:
+        raise ValueError(f"{OP}: expert skipping needs a persistent config (persistent >= 1), got {config.to_str()}")
+    if routing is not None and wants_cute:
+        raise ValueError(f"{OP}: routing runs on the Triton kernel; backend='cute' or a CuTe config cannot take it")
     if out is None:
         out = torch.empty((M, E * I), dtype=out_dtype, device=dev)
     if M == 0:
         return out
     _fc1_op(x, w1, alpha1, x_scale, alpha_post, out_scale.reshape(1) if out_scale is not None else None,
-            out, config.to_str() if config is not None else "", backend)
+            routing, out, config.to_str() if config is not None else "", backend, bool(skip))
     return out
 
 

@@ -78,6 +78,23 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
     return config
 
 
+# Expert skipping: "auto" (skip=None) skips up to this many tokens; above it (every expert
+# picked by some token of a tile under uniform top-8 routing) the dense schedule runs.
+SKIP_MAX_M = 64
+
+
+def skip_by_default(m: int) -> bool:
+    """The rule behind skip=None: skip the experts no token picked when M <= SKIP_MAX_M."""
+    return m <= SKIP_MAX_M
+
+
+def default_skip_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
+    """The Triton config for FC2 with expert skipping: the dense rule's tile, with the
+    (column tile, picked expert) units always shared stream-K over one wave (split=0), since
+    how many experts a tile picked is only known on the GPU."""
+    return dataclasses.replace(default_config(problem, num_sms), split=0)
+
+
 # CuTe DSL backend: (max M, k-tile bytes per row, Fc2CuteConfig fields), the fastest CuTe configs
 # per M bucket measured on an H100 at DeepSeek-V3 TP8 fp8 (bench/experiments/cute_sweep.py;
 # docs/fc2-cute.md). Up to M = 128 tokens are wgmma's N (swap-AB); above, tokens are wgmma's M
@@ -206,13 +223,18 @@ def _choose(a, w, alpha, out, config: str, backend: str):
     return _choose_src(a, w, alpha, out, config, backend)[:2]
 
 
-def _choose_src(a, w, alpha, out, config: str, backend: str):
+def _choose_src(a, w, alpha, out, config: str, backend: str, skip: bool = False):
     """(backend, config object, source) for one call: the pinned config (source "pinned"), else
     the tuned entry for this problem's key ("cache" / "shipped"), else the deterministic
-    heuristic ("heuristic"). Raises when a forced backend cannot run."""
+    heuristic ("heuristic"). With ``skip`` (Triton only): the pinned config or
+    ``default_skip_config`` ("heuristic"). Raises when a forced backend cannot run."""
     M, K = a.shape
     E = alpha.shape[1]
     problem = Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype)
+    if skip:
+        if config:
+            return "triton", _parse_config(config), "pinned"
+        return "triton", default_skip_config(problem, sm_count(a.device)), "heuristic"
     if config:
         cfg = _parse_config(config)
         if cfg.backend == "cute":
@@ -225,7 +247,13 @@ def _choose_src(a, w, alpha, out, config: str, backend: str):
 
 @torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
 def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-            config: str, backend: str) -> None:
+            config: str, backend: str, skip: bool) -> None:
+    if skip:
+        from densemoe.kernels.triton.skip import active_experts
+
+        _, cfg, _ = _choose_src(a, w, alpha, out, config, backend, skip=True)
+        fc2_triton(a, w, alpha, out, cfg, active=active_experts(alpha, cfg.block_m))
+        return
     which, cfg = _choose(a, w, alpha, out, config, backend)
     if which == "cute":
         cute_fc2.fc2_cute(a, w, alpha, out, cfg)
@@ -234,26 +262,44 @@ def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Te
 
 
 @_fc2_op.register_fake
-def _(a, w, alpha, out, config, backend):
+def _(a, w, alpha, out, config, backend, skip):
     return None
 
 
+def _resolve_skip(skip: bool | None, m: int, backend: str, config) -> bool:
+    """skip=None -> the rule (``skip_by_default``), off where the CuTe backend is asked for."""
+    if skip is None:
+        wants_cute = backend == "cute" or (config is not None and config.backend == "cute")
+        return skip_by_default(m) and not wants_cute
+    if skip and (backend == "cute" or (config is not None and config.backend == "cute")):
+        raise ValueError(f"{OP}: expert skipping (skip=True) runs on the Triton kernel; "
+                         "backend='cute' or a CuTe config cannot skip")
+    return bool(skip)
+
+
 def which_backend(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-                  config=None, backend: str = "auto", with_source: bool = False):
+                  config=None, backend: str = "auto", with_source: bool = False, skip: bool | None = False):
     """The (backend, config) ``fc2`` would use for these tensors (for logs and benchmarks);
     with ``with_source`` also where the config came from: "pinned", "cache" (the user's tuned
-    cache), "shipped" (the package's tuned tables) or "heuristic"."""
-    which = _choose_src(a, w, alpha, out, config.to_str() if config is not None else "", backend)
+    cache), "shipped" (the package's tuned tables) or "heuristic". ``skip`` as in ``fc2``
+    (default False here: the dense choice)."""
+    sk = _resolve_skip(skip, a.shape[0], backend, config)
+    which = _choose_src(a, w, alpha, out, config.to_str() if config is not None else "", backend, sk)
     return which if with_source else which[:2]
 
 
 def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-        config: Fc2TritonConfig | Fc2CuteConfig | None = None, backend: str = "auto") -> torch.Tensor:
+        config: Fc2TritonConfig | Fc2CuteConfig | None = None, backend: str = "auto",
+        skip: bool | None = None) -> torch.Tensor:
     """Dense-MoE FC2 (down projection) over all experts with a per-token, per-expert scale.
 
         out[m, n] = sum_e alpha[m, e] * sum_{i < I} a[m, e*I + i] * w[n, e*I + i]
         E = alpha.shape[1], I = a.shape[1] // E
+
+    With expert skipping the sum runs over the experts with alpha[m, e] != 0 only: a token tile
+    never reads the weights (or ``a``) of experts none of its tokens picked, and what ``a``
+    holds where alpha is 0 does not matter (it is never read there, or weighted out).
 
     Args:
         a:     [M, E*I] float8_e4m3fn or bfloat16: the activations (FC1's output).
@@ -269,6 +315,9 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         backend: "auto" (default): the CuTe DSL sm_90a kernel where it can run and is the
                measured winner for this M, else Triton; "triton" or "cute" forces one
                ("cute" raises if it cannot run: no CuTe DSL, not sm_90, strided a/w).
+        skip:  expert skipping (Triton kernel, work lists built on the GPU, no host sync).
+               None (default): on for M <= ``SKIP_MAX_M`` (64) unless the CuTe backend is
+               asked for; True: always (raises with backend="cute"); False: the dense path.
 
     Returns:
         out [M, N].
@@ -339,7 +388,10 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         ok, why = check(Fc2Problem(M, N, E, I, a.dtype, out.dtype), config)
         if not ok:
             raise ValueError(f"{OP}: config {config} cannot run this problem: {why}")
+    if skip not in (None, True, False):
+        raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
+    skip = _resolve_skip(skip, M, backend, config)
     if M == 0 or N == 0:
         return out
-    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "", backend)
+    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "", backend, skip)
     return out

@@ -44,7 +44,7 @@ def _fc2_run(inputs, out, cfg):
     import densemoe
 
     a, w, alpha = inputs
-    densemoe.fc2(a, w, alpha, out=out, config=cfg)
+    densemoe.fc2(a, w, alpha, out=out, config=cfg, skip=False)
 
 
 def _fc2_ref(inputs):

@@ -42,11 +42,13 @@ SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers a
 
 
 @triton.jit
-def _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
-                  ys_ptr, I, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
-                  HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr, DYN_SCALE: tl.constexpr,
-                  SWAP_AB: tl.constexpr):
-    """Scales, SwiGLU, alpha_post, the output's fp8 scaling and the masked store of one tile."""
+def _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
+                  oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
+                  stride_ysm, stride_yse,
+                  HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
+                  DYN_SCALE: tl.constexpr, SWAP_AB: tl.constexpr):
+    """Scales, SwiGLU, alpha_post, the routing mask, the output's fp8 scaling and the masked
+    store of one tile."""
     s = tl.load(alpha1_ptr + e)
     g = acc_g * s
     u = acc_u * s
@@ -65,6 +67,12 @@ def _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_pt
             v = v * p[None, :]
         else:
             v = v * p[:, None]
+    if HAS_ROUTE:  # tokens that did not pick expert e get 0
+        r = tl.load(route_ptr + offs_m.to(tl.int64) * stride_rm + e * stride_re, mask=m_ok, other=0)
+        if SWAP_AB:
+            v = tl.where(r[None, :] != 0, v, 0.0)
+        else:
+            v = tl.where(r[:, None] != 0, v, 0.0)
     if DYN_SCALE:  # one tile holds all of I: s[m, e] = amax_i |v| / 448, fp8 out = v / s
         if SWAP_AB:
             amax = tl.max(tl.where(i_ok[:, None], tl.abs(v), 0.0), axis=0)
@@ -115,10 +123,12 @@ def _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0
 
 @triton.jit(do_not_specialize=["M"])
 def _fc1_kernel(
-    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr, ys_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
     M, H, I,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
-    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr, DYN_SCALE: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
+    stride_ysm, stride_yse,
+    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
+    DYN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -147,33 +157,69 @@ def _fc1_kernel(
         acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0, I, H, offs_k,
                                    x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn, stride_wk,
                                    SWAP_AB, USE_TMA)
-    _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
-                  ys_ptr, I, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
-                  HAS_XS, HAS_POST, OUT_FP8, DYN_SCALE, SWAP_AB)
+    _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
+                  oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
+                  stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, SWAP_AB)
+
+
+@triton.jit
+def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
+    """(token tile t, position j) of the q-th (tile, expert) pair: pairs are counted tile by
+    tile, ``counts[t]`` picked experts per tile (``E - counts[t]`` if INACTIVE)."""
+    t = q * 0
+    start = q * 0
+    c = tl.load(counts_ptr)
+    if INACTIVE:
+        c = E - c
+    while q >= start + c:
+        start += c
+        t += 1
+        c = tl.load(counts_ptr + t)
+        if INACTIVE:
+            c = E - c
+    return t, q - start
 
 
 @triton.jit(do_not_specialize=["M"])
 def _fc1_persistent_kernel(
-    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr, ys_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
+    lists_ptr, counts_ptr,
     M, H, I, E, NUM_PROGS,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
-    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, OUT_FP8: tl.constexpr, DYN_SCALE: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
+    stride_ysm, stride_yse,
+    HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
+    DYN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr,
 ):
-    """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs
-    (tile t = token tile t % m_tiles of weight tile t // m_tiles, so the token tiles of one
-    weight tile run side by side and share it through L2)."""
+    """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
+    Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
+    weight tile run side by side and share it through L2). ``SKIP``: only the (token tile,
+    picked expert, tile of I) units, from ``lists`` / ``counts`` (``kernels/triton/skip.py``),
+    then the zero-fill of every (token tile, expert not picked there) output segment."""
     m_tiles = tl.cdiv(M, BLOCK_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
-    num_tiles = m_tiles * E * i_tiles
     k_tiles = tl.cdiv(H, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGS):
-        pid_m = tile % m_tiles
-        pid_n = tile // m_tiles
-        e = pid_n // i_tiles
-        it = pid_n % i_tiles
+    pid = tl.program_id(0)
+    if SKIP:
+        n_pairs = pid * 0
+        for t in range(m_tiles):
+            n_pairs += tl.load(counts_ptr + t)
+        n_units = n_pairs * i_tiles
+    else:
+        n_pairs = m_tiles * E
+        n_units = n_pairs * i_tiles
+    for u in tl.range(pid, n_units, NUM_PROGS):
+        if SKIP:
+            it = u % i_tiles
+            pid_m, j = _locate(u // i_tiles, counts_ptr, E, False)
+            e = tl.load(lists_ptr + pid_m * E + j)
+        else:
+            pid_m = u % m_tiles
+            pid_n = u // m_tiles
+            e = pid_n // i_tiles
+            it = pid_n % i_tiles
         off_m = pid_m * BLOCK_M
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -193,9 +239,26 @@ def _fc1_persistent_kernel(
             acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
                                        H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
                                        stride_wk, SWAP_AB, USE_TMA)
-        _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, y_ptr, oscale_ptr,
-                      ys_ptr, I, stride_pm, stride_pe, stride_ym, stride_yn, stride_ysm, stride_yse,
-                      HAS_XS, HAS_POST, OUT_FP8, DYN_SCALE, SWAP_AB)
+        _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
+                      oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
+                      stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, SWAP_AB)
+    if SKIP:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
+        n_fill = m_tiles * E - n_pairs
+        first = (pid + NUM_PROGS - n_units % NUM_PROGS) % NUM_PROGS
+        offs_f = tl.arange(0, BLOCK_I)
+        for f in tl.range(first, n_fill, NUM_PROGS):
+            t, jj = _locate(f, counts_ptr, E, True)
+            e = tl.load(lists_ptr + t * E + tl.load(counts_ptr + t) + jj)
+            rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            r_ok = rows < M
+            for i0 in range(0, I, BLOCK_I):
+                cols = e * I + i0 + offs_f
+                tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn,
+                         tl.zeros((BLOCK_M, BLOCK_I), dtype=y_ptr.dtype.element_ty),
+                         mask=r_ok[:, None] & ((i0 + offs_f) < I)[None, :])
+            if DYN_SCALE:
+                tl.store(ys_ptr + rows.to(tl.int64) * stride_ysm + e * stride_yse,
+                         tl.full((BLOCK_M,), 1.0, tl.float32), mask=r_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +363,36 @@ def default_config(problem: Fc1Problem) -> Fc1TritonConfig:
     return cfg
 
 
+def expected_active(m: int, e: int, top_k: int = 8) -> int:
+    """Experts some token of an m-token tile picks, at most: m * top_k (top-8 assumed)."""
+    return max(1, min(e, m * top_k))
+
+
+def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonConfig:
+    """Deterministic config for FC1 with expert skipping (persistent programs, one token tile
+    that holds M). The tile of I is the largest of 64 / 32 / 16 rows that still gives every SM
+    a unit when ``expected_active`` experts are picked (M = 1, top-8 of 256, I = 256: 16-row
+    tiles, 128 units); below 64 rows the tokens are the MMA's M (16-token tiles). Above 64
+    tokens, the dense rule's tile as one persistent program per SM. Not measured yet."""
+    p = problem
+    es = p.dtype.itemsize
+    act = expected_active(p.m, p.e)
+    bi = 16
+    for cand in (64, 32):
+        if act * -(-p.i // cand) >= 0.9 * num_sms:
+            bi = cand
+            break
+    if p.m <= 64 and bi < 64:
+        bk = 256 // es
+        stage = (16 + 2 * bi) * bk * es
+        cfg = Fc1TritonConfig(16, bi, bk, 4, max(2, min(6, 120 * 1024 // stage)), 0, 1, persistent=1)
+    else:
+        cfg = dataclasses.replace(default_config(p), persistent=1)
+    ok, why = can_implement(p, cfg)
+    assert ok, f"default_skip_config produced an invalid config for {p}: {why}"
+    return cfg
+
+
 def default_config_dynamic(problem: Fc1Problem) -> Fc1TritonConfig:
     """The rule for an fp8 output with a dynamic per-(token, expert) scale, where one tile must
     hold all of an expert's I (I <= 256): swap-AB with 16/32/64-token tiles up to M = 64, tokens
@@ -321,10 +414,15 @@ def default_config_dynamic(problem: Fc1Problem) -> Fc1TritonConfig:
 def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,
                config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
-               y_scale: torch.Tensor | None = None, num_programs: int | None = None) -> None:
+               y_scale: torch.Tensor | None = None, num_programs: int | None = None,
+               routing: torch.Tensor | None = None,
+               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
+    ``routing`` [M, E] (any dtype, != 0: picked): y is 0 where token m did not pick expert e.
+    ``active``: (lists [T, E], counts [T]) int32 from ``active_experts(routing, block_m)``:
+    expert skipping (persistent configs only; ``routing`` required).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
     there (the config's ``block_i`` must hold all of I)."""
     M, H = x.shape
@@ -343,21 +441,34 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         w_desc = TensorDescriptor.from_tensor(w1, [c.block_i, c.block_k])
     else:
         x_desc, w_desc = x, w1
+    if active is not None:
+        if not c.persistent or (routing is None and alpha_post is None):
+            raise ValueError("expert skipping needs a persistent config (persistent >= 1) and routing or alpha_post")
+        lists, counts = active
+        if tuple(lists.shape) != (grid[0], E) or tuple(counts.shape) != (grid[0],):
+            raise ValueError(f"active lists of shape {tuple(lists.shape)} / {tuple(counts.shape)} do not match "
+                             f"{grid[0]} token tiles of {c.block_m} x {E} experts")
+    route = routing.view(torch.uint8) if routing is not None and routing.dtype == torch.bool else routing
     common = (
-        x, w1, x_desc, w_desc, alpha1, x_scale if x_scale is not None else alpha1, post, y,
+        x, w1, x_desc, w_desc, alpha1, x_scale if x_scale is not None else alpha1, post,
+        route if route is not None else alpha1, y,
         out_scale if out_scale is not None else alpha1, y_scale if y_scale is not None else alpha1)
     strides = (
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
         post.stride(0) if alpha_post is not None else 0, post.stride(1) if alpha_post is not None else 0,
+        route.stride(0) if route is not None else 0, route.stride(1) if route is not None else 0,
         y.stride(0), y.stride(1),
         y_scale.stride(0) if y_scale is not None else 0, y_scale.stride(1) if y_scale is not None else 0)
     flags = dict(
-        HAS_XS=x_scale is not None, HAS_POST=alpha_post is not None, OUT_FP8=y.dtype == torch.float8_e4m3fn,
+        HAS_XS=x_scale is not None, HAS_POST=alpha_post is not None, HAS_ROUTE=route is not None,
+        OUT_FP8=y.dtype == torch.float8_e4m3fn,
         DYN_SCALE=y_scale is not None, BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k,
         SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, num_warps=c.num_warps, num_stages=c.num_stages)
     if c.persistent:
         tiles = grid[0] * grid[1]
         progs = min(tiles, num_programs if num_programs is not None else sm_count(x.device) * c.persistent)
-        _fc1_persistent_kernel[(progs,)](*common, M, H, I, E, progs, *strides, **flags)
+        lists, counts = active if active is not None else (alpha1, alpha1)
+        _fc1_persistent_kernel[(progs,)](*common, lists, counts, M, H, I, E, progs, *strides,
+                                         SKIP=active is not None, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)

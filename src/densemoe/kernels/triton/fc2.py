@@ -40,13 +40,13 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["M"])
 def _fc2_kernel(
     a_ptr, w_ptr, a_desc, w_desc,  # pointer pair (USE_TMA=False) or descriptor pair (True)
-    alpha_ptr, out_ptr, ws_ptr, cnt_ptr,
+    alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr,
     M, N, E,
     stride_am, stride_ak, stride_wn, stride_wk,
     stride_alm, stride_ale, stride_om, stride_on,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
 ):
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
     pid = tl.program_id(0)
@@ -55,21 +55,35 @@ def _fc2_kernel(
     groups = tl.num_programs(0) // m_tiles  # host launches groups * m_tiles programs
     m_tile = pid % m_tiles
     g = pid // m_tiles
-    num_units = n_tiles * E
-    u_begin = (g.to(tl.int64) * num_units // groups).to(tl.int32)
-    u_end = ((g.to(tl.int64) + 1) * num_units // groups).to(tl.int32)
-
     off_m = m_tile * BLOCK_M
     offs_m = off_m + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
+    if SKIP:  # only the experts some token of this tile picked: lists[m_tile, :n_act]
+        n_act = tl.load(counts_ptr + m_tile)
+        if n_act == 0:  # no expert picked in this token tile: its rows of out are zeros
+            rows0 = offs_m.to(tl.int64)
+            for n_tile in range(g, n_tiles, groups):
+                offs_n0 = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                tl.store(out_ptr + rows0[:, None] * stride_om + offs_n0[None, :] * stride_on,
+                         tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                         mask=mask_m[:, None] & (offs_n0 < N)[None, :])
+    else:
+        n_act = E
+    num_units = n_tiles * n_act
+    u_begin = (g.to(tl.int64) * num_units // groups).to(tl.int32)
+    u_end = ((g.to(tl.int64) + 1) * num_units // groups).to(tl.int32)
 
-    # Column tiles this program touches: [n_first, n_last]; experts [e_lo, e_hi) of each.
-    n_first = u_begin // E
-    n_last = (u_end - 1) // E
+    # Column tiles this program touches: [n_first, n_last]; experts [e_lo, e_hi) of each
+    # (positions in the tile's expert list when SKIP). A program with no unit touches none.
+    n_div = tl.maximum(n_act, 1)
+    n_first = u_begin // n_div
+    n_last = (u_end - 1) // n_div
+    if u_end <= u_begin:
+        n_last = n_first - 1
     for n_tile in range(n_first, n_last + 1):
-        e_lo = tl.maximum(u_begin - n_tile * E, 0)
-        e_hi = tl.minimum(u_end - n_tile * E, E)
+        e_lo = tl.maximum(u_begin - n_tile * n_act, 0)
+        e_hi = tl.minimum(u_end - n_tile * n_act, n_act)
         off_n = n_tile * BLOCK_N
         if SWAP_AB:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -80,8 +94,12 @@ def _fc2_kernel(
         # One flat, software-pipelined loop over the k-tiles of experts [e_lo, e_hi): the
         # pipeline depth is num_stages k-tiles whatever I is. Expert e = kt // KT.
         for kt in tl.range(e_lo * KT, e_hi * KT, num_stages=NUM_STAGES):
-            e = kt // KT
-            k0 = kt * BLOCK_K
+            if SKIP:
+                e = tl.load(lists_ptr + m_tile * E + kt // KT)
+                k0 = e * I + (kt % KT) * BLOCK_K
+            else:
+                e = kt // KT
+                k0 = kt * BLOCK_K
             if USE_TMA:
                 w = w_desc.load([off_n, k0])
                 a = a_desc.load([off_m, k0])
@@ -96,16 +114,26 @@ def _fc2_kernel(
             al = tl.load(alpha_ptr + offs_m * stride_alm + e * stride_ale, mask=mask_m, other=0.0)
             if KT == 1:  # a k-tile is a whole expert: scale its product and add
                 if SWAP_AB:
-                    acc += tl.dot(w, tl.trans(a)) * al[None, :]
+                    prod = tl.dot(w, tl.trans(a)) * al[None, :]
+                    if SKIP:  # rows that did not pick e add nothing, whatever a holds there
+                        prod = tl.where(al[None, :] != 0, prod, 0.0)
                 else:
-                    acc += tl.dot(a, tl.trans(w)) * al[:, None]
+                    prod = tl.dot(a, tl.trans(w)) * al[:, None]
+                    if SKIP:
+                        prod = tl.where(al[:, None] != 0, prod, 0.0)
+                acc += prod
             else:  # accumulate the expert's KT k-tiles in `part`, then one scale-and-add
                 if SWAP_AB:
                     part = tl.dot(w, tl.trans(a), part)
-                    scaled = acc + part * al[None, :]
+                    add = part * al[None, :]
+                    if SKIP:
+                        add = tl.where(al[None, :] != 0, add, 0.0)
                 else:
                     part = tl.dot(a, tl.trans(w), part)
-                    scaled = acc + part * al[:, None]
+                    add = part * al[:, None]
+                    if SKIP:
+                        add = tl.where(al[:, None] != 0, add, 0.0)
+                scaled = acc + add
                 last = (kt % KT) == KT - 1
                 acc = tl.where(last, scaled, acc)
                 part = tl.where(last, 0.0, part)
@@ -122,14 +150,14 @@ def _fc2_kernel(
             o_offs = rows[:, None] * stride_om + offs_n[None, :] * stride_on
             ws_offs = rows[:, None] * N + offs_n[None, :]
             o_mask = mask_m[:, None] & mask_n[None, :]
-        if (e_lo == 0) & (e_hi == E):
+        if (e_lo == 0) & (e_hi == n_act):
             tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
             tl.atomic_add(ws_ptr + ws_offs, acc, mask=o_mask, sem="relaxed")
             tl.debug_barrier()  # every thread's partial is issued before the release below
             covered = e_hi - e_lo
             done = tl.atomic_add(cnt_ptr + m_tile * n_tiles + n_tile, covered, sem="acq_rel")
-            if done + covered == E:  # last contributor: the sum is complete
+            if done + covered == n_act:  # last contributor: the sum is complete
                 total = tl.load(ws_ptr + ws_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + o_offs, total.to(out_ptr.dtype.element_ty), mask=o_mask)
 
@@ -296,11 +324,14 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-               config: Fc2TritonConfig, *, num_programs: int | None = None) -> None:
+               config: Fc2TritonConfig, *, num_programs: int | None = None,
+               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
 
     Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
     the wave size of split=0 (tests use it to force splits on the CPU interpreter).
+    ``active``: (lists [T, E] int32, counts [T] int32) from ``active_experts(alpha,
+    config.block_m)``: expert skipping, each token tile walks only its own picked experts.
     """
     M, K = a.shape
     N = w.shape[0]
@@ -314,7 +345,17 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     wave = num_programs if num_programs is not None else sm_count(a.device) * config.ctas_per_sm
     m_tiles, groups = _grid_groups(problem, config, wave)
     n_tiles = triton.cdiv(N, config.block_n)
-    ws, cnt = split_workspace(M, N, m_tiles, n_tiles, tiles_cut(n_tiles, E, groups), a.device)
+    # with skipping a tile's unit count is only known on the GPU: any split may cut a tile,
+    # except one program per column tile (split=1), which always holds all of its experts
+    cut = (config.split != 1 and groups > 1) if active is not None else tiles_cut(n_tiles, E, groups)
+    ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device)
+    if active is not None:
+        lists, counts = active
+        if tuple(lists.shape) != (m_tiles, E) or tuple(counts.shape) != (m_tiles,):
+            raise ValueError(f"active lists of shape {tuple(lists.shape)} / {tuple(counts.shape)} do not match "
+                             f"{m_tiles} token tiles of {config.block_m} x {E} experts")
+    else:
+        lists = counts = cnt
     use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -324,12 +365,12 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     else:
         a_desc, w_desc = a, w
     _fc2_kernel[(m_tiles * groups,)](
-        a, w, a_desc, w_desc, alpha, out, ws, cnt,
+        a, w, a_desc, w_desc, alpha, out, ws, cnt, lists, counts,
         M, N, E,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         alpha.stride(0), alpha.stride(1), out.stride(0), out.stride(1),
         I=K // E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages,
+        SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=active is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,0 +1,79 @@
+"""Expert skipping: the experts each token tile picked, listed on the GPU in one small kernel.
+
+Semantics (``active_experts_ref`` is the executable twin)::
+
+    # routing: [M, E]  any dtype; routing[m, e] != 0 means token m picked expert e
+    T = cdiv(M, block_m)                                  # token tiles
+    for t in range(T):
+        picked = [e for e in range(E) if any(routing[m, e] != 0 for m in tile t)]
+        rest   = [e for e in range(E) if e not in picked]
+        lists[t, :] = picked + rest                       # ascending within each part
+        counts[t]   = len(picked)
+
+FC1 and FC2 read ``lists[t, :counts[t]]`` to visit only those experts; FC1 also zero-fills the
+output segments of ``rest``. Nothing is copied to the host, so the ops stay CUDA-graph
+capturable: grids are sized for the worst case and read the counts on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _active_lists_kernel(r_ptr, lists_ptr, counts_ptr, M, E, stride_rm, stride_re,
+                         BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    t = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    act = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for r0 in range(0, BLOCK_M, ROWS):
+        rows = t * BLOCK_M + r0 + tl.arange(0, ROWS)
+        vals = tl.load(r_ptr + rows.to(tl.int64)[:, None] * stride_rm + offs_e[None, :] * stride_re,
+                       mask=(rows < M)[:, None] & e_ok[None, :], other=0)
+        act = tl.maximum(act, tl.max((vals != 0).to(tl.int32), axis=0))
+    act = tl.where(e_ok, act, 0)
+    rest = tl.where(e_ok, 1 - act, 0)
+    n = tl.sum(act, axis=0)
+    pos = tl.where(act == 1, tl.cumsum(act, axis=0) - 1, n + tl.cumsum(rest, axis=0) - 1)
+    tl.store(lists_ptr + t * E + pos, offs_e, mask=e_ok)
+    tl.store(counts_ptr + t, n)
+
+
+def num_token_tiles(m: int, block_m: int) -> int:
+    return triton.cdiv(m, block_m)
+
+
+def active_experts(routing: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lists [T, E] int32, counts [T] int32) for token tiles of ``block_m`` rows (module
+    docstring). ``routing`` [M, E]: alpha, top-k weights scattered to [M, E], or a bool mask.
+    One launch of T programs; no host sync."""
+    M, E = routing.shape
+    T = num_token_tiles(M, block_m)
+    lists = torch.empty((T, E), dtype=torch.int32, device=routing.device)
+    counts = torch.empty((T,), dtype=torch.int32, device=routing.device)
+    if T == 0 or E == 0:
+        return lists, counts
+    r = routing.view(torch.uint8) if routing.dtype == torch.bool else routing
+    block_e = triton.next_power_of_2(E)
+    rows = max(1, min(block_m, 4096 // block_e))
+    rows = 1 << (rows.bit_length() - 1)
+    _active_lists_kernel[(T,)](r, lists, counts, M, E, r.stride(0), r.stride(1),
+                               BLOCK_M=block_m, ROWS=rows, BLOCK_E=block_e, num_warps=4)
+    return lists, counts
+
+
+def active_experts_ref(routing: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of ``active_experts`` (same outputs, bit for bit)."""
+    M, E = routing.shape
+    T = num_token_tiles(M, block_m)
+    lists = torch.empty((T, E), dtype=torch.int32, device=routing.device)
+    counts = torch.empty((T,), dtype=torch.int32, device=routing.device)
+    for t in range(T):
+        picked = (routing[t * block_m:(t + 1) * block_m] != 0).any(dim=0)
+        ids = torch.arange(E, device=routing.device, dtype=torch.int32)
+        lists[t] = torch.cat([ids[picked], ids[~picked]])
+        counts[t] = int(picked.sum())
+    return lists, counts
