@@ -89,7 +89,7 @@ def test_fc1_skipping_kernel(pattern, cfg, request):
     a1 = (torch.rand(E, generator=g) + 0.5).to(DEV)
     r = routing(pattern, M, E, g)
     y = torch.full((M, E * I), float("nan"), device=DEV)
-    fc1_triton(x, w1, a1, y, cfg, routing=r, active=active_experts(r, cfg.block_m), num_programs=3)
+    fc1_triton(x, w1, a1, y, cfg, routing=r, skip=True, num_programs=3)
     mask = (r != 0).double().repeat_interleave(I, dim=1)
     ref = fc1_ref(x, w1, a1, out_dtype=torch.float64) * mask
     assert not torch.isnan(y).any()
@@ -117,9 +117,227 @@ def test_fc2_skipping_kernel(pattern, cfg, request):
     a_nan = a.clone()
     a_nan[(r == 0).repeat_interleave(I, dim=1)] = float("nan")
     out = torch.full((M, N), float("nan"), dtype=torch.float32, device=DEV)
-    fc2_triton(a_nan, w, r, out, cfg, active=active_experts(r, cfg.block_m), num_programs=5)
+    fc2_triton(a_nan, w, r, out, cfg, skip=True, num_programs=5)
     ref = fc2_ref(a, w, r, out_dtype=torch.float64)
     assert not torch.isnan(out).any()
     if pattern == "empty_tile":
         assert (out[16:] == 0).all()
     assert rel(out, ref) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# The public ops and the layer (CPU interpreter): skipping on and off give the same result.
+# --------------------------------------------------------------------------------------------
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [FP8, BF16], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("M", [1, 7, 40])
+def test_layer_with_and_without_skipping(dtype, M, request):
+    from densemoe.reference import experts_ref
+    from densemoe.weights import prepare_weights
+
+    E, I, H, k = 8, 32, 64, 2
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(BF16).to(DEV)
+    x = torch.randn(M, H, generator=g).to(BF16).to(DEV)
+    alpha = routing("topk", M, E, g, k)
+    prepared = prepare_weights(w13, w2, dtype="fp8" if dtype == FP8 else "bf16")
+    ref = experts_ref(x, w13, w2, alpha, compute_dtype=torch.float64)
+    on = densemoe.experts_forward(x, prepared, alpha, skip=True)
+    off = densemoe.experts_forward(x, prepared, alpha, skip=False)
+    err_on, err_off = rel(on, ref), rel(off, ref)
+    # same quantisation, same products: only fp32 summation order may differ
+    assert err_on <= 1.02 * err_off + 1e-6, (err_on, err_off)
+    assert rel(on, off) <= (2e-2 if dtype == FP8 else 1e-2)
+
+
+@needs_kernel
+@pytest.mark.interpreter
+def test_ops_skip_flags_and_errors():
+    M, E, I, H = 5, 4, 32, 64
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(M, H, generator=g).to(BF16).to(DEV)
+    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    a1 = torch.ones(E, device=DEV)
+    r = routing("topk", M, E, g)
+    y_on = densemoe.fc1(x, w1, a1, routing=r, skip=True, out_dtype=torch.float32)
+    y_off = densemoe.fc1(x, w1, a1, routing=r, skip=False, out_dtype=torch.float32)
+    assert rel(y_on, y_off) <= 1e-6 and (y_off[(r == 0).repeat_interleave(I, 1)] == 0).all()
+    with pytest.raises(ValueError, match="needs routing"):
+        densemoe.fc1(x, w1, a1, skip=True)
+    with pytest.raises(ValueError, match="persistent"):
+        densemoe.fc1(x, w1, a1, routing=r, skip=True, config=Fc1TritonConfig(16, 16, 32, 4, 2))
+    with pytest.raises(ValueError, match="routing has shape"):
+        densemoe.fc1(x, w1, a1, routing=r[:, :2])
+    with pytest.raises(TypeError, match="skip must be"):
+        densemoe.fc1(x, w1, a1, routing=r, skip="yes")
+    with pytest.raises(ValueError, match="Triton"):
+        densemoe.fc1(x, w1, a1, routing=r, skip=True, backend="cute")
+    a = torch.randn(M, E * I, generator=g).to(BF16).to(DEV)
+    w = torch.randn(48, E * I, generator=g).to(BF16).to(DEV)
+    o_on = densemoe.fc2(a, w, r, skip=True, out_dtype=torch.float32)
+    o_off = densemoe.fc2(a, w, r, skip=False, out_dtype=torch.float32)
+    assert rel(o_on, o_off) <= 1e-6
+    with pytest.raises(ValueError, match="Triton"):
+        densemoe.fc2(a, w, r, skip=True, backend="cute")
+    with pytest.raises(TypeError, match="skip must be"):
+        densemoe.fc2(a, w, r, skip=1.5)
+    # the rule behind skip=None
+    from densemoe.ops.fc2 import SKIP_MAX_M, skip_by_default
+    assert skip_by_default(1) and skip_by_default(SKIP_MAX_M) and not skip_by_default(SKIP_MAX_M + 1)
+
+
+@needs_kernel
+@pytest.mark.interpreter
+def test_fc1_custom_op_opcheck_with_routing():
+    M, E, I, H = 3, 2, 32, 64
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, H, generator=g).to(BF16).to(DEV)
+    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    a1 = torch.ones(E, device=DEV)
+    r = routing("topk", M, E, g, 1)
+    out = torch.empty(M, E * I, dtype=torch.float32, device=DEV)
+    for skip in (False, True):
+        torch.library.opcheck(torch.ops.densemoe.fc1.default, (x, w1, a1, None, None, None, r, out, "", "auto", skip))
+
+
+@needs_kernel
+@pytest.mark.interpreter
+def test_layer_compiles_fullgraph_with_skipping():
+    from densemoe.weights import prepare_weights
+
+    E, I, H, M = 4, 32, 64, 3
+    g = torch.Generator().manual_seed(11)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(BF16).to(DEV)
+    prepared = prepare_weights(w13, w2, dtype="bf16")
+    x = torch.randn(M, H, generator=g).to(BF16).to(DEV)
+    alpha = routing("topk", M, E, g, 1)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, a: densemoe.experts_forward(x, prepared, a, skip=True), fullgraph=True,
+                      backend="aot_eager")
+    assert rel(f(x, alpha), densemoe.experts_forward(x, prepared, alpha, skip=True)) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: model shapes with real routing, graph capture with routing that changes.
+# --------------------------------------------------------------------------------------------
+
+def gpu_test(fn):
+    """GPU tests: model-shape weights take GBs, so they share one pytest-xdist worker."""
+    for mark in (pytest.mark.gpu, pytest.mark.xdist_group("gpu_big"),
+                 pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
+                                    reason="needs a CUDA GPU and TRITON_INTERPRET unset")):
+        fn = mark(fn)
+    return fn
+
+
+def _model_case(shape, M, seed, hot=False):
+    from densemoe.shapes import SHAPES
+
+    s = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    E, I, H = s.experts, s.inter, s.hidden
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g, dtype=torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=g, dtype=torch.bfloat16) * I ** -0.5
+    x = torch.randn(M, H, device="cuda", generator=g, dtype=torch.bfloat16)
+    logits = torch.randn(M, E, device="cuda", generator=g)
+    if hot:  # skewed: 16 hot experts take most picks
+        logits[:, :16] += 3.0
+    return w13, w2, x, logits, s.topk
+
+
+@gpu_test
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("M", [1, 4, 64, 100])
+@pytest.mark.parametrize("hot", [False, True], ids=["uniform", "skewed"])
+def test_layer_skip_on_model_shapes(shape, M, hot):
+    from densemoe.reference import experts_ref
+    from densemoe.routing import softmax_topk
+    from densemoe.weights import prepare_weights
+
+    w13, w2, x, logits, k = _model_case(shape, M, M + 17 * hot, hot)
+    alpha = softmax_topk(logits, k, renormalize=True).alpha
+    ref = experts_ref(x, w13, w2, alpha, compute_dtype=torch.float32, experts_per_chunk=16)
+    for dt, bound in (("fp8", 0.1), ("bf16", 1e-2)):
+        p = prepare_weights(w13, w2, dtype=dt)
+        on = densemoe.experts_forward(x, p, alpha, skip=True)
+        off = densemoe.experts_forward(x, p, alpha, skip=False)
+        assert rel(on, ref) <= 1.02 * rel(off, ref) + 1e-5 and rel(on, ref) < bound, (dt, rel(on, ref), rel(off, ref))
+        del p
+
+
+@gpu_test
+@pytest.mark.parametrize("M", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [FP8, BF16], ids=["fp8", "bf16"])
+def test_fc1_fc2_skip_on_model_shape(M, dtype):
+    """FC1 and FC2 alone with skipping, on DeepSeek-V3 TP8 with real routing: NaN-poisoned
+    outputs, NaN in FC2's unrouted segments, against fp32 references."""
+    from densemoe.routing import softmax_topk
+    from densemoe.shapes import SHAPES
+
+    s = SHAPES["deepseek-v3-tp8"]
+    E, I, H = s.experts, s.inter, s.hidden
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, H, device="cuda", generator=g).to(dtype)
+    w1 = (torch.randn(2 * E * I, H, device="cuda", generator=g) * H ** -0.5).to(dtype)
+    a1 = torch.rand(E, device="cuda", generator=g) + 0.5
+    r = softmax_topk(torch.randn(M, E, device="cuda", generator=g), s.topk, renormalize=True).alpha
+    y = torch.full((M, E * I), float("nan"), dtype=BF16, device="cuda")
+    densemoe.fc1(x, w1, a1, routing=r, skip=True, out=y)
+    mask = (r != 0).float().repeat_interleave(I, dim=1)
+    ref = fc1_ref(x, w1, a1, out_dtype=torch.float32, compute_dtype=torch.float32) * mask
+    assert not torch.isnan(y).any() and (y[mask == 0] == 0).all()
+    assert rel(y, ref) <= 2 * rel(ref.to(BF16), ref) + 1e-5
+    del w1, ref
+    a = torch.randn(M, E * I, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(H, E * I, device="cuda", generator=g) * (E * I) ** -0.5).to(dtype)
+    a_nan = a.clone()
+    a_nan.view(torch.uint8)[mask == 0] = 0x7F if dtype == FP8 else 0  # NaN in fp8 (bf16: below)
+    if dtype == BF16:
+        a_nan[mask == 0] = float("nan")
+    assert torch.isnan(a_nan.float()[mask == 0]).all()
+    out = torch.full((M, H), float("nan"), dtype=torch.float32, device="cuda")
+    densemoe.fc2(a_nan, w, r, skip=True, out=out)
+    ref2 = fc2_ref(a, w, r, out_dtype=torch.float32, compute_dtype=torch.float32)
+    assert not torch.isnan(out).any() and rel(out, ref2) <= 1e-4
+
+
+@gpu_test
+def test_layer_graph_capture_with_skipping_and_changing_routing():
+    """One captured graph, replayed with routing that changes between replays, including a
+    replay where no token picks anything (alpha = 0: the output must be exactly 0)."""
+    from densemoe.reference import experts_ref
+    from densemoe.routing import softmax_topk
+    from densemoe.weights import prepare_weights
+
+    w13, w2, x, logits, k = _model_case("deepseek-v3-tp8", 4, 3)
+    prepared = prepare_weights(w13, w2, dtype="fp8")
+    static_x, static_logits = x.clone(), logits.clone()
+    scale = torch.ones((), device="cuda")
+
+    def step():
+        alpha = softmax_topk(static_logits, k, renormalize=True).alpha * scale
+        return densemoe.experts_forward(static_x, prepared, alpha, skip=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed in (5, 6, 7):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        static_x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+        static_logits.copy_(torch.randn(logits.shape, device="cuda", generator=gen) + (3.0 if seed == 7 else 0.0)
+                            * (torch.arange(logits.shape[1], device="cuda") < 16))
+        graph.replay()
+        alpha = softmax_topk(static_logits, k, renormalize=True).alpha
+        assert rel(out, experts_ref(static_x, w13, w2, alpha, compute_dtype=torch.float32,
+                                    experts_per_chunk=16)) < 0.1
+    scale.zero_()
+    graph.replay()
+    assert (out == 0).all()

@@ -1,4 +1,4 @@
-"""python -m densemoe.bench {fc2,sweep} ... (needs a CUDA GPU)."""
+"""python -m densemoe.bench {fc2,sweep,fc1,layer,skip} ... (needs a CUDA GPU; plot does not)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,35 @@ import time
 
 from densemoe.shapes import parse_ms
 
+DEFAULTS = dict(shapes="deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b", dtypes="fp8,bf16", m="1-512")
+SKIP_DEFAULTS = dict(shapes="deepseek-v3-tp8", dtypes="fp8", m="1,2,4,8,16,32,64,128,256")
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m densemoe.bench", description=__doc__)
-    ap.add_argument("what", choices=["fc2", "sweep", "plot", "fc1", "layer"], help="fc2: default configs vs baselines; "
+    ap.add_argument("what", choices=["fc2", "sweep", "plot", "fc1", "layer", "skip"],
+                    help="fc2: default configs vs baselines; "
                     "fc1 / layer: FC1 alone and the whole layer vs cuBLAS and transformers (bench/layer.py); "
+                    "skip: expert skipping in FC1, FC2 and the layer vs their dense paths and the skipping "
+                    "floor, uniform and skewed routing (bench/skip.py); "
                     "sweep: time a set of configs per M (exploration); plot: redraw <out>.md/.png from "
                     "<out>.json (no GPU needed)")
-    ap.add_argument("--shapes", default="deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b")
-    ap.add_argument("--dtypes", default="fp8,bf16")
-    ap.add_argument("--m", default="1-512", help="comma list; a-b takes the MISSION sweep points in [a, b]")
+    ap.add_argument("--shapes", default=None,
+                    help=f"default: {DEFAULTS['shapes']} ({SKIP_DEFAULTS['shapes']} for skip)")
+    ap.add_argument("--dtypes", default=None,
+                    help=f"default: {DEFAULTS['dtypes']} ({SKIP_DEFAULTS['dtypes']} for skip)")
+    ap.add_argument("--m", default=None, help="comma list; a-b takes the MISSION sweep points in [a, b]; "
+                    f"default: {DEFAULTS['m']} ({SKIP_DEFAULTS['m']} for skip)")
+    ap.add_argument("--routings", default="uniform,skewed", help="skip: routings to run (uniform, skewed)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot)")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--backends", default="triton,cute", help="fc2: backends timed side by side (default configs)")
     ap.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
     args = ap.parse_args(argv)
+    for name, value in (SKIP_DEFAULTS if args.what == "skip" else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.what == "plot":
         from densemoe.bench.report import markdown, plot
 
@@ -55,7 +68,8 @@ def main(argv=None) -> int:
     peaks = common.peak_tflops(timer)
     print(f"# {device}: read ceiling {ceiling['tb_s']:.3f} TB/s {ceiling['variants']}; "
           f"peak fp8 {peaks['fp8']:.0f} bf16 {peaks['bf16']:.0f} TFLOP/s ({time.time() - t0:.1f}s)", flush=True)
-    print("# " + fc2.HEADER, flush=True)
+    if args.what != "skip":
+        print("# " + fc2.HEADER, flush=True)
     shapes = args.shapes.split(",")
     dtypes = args.dtypes.split(",")
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -64,6 +78,11 @@ def main(argv=None) -> int:
 
         run = layer.run_fc1 if args.what == "fc1" else layer.run_layer
         records = run(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit, log=log)
+    elif args.what == "skip":
+        from densemoe.bench import skip
+
+        records = skip.run_skip(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit, log=log,
+                                routings=tuple(args.routings.split(",")))
     else:
         configs = fc2.sweep_space if args.what == "sweep" else None
         records = fc2.run(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit,
@@ -87,9 +106,11 @@ def main(argv=None) -> int:
 
         if args.what in ("fc1", "layer"):
             from densemoe.bench.layer import markdown
+        elif args.what == "skip":
+            from densemoe.bench.skip import markdown_skip as markdown
         with open(args.out + ".md", "w") as f:
             f.write(markdown(meta, records))
-        if args.plot and args.what not in ("fc1", "layer"):
+        if args.plot and args.what not in ("fc1", "layer", "skip"):
             try:
                 plot(meta, records, args.out + ".png")
             except ImportError as exc:  # matplotlib is the optional `bench` extra

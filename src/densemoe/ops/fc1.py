@@ -201,13 +201,8 @@ def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: to
     if which == "cute":
         cute_fc1.fc1_cute(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
         return
-    active = None
-    if skip:
-        from densemoe.kernels.triton.skip import active_experts
-
-        active = active_experts(routing if routing is not None else alpha_post, cfg.block_m)
     fc1_triton(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale,
-               routing=routing, active=active)
+               routing=routing, skip=skip)
 
 
 @_fc1_op.register_fake

@@ -89,10 +89,12 @@ def skip_by_default(m: int) -> bool:
 
 
 def default_skip_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
-    """The Triton config for FC2 with expert skipping: the dense rule's tile, with the
-    (column tile, picked expert) units always shared stream-K over one wave (split=0), since
-    how many experts a tile picked is only known on the GPU."""
-    return dataclasses.replace(default_config(problem, num_sms), split=0)
+    """The Triton config for FC2 with expert skipping: the dense rule's tile; each column tile's
+    picked experts in one program up to M = 2 (no workspace, no atomics), in two halves above.
+    Measured on the H100 (TP8 fp8, uniform top-8, ``bench/experiments/skip_variants.py``):
+    M = 1: 12.2 us (one program per tile) against 14.2 (halves) and 15.2 (stream-K);
+    M = 8: 46.5 (halves) against 47.3 and 50.0; M = 64: 155.4 against 184.8 and 170.5."""
+    return dataclasses.replace(default_config(problem, num_sms), split=1 if problem.m <= 2 else 2)
 
 
 # CuTe DSL backend: (max M, k-tile bytes per row, Fc2CuteConfig fields), the fastest CuTe configs
@@ -249,10 +251,8 @@ def _choose_src(a, w, alpha, out, config: str, backend: str, skip: bool = False)
 def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
             config: str, backend: str, skip: bool) -> None:
     if skip:
-        from densemoe.kernels.triton.skip import active_experts
-
         _, cfg, _ = _choose_src(a, w, alpha, out, config, backend, skip=True)
-        fc2_triton(a, w, alpha, out, cfg, active=active_experts(alpha, cfg.block_m))
+        fc2_triton(a, w, alpha, out, cfg, skip=True)
         return
     which, cfg = _choose(a, w, alpha, out, config, backend)
     if which == "cute":

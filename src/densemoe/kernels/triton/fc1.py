@@ -36,6 +36,7 @@ import triton.language as tl
 
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.triton.fc2 import tma_compatible
+from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
 
 FP8_MAX = 448.0
 SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers and slack
@@ -183,20 +184,23 @@ def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _fc1_persistent_kernel(
     x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
-    lists_ptr, counts_ptr,
-    M, H, I, E, NUM_PROGS,
+    sel_ptr, lists_ptr, counts_ptr,
+    M, H, I, E, NUM_PROGS, stride_sm, stride_se,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
     stride_ysm, stride_yse,
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
     DYN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
     weight tile run side by side and share it through L2). ``SKIP``: only the (token tile,
     picked expert, tile of I) units, from ``lists`` / ``counts`` (``kernels/triton/skip.py``),
-    then the zero-fill of every (token tile, expert not picked there) output segment."""
+    then the zero-fill of every (token tile, expert not picked there) output segment. Each
+    program lists every tile's experts itself first (``_tile_list`` over ``sel_ptr``: the
+    routing, else alpha_post), into scratch ``lists`` / ``counts``."""
     m_tiles = tl.cdiv(M, BLOCK_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
     k_tiles = tl.cdiv(H, BLOCK_K)
@@ -205,7 +209,9 @@ def _fc1_persistent_kernel(
     if SKIP:
         n_pairs = pid * 0
         for t in range(m_tiles):
-            n_pairs += tl.load(counts_ptr + t)
+            n_pairs += _tile_list(sel_ptr, t, M, E, stride_sm, stride_se, lists_ptr, counts_ptr,
+                                  BLOCK_M, LIST_ROWS, BLOCK_E)
+        tl.debug_barrier()  # the lists this program just wrote are read back below
         n_units = n_pairs * i_tiles
     else:
         n_pairs = m_tiles * E
@@ -235,7 +241,7 @@ def _fc1_persistent_kernel(
         else:
             acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        for kt in range(k_tiles):
+        for kt in tl.range(0, k_tiles, num_stages=NUM_STAGES):
             acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
                                        H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
                                        stride_wk, SWAP_AB, USE_TMA)
@@ -370,16 +376,18 @@ def expected_active(m: int, e: int, top_k: int = 8) -> int:
 
 def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonConfig:
     """Deterministic config for FC1 with expert skipping (persistent programs, one token tile
-    that holds M). The tile of I is the largest of 64 / 32 / 16 rows that still gives every SM
-    a unit when ``expected_active`` experts are picked (M = 1, top-8 of 256, I = 256: 16-row
-    tiles, 128 units); below 64 rows the tokens are the MMA's M (16-token tiles). Above 64
-    tokens, the dense rule's tile as one persistent program per SM. Not measured yet."""
+    that holds M). The tile of I is the largest of 64 / 32 / 16 rows that still gives about
+    every other SM a unit when ``expected_active`` experts are picked; below 64 rows the
+    tokens are the MMA's M (16-token tiles). Measured on the H100 (TP8 fp8, uniform top-8,
+    ``bench/experiments/skip_variants.py``): at M = 1 (8 experts) 32-row tiles (64 units) took
+    25.3 us against 32.5 us for 16-row tiles (128 units); at M = 2-4, 64-row tiles were best.
+    Above 64 tokens, the dense rule's tile as one persistent program per SM."""
     p = problem
     es = p.dtype.itemsize
     act = expected_active(p.m, p.e)
     bi = 16
     for cand in (64, 32):
-        if act * -(-p.i // cand) >= 0.9 * num_sms:
+        if act * -(-p.i // cand) >= 0.45 * num_sms:
             bi = cand
             break
     if p.m <= 64 and bi < 64:
@@ -415,14 +423,13 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
                config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                y_scale: torch.Tensor | None = None, num_programs: int | None = None,
-               routing: torch.Tensor | None = None,
-               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               routing: torch.Tensor | None = None, skip: bool = False) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
     ``routing`` [M, E] (any dtype, != 0: picked): y is 0 where token m did not pick expert e.
-    ``active``: (lists [T, E], counts [T]) int32 from ``active_experts(routing, block_m)``:
-    expert skipping (persistent configs only; ``routing`` required).
+    ``skip``: expert skipping over the experts ``routing`` (else ``alpha_post``) picked
+    (persistent configs only).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
     there (the config's ``block_i`` must hold all of I)."""
     M, H = x.shape
@@ -441,13 +448,8 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         w_desc = TensorDescriptor.from_tensor(w1, [c.block_i, c.block_k])
     else:
         x_desc, w_desc = x, w1
-    if active is not None:
-        if not c.persistent or (routing is None and alpha_post is None):
-            raise ValueError("expert skipping needs a persistent config (persistent >= 1) and routing or alpha_post")
-        lists, counts = active
-        if tuple(lists.shape) != (grid[0], E) or tuple(counts.shape) != (grid[0],):
-            raise ValueError(f"active lists of shape {tuple(lists.shape)} / {tuple(counts.shape)} do not match "
-                             f"{grid[0]} token tiles of {c.block_m} x {E} experts")
+    if skip and (not c.persistent or (routing is None and alpha_post is None)):
+        raise ValueError("expert skipping needs a persistent config (persistent >= 1) and routing or alpha_post")
     route = routing.view(torch.uint8) if routing is not None and routing.dtype == torch.bool else routing
     common = (
         x, w1, x_desc, w_desc, alpha1, x_scale if x_scale is not None else alpha1, post,
@@ -467,8 +469,14 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
     if c.persistent:
         tiles = grid[0] * grid[1]
         progs = min(tiles, num_programs if num_programs is not None else sm_count(x.device) * c.persistent)
-        lists, counts = active if active is not None else (alpha1, alpha1)
-        _fc1_persistent_kernel[(progs,)](*common, lists, counts, M, H, I, E, progs, *strides,
-                                         SKIP=active is not None, **flags)
+        sel = route if route is not None else alpha_post
+        if skip:
+            lists, counts = lists_scratch(grid[0], E, x.device)
+        else:
+            sel, lists, counts = alpha1[None, :], alpha1, alpha1
+        block_e, list_rows = list_blocks(E, c.block_m)
+        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
+                                         *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e,
+                                         LIST_ROWS=list_rows, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)

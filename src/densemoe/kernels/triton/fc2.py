@@ -36,6 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
+
 
 @triton.jit(do_not_specialize=["M"])
 def _fc2_kernel(
@@ -47,6 +49,7 @@ def _fc2_kernel(
     I: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
+    BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16,
 ):
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
     pid = tl.program_id(0)
@@ -60,7 +63,9 @@ def _fc2_kernel(
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     if SKIP:  # only the experts some token of this tile picked: lists[m_tile, :n_act]
-        n_act = tl.load(counts_ptr + m_tile)
+        n_act = _tile_list(alpha_ptr, m_tile, M, E, stride_alm, stride_ale, lists_ptr, counts_ptr,
+                           BLOCK_M, LIST_ROWS, BLOCK_E)
+        tl.debug_barrier()  # the list this program just wrote is read back below
         if n_act == 0:  # no expert picked in this token tile: its rows of out are zeros
             rows0 = offs_m.to(tl.int64)
             for n_tile in range(g, n_tiles, groups):
@@ -324,14 +329,13 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-               config: Fc2TritonConfig, *, num_programs: int | None = None,
-               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False) -> None:
     """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
 
     Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
     the wave size of split=0 (tests use it to force splits on the CPU interpreter).
-    ``active``: (lists [T, E] int32, counts [T] int32) from ``active_experts(alpha,
-    config.block_m)``: expert skipping, each token tile walks only its own picked experts.
+    ``skip``: expert skipping, each token tile walks only the experts its tokens picked
+    (listed by the kernel itself from alpha, ``kernels/triton/skip.py``).
     """
     M, K = a.shape
     N = w.shape[0]
@@ -347,15 +351,10 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     n_tiles = triton.cdiv(N, config.block_n)
     # with skipping a tile's unit count is only known on the GPU: any split may cut a tile,
     # except one program per column tile (split=1), which always holds all of its experts
-    cut = (config.split != 1 and groups > 1) if active is not None else tiles_cut(n_tiles, E, groups)
+    cut = (config.split != 1 and groups > 1) if skip else tiles_cut(n_tiles, E, groups)
     ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device)
-    if active is not None:
-        lists, counts = active
-        if tuple(lists.shape) != (m_tiles, E) or tuple(counts.shape) != (m_tiles,):
-            raise ValueError(f"active lists of shape {tuple(lists.shape)} / {tuple(counts.shape)} do not match "
-                             f"{m_tiles} token tiles of {config.block_m} x {E} experts")
-    else:
-        lists = counts = cnt
+    lists, counts = lists_scratch(m_tiles, E, a.device) if skip else (cnt, cnt)
+    block_e, list_rows = list_blocks(E, config.block_m)
     use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -371,6 +370,7 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         alpha.stride(0), alpha.stride(1), out.stride(0), out.stride(1),
         I=K // E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=active is not None,
+        SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
+        BLOCK_E=block_e, LIST_ROWS=list_rows,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -10,9 +10,11 @@ Semantics (``active_experts_ref`` is the executable twin)::
         lists[t, :] = picked + rest                       # ascending within each part
         counts[t]   = len(picked)
 
-FC1 and FC2 read ``lists[t, :counts[t]]`` to visit only those experts; FC1 also zero-fills the
-output segments of ``rest``. Nothing is copied to the host, so the ops stay CUDA-graph
-capturable: grids are sized for the worst case and read the counts on the GPU.
+FC1 and FC2 build these lists themselves at the start of the kernel (``_tile_list``, into an
+uninitialised scratch buffer: no extra launch) and read ``lists[t, :counts[t]]`` to visit only
+those experts; FC1 also zero-fills the output segments of ``rest``. Nothing is copied to the
+host, so the ops stay CUDA-graph capturable: grids are sized for the worst case and read the
+counts on the GPU. ``active_experts`` is the same as a kernel of its own (tests, tools).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _active_lists_kernel(r_ptr, lists_ptr, counts_ptr, M, E, stride_rm, stride_re,
-                         BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
-    t = tl.program_id(0)
+def _tile_list(r_ptr, t, M, E, stride_rm, stride_re, lists_ptr, counts_ptr,
+               BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Token tile t's expert list (picked ascending, then the rest) into lists[t, :] and its
+    count into counts[t]; returns the count. The FC1 and FC2 kernels call this themselves
+    (then a barrier before reading the list back), so skipping costs no extra launch."""
     offs_e = tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
     act = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -40,6 +44,27 @@ def _active_lists_kernel(r_ptr, lists_ptr, counts_ptr, M, E, stride_rm, stride_r
     pos = tl.where(act == 1, tl.cumsum(act, axis=0) - 1, n + tl.cumsum(rest, axis=0) - 1)
     tl.store(lists_ptr + t * E + pos, offs_e, mask=e_ok)
     tl.store(counts_ptr + t, n)
+    return n
+
+
+@triton.jit
+def _active_lists_kernel(r_ptr, lists_ptr, counts_ptr, M, E, stride_rm, stride_re,
+                         BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    _tile_list(r_ptr, tl.program_id(0), M, E, stride_rm, stride_re, lists_ptr, counts_ptr, BLOCK_M, ROWS, BLOCK_E)
+
+
+def list_blocks(e: int, block_m: int) -> tuple[int, int]:
+    """(BLOCK_E, ROWS) for ``_tile_list``: experts padded to a power of two, rows per load so
+    that a load holds at most 4096 values."""
+    block_e = triton.next_power_of_2(max(e, 1))
+    rows = max(1, min(block_m, 4096 // block_e))
+    return block_e, 1 << (rows.bit_length() - 1)
+
+
+def lists_scratch(t: int, e: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (lists [t, e], counts [t]) int32 for the kernels to fill (no launch)."""
+    buf = torch.empty(t * e + t, dtype=torch.int32, device=device)
+    return buf[: t * e].view(t, e), buf[t * e:]
 
 
 def num_token_tiles(m: int, block_m: int) -> int:
@@ -52,14 +77,11 @@ def active_experts(routing: torch.Tensor, block_m: int) -> tuple[torch.Tensor, t
     One launch of T programs; no host sync."""
     M, E = routing.shape
     T = num_token_tiles(M, block_m)
-    lists = torch.empty((T, E), dtype=torch.int32, device=routing.device)
-    counts = torch.empty((T,), dtype=torch.int32, device=routing.device)
+    lists, counts = lists_scratch(T, E, routing.device)
     if T == 0 or E == 0:
         return lists, counts
     r = routing.view(torch.uint8) if routing.dtype == torch.bool else routing
-    block_e = triton.next_power_of_2(E)
-    rows = max(1, min(block_m, 4096 // block_e))
-    rows = 1 << (rows.bit_length() - 1)
+    block_e, rows = list_blocks(E, block_m)
     _active_lists_kernel[(T,)](r, lists, counts, M, E, r.stride(0), r.stride(1),
                                BLOCK_M=block_m, ROWS=rows, BLOCK_E=block_e, num_warps=4)
     return lists, counts
