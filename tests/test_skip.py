@@ -341,3 +341,22 @@ def test_layer_graph_capture_with_skipping_and_changing_routing():
     scale.zero_()
     graph.replay()
     assert (out == 0).all()
+
+
+@needs_kernel
+@pytest.mark.interpreter
+def test_fc1_without_zero_fill_leaves_unpicked_experts_unwritten(request):
+    """fill_unpicked=False (what the layer asks for): the picked segments are right, the
+    segments of experts no token of the tile picked keep what the buffer held."""
+    M, E, I, H = 5, 6, 32, 48
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
+    x = torch.randn(M, H, generator=g).to(BF16).to(DEV)
+    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    a1 = torch.ones(E, device=DEV)
+    r = routing("one_expert", M, E, g)  # only expert E-2
+    y = torch.full((M, E * I), float("nan"), device=DEV)
+    densemoe.fc1(x, w1, a1, routing=r, skip=True, fill_unpicked=False, out=y)
+    seg = slice((E - 2) * I, (E - 1) * I)
+    ref = fc1_ref(x, w1, a1, out_dtype=torch.float64)
+    assert rel(y[:, seg], ref[:, seg]) <= 1e-5
+    assert torch.isnan(y[:, : (E - 2) * I]).all() and torch.isnan(y[:, (E - 1) * I:]).all()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
-from densemoe.ops.fc2 import fc2
+from densemoe.ops.fc2 import fc2, skip_by_default
 from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights, prepare_weights
 
@@ -59,12 +59,15 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
             y8, ys = fc1_fp8_dynamic(x8, prepared.w1, prepared.alpha1, x_scale=sx)
             alpha2 = alpha * ys * prepared.w2_scale[None, :]
         else:
-            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip)
+            # the quantisation reads only picked segments: FC1 need not zero the others
+            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
             y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
         out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
-        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip)
-        out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=skip)
+        # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
+        sk = skip_by_default(x.shape[0]) if skip is None else skip
+        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=sk, fill_unpicked=False)
+        out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=sk)
     return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
 
 

@@ -195,18 +195,18 @@ def which_config(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: t
 @torch.library.custom_op("densemoe::fc1", mutates_args=("out",))
 def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
             alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, routing: torch.Tensor | None,
-            out: torch.Tensor, config: str, backend: str, skip: bool) -> None:
+            out: torch.Tensor, config: str, backend: str, skip: bool, fill: bool = True) -> None:
     mode = "skip" if skip else "route" if routing is not None else "dense"
     which, cfg, _ = _choose_src(x, w1, alpha1, out, config, backend, _extras(x_scale, alpha_post, out_scale), mode)
     if which == "cute":
         cute_fc1.fc1_cute(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
         return
     fc1_triton(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale,
-               routing=routing, skip=skip)
+               routing=routing, skip=skip, fill=fill)
 
 
 @_fc1_op.register_fake
-def _(x, w1, alpha1, x_scale, alpha_post, out_scale, routing, out, config, backend, skip):
+def _(x, w1, alpha1, x_scale, alpha_post, out_scale, routing, out, config, backend, skip, fill=True):
     return None
 
 
@@ -249,7 +249,8 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
         out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
         out: torch.Tensor | None = None, config: Fc1TritonConfig | Fc1CuteConfig | None = None,
-        backend: str = "auto", routing: torch.Tensor | None = None, skip: bool | None = None) -> torch.Tensor:
+        backend: str = "auto", routing: torch.Tensor | None = None, skip: bool | None = None,
+        fill_unpicked: bool = True) -> torch.Tensor:
     """Dense-MoE FC1 (gate/up projection) over all experts with SwiGLU fused.
 
         s       = alpha1[e] * x_scale[m]                       (x_scale: 1 when None)
@@ -289,6 +290,10 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
                     given, M <= ``densemoe.ops.fc2.SKIP_MAX_M`` (64) and no non-persistent or
                     CuTe config is pinned; True: always (needs routing or alpha_post; Triton; a
                     pinned config must be persistent); False: off.
+        fill_unpicked: with skipping, write the zeros of experts a token tile did not pick
+                    (default). False leaves them unwritten: only for consumers that never read
+                    them (``quantize_y_fold_alpha``, ``fc2`` with skipping and the same routing;
+                    the layer does this).
 
     Returns:
         y [M, E*I], ready to be FC2's ``a``.
@@ -365,7 +370,7 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     if M == 0:
         return out
     _fc1_op(x, w1, alpha1, x_scale, alpha_post, out_scale.reshape(1) if out_scale is not None else None,
-            routing, out, config.to_str() if config is not None else "", backend, bool(skip))
+            routing, out, config.to_str() if config is not None else "", backend, bool(skip), bool(fill_unpicked))
     return out
 
 

@@ -192,7 +192,7 @@ def _fc1_persistent_kernel(
     DYN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
-    BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16,
+    BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -248,7 +248,7 @@ def _fc1_persistent_kernel(
         _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
                       oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
                       stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, SWAP_AB)
-    if SKIP:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
+    if SKIP and FILL:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
         n_fill = m_tiles * E - n_pairs
         first = (pid + NUM_PROGS - n_units % NUM_PROGS) % NUM_PROGS
         offs_f = tl.arange(0, BLOCK_I)
@@ -423,13 +423,14 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
                config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                y_scale: torch.Tensor | None = None, num_programs: int | None = None,
-               routing: torch.Tensor | None = None, skip: bool = False) -> None:
+               routing: torch.Tensor | None = None, skip: bool = False, fill: bool = True) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
     ``routing`` [M, E] (any dtype, != 0: picked): y is 0 where token m did not pick expert e.
     ``skip``: expert skipping over the experts ``routing`` (else ``alpha_post``) picked
-    (persistent configs only).
+    (persistent configs only); ``fill=False`` leaves the segments of experts a token tile did
+    not pick unwritten (for consumers that never read them).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
     there (the config's ``block_i`` must hold all of I)."""
     M, H = x.shape
@@ -476,7 +477,7 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
             sel, lists, counts = alpha1[None, :], alpha1, alpha1
         block_e, list_rows = list_blocks(E, c.block_m)
         _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
-                                         *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e,
+                                         *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          LIST_ROWS=list_rows, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
