@@ -185,8 +185,10 @@ def test_ops_skip_flags_and_errors():
     with pytest.raises(TypeError, match="skip must be"):
         densemoe.fc2(a, w, r, skip=1.5)
     # the rule behind skip=None
-    from densemoe.ops.fc2 import SKIP_MAX_M, skip_by_default
-    assert skip_by_default(1) and skip_by_default(SKIP_MAX_M) and not skip_by_default(SKIP_MAX_M + 1)
+    from densemoe.ops.fc2 import skip_by_default
+    assert skip_by_default(1, 256) and skip_by_default(64, 256) and not skip_by_default(65, 256)
+    assert skip_by_default(31, 128) and not skip_by_default(32, 128)  # Qwen3-30B-A3B: 128 experts
+    assert skip_by_default(4, 8, top_k=2) and not skip_by_default(4, 8)  # Mixtral's top-2 vs the top-8 default
 
 
 @needs_kernel

@@ -17,7 +17,7 @@ Pipelines (no host sync anywhere):
           out = fc2(y8, w2, alpha2)                          # [M, H] bf16
     bf16: out = fc2(fc1(x, w1, alpha1, routing=alpha), w2, alpha)
 
-Expert skipping (``skip``; on by default up to M = ``SKIP_MAX_M``): FC1 and FC2 each list, on
+Expert skipping (``skip``; on by default while ``skip_by_default(M, E, top_k)``): FC1 and FC2 each list, on
 the GPU, the experts each token tile picked and read only those weights.
 """
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
-from densemoe.ops.fc2 import fc2, skip_by_default
+from densemoe.ops.fc2 import SKIP_TOP_K, fc2, skip_by_default
 from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights, prepare_weights
 
@@ -43,16 +43,19 @@ FUSED_QUANT_MAX_I = 0
 
 
 def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor, *,
-                    skip: bool | None = None) -> torch.Tensor:
+                    skip: bool | None = None, top_k: int | None = None) -> torch.Tensor:
     """out [M, H] = sum_e alpha[m, e] * expert_e(x[m]) with expert_e = down(silu(gate x) * up x).
 
     x [M, H] (any float dtype), alpha [M, E] float32 (0 where m did not pick e). Returns x's
     dtype (bf16 for fp8 x). ``skip``: expert skipping in FC1 and FC2 (the experts no token of a
-    tile picked are never read): None (default) where it pays (M <= ``SKIP_MAX_M``), True
-    always, False never (the dense path, for comparison)."""
+    tile picked are never read): None (default) where it pays (``skip_by_default(M, E,
+    top_k)``; ``top_k``: the routing's, 8 when not given), True always, False never (the dense
+    path, for comparison)."""
     if x.dim() != 2 or x.shape[1] != prepared.hidden:
         raise ValueError(f"experts_forward: x must be [M, H={prepared.hidden}], got {tuple(x.shape)}")
     alpha = alpha.float()
+    if skip is None:
+        skip = skip_by_default(x.shape[0], prepared.num_experts, top_k or SKIP_TOP_K)
     if prepared.dtype == FP8:
         x8, sx = quantize_per_token(x)
         if prepared.inter <= FUSED_QUANT_MAX_I:  # one FC1 tile holds all of I: quantise in its epilogue
@@ -65,9 +68,8 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
-        sk = skip_by_default(x.shape[0]) if skip is None else skip
-        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=sk, fill_unpicked=False)
-        out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=sk)
+        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False)
+        out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=skip)
     return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
 
 
@@ -121,7 +123,7 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     from densemoe.routing import alpha_from_topk
 
     alpha = alpha_from_topk(topk_ids, topk_weights.float(), prepared.num_experts)
-    out = experts_forward(hidden_states, prepared, alpha, skip=skip)
+    out = experts_forward(hidden_states, prepared, alpha, skip=skip, top_k=topk_ids.shape[1])
     if inplace:
         hidden_states.copy_(out)
         return hidden_states
@@ -178,7 +180,7 @@ class DenseMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        out = experts_forward(x, self.prepared, self.route(x).alpha, skip=self.skip).reshape(shape)
+        out = experts_forward(x, self.prepared, self.route(x).alpha, skip=self.skip, top_k=self.top_k).reshape(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out
@@ -231,7 +233,7 @@ def _hf_experts_forward(dtype: str):
         from densemoe.routing import alpha_from_topk
 
         alpha = alpha_from_topk(top_k_index, top_k_weights.float(), prepared.num_experts)
-        return experts_forward(hidden_states, prepared, alpha).to(hidden_states.dtype)
+        return experts_forward(hidden_states, prepared, alpha, top_k=top_k_index.shape[-1]).to(hidden_states.dtype)
     forward.__name__ = f"densemoe_{dtype}_experts_forward"
     return forward
 

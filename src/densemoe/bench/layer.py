@@ -24,6 +24,9 @@ in every baseline) followed by
 ``experts_only_us`` is ours without the router (``experts_forward`` with a given alpha),
 ``router_us`` our router alone and ``torch_router_us`` the baselines' router alone; none is a
 baseline.
+Layer floor (``floor_us``): the bytes of the experts the routing picked (``active_experts``, the
+union over the M tokens; ``routing="gate"``: the benchmark gate on random x, near-uniform top-k)
+plus x and out, over the read ceiling; ``dense_floor_us`` counts every expert.
 Errors against the fp32 reference are recorded for ours and for the cuBLAS pipeline
 (``rel_err``, ``rel_err_torch_fp8``: the issue bounds their ratio by 1.5).
 """
@@ -47,7 +50,7 @@ from densemoe.weights import prepare_weights
 
 DTYPES = {"fp8": FP8, "bf16": torch.bfloat16}
 NOT_BASELINES = ("floor_us", "us", "experts_only_us", "router_us", "torch_router_us", "fused_quant_us",
-                 "separate_quant_us")  # *_us keys that are not baselines
+                 "separate_quant_us", "dense_floor_us")  # *_us keys that are not baselines
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -278,9 +281,14 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 rec["router_us"] = timer(lambda: router.route(x))["us"]
                 rec["torch_router_us"] = timer(lambda: torch_route(x))["us"]
                 es = 1 if rec["dtype"] == "fp8" else 2
-                nbytes = 3 * E * I * H * es + 2 * M * H * 2
-                flops = 2 * M * 3 * E * I * H
+                act = int((route.alpha != 0).any(dim=0).sum())  # experts some token picked
+                nbytes = 3 * act * I * H * es + 2 * M * H * 2
+                flops = 2 * M * 3 * act * I * H
                 floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peaks[rec["dtype"]] / 1e6)
+                dense_bytes = 3 * E * I * H * es + 2 * M * H * 2
+                rec.update(routing="gate", active_experts=act,
+                           dense_floor_us=max(dense_bytes / ceiling["tb_s"] / 1e6,
+                                              2 * M * 3 * E * I * H / peaks[rec["dtype"]] / 1e6))
                 _rates(rec, nbytes, flops, floor, base)
                 records.append(rec)
                 log(fmt(rec))

@@ -287,7 +287,7 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         routing:    [M, E] tensor (float, bf16 or bool), optional: nonzero where token m picked
                     expert e (the router's alpha). Runs on the Triton kernel.
         skip:       expert skipping. None (default): on when ``routing`` or ``alpha_post`` is
-                    given, M <= ``densemoe.ops.fc2.SKIP_MAX_M`` (64) and no non-persistent or
+                    given, ``densemoe.ops.fc2.skip_by_default(M, E)`` holds and no non-persistent or
                     CuTe config is pinned; True: always (needs routing or alpha_post; Triton; a
                     pinned config must be persistent); False: off.
         fill_unpicked: with skipping, write the zeros of experts a token tile did not pick
@@ -353,7 +353,7 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
     wants_cute = backend == "cute" or (config is not None and config.backend == "cute")
     if skip is None:  # a pinned config decides: persistent Triton configs can skip, others not
-        skip = ((routing is not None or alpha_post is not None) and skip_by_default(M) and not wants_cute
+        skip = ((routing is not None or alpha_post is not None) and skip_by_default(M, E) and not wants_cute
                 and (config is None or bool(config.persistent)))
     elif skip:
         if routing is None and alpha_post is None:
