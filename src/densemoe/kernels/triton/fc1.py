@@ -184,7 +184,7 @@ def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _fc1_persistent_kernel(
     x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
-    sel_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr,
+    sel_ptr, lists_ptr, counts_ptr,
     M, H, I, E, NUM_PROGS, stride_sm, stride_se,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
     stride_ysm, stride_yse,
@@ -193,7 +193,6 @@ def _fc1_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
-    SPLIT_K: tl.constexpr = 1,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -201,10 +200,7 @@ def _fc1_persistent_kernel(
     picked expert, tile of I) units, from ``lists`` / ``counts`` (``kernels/triton/skip.py``),
     then the zero-fill of every (token tile, expert not picked there) output segment. Each
     program lists every tile's experts itself first (``_tile_list`` over ``sel_ptr``: the
-    routing, else alpha_post), into scratch ``lists`` / ``counts``. ``SPLIT_K`` > 1: each tile's
-    k-range is cut into SPLIT_K units (more, shorter units for small M); their fp32 partial
-    sums meet in the workspace ``ws`` (one slot of gate and up per tile, counter ``cnt``), and
-    the last to arrive applies the epilogue and leaves slot and counter zeroed again."""
+    routing, else alpha_post), into scratch ``lists`` / ``counts``."""
     m_tiles = tl.cdiv(M, BLOCK_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
     k_tiles = tl.cdiv(H, BLOCK_K)
@@ -220,9 +216,7 @@ def _fc1_persistent_kernel(
     else:
         n_pairs = m_tiles * E
         n_units = n_pairs * i_tiles
-    for uk in tl.range(pid, n_units * SPLIT_K, NUM_PROGS):
-        ks = uk % SPLIT_K
-        u = uk // SPLIT_K  # the tile, and its workspace slot when SPLIT_K > 1
+    for u in tl.range(pid, n_units, NUM_PROGS):
         if SKIP:
             it = u % i_tiles
             pid_m, j = _locate(u // i_tiles, counts_ptr, E, False)
@@ -247,37 +241,16 @@ def _fc1_persistent_kernel(
         else:
             acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        k_lo = ks * k_tiles // SPLIT_K
-        k_hi = (ks + 1) * k_tiles // SPLIT_K
-        for kt in tl.range(k_lo, k_hi, num_stages=NUM_STAGES):
+        for kt in tl.range(0, k_tiles, num_stages=NUM_STAGES):
             acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
                                        H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
                                        stride_wk, SWAP_AB, USE_TMA)
-        last = True
-        if SPLIT_K > 1:  # add the partial sums into the tile's slot; the last unit finishes the tile
-            if SWAP_AB:
-                offs2 = tl.arange(0, BLOCK_I)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-            else:
-                offs2 = tl.arange(0, BLOCK_M)[:, None] * BLOCK_I + tl.arange(0, BLOCK_I)[None, :]
-            slot = ws_ptr + u.to(tl.int64) * (2 * BLOCK_M * BLOCK_I)
-            tl.atomic_add(slot + offs2, acc_g, sem="relaxed")
-            tl.atomic_add(slot + BLOCK_M * BLOCK_I + offs2, acc_u, sem="relaxed")
-            tl.debug_barrier()  # every thread's partial is issued before the release below
-            done = tl.atomic_add(cnt_ptr + u, 1, sem="acq_rel")
-            last = done == SPLIT_K - 1
-            if last:
-                acc_g = tl.load(slot + offs2, cache_modifier=".cg")
-                acc_u = tl.load(slot + BLOCK_M * BLOCK_I + offs2, cache_modifier=".cg")
-                tl.store(slot + offs2, tl.zeros_like(acc_g))  # leave the workspace zeroed
-                tl.store(slot + BLOCK_M * BLOCK_I + offs2, tl.zeros_like(acc_u))
-                tl.store(cnt_ptr + u, 0)
-        if last:
-            _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
-                          oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
-                          stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, SWAP_AB)
+        _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
+                      oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
+                      stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, SWAP_AB)
     if SKIP and FILL:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
         n_fill = m_tiles * E - n_pairs
-        first = (pid + NUM_PROGS - (n_units * SPLIT_K) % NUM_PROGS) % NUM_PROGS
+        first = (pid + NUM_PROGS - n_units % NUM_PROGS) % NUM_PROGS
         offs_f = tl.arange(0, BLOCK_I)
         for f in tl.range(first, n_fill, NUM_PROGS):
             t, jj = _locate(f, counts_ptr, E, True)
@@ -326,7 +299,6 @@ class Fc1TritonConfig:
     swap_ab: int = 0   # 1: weights as the MMA's M operand, tokens as N (small M)
     use_tma: int = 1   # TMA tensor descriptors where the device and strides allow (else pointers)
     persistent: int = 0  # 0: one program per tile; n: n persistent programs per SM take the tiles in turn
-    split_k: int = 1     # persistent only: each tile's k-range in split_k units, reduced in fp32
 
     backend = "triton"
 
@@ -362,10 +334,6 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig, dynamic_scale: b
         return False, f"swap_ab={c.swap_ab} / use_tma={c.use_tma} must be 0 or 1"
     if not 0 <= c.persistent <= 4:
         return False, f"persistent={c.persistent} must be in [0, 4]"
-    if not 1 <= c.split_k <= 16 or (c.split_k > 1 and not c.persistent):
-        return False, f"split_k={c.split_k} must be in [1, 16], and above 1 needs persistent >= 1"
-    if c.split_k > 1 and c.split_k > -(-problem.h // c.block_k):
-        return False, f"split_k={c.split_k} exceeds the {-(-problem.h // c.block_k)} k-tiles of H={problem.h}"
     if c.swap_ab and c.block_i < 64:
         return False, f"swap_ab needs block_i >= 64 (the MMA's M), got {c.block_i}"
     acc_regs = 2 * c.block_m * c.block_i // (32 * c.num_warps)
@@ -451,26 +419,6 @@ def default_config_dynamic(problem: Fc1Problem) -> Fc1TritonConfig:
     return cfg
 
 
-_SPLITK_WS: dict = {}
-
-
-def splitk_workspace(device, slots: int, slot_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 [slots * slot_elems], int32 counters [slots]) for split-k FC1, zeroed. The kernel
-    leaves what it used zeroed again, so the buffer is kept per (device, stream) and reused with
-    no memset; grown when too small. Under CUDA-graph capture a new buffer is not cached (it
-    comes zeroed by a memset that the graph replays)."""
-    need = slots * slot_elems + slots
-    dev = torch.device(device)
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
-    buf = _SPLITK_WS.get(key)
-    if buf is None or buf.numel() < need:
-        buf = torch.zeros(need, dtype=torch.float32, device=dev)
-        if not capturing:
-            _SPLITK_WS[key] = buf
-    return buf[: slots * slot_elems], buf[slots * slot_elems: need].view(torch.int32)
-
-
 def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,
                config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
@@ -528,13 +476,8 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         else:
             sel, lists, counts = alpha1[None, :], alpha1, alpha1
         block_e, list_rows = list_blocks(E, c.block_m)
-        if c.split_k > 1:
-            ws, cnt = splitk_workspace(x.device, grid[0] * grid[1], 2 * c.block_m * c.block_i)
-        else:
-            ws, cnt = alpha1, alpha1
-        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, ws, cnt, M, H, I, E, progs, sel.stride(0),
-                                         sel.stride(1), *strides, SKIP=skip, NUM_STAGES=c.num_stages,
-                                         SPLIT_K=c.split_k, BLOCK_E=block_e, FILL=fill,
+        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
+                                         *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          LIST_ROWS=list_rows, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
