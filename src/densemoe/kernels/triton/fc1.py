@@ -193,6 +193,7 @@ def _fc1_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
+    ONE_TILE: tl.constexpr = False,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -219,8 +220,12 @@ def _fc1_persistent_kernel(
     for u in tl.range(pid, n_units, NUM_PROGS):
         if SKIP:
             it = u % i_tiles
-            pid_m, j = _locate(u // i_tiles, counts_ptr, E, False)
-            e = tl.load(lists_ptr + pid_m * E + j)
+            if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
+                pid_m = 0
+                e = tl.load(lists_ptr + u // i_tiles)
+            else:
+                pid_m, j = _locate(u // i_tiles, counts_ptr, E, False)
+                e = tl.load(lists_ptr + pid_m * E + j)
         else:
             pid_m = u % m_tiles
             pid_n = u // m_tiles
@@ -253,7 +258,11 @@ def _fc1_persistent_kernel(
         first = (pid + NUM_PROGS - n_units % NUM_PROGS) % NUM_PROGS
         offs_f = tl.arange(0, BLOCK_I)
         for f in tl.range(first, n_fill, NUM_PROGS):
-            t, jj = _locate(f, counts_ptr, E, True)
+            if ONE_TILE:
+                t = 0
+                jj = f
+            else:
+                t, jj = _locate(f, counts_ptr, E, True)
             e = tl.load(lists_ptr + t * E + tl.load(counts_ptr + t) + jj)
             rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
             r_ok = rows < M
@@ -478,6 +487,7 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         block_e, list_rows = list_blocks(E, c.block_m)
         _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
+                                         ONE_TILE=grid[0] == 1,
                                          LIST_ROWS=list_rows, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
