@@ -8,6 +8,7 @@ import densemoe
 from densemoe.bench.common import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
+from densemoe.kernels.triton.skip import active_experts
 from densemoe.quant import quantize_per_token
 
 
@@ -26,12 +27,19 @@ for n in (1, 8):
     alpha = torch.zeros(1, E, device="cuda")
     alpha[0, torch.randperm(E, device="cuda")[:n]] = 1.0 / n
     y_sl = torch.empty(1, n * I, dtype=torch.bfloat16, device="cuda")
+    yy = torch.empty(1, E * I, dtype=torch.bfloat16, device="cuda")
+    sk = Fc1TritonConfig(16, 32, 256, 4, 6, 0, 1, persistent=1)
+    act = active_experts(alpha, 16)
+    fns += [lambda a=alpha, y=yy: fc1_triton(x8, p.w1, p.alpha1, y, sk, x_scale=sx, routing=a, skip=True, fill=False),
+            lambda a=alpha, y=yy, act=act: fc1_triton(x8, p.w1, p.alpha1, y, sk, x_scale=sx, routing=a, skip=True,
+                                                      fill=False, active=act)]
+    names += [f"fc1 skip kernel, {n} picked, lists in-kernel", f"fc1 skip kernel, {n} picked, lists given"]
     fns += [lambda a=alpha: densemoe.fc1(x8, p.w1, p.alpha1, x_scale=sx, routing=a, skip=True),
             lambda n=n, y=y_sl: fc1_triton(x8, p.w1[: n * 2 * I], p.alpha1[:n], y, cfg, x_scale=sx)]
     names += [f"fc1 skip, {n} experts picked of 256", f"fc1 dense grid kernel on a {n}-expert slice"]
 a0 = torch.zeros(1, E, device="cuda")
-fns.append(lambda: densemoe.kernels.triton.skip.active_experts(a0, 16))
+fns.append(lambda: active_experts(a0, 16))
 names.append("trivial kernel")
-for label, timer in (("L2 flushed", Timer(reps=30)), ("no flush", NoFlush(reps=30))):
+for label, timer in (("L2 flushed", Timer(reps=30)),):
     for name, r in zip(names, timer.compare(fns)):
         print(f"{label:10s} {name:45s} {r['us']:7.1f} us", flush=True)

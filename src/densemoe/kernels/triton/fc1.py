@@ -193,7 +193,7 @@ def _fc1_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
-    ONE_TILE: tl.constexpr = False,
+    ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -209,10 +209,14 @@ def _fc1_persistent_kernel(
     pid = tl.program_id(0)
     if SKIP:
         n_pairs = pid * 0
-        for t in range(m_tiles):
-            n_pairs += _tile_list(sel_ptr, t, M, E, stride_sm, stride_se, lists_ptr, counts_ptr,
-                                  BLOCK_M, LIST_ROWS, BLOCK_E)
-        tl.debug_barrier()  # the lists this program just wrote are read back below
+        if LISTS_GIVEN:  # built beforehand (``active_experts``): only the counts are read
+            for t in range(m_tiles):
+                n_pairs += tl.load(counts_ptr + t)
+        else:
+            for t in range(m_tiles):
+                n_pairs += _tile_list(sel_ptr, t, M, E, stride_sm, stride_se, lists_ptr, counts_ptr,
+                                      BLOCK_M, LIST_ROWS, BLOCK_E)
+            tl.debug_barrier()  # the lists this program just wrote are read back below
         n_units = n_pairs * i_tiles
     else:
         n_pairs = m_tiles * E
@@ -432,14 +436,16 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
                config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                y_scale: torch.Tensor | None = None, num_programs: int | None = None,
-               routing: torch.Tensor | None = None, skip: bool = False, fill: bool = True) -> None:
+               routing: torch.Tensor | None = None, skip: bool = False, fill: bool = True,
+               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
     ``routing`` [M, E] (any dtype, != 0: picked): y is 0 where token m did not pick expert e.
     ``skip``: expert skipping over the experts ``routing`` (else ``alpha_post``) picked
     (persistent configs only); ``fill=False`` leaves the segments of experts a token tile did
-    not pick unwritten (for consumers that never read them).
+    not pick unwritten (for consumers that never read them). ``active``: (lists, counts) from
+    ``active_experts(routing, block_m)`` instead of the kernel's own (probes and tests).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
     there (the config's ``block_i`` must hold all of I)."""
     M, H = x.shape
@@ -480,14 +486,16 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         tiles = grid[0] * grid[1]
         progs = min(tiles, num_programs if num_programs is not None else sm_count(x.device) * c.persistent)
         sel = route if route is not None else alpha_post
-        if skip:
+        if skip and active is not None:  # lists built beforehand (probes, tests)
+            lists, counts = active
+        elif skip:
             lists, counts = lists_scratch(grid[0], E, x.device)
         else:
             sel, lists, counts = alpha1[None, :], alpha1, alpha1
         block_e, list_rows = list_blocks(E, c.block_m)
         _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
-                                         ONE_TILE=grid[0] == 1,
+                                         ONE_TILE=grid[0] == 1, LISTS_GIVEN=skip and active is not None,
                                          LIST_ROWS=list_rows, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
