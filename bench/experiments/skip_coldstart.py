@@ -34,10 +34,14 @@ for n in (1, 8):
             lambda a=alpha, y=yy, act=act: fc1_triton(x8, p.w1, p.alpha1, y, sk, x_scale=sx, routing=a, skip=True,
                                                       fill=False, active=act)]
     names += [f"fc1 skip kernel, {n} picked, lists in-kernel", f"fc1 skip kernel, {n} picked, lists given"]
-    for progs in (8 * n, 32, 64):
-        fns.append(lambda a=alpha, y=yy, g=progs: fc1_triton(x8, p.w1, p.alpha1, y, sk, x_scale=sx, routing=a,
-                                                             skip=True, fill=False, num_programs=g))
-        names.append(f"fc1 skip kernel, {n} picked, {progs} programs")
+    first = torch.zeros(1, E, device="cuda")
+    first[0, :n] = 1.0 / n
+    sk64 = Fc1TritonConfig(16, 64, 256, 4, 4, 1, 1, persistent=1)
+    for label, a in (("random", alpha), ("the first", first)):
+        for c in (sk, sk64):
+            fns.append(lambda a=a, y=yy, c=c: fc1_triton(x8, p.w1, p.alpha1, y, c, x_scale=sx, routing=a, skip=True,
+                                                         fill=False))
+            names.append(f"fc1 skip kernel, {label} {n}, bi{c.block_i}")
     fns += [lambda a=alpha: densemoe.fc1(x8, p.w1, p.alpha1, x_scale=sx, routing=a, skip=True),
             lambda n=n, y=y_sl: fc1_triton(x8, p.w1[: n * 2 * I], p.alpha1[:n], y, cfg, x_scale=sx)]
     names += [f"fc1 skip, {n} experts picked of 256", f"fc1 dense grid kernel on a {n}-expert slice"]
