@@ -389,18 +389,19 @@ def expected_active(m: int, e: int, top_k: int = 8) -> int:
 
 def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonConfig:
     """Deterministic config for FC1 with expert skipping (persistent programs, one token tile
-    that holds M). The tile of I is the largest of 64 / 32 / 16 rows that still gives about
-    every other SM a unit when ``expected_active`` experts are picked; below 64 rows the
-    tokens are the MMA's M (16-token tiles). Measured on the H100 (TP8 fp8, uniform top-8,
-    ``bench/experiments/skip_variants.py``): at M = 1 (8 experts) 32-row tiles (64 units) took
-    25.3 us against 32.5 us for 16-row tiles (128 units); at M = 2-4, 64-row tiles were best.
+    that holds M). The tile of I is the largest of 64 / 32 / 16 rows that still gives a fifth
+    of the SMs a unit when ``expected_active`` experts are picked; below 64 rows the tokens are
+    the MMA's M (16-token tiles). Measured on the H100 (TP8 fp8, ``bench/experiments/
+    skip_variants.py``, ``skip_coldstart.py``): at M = 1 64-row tiles (swap-AB, wgmma) took
+    23.2 us for 8 picked experts against 23.5 for 32-row tiles and 31.0 for 16-row tiles, and
+    15.9 against 21.6 us for one picked expert; at M = 2-4, 64-row tiles were best too.
     Above 64 tokens, the dense rule's tile as one persistent program per SM."""
     p = problem
     es = p.dtype.itemsize
     act = expected_active(p.m, p.e)
     bi = 16
     for cand in (64, 32):
-        if act * -(-p.i // cand) >= 0.45 * num_sms:
+        if act * -(-p.i // cand) >= 0.2 * num_sms:
             bi = cand
             break
     if p.m <= 64 and bi < 64:
