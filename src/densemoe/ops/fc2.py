@@ -327,7 +327,8 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
                ("cute" raises if it cannot run: no CuTe DSL, not sm_90, strided a/w).
         skip:  expert skipping (Triton kernel, work lists built on the GPU, no host sync).
                None (default): on while ``skip_by_default(M, E)`` (top-8 of 256 experts:
-               M <= 64; of 128: M <= 31) unless the CuTe backend is asked for; True: always (raises with backend="cute"); False: the dense path.
+               M <= 64; of 128: M <= 31) unless the CuTe backend is asked for; True:
+               always (raises with backend="cute"); False: the dense path.
 
     Returns:
         out [M, N].
