@@ -79,13 +79,14 @@ FC1_SKIP_CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1, persistent=1),
 @pytest.mark.interpreter
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("cfg", FC1_SKIP_CONFIGS, ids=lambda c: c.to_str().split(":")[1])
-def test_fc1_skipping_kernel(pattern, cfg, request):
+@pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
+def test_fc1_skipping_kernel(pattern, cfg, dtype, request):
     """y = FC1 where the token picked the expert, 0 elsewhere; skipped segments are zero-filled
     (the output starts as NaN)."""
-    M, E, I, H = 40, 6, 40, 48
+    M, E, I, H = 40, 6, 40, 64
     g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
-    x = torch.randn(M, H, generator=g).to(BF16).to(DEV)
-    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    x = torch.randn(M, H, generator=g).to(dtype).to(DEV)
+    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(dtype).to(DEV)
     a1 = (torch.rand(E, generator=g) + 0.5).to(DEV)
     r = routing(pattern, M, E, g)
     y = torch.full((M, E * I), float("nan"), device=DEV)
@@ -107,16 +108,21 @@ FC2_SKIP_CONFIGS = [Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 0, 1),
 @pytest.mark.interpreter
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("cfg", FC2_SKIP_CONFIGS, ids=lambda c: c.to_str())
-def test_fc2_skipping_kernel(pattern, cfg, request):
+@pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
+def test_fc2_skipping_kernel(pattern, cfg, dtype, request):
     """FC2 over the picked experts only: NaN in the segments nobody picked must not leak (they
     are never read, or weighted by alpha = 0), tiles with no expert come out as zeros."""
     M, E, I, N = 40, 6, 64, 64
     g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
     r = routing(pattern, M, E, g)
-    a = torch.randn(M, E * I, generator=g).to(BF16).to(DEV)
-    w = (torch.randn(N, E * I, generator=g) * 0.1).to(BF16).to(DEV)
+    a = torch.randn(M, E * I, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(N, E * I, generator=g) * 0.1).to(dtype).to(DEV)
     a_nan = a.clone()
-    a_nan[(r == 0).repeat_interleave(I, dim=1)] = float("nan")
+    unpicked = (r == 0).repeat_interleave(I, dim=1)
+    if dtype == FP8:  # 0x7F is NaN in e4m3fn
+        a_nan.view(torch.uint8)[unpicked] = 0x7F
+    else:
+        a_nan[unpicked] = float("nan")
     out = torch.full((M, N), float("nan"), dtype=torch.float32, device=DEV)
     fc2_triton(a_nan, w, r, out, cfg, skip=True, num_programs=5)
     ref = fc2_ref(a, w, r, out_dtype=torch.float64)
