@@ -133,3 +133,24 @@ def cute_dump_dir(path):
         yield str(path)
     finally:
         env.dump_dir = old
+
+
+def fake_timer(fn, **kw):
+    """A benchmark timer for CPU tests: runs ``fn`` once, reports 10 us."""
+    fn()
+    return {"us": 10.0, "us_min": 9.0, "us_p90": 11.0}
+
+
+class OrderTimer:
+    """A timer whose ``compare`` gives callable i of a call the time 10 * (i + 1) us, so the
+    records show which timing went where."""
+
+    def __call__(self, fn, **kw):
+        fn()
+        return {"us": 1.0, "us_min": 1.0, "us_p90": 1.0}
+
+    def compare(self, fns, **kw):
+        for fn in fns:
+            fn()
+        return [{"us": 10.0 * (i + 1), "us_min": 0.0, "us_p90": 0.0, "us_rounds": [10.0 * (i + 1)] * 3}
+                for i in range(len(fns))]

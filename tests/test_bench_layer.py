@@ -10,16 +10,13 @@ import pytest
 
 from densemoe.bench import layer
 from densemoe.shapes import MoEShape
+from _helpers import OrderTimer, fake_timer
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TINY = MoEShape("tiny", 64, 8, 32, 2)
 KEYS = {"device", "op", "shape", "dtype", "M", "N", "K", "E", "us", "tb_s", "tflops", "floor_us", "pct_floor",
         "bytes", "rel_err", "commit"}
 
-
-def fake_timer(fn, **kw):
-    fn()
-    return {"us": 10.0, "us_min": 9.0, "us_p90": 11.0}
 
 
 @pytest.mark.interpreter
@@ -47,20 +44,6 @@ def test_fc1_and_layer_benchmarks_run_and_report():
     md = layer.markdown(meta, fc1 + lay)
     assert "## fc1" in md and "## layer" in md and "x cublas_fp8_pipeline" in md and "hf_eager_bf16 us" in md
 
-
-class OrderTimer:
-    """A timer whose ``compare`` gives callable i of a call the time 10 * (i + 1) us, so the
-    records show which timing went where."""
-
-    def __call__(self, fn, **kw):
-        fn()
-        return {"us": 1.0, "us_min": 1.0, "us_p90": 1.0}
-
-    def compare(self, fns, **kw):
-        for fn in fns:
-            fn()
-        return [{"us": 10.0 * (i + 1), "us_min": 0.0, "us_p90": 0.0, "us_rounds": [10.0 * (i + 1)] * 3}
-                for i in range(len(fns))]
 
 
 @pytest.mark.interpreter

@@ -15,6 +15,7 @@ import densemoe
 from densemoe.bench import skip
 from densemoe.layer import DenseMoE
 from densemoe.shapes import MoEShape
+from _helpers import OrderTimer, fake_timer
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TINY = MoEShape("tiny", 64, 8, 32, 2)
@@ -25,23 +26,6 @@ KEYS = {"device", "op", "shape", "dtype", "M", "N", "K", "E", "us", "tb_s", "tfl
         "rel_err_dense", "rel_diff_skip_dense"}
 
 
-def fake_timer(fn, **kw):
-    fn()
-    return {"us": 10.0, "us_min": 9.0, "us_p90": 11.0}
-
-
-class OrderTimer:
-    """``compare`` gives callable i of a call the time 10 * (i + 1) us."""
-
-    def __call__(self, fn, **kw):
-        fn()
-        return {"us": 1.0, "us_min": 1.0, "us_p90": 1.0}
-
-    def compare(self, fns, **kw):
-        for fn in fns:
-            fn()
-        return [{"us": 10.0 * (i + 1), "us_min": 0.0, "us_p90": 0.0, "us_rounds": [10.0 * (i + 1)] * 3}
-                for i in range(len(fns))]
 
 
 def _spy(monkeypatch):

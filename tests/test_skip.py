@@ -178,6 +178,8 @@ def test_ops_skip_flags_and_errors():
         densemoe.fc1(x, w1, a1, routing=r, skip=True, config=Fc1TritonConfig(16, 16, 32, 4, 2))
     with pytest.raises(ValueError, match="routing has shape"):
         densemoe.fc1(x, w1, a1, routing=r[:, :2])
+    with pytest.raises(TypeError, match="routing"):
+        densemoe.fc1(x, w1, a1, routing=r.to(torch.int32))
     with pytest.raises(TypeError, match="skip must be"):
         densemoe.fc1(x, w1, a1, routing=r, skip="yes")
     with pytest.raises(ValueError, match="Triton"):

@@ -131,6 +131,31 @@ def hf_experts(case: ExpertsCase, implementation: str):
     return mod
 
 
+def layer_baselines(x, alpha, ref, cublas, hf: dict, torch_route, M: int, log):
+    """The layer's baselines for tokens x, each checked to run first: (interleaved {name: fn},
+    once {name: fn}: ``batched_mm``, 5-40x slower, timed once, error of the cuBLAS fp8 pipeline
+    against ``ref`` or None). Every baseline routes with ``torch_route``; ``alpha`` is that
+    routing's result, for the error check."""
+    interleaved, once, err_torch = {}, {}, None
+    if cublas is not None:
+        try:
+            err_torch = rel_err(cublas(x, alpha), ref)
+            interleaved["cublas_fp8_pipeline_us"] = lambda: cublas(x, torch_route(x).alpha)
+        except RuntimeError as exc:
+            log(f"  cuBLAS pipeline failed at M={M}: {exc}")
+    for impl, mod in hf.items():
+        def hf_run(m=mod):
+            r = torch_route(x)
+            return m(x, r.topk_ids, r.topk_weights.to(x.dtype))
+        try:
+            hf_run()
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported
+            log(f"  transformers {impl} failed at M={M}: {type(exc).__name__}: {exc}")
+            continue
+        (once if impl == "batched_mm" else interleaved)[f"hf_{impl}_bf16_us"] = hf_run
+    return interleaved, once, err_torch
+
+
 def _compare(timer, fns: list) -> list[dict]:
     """Interleaved rounds (``Timer.compare``): a slow spell of the GPU (seen after the fp32
     references: the first timing then reads 10-20% slow) lands on one round of every callable."""
@@ -237,23 +262,7 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
             x = case.x(M)
             route = router.route(x)
             ref = experts_ref(x, case.w13, case.w2, route.alpha, compute_dtype=torch.float32, experts_per_chunk=32)
-            interleaved, once = {}, {}
-            try:
-                err_torch = rel_err(cublas(x, route.alpha), ref)
-                interleaved["cublas_fp8_pipeline_us"] = lambda: cublas(x, torch_route(x).alpha)
-            except RuntimeError as exc:
-                err_torch = None
-                log(f"  cuBLAS pipeline failed at M={M}: {exc}")
-            for impl, mod in hf.items():
-                def hf_run(m=mod):
-                    r = torch_route(x)
-                    return m(x, r.topk_ids, r.topk_weights.to(x.dtype))
-                try:
-                    hf_run()
-                except Exception as exc:  # noqa: BLE001
-                    log(f"  transformers {impl} failed at M={M}: {type(exc).__name__}: {exc}")
-                    continue
-                (once if impl == "batched_mm" else interleaved)[f"hf_{impl}_bf16_us"] = hf_run
+            interleaved, once, err_torch = layer_baselines(x, route.alpha, ref, cublas, hf, torch_route, M, log)
             ours = []
             for dt in dtypes:
                 moe = DenseMoE(case.prepared[dt], case.gate, k, renormalize=True)

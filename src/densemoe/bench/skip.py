@@ -68,7 +68,8 @@ import time
 import torch
 
 import densemoe
-from densemoe.bench.layer import ExpertsCase, _compare, _rates, cublas_fp8_pipeline, hf_experts, rel_err
+from densemoe.bench.layer import (ExpertsCase, _compare, _rates, cublas_fp8_pipeline, hf_experts, layer_baselines,
+                                  rel_err)
 from densemoe.layer import DenseMoE
 from densemoe.quant import quantize_per_token, quantize_y_fold_alpha
 from densemoe.reference import experts_ref, fc1_ref, fc2_ref
@@ -377,24 +378,8 @@ def _layer(case, head, x, gate, dtypes, cublas, hf, timer, ceiling, peaks, log) 
     route = router.route(x)
     stats = routing_stats(route.alpha, k)
     ref = experts_ref(x, case.w13, case.w2, route.alpha, compute_dtype=torch.float32, experts_per_chunk=32)
-    bases = {}
-    err_torch = None
-    if cublas is not None:
-        try:
-            err_torch = rel_err(cublas(x, route.alpha), ref)
-            bases["cublas_fp8_pipeline_us"] = lambda: cublas(x, torch_route(x).alpha)
-        except RuntimeError as exc:
-            log(f"  cuBLAS pipeline failed at M={M}: {exc}")
-    for impl, mod in hf.items():
-        def hf_run(m=mod):
-            r = torch_route(x)
-            return m(x, r.topk_ids, r.topk_weights.to(x.dtype))
-        try:
-            hf_run()
-        except Exception as exc:  # noqa: BLE001
-            log(f"  transformers {impl} failed at M={M}: {type(exc).__name__}: {exc}")
-            continue
-        bases[f"hf_{impl}_bf16_us"] = hf_run
+    interleaved, once, err_torch = layer_baselines(x, route.alpha, ref, cublas, hf, torch_route, M, log)
+    bases = {**interleaved, **once}
     for dt in dtypes:
         m_skip = DenseMoE(case.prepared[dt], gate, k, renormalize=True, skip=True)
         m_dense = DenseMoE(case.prepared[dt], gate, k, renormalize=True, skip=False)

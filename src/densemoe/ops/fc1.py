@@ -346,6 +346,7 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
             raise ValueError(f"{OP}: config {config.to_str()} cannot run: {why}")
     if routing is not None:
         routing = v.tensor(OP, "routing", routing, 2)
+        v.dtype(OP, "routing", routing, (torch.float32, torch.bfloat16, torch.float16, torch.bool))
         if tuple(routing.shape) != (M, E):
             raise ValueError(f"{OP}: routing has shape {tuple(routing.shape)}, expected (M, E) = ({M}, {E})")
         v.same_device(OP, x=x, routing=routing)
