@@ -80,10 +80,11 @@ FC1_SKIP_CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1, persistent=1),
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("cfg", FC1_SKIP_CONFIGS, ids=lambda c: c.to_str().split(":")[1])
 @pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
-def test_fc1_skipping_kernel(pattern, cfg, dtype, request):
+@pytest.mark.parametrize("M", [40, 5])  # 5: one token tile (the list stays in registers)
+def test_fc1_skipping_kernel(pattern, cfg, dtype, M, request):
     """y = FC1 where the token picked the expert, 0 elsewhere; skipped segments are zero-filled
     (the output starts as NaN)."""
-    M, E, I, H = 40, 6, 40, 64
+    E, I, H = 6, 40, 64
     g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
     x = torch.randn(M, H, generator=g).to(dtype).to(DEV)
     w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(dtype).to(DEV)
@@ -372,3 +373,82 @@ def test_fc1_without_zero_fill_leaves_unpicked_experts_unwritten(request):
     ref = fc1_ref(x, w1, a1, out_dtype=torch.float64)
     assert rel(y[:, seg], ref[:, seg]) <= 1e-5
     assert torch.isnan(y[:, : (E - 2) * I]).all() and torch.isnan(y[:, (E - 1) * I:]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# FC2 on FC1's unquantised output (fc2_quant_y): the y quantisation fused into the skipping
+# kernel at M <= 16 gives the bits of quantize_y_fold_alpha + fc2.
+# --------------------------------------------------------------------------------------------
+
+def _quant_y_case(M, E, I, N, pattern, gen):
+    r = routing(pattern, M, E, gen)
+    y = (torch.randn(M, E * I, generator=gen) * 3).to(BF16).to(DEV)
+    w = (torch.randn(N, E * I, generator=gen) * 0.1).to(FP8).to(DEV)
+    ws = (torch.rand(E, generator=gen) + 0.5).to(DEV)
+    return r, y, w, ws
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("M,I", [(1, 64), (7, 128), (16, 32)])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_fc2_quant_y_fused_equals_two_calls(pattern, M, I, with_scale, request):
+    from densemoe.ops.fc2 import fc2_quant_y, quant_y_fused
+    from densemoe.quant import quantize_y_fold_alpha
+
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
+    r, y, w, ws = _quant_y_case(M, 6, I, 64, pattern, g)
+    ws = ws if with_scale else None
+    assert quant_y_fused(y, w, r, True) is None
+    y8, a2 = quantize_y_fold_alpha(y, r, ws)
+    want = densemoe.fc2(y8, w, a2, skip=True)
+    y_nan = y.clone()
+    y_nan[(r == 0).repeat_interleave(I, dim=1)] = float("nan")  # FC1 leaves these unwritten
+    got = fc2_quant_y(y_nan, w, r, ws, skip=True)
+    assert torch.equal(got, want)
+    assert rel(got, fc2_ref(y8, w, a2, out_dtype=torch.float64)) <= 1e-2
+
+
+@needs_kernel
+@pytest.mark.interpreter
+def test_fc2_quant_y_falls_back_to_two_calls(request):
+    """Where the kernel cannot fuse (M > 16, I not a power of two <= 256, skipping off), the
+    result is the two calls' (and quant_y_fused says why)."""
+    from densemoe.ops.fc2 import fc2_quant_y, quant_y_fused
+    from densemoe.quant import quantize_y_fold_alpha
+
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
+    for M, I, skip, why in ((17, 64, True, "M=17"), (3, 96, True, "I=96"), (3, 64, False, "dense path")):
+        r, y, w, ws = _quant_y_case(M, 4, I, 32, "topk", g)
+        assert why in quant_y_fused(y, w, r, skip)
+        y8, a2 = quantize_y_fold_alpha(y, r, ws)
+        assert torch.equal(fc2_quant_y(y, w, r, ws, skip=skip), densemoe.fc2(y8, w, a2, skip=skip))
+    r, y, w, ws = _quant_y_case(3, 4, 64, 32, "topk", g)
+    with pytest.raises(ValueError, match="w2_scale"):
+        fc2_quant_y(y, w, r, ws[:2], skip=True)
+    with pytest.raises(TypeError, match="skip"):
+        fc2_quant_y(y, w, r, ws, skip="yes")
+
+
+@gpu_test
+@pytest.mark.parametrize("M", [1, 7, 16])
+def test_fc2_quant_y_on_model_shape(M):
+    """DeepSeek-V3 TP8: the fused kernel against quantize_y_fold_alpha + fc2, bit for bit."""
+    from densemoe.ops.fc2 import fc2_quant_y, quant_y_fused
+    from densemoe.quant import quantize_y_fold_alpha
+    from densemoe.routing import softmax_topk
+    from densemoe.shapes import SHAPES
+
+    s = SHAPES["deepseek-v3-tp8"]
+    E, I, H = s.experts, s.inter, s.hidden
+    g = torch.Generator(device="cuda").manual_seed(100 + M)
+    r = softmax_topk(torch.randn(M, E, device="cuda", generator=g), s.topk, renormalize=True).alpha
+    y = (torch.randn(M, E * I, device="cuda", generator=g) * 3).to(BF16)
+    w = (torch.randn(H, E * I, device="cuda", generator=g) * 0.05).to(FP8)
+    ws = torch.rand(E, device="cuda", generator=g) + 0.5
+    assert quant_y_fused(y, w, r, True) is None
+    y8, a2 = quantize_y_fold_alpha(y, r, ws)
+    want = densemoe.fc2(y8, w, a2, skip=True)
+    y[(r == 0).repeat_interleave(I, dim=1)] = float("nan")
+    assert torch.equal(fc2_quant_y(y, w, r, ws, skip=True), want)

@@ -12,6 +12,7 @@ Pipelines (no host sync anywhere):
           y = fc1(x8, w1, alpha1, x_scale=sx, routing=alpha)  # [M, E*I] bf16, SwiGLU fused
           y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
               # one kernel; reads y only where alpha != 0, writes zeros elsewhere
+              # (with skipping at M <= 16 the FC2 kernel does it as it loads y: fc2_quant_y)
           (with I <= FUSED_QUANT_MAX_I, 0 today: y8, s_y = fc1_fp8_dynamic(...) quantises in
            FC1's epilogue and alpha2 = alpha * s_y * w2_scale)
           out = fc2(y8, w2, alpha2)                          # [M, H] bf16
@@ -26,12 +27,11 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
-from densemoe.ops.fc2 import SKIP_TOP_K, fc2, skip_by_default
-from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
+from densemoe.ops.fc2 import SKIP_TOP_K, fc2, fc2_quant_y, skip_by_default
+from densemoe.quant import FP8, quantize_per_token
 from densemoe.weights import PreparedWeights, prepare_weights
 
 
@@ -43,29 +43,38 @@ FUSED_QUANT_MAX_I = 0
 
 
 def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor, *,
-                    skip: bool | None = None, top_k: int | None = None) -> torch.Tensor:
+                    skip: bool | None = None, top_k: int | None = None,
+                    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """out [M, H] = sum_e alpha[m, e] * expert_e(x[m]) with expert_e = down(silu(gate x) * up x).
 
     x [M, H] (any float dtype), alpha [M, E] float32 (0 where m did not pick e). Returns x's
     dtype (bf16 for fp8 x). ``skip``: expert skipping in FC1 and FC2 (the experts no token of a
     tile picked are never read): None (default) where it pays (``skip_by_default(M, E,
     top_k)``; ``top_k``: the routing's, 8 when not given), True always, False never (the dense
-    path, for comparison)."""
+    path, for comparison). ``x_quant``: (x8, sx) = ``quantize_per_token(x)`` already computed
+    (``DenseMoE`` gets it from the router's fused kernel); fp8 weights only."""
     if x.dim() != 2 or x.shape[1] != prepared.hidden:
         raise ValueError(f"experts_forward: x must be [M, H={prepared.hidden}], got {tuple(x.shape)}")
     alpha = alpha.float()
     if skip is None:
         skip = skip_by_default(x.shape[0], prepared.num_experts, top_k or SKIP_TOP_K)
+    if x_quant is not None:
+        if prepared.dtype != FP8:
+            raise ValueError("experts_forward: x_quant is for fp8 weights; these are " + str(prepared.dtype))
+        x8, sx = x_quant
+        if x8.shape != x.shape or x8.dtype != FP8 or sx.shape != (x.shape[0],):
+            raise ValueError(f"experts_forward: x_quant must be (x8 [M, H] fp8, sx [M]) for x {tuple(x.shape)}, got "
+                             f"{tuple(x8.shape)} {x8.dtype}, {tuple(sx.shape)}")
     if prepared.dtype == FP8:
-        x8, sx = quantize_per_token(x)
+        x8, sx = quantize_per_token(x) if x_quant is None else x_quant
         if prepared.inter <= FUSED_QUANT_MAX_I:  # one FC1 tile holds all of I: quantise in its epilogue
             y8, ys = fc1_fp8_dynamic(x8, prepared.w1, prepared.alpha1, x_scale=sx)
-            alpha2 = alpha * ys * prepared.w2_scale[None, :]
+            out = fc2(y8, prepared.w2, alpha * ys * prepared.w2_scale[None, :], skip=skip)
         else:
             # the quantisation reads only picked segments: FC1 need not zero the others
             y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
-            y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
-        out = fc2(y8, prepared.w2, alpha2, skip=skip)
+            # = fc2(*quantize_y_fold_alpha(y, alpha, w2_scale)): one kernel where it can (skipping, M <= 16)
+            out = fc2_quant_y(y, prepared.w2, alpha, prepared.w2_scale, skip=skip)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
         y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False)
@@ -164,23 +173,29 @@ class DenseMoE(nn.Module):
 
     def route(self, x: torch.Tensor):
         """RouterOutput (alpha [M, E] float32, topk_ids, topk_weights) for x [M, H]."""
+        return self._route(x)[0]
+
+    def _route(self, x: torch.Tensor, quantize: bool = False):
+        """(RouterOutput, (x8, sx) or None): the gate's logits (``routing.router_logits``: at
+        small M one kernel, which with ``quantize`` also quantises x for the fp8 experts), then
+        the top-k."""
         from densemoe import routing
 
-        if self.logits_fp32:
-            logits = F.linear(x.float(), self.gate_weight.float())
-        else:
-            logits = F.linear(x, self.gate_weight.to(x.dtype))
+        logits, x_quant = routing.router_logits(x, self.gate_weight, float32=self.logits_fp32, quantize=quantize)
         if self.router == "softmax":
-            return routing.softmax_topk(logits, self.top_k, renormalize=self.renormalize)
+            return routing.softmax_topk(logits, self.top_k, renormalize=self.renormalize), x_quant
         return routing.deepseek_v3_topk(logits, self.top_k, n_group=self.n_group, topk_group=self.topk_group,
                                         e_score_correction_bias=self.e_score_correction_bias,
                                         routed_scaling_factor=self.routed_scaling_factor,
-                                        norm_topk_prob=self.norm_topk_prob)
+                                        norm_topk_prob=self.norm_topk_prob), x_quant
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        out = experts_forward(x, self.prepared, self.route(x).alpha, skip=self.skip, top_k=self.top_k).reshape(shape)
+        # fp8 experts: the router's kernel quantises x too where it runs (M <= 16), else None
+        route, x_quant = self._route(x, quantize=self.prepared.dtype == FP8)
+        out = experts_forward(x, self.prepared, route.alpha, skip=self.skip, top_k=self.top_k,
+                              x_quant=x_quant).reshape(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out

@@ -4,6 +4,8 @@ per-expert scales (the routing weight of expert e for token m, 0 where token m d
     softmax_topk      Mixtral / Qwen2-MoE / Qwen3-MoE style: softmax, top-k, optional renorm.
     deepseek_v3_topk  DeepSeek-V3 style: sigmoid, grouped top-k with a score-correction bias.
     alpha_from_topk   (topk_ids, topk_weights) -> alpha, for routers computed elsewhere.
+    router_logits     the gate's hidden @ W_gate.T; at small M one fused Triton kernel that can
+                      also quantise the hidden states for the fp8 experts (``quantize=True``).
 
 Every router runs on the device of its inputs with no host synchronisation (no ``.item()``, no
 ``nonzero``, no branching on tensor values), so it can be captured by CUDA graphs and by
@@ -47,6 +49,8 @@ from densemoe._runtime import interpreter_enabled
 __all__ = [
     "RouterOutput",
     "alpha_from_topk",
+    "router_logits",
+    "router_logits_ref",
     "softmax_topk",
     "deepseek_v3_topk",
     "alpha_from_topk_ref",
@@ -276,6 +280,109 @@ def _deepseek_v3_topk_op(router_logits: torch.Tensor, e_score_correction_bias: t
 def _(router_logits, e_score_correction_bias, top_k, n_group, topk_group, routed_scaling_factor,
       norm_topk_prob, alpha, topk_ids, topk_weights):
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# router logits (the gate GEMM), with the fp8 experts' input quantisation fused at small M
+
+_GATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_GATE_MAX_M = 16  # mirror of densemoe.kernels.triton.gate.MAX_M
+
+
+@torch.library.custom_op("densemoe::router_gate", mutates_args=("out",))
+def _gate_op(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    from densemoe.kernels.triton.gate import gate_triton
+
+    gate_triton(x, weight, out)
+
+
+@_gate_op.register_fake
+def _(x, weight, out):
+    return None
+
+
+@torch.library.custom_op("densemoe::router_gate_quant", mutates_args=("out", "q", "s"))
+def _gate_quant_op(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
+                   s: torch.Tensor) -> None:
+    from densemoe.kernels.triton.gate import gate_triton
+
+    gate_triton(x, weight, out, q, s)
+
+
+@_gate_quant_op.register_fake
+def _(x, weight, out, q, s):
+    return None
+
+
+def _gate_blocker(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the gate kernel cannot run on these inputs, or None when it can."""
+    if x.device.type != "cuda" and not interpreter_enabled():
+        return f"x is on {x.device}; the kernel needs a CUDA tensor (or TRITON_INTERPRET=1)"
+    if x.shape[0] > _GATE_MAX_M:
+        return f"M={x.shape[0]} tokens; the kernel holds them in registers, up to {_GATE_MAX_M} (above: cuBLAS)"
+    if x.dtype not in _GATE_DTYPES or weight.dtype not in _GATE_DTYPES:
+        return f"x / weight have dtypes {x.dtype} / {weight.dtype}; the kernel takes {_GATE_DTYPES}"
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return "x and weight need unit stride along H"
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return "an input requires grad and the kernel has no backward"
+    return None
+
+
+def router_logits_ref(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = False,
+                      quantize: bool = False):
+    """Torch twin of ``router_logits`` (F.linear, then ``quantize_per_token``)."""
+    if float32:
+        logits = torch.nn.functional.linear(x.float(), weight.float())
+    else:
+        logits = torch.nn.functional.linear(x, weight.to(x.dtype))
+    if not quantize:
+        return logits, None
+    from densemoe.quant import quantize_per_token
+
+    return logits, quantize_per_token(x)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = False, quantize: bool = False,
+                  impl: str = "auto"):
+    """The router's logits, and optionally the fp8 experts' quantised input, in one pass:
+
+        logits = float32(x) @ float32(weight).T      if float32 (DeepSeek-V3: HF casts both)
+                 x @ weight.to(x.dtype).T            else (Mixtral, Qwen3-MoE), in x's dtype
+        if quantize:  (x8, sx) = densemoe.quant.quantize_per_token(x)   (the same bits)
+
+    x       [M, H] bf16 / fp16 / fp32;  weight [E, H] (the gate)
+    returns (logits [M, E], (x8 [M, H] fp8, sx [M] float32) or None)
+
+    impl "auto": the fused Triton kernel (``densemoe.kernels.triton.gate``: one launch, the
+    products accumulated in float32 in another order than cuBLAS's, so logits may differ from
+    F.linear's in the last bit) where it can run (CUDA or the interpreter, M <= 16, unit strides
+    along H, no grad), else F.linear (+ ``quantize_per_token``). "triton" raises a ValueError
+    naming why it cannot run; "torch" is always the twin.
+    """
+    op = "router_logits"
+    _check_tensor(op, "x", x, 2)
+    _check_tensor(op, "weight", weight, 2)
+    _check_float(op, "x", x)
+    _check_float(op, "weight", weight)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight must be [E, H={x.shape[1]}], got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"{op}: x is on {x.device} but weight is on {weight.device}")
+    impl = _check_impl(op, impl)
+    if not _use_kernel(op, impl, _gate_blocker(x, weight)):
+        return router_logits_ref(x, weight, float32=float32, quantize=quantize)
+    M, H = x.shape
+    out = torch.empty((M, weight.shape[0]), dtype=torch.float32 if float32 else x.dtype, device=x.device)
+    if not quantize:
+        _gate_op(x, weight, out)
+        return out, None
+    from densemoe.quant import FP8
+
+    q = torch.empty((M, H), dtype=FP8, device=x.device)
+    s = torch.empty((M,), dtype=torch.float32, device=x.device)
+    _gate_quant_op(x, weight, out, q, s)
+    return out, (q, s)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.triton.fc2 import tma_compatible
-from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
+from densemoe.kernels.triton.skip import _expert_at, _tile_list, _tile_positions, list_blocks, lists_scratch
 
 FP8_MAX = 448.0
 SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers and slack
@@ -212,6 +212,8 @@ def _fc1_persistent_kernel(
         if LISTS_GIVEN:  # built beforehand (``active_experts``): only the counts are read
             for t in range(m_tiles):
                 n_pairs += tl.load(counts_ptr + t)
+        elif ONE_TILE:  # one token tile: its list stays in registers (no store, barrier, reload)
+            pos, n_pairs = _tile_positions(sel_ptr, 0, M, E, stride_sm, stride_se, BLOCK_M, LIST_ROWS, BLOCK_E)
         else:
             for t in range(m_tiles):
                 n_pairs += _tile_list(sel_ptr, t, M, E, stride_sm, stride_se, lists_ptr, counts_ptr,
@@ -226,7 +228,10 @@ def _fc1_persistent_kernel(
             it = u % i_tiles
             if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
                 pid_m = 0
-                e = tl.load(lists_ptr + u // i_tiles)
+                if LISTS_GIVEN:
+                    e = tl.load(lists_ptr + u // i_tiles)
+                else:
+                    e = _expert_at(pos, u // i_tiles, BLOCK_E)
             else:
                 pid_m, j = _locate(u // i_tiles, counts_ptr, E, False)
                 e = tl.load(lists_ptr + pid_m * E + j)
@@ -264,10 +269,13 @@ def _fc1_persistent_kernel(
         for f in tl.range(first, n_fill, NUM_PROGS):
             if ONE_TILE:
                 t = 0
-                jj = f
+                if LISTS_GIVEN:
+                    e = tl.load(lists_ptr + tl.load(counts_ptr) + f)
+                else:
+                    e = _expert_at(pos, n_pairs + f, BLOCK_E)
             else:
                 t, jj = _locate(f, counts_ptr, E, True)
-            e = tl.load(lists_ptr + t * E + tl.load(counts_ptr + t) + jj)
+                e = tl.load(lists_ptr + t * E + tl.load(counts_ptr + t) + jj)
             rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
             r_ok = rows < M
             for i0 in range(0, I, BLOCK_I):

@@ -25,11 +25,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_list(r_ptr, t, M, E, stride_rm, stride_re, lists_ptr, counts_ptr,
-               BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Token tile t's expert list (picked ascending, then the rest) into lists[t, :] and its
-    count into counts[t]; returns the count. The FC1 and FC2 kernels call this themselves
-    (then a barrier before reading the list back), so skipping costs no extra launch."""
+def _tile_positions(r_ptr, t, M, E, stride_rm, stride_re,
+                    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(pos [BLOCK_E], n): token tile t's picked-expert count n and each expert's position in
+    its list (picked ascending at 0..n-1, then the rest; padding lanes: past E), in registers."""
     offs_e = tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
     act = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -42,7 +41,25 @@ def _tile_list(r_ptr, t, M, E, stride_rm, stride_re, lists_ptr, counts_ptr,
     rest = tl.where(e_ok, 1 - act, 0)
     n = tl.sum(act, axis=0)
     pos = tl.where(act == 1, tl.cumsum(act, axis=0) - 1, n + tl.cumsum(rest, axis=0) - 1)
-    tl.store(lists_ptr + t * E + pos, offs_e, mask=e_ok)
+    return tl.where(e_ok, pos, BLOCK_E + offs_e), n
+
+
+@triton.jit
+def _expert_at(pos, j, BLOCK_E: tl.constexpr):
+    """The expert at position j of a list given as ``pos`` (``_tile_positions``): a reduction
+    in registers, no memory."""
+    return tl.sum(tl.where(pos == j, tl.arange(0, BLOCK_E), 0), axis=0)
+
+
+@triton.jit
+def _tile_list(r_ptr, t, M, E, stride_rm, stride_re, lists_ptr, counts_ptr,
+               BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Token tile t's expert list (picked ascending, then the rest) into lists[t, :] and its
+    count into counts[t]; returns the count. The FC1 and FC2 kernels call this themselves
+    (then a barrier before reading the list back), so skipping costs no extra launch."""
+    pos, n = _tile_positions(r_ptr, t, M, E, stride_rm, stride_re, BLOCK_M, ROWS, BLOCK_E)
+    offs_e = tl.arange(0, BLOCK_E)
+    tl.store(lists_ptr + t * E + pos, offs_e, mask=offs_e < E)
     tl.store(counts_ptr + t, n)
     return n
 

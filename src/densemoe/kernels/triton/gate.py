@@ -1,0 +1,99 @@
+"""The router's gate GEMV for small M, with the per-token fp8 quantisation of x fused in.
+
+Semantics (``densemoe.routing.router_logits_ref`` is the torch twin)::
+
+    # x [M, H] bf16 / fp16 / fp32, weight [E, H] bf16 / fp16 / fp32 (unit stride along H)
+    for m, e:
+        logits[m, e] = out_dtype(sum_h float32(x[m, h]) * float32(weight[e, h]))   # fp32 accumulate
+    if QUANT:   # exactly densemoe.quant.quantize_per_token(x)
+        for m:
+            sx[m] = amax(|x[m, :]|) / 448          (1 where the row is all zero)
+            x8[m, :] = clamp(x[m, :] / sx[m], +-448).to(fp8)
+
+Schedule: one program per expert: it loads the expert's gate row whole (H <= 8192: one round
+trip to HBM, the latency being what costs at small M) and dots it with each token row (M is
+small; the rows come from L2). Every program holds whole token rows, so the quantisation costs
+no extra pass: program p quantises rows p, p + E, ... from the registers. One launch instead of
+cuBLAS's split-K GEMV, its reduction and the quantisation kernel (H100, M = 1: ~13 us of the
+layer's graph, ``bench/results/skip_probes_h100_2026-11-26.md``). A first version that looped
+over H in 1024-element steps took 11 us at M = 1 and 24 us at M = 8: a round trip per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 16  # token rows the kernel holds in registers; above, cuBLAS's GEMM
+
+
+@triton.jit
+def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
+                 stride_xm, stride_ge, stride_om, stride_qm,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, ONE_PASS: tl.constexpr):
+    e = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):  # one step when ONE_PASS (H <= BLOCK_K): one round trip to HBM
+        kk = k0 + offs_k
+        k_ok = kk < H
+        g = tl.load(g_ptr + e.to(tl.int64) * stride_ge + kk, mask=k_ok, other=0.0).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):  # the token rows (L2), each dotted with the gate row
+            row_ok = tl.full((BLOCK_K,), m, tl.int32) < M
+            xv = tl.load(x_ptr + m * stride_xm + kk, mask=k_ok & row_ok, other=0.0).to(tl.float32)
+            acc = tl.where(offs_m == m, acc + tl.sum(xv * g, axis=0), acc)
+            if QUANT:
+                a_m = tl.max(tl.abs(xv), axis=0)
+                amax = tl.where(offs_m == m, tl.maximum(amax, a_m), amax)
+                if ONE_PASS:  # the row is in registers: quantise it here (program m % nprog does row m)
+                    if (m < M) & (m % nprog == e):
+                        sm = tl.where(a_m > 0, a_m / 448.0, 1.0)  # as densemoe.kernels.triton.quant
+                        qv = tl.minimum(tl.maximum(tl.math.div_rn(xv, sm), -448.0), 448.0)
+                        tl.store(q_ptr + m * stride_qm + kk, qv.to(q_ptr.dtype.element_ty), mask=k_ok)
+                        tl.store(s_ptr + m, sm)
+    tl.store(out_ptr + offs_m * stride_om + e, acc.to(out_ptr.dtype.element_ty), mask=offs_m < M)
+    if QUANT and not ONE_PASS:  # H > BLOCK_K: a second pass over this program's rows (L2)
+        s = tl.where(amax > 0, amax / 448.0, 1.0)
+        for m in range(e, M, nprog):
+            sm = tl.sum(tl.where(offs_m == m, s, 0.0), axis=0)  # exact: one term
+            for k0 in range(0, H, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < H
+                xv = tl.load(x_ptr + m * stride_xm + kk, mask=k_ok, other=0.0).to(tl.float32)
+                qv = tl.minimum(tl.maximum(tl.math.div_rn(xv, sm), -448.0), 448.0)
+                tl.store(q_ptr + m * stride_qm + kk, qv.to(q_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(s_ptr + m, sm)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+MAX_BLOCK_K = 8192  # elements of a row a program holds (8 warps: 32 fp32 registers a thread)
+
+
+def gate_blocks(m: int, h: int) -> tuple[int, int, bool]:
+    """(BLOCK_M, BLOCK_K, ONE_PASS): every token row and, up to 8192 elements, the whole of H
+    in one step."""
+    bk = min(_pow2_at_least(h), MAX_BLOCK_K)
+    return _pow2_at_least(m), bk, h <= bk
+
+
+def gate_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                q: torch.Tensor | None = None, s: torch.Tensor | None = None) -> None:
+    """out [M, E] <- x [M, H] @ weight [E, H]^T, and (q [M, H] fp8, s [M] f32) <- x's per-token
+    quantisation when given. Unit strides along H and E, M <= MAX_M: checked by the caller."""
+    M, H = x.shape
+    E = weight.shape[0]
+    if M == 0 or E == 0:
+        return
+    bm, bk, one = gate_blocks(M, H)
+    quant = q is not None
+    _gate_kernel[(E,)](
+        x, weight, out, q if quant else out, s if quant else out, M, E, H,
+        x.stride(0), weight.stride(0), out.stride(0), q.stride(0) if quant else 0,
+        BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, num_warps=8 if bk >= 4096 else 4)
