@@ -53,7 +53,7 @@ def _check(x, w, float32: bool, quantize: bool):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("M", [1, 2, 7, 16])
+@pytest.mark.parametrize("M", [1, 2, 4])
 @pytest.mark.parametrize("E,H", [(8, 96), (64, 200), (256, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gate_kernel_cpu(M, E, H, dtype):
@@ -64,7 +64,7 @@ def test_gate_kernel_cpu(M, E, H, dtype):
 
 @needs_interpreter
 def test_gate_kernel_fp16_fp32_weight_and_zero_row():
-    x, w = _inputs(5, 16, 48, torch.float16, torch.float32, "cpu")
+    x, w = _inputs(4, 16, 48, torch.float16, torch.float32, "cpu")
     x[2] = 0  # an all-zero row: scale 1, codes 0
     _check(x, w, float32=False, quantize=True)
     _check(x, w, float32=True, quantize=True)
@@ -77,21 +77,21 @@ def test_gate_blocks():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("M", [1, 6])
+@pytest.mark.parametrize("M", [1, 4])
 def test_gate_kernel_two_passes(M, monkeypatch):
     """H longer than a program's row block: the loop over H and the second quantisation pass."""
     from densemoe.kernels.triton import gate
 
     monkeypatch.setattr(gate, "MAX_BLOCK_K", 32)
     assert gate.gate_blocks(M, 100)[2] is False
-    x, w = _inputs(M, 4, 100, torch.bfloat16, torch.bfloat16, "cpu")  # E=4 < M=6: a program does two rows
+    x, w = _inputs(M, 2, 100, torch.bfloat16, torch.bfloat16, "cpu")  # (E=2 < M=4: a program does two rows)
     _check(x, w, float32=False, quantize=True)
 
 
 @needs_interpreter
 def test_router_logits_fallbacks_and_errors():
     x, w = _inputs(MAX_M + 1, 8, 32, torch.bfloat16, torch.bfloat16, "cpu")
-    with pytest.raises(ValueError, match="up to 16"):
+    with pytest.raises(ValueError, match="up to 4"):
         routing.router_logits(x, w, impl="triton")
     logits, xq = routing.router_logits(x, w, quantize=True)  # auto: torch above MAX_M
     assert torch.equal(logits, F.linear(x, w))
@@ -131,7 +131,7 @@ def test_router_logits_compiles():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("M", [1, 3, 4])
 @pytest.mark.parametrize("E,H", [(256, 7168), (128, 2048)])
 def test_gate_kernel_gpu(M, E, H):
     x, w = _inputs(M, E, H, torch.bfloat16, torch.bfloat16, "cuda")

@@ -61,19 +61,13 @@ SCRIPT = textwrap.dedent('''
         compile_(_fc1_persistent_kernel, fc1_ptrs, descs, c, warps=8 if bi == 128 else 4, stages=3)
         n += 1
     fc2_ptrs = dict(a_ptr="*" + FP8, w_ptr="*" + FP8, alpha_ptr="*fp32", out_ptr="*bf16", ws_ptr="*fp32",
-                    cnt_ptr="*i32", lists_ptr="*i32", counts_ptr="*i32", wscale_ptr="*fp32")
+                    cnt_ptr="*i32", lists_ptr="*i32", counts_ptr="*i32")
     for bm, bn, swap, skip in ((16, 64, True, True), (64, 128, False, True), (16, 64, True, False)):
         descs = dict(a_desc=f"tensordesc<{FP8}[{bm}, 256]>", w_desc=f"tensordesc<{FP8}[{bn}, 256]>")
         c = dict(I=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=256, SWAP_AB=swap, USE_TMA=True, NUM_STAGES=4, SKIP=skip,
                  BLOCK_E=256, LIST_ROWS=16)
         compile_(_fc2_kernel, fc2_ptrs, descs, c)
         n += 1
-    # the y quantisation fused in (fc2_quant_y): a bf16 input quantised to fp8 in registers
-    descs = dict(a_desc="tensordesc<bf16[16, 256]>", w_desc=f"tensordesc<{FP8}[64, 256]>")
-    c = dict(I=256, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SWAP_AB=True, USE_TMA=True, NUM_STAGES=6, SKIP=True,
-             BLOCK_E=256, LIST_ROWS=16, QUANT_A=True, HAS_WSCALE=True)
-    compile_(_fc2_kernel, dict(fc2_ptrs, a_ptr="*bf16"), descs, c, stages=6)
-    n += 1
     for bm, bk, quant, one in ((1, 8192, True, True), (16, 8192, True, True), (4, 1024, True, False)):
         gate_ptrs = dict(x_ptr="*bf16", g_ptr="*bf16", out_ptr="*bf16", q_ptr="*" + FP8, s_ptr="*fp32")
         compile_(_gate_kernel, gate_ptrs, {}, dict(BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one), warps=8,
@@ -92,4 +86,4 @@ def test_triton_kernels_compile_for_sm90():
         pytest.skip("this Triton has no NVIDIA backend")
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 14" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 13" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -12,7 +12,6 @@ Pipelines (no host sync anywhere):
           y = fc1(x8, w1, alpha1, x_scale=sx, routing=alpha)  # [M, E*I] bf16, SwiGLU fused
           y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
               # one kernel; reads y only where alpha != 0, writes zeros elsewhere
-              # (with skipping at M <= 16 the FC2 kernel does it as it loads y: fc2_quant_y)
           (with I <= FUSED_QUANT_MAX_I, 0 today: y8, s_y = fc1_fp8_dynamic(...) quantises in
            FC1's epilogue and alpha2 = alpha * s_y * w2_scale)
           out = fc2(y8, w2, alpha2)                          # [M, H] bf16
@@ -30,8 +29,8 @@ import torch
 from torch import nn
 
 from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
-from densemoe.ops.fc2 import SKIP_TOP_K, fc2, fc2_quant_y, skip_by_default
-from densemoe.quant import FP8, quantize_per_token
+from densemoe.ops.fc2 import SKIP_TOP_K, fc2, skip_by_default
+from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights, prepare_weights
 
 
@@ -73,8 +72,8 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         else:
             # the quantisation reads only picked segments: FC1 need not zero the others
             y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
-            # = fc2(*quantize_y_fold_alpha(y, alpha, w2_scale)): one kernel where it can (skipping, M <= 16)
-            out = fc2_quant_y(y, prepared.w2, alpha, prepared.w2_scale, skip=skip)
+            y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
+            out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
         y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False)
@@ -192,7 +191,7 @@ class DenseMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        # fp8 experts: the router's kernel quantises x too where it runs (M <= 16), else None
+        # fp8 experts: the router's kernel quantises x too where it runs (M <= 4), else None
         route, x_quant = self._route(x, quantize=self.prepared.dtype == FP8)
         out = experts_forward(x, self.prepared, route.alpha, skip=self.skip, top_k=self.top_k,
                               x_quant=x_quant).reshape(shape)

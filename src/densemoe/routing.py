@@ -286,7 +286,7 @@ def _(router_logits, e_score_correction_bias, top_k, n_group, topk_group, routed
 # router logits (the gate GEMM), with the fp8 experts' input quantisation fused at small M
 
 _GATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_GATE_MAX_M = 16  # mirror of densemoe.kernels.triton.gate.MAX_M
+_GATE_MAX_M = 4  # mirror of densemoe.kernels.triton.gate.MAX_M
 
 
 @torch.library.custom_op("densemoe::router_gate", mutates_args=("out",))
@@ -356,7 +356,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = Fals
 
     impl "auto": the fused Triton kernel (``densemoe.kernels.triton.gate``: one launch, the
     products accumulated in float32 in another order than cuBLAS's, so logits may differ from
-    F.linear's in the last bit) where it can run (CUDA or the interpreter, M <= 16, unit strides
+    F.linear's in the last bit) where it can run (CUDA or the interpreter, M <= 4, unit strides
     along H, no grad), else F.linear (+ ``quantize_per_token``). "triton" raises a ValueError
     naming why it cannot run; "torch" is always the twin.
     """

@@ -17,10 +17,7 @@ Ops (``op``):
     segments of experts a token did not pick zeroed (what ``routing`` asks for).
   * ``fc2``: ``densemoe.fc2(y8, w2, alpha2, skip=True)`` against ``skip=False``, where
     ``y8, alpha2 = quantize_y_fold_alpha(fc1(x8, ..., routing=alpha), alpha, w2_scale)``: the
-    layer's own FC2 input (bf16: FC1's bf16 output and ``alpha * w2_scale``). fp8 records at
-    M <= 16 also carry what the layer runs there, ``fc2_quant_y`` (the quantisation inside
-    FC2; ``quant_fused_us``), and the two kernels it replaces (``separate_quant_us``), checked
-    bit-identical first.
+    layer's own FC2 input (bf16: FC1's bf16 output and ``alpha * w2_scale``).
   FC1 and FC2 records carry cuBLAS's bare dense GEMMs of the op's shape (every expert, no
   scales: ``cublas_fp8_us``, ``cublas_bf16_us``; ``speedup_vs_*`` = baseline / ours).
   * ``layer``: ``DenseMoE`` (its fused router, then FC1, FC2) built with ``skip=True`` against
@@ -76,7 +73,6 @@ import densemoe
 from densemoe.bench.layer import (ExpertsCase, _compare, _rates, cublas_fp8_pipeline, hf_experts, layer_baselines,
                                   rel_err)
 from densemoe.layer import DenseMoE
-from densemoe.ops.fc2 import fc2_quant_y, quant_y_fused
 from densemoe.quant import quantize_per_token, quantize_y_fold_alpha
 from densemoe.reference import experts_ref, fc1_ref, fc2_ref
 from densemoe.routing import softmax_topk
@@ -91,8 +87,7 @@ DENSE_SLACK = 1.02  # ... no more than 2% slower than the dense path
 LAYER_TARGET_US = {1: 35.0, 8: 90.0}
 BOUNDS = {"fc1": {"fp8": 1e-2, "bf16": 1e-2}, "fc2": {"fp8": 1e-2, "bf16": 1e-2},
           "layer": {"fp8": 0.1, "bf16": 2e-2}}
-NOT_BASELINES = ("us", "floor_us", "dense_us", "dense_floor_us", "target_us", "floor_target_us", "quant_fused_us",
-                 "separate_quant_us")
+NOT_BASELINES = ("us", "floor_us", "dense_us", "dense_floor_us", "target_us", "floor_target_us")
 
 
 # -- routing ---------------------------------------------------------------------------------------
@@ -343,29 +338,16 @@ def _fc1(case, head, x, alpha, dtypes, timer, ceiling, peaks, log) -> list:
     return records
 
 
-def _insert_w(qa: tuple, w: torch.Tensor) -> tuple:
-    """(y8, alpha2) -> (y8, w, alpha2): fc2's argument order."""
-    return qa[0], w, qa[1]
-
-
 def _fc2(case, head, x, alpha, dtypes, timer, ceiling, peaks, log) -> list:
     E, I, H, k, M = case.E, case.I, case.H, case.k, head["M"]
     records, ours = [], []
     x8, sx = quantize_per_token(x)
-    extra, a_by_dt = {}, {}
+    a_by_dt = {}
     for dt in dtypes:
         p = case.prepared[dt]
         if dt == "fp8":
             y = densemoe.fc1(x8, p.w1, p.alpha1, x_scale=sx, routing=alpha)
             a, a2 = quantize_y_fold_alpha(y, alpha, p.w2_scale)
-            if quant_y_fused(y, p.w2, alpha, True) is None:  # the layer's FC2 at small M: y quantised in FC2
-                fused = fc2_quant_y(y, p.w2, alpha, p.w2_scale, skip=True)
-                if torch.equal(fused, densemoe.fc2(a, p.w2, a2, skip=True)):
-                    extra["quant_fused_us"] = lambda y=y, p=p: fc2_quant_y(y, p.w2, alpha, p.w2_scale, skip=True)
-                    extra["separate_quant_us"] = lambda y=y, p=p: densemoe.fc2(
-                        *_insert_w(quantize_y_fold_alpha(y, alpha, p.w2_scale), p.w2), skip=True)
-                else:
-                    log(f"  WRONG fc2_quant_y at M={M}: not the bits of quantize_y_fold_alpha + fc2")
         else:
             a = densemoe.fc1(x.to(torch.bfloat16), p.w1, p.alpha1, routing=alpha)
             a2 = alpha * p.w2_scale[None, :]
@@ -393,17 +375,14 @@ def _fc2(case, head, x, alpha, dtypes, timer, ceiling, peaks, log) -> list:
     a8 = a_by_dt.get("fp8", a_by_dt.get("bf16", a).to(case.prepared["fp8"].w2.dtype))
     a16 = a_by_dt["bf16"] if "bf16" in a_by_dt else a8.to(torch.bfloat16)
     bases = _gemm_baselines(case, a8, a16, case.prepared["fp8"].w2, case.prepared["bf16"].w2)
-    res = _compare(timer, [f for _, fs, fd in ours for f in (fs, fd)] + list(bases.values()) + list(extra.values()))
+    res = _compare(timer, [f for _, fs, fd in ours for f in (fs, fd)] + list(bases.values()))
     base = {name: r["us"] for name, r in zip(bases, res[2 * len(ours):])}
-    extra_us = {name: r["us"] for name, r in zip(extra, res[2 * len(ours) + len(bases):])}
     for j, (rec, _, _) in enumerate(ours):
         es = 1 if rec["dtype"] == "fp8" else 2
         A = rec["active_experts"]
         io = M * E * 4 + M * H * 2
         _finish(rec, res[2 * j], res[2 * j + 1], A * H * I * es + M * A * I * es + io, 2 * M * A * H * I,
                 E * H * I * es + M * E * I * es + io, 2 * M * E * H * I, ceiling, peaks[rec["dtype"]], base)
-        if rec["dtype"] == "fp8":
-            rec.update(extra_us)
         records.append(rec)
         log(fmt_skip(rec))
     return records
@@ -518,16 +497,6 @@ def markdown_skip(meta: dict, records: list[dict]) -> str:
             lines += ["", f"{op}: {n} of {len(judged)} points meet their target"
                       + ("." if n == len(judged) else ": misses at " + ", ".join(
                           f"{r['routing']} {r['dtype']} M={r['M']}" for r in judged if not r["meets_target"]) + ".")]
-        lines.append("")
-    fq = [r for r in ok if r["op"] == "fc2" and r.get("quant_fused_us")]
-    if fq:
-        lines += ["## fc2 on FC1's bf16 output (the fp8 layer's last step)", "",
-                  "`fc2_quant_y`: the skipping FC2 kernel quantises y per (token, expert) as it loads it "
-                  "(same bits as `quantize_y_fold_alpha` + `fc2`, checked), against the two kernels.", "",
-                  "| shape | routing | M | fused us | quantise + fc2 us | saved us |", "|---|---|---:|---:|---:|---:|"]
-        for r in fq:
-            lines.append(f"| {r['shape']} | {r['routing']} | {r['M']} | {r['quant_fused_us']:.1f} | "
-                         f"{r['separate_quant_us']:.1f} | {r['separate_quant_us'] - r['quant_fused_us']:.1f} |")
         lines.append("")
     lay = {(r["shape"], r["dtype"], r["M"], r["routing"]): r for r in ok if r["op"] == "layer"}
     pairs = sorted({key[:3] for key in lay if (*key[:3], "uniform") in lay and (*key[:3], "skewed") in lay})

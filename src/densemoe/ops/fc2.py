@@ -12,9 +12,8 @@ from densemoe.kernels.triton.fc2 import (
     Fc2TritonConfig,
     can_implement,
     fc2_triton,
-    quant_a_ok,
 )
-from densemoe._runtime import interpreter_enabled, sm_count
+from densemoe._runtime import sm_count
 from densemoe.kernels.cute import fc2_sm90 as cute_fc2
 from densemoe.kernels.cute.fc2_sm90 import Fc2CuteConfig
 from densemoe.ops import _validate as v
@@ -406,84 +405,4 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
     if M == 0 or N == 0:
         return out
     torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "", backend, skip)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# FC2 on FC1's unquantised output (the fp8 layer): the y quantisation fused into the skipping
-# kernel at small M
-
-QUANT_Y_MAX_M = 16  # tokens up to which fc2_quant_y fuses the quantisation (one 16-token tile)
-
-
-@torch.library.custom_op("densemoe::fc2_quant_y", mutates_args=("out",))
-def _fc2_quant_y_op(y: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, w_scale: torch.Tensor | None,
-                    out: torch.Tensor) -> None:
-    problem = Fc2Problem(y.shape[0], w.shape[0], alpha.shape[1], y.shape[1] // alpha.shape[1], w.dtype, out.dtype)
-    fc2_triton(y, w, alpha, out, default_skip_config(problem, sm_count(y.device)), skip=True, quant_a=True,
-               w_scale=w_scale)
-
-
-@_fc2_quant_y_op.register_fake
-def _(y, w, alpha, w_scale, out):
-    return None
-
-
-def quant_y_fused(y: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, skip: bool) -> str | None:
-    """Why ``fc2_quant_y`` cannot fuse the quantisation for these (valid) inputs, or None."""
-    M, K = y.shape
-    E = alpha.shape[1]
-    I = K // E
-    if not skip:
-        return "the dense path (skip off) quantises y in its own kernel"
-    if M > QUANT_Y_MAX_M:
-        return f"M={M} > {QUANT_Y_MAX_M}"
-    if w.dtype != v.FP8 or y.dtype != torch.bfloat16:
-        return f"needs fp8 w and bf16 y, got {w.dtype} / {y.dtype}"
-    if I & (I - 1) or not 32 <= I <= 256:
-        return f"I={I}: one k-tile must hold an expert's I (a power of two in [32, 256])"
-    if y.stride(-1) != 1 or w.stride(-1) != 1 or alpha.stride(-1) != 1:
-        return "y, w and alpha need unit stride along their last dimension"
-    if y.device.type != "cuda" and not interpreter_enabled():
-        return f"y is on {y.device}"
-    if torch.is_grad_enabled() and (y.requires_grad or w.requires_grad or alpha.requires_grad):
-        return "an input requires grad"
-    problem = Fc2Problem(M, w.shape[0], E, I, w.dtype, torch.bfloat16)
-    return None if quant_a_ok(problem, default_skip_config(problem, sm_count(y.device)), y.dtype)[0] else \
-        "the skipping config cannot hold a 16-bit input"
-
-
-def fc2_quant_y(y: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, w_scale: torch.Tensor | None = None, *,
-                skip: bool | None = None) -> torch.Tensor:
-    """FC2 on FC1's unquantised output, the fp8 layer's last step:
-
-        y8, alpha2 = quantize_y_fold_alpha(y, alpha, w_scale)
-        return fc2(y8, w, alpha2, skip=skip)
-
-    with the same bits. Where it applies (``quant_y_fused`` is None: skipping on, M <= 16, fp8
-    w, bf16 y, I a power of two <= 256 so that one k-tile holds an expert's I), one kernel does
-    both: the skipping FC2 kernel quantises each picked expert's rows of y as it loads them and
-    folds the scale into alpha (``fc2_triton(quant_a=True)``); elsewhere exactly the two calls.
-
-    y [M, E*I] (bf16; FC1's output), w [N, E*I] fp8, alpha [M, E] float32 (0: not picked),
-    w_scale [E] float32 or None. Returns out [M, N] bf16."""
-    from densemoe.quant import quantize_y_fold_alpha
-
-    y = v.tensor(OP, "y", y, 2)
-    w = v.tensor(OP, "w", w, 2)
-    alpha = v.tensor(OP, "alpha", alpha, 2)
-    if skip not in (None, True, False):
-        raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
-    E = alpha.shape[1]
-    ok_shapes = (E >= 1 and alpha.shape[0] == y.shape[0] and y.shape[1] % E == 0 and w.shape[1] == y.shape[1]
-                 and alpha.dtype == torch.float32 and w.dtype == v.FP8
-                 and (w_scale is None or (w_scale.shape == (E,) and w_scale.dtype == torch.float32)))
-    sk = _resolve_skip(skip, y.shape[0], E, "auto", None) if ok_shapes else False
-    if not ok_shapes or y.shape[0] == 0 or quant_y_fused(y, w, alpha, sk) is not None:
-        y8, alpha2 = quantize_y_fold_alpha(y, alpha, w_scale)  # (its checks and fc2's name what is wrong)
-        return fc2(y8, w, alpha2, skip=skip)
-    v.same_device(OP, y=y, w=w, alpha=alpha, **({"w_scale": w_scale} if w_scale is not None else {}))
-    v.device_supports(OP, y.device, w.dtype)
-    out = torch.empty((y.shape[0], w.shape[0]), dtype=torch.bfloat16, device=y.device)
-    torch.ops.densemoe.fc2_quant_y(y, w, alpha, w_scale.contiguous() if w_scale is not None else None, out)
     return out

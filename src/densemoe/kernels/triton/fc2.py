@@ -42,7 +42,7 @@ from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
 @triton.jit(do_not_specialize=["M"])
 def _fc2_kernel(
     a_ptr, w_ptr, a_desc, w_desc,  # pointer pair (USE_TMA=False) or descriptor pair (True)
-    alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr, wscale_ptr,
+    alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr,
     M, N, E,
     stride_am, stride_ak, stride_wn, stride_wk,
     stride_alm, stride_ale, stride_om, stride_on,
@@ -50,7 +50,6 @@ def _fc2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16,
-    QUANT_A: tl.constexpr = False, HAS_WSCALE: tl.constexpr = False,
 ):
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
     pid = tl.program_id(0)
@@ -118,16 +117,6 @@ def _fc2_kernel(
                             + (k0 + offs_k)[None, :] * stride_ak,
                             mask=mask_m[:, None], other=0.0)
             al = tl.load(alpha_ptr + offs_m * stride_alm + e * stride_ale, mask=mask_m, other=0.0)
-            if QUANT_A:  # a is FC1's unquantised output, a k-tile holds the expert's whole I (KT == 1):
-                # quantise its rows and fold the scales into alpha as quantize_y_fold_alpha does
-                af = a.to(tl.float32)
-                amax = tl.max(tl.abs(af), axis=1)
-                sc = tl.where(amax > 0, amax / 448.0, 1.0)
-                a = tl.minimum(tl.maximum(tl.math.div_rn(af, sc[:, None]), -448.0), 448.0).to(w.dtype)
-                al2 = al * sc
-                if HAS_WSCALE:
-                    al2 = al2 * tl.load(wscale_ptr + e)
-                al = tl.where(al != 0.0, al2, 0.0)
             if KT == 1:  # a k-tile is a whole expert: scale its product and add
                 if SWAP_AB:
                     prod = tl.dot(w, tl.trans(a)) * al[None, :]
@@ -299,18 +288,6 @@ def can_implement(problem: Fc2Problem, config: Fc2TritonConfig) -> tuple[bool, s
     return True, ""
 
 
-def quant_a_ok(problem: Fc2Problem, config: Fc2TritonConfig, a_dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether ``config`` can quantise a ``a_dtype`` input in the kernel (``quant_a``)."""
-    if problem.dtype != torch.float8_e4m3fn or a_dtype not in (torch.bfloat16, torch.float16):
-        return False, f"in-kernel quantisation takes fp8 weights and a bf16/fp16 input, got {a_dtype}"
-    if config.block_k != problem.i:
-        return False, f"in-kernel quantisation needs block_k = I = {problem.i} (one k-tile per expert)"
-    smem = config.num_stages * (config.block_m * 2 + config.block_n) * config.block_k + _SMEM_RESERVE
-    if smem * config.ctas_per_sm > SMEM_BYTES:
-        return False, f"{config.num_stages} stages with a 16-bit input need {smem} B of shared memory"
-    return True, ""
-
-
 def _grid_groups(problem: Fc2Problem, config: Fc2TritonConfig, wave: int) -> tuple[int, int]:
     """(token tiles, programs per token tile) for a wave of ``wave`` programs."""
     m_tiles = triton.cdiv(problem.m, config.block_m)
@@ -352,26 +329,19 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-               config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False,
-               quant_a: bool = False, w_scale: torch.Tensor | None = None) -> None:
+               config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False) -> None:
     """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
 
     Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
     the wave size of split=0 (tests use it to force splits on the CPU interpreter).
     ``skip``: expert skipping, each token tile walks only the experts its tokens picked
     (listed by the kernel itself from alpha, ``kernels/triton/skip.py``).
-    ``quant_a``: ``a`` is FC1's unquantised output (bf16) and ``w`` fp8: each k-tile, which
-    must hold an expert's whole I (``block_k == I``), is quantised per row in registers and
-    its scale (times ``w_scale[e]`` [E] when given) folded into alpha, which gives exactly
-    ``fc2(*quantize_y_fold_alpha(a, alpha, w_scale))``.
     """
     M, K = a.shape
     N = w.shape[0]
     E = alpha.shape[1]
-    problem = Fc2Problem(M, N, E, K // E, w.dtype, out.dtype)
+    problem = Fc2Problem(M, N, E, K // E, a.dtype, out.dtype)
     ok, why = can_implement(problem, config)
-    if ok and quant_a:
-        ok, why = quant_a_ok(problem, config, a.dtype)
     if not ok:
         raise ValueError(f"config {config} cannot run {problem}: {why}")
     if M == 0 or N == 0:
@@ -394,13 +364,13 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     else:
         a_desc, w_desc = a, w
     _fc2_kernel[(m_tiles * groups,)](
-        a, w, a_desc, w_desc, alpha, out, ws, cnt, lists, counts, w_scale if w_scale is not None else alpha,
+        a, w, a_desc, w_desc, alpha, out, ws, cnt, lists, counts,
         M, N, E,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         alpha.stride(0), alpha.stride(1), out.stride(0), out.stride(1),
         I=K // E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
-        BLOCK_E=block_e, LIST_ROWS=list_rows, QUANT_A=quant_a, HAS_WSCALE=w_scale is not None,
+        BLOCK_E=block_e, LIST_ROWS=list_rows,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

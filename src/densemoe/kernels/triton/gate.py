@@ -15,8 +15,10 @@ trip to HBM, the latency being what costs at small M) and dots it with each toke
 small; the rows come from L2). Every program holds whole token rows, so the quantisation costs
 no extra pass: program p quantises rows p, p + E, ... from the registers. One launch instead of
 cuBLAS's split-K GEMV, its reduction and the quantisation kernel (H100, M = 1: ~13 us of the
-layer's graph, ``bench/results/skip_probes_h100_2026-11-26.md``). A first version that looped
-over H in 1024-element steps took 11 us at M = 1 and 24 us at M = 8: a round trip per step.
+layer's graph, ``bench/results/skip_probes_h100_2026-11-26.md``). In the H100 layer graph it
+took 5.9 us at M = 1 but 15.1 at M = 8 (a block-wide reduction per token row), hence
+``MAX_M = 4``. A first version that looped over H in 1024-element steps took 11 us at M = 1
+and 24 us at M = 8: a round trip per step.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_M = 16  # token rows the kernel holds in registers; above, cuBLAS's GEMM
+MAX_M = 4  # token rows the kernel takes (one gate row, M token rows); above, cuBLAS's GEMM
 
 
 @triton.jit
