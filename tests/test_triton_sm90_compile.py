@@ -28,6 +28,8 @@ SCRIPT = textwrap.dedent('''
     FP8 = "fp8e4nv"
 
     def compile_(kernel, ptrs, descs, const, warps=4, stages=4, mma=True):
+        # constexprs not given take their defaults, as at a launch
+        const = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **const}
         sig = {}
         for name in kernel.arg_names:
             if name in ptrs:
@@ -73,6 +75,15 @@ SCRIPT = textwrap.dedent('''
         compile_(_gate_kernel, gate_ptrs, {}, dict(BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one), warps=8,
                  mma=False)
         n += 1
+    # programmatic dependent launch (kernels.triton.pdl): the griddepcontrol instructions are there
+    descs = dict(x_desc=f"tensordesc<{FP8}[16, 256]>", w_desc=f"tensordesc<{FP8}[64, 256]>")
+    # ... and the idle programs' L2 prefetch of FC2's weights
+    c = dict(flags, BLOCK_M=16, BLOCK_I=64, BLOCK_K=256, SWAP_AB=True, SKIP=True, NUM_STAGES=4,
+             BLOCK_E=256, LIST_ROWS=16, FILL=False, ONE_TILE=True, LISTS_GIVEN=False, PDL=True, PREFETCH=True)
+    k = compile_(_fc1_persistent_kernel, dict(fc1_ptrs, pf_ptr="*" + FP8), descs, c, stages=4)
+    assert "griddepcontrol.wait" in k.asm["ptx"] and "griddepcontrol.launch_dependents" in k.asm["ptx"]
+    assert "prefetch.global.L2::evict_last" in k.asm["ptx"]
+    n += 1
     print("compiled", n)
 ''')
 
@@ -86,4 +97,4 @@ def test_triton_kernels_compile_for_sm90():
         pytest.skip("this Triton has no NVIDIA backend")
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 13" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 14" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -29,6 +29,7 @@ the tiles in turn (``_fc1_persistent_kernel``) instead of one program per tile.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import triton
@@ -36,6 +37,7 @@ import triton.language as tl
 
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.triton.fc2 import tma_compatible
+from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 from densemoe.kernels.triton.skip import _expert_at, _tile_list, _tile_positions, list_blocks, lists_scratch
 
 FP8_MAX = 448.0
@@ -131,8 +133,9 @@ def _fc1_kernel(
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
     DYN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     i_tiles = tl.cdiv(I, BLOCK_I)
@@ -164,6 +167,31 @@ def _fc1_kernel(
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at ``ptrs`` (kept with evict_last priority); nothing waits for them."""
+    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_segments(pf_ptr, pos, n_pairs, worker, workers, rows, stride, I,
+                       BLOCK_E: tl.constexpr, LINE: tl.constexpr, BLOCK: tl.constexpr):
+    """Prefetch into L2 the segments [:, e*I:(e+1)*I] of the [rows, E*I] matrix at ``pf_ptr``
+    (FC2's weights) for the n_pairs experts listed by ``pos``, one request per ``LINE``
+    elements, shared among ``workers`` programs (this is number ``worker``)."""
+    lines = tl.cdiv(I, LINE)
+    total = rows * lines
+    offs = tl.arange(0, BLOCK)
+    for j in range(n_pairs):
+        e = _expert_at(pos, j, BLOCK_E)
+        for q0 in range(worker * BLOCK, total, workers * BLOCK):
+            q = tl.minimum(q0 + offs, total - 1)
+            r = q // lines
+            ptrs = pf_ptr + r.to(tl.int64) * stride + e * I + (q % lines) * LINE
+            _prefetch_l2(ptrs)
+
+
+@triton.jit
 def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
     """(token tile t, position j) of the q-th (tile, expert) pair: pairs are counted tile by
     tile, ``counts[t]`` picked experts per tile (``E - counts[t]`` if INACTIVE)."""
@@ -184,8 +212,8 @@ def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _fc1_persistent_kernel(
     x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
-    sel_ptr, lists_ptr, counts_ptr,
-    M, H, I, E, NUM_PROGS, stride_sm, stride_se,
+    sel_ptr, lists_ptr, counts_ptr, pf_ptr,
+    M, H, I, E, NUM_PROGS, stride_sm, stride_se, pf_rows, pf_stride,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
     stride_ysm, stride_yse,
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
@@ -193,7 +221,8 @@ def _fc1_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
-    ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False,
+    ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 128, PF_BLOCK: tl.constexpr = 1024,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -202,6 +231,7 @@ def _fc1_persistent_kernel(
     then the zero-fill of every (token tile, expert not picked there) output segment. Each
     program lists every tile's experts itself first (``_tile_list`` over ``sel_ptr``: the
     routing, else alpha_post), into scratch ``lists`` / ``counts``."""
+    pdl_enter(PDL)
     m_tiles = tl.cdiv(M, BLOCK_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
     k_tiles = tl.cdiv(H, BLOCK_K)
@@ -220,6 +250,10 @@ def _fc1_persistent_kernel(
                                       BLOCK_M, LIST_ROWS, BLOCK_E)
             tl.debug_barrier()  # the lists this program just wrote are read back below
         n_units = n_pairs * i_tiles
+        if PREFETCH:  # one token tile: the programs without a unit warm L2 with the next op's weights
+            if pid >= n_units:
+                _prefetch_segments(pf_ptr, pos, n_pairs, pid - n_units, NUM_PROGS - n_units, pf_rows, pf_stride, I,
+                                   BLOCK_E, PF_LINE, PF_BLOCK)
     else:
         n_pairs = m_tiles * E
         n_units = n_pairs * i_tiles
@@ -446,7 +480,8 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                y_scale: torch.Tensor | None = None, num_programs: int | None = None,
                routing: torch.Tensor | None = None, skip: bool = False, fill: bool = True,
-               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               active: tuple[torch.Tensor, torch.Tensor] | None = None,
+               prefetch: torch.Tensor | None = None) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
@@ -456,7 +491,10 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
     not pick unwritten (for consumers that never read them). ``active``: (lists, counts) from
     ``active_experts(routing, block_m)`` instead of the kernel's own (probes and tests).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
-    there (the config's ``block_i`` must hold all of I)."""
+    there (the config's ``block_i`` must hold all of I).
+    ``prefetch`` [N, E*I] (FC2's weights, 2-D, unit column stride): with skipping and one token
+    tile on a GPU, the programs that get no unit prefetch the picked experts' segments of it into
+    L2 (FC2, next, then reads them from there); ignored elsewhere and with DENSEMOE_L2_PREFETCH=0."""
     M, H = x.shape
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
@@ -490,7 +528,8 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         HAS_XS=x_scale is not None, HAS_POST=alpha_post is not None, HAS_ROUTE=route is not None,
         OUT_FP8=y.dtype == torch.float8_e4m3fn,
         DYN_SCALE=y_scale is not None, BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k,
-        SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, num_warps=c.num_warps, num_stages=c.num_stages)
+        SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, num_warps=c.num_warps, num_stages=c.num_stages,
+        **launch_kwargs(x.device))
     if c.persistent:
         tiles = grid[0] * grid[1]
         progs = min(tiles, num_programs if num_programs is not None else sm_count(x.device) * c.persistent)
@@ -502,9 +541,15 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         else:
             sel, lists, counts = alpha1[None, :], alpha1, alpha1
         block_e, list_rows = list_blocks(E, c.block_m)
-        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
+        pf = (prefetch is not None and skip and active is None and grid[0] == 1 and x.device.type == "cuda"
+              and prefetch.dim() == 2 and prefetch.shape[1] == E * I and prefetch.stride(1) == 1
+              and os.environ.get("DENSEMOE_L2_PREFETCH", "1") != "0")
+        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, prefetch if pf else x, M, H, I, E, progs,
+                                         sel.stride(0), sel.stride(1), prefetch.shape[0] if pf else 0,
+                                         prefetch.stride(0) if pf else 0,
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          ONE_TILE=grid[0] == 1, LISTS_GIVEN=skip and active is not None,
-                                         LIST_ROWS=list_rows, **flags)
+                                         LIST_ROWS=list_rows, PREFETCH=pf,
+                                         PF_LINE=128 // prefetch.element_size() if pf else 128, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
 
 
@@ -49,8 +50,9 @@ def _fc2_kernel(
     I: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
-    BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16,
+    BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -372,5 +374,5 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
         BLOCK_E=block_e, LIST_ROWS=list_rows,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_kwargs(a.device),
     )

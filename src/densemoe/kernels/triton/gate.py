@@ -27,13 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
+from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
+
 MAX_M = 4  # token rows the kernel takes (one gate row, M token rows); above, cuBLAS's GEMM
 
 
 @triton.jit
 def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
                  stride_xm, stride_ge, stride_om, stride_qm,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, ONE_PASS: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, ONE_PASS: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     e = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_k = tl.arange(0, BLOCK_K)
@@ -98,4 +102,5 @@ def gate_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
     _gate_kernel[(E,)](
         x, weight, out, q if quant else out, s if quant else out, M, E, H,
         x.stride(0), weight.stride(0), out.stride(0), q.stride(0) if quant else 0,
-        BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, num_warps=8 if bk >= 4096 else 4)
+        BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, num_warps=8 if bk >= 4096 else 4,
+        **launch_kwargs(x.device))

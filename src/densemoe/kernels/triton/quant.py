@@ -30,13 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
+from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
+
 FP8_MAX = 448.0
 _MAX_BLOCK = 4096  # elements one program holds in registers per pass
 
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q,
-                       BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+                       BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
@@ -66,7 +69,8 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q,
 def _quant_y_kernel(y_ptr, alpha_ptr, ws_ptr, q_ptr, a2_ptr, E, I,
                     stride_ym, stride_am, stride_qm, stride_a2m,
                     BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr, ONE_PASS: tl.constexpr,
-                    HAS_WS: tl.constexpr):
+                    HAS_WS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_i = tl.arange(0, BLOCK_I)
@@ -127,7 +131,7 @@ def quant_rows_triton(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None
         return
     block = min(_pow2_at_least(H), _MAX_BLOCK)
     _quant_rows_kernel[(M,)](x, q, s, H, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=H <= block,
-                             num_warps=4 if block <= 2048 else 8)
+                             num_warps=4 if block <= 2048 else 8, **launch_kwargs(x.device))
 
 
 def quant_y_triton(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor | None,
@@ -146,4 +150,4 @@ def quant_y_triton(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor 
     _quant_y_kernel[grid](y, alpha, w2_scale if w2_scale is not None else alpha, q, alpha2, E, I,
                           y.stride(0), alpha.stride(0), q.stride(0), alpha2.stride(0),
                           BLOCK_E=block_e, BLOCK_I=block_i, ONE_PASS=I <= block_i,
-                          HAS_WS=w2_scale is not None, num_warps=num_warps)
+                          HAS_WS=w2_scale is not None, num_warps=num_warps, **launch_kwargs(y.device))

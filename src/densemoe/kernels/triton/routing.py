@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
+
 MAX_EXPERTS = 1024   # E above this: the torch router (the row is one register block). DeepSeek-V3's
                      # [n_group, G] tile padded to powers of two is then at most 2 x 1024 elements.
 MAX_TOP_K = 128      # k rounds of argmax; above this torch's sort is the better tool
@@ -113,7 +115,8 @@ def _key_index(key):
 def _softmax_topk_kernel(x_ptr, alpha_ptr, ids_ptr, w_ptr, E,
                          stride_xm, stride_xe, stride_am, stride_im, stride_wm,
                          TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                         RENORMALIZE: tl.constexpr):
+                         RENORMALIZE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
@@ -153,7 +156,8 @@ def _deepseek_v3_topk_kernel(x_ptr, bias_ptr, alpha_ptr, ids_ptr, w_ptr, n_group
                              scale,
                              TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
                              BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_NG)
     offs_i = tl.arange(0, BLOCK_G)
@@ -234,7 +238,7 @@ def softmax_topk_triton(logits: torch.Tensor, top_k: int, renormalize: bool,
         logits, alpha, topk_ids, topk_weights, E,
         logits.stride(0), logits.stride(1), alpha.stride(0), topk_ids.stride(0), topk_weights.stride(0),
         TOP_K=top_k, BLOCK_E=block, BLOCK_K=_pow2_at_least(top_k), RENORMALIZE=renormalize,
-        num_warps=_num_warps(block))
+        num_warps=_num_warps(block), **launch_kwargs(logits.device))
 
 
 def deepseek_v3_topk_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
@@ -253,4 +257,4 @@ def deepseek_v3_topk_triton(logits: torch.Tensor, bias: torch.Tensor | None, top
         alpha.stride(0), topk_ids.stride(0), topk_weights.stride(0), float(routed_scaling_factor),
         TOP_K=top_k, TOPK_GROUP=topk_group, BLOCK_NG=block_ng, BLOCK_G=block_g,
         BLOCK_K=_pow2_at_least(top_k), HAS_BIAS=bias is not None, NORM=norm_topk_prob,
-        num_warps=_num_warps(block_ng * block_g))
+        num_warps=_num_warps(block_ng * block_g), **launch_kwargs(logits.device))
