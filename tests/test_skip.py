@@ -203,24 +203,6 @@ def test_ops_skip_flags_and_errors():
 
 @needs_kernel
 @pytest.mark.interpreter
-def test_fc1_prefetch_hint_is_checked_and_changes_nothing(request):
-    """``prefetch`` (FC2's weights, warmed into L2 by FC1's idle programs on a GPU) is validated
-    and leaves the result as it is."""
-    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
-    M, E, I, H = 3, 6, 32, 64
-    x = torch.randn(M, H, generator=g).to(BF16).to(DEV)
-    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
-    a1 = torch.ones(E, device=DEV)
-    r = routing("topk", M, E, g)
-    w2 = torch.randn(48, E * I, generator=g).to(BF16).to(DEV)
-    want = densemoe.fc1(x, w1, a1, routing=r, skip=True)
-    assert torch.equal(densemoe.fc1(x, w1, a1, routing=r, skip=True, prefetch=w2), want)
-    with pytest.raises(ValueError, match="prefetch must be"):
-        densemoe.fc1(x, w1, a1, routing=r, skip=True, prefetch=w2[:, :16])
-
-
-@needs_kernel
-@pytest.mark.interpreter
 def test_fc1_custom_op_opcheck_with_routing():
     M, E, I, H = 3, 2, 32, 64
     g = torch.Generator().manual_seed(3)

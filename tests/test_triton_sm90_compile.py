@@ -77,12 +77,10 @@ SCRIPT = textwrap.dedent('''
         n += 1
     # programmatic dependent launch (kernels.triton.pdl): the griddepcontrol instructions are there
     descs = dict(x_desc=f"tensordesc<{FP8}[16, 256]>", w_desc=f"tensordesc<{FP8}[64, 256]>")
-    # ... and the idle programs' L2 prefetch of FC2's weights
     c = dict(flags, BLOCK_M=16, BLOCK_I=64, BLOCK_K=256, SWAP_AB=True, SKIP=True, NUM_STAGES=4,
-             BLOCK_E=256, LIST_ROWS=16, FILL=False, ONE_TILE=True, LISTS_GIVEN=False, PDL=True, PREFETCH=True)
-    k = compile_(_fc1_persistent_kernel, dict(fc1_ptrs, pf_ptr="*" + FP8), descs, c, stages=4)
+             BLOCK_E=256, LIST_ROWS=16, FILL=False, ONE_TILE=True, LISTS_GIVEN=False, PDL=True)
+    k = compile_(_fc1_persistent_kernel, fc1_ptrs, descs, c, stages=4)
     assert "griddepcontrol.wait" in k.asm["ptx"] and "griddepcontrol.launch_dependents" in k.asm["ptx"]
-    assert "prefetch.global.L2::evict_last" in k.asm["ptx"]
     n += 1
     print("compiled", n)
 ''')

@@ -71,15 +71,12 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
             out = fc2(y8, prepared.w2, alpha * ys * prepared.w2_scale[None, :], skip=skip)
         else:
             # the quantisation reads only picked segments: FC1 need not zero the others
-            # (FC1's idle programs prefetch the picked experts' w2 into L2 for FC2)
-            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False,
-                    prefetch=prepared.w2)
+            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
             y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
             out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
-        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False,
-                prefetch=prepared.w2)
+        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False)
         out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=skip)
     return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
 

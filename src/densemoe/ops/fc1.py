@@ -195,19 +195,18 @@ def which_config(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: t
 @torch.library.custom_op("densemoe::fc1", mutates_args=("out",))
 def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
             alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, routing: torch.Tensor | None,
-            out: torch.Tensor, config: str, backend: str, skip: bool, fill: bool = True,
-            prefetch: torch.Tensor | None = None) -> None:
+            out: torch.Tensor, config: str, backend: str, skip: bool, fill: bool = True) -> None:
     mode = "skip" if skip else "route" if routing is not None else "dense"
     which, cfg, _ = _choose_src(x, w1, alpha1, out, config, backend, _extras(x_scale, alpha_post, out_scale), mode)
     if which == "cute":
         cute_fc1.fc1_cute(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
         return
     fc1_triton(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale,
-               routing=routing, skip=skip, fill=fill, prefetch=prefetch)
+               routing=routing, skip=skip, fill=fill)
 
 
 @_fc1_op.register_fake
-def _(x, w1, alpha1, x_scale, alpha_post, out_scale, routing, out, config, backend, skip, fill=True, prefetch=None):
+def _(x, w1, alpha1, x_scale, alpha_post, out_scale, routing, out, config, backend, skip, fill=True):
     return None
 
 
@@ -251,7 +250,7 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
         out: torch.Tensor | None = None, config: Fc1TritonConfig | Fc1CuteConfig | None = None,
         backend: str = "auto", routing: torch.Tensor | None = None, skip: bool | None = None,
-        fill_unpicked: bool = True, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+        fill_unpicked: bool = True) -> torch.Tensor:
     """Dense-MoE FC1 (gate/up projection) over all experts with SwiGLU fused.
 
         s       = alpha1[e] * x_scale[m]                       (x_scale: 1 when None)
@@ -295,11 +294,6 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
                     (default). False leaves them unwritten: only for consumers that never read
                     them (``quantize_y_fold_alpha``, ``fc2`` with skipping and the same routing;
                     the layer does this).
-        prefetch:   [N, E*I] tensor, optional: the weights of the op that runs next on these
-                    experts (FC2's ``w``). With skipping, one token tile (M <= block_m) and a
-                    GPU, the programs that get no (expert, tile) unit prefetch the picked
-                    experts' segments of it into L2 while the others compute; FC2 then reads
-                    them from L2. A hint: the result does not depend on it.
 
     Returns:
         y [M, E*I], ready to be FC2's ``a``.
@@ -356,11 +350,6 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         if tuple(routing.shape) != (M, E):
             raise ValueError(f"{OP}: routing has shape {tuple(routing.shape)}, expected (M, E) = ({M}, {E})")
         v.same_device(OP, x=x, routing=routing)
-    if prefetch is not None:
-        prefetch = v.tensor(OP, "prefetch", prefetch, 2)
-        if prefetch.shape[1] != E * I:
-            raise ValueError(f"{OP}: prefetch must be [N, E*I = {E * I}] (FC2's weights), got {tuple(prefetch.shape)}")
-        v.same_device(OP, x=x, prefetch=prefetch)
     if skip not in (None, True, False):
         raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
     wants_cute = backend == "cute" or (config is not None and config.backend == "cute")
@@ -382,8 +371,7 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     if M == 0:
         return out
     _fc1_op(x, w1, alpha1, x_scale, alpha_post, out_scale.reshape(1) if out_scale is not None else None,
-            routing, out, config.to_str() if config is not None else "", backend, bool(skip), bool(fill_unpicked),
-            prefetch)
+            routing, out, config.to_str() if config is not None else "", backend, bool(skip), bool(fill_unpicked))
     return out
 
 

@@ -29,7 +29,6 @@ the tiles in turn (``_fc1_persistent_kernel``) instead of one program per tile.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
@@ -167,31 +166,6 @@ def _fc1_kernel(
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines at ``ptrs`` (kept with evict_last priority); nothing waits for them."""
-    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_segments(pf_ptr, pos, n_pairs, worker, workers, rows, stride, I,
-                       BLOCK_E: tl.constexpr, LINE: tl.constexpr, BLOCK: tl.constexpr):
-    """Prefetch into L2 the segments [:, e*I:(e+1)*I] of the [rows, E*I] matrix at ``pf_ptr``
-    (FC2's weights) for the n_pairs experts listed by ``pos``, one request per ``LINE``
-    elements, shared among ``workers`` programs (this is number ``worker``)."""
-    lines = tl.cdiv(I, LINE)
-    total = rows * lines
-    offs = tl.arange(0, BLOCK)
-    for j in range(n_pairs):
-        e = _expert_at(pos, j, BLOCK_E)
-        for q0 in range(worker * BLOCK, total, workers * BLOCK):
-            q = tl.minimum(q0 + offs, total - 1)
-            r = q // lines
-            ptrs = pf_ptr + r.to(tl.int64) * stride + e * I + (q % lines) * LINE
-            _prefetch_l2(ptrs)
-
-
-@triton.jit
 def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
     """(token tile t, position j) of the q-th (tile, expert) pair: pairs are counted tile by
     tile, ``counts[t]`` picked experts per tile (``E - counts[t]`` if INACTIVE)."""
@@ -212,8 +186,8 @@ def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _fc1_persistent_kernel(
     x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
-    sel_ptr, lists_ptr, counts_ptr, pf_ptr,
-    M, H, I, E, NUM_PROGS, stride_sm, stride_se, pf_rows, pf_stride,
+    sel_ptr, lists_ptr, counts_ptr,
+    M, H, I, E, NUM_PROGS, stride_sm, stride_se,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
     stride_ysm, stride_yse,
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
@@ -222,7 +196,6 @@ def _fc1_persistent_kernel(
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
     ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False, PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 128, PF_BLOCK: tl.constexpr = 1024,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -250,10 +223,6 @@ def _fc1_persistent_kernel(
                                       BLOCK_M, LIST_ROWS, BLOCK_E)
             tl.debug_barrier()  # the lists this program just wrote are read back below
         n_units = n_pairs * i_tiles
-        if PREFETCH:  # one token tile: the programs without a unit warm L2 with the next op's weights
-            if pid >= n_units:
-                _prefetch_segments(pf_ptr, pos, n_pairs, pid - n_units, NUM_PROGS - n_units, pf_rows, pf_stride, I,
-                                   BLOCK_E, PF_LINE, PF_BLOCK)
     else:
         n_pairs = m_tiles * E
         n_units = n_pairs * i_tiles
@@ -480,8 +449,7 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                y_scale: torch.Tensor | None = None, num_programs: int | None = None,
                routing: torch.Tensor | None = None, skip: bool = False, fill: bool = True,
-               active: tuple[torch.Tensor, torch.Tensor] | None = None,
-               prefetch: torch.Tensor | None = None) -> None:
+               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
@@ -491,10 +459,7 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
     not pick unwritten (for consumers that never read them). ``active``: (lists, counts) from
     ``active_experts(routing, block_m)`` instead of the kernel's own (probes and tests).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
-    there (the config's ``block_i`` must hold all of I).
-    ``prefetch`` [N, E*I] (FC2's weights, 2-D, unit column stride): with skipping and one token
-    tile on a GPU, the programs that get no unit prefetch the picked experts' segments of it into
-    L2 (FC2, next, then reads them from there); ignored elsewhere and with DENSEMOE_L2_PREFETCH=0."""
+    there (the config's ``block_i`` must hold all of I)."""
     M, H = x.shape
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
@@ -541,15 +506,9 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         else:
             sel, lists, counts = alpha1[None, :], alpha1, alpha1
         block_e, list_rows = list_blocks(E, c.block_m)
-        pf = (prefetch is not None and skip and active is None and grid[0] == 1 and x.device.type == "cuda"
-              and prefetch.dim() == 2 and prefetch.shape[1] == E * I and prefetch.stride(1) == 1
-              and os.environ.get("DENSEMOE_L2_PREFETCH", "1") != "0")
-        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, prefetch if pf else x, M, H, I, E, progs,
-                                         sel.stride(0), sel.stride(1), prefetch.shape[0] if pf else 0,
-                                         prefetch.stride(0) if pf else 0,
+        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          ONE_TILE=grid[0] == 1, LISTS_GIVEN=skip and active is not None,
-                                         LIST_ROWS=list_rows, PREFETCH=pf,
-                                         PF_LINE=128 // prefetch.element_size() if pf else 128, **flags)
+                                         LIST_ROWS=list_rows, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
