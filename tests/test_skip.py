@@ -373,3 +373,105 @@ def test_fc1_without_zero_fill_leaves_unpicked_experts_unwritten(request):
     ref = fc1_ref(x, w1, a1, out_dtype=torch.float64)
     assert rel(y[:, seg], ref[:, seg]) <= 1e-5
     assert torch.isnan(y[:, : (E - 2) * I]).all() and torch.isnan(y[:, (E - 1) * I:]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# FC1 with FC2's quantisation fused (fc1_quant_y): the last unit of each (token tile, picked
+# expert) quantises the segment; same bits as fc1 + quantize_y_fold_alpha where FC2 reads.
+# --------------------------------------------------------------------------------------------
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("M,I,cfg", [(5, 64, Fc1TritonConfig(16, 64, 32, 4, 2, swap_ab=1, persistent=1)),
+                                     (40, 40, Fc1TritonConfig(16, 16, 16, 1, 1, persistent=1)),
+                                     (40, 96, Fc1TritonConfig(32, 32, 32, 4, 2, use_tma=0, persistent=1))],
+                         ids=["one-tile", "three-tiles", "i96-pointers"])
+@pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
+def test_fc1_quant_y_matches_the_two_calls(pattern, M, I, cfg, dtype, request):
+    from densemoe.quant import quantize_y_fold_alpha
+
+    E, H = 6, 64
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
+    x = torch.randn(M, H, generator=g).to(dtype).to(DEV)
+    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(dtype).to(DEV)
+    a1 = (torch.rand(E, generator=g) + 0.5).to(DEV)
+    ws = (torch.rand(E, generator=g) + 0.5).to(DEV)
+    r = routing(pattern, M, E, g)
+    y = torch.empty(M, E * I, dtype=BF16, device=DEV)
+    fc1_triton(x, w1, a1, y, cfg, routing=r, skip=True, fill=False)
+    for w2s in (ws, None):
+        want8, want_a2 = quantize_y_fold_alpha(y, r, w2s)
+        y8 = torch.full((M, E * I), 0x7F, dtype=torch.uint8, device=DEV).view(FP8)  # NaN
+        a2 = torch.full((M, E), float("nan"), device=DEV)
+        yq = torch.full((M, E * I), float("nan"), dtype=BF16, device=DEV)
+        for _ in range(2):  # twice: the counters must have cleaned themselves
+            fc1_triton(x, w1, a1, yq, cfg, routing=r, skip=True, fill=False, quant_y=(y8, a2, w2s), num_programs=3)
+            assert torch.equal(a2, want_a2)
+            picked = torch.zeros(M, E, dtype=torch.bool, device=DEV)
+            for t0 in range(0, M, cfg.block_m):  # the segments some token of the tile picked
+                picked[t0:t0 + cfg.block_m] = (r[t0:t0 + cfg.block_m] != 0).any(dim=0)
+            seg = picked.repeat_interleave(I, dim=1)
+            assert torch.equal(y8.view(torch.uint8)[seg], want8.view(torch.uint8)[seg])
+
+
+@needs_kernel
+@pytest.mark.interpreter
+def test_fc1_quant_y_op_and_layer(request):
+    """The op: skipping through one kernel, the dense path through the two calls; FC2 on either
+    gives the same output."""
+    from densemoe.ops.fc1 import fc1_quant_y
+    from densemoe.quant import quantize_y_fold_alpha
+
+    M, E, I, H, N = 7, 8, 32, 64, 48
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
+    x = torch.randn(M, H, generator=g).to(FP8).to(DEV)
+    sx = (torch.rand(M, generator=g) + 0.5).to(DEV)
+    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(FP8).to(DEV)
+    a1 = (torch.rand(E, generator=g) + 0.5).to(DEV)
+    ws = (torch.rand(E, generator=g) + 0.5).to(DEV)
+    w2 = (torch.randn(N, E * I, generator=g) * 0.1).to(FP8).to(DEV)
+    r = routing("topk", M, E, g)
+    y = densemoe.fc1(x, w1, a1, x_scale=sx, routing=r, skip=True)
+    want8, want_a2 = quantize_y_fold_alpha(y, r, ws)
+    want = densemoe.fc2(want8, w2, want_a2, skip=True)
+    for skip in (True, False, None):
+        y8, a2 = fc1_quant_y(x, w1, a1, r, ws, x_scale=sx, skip=skip)
+        assert torch.equal(a2, want_a2)
+        assert torch.equal(densemoe.fc2(y8, w2, a2, skip=True), want)
+    with pytest.raises(ValueError, match="alpha must be"):
+        fc1_quant_y(x, w1, a1, r.double(), ws, x_scale=sx)
+    with pytest.raises(ValueError, match="w2_scale must be"):
+        fc1_quant_y(x, w1, a1, r, ws[:3], x_scale=sx)
+
+
+@gpu_test
+@pytest.mark.parametrize("M", [1, 7, 64, 100])
+def test_fc1_quant_y_on_model_shape(M):
+    """DeepSeek-V3 TP8 fp8 with real routing: fc1_quant_y against fc1 + quantize_y_fold_alpha
+    (alpha2 whole and y8 where the tile picked the expert, bit for bit), called twice."""
+    from densemoe.ops.fc1 import fc1_quant_y
+    from densemoe.kernels.triton.fc1 import Fc1Problem, default_skip_config
+    from densemoe.quant import quantize_y_fold_alpha
+    from densemoe.routing import softmax_topk
+    from densemoe.shapes import SHAPES
+
+    s = SHAPES["deepseek-v3-tp8"]
+    E, I, H = s.experts, s.inter, s.hidden
+    g = torch.Generator(device="cuda").manual_seed(200 + M)
+    x = torch.randn(M, H, device="cuda", generator=g).to(FP8)
+    sx = torch.rand(M, device="cuda", generator=g) + 0.5
+    w1 = (torch.randn(2 * E * I, H, device="cuda", generator=g) * H ** -0.5).to(FP8)
+    a1 = torch.rand(E, device="cuda", generator=g) + 0.5
+    ws = torch.rand(E, device="cuda", generator=g) + 0.5
+    r = softmax_topk(torch.randn(M, E, device="cuda", generator=g), s.topk, renormalize=True).alpha
+    want8, want_a2 = quantize_y_fold_alpha(densemoe.fc1(x, w1, a1, x_scale=sx, routing=r, skip=True), r, ws)
+    bm = default_skip_config(Fc1Problem(M, H, E, I, FP8, BF16)).block_m
+    picked = torch.zeros(M, E, dtype=torch.bool, device="cuda")
+    for t0 in range(0, M, bm):
+        picked[t0:t0 + bm] = (r[t0:t0 + bm] != 0).any(dim=0)
+    seg = picked.repeat_interleave(I, dim=1)
+    for _ in range(2):
+        y8, a2 = fc1_quant_y(x, w1, a1, r, ws, x_scale=sx, skip=True)
+        assert torch.equal(a2, want_a2)
+        assert torch.equal(y8.view(torch.uint8)[seg], want8.view(torch.uint8)[seg])
