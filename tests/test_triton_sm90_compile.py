@@ -47,8 +47,7 @@ SCRIPT = textwrap.dedent('''
 
     fc1_ptrs = dict(x_ptr="*" + FP8, w_ptr="*" + FP8, alpha1_ptr="*fp32", xs_ptr="*fp32", post_ptr="*fp32",
                     route_ptr="*fp32", y_ptr="*bf16", oscale_ptr="*fp32", ys_ptr="*fp32", sel_ptr="*fp32",
-                    lists_ptr="*i32", counts_ptr="*i32", q_ptr="*" + FP8, a2_ptr="*fp32", ws_ptr="*fp32",
-                    qcnt_ptr="*i32")
+                    lists_ptr="*i32", counts_ptr="*i32")
     flags = dict(HAS_XS=True, HAS_POST=False, HAS_ROUTE=True, OUT_FP8=False, DYN_SCALE=False, USE_TMA=True)
     n = 0
     for bm, bi, swap in ((16, 64, True), (128, 64, True), (128, 128, False)):
@@ -83,12 +82,6 @@ SCRIPT = textwrap.dedent('''
     k = compile_(_fc1_persistent_kernel, fc1_ptrs, descs, c, stages=4)
     assert "griddepcontrol.wait" in k.asm["ptx"] and "griddepcontrol.launch_dependents" in k.asm["ptx"]
     n += 1
-    # FC2's quantisation by the last unit of each (token tile, expert) (fc1_quant_y), one and several tiles
-    for one in (True, False):
-        c = dict(flags, BLOCK_M=16, BLOCK_I=64, BLOCK_K=256, SWAP_AB=True, SKIP=True, NUM_STAGES=4, BLOCK_E=256,
-                 LIST_ROWS=16, FILL=False, ONE_TILE=one, LISTS_GIVEN=False, QUANT_Y=True, HAS_WS=True, BLOCK_Q=256)
-        compile_(_fc1_persistent_kernel, fc1_ptrs, descs, c, stages=4)
-        n += 1
     print("compiled", n)
 ''')
 
@@ -102,4 +95,4 @@ def test_triton_kernels_compile_for_sm90():
         pytest.skip("this Triton has no NVIDIA backend")
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 16" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 14" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -11,8 +11,7 @@ Pipelines (no host sync anywhere):
     fp8:  x8, sx = quantize_per_token(x)                     # [M, H] fp8, [M]
           y = fc1(x8, w1, alpha1, x_scale=sx, routing=alpha)  # [M, E*I] bf16, SwiGLU fused
           y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
-              # one kernel; reads y only where alpha != 0, writes zeros elsewhere;
-              # with skipping FC1 does it (fc1_quant_y: its last unit per (tile, expert))
+              # one kernel; reads y only where alpha != 0, writes zeros elsewhere
           (with I <= FUSED_QUANT_MAX_I, 0 today: y8, s_y = fc1_fp8_dynamic(...) quantises in
            FC1's epilogue and alpha2 = alpha * s_y * w2_scale)
           out = fc2(y8, w2, alpha2)                          # [M, H] bf16
@@ -29,9 +28,9 @@ import weakref
 import torch
 from torch import nn
 
-from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic, fc1_quant_y
+from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
 from densemoe.ops.fc2 import SKIP_TOP_K, fc2, skip_by_default
-from densemoe.quant import FP8, quantize_per_token
+from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights, prepare_weights
 
 
@@ -72,9 +71,8 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
             out = fc2(y8, prepared.w2, alpha * ys * prepared.w2_scale[None, :], skip=skip)
         else:
             # the quantisation reads only picked segments: FC1 need not zero the others
-            # = quantize_y_fold_alpha(fc1(..., routing=alpha, fill_unpicked=False), alpha, w2_scale): one
-            # kernel with skipping (FC1's last unit of each (tile, picked expert) quantises it)
-            y8, alpha2 = fc1_quant_y(x8, prepared.w1, prepared.alpha1, alpha, prepared.w2_scale, x_scale=sx, skip=skip)
+            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
+            y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
             out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them

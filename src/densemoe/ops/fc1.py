@@ -375,65 +375,6 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     return out
 
 
-@torch.library.custom_op("densemoe::fc1_quant_y", mutates_args=("y", "y8", "alpha2"))
-def _fc1_quant_y_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
-                    alpha: torch.Tensor, w2_scale: torch.Tensor | None, y: torch.Tensor, y8: torch.Tensor,
-                    alpha2: torch.Tensor) -> None:
-    _, cfg, _ = _choose_src(x, w1, alpha1, y, "", "triton", _extras(x_scale), "skip")
-    fc1_triton(x, w1, alpha1, y, cfg, x_scale=x_scale, routing=alpha, skip=True, fill=False,
-               quant_y=(y8, alpha2, w2_scale))
-
-
-@_fc1_quant_y_op.register_fake
-def _(x, w1, alpha1, x_scale, alpha, w2_scale, y, y8, alpha2):
-    return None
-
-
-def fc1_quant_y(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, alpha: torch.Tensor,
-                w2_scale: torch.Tensor | None = None, *, x_scale: torch.Tensor | None = None,
-                skip: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """FC1 with its output quantised for FC2 (the fp8 layer's first half):
-
-        y = fc1(x, w1, alpha1, x_scale=x_scale, routing=alpha, skip=skip, fill_unpicked=False)
-        return quantize_y_fold_alpha(y, alpha, w2_scale)          # (y8 [M, E*I] fp8, alpha2 [M, E])
-
-    With expert skipping (``skip``: None = ``skip_by_default(M, E)``), one kernel: the last unit
-    of each (token tile, picked expert) quantises that segment once the others have stored it,
-    giving the same bits as the two calls, except that y8 is left unwritten where no token of a
-    tile picked the expert (alpha2 is 0 there and FC2 with skipping never reads it; the two
-    calls write zeros). Without skipping, exactly the two calls.
-
-    x [M, H] fp8 or bf16, w1 [E*2I, H], alpha1 [E], alpha [M, E] float32 (0: not picked),
-    w2_scale [E] float32 or None, x_scale [M] float32 or None: as ``fc1`` and
-    ``quantize_y_fold_alpha``."""
-    from densemoe.quant import FP8, quantize_y_fold_alpha
-
-    x, w1, alpha1, x_scale, _, I, tensors = _check_inputs(x, w1, alpha1, x_scale, None)
-    M, E = x.shape[0], alpha1.shape[0]
-    alpha = v.tensor(OP, "alpha", alpha, 2)
-    if tuple(alpha.shape) != (M, E) or alpha.dtype != torch.float32:
-        raise ValueError(f"{OP}: alpha must be [M, E] = [{M}, {E}] float32, got {tuple(alpha.shape)} {alpha.dtype}")
-    if w2_scale is not None and (tuple(w2_scale.shape) != (E,) or w2_scale.dtype != torch.float32):
-        raise ValueError(f"{OP}: w2_scale must be [E={E}] float32, got {tuple(w2_scale.shape)} {w2_scale.dtype}")
-    if skip not in (None, True, False):
-        raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
-    if skip is None:
-        skip = skip_by_default(M, E)
-    if not skip or M == 0:
-        y = fc1(x, w1, alpha1, x_scale=x_scale, routing=alpha, skip=skip, fill_unpicked=False)
-        return quantize_y_fold_alpha(y, alpha, w2_scale)
-    dev = v.same_device(OP, **tensors, alpha=alpha, **({"w2_scale": w2_scale} if w2_scale is not None else {}))
-    v.device_supports(OP, dev, x.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, alpha1, alpha)):
-        raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad()")
-    y = torch.empty((M, E * I), dtype=torch.bfloat16, device=dev)
-    y8 = torch.empty((M, E * I), dtype=FP8, device=dev)
-    alpha2 = torch.empty((M, E), dtype=torch.float32, device=dev)
-    _fc1_quant_y_op(x, w1, alpha1, x_scale, alpha.contiguous(),
-                    w2_scale.contiguous() if w2_scale is not None else None, y, y8, alpha2)
-    return y8, alpha2
-
-
 DYNAMIC_MAX_I = 256  # fc1_fp8_dynamic: the largest I one Triton tile holds
 
 

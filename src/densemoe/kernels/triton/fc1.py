@@ -166,42 +166,6 @@ def _fc1_kernel(
 
 
 @triton.jit
-def _quant_y_segment(y_ptr, q_ptr, a2_ptr, route_ptr, ws_ptr, t, e, M, I, stride_ym, stride_yn, stride_qm,
-                     stride_a2m, stride_rm, stride_re,
-                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_WS: tl.constexpr):
-    """Token tile t's rows of expert e's segment of y (as stored, complete: every unit of it has
-    released its stores), quantised as ``quantize_y_fold_alpha`` does, bit for bit:
-    s = amax / 448 per token (1 if all zero), y8 = fp8(clamp(y / s)), alpha2 = alpha * s * w2_scale[e]
-    (0 and zeros for a token that did not pick e)."""
-    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rows < M
-    a = tl.load(route_ptr + rows.to(tl.int64) * stride_rm + e * stride_re, mask=r_ok, other=0.0)
-    live = r_ok & (a != 0.0)
-    offs = tl.arange(0, BLOCK_Q)
-    y_rows = y_ptr + rows.to(tl.int64)[:, None] * stride_ym
-    amax = tl.zeros((BLOCK_M, BLOCK_Q), dtype=tl.float32)
-    for i0 in range(0, I, BLOCK_Q):
-        cols = (e * I + i0 + offs).to(tl.int64)
-        v = tl.load(y_rows + cols[None, :] * stride_yn, mask=live[:, None] & ((i0 + offs) < I)[None, :], other=0.0,
-                    cache_modifier=".cg").to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    am = tl.max(amax, axis=1)
-    sc = tl.where(am > 0, am / 448.0, 1.0)
-    for i0 in range(0, I, BLOCK_Q):
-        cols = (e * I + i0 + offs).to(tl.int64)
-        c_ok = ((i0 + offs) < I)[None, :]
-        v = tl.load(y_rows + cols[None, :] * stride_yn, mask=live[:, None] & c_ok, other=0.0,
-                    cache_modifier=".cg").to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
-                 mask=r_ok[:, None] & c_ok)
-    a2 = a * sc
-    if HAS_WS:
-        a2 = a2 * tl.load(ws_ptr + e)
-    tl.store(a2_ptr + rows.to(tl.int64) * stride_a2m + e, tl.where(live, a2, 0.0), mask=r_ok)
-
-
-@triton.jit
 def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
     """(token tile t, position j) of the q-th (tile, expert) pair: pairs are counted tile by
     tile, ``counts[t]`` picked experts per tile (``E - counts[t]`` if INACTIVE)."""
@@ -222,8 +186,8 @@ def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _fc1_persistent_kernel(
     x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
-    sel_ptr, lists_ptr, counts_ptr, q_ptr, a2_ptr, ws_ptr, qcnt_ptr,
-    M, H, I, E, NUM_PROGS, stride_sm, stride_se, stride_qm, stride_a2m,
+    sel_ptr, lists_ptr, counts_ptr,
+    M, H, I, E, NUM_PROGS, stride_sm, stride_se,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
     stride_ysm, stride_yse,
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
@@ -232,7 +196,6 @@ def _fc1_persistent_kernel(
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
     ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False, PDL: tl.constexpr = False,
-    QUANT_Y: tl.constexpr = False, HAS_WS: tl.constexpr = False, BLOCK_Q: tl.constexpr = 256,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -302,15 +265,7 @@ def _fc1_persistent_kernel(
         _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
                       oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
                       stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, SWAP_AB)
-        if QUANT_Y:  # the last of the i_tiles units of (token tile, expert) quantises the expert's segment
-            tl.debug_barrier()  # every thread's y stores are issued before the release below
-            cnt = qcnt_ptr + pid_m * E + e
-            done = tl.atomic_add(cnt, 1, sem="acq_rel")
-            if done == i_tiles - 1:
-                tl.store(cnt, 0)  # the counters clean themselves for the next launch
-                _quant_y_segment(y_ptr, q_ptr, a2_ptr, route_ptr, ws_ptr, pid_m, e, M, I, stride_ym, stride_yn,
-                                 stride_qm, stride_a2m, stride_rm, stride_re, BLOCK_M, BLOCK_Q, HAS_WS)
-    if SKIP and (FILL or QUANT_Y):  # one unit per (token tile, expert not picked there), after the compute
+    if SKIP and FILL:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
         n_fill = m_tiles * E - n_pairs
         first = (pid + NUM_PROGS - n_units % NUM_PROGS) % NUM_PROGS
         offs_f = tl.arange(0, BLOCK_I)
@@ -326,15 +281,11 @@ def _fc1_persistent_kernel(
                 e = tl.load(lists_ptr + t * E + tl.load(counts_ptr + t) + jj)
             rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
             r_ok = rows < M
-            if FILL:  # zeros in y
-                for i0 in range(0, I, BLOCK_I):
-                    cols = e * I + i0 + offs_f
-                    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn,
-                             tl.zeros((BLOCK_M, BLOCK_I), dtype=y_ptr.dtype.element_ty),
-                             mask=r_ok[:, None] & ((i0 + offs_f) < I)[None, :])
-            if QUANT_Y:  # FC2's alpha is 0 there (FC2 lists its experts from it; y8 is never read there)
-                tl.store(a2_ptr + rows.to(tl.int64) * stride_a2m + e, tl.zeros((BLOCK_M,), dtype=tl.float32),
-                         mask=r_ok)
+            for i0 in range(0, I, BLOCK_I):
+                cols = e * I + i0 + offs_f
+                tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn,
+                         tl.zeros((BLOCK_M, BLOCK_I), dtype=y_ptr.dtype.element_ty),
+                         mask=r_ok[:, None] & ((i0 + offs_f) < I)[None, :])
             if DYN_SCALE:
                 tl.store(ys_ptr + rows.to(tl.int64) * stride_ysm + e * stride_yse,
                          tl.full((BLOCK_M,), 1.0, tl.float32), mask=r_ok)
@@ -493,29 +444,12 @@ def default_config_dynamic(problem: Fc1Problem) -> Fc1TritonConfig:
     return cfg
 
 
-_QUANT_COUNTERS: dict = {}  # (device, stream) -> int32 zeros, each launch leaves them at zero
-
-
-def quant_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n int32 counters at zero for ``quant_y``, per device and stream (launches on one stream
-    run in order; each leaves its counters at zero). Allocated (zeroed) once and grown as
-    needed; inside a CUDA-graph capture an allocation is captured with its zeroing."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _QUANT_COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _QUANT_COUNTERS[key] = buf
-    return buf
-
-
 def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,
                config: Fc1TritonConfig, *, x_scale: torch.Tensor | None = None,
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                y_scale: torch.Tensor | None = None, num_programs: int | None = None,
                routing: torch.Tensor | None = None, skip: bool = False, fill: bool = True,
-               active: tuple[torch.Tensor, torch.Tensor] | None = None,
-               quant_y: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> None:
+               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
@@ -525,12 +459,7 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
     not pick unwritten (for consumers that never read them). ``active``: (lists, counts) from
     ``active_experts(routing, block_m)`` instead of the kernel's own (probes and tests).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
-    there (the config's ``block_i`` must hold all of I).
-    ``quant_y`` = (y8 [M, E*I] fp8, alpha2 [M, E] float32, w2_scale [E] float32 or None), with
-    ``skip`` and a float32 ``routing`` (FC2's alpha): also ``quantize_y_fold_alpha(y, routing,
-    w2_scale)`` into y8 / alpha2, done by the last unit of each (token tile, picked expert)
-    (self-cleaning counters in ``quant_counters``); y8 is left unwritten where a token tile
-    picked no expert (alpha2 is 0 there), which FC2 with skipping never reads."""
+    there (the config's ``block_i`` must hold all of I)."""
     M, H = x.shape
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
@@ -577,21 +506,9 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         else:
             sel, lists, counts = alpha1[None, :], alpha1, alpha1
         block_e, list_rows = list_blocks(E, c.block_m)
-        if quant_y is not None:
-            if not skip or routing is None or routing.dtype != torch.float32:
-                raise ValueError("quant_y needs expert skipping and a float32 routing (FC2's alpha)")
-            y8, alpha2, w2_scale = quant_y
-            qcnt = quant_counters(grid[0] * E, x.device)
-            qargs = (y8, alpha2, w2_scale if w2_scale is not None else alpha2, qcnt)
-            qstrides = (y8.stride(0), alpha2.stride(0))
-            qflags = dict(QUANT_Y=True, HAS_WS=w2_scale is not None,
-                          BLOCK_Q=max(16, min(triton.next_power_of_2(I), 4096 // c.block_m)))
-        else:
-            qargs, qstrides, qflags = (alpha1, alpha1, alpha1, alpha1), (0, 0), {}
-        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, *qargs, M, H, I, E, progs, sel.stride(0),
-                                         sel.stride(1), *qstrides,
+        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          ONE_TILE=grid[0] == 1, LISTS_GIVEN=skip and active is not None,
-                                         LIST_ROWS=list_rows, **qflags, **flags)
+                                         LIST_ROWS=list_rows, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
