@@ -103,8 +103,15 @@ def default_skip_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonCon
     picked experts in one program up to M = 2 (no workspace, no atomics), in two halves above.
     Measured on the H100 (TP8 fp8, uniform top-8, ``bench/experiments/skip_variants.py``):
     M = 1: 12.2 us (one program per tile) against 14.2 (halves) and 15.2 (stream-K);
-    M = 8: 46.5 (halves) against 47.3 and 50.0; M = 64: 155.4 against 184.8 and 170.5."""
-    return dataclasses.replace(default_config(problem, num_sms), split=1 if problem.m <= 2 else 2)
+    M = 8: 46.5 (halves) against 47.3 and 50.0; M = 64: 155.4 against 184.8 and 170.5. Up to
+    M = 2, 8 stages where they fit (``bench/experiments/skip_sweep.py``: 12.3 against 12.6 us at
+    M = 1, 17.6 against 18.1 at M = 2; 6 stays better from M = 4)."""
+    cfg = dataclasses.replace(default_config(problem, num_sms), split=1 if problem.m <= 2 else 2)
+    if problem.m <= 2:
+        deeper = dataclasses.replace(cfg, num_stages=max(cfg.num_stages, 8))
+        if can_implement(problem, deeper)[0]:
+            cfg = deeper
+    return cfg
 
 
 # CuTe DSL backend: (max M, k-tile bytes per row, Fc2CuteConfig fields), the fastest CuTe configs
