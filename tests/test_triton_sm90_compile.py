@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent('''
         compile_(_fc1_persistent_kernel, fc1_ptrs, descs, c, warps=8 if bi == 128 else 4, stages=3)
         n += 1
     fc2_ptrs = dict(a_ptr="*" + FP8, w_ptr="*" + FP8, alpha_ptr="*fp32", out_ptr="*bf16", ws_ptr="*fp32",
-                    cnt_ptr="*i32", lists_ptr="*i32", counts_ptr="*i32", sel_ptr="*fp32")
+                    cnt_ptr="*i32", lists_ptr="*i32", counts_ptr="*i32")
     for bm, bn, swap, skip in ((16, 64, True, True), (64, 128, False, True), (16, 64, True, False)):
         descs = dict(a_desc=f"tensordesc<{FP8}[{bm}, 256]>", w_desc=f"tensordesc<{FP8}[{bn}, 256]>")
         c = dict(I=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=256, SWAP_AB=swap, USE_TMA=True, NUM_STAGES=4, SKIP=skip,
@@ -75,13 +75,6 @@ SCRIPT = textwrap.dedent('''
         compile_(_gate_kernel, gate_ptrs, {}, dict(BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one), warps=8,
                  mma=False)
         n += 1
-    # FC2's early L2 prefetch from the routing, launched with PDL
-    descs = dict(a_desc=f"tensordesc<{FP8}[16, 256]>", w_desc=f"tensordesc<{FP8}[64, 256]>")
-    c = dict(I=256, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SWAP_AB=True, USE_TMA=True, NUM_STAGES=8, SKIP=True,
-             BLOCK_E=256, LIST_ROWS=16, PDL=True, EARLY=16, LINE=128)
-    k = compile_(_fc2_kernel, fc2_ptrs, descs, c, stages=8)
-    assert "prefetch.global.L2::evict_last" in k.asm["ptx"] and "griddepcontrol.wait" in k.asm["ptx"]
-    n += 1
     # programmatic dependent launch (kernels.triton.pdl): the griddepcontrol instructions are there
     descs = dict(x_desc=f"tensordesc<{FP8}[16, 256]>", w_desc=f"tensordesc<{FP8}[64, 256]>")
     c = dict(flags, BLOCK_M=16, BLOCK_I=64, BLOCK_K=256, SWAP_AB=True, SKIP=True, NUM_STAGES=4,
@@ -102,4 +95,4 @@ def test_triton_kernels_compile_for_sm90():
         pytest.skip("this Triton has no NVIDIA backend")
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 15" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 14" in r.stdout, r.stdout + r.stderr[-2000:]

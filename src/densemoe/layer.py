@@ -73,8 +73,7 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
             # the quantisation reads only picked segments: FC1 need not zero the others
             y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
             y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
-            # (alpha: FC2, launched while FC1 runs, prefetches the picked experts' w2 into L2)
-            out = fc2(y8, prepared.w2, alpha2, skip=skip, early_routing=alpha)
+            out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
         y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False)

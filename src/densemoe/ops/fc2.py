@@ -266,10 +266,10 @@ def _choose_src(a, w, alpha, out, config: str, backend: str, skip: bool = False)
 
 @torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
 def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-            config: str, backend: str, skip: bool, early_routing: torch.Tensor | None = None) -> None:
+            config: str, backend: str, skip: bool) -> None:
     if skip:
         _, cfg, _ = _choose_src(a, w, alpha, out, config, backend, skip=True)
-        fc2_triton(a, w, alpha, out, cfg, skip=True, early_routing=early_routing)
+        fc2_triton(a, w, alpha, out, cfg, skip=True)
         return
     which, cfg = _choose(a, w, alpha, out, config, backend)
     if which == "cute":
@@ -279,7 +279,7 @@ def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Te
 
 
 @_fc2_op.register_fake
-def _(a, w, alpha, out, config, backend, skip, early_routing=None):
+def _(a, w, alpha, out, config, backend, skip):
     return None
 
 
@@ -308,7 +308,7 @@ def which_backend(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: to
 def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
         config: Fc2TritonConfig | Fc2CuteConfig | None = None, backend: str = "auto",
-        skip: bool | None = None, early_routing: torch.Tensor | None = None) -> torch.Tensor:
+        skip: bool | None = None) -> torch.Tensor:
     """Dense-MoE FC2 (down projection) over all experts with a per-token, per-expert scale.
 
         out[m, n] = sum_e alpha[m, e] * sum_{i < I} a[m, e*I + i] * w[n, e*I + i]
@@ -336,13 +336,6 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
                None (default): on while ``skip_by_default(M, E)`` (top-8 of 256 experts:
                M <= 64; of 128: M <= 31) unless the CuTe backend is asked for; True:
                always (raises with backend="cute"); False: the dense path.
-        early_routing: [M, E], optional, a hint for the fp8 layer's chain (``experts_forward``):
-               alpha's zero pattern, produced before the kernel that feeds FC2 ran (the
-               router's alpha when FC2 takes ``quantize_y_fold_alpha``'s output after FC1). With
-               skipping, one token tile and programmatic dependent launch, FC2's programs,
-               launched while FC1 still runs, list the picked experts from it and ask L2 for
-               their weights before waiting for ``a``. Only for chains whose second kernel back
-               waits before it lets the next launch (FC1 does); the result does not depend on it.
 
     Returns:
         out [M, N].
@@ -416,13 +409,7 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
     if skip not in (None, True, False):
         raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
     skip = _resolve_skip(skip, M, E, backend, config)
-    if early_routing is not None:
-        early_routing = v.tensor(OP, "early_routing", early_routing, 2)
-        if tuple(early_routing.shape) != (M, E):
-            raise ValueError(f"{OP}: early_routing must be [M, E] = [{M}, {E}], got {tuple(early_routing.shape)}")
-        v.same_device(OP, a=a, early_routing=early_routing)
     if M == 0 or N == 0:
         return out
-    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "", backend, skip,
-                           early_routing)
+    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "", backend, skip)
     return out

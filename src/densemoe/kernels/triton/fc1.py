@@ -204,7 +204,7 @@ def _fc1_persistent_kernel(
     then the zero-fill of every (token tile, expert not picked there) output segment. Each
     program lists every tile's experts itself first (``_tile_list`` over ``sel_ptr``: the
     routing, else alpha_post), into scratch ``lists`` / ``counts``."""
-    pdl_enter(PDL, WAIT_FIRST=True)  # (FC2 may read the routing before its own wait: fc2_triton)
+    pdl_enter(PDL)
     m_tiles = tl.cdiv(M, BLOCK_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
     k_tiles = tl.cdiv(H, BLOCK_K)

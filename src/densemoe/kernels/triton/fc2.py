@@ -36,45 +36,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from densemoe.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_kwargs, pdl_enter, prefetch_l2
-from densemoe.kernels.triton.skip import _expert_at, _tile_list, _tile_positions, list_blocks, lists_scratch
-
-
-@triton.jit
-def _early_prefetch(sel_ptr, w_ptr, M, E, N, stride_sm, stride_se, stride_wn, g, groups, n_tiles, I,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LIST_ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
-                    EARLY: tl.constexpr, LINE: tl.constexpr):
-    """One token tile (M <= BLOCK_M): list its experts from the routing ``sel`` (which came before
-    this kernel's predecessor, so it is complete when this kernel launches), then ask L2 for the
-    weight tiles of this program's first ``EARLY`` units (the k-loop below reads them)."""
-    pos, n_act = _tile_positions(sel_ptr, 0, M, E, stride_sm, stride_se, BLOCK_M, LIST_ROWS, BLOCK_E, True)
-    num_units = n_tiles * n_act
-    u_begin = (g.to(tl.int64) * num_units // groups).to(tl.int32)
-    u_end = ((g.to(tl.int64) + 1) * num_units // groups).to(tl.int32)
-    lines = tl.cdiv(I, LINE)
-    q = tl.arange(0, BLOCK_N * 4)
-    for u in range(u_begin, tl.minimum(u_end, u_begin + EARLY)):
-        n_tile = u // tl.maximum(n_act, 1)
-        e = _expert_at(pos, u % tl.maximum(n_act, 1), BLOCK_E)
-        for q0 in range(0, BLOCK_N * lines, BLOCK_N * 4):
-            qq = tl.minimum(q0 + q, BLOCK_N * lines - 1)
-            rows = tl.minimum(n_tile * BLOCK_N + qq // lines, N - 1)
-            prefetch_l2(w_ptr + rows.to(tl.int64) * stride_wn + e * I + (qq % lines) * LINE)
+from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
+from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
 
 
 @triton.jit(do_not_specialize=["M"])
 def _fc2_kernel(
     a_ptr, w_ptr, a_desc, w_desc,  # pointer pair (USE_TMA=False) or descriptor pair (True)
-    alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr, sel_ptr,
-    M, N, E, stride_sm, stride_se,
+    alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr,
+    M, N, E,
     stride_am, stride_ak, stride_wn, stride_wk,
     stride_alm, stride_ale, stride_om, stride_on,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, PDL: tl.constexpr = False,
-    EARLY: tl.constexpr = 0, LINE: tl.constexpr = 128,
 ):
+    pdl_enter(PDL)
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -82,15 +60,6 @@ def _fc2_kernel(
     groups = tl.num_programs(0) // m_tiles  # host launches groups * m_tiles programs
     m_tile = pid % m_tiles
     g = pid // m_tiles
-    if EARLY > 0:  # launched early (PDL), the routing known: warm L2 with this program's first weights
-        if PDL:
-            gdc_launch_dependents()
-        _early_prefetch(sel_ptr, w_ptr, M, E, N, stride_sm, stride_se, stride_wn, g, groups, n_tiles, I,
-                        BLOCK_M, BLOCK_N, LIST_ROWS, BLOCK_E, EARLY, LINE)
-        if PDL:
-            gdc_wait()
-    else:
-        pdl_enter(PDL)
     off_m = m_tile * BLOCK_M
     offs_m = off_m + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -206,14 +175,12 @@ def _fc2_kernel(
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
-import os  # noqa: E402
 
 import torch  # noqa: E402
 
 from densemoe._runtime import sm_count, supports_tma  # noqa: E402
 
 SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit
-EARLY_UNITS = 16  # (column tile, expert) units whose weights a program prefetches early (early_routing)
 _SMEM_RESERVE = 1024  # barriers, alpha ring
 _MAX_ACC_REGS = 192  # fp32 registers per thread for the two accumulators (acc + per-expert part)
 
@@ -364,20 +331,13 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-               config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False,
-               early_routing: torch.Tensor | None = None) -> None:
+               config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False) -> None:
     """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
 
     Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
     the wave size of split=0 (tests use it to force splits on the CPU interpreter).
     ``skip``: expert skipping, each token tile walks only the experts its tokens picked
     (listed by the kernel itself from alpha, ``kernels/triton/skip.py``).
-    ``early_routing`` [M, E] (alpha's zero pattern, known before alpha; skipping, one token tile,
-    PDL on): the kernel, launched while its predecessor still runs, lists the picked experts from
-    it and asks L2 for its first units' weights before it waits. It must be complete when this
-    kernel launches: it must come before this kernel's predecessor's predecessor, and that
-    predecessor must wait before it lets this kernel launch (FC1 -> y quantisation -> FC2 in
-    the layer: FC1 waits first, ``pdl_enter(WAIT_FIRST=True)``).
     """
     M, K = a.shape
     N = w.shape[0]
@@ -405,19 +365,14 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         w_desc = TensorDescriptor.from_tensor(w, [config.block_n, config.block_k])
     else:
         a_desc, w_desc = a, w
-    pdl = launch_kwargs(a.device)
-    early = (early_routing is not None and skip and m_tiles == 1 and bool(pdl) and early_routing.dim() == 2
-             and tuple(early_routing.shape) == (M, E) and os.environ.get("DENSEMOE_FC2_EARLY", "1") != "0")
-    sel = early_routing if early else alpha
     _fc2_kernel[(m_tiles * groups,)](
-        a, w, a_desc, w_desc, alpha, out, ws, cnt, lists, counts, sel,
-        M, N, E, sel.stride(0), sel.stride(1),
+        a, w, a_desc, w_desc, alpha, out, ws, cnt, lists, counts,
+        M, N, E,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         alpha.stride(0), alpha.stride(1), out.stride(0), out.stride(1),
         I=K // E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
         BLOCK_E=block_e, LIST_ROWS=list_rows,
-        num_warps=config.num_warps, num_stages=config.num_stages, EARLY=EARLY_UNITS if early else 0,
-        LINE=128 // w.element_size(), **pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_kwargs(a.device),
     )

@@ -30,25 +30,12 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
 
 
 @triton.jit
-def pdl_enter(PDL: tl.constexpr, WAIT_FIRST: tl.constexpr = False):
+def pdl_enter(PDL: tl.constexpr):
     """First statement of a kernel launched by ``launch_kwargs``: let the next kernel launch,
-    then wait for the previous one (and its writes) before any global memory access.
-    ``WAIT_FIRST``: wait, then let the next launch (FC1: its successors may then read what
-    came before FC1, the routing, before their own wait; see ``fc2``'s early prefetch)."""
+    then wait for the previous one (and its writes) before any global memory access."""
     if PDL:
-        if WAIT_FIRST:
-            gdc_wait()
-            gdc_launch_dependents()
-        else:
-            gdc_launch_dependents()
-            gdc_wait()
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at ``ptrs`` (evict_last); nothing waits for them."""
-    return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                     dtype=tl.int32, is_pure=False, pack=1)
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 def pdl_enabled(device: torch.device) -> bool:

@@ -26,7 +26,7 @@ import triton.language as tl
 
 @triton.jit
 def _tile_positions(r_ptr, t, M, E, stride_rm, stride_re,
-                    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr, CG: tl.constexpr = False):
+                    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
     """(pos [BLOCK_E], n): token tile t's picked-expert count n and each expert's position in
     its list (picked ascending at 0..n-1, then the rest; padding lanes: past E), in registers."""
     offs_e = tl.arange(0, BLOCK_E)
@@ -34,11 +34,8 @@ def _tile_positions(r_ptr, t, M, E, stride_rm, stride_re,
     act = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for r0 in range(0, BLOCK_M, ROWS):
         rows = t * BLOCK_M + r0 + tl.arange(0, ROWS)
-        ptrs = r_ptr + rows.to(tl.int64)[:, None] * stride_rm + offs_e[None, :] * stride_re
-        if CG:  # bypass L1 (the routing was written by an earlier kernel, read before this one's wait)
-            vals = tl.load(ptrs, mask=(rows < M)[:, None] & e_ok[None, :], other=0, cache_modifier=".cg")
-        else:
-            vals = tl.load(ptrs, mask=(rows < M)[:, None] & e_ok[None, :], other=0)
+        vals = tl.load(r_ptr + rows.to(tl.int64)[:, None] * stride_rm + offs_e[None, :] * stride_re,
+                       mask=(rows < M)[:, None] & e_ok[None, :], other=0)
         act = tl.maximum(act, tl.max((vals != 0).to(tl.int32), axis=0))
     act = tl.where(e_ok, act, 0)
     rest = tl.where(e_ok, 1 - act, 0)
