@@ -14,6 +14,7 @@ from densemoe.kernels.triton.fc2 import (
     fc2_triton,
 )
 from densemoe._runtime import sm_count
+from densemoe.kernels.triton.skip import DEFAULT_TOP_K
 from densemoe.kernels.cute import fc2_sm90 as cute_fc2
 from densemoe.kernels.cute.fc2_sm90 import Fc2CuteConfig
 from densemoe.ops import _validate as v
@@ -84,7 +85,7 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
 # TP8 at M = 64 (87% of 256 experts picked) is 11% faster with skipping (457 against 514 us);
 # Qwen3-30B-A3B at M = 32 (87% of 128) and 64 (98%) was 5% and 30% slower.
 SKIP_MAX_SHARE = 0.87
-SKIP_TOP_K = 8  # the top-k assumed when the caller does not say
+SKIP_TOP_K = DEFAULT_TOP_K  # the top-k assumed when the caller does not say (one constant for kernels and ops)
 
 
 def expected_share(m: int, e: int, top_k: int = SKIP_TOP_K) -> float:

@@ -37,7 +37,8 @@ import triton.language as tl
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.triton.fc2 import tma_compatible
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
-from densemoe.kernels.triton.skip import _expert_at, _tile_list, _tile_positions, list_blocks, lists_scratch
+from densemoe.kernels.triton.skip import (DEFAULT_TOP_K, _expert_at, _tile_list, _tile_positions, list_blocks,
+                                          lists_scratch)
 
 FP8_MAX = 448.0
 SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers and slack
@@ -393,8 +394,9 @@ def default_config(problem: Fc1Problem) -> Fc1TritonConfig:
     return cfg
 
 
-def expected_active(m: int, e: int, top_k: int = 8) -> int:
-    """Experts some token of an m-token tile picks, at most: m * top_k (top-8 assumed)."""
+def expected_active(m: int, e: int, top_k: int = DEFAULT_TOP_K) -> int:
+    """Experts some token of an m-token tile picks, at most: m * top_k (``DEFAULT_TOP_K`` unless
+    given)."""
     return max(1, min(e, m * top_k))
 
 

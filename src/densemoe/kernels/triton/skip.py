@@ -23,6 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The top-k that skipping's rules assume when the caller does not say (DeepSeek-V3, Qwen3-MoE:
+# 8): FC1's tile choice (``fc1.expected_active``) and the skip rule (``ops.fc2.skip_by_default``).
+DEFAULT_TOP_K = 8
+
 
 @triton.jit
 def _tile_positions(r_ptr, t, M, E, stride_rm, stride_re,
