@@ -112,11 +112,11 @@ def test_router_logits_fallbacks_and_errors():
 def test_router_logits_opcheck():
     x, w = _inputs(3, 16, 64, torch.bfloat16, torch.bfloat16, "cpu")
     out = torch.empty(3, 16, dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.densemoe.router_gate.default, (x, w, out))
+    torch.library.opcheck(torch.ops.densemoe.router_gate.default, (x, w, out, True))
     q = torch.empty(3, 64, dtype=torch.float8_e4m3fn)
     s = torch.empty(3)
     # (torch's schema check multiplies the fp8 output, which the CPU cannot: the other checks)
-    torch.library.opcheck(torch.ops.densemoe.router_gate_quant.default, (x, w, out, q, s),
+    torch.library.opcheck(torch.ops.densemoe.router_gate_quant.default, (x, w, out, q, s, True),
                           test_utils=("test_faketensor", "test_autograd_registration"))
 
 

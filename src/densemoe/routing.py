@@ -290,27 +290,27 @@ _GATE_MAX_M = 4  # mirror of densemoe.kernels.triton.gate.MAX_M
 
 
 @torch.library.custom_op("densemoe::router_gate", mutates_args=("out",))
-def _gate_op(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+def _gate_op(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, cast_weight: bool) -> None:
     from densemoe.kernels.triton.gate import gate_triton
 
-    gate_triton(x, weight, out)
+    gate_triton(x, weight, out, cast_weight=cast_weight)
 
 
 @_gate_op.register_fake
-def _(x, weight, out):
+def _(x, weight, out, cast_weight):
     return None
 
 
 @torch.library.custom_op("densemoe::router_gate_quant", mutates_args=("out", "q", "s"))
 def _gate_quant_op(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, q: torch.Tensor,
-                   s: torch.Tensor) -> None:
+                   s: torch.Tensor, cast_weight: bool) -> None:
     from densemoe.kernels.triton.gate import gate_triton
 
-    gate_triton(x, weight, out, q, s)
+    gate_triton(x, weight, out, q, s, cast_weight=cast_weight)
 
 
 @_gate_quant_op.register_fake
-def _(x, weight, out, q, s):
+def _(x, weight, out, q, s, cast_weight):
     return None
 
 
@@ -375,13 +375,13 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = Fals
     M, H = x.shape
     out = torch.empty((M, weight.shape[0]), dtype=torch.float32 if float32 else x.dtype, device=x.device)
     if not quantize:
-        _gate_op(x, weight, out)
+        _gate_op(x, weight, out, not float32)
         return out, None
     from densemoe.quant import FP8
 
     q = torch.empty((M, H), dtype=FP8, device=x.device)
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
-    _gate_quant_op(x, weight, out, q, s)
+    _gate_quant_op(x, weight, out, q, s, not float32)
     return out, (q, s)
 
 

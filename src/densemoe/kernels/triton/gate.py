@@ -3,8 +3,9 @@
 Semantics (``densemoe.routing.router_logits_ref`` is the torch twin)::
 
     # x [M, H] bf16 / fp16 / fp32, weight [E, H] bf16 / fp16 / fp32 (unit stride along H)
+    w = weight.to(x.dtype) if CAST_W else weight      # F.linear(x, weight.to(x.dtype)): CAST_W
     for m, e:
-        logits[m, e] = out_dtype(sum_h float32(x[m, h]) * float32(weight[e, h]))   # fp32 accumulate
+        logits[m, e] = out_dtype(sum_h float32(x[m, h]) * float32(w[e, h]))        # fp32 accumulate
     if QUANT:   # exactly densemoe.quant.quantize_per_token(x)
         for m:
             sx[m] = amax(|x[m, :]|) / 448          (1 where the row is all zero)
@@ -36,7 +37,7 @@ MAX_M = 4  # token rows the kernel takes (one gate row, M token rows); above, cu
 def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
                  stride_xm, stride_ge, stride_om, stride_qm,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, ONE_PASS: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 CAST_W: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     e = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -47,7 +48,10 @@ def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
     for k0 in range(0, H, BLOCK_K):  # one step when ONE_PASS (H <= BLOCK_K): one round trip to HBM
         kk = k0 + offs_k
         k_ok = kk < H
-        g = tl.load(g_ptr + e.to(tl.int64) * stride_ge + kk, mask=k_ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + e.to(tl.int64) * stride_ge + kk, mask=k_ok, other=0.0)
+        if CAST_W:  # the weight rounded to x's dtype first, as F.linear(x, weight.to(x.dtype))
+            g = g.to(x_ptr.dtype.element_ty)
+        g = g.to(tl.float32)
         for m in tl.static_range(BLOCK_M):  # the token rows (L2), each dotted with the gate row
             row_ok = tl.full((BLOCK_K,), m, tl.int32) < M
             xv = tl.load(x_ptr + m * stride_xm + kk, mask=k_ok & row_ok, other=0.0).to(tl.float32)
@@ -90,8 +94,9 @@ def gate_blocks(m: int, h: int) -> tuple[int, int, bool]:
 
 
 def gate_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
-                q: torch.Tensor | None = None, s: torch.Tensor | None = None) -> None:
-    """out [M, E] <- x [M, H] @ weight [E, H]^T, and (q [M, H] fp8, s [M] f32) <- x's per-token
+                q: torch.Tensor | None = None, s: torch.Tensor | None = None, *, cast_weight: bool = False) -> None:
+    """out [M, E] <- x [M, H] @ w [E, H]^T with w = weight.to(x.dtype) if ``cast_weight`` else
+    weight (products and sums in float32), and (q [M, H] fp8, s [M] f32) <- x's per-token
     quantisation when given. Unit strides along H and E, M <= MAX_M: checked by the caller."""
     M, H = x.shape
     E = weight.shape[0]
@@ -102,5 +107,6 @@ def gate_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
     _gate_kernel[(E,)](
         x, weight, out, q if quant else out, s if quant else out, M, E, H,
         x.stride(0), weight.stride(0), out.stride(0), q.stride(0) if quant else 0,
-        BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, num_warps=8 if bk >= 4096 else 4,
+        BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, CAST_W=cast_weight and weight.dtype != x.dtype,
+        num_warps=8 if bk >= 4096 else 4,
         **launch_kwargs(x.device))
