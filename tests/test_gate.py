@@ -133,7 +133,8 @@ def test_router_logits_compiles():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("M", [1, 3, 4])
 @pytest.mark.parametrize("E,H", [(256, 7168), (128, 2048)])
-def test_gate_kernel_gpu(M, E, H):
-    x, w = _inputs(M, E, H, torch.bfloat16, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+def test_gate_kernel_gpu(M, E, H, wdtype):
+    x, w = _inputs(M, E, H, torch.bfloat16, wdtype, "cuda")
     _check(x, w, float32=False, quantize=True)
     _check(x, w, float32=True, quantize=True)
