@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import densemoe
+from densemoe.bench.common import capture
 from densemoe.reference import experts_ref
 from densemoe.routing import softmax_topk
 from densemoe.shapes import SHAPES
@@ -57,14 +58,7 @@ def test_layer_graph_capture_with_changing_routing():
 
     def step():
         return densemoe.experts_forward(static_x, prepared, softmax_topk(static_logits, k, renormalize=True).alpha)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = step()
+    g, out = capture(step)  # warm-up on a side stream, then the capture
     for seed in (5, 6):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         static_x.copy_(torch.randn(x.shape, device="cuda", generator=gen))

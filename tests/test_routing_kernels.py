@@ -18,6 +18,7 @@ import torch
 
 from _helpers import seed_of
 from densemoe import routing
+from densemoe.bench.common import capture
 from densemoe.routing import (RouterOutput, deepseek_v3_topk, deepseek_v3_topk_ref, softmax_topk,
                               softmax_topk_ref)
 
@@ -476,14 +477,7 @@ def test_gpu_routers_capture_in_a_cuda_graph():
         return (softmax_topk(static[:, :128], k, renormalize=True, impl="triton"),
                 deepseek_v3_topk(static, k, **kw, impl="triton"))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture(step)  # warm-up on a side stream, then the capture
     for i in (1, 2):
         static.copy_(rand_logits(M, E, gen_for("graph", i)).cuda())
         graph.replay()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import densemoe
+from densemoe.bench.common import capture
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig, fc2_triton
 from densemoe.kernels.triton.skip import active_experts, active_experts_ref
@@ -334,14 +335,7 @@ def test_layer_graph_capture_with_skipping_and_changing_routing():
     def step():
         alpha = softmax_topk(static_logits, k, renormalize=True).alpha * scale
         return densemoe.experts_forward(static_x, prepared, alpha, skip=True)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)  # warm-up on a side stream, then the capture
     for seed in (5, 6, 7):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         static_x.copy_(torch.randn(x.shape, device="cuda", generator=gen))

@@ -6,14 +6,13 @@ python bench/experiments/m1_probe.py"""
 import dataclasses
 import json
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 
 import densemoe
-from densemoe.bench.common import Timer
+from densemoe.bench.common import Timer, graph_kernels
 from densemoe.bench.layer import ExpertsCase
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig, fc2_triton
@@ -148,28 +147,10 @@ moe = DenseMoE(p, case.gate, case.k, renormalize=True)
 for M in (1, 8):
     xm = case.x(M)
     show(f"layer M={M}", timer(lambda: moe(xm)))
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        moe(xm)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        moe(xm)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            timer.flush()
-            g.replay()
-        torch.cuda.synchronize()
-    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    evs.sort(key=lambda e: e.time_range.start)
-    # the last replay: events after the last flush kernel
-    last = max(i for i, e in enumerate(evs) if "_read_kernel" in e.name)
-    t0 = evs[last].time_range.end
+    kernels = graph_kernels(lambda: moe(xm), timer)
     print(f"  layer M={M} graph kernels (start offset after the flush, duration), us:")
-    for e in evs[last + 1:]:
-        print(f"    +{e.time_range.start - t0:7.1f}  {e.time_range.end - e.time_range.start:6.1f}  {e.name[:90]}")
-    res[f"layer M={M} kernels"] = [(e.name[:60], e.time_range.start - t0, e.time_range.end - e.time_range.start)
-                                   for e in evs[last + 1:]]
+    for name, start, dur in kernels:
+        print(f"    +{start:7.1f}  {dur:6.1f}  {name[:90]}")
+    res[f"layer M={M} kernels"] = [(name[:60], start, dur) for name, start, dur in kernels]
 print("triton", triton.__version__, "pdl:", hasattr(tl.extra.cuda, "gdc_wait") if hasattr(tl, "extra") else "?")
 json.dump(res, open(os.path.join(out_dir, "m1_probe.json"), "w"), indent=1)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from densemoe.bench.common import Timer
+from densemoe.bench.common import Timer, graph_kernels
 from densemoe.bench.layer import ExpertsCase
 from densemoe.layer import DenseMoE
 
@@ -36,23 +36,6 @@ for M in ms:
 os.environ[VAR] = "1"
 for M in ms[:2]:
     x = case.x(M)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        moe(x)
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        moe(x)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            timer.flush()
-            g.replay()
-        torch.cuda.synchronize()
-    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                 key=lambda e: e.time_range.start)
-    last = max(i for i, e in enumerate(evs) if "_read_kernel" in e.name)
-    t0 = evs[last].time_range.end
     print(f"  M={M} graph kernels with {VAR}=1 (start after the flush, duration), us:")
-    for e in evs[last + 1:]:
-        print(f"    +{e.time_range.start - t0:7.1f}  {e.time_range.end - e.time_range.start:6.1f}  {e.name[:80]}")
+    for name, start, dur in graph_kernels(lambda: moe(x), timer):
+        print(f"    +{start:7.1f}  {dur:6.1f}  {name[:80]}")

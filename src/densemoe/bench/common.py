@@ -39,17 +39,7 @@ class Timer:
         for _ in range(self.warmup):
             fn()
         torch.cuda.synchronize()
-        run = fn
-        if graph:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            run = g.replay
+        run = capture(fn)[0].replay if graph else fn
         times = []
         for _ in range(reps):
             self.flush()
@@ -79,6 +69,36 @@ class Timer:
             out.append({"us": meds[len(meds) // 2], "us_min": min(r["us_min"] for r in rs),
                         "us_p90": sorted(r["us_p90"] for r in rs)[len(rs) // 2], "us_rounds": [r["us"] for r in rs]})
         return out
+
+
+def capture(fn) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, fn's output inside it): one warm-up call on a side stream, then the capture."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
+def graph_kernels(fn, timer: Timer, replays: int = 5) -> list[tuple[str, float, float]]:
+    """The kernels of ``fn`` captured in a CUDA graph, from torch.profiler over ``replays``
+    replays each after the timer's L2 flush: (name, start after the last flush ends, duration)
+    in us, for the last replay."""
+    g = capture(fn)[0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            timer.flush()
+            g.replay()
+        torch.cuda.synchronize()
+    evs = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)
+    last = max(i for i, e in enumerate(evs) if "_read_kernel" in e.name)
+    t0 = evs[last].time_range.end
+    return [(e.name, e.time_range.start - t0, e.time_range.end - e.time_range.start) for e in evs[last + 1:]]
 
 
 @triton.jit

@@ -79,18 +79,14 @@ def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
             tl.store(s_ptr + m, sm)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (max(n, 1) - 1).bit_length())
-
-
 MAX_BLOCK_K = 8192  # elements of a row a program holds (8 warps: 32 fp32 registers a thread)
 
 
 def gate_blocks(m: int, h: int) -> tuple[int, int, bool]:
     """(BLOCK_M, BLOCK_K, ONE_PASS): every token row and, up to 8192 elements, the whole of H
     in one step."""
-    bk = min(_pow2_at_least(h), MAX_BLOCK_K)
-    return _pow2_at_least(m), bk, h <= bk
+    bk = min(triton.next_power_of_2(max(h, 1)), MAX_BLOCK_K)
+    return triton.next_power_of_2(max(m, 1)), bk, h <= bk
 
 
 def gate_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
