@@ -103,6 +103,8 @@ def test_router_logits_fallbacks_and_errors():
         routing.router_logits(x, w.to(torch.int32))
     with pytest.raises(ValueError, match="impl"):
         routing.router_logits(x, w, impl="cuda")
+    with pytest.raises(TypeError, match="quantize must be a bool"):
+        routing.router_logits(x, w, quantize=1)
     xs = torch.randn(4, 64)[:, ::2]
     with pytest.raises(ValueError, match="unit stride"):
         routing.router_logits(xs, torch.randn(8, 32), impl="triton")

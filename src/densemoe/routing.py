@@ -369,6 +369,8 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = Fals
         raise ValueError(f"{op}: weight must be [E, H={x.shape[1]}], got {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"{op}: x is on {x.device} but weight is on {weight.device}")
+    _check_bool(op, "float32", float32)
+    _check_bool(op, "quantize", quantize)
     impl = _check_impl(op, impl)
     if not _use_kernel(op, impl, _gate_blocker(x, weight)):
         return router_logits_ref(x, weight, float32=float32, quantize=quantize)
