@@ -448,10 +448,12 @@ def test_config_str_round_trip(cfg):
 @pytest.mark.parametrize("config", ["", Fc2TritonConfig(16, 16, 32, swap_ab=False).to_str()],
                          ids=["default", "pinned"])
 @pytest.mark.parametrize("skip", [False, True], ids=["dense", "skip"])
-def test_custom_op_opcheck(config, skip, seed):
+@pytest.mark.parametrize("w_scale", [False, True], ids=["", "w_scale"])
+def test_custom_op_opcheck(config, skip, w_scale, seed):
     a, w, alpha = make_inputs(7, 48, 3, 32, torch.bfloat16, seed)
     out = torch.empty(7, 48, dtype=torch.float32)
-    torch.library.opcheck(torch.ops.densemoe.fc2.default, (a, w, alpha, out, config, "auto", skip))
+    ws = torch.rand(3) + 0.5 if w_scale else None
+    torch.library.opcheck(torch.ops.densemoe.fc2.default, (a, w, alpha, out, config, "auto", skip, ws))
 
 
 # --------------------------------------------------------------------------------------------

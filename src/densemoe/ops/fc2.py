@@ -71,7 +71,7 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
     else:
         rem = tiles % slots
         split = 0 if 0 < rem <= slots // 2 else 1
-    stage = (bm + bn) * block_k * p.dtype.itemsize
+    stage = (bm * p.in_dtype.itemsize + bn * p.dtype.itemsize) * block_k
     stages = max(2, min(6, (SMEM_BYTES // cps - 1024) // stage))
     config = Fc2TritonConfig(bm, bn, block_k, warps, stages, swap, True, split, cps)
     ok, why = can_implement(p, config)
@@ -250,7 +250,7 @@ def _choose_src(a, w, alpha, out, config: str, backend: str, skip: bool = False)
     ``default_skip_config`` ("heuristic"). Raises when a forced backend cannot run."""
     M, K = a.shape
     E = alpha.shape[1]
-    problem = Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype)
+    problem = _problem(a, w, alpha, out)
     if skip:
         if config:
             return "triton", _parse_config(config), "pinned"
@@ -262,25 +262,33 @@ def _choose_src(a, w, alpha, out, config: str, backend: str, skip: bool = False)
             if not ok:
                 raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
         return cfg.backend, cfg, "pinned"
+    if problem.a_dtype is not None:  # W8A16: Triton only, not in the tuned tables
+        return "triton", default_config(problem, sm_count(a.device)), "heuristic"
     return _tuned(problem, a, w, alpha, out, backend) or (*_heuristic(problem, a, w, alpha, out, backend), "heuristic")
+
+
+def _problem(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> Fc2Problem:
+    M, K = a.shape
+    E = alpha.shape[1]
+    return Fc2Problem(M, w.shape[0], E, K // E, w.dtype, out.dtype, a.dtype if a.dtype != w.dtype else None)
 
 
 @torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
 def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-            config: str, backend: str, skip: bool) -> None:
+            config: str, backend: str, skip: bool, w_scale: torch.Tensor | None) -> None:
     if skip:
         _, cfg, _ = _choose_src(a, w, alpha, out, config, backend, skip=True)
-        fc2_triton(a, w, alpha, out, cfg, skip=True)
+        fc2_triton(a, w, alpha, out, cfg, skip=True, w_scale=w_scale)
         return
     which, cfg = _choose(a, w, alpha, out, config, backend)
-    if which == "cute":
-        cute_fc2.fc2_cute(a, w, alpha, out, cfg)
+    if which == "cute":  # the CuTe kernel has no per-expert factor: fold it into alpha here
+        cute_fc2.fc2_cute(a, w, alpha * w_scale[None, :] if w_scale is not None else alpha, out, cfg)
     else:
-        fc2_triton(a, w, alpha, out, cfg)
+        fc2_triton(a, w, alpha, out, cfg, w_scale=w_scale)
 
 
 @_fc2_op.register_fake
-def _(a, w, alpha, out, config, backend, skip):
+def _(a, w, alpha, out, config, backend, skip, w_scale):
     return None
 
 
@@ -309,11 +317,12 @@ def which_backend(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: to
 def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
         config: Fc2TritonConfig | Fc2CuteConfig | None = None, backend: str = "auto",
-        skip: bool | None = None) -> torch.Tensor:
+        skip: bool | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dense-MoE FC2 (down projection) over all experts with a per-token, per-expert scale.
 
         out[m, n] = sum_e alpha[m, e] * sum_{i < I} a[m, e*I + i] * w[n, e*I + i]
         E = alpha.shape[1], I = a.shape[1] // E
+        (times ``w_scale[e]`` on alpha[m, e] when given)
 
     With expert skipping the sum runs over the experts with alpha[m, e] != 0 only: a token tile
     never reads the weights (or ``a``) of experts none of its tokens picked, and what ``a``
@@ -321,8 +330,10 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
 
     Args:
         a:     [M, E*I] float8_e4m3fn or bfloat16: the activations (FC1's output).
-        w:     [N, E*I] same dtype as ``a``: each expert's [N, I] down projection side by side
-               along K (K-major).
+        w:     [N, E*I] ``a``'s dtype, or float8_e4m3fn with a bfloat16 ``a`` (W8A16: each
+               weight tile is converted to bf16 in registers, exactly, before a bf16 MMA;
+               Triton backend; for small M, where FC2 is a read of the weights): each
+               expert's [N, I] down projection side by side along K (K-major).
         alpha: [M, E] float32: routing weight x dequantisation scales; 0 where token m did not
                pick expert e. Applied in fp32 to each expert's partial sum, per token row.
         out_dtype: bfloat16 (default), float16 or float32.
@@ -337,6 +348,8 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
                None (default): on while ``skip_by_default(M, E)`` (top-8 of 256 experts:
                M <= 64; of 128: M <= 31) unless the CuTe backend is asked for; True:
                always (raises with backend="cute"); False: the dense path.
+        w_scale: optional [E] float32: a per-expert factor (w's dequantisation scale)
+               multiplied into alpha in the kernel (no separate pass over alpha).
 
     Returns:
         out [M, N].
@@ -356,8 +369,10 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
     w = v.tensor(OP, "w", w, 2)
     alpha = v.tensor(OP, "alpha", alpha, 2)
     v.dtype(OP, "a", a, IN_DTYPES)
-    if w.dtype != a.dtype:
-        raise TypeError(f"{OP}: w must have a's dtype ({v.dtype_name(a.dtype)}), got {v.dtype_name(w.dtype)}")
+    w8a16 = a.dtype == torch.bfloat16 and w.dtype == v.FP8
+    if w.dtype != a.dtype and not w8a16:
+        raise TypeError(f"{OP}: w must have a's dtype ({v.dtype_name(a.dtype)}), or be float8_e4m3fn with a "
+                        f"bfloat16 a (W8A16); got {v.dtype_name(w.dtype)}")
     v.dtype(OP, "alpha", alpha, (torch.float32,))
     M, K = a.shape
     N = w.shape[0]
@@ -373,6 +388,12 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
     I = K // E
     if I % I_MULTIPLE:
         raise ValueError(f"{OP}: I = K / E = {K} / {E} = {I} per expert must be a multiple of {I_MULTIPLE}")
+    if w_scale is not None:
+        w_scale = v.tensor(OP, "w_scale", w_scale, 1)
+        v.dtype(OP, "w_scale", w_scale, (torch.float32,))
+        if w_scale.shape[0] != E:
+            raise ValueError(f"{OP}: w_scale must be [E={E}], got {tuple(w_scale.shape)}")
+        w_scale = w_scale.contiguous()
     if out is not None:
         out = v.tensor(OP, "out", out, 2)
         if out_dtype is not None and out.dtype != out_dtype:
@@ -385,14 +406,14 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         if bad_cols or bad_rows:
             raise ValueError(f"{OP}: out must have unit column stride and non-overlapping rows, "
                              f"got strides {tuple(out.stride())}")
-        dev = v.same_device(OP, a=a, w=w, alpha=alpha, out=out)
+        dev = v.same_device(OP, a=a, w=w, alpha=alpha, out=out, **_opt(w_scale=w_scale))
     else:
         out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
         if out_dtype not in OUT_DTYPES:
             raise TypeError(f"{OP}: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
-        dev = v.same_device(OP, a=a, w=w, alpha=alpha)
+        dev = v.same_device(OP, a=a, w=w, alpha=alpha, **_opt(w_scale=w_scale))
         out = torch.empty((M, N), dtype=out_dtype, device=dev)
-    v.device_supports(OP, dev, a.dtype)
+    v.device_supports(OP, dev, w.dtype)
     if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or alpha.requires_grad):
         raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad() "
                          "or on tensors that do not require grad")
@@ -404,13 +425,21 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         if backend != "auto" and backend != config.backend:
             raise ValueError(f"{OP}: config is a {config.backend} config but backend={backend!r}")
         check = cute_fc2.can_implement if config.backend == "cute" else can_implement
-        ok, why = check(Fc2Problem(M, N, E, I, a.dtype, out.dtype), config)
+        ok, why = check(Fc2Problem(M, N, E, I, w.dtype, out.dtype, a.dtype if w8a16 else None), config)
         if not ok:
             raise ValueError(f"{OP}: config {config} cannot run this problem: {why}")
+    if w8a16 and (backend == "cute" or (config is not None and config.backend == "cute")):
+        raise ValueError(f"{OP}: a bfloat16 a with float8 w (W8A16) runs on the Triton kernel only")
     if skip not in (None, True, False):
         raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
     skip = _resolve_skip(skip, M, E, backend, config)
     if M == 0 or N == 0:
         return out
-    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "", backend, skip)
+    torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "",
+                           "triton" if w8a16 else backend, skip, w_scale)
     return out
+
+
+def _opt(**tensors):
+    """The optional tensors that are given (for the one-device check)."""
+    return {k: t for k, t in tensors.items() if t is not None}
