@@ -141,7 +141,7 @@ def test_fc2_skipping_kernel(pattern, cfg, dtype, request):
 @needs_kernel
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [FP8, BF16], ids=["fp8", "bf16"])
-@pytest.mark.parametrize("M", [1, 3, 7, 40])
+@pytest.mark.parametrize("M", [1, 7, 40])
 def test_layer_with_and_without_skipping(dtype, M, request):
     from densemoe.reference import experts_ref
     from densemoe.weights import prepare_weights
@@ -157,21 +157,9 @@ def test_layer_with_and_without_skipping(dtype, M, request):
     on = densemoe.experts_forward(x, prepared, alpha, skip=True)
     off = densemoe.experts_forward(x, prepared, alpha, skip=False)
     err_on, err_off = rel(on, ref), rel(off, ref)
-    if dtype == FP8 and M <= densemoe.layer.W8A16_MAX_M:
-        # W8A16 FC2 on FC1's bf16 output (no y quantisation): held to the same pipeline in
-        # float64 on the same quantised x and weights, with y rounded to bf16 as stored
-        from densemoe.quant import quantize_per_token
-
-        x8, sx = quantize_per_token(x)
-        y64 = fc1_ref(x8, prepared.w1, prepared.alpha1, x_scale=sx, out_dtype=torch.float64)
-        a2 = alpha * prepared.w2_scale[None, :]
-        want = fc2_ref(y64, prepared.w2, a2, out_dtype=torch.float64)
-        torch_err = rel(fc2_ref(y64.to(BF16), prepared.w2, a2, out_dtype=torch.float64).to(BF16), want)
-        assert rel(on, want) <= 1.5 * torch_err + 1e-6, (rel(on, want), torch_err)
-        assert err_on <= 1.25 * err_off, (err_on, err_off)  # no worse than quantising y (noisy at this size)
-    else:  # same quantisation, same products: only fp32 summation order may differ
-        assert err_on <= 1.02 * err_off + 1e-6, (err_on, err_off)
-        assert rel(on, off) <= (2e-2 if dtype == FP8 else 1e-2)
+    # same quantisation, same products: only fp32 summation order may differ
+    assert err_on <= 1.02 * err_off + 1e-6, (err_on, err_off)
+    assert rel(on, off) <= (2e-2 if dtype == FP8 else 1e-2)
 
 
 @needs_kernel

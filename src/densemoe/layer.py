@@ -10,14 +10,11 @@ Pipelines (no host sync anywhere):
 
     fp8:  x8, sx = quantize_per_token(x)                     # [M, H] fp8, [M]
           y = fc1(x8, w1, alpha1, x_scale=sx, routing=alpha)  # [M, E*I] bf16, SwiGLU fused
-          with skipping and M <= W8A16_MAX_M:
-              out = fc2(y, w2, alpha, w_scale=w2_scale)      # W8A16: w2's tiles as bf16, no y pass
-          else:
-              y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
-                  # one kernel; reads y only where alpha != 0, writes zeros elsewhere
-              (with I <= FUSED_QUANT_MAX_I, 0 today: y8, s_y = fc1_fp8_dynamic(...) quantises
-               in FC1's epilogue and alpha2 = alpha * s_y * w2_scale)
-              out = fc2(y8, w2, alpha2)                      # [M, H] bf16
+          y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
+              # one kernel; reads y only where alpha != 0, writes zeros elsewhere
+          (with I <= FUSED_QUANT_MAX_I, 0 today: y8, s_y = fc1_fp8_dynamic(...) quantises in
+           FC1's epilogue and alpha2 = alpha * s_y * w2_scale)
+          out = fc2(y8, w2, alpha2)                          # [M, H] bf16
     bf16: out = fc2(fc1(x, w1, alpha1, routing=alpha), w2, alpha, w_scale=w2_scale)
 
 Expert skipping (``skip``; on by default while ``skip_by_default(M, E, top_k)``): FC1 and FC2 each list, on
@@ -43,11 +40,10 @@ from densemoe.weights import PreparedWeights, prepare_weights
 # against 313-347 us for FC1 plus the separate pass, and the layer 519 us against 488 at M = 1.
 FUSED_QUANT_MAX_I = 0
 
-# With expert skipping up to this many tokens, the fp8 pipeline gives FC2 FC1's bf16 output as
-# it is and FC2 converts w2's fp8 tiles to bf16 in registers (W8A16): no quantisation pass over
-# y (one launch fewer on the critical path) and y keeps bf16 precision. FC2 is a read of the
-# weights there; the bf16 MMA costs nothing measurable.
-W8A16_MAX_M = 4
+# Not done: FC2 on FC1's bf16 output with w2's fp8 tiles converted in registers (W8A16, no y
+# quantisation pass; commit ac1877b). H100, TP8 fp8 with skipping: FC2 took 19.5 us at M = 1
+# against 12.4 on fp8 y, and the layer was slower at every M from 1 to 64 (M = 1 45.0 against
+# 42.9 us, M = 64 570 against 454).
 
 
 def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor, *,
@@ -81,11 +77,8 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         else:
             # the quantisation reads only picked segments: FC1 need not zero the others
             y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
-            if skip and x.shape[0] <= W8A16_MAX_M:  # W8A16 FC2 on FC1's bf16 output
-                out = fc2(y, prepared.w2, alpha, skip=True, w_scale=prepared.w2_scale)
-            else:
-                y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
-                out = fc2(y8, prepared.w2, alpha2, skip=skip)
+            y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
+            out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
         y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False)

@@ -71,7 +71,7 @@ def default_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonConfig:
     else:
         rem = tiles % slots
         split = 0 if 0 < rem <= slots // 2 else 1
-    stage = (bm * p.in_dtype.itemsize + bn * p.dtype.itemsize) * block_k
+    stage = (bm + bn) * block_k * p.dtype.itemsize
     stages = max(2, min(6, (SMEM_BYTES // cps - 1024) // stage))
     config = Fc2TritonConfig(bm, bn, block_k, warps, stages, swap, True, split, cps)
     ok, why = can_implement(p, config)
@@ -248,8 +248,6 @@ def _choose_src(a, w, alpha, out, config: str, backend: str, skip: bool = False)
     the tuned entry for this problem's key ("cache" / "shipped"), else the deterministic
     heuristic ("heuristic"). With ``skip`` (Triton only): the pinned config or
     ``default_skip_config`` ("heuristic"). Raises when a forced backend cannot run."""
-    M, K = a.shape
-    E = alpha.shape[1]
     problem = _problem(a, w, alpha, out)
     if skip:
         if config:
@@ -262,15 +260,13 @@ def _choose_src(a, w, alpha, out, config: str, backend: str, skip: bool = False)
             if not ok:
                 raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
         return cfg.backend, cfg, "pinned"
-    if problem.a_dtype is not None:  # W8A16: Triton only, not in the tuned tables
-        return "triton", default_config(problem, sm_count(a.device)), "heuristic"
     return _tuned(problem, a, w, alpha, out, backend) or (*_heuristic(problem, a, w, alpha, out, backend), "heuristic")
 
 
 def _problem(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> Fc2Problem:
     M, K = a.shape
     E = alpha.shape[1]
-    return Fc2Problem(M, w.shape[0], E, K // E, w.dtype, out.dtype, a.dtype if a.dtype != w.dtype else None)
+    return Fc2Problem(M, w.shape[0], E, K // E, a.dtype, out.dtype)
 
 
 @torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
@@ -330,10 +326,8 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
 
     Args:
         a:     [M, E*I] float8_e4m3fn or bfloat16: the activations (FC1's output).
-        w:     [N, E*I] ``a``'s dtype, or float8_e4m3fn with a bfloat16 ``a`` (W8A16: each
-               weight tile is converted to bf16 in registers, exactly, before a bf16 MMA;
-               Triton backend; for small M, where FC2 is a read of the weights): each
-               expert's [N, I] down projection side by side along K (K-major).
+        w:     [N, E*I] same dtype as ``a``: each expert's [N, I] down projection side by side
+               along K (K-major).
         alpha: [M, E] float32: routing weight x dequantisation scales; 0 where token m did not
                pick expert e. Applied in fp32 to each expert's partial sum, per token row.
         out_dtype: bfloat16 (default), float16 or float32.
@@ -369,10 +363,8 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
     w = v.tensor(OP, "w", w, 2)
     alpha = v.tensor(OP, "alpha", alpha, 2)
     v.dtype(OP, "a", a, IN_DTYPES)
-    w8a16 = a.dtype == torch.bfloat16 and w.dtype == v.FP8
-    if w.dtype != a.dtype and not w8a16:
-        raise TypeError(f"{OP}: w must have a's dtype ({v.dtype_name(a.dtype)}), or be float8_e4m3fn with a "
-                        f"bfloat16 a (W8A16); got {v.dtype_name(w.dtype)}")
+    if w.dtype != a.dtype:
+        raise TypeError(f"{OP}: w must have a's dtype ({v.dtype_name(a.dtype)}), got {v.dtype_name(w.dtype)}")
     v.dtype(OP, "alpha", alpha, (torch.float32,))
     M, K = a.shape
     N = w.shape[0]
@@ -413,7 +405,7 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
             raise TypeError(f"{OP}: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
         dev = v.same_device(OP, a=a, w=w, alpha=alpha, **_opt(w_scale=w_scale))
         out = torch.empty((M, N), dtype=out_dtype, device=dev)
-    v.device_supports(OP, dev, w.dtype)
+    v.device_supports(OP, dev, a.dtype)
     if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or alpha.requires_grad):
         raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad() "
                          "or on tensors that do not require grad")
@@ -425,18 +417,16 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         if backend != "auto" and backend != config.backend:
             raise ValueError(f"{OP}: config is a {config.backend} config but backend={backend!r}")
         check = cute_fc2.can_implement if config.backend == "cute" else can_implement
-        ok, why = check(Fc2Problem(M, N, E, I, w.dtype, out.dtype, a.dtype if w8a16 else None), config)
+        ok, why = check(Fc2Problem(M, N, E, I, a.dtype, out.dtype), config)
         if not ok:
             raise ValueError(f"{OP}: config {config} cannot run this problem: {why}")
-    if w8a16 and (backend == "cute" or (config is not None and config.backend == "cute")):
-        raise ValueError(f"{OP}: a bfloat16 a with float8 w (W8A16) runs on the Triton kernel only")
     if skip not in (None, True, False):
         raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
     skip = _resolve_skip(skip, M, E, backend, config)
     if M == 0 or N == 0:
         return out
     torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "",
-                           "triton" if w8a16 else backend, skip, w_scale)
+                           backend, skip, w_scale)
     return out
 
 

@@ -140,8 +140,6 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
     c, p = config, problem
     if p.dtype not in (torch.float8_e4m3fn, torch.bfloat16):
         return False, f"input dtype {p.dtype} not supported (fp8 e4m3 or bf16)"
-    if p.a_dtype not in (None, p.dtype):
-        return False, f"a {p.a_dtype} against w {p.dtype}: the CuTe kernel takes one input dtype"
     if p.out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False, f"out dtype {p.out_dtype} not supported"
     if c.consumers not in (1, 2):

@@ -3,21 +3,16 @@
 Semantics (the contract; ``densemoe.reference.fc2_ref`` is its executable twin)::
 
     # a:       [M, E*I]  fp8 e4m3 or bf16, K-major    (FC1's output, token rows)
-    # w:       [N, E*I]  a's dtype, or fp8 with a bf16 a (UPCAST_W), K-major
-    #                                                 (each expert's [N, I] block side by side)
+    # w:       [N, E*I]  same dtype as a, K-major     (each expert's [N, I] block side by side)
     # alpha:   [M, E]    float32                      (routing weight x dequant scales, 0 = not routed)
     # w_scale: [E]       float32, optional (HAS_WSCALE; 1 when absent)
     # out:     [M, N]    bf16 / fp16 / fp32
     for m, n:
         acc = 0.0                                      # fp32
         for e in range(E):
-            part = sum(a[m, e*I + i] * a.dtype(w[n, e*I + i]) for i in range(I))   # tensor cores
+            part = sum(a[m, e*I + i] * w[n, e*I + i] for i in range(I))   # tensor cores
             acc += (alpha[m, e] * w_scale[e]) * part   # fp32, once per expert, per token row
         out[m, n] = acc.to(out.dtype)
-
-``UPCAST_W`` (W8A16): a bf16 input against fp8 weights; each weight tile is converted to bf16
-in registers (exact: every e4m3 value is a bf16 value) before a bf16 MMA. For small M, where
-FC2 is a read of the weights, this takes FC1's bf16 output as it is: no quantisation pass.
 
 Schedule. The work is a list of *units*: one unit is one (token tile, column tile, expert)
 triple, i.e. ``I // BLOCK_K`` k-tiles of MMA followed by one fp32 scale-and-add. Units are
@@ -57,7 +52,7 @@ def _fc2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, PDL: tl.constexpr = False,
-    UPCAST_W: tl.constexpr = False, HAS_WSCALE: tl.constexpr = False,
+    HAS_WSCALE: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
@@ -125,8 +120,6 @@ def _fc2_kernel(
                 a = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
                             + (k0 + offs_k)[None, :] * stride_ak,
                             mask=mask_m[:, None], other=0.0)
-            if UPCAST_W:  # W8A16: the fp8 weights as bf16 (exact), a bf16 MMA
-                w = w.to(a.dtype)
             al = tl.load(alpha_ptr + offs_m * stride_alm + e * stride_ale, mask=mask_m, other=0.0)
             if HAS_WSCALE:
                 al = al * tl.load(wscale_ptr + e)
@@ -204,13 +197,8 @@ class Fc2Problem:
     n: int
     e: int
     i: int
-    dtype: torch.dtype  # of w (and of a, unless a_dtype says otherwise)
+    dtype: torch.dtype  # of a and w
     out_dtype: torch.dtype
-    a_dtype: torch.dtype | None = None  # bf16 against fp8 weights (W8A16); None: dtype
-
-    @property
-    def in_dtype(self) -> torch.dtype:  # a's dtype
-        return self.a_dtype if self.a_dtype is not None else self.dtype
 
     @property
     def k(self) -> int:
@@ -264,11 +252,9 @@ class Fc2TritonConfig:
             kw[k] = (v == "True") if t in (bool, "bool") else int(v)
         return Fc2TritonConfig(**kw)
 
-    def smem_bytes(self, dtype: torch.dtype, a_dtype: torch.dtype | None = None) -> int:
-        """The load ring: num_stages x (a tile + w tile); w in ``dtype``, a in ``a_dtype``
-        (default: the same)."""
-        a_size = (a_dtype or dtype).itemsize
-        return self.num_stages * (self.block_m * a_size + self.block_n * dtype.itemsize) * self.block_k
+    def smem_bytes(self, dtype: torch.dtype) -> int:
+        """The load ring: num_stages x (a tile + w tile)."""
+        return self.num_stages * (self.block_m + self.block_n) * self.block_k * dtype.itemsize
 
 
 def _pow2(x: int) -> bool:
@@ -281,8 +267,6 @@ def can_implement(problem: Fc2Problem, config: Fc2TritonConfig) -> tuple[bool, s
     The single validity rule: the heuristic, the tests and the tuner all go through it.
     """
     c, p = config, problem
-    if p.a_dtype not in (None, p.dtype) and not (p.a_dtype == torch.bfloat16 and p.dtype == torch.float8_e4m3fn):
-        return False, f"a {p.a_dtype} against w {p.dtype}: mixed inputs are bf16 a with fp8 w only"
     for name in ("block_m", "block_n", "block_k"):
         v = getattr(c, name)
         if not _pow2(v) or not 16 <= v <= 256:
@@ -300,7 +284,7 @@ def can_implement(problem: Fc2Problem, config: Fc2TritonConfig) -> tuple[bool, s
         return False, f"split={c.split} must be >= 0"
     if c.ctas_per_sm not in (1, 2, 3, 4):
         return False, f"ctas_per_sm={c.ctas_per_sm} not in 1..4"
-    smem = c.smem_bytes(p.dtype, p.a_dtype) + _SMEM_RESERVE
+    smem = c.smem_bytes(p.dtype) + _SMEM_RESERVE
     if smem * c.ctas_per_sm > SMEM_BYTES:
         return False, (f"needs {smem} B of shared memory per program "
                        f"(limit {SMEM_BYTES} / ctas_per_sm={c.ctas_per_sm})")
@@ -359,13 +343,12 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     the wave size of split=0 (tests use it to force splits on the CPU interpreter).
     ``skip``: expert skipping, each token tile walks only the experts its tokens picked
     (listed by the kernel itself from alpha, ``kernels/triton/skip.py``).
-    A bf16 ``a`` with an fp8 ``w`` runs W8A16 (the weights converted in registers).
     ``w_scale`` [E] float32: a per-expert factor multiplied into alpha in the kernel.
     """
     M, K = a.shape
     N = w.shape[0]
     E = alpha.shape[1]
-    problem = Fc2Problem(M, N, E, K // E, w.dtype, out.dtype, a.dtype if a.dtype != w.dtype else None)
+    problem = Fc2Problem(M, N, E, K // E, a.dtype, out.dtype)
     ok, why = can_implement(problem, config)
     if not ok:
         raise ValueError(f"config {config} cannot run {problem}: {why}")
@@ -396,6 +379,6 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         I=K // E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
-        BLOCK_E=block_e, LIST_ROWS=list_rows, UPCAST_W=a.dtype != w.dtype, HAS_WSCALE=w_scale is not None,
+        BLOCK_E=block_e, LIST_ROWS=list_rows, HAS_WSCALE=w_scale is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_kwargs(a.device),
     )
