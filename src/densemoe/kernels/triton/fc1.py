@@ -41,6 +41,8 @@ from densemoe.kernels.triton.skip import (DEFAULT_TOP_K, _expert_at, _tile_list,
                                           lists_scratch)
 
 FP8_MAX = 448.0
+# Skipping: spread the units over the whole grid when there are fewer than programs (probe switch)
+SPREAD_UNITS = True
 SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers and slack
 
 
@@ -197,6 +199,7 @@ def _fc1_persistent_kernel(
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
     ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False, PDL: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -227,7 +230,14 @@ def _fc1_persistent_kernel(
     else:
         n_pairs = m_tiles * E
         n_units = n_pairs * i_tiles
-    for u in tl.range(pid, n_units, NUM_PROGS):
+    # Fewer units than programs (skipping at small M): every step-th program takes one, so
+    # the busy programs are spread over the grid (and the SMs) instead of packed at its start.
+    step = 1
+    if SPREAD:
+        step = tl.maximum(NUM_PROGS // tl.maximum(n_units, 1), 1)
+    vprogs = NUM_PROGS // step
+    vpid = tl.where((pid % step == 0) & (pid // step < vprogs), pid // step, n_units)
+    for u in tl.range(vpid, n_units, vprogs):
         if SKIP:
             it = u % i_tiles
             if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
@@ -511,6 +521,6 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          ONE_TILE=grid[0] == 1, LISTS_GIVEN=skip and active is not None,
-                                         LIST_ROWS=list_rows, **flags)
+                                         LIST_ROWS=list_rows, SPREAD=skip and SPREAD_UNITS, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
