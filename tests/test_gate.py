@@ -140,3 +140,128 @@ def test_gate_kernel_gpu(M, E, H, wdtype):
     x, w = _inputs(M, E, H, torch.bfloat16, wdtype, "cuda")
     _check(x, w, float32=False, quantize=True)
     _check(x, w, float32=True, quantize=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The gate and the top-k in one launch (routing.fused_router): bit for bit the two-step path.
+# --------------------------------------------------------------------------------------------
+
+def _router_kw(router: str, E: int, top_k: int, device, gen):
+    if router == "softmax":
+        return dict(router="softmax", top_k=top_k, renormalize=True)
+    bias = (torch.randn(E, generator=gen) * 0.1).to(device)
+    return dict(router="deepseek_v3", top_k=top_k, float32=True, n_group=8, topk_group=4,
+                e_score_correction_bias=bias, routed_scaling_factor=2.5, norm_topk_prob=True)
+
+
+def _same_route(a, b):
+    (ra, qa), (rb, qb) = a, b
+    assert torch.equal(ra.alpha, rb.alpha) and torch.equal(ra.topk_ids, rb.topk_ids)
+    assert torch.equal(ra.topk_weights, rb.topk_weights)
+    assert (qa is None) == (qb is None)
+    if qa is not None:
+        assert torch.equal(qa[0].view(torch.uint8), qb[0].view(torch.uint8)) and torch.equal(qa[1], qb[1])
+
+
+def _check_fused(M, E, H, router, quantize, device):
+    g = torch.Generator().manual_seed(seed_of("fused", M, E, H, router, quantize))
+    x, w = _inputs(M, E, H, torch.bfloat16, torch.bfloat16, device, router, quantize)
+    kw = _router_kw(router, E, 6, device, g)
+    arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+    two_step = routing.fused_router(x, w, quantize=quantize, **kw)  # no counter: the two launches
+    for _ in range(2):  # the counter is left at zero, so a second call routes again
+        fused = routing.fused_router(x, w, quantize=quantize, arrivals=arrivals, impl="triton", **kw)
+        _same_route(fused, two_step)
+        assert arrivals.item() == 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("router", ["softmax", "deepseek_v3"])
+@pytest.mark.parametrize("E,H", [(64, 96), (256, 64)])
+@pytest.mark.parametrize("quantize", [False, True], ids=["", "quant"])
+def test_fused_router_cpu(M, router, E, H, quantize):
+    _check_fused(M, E, H, router, quantize, "cpu")
+
+
+@needs_interpreter
+def test_fused_router_fallbacks_and_errors():
+    x, w = _inputs(5, 16, 64, torch.bfloat16, torch.bfloat16, "cpu")
+    arrivals = torch.zeros(1, dtype=torch.int32)
+    # M = 5 > MAX_M: the two-step path, the same results
+    _same_route(routing.fused_router(x, w, top_k=2, arrivals=arrivals),
+                routing.fused_router(x, w, top_k=2))
+    with pytest.raises(ValueError, match=f"up to {MAX_M}"):
+        routing.fused_router(x, w, top_k=2, arrivals=arrivals, impl="triton")
+    with pytest.raises(ValueError, match="no arrivals counter"):
+        routing.fused_router(x[:2], w, top_k=2, impl="triton")
+    with pytest.raises(ValueError, match="arrivals must be one int32"):
+        routing.fused_router(x[:2], w, top_k=2, arrivals=torch.zeros(1))
+    with pytest.raises(ValueError, match="router must be one of"):
+        routing.fused_router(x[:2], w, top_k=2, router="sigmoid", arrivals=arrivals)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        routing.fused_router(x[:2], w, top_k=17, arrivals=arrivals)
+    with pytest.raises(ValueError, match="n_group must be a positive divisor"):
+        routing.fused_router(x[:2], w, top_k=2, router="deepseek_v3", n_group=3, arrivals=arrivals)
+    assert arrivals.item() == 0
+
+
+@needs_interpreter
+def test_fused_router_opcheck_and_compile():
+    x, w = _inputs(2, 16, 64, torch.bfloat16, torch.bfloat16, "cpu")
+    out = torch.empty(2, 16, dtype=torch.bfloat16)
+    alpha, ids, wts = torch.empty(2, 16), torch.empty(2, 4, dtype=torch.int64), torch.empty(2, 4)
+    q, s = torch.empty(0, dtype=torch.float8_e4m3fn), torch.empty(0)
+    arrivals = torch.zeros(1, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.densemoe.router_gate_topk.default,
+                          (x, w, None, out, q, s, alpha, ids, wts, arrivals, True, False, "softmax", 4, True, 1, 1,
+                           1.0, True), test_utils=("test_faketensor", "test_autograd_registration"))
+    fn = torch.compile(lambda a, b: routing.fused_router(a, b, top_k=4, quantize=True, arrivals=arrivals),
+                       fullgraph=True)
+    _same_route(fn(x, w), routing.fused_router(x, w, top_k=4, quantize=True))
+    assert arrivals.item() == 0
+
+
+@needs_interpreter
+def test_dense_moe_routes_with_its_counter():
+    """DenseMoE routes through the fused kernel with a counter of its own, kept out of the
+    state dict; the route equals the two-step path's."""
+    from densemoe import DenseMoE
+    from densemoe.weights import prepare_weights
+
+    E, I, H = 16, 32, 64
+    g = torch.Generator().manual_seed(3)
+    w13 = torch.randn(E, 2 * I, H, generator=g).to(torch.bfloat16) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=g).to(torch.bfloat16) * I ** -0.5
+    gate = torch.randn(E, H, generator=g).to(torch.bfloat16) * H ** -0.5
+    moe = DenseMoE(prepare_weights(w13, w2, dtype="bf16"), gate, 4)
+    assert "_arrivals" not in moe.state_dict()
+    x = torch.randn(3, H, generator=g).to(torch.bfloat16)
+    _same_route((moe.route(x), None), routing.fused_router(x, gate, top_k=4))
+    assert moe._arrivals.item() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("router", ["softmax", "deepseek_v3"])
+def test_fused_router_gpu(M, router):
+    _check_fused(M, 256, 7168, router, True, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fused_router_graph_replays():
+    """One captured graph replayed with new hidden states: each replay routes them (the counter
+    resets itself inside the graph)."""
+    from densemoe.bench.common import capture
+
+    x, w = _inputs(2, 256, 7168, torch.bfloat16, torch.bfloat16, "cuda", "graph")
+    arrivals = torch.zeros(1, dtype=torch.int32, device="cuda")
+    static_x = x.clone()
+    graph, out = capture(lambda: routing.fused_router(static_x, w, top_k=8, quantize=True, arrivals=arrivals))
+    for seed in range(3):
+        static_x.copy_(torch.randn(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+        graph.replay()
+        _same_route(out, routing.fused_router(static_x, w, top_k=8, quantize=True))
+    assert arrivals.item() == 0
