@@ -174,27 +174,24 @@ class DenseMoE(nn.Module):
         self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
         self.shared_experts = shared_experts
         self.skip = skip  # expert skipping: None where it pays, True always, False off
-        # the fused router's arrival counter (``routing.fused_router``): zero, left at zero by
-        # each call; one per module, so one module must not run on two streams at once
-        self.register_buffer("_arrivals", torch.zeros(1, dtype=torch.int32, device=gate_weight.device),
-                             persistent=False)
 
     def route(self, x: torch.Tensor):
         """RouterOutput (alpha [M, E] float32, topk_ids, topk_weights) for x [M, H]."""
         return self._route(x)[0]
 
     def _route(self, x: torch.Tensor, quantize: bool = False):
-        """(RouterOutput, (x8, sx) or None): the gate's logits and the top-k
-        (``routing.fused_router``: at small M one kernel, which with ``quantize`` also
-        quantises x for the fp8 experts)."""
+        """(RouterOutput, (x8, sx) or None): the gate's logits (``routing.router_logits``: at
+        small M one kernel, which with ``quantize`` also quantises x for the fp8 experts), then
+        the top-k."""
         from densemoe import routing
 
-        return routing.fused_router(x, self.gate_weight, top_k=self.top_k, router=self.router,
-                                    float32=self.logits_fp32, quantize=quantize, renormalize=self.renormalize,
-                                    n_group=self.n_group, topk_group=self.topk_group,
-                                    e_score_correction_bias=self.e_score_correction_bias,
-                                    routed_scaling_factor=self.routed_scaling_factor,
-                                    norm_topk_prob=self.norm_topk_prob, arrivals=self._arrivals)
+        logits, x_quant = routing.router_logits(x, self.gate_weight, float32=self.logits_fp32, quantize=quantize)
+        if self.router == "softmax":
+            return routing.softmax_topk(logits, self.top_k, renormalize=self.renormalize), x_quant
+        return routing.deepseek_v3_topk(logits, self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                                        e_score_correction_bias=self.e_score_correction_bias,
+                                        routed_scaling_factor=self.routed_scaling_factor,
+                                        norm_topk_prob=self.norm_topk_prob), x_quant
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

@@ -51,7 +51,6 @@ __all__ = [
     "alpha_from_topk",
     "router_logits",
     "router_logits_ref",
-    "fused_router",
     "softmax_topk",
     "deepseek_v3_topk",
     "alpha_from_topk_ref",
@@ -386,115 +385,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = Fals
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
     _gate_quant_op(x, weight, out, q, s, not float32)
     return out, (q, s)
-
-
-# ----------------------------------------------------------------------------------------------
-# the gate and the top-k in one launch (small M)
-
-
-@torch.library.custom_op("densemoe::router_gate_topk",
-                         mutates_args=("out", "q", "s", "alpha", "topk_ids", "topk_weights", "arrivals"))
-def _gate_topk_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                  q: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor, arrivals: torch.Tensor, cast_weight: bool, quantize: bool,
-                  router: str, top_k: int, renormalize: bool, n_group: int, topk_group: int,
-                  routed_scaling_factor: float, norm_topk_prob: bool) -> None:
-    from densemoe.kernels.triton.gate import gate_topk_triton
-
-    gate_topk_triton(x, weight, out, q if quantize else None, s if quantize else None, arrivals,
-                     cast_weight=cast_weight, router=router, top_k=top_k, alpha=alpha, topk_ids=topk_ids,
-                     topk_weights=topk_weights, renormalize=renormalize, n_group=n_group, topk_group=topk_group,
-                     bias=bias, routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob)
-
-
-@_gate_topk_op.register_fake
-def _(x, weight, bias, out, q, s, alpha, topk_ids, topk_weights, arrivals, cast_weight, quantize, router, top_k,
-      renormalize, n_group, topk_group, routed_scaling_factor, norm_topk_prob):
-    return None
-
-
-ROUTERS = ("softmax", "deepseek_v3")
-
-
-def fused_router(x: torch.Tensor, weight: torch.Tensor, *, top_k: int, router: str = "softmax",
-                 float32: bool = False, quantize: bool = False, renormalize: bool = True,
-                 n_group: int = 1, topk_group: int = 1, e_score_correction_bias: torch.Tensor | None = None,
-                 routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True,
-                 arrivals: torch.Tensor | None = None, impl: str = "auto"):
-    """The whole router, from the hidden states: ``router_logits`` and then ``softmax_topk``
-    (router "softmax": ``renormalize``) or ``deepseek_v3_topk`` (router "deepseek_v3":
-    ``n_group``, ``topk_group``, ``e_score_correction_bias``, ``routed_scaling_factor``,
-    ``norm_topk_prob``), with the same results bit for bit:
-
-        logits, x_quant = router_logits(x, weight, float32=float32, quantize=quantize)
-        route = softmax_topk(logits, top_k, renormalize=renormalize)          # or deepseek_v3_topk
-        returns (route, x_quant)
-
-    Where both kernels would run (M <= 4, the conditions of ``router_logits`` and of the top-k
-    kernel) and ``arrivals`` is given, it is one launch: the gate kernel's last program to
-    finish (an arrival counter) computes the top-k, so the router costs one kernel boundary
-    instead of two. ``arrivals``: an int32 tensor of one element, zero before the first call;
-    each call leaves it at zero. Give each caller its own (``DenseMoE`` holds one), and never
-    one to two calls that may run at the same time (two streams). Without it, or where the
-    fused kernel cannot run, the two functions above run in turn. ``impl``: "auto", "triton"
-    (raise a ValueError naming why the fused kernel cannot run) or "torch" (the two-step
-    path with ``impl="torch"``)."""
-    op = "fused_router"
-    if not isinstance(router, str) or router not in ROUTERS:
-        raise ValueError(f"{op}: router must be one of {ROUTERS}, got {router!r}")
-    impl = _check_impl(op, impl)
-    _check_tensor(op, "x", x, 2)
-    _check_tensor(op, "weight", weight, 2)
-    if arrivals is not None:
-        _check_tensor(op, "arrivals", arrivals, 1)
-        if arrivals.dtype != torch.int32 or arrivals.numel() != 1 or arrivals.device != x.device:
-            raise ValueError(f"{op}: arrivals must be one int32 on x's device ({x.device}), got "
-                             f"{arrivals.dtype} {tuple(arrivals.shape)} on {arrivals.device}")
-    blocker = None if arrivals is not None else "no arrivals counter given"
-    M, E = x.shape[0], weight.shape[0]
-    if blocker is None and impl != "torch":
-        blocker = _gate_blocker(x, weight)
-    if blocker is None and impl != "torch":
-        stand_in = torch.empty((M, E), dtype=torch.float32 if float32 else x.dtype, device=x.device)
-        blocker = _kernel_blocker(stand_in, E, top_k if isinstance(top_k, int) else 1, e_score_correction_bias)
-    if impl == "torch" or not _use_kernel(op, impl, blocker):
-        sub = "torch" if impl == "torch" else "auto"
-        logits, x_quant = router_logits(x, weight, float32=float32, quantize=quantize, impl=sub)
-        if router == "softmax":
-            return softmax_topk(logits, top_k, renormalize=renormalize, impl=sub), x_quant
-        return deepseek_v3_topk(logits, top_k, n_group=n_group, topk_group=topk_group,
-                                e_score_correction_bias=e_score_correction_bias,
-                                routed_scaling_factor=routed_scaling_factor, norm_topk_prob=norm_topk_prob,
-                                impl=sub), x_quant
-    # the same checks as the two functions (on a stand-in for the logits: no launch)
-    _check_float(op, "x", x)
-    _check_float(op, "weight", weight)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"{op}: weight must be [E, H={x.shape[1]}], got {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"{op}: x is on {x.device} but weight is on {weight.device}")
-    _check_bool(op, "float32", float32)
-    _check_bool(op, "quantize", quantize)
-    if router == "softmax":
-        top_k = _check_top_k(op, top_k, E)
-        _check_bool(op, "renormalize", renormalize)
-    else:
-        top_k, n_group, topk_group = _check_deepseek_args(stand_in, top_k, n_group, topk_group,
-                                                          e_score_correction_bias, routed_scaling_factor,
-                                                          norm_topk_prob)
-    from densemoe.quant import FP8
-
-    alpha, topk_ids, topk_weights = _router_outputs(M, E, top_k, x.device)
-    if quantize:
-        q = torch.empty((M, x.shape[1]), dtype=FP8, device=x.device)
-        sx = torch.empty((M,), dtype=torch.float32, device=x.device)
-    else:  # not written
-        q = torch.empty((0,), dtype=FP8, device=x.device)
-        sx = torch.empty((0,), dtype=torch.float32, device=x.device)
-    _gate_topk_op(x, weight, e_score_correction_bias, stand_in, q, sx, alpha, topk_ids, topk_weights, arrivals,
-                  not float32, quantize, router, top_k, renormalize, n_group, topk_group,
-                  float(routed_scaling_factor), norm_topk_prob)
-    return RouterOutput(alpha, topk_ids, topk_weights), ((q, sx) if quantize else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
-from densemoe.kernels.triton.routing import _deepseek_v3_topk_row, _softmax_topk_row, _num_warps, _pow2_at_least
 
 MAX_M = 4  # token rows the kernel takes (one gate row, M token rows); above, cuBLAS's GEMM
 
@@ -40,46 +39,6 @@ def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, ONE_PASS: tl.constexpr,
                  CAST_W: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    _gate_body(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, H, stride_xm, stride_ge, stride_om, stride_qm,
-               BLOCK_M, BLOCK_K, QUANT, ONE_PASS, CAST_W)
-
-
-@triton.jit
-def _gate_topk_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, cnt_ptr, M, E, H,
-                      stride_xm, stride_ge, stride_om, stride_qm,
-                      bias_ptr, alpha_ptr, ids_ptr, w_ptr, n_group, G, stride_b, stride_am, stride_im, stride_wm,
-                      scale,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, ONE_PASS: tl.constexpr,
-                      CAST_W: tl.constexpr, ROUTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                      TOPK_GROUP: tl.constexpr, BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_TK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                      PDL: tl.constexpr = False):
-    """The gate (``_gate_kernel``), then the router's top-k in the same launch: the last
-    program to finish its logits (an arrival counter) routes the M rows as the top-k kernels of
-    ``kernels/triton/routing.py`` do (ROUTER 1: softmax, 2: DeepSeek-V3), from the logits as
-    stored. The counter is left at zero for the next launch."""
-    pdl_enter(PDL)
-    _gate_body(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, H, stride_xm, stride_ge, stride_om, stride_qm,
-               BLOCK_M, BLOCK_K, QUANT, ONE_PASS, CAST_W)
-    tl.debug_barrier()  # every thread's logits are stored before the release below
-    done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(0) - 1:  # the last one: every program's logits are visible
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-        for m in range(M):
-            if ROUTER == 1:
-                _softmax_topk_row(out_ptr, alpha_ptr, ids_ptr, w_ptr, m, E, stride_om, 1, stride_am, stride_im,
-                                  stride_wm, TOP_K, BLOCK_E, BLOCK_TK, RENORMALIZE, CG=True)
-            else:
-                _deepseek_v3_topk_row(out_ptr, bias_ptr, alpha_ptr, ids_ptr, w_ptr, m, n_group, G, stride_om, 1,
-                                      stride_b, stride_am, stride_im, stride_wm, scale, TOP_K, TOPK_GROUP,
-                                      BLOCK_NG, BLOCK_G, BLOCK_TK, HAS_BIAS, NORM, CG=True)
-
-
-@triton.jit
-def _gate_body(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, H, stride_xm, stride_ge, stride_om, stride_qm,
-               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, ONE_PASS: tl.constexpr,
-               CAST_W: tl.constexpr):
-    """Program e: logits[:, e], and the quantisation of its share of x's rows."""
     e = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_k = tl.arange(0, BLOCK_K)
@@ -147,37 +106,3 @@ def gate_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
         BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, CAST_W=cast_weight and weight.dtype != x.dtype,
         num_warps=8 if bk >= 4096 else 4,
         **launch_kwargs(x.device))
-
-
-def gate_topk_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, q: torch.Tensor | None,
-                     s: torch.Tensor | None, arrivals: torch.Tensor, *, cast_weight: bool, router: str, top_k: int,
-                     alpha: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                     renormalize: bool = True, n_group: int = 1, topk_group: int = 1,
-                     bias: torch.Tensor | None = None, routed_scaling_factor: float = 1.0,
-                     norm_topk_prob: bool = True) -> None:
-    """``gate_triton`` and then the router's top-k (``router`` "softmax" or "deepseek_v3", the
-    arguments of ``softmax_topk_triton`` / ``deepseek_v3_topk_triton``) in one launch: the last
-    program to finish routes. ``arrivals``: one int32 at zero, left at zero (not shared by
-    launches that may run at the same time). Checked by the caller."""
-    M, H = x.shape
-    E = weight.shape[0]
-    if M == 0 or E == 0:
-        return
-    bm, bk, one = gate_blocks(M, H)
-    quant = q is not None
-    G = E // n_group
-    block_ng, block_g = _pow2_at_least(n_group), _pow2_at_least(G)
-    block_e = _pow2_at_least(E)
-    # the routing rows need their own warps' worth of registers: at least the top-k kernels' count
-    warps = max(8 if bk >= 4096 else 4, _num_warps(block_e))
-    _gate_topk_kernel[(E,)](
-        x, weight, out, q if quant else out, s if quant else out, arrivals, M, E, H,
-        x.stride(0), weight.stride(0), out.stride(0), q.stride(0) if quant else 0,
-        bias if bias is not None else out, alpha, topk_ids, topk_weights, n_group, G,
-        bias.stride(0) if bias is not None else 0, alpha.stride(0), topk_ids.stride(0), topk_weights.stride(0),
-        float(routed_scaling_factor),
-        BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, CAST_W=cast_weight and weight.dtype != x.dtype,
-        ROUTER=1 if router == "softmax" else 2, TOP_K=top_k, BLOCK_E=block_e, TOPK_GROUP=topk_group,
-        BLOCK_NG=block_ng, BLOCK_G=block_g, BLOCK_TK=_pow2_at_least(top_k), RENORMALIZE=renormalize,
-        HAS_BIAS=bias is not None, NORM=norm_topk_prob,
-        num_warps=warps, **launch_kwargs(x.device))

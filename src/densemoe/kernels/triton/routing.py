@@ -117,24 +117,10 @@ def _softmax_topk_kernel(x_ptr, alpha_ptr, ids_ptr, w_ptr, E,
                          TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                          RENORMALIZE: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    _softmax_topk_row(x_ptr, alpha_ptr, ids_ptr, w_ptr, tl.program_id(0).to(tl.int64), E,
-                      stride_xm, stride_xe, stride_am, stride_im, stride_wm, TOP_K, BLOCK_E, BLOCK_K, RENORMALIZE)
-
-
-@triton.jit
-def _softmax_topk_row(x_ptr, alpha_ptr, ids_ptr, w_ptr, m, E,
-                      stride_xm, stride_xe, stride_am, stride_im, stride_wm,
-                      TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                      RENORMALIZE: tl.constexpr, CG: tl.constexpr = False):
-    """Row m of the softmax top-k (the module docstring). ``CG``: load the logits from L2
-    (``.cg``): they were just written by other programs of the same launch."""
+    m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < E
-    if CG:
-        x = tl.load(x_ptr + m * stride_xm + offs * stride_xe, mask=ok, other=float("-inf"),
-                    cache_modifier=".cg").to(tl.float32)
-    else:
-        x = tl.load(x_ptr + m * stride_xm + offs * stride_xe, mask=ok, other=float("-inf")).to(tl.float32)
+    x = tl.load(x_ptr + m * stride_xm + offs * stride_xe, mask=ok, other=float("-inf")).to(tl.float32)
     mx = tl.max(x, axis=0)
     e = tl.where(ok, _exp(x - mx), 0.0)
     p = tl.math.div_rn(e, tl.sum(e, axis=0))
@@ -172,29 +158,13 @@ def _deepseek_v3_topk_kernel(x_ptr, bias_ptr, alpha_ptr, ids_ptr, w_ptr, n_group
                              BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
                              HAS_BIAS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    _deepseek_v3_topk_row(x_ptr, bias_ptr, alpha_ptr, ids_ptr, w_ptr, tl.program_id(0).to(tl.int64), n_group, G,
-                          stride_xm, stride_xe, stride_b, stride_am, stride_im, stride_wm, scale,
-                          TOP_K, TOPK_GROUP, BLOCK_NG, BLOCK_G, BLOCK_K, HAS_BIAS, NORM)
-
-
-@triton.jit
-def _deepseek_v3_topk_row(x_ptr, bias_ptr, alpha_ptr, ids_ptr, w_ptr, m, n_group, G,
-                          stride_xm, stride_xe, stride_b, stride_am, stride_im, stride_wm,
-                          scale,
-                          TOP_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                          BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, NORM: tl.constexpr, CG: tl.constexpr = False):
-    """Row m of DeepSeek-V3's noaux_tc top-k (the module docstring); ``CG`` as in
-    ``_softmax_topk_row``."""
+    m = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_NG)
     offs_i = tl.arange(0, BLOCK_G)
     g_ok = offs_g < n_group
     ok = g_ok[:, None] & (offs_i[None, :] < G)
     col = offs_g[:, None] * G + offs_i[None, :]                     # [BLOCK_NG, BLOCK_G] expert ids
-    if CG:
-        x = tl.load(x_ptr + m * stride_xm + col * stride_xe, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-    else:
-        x = tl.load(x_ptr + m * stride_xm + col * stride_xe, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + m * stride_xm + col * stride_xe, mask=ok, other=0.0).to(tl.float32)
     den = 1.0 + _exp(-x)
     scores = tl.math.div_rn(tl.zeros_like(den) + 1.0, den)     # sigmoid, IEEE division as torch's
     choice = scores
