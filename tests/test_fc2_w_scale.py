@@ -102,19 +102,21 @@ def test_fc2_op_w_scale_and_checks(request):
 @gpu_test
 @pytest.mark.parametrize("M", [1, 16, 256])
 def test_fc2_w_scale_model_shape(M):
-    """DeepSeek-V3 TP8 (N = 7168, E = 256, I = 256), fp8, top-8 routing: every backend and
-    skipping setting gives what folding w_scale into alpha gives."""
+    """DeepSeek-V3 TP8 (N = 7168, E = 256, I = 256), fp8, top-8 routing: on every backend and
+    skipping setting, w_scale gives what folding it into alpha beforehand gives (the same
+    fp32 product; tiles split over programs add their partial sums in any order, hence a
+    tolerance of a few fp32 ulps rather than equality)."""
     from densemoe.routing import softmax_topk
 
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed (pip install -e '.[dev]')")
     E, I, N = 256, 256, 7168
     g = torch.Generator(device="cuda").manual_seed(M)
     a = torch.randn(M, E * I, device="cuda", generator=g).to(FP8)
     w = (torch.randn(N, E * I, device="cuda", generator=g) * (8 * I) ** -0.5).to(FP8)
     alpha = softmax_topk(torch.randn(M, E, device="cuda", generator=g), 8, renormalize=True).alpha
     w_scale = torch.rand(E, device="cuda", generator=g) + 0.5
-    ref = fc2_ref(a, w, alpha * w_scale[None, :], out_dtype=torch.float32, compute_dtype=torch.float32)
-    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed (pip install -e '.[dev]')")
     for backend, skip in (("triton", True), ("triton", False), ("cute", False), ("auto", None)):
         out = torch.full((M, N), float("nan"), dtype=torch.float32, device="cuda")
         densemoe.fc2(a, w, alpha, skip=skip, w_scale=w_scale, out=out, backend=backend)
-        assert not torch.isnan(out).any() and rel(out, ref) <= 1e-4, (backend, skip, rel(out, ref))
+        folded = densemoe.fc2(a, w, alpha * w_scale[None, :], skip=skip, backend=backend, out_dtype=torch.float32)
+        assert not torch.isnan(out).any() and rel(out, folded) <= 1e-6, (backend, skip, rel(out, folded))
