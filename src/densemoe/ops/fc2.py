@@ -433,3 +433,99 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
 def _opt(**tensors):
     """The optional tensors that are given (for the one-device check)."""
     return {k: t for k, t in tensors.items() if t is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# FC2 on FC1's unquantised output: the y quantisation inside (small M, with skipping)
+# --------------------------------------------------------------------------------------------
+
+OP_Q = "densemoe.fc2_quant_y"
+Y_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("densemoe::fc2_quant_y", mutates_args=("out",))
+def _fc2_quant_y_op(y: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, w_scale: torch.Tensor | None,
+                    out: torch.Tensor, config: str) -> None:
+    M, K = y.shape
+    E = alpha.shape[1]
+    cfg = (_parse_config(config) if config else
+           default_skip_config(Fc2Problem(M, w.shape[0], E, K // E, w.dtype, out.dtype), sm_count(y.device)))
+    q = torch.empty((M, K), dtype=w.dtype, device=y.device)      # written by the kernel where read
+    alpha2 = torch.empty((M, E), dtype=torch.float32, device=y.device)
+    fc2_triton(q, w, alpha2, out, cfg, skip=True, w_scale=w_scale, quant_from=(y, alpha))
+
+
+@_fc2_quant_y_op.register_fake
+def _(y, w, alpha, w_scale, out, config):
+    return None
+
+
+def fc2_quant_y(y: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, w_scale: torch.Tensor | None = None, *,
+                out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                config: Fc2TritonConfig | None = None) -> torch.Tensor:
+    """FC2 with expert skipping on FC1's unquantised output, the fp8 quantisation done inside:
+
+        y8, alpha2 = quantize_y_fold_alpha(y, alpha, w_scale)   # per (token, expert) scales
+        return fc2(y8, w, alpha2, skip=True)
+
+    with the same bits (``densemoe.quant.quantize_y_fold_alpha``), in one launch: each program
+    first quantises its token tile's picked experts' segments of y (every program of a tile
+    writes the same values; none waits for another), then runs FC2 on them. For small M,
+    where the quantisation pass costs a kernel boundary and the segments are few; each column
+    tile repeats its token tile's quantisation, so the work grows with M x picked experts.
+
+    Args:
+        y:      [M, E*I] bfloat16 / float16 (FC1's output); what it holds for experts a token
+                did not pick (alpha = 0) is never read.
+        w:      [N, E*I] float8_e4m3fn (K-major, as ``fc2``).
+        alpha:  [M, E] float32 routing weights (0 = not picked).
+        w_scale: optional [E] float32, w's per-expert dequantisation scale.
+        out_dtype / out / config: as ``fc2`` (Triton configs only).
+    Returns out [M, N]."""
+    y = v.tensor(OP_Q, "y", y, 2)
+    w = v.tensor(OP_Q, "w", w, 2)
+    alpha = v.tensor(OP_Q, "alpha", alpha, 2)
+    v.dtype(OP_Q, "y", y, Y_DTYPES)
+    v.dtype(OP_Q, "w", w, (v.FP8,))
+    v.dtype(OP_Q, "alpha", alpha, (torch.float32,))
+    M, K = y.shape
+    N, E = w.shape[0], alpha.shape[1]
+    if w.shape[1] != K:
+        raise ValueError(f"{OP_Q}: w has K={w.shape[1]} columns but y has K={K}; both must be E*I")
+    if alpha.shape[0] != M:
+        raise ValueError(f"{OP_Q}: alpha has {alpha.shape[0]} rows, expected M={M} (y.shape[0])")
+    if E < 1 or K == 0 or K % E or (K // E) % I_MULTIPLE:
+        raise ValueError(f"{OP_Q}: K={K} must be E={E} (alpha.shape[1]) times I, I a multiple of {I_MULTIPLE}")
+    if y.stride(1) != 1 or alpha.stride(1) != 1:
+        raise ValueError(f"{OP_Q}: y and alpha need unit column strides, got {tuple(y.stride())}, "
+                         f"{tuple(alpha.stride())}")
+    if w_scale is not None:
+        w_scale = v.tensor(OP_Q, "w_scale", w_scale, 1)
+        v.dtype(OP_Q, "w_scale", w_scale, (torch.float32,))
+        if w_scale.shape[0] != E:
+            raise ValueError(f"{OP_Q}: w_scale must be [E={E}], got {tuple(w_scale.shape)}")
+        w_scale = w_scale.contiguous()
+    if config is not None and not isinstance(config, Fc2TritonConfig):
+        raise TypeError(f"{OP_Q}: config must be a Fc2TritonConfig, got {type(config).__name__}")
+    if out is not None:
+        out = v.tensor(OP_Q, "out", out, 2)
+        v.dtype(OP_Q, "out", out, OUT_DTYPES)
+        if tuple(out.shape) != (M, N) or (N > 1 and out.stride(1) != 1) or (M > 1 and out.stride(0) < N):
+            raise ValueError(f"{OP_Q}: out must be [M, N] = [{M}, {N}] with unit column stride, got "
+                             f"{tuple(out.shape)} strides {tuple(out.stride())}")
+        dev = v.same_device(OP_Q, y=y, w=w, alpha=alpha, out=out, **_opt(w_scale=w_scale))
+    else:
+        out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+        if out_dtype not in OUT_DTYPES:
+            raise TypeError(f"{OP_Q}: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+        dev = v.same_device(OP_Q, y=y, w=w, alpha=alpha, **_opt(w_scale=w_scale))
+        out = torch.empty((M, N), dtype=out_dtype, device=dev)
+    v.device_supports(OP_Q, dev, w.dtype)
+    if config is not None:
+        ok, why = can_implement(Fc2Problem(M, N, E, K // E, w.dtype, out.dtype), config)
+        if not ok:
+            raise ValueError(f"{OP_Q}: config {config} cannot run this problem: {why}")
+    if M == 0 or N == 0:
+        return out
+    torch.ops.densemoe.fc2_quant_y(y, w, alpha, w_scale, out, config.to_str() if config is not None else "")
+    return out
