@@ -15,8 +15,6 @@ Pipelines (no host sync anywhere):
           (with I <= FUSED_QUANT_MAX_I, 0 today: y8, s_y = fc1_fp8_dynamic(...) quantises in
            FC1's epilogue and alpha2 = alpha * s_y * w2_scale)
           out = fc2(y8, w2, alpha2)                          # [M, H] bf16
-          (with skipping and M <= FC2_QUANT_MAX_M: out = fc2_quant_y(y, w2, alpha, w2_scale), the
-           same two steps in one launch, the same bits)
     bf16: out = fc2(fc1(x, w1, alpha1, routing=alpha), w2, alpha, w_scale=w2_scale)
 
 Expert skipping (``skip``; on by default while ``skip_by_default(M, E, top_k)``): FC1 and FC2 each list, on
@@ -31,7 +29,7 @@ import torch
 from torch import nn
 
 from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
-from densemoe.ops.fc2 import SKIP_TOP_K, fc2, fc2_quant_y, skip_by_default
+from densemoe.ops.fc2 import SKIP_TOP_K, fc2, skip_by_default
 from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights, prepare_weights
 
@@ -41,11 +39,6 @@ from densemoe.weights import PreparedWeights, prepare_weights
 # TP8 fp8, 26c023d) the fused FC1, whose tiles must hold all of I, took 334-374 us at M = 1-128
 # against 313-347 us for FC1 plus the separate pass, and the layer 519 us against 488 at M = 1.
 FUSED_QUANT_MAX_I = 0
-
-# With skipping up to this many tokens, FC2 quantises y itself (``fc2_quant_y``: each program its
-# token tile's picked segments, then FC2; the same bits as the separate pass) instead of a
-# quantisation kernel before it.
-FC2_QUANT_MAX_M = 4
 
 # Not done: FC2 on FC1's bf16 output with w2's fp8 tiles converted in registers (W8A16, no y
 # quantisation pass; commit ac1877b). H100, TP8 fp8 with skipping: FC2 took 19.5 us at M = 1
@@ -84,11 +77,8 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         else:
             # the quantisation reads only picked segments: FC1 need not zero the others
             y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
-            if skip and x.shape[0] <= FC2_QUANT_MAX_M and alpha.stride(1) == 1:  # the quantisation inside FC2
-                out = fc2_quant_y(y, prepared.w2, alpha, prepared.w2_scale)
-            else:
-                y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
-                out = fc2(y8, prepared.w2, alpha2, skip=skip)
+            y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
+            out = fc2(y8, prepared.w2, alpha2, skip=skip)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
         y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False)

@@ -45,7 +45,6 @@ from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
 def _fc2_kernel(
     a_ptr, w_ptr, a_desc, w_desc,  # pointer pair (USE_TMA=False) or descriptor pair (True)
     alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr, wscale_ptr,
-    y_ptr, route_ptr, stride_ym, stride_rm, stride_re,  # QUANT_A: FC1's output and the routing
     M, N, E,
     stride_am, stride_ak, stride_wn, stride_wk,
     stride_alm, stride_ale, stride_om, stride_on,
@@ -53,7 +52,7 @@ def _fc2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, PDL: tl.constexpr = False,
-    HAS_WSCALE: tl.constexpr = False, QUANT_A: tl.constexpr = False, BLOCK_Q: tl.constexpr = 16,
+    HAS_WSCALE: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
@@ -68,17 +67,9 @@ def _fc2_kernel(
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     if SKIP:  # only the experts some token of this tile picked: lists[m_tile, :n_act]
-        if QUANT_A:  # listed from the routing (alpha_ptr is the scratch for alpha2)
-            n_act = _tile_list(route_ptr, m_tile, M, E, stride_rm, stride_re, lists_ptr, counts_ptr,
-                               BLOCK_M, LIST_ROWS, BLOCK_E)
-        else:
-            n_act = _tile_list(alpha_ptr, m_tile, M, E, stride_alm, stride_ale, lists_ptr, counts_ptr,
-                               BLOCK_M, LIST_ROWS, BLOCK_E)
+        n_act = _tile_list(alpha_ptr, m_tile, M, E, stride_alm, stride_ale, lists_ptr, counts_ptr,
+                           BLOCK_M, LIST_ROWS, BLOCK_E)
         tl.debug_barrier()  # the list this program just wrote is read back below
-        if QUANT_A:  # this token tile's picked segments of y, quantised as quantize_y_fold_alpha does
-            _quant_tile(y_ptr, route_ptr, wscale_ptr, a_ptr, alpha_ptr, lists_ptr, m_tile, n_act, offs_m, mask_m, E,
-                        I, stride_ym, stride_rm, stride_re, stride_am, stride_alm, stride_ale, BLOCK_Q, HAS_WSCALE)
-            tl.debug_barrier()  # every thread's a8 / alpha2 stores are visible to the loop below
         if n_act == 0:  # no expert picked in this token tile: its rows of out are zeros
             rows0 = offs_m.to(tl.int64)
             for n_tile in range(g, n_tiles, groups):
@@ -120,19 +111,17 @@ def _fc2_kernel(
                 k0 = kt * BLOCK_K
             if USE_TMA:
                 w = w_desc.load([off_n, k0])
+                a = a_desc.load([off_m, k0])
             else:
                 offs_n = off_n + tl.arange(0, BLOCK_N)
                 w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
                             + (k0 + offs_k)[None, :] * stride_wk,
                             mask=(offs_n < N)[:, None], other=0.0)
-            if USE_TMA and not QUANT_A:
-                a = a_desc.load([off_m, k0])
-            else:  # (QUANT_A: a8 was written by this program's plain stores, so plain loads too)
                 a = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
                             + (k0 + offs_k)[None, :] * stride_ak,
                             mask=mask_m[:, None], other=0.0)
             al = tl.load(alpha_ptr + offs_m * stride_alm + e * stride_ale, mask=mask_m, other=0.0)
-            if HAS_WSCALE and not QUANT_A:  # (QUANT_A: already in alpha2)
+            if HAS_WSCALE:
                 al = al * tl.load(wscale_ptr + e)
             if KT == 1:  # a k-tile is a whole expert: scale its product and add
                 if SWAP_AB:
@@ -182,35 +171,6 @@ def _fc2_kernel(
             if done + covered == n_act:  # last contributor: the sum is complete
                 total = tl.load(ws_ptr + ws_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + o_offs, total.to(out_ptr.dtype.element_ty), mask=o_mask)
-
-
-@triton.jit
-def _quant_tile(y_ptr, route_ptr, ws_ptr, q_ptr, a2_ptr, lists_ptr, m_tile, n_act, offs_m, mask_m, E, I,
-                stride_ym, stride_rm, stride_re, stride_qm, stride_a2m, stride_a2e,
-                BLOCK_Q: tl.constexpr, HAS_WS: tl.constexpr):
-    """QUANT_A's prologue: for each expert e the token tile picked, its rows' segments of y
-    quantised to q (fp8) and alpha2[m, e] = alpha[m, e] * s * w_scale[e], with the arithmetic
-    of ``kernels/triton/quant.py`` (the same bits). Every program of the tile writes the same
-    values (no program waits for another); the other experts' segments are never read."""
-    offs_q = tl.arange(0, BLOCK_Q)
-    q_ok = offs_q < I
-    rows = offs_m.to(tl.int64)
-    for j in range(0, n_act):
-        e = tl.load(lists_ptr + m_tile * E + j)
-        cols = (e * I + offs_q).to(tl.int64)
-        a = tl.load(route_ptr + rows * stride_rm + e * stride_re, mask=mask_m, other=0.0)
-        live = mask_m & (a != 0.0)
-        v = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :], mask=live[:, None] & q_ok[None, :],
-                    other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(v), axis=1)
-        s = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(v, s[:, None]), -448.0), 448.0)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & q_ok[None, :])
-        a2 = a * s
-        if HAS_WS:
-            a2 = a2 * tl.load(ws_ptr + e)
-        tl.store(a2_ptr + rows * stride_a2m + e * stride_a2e, tl.where(live, a2, 0.0), mask=mask_m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +336,7 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
                config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False,
-               w_scale: torch.Tensor | None = None, quant_from: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               w_scale: torch.Tensor | None = None) -> None:
     """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
 
     Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
@@ -384,10 +344,6 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     ``skip``: expert skipping, each token tile walks only the experts its tokens picked
     (listed by the kernel itself from alpha, ``kernels/triton/skip.py``).
     ``w_scale`` [E] float32: a per-expert factor multiplied into alpha in the kernel.
-    ``quant_from`` = (y [M, K] bf16/fp16, routing [M, E] float32), with ``skip``: each program
-    first writes its token tile's picked segments of ``quantize_y_fold_alpha(y, routing,
-    w_scale)`` into ``a`` (fp8) and ``alpha`` (scratch: nothing read from them before), then
-    runs FC2 on them: one launch instead of the quantisation kernel and FC2, the same bits.
     """
     M, K = a.shape
     N = w.shape[0]
@@ -407,12 +363,6 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device)
     lists, counts = lists_scratch(m_tiles, E, a.device) if skip else (cnt, cnt)
     block_e, list_rows = list_blocks(E, config.block_m)
-    if quant_from is not None:
-        if not skip:
-            raise ValueError("quant_from needs skip=True (the prologue quantises the listed experts)")
-        y, route = quant_from
-    else:
-        y, route = a, alpha
     use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -423,7 +373,6 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         a_desc, w_desc = a, w
     _fc2_kernel[(m_tiles * groups,)](
         a, w, a_desc, w_desc, alpha, out, ws, cnt, lists, counts, w_scale if w_scale is not None else alpha,
-        y, route, y.stride(0), route.stride(0), route.stride(1),
         M, N, E,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         alpha.stride(0), alpha.stride(1), out.stride(0), out.stride(1),
@@ -431,6 +380,5 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
         BLOCK_E=block_e, LIST_ROWS=list_rows, HAS_WSCALE=w_scale is not None,
-        QUANT_A=quant_from is not None, BLOCK_Q=triton.next_power_of_2(K // E),
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_kwargs(a.device),
     )
