@@ -1,6 +1,7 @@
 """Skipping configs at small M (H100, DeepSeek-V3 TP8 fp8, uniform top-8): FC1 and FC2 config
 variants around the defaults, each checked against the default's output, timed in interleaved
-rounds (the benchmark's Timer). python bench/experiments/skip_sweep.py [M,...]"""
+rounds (the benchmark's Timer). python bench/experiments/skip_sweep.py [M,...] [narrow]
+("narrow": the narrower tiles only: FC1 with 32 / 16 rows of I, FC2 with 32 / 16 columns)."""
 
 import dataclasses
 import json
@@ -20,6 +21,7 @@ from densemoe.quant import quantize_per_token, quantize_y_fold_alpha
 
 R = dataclasses.replace
 ms = [int(m) for m in (sys.argv[1] if len(sys.argv) > 1 else "1,2,4,8,16,32").split(",")]
+NARROW = len(sys.argv) > 2 and sys.argv[2] == "narrow"
 timer = Timer(reps=25)
 case = ExpertsCase("deepseek-v3-tp8", "cuda")
 p = case.prepared["fp8"]
@@ -33,11 +35,16 @@ for M in ms:
     prob1 = Fc1Problem(M, H, E, I, p.w1.dtype, torch.bfloat16)
     b1 = fc1_skip(prob1)
     v1 = {"default": b1}
-    for st in (3, 5, 6):
-        v1[f"st{st}"] = R(b1, num_stages=st)
-    v1["w8"] = R(b1, num_warps=8)
-    v1["bk128 st6"] = R(b1, block_k=128, num_stages=6)
-    v1["p2 st2"] = R(b1, persistent=2, num_stages=2)
+    if NARROW:  # 2x / 4x the units at small M (tokens as the MMA's M: 16-token tiles)
+        for bi in (32, 16):
+            for st in (6, 8):
+                v1[f"bi{bi} st{st}"] = R(b1, block_m=16, block_i=bi, swap_ab=0, num_stages=st)
+    else:
+        for st in (3, 5, 6):
+            v1[f"st{st}"] = R(b1, num_stages=st)
+        v1["w8"] = R(b1, num_warps=8)
+        v1["bk128 st6"] = R(b1, block_k=128, num_stages=6)
+        v1["p2 st2"] = R(b1, persistent=2, num_stages=2)
     fns, names = [], []
     fc1_triton(x8, p.w1, p.alpha1, y, b1, x_scale=sx, routing=alpha, skip=True, fill=True)
     want = y.clone()
@@ -47,7 +54,9 @@ for M in ms:
             continue
         y.fill_(float("nan"))
         fc1_triton(x8, p.w1, p.alpha1, y, c, x_scale=sx, routing=alpha, skip=True, fill=True)
-        if not torch.equal(y, want):
+        # (a tile of another shape sums in another order: bf16 outputs within a rounding)
+        if not (torch.equal(y, want) if c.swap_ab == b1.swap_ab and c.block_i == b1.block_i
+                else torch.allclose(y.float(), want.float(), rtol=1e-2, atol=1e-2)):
             print(f"M={M} fc1 {n}: WRONG")
             continue
         fns.append(lambda c=c: fc1_triton(x8, p.w1, p.alpha1, y, c, x_scale=sx, routing=alpha, skip=True, fill=False))
@@ -57,11 +66,17 @@ for M in ms:
     prob2 = Fc2Problem(M, H, E, I, p.w2.dtype, torch.bfloat16)
     b2 = fc2_skip(prob2)
     v2 = {"default": b2}
-    for st in (4, 8):
-        v2[f"st{st}"] = R(b2, num_stages=st)
-    v2["split1" if b2.split != 1 else "split2"] = R(b2, split=1 if b2.split != 1 else 2)
-    v2["split4"] = R(b2, split=4)
-    v2["w8"] = R(b2, num_warps=8)
+    if NARROW:  # 2x / 4x the column tiles (programs)
+        for bn, cps in ((32, 1), (32, 2), (16, 2), (16, 3)):
+            for sp in (1, 2):
+                v2[f"bn{bn} cps{cps} sp{sp}"] = R(b2, block_n=bn, ctas_per_sm=cps, split=sp,
+                                                  num_stages=min(8, (220 * 1024 // cps) // ((16 + bn) * 256)))
+    else:
+        for st in (4, 8):
+            v2[f"st{st}"] = R(b2, num_stages=st)
+        v2["split1" if b2.split != 1 else "split2"] = R(b2, split=1 if b2.split != 1 else 2)
+        v2["split4"] = R(b2, split=4)
+        v2["w8"] = R(b2, num_warps=8)
     fc2_triton(y8, p.w2, a2, out, b2, skip=True)
     want2 = out.clone()
     for n, c in v2.items():
