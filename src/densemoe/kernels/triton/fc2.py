@@ -171,6 +171,9 @@ def _fc2_kernel(
             if done + covered == n_act:  # last contributor: the sum is complete
                 total = tl.load(ws_ptr + ws_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + o_offs, total.to(out_ptr.dtype.element_ty), mask=o_mask)
+                # leave the tile's workspace and counter at zero: the next launch reuses them
+                tl.store(ws_ptr + ws_offs, tl.zeros_like(total), mask=o_mask)
+                tl.store(cnt_ptr + m_tile * n_tiles + n_tile, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,14 +317,37 @@ def tiles_cut(n_tiles: int, e: int, groups: int) -> bool:
     return any((g * units // groups) % e for g in range(1, groups))
 
 
-def split_workspace(m: int, n: int, m_tiles: int, n_tiles: int, cut: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+_REUSED_WS: dict = {}  # (device, stream) -> fp32 zeros that every Triton FC2 launch leaves at zero
+_RETIRED_WS: list = []  # outgrown buffers, never freed (graphs captured with them replay into them)
+
+
+def split_workspace(m: int, n: int, m_tiles: int, n_tiles: int, cut: bool, device,
+                    reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 partial sums [m * n], int32 per-tile counters [m_tiles * n_tiles]) for launches that
     cut tiles, zeroed; a 1-element placeholder (never touched) when no tile is cut. Shared by the
-    Triton and CuTe launchers."""
+    Triton and CuTe launchers.
+
+    ``reuse`` (the Triton kernel, which leaves every element and counter it touched at zero):
+    one buffer per device and stream, zeroed when first allocated (or grown) and reused after,
+    so a call costs no memset. Launches on one stream run one after another; another stream
+    gets its own buffer. (Under CUDA-graph capture, a stream's first buffer comes from the
+    graph's pool with its zeroing captured: that graph zeroes it on each replay, which every
+    user of the buffer leaves at zero anyway.) Without ``reuse``: fresh zeros per call."""
     if not cut:
         ws = torch.empty(1, dtype=torch.float32, device=device)
         return ws, ws.view(torch.int32)
-    ws = torch.zeros(m * n + m_tiles * n_tiles, dtype=torch.float32, device=device)
+    need = m * n + m_tiles * n_tiles
+    if reuse:
+        dev = torch.device(device)
+        key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+        buf = _REUSED_WS.get(key)
+        if buf is None or buf.numel() < need:
+            if buf is not None:  # kept alive: a captured graph may still address it
+                _RETIRED_WS.append(buf)
+            buf = torch.zeros(max(need, 2 * buf.numel() if buf is not None else 0), dtype=torch.float32, device=dev)
+            _REUSED_WS[key] = buf
+        return buf[: m * n], buf[m * n: need].view(torch.int32)
+    ws = torch.zeros(need, dtype=torch.float32, device=device)
     return ws, ws[m * n:].view(torch.int32)
 
 
@@ -360,7 +386,7 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     # with skipping a tile's unit count is only known on the GPU: any split may cut a tile,
     # except one program per column tile (split=1), which always holds all of its experts
     cut = (config.split != 1 and groups > 1) if skip else tiles_cut(n_tiles, E, groups)
-    ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device)
+    ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device, reuse=True)
     lists, counts = lists_scratch(m_tiles, E, a.device) if skip else (cnt, cnt)
     block_e, list_rows = list_blocks(E, config.block_m)
     use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
