@@ -87,7 +87,9 @@ CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1), Fc1TritonConfig(32, 64, 32, 4, 2),
            # persistent programs (4 "SMs" in the interpreter: 12 tiles, 3 or more per program)
            Fc1TritonConfig(16, 16, 16, 1, 1, persistent=1),
            Fc1TritonConfig(16, 64, 32, 4, 3, swap_ab=1, persistent=2),
-           Fc1TritonConfig(32, 32, 32, 4, 2, use_tma=0, persistent=1)]
+           Fc1TritonConfig(32, 32, 32, 4, 2, use_tma=0, persistent=1),
+           Fc1TritonConfig(16, 64, 32, 4, 3, swap_ab=1, persistent=1, split_k=2),
+           Fc1TritonConfig(32, 32, 16, 4, 2, persistent=2, split_k=3)]
 
 
 @needs_kernel
@@ -112,6 +114,9 @@ def test_config_validity_and_default():
     assert "shared memory" in can_implement(p, Fc1TritonConfig(128, 128, 256, 8, 3))[1]
     assert can_implement(p, Fc1TritonConfig(128, 128, 128, 8, 4))[0]
     assert "must be in [0, 4]" in can_implement(p, Fc1TritonConfig(persistent=5))[1]
+    assert "needs persistent >= 1" in can_implement(p, Fc1TritonConfig(split_k=2))[1]
+    assert "exceeds the 2 k-tiles" in can_implement(Fc1Problem(5, 256, 8, 64, FP8, BF16),
+                                                    Fc1TritonConfig(block_k=128, persistent=1, split_k=4))[1]
     # two persistent programs per SM must both fit in shared memory
     assert "2 persistent programs per SM" in can_implement(p, Fc1TritonConfig(64, 64, 256, 4, 3, 1, persistent=2))[1]
     assert can_implement(p, Fc1TritonConfig(64, 64, 128, 4, 3, 1, persistent=2))[0]
@@ -220,3 +225,24 @@ def test_fc1_fp8_dynamic_rejects_what_it_cannot_run():
         densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1.double())
     with pytest.raises(ValueError, match="x_scale has 3 entries, expected M=2"):
         densemoe.ops.fc1.fc1_fp8_dynamic(x, w1, a1, x_scale=torch.ones(3))
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("skip", [False, True], ids=["dense", "skip"])
+def test_split_k_leaves_workspace_zeroed(skip, request):
+    """split_k > 1: the k-ranges of a tile meet in the stream's reused workspace
+    (``kernels/triton/workspace.py``), which every launch leaves at zero; back-to-back calls
+    of other shapes stay right."""
+    from densemoe.kernels.triton.fc1 import fc1_triton
+    from densemoe.kernels.triton.workspace import stream_buffer
+
+    cfg = Fc1TritonConfig(16, 32, 16, 4, 2, persistent=1, split_k=3)
+    for M, H, E, I in ((3, 64, 4, 32), (20, 48, 3, 64), (3, 64, 4, 32)):
+        x, w1, a1, xs, post = inputs(M, H, E, I, BF16, seed_of(request.node.nodeid, M))
+        route = (torch.rand(M, E, generator=torch.Generator().manual_seed(M)) < 0.5).float().to(x.device)
+        y = torch.full((M, E * I), float("nan"), dtype=torch.float32, device=x.device)
+        fc1_triton(x, w1, a1, y, cfg, alpha_post=post, routing=route, skip=skip, num_programs=5)
+        ref = fc1_ref(x, w1, a1, alpha_post=post, out_dtype=torch.float64) * route.repeat_interleave(I, dim=1)
+        assert rel(y, ref) <= 1e-5
+        assert (stream_buffer(x.device) == 0).all()

@@ -73,7 +73,9 @@ def test_active_lists_match_their_twin(pattern, block_m, request):
 
 FC1_SKIP_CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1, persistent=1),
                     Fc1TritonConfig(16, 64, 16, 4, 2, swap_ab=1, persistent=2),
-                    Fc1TritonConfig(32, 32, 32, 4, 2, use_tma=0, persistent=1)]
+                    Fc1TritonConfig(32, 32, 32, 4, 2, use_tma=0, persistent=1),
+                    Fc1TritonConfig(16, 64, 16, 4, 2, swap_ab=1, persistent=1, split_k=3),
+                    Fc1TritonConfig(32, 32, 16, 4, 2, use_tma=0, persistent=1, split_k=2)]
 
 
 @needs_kernel

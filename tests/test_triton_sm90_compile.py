@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent('''
 
     fc1_ptrs = dict(x_ptr="*" + FP8, w_ptr="*" + FP8, alpha1_ptr="*fp32", xs_ptr="*fp32", post_ptr="*fp32",
                     route_ptr="*fp32", y_ptr="*bf16", oscale_ptr="*fp32", ys_ptr="*fp32", sel_ptr="*fp32",
-                    lists_ptr="*i32", counts_ptr="*i32")
+                    lists_ptr="*i32", counts_ptr="*i32", ws_ptr="*fp32", cnt_ptr="*i32")
     flags = dict(HAS_XS=True, HAS_POST=False, HAS_ROUTE=True, OUT_FP8=False, DYN_SCALE=False, USE_TMA=True)
     n = 0
     for bm, bi, swap in ((16, 64, True), (128, 64, True), (128, 128, False)):
@@ -55,11 +55,12 @@ SCRIPT = textwrap.dedent('''
         c = dict(flags, BLOCK_M=bm, BLOCK_I=bi, BLOCK_K=256, SWAP_AB=swap, NUM_STAGES=3)
         compile_(_fc1_kernel, fc1_ptrs, descs, c, warps=8 if bi == 128 else 4, stages=3)
         n += 1
-    for bm, bi, swap, skip, one in ((16, 64, True, True, True), (16, 32, False, True, True),
-                                    (32, 64, True, True, False), (128, 128, False, False, False)):
+    for bm, bi, swap, skip, one, sk in ((16, 64, True, True, True, 1), (16, 32, False, True, True, 1),
+                                        (32, 64, True, True, False, 1), (128, 128, False, False, False, 1),
+                                        (16, 64, True, True, True, 4)):
         descs = dict(x_desc=f"tensordesc<{FP8}[{bm}, 256]>", w_desc=f"tensordesc<{FP8}[{bi}, 256]>")
         c = dict(flags, BLOCK_M=bm, BLOCK_I=bi, BLOCK_K=256, SWAP_AB=swap, SKIP=skip, NUM_STAGES=3,
-                 BLOCK_E=256, LIST_ROWS=16, FILL=True, ONE_TILE=one, LISTS_GIVEN=False)
+                 BLOCK_E=256, LIST_ROWS=16, FILL=True, ONE_TILE=one, LISTS_GIVEN=False, SPREAD=skip, SPLIT_K=sk)
         compile_(_fc1_persistent_kernel, fc1_ptrs, descs, c, warps=8 if bi == 128 else 4, stages=3)
         n += 1
     fc2_ptrs = dict(a_ptr="*" + FP8, w_ptr="*" + FP8, alpha_ptr="*fp32", out_ptr="*bf16", ws_ptr="*fp32",
@@ -95,4 +96,4 @@ def test_triton_kernels_compile_for_sm90():
         pytest.skip("this Triton has no NVIDIA backend")
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 14" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 15" in r.stdout, r.stdout + r.stderr[-2000:]

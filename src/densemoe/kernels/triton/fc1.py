@@ -37,6 +37,7 @@ import triton.language as tl
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.triton.fc2 import tma_compatible
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
+from densemoe.kernels.triton.workspace import reused_zeros
 from densemoe.kernels.triton.skip import (DEFAULT_TOP_K, _expert_at, _tile_list, _tile_positions, list_blocks,
                                           lists_scratch)
 
@@ -189,7 +190,7 @@ def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _fc1_persistent_kernel(
     x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
-    sel_ptr, lists_ptr, counts_ptr,
+    sel_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr,
     M, H, I, E, NUM_PROGS, stride_sm, stride_se,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
     stride_ysm, stride_yse,
@@ -199,7 +200,7 @@ def _fc1_persistent_kernel(
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
     ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False, PDL: tl.constexpr = False,
-    SPREAD: tl.constexpr = False,
+    SPREAD: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -207,7 +208,11 @@ def _fc1_persistent_kernel(
     picked expert, tile of I) units, from ``lists`` / ``counts`` (``kernels/triton/skip.py``),
     then the zero-fill of every (token tile, expert not picked there) output segment. Each
     program lists every tile's experts itself first (``_tile_list`` over ``sel_ptr``: the
-    routing, else alpha_post), into scratch ``lists`` / ``counts``."""
+    routing, else alpha_post), into scratch ``lists`` / ``counts``. ``SPLIT_K`` > 1: each tile's
+    k-range is cut into SPLIT_K units (more, shorter units at small M); they add their fp32
+    partial sums (the rows that exist) into the tile's slot of the workspace ``ws`` and count
+    themselves in ``cnt``; the last to arrive reads the sum back, leaves slot and counter at
+    zero (``workspace.reused_zeros``) and applies the epilogue."""
     pdl_enter(PDL)
     m_tiles = tl.cdiv(M, BLOCK_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
@@ -232,12 +237,15 @@ def _fc1_persistent_kernel(
         n_units = n_pairs * i_tiles
     # Fewer units than programs (skipping at small M): every step-th program takes one, so
     # the busy programs are spread over the grid (and the SMs) instead of packed at its start.
+    n_work = n_units * SPLIT_K
     step = 1
     if SPREAD:
-        step = tl.maximum(NUM_PROGS // tl.maximum(n_units, 1), 1)
+        step = tl.maximum(NUM_PROGS // tl.maximum(n_work, 1), 1)
     vprogs = NUM_PROGS // step
-    vpid = tl.where((pid % step == 0) & (pid // step < vprogs), pid // step, n_units)
-    for u in tl.range(vpid, n_units, vprogs):
+    vpid = tl.where((pid % step == 0) & (pid // step < vprogs), pid // step, n_work)
+    for uk in tl.range(vpid, n_work, vprogs):
+        u = uk // SPLIT_K  # the tile (and its workspace slot), and which k-range of it
+        ks = uk % SPLIT_K
         if SKIP:
             it = u % i_tiles
             if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
@@ -269,16 +277,37 @@ def _fc1_persistent_kernel(
         else:
             acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        for kt in tl.range(0, k_tiles, num_stages=NUM_STAGES):
+        for kt in tl.range(ks * k_tiles // SPLIT_K, (ks + 1) * k_tiles // SPLIT_K, num_stages=NUM_STAGES):
             acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
                                        H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
                                        stride_wk, SWAP_AB, USE_TMA)
-        _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
-                      oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
-                      stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, SWAP_AB)
+        last = True
+        if SPLIT_K > 1:  # meet the tile's other k-ranges in its workspace slot
+            if SWAP_AB:
+                offs2 = tl.arange(0, BLOCK_I)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+                ok2 = i_ok[:, None] & m_ok[None, :]
+            else:
+                offs2 = tl.arange(0, BLOCK_M)[:, None] * BLOCK_I + tl.arange(0, BLOCK_I)[None, :]
+                ok2 = m_ok[:, None] & i_ok[None, :]
+            slot = ws_ptr + u.to(tl.int64) * (2 * BLOCK_M * BLOCK_I)
+            tl.atomic_add(slot + offs2, acc_g, mask=ok2, sem="relaxed")
+            tl.atomic_add(slot + BLOCK_M * BLOCK_I + offs2, acc_u, mask=ok2, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial sums are issued before the release below
+            last = tl.atomic_add(cnt_ptr + u, 1, sem="acq_rel") == SPLIT_K - 1
+            if last:  # the sum is complete: read it, and leave slot and counter at zero
+                acc_g = tl.load(slot + offs2, mask=ok2, other=0.0, cache_modifier=".cg")
+                acc_u = tl.load(slot + BLOCK_M * BLOCK_I + offs2, mask=ok2, other=0.0, cache_modifier=".cg")
+                tl.store(slot + offs2, tl.zeros_like(acc_g), mask=ok2)
+                tl.store(slot + BLOCK_M * BLOCK_I + offs2, tl.zeros_like(acc_u), mask=ok2)
+                tl.store(cnt_ptr + u, 0)
+        if last:
+            _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr,
+                          y_ptr, oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym,
+                          stride_yn, stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE,
+                          SWAP_AB)
     if SKIP and FILL:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
         n_fill = m_tiles * E - n_pairs
-        first = (pid + NUM_PROGS - n_units % NUM_PROGS) % NUM_PROGS
+        first = (pid + NUM_PROGS - n_work % NUM_PROGS) % NUM_PROGS
         offs_f = tl.arange(0, BLOCK_I)
         for f in tl.range(first, n_fill, NUM_PROGS):
             if ONE_TILE:
@@ -334,6 +363,7 @@ class Fc1TritonConfig:
     swap_ab: int = 0   # 1: weights as the MMA's M operand, tokens as N (small M)
     use_tma: int = 1   # TMA tensor descriptors where the device and strides allow (else pointers)
     persistent: int = 0  # 0: one program per tile; n: n persistent programs per SM take the tiles in turn
+    split_k: int = 1     # persistent only: each tile's k-range in split_k units, partial sums reduced in fp32
 
     backend = "triton"
 
@@ -369,6 +399,10 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig, dynamic_scale: b
         return False, f"swap_ab={c.swap_ab} / use_tma={c.use_tma} must be 0 or 1"
     if not 0 <= c.persistent <= 4:
         return False, f"persistent={c.persistent} must be in [0, 4]"
+    if not 1 <= c.split_k <= 16 or (c.split_k > 1 and not c.persistent):
+        return False, f"split_k={c.split_k} must be in [1, 16], and above 1 needs persistent >= 1"
+    if c.split_k > -(-problem.h // c.block_k):
+        return False, f"split_k={c.split_k} exceeds the {-(-problem.h // c.block_k)} k-tiles of H={problem.h}"
     if c.swap_ab and c.block_i < 64:
         return False, f"swap_ab needs block_i >= 64 (the MMA's M), got {c.block_i}"
     acc_regs = 2 * c.block_m * c.block_i // (32 * c.num_warps)
@@ -508,7 +542,7 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, num_warps=c.num_warps, num_stages=c.num_stages,
         **launch_kwargs(x.device))
     if c.persistent:
-        tiles = grid[0] * grid[1]
+        tiles = grid[0] * grid[1] * c.split_k  # units of work
         progs = min(tiles, num_programs if num_programs is not None else sm_count(x.device) * c.persistent)
         sel = route if route is not None else alpha_post
         if skip and active is not None:  # lists built beforehand (probes, tests)
@@ -518,9 +552,16 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         else:
             sel, lists, counts = alpha1[None, :], alpha1, alpha1
         block_e, list_rows = list_blocks(E, c.block_m)
-        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, M, H, I, E, progs, sel.stride(0), sel.stride(1),
+        if c.split_k > 1:  # one slot (gate and up sums) and one counter per tile, left zeroed
+            slots, slot = grid[0] * grid[1], 2 * c.block_m * c.block_i
+            buf = reused_zeros(slots * slot + slots, x.device)
+            ws, cnt = buf[: slots * slot], buf[slots * slot:].view(torch.int32)
+        else:
+            ws, cnt = alpha1, alpha1
+        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, ws, cnt, M, H, I, E, progs, sel.stride(0),
+                                         sel.stride(1),
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          ONE_TILE=grid[0] == 1, LISTS_GIVEN=skip and active is not None,
-                                         LIST_ROWS=list_rows, SPREAD=skip and SPREAD_UNITS, **flags)
+                                         LIST_ROWS=list_rows, SPREAD=skip and SPREAD_UNITS, SPLIT_K=c.split_k, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)

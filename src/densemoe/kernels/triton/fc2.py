@@ -186,6 +186,7 @@ import functools  # noqa: E402
 import torch  # noqa: E402
 
 from densemoe._runtime import sm_count, supports_tma  # noqa: E402
+from densemoe.kernels.triton.workspace import reused_zeros  # noqa: E402
 
 SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit
 _SMEM_RESERVE = 1024  # barriers, alpha ring
@@ -317,10 +318,6 @@ def tiles_cut(n_tiles: int, e: int, groups: int) -> bool:
     return any((g * units // groups) % e for g in range(1, groups))
 
 
-_REUSED_WS: dict = {}  # (device, stream) -> fp32 zeros that every Triton FC2 launch leaves at zero
-_RETIRED_WS: list = []  # outgrown buffers, never freed (graphs captured with them replay into them)
-
-
 def split_workspace(m: int, n: int, m_tiles: int, n_tiles: int, cut: bool, device,
                     reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 partial sums [m * n], int32 per-tile counters [m_tiles * n_tiles]) for launches that
@@ -328,25 +325,16 @@ def split_workspace(m: int, n: int, m_tiles: int, n_tiles: int, cut: bool, devic
     Triton and CuTe launchers.
 
     ``reuse`` (the Triton kernel, which leaves every element and counter it touched at zero):
-    one buffer per device and stream, zeroed when first allocated (or grown) and reused after,
-    so a call costs no memset. Launches on one stream run one after another; another stream
-    gets its own buffer. (Under CUDA-graph capture, a stream's first buffer comes from the
-    graph's pool with its zeroing captured: that graph zeroes it on each replay, which every
-    user of the buffer leaves at zero anyway.) Without ``reuse``: fresh zeros per call."""
+    a view of ``workspace.reused_zeros``, zeroed once per device and stream, no memset per call.
+    Without it: fresh zeros.
+    """
     if not cut:
         ws = torch.empty(1, dtype=torch.float32, device=device)
         return ws, ws.view(torch.int32)
     need = m * n + m_tiles * n_tiles
     if reuse:
-        dev = torch.device(device)
-        key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
-        buf = _REUSED_WS.get(key)
-        if buf is None or buf.numel() < need:
-            if buf is not None:  # kept alive: a captured graph may still address it
-                _RETIRED_WS.append(buf)
-            buf = torch.zeros(max(need, 2 * buf.numel() if buf is not None else 0), dtype=torch.float32, device=dev)
-            _REUSED_WS[key] = buf
-        return buf[: m * n], buf[m * n: need].view(torch.int32)
+        buf = reused_zeros(need, device)
+        return buf[: m * n], buf[m * n:].view(torch.int32)
     ws = torch.zeros(need, dtype=torch.float32, device=device)
     return ws, ws[m * n:].view(torch.int32)
 
