@@ -322,6 +322,34 @@ def test_fc1_fc2_skip_on_model_shape(M, dtype):
 
 
 @gpu_test
+def test_fc2_split_tiles_bf16_out_interleaved():
+    """FC2 with skipping at M = 4 (two programs per column tile meeting in the reused
+    workspace), a bf16 output, with other launches in between: every call must match the
+    unsplit schedule. (Before the barrier after the out store, the H100 wrote zeros into rows
+    2-3 of a tile in about one call of six.)"""
+    import dataclasses
+
+    from densemoe.kernels.triton.fc2 import Fc2Problem
+    from densemoe.ops.fc2 import default_skip_config
+    from densemoe.routing import softmax_topk
+
+    w13, w2, x, logits, k = _model_case("deepseek-v3-tp8", 4, 4)
+    from densemoe.weights import prepare_weights
+    p = prepare_weights(w13, w2, dtype="bf16")
+    alpha = softmax_topk(logits, k, renormalize=True).alpha
+    y = densemoe.fc1(x, p.w1, p.alpha1, routing=alpha, skip=True, fill_unpicked=False)
+    cfg = default_skip_config(Fc2Problem(4, x.shape[1], alpha.shape[1], y.shape[1] // alpha.shape[1], BF16, BF16))
+    assert cfg.split == 2
+    ref = torch.empty(4, x.shape[1], dtype=torch.float32, device="cuda")
+    fc2_triton(y, p.w2, alpha, ref, dataclasses.replace(cfg, split=1), skip=True, w_scale=p.w2_scale)
+    for _ in range(24):
+        out = torch.full((4, x.shape[1]), float("nan"), dtype=BF16, device="cuda")
+        fc2_triton(y, p.w2, alpha, out, cfg, skip=True, w_scale=p.w2_scale)
+        densemoe.experts_forward(x, p, alpha, skip=True)  # other launches, other buffers in between
+        assert rel(out, ref) <= 2 * rel(ref.to(BF16), ref) + 1e-6
+
+
+@gpu_test
 def test_layer_graph_capture_with_skipping_and_changing_routing():
     """One captured graph, replayed with routing that changes between replays, including a
     replay where no token picks anything (alpha = 0: the output must be exactly 0)."""

@@ -297,6 +297,7 @@ def _fc1_persistent_kernel(
             if last:  # the sum is complete: read it, and leave slot and counter at zero
                 acc_g = tl.load(slot + offs2, mask=ok2, other=0.0, cache_modifier=".cg")
                 acc_u = tl.load(slot + BLOCK_M * BLOCK_I + offs2, mask=ok2, other=0.0, cache_modifier=".cg")
+                tl.debug_barrier()  # (as FC2's: keep the zero stores' staging apart from the loads')
                 tl.store(slot + offs2, tl.zeros_like(acc_g), mask=ok2)
                 tl.store(slot + BLOCK_M * BLOCK_I + offs2, tl.zeros_like(acc_u), mask=ok2)
                 tl.store(cnt_ptr + u, 0)
@@ -452,7 +453,10 @@ def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonCon
     skip_variants.py``, ``skip_coldstart.py``): at M = 1 64-row tiles (swap-AB, wgmma) took
     23.2 us for 8 picked experts against 23.5 for 32-row tiles and 31.0 for 16-row tiles, and
     15.9 against 21.6 us for one picked expert; at M = 2-4, 64-row tiles were best too.
-    Above 64 tokens, the dense rule's tile as one persistent program per SM."""
+    Above 64 tokens, the dense rule's tile as one persistent program per SM. Where even four
+    times the expected units fit in one program per SM (M = 1 at top-8), each tile's k-range is
+    cut in four (``split_k``): M = 1 18.3 against 19.2 us, the layer 40.2 against 41.2; at
+    M = 2-8 splitting was slower (``bench/experiments/fc1_splitk_probe.py``)."""
     p = problem
     es = p.dtype.itemsize
     act = expected_active(p.m, p.e)
@@ -467,6 +471,9 @@ def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonCon
         cfg = Fc1TritonConfig(16, bi, bk, 4, max(2, min(6, 120 * 1024 // stage)), 0, 1, persistent=1)
     else:
         cfg = dataclasses.replace(default_config(p), persistent=1)
+    units = -(-p.m // cfg.block_m) * act * -(-p.i // cfg.block_i)
+    if 4 * units <= num_sms and -(-p.h // cfg.block_k) >= 4:
+        cfg = dataclasses.replace(cfg, split_k=4)
     ok, why = can_implement(p, cfg)
     assert ok, f"default_skip_config produced an invalid config for {p}: {why}"
     return cfg

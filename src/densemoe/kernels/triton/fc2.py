@@ -171,7 +171,10 @@ def _fc2_kernel(
             if done + covered == n_act:  # last contributor: the sum is complete
                 total = tl.load(ws_ptr + ws_offs, mask=o_mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + o_offs, total.to(out_ptr.dtype.element_ty), mask=o_mask)
-                # leave the tile's workspace and counter at zero: the next launch reuses them
+                # leave the tile's workspace and counter at zero: the next launch reuses them. (The
+                # barrier first: without it the H100 wrote zeros into out's rows 2-3 of a tile now
+                # and then with a bf16 out, the two stores' shared-memory staging overlapping.)
+                tl.debug_barrier()
                 tl.store(ws_ptr + ws_offs, tl.zeros_like(total), mask=o_mask)
                 tl.store(cnt_ptr + m_tile * n_tiles + n_tile, 0)
 
