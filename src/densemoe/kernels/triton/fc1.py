@@ -244,8 +244,14 @@ def _fc1_persistent_kernel(
     vprogs = NUM_PROGS // step
     vpid = tl.where((pid % step == 0) & (pid // step < vprogs), pid // step, n_work)
     for uk in tl.range(vpid, n_work, vprogs):
-        u = uk // SPLIT_K  # the tile (and its workspace slot), and which k-range of it
-        ks = uk % SPLIT_K
+        if SPLIT_K == 1:  # (kept apart: constant k bounds for the pipeliner)
+            u = uk
+            k_lo = 0
+            k_hi = k_tiles
+        else:  # the tile (and its workspace slot), and which k-range of it
+            u = uk // SPLIT_K
+            k_lo = (uk % SPLIT_K) * k_tiles // SPLIT_K
+            k_hi = (uk % SPLIT_K + 1) * k_tiles // SPLIT_K
         if SKIP:
             it = u % i_tiles
             if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
@@ -277,7 +283,7 @@ def _fc1_persistent_kernel(
         else:
             acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        for kt in tl.range(ks * k_tiles // SPLIT_K, (ks + 1) * k_tiles // SPLIT_K, num_stages=NUM_STAGES):
+        for kt in tl.range(k_lo, k_hi, num_stages=NUM_STAGES):
             acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
                                        H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
                                        stride_wk, SWAP_AB, USE_TMA)
