@@ -377,7 +377,10 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     # with skipping a tile's unit count is only known on the GPU: any split may cut a tile,
     # except one program per column tile (split=1), which always holds all of its experts
     cut = (config.split != 1 and groups > 1) if skip else tiles_cut(n_tiles, E, groups)
-    ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device, reuse=True)
+    # The reused workspace (no memset) with skipping only: there it saved 1.7-3.7 us at M = 4-64
+    # (bench/experiments/fc2_ws_probe.py); on the dense path its lines are cold in L2 when the
+    # atomics come (a fresh memset leaves them hot): H100 TP8 fp8 layer M = 192 724 against 689 us.
+    ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device, reuse=skip)
     lists, counts = lists_scratch(m_tiles, E, a.device) if skip else (cnt, cnt)
     block_e, list_rows = list_blocks(E, config.block_m)
     use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
