@@ -13,7 +13,7 @@ import torch
 
 from densemoe.bench.common import Timer, read_ceiling
 from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_config, fc1_triton
+from densemoe.kernels.triton.fc1 import Fc1Problem, can_implement, default_config, fc1_triton
 from densemoe.quant import quantize_per_token
 from densemoe.reference import fc1_ref
 
