@@ -1,7 +1,8 @@
 """Scratch memory that the kernels leave zeroed, so that it is zeroed once, not per call.
 
-The Triton kernels that reduce partial sums across programs (FC2's split column tiles, FC1's
-split k-ranges) add into an fp32 workspace and count arrivals per tile; the last program to
+The Triton kernels that reduce partial sums across programs (FC2's split column tiles with
+expert skipping, FC1's split k-ranges) add into an fp32 workspace and count arrivals per tile;
+the last program to
 arrive reads the sum and sets what it used (sums and counter) back to zero. So one buffer per
 device and stream serves every such launch with no memset in between: launches on one stream
 run one after another (under programmatic dependent launch a kernel touches memory only after
@@ -11,6 +12,9 @@ Under CUDA-graph capture, the first buffer of the capturing stream is allocated 
 pool with its zeroing captured; that graph zeroes it again on each replay, which every user of
 the buffer leaves at zero anyway. A buffer that is outgrown is kept alive (a captured graph may
 still address it), so the memory is at most twice the largest request per stream.
+
+FC2 on the dense path (large M) keeps fresh zeros per call: there the reused buffer's lines are
+cold in L2 when the atomics come, which cost 5% at TP8 fp8 M = 192 on the H100.
 """
 
 from __future__ import annotations
