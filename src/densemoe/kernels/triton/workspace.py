@@ -2,11 +2,11 @@
 
 The Triton kernels that reduce partial sums across programs (FC2's split column tiles with
 expert skipping, FC1's split k-ranges) add into an fp32 workspace and count arrivals per tile;
-the last program to
-arrive reads the sum and sets what it used (sums and counter) back to zero. So one buffer per
-device and stream serves every such launch with no memset in between: launches on one stream
-run one after another (under programmatic dependent launch a kernel touches memory only after
-its predecessor has finished), and another stream gets a buffer of its own.
+the last program to arrive reads the sum and sets what it used (sums and counter) back to zero.
+So one buffer per device and stream serves every such launch with no memset in between:
+launches on one stream run one after another (under programmatic dependent launch a kernel
+touches memory only after its predecessor has finished), and another stream gets a buffer of
+its own.
 
 Under CUDA-graph capture, the first buffer of the capturing stream is allocated in the graph's
 pool with its zeroing captured; that graph zeroes it again on each replay, which every user of
