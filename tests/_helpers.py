@@ -154,3 +154,18 @@ class OrderTimer:
             fn()
         return [{"us": 10.0 * (i + 1), "us_min": 0.0, "us_p90": 0.0, "us_rounds": [10.0 * (i + 1)] * 3}
                 for i in range(len(fns))]
+
+
+def gpu_big_test(fn):
+    """GPU tests on model-shape weights (GBs): marked ``gpu``, kept in one pytest-xdist worker
+    (group ``gpu_big``), skipped without a GPU or under Triton's interpreter."""
+    import os
+
+    import pytest
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    for mark in (pytest.mark.gpu, pytest.mark.xdist_group("gpu_big"),
+                 pytest.mark.skipif(interpret or not torch.cuda.is_available(),
+                                    reason="needs a CUDA GPU and TRITON_INTERPRET unset")):
+        fn = mark(fn)
+    return fn

@@ -17,22 +17,13 @@ import torch
 import densemoe
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig, fc2_triton
 from densemoe.reference import fc2_ref
-from _helpers import FP8, seed_of
+from _helpers import FP8, gpu_big_test as gpu_test, seed_of
 
 BF16 = torch.bfloat16
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEV = "cpu" if INTERPRET else "cuda"
 needs_kernel = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
-
-
-def gpu_test(fn):
-    """GPU tests: model-shape weights take GBs, so they share one pytest-xdist worker."""
-    for mark in (pytest.mark.gpu, pytest.mark.xdist_group("gpu_big"),
-                 pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
-                                    reason="needs a CUDA GPU and TRITON_INTERPRET unset")):
-        fn = mark(fn)
-    return fn
 
 
 def rel(a, b):

@@ -19,7 +19,7 @@ from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig, fc2_triton
 from densemoe.kernels.triton.skip import active_experts, active_experts_ref
 from densemoe.reference import fc1_ref, fc2_ref
-from _helpers import FP8, seed_of
+from _helpers import FP8, gpu_big_test as gpu_test, seed_of
 
 BF16 = torch.bfloat16
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -239,14 +239,6 @@ def test_layer_compiles_fullgraph_with_skipping():
 # --------------------------------------------------------------------------------------------
 # GPU: model shapes with real routing, graph capture with routing that changes.
 # --------------------------------------------------------------------------------------------
-
-def gpu_test(fn):
-    """GPU tests: model-shape weights take GBs, so they share one pytest-xdist worker."""
-    for mark in (pytest.mark.gpu, pytest.mark.xdist_group("gpu_big"),
-                 pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
-                                    reason="needs a CUDA GPU and TRITON_INTERPRET unset")):
-        fn = mark(fn)
-    return fn
 
 
 def _model_case(shape, M, seed, hot=False):
