@@ -139,7 +139,7 @@ _CUTE_TABLE = (
 # reaches down to the previous sweep point. Above M = 512 (not measured) CuTe stays chosen where it
 # won at 256..512: both backends are compute-bound there and CuTe's lead grew with M on every
 # shape. Unmeasured shapes stay on Triton.
-_CUTE_WINS_SOURCE = "bench/results/fc2_h100_2026-11-26_tuned.json"
+_CUTE_WINS_SOURCE = "bench/results/fc2_h100_2026-11-26_tuned.json.gz"
 _CUTE_WINS = {
     (7168, 256, 256, v.FP8): ((192, None),),
     (7168, 256, 256, torch.bfloat16): ((128, None),),
