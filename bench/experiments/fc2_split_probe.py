@@ -1,0 +1,53 @@
+"""FC2 with skipping at small M (DeepSeek-V3 TP8 fp8, uniform top-8) with each column tile's
+picked experts cut over `split` programs (partial sums meeting in the stream's reused, self-zeroing
+workspace; the split was last measured before that workspace existed, with a memset per call),
+pipeline depth 4-8: each output checked against the default config's, timed in 3 interleaved
+rounds (the benchmark's Timer). python bench/experiments/fc2_split_probe.py [M,...]"""
+
+import dataclasses
+import statistics
+import sys
+
+import torch
+
+from densemoe.bench.common import Timer
+from densemoe.bench.layer import ExpertsCase
+from densemoe.bench.skip import routing_alpha
+from densemoe.kernels.triton.fc2 import Fc2Problem, can_implement, fc2_triton
+from densemoe.ops.fc2 import default_skip_config
+from densemoe.quant import quantize_y_fold_alpha
+
+ms = [int(m) for m in (sys.argv[1] if len(sys.argv) > 1 else "1,2,4,8").split(",")]
+timer = Timer(reps=30)
+case = ExpertsCase("deepseek-v3-tp8", "cuda")
+p = case.prepared["fp8"]
+E, I, H, k = case.E, case.I, case.H, case.k
+gen = torch.Generator(device="cuda").manual_seed(3)
+for M in ms:
+    alpha = routing_alpha(M, E, k, "uniform", gen, "cuda")
+    y = torch.randn(M, E * I, device="cuda").to(torch.bfloat16)
+    y8, a2 = quantize_y_fold_alpha(y, alpha, p.w2_scale)
+    prob = Fc2Problem(M, H, E, I, y8.dtype, torch.bfloat16)
+    base = default_skip_config(prob)
+    out = torch.empty(M, H, dtype=torch.bfloat16, device="cuda")
+    fc2_triton(y8, p.w2, a2, out, base, skip=True)
+    ref = out.float().clone()
+    fns = {}
+    for split in (1, 2, 3, 4):
+        for st in (4, 6, 8):
+            for cps in (1, 2):
+                c = dataclasses.replace(base, split=split, num_stages=st, ctas_per_sm=cps)
+                if not can_implement(prob, c)[0] or (cps == 2 and split == 1):
+                    continue
+                out.fill_(float("nan"))
+                fc2_triton(y8, p.w2, a2, out, c, skip=True)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                assert err < 1e-3 and not torch.isnan(out).any(), (c, err)
+                fns[f"split{split} st{st} cps{cps}"] = lambda c=c: fc2_triton(y8, p.w2, a2, out, c, skip=True)
+    t = {kk: [] for kk in fns}
+    for _ in range(3):
+        for kk, fn in fns.items():
+            t[kk].append(timer(fn)["us"])
+    t = {kk: statistics.median(v) for kk, v in t.items()}
+    print(f"M={M} default split={base.split} stages={base.num_stages}: " + ", ".join(
+        f"{kk} {v:.1f}" for kk, v in sorted(t.items(), key=lambda kv: kv[1])), flush=True)
