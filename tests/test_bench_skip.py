@@ -69,6 +69,7 @@ def test_skip_benchmark_runs_checks_and_reports(monkeypatch, routing):
     for r in recs:
         assert KEYS <= set(r), KEYS - set(r)
         assert r["routing"] == routing and r["skip"] is True and r["us"] == 10.0 and r["dense_us"] == 10.0
+        assert "us_in_graph" not in r  # (a timer without in_graph)
         assert r["vs_dense"] == 1.0
         assert r["rel_diff_skip_dense"] <= 2 * r["rel_err_dense"] + 1e-6
         # the active experts are those of the routing the op was given (counted by the spies)
@@ -110,6 +111,12 @@ def test_interleaved_timings_land_on_the_right_keys():
         ("layer", "fp8", 10.0, 20.0, 2.0), ("layer", "bf16", 30.0, 40.0, 40 / 30)]
     for r in recs:
         assert r["us_rounds"] == [r["us"]] * 3 and r["dense_us_rounds"] == [r["dense_us"]] * 3
+        # the skipping op inside one graph (Timer.in_graph), judged against the same absolute target
+        assert r["us_in_graph"] == 7.0 and r["graph_launch_us"] == r["us"] - 7.0
+        if r["op"] == "layer":  # M = 3: no layer target
+            assert "meets_target_in_graph" not in r
+        else:
+            assert r["meets_target_in_graph"] == (7.0 <= r["target_us"])
     for r in recs[:4]:  # then cuBLAS's bare GEMMs
         assert (r["cublas_fp8_us"], r["cublas_bf16_us"]) == (50.0, 60.0)
     for r in recs[4:]:
@@ -119,6 +126,7 @@ def test_interleaved_timings_land_on_the_right_keys():
                 peak_tflops=PEAKS, command="python -m densemoe.bench skip")
     md = skip.markdown_skip(meta, recs)
     assert "| tiny | bf16 | skewed | 3 |" in md and "x cublas_fp8 |" in md
+    assert "| in graph us | meets in graph |" in md and " 7.0 | " in md and "meet their target in graph" in md
 
 
 def test_targets():

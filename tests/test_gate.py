@@ -76,6 +76,16 @@ def test_gate_blocks():
     assert gate_blocks(3, 9000) == (4, 8192, False)
 
 
+def test_quant_slices_cover_the_row():
+    from densemoe.kernels.triton.gate import quant_slice
+
+    assert quant_slice(7168, 256) == 32 and quant_slice(2048, 128) == 16 and quant_slice(4096, 8) == 512
+    for h in (1, 15, 16, 100, 2048, 7168, 8192):
+        for e in (1, 2, 8, 60, 128, 256, 1024):
+            sl = quant_slice(h, e)
+            assert sl >= 16 and sl & (sl - 1) == 0 and e * sl >= h, (h, e, sl)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("M", [1, 4])
 def test_gate_kernel_two_passes(M, monkeypatch):

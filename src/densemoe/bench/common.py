@@ -54,6 +54,34 @@ class Timer:
         return {"us": statistics.median(times), "us_min": times[0],
                 "us_p90": times[int(0.9 * (len(times) - 1))]}
 
+    def in_graph(self, fn, reps: int | None = None) -> dict:
+        """``fn`` inside one CUDA graph right behind the L2 flush, as it runs inside a serving
+        engine's graph of a whole step (no graph launch of its own): the median over replays of
+        the graph [flush; fn] minus the median over replays of [flush], the two replayed
+        alternately with events around each (``2 * reps`` replays each, default 2x the timer's).
+        What ``__call__`` adds on top is the launch of a one-op graph: an empty kernel takes 3.3 us
+        there and 1.2 here (H100, ``bench/experiments/ingraph_timer_probe.py``)."""
+        reps = 2 * (self.reps if reps is None else reps)
+        for _ in range(self.settle):
+            self.flush()
+        for _ in range(self.warmup):
+            fn()
+        torch.cuda.synchronize()
+        g1 = capture(lambda: (self.flush(), fn()))[0]
+        g0 = capture(self.flush)[0]
+        t1, t0 = [], []
+        for i in range(reps + self.warmup):
+            for g, t in ((g1, t1), (g0, t0)):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                g.replay()
+                end.record()
+                end.synchronize()
+                if i >= self.warmup:
+                    t.append(start.elapsed_time(end) * 1e3)
+        return {"us": statistics.median(t1) - statistics.median(t0), "flush_us": statistics.median(t0)}
+
     def compare(self, fns: list, rounds: int = 3, reps: int | None = None) -> list[dict]:
         """Time several callables fairly: ``rounds`` interleaved rounds (A, B, A, B, ...), each
         a full timing; per callable ``us`` is the median of its round medians, ``us_min`` the

@@ -13,8 +13,9 @@ Semantics (``densemoe.routing.router_logits_ref`` is the torch twin)::
 
 Schedule: one program per expert: it loads the expert's gate row whole (H <= 8192: one round
 trip to HBM, the latency being what costs at small M) and dots it with each token row (M is
-small; the rows come from L2). Every program holds whole token rows, so the quantisation costs
-no extra pass: program p quantises rows p, p + E, ... from the registers. One launch instead of
+small; the rows come from L2). Every program holds whole token rows, so each knows every row's
+amax; program p quantises slice p of each row (``quant_slice`` elements, reloaded from L1/L2), so
+the divisions are spread over the grid instead of waiting on one program. One launch instead of
 cuBLAS's split-K GEMV, its reduction and the quantisation kernel (H100, M = 1: ~13 us of the
 layer's graph, ``bench/results/skip_probes_h100_2026-11-26.md``). In the H100 layer graph it
 took 5.9 us at M = 1 but 15.1 at M = 8 (a block-wide reduction per token row), hence
@@ -37,7 +38,7 @@ MAX_M = 4  # token rows the kernel takes (one gate row, M token rows); above, cu
 def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
                  stride_xm, stride_ge, stride_om, stride_qm,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, ONE_PASS: tl.constexpr,
-                 CAST_W: tl.constexpr = False, PDL: tl.constexpr = False):
+                 SLICE: tl.constexpr = 16, CAST_W: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     e = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -59,12 +60,16 @@ def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
             if QUANT:
                 a_m = tl.max(tl.abs(xv), axis=0)
                 amax = tl.where(offs_m == m, tl.maximum(amax, a_m), amax)
-                if ONE_PASS:  # the row is in registers: quantise it here (program m % nprog does row m)
-                    if (m < M) & (m % nprog == e):
+                if ONE_PASS:  # every program has the row's amax: each quantises its own slice of it
+                    if m < M:
                         sm = tl.where(a_m > 0, a_m / 448.0, 1.0)  # as densemoe.kernels.triton.quant
-                        qv = tl.minimum(tl.maximum(tl.math.div_rn(xv, sm), -448.0), 448.0)
-                        tl.store(q_ptr + m * stride_qm + kk, qv.to(q_ptr.dtype.element_ty), mask=k_ok)
-                        tl.store(s_ptr + m, sm)
+                        ss = e * SLICE + tl.arange(0, SLICE)
+                        s_ok = ss < H
+                        xs = tl.load(x_ptr + m * stride_xm + ss, mask=s_ok, other=0.0).to(tl.float32)
+                        qv = tl.minimum(tl.maximum(tl.math.div_rn(xs, sm), -448.0), 448.0)
+                        tl.store(q_ptr + m * stride_qm + ss, qv.to(q_ptr.dtype.element_ty), mask=s_ok)
+                        if e == 0:
+                            tl.store(s_ptr + m, sm)
     tl.store(out_ptr + offs_m * stride_om + e, acc.to(out_ptr.dtype.element_ty), mask=offs_m < M)
     if QUANT and not ONE_PASS:  # H > BLOCK_K: a second pass over this program's rows (L2)
         s = tl.where(amax > 0, amax / 448.0, 1.0)
@@ -89,6 +94,12 @@ def gate_blocks(m: int, h: int) -> tuple[int, int, bool]:
     return triton.next_power_of_2(max(m, 1)), bk, h <= bk
 
 
+def quant_slice(h: int, e: int) -> int:
+    """Elements of each token row that one of the ``e`` programs quantises (ONE_PASS): a power of
+    two >= 16 with e slices covering h."""
+    return max(16, triton.next_power_of_2(triton.cdiv(h, max(e, 1))))
+
+
 def gate_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                 q: torch.Tensor | None = None, s: torch.Tensor | None = None, *, cast_weight: bool = False) -> None:
     """out [M, E] <- x [M, H] @ w [E, H]^T with w = weight.to(x.dtype) if ``cast_weight`` else
@@ -103,6 +114,6 @@ def gate_triton(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
     _gate_kernel[(E,)](
         x, weight, out, q if quant else out, s if quant else out, M, E, H,
         x.stride(0), weight.stride(0), out.stride(0), q.stride(0) if quant else 0,
-        BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, CAST_W=cast_weight and weight.dtype != x.dtype,
+        BLOCK_M=bm, BLOCK_K=bk, QUANT=quant, ONE_PASS=one, SLICE=quant_slice(H, E), CAST_W=cast_weight and weight.dtype != x.dtype,
         num_warps=8 if bk >= 4096 else 4,
         **launch_kwargs(x.device))
