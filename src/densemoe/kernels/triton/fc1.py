@@ -191,7 +191,7 @@ def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
 def _fc1_persistent_kernel(
     x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
     sel_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr,
-    M, H, I, E, NUM_PROGS, stride_sm, stride_se,
+    M, H, I, E, NUM_PROGS, N_IDS, stride_sm, stride_se,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
     stride_ysm, stride_yse,
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
@@ -200,7 +200,7 @@ def _fc1_persistent_kernel(
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
     ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False, PDL: tl.constexpr = False,
-    SPREAD: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+    SPREAD: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, IDS: tl.constexpr = False,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -208,7 +208,9 @@ def _fc1_persistent_kernel(
     picked expert, tile of I) units, from ``lists`` / ``counts`` (``kernels/triton/skip.py``),
     then the zero-fill of every (token tile, expert not picked there) output segment. Each
     program lists every tile's experts itself first (``_tile_list`` over ``sel_ptr``: the
-    routing, else alpha_post), into scratch ``lists`` / ``counts``. ``SPLIT_K`` > 1: each tile's
+    routing, else alpha_post), into scratch ``lists`` / ``counts``; ``IDS`` (M = 1): ``lists`` is
+    the token's N_IDS distinct picked experts (its top-k ids, any integer dtype), read directly, no
+    list built (no zero-fill: FILL off). ``SPLIT_K`` > 1: each tile's
     k-range is cut into SPLIT_K units (more, shorter units at small M); they add their fp32
     partial sums (the rows that exist) into the tile's slot of the workspace ``ws`` and count
     themselves in ``cnt``; the last to arrive reads the sum back, leaves slot and counter at
@@ -221,7 +223,9 @@ def _fc1_persistent_kernel(
     pid = tl.program_id(0)
     if SKIP:
         n_pairs = pid * 0
-        if LISTS_GIVEN:  # built beforehand (``active_experts``): only the counts are read
+        if IDS:  # one token: ``lists`` holds the N_IDS distinct experts it picked (its top-k ids)
+            n_pairs = N_IDS
+        elif LISTS_GIVEN:  # built beforehand (``active_experts``): only the counts are read
             for t in range(m_tiles):
                 n_pairs += tl.load(counts_ptr + t)
         elif ONE_TILE:  # one token tile: its list stays in registers (no store, barrier, reload)
@@ -256,7 +260,9 @@ def _fc1_persistent_kernel(
             it = u % i_tiles
             if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
                 pid_m = 0
-                if LISTS_GIVEN:
+                if IDS:
+                    e = tl.load(lists_ptr + u // i_tiles).to(tl.int32)
+                elif LISTS_GIVEN:
                     e = tl.load(lists_ptr + u // i_tiles)
                 else:
                     e = _expert_at(pos, u // i_tiles, BLOCK_E)
@@ -508,7 +514,8 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
                alpha_post: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                y_scale: torch.Tensor | None = None, num_programs: int | None = None,
                routing: torch.Tensor | None = None, skip: bool = False, fill: bool = True,
-               active: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               active: tuple[torch.Tensor, torch.Tensor] | None = None,
+               expert_ids: torch.Tensor | None = None) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
@@ -518,7 +525,8 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
     not pick unwritten (for consumers that never read them). ``active``: (lists, counts) from
     ``active_experts(routing, block_m)`` instead of the kernel's own (probes and tests).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
-    there (the config's ``block_i`` must hold all of I)."""
+    there (the config's ``block_i`` must hold all of I). ``expert_ids`` [k] or [1, k] (M = 1,
+    skip, fill=False; checked by the op): the token's distinct picked experts, used as its list."""
     M, H = x.shape
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
@@ -558,7 +566,11 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         tiles = grid[0] * grid[1] * c.split_k  # units of work
         progs = min(tiles, num_programs if num_programs is not None else sm_count(x.device) * c.persistent)
         sel = route if route is not None else alpha_post
-        if skip and active is not None:  # lists built beforehand (probes, tests)
+        if skip and expert_ids is not None:  # one token: its top-k ids are the list
+            if M != 1 or fill:
+                raise ValueError("expert_ids: one token (M = 1) and fill=False only")
+            lists, counts = expert_ids.reshape(-1), alpha1
+        elif skip and active is not None:  # lists built beforehand (probes, tests)
             lists, counts = active
         elif skip:
             lists, counts = lists_scratch(grid[0], E, x.device)
@@ -571,10 +583,12 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
             ws, cnt = buf[: slots * slot], buf[slots * slot:].view(torch.int32)
         else:
             ws, cnt = alpha1, alpha1
-        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, ws, cnt, M, H, I, E, progs, sel.stride(0),
+        n_ids = expert_ids.numel() if skip and expert_ids is not None else 0
+        _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, ws, cnt, M, H, I, E, progs, n_ids, sel.stride(0),
                                          sel.stride(1),
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          ONE_TILE=grid[0] == 1, LISTS_GIVEN=skip and active is not None,
-                                         LIST_ROWS=list_rows, SPREAD=skip and SPREAD_UNITS, SPLIT_K=c.split_k, **flags)
+                                         LIST_ROWS=list_rows, SPREAD=skip and SPREAD_UNITS, SPLIT_K=c.split_k,
+                                         IDS=n_ids > 0, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)

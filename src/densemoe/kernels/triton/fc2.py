@@ -45,14 +45,14 @@ from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
 def _fc2_kernel(
     a_ptr, w_ptr, a_desc, w_desc,  # pointer pair (USE_TMA=False) or descriptor pair (True)
     alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr, wscale_ptr,
-    M, N, E,
+    M, N, E, N_IDS,
     stride_am, stride_ak, stride_wn, stride_wk,
     stride_alm, stride_ale, stride_om, stride_on,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, PDL: tl.constexpr = False,
-    HAS_WSCALE: tl.constexpr = False,
+    HAS_WSCALE: tl.constexpr = False, IDS: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
@@ -66,7 +66,9 @@ def _fc2_kernel(
     offs_m = off_m + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
-    if SKIP:  # only the experts some token of this tile picked: lists[m_tile, :n_act]
+    if SKIP and IDS:  # one token (M = 1): lists holds its N_IDS distinct picked experts (top-k ids)
+        n_act = N_IDS
+    elif SKIP:  # only the experts some token of this tile picked: lists[m_tile, :n_act]
         n_act = _tile_list(alpha_ptr, m_tile, M, E, stride_alm, stride_ale, lists_ptr, counts_ptr,
                            BLOCK_M, LIST_ROWS, BLOCK_E)
         tl.debug_barrier()  # the list this program just wrote is read back below
@@ -104,7 +106,10 @@ def _fc2_kernel(
         # pipeline depth is num_stages k-tiles whatever I is. Expert e = kt // KT.
         for kt in tl.range(e_lo * KT, e_hi * KT, num_stages=NUM_STAGES):
             if SKIP:
-                e = tl.load(lists_ptr + m_tile * E + kt // KT)
+                if IDS:
+                    e = tl.load(lists_ptr + kt // KT).to(tl.int32)
+                else:
+                    e = tl.load(lists_ptr + m_tile * E + kt // KT)
                 k0 = e * I + (kt % KT) * BLOCK_K
             else:
                 e = kt // KT
@@ -353,7 +358,7 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
                config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False,
-               w_scale: torch.Tensor | None = None) -> None:
+               w_scale: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None) -> None:
     """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
 
     Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
@@ -361,6 +366,8 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     ``skip``: expert skipping, each token tile walks only the experts its tokens picked
     (listed by the kernel itself from alpha, ``kernels/triton/skip.py``).
     ``w_scale`` [E] float32: a per-expert factor multiplied into alpha in the kernel.
+    ``expert_ids`` [k] or [1, k] (skip, M = 1; checked by the op): the token's distinct picked
+    experts (its top-k ids), walked instead of a list built from alpha.
     """
     M, K = a.shape
     N = w.shape[0]
@@ -381,7 +388,12 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     # (bench/experiments/fc2_ws_probe.py); on the dense path its lines are cold in L2 when the
     # atomics come (a fresh memset leaves them hot): H100 TP8 fp8 layer M = 192 724 against 689 us.
     ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device, reuse=skip)
-    lists, counts = lists_scratch(m_tiles, E, a.device) if skip else (cnt, cnt)
+    ids = skip and expert_ids is not None
+    if ids and M != 1:
+        raise ValueError("expert_ids: one token (M = 1) only")
+    lists, counts = lists_scratch(m_tiles, E, a.device) if skip and not ids else (cnt, cnt)
+    if ids:
+        lists = expert_ids.reshape(-1)
     block_e, list_rows = list_blocks(E, config.block_m)
     use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
     if use_tma:
@@ -393,12 +405,12 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         a_desc, w_desc = a, w
     _fc2_kernel[(m_tiles * groups,)](
         a, w, a_desc, w_desc, alpha, out, ws, cnt, lists, counts, w_scale if w_scale is not None else alpha,
-        M, N, E,
+        M, N, E, expert_ids.numel() if ids else 0,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         alpha.stride(0), alpha.stride(1), out.stride(0), out.stride(1),
         I=K // E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
-        BLOCK_E=block_e, LIST_ROWS=list_rows, HAS_WSCALE=w_scale is not None,
+        BLOCK_E=block_e, LIST_ROWS=list_rows, HAS_WSCALE=w_scale is not None, IDS=ids,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_kwargs(a.device),
     )
