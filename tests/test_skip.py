@@ -140,6 +140,153 @@ def test_fc2_skipping_kernel(pattern, cfg, dtype, request):
 # The public ops and the layer (CPU interpreter): skipping on and off give the same result.
 # --------------------------------------------------------------------------------------------
 
+def _one_token_case(request, dtype, E=6, I=32, H=64, k=3, order="topk"):
+    """One token picking k of E experts; its ids in top-k order (descending weight), or reversed,
+    or with an extra expert whose weight is 0."""
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
+    x = torch.randn(1, H, generator=g).to(dtype).to(DEV)
+    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(dtype).to(DEV)
+    a1 = (torch.rand(E, generator=g) + 0.5).to(DEV)
+    xs = (torch.rand(1, generator=g) + 0.5).to(DEV) if dtype == FP8 else None
+    w = torch.rand(k, generator=g) + 0.1
+    ids = torch.randperm(E, generator=g)[:k]
+    r = torch.zeros(1, E)
+    r[0, ids] = w
+    ids = ids[w.argsort(descending=True)]
+    if order == "reversed":
+        ids = ids.flip(0)
+    elif order == "zero_weight":  # an id the routing gives weight 0: adds nothing, changes nothing
+        rest = [e for e in range(E) if e not in ids.tolist()]
+        ids = torch.cat([ids, torch.tensor(rest[:1])])
+    return x, w1, a1, xs, r.to(DEV), ids.to(DEV)
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("order", ["topk", "reversed", "zero_weight"])
+@pytest.mark.parametrize("cfg", FC1_SKIP_CONFIGS, ids=lambda c: c.to_str().split(":")[1])
+@pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
+def test_fc1_with_expert_ids(order, cfg, dtype, request):
+    """One token: FC1 walking the given ids writes the picked segments as the list built from
+    the routing does (NaN-poisoned outputs), and against float64."""
+    x, w1, a1, xs, r, ids = _one_token_case(request, dtype, order=order)
+    E, I = a1.shape[0], w1.shape[0] // (2 * a1.shape[0])
+    ys = []
+    for given in (None, ids, ids.to(torch.int32)[None, :]):
+        y = torch.full((1, E * I), float("nan"), device=DEV)
+        densemoe.fc1(x, w1, a1, x_scale=xs, routing=r, skip=True, fill_unpicked=False, config=cfg, out=y,
+                     expert_ids=given)
+        ys.append(y)
+    live = (r != 0).repeat_interleave(I, 1)
+    ref = fc1_ref(x, w1, a1, x_scale=xs, out_dtype=torch.float64)
+    written = live.clone()
+    if order == "zero_weight":  # its segment is computed, and zeroed by the routing
+        e = int(ids[-1])
+        written[0, e * I:(e + 1) * I] = True
+    for y in ys[1:]:
+        assert torch.isnan(y[~written]).all() and not torch.isnan(y[written]).any()
+        assert (y[written & ~live] == 0).all()
+        if cfg.split_k == 1:  # the same units, the same sums
+            assert torch.equal(y[live], ys[0][live])
+        assert rel(y[live], ref[live]) <= 2e-5
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("order", ["topk", "reversed", "zero_weight"])
+@pytest.mark.parametrize("cfg", FC2_SKIP_CONFIGS, ids=lambda c: c.to_str())
+@pytest.mark.parametrize("dtype", [BF16, FP8], ids=["bf16", "fp8"])
+def test_fc2_with_expert_ids(order, cfg, dtype, request):
+    """One token: FC2 over the given ids against the list built from alpha (NaN in the segments
+    of unpicked experts: never read) and against float64."""
+    E, I, N = 6, 64, 96
+    _, _, _, _, r, ids = _one_token_case(request, BF16, E=E, I=I, order=order)
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid, "a"))
+    a = torch.randn(1, E * I, generator=g)
+    a[(r == 0).repeat_interleave(I, 1).cpu()] = float("nan")  # (NaN in fp8 too)
+    a = a.to(dtype).to(DEV)
+    w = (torch.randn(N, E * I, generator=g) * I ** -0.5).to(dtype).to(DEV)
+    outs = []
+    for given in (None, ids):
+        o = torch.full((1, N), float("nan"), dtype=torch.float32, device=DEV)
+        densemoe.fc2(a, w, r, skip=True, config=cfg, out=o, expert_ids=given)
+        outs.append(o)
+    ref = fc2_ref(torch.nan_to_num(a.float(), nan=0.0), w, r, out_dtype=torch.float64)
+    assert not torch.isnan(outs[1]).any()
+    assert rel(outs[1], outs[0]) <= 1e-6 and rel(outs[1], ref) <= 1e-5
+
+
+@needs_kernel
+@pytest.mark.interpreter
+def test_expert_ids_errors():
+    E, I, H = 4, 32, 64
+    g = torch.Generator().manual_seed(5)
+    w1 = (torch.randn(2 * E * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    a1 = torch.ones(E, device=DEV)
+    x1, x2 = (torch.randn(m, H, generator=g).to(BF16).to(DEV) for m in (1, 2))
+    r1, r2 = routing("topk", 1, E, g), routing("topk", 2, E, g)
+    ids = torch.tensor([2, 0], device=DEV)
+    ok = dict(skip=True, fill_unpicked=False)
+    with pytest.raises(ValueError, match="M = 1"):
+        densemoe.fc1(x2, w1, a1, routing=r2, expert_ids=ids, **ok)
+    with pytest.raises(ValueError, match="fill_unpicked=False"):
+        densemoe.fc1(x1, w1, a1, routing=r1, skip=True, expert_ids=ids)
+    with pytest.raises(ValueError, match="skipping is off"):
+        densemoe.fc1(x1, w1, a1, routing=r1, skip=False, fill_unpicked=False, expert_ids=ids)
+    with pytest.raises(TypeError, match="integer"):
+        densemoe.fc1(x1, w1, a1, routing=r1, expert_ids=ids.float(), **ok)
+    with pytest.raises(ValueError, match=r"\[k\] or \[1, k\]"):
+        densemoe.fc1(x1, w1, a1, routing=r1, expert_ids=ids.view(2, 1), **ok)
+    with pytest.raises(ValueError, match=r"1 <= k <= E=4"):
+        densemoe.fc1(x1, w1, a1, routing=r1, expert_ids=torch.arange(5, device=DEV), **ok)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        densemoe.fc1(x1, w1, a1, routing=r1, expert_ids=[2, 0], **ok)
+    a = torch.randn(1, E * I, generator=g).to(BF16).to(DEV)
+    w = torch.randn(48, E * I, generator=g).to(BF16).to(DEV)
+    with pytest.raises(ValueError, match="skipping is off"):
+        densemoe.fc2(a, w, r1, skip=False, expert_ids=ids)
+    with pytest.raises(ValueError, match="M = 1"):
+        densemoe.fc2(torch.cat([a, a]), w, r2, skip=True, expert_ids=ids)
+
+
+@needs_kernel
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+def test_dense_moe_one_token_hands_its_topk_ids_to_fc1_and_fc2(dtype, monkeypatch, request):
+    """DenseMoE at M = 1 passes the router's top-k ids to FC1 and FC2 (and not at M = 2); its
+    output matches experts_forward on the same alpha with lists built from the routing."""
+    import densemoe.layer as layer
+    from densemoe.weights import prepare_weights
+
+    E, I, H, k = 8, 32, 64, 2
+    g = torch.Generator().manual_seed(seed_of(request.node.nodeid))
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(BF16).to(DEV)
+    gate = (torch.randn(E, H, generator=g) * H ** -0.5).to(BF16).to(DEV)
+    moe = densemoe.DenseMoE(prepare_weights(w13, w2, dtype=dtype), gate, k, skip=True)
+    seen = []
+    for name in ("fc1", "fc2"):
+        real = getattr(layer, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            seen.append((_name, a[0].shape[0], kw.get("expert_ids")))
+            return _real(*a, **kw)
+        monkeypatch.setattr(layer, name, spy)
+    for M in (1, 2):
+        x = torch.randn(M, H, generator=g).to(BF16).to(DEV)
+        seen.clear()
+        out = moe(x)
+        route = moe.route(x)
+        for name, m, given in seen:
+            if M == 1:
+                assert given is not None and torch.equal(given.reshape(-1).cpu(), route.topk_ids.reshape(-1).cpu())
+            else:
+                assert given is None
+        assert [s[0] for s in seen] == ["fc1", "fc2"]
+        lists = densemoe.experts_forward(x, moe.prepared, route.alpha, skip=True)
+        assert rel(out, lists) <= 1e-2
+
+
 @needs_kernel
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [FP8, BF16], ids=["fp8", "bf16"])
@@ -216,6 +363,14 @@ def test_fc1_custom_op_opcheck_with_routing():
     out = torch.empty(M, E * I, dtype=torch.float32, device=DEV)
     for skip in (False, True):
         torch.library.opcheck(torch.ops.densemoe.fc1.default, (x, w1, a1, None, None, None, r, out, "", "auto", skip))
+    ids = r[0].nonzero().reshape(-1)  # one token with its top-1 id
+    out1 = torch.empty(1, E * I, dtype=torch.float32, device=DEV)
+    torch.library.opcheck(torch.ops.densemoe.fc1.default,
+                          (x[:1], w1, a1, None, None, None, r[:1], out1, "", "auto", True, False, ids))
+    a = torch.randn(1, E * I, generator=g).to(BF16).to(DEV)
+    w = torch.randn(48, E * I, generator=g).to(BF16).to(DEV)
+    o = torch.empty(1, 48, dtype=torch.float32, device=DEV)
+    torch.library.opcheck(torch.ops.densemoe.fc2.default, (a, w, r[:1], o, "", "auto", True, None, ids))
 
 
 @needs_kernel
@@ -234,6 +389,12 @@ def test_layer_compiles_fullgraph_with_skipping():
     f = torch.compile(lambda x, a: densemoe.experts_forward(x, prepared, a, skip=True), fullgraph=True,
                       backend="aot_eager")
     assert rel(f(x, alpha), densemoe.experts_forward(x, prepared, alpha, skip=True)) == 0
+    # one token with its top-k ids (DenseMoE's M = 1 path)
+    ids = alpha[:1].nonzero()[:, 1]
+    f1 = torch.compile(lambda x, a, i: densemoe.experts_forward(x, prepared, a, skip=True, expert_ids=i),
+                       fullgraph=True, backend="aot_eager")
+    assert rel(f1(x[:1], alpha[:1], ids), densemoe.experts_forward(x[:1], prepared, alpha[:1], skip=True,
+                                                                 expert_ids=ids)) == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,10 +503,12 @@ def test_fc2_split_tiles_bf16_out_interleaved():
 
 
 @gpu_test
-@pytest.mark.parametrize("M", [1, 4])  # 1: FC1 splits k (its workspace zeroed inside the graph)
-def test_layer_graph_capture_with_skipping_and_changing_routing(M):
+@pytest.mark.parametrize("M,ids", [(1, False), (1, True), (4, False)],
+                         ids=["M1", "M1-expert_ids", "M4"])  # M = 1: FC1 splits k (workspace zeroed in the graph)
+def test_layer_graph_capture_with_skipping_and_changing_routing(M, ids):
     """One captured graph, replayed with routing that changes between replays, including a
-    replay where no token picks anything (alpha = 0: the output must be exactly 0)."""
+    replay where no token picks anything (alpha = 0: the output must be exactly 0). ``ids``: FC1
+    and FC2 walk the router's top-k ids (what DenseMoE does at M = 1)."""
     from densemoe.reference import experts_ref
     from densemoe.routing import softmax_topk
     from densemoe.weights import prepare_weights
@@ -356,8 +519,9 @@ def test_layer_graph_capture_with_skipping_and_changing_routing(M):
     scale = torch.ones((), device="cuda")
 
     def step():
-        alpha = softmax_topk(static_logits, k, renormalize=True).alpha * scale
-        return densemoe.experts_forward(static_x, prepared, alpha, skip=True)
+        route = softmax_topk(static_logits, k, renormalize=True)
+        return densemoe.experts_forward(static_x, prepared, route.alpha * scale, skip=True,
+                                        expert_ids=route.topk_ids if ids else None)
     graph, out = capture(step)  # warm-up on a side stream, then the capture
     for seed in (5, 6, 7):
         gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -365,12 +529,14 @@ def test_layer_graph_capture_with_skipping_and_changing_routing(M):
         static_logits.copy_(torch.randn(logits.shape, device="cuda", generator=gen) + (3.0 if seed == 7 else 0.0)
                             * (torch.arange(logits.shape[1], device="cuda") < 16))
         graph.replay()
-        alpha = softmax_topk(static_logits, k, renormalize=True).alpha
+        route = softmax_topk(static_logits, k, renormalize=True)
+        alpha = route.alpha
         assert rel(out, experts_ref(static_x, w13, w2, alpha, compute_dtype=torch.float32,
                                     experts_per_chunk=16)) < 0.1
         # the replay against the same call made eagerly (split sums may add in another order,
         # which can move a value of y across an fp8 rounding boundary: not bit for bit)
-        assert rel(out, densemoe.experts_forward(static_x, prepared, alpha, skip=True)) < 1e-2
+        assert rel(out, densemoe.experts_forward(static_x, prepared, alpha, skip=True,
+                                                 expert_ids=route.topk_ids if ids else None)) < 1e-2
     scale.zero_()
     graph.replay()
     assert (out == 0).all()

@@ -18,7 +18,8 @@ Pipelines (no host sync anywhere):
     bf16: out = fc2(fc1(x, w1, alpha1, routing=alpha), w2, alpha * w2_scale)   (with skipping: w_scale=w2_scale)
 
 Expert skipping (``skip``; on by default while ``skip_by_default(M, E, top_k)``): FC1 and FC2 each list, on
-the GPU, the experts each token tile picked and read only those weights.
+the GPU, the experts each token tile picked and read only those weights; for one token DenseMoE
+hands them the router's top-k ids as that list.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ FUSED_QUANT_MAX_I = 0
 
 def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor, *,
                     skip: bool | None = None, top_k: int | None = None,
-                    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    expert_ids: torch.Tensor | None = None) -> torch.Tensor:
     """out [M, H] = sum_e alpha[m, e] * expert_e(x[m]) with expert_e = down(silu(gate x) * up x).
 
     x [M, H] (any float dtype), alpha [M, E] float32 (0 where m did not pick e). Returns x's
@@ -56,7 +58,10 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
     tile picked are never read): None (default) where it pays (``skip_by_default(M, E,
     top_k)``; ``top_k``: the routing's, 8 when not given), True always, False never (the dense
     path, for comparison). ``x_quant``: (x8, sx) = ``quantize_per_token(x)`` already computed
-    (``DenseMoE`` gets it from the router's fused kernel); fp8 weights only."""
+    (``DenseMoE`` gets it from the router's fused kernel); fp8 weights only. ``expert_ids``
+    [k] or [1, k]: the experts a single token picked (distinct, in [0, E): ``DenseMoE`` passes its
+    router's top-k ids), which FC1 and FC2 walk instead of listing them from alpha; used at M = 1
+    with skipping, ignored otherwise."""
     if x.dim() != 2 or x.shape[1] != prepared.hidden:
         raise ValueError(f"experts_forward: x must be [M, H={prepared.hidden}], got {tuple(x.shape)}")
     alpha = alpha.float()
@@ -69,6 +74,7 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         if x8.shape != x.shape or x8.dtype != FP8 or sx.shape != (x.shape[0],):
             raise ValueError(f"experts_forward: x_quant must be (x8 [M, H] fp8, sx [M]) for x {tuple(x.shape)}, got "
                              f"{tuple(x8.shape)} {x8.dtype}, {tuple(sx.shape)}")
+    ids = expert_ids if skip and x.shape[0] == 1 else None
     if prepared.dtype == FP8:
         x8, sx = quantize_per_token(x) if x_quant is None else x_quant
         if prepared.inter <= FUSED_QUANT_MAX_I:  # one FC1 tile holds all of I: quantise in its epilogue
@@ -76,14 +82,16 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
             out = fc2(y8, prepared.w2, alpha * ys * prepared.w2_scale[None, :], skip=skip)
         else:
             # the quantisation reads only picked segments: FC1 need not zero the others
-            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False)
+            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False,
+                    expert_ids=ids)
             y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
-            out = fc2(y8, prepared.w2, alpha2, skip=skip)
+            out = fc2(y8, prepared.w2, alpha2, skip=skip, expert_ids=ids)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
-        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False)
+        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False,
+                expert_ids=ids)
         if skip:  # w2's scale in the kernel (no launch for alpha * w2_scale)
-            out = fc2(y, prepared.w2, alpha, skip=True, w_scale=prepared.w2_scale)
+            out = fc2(y, prepared.w2, alpha, skip=True, w_scale=prepared.w2_scale, expert_ids=ids)
         else:  # (in the dense loop the per-k-tile load of w_scale cost 8%: TP8 M = 96 1081 against 998 us)
             out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=False)
     return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
@@ -201,8 +209,9 @@ class DenseMoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         # fp8 experts: the router's kernel quantises x too where it runs (M <= 4), else None
         route, x_quant = self._route(x, quantize=self.prepared.dtype == FP8)
+        # one token: FC1 and FC2 walk the router's top-k ids (distinct by construction)
         out = experts_forward(x, self.prepared, route.alpha, skip=self.skip, top_k=self.top_k,
-                              x_quant=x_quant).reshape(shape)
+                              x_quant=x_quant, expert_ids=route.topk_ids).reshape(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out

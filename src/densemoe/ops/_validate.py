@@ -54,3 +54,26 @@ def device_supports(op: str, dev: torch.device, dt: torch.dtype) -> None:
     if cap < need:
         raise ValueError(f"{op}: {dtype_name(dt)} needs compute capability >= {need[0]}.{need[1]}; "
                          f"{dev} is sm_{cap[0]}{cap[1]}")
+
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def expert_ids(op: str, ids, M: int, E: int, skip: bool, dev: torch.device) -> torch.Tensor:
+    """``expert_ids`` of the skipping ops: one token's picked experts ([k] or [1, k], integer,
+    1 <= k <= E) with skipping at M = 1. Their values (distinct, in [0, E)) are the caller's
+    promise: checking them would cost a device sync."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{op}: expert_ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1) or not 1 <= ids.shape[-1] <= E:
+        raise ValueError(f"{op}: expert_ids must be [k] or [1, k] with 1 <= k <= E={E}, got shape {tuple(ids.shape)}")
+    if ids.dtype not in INT_DTYPES:
+        raise TypeError(f"{op}: expert_ids must be an integer tensor, got {dtype_name(ids.dtype)}")
+    if M != 1:
+        raise ValueError(f"{op}: expert_ids are one token's picked experts (M = 1), got M={M}")
+    if not skip:
+        raise ValueError(f"{op}: expert_ids is the expert list of skipping; skipping is off (skip=False, or a "
+                         "pinned config or backend that cannot skip)")
+    if ids.device != dev:
+        raise ValueError(f"{op}: expert_ids is on {ids.device} but the other tensors are on {dev}")
+    return ids.reshape(-1).contiguous()

@@ -271,10 +271,11 @@ def _problem(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.T
 
 @torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
 def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
-            config: str, backend: str, skip: bool, w_scale: torch.Tensor | None) -> None:
+            config: str, backend: str, skip: bool, w_scale: torch.Tensor | None,
+            expert_ids: torch.Tensor | None = None) -> None:
     if skip:
         _, cfg, _ = _choose_src(a, w, alpha, out, config, backend, skip=True)
-        fc2_triton(a, w, alpha, out, cfg, skip=True, w_scale=w_scale)
+        fc2_triton(a, w, alpha, out, cfg, skip=True, w_scale=w_scale, expert_ids=expert_ids)
         return
     which, cfg = _choose(a, w, alpha, out, config, backend)
     if which == "cute":  # the CuTe kernel has no per-expert factor: fold it into alpha here
@@ -284,7 +285,7 @@ def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Te
 
 
 @_fc2_op.register_fake
-def _(a, w, alpha, out, config, backend, skip, w_scale):
+def _(a, w, alpha, out, config, backend, skip, w_scale, expert_ids=None):
     return None
 
 
@@ -313,7 +314,8 @@ def which_backend(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: to
 def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
         config: Fc2TritonConfig | Fc2CuteConfig | None = None, backend: str = "auto",
-        skip: bool | None = None, w_scale: torch.Tensor | None = None) -> torch.Tensor:
+        skip: bool | None = None, w_scale: torch.Tensor | None = None,
+        expert_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Dense-MoE FC2 (down projection) over all experts with a per-token, per-expert scale.
 
         out[m, n] = sum_e alpha[m, e] * sum_{i < I} a[m, e*I + i] * w[n, e*I + i]
@@ -347,6 +349,10 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
                CuTe backend gets alpha * w_scale). It is a load per k-tile: at small M (with
                skipping) it saves a launch, on the dense path at large M it cost 8% on the H100
                (TP8 bf16 M = 96), where passing alpha * w_scale is the faster form.
+        expert_ids: [k] or [1, k] integer, optional, with skipping at M = 1: the token's picked
+               experts (its top-k ids: distinct, in [0, E), not checked on the device; a
+               repeated id would count that expert twice), walked instead of a list built from
+               alpha at the kernel's start. Experts with alpha 0 among them add nothing.
 
     Returns:
         out [M, N].
@@ -427,10 +433,12 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
     if skip not in (None, True, False):
         raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
     skip = _resolve_skip(skip, M, E, backend, config)
+    if expert_ids is not None:
+        expert_ids = v.expert_ids(OP, expert_ids, M, E, skip, dev)
     if M == 0 or N == 0:
         return out
     torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "",
-                           backend, skip, w_scale)
+                           backend, skip, w_scale, expert_ids)
     return out
 
 
