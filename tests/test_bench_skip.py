@@ -70,6 +70,8 @@ def test_skip_benchmark_runs_checks_and_reports(monkeypatch, routing):
         assert KEYS <= set(r), KEYS - set(r)
         assert r["routing"] == routing and r["skip"] is True and r["us"] == 10.0 and r["dense_us"] == 10.0
         assert "us_in_graph" not in r  # (a timer without in_graph)
+        if r["op"] == "fc1":  # FC1 as the layer calls it, checked and timed too
+            assert r["layer_call_us"] == 10.0 and "layer_call_error" not in r
         assert r["vs_dense"] == 1.0
         assert r["rel_diff_skip_dense"] <= 2 * r["rel_err_dense"] + 1e-6
         # the active experts are those of the routing the op was given (counted by the spies)
@@ -113,6 +115,8 @@ def test_interleaved_timings_land_on_the_right_keys():
         assert r["us_rounds"] == [r["us"]] * 3 and r["dense_us_rounds"] == [r["dense_us"]] * 3
         # the skipping op inside one graph (Timer.in_graph), judged against the same absolute target
         assert r["us_in_graph"] == 7.0 and r["graph_launch_us"] == r["us"] - 7.0
+        if r["op"] == "fc1":
+            assert (r["layer_call_us"], r["layer_call_us_in_graph"]) == (1.0, 7.0)
         if r["op"] == "layer":  # M = 3: no layer target
             assert "meets_target_in_graph" not in r
         else:
@@ -126,6 +130,7 @@ def test_interleaved_timings_land_on_the_right_keys():
                 peak_tflops=PEAKS, command="python -m densemoe.bench skip")
     md = skip.markdown_skip(meta, recs)
     assert "| tiny | bf16 | skewed | 3 |" in md and "x cublas_fp8 |" in md
+    assert "## fc1 as the layer calls it" in md and "| tiny | fp8 | skewed | 3 | 1.0 | 7.0 |" in md
     assert "| in graph us | meets in graph |" in md and " 7.0 | " in md and "meet their target in graph" in md
 
 

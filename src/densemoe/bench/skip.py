@@ -18,6 +18,9 @@ Ops (``op``):
   * ``fc2``: ``densemoe.fc2(y8, w2, alpha2, skip=True)`` against ``skip=False``, where
     ``y8, alpha2 = quantize_y_fold_alpha(fc1(x8, ..., routing=alpha), alpha, w2_scale)``: the
     layer's own FC2 input (bf16: FC1's bf16 output and ``alpha * w2_scale``).
+  FC1 records also carry ``layer_call_us`` (``layer_call_us_in_graph``): the same FC1 as the
+  layer calls it (``fill_unpicked=False``; at M = 1 ``expert_ids``, the token's picked experts),
+  checked against ``us``'s output on the picked segments, timed after the interleaved rounds.
   FC1 and FC2 records carry cuBLAS's bare dense GEMMs of the op's shape (every expert, no
   scales: ``cublas_fp8_us``, ``cublas_bf16_us``; ``speedup_vs_*`` = baseline / ours).
   * ``layer``: ``DenseMoE`` (its fused router, then FC1, FC2) built with ``skip=True`` against
@@ -88,7 +91,7 @@ LAYER_TARGET_US = {1: 35.0, 8: 90.0}
 BOUNDS = {"fc1": {"fp8": 1e-2, "bf16": 1e-2}, "fc2": {"fp8": 1e-2, "bf16": 1e-2},
           "layer": {"fp8": 0.1, "bf16": 2e-2}}
 NOT_BASELINES = ("us", "floor_us", "dense_us", "dense_floor_us", "target_us", "floor_target_us", "us_in_graph",
-                 "graph_launch_us")
+                 "graph_launch_us", "layer_call_us", "layer_call_us_in_graph")
 
 
 # -- routing ---------------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def _gemm_baselines(case, a8: torch.Tensor, a16: torch.Tensor, w8: torch.Tensor,
 
 def _fc1(case, head, x, alpha, dtypes, timer, ceiling, peaks, log) -> list:
     E, I, H, k, M = case.E, case.I, case.H, case.k, head["M"]
-    records, ours = [], []
+    records, ours, layer_calls = [], [], {}
     stats = routing_stats(alpha, k)
     x8, sx = quantize_per_token(x)
     mask = (alpha != 0).repeat_interleave(I, dim=1)
@@ -323,6 +326,12 @@ def _fc1(case, head, x, alpha, dtypes, timer, ceiling, peaks, log) -> list:
                   densemoe.fc1(xin, p.w1, p.alpha1, x_scale=xs, routing=alpha, skip=True, out=out))
         f_dense = (lambda xin=xin, p=p, xs=xs, out=out_d:
                    densemoe.fc1(xin, p.w1, p.alpha1, x_scale=xs, routing=alpha, skip=False, out=out))
+        # FC1 as the layer calls it: unpicked segments left unwritten, at M = 1 the token's ids as the list
+        out_l = torch.full((M, E * I), float("nan"), dtype=torch.bfloat16, device=x.device)
+        ids = alpha[0].nonzero().reshape(-1) if M == 1 else None
+        f_layer = (lambda xin=xin, p=p, xs=xs, out=out_l, ids=ids:
+                   densemoe.fc1(xin, p.w1, p.alpha1, x_scale=xs, routing=alpha, skip=True, out=out,
+                                fill_unpicked=False, expert_ids=ids))
         rec.update(_config_fields("fc1", xin, p.w1, p.alpha1, out_s, xs))
         if rec.get("block_m"):
             rec["tile_pairs"] = tile_pairs(alpha, rec["block_m"])
@@ -337,7 +346,15 @@ def _fc1(case, head, x, alpha, dtypes, timer, ceiling, peaks, log) -> list:
         ok = _check(rec, out_s, out_d, ref, BOUNDS["fc1"][dt], records, log)
         del ref
         if ok:
+            f_layer()
+            live = mask
+            d = rel_err(out_l[live], out_s[live])
+            if torch.isnan(out_l[live]).any() or not d <= 2 * rec["rel_err"] + 1e-6:
+                rec["layer_call_error"] = f"the layer's call disagrees with skip: rel diff {d:.3e}"
+                log(f"  WRONG fc1 layer call {rec['dtype']} M={M}: {rec['layer_call_error']}")
+                f_layer = None
             ours.append((rec, f_skip, f_dense))
+            layer_calls[id(rec)] = f_layer
     bases = _gemm_baselines(case, x8, x.to(torch.bfloat16), case.prepared["fp8"].w1, case.w13.reshape(E * 2 * I, H))
     res = _compare(timer, [f for _, fs, fd in ours for f in (fs, fd)] + list(bases.values())) if ours else []
     base = {name: r["us"] for name, r in zip(bases, res[2 * len(ours):])}
@@ -348,6 +365,10 @@ def _fc1(case, head, x, alpha, dtypes, timer, ceiling, peaks, log) -> list:
         _finish(rec, res[2 * j], res[2 * j + 1], A * 2 * I * H * es + io, 2 * M * A * 2 * I * H,
                 E * 2 * I * H * es + io, 2 * M * E * 2 * I * H, ceiling, peaks[rec["dtype"]], base)
         _in_graph(rec, timer, f_skip)
+        if layer_calls.get(id(rec)) is not None:  # (not in the interleaved rounds: a side figure)
+            rec["layer_call_us"] = timer(layer_calls[id(rec)])["us"]
+            if hasattr(timer, "in_graph"):
+                rec["layer_call_us_in_graph"] = timer.in_graph(layer_calls[id(rec)])["us"]
         records.append(rec)
         log(fmt_skip(rec))
     return records
@@ -520,6 +541,19 @@ def markdown_skip(meta: dict, records: list[dict]) -> str:
                 lines += ["", f"{op}: {n} of {len(judged)} points meet their target{how}"
                           + ("." if n == len(judged) else ": misses at " + ", ".join(
                               f"{r['routing']} {r['dtype']} M={r['M']}" for r in judged if not r[key]) + ".")]
+        lines.append("")
+    calls = [r for r in ok if r["op"] == "fc1" and r.get("layer_call_us")]
+    if calls:
+        lines += ["## fc1 as the layer calls it", "",
+                  "`fill_unpicked=False` (the segments of unpicked experts stay unwritten: the y quantisation "
+                  "and FC2 never read them) and, at M = 1, the router's top-k ids as the expert list "
+                  "(`expert_ids`); output checked against the call above on the picked segments; timed "
+                  "after the rounds above, not interleaved with them.", "",
+                  "| shape | dtype | routing | M | us | in graph us | target us | fc1 us (above) |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in calls:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['routing']} | {r['M']} | {r['layer_call_us']:.1f} | "
+                         f"{_f(r.get('layer_call_us_in_graph'))} | {_f(r.get('target_us'))} | {r['us']:.1f} |")
         lines.append("")
     lay = {(r["shape"], r["dtype"], r["M"], r["routing"]): r for r in ok if r["op"] == "layer"}
     pairs = sorted({key[:3] for key in lay if (*key[:3], "uniform") in lay and (*key[:3], "skewed") in lay})
