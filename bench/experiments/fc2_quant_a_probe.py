@@ -1,0 +1,73 @@
+"""The fp8 layer at M = 1 (DeepSeek-V3 TP8, uniform top-8) with FC2 quantising FC1's bf16 output
+itself (``quant_a``: one token, its top-k ids; per k-tile the expert's segment amax and the
+tile's divisions on one row, then the fp8 MMA) instead of the separate quantize_y_fold_alpha
+kernel. The layer written out (router kernels, FC1 with expert_ids, then either path), FC2 alone
+both ways; outputs compared; timed both ways (one-op graph; in a graph), 3 interleaved rounds.
+python bench/experiments/fc2_quant_a_probe.py"""
+
+import statistics
+
+import torch
+
+from densemoe import routing
+from densemoe.bench.common import Timer
+from densemoe.bench.layer import ExpertsCase
+from densemoe.kernels.triton.fc1 import Fc1Problem, default_skip_config as fc1_cfg, fc1_triton
+from densemoe.kernels.triton.fc2 import Fc2Problem, fc2_triton
+from densemoe.layer import DenseMoE
+from densemoe.ops.fc2 import default_skip_config as fc2_cfg
+from densemoe.quant import quantize_y_fold_alpha
+
+timer = Timer(reps=40)
+case = ExpertsCase("deepseek-v3-tp8", "cuda")
+p = case.prepared["fp8"]
+E, I, H, k = case.E, case.I, case.H, case.k
+moe = DenseMoE(p, case.gate, k, renormalize=True)
+c1 = fc1_cfg(Fc1Problem(1, H, E, I, p.w1.dtype, torch.bfloat16))
+c2 = fc2_cfg(Fc2Problem(1, H, E, I, p.w2.dtype, torch.bfloat16))
+x = case.x(1)
+
+
+def layer(qa: bool):
+    def run():
+        logits, (x8, sx) = routing.router_logits(x, moe.gate_weight, quantize=True)
+        r = routing.softmax_topk(logits, k, renormalize=True)
+        y = torch.empty(1, E * I, dtype=torch.bfloat16, device="cuda")
+        fc1_triton(x8, p.w1, p.alpha1, y, c1, x_scale=sx, routing=r.alpha, skip=True, fill=False,
+                   expert_ids=r.topk_ids)
+        out = torch.empty(1, H, dtype=torch.bfloat16, device="cuda")
+        if qa:
+            fc2_triton(y, p.w2, r.alpha, out, c2, skip=True, expert_ids=r.topk_ids, quant_a=True, w_scale=p.w2_scale)
+        else:
+            y8, a2 = quantize_y_fold_alpha(y, r.alpha, p.w2_scale)
+            fc2_triton(y8, p.w2, a2, out, c2, skip=True, expert_ids=r.topk_ids)
+        return out
+    return run
+
+
+ref = moe(x).float()
+for name, fn in (("quant kernel", layer(False)), ("quant_a", layer(True))):
+    d = ((fn().float() - ref).norm() / ref.norm()).item()
+    print(f"{name}: relative difference to DenseMoE {d:.1e}")
+    assert d < 1e-2
+r = moe.route(x)
+y = torch.empty(1, E * I, dtype=torch.bfloat16, device="cuda")
+logits, (x8, sx) = routing.router_logits(x, moe.gate_weight, quantize=True)
+fc1_triton(x8, p.w1, p.alpha1, y, c1, x_scale=sx, routing=r.alpha, skip=True, fill=False, expert_ids=r.topk_ids)
+y8, a2 = quantize_y_fold_alpha(y, r.alpha, p.w2_scale)
+o = torch.empty(1, H, dtype=torch.bfloat16, device="cuda")
+fns = {"layer: quant kernel + FC2": layer(False), "layer: FC2 quant_a": layer(True),
+       "quant + FC2": lambda: (quantize_y_fold_alpha(y, r.alpha, p.w2_scale),
+                               fc2_triton(y8, p.w2, a2, o, c2, skip=True, expert_ids=r.topk_ids)),
+       "FC2 alone (fp8 y)": lambda: fc2_triton(y8, p.w2, a2, o, c2, skip=True, expert_ids=r.topk_ids),
+       "FC2 quant_a": lambda: fc2_triton(y, p.w2, r.alpha, o, c2, skip=True, expert_ids=r.topk_ids, quant_a=True,
+                                         w_scale=p.w2_scale)}
+t = {n: [] for n in fns}
+tg = {n: [] for n in fns}
+for _ in range(3):
+    for n, fn in fns.items():
+        t[n].append(timer(fn)["us"])
+        tg[n].append(timer.in_graph(fn)["us"])
+for n in fns:
+    print(f"{n}: {statistics.median(t[n]):.1f} us (one-op graph), {statistics.median(tg[n]):.1f} us in graph "
+          f"(rounds {[round(v, 1) for v in tg[n]]})")
