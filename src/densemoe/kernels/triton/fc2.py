@@ -52,8 +52,7 @@ def _fc2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, PDL: tl.constexpr = False,
-    HAS_WSCALE: tl.constexpr = False, IDS: tl.constexpr = False, QUANT_A: tl.constexpr = False,
-    I_P2: tl.constexpr = 16,
+    HAS_WSCALE: tl.constexpr = False, IDS: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
@@ -115,22 +114,7 @@ def _fc2_kernel(
             else:
                 e = kt // KT
                 k0 = kt * BLOCK_K
-            if QUANT_A:  # one token's bf16 a, quantised here per expert as quantize_y_fold_alpha does
-                offs_s = tl.arange(0, I_P2)
-                seg = tl.load(a_ptr + (e * I + offs_s) * stride_ak, mask=offs_s < I, other=0.0).to(tl.float32)
-                amax = tl.max(tl.abs(seg), axis=0)
-                s_e = tl.where(amax > 0, amax / 448.0, 1.0)
-                row = tl.load(a_ptr + (k0 + offs_k) * stride_ak).to(tl.float32)
-                q = tl.minimum(tl.maximum(tl.math.div_rn(row, s_e), -448.0), 448.0).to(w_ptr.dtype.element_ty)
-                a = tl.where(offs_m[:, None] == 0, q[None, :], tl.zeros((BLOCK_M, BLOCK_K), dtype=q.dtype))
-                if USE_TMA:
-                    w = w_desc.load([off_n, k0])
-                else:
-                    offs_n = off_n + tl.arange(0, BLOCK_N)
-                    w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-                                + (k0 + offs_k)[None, :] * stride_wk,
-                                mask=(offs_n < N)[:, None], other=0.0)
-            elif USE_TMA:
+            if USE_TMA:
                 w = w_desc.load([off_n, k0])
                 a = a_desc.load([off_m, k0])
             else:
@@ -142,8 +126,6 @@ def _fc2_kernel(
                             + (k0 + offs_k)[None, :] * stride_ak,
                             mask=mask_m[:, None], other=0.0)
             al = tl.load(alpha_ptr + offs_m * stride_alm + e * stride_ale, mask=mask_m, other=0.0)
-            if QUANT_A:
-                al = al * s_e
             if HAS_WSCALE:
                 al = al * tl.load(wscale_ptr + e)
             if KT == 1:  # a k-tile is a whole expert: scale its product and add
@@ -376,8 +358,7 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
                config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False,
-               w_scale: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
-               quant_a: bool = False) -> None:
+               w_scale: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None) -> None:
     """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
 
     Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
@@ -391,9 +372,7 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     M, K = a.shape
     N = w.shape[0]
     E = alpha.shape[1]
-    problem = Fc2Problem(M, N, E, K // E, w.dtype, out.dtype)
-    if quant_a and (expert_ids is None or not skip or M != 1):
-        raise ValueError("quant_a: one token (M = 1) with skipping and expert_ids only")
+    problem = Fc2Problem(M, N, E, K // E, a.dtype, out.dtype)
     ok, why = can_implement(problem, config)
     if not ok:
         raise ValueError(f"config {config} cannot run {problem}: {why}")
@@ -416,11 +395,11 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     if ids:
         lists = expert_ids.reshape(-1)
     block_e, list_rows = list_blocks(E, config.block_m)
-    use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(w) and (quant_a or tma_compatible(a))
+    use_tma = config.use_tma and supports_tma(a.device) and tma_compatible(a, w)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        a_desc = a if quant_a else TensorDescriptor.from_tensor(a, [config.block_m, config.block_k])
+        a_desc = TensorDescriptor.from_tensor(a, [config.block_m, config.block_k])
         w_desc = TensorDescriptor.from_tensor(w, [config.block_n, config.block_k])
     else:
         a_desc, w_desc = a, w
@@ -432,7 +411,6 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         I=K // E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
-        BLOCK_E=block_e, LIST_ROWS=list_rows, HAS_WSCALE=w_scale is not None, IDS=ids, QUANT_A=quant_a,
-        I_P2=triton.next_power_of_2(K // E),
+        BLOCK_E=block_e, LIST_ROWS=list_rows, HAS_WSCALE=w_scale is not None, IDS=ids,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_kwargs(a.device),
     )
