@@ -347,9 +347,8 @@ def _fc1(case, head, x, alpha, dtypes, timer, ceiling, peaks, log) -> list:
         del ref
         if ok:
             f_layer()
-            live = mask
-            d = rel_err(out_l[live], out_s[live])
-            if torch.isnan(out_l[live]).any() or not d <= 2 * rec["rel_err"] + 1e-6:
+            d = rel_err(out_l[mask], out_s[mask])
+            if torch.isnan(out_l[mask]).any() or not d <= 2 * rec["rel_err"] + 1e-6:
                 rec["layer_call_error"] = f"the layer's call disagrees with skip: rel diff {d:.3e}"
                 log(f"  WRONG fc1 layer call {rec['dtype']} M={M}: {rec['layer_call_error']}")
                 f_layer = None

@@ -25,11 +25,15 @@ _BUFFERS: dict = {}   # (device, stream) -> fp32 zeros
 _RETIRED: list = []   # outgrown buffers, never freed
 
 
+def _key(dev: torch.device) -> tuple:
+    return str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+
+
 def reused_zeros(numel: int, device) -> torch.Tensor:
     """``numel`` fp32 zeros (a view of this stream's buffer); the caller's kernel must leave
     every element it touches at zero (int32 counters viewed from it included)."""
     dev = torch.device(device)
-    key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    key = _key(dev)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
         if buf is not None:
@@ -41,5 +45,4 @@ def reused_zeros(numel: int, device) -> torch.Tensor:
 
 def stream_buffer(device) -> torch.Tensor | None:
     """This stream's buffer, whole (tests)."""
-    dev = torch.device(device)
-    return _BUFFERS.get((str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0))
+    return _BUFFERS.get(_key(torch.device(device)))
