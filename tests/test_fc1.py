@@ -89,7 +89,10 @@ CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1), Fc1TritonConfig(32, 64, 32, 4, 2),
            Fc1TritonConfig(16, 64, 32, 4, 3, swap_ab=1, persistent=2),
            Fc1TritonConfig(32, 32, 32, 4, 2, use_tma=0, persistent=1),
            Fc1TritonConfig(16, 64, 32, 4, 3, swap_ab=1, persistent=1, split_k=2),
-           Fc1TritonConfig(32, 32, 16, 4, 2, persistent=2, split_k=3)]
+           Fc1TritonConfig(32, 32, 16, 4, 2, persistent=2, split_k=3),
+           # stream-K: equal shares of all k-steps, units cut across programs
+           Fc1TritonConfig(16, 64, 16, 4, 3, swap_ab=1, persistent=1, stream_k=1),
+           Fc1TritonConfig(32, 32, 16, 4, 2, use_tma=0, persistent=2, stream_k=1)]
 
 
 @needs_kernel
@@ -115,6 +118,9 @@ def test_config_validity_and_default():
     assert can_implement(p, Fc1TritonConfig(128, 128, 128, 8, 4))[0]
     assert "must be in [0, 4]" in can_implement(p, Fc1TritonConfig(persistent=5))[1]
     assert "needs persistent >= 1" in can_implement(p, Fc1TritonConfig(split_k=2))[1]
+    assert "stream_k=1 must be" in can_implement(p, Fc1TritonConfig(stream_k=1))[1]
+    assert "stream_k=1 must be" in can_implement(p, Fc1TritonConfig(persistent=1, split_k=2, stream_k=1))[1]
+    assert can_implement(p, Fc1TritonConfig(persistent=1, stream_k=1))[0]
     assert "exceeds the 2 k-tiles" in can_implement(Fc1Problem(5, 256, 8, 64, FP8, BF16),
                                                     Fc1TritonConfig(block_k=128, persistent=1, split_k=4))[1]
     # two persistent programs per SM must both fit in shared memory
@@ -125,6 +131,13 @@ def test_config_validity_and_default():
             q = Fc1Problem(m, 2048, 8, i, BF16, BF16)
             c = default_config(q)
             assert can_implement(q, c)[0] and default_config(q) == c
+    # skipping: split_k where four times the expected units fit the programs (M = 1 at top-8 of 256),
+    # stream-K where they exceed them, up to M = 64
+    from densemoe.kernels.triton.fc1 import default_skip_config
+    sk = {m: default_skip_config(Fc1Problem(m, 7168, 256, 256, FP8, BF16), 132) for m in (1, 2, 4, 8, 64, 128)}
+    assert sk[1].split_k == 4 and not sk[1].stream_k
+    assert [sk[m].stream_k for m in (2, 4, 8, 64, 128)] == [0, 0, 1, 1, 0]
+    assert all(can_implement(Fc1Problem(m, 7168, 256, 256, FP8, BF16), c)[0] for m, c in sk.items())
     for c in (Fc1TritonConfig(32, 64, 128, 4, 2), Fc1TritonConfig(64, 64, 128, 4, 3, 1, persistent=2)):
         assert Fc1TritonConfig.from_str(c.to_str()) == c
 
@@ -230,19 +243,30 @@ def test_fc1_fp8_dynamic_rejects_what_it_cannot_run():
 @needs_kernel
 @pytest.mark.interpreter
 @pytest.mark.parametrize("skip", [False, True], ids=["dense", "skip"])
-def test_split_k_leaves_workspace_zeroed(skip, request):
-    """split_k > 1: the k-ranges of a tile meet in the stream's reused workspace
+@pytest.mark.parametrize("mode", ["split_k", "stream_k"])
+def test_split_k_leaves_workspace_zeroed(skip, mode, request, monkeypatch):
+    """split_k > 1 / stream_k: the k-ranges of a tile meet in the stream's reused workspace
     (``kernels/triton/workspace.py``), which every launch leaves at zero; back-to-back calls
-    of other shapes stay right."""
+    of other shapes and program counts stay right. Stream-K (every last wave cut by k-steps here):
+    the cases include last waves cut mid-unit, one unit cut several times, and none at all."""
+    import densemoe.kernels.triton.fc1 as k1
     from densemoe.kernels.triton.fc1 import fc1_triton
     from densemoe.kernels.triton.workspace import stream_buffer
 
-    cfg = Fc1TritonConfig(16, 32, 16, 4, 2, persistent=1, split_k=3)
-    for M, H, E, I in ((3, 64, 4, 32), (20, 48, 3, 64), (3, 64, 4, 32)):
+    monkeypatch.setattr(k1, "STREAM_K_TAIL", 1.0)
+    cfg = Fc1TritonConfig(16, 32, 16, 4, 2, persistent=1, **({"split_k": 3} if mode == "split_k" else {"stream_k": 1}))
+    waves = set()
+    for M, H, E, I, progs in ((3, 64, 4, 32, 5), (20, 48, 3, 64, 5), (3, 64, 4, 32, 3), (40, 64, 6, 32, 7),
+                              (1, 64, 4, 32, 7)):
         x, w1, a1, xs, post = inputs(M, H, E, I, BF16, seed_of(request.node.nodeid, M))
         route = (torch.rand(M, E, generator=torch.Generator().manual_seed(M)) < 0.5).float().to(x.device)
+        route[0, 1] = 1.0  # never an all-zero routing
         y = torch.full((M, E * I), float("nan"), dtype=torch.float32, device=x.device)
-        fc1_triton(x, w1, a1, y, cfg, alpha_post=post, routing=route, skip=skip, num_programs=5)
+        fc1_triton(x, w1, a1, y, cfg, alpha_post=post, routing=route, skip=skip, num_programs=progs)
+        tiles = [route[t:t + 16] for t in range(0, M, 16)]
+        units = sum(int((r != 0).any(0).sum()) if skip else E for r in tiles) * -(-I // 32)
+        waves.add((units // progs > 0, units % progs > 0))
         ref = fc1_ref(x, w1, a1, alpha_post=post, out_dtype=torch.float64) * route.repeat_interleave(I, dim=1)
         assert rel(y, ref) <= 1e-5
         assert (stream_buffer(x.device) == 0).all()
+    assert (True, True) in waves and (False, True) in waves  # a cut last wave; all units in one wave

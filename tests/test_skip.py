@@ -75,7 +75,9 @@ FC1_SKIP_CONFIGS = [Fc1TritonConfig(16, 16, 16, 1, 1, persistent=1),
                     Fc1TritonConfig(16, 64, 16, 4, 2, swap_ab=1, persistent=2),
                     Fc1TritonConfig(32, 32, 32, 4, 2, use_tma=0, persistent=1),
                     Fc1TritonConfig(16, 64, 16, 4, 2, swap_ab=1, persistent=1, split_k=3),
-                    Fc1TritonConfig(32, 32, 16, 4, 2, use_tma=0, persistent=1, split_k=2)]
+                    Fc1TritonConfig(32, 32, 16, 4, 2, use_tma=0, persistent=1, split_k=2),
+                    Fc1TritonConfig(16, 64, 16, 4, 2, swap_ab=1, persistent=1, stream_k=1),
+                    Fc1TritonConfig(16, 32, 16, 4, 2, persistent=2, stream_k=1)]
 
 
 @needs_kernel
@@ -186,7 +188,7 @@ def test_fc1_with_expert_ids(order, cfg, dtype, request):
     for y in ys[1:]:
         assert torch.isnan(y[~written]).all() and not torch.isnan(y[written]).any()
         assert (y[written & ~live] == 0).all()
-        if cfg.split_k == 1:  # the same units, the same sums
+        if cfg.split_k == 1 and not cfg.stream_k:  # the same units, the same sums
             assert torch.equal(y[live], ys[0][live])
         assert rel(y[live], ref[live]) <= 2e-5
 

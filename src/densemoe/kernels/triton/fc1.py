@@ -44,6 +44,10 @@ from densemoe.kernels.triton.skip import (DEFAULT_TOP_K, _expert_at, _tile_list,
 FP8_MAX = 448.0
 # Skipping: spread the units over the whole grid when there are fewer than programs (probe switch)
 SPREAD_UNITS = True
+# stream_k configs: the largest last wave (share of the programs) cut by k-steps over every program
+# (skewed M = 8 gained 5 us from 0.25 up; 0.5 and 1 lost 2-6% where they triggered on larger last
+# waves: ``bench/experiments/fc1_streamk_probe.py``)
+STREAM_K_TAIL = 0.25
 SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers and slack
 
 
@@ -201,6 +205,7 @@ def _fc1_persistent_kernel(
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
     ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False, PDL: tl.constexpr = False,
     SPREAD: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, IDS: tl.constexpr = False,
+    STREAM_K: tl.constexpr = False, SK_TAIL=0,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -214,13 +219,17 @@ def _fc1_persistent_kernel(
     k-range is cut into SPLIT_K units (more, shorter units at small M); they add their fp32
     partial sums (the rows that exist) into the tile's slot of the workspace ``ws`` and count
     themselves in ``cnt``; the last to arrive reads the sum back, leaves slot and counter at
-    zero (``workspace.reused_zeros``) and applies the epilogue."""
+    zero (``workspace.reused_zeros``) and applies the epilogue. ``STREAM_K``: when the units are
+    q >= 1 full waves of NUM_PROGS plus a last wave of r <= SK_TAIL units, the q waves go round-robin
+    as whole units and the r units' k-steps are cut into NUM_PROGS equal contiguous ranges, one more
+    per program (a unit cut by a range boundary meets its other parts in the workspace slot of the
+    first boundary inside it, as above): a short last wave no longer leaves most SMs idle."""
     pdl_enter(PDL)
     m_tiles = tl.cdiv(M, BLOCK_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
     k_tiles = tl.cdiv(H, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
     pid = tl.program_id(0)
+    pos = pid * 0  # (one token tile: its list in registers, below)
     if SKIP:
         n_pairs = pid * 0
         if IDS:  # one token: ``lists`` holds the N_IDS distinct experts it picked (its top-k ids)
@@ -242,106 +251,165 @@ def _fc1_persistent_kernel(
     # Fewer units than programs (skipping at small M): every step-th program takes one, so
     # the busy programs are spread over the grid (and the SMs) instead of packed at its start.
     n_work = n_units * SPLIT_K
+    n_dp = n_work  # units taken whole (or in split_k parts), round-robin
+    if STREAM_K:  # a last wave of at most SK_TAIL units is cut by k-steps over every program
+        q = n_units // NUM_PROGS
+        r = n_units - q * NUM_PROGS
+        n_dp = tl.where((q > 0) & (r > 0) & (r <= SK_TAIL), q * NUM_PROGS, n_units)
     step = 1
     if SPREAD:
-        step = tl.maximum(NUM_PROGS // tl.maximum(n_work, 1), 1)
+        step = tl.maximum(NUM_PROGS // tl.maximum(n_dp, 1), 1)
     vprogs = NUM_PROGS // step
-    vpid = tl.where((pid % step == 0) & (pid // step < vprogs), pid // step, n_work)
-    for uk in tl.range(vpid, n_work, vprogs):
-        if SPLIT_K == 1:  # (kept apart: constant k bounds for the pipeliner)
-            u = uk
-            k_lo = 0
-            k_hi = k_tiles
+    vpid = tl.where((pid % step == 0) & (pid // step < vprogs), pid // step, n_dp)
+    for uk in tl.range(vpid, n_dp, vprogs):
+        if SPLIT_K == 1:  # whole units (kept apart: constant k bounds for the pipeliner)
+            _fc1_unit(uk, 0, k_tiles, 0, False, pos, x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr,
+                      route_ptr, y_ptr, oscale_ptr, ys_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles,
+                      i_tiles, k_tiles, stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm,
+                      stride_re, stride_ym, stride_yn, stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8,
+                      DYN_SCALE, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE,
+                      LISTS_GIVEN, IDS, False)
         else:  # the tile (and its workspace slot), and which k-range of it
             u = uk // SPLIT_K
-            k_lo = (uk % SPLIT_K) * k_tiles // SPLIT_K
-            k_hi = (uk % SPLIT_K + 1) * k_tiles // SPLIT_K
-        if SKIP:
-            it = u % i_tiles
-            if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
-                pid_m = 0
-                if IDS:
-                    e = tl.load(lists_ptr + u // i_tiles).to(tl.int32)
-                elif LISTS_GIVEN:
-                    e = tl.load(lists_ptr + u // i_tiles)
-                else:
-                    e = _expert_at(pos, u // i_tiles, BLOCK_E)
+            _fc1_unit(u, (uk % SPLIT_K) * k_tiles // SPLIT_K, (uk % SPLIT_K + 1) * k_tiles // SPLIT_K, u, True, pos,
+                      x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
+                      lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles, stride_xm,
+                      stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
+                      stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
+                      BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True)
+    if STREAM_K:  # this program's k-steps [w_lo, w_hi) of the last wave's (n_units - n_dp) units
+        total = tl.cast(n_units - n_dp, tl.int64) * k_tiles
+        w_lo = pid * total // NUM_PROGS
+        w_hi = (pid + 1) * total // NUM_PROGS
+        sk_first = (w_lo // k_tiles).to(tl.int32)
+        n_sk = tl.where(w_hi > w_lo, (w_hi + k_tiles - 1) // k_tiles - w_lo // k_tiles, 0).to(tl.int32)
+        for j in tl.range(0, n_sk):
+            rel = (sk_first + j).to(tl.int64) * k_tiles
+            k_lo = tl.maximum(w_lo - rel, 0).to(tl.int32)
+            k_hi = tl.minimum(w_hi - rel, k_tiles).to(tl.int32)
+            # a unit cut by a range boundary: its slot is that of the first boundary inside it
+            b = (((rel + 1) * NUM_PROGS + total - 1) // total).to(tl.int32)
+            _fc1_unit(n_dp + sk_first + j, k_lo, k_hi, b, (k_lo > 0) | (k_hi < k_tiles), pos, x_ptr, w_ptr, x_desc,
+                      w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, lists_ptr,
+                      counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles, stride_xm, stride_xk,
+                      stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
+                      stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
+                      BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True)
+    if SKIP and FILL:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
+        _fc1_fill(pos, n_pairs, (pid + NUM_PROGS - n_work % NUM_PROGS) % NUM_PROGS, NUM_PROGS, lists_ptr, counts_ptr,
+                  y_ptr, ys_ptr, M, E, I, m_tiles, stride_ym, stride_yn, stride_ysm, stride_yse, BLOCK_M, BLOCK_I,
+                  BLOCK_E, ONE_TILE, LISTS_GIVEN, DYN_SCALE)
+
+
+@triton.jit
+def _fc1_unit(u, k_lo, k_hi, b, reduce, pos, x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr,
+              y_ptr, oscale_ptr, ys_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles,
+              stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym,
+              stride_yn, stride_ysm, stride_yse,
+              HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
+              DYN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+              SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
+              BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr, LISTS_GIVEN: tl.constexpr, IDS: tl.constexpr,
+              REDUCE: tl.constexpr):
+    """Unit u's k-tiles [k_lo, k_hi) into two fp32 accumulators, then its epilogue. ``REDUCE``
+    (and ``reduce`` at run time): the range is a part of the unit's, added into workspace slot b
+    (counter b counts the k-steps in); the part that completes it applies the epilogue."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if SKIP:
+        it = u % i_tiles
+        if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
+            pid_m = 0
+            if IDS:
+                e = tl.load(lists_ptr + u // i_tiles).to(tl.int32)
+            elif LISTS_GIVEN:
+                e = tl.load(lists_ptr + u // i_tiles)
             else:
-                pid_m, j = _locate(u // i_tiles, counts_ptr, E, False)
-                e = tl.load(lists_ptr + pid_m * E + j)
+                e = _expert_at(pos, u // i_tiles, BLOCK_E)
         else:
-            pid_m = u % m_tiles
-            pid_n = u // m_tiles
-            e = pid_n // i_tiles
-            it = pid_n % i_tiles
-        off_m = pid_m * BLOCK_M
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
-        m_ok = offs_m < M
-        i_ok = offs_i < I
-        gate_row0 = e * 2 * I + it * BLOCK_I
-        gate_rows = (e * 2 * I + offs_i).to(tl.int64)
-        up_rows = gate_rows + I
-        x_rows = offs_m.to(tl.int64) * stride_xm
-        if SWAP_AB:
-            acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
-        else:
-            acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        for kt in tl.range(k_lo, k_hi, num_stages=NUM_STAGES):
-            acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
-                                       H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
-                                       stride_wk, SWAP_AB, USE_TMA)
-        last = True
-        if SPLIT_K > 1:  # meet the tile's other k-ranges in its workspace slot
+            pid_m, j = _locate(u // i_tiles, counts_ptr, E, False)
+            e = tl.load(lists_ptr + pid_m * E + j)
+    else:
+        pid_m = u % m_tiles
+        pid_n = u // m_tiles
+        e = pid_n // i_tiles
+        it = pid_n % i_tiles
+    off_m = pid_m * BLOCK_M
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+    m_ok = offs_m < M
+    i_ok = offs_i < I
+    gate_row0 = e * 2 * I + it * BLOCK_I
+    gate_rows = (e * 2 * I + offs_i).to(tl.int64)
+    up_rows = gate_rows + I
+    x_rows = offs_m.to(tl.int64) * stride_xm
+    if SWAP_AB:
+        acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+    for kt in tl.range(k_lo, k_hi, num_stages=NUM_STAGES):
+        acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
+                                   H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
+                                   stride_wk, SWAP_AB, USE_TMA)
+    last = True
+    if REDUCE:  # a part of the unit's k-range: meet the other parts in workspace slot b
+        last = k_lo <= k_hi  # (true; a tensor, as the branch below makes it)
+        if reduce:
             if SWAP_AB:
                 offs2 = tl.arange(0, BLOCK_I)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
                 ok2 = i_ok[:, None] & m_ok[None, :]
             else:
                 offs2 = tl.arange(0, BLOCK_M)[:, None] * BLOCK_I + tl.arange(0, BLOCK_I)[None, :]
                 ok2 = m_ok[:, None] & i_ok[None, :]
-            slot = ws_ptr + u.to(tl.int64) * (2 * BLOCK_M * BLOCK_I)
+            slot = ws_ptr + b.to(tl.int64) * (2 * BLOCK_M * BLOCK_I)
             tl.atomic_add(slot + offs2, acc_g, mask=ok2, sem="relaxed")
             tl.atomic_add(slot + BLOCK_M * BLOCK_I + offs2, acc_u, mask=ok2, sem="relaxed")
             tl.debug_barrier()  # every thread's partial sums are issued before the release below
-            last = tl.atomic_add(cnt_ptr + u, 1, sem="acq_rel") == SPLIT_K - 1
+            # the counter adds up k-steps: the part that completes the unit's k_tiles finishes it
+            last = tl.atomic_add(cnt_ptr + b, k_hi - k_lo, sem="acq_rel") + (k_hi - k_lo) == k_tiles
             if last:  # the sum is complete: read it, and leave slot and counter at zero
                 acc_g = tl.load(slot + offs2, mask=ok2, other=0.0, cache_modifier=".cg")
                 acc_u = tl.load(slot + BLOCK_M * BLOCK_I + offs2, mask=ok2, other=0.0, cache_modifier=".cg")
                 tl.debug_barrier()  # (as FC2's: keep the zero stores' staging apart from the loads')
                 tl.store(slot + offs2, tl.zeros_like(acc_g), mask=ok2)
                 tl.store(slot + BLOCK_M * BLOCK_I + offs2, tl.zeros_like(acc_u), mask=ok2)
-                tl.store(cnt_ptr + u, 0)
-        if last:
-            _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr,
-                          y_ptr, oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym,
-                          stride_yn, stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE,
-                          SWAP_AB)
-    if SKIP and FILL:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
-        n_fill = m_tiles * E - n_pairs
-        first = (pid + NUM_PROGS - n_work % NUM_PROGS) % NUM_PROGS
-        offs_f = tl.arange(0, BLOCK_I)
-        for f in tl.range(first, n_fill, NUM_PROGS):
-            if ONE_TILE:
-                t = 0
-                if LISTS_GIVEN:
-                    e = tl.load(lists_ptr + tl.load(counts_ptr) + f)
-                else:
-                    e = _expert_at(pos, n_pairs + f, BLOCK_E)
+                tl.store(cnt_ptr + b, 0)
+    if last:
+        _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr,
+                      y_ptr, oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym,
+                      stride_yn, stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE,
+                      SWAP_AB)
+
+
+@triton.jit
+def _fc1_fill(pos, n_pairs, first, NUM_PROGS, lists_ptr, counts_ptr, y_ptr, ys_ptr, M, E, I, m_tiles,
+              stride_ym, stride_yn, stride_ysm, stride_yse, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
+              BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr, LISTS_GIVEN: tl.constexpr, DYN_SCALE: tl.constexpr):
+    """Zeros into the output segments of every (token tile, expert it did not pick) (and scale 1
+    with a dynamic fp8 scale): fills first, first + NUM_PROGS, ..."""
+    n_fill = m_tiles * E - n_pairs
+    offs_f = tl.arange(0, BLOCK_I)
+    for f in tl.range(first, n_fill, NUM_PROGS):
+        if ONE_TILE:
+            t = 0
+            if LISTS_GIVEN:
+                e = tl.load(lists_ptr + tl.load(counts_ptr) + f)
             else:
-                t, jj = _locate(f, counts_ptr, E, True)
-                e = tl.load(lists_ptr + t * E + tl.load(counts_ptr + t) + jj)
-            rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-            r_ok = rows < M
-            for i0 in range(0, I, BLOCK_I):
-                cols = e * I + i0 + offs_f
-                tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn,
-                         tl.zeros((BLOCK_M, BLOCK_I), dtype=y_ptr.dtype.element_ty),
-                         mask=r_ok[:, None] & ((i0 + offs_f) < I)[None, :])
-            if DYN_SCALE:
-                tl.store(ys_ptr + rows.to(tl.int64) * stride_ysm + e * stride_yse,
-                         tl.full((BLOCK_M,), 1.0, tl.float32), mask=r_ok)
+                e = _expert_at(pos, n_pairs + f, BLOCK_E)
+        else:
+            t, jj = _locate(f, counts_ptr, E, True)
+            e = tl.load(lists_ptr + t * E + tl.load(counts_ptr + t) + jj)
+        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_ok = rows < M
+        for i0 in range(0, I, BLOCK_I):
+            cols = e * I + i0 + offs_f
+            tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn,
+                     tl.zeros((BLOCK_M, BLOCK_I), dtype=y_ptr.dtype.element_ty),
+                     mask=r_ok[:, None] & ((i0 + offs_f) < I)[None, :])
+        if DYN_SCALE:
+            tl.store(ys_ptr + rows.to(tl.int64) * stride_ysm + e * stride_yse,
+                     tl.full((BLOCK_M,), 1.0, tl.float32), mask=r_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +445,7 @@ class Fc1TritonConfig:
     use_tma: int = 1   # TMA tensor descriptors where the device and strides allow (else pointers)
     persistent: int = 0  # 0: one program per tile; n: n persistent programs per SM take the tiles in turn
     split_k: int = 1     # persistent only: each tile's k-range in split_k units, partial sums reduced in fp32
+    stream_k: int = 0    # persistent only: 1 = every program takes an equal contiguous share of all k-steps
 
     backend = "triton"
 
@@ -414,6 +483,8 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig, dynamic_scale: b
         return False, f"persistent={c.persistent} must be in [0, 4]"
     if not 1 <= c.split_k <= 16 or (c.split_k > 1 and not c.persistent):
         return False, f"split_k={c.split_k} must be in [1, 16], and above 1 needs persistent >= 1"
+    if c.stream_k not in (0, 1) or (c.stream_k and (not c.persistent or c.split_k > 1)):
+        return False, f"stream_k={c.stream_k} must be 0 or 1, and 1 needs persistent >= 1 and split_k = 1"
     if c.split_k > -(-problem.h // c.block_k):
         return False, f"split_k={c.split_k} exceeds the {-(-problem.h // c.block_k)} k-tiles of H={problem.h}"
     if c.swap_ab and c.block_i < 64:
@@ -468,7 +539,13 @@ def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonCon
     Above 64 tokens, the dense rule's tile as one persistent program per SM. Where even four
     times the expected units fit in one program per SM (M = 1 at top-8), each tile's k-range is
     cut in four (``split_k``): M = 1 18.3 against 19.2 us, the layer 40.2 against 41.2; at
-    M = 2-8 splitting was slower (``bench/experiments/fc1_splitk_probe.py``)."""
+    M = 2-8 splitting was slower (``bench/experiments/fc1_splitk_probe.py``). Where uniform routing
+    would give more units than programs (M = 8-64 at top-8 of 256), ``stream_k``: a last wave of
+    at most a quarter of the programs' count is cut by k-steps over every program, so a routing
+    that picks a few experts more than one wave holds does not leave most SMs idle while a few
+    take a second unit (skewed M = 8, 140 units: 57.8 -> 52.8 us; uniform M = 8-64 within
+    +-0.5%; M = 2-4, where it never triggers, ~0.5 us slower for the loop compiled in, so off
+    there; ``bench/experiments/fc1_streamk_probe.py``)."""
     p = problem
     es = p.dtype.itemsize
     act = expected_active(p.m, p.e)
@@ -486,6 +563,8 @@ def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonCon
     units = -(-p.m // cfg.block_m) * act * -(-p.i // cfg.block_i)
     if 4 * units <= num_sms and -(-p.h // cfg.block_k) >= 4:
         cfg = dataclasses.replace(cfg, split_k=4)
+    elif units > num_sms and p.m <= 64:
+        cfg = dataclasses.replace(cfg, stream_k=1)
     ok, why = can_implement(p, cfg)
     assert ok, f"default_skip_config produced an invalid config for {p}: {why}"
     return cfg
@@ -564,6 +643,8 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         **launch_kwargs(x.device))
     if c.persistent:
         tiles = grid[0] * grid[1] * c.split_k  # units of work
+        if c.stream_k:  # k-steps are the units of work
+            tiles = grid[0] * grid[1] * triton.cdiv(H, c.block_k)
         progs = min(tiles, num_programs if num_programs is not None else sm_count(x.device) * c.persistent)
         sel = route if route is not None else alpha_post
         if skip and expert_ids is not None:  # one token: its top-k ids are the list
@@ -577,18 +658,20 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
         else:
             sel, lists, counts = alpha1[None, :], alpha1, alpha1
         block_e, list_rows = list_blocks(E, c.block_m)
-        if c.split_k > 1:  # one slot (gate and up sums) and one counter per tile, left zeroed
-            slots, slot = grid[0] * grid[1], 2 * c.block_m * c.block_i
+        if c.split_k > 1 or c.stream_k:  # slots (gate and up sums) and counters, left zeroed: one per
+            # tile (split_k), or one per boundary between programs' ranges (stream_k)
+            slots, slot = (progs if c.stream_k else grid[0] * grid[1]), 2 * c.block_m * c.block_i
             buf = reused_zeros(slots * slot + slots, x.device)
             ws, cnt = buf[: slots * slot], buf[slots * slot:].view(torch.int32)
         else:
             ws, cnt = alpha1, alpha1
         n_ids = expert_ids.numel() if skip and expert_ids is not None else 0
+        sk_tail = int(progs * STREAM_K_TAIL)
         _fc1_persistent_kernel[(progs,)](*common, sel, lists, counts, ws, cnt, M, H, I, E, progs, n_ids, sel.stride(0),
                                          sel.stride(1),
                                          *strides, SKIP=skip, NUM_STAGES=c.num_stages, BLOCK_E=block_e, FILL=fill,
                                          ONE_TILE=grid[0] == 1, LISTS_GIVEN=skip and active is not None,
                                          LIST_ROWS=list_rows, SPREAD=skip and SPREAD_UNITS, SPLIT_K=c.split_k,
-                                         IDS=n_ids > 0, **flags)
+                                         IDS=n_ids > 0, STREAM_K=bool(c.stream_k), SK_TAIL=sk_tail, **flags)
     else:
         _fc1_kernel[grid](*common, M, H, I, *strides, NUM_STAGES=c.num_stages, **flags)
