@@ -277,18 +277,19 @@ def _fc1_persistent_kernel(
                       stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
                       stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
                       BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True)
-    if STREAM_K:  # this program's k-steps [w_lo, w_hi) of the last wave's (n_units - n_dp) units
-        total = tl.cast(n_units - n_dp, tl.int64) * k_tiles
+    if STREAM_K and n_dp < n_units:  # this program's k-steps [w_lo, w_hi) of the last wave's units
+        # (int32: at most SK_TAIL <= NUM_PROGS units of k_tiles steps, times NUM_PROGS)
+        total = (n_units - n_dp) * k_tiles
         w_lo = pid * total // NUM_PROGS
         w_hi = (pid + 1) * total // NUM_PROGS
-        sk_first = (w_lo // k_tiles).to(tl.int32)
-        n_sk = tl.where(w_hi > w_lo, (w_hi + k_tiles - 1) // k_tiles - w_lo // k_tiles, 0).to(tl.int32)
+        sk_first = w_lo // k_tiles
+        n_sk = tl.where(w_hi > w_lo, (w_hi + k_tiles - 1) // k_tiles - sk_first, 0)
         for j in tl.range(0, n_sk):
-            rel = (sk_first + j).to(tl.int64) * k_tiles
-            k_lo = tl.maximum(w_lo - rel, 0).to(tl.int32)
-            k_hi = tl.minimum(w_hi - rel, k_tiles).to(tl.int32)
+            rel = (sk_first + j) * k_tiles
+            k_lo = tl.maximum(w_lo - rel, 0)
+            k_hi = tl.minimum(w_hi - rel, k_tiles)
             # a unit cut by a range boundary: its slot is that of the first boundary inside it
-            b = (((rel + 1) * NUM_PROGS + total - 1) // total).to(tl.int32)
+            b = ((rel + 1) * NUM_PROGS + total - 1) // total
             _fc1_unit(n_dp + sk_first + j, k_lo, k_hi, b, (k_lo > 0) | (k_hi < k_tiles), pos, x_ptr, w_ptr, x_desc,
                       w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, lists_ptr,
                       counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles, stride_xm, stride_xk,
