@@ -132,11 +132,11 @@ def test_config_validity_and_default():
             c = default_config(q)
             assert can_implement(q, c)[0] and default_config(q) == c
     # skipping: split_k where four times the expected units fit the programs (M = 1 at top-8 of 256),
-    # stream-K where they exceed them, up to M = 64
+    # stream-K where they exceed them with 16-token tiles (M = 8-16)
     from densemoe.kernels.triton.fc1 import default_skip_config
-    sk = {m: default_skip_config(Fc1Problem(m, 7168, 256, 256, FP8, BF16), 132) for m in (1, 2, 4, 8, 64, 128)}
+    sk = {m: default_skip_config(Fc1Problem(m, 7168, 256, 256, FP8, BF16), 132) for m in (1, 2, 4, 8, 16, 17, 64, 128)}
     assert sk[1].split_k == 4 and not sk[1].stream_k
-    assert [sk[m].stream_k for m in (2, 4, 8, 64, 128)] == [0, 0, 1, 1, 0]
+    assert [sk[m].stream_k for m in (2, 4, 8, 16, 17, 64, 128)] == [0, 0, 1, 1, 0, 0, 0]
     assert all(can_implement(Fc1Problem(m, 7168, 256, 256, FP8, BF16), c)[0] for m, c in sk.items())
     for c in (Fc1TritonConfig(32, 64, 128, 4, 2), Fc1TritonConfig(64, 64, 128, 4, 3, 1, persistent=2)):
         assert Fc1TritonConfig.from_str(c.to_str()) == c

@@ -541,12 +541,14 @@ def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonCon
     times the expected units fit in one program per SM (M = 1 at top-8), each tile's k-range is
     cut in four (``split_k``): M = 1 18.3 against 19.2 us, the layer 40.2 against 41.2; at
     M = 2-8 splitting was slower (``bench/experiments/fc1_splitk_probe.py``). Where uniform routing
-    would give more units than programs (M = 8-64 at top-8 of 256), ``stream_k``: a last wave of
-    at most a quarter of the programs' count is cut by k-steps over every program, so a routing
-    that picks a few experts more than one wave holds does not leave most SMs idle while a few
-    take a second unit (skewed M = 8, 140 units: 57.8 -> 52.8 us; uniform M = 8-64 within
-    +-0.5%; M = 2-4, where it never triggers, ~0.5 us slower for the loop compiled in, so off
-    there; ``bench/experiments/fc1_streamk_probe.py``)."""
+    would give more units than programs and the token tile is 16 rows (M = 8-16 at top-8 of 256),
+    ``stream_k``: a last wave of at most a quarter of the programs' count is cut by k-steps over
+    every program, so a routing that picks a few experts more than one wave holds does not leave
+    most SMs idle while a few take a second unit (TP8 fp8: skewed M = 8 57.8 -> 52.8 us, uniform
+    M = 16 -1.5 to -3.5%; bf16 M = 16 -4.8%; where the last wave is longer it does not trigger and
+    costs 0.1-0.3 us). With 32- and 64-token tiles each cut unit adds 8-32 KB of fp32 partial
+    sums: -2.4% to +3% there (skewed M = 64 193.5 -> 199.6 us), so off
+    (``bench/experiments/fc1_streamk_probe.py``)."""
     p = problem
     es = p.dtype.itemsize
     act = expected_active(p.m, p.e)
@@ -564,7 +566,7 @@ def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonCon
     units = -(-p.m // cfg.block_m) * act * -(-p.i // cfg.block_i)
     if 4 * units <= num_sms and -(-p.h // cfg.block_k) >= 4:
         cfg = dataclasses.replace(cfg, split_k=4)
-    elif units > num_sms and p.m <= 64:
+    elif units > num_sms and cfg.block_m == 16:
         cfg = dataclasses.replace(cfg, stream_k=1)
     ok, why = can_implement(p, cfg)
     assert ok, f"default_skip_config produced an invalid config for {p}: {why}"
