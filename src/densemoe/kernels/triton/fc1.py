@@ -23,7 +23,10 @@ row tiles of w1 over K = H into two fp32 accumulators and applies the activation
 epilogue, so gate and up never leave registers. ``SWAP_AB`` makes the weight tile the MMA's M
 operand and the token tile its N (small M); ``USE_TMA`` loads with tensor descriptors (Hopper),
 else masked pointer loads (any strides). ``persistent=n`` launches n programs per SM that take
-the tiles in turn (``_fc1_persistent_kernel``) instead of one program per tile.
+the tiles in turn (``_fc1_persistent_kernel``) instead of one program per tile; there
+``split_k`` cuts every tile's k-range in parts and ``stream_k`` cuts only a short last wave of
+tiles by k-steps over every program, the parts adding up in fp32 in a reused workspace. Expert
+skipping (``skip``) runs on the persistent form: only the (token tile, picked expert) tiles.
 """
 
 from __future__ import annotations
