@@ -42,9 +42,9 @@ def _tile_positions(r_ptr, t, M, E, stride_rm, stride_re,
                        mask=(rows < M)[:, None] & e_ok[None, :], other=0)
         act = tl.maximum(act, tl.max((vals != 0).to(tl.int32), axis=0))
     act = tl.where(e_ok, act, 0)
-    rest = tl.where(e_ok, 1 - act, 0)
     n = tl.sum(act, axis=0)
-    pos = tl.where(act == 1, tl.cumsum(act, axis=0) - 1, n + tl.cumsum(rest, axis=0) - 1)
+    c = tl.cumsum(act, axis=0)  # picked experts in [0, e]; an unpicked e has e + 1 - c[e] unpicked there
+    pos = tl.where(act == 1, c - 1, n + offs_e - c)
     return tl.where(e_ok, pos, BLOCK_E + offs_e), n
 
 
