@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from densemoe.kernels.cute.fc2_sm90 import can_implement as cute_ok
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig
-from densemoe.kernels.triton.fc1 import can_implement as fc1_triton_ok
-from densemoe.kernels.triton.fc2 import Fc2Problem
-from densemoe.kernels.triton.fc2 import can_implement as triton_ok
-from densemoe.ops.fc2 import _parse_config
+from densemoe.kernels.common import Fc1Problem, Fc2Problem
+from densemoe.kernels.cute import fc1_sm90, fc2_sm90
+from densemoe.kernels.triton import fc1 as triton_fc1
+from densemoe.kernels.triton import fc2 as triton_fc2
+from densemoe.ops import fc1_configs, fc2_configs
 from densemoe.tuning import cache
 from densemoe.tuning.tuner import MARGIN
 
@@ -39,25 +38,18 @@ def problem_of(key: str):
     return Fc2Problem(m, n, e, k // e, _DT[dt], _DT[out])
 
 
-def _fc1_check(p, config: str):
-    if config.startswith("fc1-cute:"):
-        from densemoe.kernels.cute import fc1_sm90
-
-        return fc1_sm90.can_implement(p, fc1_sm90.Fc1CuteConfig.from_str(config))
-    return fc1_triton_ok(p, Fc1TritonConfig.from_str(config))
-
-
 def check(key: str, entry: dict) -> str:
+    """The first slot whose config does not fit the key's problem (its backend's
+    ``can_implement``) and why, or an empty string when every slot fits."""
     p = problem_of(key)
+    fc1 = isinstance(p, Fc1Problem)
     for slot in ("best", "triton", "cute", "heuristic"):
         item = entry.get(slot)
         if not item:
             continue
-        if isinstance(p, Fc1Problem):
-            ok, why = _fc1_check(p, item["config"])
-        else:
-            cfg = _parse_config(item["config"])
-            ok, why = (cute_ok if cfg.backend == "cute" else triton_ok)(p, cfg)
+        cfg = (fc1_configs if fc1 else fc2_configs).parse_config(item["config"])
+        kernel = (fc1_sm90 if fc1 else fc2_sm90) if cfg.backend == "cute" else (triton_fc1 if fc1 else triton_fc2)
+        ok, why = kernel.can_implement(p, cfg)
         if not ok:
             return f"{slot}: {why}"
     return ""

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import densemoe
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_config
+from densemoe.kernels.common import Fc1Problem
+from densemoe.kernels.triton.fc1 import Fc1TritonConfig, can_implement
+from densemoe.ops.fc1_configs import default_config
 from densemoe.reference import fc1_ref
 from _helpers import FP8, seed_of
 
@@ -133,7 +135,7 @@ def test_config_validity_and_default():
             assert can_implement(q, c)[0] and default_config(q) == c
     # skipping: split_k where four times the expected units fit the programs (M = 1 at top-8 of 256),
     # stream-K where they exceed them with 16-token tiles (M = 8-16)
-    from densemoe.kernels.triton.fc1 import default_skip_config
+    from densemoe.ops.fc1_configs import default_skip_config
     sk = {m: default_skip_config(Fc1Problem(m, 7168, 256, 256, FP8, BF16), 132) for m in (1, 2, 4, 8, 16, 17, 64, 128)}
     assert sk[1].split_k == 4 and not sk[1].stream_k
     assert [sk[m].stream_k for m in (2, 4, 8, 16, 17, 64, 128)] == [0, 0, 1, 1, 0, 0, 0]
@@ -246,12 +248,12 @@ def test_fc1_fp8_dynamic_rejects_what_it_cannot_run():
 @pytest.mark.parametrize("mode", ["split_k", "stream_k"])
 def test_split_k_leaves_workspace_zeroed(skip, mode, request, monkeypatch):
     """split_k > 1 / stream_k: the k-ranges of a tile meet in the stream's reused workspace
-    (``kernels/triton/workspace.py``), which every launch leaves at zero; back-to-back calls
+    (``kernels/common.py``), which every launch leaves at zero; back-to-back calls
     of other shapes and program counts stay right. Stream-K (every last wave cut by k-steps here):
     the cases include last waves cut mid-unit, one unit cut several times, and none at all."""
     import densemoe.kernels.triton.fc1 as k1
     from densemoe.kernels.triton.fc1 import fc1_triton
-    from densemoe.kernels.triton.workspace import stream_buffer
+    from densemoe.kernels.common import stream_buffer
 
     monkeypatch.setattr(k1, "STREAM_K_TAIL", 1.0)
     cfg = Fc1TritonConfig(16, 32, 16, 4, 2, persistent=1, **({"split_k": 3} if mode == "split_k" else {"stream_k": 1}))

@@ -28,7 +28,10 @@ from densemoe import Fc1CuteConfig, Fc1Problem, Fc1TritonConfig
 from densemoe.kernels.cute import fc1_sm90
 from densemoe.kernels.cute.fc1_sm90 import can_implement
 from densemoe.ops import fc1 as fc1_ops
-from densemoe.ops.fc1 import default_cute_config, which_backend, which_config
+from densemoe.ops import fc1_configs
+from densemoe.ops.fc1 import which_backend
+from densemoe.ops.fc1_configs import default_cute_config
+from densemoe.tuning import cache
 from densemoe.reference import fc1_ref
 from densemoe.shapes import M_SWEEP, SHAPES
 from _helpers import FP8, cute_dump_dir, dtype_id, seed_of
@@ -57,8 +60,8 @@ def test_config_round_trip_and_backend():
         assert s.startswith("fc1-cute:") and C.from_str(s) == cfg
     assert "cluster_n=2,cluster_m=1" in C(cluster_n=2).to_str()
     assert C.backend == "cute" and C().backend == "cute"
-    assert fc1_ops._parse_config(C(128).to_str()) == C(128)
-    assert fc1_ops._parse_config(Fc1TritonConfig(32).to_str()) == Fc1TritonConfig(32)
+    assert fc1_configs.parse_config(C(128).to_str()) == C(128)
+    assert fc1_configs.parse_config(Fc1TritonConfig(32).to_str()) == Fc1TritonConfig(32)
 
 
 def test_old_strings_without_cluster_fields_still_parse():
@@ -67,7 +70,7 @@ def test_old_strings_without_cluster_fields_still_parse():
     cfg = C.from_str(old)
     assert cfg == C(tile_i=128, tile_m=64, tile_k=256, consumers=2, swap_ab=1)
     assert cfg.cluster_n == 1 and cfg.cluster_m == 1 and cfg.cluster_size == 1
-    assert fc1_ops._parse_config(old) == cfg
+    assert fc1_configs.parse_config(old) == cfg
     assert C.from_str(cfg.to_str()) == cfg and cfg.to_str() != old  # new strings name them
     assert C.from_str(old.replace("ctas=0", "ctas=0,cluster_n=2")) == C(128, 64, 256, 0, 2, 1, 0, 2, 1)
 
@@ -285,9 +288,9 @@ def test_auto_stays_triton_and_runs_on_cpu(request):
     out = torch.full((7, 128), float("nan"), dtype=BF16)
     assert which_backend(x, w1, a1, out)[0] == "triton"
     assert which_backend(x, w1, a1, out, backend="triton", with_source=True)[::2] == ("triton", "heuristic")
-    cfg, src = which_config(x, w1, a1, out)
+    _, cfg, src = which_backend(x, w1, a1, out, with_source=True)
     assert cfg.backend == "triton" and src == "heuristic"
-    assert fc1_ops._heuristic(fc1_ops._problem(x, w1, a1, out), x, w1, a1, out, "auto", {})[0] == "triton"
+    assert fc1_configs.choose(fc1_ops._problem(x, w1, a1, out), x.device, tuned=False).backend == "triton"
     y = densemoe.fc1(x, w1, a1, x_scale=xs, alpha_post=post, out=out)
     ref = fc1_ref(x, w1, a1, x_scale=xs, alpha_post=post, out_dtype=torch.float64)
     assert rel(y, ref) <= 2 * torch_error(ref, BF16) + 1e-6
@@ -318,13 +321,13 @@ def test_tuned_cute_entry_falls_back_where_cute_cannot_run(request, monkeypatch)
     entry = {"best": {"backend": "cute", "config": cute_cfg.to_str(), "us": 1.0},
              "cute": {"backend": "cute", "config": cute_cfg.to_str(), "us": 1.0},
              "triton": {"backend": "triton", "config": tri_cfg.to_str(), "us": 2.0}}
-    monkeypatch.setattr(fc1_ops.tuning, "lookup", lambda key: (entry, "cache"))
+    monkeypatch.setattr(cache, "lookup", lambda key: (entry, "cache"))
     assert which_backend(x, w1, a1, out, with_source=True) == ("triton", tri_cfg, "cache")
     assert which_backend(x, w1, a1, out, backend="triton") == ("triton", tri_cfg)
     with pytest.raises(ValueError, match="backend='cute' cannot run this call"):
         which_backend(x, w1, a1, out, backend="cute")
     # where CuTe can run, the entry's best is taken
-    monkeypatch.setattr(fc1_ops, "_cute_ok", lambda *a: (True, ""))
+    monkeypatch.setattr(fc1_sm90, "runtime_ok", lambda *a, **kw: (True, ""))
     assert which_backend(x, w1, a1, out, with_source=True) == ("cute", cute_cfg, "cache")
     assert which_backend(x, w1, a1, out, backend="cute") == ("cute", cute_cfg)
     assert which_backend(x, w1, a1, out, backend="triton") == ("triton", tri_cfg)
@@ -333,7 +336,7 @@ def test_tuned_cute_entry_falls_back_where_cute_cannot_run(request, monkeypatch)
 @needs_interp
 def test_cute_requested_where_it_could_run_picks_the_default(request, monkeypatch):
     monkeypatch.setenv("DENSEMOE_TUNED", "0")
-    monkeypatch.setattr(fc1_ops, "_cute_ok", lambda *a: (True, ""))
+    monkeypatch.setattr(fc1_sm90, "runtime_ok", lambda *a, **kw: (True, ""))
     x, w1, a1, xs, post = inputs(7, 128, 2, 64, FP8, seed_of(request.node.nodeid), "cpu")
     out = torch.empty(7, 128, dtype=BF16)
     p = fc1_ops._problem(x, w1, a1, out)

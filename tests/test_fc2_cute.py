@@ -20,7 +20,8 @@ import densemoe
 from densemoe import Fc2CuteConfig, Fc2Problem
 from densemoe.kernels.cute import fc2_sm90
 from densemoe.kernels.cute.fc2_sm90 import can_implement
-from densemoe.ops.fc2 import cute_preferred, default_cute_config, which_backend
+from densemoe.ops.fc2 import which_backend
+from densemoe.ops.fc2_configs import cute_preferred, default_cute_config
 from densemoe.reference import fc2_ref
 from _helpers import FP8, assert_close_to_torch, cute_dump_dir, dtype_id, make_inputs, seed_of
 
@@ -106,7 +107,7 @@ def test_default_config_valid_and_deterministic(M, dtype, nei):
     assert C.from_str(cfg.to_str()) == cfg
 
 
-NOISE = 1.03  # the band inside which either backend may be picked (ops/fc2.py, _CUTE_WINS)
+NOISE = 1.03  # the band inside which either backend may be picked (ops/fc2_configs.py, CUTE_WINS)
 
 
 def default_times(records):
@@ -130,10 +131,10 @@ def test_measured_rule_matches_the_committed_benchmark():
     import json
     from pathlib import Path
 
-    from densemoe.ops.fc2 import _CUTE_WINS_SOURCE
+    from densemoe.ops.fc2_configs import CUTE_WINS_SOURCE
     from densemoe.shapes import SHAPES as MODEL_SHAPES
 
-    data = json.loads(gzip.decompress((Path(__file__).resolve().parents[1] / _CUTE_WINS_SOURCE).read_bytes()))
+    data = json.loads(gzip.decompress((Path(__file__).resolve().parents[1] / CUTE_WINS_SOURCE).read_bytes()))
     us = default_times(data["records"])
     checked = 0
     for (shape, dt, M, be), t in us.items():

@@ -13,9 +13,10 @@ from _helpers import (FP8, IN_DTYPES, OUT_DTYPES, assert_close_to_torch, dtype_i
                       seed_of, torch_loop)
 import densemoe
 from densemoe.kernels.triton import fc2 as kfc2
-from densemoe.kernels.triton.workspace import stream_buffer
-from densemoe.kernels.triton.fc2 import Fc2Problem, Fc2TritonConfig, can_implement, fc2_triton
-from densemoe.ops.fc2 import default_config  # `densemoe.ops.fc2` the attribute is the function
+from densemoe.kernels.common import stream_buffer
+from densemoe.kernels.common import Fc2Problem
+from densemoe.kernels.triton.fc2 import Fc2TritonConfig, can_implement, fc2_triton
+from densemoe.ops.fc2_configs import default_config
 from densemoe.reference import fc2_ref
 
 pytestmark = pytest.mark.interpreter

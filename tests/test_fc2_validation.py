@@ -17,9 +17,13 @@ K = E * I
 
 @pytest.fixture(autouse=True)
 def cpu_allowed(monkeypatch):
-    """CPU tensors pass the device check only under the interpreter; the checks under test all
-    raise before any kernel launch, so this is safe even where the kernels target a GPU."""
+    """CPU tensors pass the device check only under the interpreter (on now and when densemoe
+    was imported); the checks under test all raise before any kernel launch, so this is safe
+    even where the kernels target a GPU."""
+    from densemoe import _runtime
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_runtime, "_INTERPRET_AT_IMPORT", True)
 
 
 def inputs(m=M, n=N, e=E, i=I, dtype=torch.bfloat16):

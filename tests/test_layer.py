@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import densemoe
-from densemoe.layer import experts_forward
+from densemoe.experts import experts_forward
 from densemoe.quant import FP8, quantize_per_expert, quantize_per_token, quantize_per_token_expert
 from densemoe.weights import prepare_weights
 
@@ -131,9 +131,10 @@ def test_experts_bf16_and_fp8_against_references(M):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("M", [1, 33])
 def test_fp8_layer_with_the_quantisation_in_fc1s_epilogue(M, monkeypatch):
-    """The fp8 pipeline's other branch (``FUSED_QUANT_MAX_I`` >= I: fc1_fp8_dynamic) keeps the
-    issue's error bound and agrees with the default branch."""
-    import densemoe.layer as layer
+    """The fp8 pipeline's other branch (``strategy.FUSED_QUANT_MAX_I`` >= I: fc1_fp8_dynamic) keeps
+    the issue's error bound and agrees with the default branch."""
+    import densemoe.experts as experts_mod
+    from densemoe.ops import strategy
 
     E, I, H, k = 8, 32, 64, 2
     w13, w2 = experts(E, I, H, seed=M)
@@ -142,10 +143,10 @@ def test_fp8_layer_with_the_quantisation_in_fc1s_epilogue(M, monkeypatch):
     alpha = torch.zeros(M, E).scatter_(1, ids, wts)
     prepared = prepare_weights(w13, w2, dtype="fp8")
     separate = experts_forward(x, prepared, alpha)
-    monkeypatch.setattr(layer, "FUSED_QUANT_MAX_I", 256)
+    monkeypatch.setattr(strategy, "FUSED_QUANT_MAX_I", 256)
     calls = []
-    real = layer.fc1_fp8_dynamic
-    monkeypatch.setattr(layer, "fc1_fp8_dynamic", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = experts_mod.fc1_fp8_dynamic
+    monkeypatch.setattr(experts_mod, "fc1_fp8_dynamic", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     fused = experts_forward(x, prepared, alpha)
     assert calls == [1]  # the epilogue branch ran
     exact = moe_ref(x, w13, w2, ids, wts)
@@ -164,7 +165,7 @@ def test_fused_experts_matches_and_caches_the_prepared_weights():
     out = densemoe.fused_experts(x, w13, w2, wts, ids)
     exact = moe_ref(x, w13, w2, ids, wts)
     assert rel(out, exact) < 2e-2
-    from densemoe.layer import _PREPARED
+    from densemoe.integrations.serving import _PREPARED
 
     first = _PREPARED[id(w13)][2]
     densemoe.fused_experts(x, w13, w2, wts, ids)
@@ -289,9 +290,6 @@ def test_dense_moe_under_torch_compile_fullgraph(dtype):
 
 
 _AUTO_REGISTER = r"""
-import sys
-sys.path.insert(0, {tests!r})
-import conftest  # the interpreter fixes, as in the test process
 {first}
 {second}
 import torch
@@ -315,13 +313,11 @@ def test_from_pretrained_finds_densemoe_without_register_hf(tmp_path, order):
     valid, whether transformers was imported before or after it."""
     import subprocess
     import sys
-    from pathlib import Path
 
     lines = ["import densemoe", "import transformers.modeling_utils"]
     if order == "transformers_first":
         lines.reverse()
-    code = _AUTO_REGISTER.format(tests=str(Path(__file__).parent), first=lines[0], second=lines[1],
-                                 path=str(tmp_path))
+    code = _AUTO_REGISTER.format(first=lines[0], second=lines[1], path=str(tmp_path))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("DENSEMOE_NO_HF_REGISTER", None)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

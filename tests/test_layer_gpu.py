@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import densemoe
-from densemoe.bench.common import capture
+from densemoe.timing import capture
 from densemoe.reference import experts_ref
 from densemoe.routing import softmax_topk
 from densemoe.shapes import SHAPES

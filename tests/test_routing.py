@@ -10,8 +10,8 @@ import torch
 
 from _helpers import seed_of
 from densemoe import routing
-from densemoe.routing import (RouterOutput, alpha_from_topk, alpha_from_topk_ref, deepseek_v3_topk,
-                              deepseek_v3_topk_ref, softmax_topk, softmax_topk_ref)
+from densemoe.reference import alpha_from_topk_ref, deepseek_v3_topk_ref, softmax_topk_ref
+from densemoe.routing import RouterOutput, alpha_from_topk, deepseek_v3_topk, softmax_topk
 
 
 def gen_for(*parts) -> torch.Generator:

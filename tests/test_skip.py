@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import densemoe
-from densemoe.bench.common import capture
+from densemoe.timing import capture
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig, fc2_triton
-from densemoe.kernels.triton.skip import active_experts, active_experts_ref
+from densemoe.kernels.triton.skip import active_experts
+from densemoe.reference import active_experts_ref
 from densemoe.reference import fc1_ref, fc2_ref
 from _helpers import FP8, gpu_big_test as gpu_test, seed_of
 
@@ -257,7 +258,7 @@ def test_expert_ids_errors():
 def test_dense_moe_one_token_hands_its_topk_ids_to_fc1_and_fc2(dtype, monkeypatch, request):
     """DenseMoE at M = 1 passes the router's top-k ids to FC1 and FC2 (and not at M = 2); its
     output matches experts_forward on the same alpha with lists built from the routing."""
-    import densemoe.layer as layer
+    import densemoe.experts as layer  # the module whose fc1 / fc2 the layer calls
     from densemoe.weights import prepare_weights
 
     E, I, H, k = 8, 32, 64, 2
@@ -347,7 +348,7 @@ def test_ops_skip_flags_and_errors():
     with pytest.raises(TypeError, match="skip must be"):
         densemoe.fc2(a, w, r, skip=1.5)
     # the rule behind skip=None
-    from densemoe.ops.fc2 import skip_by_default
+    from densemoe.ops.strategy import skip_by_default
     assert skip_by_default(1, 256) and skip_by_default(64, 256) and not skip_by_default(65, 256)
     assert skip_by_default(31, 128) and not skip_by_default(32, 128)  # Qwen3-30B-A3B: 128 experts
     assert skip_by_default(4, 8, top_k=2) and not skip_by_default(4, 8)  # Mixtral's top-2 vs the top-8 default
@@ -484,8 +485,8 @@ def test_fc2_split_tiles_bf16_out_interleaved():
     2-3 of a tile in about one call of six.)"""
     import dataclasses
 
-    from densemoe.kernels.triton.fc2 import Fc2Problem
-    from densemoe.ops.fc2 import default_skip_config
+    from densemoe.kernels.common import Fc2Problem
+    from densemoe.ops.fc2_configs import default_skip_config
     from densemoe.routing import softmax_topk
 
     w13, w2, x, logits, k = _model_case("deepseek-v3-tp8", 4, 4)

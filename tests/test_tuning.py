@@ -17,14 +17,17 @@ import densemoe
 from densemoe import Fc2CuteConfig, Fc2Problem, Fc2TritonConfig
 from densemoe.kernels.cute.fc2_sm90 import can_implement as cute_can_implement
 from densemoe.kernels.triton.fc2 import can_implement as triton_can_implement
+from densemoe.kernels.cute import fc2_sm90 as cute_fc2
 from densemoe.ops import fc2 as fc2_ops
+from densemoe.ops import fc2_configs
 from densemoe.ops.fc2 import which_backend
 from densemoe.reference import fc2_ref
 from densemoe.shapes import M_SWEEP, SHAPES
 from densemoe.tuning import cache
 from densemoe.tuning.buckets import bucket_range, m_bucket
 from densemoe.tuning.space import fc2_space
-from densemoe.tuning.tuner import TOL, make_inputs, summary, tune, tune_problem
+from densemoe.tuning.ops import make_inputs
+from densemoe.tuning.tuner import TOL, summary, tune, tune_problem
 from _helpers import FP8
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -77,7 +80,7 @@ def test_space_is_valid_deterministic_and_bounded(shape, dtype):
             check = cute_can_implement if cfg.backend == "cute" else triton_can_implement
             assert check(p, cfg)[0], cfg
         assert {c.backend for c in space} == {"triton", "cute"}
-        assert fc2_ops.default_config(p) in space and fc2_ops.default_cute_config(p) in space
+        assert fc2_configs.default_config(p) in space and fc2_configs.default_cute_config(p) in space
         assert all(c.backend == "triton" for c in fc2_space(p, backends=("triton",)))
 
 
@@ -148,7 +151,7 @@ def test_shipped_tables_are_used_after_the_users_cache(cache_dir, tmp_path, monk
 
 def test_entries_from_other_versions_warn_once_and_use_the_heuristic(cache_dir):
     p, a, w, alpha, out = _cpu_call()
-    heuristic = fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    heuristic = _heuristic(p, a, w, alpha, out, "auto")
     key = cache.make_key("fc2", "cpu", p)
     old = key.replace(f"triton={cache.versions()['triton']}", "triton=0.0.1")
     assert old != key
@@ -164,6 +167,12 @@ def _cpu_call(M=5, N=64, E=4, I=32, dtype=FP8, seed=0):
     a, w, alpha = make_inputs(p, "cpu", seed=seed)
     out = torch.empty(M, N, dtype=BF16)
     return p, a, w, alpha, out
+
+
+def _heuristic(p, a, w, alpha, out, backend="auto"):
+    """(backend, config) of the deterministic rules for these tensors (no tuned table)."""
+    return tuple(fc2_configs.choose(p, a.device, backend=backend, tuned=False,
+                                    cute_check=lambda: cute_fc2.runtime_ok(a, w, alpha, out))[:2])
 
 
 def test_tuned_entry_is_used_pinning_wins_and_env_turns_it_off(cache_dir, monkeypatch):
@@ -204,7 +213,7 @@ def test_corrupt_file_warns_once_and_uses_the_heuristic(cache_dir, content):
     p, a, w, alpha, out = _cpu_call()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        heuristic = fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+        heuristic = _heuristic(p, a, w, alpha, out, "auto")
     (cache_dir / "tuned.json").write_text(content)
     cache.reload()
     with pytest.warns(RuntimeWarning, match="ignoring tuning file") as rec:
@@ -222,7 +231,7 @@ def test_corrupt_file_warns_once_and_uses_the_heuristic(cache_dir, content):
                                     "swap_ab=True,use_tma=True,split=1,ctas_per_sm=1", "block_m=16,zzz=1"])
 def test_stale_entry_warns_and_uses_the_heuristic(cache_dir, config):
     p, a, w, alpha, out = _cpu_call()
-    heuristic = fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    heuristic = _heuristic(p, a, w, alpha, out, "auto")
     slot = {"backend": "triton", "config": config, "us": 1.0}
     cache.record(cache.make_key("fc2", "cpu", p), {"best": slot, "triton": slot})
     with pytest.warns(RuntimeWarning, match="ignoring tuned entry"):
@@ -258,29 +267,29 @@ def test_two_processes_tuning_at_once_keep_all_entries(tmp_path):
 
 def test_heuristic_is_deterministic_and_ignores_the_cache(cache_dir):
     p, a, w, alpha, out = _cpu_call(M=7)
-    first = fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    first = _heuristic(p, a, w, alpha, out, "auto")
     cache.record(cache.make_key("fc2", "cpu", p), _entry(Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 2, 1)))
     for _ in range(3):
-        assert fc2_ops._heuristic(p, a, w, alpha, out, "auto") == first
+        assert _heuristic(p, a, w, alpha, out, "auto") == first
 
 
 def test_heuristic_without_a_cute_config_takes_triton(monkeypatch):
     # I = 32 fp8: an expert's k-slice (32 B) is below the CuTe kernel's 128-byte k-tile. Where
     # the CuTe runtime is available, "auto" must fall back to Triton, and "cute" must say why.
     p, a, w, alpha, out = _cpu_call(I=32)
-    monkeypatch.setattr(fc2_ops.cute_fc2, "runtime_ok", lambda *args: (True, ""))
+    monkeypatch.setattr(cute_fc2, "runtime_ok", lambda *args: (True, ""))
     with pytest.raises(ValueError, match="multiple of 128 bytes"):
-        fc2_ops.default_cute_config(p)
-    assert fc2_ops._heuristic(p, a, w, alpha, out, "auto")[0] == "triton"
+        fc2_configs.default_cute_config(p)
+    assert _heuristic(p, a, w, alpha, out, "auto")[0] == "triton"
     with pytest.raises(ValueError, match="backend='cute' cannot run this call: .*128 bytes"):
-        fc2_ops._heuristic(p, a, w, alpha, out, "cute")
+        _heuristic(p, a, w, alpha, out, "cute")
     assert all(c.backend == "triton" for c in fc2_space(p))
 
 
 def test_autotune_env_never_tunes_off_gpu(cache_dir, monkeypatch):
     p, a, w, alpha, out = _cpu_call()
     monkeypatch.setenv(cache.ENV_AUTOTUNE, "1")
-    assert which_backend(a, w, alpha, out) == fc2_ops._heuristic(p, a, w, alpha, out, "auto")
+    assert which_backend(a, w, alpha, out) == _heuristic(p, a, w, alpha, out, "auto")
     assert not (cache_dir / "tuned.json").exists()
 
 
@@ -425,7 +434,8 @@ def test_precompile_worker_runs_each_candidate_and_counts_failures():
     bad = Fc2TritonConfig(16, 32, 64, 4, 2, True, True, 1, 1)  # k-tile 64 > I = 32: refused
     assert not triton_can_implement(p8, bad)[0]
     assert _worker([(p8, good), (p8, bad), (p16, good)], "cpu") == 2
-    from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig
+    from densemoe.kernels.common import Fc1Problem
+    from densemoe.kernels.triton.fc1 import Fc1TritonConfig
 
     q = Fc1Problem(8, 64, 2, 64, FP8, BF16)  # FC1 candidates go through the same workers
     assert _worker([(q, Fc1TritonConfig(16, 64, 64, 4, 2, 1, 0)), (p8, good)], "cpu") == 2
@@ -588,7 +598,7 @@ def test_report_marks_tuned_configs_and_shows_the_heuristic_beside_them():
 
 
 def test_timer_compare_interleaves_rounds_and_takes_the_median_round():
-    from densemoe.bench.common import Timer
+    from densemoe.timing import Timer
 
     calls = []
     slow = {("b", 1)}  # a slow spell of the GPU during B's second round
@@ -613,9 +623,10 @@ def test_timer_compare_interleaves_rounds_and_takes_the_median_round():
 # ---------------------------------------------------------------------------------- FC1 through the same tuner
 
 def test_fc1_space_is_valid_deterministic_and_holds_the_heuristic():
-    from densemoe.kernels.triton.fc1 import Fc1Problem, default_config
+    from densemoe.kernels.common import Fc1Problem
     from densemoe.kernels.triton.fc1 import can_implement as fc1_ok
-    from densemoe.tuning.ops import fc1_space
+    from densemoe.ops.fc1_configs import default_config
+    from densemoe.tuning.space import fc1_space
 
     for name in ("deepseek-v3-tp8", "qwen3-30b-a3b", "mixtral-8x7b-tp2"):
         s = SHAPES[name]
@@ -631,9 +642,10 @@ def test_fc1_space_is_valid_deterministic_and_holds_the_heuristic():
 @pytest.mark.interpreter
 @pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
 def test_fc1_tuned_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
-    from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig
+    from densemoe.kernels.common import Fc1Problem
+    from densemoe.kernels.triton.fc1 import Fc1TritonConfig
     from densemoe.ops import fc1 as fc1_ops
-    from densemoe.ops.fc1 import which_config
+    from densemoe.ops.fc1 import which_backend as fc1_which
 
     p = Fc1Problem(5, 64, 2, 64, FP8, BF16)  # tuned at M = 8
     space = [Fc1TritonConfig(16, 64, 64, 4, 2, 1, 0), Fc1TritonConfig(16, 64, 128, 4, 2, 1, 0)]
@@ -654,13 +666,13 @@ def test_fc1_tuned_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
     x = torch.randn(7, 64).to(FP8)
     w1 = torch.randn(256, 64).to(FP8)
     out = torch.empty(7, 128, dtype=BF16)
-    assert which_config(x, w1, torch.ones(2), out) == (space[1], "cache")
+    assert fc1_which(x, w1, torch.ones(2), out, with_source=True)[1:] == (space[1], "cache")
     y = densemoe.fc1(x, w1, torch.ones(2), out=out)
     ref = densemoe.reference.fc1_ref(x, w1, torch.ones(2), out_dtype=torch.float64)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
     os.environ["DENSEMOE_TUNED"] = "0"
     try:
-        assert which_config(x, w1, torch.ones(2), out)[1] == "heuristic"
+        assert fc1_which(x, w1, torch.ones(2), out, with_source=True)[2] == "heuristic"
     finally:
         del os.environ["DENSEMOE_TUNED"]
 

@@ -12,8 +12,24 @@ import torch
 INTERPRETER_SMS = 4
 
 
-def interpreter_enabled() -> bool:
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton decides whether a kernel runs through its interpreter when it defines the kernel, i.e.
+# when densemoe is imported: what TRITON_INTERPRET said then is what the kernels do.
+_INTERPRET_AT_IMPORT = _interpret_env()
+
+
+def interpreter_enabled() -> bool:
+    """Whether densemoe's Triton kernels run on CPU tensors through Triton's interpreter:
+    TRITON_INTERPRET=1 now and when densemoe was imported."""
+    return _INTERPRET_AT_IMPORT and _interpret_env()
+
+
+def interpreter_set_late() -> bool:
+    """TRITON_INTERPRET=1 now, but not when densemoe was imported (its kernels are compiled ones)."""
+    return _interpret_env() and not _INTERPRET_AT_IMPORT
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,8 @@ an all-zero group gets scale 1 (its values quantise to 0 exactly).
 
 The activation quantisers (``quantize_per_token``, ``quantize_y_fold_alpha``) run one Triton
 kernel each (``densemoe.kernels.triton.quant``) on a GPU or under Triton's interpreter, and
-their ``*_ref`` torch twins elsewhere; both give the same bits. Weight quantisation
+their torch twins (``densemoe.reference``: ``quantize_per_token_ref``,
+``quantize_y_fold_alpha_ref``) elsewhere; both give the same bits. Weight quantisation
 (``quantize_per_expert``) runs once, in torch, an expert block at a time."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from densemoe._runtime import interpreter_enabled
+from densemoe.reference import quantize_per_token_ref, quantize_y_fold_alpha_ref
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -28,13 +30,6 @@ def _use_kernel(t: torch.Tensor) -> bool:
 
 
 # -- per token -------------------------------------------------------------------------------
-
-def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of ``quantize_per_token``."""
-    xf = x.float()
-    s = _scale(xf.abs().amax(dim=1))
-    return (xf / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
-
 
 @torch.library.custom_op("densemoe::quant_rows", mutates_args=("q", "s"))
 def _quant_rows_op(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
@@ -72,17 +67,6 @@ def quantize_per_token_expert(y: torch.Tensor, num_experts: int) -> tuple[torch.
     yf = y.float().reshape(M, num_experts, K // num_experts)
     s = _scale(yf.abs().amax(dim=2))
     return (yf / s[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(M, K), s
-
-
-def quantize_y_fold_alpha_ref(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of ``quantize_y_fold_alpha``."""
-    M, K = y.shape
-    E = alpha.shape[1]
-    live = alpha != 0
-    y8, s = quantize_per_token_expert(torch.where(live.repeat_interleave(K // E, dim=1), y, torch.zeros_like(y)), E)
-    a2 = alpha.float() * s * (w2_scale.float()[None, :] if w2_scale is not None else 1.0)
-    return y8, torch.where(live, a2, torch.zeros_like(a2))
 
 
 @torch.library.custom_op("densemoe::quant_y", mutates_args=("q", "alpha2"))

@@ -1,9 +1,25 @@
-"""Reference twins of the ops: plain PyTorch in float64 (or float32), the single source of truth
-for the semantics. Slow and memory-hungry on purpose; every test compares against these."""
+"""Reference twins of every op: plain PyTorch (float64 by default, or loops), the single source of
+truth for the semantics. Slow and memory-hungry on purpose; every test compares against these.
+
+    fc2_ref, fc1_ref, experts_ref             the expert GEMMs and the routed experts
+    router_logits_ref, softmax_topk_ref,      the routers (``densemoe.routing``), with the
+    deepseek_v3_topk_ref, alpha_from_topk_ref  ``RouterOutput`` they all return
+    quantize_per_token_ref,                   the activation quantisers (``densemoe.quant``):
+    quantize_y_fold_alpha_ref                 the same bits as the kernels
+    active_experts_ref                        expert skipping's per-tile expert lists
+
+A leaf: torch only. ``densemoe.routing`` and ``densemoe.quant`` run some of these as their torch
+path where no kernel can run (a CPU tensor without Triton's interpreter, say).
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
 
 
 def fc2_ref(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
@@ -80,3 +96,153 @@ def experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, alpha: tor
         part = y.reshape(-1, n * I) @ w2[e0:e1].to(compute_dtype).permute(1, 0, 2).reshape(H, n * I).T
         out = part if out is None else out + part
     return out
+
+# ----------------------------------------------------------------------------------------------
+# routers
+
+
+class RouterOutput(NamedTuple):
+    """What a router returns (a NamedTuple: immutable, unpacks, passes through torch.compile).
+
+    alpha         [M, E] float32: alpha[m, topk_ids[m, j]] = topk_weights[m, j], 0 elsewhere.
+    topk_ids      [M, k] int64: the experts token m picked (distinct within a row).
+    topk_weights  [M, k] float32: their weights, slot for slot with topk_ids.
+
+    The order of the k slots within a row is the router's own (see each router); alpha does not
+    depend on it.
+    """
+
+    alpha: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+def router_logits_ref(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = False,
+                      quantize: bool = False):
+    """Torch twin of ``routing.router_logits`` (F.linear, then ``quantize_per_token_ref``)."""
+    if float32:
+        logits = torch.nn.functional.linear(x.float(), weight.float())
+    else:
+        logits = torch.nn.functional.linear(x, weight.to(x.dtype))
+    if not quantize:
+        return logits, None
+    return logits, quantize_per_token_ref(x)
+
+
+def alpha_from_topk_ref(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Loop twin of alpha_from_topk: alpha [M, E] float32, element by element."""
+    M, k = topk_ids.shape
+    alpha = torch.zeros(M, num_experts, dtype=torch.float32)
+    for m in range(M):
+        for j in range(k):
+            alpha[m, int(topk_ids[m, j])] = float(topk_weights[m, j])
+    return alpha.to(topk_ids.device)
+
+
+def _ref_output(ids: list[list[int]], weights: list[list[float]], E: int, device) -> RouterOutput:
+    M = len(ids)
+    k = len(ids[0]) if M else 0
+    topk_ids = torch.tensor(ids, dtype=torch.int64).reshape(M, k)
+    topk_weights = torch.tensor(weights, dtype=torch.float64).reshape(M, k).to(torch.float32)
+    alpha = alpha_from_topk_ref(topk_ids, topk_weights, E)
+    return RouterOutput(alpha.to(device), topk_ids.to(device), topk_weights.to(device))
+
+
+def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, *, renormalize: bool,
+                     dtype: torch.dtype = torch.float64) -> RouterOutput:
+    """Loop twin of softmax_topk, token by token in ``dtype``; slots in descending weight."""
+    x = router_logits.detach().to("cpu", dtype)
+    M, E = x.shape
+    ids, weights = [], []
+    for m in range(M):
+        row = x[m]
+        e = torch.exp(row - row.max())
+        p = (e / e.sum()).tolist()
+        order = sorted(range(E), key=lambda i: -p[i])[:top_k]
+        w = [p[i] for i in order]
+        if renormalize:
+            s = sum(w)
+            w = [v / s for v in w]
+        ids.append(order)
+        weights.append(w)
+    return _ref_output(ids, weights, E, router_logits.device)
+
+
+def deepseek_v3_topk_ref(router_logits: torch.Tensor, top_k: int, *, n_group: int, topk_group: int,
+                         e_score_correction_bias: torch.Tensor | None, routed_scaling_factor: float,
+                         norm_topk_prob: bool, dtype: torch.dtype = torch.float64) -> RouterOutput:
+    """Loop twin of deepseek_v3_topk, token by token in ``dtype``; slots in descending choice
+    score (biased score)."""
+    x = router_logits.detach().to("cpu", dtype)
+    M, E = x.shape
+    G = E // n_group
+    bias = (torch.zeros(E, dtype=dtype) if e_score_correction_bias is None
+            else e_score_correction_bias.detach().to("cpu", dtype)).tolist()
+    ids, weights = [], []
+    for m in range(M):
+        s = torch.sigmoid(x[m]).tolist()
+        c = [s[i] + bias[i] for i in range(E)]
+        gscore = []
+        for g in range(n_group):
+            top2 = sorted(c[g * G:(g + 1) * G], reverse=True)[:2]
+            gscore.append(top2[0] + top2[1])
+        groups = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
+        candidates = [i for g in groups for i in range(g * G, (g + 1) * G)]
+        order = sorted(candidates, key=lambda i: -c[i])[:top_k]
+        w = [s[i] for i in order]
+        if norm_topk_prob:
+            d = sum(w) + 1e-20
+            w = [v / d for v in w]
+        w = [v * routed_scaling_factor for v in w]
+        ids.append(order)
+        weights.append(w)
+    return _ref_output(ids, weights, E, router_logits.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation quantisers: scale = amax / 448 (1 for an all-zero group), q = fp8(clamp(x / scale))
+
+
+def _fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of ``quant.quantize_per_token``: x [M, H] -> (x8 fp8, scale [M] float32)."""
+    xf = x.float()
+    s = _fp8_scale(xf.abs().amax(dim=1))
+    return (xf / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def quantize_y_fold_alpha_ref(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of ``quant.quantize_y_fold_alpha``: one scale per (token, expert) segment of
+    y [M, E*I] where alpha != 0 (zeros elsewhere), folded into alpha2 = alpha * scale * w2_scale."""
+    M, K = y.shape
+    E = alpha.shape[1]
+    live = alpha != 0
+    yf = torch.where(live.repeat_interleave(K // E, dim=1), y, torch.zeros_like(y)).float().reshape(M, E, K // E)
+    s = _fp8_scale(yf.abs().amax(dim=2))
+    y8 = (yf / s[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(M, K)
+    a2 = alpha.float() * s * (w2_scale.float()[None, :] if w2_scale is not None else 1.0)
+    return y8, torch.where(live, a2, torch.zeros_like(a2))
+
+
+# ----------------------------------------------------------------------------------------------
+# expert skipping
+
+
+def active_experts_ref(routing: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of ``kernels.triton.skip.active_experts`` (same outputs, bit for bit): per token
+    tile of ``block_m`` rows, the experts some token picked (routing != 0), ascending, then the
+    rest, ascending (lists [T, E] int32), and how many were picked (counts [T] int32)."""
+    M, E = routing.shape
+    T = -(-M // block_m)
+    lists = torch.empty((T, E), dtype=torch.int32, device=routing.device)
+    counts = torch.empty((T,), dtype=torch.int32, device=routing.device)
+    for t in range(T):
+        picked = (routing[t * block_m:(t + 1) * block_m] != 0).any(dim=0)
+        ids = torch.arange(E, device=routing.device, dtype=torch.int32)
+        lists[t] = torch.cat([ids[picked], ids[~picked]])
+        counts[t] = int(picked.sum())
+    return lists, counts

@@ -15,8 +15,8 @@ The weights are always returned in float32. Hugging Face's routers differ here: 
 its top-k weights back to the router-logits (hidden) dtype, Mixtral and DeepSeek-V3 keep float32;
 ``out.topk_weights.to(hidden_dtype)`` reproduces the Qwen3-MoE cast exactly.
 
-Each router has a plain-PyTorch twin ``*_ref`` (Python loops, float64 by default): slow on
-purpose, the semantics the tests hold the fast versions to.
+Each router has a plain-PyTorch twin ``*_ref`` in ``densemoe.reference`` (Python loops, float64 by
+default): slow on purpose, the semantics the tests hold the fast versions to.
 
 ``softmax_topk`` and ``deepseek_v3_topk`` each have two implementations, picked by ``impl``:
 
@@ -40,39 +40,14 @@ graphs take them.
 from __future__ import annotations
 
 import operator
-from typing import NamedTuple
 
 import torch
 
 from densemoe._runtime import interpreter_enabled
+from densemoe.quant import FP8, quantize_per_token
+from densemoe.reference import RouterOutput, router_logits_ref
 
-__all__ = [
-    "RouterOutput",
-    "alpha_from_topk",
-    "router_logits",
-    "router_logits_ref",
-    "softmax_topk",
-    "deepseek_v3_topk",
-    "alpha_from_topk_ref",
-    "softmax_topk_ref",
-    "deepseek_v3_topk_ref",
-]
-
-
-class RouterOutput(NamedTuple):
-    """What a router returns (a NamedTuple: immutable, unpacks, passes through torch.compile).
-
-    alpha         [M, E] float32: alpha[m, topk_ids[m, j]] = topk_weights[m, j], 0 elsewhere.
-    topk_ids      [M, k] int64: the experts token m picked (distinct within a row).
-    topk_weights  [M, k] float32: their weights, slot for slot with topk_ids.
-
-    The order of the k slots within a row is the router's own (see each router); alpha does not
-    depend on it.
-    """
-
-    alpha: torch.Tensor
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
+__all__ = ["RouterOutput", "alpha_from_topk", "router_logits", "softmax_topk", "deepseek_v3_topk"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,20 +304,6 @@ def _gate_blocker(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-def router_logits_ref(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = False,
-                      quantize: bool = False):
-    """Torch twin of ``router_logits`` (F.linear, then ``quantize_per_token``)."""
-    if float32:
-        logits = torch.nn.functional.linear(x.float(), weight.float())
-    else:
-        logits = torch.nn.functional.linear(x, weight.to(x.dtype))
-    if not quantize:
-        return logits, None
-    from densemoe.quant import quantize_per_token
-
-    return logits, quantize_per_token(x)
-
-
 def router_logits(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = False, quantize: bool = False,
                   impl: str = "auto"):
     """The router's logits, and optionally the fp8 experts' quantised input, in one pass:
@@ -372,15 +333,14 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = Fals
     _check_bool(op, "float32", float32)
     _check_bool(op, "quantize", quantize)
     impl = _check_impl(op, impl)
-    if not _use_kernel(op, impl, _gate_blocker(x, weight)):
-        return router_logits_ref(x, weight, float32=float32, quantize=quantize)
+    if not _use_kernel(op, impl, _gate_blocker(x, weight)):  # the twin's math, the fast quantiser
+        logits = router_logits_ref(x, weight, float32=float32)[0]
+        return logits, (quantize_per_token(x) if quantize else None)
     M, H = x.shape
     out = torch.empty((M, weight.shape[0]), dtype=torch.float32 if float32 else x.dtype, device=x.device)
     if not quantize:
         _gate_op(x, weight, out, not float32)
         return out, None
-    from densemoe.quant import FP8
-
     q = torch.empty((M, H), dtype=FP8, device=x.device)
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
     _gate_quant_op(x, weight, out, q, s, not float32)
@@ -499,77 +459,3 @@ def deepseek_v3_topk(router_logits: torch.Tensor, top_k: int, *, n_group: int, t
         topk_weights = topk_weights / denominator
     topk_weights = topk_weights * routed_scaling_factor
     return RouterOutput(_alpha(topk_ids, topk_weights, E), topk_ids, topk_weights)
-
-
-# ----------------------------------------------------------------------------------------------
-# reference twins: Python loops over tokens, computed in ``dtype`` (float64 by default)
-
-
-def alpha_from_topk_ref(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Loop twin of alpha_from_topk: alpha [M, E] float32, element by element."""
-    M, k = topk_ids.shape
-    alpha = torch.zeros(M, num_experts, dtype=torch.float32)
-    for m in range(M):
-        for j in range(k):
-            alpha[m, int(topk_ids[m, j])] = float(topk_weights[m, j])
-    return alpha.to(topk_ids.device)
-
-
-def _ref_output(ids: list[list[int]], weights: list[list[float]], E: int, device) -> RouterOutput:
-    M = len(ids)
-    k = len(ids[0]) if M else 0
-    topk_ids = torch.tensor(ids, dtype=torch.int64).reshape(M, k)
-    topk_weights = torch.tensor(weights, dtype=torch.float64).reshape(M, k).to(torch.float32)
-    alpha = alpha_from_topk_ref(topk_ids, topk_weights, E)
-    return RouterOutput(alpha.to(device), topk_ids.to(device), topk_weights.to(device))
-
-
-def softmax_topk_ref(router_logits: torch.Tensor, top_k: int, *, renormalize: bool,
-                     dtype: torch.dtype = torch.float64) -> RouterOutput:
-    """Loop twin of softmax_topk, token by token in ``dtype``; slots in descending weight."""
-    x = router_logits.detach().to("cpu", dtype)
-    M, E = x.shape
-    ids, weights = [], []
-    for m in range(M):
-        row = x[m]
-        e = torch.exp(row - row.max())
-        p = (e / e.sum()).tolist()
-        order = sorted(range(E), key=lambda i: -p[i])[:top_k]
-        w = [p[i] for i in order]
-        if renormalize:
-            s = sum(w)
-            w = [v / s for v in w]
-        ids.append(order)
-        weights.append(w)
-    return _ref_output(ids, weights, E, router_logits.device)
-
-
-def deepseek_v3_topk_ref(router_logits: torch.Tensor, top_k: int, *, n_group: int, topk_group: int,
-                         e_score_correction_bias: torch.Tensor | None, routed_scaling_factor: float,
-                         norm_topk_prob: bool, dtype: torch.dtype = torch.float64) -> RouterOutput:
-    """Loop twin of deepseek_v3_topk, token by token in ``dtype``; slots in descending choice
-    score (biased score)."""
-    x = router_logits.detach().to("cpu", dtype)
-    M, E = x.shape
-    G = E // n_group
-    bias = (torch.zeros(E, dtype=dtype) if e_score_correction_bias is None
-            else e_score_correction_bias.detach().to("cpu", dtype)).tolist()
-    ids, weights = [], []
-    for m in range(M):
-        s = torch.sigmoid(x[m]).tolist()
-        c = [s[i] + bias[i] for i in range(E)]
-        gscore = []
-        for g in range(n_group):
-            top2 = sorted(c[g * G:(g + 1) * G], reverse=True)[:2]
-            gscore.append(top2[0] + top2[1])
-        groups = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
-        candidates = [i for g in groups for i in range(g * G, (g + 1) * G)]
-        order = sorted(candidates, key=lambda i: -c[i])[:top_k]
-        w = [s[i] for i in order]
-        if norm_topk_prob:
-            d = sum(w) + 1e-20
-            w = [v / d for v in w]
-        w = [v * routed_scaling_factor for v in w]
-        ids.append(order)
-        weights.append(w)
-    return _ref_output(ids, weights, E, router_logits.device)

@@ -1,4 +1,5 @@
-"""The MoE shapes that matter (../shared/MISSION.md), by name."""
+"""The model shapes densemoe is tuned and measured on, by name (``python -m densemoe shapes``
+lists them), and the token counts of the benchmarks' and the tuner's sweep."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ SHAPES = {s.name: s for s in (
     MoEShape("qwen3-30b-a3b", 2048, 128, 768, 8),
     MoEShape("mixtral-8x7b-tp2", 4096, 8, 7168, 2),
 )}
+# DeepSeek-V3/R1 at tensor parallelism 8 and 4 (I per rank), Qwen3-30B-A3B on one GPU, Mixtral-8x7B at TP2
 
 M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 

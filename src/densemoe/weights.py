@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from densemoe.kernels.common import I_MULTIPLE
 from densemoe.quant import FP8, quantize_per_expert
 
 DTYPES = {"fp8": FP8, "bf16": torch.bfloat16}
@@ -75,10 +76,17 @@ def prepare_weights(w13: torch.Tensor, w2: torch.Tensor, *, dtype: str = "fp8",
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"prepare_weights: {name} must be a 3-D tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"prepare_weights: {name} must have a floating dtype (bf16, fp16, fp32 or fp8), got {t.dtype}")
+    if w2.device != w13.device:
+        raise ValueError(f"prepare_weights: w2 is on {w2.device} but w13 is on {w13.device}")
     E, two_i, H = w13.shape
     if two_i % 2 or two_i == 0:
         raise ValueError(f"prepare_weights: w13 has {two_i} rows per expert; expected 2*I (gate then up)")
     I = two_i // 2
+    if I % I_MULTIPLE:
+        raise ValueError(f"prepare_weights: each expert's intermediate size I must be a multiple of {I_MULTIPLE} "
+                         f"(FC2 reads it in k-tiles of {I_MULTIPLE}); w13 has 2I = {two_i} rows per expert, I = {I}")
     if tuple(w2.shape) != (E, H, I):
         raise ValueError(f"prepare_weights: w2 has shape {tuple(w2.shape)}, expected (E, H, I) = ({E}, {H}, {I})")
     dev = w13.device

@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 
-from densemoe.shapes import parse_ms
+from densemoe.shapes import M_SWEEP, SHAPES, parse_ms
 
 DEFAULTS = dict(shapes="deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b", dtypes="fp8,bf16", m="1-512")
 SKIP_DEFAULTS = dict(shapes="deepseek-v3-tp8", dtypes="fp8", m="1,2,4,8,16,32,64,128,256")
@@ -25,10 +25,12 @@ def main(argv=None) -> int:
                     "sweep: time a set of configs per M (exploration); plot: redraw <out>.md/.png from "
                     "<out>.json (no GPU needed)")
     ap.add_argument("--shapes", default=None,
-                    help=f"default: {DEFAULTS['shapes']} ({SKIP_DEFAULTS['shapes']} for skip)")
+                    help=f"comma list of {', '.join(SHAPES)}; "
+                    f"default: {DEFAULTS['shapes']} ({SKIP_DEFAULTS['shapes']} for skip)")
     ap.add_argument("--dtypes", default=None,
                     help=f"default: {DEFAULTS['dtypes']} ({SKIP_DEFAULTS['dtypes']} for skip)")
-    ap.add_argument("--m", default=None, help="comma list; a-b takes the MISSION sweep points in [a, b]; "
+    ap.add_argument("--m", default=None, help="comma list; a-b takes the sweep points in [a, b] "
+                    f"({', '.join(map(str, M_SWEEP))}); "
                     f"default: {DEFAULTS['m']} ({SKIP_DEFAULTS['m']} for skip)")
     ap.add_argument("--routings", default="uniform,skewed", help="skip: routings to run (uniform, skewed)")
     ap.add_argument("--reps", type=int, default=50)
@@ -40,7 +42,27 @@ def main(argv=None) -> int:
     for name, value in (SKIP_DEFAULTS if args.what == "skip" else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        print(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}", file=sys.stderr)
+        return 2
+    bad = [d for d in args.dtypes.split(",") if d not in ("fp8", "bf16")]
+    if bad:
+        print(f"--dtypes: unknown {', '.join(bad)}; choose from fp8, bf16", file=sys.stderr)
+        return 2
+    try:
+        parse_ms(args.m)
+    except ValueError:
+        print(f"--m {args.m!r}: a comma list of token counts, a-b for the sweep points in [a, b]", file=sys.stderr)
+        return 2
     if args.what == "plot":
+        if not args.out:
+            print("python -m densemoe.bench plot redraws <out>.md and <out>.png from <out>.json: give --out <out>",
+                  file=sys.stderr)
+            return 2
+        if not os.path.exists(args.out + ".json"):
+            print(f"python -m densemoe.bench plot: {args.out}.json does not exist", file=sys.stderr)
+            return 2
         from densemoe.bench.report import markdown, plot
 
         with open(args.out + ".json") as f:
@@ -58,11 +80,12 @@ def main(argv=None) -> int:
     import triton
 
     from densemoe.bench import common, fc2
+    from densemoe.timing import Timer
 
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.cuda.get_device_name()
     commit = args.commit or common.git_commit()
-    timer = common.Timer(reps=args.reps)
+    timer = Timer(reps=args.reps)
     t0 = time.time()
     ceiling = common.read_ceiling(timer)
     peaks = common.peak_tflops(timer)

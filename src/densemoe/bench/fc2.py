@@ -15,9 +15,13 @@ import time
 import torch
 
 import densemoe
-from densemoe.bench.common import FP8, Timer
-from densemoe.kernels.triton.fc2 import Fc2Problem, Fc2TritonConfig, can_implement
-from densemoe.ops.fc2 import default_config, which_backend  # noqa: F401
+from densemoe.bench.common import FP8
+from densemoe.timing import Timer
+from densemoe.kernels.common import Fc2Problem
+from densemoe.kernels.cute import fc2_sm90 as cute_fc2
+from densemoe.kernels.triton.fc2 import Fc2TritonConfig, can_implement
+from densemoe.ops import fc2_configs
+from densemoe.ops.fc2 import which_backend
 from densemoe.reference import fc2_ref
 from densemoe.shapes import SHAPES
 
@@ -157,9 +161,8 @@ def run(shapes, dtypes, ms, timer: Timer, ceiling: dict, peaks: dict, device: st
 def _heuristic_fn(problem, a, w, alpha, out, backend, ref) -> dict:
     """The heuristic's choice for the same call, checked first: heuristic_config and ``fn`` to
     time, or heuristic_us None and heuristic_error when it is wrong."""
-    from densemoe.ops.fc2 import _heuristic
-
-    _, cfg = _heuristic(problem, a, w, alpha, out, backend)
+    cfg = fc2_configs.choose(problem, a.device, backend=backend, tuned=False,
+                             cute_check=lambda: cute_fc2.runtime_ok(a, w, alpha, out)).config
     fn = lambda: densemoe.fc2(a, w, alpha, out=out, config=cfg)  # noqa: E731
     out.fill_(float("nan"))
     fn()

@@ -43,7 +43,7 @@ from densemoe.layer import DenseMoE
 from densemoe.ops.fc1 import DYNAMIC_MAX_I, fc1_fp8_dynamic
 from densemoe.quant import FP8, quantize_per_expert, quantize_per_token, quantize_y_fold_alpha
 from densemoe.reference import experts_ref, fc1_ref
-from densemoe.ops.fc1 import which_config as fc1_which_config
+from densemoe.ops.fc1 import which_backend as fc1_which_backend
 from densemoe.routing import softmax_topk
 from densemoe.shapes import SHAPES
 from densemoe.weights import prepare_weights
@@ -189,8 +189,7 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
                 out = torch.full((M, E * I), float("nan"), dtype=torch.bfloat16, device=dev)
                 fn = (lambda xin=xin, p=p, xs=xs, out=out:
                       densemoe.fc1(xin, p.w1, p.alpha1, x_scale=xs, out=out))
-                chosen = fc1_which_config(xin, p.w1, p.alpha1, out)
-                cfg, src = chosen[0], chosen[-1]
+                _, cfg, src = fc1_which_backend(xin, p.w1, p.alpha1, out, x_scale=xs, with_source=True)
                 rec = dict(device=device, op="fc1", shape=shape_name, dtype=dt, M=M, N=N, K=H, E=E,
                            backend=cfg.backend, config=cfg.to_str(), config_source=src, commit=commit)
                 t0 = time.time()

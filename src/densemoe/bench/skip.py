@@ -186,14 +186,13 @@ def _floor(nbytes: float, flops: float, ceiling: dict, peak: float) -> float:
 
 
 def _config_fields(op: str, xin, w, alpha_or_scale, out, x_scale=None) -> dict:
-    """The skipping and the dense path's configs (private op helpers, so guarded)."""
+    """The skipping and the dense path's configs, as the op chooses them (for the record only)."""
     try:
         if op == "fc1":
-            from densemoe.ops.fc1 import _choose_src, _extras
+            from densemoe.ops.fc1 import which_backend
 
-            ex = _extras(x_scale)
-            _, cs, _ = _choose_src(xin, w, alpha_or_scale, out, "", "auto", ex, mode="skip")
-            _, cd, _ = _choose_src(xin, w, alpha_or_scale, out, "", "auto", ex, mode="route")
+            _, cs = which_backend(xin, w, alpha_or_scale, out, x_scale=x_scale, skip=True)
+            _, cd = which_backend(xin, w, alpha_or_scale, out, x_scale=x_scale, routing=True)
         else:
             from densemoe.ops.fc2 import which_backend
 

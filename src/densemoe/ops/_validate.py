@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from densemoe._runtime import capability, interpreter_enabled
+from densemoe._runtime import capability, interpreter_enabled, interpreter_set_late
 
 FP8 = torch.float8_e4m3fn
 _DT_NAMES = {FP8: "float8_e4m3fn", torch.bfloat16: "bfloat16", torch.float16: "float16",
@@ -41,9 +41,12 @@ def same_device(op: str, **tensors: torch.Tensor) -> torch.device:
         return dev
     if dev.type == "cpu" and interpreter_enabled():
         return dev  # Triton's interpreter runs the kernels on the CPU (tests)
+    late = (" TRITON_INTERPRET=1 was set after `import densemoe`, but Triton decides when it defines the "
+            "kernels (at import) whether they run interpreted: set it before importing densemoe, e.g. "
+            "`TRITON_INTERPRET=1 python script.py`." if dev.type == "cpu" and interpreter_set_late() else "")
     raise ValueError(f"{op}: tensors are on {dev}; densemoe's kernels run on CUDA devices "
                      "(on the CPU they run only under TRITON_INTERPRET=1; "
-                     "densemoe.reference has the plain-PyTorch twins)")
+                     f"densemoe.reference has the plain-PyTorch twins).{late}")
 
 
 def device_supports(op: str, dev: torch.device, dt: torch.dtype) -> None:

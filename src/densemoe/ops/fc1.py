@@ -1,79 +1,25 @@
-"""FC1, the dense-MoE gate/up projection with SwiGLU fused: public op, validation, backend and
-config choice, custom op.
+"""FC1, the dense-MoE gate/up projection with SwiGLU fused: the public ops (``fc1``,
+``fc1_fp8_dynamic``), their argument checks and custom ops.
 
 Two backends: the Triton kernel (``kernels/triton/fc1.py``, every device the package supports)
-and the CuTe DSL kernel for sm_90a (``kernels/cute/fc1_sm90.py``). Tuned over both on the H100
-(DeepSeek-V3 TP8 fp8), CuTe won one M bucket (129-192, by 4%), so ``backend="auto"`` takes it
-only where a tuned entry (measured by ``densemoe.tune``) names it or where ``_CUTE_WINS`` says it
-measured faster (empty); it is used on request (``backend="cute"`` or a pinned
-``Fc1CuteConfig``), which raises, naming why, when it cannot run these tensors.
+and the CuTe DSL kernel for sm_90a (``kernels/cute/fc1_sm90.py``). Which runs a call, with which
+config, is ``fc1_configs.choose``'s answer; whether to skip experts, ``strategy.resolve_skip``'s.
 """
 
 from __future__ import annotations
 
 import torch
 
+from densemoe.kernels.common import Fc1Problem
 from densemoe.kernels.cute import fc1_sm90 as cute_fc1
 from densemoe.kernels.cute.fc1_sm90 import Fc1CuteConfig
-from densemoe.kernels.triton.fc1 import (
-    Fc1Problem,
-    Fc1TritonConfig,
-    can_implement,
-    default_config,
-    default_config_dynamic,
-    default_skip_config,
-    fc1_triton,
-)
-from densemoe._runtime import sm_count
+from densemoe.kernels.triton.fc1 import Fc1TritonConfig, can_implement, fc1_triton
 from densemoe.ops import _validate as v
-from densemoe.ops.fc2 import skip_by_default
-from densemoe.tuning import cache as tuning
+from densemoe.ops import fc1_configs, strategy
+from densemoe.ops.fc1_configs import BACKENDS, OP
 
-OP = "densemoe.fc1"
 IN_DTYPES = (v.FP8, torch.bfloat16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, v.FP8)
-BACKENDS = ("auto", "triton", "cute")
-
-# Where "auto" picks CuTe without a tuned entry: (H, E, I, dtype) -> M buckets (lo, hi] (hi None: no
-# upper bound), from a GPU run that times both backends' defaults (as ops/fc2.py's table is).
-# Empty: on the H100 the CuTe kernel's best beat Triton's in one tuned bucket only (TP8 fp8
-# M = 129-192, 410 vs 413-426 us), which the shipped table carries; no default-vs-default win.
-_CUTE_WINS: dict = {}
-
-
-def cute_preferred(problem: Fc1Problem) -> bool:
-    """The measured rule: does "auto" prefer the CuTe backend for this problem (no tuned entry)?"""
-    p = problem
-    return any(lo < p.m and (hi is None or p.m <= hi) for lo, hi in _CUTE_WINS.get((p.h, p.e, p.i, p.dtype), ()))
-
-
-def default_cute_config(problem: Fc1Problem) -> Fc1CuteConfig:
-    """Deterministic CuTe config, no timing (a starting point from FC2's measured CuTe table and
-    the register budget; the H100 tuner's CuTe picks are in bench/results/tune_fc1_h100_*.md).
-
-    Up to 128 tokens: swap-AB (weights are wgmma's M, tokens its N) with the token tile the
-    smallest of 16/32/64/128 that covers M, 128 gate + 128 up rows per unit (two consumer
-    warpgroups from 64 tokens up, one below); above 128 tokens: tokens as wgmma's M, 128 tokens
-    x 128 gate + 128 up rows, two consumers. The tile of I shrinks to 64 (then 32 unswapped)
-    where 128 does not divide I. k-tile 128 bytes per row (deepest ring). One CTA per SM.
-    Raises ValueError when no CuTe config fits (H not a multiple of 128 bytes, I not a
-    multiple of 64 / 32, M too large for 32-bit indices).
-    """
-    p = problem
-    tk = 128 // p.dtype.itemsize
-    if p.m <= 128:
-        tm = next(t for t in (16, 32, 64, 128) if p.m <= t)
-        cons = 2 if tm >= 64 else 1
-        cands = [Fc1CuteConfig(tile_i=ti, tile_m=tm, tile_k=tk, consumers=c, swap_ab=1)
-                 for ti, c in ((128, cons), (64, 1))]
-    else:
-        cands = [Fc1CuteConfig(tile_i=ti, tile_m=128, tile_k=tk, consumers=2, swap_ab=0) for ti in (128, 64, 32)]
-    why = ""
-    for cfg in cands:
-        ok, why = cute_fc1.can_implement(p, cfg)
-        if ok:
-            return cfg
-    raise ValueError(f"no CuTe FC1 config fits H={p.h} E={p.e} I={p.i} {p.dtype} M={p.m}: {why}")
 
 
 def _problem(x, w1, alpha1, out) -> Fc1Problem:
@@ -82,114 +28,26 @@ def _problem(x, w1, alpha1, out) -> Fc1Problem:
     return Fc1Problem(M, H, E, w1.shape[0] // (2 * E), x.dtype, out.dtype)
 
 
-def _parse_config(config: str):
-    return Fc1CuteConfig.from_str(config) if config.startswith("fc1-cute:") else Fc1TritonConfig.from_str(config)
-
-
-def _cute_ok(x, w1, alpha1, out, extras) -> tuple[bool, str]:
-    return cute_fc1.runtime_ok(x, w1, alpha1, out, **extras)
-
-
-def _heuristic(problem: Fc1Problem, x, w1, alpha1, out, backend: str, extras: dict):
-    """(backend, config) from the deterministic rules alone: no tuned table, no timing."""
-    if backend == "cute" or (backend == "auto" and cute_preferred(problem)):
-        ok, why = _cute_ok(x, w1, alpha1, out, extras)
-        if ok:
-            try:
-                return "cute", default_cute_config(problem)
-            except ValueError as exc:
-                why = str(exc)
-        if backend == "cute":
-            raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
-    return "triton", default_config(problem)
-
-
-def _tuned(problem: Fc1Problem, x, w1, alpha1, out, backend: str, extras: dict):
-    """(backend, config, source) from the tuned tables ("cache": the user's, "shipped"), or None.
-    "auto" takes the entry's best and then its best Triton config; a forced backend takes that
-    backend's slot (or the best, if it is of that backend). A CuTe entry that these tensors cannot
-    take (not sm_90, strided, no CuTe DSL) moves on to the next slot."""
-    if not tuning.tuned_lookups_enabled():
-        return None
-    key = tuning.make_key("fc1", tuning.device_name(x.device), problem)
-    entry, where = tuning.lookup(key)
-    if entry is None:
-        return None
-    slots = ("best", "triton") if backend == "auto" else (backend, "best")
-    for slot in slots:
-        item = entry.get(slot)
-        if not item:
-            continue
-        try:
-            cfg = _parse_config(item["config"])
-        except Exception as exc:  # noqa: BLE001 - any malformed entry: warn, fall back
-            tuning.warn_stale(key, f"config {item.get('config')!r} does not parse ({type(exc).__name__}: {exc})")
-            return None
-        if backend != "auto" and cfg.backend != backend:
-            continue
-        if cfg.backend == "cute" and not _cute_ok(x, w1, alpha1, out, extras)[0]:
-            continue  # fine on the tuning machine, not for these tensors here: next slot
-        ok, why = (cute_fc1.can_implement if cfg.backend == "cute" else can_implement)(problem, cfg)
-        if ok:
-            return cfg.backend, cfg, where
-        tuning.warn_stale(key, f"config {item['config']!r} does not fit this problem ({why})")
-    return None
-
-
-def _choose_src(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor, config: str,
-                backend: str = "auto", extras: dict | None = None, mode: str = "dense"):
-    """(backend, config, source) for one call: the pinned config ("pinned"), else the tuned entry
-    for the problem's key ("cache": the user's, "shipped": the package's tables), else the
-    deterministic rule ("heuristic"). ``mode``: "dense"; "route" (a routing mask: Triton only,
-    the dense choice's Triton config); "skip" (expert skipping: the pinned config or
-    ``default_skip_config``). Raises when the CuTe backend is forced (by ``backend`` or a
-    pinned config) and cannot run these tensors."""
-    extras = extras or {}
-    problem = _problem(x, w1, alpha1, out)
-    if mode == "skip":
-        if config:
-            return "triton", _parse_config(config), "pinned"
-        return "triton", default_skip_config(problem, sm_count(x.device)), "heuristic"
-    if mode == "route":
-        if config:
-            return "triton", _parse_config(config), "pinned"
-        return (_tuned(problem, x, w1, alpha1, out, "triton", extras)
-                or ("triton", default_config(problem), "heuristic"))
-    if config:
-        cfg = _parse_config(config)
-        if cfg.backend == "cute":
-            ok, why = _cute_ok(x, w1, alpha1, out, extras)
-            if not ok:
-                raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
-        return cfg.backend, cfg, "pinned"
-    return (_tuned(problem, x, w1, alpha1, out, backend, extras)
-            or (*_heuristic(problem, x, w1, alpha1, out, backend, extras), "heuristic"))
-
-
-def _extras(x_scale=None, alpha_post=None, out_scale=None) -> dict:
-    return dict(x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
+def _choose(x, w1, alpha1, out, config, backend: str, *, x_scale=None, alpha_post=None, out_scale=None,
+            skip: bool = False, routing: bool = False):
+    """``fc1_configs.choose`` for these tensors (the CuTe kernel's tensor rules checked on them)."""
+    def cute_check():
+        return cute_fc1.runtime_ok(x, w1, alpha1, out, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
+    return fc1_configs.choose(_problem(x, w1, alpha1, out), x.device, backend=backend, config=config, skip=skip,
+                              routing=routing, cute_check=cute_check)
 
 
 def which_backend(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor,
                   config=None, backend: str = "auto", with_source: bool = False, *,
                   x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
-                  out_scale: torch.Tensor | None = None):
-    """The (backend, config) ``fc1`` would use for these tensors (for logs and benchmarks); with
-    ``with_source`` also where the config came from: "pinned", "cache", "shipped" or "heuristic"."""
-    which = _choose_src(x, w1, alpha1, out, config.to_str() if config is not None else "", backend,
-                        _extras(x_scale, alpha_post, out_scale))
-    return which if with_source else which[:2]
-
-
-def which_config(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor,
-                 config: Fc1TritonConfig | Fc1CuteConfig | None = None, backend: str = "auto", *,
-                 x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
-                 out_scale: torch.Tensor | None = None):
-    """The (config, source) ``fc1`` would use for these tensors; the config's ``backend``
-    attribute ("triton" / "cute") names the backend (``which_backend`` returns it first)."""
-    _, cfg, src = _choose_src(x, w1, alpha1, out, config.to_str() if config is not None else "", backend,
-                              _extras(x_scale, alpha_post, out_scale))
-    return cfg, src
+                  out_scale: torch.Tensor | None = None, routing: bool = False, skip: bool = False):
+    """``fc1_configs.choose`` for these tensors, as ``fc1`` would call it: (backend, config), with
+    ``with_source`` also where the config came from ("pinned", "cache", "shipped" or
+    "heuristic"). ``routing`` / ``skip``: the choice with a routing mask / with expert skipping
+    (default: neither, the dense choice)."""
+    which = _choose(x, w1, alpha1, out, config, backend, x_scale=x_scale, alpha_post=alpha_post,
+                    out_scale=out_scale, skip=skip, routing=routing)
+    return tuple(which) if with_source else tuple(which[:2])
 
 
 @torch.library.custom_op("densemoe::fc1", mutates_args=("out",))
@@ -197,8 +55,9 @@ def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: to
             alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, routing: torch.Tensor | None,
             out: torch.Tensor, config: str, backend: str, skip: bool, fill: bool = True,
             expert_ids: torch.Tensor | None = None) -> None:
-    mode = "skip" if skip else "route" if routing is not None else "dense"
-    which, cfg, _ = _choose_src(x, w1, alpha1, out, config, backend, _extras(x_scale, alpha_post, out_scale), mode)
+    which, cfg, _ = _choose(x, w1, alpha1, out, fc1_configs.parse_config(config) if config else None, backend,
+                            x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale, skip=skip,
+                            routing=routing is not None)
     if which == "cute":
         cute_fc1.fc1_cute(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
         return
@@ -280,15 +139,16 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         config:     pin a ``Fc1TritonConfig`` or a ``Fc1CuteConfig`` (which also picks the
                     backend); default: a tuned entry for this problem if one exists
                     (``densemoe.tune("fc1", ...)``, shipped tables), else the backend's
-                    deterministic rule (``default_config`` / ``default_cute_config``).
-        backend:    "auto" (default): a tuned entry's choice, else Triton (the CuTe kernel is not
-                    measured yet); "triton" or "cute" forces one. "cute" (the sm_90a CuTe DSL
+                    deterministic rule (``fc1_configs.choose``).
+        backend:    "auto" (default): a tuned entry's choice, else Triton (no default-vs-default
+                    CuTe win is recorded: ``fc1_configs.CUTE_WINS``); "triton" or "cute" forces
+                    one. "cute" (the sm_90a CuTe DSL
                     kernel) raises, naming why, when it cannot run: no CuTe DSL, not sm_90,
                     strided or misaligned x / w1, or no CuTe config fits the shape.
         routing:    [M, E] tensor (float, bf16 or bool), optional: nonzero where token m picked
                     expert e (the router's alpha). Runs on the Triton kernel.
         skip:       expert skipping. None (default): on when ``routing`` or ``alpha_post`` is
-                    given, ``densemoe.ops.fc2.skip_by_default(M, E)`` holds and no non-persistent or
+                    given, ``strategy.skip_by_default(M, E)`` holds and no non-persistent or
                     CuTe config is pinned; True: always (needs routing or alpha_post; Triton; a
                     pinned config must be persistent); False: off.
         fill_unpicked: with skipping, write the zeros of experts a token tile did not pick
@@ -298,9 +158,8 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         expert_ids: [k] or [1, k] integer, optional, with skipping at M = 1 and
                     ``fill_unpicked=False``: the token's picked experts (its top-k ids: distinct,
                     in [0, E), not checked on the device), walked as they are instead of a list
-                    built from ``routing`` at the kernel's start (H100, DeepSeek-V3 TP8 fp8: the
-                    layer at M = 1 1.9 us faster with FC1 and FC2 both given them). ``routing``
-                    still zeroes where it is 0.
+                    built from ``routing`` at the kernel's start (``docs/skipping.md``).
+                    ``routing`` still zeroes where it is 0.
 
     Returns:
         y [M, E*I], ready to be FC2's ``a``.
@@ -357,20 +216,16 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         if tuple(routing.shape) != (M, E):
             raise ValueError(f"{OP}: routing has shape {tuple(routing.shape)}, expected (M, E) = ({M}, {E})")
         v.same_device(OP, x=x, routing=routing)
-    if skip not in (None, True, False):
-        raise TypeError(f"{OP}: skip must be None, True or False, got {skip!r}")
     wants_cute = backend == "cute" or (config is not None and config.backend == "cute")
-    if skip is None:  # a pinned config decides: persistent Triton configs can skip, others not
-        skip = ((routing is not None or alpha_post is not None) and skip_by_default(M, E) and not wants_cute
-                and (config is None or bool(config.persistent)))
-    elif skip:
-        if routing is None and alpha_post is None:
-            raise ValueError(f"{OP}: skip=True needs routing (or alpha_post) to know which experts were picked")
-        if wants_cute:
-            raise ValueError(f"{OP}: expert skipping (skip=True) runs on the Triton kernel; "
-                             "backend='cute' or a CuTe config cannot skip")
-    if skip and config is not None and not config.persistent:
-        raise ValueError(f"{OP}: expert skipping needs a persistent config (persistent >= 1), got {config.to_str()}")
+    if routing is None and alpha_post is None:
+        blocker = "it needs routing (or alpha_post) to know which experts were picked"
+    elif wants_cute:
+        blocker = "it runs on the Triton kernel; backend='cute' or a CuTe config cannot skip"
+    elif config is not None and not config.persistent:
+        blocker = f"it needs a persistent config (persistent >= 1), got {config.to_str()}"
+    else:
+        blocker = None
+    skip = strategy.resolve_skip(OP, skip, M, E, blocker=blocker)
     if routing is not None and wants_cute:
         raise ValueError(f"{OP}: routing runs on the Triton kernel; backend='cute' or a CuTe config cannot take it")
     if expert_ids is not None:
@@ -397,7 +252,7 @@ def _fc1_dyn_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale
     M, H = x.shape
     E = alpha1.shape[0]
     problem = Fc1Problem(M, H, E, w1.shape[0] // (2 * E), x.dtype, v.FP8)
-    cfg = Fc1TritonConfig.from_str(config) if config else default_config_dynamic(problem)
+    cfg = Fc1TritonConfig.from_str(config) if config else fc1_configs.default_config_dynamic(problem)
     fc1_triton(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, y_scale=out_scale)
 
 
@@ -417,12 +272,12 @@ def fc1_fp8_dynamic(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
 
     FC2 then takes ``alpha * y_scale`` (times w2's dequantisation scale). One Triton program
     holds all of an expert's I, so I <= 256 (DeepSeek-V3 TP8: I = 256); for a larger I use
-    ``fc1`` with a bf16 output and ``densemoe.quant.quantize_y_fold_alpha``. Measured on the
-    H100 (TP8 fp8): slower than that pair up to M = 128 (337.6 vs 313.0 us at M = 1) because the
-    tiles must hold all of I; the layer does not use it (``layer.FUSED_QUANT_MAX_I``).
+    ``fc1`` with a bf16 output and ``densemoe.quant.quantize_y_fold_alpha``. The layer does not
+    use it (``strategy.quantize_y_in_fc1``): its tiles must hold all of I, which measured slower
+    than that pair (``docs/layer.md``).
 
     Args: as ``fc1`` (x, w1, alpha1, x_scale, alpha_post); ``config`` pins a Fc1TritonConfig
-    whose ``block_i`` >= I (default: ``default_config_dynamic``).
+    whose ``block_i`` >= I (default: ``fc1_configs.default_config_dynamic``).
     Returns (y [M, E*I] float8_e4m3fn, y_scale [M, E] float32).
     """
     x, w1, alpha1, x_scale, alpha_post, I, tensors = _check_inputs(x, w1, alpha1, x_scale, alpha_post)
@@ -440,7 +295,7 @@ def fc1_fp8_dynamic(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         ok, why = can_implement(problem, config, dynamic_scale=True)
     else:
         try:
-            default_config_dynamic(problem)
+            fc1_configs.default_config_dynamic(problem)
             ok, why = True, ""
         except ValueError as exc:
             ok, why = False, str(exc)

@@ -2,7 +2,7 @@
 
 A bucket is named by its largest M. Up to 64 the buckets are powers of two (1, 2, 4, ..., 64);
 above, they grow by 1.5x and 4/3x in turn (96, 128, 192, 256, 384, 512, 768, 1024, ...), which
-puts every point of the MISSION sweep at the top of its own bucket. Entries are tuned at the
+puts every point of the token sweep (``shapes.M_SWEEP``) at the top of its own bucket. Entries are tuned at the
 bucket's top M (the bucket's largest, slowest call).
 """
 

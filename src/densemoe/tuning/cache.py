@@ -89,13 +89,13 @@ def versions() -> dict[str, str]:
 
     import triton
 
-    import densemoe
+    from densemoe._version import __version__
 
     try:
         cute = md.version("nvidia-cutlass-dsl")
     except md.PackageNotFoundError:
         cute = "none"
-    return {"densemoe": densemoe.__version__, "triton": triton.__version__, "cutedsl": cute}
+    return {"densemoe": __version__, "triton": triton.__version__, "cutedsl": cute}
 
 
 @functools.lru_cache(maxsize=16)
@@ -109,7 +109,7 @@ def device_name(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def make_key(op: str, device: str, problem) -> str:
-    """The cache key of ``problem`` (an ``Fc2Problem``) on ``device`` (a name)."""
+    """The cache key of ``problem`` (an ``Fc1Problem`` or ``Fc2Problem``) on ``device`` (a name)."""
     p = problem
     v = versions()
     return (f"{op}|{device}|{_DTYPE_NAMES.get(p.dtype, str(p.dtype))}->{_DTYPE_NAMES.get(p.out_dtype, str(p.out_dtype))}"
@@ -216,6 +216,28 @@ def lookup(key: str) -> tuple[dict | None, str]:
         _warn_once(f"versions:{_unversioned(key)}", f"densemoe: the tuned entry for {_unversioned(key)} was "
                    f"made with {have}, this is {want}; using the heuristic (re-tune with densemoe.tune)")
     return None, ""
+
+
+# The autotune-on-miss hook (``DENSEMOE_AUTOTUNE=1``): ``densemoe.tuning.tuner`` installs it, so
+# the ops, which only read entries, never import the tuner.
+_autotuner = None
+
+
+def set_autotuner(fn) -> None:
+    """``fn(problem, device)`` tunes one problem and records its entry (``tuner.tune_problem``)."""
+    global _autotuner
+    _autotuner = fn
+
+
+def lookup_or_autotune(key: str, problem, device: torch.device) -> tuple[dict | None, str]:
+    """``lookup(key)``; on a miss with ``DENSEMOE_AUTOTUNE=1`` on a CUDA device, tune the problem
+    first (never while a CUDA graph is being captured: capture never starts tuning)."""
+    entry, where = lookup(key)
+    if (entry is None and _autotuner is not None and autotune_enabled() and device.type == "cuda"
+            and not torch.cuda.is_current_stream_capturing()):
+        _autotuner(problem, device)
+        entry, where = lookup(key)
+    return entry, where
 
 
 def record(key: str, entry: dict, path: Path | None = None) -> None:

@@ -1,7 +1,7 @@
 """Compile a sweep's candidates before timing them, Triton's in parallel worker processes.
 
 Compiling, not timing, is what a tuning sweep spends its time on: one (shape, dtype) sweep over
-the MISSION token counts compiles a few hundred kernels at about a second each, while timing one
+the sweep's token counts compiles a few hundred kernels at about a second each, while timing one
 candidate takes tens of milliseconds. So, before the timing loop:
 
 - **Triton** candidates run once each in ``workers`` spawned processes. Triton keeps what it
@@ -28,7 +28,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from densemoe.kernels.triton.fc2 import Fc2Problem
+from densemoe.kernels.common import Fc1Problem, Fc2Problem
+from densemoe.kernels.cute import fc1_sm90, fc2_sm90
+from densemoe.tuning.ops import op_of
 
 
 @dataclasses.dataclass
@@ -55,8 +57,6 @@ def default_workers() -> int:
 def _worker(jobs: list, device: str) -> int:
     """Run each (problem, Triton config) once on ``device``; returns how many ran. Inputs are
     made once per token count and the weights once per process."""
-    from densemoe.tuning.ops import op_of
-
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -80,11 +80,9 @@ def _worker(jobs: list, device: str) -> int:
     return ran
 
 
-def precompile(plan: list[tuple[Fc2Problem, list]], device, workers: int | None = None) -> PrecompileStats:
+def precompile(plan: list[tuple[Fc1Problem | Fc2Problem, list]], device, workers: int | None = None) -> PrecompileStats:
     """Compile every candidate of ``plan`` ([(problem, configs), ...], problems at their
     bucket's top M) ahead of timing; see the module docstring. ``workers=0``: CuTe only."""
-    from densemoe.kernels.cute import fc2_sm90
-
     device = torch.device(device)
     stats = PrecompileStats()
     if device.type != "cuda":
@@ -106,9 +104,6 @@ def precompile(plan: list[tuple[Fc2Problem, list]], device, workers: int | None 
         except Exception as exc:  # noqa: BLE001 - no pool: the timing loop compiles everything
             stats.error = f"no worker pool: {type(exc).__name__}: {exc}"
             pool = None
-    from densemoe.kernels.cute import fc1_sm90
-    from densemoe.kernels.triton.fc1 import Fc1Problem
-
     cute = []  # static compile keys: (compile function, config, dtype, out dtype, N or H, E, I)
     for p, cfgs in plan:
         for c in cfgs:

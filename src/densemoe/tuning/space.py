@@ -1,4 +1,5 @@
-"""The FC2 search space: every tactic described once, filtered by each backend's ``can_implement``.
+"""The search spaces of the tunable ops: every tactic described once, filtered by each backend's
+``can_implement``, the op's default rule's choice always included.
 
 The space depends on the problem (shape, dtypes, M bucket) only, never on timing, so it is the
 same on every machine; configs a device cannot run at all (CuTe DSL missing, not sm_90) are
@@ -12,10 +13,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+from densemoe.kernels.common import SMEM_BYTES, Fc1Problem, Fc2Problem
+from densemoe.kernels.cute import fc1_sm90 as cute_fc1
 from densemoe.kernels.cute import fc2_sm90 as cute_fc2
 from densemoe.kernels.cute.fc2_sm90 import Fc2CuteConfig
-from densemoe.kernels.triton.fc2 import SMEM_BYTES, Fc2Problem, Fc2TritonConfig
+from densemoe.kernels.triton.fc1 import Fc1TritonConfig
+from densemoe.kernels.triton.fc1 import can_implement as fc1_can_implement
+from densemoe.kernels.triton.fc2 import Fc2TritonConfig
 from densemoe.kernels.triton.fc2 import can_implement as triton_can_implement
+from densemoe.ops import fc1_configs, fc2_configs
 
 BACKENDS = ("triton", "cute")
 
@@ -88,23 +94,93 @@ def cute_space(problem: Fc2Problem) -> list[Fc2CuteConfig]:
 def fc2_space(problem: Fc2Problem, backends=BACKENDS, num_sms: int = 132) -> list:
     """Every FC2 tactic of the given backends for ``problem``, in a fixed order, each one passing
     its backend's ``can_implement``; the backend's heuristic choice is always included."""
-    from densemoe.ops.fc2 import default_config, default_cute_config
-
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
     out: list = []
     if "triton" in backends:
         space = triton_space(problem, num_sms)
-        h = default_config(problem, num_sms)
+        h = fc2_configs.default_config(problem, num_sms)
         out += ([h] if h not in space else []) + space
     if "cute" in backends:
         space = cute_space(problem)
         try:
-            h = default_cute_config(problem)
+            h = fc2_configs.default_cute_config(problem)
         except ValueError:  # no CuTe config fits this problem at all
             h = None
         out += ([h] if h is not None and h not in space else []) + space
+    return out
+
+
+def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> list:
+    """FC1 tactics, in a fixed order, each passing its backend's ``can_implement``.
+
+    Triton: orientation x token tile x tile of I x k-tile x warps; the pipeline depth is 4 (3
+    where 4 stages of both operands would not fit shared memory), and also the depth at which
+    two programs share an SM where that is 2 or more and shallower; above M = 128 the tokens-as-M
+    tiles also as one persistent program per SM; the heuristic's choice first.
+    CuTe DSL (sm_90a), always the deepest ring and one CTA per SM (whole clusters):
+    swap-AB up to M = 128 (token tile from ``_token_tiles``, tile of I 64/128, k-tile 128/256
+    bytes, 1 or 2 consumer warpgroups) and tokens as wgmma's M from M = 64 (64 or 128 tokens,
+    tile of I 64/128, both k-tiles); then the same with ``cluster_n=2`` (the token tile
+    multicast to two CTAs on neighbouring tiles of I; swap-AB: tile of I 64 with one consumer
+    or 128 with two; tokens as M: two consumers above M = 64); above M = 128 also 256-token
+    tiles (two 64-row atoms per consumer, tile of I 64/96) alone, with ``cluster_n=2`` and,
+    where there are two or more such tiles, ``cluster_m=2``, and the 128-token tiles with
+    ``cluster_m=2`` (the weight tile multicast to two token tiles) and with both. At most 30
+    CuTe tactics per M bucket."""
+    p = problem
+    out: list = []
+    ks = sorted({kb // p.dtype.itemsize for kb in (128, 256)})
+    if "triton" in backends:
+        swaps = ([1] if p.m <= 128 else []) + ([0] if p.m >= 32 else [])
+        for swap in swaps:
+            tokens = _token_tiles(p.m, (16, 32, 64, 128) if swap else (32, 64, 128), keep=2)
+            for bm, bi, bk, warps in itertools.product(tokens, (64, 128), ks, (4, 8)):
+                stage = (bm + 2 * bi) * bk * p.dtype.itemsize
+                stages = 4 if 4 * stage <= 200 * 1024 else 3
+                two = min(4, 100 * 1024 // stage)  # the depth at which two programs share an SM
+                cands = [Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1)]
+                if 2 <= two < stages:
+                    cands.append(Fc1TritonConfig(bm, bi, bk, warps, two, swap, 1))
+                if not swap and p.m > 128:
+                    cands.append(Fc1TritonConfig(bm, bi, bk, warps, stages, swap, 1, persistent=1))
+                for cfg in cands:
+                    if fc1_can_implement(p, cfg)[0] and cfg not in out:
+                        out.append(cfg)
+        h = fc1_configs.default_config(p)
+        out = ([h] if h not in out else []) + out
+    if "cute" in backends:
+        C = cute_fc1.Fc1CuteConfig
+        cands = []
+        swap_tokens = _token_tiles(p.m, (16, 32, 64, 128), keep=2) if p.m <= 128 else []
+        for tm, ti, tk, cons in itertools.product(swap_tokens, (64, 128), ks, (1, 2)):
+            cands.append(C(tile_i=ti, tile_m=tm, tile_k=tk, consumers=cons, swap_ab=1))
+        if p.m >= 64:
+            for cons, ti, tk in itertools.product((1, 2) if p.m > 64 else (1,), (64, 128), ks):
+                cands.append(C(tile_i=ti, tile_m=64 * cons, tile_k=tk, consumers=cons, swap_ab=0))
+        # clusters: cluster_n=2 (the token tile read from L2 once per two tiles of I)
+        for tm, (ti, cons), tk in itertools.product(swap_tokens, ((64, 1), (128, 2)), ks):
+            cands.append(C(tile_i=ti, tile_m=tm, tile_k=tk, consumers=cons, swap_ab=1, cluster_n=2))
+        if p.m >= 64:
+            cons = 2 if p.m > 64 else 1
+            for ti, tk in itertools.product((64, 128), ks):
+                cands.append(C(tile_i=ti, tile_m=64 * cons, tile_k=tk, consumers=cons, swap_ab=0, cluster_n=2))
+        if p.m > 128:
+            # 256 tokens per tile (two atoms per consumer): M <= 256 is one token tile
+            two_big = -(-p.m // 256) >= 2
+            for ti, tk in itertools.product((64, 96), ks):
+                for cn, cm in ((1, 1), (2, 1)) + (((1, 2),) if two_big else ()):
+                    cands.append(C(tile_i=ti, tile_m=256, tile_k=tk, consumers=2, swap_ab=0, cluster_n=cn,
+                                   cluster_m=cm))
+            # 128-token tiles with the weight tile multicast to two token tiles (and both)
+            for ti, tk in itertools.product((64, 128), ks):
+                cands.append(C(tile_i=ti, tile_m=128, tile_k=tk, consumers=2, swap_ab=0, cluster_m=2))
+            for tk in ks:
+                cands.append(C(tile_i=128, tile_m=128, tile_k=tk, consumers=2, swap_ab=0, cluster_n=2, cluster_m=2))
+        for cfg in cands:
+            if cute_fc1.can_implement(p, cfg)[0] and cfg not in out:
+                out.append(cfg)
     return out
 
 

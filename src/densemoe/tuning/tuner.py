@@ -7,7 +7,7 @@ For one problem (shape, dtypes, M bucket) on one device:
 2. candidates: ``space.fc2_space`` for the requested backends; a candidate that fails to compile
    or run is dropped and reported (``TuneResult.failures``), never hidden;
 3. timing: CUDA-graph replays with L2 flushed by a read before each, median of ``reps``
-   (``densemoe.bench.common.Timer``); then the finalists (the ``finalists`` fastest, each
+   (``densemoe.timing.Timer``); then the finalists (the ``finalists`` fastest, each
    backend's fastest and the heuristic's own choice) are timed again, ``rounds`` interleaved
    rounds of ``reps`` each, and ranked by the median of their round medians, so one lucky
    screening run does not pick the winner and the heuristic is compared on equal terms;
@@ -29,9 +29,12 @@ import warnings
 
 import torch
 
-from densemoe.kernels.triton.fc2 import Fc2Problem
+from densemoe._runtime import sm_count
+from densemoe.kernels.common import Fc1Problem, Fc2Problem
+from densemoe.timing import Timer
 from densemoe.tuning import cache
 from densemoe.tuning.buckets import m_bucket
+from densemoe.tuning.ops import OPS, op_of
 from densemoe.tuning.space import BACKENDS, describe
 
 TOL = 1e-2  # relative Frobenius error against the fp32 reference (bf16 output: ~4e-3)
@@ -50,7 +53,7 @@ class Timing:
 @dataclasses.dataclass
 class TuneResult:
     key: str
-    problem: Fc2Problem
+    problem: Fc1Problem | Fc2Problem
     best: Timing | None
     per_backend: dict
     heuristic: Timing
@@ -72,20 +75,6 @@ class TuneResult:
                 "failures": len(self.failures), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def make_inputs(problem: Fc2Problem, device, seed: int = 0, topk: int = 8, w: torch.Tensor | None = None):
-    """Fresh random a [M, K], w [N, K] (unless given), alpha [M, E] with ``topk`` experts per token."""
-    p = problem
-    gen = torch.Generator(device=device).manual_seed(seed)
-    a = torch.randn(p.m, p.k, generator=gen, device=device).to(p.dtype)
-    if w is None:
-        w = (torch.randn(p.n, p.k, generator=gen, device=device) * 0.5).to(p.dtype)
-    k = min(topk, p.e)
-    ids = torch.rand(p.m, p.e, generator=gen, device=device).topk(k, dim=1).indices
-    wts = torch.softmax(torch.randn(p.m, k, generator=gen, device=device), dim=1)
-    alpha = torch.zeros(p.m, p.e, device=device).scatter_(1, ids, wts)
-    return a, w, alpha
-
-
 def _as_us(t) -> float:
     return float(t["us"] if isinstance(t, dict) else t)
 
@@ -94,7 +83,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, space=None, reps: int = 20,
+def tune_problem(problem: Fc1Problem | Fc2Problem, device, *, backends=BACKENDS, timer=None, space=None, reps: int = 20,
                  inputs=None, save: bool = True, progress=None, finalists: int = 3, rounds: int = 3,
                  precompile_workers: int | None = 0, margin: float = MARGIN) -> TuneResult:
     """Tune one problem; ``problem.m`` is rounded up to its bucket's top. ``timer(fn)`` returns
@@ -106,16 +95,12 @@ def tune_problem(problem: Fc2Problem, device, *, backends=BACKENDS, timer=None, 
     ``margin``: the heuristic's choice stays the winner unless the fastest beats it by more than
     this fraction (a tuned entry that only wins inside run-to-run noise would make calls slower
     as often as faster)."""
-    from densemoe.tuning.ops import op_of
-
     spec = op_of(problem)
     device = torch.device(device)
     p = dataclasses.replace(problem, m=m_bucket(problem.m))
     if timer is None:
         if device.type != "cuda":
             raise ValueError("tuning times kernels on a CUDA GPU; on another device pass timer=")
-        from densemoe.bench.common import Timer
-
         timer = Timer(reps=reps)
     inputs = inputs if inputs is not None else spec.make_inputs(p, device, 0, None)[0]
     out = spec.make_out(p, device)
@@ -223,14 +208,10 @@ def _finals(timings: list, hcfg, timer, reps: int, finalists: int, rounds: int, 
 
 
 def _takes_reps(timer) -> bool:
-    from densemoe.bench.common import Timer
-
     return isinstance(timer, Timer)
 
 
 def _sms(device: torch.device) -> int:
-    from densemoe._runtime import sm_count
-
     return sm_count(device)
 
 
@@ -260,7 +241,6 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
     (None: half the CPUs, at most 8; 0: compile in the timing loop).
     """
     from densemoe.shapes import SHAPES, MoEShape
-    from densemoe.tuning.ops import OPS
 
     if op not in OPS:
         raise ValueError(f"op={op!r}: tunable ops are {sorted(OPS)}")
@@ -278,8 +258,6 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device)
     if timer is None and device.type == "cuda":
-        from densemoe.bench.common import Timer
-
         timer = Timer(reps=reps)  # one flush buffer for the whole sweep
     results = []
     for dt in dtypes:
@@ -318,3 +296,11 @@ def summary(results: list[TuneResult]) -> str:
         lines.append(f"| {dt} | {r.problem.m} | {best} | {describe(r.heuristic.config)} | {h} | "
                      f"{r.speedup:.3f} | {len(r.failures)} |")
     return "\n".join(lines)
+
+
+def _autotune_missing(problem, device) -> None:
+    """The autotune-on-miss hook (``DENSEMOE_AUTOTUNE=1``, ``cache.lookup_or_autotune``)."""
+    tune_problem(problem, device, save=True)
+
+
+cache.set_autotuner(_autotune_missing)

@@ -35,18 +35,19 @@ Kernel.
   re-layout of w1): the gate rows into one shared-memory buffer and the up rows into another
   (same swizzled layout), plus a third load for the token tile. Rows past M read as zeros
   (TMA fills out-of-bounds rows), so a ragged last token tile needs no mask until the store.
-* Warp specialisation as in ``fc2_sm90``: warpgroup 0 is the producer (one warp issues the TMA
-  loads into a ``stages``-deep ring guarded by mbarriers, ``PipelineTmaAsync``, and gives its
-  registers away with ``setmaxnreg``); warpgroups 1.. are consumers issuing wgmma. Each k-tile
-  runs the gate and the up wgmmas into two fp32 accumulators with identical layouts, so the
-  SwiGLU pairing is element-wise in registers. A stage is released as soon as the wgmmas that
-  read it are complete (one commit group in flight).
+* Warp specialisation as in ``fc2_sm90`` (the shared pieces are in ``hopper``): warpgroup 0 is
+  the producer (one warp issues the TMA loads into a ``stages``-deep ring guarded by mbarriers,
+  ``PipelineTmaAsync``, and gives its registers away with ``setmaxnreg``); warpgroups 1.. are
+  consumers issuing wgmma. Each k-tile runs the gate and the up wgmmas into two fp32
+  accumulators with identical layouts, so the SwiGLU pairing is element-wise in registers. A
+  stage is released as soon as the wgmmas that read it are complete (one commit group in
+  flight).
 * Orientation (``swap_ab``): 1 = weights are wgmma's M operand (64 rows per consumer atom) and
   tokens its N (``tile_m`` 16..256: M = 1 costs a 16-wide token tile); 0 = tokens are wgmma's M
   (``tile_m = 64 * consumers``, or ``128 * consumers``: two 64-row atoms per consumer, so that
   M = 256 is one token tile and each weight byte goes to the SMs once) and the weight tile its
   N (``tile_i`` up to 256).
-* Clusters (``cluster_n`` x ``cluster_m`` CTAs, at most 4; the construction of ``fc2_sm90``).
+* Clusters (``cluster_n`` x ``cluster_m`` CTAs, at most 4; the construction of ``fc2_sm90``, in ``hopper``).
   The work list is then one of *cluster units*: (weight-tile group ``wg``, token-tile group
   ``mg``), numbered ``wg * m_groups + mg`` (weight-group major, as above), where a weight-tile
   group is ``cluster_n`` consecutive tiles of I (``wt = wg * cluster_n + rank_n``; neighbours
@@ -83,19 +84,18 @@ import functools
 
 import torch
 
-from densemoe.kernels.cute.fc2_sm90 import (  # shared with FC2: limits, dtype map, lazy import probe
+from densemoe.kernels.cute import hopper
+from densemoe.kernels.cute.hopper import (  # shared with FC2; re-exported, the package and tests use them
+    MAX_ACC_REGS,
     SMEM_BYTES,
-    _cutlass_dtype,
-    _ptr,
+    SMEM_RESERVE,
+    cutlass_dtype,
     cute_available,
     max_active_clusters,
+    ptr,
 )
-from densemoe.kernels.triton.fc1 import Fc1Problem  # shared by every backend
+from densemoe.kernels.common import Fc1Problem
 
-_SMEM_RESERVE = 2048  # mbarriers + alignment slack
-_CONSUMER_REGS = 232
-_PRODUCER_REGS = 40
-_MAX_ACC_REGS = 200  # fp32 accumulator (+ epilogue scale) registers per consumer thread
 _SCALE_CHUNK = 8  # token columns whose factors the epilogue reads at once (swap_ab: 16 registers)
 _INDEX_LIMIT = 2**31  # the kernel's tensor coordinates are 32-bit
 FP8 = torch.float8_e4m3fn
@@ -177,7 +177,7 @@ class Fc1CuteConfig:
     def resolved_stages(self, dtype: torch.dtype) -> int:
         if self.stages:
             return self.stages
-        return min(16, (SMEM_BYTES - _SMEM_RESERVE) // self.stage_bytes(dtype))
+        return min(16, (SMEM_BYTES - SMEM_RESERVE) // self.stage_bytes(dtype))
 
     def acc_regs(self) -> int:
         """fp32 registers per consumer thread for the two accumulators."""
@@ -224,13 +224,13 @@ def can_implement(problem: Fc1Problem, config: Fc1CuteConfig) -> tuple[bool, str
     if p.h % c.tile_k:
         return False, f"tile_k={c.tile_k} does not divide H={p.h}"
     regs = c.acc_regs() + c.scale_regs()
-    if regs > _MAX_ACC_REGS:
+    if regs > MAX_ACC_REGS:
         return False, (f"gate and up accumulators and the token factors need {regs} fp32 registers per "
-                       f"thread (limit {_MAX_ACC_REGS})")
+                       f"thread (limit {MAX_ACC_REGS})")
     stages = c.resolved_stages(p.dtype)
     if stages < 2:
         return False, f"stages={stages} must be >= 2"
-    smem = stages * c.stage_bytes(p.dtype) + _SMEM_RESERVE
+    smem = stages * c.stage_bytes(p.dtype) + SMEM_RESERVE
     if smem > SMEM_BYTES:
         return False, f"{stages} stages need {smem} B of shared memory (limit {SMEM_BYTES})"
     if c.cluster_n not in (1, 2, 4) or c.cluster_m not in (1, 2, 4) or c.cluster_size > 4:
@@ -261,8 +261,7 @@ def _build_kernel_class():
     import cutlass
     import cutlass.cute as cute
     import cutlass.pipeline as pipeline
-    import cutlass.utils as utils
-    import cutlass.utils.hopper_helpers as sm90_utils
+    import cutlass.memory  # noqa: F401  (cutlass.memory.SmemAllocator)
     from cutlass import Float32, Int32
 
     log2e = 1.4426950408889634
@@ -306,14 +305,11 @@ def _build_kernel_class():
             mOscale = cute.make_tensor(oscale_ptr, cute.make_layout(1))
             mY = cute.make_tensor(y_ptr, cute.make_layout((m, E * I), stride=(ld_y, 1)))
 
-            self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
-                self.ab_dtype, self.ab_dtype,
-                cute.nvgpu.warpgroup.OperandMajorMode.K, cute.nvgpu.warpgroup.OperandMajorMode.K,
-                Float32, (self.consumers, 1, 1), tiler_mn=(64, self.tile_m if self.swap else self.tile_i))
-            w_layout = self._smem_layout(self.tile_i)
-            x_layout = self._smem_layout(self.tile_m)
-            tma_w, tma_tw = self._tma(mW, w_layout, self.tile_i, self.num_mcast_w)
-            tma_x, tma_tx = self._tma(mX, x_layout, self.tile_m, self.num_mcast_x)
+            self.tiled_mma = hopper.tiled_mma(self.ab_dtype, self.consumers, self.tile_m if self.swap else self.tile_i)
+            w_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_i, self.stages)
+            x_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_m, self.stages)
+            tma_w, tma_tw = hopper.tma_atom(mW, w_layout, self.tile_i, self.tile_k, self.num_mcast_w)
+            tma_x, tma_tx = hopper.tma_atom(mX, x_layout, self.tile_m, self.tile_k, self.num_mcast_x)
 
             @cute.struct
             class SharedStorage:
@@ -323,27 +319,9 @@ def _build_kernel_class():
                 sX: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(x_layout)], 1024]
 
             self.shared_storage = SharedStorage
-            self.kernel(tma_w, tma_tw, tma_x, tma_tx, mAlpha1, mXs, mPost, mOscale, mY, m, has_xs, has_post,
-                        self.tiled_mma, w_layout, x_layout).launch(
-                grid=[num_clusters * self.cluster[0], self.cluster[1], 1],
-                block=[self.threads, 1, 1],
-                cluster=[self.cluster[0], self.cluster[1], 1],
-                min_blocks_per_mp=1,
-                stream=stream,
-            )
-
-        def _smem_layout(self, rows: int):
-            atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
-                sm90_utils.get_smem_layout_atom(utils.LayoutEnum.ROW_MAJOR, self.ab_dtype, self.tile_k),
-                self.ab_dtype)
-            return cute.tile_to_shape(atom, (rows, self.tile_k, self.stages), order=(0, 1, 2))
-
-        def _tma(self, tensor, smem_layout_staged, rows: int, mcast: int):
-            op = (cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp() if mcast == 1
-                  else cute.nvgpu.cpasync.CopyBulkTensorTileG2SMulticastOp())
-            smem_layout = cute.slice_(smem_layout_staged, (None, None, 0))
-            return cute.nvgpu.cpasync.make_tiled_tma_atom(
-                op, tensor, smem_layout, (rows, self.tile_k), num_multicast=mcast)
+            hopper.launch(self.kernel(tma_w, tma_tw, tma_x, tma_tx, mAlpha1, mXs, mPost, mOscale, mY, m, has_xs,
+                                      has_post, self.tiled_mma, w_layout, x_layout),
+                          num_clusters, self.cluster, self.threads, stream)
 
         # ---------------------------------------------------------------- device side
         @cute.kernel
@@ -360,20 +338,12 @@ def _build_kernel_class():
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_w)
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_x)
 
-            # ---- cluster coordinates and multicast masks (as in fc2_sm90: mode 0 = cluster_n,
-            # CTAs on neighbouring weight tiles; mode 1 = cluster_m, on neighbouring token tiles)
-            cta_layout = cute.make_layout((cn, cm, 1))
-            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-            ccoord = cta_layout.get_flat_coord(rank)
-            w_mask = cute.make_layout_image_mask(cta_layout, ccoord, mode=1) if cm > 1 else 0
-            x_mask = cute.make_layout_image_mask(cta_layout, ccoord, mode=0) if cn > 1 else 0
-            bidx, _, _ = cute.arch.block_idx()
-            gdim, _, _ = cute.arch.grid_dim()
-            cluster_id = bidx // cn
-            num_clusters = gdim // cn
+            # ---- cluster coordinates and multicast masks (mode 0 = cluster_n, CTAs on neighbouring
+            # weight tiles; mode 1 = cluster_m, on neighbouring token tiles)
+            cta_layout, ccoord, w_mask, x_mask, cluster_id, num_clusters = hopper.cluster_coords(self.cluster)
 
             # ---- shared memory and the load pipeline
-            smem = utils.SmemAllocator()
+            smem = cutlass.memory.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             w_one = cute.slice_(w_smem_layout, (None, None, 0))
             x_one = cute.slice_(x_smem_layout, (None, None, 0))
@@ -382,30 +352,19 @@ def _build_kernel_class():
             # each consumer warp releases a stage to every CTA that multicasts into it: the CTAs
             # of its row and of its column of the cluster (itself counted once)
             mcast_size = self.num_mcast_w + self.num_mcast_x - 1
-            pipe = pipeline.PipelineTmaAsync.create(
-                barrier_storage=storage.pipe_mbar.data_ptr(),
-                num_stages=self.stages,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, mcast_size * self.consumers * 4),
-                tx_count=tx_bytes,
-                cta_layout_vmnk=cute.make_layout((1, *cta_layout.shape)),
-                defer_sync=True,
-            )
-            pipeline.pipeline_init_arrive(cluster_shape_mn=self.cluster, is_relaxed=True)
-            sG = storage.sG.get_tensor(w_smem_layout.outer, swizzle=w_smem_layout.inner)
-            sU = storage.sU.get_tensor(w_smem_layout.outer, swizzle=w_smem_layout.inner)
-            sX = storage.sX.get_tensor(x_smem_layout.outer, swizzle=x_smem_layout.inner)
+            pipe = hopper.load_pipeline(storage.pipe_mbar.data_ptr(), self.stages, tx_bytes, cta_layout, self.cluster,
+                                        mcast_size, self.consumers)
+            sG = hopper.staged_tensor(storage.sG, w_smem_layout)
+            sU = hopper.staged_tensor(storage.sU, w_smem_layout)
+            sX = hopper.staged_tensor(storage.sX, x_smem_layout)
 
             # ---- global tiles: (rows, tile_k, row tiles, k tiles)
             gW = cute.local_tile(mW, (tile_i, tile_k), (None, None))
             gX = cute.local_tile(mX, (tile_m, tile_k), (None, None))
             # the weight tiles' slices by rank along cluster_m, the token tile's along cluster_n
-            tGsG, tWgW = cute.nvgpu.cpasync.tma_partition(
-                tma_w, ccoord[1], cute.make_layout(cm), cute.group_modes(sG, 0, 2), cute.group_modes(gW, 0, 2))
-            tUsU, _ = cute.nvgpu.cpasync.tma_partition(
-                tma_w, ccoord[1], cute.make_layout(cm), cute.group_modes(sU, 0, 2), cute.group_modes(gW, 0, 2))
-            tXsX, tXgX = cute.nvgpu.cpasync.tma_partition(
-                tma_x, ccoord[0], cute.make_layout(cn), cute.group_modes(sX, 0, 2), cute.group_modes(gX, 0, 2))
+            tGsG, tWgW = hopper.tma_slices(tma_w, ccoord[1], cm, sG, gW)
+            tUsU, _ = hopper.tma_slices(tma_w, ccoord[1], cm, sU, gW)
+            tXsX, tXgX = hopper.tma_slices(tma_x, ccoord[0], cn, sX, gX)
 
             # ---- the work list: cluster units cluster_id, cluster_id + G, ... (weight-tile group
             # major, token-tile group fastest); every CTA of a cluster walks the same list
@@ -417,7 +376,7 @@ def _build_kernel_class():
             warp_group = cute.arch.make_warp_uniform(tidx // 128)
 
             if warp_group == 0:  # ------------------------------------------ producer
-                cute.arch.setmaxregister_decrease(_PRODUCER_REGS)
+                hopper.producer_role()
                 if warp_idx == 0:
                     state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     for cu in range(cluster_id, cunits, num_clusters):
@@ -439,10 +398,7 @@ def _build_kernel_class():
                             state.advance()
                     pipe.producer_tail(state)
             else:  # --------------------------------------------------------- consumers
-                cute.arch.setmaxregister_increase(_CONSUMER_REGS)
-                ctid = tidx - 128
-                wg_mma = tiled_mma.get_slice((warp_group - 1) * 128)  # A/B: per warpgroup
-                thr_mma = tiled_mma.get_slice(ctid)  # C: per thread
+                ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, warp_group, tidx)
                 # wgmma operands of the gate product (gA, gB) and of the up product (uA, uB)
                 if cutlass.const_expr(self.swap):
                     gA = tiled_mma.make_fragment_A(wg_mma.partition_A(sG))
@@ -468,7 +424,9 @@ def _build_kernel_class():
                     inv_os = Float32(1.0) / mOscale[0]
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
                 for cu in range(cluster_id, cunits, num_clusters):
-                    read, release = self._mainloop(tiled_mma, pipe, read, release, gA, gB, uA, uB, acc_g, acc_u)
+                    # the gate and the up products of each k-block in one commit group
+                    read, release = hopper.mainloop(tiled_mma, pipe, read, release, self.kt,
+                                                    ((acc_g, gA, gB), (acc_u, uA, uB)))
                     wt, mt = unit_tiles(cu, m_groups, ccoord[0], ccoord[1], cn, cm)
                     # a padding unit (past the weight tiles or the token tiles): computed on
                     # zeros, not stored
@@ -478,32 +436,6 @@ def _build_kernel_class():
                             it = wt - e * IT
                             self._epilogue(acc_g, acc_u, s_tok, p_tok, tCcC, mAlpha1, mXs, mPost, mY, e,
                                            e * self.I + it * tile_i, mt * tile_m, m, has_xs, has_post, inv_os)
-
-        @cute.jit
-        def _mainloop(self, tiled_mma: cute.TiledMma, pipe, read, release, gA: cute.Tensor, gB: cute.Tensor,
-                      uA: cute.Tensor, uB: cute.Tensor, acc_g: cute.Tensor, acc_u: cute.Tensor):
-            """One unit's k-tiles into the two accumulators; each stage released as soon as the
-            wgmmas that read it are complete (at most two stages held)."""
-            num_kb = cute.size(gA, mode=[2])
-            acc_g.fill(0.0)  # (not ACCUMULATE=False: a helper cannot rebind tiled_mma's state)
-            acc_u.fill(0.0)
-            cute.nvgpu.warpgroup.fence()
-            for kt in cutlass.range(self.kt, unroll=1):
-                pipe.consumer_wait(read)
-                for kb in cutlass.range_constexpr(num_kb):
-                    coord = (None, None, kb, read.index)
-                    cute.gemm(tiled_mma, acc_g, gA[coord], gB[coord], acc_g)
-                    cute.gemm(tiled_mma, acc_u, uA[coord], uB[coord], acc_u)
-                cute.nvgpu.warpgroup.commit_group()
-                if kt > 0:
-                    cute.nvgpu.warpgroup.wait_group(1)
-                    pipe.consumer_release(release)
-                    release.advance()
-                read.advance()
-            cute.nvgpu.warpgroup.wait_group(0)
-            pipe.consumer_release(release)
-            release.advance()
-            return read, release
 
         @cute.jit
         def _epilogue(self, acc_g: cute.Tensor, acc_u: cute.Tensor, s_tok: cute.Tensor, p_tok: cute.Tensor,
@@ -595,8 +527,8 @@ def compile_fc1(config: Fc1CuteConfig, dtype: torch.dtype, out_dtype: torch.dtyp
     if not ok:
         raise ValueError(f"CuTe FC1 config {config} cannot run H={h} E={e} I={i} {dtype}: {why}")
     cls = _kernel_class()
-    ab = _cutlass_dtype(dtype)
-    od = cutlass.Float8E4M3FN if out_dtype == FP8 else _cutlass_dtype(out_dtype)
+    ab = cutlass_dtype(dtype)
+    od = cutlass.Float8E4M3FN if out_dtype == FP8 else cutlass_dtype(out_dtype)
     gmem = cute.AddressSpace.gmem
     f32 = cutlass.Float32
     kern = cls(config, ab, od, h, e, i)
@@ -606,22 +538,16 @@ def compile_fc1(config: Fc1CuteConfig, dtype: torch.dtype, out_dtype: torch.dtyp
             make_ptr(od, 16, gmem, assumed_align=od.width // 8),
             cutlass.Int32(1), cutlass.Int32(1), cutlass.Int32(1), cutlass.Int32(e), cutlass.Int32(e * i),
             cutlass.Int32(1), cuda.CUstream(0))
-    return cute.compile(kern, *args)
+    return hopper.compile_kernel(kern, *args)
 
 
 def runtime_ok(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: torch.Tensor, *,
                x_scale: torch.Tensor | None = None, alpha_post: torch.Tensor | None = None,
                out_scale: torch.Tensor | None = None) -> tuple[bool, str]:
     """Whether these tensors can take the CuTe path (beyond ``can_implement``)."""
-    from densemoe._runtime import capability
-
-    if x.device.type != "cuda":
-        return False, "the CuTe kernel runs on CUDA devices only"
-    cap = capability(x.device)
-    if cap != (9, 0):
-        return False, f"the CuTe kernel is built for sm_90a (Hopper); {x.device} is sm_{cap[0]}{cap[1]}"
-    if not cute_available():
-        return False, "CuTe DSL (nvidia-cutlass-dsl) is not installed"
+    ok, why = hopper.device_ok(x.device)
+    if not ok:
+        return False, why
     for name, t in (("x", x), ("w1", w1)):
         if not t.is_contiguous() or t.data_ptr() % 16:
             return False, f"{name} must be contiguous and 16-byte aligned for the CuTe kernel (TMA)"
@@ -685,8 +611,8 @@ def fc1_cute(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.T
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     cap = max_active_clusters(dev, config.cluster_size) if config.cluster_size > 1 else None
     clusters = launch_clusters(problem, config, sm_count(x.device), cap)
-    ab = _cutlass_dtype(x.dtype)
-    od = cutlass.Float8E4M3FN if y.dtype == FP8 else _cutlass_dtype(y.dtype)
+    ab = cutlass_dtype(x.dtype)
+    od = cutlass.Float8E4M3FN if y.dtype == FP8 else cutlass_dtype(y.dtype)
     f32 = cutlass.Float32
     dummy = alpha1  # never read when its flag is 0
     xs = x_scale if x_scale is not None else dummy
@@ -694,7 +620,7 @@ def fc1_cute(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.T
     osc = out_scale if out_scale is not None else dummy
     ld_post = alpha_post.stride(0) if alpha_post is not None else E
     stream = cuda.CUstream(torch.cuda.current_stream(x.device).cuda_stream)
-    fn(_ptr(w1, ab), _ptr(x, ab), _ptr(alpha1, f32, 4), _ptr(xs, f32, 4), _ptr(post, f32, 4), _ptr(osc, f32, 4),
-       _ptr(y, od, y.element_size()), cutlass.Int32(M), cutlass.Int32(x_scale is not None),
+    fn(ptr(w1, ab), ptr(x, ab), ptr(alpha1, f32, 4), ptr(xs, f32, 4), ptr(post, f32, 4), ptr(osc, f32, 4),
+       ptr(y, od, y.element_size()), cutlass.Int32(M), cutlass.Int32(x_scale is not None),
        cutlass.Int32(alpha_post is not None), cutlass.Int32(ld_post), cutlass.Int32(y.stride(0)),
        cutlass.Int32(clusters), stream)

@@ -34,7 +34,7 @@ at large M.
 * Warp specialisation. Warpgroup 0 is the producer: one warp issues TMA loads of the w and a
   tiles into a ``stages``-deep shared-memory ring guarded by mbarriers (``PipelineTmaAsync``).
   Warpgroups 1.. are consumers issuing wgmma. The producer gives its registers away
-  (``setmaxnreg``) to the consumers.
+  (``setmaxnreg``) to the consumers. (This skeleton, shared with ``fc1_sm90``, is in ``hopper``.)
 * Per expert the consumers accumulate the expert's k-tiles into a temporary accumulator
   (wgmma with ``ACCUMULATE=False`` on the first k-block), then promote it once:
   ``acc += tmp * alpha[m, e]`` per token column. With ``acc_buffers=2`` experts alternate
@@ -58,13 +58,17 @@ import functools
 
 import torch
 
-from densemoe.kernels.triton.fc2 import Fc2Problem, split_workspace, tiles_cut  # shared by every backend
-
-SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit (232448 B)
-_SMEM_RESERVE = 2048  # mbarriers + alignment slack
-_CONSUMER_REGS = 232
-_PRODUCER_REGS = 40
-_MAX_ACC_REGS = 200  # fp32 accumulator registers per consumer thread (main + temporaries)
+from densemoe.kernels.cute import hopper
+from densemoe.kernels.cute.hopper import (  # shared with FC1; re-exported, the package and tests use them
+    MAX_ACC_REGS,
+    SMEM_BYTES,
+    SMEM_RESERVE,
+    cutlass_dtype,
+    cute_available,
+    max_active_clusters,
+    ptr,
+)
+from densemoe.kernels.common import Fc2Problem, split_workspace, tiles_cut
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +128,7 @@ class Fc2CuteConfig:
     def resolved_stages(self, dtype: torch.dtype) -> int:
         if self.stages:
             return self.stages
-        return min(16, (SMEM_BYTES - _SMEM_RESERVE) // self.stage_bytes(dtype))
+        return min(16, (SMEM_BYTES - SMEM_RESERVE) // self.stage_bytes(dtype))
 
 
 def _pow2(x: int) -> bool:
@@ -172,9 +176,9 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
     # thread; otherwise 2 token rows per thread)
     alpha_regs = 2 * (c.tile_m // 4) if c.swap_ab else 2 * 2
     regs = (1 + c.acc_buffers) * c.tile_n * c.tile_m // (128 * c.consumers) + alpha_regs
-    if regs > _MAX_ACC_REGS:
+    if regs > MAX_ACC_REGS:
         return False, (f"accumulators and alpha need {regs} fp32 registers per thread "
-                       f"(limit {_MAX_ACC_REGS}; measured: more spills)")
+                       f"(limit {MAX_ACC_REGS}; measured: more spills)")
     if c.cluster_n not in (1, 2) or c.cluster_m not in (1, 2, 3, 4):
         return False, f"cluster ({c.cluster_n}, {c.cluster_m}) must be 1 or 2 along columns, 1 to 4 along tokens"
     if c.tile_n % (8 * c.cluster_m):
@@ -187,7 +191,7 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
     if c.acc_buffers == 2 and (kt > 8 or stages < 2 * kt + 1):
         return False, (f"acc_buffers=2 holds two experts' k-tiles ({kt} each, unrolled): needs "
                        f"I / tile_k <= 8 and stages >= {2 * kt + 1} (have {stages})")
-    smem = stages * c.stage_bytes(p.dtype) + _SMEM_RESERVE
+    smem = stages * c.stage_bytes(p.dtype) + SMEM_RESERVE
     if smem > SMEM_BYTES:
         return False, f"{stages} stages need {smem} B of shared memory (limit {SMEM_BYTES})"
     if c.ctas < 0 or (c.ctas and c.ctas % c.cluster_size):
@@ -201,38 +205,12 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
 # ----------------------------------------------------------------------------------------
 
 
-def cute_available() -> bool:
-    try:
-        import cutlass  # noqa: F401
-        import cutlass.cute  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
-    return True
-
-
-_TORCH_TO_CUTLASS = {}
-
-
-def _cutlass_dtype(dt: torch.dtype):
-    import cutlass
-
-    if not _TORCH_TO_CUTLASS:
-        _TORCH_TO_CUTLASS.update({
-            torch.float8_e4m3fn: cutlass.Float8E4M3FN,
-            torch.bfloat16: cutlass.BFloat16,
-            torch.float16: cutlass.Float16,
-            torch.float32: cutlass.Float32,
-        })
-    return _TORCH_TO_CUTLASS[dt]
-
-
 def _build_kernel_class():
     """Define the kernel class (needs cutlass); called once."""
     import cutlass
     import cutlass.cute as cute
     import cutlass.pipeline as pipeline
-    import cutlass.utils as utils
-    import cutlass.utils.hopper_helpers as sm90_utils
+    import cutlass.memory  # noqa: F401  (cutlass.memory.SmemAllocator)
     from cutlass import Float32, Int32
 
     class Fc2Sm90:
@@ -273,15 +251,12 @@ def _build_kernel_class():
             mOut = cute.make_tensor(out_ptr, cute.make_layout((m, N), stride=(ld_out, 1)))
             mWs = cute.make_tensor(ws_ptr, cute.make_layout((m, N), stride=(N, 1)))
 
-            self.tiled_mma = sm90_utils.make_trivial_tiled_mma(
-                self.ab_dtype, self.ab_dtype,
-                cute.nvgpu.warpgroup.OperandMajorMode.K, cute.nvgpu.warpgroup.OperandMajorMode.K,
-                Float32, (self.consumers, 1, 1), tiler_mn=(64, self.tile_m if self.swap else self.tile_n))
-            w_layout = self._smem_layout(self.tile_n)
-            a_layout = self._smem_layout(self.tile_m)
+            self.tiled_mma = hopper.tiled_mma(self.ab_dtype, self.consumers, self.tile_m if self.swap else self.tile_n)
+            w_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_n, self.stages)
+            a_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_m, self.stages)
             self.w_smem_layout, self.a_smem_layout = w_layout, a_layout
-            tma_w, tma_tw = self._tma(mW, w_layout, self.tile_n, self.num_mcast_w)
-            tma_a, tma_ta = self._tma(mA, a_layout, self.tile_m, self.num_mcast_a)
+            tma_w, tma_tw = hopper.tma_atom(mW, w_layout, self.tile_n, self.tile_k, self.num_mcast_w)
+            tma_a, tma_ta = hopper.tma_atom(mA, a_layout, self.tile_m, self.tile_k, self.num_mcast_a)
 
             @cute.struct
             class SharedStorage:
@@ -291,27 +266,9 @@ def _build_kernel_class():
                 sA: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(a_layout)], 1024]
 
             self.shared_storage = SharedStorage
-            self.kernel(tma_w, tma_tw, tma_a, tma_ta, mAlpha, mOut, mWs, cnt_ptr, m,
-                        self.tiled_mma, w_layout, a_layout).launch(
-                grid=[num_clusters * self.cluster[0], self.cluster[1], 1],
-                block=[self.threads, 1, 1],
-                cluster=[self.cluster[0], self.cluster[1], 1],
-                min_blocks_per_mp=1,
-                stream=stream,
-            )
-
-        def _smem_layout(self, rows: int):
-            atom = cute.nvgpu.warpgroup.make_smem_layout_atom(
-                sm90_utils.get_smem_layout_atom(utils.LayoutEnum.ROW_MAJOR, self.ab_dtype, self.tile_k),
-                self.ab_dtype)
-            return cute.tile_to_shape(atom, (rows, self.tile_k, self.stages), order=(0, 1, 2))
-
-        def _tma(self, tensor, smem_layout_staged, rows: int, mcast: int):
-            op = (cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp() if mcast == 1
-                  else cute.nvgpu.cpasync.CopyBulkTensorTileG2SMulticastOp())
-            smem_layout = cute.slice_(smem_layout_staged, (None, None, 0))
-            return cute.nvgpu.cpasync.make_tiled_tma_atom(
-                op, tensor, smem_layout, (rows, self.tile_k), num_multicast=mcast)
+            hopper.launch(self.kernel(tma_w, tma_tw, tma_a, tma_ta, mAlpha, mOut, mWs, cnt_ptr, m,
+                                      self.tiled_mma, w_layout, a_layout),
+                          num_clusters, self.cluster, self.threads, stream)
 
         # ---------------------------------------------------------------- device side
         @cute.kernel
@@ -328,45 +285,28 @@ def _build_kernel_class():
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_w)
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_a)
 
-            # ---- cluster coordinates and multicast masks
-            cta_layout = cute.make_layout((cn, cm, 1))
-            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-            ccoord = cta_layout.get_flat_coord(rank)
-            w_mask = cute.make_layout_image_mask(cta_layout, ccoord, mode=1) if cm > 1 else 0
-            a_mask = cute.make_layout_image_mask(cta_layout, ccoord, mode=0) if cn > 1 else 0
-            bidx, _, _ = cute.arch.block_idx()
-            gdim, _, _ = cute.arch.grid_dim()
-            cluster_id = bidx // cn
-            num_clusters = gdim // cn
+            # ---- cluster coordinates and multicast masks (w: to the CTAs on other token tiles,
+            # a: to the CTAs on other column tiles)
+            cta_layout, ccoord, w_mask, a_mask, cluster_id, num_clusters = hopper.cluster_coords(self.cluster)
 
             # ---- shared memory and the load pipeline
-            smem = utils.SmemAllocator()
+            smem = cutlass.memory.SmemAllocator()
             storage = smem.allocate(self.shared_storage)
             w_one = cute.slice_(w_smem_layout, (None, None, 0))
             a_one = cute.slice_(a_smem_layout, (None, None, 0))
             tx_bytes = cute.size_in_bytes(self.ab_dtype, w_one) + cute.size_in_bytes(self.ab_dtype, a_one)
             mcast_size = self.num_mcast_w + self.num_mcast_a - 1
-            pipe = pipeline.PipelineTmaAsync.create(
-                barrier_storage=storage.pipe_mbar.data_ptr(),
-                num_stages=self.stages,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, mcast_size * self.consumers * 4),
-                tx_count=tx_bytes,
-                cta_layout_vmnk=cute.make_layout((1, *cta_layout.shape)),
-                defer_sync=True,
-            )
-            pipeline.pipeline_init_arrive(cluster_shape_mn=self.cluster, is_relaxed=True)
-            sW = storage.sW.get_tensor(w_smem_layout.outer, swizzle=w_smem_layout.inner)
-            sA = storage.sA.get_tensor(a_smem_layout.outer, swizzle=a_smem_layout.inner)
+            pipe = hopper.load_pipeline(storage.pipe_mbar.data_ptr(), self.stages, tx_bytes, cta_layout, self.cluster,
+                                        mcast_size, self.consumers)
+            sW = hopper.staged_tensor(storage.sW, w_smem_layout)
+            sA = hopper.staged_tensor(storage.sA, a_smem_layout)
             flag = storage.flag.get_tensor(cute.make_layout(4))
 
             # ---- global tiles: (rows, tile_k, row tiles, k tiles)
             gW = cute.local_tile(mW, (tile_n, tile_k), (None, None))
             gA = cute.local_tile(mA, (tile_m, tile_k), (None, None))
-            tWsW, tWgW = cute.nvgpu.cpasync.tma_partition(
-                tma_w, ccoord[1], cute.make_layout(cm), cute.group_modes(sW, 0, 2), cute.group_modes(gW, 0, 2))
-            tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
-                tma_a, ccoord[0], cute.make_layout(cn), cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
+            tWsW, tWgW = hopper.tma_slices(tma_w, ccoord[1], cm, sW, gW)
+            tAsA, tAgA = hopper.tma_slices(tma_a, ccoord[0], cn, sA, gA)
 
             # ---- the work list: units [u0, u1) of this cluster
             m_tiles = (m + tile_m - 1) // tile_m
@@ -380,7 +320,7 @@ def _build_kernel_class():
             warp_group = cute.arch.make_warp_uniform(tidx // 128)
 
             if warp_group == 0:  # ------------------------------------------ producer
-                cute.arch.setmaxregister_decrease(_PRODUCER_REGS)
+                hopper.producer_role()
                 if warp_idx == 0:
                     state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     for u in range(u0, u1):
@@ -402,10 +342,7 @@ def _build_kernel_class():
                             state.advance()
                     pipe.producer_tail(state)
             else:  # --------------------------------------------------------- consumers
-                cute.arch.setmaxregister_increase(_CONSUMER_REGS)
-                ctid = tidx - 128
-                wg_mma = tiled_mma.get_slice((warp_group - 1) * 128)  # A/B: per warpgroup
-                thr_mma = tiled_mma.get_slice(ctid)  # C: per thread
+                ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, warp_group, tidx)
                 # tCrA / tCrB: wgmma's A and B operands (w and a when swapped, else a and w)
                 if cutlass.const_expr(self.swap):
                     tCrA = tiled_mma.make_fragment_A(wg_mma.partition_A(sW))
@@ -430,7 +367,8 @@ def _build_kernel_class():
                     self._load_alpha(alpha_nxt, mAlpha, tCcC, u0, m_groups, num_clusters, ccoord[1], m)
                 if cutlass.const_expr(self.acc_buffers == 1):
                     for u in range(u0, u1):
-                        read, release = self._issue_release(tiled_mma, pipe, read, release, tCrA, tCrB, tmp0)
+                        read, release = hopper.mainloop(tiled_mma, pipe, read, release, self.kt_per_expert,
+                                                        ((tmp0, tCrA, tCrB),))
                         self._finish(u, u0, u1, m_groups, num_clusters, ccoord, tmp0, acc, alpha_cur, alpha_nxt, mAlpha,
                                      tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
                 else:
@@ -455,30 +393,6 @@ def _build_kernel_class():
                         release = self._release(pipe, release)
                         self._finish(u1 - 1, u0, u1, m_groups, num_clusters, ccoord, tmp1, acc, alpha_cur, alpha_nxt,
                                      mAlpha, tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
-
-        @cute.jit
-        def _issue_release(self, tiled_mma: cute.TiledMma, pipe, read, release, tCrA: cute.Tensor,
-                           tCrB: cute.Tensor, tmp: cute.Tensor):
-            """One unit's k-tiles into tmp; each stage released as soon as its wgmma is done
-            (at most two stages held: works for any number of k-tiles per expert)."""
-            num_kb = cute.size(tCrA, mode=[2])
-            tmp.fill(0.0)  # (not ACCUMULATE=False: a helper cannot rebind tiled_mma's state)
-            cute.nvgpu.warpgroup.fence()
-            for kt in cutlass.range(self.kt_per_expert, unroll=1):
-                pipe.consumer_wait(read)
-                for kb in cutlass.range_constexpr(num_kb):
-                    coord = (None, None, kb, read.index)
-                    cute.gemm(tiled_mma, tmp, tCrA[coord], tCrB[coord], tmp)
-                cute.nvgpu.warpgroup.commit_group()
-                if kt > 0:
-                    cute.nvgpu.warpgroup.wait_group(1)
-                    pipe.consumer_release(release)
-                    release.advance()
-                read.advance()
-            cute.nvgpu.warpgroup.wait_group(0)
-            pipe.consumer_release(release)
-            release.advance()
-            return read, release
 
         @cute.jit
         def _issue(self, tiled_mma: cute.TiledMma, pipe, read, tCrA: cute.Tensor, tCrB: cute.Tensor,
@@ -646,28 +560,22 @@ def compile_fc2(config: Fc2CuteConfig, dtype: torch.dtype, out_dtype: torch.dtyp
     if not ok:
         raise ValueError(f"CuTe FC2 config {config} cannot run N={n} E={e} I={i} {dtype}: {why}")
     cls = _kernel_class()
-    ab = _cutlass_dtype(dtype)
-    od = _cutlass_dtype(out_dtype)
+    ab = cutlass_dtype(dtype)
+    od = cutlass_dtype(out_dtype)
     gmem = cute.AddressSpace.gmem
     kern = cls(config, ab, od, n, e, i)
     args = (make_ptr(ab, 16, gmem, assumed_align=16), make_ptr(ab, 16, gmem, assumed_align=16),
             make_ptr(cutlass.Float32, 16, gmem, assumed_align=4), make_ptr(od, 16, gmem, assumed_align=od.width // 8),
             make_ptr(cutlass.Float32, 16, gmem, assumed_align=16), make_ptr(cutlass.Int32, 16, gmem, assumed_align=4),
             cutlass.Int32(1), cutlass.Int32(e), cutlass.Int32(n), cutlass.Int32(1), cuda.CUstream(0))
-    return cute.compile(kern, *args)
+    return hopper.compile_kernel(kern, *args)
 
 
 def runtime_ok(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> tuple[bool, str]:
     """Whether these tensors can take the CuTe path (beyond ``can_implement``)."""
-    from densemoe._runtime import capability
-
-    if a.device.type != "cuda":
-        return False, "the CuTe kernel runs on CUDA devices only"
-    cap = capability(a.device)
-    if cap != (9, 0):
-        return False, f"the CuTe kernel is built for sm_90a (Hopper); {a.device} is sm_{cap[0]}{cap[1]}"
-    if not cute_available():
-        return False, "CuTe DSL (nvidia-cutlass-dsl) is not installed"
+    ok, why = hopper.device_ok(a.device)
+    if not ok:
+        return False, why
     for name, t in (("a", a), ("w", w)):
         if not t.is_contiguous() or t.data_ptr() % 16:
             return False, f"{name} must be contiguous and 16-byte aligned for the CuTe kernel (TMA)"
@@ -676,13 +584,6 @@ def runtime_ok(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     if alpha.shape[0] > 1 and alpha.stride(0) < alpha.shape[1]:
         return False, "alpha rows overlap"
     return True, ""
-
-
-def _ptr(t: torch.Tensor, dtype, align: int = 16):
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_ptr
-
-    return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
 
 
 def lockstep_expert(u: int, units: int, clusters: int, e: int) -> int:
@@ -698,18 +599,6 @@ def units_of(problem: Fc2Problem, config: Fc2CuteConfig) -> int:
     m_groups = -(-(-(-p.m // c.tile_m)) // c.cluster_m)
     n_groups = -(-p.n // (c.tile_n * c.cluster_n))
     return m_groups * n_groups * p.e
-
-
-@functools.lru_cache(maxsize=32)
-def max_active_clusters(device_index: int, cluster_size: int) -> int:
-    """How many clusters of this size the GPU can hold at once (asked once per device and
-    size, at the first call that needs it; never at import). Clusters must fit in one GPC, so
-    for size 4 or 8 this is less than SMs / size: a launch sized by SMs alone would run a
-    second, nearly empty wave."""
-    import cutlass.utils as utils
-
-    with torch.cuda.device(device_index):
-        return int(utils.HardwareInfo(device_index).get_max_active_clusters(cluster_size))
 
 
 def launch_shape(problem: Fc2Problem, config: Fc2CuteConfig, num_sms: int,
@@ -752,8 +641,8 @@ def fc2_cute(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.T
     # counters for every tile a cluster can address, padding tiles included
     ws, cnt = split_workspace(M, N, -(-M // config.tile_m) + config.cluster_m,
                               -(-N // config.tile_n) + config.cluster_n, cut, a.device)
-    ab = _cutlass_dtype(a.dtype)
+    ab = cutlass_dtype(a.dtype)
     stream = cuda.CUstream(torch.cuda.current_stream(a.device).cuda_stream)
-    fn(_ptr(w, ab), _ptr(a, ab), _ptr(alpha, cutlass.Float32, 4), _ptr(out, _cutlass_dtype(out.dtype), out.element_size()),
-       _ptr(ws, cutlass.Float32), _ptr(cnt, cutlass.Int32, 4), cutlass.Int32(M), cutlass.Int32(alpha.stride(0)), cutlass.Int32(out.stride(0)),
+    fn(ptr(w, ab), ptr(a, ab), ptr(alpha, cutlass.Float32, 4), ptr(out, cutlass_dtype(out.dtype), out.element_size()),
+       ptr(ws, cutlass.Float32), ptr(cnt, cutlass.Int32, 4), cutlass.Int32(M), cutlass.Int32(alpha.stride(0)), cutlass.Int32(out.stride(0)),
        cutlass.Int32(clusters), stream)

@@ -38,20 +38,18 @@ import triton
 import triton.language as tl
 
 from densemoe._runtime import sm_count, supports_tma
-from densemoe.kernels.triton.fc2 import tma_compatible
+from densemoe.kernels.common import SMEM_BYTES, Fc1Problem, reused_zeros, tma_compatible
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
-from densemoe.kernels.triton.workspace import reused_zeros
-from densemoe.kernels.triton.skip import (DEFAULT_TOP_K, _expert_at, _tile_list, _tile_positions, list_blocks,
-                                          lists_scratch)
+from densemoe.kernels.triton.skip import _expert_at, _tile_list, _tile_positions, list_blocks, lists_scratch
 
 FP8_MAX = 448.0
-# Skipping: spread the units over the whole grid when there are fewer than programs (probe switch)
+# Skipping: spread the units over the whole grid when there are fewer than programs (a switch
+# for probes; docs/skipping.md)
 SPREAD_UNITS = True
-# stream_k configs: the largest last wave (share of the programs) cut by k-steps over every program
-# (skewed M = 8 gained 5 us from 0.25 up; 0.5 and 1 lost 2-6% where they triggered on larger last
-# waves: ``bench/experiments/fc1_streamk_probe.py``)
+# stream_k configs: the largest last wave (share of the programs) that is cut by k-steps over
+# every program; longer last waves run as whole units (docs/skipping.md has the sweep)
 STREAM_K_TAIL = 0.25
-SMEM_BYTES = 232448 - 1024  # Hopper's per-block limit, less Triton's barriers and slack
+_SMEM_RESERVE = 1024  # Triton's barriers and slack
 
 
 @triton.jit
@@ -417,26 +415,6 @@ def _fc1_fill(pos, n_pairs, first, NUM_PROGS, lists_ptr, counts_ptr, y_ptr, ys_p
 
 
 @dataclasses.dataclass(frozen=True)
-class Fc1Problem:
-    """The static description of one FC1 call (M is bucketed wherever it keys anything)."""
-
-    m: int
-    h: int
-    e: int
-    i: int
-    dtype: torch.dtype
-    out_dtype: torch.dtype
-
-    @property
-    def n(self) -> int:  # the GEMM's N (rows of w1) and K, for tuning keys
-        return self.e * 2 * self.i
-
-    @property
-    def k(self) -> int:
-        return self.h
-
-
-@dataclasses.dataclass(frozen=True)
 class Fc1TritonConfig:
     """One FC1 tactic: token tile x tile of I (gate and up each) x k-tile, warps, pipeline depth."""
 
@@ -497,101 +475,13 @@ def can_implement(problem: Fc1Problem, config: Fc1TritonConfig, dynamic_scale: b
     if acc_regs > 128:
         return False, f"two {c.block_m}x{c.block_i} fp32 accumulators need {acc_regs} registers per thread (> 128)"
     smem = c.num_stages * (c.block_m + 2 * c.block_i) * c.block_k * problem.dtype.itemsize
-    if smem > SMEM_BYTES:
+    budget = SMEM_BYTES - _SMEM_RESERVE
+    if smem > budget:
         return False, (f"{c.num_stages} stages of a {c.block_m}-token and two {c.block_i}-row k-tiles need {smem} B "
-                       f"of shared memory (limit {SMEM_BYTES})")
-    if c.persistent > 1 and c.persistent * smem > SMEM_BYTES:
+                       f"of shared memory (limit {budget})")
+    if c.persistent > 1 and c.persistent * smem > budget:
         return False, f"{c.persistent} persistent programs per SM need {c.persistent} x {smem} B of shared memory"
     return True, ""
-
-
-def default_config(problem: Fc1Problem) -> Fc1TritonConfig:
-    """Deterministic choice, no timing: the tuner's picks on the H100 (DeepSeek-V3 TP8 and
-    Qwen3-30B-A3B, fp8 and bf16; ``bench/results/tune_fc1_h100_*.md``), as one rule. Swap-AB
-    (weights as the MMA's M, 64-row weight tiles) with the smallest token tile that holds M up to
-    M = 128, 256-byte k-tiles, 4 stages; 128-token tiles take 128-element k-tiles and 3 stages
-    (fp8: two programs per SM, 1-1.4% faster at M = 96-128 on TP8,
-    ``bench/results/fc1_persistent_h100_2026-11-26.md``); above, 128 tokens x 128 columns per
-    tile, 8 warps."""
-    p = problem
-    es = p.dtype.itemsize
-    if p.m <= 128 and p.i >= 64:
-        bm = 16 if p.m <= 16 else 32 if p.m <= 32 else 64 if p.m <= 64 else 128
-        cfg = Fc1TritonConfig(bm, 64, 256 // es, 4, 4, 1, 1) if bm <= 64 else Fc1TritonConfig(128, 64, 128, 4, 3, 1, 1)
-    else:
-        bi = 128 if p.i >= 128 else max(16, 1 << (max(p.i, 1) - 1).bit_length())
-        cfg = Fc1TritonConfig(128 if p.m > 64 else 64, bi, 128 // es, 8, 4, 0, 1)
-    ok, why = can_implement(p, cfg)
-    assert ok, f"default_config produced an invalid config for {p}: {why}"
-    return cfg
-
-
-def expected_active(m: int, e: int, top_k: int = DEFAULT_TOP_K) -> int:
-    """Experts some token of an m-token tile picks, at most: m * top_k (``DEFAULT_TOP_K`` unless
-    given)."""
-    return max(1, min(e, m * top_k))
-
-
-def default_skip_config(problem: Fc1Problem, num_sms: int = 132) -> Fc1TritonConfig:
-    """Deterministic config for FC1 with expert skipping (persistent programs, one token tile
-    that holds M). The tile of I is the largest of 64 / 32 / 16 rows that still gives a fifth
-    of the SMs a unit when ``expected_active`` experts are picked; below 64 rows the tokens are
-    the MMA's M (16-token tiles). Measured on the H100 (TP8 fp8, ``bench/experiments/
-    skip_variants.py``, ``skip_coldstart.py``): at M = 1 64-row tiles (swap-AB, wgmma) took
-    23.2 us for 8 picked experts against 23.5 for 32-row tiles and 31.0 for 16-row tiles, and
-    15.9 against 21.6 us for one picked expert; at M = 2-4, 64-row tiles were best too.
-    Above 64 tokens, the dense rule's tile as one persistent program per SM. Where even four
-    times the expected units fit in one program per SM (M = 1 at top-8), each tile's k-range is
-    cut in four (``split_k``): M = 1 18.3 against 19.2 us, the layer 40.2 against 41.2; at
-    M = 2-8 splitting was slower (``bench/experiments/fc1_splitk_probe.py``). Where uniform routing
-    would give more units than programs and the token tile is 16 rows (M = 8-16 at top-8 of 256),
-    ``stream_k``: a last wave of at most a quarter of the programs' count is cut by k-steps over
-    every program, so a routing that picks a few experts more than one wave holds does not leave
-    most SMs idle while a few take a second unit (TP8 fp8: skewed M = 8 57.8 -> 52.8 us, uniform
-    M = 16 -1.5 to -3.5%; bf16 M = 16 -4.8%; where the last wave is longer it does not trigger and
-    costs 0.1-0.3 us). With 32- and 64-token tiles each cut unit adds 8-32 KB of fp32 partial
-    sums: -2.4% to +3% there (skewed M = 64 193.5 -> 199.6 us), so off
-    (``bench/experiments/fc1_streamk_probe.py``)."""
-    p = problem
-    es = p.dtype.itemsize
-    act = expected_active(p.m, p.e)
-    bi = 16
-    for cand in (64, 32):
-        if act * -(-p.i // cand) >= 0.2 * num_sms:
-            bi = cand
-            break
-    if p.m <= 64 and bi < 64:
-        bk = 256 // es
-        stage = (16 + 2 * bi) * bk * es
-        cfg = Fc1TritonConfig(16, bi, bk, 4, max(2, min(6, 120 * 1024 // stage)), 0, 1, persistent=1)
-    else:
-        cfg = dataclasses.replace(default_config(p), persistent=1)
-    units = -(-p.m // cfg.block_m) * act * -(-p.i // cfg.block_i)
-    if 4 * units <= num_sms and -(-p.h // cfg.block_k) >= 4:
-        cfg = dataclasses.replace(cfg, split_k=4)
-    elif units > num_sms and cfg.block_m == 16:
-        cfg = dataclasses.replace(cfg, stream_k=1)
-    ok, why = can_implement(p, cfg)
-    assert ok, f"default_skip_config produced an invalid config for {p}: {why}"
-    return cfg
-
-
-def default_config_dynamic(problem: Fc1Problem) -> Fc1TritonConfig:
-    """The rule for an fp8 output with a dynamic per-(token, expert) scale, where one tile must
-    hold all of an expert's I (I <= 256): swap-AB with 16/32/64-token tiles up to M = 64, tokens
-    as the MMA's M (64 per tile) above; 128-byte k-tiles, 3 stages (not measured yet)."""
-    p = problem
-    bi = max(64, 1 << (max(p.i, 1) - 1).bit_length())
-    bk = 128 // p.dtype.itemsize
-    if p.m <= 64:
-        bm = 16 if p.m <= 16 else 32 if p.m <= 32 else 64
-        cfg = Fc1TritonConfig(bm, bi, bk, 4 if bm * bi <= 16 * 256 else 8, 3, 1, 1)
-    else:
-        cfg = Fc1TritonConfig(64, bi, bk, 8, 3, 0, 1)
-    ok, why = can_implement(p, cfg, dynamic_scale=True)
-    if not ok:
-        raise ValueError(f"no FC1 tile holds I={p.i} for a dynamic fp8 scale: {why}")
-    return cfg
 
 
 def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch.Tensor,

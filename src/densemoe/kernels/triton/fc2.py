@@ -194,27 +194,11 @@ import functools  # noqa: E402
 import torch  # noqa: E402
 
 from densemoe._runtime import sm_count, supports_tma  # noqa: E402
-from densemoe.kernels.triton.workspace import reused_zeros  # noqa: E402
+from densemoe.kernels.common import (SMEM_BYTES, Fc2Problem, split_workspace, tiles_cut,  # noqa: E402
+                                     tma_compatible)
 
-SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit
 _SMEM_RESERVE = 1024  # barriers, alpha ring
 _MAX_ACC_REGS = 192  # fp32 registers per thread for the two accumulators (acc + per-expert part)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fc2Problem:
-    """The static description of one FC2 call (what a config must fit)."""
-
-    m: int
-    n: int
-    e: int
-    i: int
-    dtype: torch.dtype  # of a and w
-    out_dtype: torch.dtype
-
-    @property
-    def k(self) -> int:
-        return self.e * self.i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,45 +301,6 @@ def _grid_groups(problem: Fc2Problem, config: Fc2TritonConfig, wave: int) -> tup
     return m_tiles, min(groups, n_tiles * problem.e)
 
 
-@functools.lru_cache(maxsize=1024)
-def tiles_cut(n_tiles: int, e: int, groups: int) -> bool:
-    """Whether splitting ``n_tiles * e`` (tile, expert) units evenly over ``groups`` workers cuts
-    some tile (so partial sums need the workspace). Shared by the Triton and CuTe launchers;
-    cached because it loops over the groups."""
-    units = n_tiles * e
-    return any((g * units // groups) % e for g in range(1, groups))
-
-
-def split_workspace(m: int, n: int, m_tiles: int, n_tiles: int, cut: bool, device,
-                    reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 partial sums [m * n], int32 per-tile counters [m_tiles * n_tiles]) for launches that
-    cut tiles, zeroed; a 1-element placeholder (never touched) when no tile is cut. Shared by the
-    Triton and CuTe launchers.
-
-    ``reuse`` (the Triton kernel, which leaves every element and counter it touched at zero):
-    a view of ``workspace.reused_zeros``, zeroed once per device and stream, no memset per call.
-    Without it: fresh zeros.
-    """
-    if not cut:
-        ws = torch.empty(1, dtype=torch.float32, device=device)
-        return ws, ws.view(torch.int32)
-    need = m * n + m_tiles * n_tiles
-    if reuse:
-        buf = reused_zeros(need, device)
-        return buf[: m * n], buf[m * n:].view(torch.int32)
-    ws = torch.zeros(need, dtype=torch.float32, device=device)
-    return ws, ws[m * n:].view(torch.int32)
-
-
-def tma_compatible(*tensors: torch.Tensor) -> bool:
-    """TMA needs a unit inner stride, 16-byte aligned row strides and base address."""
-    for t in tensors:
-        if (t.stride(1) != 1 or t.stride(0) < t.shape[1] or (t.stride(0) * t.element_size()) % 16
-                or t.data_ptr() % 16):
-            return False
-    return True
-
-
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
                config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False,
                w_scale: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None) -> None:
@@ -384,9 +329,8 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     # with skipping a tile's unit count is only known on the GPU: any split may cut a tile,
     # except one program per column tile (split=1), which always holds all of its experts
     cut = (config.split != 1 and groups > 1) if skip else tiles_cut(n_tiles, E, groups)
-    # The reused workspace (no memset) with skipping only: there it saved 1.7-3.7 us at M = 4-64
-    # (bench/experiments/fc2_ws_probe.py); on the dense path its lines are cold in L2 when the
-    # atomics come (a fresh memset leaves them hot): H100 TP8 fp8 layer M = 192 724 against 689 us.
+    # The reused workspace (no memset) with skipping only: on the dense path (large M) its lines
+    # are cold in L2 when the atomics come, where a fresh memset leaves them hot (docs/skipping.md).
     ws, cnt = split_workspace(M, N, m_tiles, n_tiles, cut, a.device, reuse=skip)
     ids = skip and expert_ids is not None
     if ids and M != 1:

@@ -1,6 +1,6 @@
 """The router's gate GEMV for small M, with the per-token fp8 quantisation of x fused in.
 
-Semantics (``densemoe.routing.router_logits_ref`` is the torch twin)::
+Semantics (``densemoe.reference.router_logits_ref`` is the torch twin)::
 
     # x [M, H] bf16 / fp16 / fp32, weight [E, H] bf16 / fp16 / fp32 (unit stride along H)
     w = weight.to(x.dtype) if CAST_W else weight      # F.linear(x, weight.to(x.dtype)): CAST_W

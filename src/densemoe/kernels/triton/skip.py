@@ -1,6 +1,6 @@
 """Expert skipping: the experts each token tile picked, listed on the GPU in one small kernel.
 
-Semantics (``active_experts_ref`` is the executable twin)::
+Semantics (``densemoe.reference.active_experts_ref`` is the executable twin)::
 
     # routing: [M, E]  any dtype; routing[m, e] != 0 means token m picked expert e
     T = cdiv(M, block_m)                                  # token tiles
@@ -22,10 +22,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-# The top-k that skipping's rules assume when the caller does not say (DeepSeek-V3, Qwen3-MoE:
-# 8): FC1's tile choice (``fc1.expected_active``) and the skip rule (``ops.fc2.skip_by_default``).
-DEFAULT_TOP_K = 8
 
 
 @triton.jit
@@ -105,18 +101,4 @@ def active_experts(routing: torch.Tensor, block_m: int) -> tuple[torch.Tensor, t
     block_e, rows = list_blocks(E, block_m)
     _active_lists_kernel[(T,)](r, lists, counts, M, E, r.stride(0), r.stride(1),
                                BLOCK_M=block_m, ROWS=rows, BLOCK_E=block_e, num_warps=4)
-    return lists, counts
-
-
-def active_experts_ref(routing: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch twin of ``active_experts`` (same outputs, bit for bit)."""
-    M, E = routing.shape
-    T = num_token_tiles(M, block_m)
-    lists = torch.empty((T, E), dtype=torch.int32, device=routing.device)
-    counts = torch.empty((T,), dtype=torch.int32, device=routing.device)
-    for t in range(T):
-        picked = (routing[t * block_m:(t + 1) * block_m] != 0).any(dim=0)
-        ids = torch.arange(E, device=routing.device, dtype=torch.int32)
-        lists[t] = torch.cat([ids[picked], ids[~picked]])
-        counts[t] = int(picked.sum())
     return lists, counts

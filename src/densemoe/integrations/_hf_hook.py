@@ -21,7 +21,7 @@ TARGET = "transformers.integrations.moe"
 
 def _register() -> None:
     try:
-        from densemoe.layer import register_hf
+        from densemoe.integrations.hf import register_hf
 
         register_hf()
     except Exception as exc:  # noqa: BLE001 - never break the user's transformers import

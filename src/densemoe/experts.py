@@ -1,0 +1,112 @@
+"""The routed experts of an MoE layer on densemoe's kernels: FC1 (SwiGLU fused) -> FC2, for a
+given alpha [M, E], with no host sync anywhere.
+
+    fp8:  x8, sx = quantize_per_token(x)                     # [M, H] fp8, [M]
+          y = fc1(x8, w1, alpha1, x_scale=sx, routing=alpha)  # [M, E*I] bf16, SwiGLU fused
+          y8, alpha2 = quantize_y_fold_alpha(y, alpha, w2_scale)
+              # one kernel; reads y only where alpha != 0, writes zeros elsewhere
+          (where ``strategy.quantize_y_in_fc1(I)``: y8, s_y = fc1_fp8_dynamic(...) quantises in
+           FC1's epilogue and alpha2 = alpha * s_y * w2_scale)
+          out = fc2(y8, w2, alpha2)                          # [M, H] bf16
+    bf16: out = fc2(fc1(x, w1, alpha1, routing=alpha), w2, alpha * w2_scale)
+          (with skipping: fc2(..., alpha, w_scale=w2_scale))
+
+Expert skipping (``skip``; the strategy module's rule by default): FC1 and FC2 each list, on the
+GPU, the experts each token tile picked and read only those weights; for one token the caller
+may hand them the router's top-k ids as that list (``expert_ids``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from densemoe.ops import _validate as v
+from densemoe.ops import strategy
+from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
+from densemoe.ops.fc2 import fc2
+from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
+from densemoe.weights import PreparedWeights
+
+OP = "experts_forward"
+
+
+def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor, *,
+                    skip: bool | None = None, top_k: int | None = None,
+                    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """out [M, H] = sum_e alpha[m, e] * expert_e(x[m]) with expert_e = down(silu(gate x) * up x).
+
+    Args:
+        x:        [M, H] bf16 / fp16 / fp32 (any floating dtype): the tokens.
+        prepared: ``PreparedWeights`` from ``densemoe.prepare_weights`` (fp8 or bf16 kernels).
+        alpha:    [M, E] floating (used as float32): the routing weight of expert e for token m,
+                  0 where m did not pick e (``densemoe.routing.alpha_from_topk`` builds it).
+        skip:     expert skipping in FC1 and FC2 (the experts no token of a tile picked are never
+                  read): None (default) where it pays (``strategy.skip_by_default(M, E, top_k)``),
+                  True always, False never (the dense path).
+        top_k:    the routing's top-k, for that rule (default 8).
+        x_quant:  (x8, sx) = ``quantize_per_token(x)`` already computed (``DenseMoE`` gets it from
+                  the router's fused kernel); fp8 weights only.
+        expert_ids: [k] or [M, k] integer: the experts the tokens picked (``DenseMoE`` passes its
+                  router's top-k ids, distinct per row, in [0, E)). Used at M = 1 with skipping
+                  (FC1 and FC2 walk them instead of listing them from alpha), ignored otherwise.
+
+    Returns [M, H] in x's dtype (bf16 for an fp8 x). Bad input raises TypeError / ValueError
+    naming the argument.
+    """
+    if not isinstance(prepared, PreparedWeights):
+        raise TypeError(f"{OP}: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) returns, "
+                        f"got {type(prepared).__name__}")
+    H, E = prepared.hidden, prepared.num_experts
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
+        raise ValueError(f"{OP}: x must be a [M, H={H}] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{OP}: x must have a floating dtype (bfloat16, float16, float32), got {x.dtype}")
+    M = x.shape[0]
+    if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != (M, E):
+        raise ValueError(f"{OP}: alpha must be a [M, E] = [{M}, {E}] tensor (one routing weight per token and "
+                         f"expert), got {tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__}")
+    if not alpha.is_floating_point():
+        raise TypeError(f"{OP}: alpha must have a floating dtype, got {alpha.dtype}")
+    for name, t in (("alpha", alpha), ("prepared weights", prepared.w1)):
+        if t.device != x.device:
+            raise ValueError(f"{OP}: {name} is on {t.device} but x is on {x.device}; all must be on one device")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E):
+        raise ValueError(f"{OP}: top_k must be an int in [1, E={E}], got {top_k!r}")
+    skip = strategy.resolve_skip(OP, skip, M, E, top_k=top_k or strategy.DEFAULT_TOP_K)
+    alpha = alpha.float()
+    if x_quant is not None:
+        if prepared.dtype != FP8:
+            raise ValueError(f"{OP}: x_quant is for fp8 weights; these are {prepared.dtype}")
+        x8, sx = x_quant
+        if x8.shape != x.shape or x8.dtype != FP8 or sx.shape != (M,):
+            raise ValueError(f"{OP}: x_quant must be (x8 [M, H] fp8, sx [M]) for x {tuple(x.shape)}, got "
+                             f"{tuple(x8.shape)} {x8.dtype}, {tuple(sx.shape)}")
+    ids = None
+    if expert_ids is not None:
+        if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() not in (1, 2):
+            raise ValueError(f"{OP}: expert_ids must be a [k] or [M, k] integer tensor, got "
+                             f"{tuple(expert_ids.shape) if isinstance(expert_ids, torch.Tensor) else type(expert_ids).__name__}")
+        if skip and M == 1:
+            ids = v.expert_ids(OP, expert_ids, M, E, skip, x.device)
+    if prepared.dtype == FP8:
+        x8, sx = quantize_per_token(x) if x_quant is None else x_quant
+        if strategy.quantize_y_in_fc1(prepared.inter):  # one FC1 tile holds all of I: quantise in its epilogue
+            y8, ys = fc1_fp8_dynamic(x8, prepared.w1, prepared.alpha1, x_scale=sx)
+            out = fc2(y8, prepared.w2, alpha * ys * prepared.w2_scale[None, :], skip=skip)
+        else:
+            # the quantisation reads only picked segments: FC1 need not zero the others
+            y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False,
+                    expert_ids=ids)
+            y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
+            out = fc2(y8, prepared.w2, alpha2, skip=skip, expert_ids=ids)
+    else:
+        # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
+        y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False,
+                expert_ids=ids)
+        if skip:  # w2's scale in the kernel (no launch for alpha * w2_scale)
+            out = fc2(y, prepared.w2, alpha, skip=True, w_scale=prepared.w2_scale, expert_ids=ids)
+        else:  # in the dense loop a per-k-tile load of w_scale costs more than this multiply
+            out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=False)
+    return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out

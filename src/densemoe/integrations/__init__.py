@@ -1,0 +1,1 @@
+"""Where densemoe meets other software: transformers (``hf``) and serving engines (``serving``)."""

@@ -1,0 +1,81 @@
+"""Hugging Face transformers (5.x): densemoe as an ``experts_implementation``, and DenseMoE layers
+built from transformers' MoE blocks.
+
+- ``register_hf()``: registers ``"densemoe"`` (bf16 kernels) and ``"densemoe_fp8"`` (fp8 kernels)
+  in transformers' ``ExpertsInterface``; ``import densemoe`` does it through ``_hf_hook``.
+- ``layer_args(block, dtype)``: what ``DenseMoE.from_hf`` builds a layer from
+  (``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``, ``DeepseekV3MoE``).
+
+densemoe never imports transformers itself, except in ``register_hf``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from densemoe.experts import experts_forward
+from densemoe.routing import alpha_from_topk
+from densemoe.weights import PreparedWeights, prepare_weights
+
+SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "DeepseekV3MoE")
+
+
+def check_experts(experts: nn.Module) -> None:
+    """Raise NotImplementedError for transformers experts modules densemoe cannot run."""
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
+        raise NotImplementedError(f"{type(experts).__name__}: transposed or interleaved gate/up layouts are not supported")
+    if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
+        raise NotImplementedError(f"{type(experts).__name__}: experts with biases or without a gate are not supported")
+    act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise NotImplementedError(f"{type(experts).__name__}: activation {act!r} is not supported (SwiGLU only)")
+
+
+def layer_args(block: nn.Module, dtype: str = "fp8") -> tuple[PreparedWeights, torch.Tensor, int, dict]:
+    """(prepared weights, gate weight, top_k, keyword arguments) of the ``DenseMoE`` that runs
+    ``block``'s routed experts on densemoe's kernels (its shared experts, DeepSeek-V3's, kept as
+    they are). ``dtype``: "fp8" or "bf16" kernels."""
+    name = type(block).__name__
+    experts, gate = getattr(block, "experts", None), getattr(block, "gate", None)
+    if name not in SUPPORTED_BLOCKS or experts is None or gate is None or not hasattr(experts, "gate_up_proj"):
+        raise TypeError(f"DenseMoE.from_hf: {name} is not a supported MoE block ({', '.join(SUPPORTED_BLOCKS)})")
+    check_experts(experts)
+    prepared = prepare_weights(experts.gate_up_proj.detach(), experts.down_proj.detach(), dtype=dtype)
+    if name == "DeepseekV3MoE":
+        return prepared, gate.weight, gate.top_k, dict(
+            router="deepseek_v3", logits_fp32=True, n_group=gate.num_group, topk_group=gate.topk_group,
+            e_score_correction_bias=gate.e_score_correction_bias, routed_scaling_factor=gate.routed_scaling_factor,
+            norm_topk_prob=gate.norm_topk_prob, shared_experts=block.shared_experts)
+    if name == "Qwen3MoeSparseMoeBlock":
+        return prepared, gate.weight, gate.top_k, dict(renormalize=gate.norm_topk_prob)
+    return prepared, gate.weight, gate.top_k, dict(renormalize=True)  # MixtralSparseMoeBlock
+
+
+def _experts_forward(dtype: str):
+    """The ``forward`` transformers calls on an experts module under
+    ``experts_implementation="densemoe"`` (bf16) / ``"densemoe_fp8"``: the weights are prepared on
+    first use and cached on the module (redone if its parameters are modified in place)."""
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        cache = self.__dict__.setdefault("_densemoe_prepared", {})
+        key = (dtype, self.gate_up_proj._version, self.down_proj._version)
+        if key not in cache:
+            check_experts(self)
+            cache.clear()
+            cache[key] = prepare_weights(self.gate_up_proj.detach(), self.down_proj.detach(), dtype=dtype)
+        prepared = cache[key]
+        alpha = alpha_from_topk(top_k_index, top_k_weights.float(), prepared.num_experts)
+        return experts_forward(hidden_states, prepared, alpha, top_k=top_k_index.shape[-1]).to(hidden_states.dtype)
+    forward.__name__ = f"densemoe_{dtype}_experts_forward"
+    return forward
+
+
+def register_hf() -> list[str]:
+    """Register densemoe in transformers' ``ExpertsInterface``: ``experts_implementation=
+    "densemoe"`` (bf16 kernels) and ``"densemoe_fp8"`` (fp8 kernels, per-expert weight scales,
+    dynamic activation scales). Returns the names registered."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register("densemoe", _experts_forward("bf16"))
+    ExpertsInterface.register("densemoe_fp8", _experts_forward("fp8"))
+    return ["densemoe", "densemoe_fp8"]

@@ -1,0 +1,95 @@
+"""Serving engines: ``fused_experts`` with vLLM / SGLang's argument names and weight layouts, and
+the cache that prepares each engine's weights once."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from densemoe.experts import experts_forward
+from densemoe.quant import FP8
+from densemoe.routing import alpha_from_topk
+from densemoe.weights import PreparedWeights, prepare_weights
+
+OP = "fused_experts"
+
+
+_PREPARED: dict[int, tuple] = {}  # id(w1) -> (weakref to w1, key, PreparedWeights)
+
+
+def _prepared_cached(w1, w2, dtype, w1_scale, w2_scale) -> PreparedWeights:
+    """Prepare once per (w1, w2, dtype): cached while w1 lives, redone if either is modified.
+    (Tensors compare elementwise, so the cache is keyed by id with a weak reference to check
+    the identity; the entry goes when w1 is collected.)"""
+    key = (id(w2), w2._version, w1._version, dtype)
+    hit = _PREPARED.get(id(w1))
+    if hit is not None and hit[0]() is w1 and hit[1] == key:
+        return hit[2]
+    prepared = prepare_weights(w1, w2, dtype=dtype, w13_scale=w1_scale, w2_scale=w2_scale)
+    if hit is None or hit[0]() is not w1:
+        weakref.finalize(w1, _PREPARED.pop, id(w1), None)
+    _PREPARED[id(w1)] = (weakref.ref(w1), key, prepared)
+    return prepared
+
+
+def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, dtype: str | None = None,
+                  w1_scale=None, w2_scale=None, activation: str = "silu", inplace: bool = False,
+                  global_num_experts: int = -1, expert_map=None, skip: bool | None = None,
+                  **unsupported) -> torch.Tensor:
+    """vLLM/SGLang-style routed experts through densemoe's kernels.
+
+        out[m] = sum_j topk_weights[m, j] * down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_ids[m, j]
+
+    Args:
+        hidden_states: [M, H].
+        w1: [E, 2I, H] gate rows then up rows per expert; w2: [E, H, I]. bf16/fp16/fp32, or fp8
+            with ``w1_scale`` / ``w2_scale`` (per expert or per tensor).
+        topk_weights: [M, k]; topk_ids: [M, k] integer.
+        dtype: the kernels' dtype, "fp8" or "bf16"; default: "fp8" for fp8 weights, else "bf16".
+        The weights are converted to the kernels' layout on the first call and cached while
+        ``w1`` lives (redone if ``w1`` or ``w2`` is modified in place).
+        skip: expert skipping (``experts_forward``): None (default) where it pays, False off.
+    Only ``activation="silu"`` (SwiGLU) without expert parallelism (``expert_map``) is supported.
+    """
+    if activation != "silu":
+        raise ValueError(f"{OP}: activation={activation!r} is not supported (only 'silu', SwiGLU)")
+    if unsupported:
+        raise TypeError(f"{OP}: unsupported arguments {sorted(unsupported)}")
+    for name, t in (("hidden_states", hidden_states), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{OP}: {name} must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    for name, t in (("w1", w1), ("w2", w2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{OP}: {name} must be a 3-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    H = hidden_states.shape[1]
+    E = w1.shape[0]
+    if w1.shape[2] != H or w1.shape[1] % 2:
+        hint = " (it looks transposed: pass w1.transpose(1, 2))" if w1.shape[1] == H else ""
+        raise ValueError(f"{OP}: w1 must be [E, 2I, H={H}] (each expert's gate rows then up rows), got "
+                         f"{tuple(w1.shape)}{hint}")
+    I = w1.shape[1] // 2
+    if tuple(w2.shape) != (E, H, I):
+        hint = " (it looks transposed: pass w2.transpose(1, 2))" if tuple(w2.shape) == (E, I, H) else ""
+        raise ValueError(f"{OP}: w2 must be [E, H, I] = [{E}, {H}, {I}] (from w1 [E, 2I, H] and hidden_states "
+                         f"[M, H]), got {tuple(w2.shape)}{hint}")
+    if expert_map is not None or (global_num_experts not in (-1, E)):
+        raise ValueError(f"{OP}: expert parallelism (expert_map / global_num_experts) is not supported")
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"{OP}: topk_weights and topk_ids must both be [M, k] with M={hidden_states.shape[0]} "
+                         f"(hidden_states' rows), got {tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}")
+    for name, t, scale in (("w1", w1, w1_scale), ("w2", w2, w2_scale)):
+        if t.dtype == FP8 and scale is None:
+            raise ValueError(f"{OP}: an fp8 {name} needs its dequantisation scale {name}_scale (per expert or per tensor)")
+    if dtype is None:
+        dtype = "fp8" if w1.dtype == FP8 else "bf16"
+    prepared = _prepared_cached(w1, w2, dtype, w1_scale, w2_scale)
+    alpha = alpha_from_topk(topk_ids, topk_weights.float(), prepared.num_experts)
+    out = experts_forward(hidden_states, prepared, alpha, skip=skip, top_k=topk_ids.shape[1])
+    if inplace:
+        hidden_states.copy_(out)
+        return hidden_states
+    return out
