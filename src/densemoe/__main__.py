@@ -1,4 +1,5 @@
-"""python -m densemoe tune ...: tune kernels for a model shape (benchmarks: python -m densemoe.bench)."""
+"""python -m densemoe {tune,shapes}: tune kernels for a model shape, list the shapes (benchmarks:
+python -m densemoe.bench)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,53 @@ import sys
 from densemoe.shapes import parse_ms
 
 
+def _shape(text: str):
+    """A shape name of ``densemoe.shapes.SHAPES`` or N,E,I -> (MoEShape, the tuner's shape argument)."""
+    from densemoe.shapes import SHAPES, MoEShape
+
+    if "," in text:
+        try:
+            n, e, i = (int(x) for x in text.split(","))
+        except ValueError:
+            raise SystemExit(f"--shape {text!r}: give a shape name ({', '.join(SHAPES)}) or N,E,I") from None
+        return MoEShape("custom", n, e, i, 8), (n, e, i)
+    if text not in SHAPES:
+        raise SystemExit(f"--shape {text!r}: known shapes are {', '.join(SHAPES)} (or N,E,I)")
+    return SHAPES[text], text
+
+
+def _check_args(args) -> None:
+    """One clear line (SystemExit) for a bad argument, before any work."""
+    from densemoe.shapes import parse_ms
+    from densemoe.tuning.ops import OPS
+    from densemoe.tuning.space import BACKENDS
+    from densemoe.tuning.tuner import DTYPES
+
+    if args.op not in OPS:
+        raise SystemExit(f"--op {args.op!r}: tunable ops are {', '.join(sorted(OPS))}")
+    _shape(args.shape)
+    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        raise SystemExit(f"--dtypes {args.dtypes!r}: choose from {', '.join(DTYPES)}")
+    bad = [b for b in args.backends.split(",") if b not in BACKENDS]
+    if bad:
+        raise SystemExit(f"--backends {args.backends!r}: choose from {', '.join(BACKENDS)}")
+    try:
+        parse_ms(args.m)
+    except ValueError:
+        raise SystemExit(f"--m {args.m!r}: a comma list of token counts, a-b for the sweep points in [a, b]") from None
+
+
 def _dry_run(args) -> str:
     """The tuning plan without a GPU: candidates per bucket and distinct compiles."""
     import torch
 
-    from densemoe.shapes import SHAPES, MoEShape
     from densemoe.tuning.buckets import m_bucket
     from densemoe.tuning.ops import OPS
     from densemoe.tuning.tuner import DTYPES
 
-    if args.op not in OPS:
-        raise SystemExit(f"--op {args.op!r}: tunable ops are {sorted(OPS)}")
     spec = OPS[args.op]
-    if "," in args.shape:
-        n, e, i = (int(x) for x in args.shape.split(","))
-        s = MoEShape("custom", n, e, i, 8)
-    else:
-        s = SHAPES[args.shape]
+    s, _ = _shape(args.shape)
     backends = tuple(args.backends.split(","))
     lines = ["| dtype | M bucket | triton | cute |", "|---|---:|---:|---:|"]
     for dt in args.dtypes.split(","):
@@ -40,12 +71,17 @@ def _dry_run(args) -> str:
 
 
 def main(argv=None) -> int:
+    from densemoe.shapes import M_SWEEP, SHAPES
+
     ap = argparse.ArgumentParser(prog="python -m densemoe", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("tune", help="time every valid config per M bucket, record the fastest verified one")
+    t = sub.add_parser("tune", help="time every valid config per M bucket, record the fastest verified one "
+                       "(needs a CUDA GPU; --dry-run does not)")
     t.add_argument("--op", default="fc2", help="fc2 or fc1")
-    t.add_argument("--shape", default="deepseek-v3-tp8", help="a MISSION shape name, or N,E,I")
-    t.add_argument("--m", default="1-512", help="token counts: comma list; a-b takes the MISSION sweep points in [a, b]")
+    t.add_argument("--shape", default="deepseek-v3-tp8",
+                   help=f"a model shape ({', '.join(SHAPES)}: python -m densemoe shapes), or N,E,I")
+    t.add_argument("--m", default="1-512", help="token counts: comma list; a-b takes the sweep points in [a, b] "
+                   f"({', '.join(map(str, M_SWEEP))})")
     t.add_argument("--dtypes", default="fp8", help="fp8,bf16")
     t.add_argument("--backends", default="triton,cute")
     t.add_argument("--reps", type=int, default=20)
@@ -55,7 +91,14 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None, help="also write the summary table (markdown) here")
     t.add_argument("--dry-run", action="store_true",
                    help="print the search space per M bucket (configs per backend, distinct compiles) and exit")
+    sub.add_parser("shapes", help="list the model shapes by name (H, E, I per rank, top-k)")
     args = ap.parse_args(argv)
+    if args.cmd == "shapes":
+        print("| name | H | E | I per rank | top-k |\n|---|---:|---:|---:|---:|")
+        for s in SHAPES.values():
+            print(f"| {s.name} | {s.hidden} | {s.experts} | {s.inter} | {s.topk} |")
+        return 0
+    _check_args(args)
     if args.dry_run:
         print(_dry_run(args))
         return 0
@@ -63,9 +106,14 @@ def main(argv=None) -> int:
     from densemoe.tuning import cache
     from densemoe.tuning.tuner import summary, tune
 
-    shape = tuple(int(x) for x in args.shape.split(",")) if "," in args.shape else args.shape
-    results = tune(args.op, shape, parse_ms(args.m), dtypes=args.dtypes.split(","), backends=tuple(args.backends.split(",")),
-                   reps=args.reps, save=not args.no_save, compile_workers=args.compile_workers)
+    _, shape = _shape(args.shape)
+    try:
+        results = tune(args.op, shape, parse_ms(args.m), dtypes=args.dtypes.split(","),
+                       backends=tuple(args.backends.split(",")), reps=args.reps, save=not args.no_save,
+                       compile_workers=args.compile_workers)
+    except ValueError as exc:  # no GPU, or an argument tune() refuses: one line, no traceback
+        print(f"python -m densemoe tune: {exc} (--dry-run prints the search space without a GPU)", file=sys.stderr)
+        return 2
     table = summary(results)
     print(table)
     for r in results:
