@@ -25,7 +25,7 @@ for item in ${TUNE:+${TUNE//,/ }}; do
   done
 done
 cp $DENSEMOE_CACHE_DIR/tuned.json $OUT/tuned.json 2>/dev/null || true
-[[ -n ${BREAKDOWN:-} ]] && timeout 200 python3 bench/experiments/layer_breakdown.py ${BREAKDOWN/:/ } 2>&1 | grep -v Warn | tee $OUT/breakdown.log | grep -v "^    "
+[[ -n ${BREAKDOWN:-} ]] && timeout 200 python3 bench/probes/layer_breakdown.py ${BREAKDOWN/:/ } 2>&1 | grep -v Warn | tee $OUT/breakdown.log | grep -v "^    "
 [[ -n ${EXTRA:-} ]] && (eval "$EXTRA") 2>&1 | tee $OUT/extra.log
 for what in ${BENCH:+${BENCH//,/ }}; do
   timeout ${BENCH_TIMEOUT:-170} python3 -m densemoe.bench $what --shapes ${SHAPES:-deepseek-v3-tp8,qwen3-30b-a3b} \

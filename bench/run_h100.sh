@@ -17,7 +17,7 @@ if command -v ncu >/dev/null && [[ -n ${NCU:-} ]]; then
   for M in $NCU; do
     timeout 60 ncu --kernel-name regex:kernel_cutlass --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
-      python3 bench/experiments/cute_ncu.py $M cute > $OUT/ncu_cute_M$M.txt 2>&1
+      python3 bench/probes/cute_ncu.py $M cute > $OUT/ncu_cute_M$M.txt 2>&1
     grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Stall|Warp Cycles Per Issued" $OUT/ncu_cute_M$M.txt | head -14
   done
 fi
