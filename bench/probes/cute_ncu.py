@@ -1,4 +1,4 @@
-"""One FC2 call per backend under Nsight Compute: python bench/experiments/cute_ncu.py M [backend [config]]."""
+"""One FC2 call per backend under Nsight Compute: python bench/probes/cute_ncu.py M [backend [config]]."""
 import sys
 
 import torch

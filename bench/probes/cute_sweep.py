@@ -1,6 +1,6 @@
 """CuTe FC2 backend exploration on the GPU: correctness of each variant first (ragged M, forced
 splits, clusters, both dtypes), then timing of a config grid against Triton's default and cuBLAS
-in one process. Usage: python bench/experiments/cute_sweep.py [--quick] [--m 1,16,...] --out DIR
+in one process. Usage: python bench/probes/cute_sweep.py [--quick] [--m 1,16,...] --out DIR
 """
 
 import argparse
@@ -14,11 +14,12 @@ import torch
 
 import densemoe
 from densemoe import Fc2CuteConfig
-from densemoe.bench.common import FP8, Timer, read_ceiling, peak_tflops
+from densemoe.bench.common import FP8, read_ceiling, peak_tflops
+from densemoe.timing import Timer
 from densemoe.bench.fc2 import Fc2Case, cublas_fp8, floor_us, rel_err
 from densemoe.kernels.cute.fc2_sm90 import can_implement
-from densemoe.kernels.triton.fc2 import Fc2Problem
-from densemoe.ops.fc2 import default_cute_config
+from densemoe.kernels.common import Fc2Problem
+from densemoe.ops.fc2_configs import default_cute_config
 from densemoe.reference import fc2_ref
 
 p = argparse.ArgumentParser()

@@ -8,17 +8,20 @@ Timed with the benchmark's Timer (CUDA-graph replays, L2 flushed), 3 interleaved
          (alpha2 formed once outside the timing: in the real op FC2 multiplies y_scale in)
   fc1    FC1 alone, old config / each dynamic config
 Outputs checked first: each new output against the old pipeline's (relative Frobenius).
-python bench/experiments/fc1_dynq_probe.py [M,...]"""
+python bench/probes/fc1_dynq_probe.py [M,...]"""
 
 import statistics
 import sys
 
 import torch
 
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, can_implement, default_skip_config, fc1_triton
-from densemoe.layer import DenseMoE, experts_forward
+from densemoe.kernels.triton.fc1 import Fc1TritonConfig, can_implement, fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config
+from densemoe.layer import DenseMoE
+from densemoe.experts import experts_forward
 from densemoe.ops.fc2 import fc2
 from densemoe.quant import quantize_per_token, quantize_y_fold_alpha
 

@@ -1,17 +1,17 @@
 """FC1 at M = 96-128 (TP8 fp8): does the number of weight bytes in flight per SM set the speed?
 CuTe configs with more or fewer weight bytes per pipeline stage, timed interleaved with the
 tuned Triton config; each checked against the Triton result first.
-python bench/experiments/fc1_inflight.py [M]"""
+python bench/probes/fc1_inflight.py [M]"""
 
 import sys
 
 import torch
 
 import densemoe
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.kernels.cute.fc1_sm90 import can_implement
-from densemoe.kernels.triton.fc1 import Fc1Problem
+from densemoe.kernels.common import Fc1Problem
 from densemoe.quant import quantize_per_token
 
 M = int(sys.argv[1]) if len(sys.argv) > 1 else 128

@@ -1,14 +1,16 @@
 """FC1 at M = 1 (TP8 fp8, 8 random experts picked) for Nsight Compute: the skipping kernel
 (default config), the same with the lists built beforehand, and the dense grid kernel over an
 8-expert slice of w1 (the same bytes). Each variant launches 3 times; profile the 3rd.
-ncu --kernel-name regex:_fc1 python bench/experiments/fc1_m1_ncu.py <variant>"""
+ncu --kernel-name regex:_fc1 python bench/probes/fc1_m1_ncu.py <variant>"""
 
 import sys
 
 import torch
 
 from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, default_skip_config, fc1_triton
+from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config
 from densemoe.kernels.triton.skip import active_experts
 from densemoe.quant import quantize_per_token
 

@@ -1,11 +1,11 @@
 """Does FC1's output traffic set its speed at M = 64-256 (TP8 fp8)? The same call writing fp32,
 bf16 and fp8 (static scale): 4, 2 and 1 bytes per output. Interleaved rounds; each output checked
-against the fp32 reference first. python bench/experiments/fc1_outbytes.py"""
+against the fp32 reference first. python bench/probes/fc1_outbytes.py"""
 
 import torch
 
 import densemoe
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.quant import FP8, quantize_per_token
 from densemoe.reference import fc1_ref

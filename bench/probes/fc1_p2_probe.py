@@ -3,17 +3,19 @@ skip config (one persistent program per SM, 4 stages) against two programs per S
 stages), so that more units are in flight at once where they outnumber the SMs (skewed M = 8:
 35 active experts x 4 tiles of I = 140 units on 132 programs). Outputs checked against the
 default's, timed in 3 interleaved rounds, one-op graph and in a graph.
-python bench/experiments/fc1_p2_probe.py"""
+python bench/probes/fc1_p2_probe.py"""
 
 import dataclasses
 import statistics
 
 import torch
 
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.bench.skip import routing_alpha
-from densemoe.kernels.triton.fc1 import Fc1Problem, can_implement, default_skip_config, fc1_triton
+from densemoe.kernels.triton.fc1 import can_implement, fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config
 from densemoe.quant import quantize_per_token
 
 timer = Timer(reps=30)

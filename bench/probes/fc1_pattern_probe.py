@@ -2,14 +2,14 @@
 the 8 picked experts' w1 (DeepSeek-V3 TP8 fp8) in FC1's boxes (64 gate rows + 64 up rows x 256
 bytes per k-step), one program per (expert, 64-row tile of I) like FC1 at M = 1 (32 programs,
 28 k-steps each), or that range cut in S k-ranges over S times the programs; pipeline depth
-4 or 8. Next to a trivial kernel, through the benchmark's Timer. python bench/experiments/fc1_pattern_probe.py"""
+4 or 8. Next to a trivial kernel, through the benchmark's Timer. python bench/probes/fc1_pattern_probe.py"""
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 
 

@@ -1,8 +1,8 @@
-"""Persistent Triton FC1 (one tile after another per program, optionally pipelined across tiles
-with ``flatten`` and warp-specialised) and two programs per SM, against the grid kernel, at
+"""Persistent Triton FC1 (one tile after another per program) and two programs per SM, against the
+grid kernel, at
 DeepSeek-V3 TP8 fp8. Every variant checked against the fp32 reference, then all timed in
 interleaved rounds with cuBLAS's bare FP8 GEMM; floor = weight + x + output bytes / the measured
-read ceiling. python bench/experiments/fc1_persistent.py [M ...] (JSON to $OUT if set)"""
+read ceiling. python bench/probes/fc1_persistent.py [M ...] (JSON to $OUT if set)"""
 
 import dataclasses
 import json
@@ -11,9 +11,12 @@ import sys
 
 import torch
 
-from densemoe.bench.common import Timer, read_ceiling
+from densemoe.bench.common import read_ceiling
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.triton.fc1 import Fc1Problem, can_implement, default_config, fc1_triton
+from densemoe.kernels.triton.fc1 import can_implement, fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_config
 from densemoe.quant import quantize_per_token
 from densemoe.reference import fc1_ref
 
@@ -33,18 +36,15 @@ def variants(M):
     out = {"grid(default)": base}
     R = dataclasses.replace
     out["pers1"] = R(base, persistent=1)
-    out["pers1+flat"] = R(base, persistent=1, flatten=1)
-    out["pers1+flat+ws"] = R(base, persistent=1, flatten=1, warp_spec=1)
-    out["pers1+ws"] = R(base, persistent=1, warp_spec=1)
+    # (the run in bench/results/fc1_persistent_h100_2026-11-26.md also timed a flattened and a
+    # warp-specialised persistent loop, config fields dropped since: commit 191b8d0)
     small = R(base, block_k=128, num_stages=3) if base.swap_ab else R(base, block_i=64, block_k=128, num_warps=4,
                                                                           num_stages=3)
     out["grid(2/SM)"] = small
-    out["pers2+flat"] = R(small, persistent=2, flatten=1)
     out["pers2"] = R(small, persistent=2)
     if base.swap_ab and base.block_m >= 64:
         out["grid bi128"] = R(base, block_i=128, num_warps=8, block_k=128, num_stages=4)
-        out["pers1+flat bi128"] = R(base, block_i=128, num_warps=8, block_k=128, num_stages=4, persistent=1,
-                                    flatten=1)
+        out["pers1 bi128"] = R(base, block_i=128, num_warps=8, block_k=128, num_stages=4, persistent=1)
     return out
 
 

@@ -2,12 +2,12 @@
 and cuBLAS's bare FP8 GEMM timed with random weights and with all-zero weights (the tensor
 cores and DRAM then switch far fewer bits), interleaved rounds. A diagnostic only: every
 result here is also checked against the fp32 reference first.
-python bench/experiments/fc1_power.py"""
+python bench/probes/fc1_power.py"""
 
 import torch
 
 import densemoe
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.quant import quantize_per_token
 from densemoe.reference import fc1_ref

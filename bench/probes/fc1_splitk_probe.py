@@ -2,7 +2,7 @@
 cut in split_k units (partial sums meeting in the reused workspace), split_k 1 / 2 / 4 on the
 default skip config: FC1 alone and the layer (the ops' default patched), outputs checked
 against split_k = 1, timed alternately (3 rounds, the benchmark's Timer: CUDA-graph replays, L2
-flushed). python bench/experiments/fc1_splitk_probe.py [M,...]"""
+flushed). python bench/probes/fc1_splitk_probe.py [M,...]"""
 
 import dataclasses
 import statistics
@@ -10,10 +10,12 @@ import sys
 
 import torch
 
-import densemoe.ops.fc1 as ops1
-from densemoe.bench.common import Timer
+import densemoe.ops.fc1_configs as ops1
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.triton.fc1 import Fc1Problem, default_skip_config, fc1_triton
+from densemoe.kernels.triton.fc1 import fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config
 from densemoe.layer import DenseMoE
 from densemoe.quant import quantize_per_token
 

@@ -3,7 +3,7 @@ the grid (``fc1.SPREAD_UNITS``, every step-th program) or packed on the first pr
 a launch of only as many programs as units and the dense grid kernel over a slice of w1 with as
 many experts (the same bytes); then the layer with the spread on and off. Timed alternately (3
 rounds, the benchmark's Timer: CUDA-graph replays, L2 flushed).
-python bench/experiments/fc1_spread_probe.py [M,...]"""
+python bench/probes/fc1_spread_probe.py [M,...]"""
 
 import statistics
 import sys
@@ -11,9 +11,11 @@ import sys
 import torch
 
 import densemoe.kernels.triton.fc1 as k1
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, default_skip_config, fc1_triton
+from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config
 from densemoe.layer import DenseMoE
 from densemoe.quant import quantize_per_token
 

@@ -6,7 +6,7 @@ the fp32 reference first; timed alternately (3 rounds, the benchmark's Timer: CU
 replays, L2 flushed), and once inside a graph. FC1 as the layer calls it (fill=False), and the
 layer with the ops' default patched. Prints a markdown table; JSON to argv[1] if given.
 
-SHAPE=deepseek-v3-tp8 DTYPE=fp8 TAILS=0,0.25,0.5,1 python bench/experiments/fc1_streamk_probe.py [out.json] [M,...]"""
+SHAPE=deepseek-v3-tp8 DTYPE=fp8 TAILS=0,0.25,0.5,1 python bench/probes/fc1_streamk_probe.py [out.json] [M,...]"""
 
 import dataclasses
 import json
@@ -16,11 +16,12 @@ import sys
 import torch
 
 import densemoe.kernels.triton.fc1 as k1
-import densemoe.ops.fc1 as ops1
-from densemoe.bench.common import Timer
+import densemoe.ops.fc1_configs as ops1
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.bench.skip import routing_alpha, skewed_gate
-from densemoe.kernels.triton.fc1 import Fc1Problem, fc1_triton
+from densemoe.kernels.triton.fc1 import fc1_triton
+from densemoe.kernels.common import Fc1Problem
 from densemoe.layer import DenseMoE
 from densemoe.quant import quantize_per_token
 from densemoe.reference import fc1_ref

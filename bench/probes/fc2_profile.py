@@ -2,7 +2,7 @@
 
 ncu --clock-control none -k regex:_fc2_kernel|gemm|sm90 --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-    python bench/experiments/fc2_profile.py M CONFIG|cublas
+    python bench/probes/fc2_profile.py M CONFIG|cublas
 """
 
 import sys

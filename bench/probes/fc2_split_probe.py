@@ -3,7 +3,7 @@ picked experts cut over `split` programs (partial sums meeting in the stream's r
 workspace; the split was last measured before that workspace existed, with a memset per call),
 pipeline depth 4-8: each output checked against the default config's, timed in 3 interleaved
 rounds (the benchmark's Timer). With "ids" (M = 1 only): FC2 walking the token's top-k ids
-(``expert_ids``), one-op graph and in a graph. python bench/experiments/fc2_split_probe.py [M,...] [ids]"""
+(``expert_ids``), one-op graph and in a graph. python bench/probes/fc2_split_probe.py [M,...] [ids]"""
 
 import dataclasses
 import statistics
@@ -11,11 +11,12 @@ import sys
 
 import torch
 
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.bench.skip import routing_alpha
-from densemoe.kernels.triton.fc2 import Fc2Problem, can_implement, fc2_triton
-from densemoe.ops.fc2 import default_skip_config
+from densemoe.kernels.triton.fc2 import can_implement, fc2_triton
+from densemoe.kernels.common import Fc2Problem
+from densemoe.ops.fc2_configs import default_skip_config
 from densemoe.quant import quantize_y_fold_alpha
 
 ms = [int(m) for m in (sys.argv[1] if len(sys.argv) > 1 else "1,2,4,8").split(",")]

@@ -3,7 +3,7 @@
 workspace that ``split_workspace`` zeroes on every call) and the layer, timed as they are and
 with ``split_workspace`` patched to hand back one buffer zeroed once (no memset per call; the
 sums are then wrong after the first call: timing only). Timed alternately (3 rounds, the
-benchmark's Timer: CUDA-graph replays, L2 flushed). python bench/experiments/fc2_ws_probe.py [M,...]"""
+benchmark's Timer: CUDA-graph replays, L2 flushed). python bench/probes/fc2_ws_probe.py [M,...]"""
 
 import statistics
 import sys
@@ -11,7 +11,7 @@ import sys
 
 import densemoe
 import densemoe.kernels.triton.fc2 as k2
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.layer import DenseMoE
 from densemoe.quant import quantize_per_token, quantize_y_fold_alpha

@@ -3,7 +3,7 @@ slice of every row) against the version where one program quantised a whole row
 (``_gate_before.py``: commit dfbf49d's gate.py, put there by hand for the A/B, not committed):
 bits compared, then the gate alone and the DeepSeek-V3 TP8 fp8 layer (DenseMoE, uniform top-8)
 timed alternately in one process, each both ways (Timer: one-op graph; Timer.in_graph: behind
-the flush in one graph). python bench/experiments/gate_ab_probe.py"""
+the flush in one graph). python bench/probes/gate_ab_probe.py"""
 
 import importlib.util
 import pathlib
@@ -12,7 +12,7 @@ import statistics
 import torch
 
 import densemoe.kernels.triton.gate as gate_new
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.layer import DenseMoE
 

@@ -3,19 +3,22 @@ top-k ids instead of building their expert lists from the routing at their start
 alpha: load, cumsum, a reduction per unit in FC1; a list stored, a barrier and reloads in FC2):
 the layer written out (router kernels, FC1, quantize_y_fold_alpha, FC2 at their default skip
 configs) with and without ``expert_ids``, and DenseMoE itself; outputs compared; timed both ways
-(Timer: one-op graph; Timer.in_graph), 3 interleaved rounds. python bench/experiments/ids_probe.py"""
+(Timer: one-op graph; Timer.in_graph), 3 interleaved rounds. python bench/probes/ids_probe.py"""
 
 import statistics
 
 import torch
 
 from densemoe import routing
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.triton.fc1 import Fc1Problem, default_skip_config as fc1_cfg, fc1_triton
-from densemoe.kernels.triton.fc2 import Fc2Problem, fc2_triton
+from densemoe.kernels.triton.fc1 import fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config as fc1_cfg
+from densemoe.kernels.triton.fc2 import fc2_triton
+from densemoe.kernels.common import Fc2Problem
 from densemoe.layer import DenseMoE
-from densemoe.ops.fc2 import default_skip_config as fc2_cfg
+from densemoe.ops.fc2_configs import default_skip_config as fc2_cfg
 from densemoe.quant import quantize_y_fold_alpha
 
 timer = Timer(reps=40)

@@ -4,7 +4,7 @@ around the replay) and (b) inside one graph behind the flush kernel, as it runs 
 engine's graph: median of [flush; op] replays minus median of [flush] replays (interleaved,
 events around each replay). Ops: an empty kernel, a bare read of 29.4 MB (FC1's M = 1 bytes),
 FC1 / FC2 with skipping and the layer at M = 1-2 (DeepSeek-V3 TP8 fp8, uniform top-8), cuBLAS's
-fp8 GEMM of FC2's shape at M = 16 (a baseline). python bench/experiments/ingraph_timer_probe.py"""
+fp8 GEMM of FC2's shape at M = 16 (a baseline). python bench/probes/ingraph_timer_probe.py"""
 
 import statistics
 
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from densemoe.bench.common import Timer, capture
+from densemoe.timing import Timer, capture
 from densemoe.bench.layer import ExpertsCase
 from densemoe.layer import DenseMoE
 from densemoe.ops.fc1 import fc1

@@ -1,13 +1,13 @@
 """Where the layer's time goes: each piece of DenseMoE's fp8 forward timed alone (Timer: graph
 replays, L2 flushed) and the whole, in two orders, plus the kernels of one eager forward from
-torch.profiler. python bench/experiments/layer_breakdown.py [shape] [M,...]"""
+torch.profiler. python bench/probes/layer_breakdown.py [shape] [M,...]"""
 
 import sys
 
 import torch
 
 import densemoe
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.layer import DenseMoE
 from densemoe.quant import quantize_per_token, quantize_y_fold_alpha

@@ -5,28 +5,31 @@ FC2 with the list built from the routing (no ids), DeepSeek-V3 TP8 fp8, uniform 
 checked bit-identical first; timed alternately (3 rounds, one-op graph) and in a graph.
 
 ``ab_prev/`` is not committed; made from the commit before the change (c6d9ddf) by
-    mkdir -p bench/experiments/ab_prev && git show c6d9ddf:src/densemoe/kernels/triton/skip.py \
-      > bench/experiments/ab_prev/skip_prev.py
+    mkdir -p bench/probes/ab_prev && git show c6d9ddf:src/densemoe/kernels/triton/skip.py \
+      > bench/probes/ab_prev/skip_prev.py
     for k in fc1 fc2; do git show c6d9ddf:src/densemoe/kernels/triton/$k.py | sed \
-      's/from densemoe.kernels.triton.skip import/from skip_prev import/' > bench/experiments/ab_prev/${k}_prev.py; done
+      's/from densemoe.kernels.triton.skip import/from skip_prev import/' > bench/probes/ab_prev/${k}_prev.py; done
 
-python bench/experiments/list_scan_probe.py [out.json] [M,...]"""
+python bench/probes/list_scan_probe.py [out.json] [M,...]"""
 
 import json
 import sys
 
 import torch
 
-sys.path.insert(0, "bench/experiments/ab_prev")
+sys.path.insert(0, "bench/probes/ab_prev")
 import fc1_prev  # noqa: E402
 import fc2_prev  # noqa: E402
 
-from densemoe.bench.common import Timer  # noqa: E402
+from densemoe.timing import Timer  # noqa: E402
 from densemoe.bench.layer import ExpertsCase  # noqa: E402
 from densemoe.bench.skip import routing_alpha  # noqa: E402
-from densemoe.kernels.triton.fc1 import Fc1Problem, default_skip_config, fc1_triton  # noqa: E402
+from densemoe.kernels.triton.fc1 import fc1_triton  # noqa: E402
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config
 from densemoe.kernels.triton.fc2 import fc2_triton  # noqa: E402
-from densemoe.ops.fc2 import Fc2Problem, default_skip_config as fc2_skip_config  # noqa: E402
+from densemoe.kernels.common import Fc2Problem  # noqa: E402
+from densemoe.ops.fc2_configs import default_skip_config as fc2_skip_config  # noqa: E402
 from densemoe.quant import quantize_per_token  # noqa: E402
 
 out_path = sys.argv[1] if len(sys.argv) > 1 else None

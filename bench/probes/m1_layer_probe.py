@@ -1,12 +1,13 @@
 """The layer's graph at small M, kernel by kernel (torch.profiler over CUDA-graph replays, L2
 flushed before each), and the router's gate kernel against F.linear + quantize_per_token.
 (The FC2-with-y-quantisation variants this script also timed, and fc2_quant_ncu.py, lived with
-that code in commit a53b849.) python bench/experiments/m1_layer_probe.py [M,...]"""
+that code in commit a53b849.) python bench/probes/m1_layer_probe.py [M,...]"""
 
 import sys
 
 from densemoe import routing
-from densemoe.bench.common import Timer, graph_kernels
+from densemoe.bench.common import graph_kernels
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.layer import DenseMoE
 

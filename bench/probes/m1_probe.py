@@ -1,7 +1,7 @@
 """Where M = 1 time goes (issue 6), H100, DeepSeek-V3 TP8 fp8, 8 random experts picked:
 small-read ceilings through the benchmark's timer, FC1 / FC2 skipping-kernel variants (deeper
 pipelines, smaller tiles), and the kernels of the layer's graph from torch.profiler.
-python bench/experiments/m1_probe.py"""
+python bench/probes/m1_probe.py"""
 
 import dataclasses
 import json
@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 import densemoe
-from densemoe.bench.common import Timer, graph_kernels
+from densemoe.bench.common import graph_kernels
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig, fc2_triton

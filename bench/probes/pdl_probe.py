@@ -2,7 +2,7 @@
 off by an environment variable (default DENSEMOE_PDL: programmatic dependent launch;
 DENSEMOE_L2_PREFETCH: FC1's idle programs prefetching FC2's weights), same outputs checked, then
 timed alternately (3 rounds, the benchmark's Timer: CUDA-graph replays, L2 flushed), and the
-graph's kernels with it on. python bench/experiments/pdl_probe.py [M,...] [VAR]"""
+graph's kernels with it on. python bench/probes/pdl_probe.py [M,...] [VAR]"""
 
 import os
 import statistics
@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-from densemoe.bench.common import Timer, graph_kernels
+from densemoe.bench.common import graph_kernels
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.layer import DenseMoE
 

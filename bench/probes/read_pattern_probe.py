@@ -2,13 +2,13 @@
 Timer (CUDA-graph replay, L2 flushed)? DeepSeek-V3 TP8 fp8, 8 random experts: FC1's (8
 contiguous 3.67 MB blocks of w1) and FC2's (a 256-byte segment per expert in each of w2's 7168
 rows, 14.7 MB) by plain Triton read kernels, next to a trivial kernel.
-python bench/experiments/read_pattern_probe.py"""
+python bench/probes/read_pattern_probe.py"""
 
 import torch
 import triton
 import triton.language as tl
 
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 
 

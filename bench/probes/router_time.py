@@ -1,10 +1,10 @@
 """The routers, fused Triton kernel against the torch ops, at the model shapes (Timer: graph
-replays, interleaved rounds). Results checked first. python bench/experiments/router_time.py"""
+replays, interleaved rounds). Results checked first. python bench/probes/router_time.py"""
 
 import torch
 
 from densemoe import routing as R
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 
 timer = Timer(reps=30)
 g = torch.Generator(device="cuda").manual_seed(0)

@@ -1,11 +1,11 @@
 """Is FC1's fixed ~20 us at M = 1 (skipping) a cold-start cost? The same calls timed with the
 benchmark's L2 flush before each replay and without it, next to the dense grid kernel on a
-1- and 8-expert slice of w1. python bench/experiments/skip_coldstart.py"""
+1- and 8-expert slice of w1. python bench/probes/skip_coldstart.py"""
 
 import torch
 
 import densemoe
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
 from densemoe.kernels.triton.skip import active_experts

@@ -1,11 +1,11 @@
 """Where the fixed cost of skipping at M = 1 goes (H100, DeepSeek-V3 TP8 fp8): FC1 and FC2 with
 skipping for 1, 2, 4, 8 picked experts of one token (bytes grow 8x; does the time?), next to a
-trivial kernel through the same timer. python bench/experiments/skip_latency.py"""
+trivial kernel through the same timer. python bench/probes/skip_latency.py"""
 
 import torch
 
 import densemoe
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.kernels.triton.skip import active_experts
 from densemoe.quant import quantize_per_token

@@ -1,13 +1,13 @@
 """Is the persistent FC1 kernel's k-loop pipelined? (H100, fp8, H = 7168, I = 256, M = 1.) The
 same 8 experts' FC1 three ways: the grid kernel on an 8-expert slice of w1 (one program per
 tile), the persistent kernel on the same slice, and the skipping kernel picking those 8 of 256.
-python bench/experiments/skip_pipeline.py"""
+python bench/probes/skip_pipeline.py"""
 
 import dataclasses
 
 import torch
 
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
 from densemoe.quant import quantize_per_token

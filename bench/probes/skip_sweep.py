@@ -1,6 +1,6 @@
 """Skipping configs at small M (H100, DeepSeek-V3 TP8 fp8, uniform top-8): FC1 and FC2 config
 variants around the defaults, each checked against the default's output, timed in interleaved
-rounds (the benchmark's Timer). python bench/experiments/skip_sweep.py [M,...] [narrow]
+rounds (the benchmark's Timer). python bench/probes/skip_sweep.py [M,...] [narrow]
 ("narrow": the narrower tiles only: FC1 with 32 / 16 rows of I, FC2 with 32 / 16 columns)."""
 
 import dataclasses
@@ -10,13 +10,16 @@ import sys
 
 import torch
 
-from densemoe.bench.common import Timer
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
 from densemoe.bench.skip import routing_alpha
-from densemoe.kernels.triton.fc1 import Fc1Problem, default_skip_config as fc1_skip, fc1_triton
-from densemoe.kernels.triton.fc2 import Fc2Problem, can_implement as fc2_ok, fc2_triton
+from densemoe.kernels.triton.fc1 import fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config as fc1_skip
+from densemoe.kernels.triton.fc2 import can_implement as fc2_ok, fc2_triton
+from densemoe.kernels.common import Fc2Problem
 from densemoe.kernels.triton.fc1 import can_implement as fc1_ok
-from densemoe.ops.fc2 import default_skip_config as fc2_skip
+from densemoe.ops.fc2_configs import default_skip_config as fc2_skip
 from densemoe.quant import quantize_per_token, quantize_y_fold_alpha
 
 R = dataclasses.replace

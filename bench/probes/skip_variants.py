@@ -1,7 +1,7 @@
 """Expert skipping on the H100, DeepSeek-V3 TP8 fp8, uniform random top-8 routing: FC1 and FC2
 with skipping (config variants) against their dense path and the skipping floor (bytes of the
 picked experts / read ceiling), and the layer's pieces at small M. Every variant is checked
-against the fp32 reference first; interleaved timing. python bench/experiments/skip_variants.py"""
+against the fp32 reference first; interleaved timing. python bench/probes/skip_variants.py"""
 
 import dataclasses
 import json
@@ -11,13 +11,17 @@ import sys
 import torch
 
 import densemoe
-from densemoe.bench.common import Timer, read_ceiling
+from densemoe.bench.common import read_ceiling
+from densemoe.timing import Timer
 from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.triton.fc1 import Fc1Problem, Fc1TritonConfig, default_skip_config, fc1_triton
-from densemoe.kernels.triton.fc2 import Fc2Problem, fc2_triton
+from densemoe.kernels.triton.fc1 import Fc1TritonConfig, fc1_triton
+from densemoe.kernels.common import Fc1Problem
+from densemoe.ops.fc1_configs import default_skip_config
+from densemoe.kernels.triton.fc2 import fc2_triton
+from densemoe.kernels.common import Fc2Problem
 from densemoe.kernels.triton.skip import active_experts
 from densemoe.layer import DenseMoE
-from densemoe.ops.fc2 import default_skip_config as fc2_skip_config
+from densemoe.ops.fc2_configs import default_skip_config as fc2_skip_config
 from densemoe.quant import quantize_per_token, quantize_y_fold_alpha
 from densemoe.reference import fc1_ref, fc2_ref
 
@@ -72,7 +76,7 @@ for M in ms:
         fc1_vars["bi32 p1 st4 bk128"] = Fc1TritonConfig(16, 32, 128, 4, 4, 0, 1, persistent=1)
         fc1_vars["bi64 p1 st6 bk128"] = Fc1TritonConfig(16, 64, 128, 4, 6, 1, 1, persistent=1)
     if M == 1:  # is the persistent kernel's inner loop pipelined? dense grid vs dense persistent
-        from densemoe.kernels.triton.fc1 import default_config
+        from densemoe.ops.fc1_configs import default_config
         dc = default_config(prob)
         yy = torch.empty(M, E * I, dtype=torch.bfloat16, device="cuda")
         rr = timer.compare([lambda: fc1_triton(x8, p.w1, p.alpha1, yy, dc, x_scale=sx),

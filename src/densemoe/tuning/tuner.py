@@ -14,7 +14,8 @@ For one problem (shape, dtypes, M bucket) on one device:
 4. verification: the fastest candidate's output is checked against the fp32 reference
    (relative error <= ``TOL``); a failure drops it and the next fastest is checked. If it beats
    the heuristic's own choice by no more than ``MARGIN`` (2%), the heuristic's choice is kept:
-   the same two configs measured up to 6% apart between the tuner's and the benchmark's runs;
+   the same two configs move by more than that between the tuner's and the benchmark's runs
+   (``docs/tuning.md``);
 5. recording: the winner, each backend's best and the heuristic's time, under the problem's key,
    into the user's cache (atomic, locked: ``cache.write_entries``).
 """

@@ -16,11 +16,10 @@ trip to HBM, the latency being what costs at small M) and dots it with each toke
 small; the rows come from L2). Every program holds whole token rows, so each knows every row's
 amax; program p quantises slice p of each row (``quant_slice`` elements, reloaded from L1/L2), so
 the divisions are spread over the grid instead of waiting on one program. One launch instead of
-cuBLAS's split-K GEMV, its reduction and the quantisation kernel (H100, M = 1: ~13 us of the
-layer's graph, ``bench/results/skip_probes_h100_2026-11-26.md``). In the H100 layer graph it
-took 5.9 us at M = 1 but 15.1 at M = 8 (a block-wide reduction per token row), hence
-``MAX_M = 4``. A first version that looped over H in 1024-element steps took 11 us at M = 1
-and 24 us at M = 8: a round trip per step.
+cuBLAS's split-K GEMV, its reduction and the quantisation kernel. Each token row costs a
+block-wide reduction, so above a few tokens cuBLAS's GEMM is faster: ``MAX_M = 4``. A gate row
+is loaded whole rather than in steps over H (a round trip per step). The measurements:
+``docs/skipping.md``.
 """
 
 from __future__ import annotations
