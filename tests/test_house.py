@@ -171,3 +171,27 @@ def test_cute_modules_import_without_cute_dsl(module):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, DENSEMOE_NO_HF_REGISTER="1"))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_probes_and_bench_scripts_import_what_exists():
+    """The probes that documents cite (bench/probes) and the scripts beside them import only
+    names the package has: a reorganisation that moves a name must take them along."""
+    import importlib
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    missing = []
+    for path in sorted(bench.glob("probes/*.py")) + sorted(bench.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PKG):
+                mod = importlib.import_module(node.module)
+                for a in node.names:
+                    if not hasattr(mod, a.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{a.name}")
+                        except ImportError:
+                            missing.append(f"{path.name}:{node.lineno} {node.module}.{a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith(PKG):
+                        importlib.import_module(a.name)
+    assert missing == []

@@ -9,6 +9,12 @@ import sys
 from densemoe.shapes import parse_ms
 
 
+def _fail(message: str):
+    """A bad argument: one line on stderr, exit status 2 (as argparse's own usage errors)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _shape(text: str):
     """A shape name of ``densemoe.shapes.SHAPES`` or N,E,I -> (MoEShape, the tuner's shape argument)."""
     from densemoe.shapes import SHAPES, MoEShape
@@ -17,10 +23,10 @@ def _shape(text: str):
         try:
             n, e, i = (int(x) for x in text.split(","))
         except ValueError:
-            raise SystemExit(f"--shape {text!r}: give a shape name ({', '.join(SHAPES)}) or N,E,I") from None
+            _fail(f"--shape {text!r}: give a shape name ({', '.join(SHAPES)}) or N,E,I")
         return MoEShape("custom", n, e, i, 8), (n, e, i)
     if text not in SHAPES:
-        raise SystemExit(f"--shape {text!r}: known shapes are {', '.join(SHAPES)} (or N,E,I)")
+        _fail(f"--shape {text!r}: known shapes are {', '.join(SHAPES)} (or N,E,I)")
     return SHAPES[text], text
 
 
@@ -32,18 +38,18 @@ def _check_args(args) -> None:
     from densemoe.tuning.tuner import DTYPES
 
     if args.op not in OPS:
-        raise SystemExit(f"--op {args.op!r}: tunable ops are {', '.join(sorted(OPS))}")
+        _fail(f"--op {args.op!r}: tunable ops are {', '.join(sorted(OPS))}")
     _shape(args.shape)
     bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
     if bad:
-        raise SystemExit(f"--dtypes {args.dtypes!r}: choose from {', '.join(DTYPES)}")
+        _fail(f"--dtypes {args.dtypes!r}: choose from {', '.join(DTYPES)}")
     bad = [b for b in args.backends.split(",") if b not in BACKENDS]
     if bad:
-        raise SystemExit(f"--backends {args.backends!r}: choose from {', '.join(BACKENDS)}")
+        _fail(f"--backends {args.backends!r}: choose from {', '.join(BACKENDS)}")
     try:
         parse_ms(args.m)
     except ValueError:
-        raise SystemExit(f"--m {args.m!r}: a comma list of token counts, a-b for the sweep points in [a, b]") from None
+        _fail(f"--m {args.m!r}: a comma list of token counts, a-b for the sweep points in [a, b]")
 
 
 def _dry_run(args) -> str:

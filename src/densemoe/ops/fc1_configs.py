@@ -29,9 +29,9 @@ from densemoe.kernels.cute import fc1_sm90 as cute_fc1
 from densemoe.kernels.cute import hopper
 from densemoe.kernels.cute.fc1_sm90 import Fc1CuteConfig
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig, can_implement
+from densemoe.ops import choice
 from densemoe.ops.choice import Choice
 from densemoe.ops.strategy import expected_active
-from densemoe.tuning import cache
 
 OP = "densemoe.fc1"
 BACKENDS = ("auto", "triton", "cute")
@@ -179,11 +179,7 @@ def choose(problem: Fc1Problem, device, *, backend: str = "auto", config=None, s
         hit = _tuned(problem, device, "triton", check) if tuned else None
         return hit or Choice("triton", default_config(problem), "heuristic")
     if config is not None:
-        if config.backend == "cute":
-            ok, why = check()
-            if not ok:
-                raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
-        return Choice(config.backend, config, "pinned")
+        return choice.pinned(OP, config, check)
     hit = _tuned(problem, device, backend, check) if tuned else None
     return hit or _heuristic(problem, backend, check)
 
@@ -202,32 +198,6 @@ def _heuristic(problem: Fc1Problem, backend: str, check) -> Choice:
     return Choice("triton", default_config(problem), "heuristic")
 
 
-def _tuned(problem: Fc1Problem, device: torch.device, backend: str, check) -> Choice | None:
-    """The tuned entry's choice, or None. "auto" takes the entry's best and then its best Triton
-    config; a forced backend takes that backend's slot (or the best, if it is of that backend).
-    A CuTe entry that these tensors cannot take moves on to the next slot."""
-    if not cache.tuned_lookups_enabled():
-        return None
-    key = cache.make_key("fc1", cache.device_name(device), problem)
-    entry, where = cache.lookup_or_autotune(key, problem, device)
-    if entry is None:
-        return None
-    slots = ("best", "triton") if backend == "auto" else (backend, "best")
-    for slot in slots:
-        item = entry.get(slot)
-        if not item:
-            continue
-        try:
-            cfg = parse_config(item["config"])
-        except Exception as exc:  # noqa: BLE001 - any malformed entry: warn, fall back
-            cache.warn_stale(key, f"config {item.get('config')!r} does not parse ({type(exc).__name__}: {exc})")
-            return None
-        if backend != "auto" and cfg.backend != backend:
-            continue
-        if cfg.backend == "cute" and not check()[0]:
-            continue  # fine on the tuning machine, not for these tensors here: next slot
-        ok, why = (cute_fc1.can_implement if cfg.backend == "cute" else can_implement)(problem, cfg)
-        if ok:
-            return Choice(cfg.backend, cfg, where)
-        cache.warn_stale(key, f"config {item['config']!r} does not fit this problem ({why})")
-    return None
+def _tuned(problem, device: torch.device, backend: str, check) -> Choice | None:
+    return choice.tuned("fc1", problem, device, backend, check, parse_config,
+                        {"triton": can_implement, "cute": cute_fc1.can_implement})

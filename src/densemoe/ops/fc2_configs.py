@@ -29,8 +29,8 @@ from densemoe.kernels.cute import fc2_sm90 as cute_fc2
 from densemoe.kernels.cute import hopper
 from densemoe.kernels.cute.fc2_sm90 import Fc2CuteConfig
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig, can_implement
+from densemoe.ops import choice
 from densemoe.ops.choice import Choice
-from densemoe.tuning import cache
 
 OP = "densemoe.fc2"
 BACKENDS = ("auto", "triton", "cute")
@@ -175,11 +175,7 @@ def choose(problem: Fc2Problem, device, *, backend: str = "auto", config=None, s
         return Choice("triton", default_skip_config(problem, sm_count(device)), "heuristic")
     check = cute_check or (lambda: hopper.device_ok(device))
     if config is not None:
-        if config.backend == "cute":
-            ok, why = check()
-            if not ok:
-                raise ValueError(f"{OP}: backend='cute' cannot run this call: {why}")
-        return Choice(config.backend, config, "pinned")
+        return choice.pinned(OP, config, check)
     hit = _tuned(problem, device, backend, check) if tuned else None
     return hit or _heuristic(problem, device, backend, check)
 
@@ -200,30 +196,6 @@ def _heuristic(problem: Fc2Problem, device: torch.device, backend: str, check) -
     return Choice("triton", default_config(problem, sm_count(device)), "heuristic")
 
 
-def _tuned(problem: Fc2Problem, device: torch.device, backend: str, check) -> Choice | None:
-    """The tuned entry's choice, or None: "auto" takes the entry's best, then its best Triton
-    config; a forced backend takes its own slot. A CuTe entry that these tensors cannot take
-    moves on to the next slot; an entry that no longer parses or fits warns and is skipped."""
-    if not cache.tuned_lookups_enabled():
-        return None
-    key = cache.make_key("fc2", cache.device_name(device), problem)
-    entry, where = cache.lookup_or_autotune(key, problem, device)
-    if entry is None:
-        return None
-    slots = ("best", "triton") if backend == "auto" else (backend,)
-    for slot in slots:
-        item = entry.get(slot)
-        if not item:
-            continue
-        try:
-            cfg = parse_config(item["config"])
-        except Exception as exc:  # noqa: BLE001 - any malformed entry: warn, fall back
-            cache.warn_stale(key, f"config {item.get('config')!r} does not parse ({type(exc).__name__}: {exc})")
-            return None
-        if cfg.backend == "cute" and not check()[0]:
-            continue  # fine on the tuning machine, not for these tensors here: next slot
-        ok, why = (cute_fc2.can_implement if cfg.backend == "cute" else can_implement)(problem, cfg)
-        if ok:
-            return Choice(cfg.backend, cfg, where)
-        cache.warn_stale(key, f"config {item['config']!r} does not fit this problem ({why})")
-    return None
+def _tuned(problem, device: torch.device, backend: str, check) -> Choice | None:
+    return choice.tuned("fc2", problem, device, backend, check, parse_config,
+                        {"triton": can_implement, "cute": cute_fc2.can_implement})
