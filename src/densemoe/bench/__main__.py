@@ -1,4 +1,4 @@
-"""python -m densemoe.bench {fc2,sweep,fc1,layer,skip} ... (needs a CUDA GPU; plot does not)."""
+"""python -m densemoe.bench {fc2,sweep,fc1,layer,skip} ... (needs a CUDA GPU; plot and docs do not)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ SKIP_DEFAULTS = dict(shapes="deepseek-v3-tp8", dtypes="fp8", m="1,2,4,8,16,32,64
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m densemoe.bench", description=__doc__)
-    ap.add_argument("what", choices=["fc2", "sweep", "plot", "fc1", "layer", "skip"],
+    ap.add_argument("what", choices=["fc2", "sweep", "plot", "fc1", "layer", "skip", "docs"],
                     help="fc2: default configs vs baselines; "
                     "fc1 / layer: FC1 alone and the whole layer vs cuBLAS and transformers (bench/layer.py); "
                     "skip: expert skipping in FC1, FC2 and the layer vs their dense paths and the skipping "
                     "floor, uniform and skewed routing (bench/skip.py); "
                     "sweep: time a set of configs per M (exploration); plot: redraw <out>.md/.png from "
-                    "<out>.json (no GPU needed)")
+                    "<out>.json (no GPU needed); docs: regenerate docs/performance.md from the committed "
+                    "results (--out FILE, else stdout; run from the repository root; no GPU needed)")
     ap.add_argument("--shapes", default=None,
                     help=f"comma list of {', '.join(SHAPES)}; "
                     f"default: {DEFAULTS['shapes']} ({SKIP_DEFAULTS['shapes']} for skip)")
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
                     f"default: {DEFAULTS['m']} ({SKIP_DEFAULTS['m']} for skip)")
     ap.add_argument("--routings", default="uniform,skewed", help="skip: routings to run (uniform, skewed)")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot)")
+    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot); "
+                    "docs: the markdown file to write")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--backends", default="triton,cute", help="fc2: backends timed side by side (default configs)")
     ap.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
@@ -55,6 +57,19 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"--m {args.m!r}: a comma list of token counts, a-b for the sweep points in [a, b]", file=sys.stderr)
         return 2
+    if args.what == "docs":
+        from densemoe.bench import docs
+
+        missing = [p for p in docs.SOURCES.values() if not os.path.exists(p)]
+        if missing:
+            print(f"python -m densemoe.bench docs reads {', '.join(missing)}: run it from the repository root",
+                  file=sys.stderr)
+            return 2
+        if args.out:
+            docs.write(args.out)
+        else:
+            sys.stdout.write(docs.performance_md())
+        return 0
     if args.what == "plot":
         if not args.out:
             print("python -m densemoe.bench plot redraws <out>.md and <out>.png from <out>.json: give --out <out>",
