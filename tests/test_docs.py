@@ -1,0 +1,65 @@
+"""The documents cannot drift from the committed measurements: docs/performance.md and the
+README's headline table are regenerated from bench/results/ (``densemoe.bench.docs``) and
+compared with the committed files; the documents' links to files in the repository resolve."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from densemoe.bench import docs
+from densemoe.bench.__main__ import main as bench_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+REGENERATE = "python -m densemoe.bench docs --out docs/performance.md"
+
+
+def test_the_sources_exist():
+    for rel in (*docs.SOURCES.values(), docs.CHART):
+        assert (ROOT / rel).is_file(), rel
+
+
+def test_performance_md_is_regenerated_from_the_results():
+    committed = (ROOT / "docs" / "performance.md").read_text()
+    assert docs.performance_md(ROOT) == committed, f"docs/performance.md is stale: run `{REGENERATE}`"
+
+
+def test_the_cli_writes_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "performance.md"
+    assert bench_main(["docs", "--out", str(out)]) == 0
+    assert out.read_text() == (ROOT / "docs" / "performance.md").read_text()
+    assert bench_main(["docs"]) == 0
+    assert capsys.readouterr().out == out.read_text()
+    monkeypatch.chdir(tmp_path)  # elsewhere: one line naming what it reads
+    assert bench_main(["docs"]) == 2
+    assert "repository root" in capsys.readouterr().err
+
+
+def test_readme_headline_table_is_the_results():
+    readme = (ROOT / "README.md").read_text()
+    layer = docs.load(ROOT / docs.SOURCES["layer"])
+    assert docs.headline_table(layer) in readme, "README.md's table differs from the results: paste " \
+        "densemoe.bench.docs.headline_table(...)"
+    meta = layer["meta"]
+    for fact in (meta["device"], meta["date"].split()[0], meta["commit"], docs.SOURCES["layer"], docs.CHART):
+        assert fact in readme, fact
+
+
+def _local_links(path: Path):
+    """(target, resolved path) of every relative markdown link in ``path`` (anchors dropped)."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        yield target, (path.parent / target.split("#")[0]).resolve()
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS, ROOT / "bench" / "probes" / "README.md"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_resolve(path):
+    broken = [t for t, p in _local_links(path) if not p.exists()]
+    assert not broken, f"{path.relative_to(ROOT)}: links to missing files {broken}"
