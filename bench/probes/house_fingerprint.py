@@ -247,78 +247,51 @@ def choices() -> dict:
 
 
 def _api():
-    """Returns f(shape, dtype, M) -> dict of decisions, for the API at hand."""
+    """Returns f(shape, dtype, M) -> dict of decisions, through the API of the tree at hand (the
+    rules moved in issue 18: kernels/triton and ops/fc2 before, ops/*_configs and strategy after)."""
+    import types
+
     import torch
 
-    try:
-        from densemoe.ops import fc2_configs, fc1_configs, strategy  # after the refactor
-        new = True
-    except ImportError:
-        new = False
-    FP8 = torch.float8_e4m3fn
-    dev = "NVIDIA H100 80GB HBM3"
-
-    if not new:
-        from densemoe.kernels.triton import fc1 as k1
-        from densemoe.ops import fc1 as o1, fc2 as o2
-        from densemoe.tuning import cache
-
-        def f(s, dt, M):
-            p2 = o2.Fc2Problem(M, s.hidden, s.experts, s.inter, dt, torch.bfloat16)
-            p1 = k1.Fc1Problem(M, s.hidden, s.experts, s.inter, dt, torch.bfloat16)
-            d = {"skip": o2.skip_by_default(M, s.experts), "skip_k": o2.skip_by_default(M, s.experts, s.topk),
-                 "fc2_default": o2.default_config(p2, 132).to_str(),
-                 "fc2_skip": o2.default_skip_config(p2, 132).to_str(),
-                 "fc2_cute_pref": o2.cute_preferred(p2),
-                 "fc1_default": k1.default_config(p1).to_str(),
-                 "fc1_skip": k1.default_skip_config(p1, 132).to_str(),
-                 "fc1_cute_pref": o1.cute_preferred(p1)}
-            try:
-                d["fc2_cute"] = o2.default_cute_config(p2).to_str()
-            except ValueError as e:
-                d["fc2_cute"] = str(e)
-            try:
-                d["fc1_cute"] = o1.default_cute_config(p1).to_str()
-            except ValueError as e:
-                d["fc1_cute"] = str(e)
-            try:
-                d["fc1_dyn"] = k1.default_config_dynamic(p1).to_str()
-            except ValueError as e:
-                d["fc1_dyn"] = str(e)
-            # tuned tables: fc2 as "auto" with CuTe runnable; fc1 "auto" and "triton"
-            for op, prob in (("fc2", p2), ("fc1", p1)):
-                entry, where = cache.lookup(cache.make_key(op, dev, prob))
-                d[f"{op}_tuned"] = None if entry is None else [where, entry["best"]["config"],
-                                                              (entry.get("triton") or {}).get("config")]
-            return d
-        return f
-
-    from densemoe.kernels.common import Fc1Problem, Fc2Problem
     from densemoe.tuning import cache
 
+    try:  # after the move
+        from densemoe.kernels.common import Fc1Problem, Fc2Problem
+        from densemoe.ops import fc1_configs, fc2_configs, strategy
+        r1, r2 = fc1_configs, fc2_configs
+        rules = types.SimpleNamespace(skip_by_default=strategy.skip_by_default, Fc1Problem=Fc1Problem,
+                                      Fc2Problem=Fc2Problem)
+    except ImportError:  # before
+        from densemoe.kernels.triton import fc1 as k1
+        from densemoe.ops import fc1 as o1
+        from densemoe.ops import fc2 as o2
+        r1 = types.SimpleNamespace(default_config=k1.default_config, default_skip_config=k1.default_skip_config,
+                                   default_config_dynamic=k1.default_config_dynamic,
+                                   default_cute_config=o1.default_cute_config, cute_preferred=o1.cute_preferred)
+        r2 = o2
+        rules = types.SimpleNamespace(skip_by_default=o2.skip_by_default, Fc1Problem=k1.Fc1Problem,
+                                      Fc2Problem=o2.Fc2Problem)
+    dev = "NVIDIA H100 80GB HBM3"
+
+    def text(fn, p):
+        try:
+            return fn(p).to_str()
+        except ValueError as e:
+            return str(e)
+
     def f(s, dt, M):
-        p2 = Fc2Problem(M, s.hidden, s.experts, s.inter, dt, torch.bfloat16)
-        p1 = Fc1Problem(M, s.hidden, s.experts, s.inter, dt, torch.bfloat16)
-        d = {"skip": strategy.skip_by_default(M, s.experts), "skip_k": strategy.skip_by_default(M, s.experts, s.topk),
-             "fc2_default": fc2_configs.default_config(p2, 132).to_str(),
-             "fc2_skip": fc2_configs.default_skip_config(p2, 132).to_str(),
-             "fc2_cute_pref": fc2_configs.cute_preferred(p2),
-             "fc1_default": fc1_configs.default_config(p1).to_str(),
-             "fc1_skip": fc1_configs.default_skip_config(p1, 132).to_str(),
-             "fc1_cute_pref": fc1_configs.cute_preferred(p1)}
-        try:
-            d["fc2_cute"] = fc2_configs.default_cute_config(p2).to_str()
-        except ValueError as e:
-            d["fc2_cute"] = str(e)
-        try:
-            d["fc1_cute"] = fc1_configs.default_cute_config(p1).to_str()
-        except ValueError as e:
-            d["fc1_cute"] = str(e)
-        try:
-            d["fc1_dyn"] = fc1_configs.default_config_dynamic(p1).to_str()
-        except ValueError as e:
-            d["fc1_dyn"] = str(e)
-        for op, prob in (("fc2", p2), ("fc1", p1)):
+        p2 = rules.Fc2Problem(M, s.hidden, s.experts, s.inter, dt, torch.bfloat16)
+        p1 = rules.Fc1Problem(M, s.hidden, s.experts, s.inter, dt, torch.bfloat16)
+        d = {"skip": rules.skip_by_default(M, s.experts), "skip_k": rules.skip_by_default(M, s.experts, s.topk),
+             "fc2_default": r2.default_config(p2, 132).to_str(),
+             "fc2_skip": r2.default_skip_config(p2, 132).to_str(),
+             "fc2_cute_pref": r2.cute_preferred(p2),
+             "fc1_default": r1.default_config(p1).to_str(),
+             "fc1_skip": r1.default_skip_config(p1, 132).to_str(),
+             "fc1_cute_pref": r1.cute_preferred(p1),
+             "fc2_cute": text(r2.default_cute_config, p2), "fc1_cute": text(r1.default_cute_config, p1),
+             "fc1_dyn": text(r1.default_config_dynamic, p1)}
+        for op, prob in (("fc2", p2), ("fc1", p1)):  # the tuned tables as an H100 sees them
             entry, where = cache.lookup(cache.make_key(op, dev, prob))
             d[f"{op}_tuned"] = None if entry is None else [where, entry["best"]["config"],
                                                           (entry.get("triton") or {}).get("config")]
