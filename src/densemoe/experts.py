@@ -1,5 +1,6 @@
-"""The routed experts of an MoE layer on densemoe's kernels: FC1 (SwiGLU fused) -> FC2, for a
-given alpha [M, E], with no host sync anywhere.
+"""The experts of an MoE layer on densemoe's kernels, for a given alpha [M, E] (and the router's
+top-k ids), with no host sync anywhere. Three strategies, one math (``ops/strategy.py`` picks):
+"skip" and "dense" run FC1 (SwiGLU fused) -> FC2 below; "routed" runs ``ops.routed``.
 
     fp8:  x8, sx = quantize_per_token(x)                     # [M, H] fp8, [M]
           y = fc1(x8, w1, alpha1, x_scale=sx, routing=alpha)  # [M, E*I] bf16, SwiGLU fused
@@ -21,9 +22,10 @@ from __future__ import annotations
 import torch
 
 from densemoe.ops import _validate as v
-from densemoe.ops import strategy
+from densemoe.ops import strategy as rule
 from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
 from densemoe.ops.fc2 import fc2
+from densemoe.ops.routed import problem_of, routed_experts
 from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights
 
@@ -33,7 +35,8 @@ OP = "experts_forward"
 def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor, *,
                     skip: bool | None = None, top_k: int | None = None,
                     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+                    expert_ids: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
+                    strategy: str | None = None) -> torch.Tensor:
     """out [M, H] = sum_e alpha[m, e] * expert_e(x[m]) with expert_e = down(silu(gate x) * up x).
 
     Args:
@@ -41,15 +44,20 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         prepared: ``PreparedWeights`` from ``densemoe.prepare_weights`` (fp8 or bf16 kernels).
         alpha:    [M, E] floating (used as float32): the routing weight of expert e for token m,
                   0 where m did not pick e (``densemoe.routing.alpha_from_topk`` builds it).
-        skip:     expert skipping in FC1 and FC2 (the experts no token of a tile picked are never
-                  read): None (default) where it pays (``strategy.skip_by_default(M, E, top_k)``),
-                  True always, False never (the dense path).
-        top_k:    the routing's top-k, for that rule (default 8).
+        strategy: "skip", "dense", "routed", or None (default): ``strategy.pick``'s rule for
+                  this M, E and top-k (a measured choice where the tuner recorded one). "routed"
+                  needs ``expert_ids`` [M, k]; without them the rule picks between the other two.
+        skip:     the older switch: True is strategy="skip", False strategy="dense".
+        top_k:    the routing's top-k, for the rule (default: expert_ids' k if [M, k], else 8);
+                  a top_k that disagrees with [M, k] expert_ids is a ValueError.
         x_quant:  (x8, sx) = ``quantize_per_token(x)`` already computed (``DenseMoE`` gets it from
                   the router's fused kernel); fp8 weights only.
         expert_ids: [k] or [M, k] integer: the experts the tokens picked (``DenseMoE`` passes its
-                  router's top-k ids, distinct per row, in [0, E)). Used at M = 1 with skipping
-                  (FC1 and FC2 walk them instead of listing them from alpha), ignored otherwise.
+                  router's top-k ids, distinct per row, in [0, E); alpha must be 0 outside them).
+                  The routed strategy runs on them; at M = 1 skipping walks them instead of
+                  listing the experts from alpha; the dense strategy ignores them.
+        topk_weights: [M, k] floating: the routing weights of expert_ids (the routed strategy;
+                  default ``alpha.gather(1, expert_ids)``).
 
     Returns [M, H] in x's dtype (bf16 for an fp8 x). Bad input raises TypeError / ValueError
     naming the argument.
@@ -74,7 +82,23 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
             raise ValueError(f"{OP}: {name} is on {t.device} but x is on {x.device}; all must be on one device")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E):
         raise ValueError(f"{OP}: top_k must be an int in [1, E={E}], got {top_k!r}")
-    skip = strategy.resolve_skip(OP, skip, M, E, top_k=top_k or strategy.DEFAULT_TOP_K)
+    if expert_ids is not None and not isinstance(expert_ids, torch.Tensor):
+        raise ValueError(f"{OP}: expert_ids must be a [k] or [M, k] integer tensor, got {type(expert_ids).__name__}")
+    per_token = expert_ids is not None and expert_ids.dim() == 2 and expert_ids.shape[0] == M
+    if per_token and top_k is not None and top_k != expert_ids.shape[1]:
+        raise ValueError(f"{OP}: top_k={top_k} but expert_ids has k={expert_ids.shape[1]} slots per token")
+    if topk_weights is not None and not per_token:
+        raise ValueError(f"{OP}: topk_weights needs expert_ids [M={M}, k] beside it")
+    k = expert_ids.shape[1] if per_token else (top_k or rule.DEFAULT_TOP_K)
+    routed_blocker = None if per_token else "it needs the top-k ids: expert_ids [M, k]"
+    how = rule.resolve(OP, strategy, skip, M, E, top_k=k, routed_blocker=routed_blocker,
+                           problem=problem_of(x, prepared, k), device=x.device)
+    if how == "routed":
+        if topk_weights is None:
+            topk_weights = alpha.float().gather(1, expert_ids.long())
+        out = routed_experts(x, prepared, expert_ids, topk_weights, x_quant=x_quant)
+        return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
+    skip = how == "skip"
     alpha = alpha.float()
     if x_quant is not None:
         if prepared.dtype != FP8:
@@ -85,14 +109,14 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
                              f"{tuple(x8.shape)} {x8.dtype}, {tuple(sx.shape)}")
     ids = None
     if expert_ids is not None:
-        if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() not in (1, 2):
+        if expert_ids.dim() not in (1, 2):
             raise ValueError(f"{OP}: expert_ids must be a [k] or [M, k] integer tensor, got "
                              f"{tuple(expert_ids.shape) if isinstance(expert_ids, torch.Tensor) else type(expert_ids).__name__}")
         if skip and M == 1:
             ids = v.expert_ids(OP, expert_ids, M, E, skip, x.device)
     if prepared.dtype == FP8:
         x8, sx = quantize_per_token(x) if x_quant is None else x_quant
-        if strategy.quantize_y_in_fc1(prepared.inter):  # one FC1 tile holds all of I: quantise in its epilogue
+        if rule.quantize_y_in_fc1(prepared.inter):  # one FC1 tile holds all of I: quantise in its epilogue
             y8, ys = fc1_fp8_dynamic(x8, prepared.w1, prepared.alpha1, x_scale=sx)
             out = fc2(y8, prepared.w2, alpha * ys * prepared.w2_scale[None, :], skip=skip)
         else:

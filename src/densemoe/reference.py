@@ -7,6 +7,8 @@ truth for the semantics. Slow and memory-hungry on purpose; every test compares 
     quantize_per_token_ref,                   the activation quantisers (``densemoe.quant``):
     quantize_y_fold_alpha_ref                 the same bits as the kernels
     active_experts_ref                        expert skipping's per-tile expert lists
+    moe_schedule_ref, routed_experts_ref      the routed path: pairs grouped by expert, and
+                                              its numerics (y quantised per group) in float64
 
 A leaf: torch only. ``densemoe.routing`` and ``densemoe.quant`` run some of these as their torch
 path where no kernel can run (a CPU tensor without Triton's interpreter, say).
@@ -246,3 +248,71 @@ def active_experts_ref(routing: torch.Tensor, block_m: int) -> tuple[torch.Tenso
         lists[t] = torch.cat([ids[picked], ids[~picked]])
         counts[t] = int(picked.sum())
     return lists, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# the routed path
+
+
+def moe_schedule_ref(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of the routed path's schedule (the same bits): pair p = m*k + j sorted by its
+    expert topk_ids.flatten()[p], stably; ids outside [0, E) belong to no expert (dropped).
+
+    returns (sorted_pairs [M*k] int32: the first offsets[E] entries are the valid pairs, the
+    rest unspecified (here -1), offsets [E+1] int32: expert e's pairs are
+    sorted_pairs[offsets[e] : offsets[e+1]])."""
+    ids = topk_ids.reshape(-1).long()
+    P = ids.numel()
+    valid = (ids >= 0) & (ids < num_experts)
+    counts = torch.bincount(ids[valid], minlength=num_experts)[:num_experts]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = counts.cumsum(0)
+    order = torch.sort(torch.where(valid, ids, num_experts), stable=True).indices
+    sorted_pairs = torch.full((P,), -1, dtype=torch.int32, device=ids.device)
+    n = int(offsets[-1])
+    sorted_pairs[:n] = order[:n].to(torch.int32)
+    return sorted_pairs, offsets.to(torch.int32)
+
+
+def routed_experts_ref(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, w2: torch.Tensor,
+                       w2_scale: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
+                       x_scale: torch.Tensor | None = None, y_dtype: torch.dtype | None = None,
+                       y_group: int | None = None, compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The routed path's numerics on the kernels' layouts (``densemoe.PreparedWeights``), one
+    (token, slot) pair at a time, in ``compute_dtype``:
+
+        v = silu(alpha1[e] * x_scale[m] * w1[e*2I:e*2I+I] @ x[m]) * (... w1[e*2I+I:e*2I+2I] ...)
+        y = v rounded as the kernel stores it: y_dtype (bf16), or fp8 in groups of y_group
+            columns (scale amax / 448 computed in float32, as the kernel does)
+        out[m] = sum_j topk_weights[m, j] * w2_scale[e] * (w2[:, e*I:(e+1)*I] @ y)
+
+    x [M, H] (fp8 with x_scale [M], or bf16), w1 [E*2I, H], alpha1 [E], w2 [H, E*I], w2_scale
+    [E], topk_ids / topk_weights [M, k]; slots whose id is outside [0, E) add nothing. Returns
+    [M, H] in ``compute_dtype``."""
+    M, H = x.shape
+    E = alpha1.shape[0]
+    I = w1.shape[0] // (2 * E)
+    out = torch.zeros((M, H), dtype=compute_dtype, device=x.device)
+    xs = x.to(compute_dtype)
+    if x_scale is not None:
+        xs = xs * x_scale.to(compute_dtype)[:, None]
+    for m in range(M):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[m, j])
+            if not 0 <= e < E:
+                continue
+            h = w1[e * 2 * I:(e + 1) * 2 * I].to(compute_dtype) @ xs[m] * alpha1[e].to(compute_dtype)
+            v = torch.nn.functional.silu(h[:I]) * h[I:]
+            if y_group is not None:
+                v32 = v.float()
+                yq = torch.empty_like(v32)
+                for g0 in range(0, I, y_group):
+                    seg = v32[g0:g0 + y_group]
+                    sc = _fp8_scale(seg.abs().amax())
+                    yq[g0:g0 + y_group] = (seg / sc).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * sc
+                v = yq.to(compute_dtype)
+            elif y_dtype is not None:
+                v = v.to(y_dtype).to(compute_dtype)
+            part = w2[:, e * I:(e + 1) * I].to(compute_dtype) @ v
+            out[m] += topk_weights[m, j].to(compute_dtype) * w2_scale[e].to(compute_dtype) * part
+    return out

@@ -72,6 +72,28 @@ class Fc1Problem:
         return self.h
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutedProblem:
+    """The static description of one routed experts call: M tokens of H, each picking top_k of E
+    experts of intermediate size I (M is bucketed wherever it keys anything)."""
+
+    m: int
+    h: int
+    e: int
+    i: int
+    top_k: int
+    dtype: torch.dtype  # of x and the weights
+    out_dtype: torch.dtype
+
+    @property
+    def n(self) -> int:  # for tuning keys: FC2's N and K (over all experts), as Fc2Problem
+        return self.h
+
+    @property
+    def k(self) -> int:
+        return self.e * self.i
+
+
 def tma_compatible(*tensors: torch.Tensor) -> bool:
     """TMA needs a unit inner stride, 16-byte aligned row strides and base address."""
     for t in tensors:

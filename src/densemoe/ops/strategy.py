@@ -2,21 +2,40 @@
 
 Strategies (one math, ``docs/architecture.md``):
 
+    "skip"   the dense kernels, each token tile walking only the experts some token of it picked
+             (lists built on the GPU, no host sync). Costs the picked experts' weights and every
+             expert-slot of a tile's rows in FLOPs.
     "dense"  FC1 and FC2 over all E experts, a per-token, per-expert alpha zeroing what a token
-             did not pick. Costs every expert's weights, whatever the batch picked.
-    "skip"   the same kernels, each token tile walking only the experts some token of it picked
-             (lists built on the GPU, no host sync). Costs the picked experts' weights.
+             did not pick. Costs every expert's weights and E / top_k times the routed FLOPs.
+    "routed" the top-k (token, expert) pairs grouped by expert, each expert's GEMMs on its own
+             rows only, each token's k rows combined (``densemoe.ops.routed``). Costs the picked
+             experts' weights and the routed FLOPs, plus the grouping and the combine.
 
-The rule: skip while the share of experts that M tokens are expected to pick under uniform
-top-k routing stays at or below ``SKIP_MAX_SHARE``; above it, the dense schedule. The layer
-(``experts_forward``), FC1, FC2, ``fused_experts`` and the transformers integration all ask
-``resolve_skip``; FC1's tile rule reads ``expected_active``. Where the threshold comes from:
-``docs/skipping.md``.
+The rule (``pick``), for a batch of m tokens over e experts at top-k:
+
+1. a recorded choice: the strategy the tuner measured fastest for this shape, dtype, device and
+   M bucket (key ``strategy|...`` in ``densemoe.tuning.cache``: the user's cache, then the
+   shipped tables), when a device is given;
+2. else "skip" while the share of experts m tokens are expected to pick under uniform top-k
+   routing stays at or below ``SKIP_MAX_SHARE`` (measured on the H100, ``docs/skipping.md``);
+3. else "routed" where the caller can run it (it needs the top-k ids), else "dense". Past the
+   skipping range every expert is picked, so dense and routed read the same bytes and routed
+   does top_k / E of the FLOPs; which is faster there before the tuner has measured it is
+   open (``docs/routed.md``).
+
+``resolve`` turns a caller's ``strategy=`` (and the older ``skip=``) into one of the three; the
+layer (``experts_forward``), ``DenseMoE``, ``fused_experts`` and the transformers integration
+ask it. FC1 and FC2, which only know skip and dense, ask ``resolve_skip``; FC1's tile rule reads
+``expected_active``.
 
 The fp8 pipeline's quantisation of FC1's output (``quantize_y_in_fc1``) is decided here too.
 """
 
 from __future__ import annotations
+
+import torch
+
+from densemoe.tuning import cache
 
 DEFAULT_TOP_K = 8  # the top-k assumed when the caller does not say (DeepSeek-V3, Qwen3-MoE)
 SKIP_MAX_SHARE = 0.87  # skip while at most this share of the experts is expected to be picked
@@ -24,7 +43,7 @@ SKIP_MAX_SHARE = 0.87  # skip while at most this share of the experts is expecte
 # 0: never, the layer runs FC1 with a bf16 output and ``quantize_y_fold_alpha`` (docs/layer.md)
 FUSED_QUANT_MAX_I = 0
 
-STRATEGIES = ("dense", "skip")
+STRATEGIES = ("skip", "dense", "routed")
 
 
 def expected_share(m: int, e: int, top_k: int = DEFAULT_TOP_K) -> float:
@@ -43,9 +62,67 @@ def skip_by_default(m: int, e: int, top_k: int = DEFAULT_TOP_K) -> bool:
     return expected_share(m, e, top_k) <= SKIP_MAX_SHARE
 
 
-def pick(m: int, e: int, top_k: int = DEFAULT_TOP_K) -> str:
-    """The strategy for a batch of m tokens over e experts at top-k routing."""
-    return "skip" if skip_by_default(m, e, top_k) else "dense"
+def pick(m: int, e: int, top_k: int = DEFAULT_TOP_K, *, problem=None, device=None,
+         routed_ok: bool = True) -> str:
+    """The strategy for a batch of m tokens over e experts at top-k routing (the module's rule).
+    ``problem`` (a ``RoutedProblem``) and ``device``: where to look for a recorded choice;
+    ``routed_ok``: whether the caller can run "routed" (it has the top-k ids)."""
+    if problem is not None and device is not None:
+        rec = recorded(problem, device)
+        if rec is not None and (routed_ok or rec != "routed"):
+            return rec
+    if skip_by_default(m, e, top_k):
+        return "skip"
+    return "routed" if routed_ok else "dense"
+
+
+def recorded(problem, device) -> str | None:
+    """The strategy the tuner recorded for ``problem`` (a ``RoutedProblem``: its shape, dtype,
+    top_k and M bucket) on ``device``, or None."""
+    p = problem
+    return _recorded(type(p), int(p.m), p.h, p.e, p.i, p.top_k, p.dtype, p.out_dtype, str(device))
+
+
+def _recorded(kind, m: int, h: int, e: int, i: int, top_k: int, dtype, out_dtype, device: str) -> str | None:
+    if not cache.tuned_lookups_enabled():
+        return None
+    problem = kind(m, h, e, i, top_k, dtype, out_dtype)
+    entry, _ = cache.lookup(cache.make_key("strategy", cache.device_name(torch.device(device)), problem))
+    best = (entry or {}).get("best") or {}
+    name = best.get("config")
+    return name if name in STRATEGIES else None
+
+
+# Under torch.compile the lookup (a file read) runs at trace time and its answer is a constant:
+# what ``torch._dynamo.assume_constant_result`` sets, without importing dynamo with densemoe.
+_recorded._dynamo_marked_constant = True
+
+
+def resolve(op: str, strategy, skip, m: int, e: int, *, top_k: int = DEFAULT_TOP_K,
+            routed_blocker: str | None = None, skip_blocker: str | None = None,
+            problem=None, device=None) -> str:
+    """A caller's ``strategy`` ("skip", "dense", "routed" or None) and ``skip`` (None, True,
+    False: the older switch) -> the strategy to run. ``strategy=None, skip=None``: ``pick``;
+    ``skip=True`` is "skip", ``skip=False`` "dense" (with ``strategy=None``); both given and
+    disagreeing is a ValueError. A forced strategy that a blocker rules out is a ValueError
+    naming ``op`` and why; the rule never picks one."""
+    if strategy is not None and (not isinstance(strategy, str) or strategy not in STRATEGIES):
+        raise ValueError(f"{op}: strategy must be None or one of {STRATEGIES}, got {strategy!r}")
+    if skip is not None and skip not in (True, False):
+        raise TypeError(f"{op}: skip must be None, True or False, got {skip!r}")
+    if skip is not None:
+        from_skip = "skip" if skip else "dense"
+        if strategy is not None and strategy != from_skip:
+            raise ValueError(f"{op}: strategy={strategy!r} and skip={skip!r} disagree (skip is the older "
+                             f"switch: pass strategy alone)")
+        strategy = from_skip
+    if strategy is None:
+        chosen = pick(m, e, top_k, problem=problem, device=device, routed_ok=routed_blocker is None)
+        return "dense" if chosen == "skip" and skip_blocker is not None else chosen
+    blocker = {"routed": routed_blocker, "skip": skip_blocker}.get(strategy)
+    if blocker is not None:
+        raise ValueError(f"{op}: strategy={strategy!r} cannot run here: {blocker}")
+    return strategy
 
 
 def resolve_skip(op: str, skip, m: int, e: int, *, top_k: int = DEFAULT_TOP_K,

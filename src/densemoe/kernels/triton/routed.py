@@ -1,0 +1,387 @@
+"""The routed MoE path (tokens grouped by expert) as Triton kernels: the schedule, grouped FC1
+with SwiGLU and the fp8 quantisation of its output fused, grouped FC2 with the routing weight
+and the scales fused, and the combine.
+
+Semantics (``densemoe.reference.moe_schedule_ref`` and ``routed_experts_ref`` are the twins)::
+
+    # topk_ids [M, k] integer, topk_weights [M, k] float32; pair p = m*k + j (token m, slot j)
+    # schedule: the pairs sorted by expert, stably (pair order within an expert), unpadded
+    offsets[e] = #{p : 0 <= ids[p] < e}             # [E+1] int32; offsets[E] = valid pairs
+    sorted[offsets[e] + r] = the r-th pair (in p order) with ids[p] == e      # [M*k] int32
+    # (an id outside [0, E) belongs to no expert: its pair is dropped, contributes nothing)
+
+    # grouped FC1 (rows of y are the sorted positions r, token t = sorted[r] // k)
+    for e, r in expert e's rows, i < I:
+        s = alpha1[e] * x_scale[t]                          # x_scale: fp8 x only
+        g = s * sum_h x[t, h] * w1[e*2I + i, h];  u = s * sum_h x[t, h] * w1[e*2I + I + i, h]
+        v = silu(g) * u                                     # fp32
+        bf16 out: y[r, i] = bf16(v)
+        fp8 out (groups of Q = BLOCK_I columns):  ys[r, i // Q] = amax_{i in group} |v| / 448
+              (1 if all zero), y[r, i] = fp8(clamp(v / ys[r, i // Q], +-448))
+
+    # grouped FC2: each pair's row, its routing weight and w2's scale applied
+    for e, r in expert e's rows, n < H:
+        acc = sum over k-steps kk of BLOCK_K (fp8: each step's partial sum times ys[r, kk // Q]):
+              y[r, kk..] . w2[n, e*I + kk..]               # fp32
+        rows[sorted[r], n] = acc * w2_scale[e] * topk_weights[sorted[r]]      (bf16, [M*k, H])
+
+    # combine (slot order, fp32): out[m, n] = sum_j rows[m*k + j, n] over the slots j whose id is
+    #                                        in [0, E)
+
+Schedule of the GEMMs: expert e's rows are cut into tiles of BLOCK_M rows (the last one ragged);
+the units are (tile, column tile); ``NUM_PROGS`` persistent programs take them in turn. The
+number of tiles is read from ``offsets`` on the GPU (no host sync): the grid is fixed whatever
+the routing, so CUDA graphs replay with any routing. Each program finds a tile's expert from
+the per-expert tile counts it derives from ``offsets`` once. ``SWAP_AB`` makes the weight tile
+the MMA's M operand and the tile's rows its N: an expert with 4 tokens fills a 16-wide N instead
+of wasting a 64-row M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from densemoe.kernels.common import SMEM_BYTES
+from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
+
+FP8_MAX = 448.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedConfig:
+    """Tiles of the routed GEMMs. FC1: BLOCK_M rows of an expert x fc1_block_i columns of I
+    (gate and up), fc1_block_k of H per step; FC2: BLOCK_M rows x fc2_block_n columns of H,
+    fc2_block_k of I per step. ``block_m`` is shared (one tile cut of the experts' rows). The
+    fp8 output of FC1 has one scale per fc1_block_i columns, so fc2_block_k divides it."""
+
+    block_m: int = 64
+    fc1_block_i: int = 128
+    fc1_block_k: int = 128
+    fc1_swap_ab: bool = False
+    fc1_warps: int = 4
+    fc1_stages: int = 3
+    fc2_block_n: int = 128
+    fc2_block_k: int = 128
+    fc2_swap_ab: bool = False
+    fc2_warps: int = 4
+    fc2_stages: int = 3
+    programs_per_sm: int = 1
+
+    backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
+
+    def to_str(self) -> str:
+        """``routed:`` and the fields in order, comma-separated (the tuning cache's form)."""
+        return "routed:" + ",".join(str(int(v)) for v in dataclasses.astuple(self))
+
+    @classmethod
+    def from_str(cls, s: str) -> "RoutedConfig":
+        if not s.startswith("routed:"):
+            raise ValueError(f"not a routed config: {s!r}")
+        vals = [int(v) for v in s[len("routed:"):].split(",")]
+        fields = dataclasses.fields(cls)
+        if len(vals) != len(fields):
+            raise ValueError(f"a routed config has {len(fields)} fields, got {len(vals)}: {s!r}")
+        return cls(*[bool(v) if f.type in (bool, "bool") else v for f, v in zip(fields, vals)])
+
+    def short(self) -> str:
+        return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
+                f"w{self.fc1_warps}st{self.fc1_stages}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
+                f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}")
+
+
+def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
+    """Whether ``cfg`` runs ``problem`` (a ``RoutedProblem``): (ok, why not). The one validity
+    function that the default rules, the tuned-table lookup and the tuner share."""
+    bad = config_problems(cfg, problem.dtype == torch.float8_e4m3fn)
+    esize = problem.dtype.itemsize
+    fc1_stage = (cfg.block_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
+    fc2_stage = (cfg.block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
+    if fc1_stage * cfg.fc1_stages > SMEM_BYTES - 1024:
+        bad.append(f"FC1's {cfg.fc1_stages} stages of {fc1_stage} B exceed shared memory")
+    if fc2_stage * cfg.fc2_stages > SMEM_BYTES - 1024:
+        bad.append(f"FC2's {cfg.fc2_stages} stages of {fc2_stage} B exceed shared memory")
+    return (not bad, "; ".join(bad))
+
+
+def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
+    """What is wrong with ``cfg`` whatever the shape (empty: nothing)."""
+    bad = []
+    for name in ("block_m", "fc1_block_i", "fc1_block_k", "fc2_block_n", "fc2_block_k"):
+        val = getattr(cfg, name)
+        if not isinstance(val, int) or val < 16 or val & (val - 1):
+            bad.append(f"{name}={val!r} must be a power of two >= 16")
+    if bad:
+        return bad
+    if fp8 and cfg.fc1_block_i % cfg.fc2_block_k:
+        bad.append(f"fc2_block_k={cfg.fc2_block_k} must divide fc1_block_i={cfg.fc1_block_i} (one y scale "
+                   f"per fc1_block_i columns, applied per FC2 k-step)")
+    for name in ("fc1_warps", "fc2_warps"):
+        if getattr(cfg, name) not in (4, 8):
+            bad.append(f"{name} must be 4 or 8")
+    for name in ("fc1_stages", "fc2_stages"):
+        if getattr(cfg, name) not in (1, 2, 3, 4, 5):
+            bad.append(f"{name} must be in 1..5")
+    if cfg.programs_per_sm not in (1, 2, 3, 4):
+        bad.append("programs_per_sm must be in 1..4")
+    return bad
+
+
+# ----------------------------------------------------------------------------------------------
+# the schedule
+
+
+@triton.jit
+def _schedule_kernel(ids_ptr, sorted_ptr, offsets_ptr, P, E, GROUP: tl.constexpr, BLOCK_P: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    """Program g places the pairs of experts [g*GROUP, g*GROUP + GROUP): pass 1 counts the valid
+    pairs of lower experts and its experts' pairs (their offsets), pass 2 writes each of its
+    pairs at its expert's offset plus its rank among that expert's pairs (pair order)."""
+    pdl_enter(PDL)
+    g = tl.program_id(0)
+    e0 = g * GROUP
+    ex = e0 + tl.arange(0, GROUP)
+    lower = g * 0
+    cnt = tl.zeros((GROUP,), dtype=tl.int32)
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)  # native width: no id wraps into range
+        lower += tl.sum(((ids >= 0) & (ids < e0)).to(tl.int32), axis=0)
+        cnt += tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), axis=0)
+    base = lower + tl.cumsum(cnt, axis=0) - cnt  # each of this program's experts' first row
+    tl.store(offsets_ptr + ex, base, mask=ex < E)
+    if e0 + GROUP >= E:  # the program holding expert E-1 writes offsets[E], the valid pairs
+        tl.store(offsets_ptr + E, lower + tl.sum(tl.where(ex < E, cnt, 0), axis=0))
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
+        hit = (ids[:, None] == ex[None, :]).to(tl.int32)  # [BLOCK_P, GROUP], one 1 per matching row
+        rank = tl.cumsum(hit, axis=0) - hit  # earlier pairs of the same expert in this block
+        pos = tl.sum(hit * (base[None, :] + rank), axis=1)
+        mine = tl.sum(hit, axis=1) > 0
+        tl.store(sorted_ptr + pos, offs, mask=mine & (offs < P))
+        base += tl.sum(hit, axis=0)
+
+
+def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torch.Tensor,
+                    offsets: torch.Tensor, group: int | None = None, block_p: int | None = None) -> None:
+    """Fill ``sorted_pairs`` [M*k] int32 and ``offsets`` [E+1] int32 from ``topk_ids`` [M, k]
+    (contiguous, any integer dtype). One launch, E / group programs."""
+    P = topk_ids.numel()
+    if group is None:  # more programs while the id list is short; fewer re-reads once it is long
+        group = 16 if P <= 4096 else 32
+    group = min(group, triton.next_power_of_2(max(num_experts, 1)))
+    if block_p is None:
+        block_p = max(16, min(128 if group <= 16 else 64, triton.next_power_of_2(max(P, 1))))
+    grid = (triton.cdiv(num_experts, group),)
+    _schedule_kernel[grid](topk_ids, sorted_pairs, offsets, P, num_experts, GROUP=group, BLOCK_P=block_p,
+                           num_warps=4, **launch_kwargs(topk_ids.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# tiles of the grouped GEMMs
+
+
+@triton.jit
+def _tile_table(offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(inclusive running tile count per expert [E_PAD], tiles per expert [E_PAD], total tiles)."""
+    ex = tl.arange(0, E_PAD)
+    lo = tl.load(offsets_ptr + ex, mask=ex < E, other=0)
+    hi = tl.load(offsets_ptr + ex + 1, mask=ex < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    run = tl.cumsum(tiles, axis=0)
+    return run, tiles, tl.sum(tiles, axis=0)
+
+
+@triton.jit
+def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """Tile t's expert and its rows [r0, r1) of the sorted pairs."""
+    ex = tl.arange(0, E_PAD)
+    e = tl.sum((run <= t).to(tl.int32), axis=0)
+    first = tl.sum(tl.where(ex == e, run - tiles, 0), axis=0)
+    r0 = tl.load(offsets_ptr + e) + (t - first) * BLOCK_M
+    r1 = tl.minimum(r0 + BLOCK_M, tl.load(offsets_ptr + e + 1))
+    return e, r0, r1
+
+
+@triton.jit(do_not_specialize=["P"])
+def _fc1_kernel(x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+                P, H, I, E, TOP_K, NUM_PROGS,
+                stride_xm, stride_wn, stride_ym, stride_ysm,
+                HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+                SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
+    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
+    i_tiles = tl.cdiv(I, BLOCK_I)
+    offs_k = tl.arange(0, BLOCK_K)
+    for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
+        t = u // i_tiles
+        it = u % i_tiles
+        e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+        rows = r0 + tl.arange(0, BLOCK_M)
+        r_ok = rows < r1
+        tok = tl.load(sorted_ptr + rows, mask=r_ok, other=0) // TOP_K
+        x_rows = tok.to(tl.int64) * stride_xm
+        offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < I
+        gate_rows = (e * 2 * I + offs_i).to(tl.int64) * stride_wn
+        up_rows = gate_rows + I * stride_wn
+        if SWAP_AB:
+            acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+        else:
+            acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
+            kk = k0 + offs_k
+            k_ok = kk < H
+            xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(w_ptr + gate_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+            wu = tl.load(w_ptr + up_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+            if SWAP_AB:
+                acc_g = tl.dot(wg, tl.trans(xt), acc_g)
+                acc_u = tl.dot(wu, tl.trans(xt), acc_u)
+            else:
+                acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+                acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+        if SWAP_AB:  # the epilogue works on [rows, columns]
+            acc_g = tl.trans(acc_g)
+            acc_u = tl.trans(acc_u)
+        s = tl.load(alpha1_ptr + e)
+        if HAS_XS:
+            s = s * tl.load(xs_ptr + tok, mask=r_ok, other=0.0)[:, None]
+        g = acc_g * s
+        u_ = acc_u * s
+        v = g * tl.sigmoid(g) * u_
+        if OUT_FP8:  # one scale per (row, BLOCK_I columns): amax / 448, 1 for an all-zero group
+            amax = tl.max(tl.where(i_ok[None, :], tl.abs(v), 0.0), axis=1)
+            sc = tl.where(amax > 0, amax / 448.0, 1.0)
+            v = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
+            tl.store(ys_ptr + rows.to(tl.int64) * stride_ysm + it, sc, mask=r_ok)
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_i[None, :], v.to(y_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & i_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["P"])
+def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
+                P, H, I, E, NUM_PROGS, Q,
+                stride_ym, stride_ysm, stride_wn, stride_om,
+                HAS_YS: tl.constexpr, E_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
+    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
+    n_tiles_n = tl.cdiv(H, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS):
+        t = u // n_tiles_n
+        nt = u % n_tiles_n
+        e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+        rows = r0 + tl.arange(0, BLOCK_M)
+        r_ok = rows < r1
+        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        y_rows = rows.to(tl.int64) * stride_ym
+        w_rows = offs_n.to(tl.int64) * stride_wn + e * I
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
+            kk = k0 + offs_k
+            k_ok = kk < I
+            a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
+                sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
+                if SWAP_AB:
+                    acc += tl.dot(b, tl.trans(a)) * sy[None, :]
+                else:
+                    acc += tl.dot(a, tl.trans(b)) * sy[:, None]
+            else:
+                if SWAP_AB:
+                    acc = tl.dot(b, tl.trans(a), acc)
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
+        if SWAP_AB:
+            acc = tl.trans(acc)
+        pair = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
+        wt = tl.load(tw_ptr + pair, mask=r_ok, other=0.0) * tl.load(w2s_ptr + e)
+        v = acc * wt[:, None]
+        tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :], v.to(out_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    """out[m, n-block] = sum over the slots j with a valid id of rows[m*k + j, n-block], fp32,
+    in slot order."""
+    pdl_enter(PDL)
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs < H
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        e = tl.load(ids_ptr + m * TOP_K + j + offs * 0)  # the slot's id, one per lane
+        r = tl.load(rows_ptr + (m * TOP_K + j) * H + offs, mask=ok & (e >= 0) & (e < E), other=0.0)
+        acc += r.to(tl.float32)
+    tl.store(out_ptr + m * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _num_programs(device: torch.device, cfg: RoutedConfig, max_units: int) -> int:
+    from densemoe._runtime import sm_count
+
+    return max(1, min(max_units, sm_count(device) * cfg.programs_per_sm))
+
+
+def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k: int, cfg: RoutedConfig) -> None:
+    """Grouped FC1 into y [M*k, I] (sorted rows) and, for fp8 y, y_scale [M*k, cdiv(I, Q)]."""
+    P = sorted_pairs.numel()
+    H = x.shape[1]
+    E = alpha1.shape[0]
+    I = w1.shape[0] // (2 * E)
+    # worst case of tiles: every expert's last tile ragged, and at most one tile per row
+    max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
+    units = max(1, max_tiles * triton.cdiv(I, cfg.fc1_block_i))
+    progs = _num_programs(x.device, cfg, units)
+    fp8_out = y.dtype == torch.float8_e4m3fn
+    _fc1_kernel[(progs,)](
+        x, w1, alpha1, x_scale if x_scale is not None else alpha1, sorted_pairs, offsets, y,
+        y_scale if fp8_out else alpha1, P, H, I, E, top_k, progs,
+        x.stride(0), w1.stride(0), y.stride(0), y_scale.stride(0) if fp8_out else 0,
+        HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
+        BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
+        NUM_STAGES=cfg.fc1_stages, num_warps=cfg.fc1_warps, **launch_kwargs(x.device))
+
+
+def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
+               cfg: RoutedConfig) -> None:
+    """Grouped FC2 into rows [M*k, H] (pair order), weights and scales applied."""
+    P = sorted_pairs.numel()
+    H = w2.shape[0]
+    E = w2_scale.shape[0]
+    I = w2.shape[1] // E
+    max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
+    units = max(1, max_tiles * triton.cdiv(H, cfg.fc2_block_n))
+    progs = _num_programs(y.device, cfg, units)
+    has_ys = y_scale is not None
+    _fc2_kernel[(progs,)](
+        y, y_scale if has_ys else w2_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows,
+        P, H, I, E, progs, group,
+        y.stride(0), y_scale.stride(0) if has_ys else 0, w2.stride(0), rows.stride(0),
+        HAS_YS=has_ys, E_PAD=triton.next_power_of_2(E),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
+        NUM_STAGES=cfg.fc2_stages, num_warps=cfg.fc2_warps, **launch_kwargs(y.device))
+
+
+def combine_launch(rows: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, num_experts: int) -> None:
+    M, k = topk_ids.shape
+    H = out.shape[1]
+    block_n = min(1024, triton.next_power_of_2(H))
+    _combine_kernel[(M, triton.cdiv(H, block_n))](rows, topk_ids, out, H, num_experts, TOP_K=k, BLOCK_N=block_n,
+                                                  num_warps=4, **launch_kwargs(out.device))

@@ -1,0 +1,197 @@
+"""The routed experts: each expert's GEMMs on the tokens that picked it, the public op, its
+argument checks and its custom ops.
+
+    out[m] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m])
+    expert_e(x) = down_e(silu(gate_e x) * up_e x)
+
+Pipeline (four launches, no host sync, buffers sized by M * top_k whatever the routing, so a
+CUDA graph replays with any routing; ``densemoe.kernels.triton.routed`` has the semantics):
+
+    fp8:  x8, sx = quantize_per_token(x)                       (unless x_quant is given)
+          sorted_pairs, offsets = moe_schedule(topk_ids, E)      pairs grouped by expert
+          y8, ys = grouped FC1 (SwiGLU; y quantised per (pair, fc1_block_i columns))
+          rows = grouped FC2 (per-step promotion by ys, w2's scale and the routing weight)
+          out = combine(rows)                                    each token's k rows, fp32
+    bf16: the same with x, y in bf16 and no scales.
+
+Which tiles run is ``routed_configs.choose``'s answer; whether a layer call runs this path,
+``strategy.pick``'s.
+
+What is not checked (it would need a host sync): the values of ``topk_ids``. An id outside
+[0, E) belongs to no expert: its (token, slot) pair is dropped (adds nothing; no memory outside
+the tensors is touched). Ids repeated within a row count once per slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from densemoe.kernels.common import RoutedProblem
+from densemoe.kernels.triton import routed as kern
+from densemoe.kernels.triton.routed import RoutedConfig
+from densemoe.ops import _validate as v
+from densemoe.ops import routed_configs
+from densemoe.quant import quantize_per_token
+from densemoe.weights import PreparedWeights
+
+OP = routed_configs.OP
+FP8 = v.FP8
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@torch.library.custom_op("densemoe::moe_schedule", mutates_args=("sorted_pairs", "offsets"))
+def _schedule_op(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torch.Tensor,
+                 offsets: torch.Tensor) -> None:
+    kern.schedule_launch(topk_ids, num_experts, sorted_pairs, offsets)
+
+
+@_schedule_op.register_fake
+def _(topk_ids, num_experts, sorted_pairs, offsets):
+    return None
+
+
+@torch.library.custom_op("densemoe::routed_experts", mutates_args=("out",))
+def _routed_op(x: torch.Tensor, x_scale: torch.Tensor | None, w1: torch.Tensor, alpha1: torch.Tensor,
+               w2: torch.Tensor, w2_scale: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               out: torch.Tensor, config: str) -> None:
+    M, k = topk_ids.shape
+    cfg = (RoutedConfig.from_str(config) if config else
+           routed_configs.choose(_problem(x, w1, alpha1, k, out.dtype), x.device).config)
+    P = M * k
+    E = alpha1.shape[0]
+    I = w1.shape[0] // (2 * E)
+    dev = x.device
+    sorted_pairs = torch.empty(P, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    kern.schedule_launch(topk_ids, E, sorted_pairs, offsets)
+    if w1.dtype == FP8:
+        y = torch.empty((P, I), dtype=FP8, device=dev)
+        ys = torch.empty((P, -(-I // cfg.fc1_block_i)), dtype=torch.float32, device=dev)
+    else:
+        y = torch.empty((P, I), dtype=torch.bfloat16, device=dev)
+        ys = None
+    kern.fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, ys, k, cfg)
+    rows = torch.empty((P, w2.shape[0]), dtype=torch.bfloat16, device=dev)
+    kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, cfg.fc1_block_i, cfg)
+    kern.combine_launch(rows, topk_ids, out, E)
+
+
+@_routed_op.register_fake
+def _(x, x_scale, w1, alpha1, w2, w2_scale, topk_ids, topk_weights, out, config):
+    return None
+
+
+def _check_topk(op: str, topk_ids, topk_weights, M: int, E: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    v.tensor(op, "topk_ids", topk_ids, 2)
+    if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+        raise TypeError(f"{op}: topk_ids must have an integer dtype, got {topk_ids.dtype}")
+    if topk_ids.shape[0] != M:
+        raise ValueError(f"{op}: topk_ids must be [M={M}, k], got {tuple(topk_ids.shape)}")
+    k = topk_ids.shape[1]
+    if not 1 <= k <= E:
+        raise ValueError(f"{op}: topk_ids has k={k} slots per token; k must be in [1, E={E}]")
+    v.tensor(op, "topk_weights", topk_weights, 2)
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"{op}: topk_weights must have a floating dtype, got {topk_weights.dtype}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"{op}: topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
+                         f"got {tuple(topk_weights.shape)}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}; all must be on one device")
+    return topk_ids.contiguous(), topk_weights.to(torch.float32).contiguous()
+
+
+def _problem(x, w1, alpha1, top_k: int, out_dtype) -> RoutedProblem:
+    E = alpha1.shape[0]
+    return RoutedProblem(x.shape[0], x.shape[1], E, w1.shape[0] // (2 * E), top_k, w1.dtype, out_dtype)
+
+
+def problem_of(x: torch.Tensor, prepared: PreparedWeights, top_k: int) -> RoutedProblem:
+    out_dtype = x.dtype if x.dtype in _OUT_DTYPES else torch.bfloat16
+    return RoutedProblem(x.shape[0], prepared.hidden, prepared.num_experts, prepared.inter, top_k,
+                         prepared.dtype, out_dtype)
+
+
+def which_config(x: torch.Tensor, prepared: PreparedWeights, top_k: int, config: RoutedConfig | None = None,
+                 with_source: bool = False):
+    """``routed_configs.choose`` for this call: the config, with ``with_source`` also where it
+    came from ("pinned", "cache", "shipped", "heuristic")."""
+    ch = routed_configs.choose(problem_of(x, prepared, top_k), x.device, config=config)
+    return (ch.config, ch.source) if with_source else ch.config
+
+
+def routed_experts(x: torch.Tensor, prepared: PreparedWeights, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor, *, config: RoutedConfig | None = None,
+                   x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The routed experts (module docstring): out [M, H] = sum_j topk_weights[m, j] *
+    expert_{topk_ids[m, j]}(x[m]).
+
+    Args:
+        x:        [M, H] floating (bf16 / fp16 / fp32, or fp8 with ``x_quant``): the tokens.
+        prepared: ``densemoe.prepare_weights(w13, w2)`` (fp8 or bf16 kernels).
+        topk_ids: [M, k] integer: the experts each token picked (values in [0, E), see the module
+                  docstring for what happens to others).
+        topk_weights: [M, k] floating (used as float32): their routing weights.
+        config:   a ``RoutedConfig`` to pin (default: ``routed_configs.choose``).
+        x_quant:  (x8 [M, H] fp8, sx [M]) = ``quantize_per_token(x)`` already computed; fp8 only.
+
+    Returns [M, H] in x's dtype (bf16 for fp8 x). Bad input raises TypeError / ValueError
+    naming the argument.
+    """
+    if not isinstance(prepared, PreparedWeights):
+        raise TypeError(f"{OP}: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) "
+                        f"returns, got {type(prepared).__name__}")
+    H, E = prepared.hidden, prepared.num_experts
+    v.tensor(OP, "x", x, 2)
+    if x.shape[1] != H:
+        raise ValueError(f"{OP}: x must be [M, H={H}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{OP}: x must have a floating dtype, got {x.dtype}")
+    M = x.shape[0]
+    dev = v.same_device(OP, x=x, weights=prepared.w1)
+    v.device_supports(OP, dev, prepared.dtype)
+    topk_ids, topk_weights = _check_topk(OP, topk_ids, topk_weights, M, E, dev)
+    k = topk_ids.shape[1]
+    if config is not None:  # checked here; unpinned calls choose inside the op (a file read)
+        routed_configs.choose(problem_of(x, prepared, k), dev, config=config)
+    out_dtype = x.dtype if x.dtype in _OUT_DTYPES else torch.bfloat16
+    out = torch.empty((M, H), dtype=out_dtype, device=dev)
+    if M == 0:
+        return out
+    if prepared.dtype == FP8:
+        if x_quant is not None:
+            xq, sx = x_quant
+            if xq.shape != x.shape or xq.dtype != FP8 or tuple(sx.shape) != (M,):
+                raise ValueError(f"{OP}: x_quant must be (x8 [M, H] fp8, sx [M]) for x {tuple(x.shape)}, got "
+                                 f"{tuple(xq.shape)} {xq.dtype}, {tuple(sx.shape)}")
+        else:
+            if x.dtype == FP8:
+                raise ValueError(f"{OP}: an fp8 x needs its per-token scales: pass x_quant=(x8, sx)")
+            xq, sx = quantize_per_token(x)
+        sx = sx.to(torch.float32).contiguous()
+    else:
+        if x_quant is not None:
+            raise ValueError(f"{OP}: x_quant is for fp8 weights; these are {prepared.dtype}")
+        xq, sx = x.to(torch.bfloat16).contiguous(), None
+    _routed_op(xq.contiguous(), sx, prepared.w1, prepared.alpha1, prepared.w2, prepared.w2_scale, topk_ids,
+               topk_weights, out, config.to_str() if config is not None else "")
+    return out
+
+
+def moe_schedule(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs p = m*k + j grouped by expert, stably, in one launch:
+    (sorted_pairs [M*k] int32, offsets [E+1] int32), expert e's pairs being
+    sorted_pairs[offsets[e]:offsets[e+1]] (``reference.moe_schedule_ref`` is the twin; entries
+    from offsets[E] on are unspecified: pairs whose id is outside [0, E) are left out)."""
+    op = "densemoe.moe_schedule"
+    v.tensor(op, "topk_ids", topk_ids, 2)
+    if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+        raise TypeError(f"{op}: topk_ids must have an integer dtype, got {topk_ids.dtype}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"{op}: num_experts must be a positive int, got {num_experts!r}")
+    dev = v.same_device(op, topk_ids=topk_ids)
+    sorted_pairs = torch.empty(topk_ids.numel(), dtype=torch.int32, device=dev)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    _schedule_op(topk_ids.contiguous(), num_experts, sorted_pairs, offsets)
+    return sorted_pairs, offsets
