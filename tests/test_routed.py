@@ -1,0 +1,357 @@
+"""The routed path on the CPU (Triton's interpreter): the schedule against its twin bit for bit,
+the grouped GEMMs against float64 and against PyTorch at the same precision, the dense path,
+the edge cases of routing, the custom ops, torch.compile, the strategy rule and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import densemoe
+from densemoe import experts_forward, prepare_weights
+from densemoe.kernels.common import RoutedProblem
+from densemoe.kernels.triton.routed import RoutedConfig, can_implement
+from densemoe.ops import routed_configs, strategy
+from densemoe.ops.routed import moe_schedule, routed_experts
+from densemoe.quant import FP8, quantize_per_token
+from densemoe.reference import experts_ref, moe_schedule_ref, routed_experts_ref
+from densemoe.shapes import SHAPES
+from densemoe.tuning import cache
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+interp = pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+BF16 = torch.bfloat16
+
+# small tiles so that tiny shapes still cut experts into several tiles and columns
+SMALL = RoutedConfig(block_m=16, fc1_block_i=32, fc1_block_k=32, fc2_block_n=32, fc2_block_k=32)
+SMALL_SWAP = RoutedConfig(block_m=16, fc1_block_i=32, fc1_block_k=32, fc1_swap_ab=True, fc2_block_n=32,
+                          fc2_block_k=32, fc2_swap_ab=True, programs_per_sm=2)
+
+
+def weights(E, I, H, seed=0, nan_experts=()):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=g) * I ** -0.5
+    for e in nan_experts:
+        w13[e] = float("nan")
+        w2[e] = float("nan")
+    return w13, w2
+
+
+def uniform_routing(M, E, k, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(M, E, generator=g).topk(k, dim=1).indices
+    wts = torch.softmax(torch.randn(M, k, generator=g), dim=1)
+    return ids, wts
+
+
+def tokens(M, H, seed=2):
+    return torch.randn(M, H, generator=torch.Generator().manual_seed(seed)).to(BF16)
+
+
+def errors(out, ref):
+    d = out.double() - ref.double()
+    return (d.norm() / ref.double().norm().clamp_min(1e-300)).item(), d.abs().max().item()
+
+
+def torch_same_precision(pw, x, ids, wts, group):
+    """The routed pipeline in plain torch at the kernels' precision: float32 GEMMs on the same
+    quantised operands (y rounded as the kernel stores it), each pair's row rounded to bf16,
+    the k rows summed in float32, bf16 out."""
+    M, H = x.shape
+    k = ids.shape[1]
+    if pw.dtype == FP8:
+        xq, sx = quantize_per_token(x)
+        kw = dict(x_scale=sx, y_group=group)
+    else:
+        xq, kw = x, dict(y_dtype=BF16)
+    rows = torch.zeros(M, k, H)
+    for j in range(k):  # one slot at a time: each (token, slot) row on its own, rounded to bf16
+        ids_j = torch.full_like(ids, -1)
+        ids_j[:, j] = ids[:, j]
+        rows[:, j] = routed_experts_ref(xq, pw.w1, pw.alpha1, pw.w2, pw.w2_scale, ids_j, wts, compute_dtype=torch.float32,
+                                        **kw).to(BF16).float()
+    return rows.sum(1).to(BF16)
+
+
+def exact(pw, x, ids, wts, group):
+    if pw.dtype == FP8:
+        xq, sx = quantize_per_token(x)
+        return routed_experts_ref(xq, pw.w1, pw.alpha1, pw.w2, pw.w2_scale, ids, wts, x_scale=sx, y_group=group)
+    return routed_experts_ref(x, pw.w1, pw.alpha1, pw.w2, pw.w2_scale, ids, wts, y_dtype=BF16)
+
+
+def assert_as_accurate_as_torch(out, ref, same):
+    assert torch.isfinite(out).all()
+    rel, mx = errors(out, ref)
+    t_rel, t_mx = errors(same, ref)
+    assert rel <= 1.5 * t_rel + 2 ** -20, (rel, t_rel)
+    assert mx <= 2 * t_mx + 2 ** -20 * ref.abs().max().item(), (mx, t_mx)
+
+
+# ------------------------------------------------------------------------------- the schedule
+
+
+@interp
+@pytest.mark.parametrize("M,E,k", [(1, 8, 2), (7, 16, 4), (100, 40, 8), (1000, 256, 8), (3, 1024, 8)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_schedule_matches_its_twin_bit_for_bit(M, E, k, dtype):
+    ids, _ = uniform_routing(M, E, k)
+    ids = ids.to(dtype)
+    s, o = moe_schedule(ids, E)
+    s_ref, o_ref = moe_schedule_ref(ids, E)
+    assert torch.equal(o, o_ref)
+    assert torch.equal(s[:int(o_ref[-1])], s_ref[:int(o_ref[-1])])
+
+
+@interp
+def test_schedule_edge_routings():
+    E = 16
+    one = torch.full((9, 2), 3, dtype=torch.int64)  # every pair on expert 3 (repeats in a row too)
+    bad = torch.tensor([[0, -1], [E, 5], [2 ** 33 + 1, 1], [7, 15]])  # outside [0, E): dropped; no wrap
+    for ids in (one, bad):
+        s, o = moe_schedule(ids, E)
+        s_ref, o_ref = moe_schedule_ref(ids, E)
+        assert torch.equal(o, o_ref), (o, o_ref)
+        assert torch.equal(s[:int(o_ref[-1])], s_ref[:int(o_ref[-1])])
+    assert int(moe_schedule(bad, E)[1][-1]) == 5
+
+
+# --------------------------------------------------------------------------- the whole path
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("M,E,k,cfg", [
+    (1, 8, 2, SMALL), (7, 16, 4, SMALL_SWAP), (100, 8, 2, SMALL), (100, 8, 2, SMALL_SWAP),
+    (1000, 8, 2, RoutedConfig(block_m=64, fc1_block_i=64, fc1_block_k=32, fc2_block_n=64, fc2_block_k=32)),
+    (3, 32, 8, None),  # M * k smaller than a block, most experts without a token, the default config
+])
+def test_routed_against_float64_and_torch(dtype, M, E, k, cfg):
+    I, H = 64, 64
+    w13, w2 = weights(E, I, H)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    x = tokens(M, H)
+    ids, wts = uniform_routing(M, E, k)
+    out = routed_experts(x, pw, ids, wts, config=cfg)
+    group = (cfg or routed_configs.choose(RoutedProblem(M, H, E, I, k, pw.dtype, BF16), "cpu").config).fc1_block_i
+    assert out.dtype == BF16 and out.shape == (M, H)
+    assert_as_accurate_as_torch(out, exact(pw, x, ids, wts, group), torch_same_precision(pw, x, ids, wts, group))
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_ragged_counts_one_expert_and_zero_weights(dtype):
+    M, E, k, I, H = 37, 8, 2, 64, 64
+    w13, w2 = weights(E, I, H, seed=3)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    x = tokens(M, H, seed=4)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(M)])  # experts 6, 7: no token
+    ids[:20, 0] = 2  # expert 2 gets at least 20 rows: ragged tiles
+    ids[:20, 1] = torch.where(ids[:20, 1] == 2, 1, ids[:20, 1])
+    wts = torch.rand(M, k, generator=g)
+    wts[::3, 1] = 0.0  # zero routing weights add nothing
+    out = routed_experts(x, pw, ids, wts, config=SMALL)
+    assert_as_accurate_as_torch(out, exact(pw, x, ids, wts, 32), torch_same_precision(pw, x, ids, wts, 32))
+    ids_one = torch.full((M, 1), 4)  # all tokens on one expert
+    out1 = routed_experts(x, pw, ids_one, wts[:, :1], config=SMALL_SWAP)
+    assert_as_accurate_as_torch(out1, exact(pw, x, ids_one, wts[:, :1], 32),
+                                torch_same_precision(pw, x, ids_one, wts[:, :1], 32))
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_nan_in_experts_no_token_picked_never_reaches_the_output(dtype):
+    M, E, k, I, H = 9, 8, 2, 64, 64
+    w13, w2 = weights(E, I, H, nan_experts=(6, 7))
+    pw = prepare_weights(w13, w2, dtype="bf16") if dtype == "bf16" else None
+    if dtype == "fp8":  # quantise the finite experts; the NaN ones stay NaN in fp8
+        w13c, w2c = weights(E, I, H)
+        pw0 = prepare_weights(w13c, w2c, dtype="fp8")
+        w1 = pw0.w1.clone().view(E, 2 * I, H)
+        w1[6:] = torch.tensor(float("nan")).to(FP8)
+        w2k = pw0.w2.clone().view(H, E, I)
+        w2k[:, 6:] = torch.tensor(float("nan")).to(FP8)
+        pw = type(pw0)(w1.reshape(E * 2 * I, H), pw0.alpha1, w2k.reshape(H, E * I), pw0.w2_scale)
+    x = tokens(M, H)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(M)])
+    out = routed_experts(x, pw, ids, torch.rand(M, k, generator=g), config=SMALL)
+    assert torch.isfinite(out).all()
+
+
+@interp
+def test_routed_equals_dense_within_the_rows_rounding():
+    """bf16: the dense path (FC1 -> FC2 over all experts, alpha) and the routed path compute the
+    same y in bf16; routed rounds each pair's weighted row to bf16 before the fp32 combine, so
+    the two differ by at most that rounding (2^-8 of the rows' magnitudes) and the outputs'."""
+    M, E, k, I, H = 33, 8, 2, 64, 64
+    w13, w2 = weights(E, I, H, seed=7)
+    pw = prepare_weights(w13, w2, dtype="bf16")
+    x = tokens(M, H, seed=8)
+    ids, wts = uniform_routing(M, E, k, seed=9)
+    alpha = torch.zeros(M, E).scatter(1, ids, wts)
+    dense = experts_forward(x, pw, alpha, strategy="dense")
+    routed = experts_forward(x, pw, alpha, strategy="routed", expert_ids=ids)
+    rows = torch.stack([routed_experts_ref(x, pw.w1, pw.alpha1, pw.w2, pw.w2_scale, ids[:, j:j + 1], wts[:, j:j + 1],
+                                           y_dtype=BF16).abs() for j in range(k)]).sum(0)
+    bound = 2 ** -8 * rows + 2 ** -8 * dense.double().abs() + 2 ** -8 * routed.double().abs()
+    assert ((routed.double() - dense.double()).abs() <= bound).all()
+
+
+@interp
+def test_repeated_and_changing_routings_are_deterministic():
+    M, E, k, I, H = 20, 8, 2, 64, 64
+    pw = prepare_weights(*weights(E, I, H), dtype="fp8")
+    x = tokens(M, H)
+    a, wa = uniform_routing(M, E, k, seed=10)
+    b, wb = uniform_routing(M, E, k, seed=11)
+    first = routed_experts(x, pw, a, wa, config=SMALL)
+    other = routed_experts(x, pw, b, wb, config=SMALL)
+    again = routed_experts(x, pw, a, wa, config=SMALL)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@interp
+def test_m_zero_and_x_quant():
+    E, k, I, H = 8, 2, 64, 64
+    pw = prepare_weights(*weights(E, I, H), dtype="fp8")
+    out = routed_experts(torch.empty(0, H, dtype=BF16), pw, torch.empty(0, k, dtype=torch.long), torch.empty(0, k))
+    assert out.shape == (0, H)
+    x = tokens(5, H)
+    ids, wts = uniform_routing(5, E, k)
+    assert torch.equal(routed_experts(x, pw, ids, wts, x_quant=quantize_per_token(x), config=SMALL),
+                       routed_experts(x, pw, ids, wts, config=SMALL))
+
+
+# -------------------------------------------------------------------- custom ops and compile
+
+
+@interp
+def test_custom_ops_opcheck():
+    M, E, k, I, H = 7, 8, 2, 64, 64
+    pw = prepare_weights(*weights(E, I, H), dtype="bf16")  # (opcheck's schema test multiplies inputs: no fp8)
+    x = tokens(M, H)
+    ids, wts = uniform_routing(M, E, k)
+    out = torch.empty(M, H, dtype=BF16)
+    for cfg in (SMALL.to_str(), ""):
+        torch.library.opcheck(torch.ops.densemoe.routed_experts.default,
+                              (x, None, pw.w1, pw.alpha1, pw.w2, pw.w2_scale, ids, wts, out, cfg))
+    torch.library.opcheck(torch.ops.densemoe.moe_schedule.default,
+                          (ids, E, torch.empty(M * k, dtype=torch.int32), torch.empty(E + 1, dtype=torch.int32)))
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_torch_compile_fullgraph(dtype):
+    M, E, k, I, H = 9, 8, 2, 64, 64
+    pw = prepare_weights(*weights(E, I, H), dtype=dtype)
+    x = tokens(M, H)
+    ids, wts = uniform_routing(M, E, k)
+    alpha = torch.zeros(M, E).scatter(1, ids, wts)
+
+    def f(x, alpha, ids):
+        return experts_forward(x, pw, alpha, strategy="routed", expert_ids=ids)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(x, alpha, ids)
+    assert torch.equal(got, f(x, alpha, ids))
+
+
+# ------------------------------------------------------------------------- rule and configs
+
+
+def test_pick_skips_small_batches_and_routes_the_rest():
+    assert strategy.pick(1, 256, 8) == "skip"
+    assert strategy.pick(64, 256, 8) == "skip"
+    assert strategy.pick(65, 256, 8) == "routed"
+    assert strategy.pick(4096, 128, 8) == "routed"
+    assert strategy.pick(4096, 128, 8, routed_ok=False) == "dense"
+
+
+def test_resolve_forced_and_older_switch():
+    r = strategy.resolve
+    assert r("op", None, True, 4096, 8) == "skip"
+    assert r("op", None, False, 1, 8) == "dense"
+    assert r("op", "routed", None, 1, 8) == "routed"
+    with pytest.raises(ValueError, match="disagree"):
+        r("op", "routed", False, 1, 8)
+    with pytest.raises(ValueError, match="strategy must be"):
+        r("op", "fast", None, 1, 8)
+    with pytest.raises(ValueError, match="cannot run here: needs ids"):
+        r("op", "routed", None, 1, 8, routed_blocker="needs ids")
+    assert r("op", None, None, 4096, 8, routed_blocker="needs ids") == "dense"
+
+
+def test_a_recorded_crossover_is_what_pick_returns(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSEMOE_CACHE_DIR", str(tmp_path))
+    cache.reload()
+    try:
+        p = RoutedProblem(4096, 64, 8, 64, 2, FP8, BF16)
+        assert strategy.pick(4096, 8, 2, problem=p, device="cpu") == "routed"
+        cache.record(cache.make_key("strategy", "cpu", p), {"best": {"config": "dense"}})
+        cache.reload()
+        assert strategy.pick(4096, 8, 2, problem=p, device="cpu") == "dense"
+        # another M bucket: not recorded, the rule
+        q = RoutedProblem(2, 64, 8, 64, 2, FP8, BF16)
+        assert strategy.pick(2, 8, 2, problem=q, device="cpu") == "skip"
+    finally:
+        cache.reload()
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("dtype", [FP8, BF16])
+def test_default_configs_run_every_shape_and_m(shape, dtype):
+    s = SHAPES[shape]
+    for m in (1, 2, 7, 64, 100, 512, 1000, 4096, 16384):
+        p = RoutedProblem(m, s.hidden, s.experts, s.inter, s.topk, dtype, BF16)
+        cfg = routed_configs.default_config(p)
+        assert can_implement(p, cfg)[0]
+        assert RoutedConfig.from_str(cfg.to_str()) == cfg
+
+
+def test_bad_configs_are_refused_with_the_reason():
+    p = RoutedProblem(8, 64, 8, 64, 2, FP8, BF16)
+    with pytest.raises(ValueError, match="fc2_block_k=128 must divide fc1_block_i=64"):
+        routed_configs.choose(p, "cpu", config=RoutedConfig(fc1_block_i=64, fc2_block_k=128))
+    with pytest.raises(ValueError, match="power of two"):
+        routed_configs.choose(p, "cpu", config=RoutedConfig(block_m=24))
+    with pytest.raises(TypeError, match="RoutedConfig"):
+        routed_configs.choose(p, "cpu", config="m64")
+    with pytest.raises(ValueError, match="not a routed config"):
+        RoutedConfig.from_str("fc2:1,2")
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+@interp
+def test_bad_input_names_the_argument():
+    M, E, k, I, H = 4, 8, 2, 64, 64
+    pw = prepare_weights(*weights(E, I, H), dtype="bf16")
+    x = tokens(M, H)
+    ids, wts = uniform_routing(M, E, k)
+    alpha = torch.zeros(M, E).scatter(1, ids, wts)
+    with pytest.raises(TypeError, match="topk_ids must have an integer dtype"):
+        routed_experts(x, pw, ids.float(), wts)
+    with pytest.raises(ValueError, match="topk_ids must be"):
+        routed_experts(x, pw, ids[:2], wts[:2])
+    with pytest.raises(ValueError, match="topk_weights must have topk_ids' shape"):
+        routed_experts(x, pw, ids, wts[:, :1])
+    with pytest.raises(ValueError, match=r"k must be in \[1, E=8\]"):
+        routed_experts(x, pw, torch.zeros(M, 9, dtype=torch.long), torch.zeros(M, 9))
+    with pytest.raises(ValueError, match="x must be"):
+        routed_experts(x[:, :32], pw, ids, wts)
+    with pytest.raises(ValueError, match="x_quant is for fp8"):
+        routed_experts(x, pw, ids, wts, x_quant=quantize_per_token(x))
+    with pytest.raises(ValueError, match="top_k=4 but expert_ids has k=2"):
+        experts_forward(x, pw, alpha, top_k=4, expert_ids=ids)
+    with pytest.raises(ValueError, match="strategy='routed' cannot run here"):
+        experts_forward(x, pw, alpha, strategy="routed")
+    with pytest.raises(ValueError, match="topk_weights needs expert_ids"):
+        experts_forward(x, pw, alpha, topk_weights=wts)
