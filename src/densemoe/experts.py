@@ -26,13 +26,14 @@ from densemoe.ops import strategy as rule
 from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
 from densemoe.ops.fc2 import fc2
 from densemoe.ops.routed import problem_of, routed_experts
+from densemoe.routing import alpha_from_topk
 from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights
 
 OP = "experts_forward"
 
 
-def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor, *,
+def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor | None, *,
                     skip: bool | None = None, top_k: int | None = None,
                     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
                     expert_ids: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
@@ -43,7 +44,9 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         x:        [M, H] bf16 / fp16 / fp32 (any floating dtype): the tokens.
         prepared: ``PreparedWeights`` from ``densemoe.prepare_weights`` (fp8 or bf16 kernels).
         alpha:    [M, E] floating (used as float32): the routing weight of expert e for token m,
-                  0 where m did not pick e (``densemoe.routing.alpha_from_topk`` builds it).
+                  0 where m did not pick e (``densemoe.routing.alpha_from_topk`` builds it); or
+                  None with ``expert_ids`` [M, k] and ``topk_weights`` (built here only if the
+                  strategy is not "routed").
         strategy: "skip", "dense", "routed", or None (default): ``strategy.pick``'s rule for
                   this M, E and top-k (a measured choice where the tuner recorded one). "routed"
                   needs ``expert_ids`` [M, k]; without them the rule picks between the other two.
@@ -72,12 +75,19 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
     if not x.is_floating_point():
         raise TypeError(f"{OP}: x must have a floating dtype (bfloat16, float16, float32), got {x.dtype}")
     M = x.shape[0]
-    if not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != (M, E):
+    if alpha is None:
+        if not (isinstance(expert_ids, torch.Tensor) and isinstance(topk_weights, torch.Tensor)
+                and expert_ids.dim() == 2 and expert_ids.shape[0] == M):
+            raise ValueError(f"{OP}: alpha=None needs expert_ids [M={M}, k] and topk_weights [M, k]")
+        alpha_given = False
+    else:
+        alpha_given = True
+    if alpha_given and (not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != (M, E)):
         raise ValueError(f"{OP}: alpha must be a [M, E] = [{M}, {E}] tensor (one routing weight per token and "
                          f"expert), got {tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__}")
-    if not alpha.is_floating_point():
+    if alpha_given and not alpha.is_floating_point():
         raise TypeError(f"{OP}: alpha must have a floating dtype, got {alpha.dtype}")
-    for name, t in (("alpha", alpha), ("prepared weights", prepared.w1)):
+    for name, t in ((("alpha", alpha),) if alpha_given else ()) + (("prepared weights", prepared.w1),):
         if t.device != x.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but x is on {x.device}; all must be on one device")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E):
@@ -99,7 +109,7 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         out = routed_experts(x, prepared, expert_ids, topk_weights, x_quant=x_quant)
         return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
     skip = how == "skip"
-    alpha = alpha.float()
+    alpha = alpha.float() if alpha_given else alpha_from_topk(expert_ids, topk_weights.float(), E)
     if x_quant is not None:
         if prepared.dtype != FP8:
             raise ValueError(f"{OP}: x_quant is for fp8 weights; these are {prepared.dtype}")

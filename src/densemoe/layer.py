@@ -23,14 +23,16 @@ class DenseMoE(nn.Module):
     router: "softmax" (Mixtral, Qwen3-MoE: softmax top-k, ``renormalize``) or "deepseek_v3"
     (sigmoid grouped top-k with ``n_group``, ``topk_group``, ``e_score_correction_bias``,
     ``routed_scaling_factor``, ``norm_topk_prob``). ``logits_fp32``: compute router logits in
-    float32 (DeepSeek-V3) instead of the hidden states' dtype (Mixtral, Qwen3). ``skip``: expert
-    skipping in FC1 and FC2 (``experts_forward``; an attribute, settable)."""
+    float32 (DeepSeek-V3) instead of the hidden states' dtype (Mixtral, Qwen3). ``strategy``:
+    "skip", "dense", "routed" or None (default: ``strategy.pick``'s rule per call; an attribute,
+    settable); ``skip``: the older switch (True: "skip", False: "dense"). ``experts_forward``."""
 
     def __init__(self, prepared: PreparedWeights, gate_weight: torch.Tensor, top_k: int, *,
                  router: str = "softmax", renormalize: bool = True, logits_fp32: bool = False,
                  n_group: int = 1, topk_group: int = 1, e_score_correction_bias: torch.Tensor | None = None,
                  routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True,
-                 shared_experts: nn.Module | None = None, skip: bool | None = None):
+                 shared_experts: nn.Module | None = None, skip: bool | None = None,
+                 strategy: str | None = None):
         super().__init__()
         if not isinstance(prepared, PreparedWeights):
             raise TypeError(f"DenseMoE: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) "
@@ -52,7 +54,8 @@ class DenseMoE(nn.Module):
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.norm_topk_prob = routed_scaling_factor, norm_topk_prob
         self.shared_experts = shared_experts
-        self.skip = skip  # expert skipping: None where it pays, True always, False off
+        self.skip = skip  # the older switch: None, True ("skip") or False ("dense")
+        self.strategy = strategy  # None: the rule per call
 
     def route(self, x: torch.Tensor):
         """RouterOutput (alpha [M, E] float32, topk_ids, topk_weights) for x [M, H]."""
@@ -76,8 +79,9 @@ class DenseMoE(nn.Module):
         # fp8 experts: the router's kernel quantises x too where it runs (M <= 4), else None
         route, x_quant = self._route(x, quantize=self.prepared.dtype == FP8)
         # one token: FC1 and FC2 walk the router's top-k ids (distinct by construction)
-        out = experts_forward(x, self.prepared, route.alpha, skip=self.skip, top_k=self.top_k,
-                              x_quant=x_quant, expert_ids=route.topk_ids).reshape(shape)
+        out = experts_forward(x, self.prepared, route.alpha, skip=self.skip, strategy=self.strategy, top_k=self.top_k,
+                              x_quant=x_quant, expert_ids=route.topk_ids, topk_weights=route.topk_weights
+                              ).reshape(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from densemoe.experts import experts_forward
-from densemoe.routing import alpha_from_topk
 from densemoe.weights import PreparedWeights, prepare_weights
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "DeepseekV3MoE")
@@ -64,8 +63,9 @@ def _experts_forward(dtype: str):
             cache.clear()
             cache[key] = prepare_weights(self.gate_up_proj.detach(), self.down_proj.detach(), dtype=dtype)
         prepared = cache[key]
-        alpha = alpha_from_topk(top_k_index, top_k_weights.float(), prepared.num_experts)
-        return experts_forward(hidden_states, prepared, alpha, top_k=top_k_index.shape[-1]).to(hidden_states.dtype)
+        # the strategy rule per call; alpha [M, E] is built inside only for dense / skip
+        return experts_forward(hidden_states, prepared, None, expert_ids=top_k_index,
+                               topk_weights=top_k_weights).to(hidden_states.dtype)
     forward.__name__ = f"densemoe_{dtype}_experts_forward"
     return forward
 

@@ -9,7 +9,6 @@ import torch
 
 from densemoe.experts import experts_forward
 from densemoe.quant import FP8
-from densemoe.routing import alpha_from_topk
 from densemoe.weights import PreparedWeights, prepare_weights
 
 OP = "fused_experts"
@@ -37,6 +36,7 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, dtype: str | None = None,
                   w1_scale=None, w2_scale=None, activation: str = "silu", inplace: bool = False,
                   global_num_experts: int = -1, expert_map=None, skip: bool | None = None,
+                  strategy: str | None = None,
                   **unsupported) -> torch.Tensor:
     """vLLM/SGLang-style routed experts through densemoe's kernels.
 
@@ -50,7 +50,8 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
         dtype: the kernels' dtype, "fp8" or "bf16"; default: "fp8" for fp8 weights, else "bf16".
         The weights are converted to the kernels' layout on the first call and cached while
         ``w1`` lives (redone if ``w1`` or ``w2`` is modified in place).
-        skip: expert skipping (``experts_forward``): None (default) where it pays, False off.
+        strategy: "skip", "dense", "routed" or None (default: the rule per call,
+            ``densemoe.ops.strategy``); skip: the older switch (True "skip", False "dense").
     Only ``activation="silu"`` (SwiGLU) without expert parallelism (``expert_map``) is supported.
     """
     if activation != "silu":
@@ -87,8 +88,9 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
     if dtype is None:
         dtype = "fp8" if w1.dtype == FP8 else "bf16"
     prepared = _prepared_cached(w1, w2, dtype, w1_scale, w2_scale)
-    alpha = alpha_from_topk(topk_ids, topk_weights.float(), prepared.num_experts)
-    out = experts_forward(hidden_states, prepared, alpha, skip=skip, top_k=topk_ids.shape[1])
+    # alpha [M, E] is built inside only if the strategy is not "routed"
+    out = experts_forward(hidden_states, prepared, None, skip=skip, strategy=strategy, top_k=topk_ids.shape[1],
+                          expert_ids=topk_ids, topk_weights=topk_weights)
     if inplace:
         hidden_states.copy_(out)
         return hidden_states
