@@ -1,0 +1,142 @@
+"""The routed path on the GPU: model shapes (DeepSeek-V3 TP8, Qwen3-30B-A3B), fp8 and bf16, against
+float64 and PyTorch at the same precision; routed against dense; CUDA-graph replay with routing
+that changes between replays, the output poisoned before each."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import densemoe
+from densemoe.kernels.common import RoutedProblem
+from densemoe.ops import routed_configs
+from densemoe.ops.routed import moe_schedule, routed_experts
+from densemoe.quant import FP8, quantize_per_token
+from densemoe.reference import moe_schedule_ref
+from densemoe.shapes import SHAPES
+from densemoe.timing import capture
+from densemoe.weights import prepare_weights
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu_big"),
+              pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and TRITON_INTERPRET unset")]
+BF16 = torch.bfloat16
+
+
+def _case(shape, M, seed):
+    s = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    E, I, H = s.experts, s.inter, s.hidden
+    w13 = torch.randn(E, 2 * I, H, device="cuda", generator=g, dtype=BF16) * H ** -0.5
+    w2 = torch.randn(E, H, I, device="cuda", generator=g, dtype=BF16) * I ** -0.5
+    x = torch.randn(M, H, device="cuda", generator=g, dtype=BF16)
+    ids = torch.rand(M, E, device="cuda", generator=g).topk(s.topk, dim=1).indices
+    wts = torch.softmax(torch.randn(M, s.topk, device="cuda", generator=g), dim=1)
+    return w13, w2, x, ids, wts
+
+
+def _by_expert(pw, x, ids, wts, group, dt, round_rows, absolute=False):
+    """The routed math in ``dt`` (float64: the reference; float32: torch at the kernels'
+    precision), one expert at a time on the GPU: y rounded as the kernel stores it (bf16, or fp8
+    per (row, group) with float32 scales), each pair's weighted row rounded to bf16 if
+    ``round_rows``, the rows (their magnitudes if ``absolute``) summed per token."""
+    M, H = x.shape
+    E = pw.alpha1.shape[0]
+    I = pw.w1.shape[0] // (2 * E)
+    if pw.dtype == FP8:
+        xq, sx = quantize_per_token(x)
+        xs = xq.to(dt) * sx.to(dt)[:, None]
+    else:
+        xs = x.to(dt)
+    flat = ids.reshape(-1)
+    rows = torch.zeros(flat.numel(), H, dtype=dt, device=x.device)
+    for e in range(E):
+        p = (flat == e).nonzero().squeeze(1)
+        if p.numel() == 0:
+            continue
+        h = xs[p // ids.shape[1]] @ pw.w1[e * 2 * I:(e + 1) * 2 * I].to(dt).T * pw.alpha1[e].to(dt)
+        v = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        if pw.dtype == FP8:
+            v32 = v.float().reshape(-1, I // group, group)
+            sc = v32.abs().amax(-1, keepdim=True)
+            sc = torch.where(sc > 0, sc / 448.0, torch.ones_like(sc))
+            v = ((v32 / sc).clamp(-448, 448).to(FP8).float() * sc).reshape(-1, I).to(dt)
+        else:
+            v = v.to(BF16).to(dt)
+        r = v @ pw.w2[:, e * I:(e + 1) * I].to(dt).T * pw.w2_scale[e].to(dt)
+        r = r * wts.reshape(-1)[p].to(dt)[:, None]
+        rows[p] = r.to(BF16).to(dt) if round_rows else (r.abs() if absolute else r)
+    return rows.reshape(M, -1, H).sum(1)
+
+
+def _errs(out, ref):
+    d = out.double() - ref
+    return (d.norm() / ref.norm()).item(), d.abs().max().item()
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("M", [1, 7, 100, 1000])
+def test_routed_on_model_shapes(shape, dtype, M):
+    w13, w2, x, ids, wts = _case(shape, M, M)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    out = routed_experts(x, pw, ids, wts)
+    cfg = routed_configs.choose(RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16),
+                                x.device).config
+    ref = _by_expert(pw, x, ids, wts, cfg.fc1_block_i, torch.float64, False)
+    same = _by_expert(pw, x, ids, wts, cfg.fc1_block_i, torch.float32, True).to(BF16)
+    assert torch.isfinite(out).all()
+    rel, mx = _errs(out, ref)
+    t_rel, t_mx = _errs(same, ref)
+    assert rel <= 1.5 * t_rel + 2 ** -20 and mx <= 2 * t_mx + 2 ** -20 * ref.abs().max().item(), (rel, t_rel, mx, t_mx)
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+def test_schedule_on_the_gpu_bit_for_bit(shape):
+    s = SHAPES[shape]
+    for M in (1, 100, 4096):
+        ids = torch.rand(M, s.experts, device="cuda").topk(s.topk, dim=1).indices
+        so, oo = moe_schedule(ids, s.experts)
+        sr, orf = moe_schedule_ref(ids, s.experts)
+        assert torch.equal(oo, orf) and torch.equal(so, sr)
+
+
+def test_routed_matches_dense_bf16():
+    w13, w2, x, ids, wts = _case("qwen3-30b-a3b", 100, 5)
+    pw = prepare_weights(w13, w2, dtype="bf16")
+    alpha = torch.zeros(100, pw.num_experts, device="cuda").scatter(1, ids, wts)
+    dense = densemoe.experts_forward(x, pw, alpha, strategy="dense").double()
+    routed = densemoe.experts_forward(x, pw, alpha, strategy="routed", expert_ids=ids).double()
+    rows = _by_expert(pw, x, ids, wts, 128, torch.float64, False, absolute=True)  # sum_j |row_j|
+    assert ((routed - dense).abs() <= 2 ** -8 * (rows + dense.abs() + routed.abs()) + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+def test_graph_replay_with_changing_routing_and_a_poisoned_output(dtype):
+    w13, w2, x, ids, wts = _case("deepseek-v3-tp8", 64, 9)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    s_ids, s_wts = ids.clone(), wts.clone()
+    graph, out = capture(lambda: routed_experts(x, pw, s_ids, s_wts))
+    for seed in range(3):
+        _, _, _, new_ids, new_wts = _case("deepseek-v3-tp8", 64, 100 + seed)
+        if seed == 2:
+            new_ids[:, :] = new_ids[:1, :]  # every token on the same 8 experts
+        s_ids.copy_(new_ids)
+        s_wts.copy_(new_wts)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, routed_experts(x, pw, new_ids, new_wts))
+
+
+def test_ids_outside_the_experts_are_dropped_on_the_gpu():
+    w13, w2, x, ids, wts = _case("qwen3-30b-a3b", 7, 11)
+    pw = prepare_weights(w13, w2, dtype="fp8")
+    bad = ids.clone()
+    bad[0, 0], bad[3, 2] = -1, 1 << 40
+    good_wts = wts.clone()
+    good_wts[0, 0] = good_wts[3, 2] = 0.0
+    # a dropped pair adds nothing; a zero weight adds +0 to the same fp32 sum: the same bits
+    assert torch.equal(routed_experts(x, pw, bad, wts), routed_experts(x, pw, ids, good_wts))
