@@ -4,7 +4,7 @@ the edge cases of routing, the custom ops, torch.compile, the strategy rule and 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 
 import pytest
@@ -57,10 +57,11 @@ def errors(out, ref):
     return (d.norm() / ref.double().norm().clamp_min(1e-300)).item(), d.abs().max().item()
 
 
-def torch_same_precision(pw, x, ids, wts, group):
+def torch_same_precision(pw, x, ids, wts, group, round_rows=True):
     """The routed pipeline in plain torch at the kernels' precision: float32 GEMMs on the same
     quantised operands (y rounded as the kernel stores it), each pair's row rounded to bf16,
-    the k rows summed in float32, bf16 out."""
+    the k rows summed in float32, bf16 out (``round_rows=False``: the rows stay float32, as
+    FC2's atomic combine adds them)."""
     M, H = x.shape
     k = ids.shape[1]
     if pw.dtype == FP8:
@@ -73,7 +74,8 @@ def torch_same_precision(pw, x, ids, wts, group):
         ids_j = torch.full_like(ids, -1)
         ids_j[:, j] = ids[:, j]
         rows[:, j] = routed_experts_ref(xq, pw.w1, pw.alpha1, pw.w2, pw.w2_scale, ids_j, wts, compute_dtype=torch.float32,
-                                        **kw).to(BF16).float()
+                                        **kw)
+        rows[:, j] = rows[:, j].to(BF16).float() if round_rows else rows[:, j]
     return rows.sum(1).to(BF16)
 
 
@@ -129,6 +131,8 @@ def test_schedule_edge_routings():
     (1, 8, 2, SMALL), (7, 16, 4, SMALL_SWAP), (100, 8, 2, SMALL), (100, 8, 2, SMALL_SWAP),
     (1000, 8, 2, RoutedConfig(block_m=64, fc1_block_i=64, fc1_block_k=32, fc2_block_n=64, fc2_block_k=32)),
     (3, 32, 8, None),  # M * k smaller than a block, most experts without a token, the default config
+    (100, 8, 2, dataclasses.replace(SMALL, atomic_combine=True, flatten=True)),
+    (7, 16, 4, dataclasses.replace(SMALL_SWAP, atomic_combine=True)),
 ])
 def test_routed_against_float64_and_torch(dtype, M, E, k, cfg):
     I, H = 64, 64
@@ -139,7 +143,8 @@ def test_routed_against_float64_and_torch(dtype, M, E, k, cfg):
     out = routed_experts(x, pw, ids, wts, config=cfg)
     group = (cfg or routed_configs.choose(RoutedProblem(M, H, E, I, k, pw.dtype, BF16), "cpu").config).fc1_block_i
     assert out.dtype == BF16 and out.shape == (M, H)
-    assert_as_accurate_as_torch(out, exact(pw, x, ids, wts, group), torch_same_precision(pw, x, ids, wts, group))
+    same = torch_same_precision(pw, x, ids, wts, group, round_rows=not (cfg and cfg.atomic_combine))
+    assert_as_accurate_as_torch(out, exact(pw, x, ids, wts, group), same)
 
 
 @interp

@@ -140,3 +140,21 @@ def test_ids_outside_the_experts_are_dropped_on_the_gpu():
     good_wts[0, 0] = good_wts[3, 2] = 0.0
     # a dropped pair adds nothing; a zero weight adds +0 to the same fp32 sum: the same bits
     assert torch.equal(routed_experts(x, pw, bad, wts), routed_experts(x, pw, ids, good_wts))
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("M", [7, 1000])
+def test_atomic_combine_and_flatten_on_model_shapes(shape, M):
+    import dataclasses
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 1)
+    pw = prepare_weights(w13, w2, dtype="fp8")
+    base = routed_configs.choose(RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16),
+                                 x.device).config
+    cfg = dataclasses.replace(base, atomic_combine=True, flatten=True)
+    out = routed_experts(x, pw, ids, wts, config=cfg)
+    ref = _by_expert(pw, x, ids, wts, cfg.fc1_block_i, torch.float64, False)
+    same = _by_expert(pw, x, ids, wts, cfg.fc1_block_i, torch.float32, False).to(BF16)
+    rel, mx = _errs(out, ref)
+    t_rel, t_mx = _errs(same, ref)
+    assert rel <= 1.5 * t_rel + 2 ** -20 and mx <= 2 * t_mx + 2 ** -20 * ref.abs().max().item(), (rel, t_rel, mx, t_mx)

@@ -71,9 +71,14 @@ def _routed_op(x: torch.Tensor, x_scale: torch.Tensor | None, w1: torch.Tensor, 
         y = torch.empty((P, I), dtype=torch.bfloat16, device=dev)
         ys = None
     kern.fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, ys, k, cfg)
-    rows = torch.empty((P, w2.shape[0]), dtype=torch.bfloat16, device=dev)
-    kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, cfg.fc1_block_i, cfg)
-    kern.combine_launch(rows, topk_ids, out, E)
+    if cfg.atomic_combine:  # the pairs add into fp32 token rows; one cast to out's dtype
+        acc = torch.zeros((M, w2.shape[0]), dtype=torch.float32, device=dev)
+        kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, acc, cfg.fc1_block_i, cfg, k)
+        out.copy_(acc)
+    else:  # each pair's row, then each token's k rows summed in slot order (deterministic)
+        rows = torch.empty((P, w2.shape[0]), dtype=torch.bfloat16, device=dev)
+        kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, cfg.fc1_block_i, cfg, k)
+        kern.combine_launch(rows, topk_ids, out, E)
 
 
 @_routed_op.register_fake

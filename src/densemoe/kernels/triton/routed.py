@@ -56,7 +56,10 @@ class RoutedConfig:
     """Tiles of the routed GEMMs. FC1: BLOCK_M rows of an expert x fc1_block_i columns of I
     (gate and up), fc1_block_k of H per step; FC2: BLOCK_M rows x fc2_block_n columns of H,
     fc2_block_k of I per step. ``block_m`` is shared (one tile cut of the experts' rows). The
-    fp8 output of FC1 has one scale per fc1_block_i columns, so fc2_block_k divides it."""
+    fp8 output of FC1 has one scale per fc1_block_i columns, so fc2_block_k divides it.
+    ``atomic_combine``: FC2 adds each pair's weighted row into its token's fp32 output row
+    (atomics; the k rows' order varies, so the result may differ in the last bit between runs)
+    instead of writing [M*k, H] rows that the combine sums in slot order (deterministic)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -70,6 +73,8 @@ class RoutedConfig:
     fc2_warps: int = 4
     fc2_stages: int = 3
     programs_per_sm: int = 1
+    flatten: bool = False  # both GEMMs: the k-loop flattened into the persistent loop
+    atomic_combine: bool = False  # FC2 adds into the token's fp32 row (no [M*k, H] rows, no fixed order)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -86,6 +91,10 @@ class RoutedConfig:
         if len(vals) != len(fields):
             raise ValueError(f"a routed config has {len(fields)} fields, got {len(vals)}: {s!r}")
         return cls(*[bool(v) if f.type in (bool, "bool") else v for f, v in zip(fields, vals)])
+
+    @property
+    def deterministic(self) -> bool:
+        return not self.atomic_combine
 
     def short(self) -> str:
         return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
@@ -207,113 +216,158 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
     return e, r0, r1
 
 
+@triton.jit
+def _fc1_unit(u, run, tiles, x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+              H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm,
+              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
+    stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue."""
+    t = u // i_tiles
+    it = u % i_tiles
+    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    r_ok = rows < r1
+    tok = tl.load(sorted_ptr + rows, mask=r_ok, other=0) // TOP_K
+    x_rows = tok.to(tl.int64) * stride_xm
+    offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = offs_i < I
+    gate_rows = (e * 2 * I + offs_i).to(tl.int64) * stride_wn
+    up_rows = gate_rows + I * stride_wn
+    offs_k = tl.arange(0, BLOCK_K)
+    if SWAP_AB:
+        acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
+        kk = k0 + offs_k
+        k_ok = kk < H
+        xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(w_ptr + gate_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        wu = tl.load(w_ptr + up_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        if SWAP_AB:
+            acc_g = tl.dot(wg, tl.trans(xt), acc_g)
+            acc_u = tl.dot(wu, tl.trans(xt), acc_u)
+        else:
+            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    if SWAP_AB:  # the epilogue works on [rows, columns]
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
+    s = tl.load(alpha1_ptr + e)
+    if HAS_XS:
+        s = s * tl.load(xs_ptr + tok, mask=r_ok, other=0.0)[:, None]
+    g = acc_g * s
+    u_ = acc_u * s
+    v = g * tl.sigmoid(g) * u_
+    if OUT_FP8:  # one scale per (row, BLOCK_I columns): amax / 448, 1 for an all-zero group
+        amax = tl.max(tl.where(i_ok[None, :], tl.abs(v), 0.0), axis=1)
+        sc = tl.where(amax > 0, amax / 448.0, 1.0)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
+        tl.store(ys_ptr + rows.to(tl.int64) * stride_ysm + it, sc, mask=r_ok)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_i[None, :], v.to(y_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & i_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["P"])
 def _fc1_kernel(x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
                 P, H, I, E, TOP_K, NUM_PROGS,
                 stride_xm, stride_wn, stride_ym, stride_ysm,
                 HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
+                SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr = False,
+                PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     i_tiles = tl.cdiv(I, BLOCK_I)
+    if FLATTEN:  # the compiler flattens the k-loop into this one: loads run ahead across units
+        for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS, flatten=True):
+            _fc1_unit(u, run, tiles, x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+                      H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, HAS_XS, OUT_FP8, E_PAD,
+                      BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES)
+    else:
+        for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
+            _fc1_unit(u, run, tiles, x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+                      H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, HAS_XS, OUT_FP8, E_PAD,
+                      BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES)
+
+
+@triton.jit
+def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
+              H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om,
+              HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr):
+    """Unit u = (tile u // n_tiles_n, column tile u % n_tiles_n): the tile's rows of y against
+    the expert's slice of w2 over I, then scales, routing weight and the store (or, ``ATOMIC``,
+    the add into the token's fp32 output row)."""
+    t = u // n_tiles_n
+    nt = u % n_tiles_n
+    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    r_ok = rows < r1
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < H
+    y_rows = rows.to(tl.int64) * stride_ym
+    w_rows = offs_n.to(tl.int64) * stride_wn + e * I
     offs_k = tl.arange(0, BLOCK_K)
-    for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
-        t = u // i_tiles
-        it = u % i_tiles
-        e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
-        rows = r0 + tl.arange(0, BLOCK_M)
-        r_ok = rows < r1
-        tok = tl.load(sorted_ptr + rows, mask=r_ok, other=0) // TOP_K
-        x_rows = tok.to(tl.int64) * stride_xm
-        offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = offs_i < I
-        gate_rows = (e * 2 * I + offs_i).to(tl.int64) * stride_wn
-        up_rows = gate_rows + I * stride_wn
-        if SWAP_AB:
-            acc_g = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_I, BLOCK_M), dtype=tl.float32)
-        else:
-            acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-        for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
-            kk = k0 + offs_k
-            k_ok = kk < H
-            xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(w_ptr + gate_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-            wu = tl.load(w_ptr + up_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
+        kk = k0 + offs_k
+        k_ok = kk < I
+        a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
+            sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
             if SWAP_AB:
-                acc_g = tl.dot(wg, tl.trans(xt), acc_g)
-                acc_u = tl.dot(wu, tl.trans(xt), acc_u)
+                acc += tl.dot(b, tl.trans(a)) * sy[None, :]
             else:
-                acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-                acc_u = tl.dot(xt, tl.trans(wu), acc_u)
-        if SWAP_AB:  # the epilogue works on [rows, columns]
-            acc_g = tl.trans(acc_g)
-            acc_u = tl.trans(acc_u)
-        s = tl.load(alpha1_ptr + e)
-        if HAS_XS:
-            s = s * tl.load(xs_ptr + tok, mask=r_ok, other=0.0)[:, None]
-        g = acc_g * s
-        u_ = acc_u * s
-        v = g * tl.sigmoid(g) * u_
-        if OUT_FP8:  # one scale per (row, BLOCK_I columns): amax / 448, 1 for an all-zero group
-            amax = tl.max(tl.where(i_ok[None, :], tl.abs(v), 0.0), axis=1)
-            sc = tl.where(amax > 0, amax / 448.0, 1.0)
-            v = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
-            tl.store(ys_ptr + rows.to(tl.int64) * stride_ysm + it, sc, mask=r_ok)
-        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_i[None, :], v.to(y_ptr.dtype.element_ty),
-                 mask=r_ok[:, None] & i_ok[None, :])
+                acc += tl.dot(a, tl.trans(b)) * sy[:, None]
+        else:
+            if SWAP_AB:
+                acc = tl.dot(b, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    pair = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
+    wt = tl.load(tw_ptr + pair, mask=r_ok, other=0.0) * tl.load(w2s_ptr + e)
+    v = acc * wt[:, None]
+    mask = r_ok[:, None] & n_ok[None, :]
+    if ATOMIC:  # out [M, H] fp32, zeroed: the token's k rows meet here (in no fixed order)
+        tl.atomic_add(out_ptr + (pair // TOP_K).to(tl.int64)[:, None] * stride_om + offs_n[None, :], v, mask=mask,
+                      sem="relaxed")
+    else:
+        tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :], v.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit(do_not_specialize=["P"])
 def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
-                P, H, I, E, NUM_PROGS, Q,
+                P, H, I, E, NUM_PROGS, Q, TOP_K,
                 stride_ym, stride_ysm, stride_wn, stride_om,
                 HAS_YS: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
+                SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
+                FLATTEN: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS):
-        t = u // n_tiles_n
-        nt = u % n_tiles_n
-        e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
-        rows = r0 + tl.arange(0, BLOCK_M)
-        r_ok = rows < r1
-        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < H
-        y_rows = rows.to(tl.int64) * stride_ym
-        w_rows = offs_n.to(tl.int64) * stride_wn + e * I
-        if SWAP_AB:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
-            kk = k0 + offs_k
-            k_ok = kk < I
-            a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
-                sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
-                if SWAP_AB:
-                    acc += tl.dot(b, tl.trans(a)) * sy[None, :]
-                else:
-                    acc += tl.dot(a, tl.trans(b)) * sy[:, None]
-            else:
-                if SWAP_AB:
-                    acc = tl.dot(b, tl.trans(a), acc)
-                else:
-                    acc = tl.dot(a, tl.trans(b), acc)
-        if SWAP_AB:
-            acc = tl.trans(acc)
-        pair = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
-        wt = tl.load(tw_ptr + pair, mask=r_ok, other=0.0) * tl.load(w2s_ptr + e)
-        v = acc * wt[:, None]
-        tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :], v.to(out_ptr.dtype.element_ty),
-                 mask=r_ok[:, None] & n_ok[None, :])
+    if FLATTEN:  # FC2's k-loop is short (I / BLOCK_K steps): flattened, loads run ahead across units
+        for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS, flatten=True):
+            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
+                      H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, HAS_YS, E_PAD,
+                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC)
+    else:
+        for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS):
+            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
+                      H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, HAS_YS, E_PAD,
+                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC)
 
 
 @triton.jit
@@ -356,12 +410,13 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
         x.stride(0), w1.stride(0), y.stride(0), y_scale.stride(0) if fp8_out else 0,
         HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
-        NUM_STAGES=cfg.fc1_stages, num_warps=cfg.fc1_warps, **launch_kwargs(x.device))
+        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, num_warps=cfg.fc1_warps, **launch_kwargs(x.device))
 
 
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
-               cfg: RoutedConfig) -> None:
-    """Grouped FC2 into rows [M*k, H] (pair order), weights and scales applied."""
+               cfg: RoutedConfig, top_k: int) -> None:
+    """Grouped FC2 into rows [M*k, H] (pair order), weights and scales applied; with
+    ``cfg.atomic_combine`` added into rows = the fp32 output [M, H] (zeroed by the caller)."""
     P = sorted_pairs.numel()
     H = w2.shape[0]
     E = w2_scale.shape[0]
@@ -372,11 +427,12 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     has_ys = y_scale is not None
     _fc2_kernel[(progs,)](
         y, y_scale if has_ys else w2_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows,
-        P, H, I, E, progs, group,
+        P, H, I, E, progs, group, top_k,
         y.stride(0), y_scale.stride(0) if has_ys else 0, w2.stride(0), rows.stride(0),
         HAS_YS=has_ys, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
-        NUM_STAGES=cfg.fc2_stages, num_warps=cfg.fc2_warps, **launch_kwargs(y.device))
+        NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, num_warps=cfg.fc2_warps,
+        **launch_kwargs(y.device))
 
 
 def combine_launch(rows: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, num_experts: int) -> None:
