@@ -1,0 +1,79 @@
+"""The routed kernels compile for Hopper (sm_90a) without a GPU, with the installed Triton, and
+their main loops are what the design needs: wgmma for the GEMMs, and cp.async loads (the
+k-loop pipelined) once the launch specialises pointers and strides as 16-divisible, as a real
+launch on these shapes does. Without that specialisation Triton loads fp8 a byte at a time and
+does not pipeline (a finding of this test: docs/routed.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from densemoe.kernels.triton.routed import _combine_kernel, _fc1_kernel, _fc2_kernel, _schedule_kernel
+
+    FP8 = "fp8e4nv"
+
+    def compile_(kernel, ptrs, const, warps=4, stages=3, gemm=True):
+        const = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **const}
+        sig, attrs = {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in ptrs:
+                sig[name] = ptrs[name]
+            elif name in const:
+                sig[name] = "constexpr"
+            else:
+                sig[name] = "i32"
+            if name in ptrs or name.startswith("stride") or name in ("H", "I"):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # what a launch on the model shapes specialises
+        k = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=warps, num_stages=stages))
+        ptx = k.asm["ptx"]
+        if gemm:
+            assert "wgmma" in ptx, kernel
+            assert re.search(r"cp\\.async", ptx), (kernel, const)
+        return k
+
+    n = 0
+    compile_(_schedule_kernel, dict(ids_ptr="*i64", sorted_ptr="*i32", offsets_ptr="*i32"), dict(GROUP=16, BLOCK_P=128),
+             gemm=False)
+    compile_(_combine_kernel, dict(rows_ptr="*bf16", ids_ptr="*i64", out_ptr="*bf16"), dict(TOP_K=8, BLOCK_N=1024),
+             gemm=False)
+    n += 2
+    for dt, swap, flat, atomic in ((FP8, False, False, False), (FP8, True, False, True), (FP8, False, True, True),
+                                   ("bf16", True, True, False), ("bf16", False, False, True)):
+        bm = 16 if swap else 64
+        bk = 128 if dt == FP8 else 64
+        compile_(_fc1_kernel, dict(x_ptr="*" + dt, w_ptr="*" + dt, alpha1_ptr="*fp32", xs_ptr="*fp32",
+                                   sorted_ptr="*i32", offsets_ptr="*i32", y_ptr="*" + (FP8 if dt == FP8 else "bf16"),
+                                   ys_ptr="*fp32"),
+                 dict(HAS_XS=dt == FP8, OUT_FP8=dt == FP8, E_PAD=256, BLOCK_M=bm, BLOCK_I=128, BLOCK_K=bk,
+                      SWAP_AB=swap, NUM_STAGES=3, FLATTEN=flat, PDL=True))
+        compile_(_fc2_kernel, dict(y_ptr="*" + dt, ys_ptr="*fp32", w_ptr="*" + dt, w2s_ptr="*fp32", sorted_ptr="*i32",
+                                   offsets_ptr="*i32", tw_ptr="*fp32", out_ptr="*fp32" if atomic else "*bf16"),
+                 dict(HAS_YS=dt == FP8, E_PAD=256, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, SWAP_AB=swap, NUM_STAGES=3,
+                      ATOMIC=atomic, FLATTEN=flat, PDL=True))
+        n += 2
+    print("compiled", n)
+''')
+
+
+def test_routed_kernels_compile_for_sm90_pipelined():
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "compiled 12" in r.stdout, r.stdout + r.stderr[-2000:]
