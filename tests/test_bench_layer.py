@@ -1,14 +1,23 @@
 """The FC1 / layer benchmark's plumbing on the CPU (interpreter, a tiny shape, a fake timer):
 results are checked, records carry the FC2 keys, baselines run, the report renders. The real
-run is `python -m densemoe.bench fc1|layer` on a GPU."""
+run is `python -m densemoe.bench fc1|layer` on a GPU.
+
+The experts path (issue 19) is tested for the final API, ``experts_forward(..., strategy=
+"dense"|"skip"|"routed"|None, expert_ids=[M, k], topk_weights=[M, k])``: where the tree has it,
+every strategy must run, be right and be timed; where it does not yet (before the routed path
+lands) the benchmark runs dense / skip / chosen through ``skip=`` and must record ``routed_us``
+None with ``routed_note``: the assertions take the branch ``layer.strategy_api()`` says, nothing
+is skipped. ``test_experts_call_uses_the_strategy_api`` checks the final API's call with a stand-in."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 import torch
 
+import densemoe
 from densemoe.bench import layer
 from densemoe.bench.torch_grouped import TorchGrouped
 from densemoe.reference import experts_ref
@@ -20,6 +29,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TINY = MoEShape("tiny", 64, 8, 32, 2)
 KEYS = {"device", "op", "shape", "dtype", "M", "N", "K", "E", "us", "tb_s", "tflops", "floor_us", "pct_floor",
         "bytes", "rel_err", "commit"}
+# the experts path's records (issue 19): every line's time, rate and share of the routed floor
+LINES = ("dense", "skip", "routed", "chosen", "cublas_fp8_pipeline", "hf_eager_bf16", "torch_grouped")
+EXPERTS_KEYS = KEYS | {"I", "top_k", "chosen", "routed_floor_us", "dense_floor_us", "flops", "active_experts",
+                       "baselines", "best", "chosen_over_best", "strategy_api"} | {
+    f"{name}_{suffix}" for name in LINES for suffix in ("us", "tb_s", "pct_floor")} | {
+    f"speedup_vs_{b}" for b in ("cublas_fp8_pipeline", "hf_eager_bf16", "torch_grouped")}
 
 
 
@@ -29,9 +44,11 @@ def test_fc1_and_layer_benchmarks_run_and_report():
     ceiling, peaks = {"tb_s": 3.0}, {"fp8": 1000.0, "bf16": 500.0}
     logs = []
     fc1 = layer.run_fc1([TINY], ["fp8", "bf16"], [1, 7], fake_timer, ceiling, peaks, "cpu", "abc", log=logs.append, dev="cpu")
-    lay = layer.run_layer([TINY], ["fp8", "bf16"], [1, 7], fake_timer, ceiling, peaks, "cpu", "abc", log=logs.append,
+    out = layer.run_layer([TINY], ["fp8", "bf16"], [1, 7], fake_timer, ceiling, peaks, "cpu", "abc", log=logs.append,
                           dev="cpu", hf_implementations=("eager",))
-    assert len(fc1) == 4 and len(lay) == 4
+    lay = [r for r in out if r["op"] == "layer"]
+    exp = [r for r in out if r["op"] == "experts"]
+    assert len(fc1) == 4 and len(lay) == 4 and len(exp) == 4 and len(out) == 8
     for r in fc1 + lay:
         assert KEYS <= set(r), KEYS - set(r)
         assert r["us"] == 10.0 and r["rel_err"] < (0.1 if r["dtype"] == "fp8" else 2e-2)
@@ -45,8 +62,50 @@ def test_fc1_and_layer_benchmarks_run_and_report():
     assert all(r["err_ratio_vs_torch_fp8"] < 1.5 for r in fp8), [r["err_ratio_vs_torch_fp8"] for r in fp8]
     meta = dict(device="cpu", commit="abc", date="today", torch="t", triton="t", read_ceiling_tb_s=3.0,
                 peak_tflops=peaks, command="python -m densemoe.bench layer")
-    md = layer.markdown(meta, fc1 + lay)
+    md = layer.markdown(meta, fc1 + out)
     assert "## fc1" in md and "## layer" in md and "x cublas_fp8_pipeline" in md and "hf_eager_bf16 us" in md
+    _check_experts_records(exp, ceiling, peaks)
+    assert "## experts path" in md and "### tiny fp8" in md and "### tiny bf16" in md and "torch_grouped us" in md
+    assert "routed floor us" in md and "x hf_eager_bf16" in md
+
+
+def _check_experts_records(exp, ceiling, peaks):
+    """The experts path's records at the fake timer's 10 us: keys, checks, floors, ratios."""
+    api = layer.strategy_api()
+    for r in exp:
+        assert EXPERTS_KEYS <= set(r), EXPERTS_KEYS - set(r)
+        bound = layer.BOUNDS[r["dtype"]]
+        where = (r["dtype"], r["M"])
+        # our strategies: checked against the fp32 reference, then timed
+        for s in ("dense", "skip") + (("routed",) if api else ()):
+            assert r[f"{s}_us"] == 10.0 and r[f"rel_err_{s}"] < bound, (where, s, r.get(f"{s}_error"))
+        if not api:  # the tree before issue 19's API: no routed path, and the record says so
+            assert r["routed_us"] is None and "strategy=" in r["routed_note"], where
+        assert r["chosen_us"] == r["us"] == 10.0 and r["rel_err"] < bound, (where, r.get("error"))
+        assert r["chosen"] in layer.STRATEGIES, (where, r["chosen"], r.get("chosen_note"))
+        assert r["best"] in layer.STRATEGIES and r["chosen_over_best"] == 1.0
+        # baselines without the router, each checked first
+        assert r["cublas_fp8_pipeline_us"] == 10.0 and r["rel_err_cublas_fp8_pipeline"] < 0.1
+        assert r["hf_eager_bf16_us"] == 10.0 and r["rel_err_hf_eager_bf16"] < 2e-2
+        assert r["baselines"] == ["cublas_fp8_pipeline", "hf_eager_bf16", "torch_grouped"]
+        if r["torch_grouped_us"] is None:  # fp8 on this CPU build: no _scaled_grouped_mm kernel
+            assert r["torch_grouped_note"], where
+        else:
+            assert r["torch_grouped_us"] == 10.0 and r["rel_err_torch_grouped"] < bound, where
+        if r["dtype"] == "bf16" and hasattr(torch, "_grouped_mm"):  # runs on the CPU since torch 2.8 or so
+            assert r["torch_grouped_us"] == 10.0, r.get("torch_grouped_note")
+        # floors: the picked experts' weights and the routed FLOPs
+        es = 1 if r["dtype"] == "fp8" else 2
+        assert 1 <= r["active_experts"] <= min(TINY.experts, r["M"] * TINY.topk)
+        assert r["bytes"] == 3 * r["active_experts"] * TINY.inter * TINY.hidden * es
+        assert r["flops"] == 2 * r["M"] * TINY.topk * 3 * TINY.hidden * TINY.inter
+        floor = max(r["bytes"] / ceiling["tb_s"] / 1e6, r["flops"] / peaks[r["dtype"]] / 1e6)
+        assert math.isclose(r["routed_floor_us"], floor) and r["floor_us"] == r["routed_floor_us"]
+        assert math.isclose(r["pct_floor"], 100 * floor / 10.0) and math.isclose(r["tb_s"], r["bytes"] / 10.0 / 1e6)
+        for name in LINES:
+            if r[f"{name}_us"]:
+                assert math.isclose(r[f"{name}_pct_floor"], 100 * floor / r[f"{name}_us"])
+        assert r["speedup_vs_cublas_fp8_pipeline"] == 1.0 and r["speedup_vs_hf_eager_bf16"] == 1.0
 
 
 
@@ -62,12 +121,32 @@ def test_interleaved_timings_land_on_the_right_records():
     assert (fc1[0]["fused_quant_us"], fc1[0]["separate_quant_us"]) == (50.0, 60.0)
     assert "fused_quant_us" not in fc1[1]
     assert fc1[0]["us_rounds"] == [30.0] * 3
-    lay = layer.run_layer([TINY], ["fp8", "bf16"], [7], OrderTimer(), ceiling, peaks, "cpu", "abc", log=lambda s: None,
+    out = layer.run_layer([TINY], ["fp8", "bf16"], [7], OrderTimer(), ceiling, peaks, "cpu", "abc", log=lambda s: None,
                           dev="cpu", hf_implementations=("grouped_mm", "batched_mm"))
+    lay = [r for r in out if r["op"] == "layer"]
     # interleaved: cuBLAS pipeline, grouped_mm, ours fp8, ours bf16, experts-only fp8, bf16;
     # batched_mm timed once (1 us)
     assert [(r["dtype"], r["us"], r["cublas_fp8_pipeline_us"], r["hf_grouped_mm_bf16_us"], r["hf_batched_mm_bf16_us"],
              r["experts_only_us"]) for r in lay] == [("fp8", 30.0, 10.0, 20.0, 1.0, 50.0), ("bf16", 40.0, 10.0, 20.0, 1.0, 60.0)]
+    # then, in the same rounds, the experts path: its baselines without the router (cuBLAS
+    # pipeline, grouped_mm; batched_mm not on this path), then per dtype torch's grouped
+    # pipeline, dense, skip, routed, chosen, each where it runs
+    exp = [r for r in out if r["op"] == "experts"]
+    assert [r["dtype"] for r in exp] == ["fp8", "bf16"]
+    assert (exp[0]["cublas_fp8_pipeline_us"], exp[0]["hf_grouped_mm_bf16_us"]) == (70.0, 80.0)
+    assert "hf_batched_mm_bf16_us" not in exp[0] and exp[1]["cublas_fp8_pipeline_us"] == 70.0
+    t = 90.0
+    for r in exp:
+        for name in ("torch_grouped",) + layer.STRATEGIES + ("chosen",):
+            if r[f"{name}_us"] is None:  # not run here, and the record says why
+                assert r.get(f"{name}_note") or r.get(f"{name}_error"), (r["dtype"], name)
+                continue
+            assert r[f"{name}_us"] == t and r[f"{name}_rounds"] == [t] * 3, (r["dtype"], name, r[f"{name}_us"], t)
+            t += 10.0
+        assert r["us"] == r["chosen_us"] and r["speedup_vs_cublas_fp8_pipeline"] == 70.0 / r["us"]
+        assert r["chosen_over_best"] == r["us"] / r[f"{r['best']}_us"]
+    assert all(r[f"{s}_us"] for r in exp for s in ("dense", "skip", "chosen"))
+    assert all((r["routed_us"] is not None) == layer.strategy_api() for r in exp)
 
 
 def _tiny_weights(seed: int = 0, M: int = 7):
@@ -113,3 +192,34 @@ def test_torch_grouped_fp8_pipeline_math(monkeypatch):
     w13, w2, x, ids, weights, ref = _tiny_weights(seed=1)
     out = TorchGrouped(w13, w2, "fp8")(x, ids, weights)
     assert out.dtype == torch.bfloat16 and layer.rel_err(out, ref) < 0.1
+
+
+def test_experts_call_uses_the_strategy_api(monkeypatch):
+    """Issue 19's API, with stand-ins where the tree lacks it: each strategy goes to
+    experts_forward(..., strategy=S, expert_ids=topk_ids, topk_weights=topk_weights), and the
+    chosen name comes from strategy.pick(M, E, top_k, hidden=, inter=, dtype=)."""
+    calls = []
+
+    def experts_forward(x, prepared, alpha, *, strategy=None, expert_ids=None, topk_weights=None):
+        calls.append((strategy, expert_ids, topk_weights))
+        return x
+
+    def pick(m, e, top_k=8, *, hidden=None, inter=None, dtype=None):
+        calls.append(("pick", m, e, top_k, hidden, inter, dtype))
+        return "routed"
+
+    monkeypatch.setattr(densemoe, "experts_forward", experts_forward)
+    monkeypatch.setattr(layer.strategy_rule, "pick", pick)
+    assert layer.strategy_api()
+    x, alpha = torch.zeros(3, 4), torch.zeros(3, 8)
+    route = densemoe.routing.RouterOutput(alpha, torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))
+    for s in layer.STRATEGIES + (None,):
+        fn, why = layer.experts_call(x, "prepared", route, s, 2)
+        assert why is None
+        fn()
+        assert calls[-1] == (s, route.topk_ids, route.topk_weights)
+    assert layer.picked_strategy(3, 8, 2, 4, 16, torch.bfloat16) == ("routed", None)
+    assert calls[-1] == ("pick", 3, 8, 2, 4, 16, torch.bfloat16)
+    monkeypatch.delattr(layer.strategy_rule, "pick")
+    name, note = layer.picked_strategy(3, 8, 2, 4, 16, torch.bfloat16)
+    assert name is None and "pick" in note

@@ -13,13 +13,18 @@ from densemoe.shapes import M_SWEEP, SHAPES, parse_ms
 
 DEFAULTS = dict(shapes="deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b", dtypes="fp8,bf16", m="1-512")
 SKIP_DEFAULTS = dict(shapes="deepseek-v3-tp8", dtypes="fp8", m="1,2,4,8,16,32,64,128,256")
+# issue 19: the layer and its experts path on the two shapes it names, decode and prefill chunks
+# (M_SWEEP stops at 512, so the prefill points are listed)
+LAYER_DEFAULTS = dict(shapes="deepseek-v3-tp8,qwen3-30b-a3b", dtypes="fp8,bf16", m="1-512,1024,2048,4096")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m densemoe.bench", description=__doc__)
     ap.add_argument("what", choices=["fc2", "sweep", "plot", "fc1", "layer", "skip", "docs"],
                     help="fc2: default configs vs baselines; "
-                    "fc1 / layer: FC1 alone and the whole layer vs cuBLAS and transformers (bench/layer.py); "
+                    "fc1 / layer: FC1 alone and the whole layer vs cuBLAS and transformers, and (layer) the experts "
+                    "path: each strategy forced and the chosen one vs the cuBLAS fp8 pipeline, transformers' "
+                    "grouped_mm and torch's grouped GEMMs, against the routed floor (bench/layer.py); "
                     "skip: expert skipping in FC1, FC2 and the layer vs their dense paths and the skipping "
                     "floor, uniform and skewed routing (bench/skip.py); "
                     "sweep: time a set of configs per M (exploration); plot: redraw <out>.md/.png from "
@@ -27,12 +32,15 @@ def main(argv=None) -> int:
                     "results (--out FILE, else stdout; run from the repository root; no GPU needed)")
     ap.add_argument("--shapes", default=None,
                     help=f"comma list of {', '.join(SHAPES)}; "
-                    f"default: {DEFAULTS['shapes']} ({SKIP_DEFAULTS['shapes']} for skip)")
+                    f"default: {DEFAULTS['shapes']} ({SKIP_DEFAULTS['shapes']} for skip, "
+                    f"{LAYER_DEFAULTS['shapes']} for layer)")
     ap.add_argument("--dtypes", default=None,
                     help=f"default: {DEFAULTS['dtypes']} ({SKIP_DEFAULTS['dtypes']} for skip)")
     ap.add_argument("--m", default=None, help="comma list; a-b takes the sweep points in [a, b] "
                     f"({', '.join(map(str, M_SWEEP))}); "
-                    f"default: {DEFAULTS['m']} ({SKIP_DEFAULTS['m']} for skip)")
+                    f"default: {DEFAULTS['m']} ({SKIP_DEFAULTS['m']} for skip, {LAYER_DEFAULTS['m']} for layer)")
+    ap.add_argument("--skip-max-m", type=int, default=None,
+                    help="layer: time the experts path's skip strategy only up to this M (default: every M)")
     ap.add_argument("--routings", default="uniform,skewed", help="skip: routings to run (uniform, skewed)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot); "
@@ -41,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="triton,cute", help="fc2: backends timed side by side (default configs)")
     ap.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
     args = ap.parse_args(argv)
-    for name, value in (SKIP_DEFAULTS if args.what == "skip" else DEFAULTS).items():
+    for name, value in {"skip": SKIP_DEFAULTS, "layer": LAYER_DEFAULTS}.get(args.what, DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
@@ -114,8 +122,11 @@ def main(argv=None) -> int:
     if args.what in ("fc1", "layer"):
         from densemoe.bench import layer
 
-        run = layer.run_fc1 if args.what == "fc1" else layer.run_layer
-        records = run(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit, log=log)
+        if args.what == "fc1":
+            records = layer.run_fc1(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit, log=log)
+        else:
+            records = layer.run_layer(shapes, dtypes, parse_ms(args.m), timer, ceiling, peaks, device, commit, log=log,
+                                      skip_max_m=args.skip_max_m)
     elif args.what == "skip":
         from densemoe.bench import skip
 

@@ -21,7 +21,8 @@ in every baseline) followed by
   * the same fp8 pipeline through cuBLAS: per-token quantisation of x, FP8 ``_scaled_mm`` for
     FC1 (row-wise scales), SwiGLU in torch, routing weights folded into the activations,
     per-token quantisation, FP8 ``_scaled_mm`` for FC2.
-``experts_only_us`` is ours without the router (``experts_forward`` with a given alpha),
+``experts_only_us`` is ours without the router (``experts_forward`` with a given alpha; where
+it takes ``strategy=``, also the router's ``expert_ids`` and ``topk_weights``, as the layer calls it),
 ``router_us`` our router alone and ``torch_router_us`` the baselines' router alone; none is a
 baseline.
 Layer floor (``floor_us``): the bytes of the experts the routing picked (``active_experts``, the
@@ -29,28 +30,66 @@ union over the M tokens; ``routing="gate"``: the benchmark gate on random x, nea
 plus x and out, over the read ceiling; ``dense_floor_us`` counts every expert.
 Errors against the fp32 reference are recorded for ours and for the cuBLAS pipeline
 (``rel_err``, ``rel_err_torch_fp8``: the issue bounds their ratio by 1.5).
+
+Experts path (``op="experts"``, issue 19): the same x, routing (our router's top-k on the
+benchmark gate) and fp32 reference as the layer records, no router timed. Per dtype,
+``densemoe.experts_forward(x, prepared, alpha, strategy=S, expert_ids=topk_ids,
+topk_weights=topk_weights)`` with each strategy forced (``dense_us``, ``skip_us``,
+``routed_us``) and with the library's rule (``chosen_us``, S = None; ``chosen`` = the name
+``densemoe.ops.strategy.pick`` gives for the batch), and the baselines on the same routing, no
+router: the cuBLAS fp8 pipeline, transformers' experts under ``grouped_mm`` (``batched_mm`` is
+left out: timed once in the layer records), and ``torch_grouped_us`` (``bench/torch_grouped.py``:
+the routed pipeline through ``torch._grouped_mm`` in bf16, ``torch._scaled_grouped_mm`` in fp8;
+None with ``torch_grouped_note`` where the torch build or device cannot run it). Everything is
+checked against the fp32 reference before timing (bounds 0.1 in fp8, 2e-2 in bf16; on a GPU also
+captured once in a CUDA graph): what fails or is wrong gets ``<name>_us`` None and
+``<name>_error``, and is not timed. All of it is timed in the same interleaved rounds as the layer
+records. In a tree whose ``experts_forward`` has no ``strategy=`` yet, dense and skip run through
+``skip=False`` / ``skip=True``, chosen through ``skip=None`` and ``routed_us`` is None with
+``routed_note``.
+Floors of the experts path, A = experts some token picked (``active_experts``, the union over the
+M tokens), es = 1 (fp8) or 2 (bf16): ``routed_floor_us`` = max(A * 3*I*H*es (``bytes``: both
+weight matrices of the picked experts) / read ceiling, 2*M*k*3*H*I (``flops``, the routed FLOPs)
+/ peak); ``floor_us`` is the same, ``dense_floor_us`` as for the layer. Per line L (each strategy,
+``chosen``, each baseline): ``L_us``, ``L_tb_s`` (bytes / time), ``L_pct_floor`` (routed floor /
+time), ``L_rounds`` (the round medians); ``us``, ``tb_s``, ``pct_floor`` are chosen's;
+``speedup_vs_<baseline>`` = baseline us / chosen us; ``best`` = the fastest forced strategy,
+``chosen_over_best`` = chosen us / its us (the issue's bound: 1.03). ``run_layer`` returns the
+layer records, then the experts records; ``skip_max_m`` leaves the skip strategy untimed above it
+(``skip_note``). transformers' ``batched_mm`` is not run where it would gather more than
+``BATCHED_MM_MAX_BYTES`` of expert weights (DeepSeek-V3 TP8 and Qwen3-30B-A3B: M > 512).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
 import torch
 
 import densemoe
+from densemoe.bench.torch_grouped import TorchGrouped
 from densemoe.layer import DenseMoE
+from densemoe.ops import strategy as strategy_rule
 from densemoe.ops.fc1 import DYNAMIC_MAX_I, fc1_fp8_dynamic
 from densemoe.quant import FP8, quantize_per_expert, quantize_per_token, quantize_y_fold_alpha
 from densemoe.reference import experts_ref, fc1_ref
 from densemoe.ops.fc1 import which_backend as fc1_which_backend
 from densemoe.routing import softmax_topk
 from densemoe.shapes import SHAPES
+from densemoe.timing import capture
 from densemoe.weights import prepare_weights
 
 DTYPES = {"fp8": FP8, "bf16": torch.bfloat16}
 NOT_BASELINES = ("floor_us", "us", "experts_only_us", "router_us", "torch_router_us", "fused_quant_us",
                  "separate_quant_us", "dense_floor_us")  # *_us keys that are not baselines
+STRATEGIES = ("dense", "skip", "routed")  # the experts path's forced strategies; None: the rule ("chosen")
+BOUNDS = {"fp8": 0.1, "bf16": 2e-2}  # rel err against the fp32 reference, ours and the baselines
+# transformers' batched_mm gathers each (token, slot)'s expert weights: M*k*3*I*H*2 bytes (DeepSeek-V3
+# TP8: 45 GB at M = 512, 360 GB at M = 4096); above this it is not run (it would not fit, or crowd
+# out the rest of the run)
+BATCHED_MM_MAX_BYTES = 48 * 2**30
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -156,6 +195,169 @@ def layer_baselines(x, alpha, ref, cublas, hf: dict, torch_route, M: int, log):
     return interleaved, once, err_torch
 
 
+def strategy_api() -> bool:
+    """Whether ``experts_forward`` takes issue 19's ``strategy=`` and ``topk_weights=`` (the tree
+    has the routed path)."""
+    params = inspect.signature(densemoe.experts_forward).parameters
+    return "strategy" in params and "topk_weights" in params
+
+
+def experts_call(x, prepared, route, strategy: str | None, top_k: int):
+    """(fn, None): ``fn()`` runs densemoe's experts path on ``route`` (a RouterOutput) under
+    ``strategy`` ("dense", "skip", "routed"; None: the library's rule), or (None, why not)."""
+    if strategy_api():
+        return (lambda: densemoe.experts_forward(x, prepared, route.alpha, strategy=strategy,
+                                                 expert_ids=route.topk_ids, topk_weights=route.topk_weights)), None
+    # before issue 19's API: the dense path and skipping through skip=, no routed path
+    if strategy == "routed":
+        return None, "not in this tree: experts_forward has no strategy= / topk_weights= (no routed path)"
+    skip = {"dense": False, "skip": True, None: None}[strategy]
+    return (lambda: densemoe.experts_forward(x, prepared, route.alpha, skip=skip, top_k=top_k,
+                                             expert_ids=route.topk_ids)), None
+
+
+def picked_strategy(M: int, E: int, top_k: int, H: int, I: int, dtype: torch.dtype) -> tuple[str | None, str | None]:
+    """(name, None): the strategy ``densemoe.ops.strategy.pick`` gives for the batch, the rule
+    that ``strategy=None`` follows; or (None, why not). ``hidden``, ``inter`` and ``dtype`` (the
+    prepared weights' torch dtype) go to it where its signature takes them."""
+    pick = getattr(strategy_rule, "pick", None)
+    if pick is None:
+        return None, "densemoe.ops.strategy has no pick()"
+    try:
+        params = inspect.signature(pick).parameters
+        anykw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kw = {n: v for n, v in (("hidden", H), ("inter", I), ("dtype", dtype)) if anykw or n in params}
+        return str(pick(M, E, top_k, **kw)), None
+    except (TypeError, ValueError) as exc:
+        return None, f"strategy.pick failed: {_why(exc)}"
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one short line for a record (torch's dispatcher errors run to pages)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:240] if text else ''}"
+
+
+def _checked(fn, ref: torch.Tensor, bound: float) -> tuple[float | None, str | None]:
+    """Run ``fn`` once and compare with ``ref``: (rel err, None) when it is right, else (rel err
+    or None, why). On a GPU it is then captured once in a CUDA graph, as the timer will: what
+    cannot be captured is reported here instead of ending the run."""
+    try:
+        out = fn()
+    except Exception as exc:  # noqa: BLE001 - a line that cannot run is recorded, the run goes on
+        return None, f"failed: {_why(exc)}"
+    err = rel_err(out, ref)
+    if not (math.isfinite(err) and err <= bound):
+        return err, f"wrong result: rel err {err:.3e} > {bound}"
+    if ref.is_cuda:
+        try:
+            capture(fn)
+        except Exception as exc:  # noqa: BLE001
+            return err, f"no CUDA graph capture: {_why(exc)}"
+    return err, None
+
+
+def torch_grouped_pipelines(case, dtypes, log) -> dict:
+    """{dtype: TorchGrouped, or the reason it cannot be built (str)}."""
+    out = {}
+    for dt in dtypes:
+        try:
+            out[dt] = TorchGrouped(case.w13, case.w2, dt)
+        except Exception as exc:  # noqa: BLE001 - a baseline this torch lacks is recorded, not fatal
+            out[dt] = f"not built: {_why(exc)}"
+            log(f"  no torch grouped baseline in {dt}: {out[dt]}")
+    return out
+
+
+def experts_path(case, x, route, ref, dtypes, cublas, hf: dict, grouped: dict, M: int, commit: str, device: str,
+                 log, skip_max_m: int | None = None) -> tuple[list[dict], dict, list]:
+    """The experts path at one M (module docstring): (records, one per dtype; shared, the
+    baselines common to every dtype (their ``*_us`` filled in after timing, then copied into each
+    record); timed, [(target dict, key, fn)] for the interleaved rounds). Every line is checked
+    first; what fails is recorded (``*_error`` / ``*_note``) and left out of ``timed``."""
+    E, I, H, k = case.E, case.I, case.H, case.k
+    ids, weights = route.topk_ids, route.topk_weights
+    shared, timed = {"baselines": []}, []
+
+    def line(target: dict, name: str, fn, bound: float, err_key: str | None = None) -> None:
+        err, bad = _checked(fn, ref, bound)
+        target[err_key or f"rel_err_{name}"] = err
+        if bad:
+            target[f"{name}_us"] = None
+            target[f"{name}_error"] = bad
+            log(f"  FAILED experts {case.shape.name} M={M} {name}: {bad}")
+        else:
+            timed.append((target, f"{name}_us", fn))
+
+    if cublas is not None:
+        shared["baselines"].append("cublas_fp8_pipeline")
+        line(shared, "cublas_fp8_pipeline", lambda: cublas(x, route.alpha), BOUNDS["fp8"])
+    for impl, mod in hf.items():
+        if impl == "batched_mm":  # 5-40x slower and memory-hungry: timed once in the layer records
+            continue
+        name = f"hf_{impl}_bf16"
+        shared["baselines"].append(name)
+        line(shared, name, lambda m=mod: m(x, ids, weights.to(x.dtype)), BOUNDS["bf16"])
+    act = int(torch.zeros(E, dtype=torch.bool, device=ids.device).index_fill_(0, ids.reshape(-1), True).sum())
+    api = strategy_api()
+    records = []
+    for dt in dtypes:
+        p = case.prepared[dt]
+        rec = dict(device=device, op="experts", shape=case.shape.name, dtype=dt, M=M, N=H, K=H, E=E, I=I,
+                   top_k=k, backend="triton", commit=commit, routing="gate", active_experts=act,
+                   strategy_api=api, baselines=list(shared["baselines"]) + ["torch_grouped"])
+        rec["chosen"], note = picked_strategy(M, E, k, H, I, p.dtype)
+        if note:
+            rec["chosen_note"] = note
+        g = grouped.get(dt)
+        if isinstance(g, TorchGrouped):
+            line(rec, "torch_grouped", lambda g=g: g(x, ids, weights), BOUNDS[dt])
+            if rec.get("torch_grouped_error"):  # why it is None, under the key the issue names
+                rec["torch_grouped_note"] = rec["torch_grouped_error"]
+        else:
+            rec.update(torch_grouped_us=None, torch_grouped_note=g or "not built")
+        for s in STRATEGIES + (None,):
+            name = s or "chosen"
+            if s == "skip" and skip_max_m is not None and M > skip_max_m:
+                rec.update(skip_us=None, skip_note=f"not timed above M = {skip_max_m} (slow there)")
+                continue
+            fn, why = experts_call(x, p, route, s, k)
+            if fn is None:
+                rec[f"{name}_us"] = None
+                rec[f"{name}_note"] = why
+                continue
+            line(rec, name, fn, BOUNDS[dt], err_key="rel_err" if s is None else None)
+        if rec.get("chosen_error"):
+            rec["error"] = rec["chosen_error"]
+        records.append(rec)
+    return records, shared, timed
+
+
+def _experts_rates(rec: dict, shared: dict, I: int, H: int, ceiling: dict, peaks: dict) -> None:
+    """Fill in the experts record's floors, rates and ratios (module docstring) once timed."""
+    rec.update({key: v for key, v in shared.items() if key != "baselines"})
+    dt, M, k, E, act = rec["dtype"], rec["M"], rec["top_k"], rec["E"], rec["active_experts"]
+    es = 1 if dt == "fp8" else 2
+    nbytes = 3 * act * I * H * es
+    flops = 2 * M * k * 3 * H * I
+    floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peaks[dt] / 1e6)
+    dense_bytes = 3 * E * I * H * es + 2 * M * H * 2
+    rec.update(bytes=nbytes, flops=flops, routed_floor_us=floor, floor_us=floor,
+               dense_floor_us=max(dense_bytes / ceiling["tb_s"] / 1e6, 2 * M * 3 * E * I * H / peaks[dt] / 1e6))
+    for name in STRATEGIES + ("chosen",) + tuple(rec["baselines"]):
+        t = rec.get(f"{name}_us")
+        rec[f"{name}_tb_s"] = nbytes / t / 1e6 if t else None
+        rec[f"{name}_pct_floor"] = 100 * floor / t if t else None
+    us = rec["us"] = rec.get("chosen_us")
+    rec.update(tb_s=rec["chosen_tb_s"], pct_floor=rec["chosen_pct_floor"], tflops=flops / us / 1e6 if us else None)
+    for b in rec["baselines"]:
+        t = rec.get(f"{b}_us")
+        rec[f"speedup_vs_{b}"] = t / us if t and us else None
+    forced = {s: rec[f"{s}_us"] for s in STRATEGIES if rec.get(f"{s}_us")}
+    rec["best"] = min(forced, key=forced.get) if forced else None
+    rec["chosen_over_best"] = us / forced[rec["best"]] if us and forced else None
+
+
 def _compare(timer, fns: list) -> list[dict]:
     """Interleaved rounds (``Timer.compare``): a slow spell of the GPU (seen after the fp32
     references: the first timing then reads 10-20% slow) lands on one round of every callable."""
@@ -237,11 +439,14 @@ def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print
 
 
 def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print, dev="cuda",
-              hf_implementations=("grouped_mm", "batched_mm")):
+              hf_implementations=("grouped_mm", "batched_mm"), skip_max_m: int | None = None):
     """Per M: every result checked first; then ours (each dtype, and its experts without the
     router), the cuBLAS fp8 pipeline and transformers' ``grouped_mm`` timed in interleaved
-    rounds; ``batched_mm`` (5-40x slower) and the routers alone once."""
-    records = []
+    rounds, and in the same rounds the experts path (``experts_path``: each strategy, the
+    chosen one and the baselines without a router); ``batched_mm`` (5-40x slower) and the
+    routers alone once. ``skip_max_m``: the skip strategy is not timed above it (None: at
+    every M). Returns the layer records, then the experts records."""
+    records, experts_records = [], []
     for shape_name in shapes:
         case = ExpertsCase(shape_name, dev)
         shape_name = case.shape.name
@@ -253,6 +458,7 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 hf[impl] = hf_experts(case, impl)
             except Exception as exc:  # noqa: BLE001 - a baseline that cannot be built is reported
                 log(f"  no transformers {impl} baseline: {type(exc).__name__}: {exc}")
+        grouped = torch_grouped_pipelines(case, dtypes, log)
         router = DenseMoE(case.prepared["bf16"], case.gate, k, renormalize=True)  # ours: the fused router
 
         def torch_route(x, gate=case.gate, k=k):  # the baselines' router: same gate, softmax top-k in torch
@@ -261,7 +467,12 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
             x = case.x(M)
             route = router.route(x)
             ref = experts_ref(x, case.w13, case.w2, route.alpha, compute_dtype=torch.float32, experts_per_chunk=32)
-            interleaved, once, err_torch = layer_baselines(x, route.alpha, ref, cublas, hf, torch_route, M, log)
+            hf_m = hf
+            if "batched_mm" in hf and M * k * 3 * I * H * 2 > BATCHED_MM_MAX_BYTES:
+                hf_m = {impl: mod for impl, mod in hf.items() if impl != "batched_mm"}
+                log(f"  transformers batched_mm not run at M={M}: it would gather "
+                    f"{M * k * 3 * I * H * 2 / 2**30:.0f} GiB of expert weights")
+            interleaved, once, err_torch = layer_baselines(x, route.alpha, ref, cublas, hf_m, torch_route, M, log)
             ours = []
             for dt in dtypes:
                 moe = DenseMoE(case.prepared[dt], case.gate, k, renormalize=True)
@@ -277,9 +488,27 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 bound = 0.1 if dt == "fp8" else 2e-2
                 if not _wrong(rec, err, bound, records, log):
                     ours.append((rec, fn, moe))
+            exp_recs, exp_shared, exp_timed = experts_path(case, x, route, ref, dtypes, cublas, hf, grouped, M, commit,
+                                                           device, log, skip_max_m=skip_max_m)
             del ref
-            experts_only = [lambda m=moe: densemoe.experts_forward(x, m.prepared, route.alpha) for _, _, moe in ours]
-            res = _compare(timer, list(interleaved.values()) + [fn for _, fn, _ in ours] + experts_only)
+            if strategy_api():  # issue 19's call, as the layer makes it: the router's ids and weights too
+                experts_only = [experts_call(x, moe.prepared, route, None, k)[0] for _, _, moe in ours]
+            else:
+                experts_only = [lambda m=moe: densemoe.experts_forward(x, m.prepared, route.alpha)
+                                for _, _, moe in ours]
+            # one set of interleaved rounds: the layer's baselines, ours, ours without the
+            # router, then the experts path (shared baselines, then per dtype its lines)
+            res = _compare(timer, list(interleaved.values()) + [fn for _, fn, _ in ours] + experts_only
+                           + [fn for _, _, fn in exp_timed])
+            for (target, key, _), r in zip(exp_timed, res[len(res) - len(exp_timed):]):
+                target[key] = r["us"]
+                target[key[:-3] + "_rounds"] = r.get("us_rounds")
+                if key == "chosen_us":
+                    target.update(us_min=r.get("us_min"), us_p90=r.get("us_p90"))
+            for rec in exp_recs:
+                _experts_rates(rec, exp_shared, I, H, ceiling, peaks)
+                experts_records.append(rec)
+                log(fmt_experts(rec))
             base = {name: r["us"] for name, r in zip(interleaved, res)}
             base.update({name: timer(fn)["us"] for name, fn in once.items()})
             n, k_ours = len(interleaved), len(ours)
@@ -300,8 +529,8 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 _rates(rec, nbytes, flops, floor, base)
                 records.append(rec)
                 log(fmt(rec))
-        del case, hf
-    return records
+        del case, hf, grouped
+    return records + experts_records
 
 
 def fmt(r: dict) -> str:
@@ -310,6 +539,69 @@ def fmt(r: dict) -> str:
         extra += f" [{r['config']}]"
     return (f"{r['op']:5} {r['shape']:16} {r['dtype']:4} {r['M']:>4} {r['us']:8.1f} us {r['tb_s']:5.2f} TB/s "
             f"{r['pct_floor']:5.1f}% floor err {r['rel_err']:.2e}  {extra}")
+
+
+def _cell(t) -> str:
+    return f"{t:.1f}" if t else "-"
+
+
+def fmt_experts(r: dict) -> str:
+    """One log line of an experts record: each line's us (routed floor %), chosen's ratios."""
+    parts = []
+    for name in STRATEGIES + ("chosen",) + tuple(r["baselines"]):
+        t = r.get(f"{name}_us")
+        parts.append(f"{name}={t:.1f}({r[f'{name}_pct_floor']:.0f}%)" if t else f"{name}=-")
+    ratio = f" chosen/best {r['chosen_over_best']:.3f}" if r.get("chosen_over_best") else ""
+    return (f"experts {r['shape']:16} {r['dtype']:4} {r['M']:>4} chosen={r.get('chosen')} routed floor "
+            f"{r['routed_floor_us']:.1f} us ({r['active_experts']} experts){ratio}  " + " ".join(parts))
+
+
+def markdown_experts(records: list[dict]) -> list[str]:
+    """The experts path: a table per shape and dtype, M rows; every line's us with its % of the
+    routed floor, chosen's TB/s and its speedup over each baseline; then the notes."""
+    rs = [r for r in records if r["op"] == "experts"]
+    if not rs:
+        return []
+    lines = ["## experts path (no router): strategies, the chosen one, baselines", "",
+             "Same routing (our router on the benchmark gate: near-uniform top-k) and fp32 reference as the "
+             "layer; no router timed. Each cell: us (% of the routed floor). Routed floor = max(bytes of the "
+             "experts the batch picked, both matrices, at the weight dtype / read ceiling, routed FLOPs / "
+             "peak). `chosen` = the library's rule (`strategy=None`); `/ best` = chosen us over the fastest "
+             "forced strategy's; `x b` = baseline b's us / chosen us.", ""]
+    notes = {}
+    for shape in dict.fromkeys(r["shape"] for r in rs):
+        for dt in dict.fromkeys(r["dtype"] for r in rs if r["shape"] == shape):
+            sub = sorted((r for r in rs if r["shape"] == shape and r["dtype"] == dt), key=lambda r: r["M"])
+            bases = list(dict.fromkeys(b for r in sub for b in r["baselines"]))
+            lines += [f"### {shape} {dt}", "",
+                      "| M | picked experts | routed floor us | chosen | chosen us | TB/s | / best | "
+                      + " | ".join(f"{s} us" for s in STRATEGIES) + " | "
+                      + " | ".join(f"{b} us | x {b}" for b in bases) + " | rel err |",
+                      "|---:|---:|---:|---|---:|---:|---:|" + "---:|" * (len(STRATEGIES) + 2 * len(bases) + 1)]
+            for r in sub:
+                def c(name, r=r):
+                    t = r.get(f"{name}_us")
+                    return f"{t:.1f} ({r[f'{name}_pct_floor']:.0f}%)" if t else "-"
+                cells = [c(s) for s in STRATEGIES]
+                for b in bases:
+                    x = r.get(f"speedup_vs_{b}")
+                    cells += [c(b), f"{x:.2f}" if x else "-"]
+                tb = f"{r['tb_s']:.2f}" if r.get("tb_s") else "-"
+                ob = f"{r['chosen_over_best']:.3f}" if r.get("chosen_over_best") else "-"
+                err = f"{r['rel_err']:.2e}" if r.get("rel_err") is not None else "-"
+                lines.append(f"| {r['M']} | {r['active_experts']} | {r['routed_floor_us']:.1f} | "
+                             f"{r.get('chosen') or '-'} | {c('chosen')} | {tb} | {ob} | " + " | ".join(cells)
+                             + f" | {err} |")
+                for text in dict.fromkeys(f"{key[:key.rfind('_')]}: {v}" for key, v in r.items()
+                                          if (key.endswith("_note") or key.endswith("_error")) and v):
+                    notes.setdefault(text, []).append(f"{shape} {dt} M={r['M']}")
+            lines.append("")
+    if notes:
+        lines += ["Not timed, failed or wrong (JSON `*_note`, `*_error`):", ""]
+        for text, where in notes.items():
+            lines.append(f"- {text} ({', '.join(where[:4])}{', ...' if len(where) > 4 else ''})")
+        lines.append("")
+    return lines
 
 
 def markdown(meta: dict, records: list[dict]) -> str:
@@ -339,6 +631,7 @@ def markdown(meta: dict, records: list[dict]) -> str:
                          + (f" {r['err_ratio_vs_torch_fp8']:.3f} |" if ratio and r.get("err_ratio_vs_torch_fp8") else
                             " - |" if ratio else ""))
         lines.append("")
+    lines += markdown_experts(records)
     failed = [r for r in records if r.get("us") is None]
     if failed:
         lines += [f"{len(failed)} runs failed or were wrong (see JSON `error`)."]
