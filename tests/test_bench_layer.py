@@ -223,3 +223,26 @@ def test_experts_call_uses_the_strategy_api(monkeypatch):
     monkeypatch.delattr(layer.strategy_rule, "pick")
     name, note = layer.picked_strategy(3, 8, 2, 4, 16, torch.bfloat16)
     assert name is None and "pick" in note
+
+
+def test_experts_plot_and_markdown_without_a_gpu(tmp_path):
+    """The report of a saved run: markdown always; the plot where matplotlib is installed."""
+    recs = []
+    for M, chosen in ((1, "skip"), (64, "dense"), (4096, "routed")):
+        r = dict(op="experts", shape="tiny", dtype="fp8", M=M, active_experts=8, routed_floor_us=5.0 * M ** 0.5,
+                 chosen=chosen, baselines=["torch_grouped"], rel_err=0.03, torch_grouped_us=None,
+                 torch_grouped_note="not built: AttributeError: no torch._scaled_grouped_mm")
+        for i, s in enumerate(layer.STRATEGIES):
+            r[f"{s}_us"] = 10.0 * M ** 0.5 * (1 + i)
+            r[f"{s}_pct_floor"] = 100 * r["routed_floor_us"] / r[f"{s}_us"]
+        r.update(chosen_us=r[f"{chosen}_us"], chosen_pct_floor=r[f"{chosen}_pct_floor"], us=r[f"{chosen}_us"],
+                 tb_s=1.0, chosen_over_best=r[f"{chosen}_us"] / r["dense_us"])
+        recs.append(r)
+    md = "\n".join(layer.markdown_experts(recs))
+    assert "### tiny fp8" in md and md.count("\n| 4096 |") == 1 and "no torch._scaled_grouped_mm" in md
+    pytest.importorskip("matplotlib")
+    from densemoe.bench.layer_plot import plot_experts
+
+    assert plot_experts({"device": "cpu", "commit": "abc"}, recs, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert not plot_experts({}, [r for r in recs if r["op"] != "experts"], str(tmp_path / "q.png"))

@@ -43,7 +43,8 @@ def main(argv=None) -> int:
                     help="layer: time the experts path's skip strategy only up to this M (default: every M)")
     ap.add_argument("--routings", default="uniform,skewed", help="skip: routings to run (uniform, skewed)")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot); "
+    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot; "
+                    "layer: always, the experts path's plot, where matplotlib is installed); "
                     "docs: the markdown file to write")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--backends", default="triton,cute", help="fc2: backends timed side by side (default configs)")
@@ -90,6 +91,9 @@ def main(argv=None) -> int:
 
         with open(args.out + ".json") as f:
             data = json.load(f)
+        if {r.get("op") for r in data["records"]} & {"fc1", "layer", "experts"}:  # a layer / fc1 run
+            from densemoe.bench.layer import markdown
+            from densemoe.bench.layer_plot import plot_experts as plot
         with open(args.out + ".md", "w") as f:
             f.write(markdown(data["meta"], data["records"]))
         plot(data["meta"], data["records"], args.out + ".png")
@@ -159,6 +163,13 @@ def main(argv=None) -> int:
             from densemoe.bench.skip import markdown_skip as markdown
         with open(args.out + ".md", "w") as f:
             f.write(markdown(meta, records))
+        if args.what == "layer":  # the experts path's plot, where matplotlib is installed
+            try:
+                from densemoe.bench.layer_plot import plot_experts
+
+                plot_experts(meta, records, args.out + ".png")
+            except ImportError:
+                pass
         if args.plot and args.what not in ("fc1", "layer", "skip"):
             try:
                 plot(meta, records, args.out + ".png")
