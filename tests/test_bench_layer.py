@@ -204,8 +204,8 @@ def test_experts_call_uses_the_strategy_api(monkeypatch):
         calls.append((strategy, expert_ids, topk_weights))
         return x
 
-    def pick(m, e, top_k=8, *, hidden=None, inter=None, dtype=None):
-        calls.append(("pick", m, e, top_k, hidden, inter, dtype))
+    def pick(m, e, top_k=8, *, problem=None, device=None, routed_ok=True):
+        calls.append(("pick", m, e, top_k, problem.h, problem.i, problem.dtype, device))
         return "routed"
 
     monkeypatch.setattr(densemoe, "experts_forward", experts_forward)
@@ -219,7 +219,7 @@ def test_experts_call_uses_the_strategy_api(monkeypatch):
         fn()
         assert calls[-1] == (s, route.topk_ids, route.topk_weights)
     assert layer.picked_strategy(3, 8, 2, 4, 16, torch.bfloat16) == ("routed", None)
-    assert calls[-1] == ("pick", 3, 8, 2, 4, 16, torch.bfloat16)
+    assert calls[-1] == ("pick", 3, 8, 2, 4, 16, torch.bfloat16, "cpu")
     monkeypatch.delattr(layer.strategy_rule, "pick")
     name, note = layer.picked_strategy(3, 8, 2, 4, 16, torch.bfloat16)
     assert name is None and "pick" in note

@@ -31,7 +31,7 @@ SHAPES = {s.name: s for s in (
 )}
 # DeepSeek-V3/R1 at tensor parallelism 8 and 4 (I per rank), Qwen3-30B-A3B on one GPU, Mixtral-8x7B at TP2
 
-M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)  # decode, then prefill chunks
 
 
 def parse_ms(text: str) -> list[int]:

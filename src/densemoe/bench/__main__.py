@@ -14,8 +14,7 @@ from densemoe.shapes import M_SWEEP, SHAPES, parse_ms
 DEFAULTS = dict(shapes="deepseek-v3-tp8,deepseek-v3-tp4,qwen3-30b-a3b", dtypes="fp8,bf16", m="1-512")
 SKIP_DEFAULTS = dict(shapes="deepseek-v3-tp8", dtypes="fp8", m="1,2,4,8,16,32,64,128,256")
 # issue 19: the layer and its experts path on the two shapes it names, decode and prefill chunks
-# (M_SWEEP stops at 512, so the prefill points are listed)
-LAYER_DEFAULTS = dict(shapes="deepseek-v3-tp8,qwen3-30b-a3b", dtypes="fp8,bf16", m="1-512,1024,2048,4096")
+LAYER_DEFAULTS = dict(shapes="deepseek-v3-tp8,qwen3-30b-a3b", dtypes="fp8,bf16", m="1-4096")
 
 
 def main(argv=None) -> int:

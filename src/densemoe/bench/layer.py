@@ -69,6 +69,7 @@ import time
 import torch
 
 import densemoe
+from densemoe.kernels.common import RoutedProblem
 from densemoe.bench.torch_grouped import TorchGrouped
 from densemoe.layer import DenseMoE
 from densemoe.ops import strategy as strategy_rule
@@ -216,18 +217,17 @@ def experts_call(x, prepared, route, strategy: str | None, top_k: int):
                                              expert_ids=route.topk_ids)), None
 
 
-def picked_strategy(M: int, E: int, top_k: int, H: int, I: int, dtype: torch.dtype) -> tuple[str | None, str | None]:
-    """(name, None): the strategy ``densemoe.ops.strategy.pick`` gives for the batch, the rule
-    that ``strategy=None`` follows; or (None, why not). ``hidden``, ``inter`` and ``dtype`` (the
-    prepared weights' torch dtype) go to it where its signature takes them."""
+def picked_strategy(M: int, E: int, top_k: int, H: int, I: int, dtype: torch.dtype,
+                    device="cpu") -> tuple[str | None, str | None]:
+    """(name, None): the strategy that ``experts_forward(strategy=None)`` with the router's ids
+    runs for the batch (``densemoe.ops.strategy.pick`` on the same problem and device, recorded
+    crossovers included); or (None, why not)."""
     pick = getattr(strategy_rule, "pick", None)
     if pick is None:
         return None, "densemoe.ops.strategy has no pick()"
     try:
-        params = inspect.signature(pick).parameters
-        anykw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        kw = {n: v for n, v in (("hidden", H), ("inter", I), ("dtype", dtype)) if anykw or n in params}
-        return str(pick(M, E, top_k, **kw)), None
+        problem = RoutedProblem(M, H, E, I, top_k, dtype, torch.bfloat16)
+        return str(pick(M, E, top_k, problem=problem, device=device)), None
     except (TypeError, ValueError) as exc:
         return None, f"strategy.pick failed: {_why(exc)}"
 
@@ -306,7 +306,7 @@ def experts_path(case, x, route, ref, dtypes, cublas, hf: dict, grouped: dict, M
         rec = dict(device=device, op="experts", shape=case.shape.name, dtype=dt, M=M, N=H, K=H, E=E, I=I,
                    top_k=k, backend="triton", commit=commit, routing="gate", active_experts=act,
                    strategy_api=api, baselines=list(shared["baselines"]) + ["torch_grouped"])
-        rec["chosen"], note = picked_strategy(M, E, k, H, I, p.dtype)
+        rec["chosen"], note = picked_strategy(M, E, k, H, I, p.dtype, x.device)
         if note:
             rec["chosen_note"] = note
         g = grouped.get(dt)
