@@ -97,28 +97,43 @@ def assert_as_accurate_as_torch(out, ref, same):
 # ------------------------------------------------------------------------------- the schedule
 
 
+def assert_schedule(ids, E, small_p=None):
+    """offsets equal the twin's; each expert's segment holds the twin's pairs (in pair order up
+    to ``SMALL_P`` pairs; above, the order within a segment is the atomics')."""
+    from densemoe.kernels.triton.routed import SMALL_P, schedule_launch
+
+    s = torch.empty(ids.numel(), dtype=torch.int32)
+    o = torch.empty(E + 1, dtype=torch.int32)
+    schedule_launch(ids, E, s, o, small_p=small_p)
+    s_ref, o_ref = moe_schedule_ref(ids, E)
+    assert torch.equal(o, o_ref), (o, o_ref)
+    n = int(o_ref[-1])
+    if ids.numel() <= (SMALL_P if small_p is None else small_p):
+        assert torch.equal(s[:n], s_ref[:n])
+    for e in range(E):
+        seg = slice(int(o_ref[e]), int(o_ref[e + 1]))
+        assert torch.equal(s[seg].sort().values, s_ref[seg].sort().values), e
+
+
 @interp
 @pytest.mark.parametrize("M,E,k", [(1, 8, 2), (7, 16, 4), (100, 40, 8), (1000, 256, 8), (3, 1024, 8)])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_schedule_matches_its_twin_bit_for_bit(M, E, k, dtype):
+@pytest.mark.parametrize("small_p", [None, 0])  # the default split; the two-launch form for every size
+def test_schedule_matches_its_twin(M, E, k, dtype, small_p):
     ids, _ = uniform_routing(M, E, k)
-    ids = ids.to(dtype)
-    s, o = moe_schedule(ids, E)
-    s_ref, o_ref = moe_schedule_ref(ids, E)
-    assert torch.equal(o, o_ref)
-    assert torch.equal(s[:int(o_ref[-1])], s_ref[:int(o_ref[-1])])
+    assert_schedule(ids.to(dtype), E, small_p)
+    s, o = moe_schedule(ids.to(dtype), E)  # the public op
+    assert torch.equal(o, moe_schedule_ref(ids, E)[1])
 
 
 @interp
-def test_schedule_edge_routings():
+@pytest.mark.parametrize("small_p", [None, 0])
+def test_schedule_edge_routings(small_p):
     E = 16
     one = torch.full((9, 2), 3, dtype=torch.int64)  # every pair on expert 3 (repeats in a row too)
     bad = torch.tensor([[0, -1], [E, 5], [2 ** 33 + 1, 1], [7, 15]])  # outside [0, E): dropped; no wrap
     for ids in (one, bad):
-        s, o = moe_schedule(ids, E)
-        s_ref, o_ref = moe_schedule_ref(ids, E)
-        assert torch.equal(o, o_ref), (o, o_ref)
-        assert torch.equal(s[:int(o_ref[-1])], s_ref[:int(o_ref[-1])])
+        assert_schedule(ids, E, small_p)
     assert int(moe_schedule(bad, E)[1][-1]) == 5
 
 

@@ -255,8 +255,10 @@ def active_experts_ref(routing: torch.Tensor, block_m: int) -> tuple[torch.Tenso
 
 
 def moe_schedule_ref(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of the routed path's schedule (the same bits): pair p = m*k + j sorted by its
-    expert topk_ids.flatten()[p], stably; ids outside [0, E) belong to no expert (dropped).
+    """Torch twin of the routed path's schedule: pair p = m*k + j sorted by its expert
+    topk_ids.flatten()[p], stably; ids outside [0, E) belong to no expert (dropped). The kernels
+    give the same offsets, and the same pairs in each expert's segment; in the same (pair) order
+    up to ``kernels.triton.routed.SMALL_P`` pairs, in an unspecified order above.
 
     returns (sorted_pairs [M*k] int32: the first offsets[E] entries are the valid pairs, the
     rest unspecified (here -1), offsets [E+1] int32: expert e's pairs are

@@ -185,7 +185,8 @@ def routed_experts(x: torch.Tensor, prepared: PreparedWeights, topk_ids: torch.T
 
 
 def moe_schedule(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (token, slot) pairs p = m*k + j grouped by expert, stably, in one launch:
+    """The (token, slot) pairs p = m*k + j grouped by expert (in pair order within an expert up to
+    ``SMALL_P`` = 1024 pairs, in an unspecified order above), in one or two launches:
     (sorted_pairs [M*k] int32, offsets [E+1] int32), expert e's pairs being
     sorted_pairs[offsets[e]:offsets[e+1]] (``reference.moe_schedule_ref`` is the twin; entries
     from offsets[E] on are unspecified: pairs whose id is outside [0, E) are left out)."""

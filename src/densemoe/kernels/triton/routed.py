@@ -5,9 +5,10 @@ and the scales fused, and the combine.
 Semantics (``densemoe.reference.moe_schedule_ref`` and ``routed_experts_ref`` are the twins)::
 
     # topk_ids [M, k] integer, topk_weights [M, k] float32; pair p = m*k + j (token m, slot j)
-    # schedule: the pairs sorted by expert, stably (pair order within an expert), unpadded
+    # schedule: the pairs grouped by expert, unpadded
     offsets[e] = #{p : 0 <= ids[p] < e}             # [E+1] int32; offsets[E] = valid pairs
-    sorted[offsets[e] + r] = the r-th pair (in p order) with ids[p] == e      # [M*k] int32
+    sorted[offsets[e] : offsets[e+1]] = the pairs p with ids[p] == e          # [M*k] int32
+        (in p order up to SMALL_P pairs; above, in the order the placing atomics give)
     # (an id outside [0, E) belongs to no expert: its pair is dropped, contributes nothing)
 
     # grouped FC1 (rows of y are the sorted positions r, token t = sorted[r] // k)
@@ -175,19 +176,83 @@ def _schedule_kernel(ids_ptr, sorted_ptr, offsets_ptr, P, E, GROUP: tl.constexpr
         base += tl.sum(hit, axis=0)
 
 
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, P, E, CHUNK: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr = False):
+    """counts[c, e] = pairs of chunk c (CHUNK pairs) with id e; ids outside [0, E) go to bin E."""
+    pdl_enter(PDL)
+    c = tl.program_id(0)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
+    ids = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
+    h = tl.histogram(ids, BINS)
+    bins = tl.arange(0, BINS)
+    tl.store(counts_ptr + c * BINS + bins, h, mask=bins < E)
+
+
+@triton.jit
+def _place_kernel(ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, offsets_ptr, P, E, N_CHUNKS,
+                  CHUNK: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr = False):
+    """Chunk c: every expert's offset (the counts of all chunks) plus the pairs of earlier chunks
+    is where its pairs start; each pair takes the next slot of its expert's cursor (an atomic on
+    this program's own cursor row: the order within a chunk and expert is the hardware's)."""
+    pdl_enter(PDL)
+    c = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    total = tl.zeros((BINS,), dtype=tl.int32)
+    before = tl.zeros((BINS,), dtype=tl.int32)
+    for c2 in range(0, N_CHUNKS):
+        row = tl.load(counts_ptr + c2 * BINS + bins, mask=bins < E, other=0)
+        total += row
+        before += tl.where(c2 < c, row, 0)
+    offsets = tl.cumsum(total, axis=0) - total
+    tl.store(cursor_ptr + c * BINS + bins, offsets + before)
+    if c == 0:
+        tl.store(offsets_ptr + bins, offsets, mask=bins < E)
+        tl.store(offsets_ptr + E, tl.sum(total, axis=0))
+    tl.debug_barrier()  # the cursor row is read back by the atomics below
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
+    ok = (offs < P) & (ids >= 0) & (ids < E)
+    slot = tl.atomic_add(cursor_ptr + c * BINS + tl.where(ok, ids, 0).to(tl.int32), 1, mask=ok, sem="relaxed")
+    tl.store(sorted_ptr + slot, offs, mask=ok)
+
+
+SMALL_P = 1024  # up to this many pairs: one launch (``_schedule_kernel``), above it two
+CHUNK_P = 1024  # pairs per program of the two-launch schedule
+
+
 def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torch.Tensor,
-                    offsets: torch.Tensor, group: int | None = None, block_p: int | None = None) -> None:
+                    offsets: torch.Tensor, group: int | None = None, block_p: int | None = None,
+                    small_p: int | None = None) -> None:
     """Fill ``sorted_pairs`` [M*k] int32 and ``offsets`` [E+1] int32 from ``topk_ids`` [M, k]
-    (contiguous, any integer dtype). One launch, E / group programs."""
+    (contiguous, any integer dtype).
+
+    Up to ``SMALL_P`` pairs: one launch of E / group programs, each placing its experts' pairs in
+    pair order (``_schedule_kernel``: every pass reads all ids, cheap while they are few). Above:
+    two launches over chunks of ``CHUNK_P`` pairs (``_count_kernel``, then ``_place_kernel``): the
+    offsets are the same, and within one expert the pairs of a chunk come in the order the
+    atomics take them. Nothing downstream depends on that order: every row of the grouped GEMMs
+    is computed on its own, and FC2 writes it at its pair index."""
     P = topk_ids.numel()
-    if group is None:  # more programs while the id list is short; fewer re-reads once it is long
-        group = 16 if P <= 4096 else 32
+    dev = topk_ids.device
+    if P > (SMALL_P if small_p is None else small_p):
+        bins = triton.next_power_of_2(num_experts + 1)
+        n_chunks = triton.cdiv(P, CHUNK_P)
+        counts = torch.empty((n_chunks, bins), dtype=torch.int32, device=dev)
+        cursor = torch.empty((n_chunks, bins), dtype=torch.int32, device=dev)
+        _count_kernel[(n_chunks,)](topk_ids, counts, P, num_experts, CHUNK=CHUNK_P, BINS=bins, num_warps=4,
+                                   **launch_kwargs(dev))
+        _place_kernel[(n_chunks,)](topk_ids, counts, cursor, sorted_pairs, offsets, P, num_experts, n_chunks,
+                                   CHUNK=CHUNK_P, BINS=bins, num_warps=4, **launch_kwargs(dev))
+        return
+    if group is None:
+        group = 16
     group = min(group, triton.next_power_of_2(max(num_experts, 1)))
     if block_p is None:
-        block_p = max(16, min(128 if group <= 16 else 64, triton.next_power_of_2(max(P, 1))))
+        block_p = max(16, min(128, triton.next_power_of_2(max(P, 1))))
     grid = (triton.cdiv(num_experts, group),)
     _schedule_kernel[grid](topk_ids, sorted_pairs, offsets, P, num_experts, GROUP=group, BLOCK_P=block_p,
-                           num_warps=4, **launch_kwargs(topk_ids.device))
+                           num_warps=4, **launch_kwargs(dev))
 
 
 # ----------------------------------------------------------------------------------------------
