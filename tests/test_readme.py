@@ -1,6 +1,7 @@
-"""The README's code runs as written: every ```python block of README.md in a fresh interpreter
-(a GPU when there is one, else the CPU through Triton's interpreter, TRITON_INTERPRET=1, set
-before the block imports densemoe), and the README's install-and-test commands are CI's."""
+"""The README's code runs as written: every ```python block of README.md (and of docs/usage.md,
+where the ops' example moved) in a fresh interpreter (a GPU when there is one, else the CPU
+through Triton's interpreter, TRITON_INTERPRET=1, set before the block imports densemoe), and the
+README's install-and-test commands are CI's."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+USAGE = ROOT / "docs" / "usage.md"
 
 
 def python_blocks(text: str) -> list[str]:
@@ -22,11 +24,15 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```\s*$", text, flags=re.S | re.M)
 
 
-BLOCKS = python_blocks(README.read_text())
+README_BLOCKS = python_blocks(README.read_text())
+USAGE_BLOCKS = python_blocks(USAGE.read_text())
+BLOCKS = README_BLOCKS + USAGE_BLOCKS
+BLOCK_IDS = [f"readme{i}" for i in range(len(README_BLOCKS))] + [f"usage{i}" for i in range(len(USAGE_BLOCKS))]
 
 
 def test_readme_has_python_blocks():
-    assert len(BLOCKS) >= 5, "the quick start's blocks: transformers, DenseMoE, fused_experts, the layer, the ops"
+    assert len(README_BLOCKS) >= 4, "the quick start's blocks: transformers, DenseMoE, fused_experts, the layer"
+    assert len(USAGE_BLOCKS) >= 1, "docs/usage.md's example of the ops"
 
 
 def test_readme_holds_the_commands_ci_runs():
@@ -38,7 +44,7 @@ def test_readme_holds_the_commands_ci_runs():
         "README.md must hold CI's two commands, verbatim, as one ```bash block"
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"block{i}" for i in range(len(BLOCKS))])
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=BLOCK_IDS)
 def test_readme_block_runs(index, tmp_path):
     script = tmp_path / f"readme_block_{index}.py"
     script.write_text(BLOCKS[index])
@@ -49,4 +55,4 @@ def test_readme_block_runs(index, tmp_path):
         env["TRITON_INTERPRET"] = "1"
     res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
-    assert res.returncode == 0, f"README block {index} failed:\n{BLOCKS[index]}\n--- stderr ---\n{res.stderr[-6000:]}"
+    assert res.returncode == 0, f"block {BLOCK_IDS[index]} failed:\n{BLOCKS[index]}\n--- stderr ---\n{res.stderr[-6000:]}"
