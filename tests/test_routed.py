@@ -148,6 +148,8 @@ def test_schedule_edge_routings(small_p):
     (3, 32, 8, None),  # M * k smaller than a block, most experts without a token, the default config
     (100, 8, 2, dataclasses.replace(SMALL, atomic_combine=True, flatten=True)),
     (7, 16, 4, dataclasses.replace(SMALL_SWAP, atomic_combine=True)),
+    (100, 8, 2, dataclasses.replace(SMALL, tma=False)),  # pointer loads of the weights
+    (7, 16, 4, dataclasses.replace(SMALL_SWAP, tma=False, flatten=True)),
 ])
 def test_routed_against_float64_and_torch(dtype, M, E, k, cfg):
     I, H = 64, 64

@@ -47,9 +47,12 @@ def default_config(problem: RoutedProblem) -> RoutedConfig:
         if max_rows is None or rows <= max_rows:
             break
     fp8 = p.dtype == FP8
-    bk = 128 if fp8 else 64
+    bk = 128 if fp8 else 64  # 128 bytes of a row per k-step
+    bk2 = bk
+    while p.i % bk2 and bk2 > 16:  # FC2's k-steps tile each expert's I exactly (TMA)
+        bk2 //= 2
     cfg = RoutedConfig(block_m=bm, fc1_block_i=128, fc1_block_k=bk, fc1_swap_ab=swap, fc1_warps=warps,
-                       fc1_stages=4 if bm <= 32 else 3, fc2_block_n=128, fc2_block_k=bk, fc2_swap_ab=swap,
+                       fc1_stages=4 if bm <= 32 else 3, fc2_block_n=128, fc2_block_k=bk2, fc2_swap_ab=swap,
                        fc2_warps=warps, fc2_stages=4 if bm <= 32 else 3)
     ok, why = can_implement(p, cfg)
     assert ok, f"default_config produced an invalid config for {p}: {why}"

@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from densemoe.kernels.common import SMEM_BYTES
+from densemoe._runtime import sm_count, supports_tma
+from densemoe.kernels.common import SMEM_BYTES, tma_compatible
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 
 FP8_MAX = 448.0
@@ -60,7 +61,10 @@ class RoutedConfig:
     fp8 output of FC1 has one scale per fc1_block_i columns, so fc2_block_k divides it.
     ``atomic_combine``: FC2 adds each pair's weighted row into its token's fp32 output row
     (atomics; the k rows' order varies, so the result may differ in the last bit between runs)
-    instead of writing [M*k, H] rows that the combine sums in slot order (deterministic)."""
+    instead of writing [M*k, H] rows that the combine sums in slot order (deterministic).
+    ``tma``: the weight tiles load through TMA descriptors where the device has TMA and the
+    tensors allow it (pointer loads otherwise); FC2 then needs fc2_block_k to divide I, so that no
+    k-step reads into the next expert's columns."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -76,6 +80,7 @@ class RoutedConfig:
     programs_per_sm: int = 1
     flatten: bool = False  # both GEMMs: the k-loop flattened into the persistent loop
     atomic_combine: bool = False  # FC2 adds into the token's fp32 row (no [M*k, H] rows, no fixed order)
+    tma: bool = True  # weights through TMA descriptors (Hopper; x rows are gathered: pointer loads)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -110,6 +115,9 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     esize = problem.dtype.itemsize
     fc1_stage = (cfg.block_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
     fc2_stage = (cfg.block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
+    if cfg.tma and problem.i % cfg.fc2_block_k:
+        bad.append(f"tma: fc2_block_k={cfg.fc2_block_k} must divide I={problem.i} (a TMA k-step must not reach "
+                   f"into the next expert)")
     if fc1_stage * cfg.fc1_stages > SMEM_BYTES - 1024:
         bad.append(f"FC1's {cfg.fc1_stages} stages of {fc1_stage} B exceed shared memory")
     if fc2_stage * cfg.fc2_stages > SMEM_BYTES - 1024:
@@ -282,11 +290,11 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 
 
 @triton.jit
-def _fc1_unit(u, run, tiles, x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
               H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm,
               HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr):
+              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr):
     """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
     stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue."""
     t = u // i_tiles
@@ -311,8 +319,12 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offse
         kk = k0 + offs_k
         k_ok = kk < H
         xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(w_ptr + gate_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-        wu = tl.load(w_ptr + up_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_TMA:  # rows past this expert's I belong to masked outputs; columns past H read 0
+            wg = w_desc.load([e * 2 * I + it * BLOCK_I, k0])
+            wu = w_desc.load([e * 2 * I + I + it * BLOCK_I, k0])
+        else:
+            wg = tl.load(w_ptr + gate_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+            wu = tl.load(w_ptr + up_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
         if SWAP_AB:
             acc_g = tl.dot(wg, tl.trans(xt), acc_g)
             acc_u = tl.dot(wu, tl.trans(xt), acc_u)
@@ -338,33 +350,34 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offse
 
 
 @triton.jit(do_not_specialize=["P"])
-def _fc1_kernel(x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
                 P, H, I, E, TOP_K, NUM_PROGS,
                 stride_xm, stride_wn, stride_ym, stride_ysm,
                 HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr = False,
-                PDL: tl.constexpr = False):
+                USE_TMA: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     i_tiles = tl.cdiv(I, BLOCK_I)
     if FLATTEN:  # the compiler flattens the k-loop into this one: loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS, flatten=True):
-            _fc1_unit(u, run, tiles, x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
-                      H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, HAS_XS, OUT_FP8, E_PAD,
-                      BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES)
+            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr,
+                      ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, HAS_XS, OUT_FP8,
+                      E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
-            _fc1_unit(u, run, tiles, x_ptr, w_ptr, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
-                      H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, HAS_XS, OUT_FP8, E_PAD,
-                      BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES)
+            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr,
+                      ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, HAS_XS, OUT_FP8,
+                      E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA)
 
 
 @triton.jit
-def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
+def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
               H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om,
               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr):
+              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
+              USE_TMA: tl.constexpr):
     """Unit u = (tile u // n_tiles_n, column tile u % n_tiles_n): the tile's rows of y against
     the expert's slice of w2 over I, then scales, routing weight and the store (or, ``ATOMIC``,
     the add into the token's fp32 output row)."""
@@ -386,7 +399,10 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_
         kk = k0 + offs_k
         k_ok = kk < I
         a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_TMA:  # (I % BLOCK_K == 0: a step never reaches the next expert's columns)
+            b = w_desc.load([nt * BLOCK_N, e * I + k0])
+        else:
+            b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
             sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
             if SWAP_AB:
@@ -413,26 +429,26 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_
 
 
 @triton.jit(do_not_specialize=["P"])
-def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
+def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
                 P, H, I, E, NUM_PROGS, Q, TOP_K,
                 stride_ym, stride_ysm, stride_wn, stride_om,
                 HAS_YS: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
-                FLATTEN: tl.constexpr = False, PDL: tl.constexpr = False):
+                FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
     if FLATTEN:  # FC2's k-loop is short (I / BLOCK_K steps): flattened, loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS, flatten=True):
-            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
-                      H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, HAS_YS, E_PAD,
-                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC)
+            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr,
+                      out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, HAS_YS, E_PAD,
+                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS):
-            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
-                      H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, HAS_YS, E_PAD,
-                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC)
+            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr,
+                      out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, HAS_YS, E_PAD,
+                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA)
 
 
 @triton.jit
@@ -452,9 +468,13 @@ def _combine_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BLOCK
     tl.store(out_ptr + m * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _num_programs(device: torch.device, cfg: RoutedConfig, max_units: int) -> int:
-    from densemoe._runtime import sm_count
+def _descriptor(t: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
+    return TensorDescriptor.from_tensor(t, block)
+
+
+def _num_programs(device: torch.device, cfg: RoutedConfig, max_units: int) -> int:
     return max(1, min(max_units, sm_count(device) * cfg.programs_per_sm))
 
 
@@ -469,13 +489,16 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
     units = max(1, max_tiles * triton.cdiv(I, cfg.fc1_block_i))
     progs = _num_programs(x.device, cfg, units)
     fp8_out = y.dtype == torch.float8_e4m3fn
+    use_tma = cfg.tma and supports_tma(x.device) and tma_compatible(w1)
+    w_desc = _descriptor(w1, [cfg.fc1_block_i, cfg.fc1_block_k]) if use_tma else w1
     _fc1_kernel[(progs,)](
-        x, w1, alpha1, x_scale if x_scale is not None else alpha1, sorted_pairs, offsets, y,
+        x, w1, w_desc, alpha1, x_scale if x_scale is not None else alpha1, sorted_pairs, offsets, y,
         y_scale if fp8_out else alpha1, P, H, I, E, top_k, progs,
         x.stride(0), w1.stride(0), y.stride(0), y_scale.stride(0) if fp8_out else 0,
         HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
-        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, num_warps=cfg.fc1_warps, **launch_kwargs(x.device))
+        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, num_warps=cfg.fc1_warps,
+        **launch_kwargs(x.device))
 
 
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
@@ -490,13 +513,16 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     units = max(1, max_tiles * triton.cdiv(H, cfg.fc2_block_n))
     progs = _num_programs(y.device, cfg, units)
     has_ys = y_scale is not None
+    use_tma = cfg.tma and I % cfg.fc2_block_k == 0 and supports_tma(y.device) and tma_compatible(w2)
+    w_desc = _descriptor(w2, [cfg.fc2_block_n, cfg.fc2_block_k]) if use_tma else w2
     _fc2_kernel[(progs,)](
-        y, y_scale if has_ys else w2_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows,
+        y, y_scale if has_ys else w2_scale, w2, w_desc, w2_scale, sorted_pairs, offsets, topk_weights, rows,
         P, H, I, E, progs, group, top_k,
         y.stride(0), y_scale.stride(0) if has_ys else 0, w2.stride(0), rows.stride(0),
         HAS_YS=has_ys, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
-        NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, num_warps=cfg.fc2_warps,
+        NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma,
+        num_warps=cfg.fc2_warps,
         **launch_kwargs(y.device))
 
 
