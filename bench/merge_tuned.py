@@ -1,10 +1,11 @@
 """Merge tuned entries (a tuning-cache file brought back from the device) into a shipped table
-(FC2 and FC1 keys).
+(FC2, FC1, routed and strategy keys).
 
     python bench/merge_tuned.py <tuned.json> [<tuned.json> ...] [--into src/densemoe/tuning/tables/h100.json]
 
 Entries are checked on the way: each must name a config that parses and that its backend's
-``can_implement`` accepts for the key's problem; bad ones are listed and left out.
+``can_implement`` accepts for the key's problem (a strategy crossover: a strategy name); bad
+ones are listed and left out.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from densemoe.kernels.common import Fc1Problem, Fc2Problem
+from densemoe.kernels.common import Fc1Problem, Fc2Problem, RoutedProblem
 from densemoe.kernels.cute import fc1_sm90, fc2_sm90
 from densemoe.kernels.triton import fc1 as triton_fc1
 from densemoe.kernels.triton import fc2 as triton_fc2
-from densemoe.ops import fc1_configs, fc2_configs
+from densemoe.kernels.triton import routed as triton_routed
+from densemoe.ops import fc1_configs, fc2_configs, routed_configs
+from densemoe.ops.strategy import STRATEGIES
 from densemoe.tuning import cache
 from densemoe.tuning.tuner import MARGIN
 
@@ -28,11 +31,14 @@ _DT = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16
 
 
 def problem_of(key: str):
-    """The op's problem for a key: ``fc2|device|in->out|N=|K=|E=|M<=..`` or ``fc1|...``."""
+    """The op's problem for a key: ``fc2|device|in->out|N=|K=|E=|M<=..``, ``fc1|...``, or
+    ``routed|...`` / ``strategy|...`` (a ``RoutedProblem``: N = H, K = E*I, ``topk=``)."""
     parts = dict(p.split("=", 1) for p in key.split("|") if "=" in p)
     dt, out = key.split("|")[2].split("->")
     m = int(next(p for p in key.split("|") if p.startswith("M<=")).split("=")[1])
     n, k, e = int(parts["N"]), int(parts["K"]), int(parts["E"])
+    if key.startswith(("routed|", "strategy|")):
+        return RoutedProblem(m, n, e, k // e, int(parts["topk"]), _DT[dt], _DT[out])
     if key.startswith("fc1|"):
         return Fc1Problem(m, k, e, n // (2 * e), _DT[dt], _DT[out])
     return Fc2Problem(m, n, e, k // e, _DT[dt], _DT[out])
@@ -40,8 +46,27 @@ def problem_of(key: str):
 
 def check(key: str, entry: dict) -> str:
     """The first slot whose config does not fit the key's problem (its backend's
-    ``can_implement``) and why, or an empty string when every slot fits."""
+    ``can_implement``; a crossover's: not a strategy name) and why, or an empty string when
+    every slot fits."""
     p = problem_of(key)
+    if key.startswith("strategy|"):
+        for slot in ("best", "heuristic"):
+            item = entry.get(slot)
+            if item and item.get("config") not in STRATEGIES:
+                return f"{slot}: {item.get('config')!r} is not one of {STRATEGIES}"
+        return "" if entry.get("best") else "no best strategy"
+    if key.startswith("routed|"):
+        for slot in ("best", "triton", "heuristic"):
+            item = entry.get(slot)
+            if item:
+                try:
+                    cfg = routed_configs.parse_config(item["config"])
+                except (ValueError, TypeError) as exc:
+                    return f"{slot}: {exc}"
+                ok, why = triton_routed.can_implement(p, cfg)
+                if not ok:
+                    return f"{slot}: {why}"
+        return ""
     fc1 = isinstance(p, Fc1Problem)
     for slot in ("best", "triton", "cute", "heuristic"):
         item = entry.get(slot)

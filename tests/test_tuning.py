@@ -1,6 +1,7 @@
 """The tuning layer: search space, M buckets, keys, the on-disk cache (round trip, corrupt and
 stale files, two processes writing at once), lookups in ``fc2``, pinning, the heuristic, and the
-tuner end to end (CPU: Triton's interpreter with an injected timer; GPU: the real timer)."""
+tuner end to end (CPU: Triton's interpreter with an injected timer; GPU: the real timer); the
+routed path's space and tuning, the strategy crossovers and their CLI."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from densemoe.tuning.buckets import bucket_range, m_bucket
 from densemoe.tuning.space import fc2_space
 from densemoe.tuning.ops import make_inputs
 from densemoe.tuning.tuner import TOL, summary, tune, tune_problem
-from _helpers import FP8
+from _helpers import FP8, fake_timer
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -439,6 +440,10 @@ def test_precompile_worker_runs_each_candidate_and_counts_failures():
 
     q = Fc1Problem(8, 64, 2, 64, FP8, BF16)  # FC1 candidates go through the same workers
     assert _worker([(q, Fc1TritonConfig(16, 64, 64, 4, 2, 1, 0)), (p8, good)], "cpu") == 2
+    from densemoe.tuning.space import routed_space
+
+    r = _routed_problem(8)  # and the routed ones
+    assert _worker([(r, c) for c in routed_space(r)[:2]], "cpu") == 2
 
 
 def _recording(choose, last):
@@ -501,9 +506,9 @@ def test_cli_tune_passes_its_arguments_and_prints_the_summary(monkeypatch, tmp_p
 
     seen = {}
 
-    def fake_tune(op, shape, ms, dtypes, backends, reps, save, compile_workers):
+    def fake_tune(op, shape, ms, dtypes, backends, reps, save, compile_workers, missing_only):
         seen.update(op=op, shape=shape, ms=ms, dtypes=dtypes, backends=backends, reps=reps, save=save,
-                    compile_workers=compile_workers)
+                    compile_workers=compile_workers, missing_only=missing_only)
         p = Fc2Problem(8, 64, 4, 32, FP8, BF16)
         best = tuner.Timing(Fc2TritonConfig(16, 64, 32, 4, 2, True, True, 1, 1), 10.0)
         heur = tuner.Timing(Fc2TritonConfig(16, 32, 32, 4, 2, True, True, 1, 1), 12.5)
@@ -513,7 +518,7 @@ def test_cli_tune_passes_its_arguments_and_prints_the_summary(monkeypatch, tmp_p
     assert cli.main(["tune", "--shape", "64,4,32", "--m", "1-8,100", "--dtypes", "fp8,bf16",
                      "--backends", "triton", "--reps", "7", "--no-save", "--out", str(out), "--compile-workers", "3"]) == 0
     assert seen == dict(op="fc2", shape=(64, 4, 32), ms=[1, 2, 4, 8, 100], dtypes=["fp8", "bf16"],
-                        backends=("triton",), reps=7, save=False, compile_workers=3)
+                        backends=("triton",), reps=7, save=False, compile_workers=3, missing_only=False)
     table = capsys.readouterr().out
     assert "| fp8 | 8 | triton:block_m=16,block_n=64" in table and "| 1.250 |" in table
     assert out.read_text().strip() == table.strip()
@@ -693,3 +698,346 @@ def test_every_shipped_entry_fits_its_problem():
             assert merge.check(key, entry) == "", key
             ops.add(key.split("|")[0])
     assert ops == {"fc1", "fc2"}
+
+
+# ---------------------------------------------------------------------------------- the routed path
+
+TINY_ROUTED = (64, 8, 64, 2)  # H, E, I, top_k: the interpreter's routed shape
+
+
+def _routed_problem(M=5, dtype=FP8, H=64, E=8, I=64, k=2):
+    from densemoe.kernels.common import RoutedProblem
+
+    return RoutedProblem(M, H, E, I, k, dtype, BF16)
+
+
+ROUTED_MS = tuple(sorted(set(M_SWEEP) | {768, 1024, 1536, 2048, 3072, 4096}))
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, "tiny"])
+@pytest.mark.parametrize("dtype", (FP8, BF16), ids=("fp8", "bf16"))
+def test_routed_space_is_valid_bounded_and_holds_the_default(shape, dtype):
+    from densemoe.kernels.triton.routed import can_implement
+    from densemoe.ops.routed_configs import default_config
+    from densemoe.tuning.space import routed_space
+
+    for m in ROUTED_MS:
+        if shape == "tiny":
+            p = _routed_problem(m, dtype)
+        else:
+            s = SHAPES[shape]
+            p = _routed_problem(m, dtype, s.hidden, s.experts, s.inter, s.topk)
+        space = routed_space(p)
+        assert space and space == routed_space(p) and len(space) == len(set(space)) <= 46, (m, len(space))
+        assert space[0] == default_config(p)
+        for cfg in space:
+            ok, why = can_implement(p, cfg)
+            assert ok, (cfg, why)
+        assert routed_space(p, backends=("cute",)) == []
+
+
+def test_routed_space_follows_the_rows_per_expert():
+    from densemoe.tuning.space import routed_rows, routed_space
+
+    s = SHAPES["deepseek-v3-tp8"]
+
+    def space(m, dtype=FP8):
+        return routed_space(_routed_problem(m, dtype, s.hidden, s.experts, s.inter, s.topk))
+    decode = space(1)  # 8 rows over 256 experts: 16-row swapped tiles only, the default's aside
+    assert routed_rows(_routed_problem(1, FP8, s.hidden, s.experts, s.inter, s.topk)) == 8 / 256
+    assert {c.block_m for c in decode} == {16} and all(c.fc1_swap_ab and c.fc2_swap_ab for c in decode)
+    assert {c.fc1_block_i for c in decode} == {64, 128, 256} and {c.fc2_block_n for c in decode} == {64, 128, 256}
+    assert {c.programs_per_sm for c in decode} == {1, 2} and {c.fc1_warps for c in decode} == {4, 8}
+    assert {c.fc1_block_k for c in decode} == {128, 256} and len({c.fc1_stages for c in decode}) >= 2
+    assert {c.flatten for c in decode} == {False, True} and {c.atomic_combine for c in decode} == {False, True}
+    assert all(c.fc1_block_i % c.fc2_block_k == 0 for c in decode)  # fp8: one y scale per fc2 k-step
+    mid = space(1536)  # 48 rows an expert: 32- and 64-row tiles, 64 both ways
+    assert {(c.block_m, c.fc1_swap_ab) for c in mid} == {(32, True), (64, True), (64, False)}
+    prefill = space(4096, BF16)  # 128 rows: 64- and 128-row tiles, tokens as the MMA's M
+    assert {c.block_m for c in prefill} == {64, 128} and not any(c.fc1_swap_ab for c in prefill)
+    assert {c.fc1_block_k for c in prefill} == {64, 128}
+    assert not [c for c in prefill if c.block_m * c.fc1_block_i > 16384]  # accumulators that would spill
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_routed_reference_rounds_like_the_candidate():
+    """The fp8 routed output quantises y in groups of fc1_block_i columns: each config is
+    checked against a reference with its own groups (``TunedOp.ref_key``), which it meets
+    tightly, while the exact math is a few percent away."""
+    from densemoe.kernels.triton.routed import RoutedConfig
+    from densemoe.tuning.ops import ROUTED, make_routed_inputs, routed_reference
+
+    p = _routed_problem(6, FP8, I=128)
+    inputs = make_routed_inputs(p, "cpu", seed=1)
+    errs = {}
+    for bi in (64, 128):
+        cfg = RoutedConfig(block_m=16, fc1_block_i=bi, fc1_block_k=64, fc1_swap_ab=True, fc2_block_n=64,
+                           fc2_block_k=64, fc2_swap_ab=True)
+        out = ROUTED.run(inputs, None, cfg)
+        for ref_bi in (64, 128):
+            ref = routed_reference(inputs, RoutedConfig(fc1_block_i=ref_bi))
+            errs[bi, ref_bi] = ((out.float() - ref).norm() / ref.norm()).item()
+        exact = routed_reference(inputs)
+        errs[bi, None] = ((out.float() - exact).norm() / exact.norm()).item()
+        assert ROUTED.ref_key(cfg) == (bi, False)
+    assert errs[64, 64] < 4e-3 and errs[128, 128] < 4e-3
+    assert errs[64, 128] > 3 * errs[64, 64] and errs[128, 64] > 3 * errs[128, 128]
+    assert 4e-3 < errs[64, None] < 0.1 and 4e-3 < errs[128, None] < 0.1
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_routed_tuned_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
+    from densemoe.kernels.triton import routed as kern
+    from densemoe.kernels.triton.routed import RoutedConfig
+    from densemoe.ops import routed_configs
+    from densemoe.ops.routed import routed_experts, which_config
+    from densemoe.tuning.ops import make_routed_inputs, routed_reference
+
+    p = _routed_problem(5)  # tuned at M = 8
+    base = dict(block_m=16, fc1_swap_ab=True, fc2_swap_ab=True, fc1_block_k=64, fc2_block_k=64)
+    space = [RoutedConfig(fc1_block_i=64, fc2_block_n=64, **base),
+             RoutedConfig(fc1_block_i=64, fc2_block_n=64, programs_per_sm=2, **base),  # fastest: wrong
+             RoutedConfig(fc1_block_i=64, fc2_block_n=64, fc1_warps=8, **base),        # next: fails
+             RoutedConfig(fc1_block_i=64, fc2_block_n=64, fc2_stages=2, **base)]       # the winner
+    times = {space[0]: 30.0, space[1]: 5.0, space[2]: 1.0, space[3]: 10.0}
+    last = {}
+    real1, real2 = kern.fc1_launch, kern.fc2_launch
+
+    def fc1_launch(*args):
+        cfg = args[-1]
+        last["cfg"] = cfg
+        if cfg == space[2]:
+            raise RuntimeError("compile failed (injected)")
+        real1(*args)
+
+    def fc2_launch(*args):
+        real2(*args)
+        if space[1] in args:
+            args[7].mul_(-1)  # rows: a wrong kernel, the verification must catch it
+    monkeypatch.setattr(kern, "fc1_launch", fc1_launch)
+    monkeypatch.setattr(kern, "fc2_launch", fc2_launch)
+
+    def timer(fn):
+        fn()
+        return {"us": times.get(last["cfg"], 20.0)}
+    r = tune_problem(p, "cpu", timer=timer, space=space)
+    assert r.problem.m == 8 and len(r.timings) == 5  # the default rule's config joined the four
+    assert r.best.config == space[3] and r.best.us == 10.0 and r.heuristic.us == 20.0
+    errors = {t.config: t.error for t in r.failures}
+    assert "injected" in errors[space[2]] and "wrong result" in errors[space[1]]
+    assert r.key.startswith("routed|cpu|fp8->bf16|N=64|K=512|E=8|topk=2|M<=8|")
+    entry, where = cache.lookup(r.key)
+    assert where == "cache" and entry["best"]["config"] == space[3].to_str() and entry["triton"]["us"] == 10.0
+    assert any(line.startswith("dropped M<=8 routed:") for line in r.dropped())
+    # every M of the bucket now takes it, and it runs right
+    monkeypatch.setattr(kern, "fc1_launch", real1)
+    monkeypatch.setattr(kern, "fc2_launch", real2)
+    ch = routed_configs.choose(_routed_problem(7), "cpu")
+    assert (ch.config, ch.source) == (space[3], "cache")
+    q = _routed_problem(7)
+    inputs = make_routed_inputs(q, "cpu", seed=2)
+    x, pw, ids, tw, _ = inputs
+    assert which_config(x, pw, 2, with_source=True) == (space[3], "cache")
+    out = routed_experts(x, pw, ids, tw)
+    ref = routed_reference(inputs, space[3])
+    assert ((out.float() - ref).norm() / ref.norm()).item() < TOL
+    assert routed_configs.choose(_routed_problem(9), "cpu").source == "heuristic"  # another bucket
+    assert "| fp8 | 8 | triton:block_m=16,fc1_block_i=64" in summary([r])
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_routed_tuning_through_tune_and_the_default_space(cache_dir):
+    """``tune(op="routed")`` over the whole default space of a tiny shape, one bucket, fake
+    timer: every candidate runs and is right (none dropped), the entry is recorded."""
+    results = tune("routed", TINY_ROUTED, [3], dtypes=("bf16",), device="cpu", timer=fake_timer, progress=False)
+    (r,) = results
+    assert r.problem.m == 4 and r.problem.top_k == 2 and not r.failures and len(r.timings) >= 4
+    assert cache.lookup(r.key)[1] == "cache"
+
+
+def _strategy_timer(monkeypatch, times):
+    """A timer that gives each strategy its time from ``times`` (the tuner runs them through
+    ``tuner.run_strategy``, wrapped here to see which one runs)."""
+    from densemoe.tuning import tuner
+
+    last, calls = {}, []
+    real = tuner.run_strategy
+
+    def run(inputs, name):
+        last["name"] = name
+        return real(inputs, name)
+    monkeypatch.setattr(tuner, "run_strategy", run)
+
+    def timer(fn):
+        fn()
+        calls.append(last["name"])
+        return {"us": times[last["name"]]}
+    return timer, calls
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_recorded_crossover_is_what_the_rule_picks(cache_dir, monkeypatch):
+    from densemoe.ops import strategy
+    from densemoe.tuning.tuner import tune_strategy
+
+    p = _routed_problem(8)  # M = 8 of 8 experts at top-2: the rule says routed
+    assert strategy.pick(8, 8, 2) == "routed"
+    timer, calls = _strategy_timer(monkeypatch, {"skip": 30.0, "dense": 10.0, "routed": 20.0})
+    r = tune_strategy(p, "cpu", timer=timer, rounds=3)
+    assert calls == ["skip", "dense", "routed"] * 3  # interleaved rounds
+    assert r.best == "dense" and r.us == {"skip": 30.0, "dense": 10.0, "routed": 20.0} and r.rule == "routed"
+    assert r.key.startswith("strategy|cpu|fp8->bf16|N=64|K=512|E=8|topk=2|M<=8|") and not r.errors
+    entry, where = cache.lookup(r.key)
+    assert where == "cache" and entry["best"] == {"config": "dense", "us": 10.0}
+    assert entry["us"]["routed"] == 20.0 and entry["heuristic"] == {"config": "routed", "us": 20.0}
+    assert entry["routed"]["source"] == "heuristic"  # no routed entry was tuned here
+    # what strategy.pick answers for any M of the bucket on this device, and what a call runs
+    for m in (5, 7, 8):
+        q = _routed_problem(m)
+        assert strategy.pick(m, 8, 2, problem=q, device="cpu") == "dense"
+        assert strategy.resolve("t", None, None, m, 8, top_k=2, problem=q, device="cpu") == "dense"
+    assert strategy.pick(9, 8, 2, problem=_routed_problem(9), device="cpu") == "routed"  # another bucket
+    assert strategy.pick(8, 8, 2, problem=p, device="meta") == "routed"  # another device (key)
+    # a recorded "routed" is not taken by a caller that cannot run it (no top-k ids)
+    cache.record(r.key, {**entry, "best": {"config": "routed", "us": 20.0}})
+    assert strategy.pick(8, 8, 2, problem=p, device="cpu") == "routed"
+    assert strategy.pick(8, 8, 2, problem=p, device="cpu", routed_ok=False) == "dense"
+    cache.record(r.key, entry)
+    monkeypatch.setenv(cache.ENV_TUNED, "0")  # tuned lookups off: the rule
+    assert strategy.pick(8, 8, 2, problem=p, device="cpu") == "routed"
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+@pytest.mark.parametrize("dense_us, recorded", [(19.8, "routed"), (19.0, "dense")])
+def test_crossover_keeps_the_rule_within_the_margin_and_leaves_out_a_wrong_strategy(cache_dir, monkeypatch,
+                                                                                   dense_us, recorded):
+    from densemoe.tuning import tuner
+    from densemoe.tuning.tuner import tune_strategy
+
+    timer, _ = _strategy_timer(monkeypatch, {"skip": 1.0, "dense": dense_us, "routed": 20.0})
+    wrapped = tuner.run_strategy
+
+    def broken_skip(inputs, name):
+        out = wrapped(inputs, name)
+        return -out if name == "skip" else out  # the fastest, and wrong
+    monkeypatch.setattr(tuner, "run_strategy", broken_skip)
+    r = tune_strategy(_routed_problem(7, BF16), "cpu", timer=timer)  # the rule at M = 8: routed
+    assert "wrong result" in r.errors["skip"] and "skip" not in r.us
+    assert r.best == recorded and cache.lookup(r.key)[0]["best"]["config"] == recorded
+    assert r.dropped() == [f"left out M<=8 strategy skip: {r.errors['skip']}"]
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_tune_strategy_sweeps_buckets_and_resumes(cache_dir, monkeypatch):
+    timer, calls = _strategy_timer(monkeypatch, {"skip": 5.0, "dense": 10.0, "routed": 20.0})
+    res = tune("strategy", TINY_ROUTED, [1, 3, 4], dtypes=("fp8",), device="cpu", timer=timer, progress=False)
+    assert [r.problem.m for r in res] == [1, 4] and all(r.best == "skip" for r in res)
+    assert len(calls) == 2 * 3 * 3
+    table = summary(res)
+    assert "| fp8 | 1 | skip | 5.0 | 10.0 | 20.0 | skip | 1.000 | heuristic |" in table
+    res = tune("strategy", TINY_ROUTED, [1, 3, 8], dtypes=("fp8",), device="cpu", timer=timer, progress=False,
+               missing_only=True)
+    assert [r.problem.m for r in res] == [8] and len(calls) == 3 * 3 * 3  # M <= 1 and 4 were recorded
+
+
+def test_autotune_hook_tunes_routed_problems_and_nothing_else(monkeypatch):
+    from densemoe.tuning import tuner
+
+    seen = []
+    monkeypatch.setattr(tuner, "tune_problem", lambda problem, device, save: seen.append(problem))
+    p = _routed_problem(5)
+    tuner._autotune_missing(p, torch.device("cuda"))
+    tuner._autotune_missing(Fc2Problem(5, 64, 4, 32, FP8, BF16), torch.device("cuda"))
+    tuner._autotune_missing(object(), torch.device("cuda"))
+    assert seen == [p, Fc2Problem(5, 64, 4, 32, FP8, BF16)]
+    assert cache._autotuner is tuner._autotune_missing
+
+
+def test_autotune_env_never_tunes_routed_off_gpu(cache_dir, monkeypatch):
+    from densemoe.ops import routed_configs
+
+    monkeypatch.setenv(cache.ENV_AUTOTUNE, "1")
+    assert routed_configs.choose(_routed_problem(5), "cpu").source == "heuristic"
+    assert not (cache_dir / "tuned.json").exists()
+
+
+def test_cli_routed_and_strategy(monkeypatch, capsys):
+    from densemoe import __main__ as cli
+    from densemoe.kernels.triton.routed import RoutedConfig
+    from densemoe.tuning import tuner
+
+    seen = {}
+    p = _routed_problem(8)
+
+    def fake_tune(op, shape, ms, dtypes, backends, reps, save, compile_workers, missing_only):
+        seen.update(op=op, shape=shape, ms=ms, missing_only=missing_only)
+        if op == "routed":
+            best = tuner.Timing(RoutedConfig(block_m=16, fc1_block_i=64), 10.0)
+            heur = tuner.Timing(RoutedConfig(block_m=16), 12.0)
+            return [tuner.TuneResult("k", p, best, {"triton": best}, heur, [], [best, heur])]
+        return [tuner.StrategyResult("k", p, "dense", {"skip": 15.0, "dense": 9.0, "routed": 12.0}, "routed",
+                                     {}, {"config": "routed:...", "source": "cache"})]
+    monkeypatch.setattr(tuner, "tune", fake_tune)
+    assert cli.main(["tune", "--op", "routed", "--shape", "64,8,64,2", "--m", "1-8,4096", "--no-save"]) == 0
+    assert seen == dict(op="routed", shape=(64, 8, 64, 2), ms=[1, 2, 4, 8, 4096], missing_only=False)
+    assert "| fp8 | 8 | triton:block_m=16,fc1_block_i=64 | 10.0 |" in capsys.readouterr().out
+    assert cli.main(["tune", "--op", "strategy", "--shape", "qwen3-30b-a3b", "--missing-only", "--no-save"]) == 0
+    assert seen["op"] == "strategy" and seen["shape"] == "qwen3-30b-a3b" and seen["missing_only"]
+    out = capsys.readouterr().out
+    assert "| fp8 | 8 | dense | 15.0 | 9.0 | 12.0 | routed | 1.333 | cache |" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--op", "routd"], "--op 'routd': tunable ops are fc2, fc1, routed, strategy"),
+    (["--op", "routed", "--shape", "64,8,64,9"], "top-k 9 is more than the 8 experts"),
+    (["--op", "routed", "--shape", "64,8"], "N,E,I or N,E,I,K"),
+])
+def test_cli_bad_routed_arguments_are_one_line(argv, message, capsys):
+    from densemoe import __main__ as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["tune", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_dry_run_routed_and_strategy(capsys):
+    from densemoe import __main__ as cli
+
+    assert cli.main(["tune", "--op", "routed", "--m", "1,512,4096", "--dtypes", "fp8", "--dry-run"]) == 0
+    rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| fp8 |")]
+    assert [r[2].strip() for r in rows] == ["1", "512", "4096", "distinct (compiles)"]
+    assert all(0 < int(r[3]) <= 60 and int(r[4]) == 0 for r in rows)
+    assert cli.main(["tune", "--op", "strategy", "--shape", "qwen3-30b-a3b", "--m", "1,64", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "| fp8 | 1 | skip, dense, routed | skip |" in out and "| fp8 | 64 | skip, dense, routed | routed |" in out
+
+
+def test_merge_checks_routed_and_strategy_entries():
+    import importlib.util
+
+    from densemoe.kernels.triton.routed import RoutedConfig
+
+    spec = importlib.util.spec_from_file_location("merge_tuned", Path(__file__).parents[1] / "bench" / "merge_tuned.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    s = SHAPES["deepseek-v3-tp8"]
+    p = _routed_problem(100, FP8, s.hidden, s.experts, s.inter, s.topk)
+    rkey = cache.make_key("routed", "NVIDIA H200", p)
+    assert merge.problem_of(rkey) == dataclasses_replace(p, m=128)
+    good = RoutedConfig(block_m=16, fc1_block_i=128, fc2_block_k=128).to_str()
+    bad = RoutedConfig(block_m=16, fc1_block_i=64, fc2_block_k=128).to_str()  # fp8: 128 does not divide 64
+    assert merge.check(rkey, {"best": {"config": good, "us": 1.0}, "triton": {"config": good}}) == ""
+    assert "must divide" in merge.check(rkey, {"best": {"config": bad, "us": 1.0}})
+    assert "not a routed config" in merge.check(rkey, {"best": {"config": "block_m=16", "us": 1.0}})
+    skey = cache.make_key("strategy", "NVIDIA H200", p)
+    entry = {"best": {"config": "routed", "us": 1.0}, "us": {"routed": 1.0}, "heuristic": {"config": "routed"}}
+    assert merge.check(skey, entry) == ""
+    assert "not one of" in merge.check(skey, {"best": {"config": "fast", "us": 1.0}})

@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from densemoe.kernels.common import Fc1Problem, Fc2Problem
+from densemoe.kernels.common import Fc1Problem, Fc2Problem, RoutedProblem
 from densemoe.kernels.cute import fc1_sm90, fc2_sm90
 from densemoe.tuning.ops import op_of
 
@@ -80,9 +80,11 @@ def _worker(jobs: list, device: str) -> int:
     return ran
 
 
-def precompile(plan: list[tuple[Fc1Problem | Fc2Problem, list]], device, workers: int | None = None) -> PrecompileStats:
+def precompile(plan: list[tuple[Fc1Problem | Fc2Problem | RoutedProblem, list]], device,
+               workers: int | None = None) -> PrecompileStats:
     """Compile every candidate of ``plan`` ([(problem, configs), ...], problems at their
-    bucket's top M) ahead of timing; see the module docstring. ``workers=0``: CuTe only."""
+    bucket's top M; FC1, FC2 or routed) ahead of timing; see the module docstring.
+    ``workers=0``: CuTe only."""
     device = torch.device(device)
     stats = PrecompileStats()
     if device.type != "cuda":

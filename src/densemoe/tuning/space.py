@@ -6,14 +6,20 @@ same on every machine; configs a device cannot run at all (CuTe DSL missing, not
 dropped by the tuner at run time and reported, not here. The spaces are sized so that one
 (shape, dtype) sweep compiles a few hundred kernels: compile caches are keyed by config, not M,
 so a config shared by several buckets compiles once.
+
+The routed path (``routed_space``) has one backend (Triton) and a smaller space: a few dozen
+``RoutedConfig``s per problem, chosen by the rows an expert gets on average (M * top_k / E).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
-from densemoe.kernels.common import SMEM_BYTES, Fc1Problem, Fc2Problem
+import torch
+
+from densemoe.kernels.common import SMEM_BYTES, Fc1Problem, Fc2Problem, RoutedProblem
 from densemoe.kernels.cute import fc1_sm90 as cute_fc1
 from densemoe.kernels.cute import fc2_sm90 as cute_fc2
 from densemoe.kernels.cute.fc2_sm90 import Fc2CuteConfig
@@ -21,9 +27,15 @@ from densemoe.kernels.triton.fc1 import Fc1TritonConfig
 from densemoe.kernels.triton.fc1 import can_implement as fc1_can_implement
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig
 from densemoe.kernels.triton.fc2 import can_implement as triton_can_implement
-from densemoe.ops import fc1_configs, fc2_configs
+from densemoe.kernels.triton.routed import RoutedConfig
+from densemoe.kernels.triton.routed import can_implement as routed_can_implement
+from densemoe.ops import fc1_configs, fc2_configs, routed_configs
 
 BACKENDS = ("triton", "cute")
+# routed_space offers FC2's atomic combine (fp32 atomics into the token rows: the last bit of a
+# result may then change between runs, docs/routed.md); False keeps every tuned entry on the
+# deterministic rows-then-combine path
+ROUTED_ATOMIC = True
 
 
 def _pow2_at_least(x: int) -> int:
@@ -182,6 +194,109 @@ def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> 
             if cute_fc1.can_implement(p, cfg)[0] and cfg not in out:
                 out.append(cfg)
     return out
+
+
+def routed_rows(problem: RoutedProblem) -> float:
+    """The rows an expert gets on average under uniform top-k routing: M * top_k / E."""
+    return problem.m * problem.top_k / max(problem.e, 1)
+
+
+def _deepest(stage_bytes: int, programs: int, cap: int) -> int:
+    """The deepest ring (at most ``cap``) whose stages fit shared memory with ``programs``
+    programs per SM; 0 when not even two fit."""
+    fits = (SMEM_BYTES - 1024) // programs // stage_bytes
+    return min(cap, fits) if fits >= 2 else 0
+
+
+def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 132) -> list[RoutedConfig]:
+    """Routed tactics for ``problem`` (Triton only; [] when "triton" is not in ``backends``), in
+    a fixed order, each passing ``kernels.triton.routed.can_implement``, the default rule's
+    config (``routed_configs.default_config``) first. ``num_sms`` is unused (the programs come
+    from ``programs_per_sm``); it keeps the signature of the other spaces.
+
+    Pruned by r = M * top_k / E, the rows an expert gets on average:
+
+    * token tile ``block_m``: the two largest of 16/32/64/128 not above max(16, next power of
+      two of r); swap-AB (the expert's rows as the MMA's N) at 16 and 32, both ways at 64 while
+      r <= 64, not swapped at 128;
+    * per (block_m, swap), every FC1 tile of I (64/128/256, not above I's next power of two) with
+      every FC2 tile of H (64/128/256, likewise): the two kernels run one after the other, so
+      their tiles are independent choices; a tile whose fp32 accumulators would need more than
+      128 registers a thread at 8 warps is left out (FC1: block_m * fc1_block_i > 16384, FC2:
+      block_m * fc2_block_n > 32768);
+    * k-tiles: 128 for fp8 (FC2's also divides fc1_block_i: one y scale per fc1_block_i
+      columns), 64 for bf16; at most the next power of two of H (FC1) and of I (FC2);
+    * warps: 4 while the fp32 accumulators take at most 128 registers a thread (FC1: gate and
+      up, block_m * fc1_block_i <= 8192; FC2: block_m * fc2_block_n <= 16384), else 8; the ring
+      is the deepest that fits shared memory, at most 5 stages for tiles of <= 32 rows
+      (bandwidth-bound: more loads in flight) and 4 above; one program per SM;
+    * at the middle tiles (fc1_block_i and fc2_block_n 128 where the shape allows) six more:
+      two programs per SM (each ring as deep as fits half the shared memory), 8 warps in both
+      kernels (where the rule gave 4), a 3-stage ring, k-tiles of 256 bytes (fp8: 256, FC2's at
+      most fc1_block_i; bf16: 128), which FC1's dense tuning picked for bandwidth-bound calls on
+      the H100, both k-loops flattened into the persistent loops (``flatten``), and FC2's atomic
+      combine (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``).
+
+    At most 15 configs per (block_m, swap) and three of those, so at most 46 with the default.
+    """
+    if "triton" not in backends:
+        return []
+    p = problem
+    fp8 = p.dtype == torch.float8_e4m3fn
+    esize = p.dtype.itemsize
+    rows = routed_rows(p)
+    bis = [b for b in (64, 128, 256) if b <= max(64, _pow2_at_least(p.i))]
+    bns = [b for b in (64, 128, 256) if b <= max(64, _pow2_at_least(p.h))]
+    k1_max = max(64, _pow2_at_least(p.h))
+    k2_max = max(64, _pow2_at_least(p.i))
+    out: list[RoutedConfig] = []
+
+    def make(bm, swap, bi, bn, k1=None, k2=None, pps=1, warps=None, stages=None, **flags):
+        k1 = min(k1 or (128 if fp8 else 64), k1_max)
+        k2 = min(k2 or (128 if fp8 else 64), k2_max, bi if fp8 else k2_max)
+        w1 = 4 if bm * bi <= 8192 else 8
+        w2 = 4 if bm * bn <= 16384 else 8
+        if warps is not None:
+            w1, w2 = warps
+        cap = 5 if bm <= 32 else 4
+        s1 = _deepest((bm + 2 * bi) * k1 * esize, pps, cap)
+        s2 = _deepest((bm + bn) * k2 * esize, pps, cap)
+        if stages is not None:
+            s1, s2 = min(s1, stages), min(s2, stages)
+        if s1 < 2 or s2 < 2:
+            return None
+        return RoutedConfig(block_m=bm, fc1_block_i=bi, fc1_block_k=k1, fc1_swap_ab=swap, fc1_warps=w1,
+                            fc1_stages=s1, fc2_block_n=bn, fc2_block_k=k2, fc2_swap_ab=swap, fc2_warps=w2,
+                            fc2_stages=s2, programs_per_sm=pps, **flags)
+
+    def add(cfg):
+        if cfg is not None and cfg not in out and routed_can_implement(p, cfg)[0]:
+            out.append(cfg)
+
+    bases = []
+    for bm in _token_tiles(max(1, math.ceil(rows)), (16, 32, 64, 128), keep=2):
+        for swap in ((True,) if bm <= 32 else (True, False) if bm == 64 and rows <= 64 else (False,)):
+            bases.append((bm, swap))
+    for bm, swap in bases:
+        tiles = [(bi, bn) for bi, bn in itertools.product(bis, bns) if bm * bi <= 16384 and bm * bn <= 32768]
+        for bi, bn in tiles:
+            add(make(bm, swap, bi, bn))
+        if not tiles:
+            continue
+        bi = 128 if any(t[0] == 128 for t in tiles) else tiles[0][0]  # the middle tiles
+        bn = 128 if (bi, 128) in tiles else max(t[1] for t in tiles if t[0] == bi)
+        mid = make(bm, swap, bi, bn)
+        add(make(bm, swap, bi, bn, pps=2))
+        if mid is not None:
+            add(make(bm, swap, bi, bn, warps=(8, 8)))
+            if max(mid.fc1_stages, mid.fc2_stages) > 3:
+                add(make(bm, swap, bi, bn, stages=3))
+        add(make(bm, swap, bi, bn, k1=256, k2=256) if fp8 else make(bm, swap, bi, bn, k1=128, k2=128))
+        add(make(bm, swap, bi, bn, flatten=True))
+        if ROUTED_ATOMIC:
+            add(make(bm, swap, bi, bn, atomic_combine=True))
+    default = routed_configs.default_config(p)
+    return [default] + [c for c in out if c != default]
 
 
 def describe(cfg) -> str:

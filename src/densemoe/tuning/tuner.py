@@ -18,6 +18,16 @@ For one problem (shape, dtypes, M bucket) on one device:
    (``docs/tuning.md``);
 5. recording: the winner, each backend's best and the heuristic's time, under the problem's key,
    into the user's cache (atomic, locked: ``cache.write_entries``).
+
+The ops are ``tuning.ops.OPS``: "fc2", "fc1" and "routed" (a ``RoutedProblem``: the routed
+path's ``RoutedConfig``, key ``routed|...``; its fp8 output is checked against a reference
+rounded with the candidate's own y scale groups).
+
+The strategy crossovers (``tune_strategy``, ``tune(op="strategy")``): for a shape, dtype and M
+bucket, ``experts_forward`` forced to "skip", "dense" and "routed" (each with whatever configs
+the caches give it: tune fc1, fc2 and routed first) is checked against the float reference and
+timed in the same interleaved rounds; the fastest (the rule's own pick unless beaten by more
+than ``MARGIN``) is recorded under ``strategy|...``, where ``ops.strategy.pick`` reads it.
 """
 
 from __future__ import annotations
@@ -31,16 +41,24 @@ import warnings
 import torch
 
 from densemoe._runtime import sm_count
-from densemoe.kernels.common import Fc1Problem, Fc2Problem
+from densemoe.kernels.common import Fc1Problem, Fc2Problem, RoutedProblem
+from densemoe.ops import routed_configs
+from densemoe.ops import strategy as rule
 from densemoe.timing import Timer
 from densemoe.tuning import cache
 from densemoe.tuning.buckets import m_bucket
-from densemoe.tuning.ops import OPS, op_of
+from densemoe.tuning.ops import OPS, op_of, routed_reference, run_strategy, strategy_inputs
 from densemoe.tuning.space import BACKENDS, describe
 
 TOL = 1e-2  # relative Frobenius error against the fp32 reference (bf16 output: ~4e-3)
 MARGIN = 0.02  # a tuned winner must beat the heuristic's choice by more than this (see tune_problem)
 DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+# what ``tune``'s op= (and the CLI's --op) takes: the ops with configs, and the crossovers
+TUNABLE = (*OPS, "strategy")
+# a strategy's output against the exact float reference (relative Frobenius error): a guard
+# against a broken pipeline, not a precision test. fp8: each strategy rounds y to fp8 its own
+# way (per token or per 128-column group), a few percent from the exact math
+STRATEGY_TOL = {torch.float8_e4m3fn: 0.1, torch.bfloat16: 2e-2}
 
 
 @dataclasses.dataclass
@@ -54,7 +72,7 @@ class Timing:
 @dataclasses.dataclass
 class TuneResult:
     key: str
-    problem: Fc1Problem | Fc2Problem
+    problem: Fc1Problem | Fc2Problem | RoutedProblem
     best: Timing | None
     per_backend: dict
     heuristic: Timing
@@ -75,6 +93,10 @@ class TuneResult:
                 "heuristic": slot(self.heuristic), "m": self.problem.m, "device": device,
                 "failures": len(self.failures), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
+    def dropped(self) -> list[str]:
+        """One line per candidate left out, and why (the CLI prints them)."""
+        return [f"dropped M<={self.problem.m} {f.config.to_str()}: {f.error}" for f in self.failures]
+
 
 def _as_us(t) -> float:
     return float(t["us"] if isinstance(t, dict) else t)
@@ -84,12 +106,13 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def tune_problem(problem: Fc1Problem | Fc2Problem, device, *, backends=BACKENDS, timer=None, space=None, reps: int = 20,
-                 inputs=None, save: bool = True, progress=None, finalists: int = 3, rounds: int = 3,
-                 precompile_workers: int | None = 0, margin: float = MARGIN) -> TuneResult:
+def tune_problem(problem: Fc1Problem | Fc2Problem | RoutedProblem, device, *, backends=BACKENDS, timer=None,
+                 space=None, reps: int = 20, inputs=None, save: bool = True, progress=None, finalists: int = 3,
+                 rounds: int = 3, precompile_workers: int | None = 0, margin: float = MARGIN) -> TuneResult:
     """Tune one problem; ``problem.m`` is rounded up to its bucket's top. ``timer(fn)`` returns
     microseconds (or a dict with "us"); default: the benchmark's cold-L2 CUDA-graph timer.
-    ``space``: candidate configs (default: ``fc2_space``); ``inputs``: (a, w, alpha) to reuse.
+    ``space``: candidate configs (default: the op's space, ``tuning.space``); ``inputs``: the
+    op's inputs to reuse (``tuning.ops``: fc2's (a, w, alpha), a ``RoutedInputs``, ...).
     ``finalists`` / ``rounds``: the re-timing of the fastest (module docstring); 0 skips it.
     ``precompile_workers``: compile the candidates first (``tuning.precompile``) with this many
     Triton worker processes; None picks a default, 0 (the default here) compiles in the loop.
@@ -105,11 +128,21 @@ def tune_problem(problem: Fc1Problem | Fc2Problem, device, *, backends=BACKENDS,
         timer = Timer(reps=reps)
     inputs = inputs if inputs is not None else spec.make_inputs(p, device, 0, None)[0]
     out = spec.make_out(p, device)
-    ref = spec.reference(inputs)
     hcfg = spec.heuristic(p, inputs, out)
+    refs: dict = {}
 
     def run(c):
-        spec.run(inputs, out, c)
+        return spec.run(inputs, out, c)
+
+    def error_of(c) -> float:
+        """The relative error of ``c``'s output, the output poisoned first where the op writes
+        into ``out`` (the reference is made once per ``spec.ref_key(c)``)."""
+        out.fill_(float("nan"))
+        got = run(c)
+        rk = spec.ref_key(c)
+        if rk not in refs:
+            refs[rk] = spec.reference(inputs, c)
+        return _rel_err(out if got is None else got, refs[rk])
     cands = list(space) if space is not None else spec.space(p, backends, _sms(device))
     if hcfg not in cands and hcfg.backend in backends:
         cands.insert(0, hcfg)
@@ -140,9 +173,7 @@ def tune_problem(problem: Fc1Problem | Fc2Problem, device, *, backends=BACKENDS,
     failures = [t for t in timings if t.us is None]
     best = None
     for t in ok:  # verify the fastest; a wrong one is dropped, the next is checked
-        out.fill_(float("nan"))
-        run(t.config)
-        err = _rel_err(out, ref)
+        err = error_of(t.config)
         if math.isfinite(err) and err <= TOL:
             best = t
             break
@@ -150,9 +181,7 @@ def tune_problem(problem: Fc1Problem | Fc2Problem, device, *, backends=BACKENDS,
         failures.append(t)
     h = next((t for t in timings if t.config == hcfg and t.us is not None and not t.error), None)
     if best is not None and h is not None and h is not best and best.us * (1 + margin) >= h.us:
-        out.fill_(float("nan"))  # the fastest won by less than the margin: keep the heuristic's choice
-        run(h.config)
-        err = _rel_err(out, ref)
+        err = error_of(h.config)  # the fastest won by less than the margin: keep the heuristic's choice
         if math.isfinite(err) and err <= TOL:
             best = h
     per_backend = {}
@@ -229,78 +258,241 @@ def _progress_bar(label: str, stream=None):
     return show
 
 
-def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512),
-         dtypes=("fp8",), out_dtype: torch.dtype = torch.bfloat16, backends=BACKENDS, device=None,
-         reps: int = 20, save: bool = True, progress: bool = True, timer=None,
-         compile_workers: int | None = None) -> list[TuneResult]:
-    """Tune ``op`` for a model shape over token counts; returns one result per (dtype, M bucket).
-
-    shape: a name from ``densemoe.shapes.SHAPES`` or (N, E, I). m_values: token counts (each is
-    tuned at its bucket's top; duplicates within a bucket are tuned once). Results are written to
-    the user's cache (``DENSEMOE_CACHE_DIR``) when ``save``. On a GPU, each dtype's candidates
-    are compiled first (``tuning.precompile``), Triton's in ``compile_workers`` processes
-    (None: half the CPUs, at most 8; 0: compile in the timing loop).
-    """
+def _shape_of(shape):
+    """A shape name of ``densemoe.shapes.SHAPES``, (N, E, I) or (N, E, I, top_k) -> MoEShape."""
     from densemoe.shapes import SHAPES, MoEShape
 
-    if op not in OPS:
-        raise ValueError(f"op={op!r}: tunable ops are {sorted(OPS)}")
-    spec = OPS[op]
+    if isinstance(shape, MoEShape):
+        return shape
     if isinstance(shape, str):
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
-        s = SHAPES[shape]
-    else:
-        n, e, i = shape
-        s = MoEShape("custom", n, e, i, 8)
+        return SHAPES[shape]
+    n, e, i, *k = shape
+    return MoEShape("custom", n, e, i, k[0] if k else 8)
+
+
+def _dtype_of(dt) -> torch.dtype:
+    if isinstance(dt, str) and dt not in DTYPES:
+        raise ValueError(f"dtypes: {dt!r} is not one of {sorted(DTYPES)}")
+    dtype = DTYPES[dt] if isinstance(dt, str) else dt
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtypes: {dtype} is not one of {sorted(DTYPES)} (float8_e4m3fn, bfloat16)")
+    return dtype
+
+
+def strategy_problem(m: int, shape, dtype, out_dtype: torch.dtype = torch.bfloat16) -> RoutedProblem:
+    """The problem a strategy crossover of ``shape`` (as ``tune`` takes it, or a ``MoEShape``)
+    at M = ``m`` is keyed by: ``ops.strategy.recorded`` builds the same from a layer call."""
+    s = _shape_of(shape)
+    return RoutedProblem(m, s.hidden, s.experts, s.inter, s.topk, _dtype_of(dtype), out_dtype)
+
+
+def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512),
+         dtypes=("fp8",), out_dtype: torch.dtype = torch.bfloat16, backends=BACKENDS, device=None,
+         reps: int = 20, save: bool = True, progress: bool = True, timer=None,
+         compile_workers: int | None = None, missing_only: bool = False) -> list:
+    """Tune ``op`` for a model shape over token counts; returns one result per (dtype, M bucket).
+
+    op: "fc2", "fc1", "routed" (``TuneResult``s) or "strategy" (the crossovers,
+    ``StrategyResult``s: run it after the other three, whose tuned configs the strategies use).
+    shape: a name from ``densemoe.shapes.SHAPES`` or (N, E, I) or (N, E, I, top_k) (top-k 8 when
+    not given; only "routed" and "strategy" read it). m_values: token counts (each is tuned at
+    its bucket's top; duplicates within a bucket are tuned once). Results are written to the
+    user's cache (``DENSEMOE_CACHE_DIR``) when ``save``; ``missing_only`` skips the buckets that
+    already have an entry there (a sweep cut short resumes where it stopped). On a GPU, each
+    dtype's candidates are compiled first (``tuning.precompile``), Triton's in
+    ``compile_workers`` processes (None: half the CPUs, at most 8; 0: compile in the timing loop).
+    """
+    if op not in TUNABLE:
+        raise ValueError(f"op={op!r}: tunable ops are {sorted(TUNABLE)}")
+    s = _shape_of(shape)
     if device is None:
         if not torch.cuda.is_available():
             raise ValueError("densemoe.tune times kernels on a CUDA GPU and none is available")
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device)
+    dts = [(dt, _dtype_of(dt)) for dt in dtypes]
     if timer is None and device.type == "cuda":
         timer = Timer(reps=reps)  # one flush buffer for the whole sweep
+    label = shape
     results = []
-    for dt in dtypes:
-        if isinstance(dt, str) and dt not in DTYPES:
-            raise ValueError(f"dtypes: {dt!r} is not one of {sorted(DTYPES)}")
-        dtype = DTYPES[dt] if isinstance(dt, str) else dt
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtypes: {dtype} is not one of {sorted(DTYPES)} (float8_e4m3fn, bfloat16)")
+    for dt, dtype in dts:
         shared = None
         buckets = sorted({m_bucket(m) for m in m_values})
-        if device.type == "cuda" and compile_workers != 0:
+        if op == "strategy":
+            for b in buckets:
+                p = strategy_problem(b, s, dtype, out_dtype)
+                if missing_only and _have(cache.make_key("strategy", cache.device_name(device), p)):
+                    continue
+                inputs = strategy_inputs(p, device, b, shared)
+                shared = inputs.routed.prepared
+                r = tune_strategy(p, device, timer=timer, reps=reps, inputs=inputs, save=save)
+                if progress:
+                    print(f"strategy {label} {dt} M<={b}: {r.line()}", file=sys.stderr)
+                results.append(r)
+            continue
+        spec = OPS[op]
+        todo = [b for b in buckets if not (missing_only and _have(
+            cache.make_key(spec.name, cache.device_name(device), spec.problem(b, s, dtype, out_dtype))))]
+        if device.type == "cuda" and compile_workers != 0 and todo:
             from densemoe.tuning.precompile import precompile
 
             plan = [(q, spec.space(q, backends, _sms(device))) for q in
-                    (spec.problem(b, s, dtype, out_dtype) for b in buckets)]
+                    (spec.problem(b, s, dtype, out_dtype) for b in todo)]
             stats = precompile(plan, device, compile_workers)
             if progress:
-                print(f"{op} {shape if isinstance(shape, str) else shape} {dt}: {stats.line()}", file=sys.stderr)
-        for b in buckets:
+                print(f"{op} {label} {dt}: {stats.line()}", file=sys.stderr)
+        for b in todo:
             p = spec.problem(b, s, dtype, out_dtype)
             inputs, shared = spec.make_inputs(p, device, b, shared)
-            bar = _progress_bar(f"{op} {shape if isinstance(shape, str) else shape} {dt} M<={b}") if progress else None
+            bar = _progress_bar(f"{op} {label} {dt} M<={b}") if progress else None
             results.append(tune_problem(p, device, backends=backends, timer=timer, reps=reps,
                                         inputs=inputs, save=save, progress=bar))
     return results
 
 
-def summary(results: list[TuneResult]) -> str:
-    """A markdown table: M bucket, chosen config, us, heuristic us, speedup over the heuristic."""
-    lines = ["| dtype | M bucket | tuned config | us | heuristic config | heuristic us | speedup | failed |",
-             "|---|---:|---|---:|---|---:|---:|---:|"]
-    for r in results:
-        dt = cache._DTYPE_NAMES.get(r.problem.dtype, str(r.problem.dtype))
-        best = f"{describe(r.best.config)} | {r.best.us:.1f}" if r.best else "none | -"
-        h = f"{r.heuristic.us:.1f}" if r.heuristic.us else "-"
-        lines.append(f"| {dt} | {r.problem.m} | {best} | {describe(r.heuristic.config)} | {h} | "
-                     f"{r.speedup:.3f} | {len(r.failures)} |")
-    return "\n".join(lines)
+def _have(key: str) -> bool:
+    """Whether the user's cache (not the shipped tables) has an entry for ``key``."""
+    return cache.lookup(key)[1] == "cache"
+
+
+# ------------------------------------------------------------------------------------------ strategies
+
+@dataclasses.dataclass
+class StrategyResult:
+    """One crossover: ``us`` per strategy that ran and was right, ``best`` (what is recorded),
+    ``rule`` (what ``strategy.pick`` gives without a recorded choice), ``errors`` per strategy
+    left out, ``routed``: the routed config the routed strategy ran and where it came from."""
+
+    key: str
+    problem: RoutedProblem
+    best: str | None
+    us: dict
+    rule: str
+    errors: dict
+    routed: dict
+
+    def entry(self, device: str) -> dict:
+        """The cache entry: ``{"best": {"config": name, "us"}, "us": {name: us}, "heuristic":
+        {"config": the rule's pick, "us"}, "routed": ..., "errors": ..., "m", "device", "time"}``."""
+        return {"best": {"config": self.best, "us": self.us[self.best]}, "us": dict(self.us),
+                "heuristic": {"config": self.rule, "us": self.us.get(self.rule)}, "routed": dict(self.routed),
+                "errors": dict(self.errors), "m": self.problem.m, "device": device,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def line(self) -> str:
+        times = ", ".join(f"{n} {u:.1f} us" for n, u in self.us.items())
+        return f"{self.best or 'none'} ({times}; rule: {self.rule}; routed {self.routed.get('source')})"
+
+    def dropped(self) -> list[str]:
+        return [f"left out M<={self.problem.m} strategy {n}: {why}" for n, why in self.errors.items()]
+
+
+def tune_strategy(problem: RoutedProblem, device, *, timer=None, reps: int = 20, rounds: int = 3, inputs=None,
+                  save: bool = True, strategies=rule.STRATEGIES, margin: float = MARGIN) -> StrategyResult:
+    """Time ``experts_forward`` forced to each of ``strategies`` on ``problem`` (M rounded up to
+    its bucket's top) and record the fastest under ``cache.make_key("strategy", device,
+    problem)``: each runs once and is checked against the exact float reference (relative error
+    <= ``STRATEGY_TOL``; a failure or a wrong result leaves it out, in ``errors``), then all are
+    timed in ``rounds`` interleaved rounds of ``reps`` (median of the round medians). The rule's
+    own pick (``strategy.pick`` without a recorded choice) stays the answer unless the fastest
+    beats it by more than ``margin``. The strategies run with whatever configs the caches hold:
+    the routed config used is in the result (``routed``: its config and source)."""
+    device = torch.device(device)
+    p = dataclasses.replace(problem, m=m_bucket(problem.m))
+    if timer is None:
+        if device.type != "cuda":
+            raise ValueError("tuning times kernels on a CUDA GPU; on another device pass timer=")
+        timer = Timer(reps=reps)
+    inputs = inputs if inputs is not None else strategy_inputs(p, device, 0)
+    ref = routed_reference(inputs.routed)
+    tol = STRATEGY_TOL.get(p.dtype, STRATEGY_TOL[torch.float8_e4m3fn])
+    errors: dict = {}
+    fns: dict = {}
+    for name in strategies:
+        try:
+            got = run_strategy(inputs, name)  # compiles, and the output to check
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            err = _rel_err(got, ref)
+            if not (math.isfinite(err) and err <= tol):
+                errors[name] = f"wrong result: relative error {err:.3g} > {tol}"
+                continue
+        except Exception as exc:  # noqa: BLE001 - a strategy that cannot run is left out and reported
+            errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            continue
+        fns[name] = (lambda n=name: run_strategy(inputs, n))  # noqa: E731
+    samples: dict = {n: [] for n in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if name in errors:
+                continue
+            try:
+                us = _as_us(timer(fn, reps=reps) if _takes_reps(timer) else timer(fn))
+                if not (us > 0 and math.isfinite(us)):
+                    raise RuntimeError(f"timer returned {us}")
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = f"failed when timed: {type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            samples[name].append(us)
+    us = {n: sorted(v)[len(v) // 2] for n, v in samples.items() if v and n not in errors}
+    picked = rule.pick(p.m, p.e, p.top_k)
+    best = min(us, key=us.get) if us else None
+    if best is not None and picked in us and best != picked and us[best] * (1 + margin) >= us[picked]:
+        best = picked  # within the margin: the rule's own pick (noise must not flip a recorded choice)
+    rc = routed_configs.choose(p, device)
+    routed = {"config": rc.config.to_str(), "source": rc.source}
+    key = cache.make_key("strategy", cache.device_name(device), p)
+    result = StrategyResult(key, p, best, us, picked, errors, routed)
+    if save and best is not None:
+        try:
+            cache.record(key, result.entry(cache.device_name(device)))
+        except OSError as exc:
+            warnings.warn(f"densemoe: could not save the crossover to {cache.cache_path()} ({exc}); "
+                          f"set DENSEMOE_CACHE_DIR to a writable directory", RuntimeWarning, stacklevel=2)
+    return result
+
+
+def summary(results: list) -> str:
+    """Markdown tables. Config tuning (``TuneResult``): M bucket, chosen config, us, heuristic
+    us, speedup over the heuristic. Crossovers (``StrategyResult``): M bucket, the recorded
+    strategy, each strategy's us, the rule's pick, the routed config's source."""
+    tuned = [r for r in results if isinstance(r, TuneResult)]
+    cross = [r for r in results if isinstance(r, StrategyResult)]
+    tables = []
+    if tuned or not cross:
+        lines = ["| dtype | M bucket | tuned config | us | heuristic config | heuristic us | speedup | failed |",
+                 "|---|---:|---|---:|---|---:|---:|---:|"]
+        for r in tuned:
+            dt = cache._DTYPE_NAMES.get(r.problem.dtype, str(r.problem.dtype))
+            best = f"{describe(r.best.config)} | {r.best.us:.1f}" if r.best else "none | -"
+            h = f"{r.heuristic.us:.1f}" if r.heuristic.us else "-"
+            lines.append(f"| {dt} | {r.problem.m} | {best} | {describe(r.heuristic.config)} | {h} | "
+                         f"{r.speedup:.3f} | {len(r.failures)} |")
+        tables.append("\n".join(lines))
+    if cross:
+        names = rule.STRATEGIES
+        lines = [f"| dtype | M bucket | recorded | {' | '.join(n + ' us' for n in names)} | rule | "
+                 f"rule / recorded | routed config from |",
+                 "|---|---:|---|" + "---:|" * len(names) + "---|---:|---|"]
+        for r in cross:
+            dt = cache._DTYPE_NAMES.get(r.problem.dtype, str(r.problem.dtype))
+            cells = " | ".join(f"{r.us[n]:.1f}" if n in r.us else "-" for n in names)
+            gain = (f"{r.us[r.rule] / r.us[r.best]:.3f}" if r.best and r.rule in r.us else "-")
+            lines.append(f"| {dt} | {r.problem.m} | {r.best or 'none'} | {cells} | {r.rule} | {gain} | "
+                         f"{r.routed.get('source', '-')} |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def _autotune_missing(problem, device) -> None:
-    """The autotune-on-miss hook (``DENSEMOE_AUTOTUNE=1``, ``cache.lookup_or_autotune``)."""
+    """The autotune-on-miss hook (``DENSEMOE_AUTOTUNE=1``, ``cache.lookup_or_autotune``): the
+    ops that look their configs up through it (fc1, fc2, routed) pass their problem, which is
+    tuned here. The strategy crossovers never come through it (``strategy.recorded`` only reads):
+    timing three whole pipelines inside a layer call is not done; ``tune(op="strategy")`` does."""
+    if not isinstance(problem, (Fc1Problem, Fc2Problem, RoutedProblem)):
+        return
     tune_problem(problem, device, save=True)
 
 
