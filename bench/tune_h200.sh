@@ -30,8 +30,8 @@
 #   fc2      100-230 s: the H100 host's measured FC2 sweeps (16 cores, docs/tuning.md), mostly
 #            compiling: 190-243 Triton kernels in 8 processes, 80-134 CuTe kernels in-process;
 #   fc1      ~60 s: 83 Triton kernels in 8 processes (~25 s), 13 buckets x ~55 timings x ~25 ms;
-#   routed   ~100 s: <= 75 configs = ~90 Triton kernels in 8 processes (~35 s), 19 buckets x <= 60
-#            timings (<= 46 candidates + finals) x 20-60 ms (a timing: ~6 ms of flush reads, 24
+#   routed   ~100 s: <= 80 configs = ~100 Triton kernels in 8 processes (~35 s), 19 buckets x <= 60
+#            timings (<= 49 candidates + finals) x 20-60 ms (a timing: ~6 ms of flush reads, 24
 #            runs), references and inputs ~10 s;
 #   strategy ~60 s: 19 buckets x 3 rounds x 3 strategies, dominated by the untimed first calls
 #            (compiles per new M) and the dense / skip calls at M >= 1024 (TP8 fp8 M = 4096:

@@ -728,7 +728,7 @@ def test_routed_space_is_valid_bounded_and_holds_the_default(shape, dtype):
             s = SHAPES[shape]
             p = _routed_problem(m, dtype, s.hidden, s.experts, s.inter, s.topk)
         space = routed_space(p)
-        assert space and space == routed_space(p) and len(space) == len(set(space)) <= 46, (m, len(space))
+        assert space and space == routed_space(p) and len(space) == len(set(space)) <= 49, (m, len(space))
         assert space[0] == default_config(p)
         for cfg in space:
             ok, why = can_implement(p, cfg)
@@ -750,6 +750,7 @@ def test_routed_space_follows_the_rows_per_expert():
     assert {c.programs_per_sm for c in decode} == {1, 2} and {c.fc1_warps for c in decode} == {4, 8}
     assert {c.fc1_block_k for c in decode} == {128, 256} and len({c.fc1_stages for c in decode}) >= 2
     assert {c.flatten for c in decode} == {False, True} and {c.atomic_combine for c in decode} == {False, True}
+    assert {c.tma for c in decode} == {False, True}
     assert all(c.fc1_block_i % c.fc2_block_k == 0 for c in decode)  # fp8: one y scale per fc2 k-step
     mid = space(1536)  # 48 rows an expert: 32- and 64-row tiles, 64 both ways
     assert {(c.block_m, c.fc1_swap_ab) for c in mid} == {(32, True), (64, True), (64, False)}

@@ -225,19 +225,21 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       128 registers a thread at 8 warps is left out (FC1: block_m * fc1_block_i > 16384, FC2:
       block_m * fc2_block_n > 32768);
     * k-tiles: 128 for fp8 (FC2's also divides fc1_block_i: one y scale per fc1_block_i
-      columns), 64 for bf16; at most the next power of two of H (FC1) and of I (FC2);
+      columns), 64 for bf16; at most the next power of two of H (FC1); FC2's divides I (halved
+      until it does: one k-step, one expert, as its TMA descriptor needs);
     * warps: 4 while the fp32 accumulators take at most 128 registers a thread (FC1: gate and
       up, block_m * fc1_block_i <= 8192; FC2: block_m * fc2_block_n <= 16384), else 8; the ring
       is the deepest that fits shared memory, at most 5 stages for tiles of <= 32 rows
       (bandwidth-bound: more loads in flight) and 4 above; one program per SM;
-    * at the middle tiles (fc1_block_i and fc2_block_n 128 where the shape allows) six more:
+    * at the middle tiles (fc1_block_i and fc2_block_n 128 where the shape allows) seven more:
       two programs per SM (each ring as deep as fits half the shared memory), 8 warps in both
       kernels (where the rule gave 4), a 3-stage ring, k-tiles of 256 bytes (fp8: 256, FC2's at
       most fc1_block_i; bf16: 128), which FC1's dense tuning picked for bandwidth-bound calls on
-      the H100, both k-loops flattened into the persistent loops (``flatten``), and FC2's atomic
-      combine (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``).
+      the H100, both k-loops flattened into the persistent loops (``flatten``), the weights
+      through pointer loads instead of TMA descriptors (``tma=False``), and FC2's atomic combine
+      (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``).
 
-    At most 15 configs per (block_m, swap) and three of those, so at most 46 with the default.
+    At most 16 configs per (block_m, swap) and three of those, so at most 49 with the default.
     """
     if "triton" not in backends:
         return []
@@ -254,6 +256,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     def make(bm, swap, bi, bn, k1=None, k2=None, pps=1, warps=None, stages=None, **flags):
         k1 = min(k1 or (128 if fp8 else 64), k1_max)
         k2 = min(k2 or (128 if fp8 else 64), k2_max, bi if fp8 else k2_max)
+        while k2 > 16 and p.i % k2:  # a k-step never straddles two experts' I (TMA needs it)
+            k2 //= 2
         w1 = 4 if bm * bi <= 8192 else 8
         w2 = 4 if bm * bn <= 16384 else 8
         if warps is not None:
@@ -293,6 +297,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                 add(make(bm, swap, bi, bn, stages=3))
         add(make(bm, swap, bi, bn, k1=256, k2=256) if fp8 else make(bm, swap, bi, bn, k1=128, k2=128))
         add(make(bm, swap, bi, bn, flatten=True))
+        add(make(bm, swap, bi, bn, tma=False))
         if ROUTED_ATOMIC:
             add(make(bm, swap, bi, bn, atomic_combine=True))
     default = routed_configs.default_config(p)
