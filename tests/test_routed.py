@@ -377,3 +377,23 @@ def test_bad_input_names_the_argument():
         experts_forward(x, pw, alpha, strategy="routed")
     with pytest.raises(ValueError, match="topk_weights needs expert_ids"):
         experts_forward(x, pw, alpha, topk_weights=wts)
+
+
+def test_deterministic_mode_keeps_the_combine_in_slot_order(tmp_path, monkeypatch):
+    p = RoutedProblem(4096, 64, 8, 64, 2, FP8, BF16)
+    atomic = dataclasses.replace(routed_configs.default_config(p), atomic_combine=True)
+    monkeypatch.setenv("DENSEMOE_CACHE_DIR", str(tmp_path))
+    cache.reload()
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        cache.record(cache.make_key("routed", "cpu", p), {"best": {"config": atomic.to_str(), "us": 1.0}})
+        cache.reload()
+        assert routed_configs.choose(p, "cpu").config.atomic_combine
+        torch.use_deterministic_algorithms(True)
+        got = routed_configs.choose(p, "cpu")
+        assert got.source == "cache" and not got.config.atomic_combine
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            routed_configs.choose(p, "cpu", config=atomic)
+    finally:
+        torch.use_deterministic_algorithms(was)
+        cache.reload()

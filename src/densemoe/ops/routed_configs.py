@@ -20,6 +20,8 @@ were written (``docs/routed.md``). The H200 tuning run replaces them with tuned 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from densemoe.kernels.common import RoutedProblem
@@ -65,18 +67,26 @@ def parse_config(text: str) -> RoutedConfig:
 
 def choose(problem: RoutedProblem, device, *, config: RoutedConfig | None = None, tuned: bool = True) -> Choice:
     """The config that runs ``problem`` on ``device`` (module docstring). A pinned config that
-    cannot run the problem is a ValueError naming why."""
+    cannot run the problem is a ValueError naming why. Under
+    ``torch.use_deterministic_algorithms(True)`` a tuned config runs without ``atomic_combine``
+    (its k additions per token come in no fixed order) and a pinned one with it is a RuntimeError."""
     device = torch.device(device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if config is not None:
         if not isinstance(config, RoutedConfig):
             raise TypeError(f"{OP}: config must be a RoutedConfig, got {type(config).__name__}")
         ok, why = can_implement(problem, config)
         if not ok:
             raise ValueError(f"{OP}: config {config.short()} cannot run this call: {why}")
+        if deterministic and config.atomic_combine:
+            raise RuntimeError(f"{OP}: atomic_combine=True is not deterministic, and "
+                               "torch.use_deterministic_algorithms(True) is on")
         return Choice("triton", config, "pinned")
     if tuned:
         hit = choice.tuned("routed", problem, device, "triton", lambda: (False, "no CuTe routed kernel"),
                            parse_config, {"triton": can_implement})
         if hit is not None:
+            if deterministic and hit.config.atomic_combine:
+                return hit._replace(config=dataclasses.replace(hit.config, atomic_combine=False))
             return hit
     return Choice("triton", default_config(problem), "heuristic")
