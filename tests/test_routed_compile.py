@@ -63,16 +63,19 @@ SCRIPT = textwrap.dedent('''
         bm = 16 if swap else 64
         bk = 128 if dt == FP8 else 64
         w1 = f"tensordesc<{dt}[128, {bk}]>" if tma else "*" + dt
+        blk = dt == FP8 and swap and tma  # block-scaled weights (128 x 128 scales, x in 1 x 128 groups)
         compile_(_fc1_kernel, dict(x_ptr="*" + dt, w_ptr="*" + dt, w_desc=w1, alpha1_ptr="*fp32", xs_ptr="*fp32",
+                                   ws_ptr="*fp32",
                                    sorted_ptr="*i32", offsets_ptr="*i32", y_ptr="*" + (FP8 if dt == FP8 else "bf16"),
                                    ys_ptr="*fp32"),
                  dict(HAS_XS=dt == FP8, OUT_FP8=dt == FP8, E_PAD=256, BLOCK_M=bm, BLOCK_I=128, BLOCK_K=bk,
-                      SWAP_AB=swap, NUM_STAGES=3, FLATTEN=flat, USE_TMA=tma, PDL=True))
+                      SWAP_AB=swap, NUM_STAGES=3, FLATTEN=flat, USE_TMA=tma, W_BLOCK=blk, PDL=True))
         compile_(_fc2_kernel, dict(y_ptr="*" + dt, ys_ptr="*fp32", w_ptr="*" + dt, w_desc=w1, w2s_ptr="*fp32",
+                                   ws_ptr="*fp32",
                                    sorted_ptr="*i32", offsets_ptr="*i32", tw_ptr="*fp32",
                                    out_ptr="*fp32" if atomic else "*bf16"),
                  dict(HAS_YS=dt == FP8, E_PAD=256, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, SWAP_AB=swap, NUM_STAGES=3,
-                      ATOMIC=atomic, FLATTEN=flat, USE_TMA=tma, PDL=True))
+                      ATOMIC=atomic, FLATTEN=flat, USE_TMA=tma, W_BLOCK=blk, PDL=True))
         n += 2
     print("compiled", n)
 ''')

@@ -806,15 +806,15 @@ def test_routed_tuned_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
     last = {}
     real1, real2 = kern.fc1_launch, kern.fc2_launch
 
-    def fc1_launch(*args):
+    def fc1_launch(*args, **kw):
         cfg = args[-1]
         last["cfg"] = cfg
         if cfg == space[2]:
             raise RuntimeError("compile failed (injected)")
-        real1(*args)
+        real1(*args, **kw)
 
-    def fc2_launch(*args):
-        real2(*args)
+    def fc2_launch(*args, **kw):
+        real2(*args, **kw)
         if space[1] in args:
             args[7].mul_(-1)  # rows: a wrong kernel, the verification must catch it
     monkeypatch.setattr(kern, "fc1_launch", fc1_launch)

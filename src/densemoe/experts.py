@@ -101,8 +101,10 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         raise ValueError(f"{OP}: topk_weights needs expert_ids [M={M}, k] beside it")
     k = expert_ids.shape[1] if per_token else (top_k or rule.DEFAULT_TOP_K)
     routed_blocker = None if per_token else "it needs the top-k ids: expert_ids [M, k]"
-    how = rule.resolve(OP, strategy, skip, M, E, top_k=k, routed_blocker=routed_blocker,
-                           problem=problem_of(x, prepared, k), device=x.device)
+    block_blocker = (f"block-scaled fp8 weights ({prepared.block} x {prepared.block} scales) run on the routed path "
+                     "only so far" if prepared.block else None)
+    how = rule.resolve(OP, strategy, skip, M, E, top_k=k, routed_blocker=routed_blocker, skip_blocker=block_blocker,
+                       dense_blocker=block_blocker, problem=problem_of(x, prepared, k), device=x.device)
     if how == "routed":
         if topk_weights is None:
             topk_weights = alpha.float().gather(1, expert_ids.long())

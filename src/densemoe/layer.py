@@ -77,7 +77,7 @@ class DenseMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         # fp8 experts: the router's kernel quantises x too where it runs (M <= 4), else None
-        route, x_quant = self._route(x, quantize=self.prepared.dtype == FP8)
+        route, x_quant = self._route(x, quantize=self.prepared.dtype == FP8 and not self.prepared.block)
         # one token: FC1 and FC2 walk the router's top-k ids (distinct by construction)
         out = experts_forward(x, self.prepared, route.alpha, skip=self.skip, strategy=self.strategy, top_k=self.top_k,
                               x_quant=x_quant, expert_ids=route.topk_ids, topk_weights=route.topk_weights

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from densemoe._runtime import interpreter_enabled
-from densemoe.reference import quantize_per_token_ref, quantize_y_fold_alpha_ref
+from densemoe.reference import quantize_per_token_group_ref, quantize_per_token_ref, quantize_y_fold_alpha_ref
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -52,6 +52,38 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(x.shape, dtype=FP8, device=x.device)
     s = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     _quant_rows_op(x, q, s)
+    return q, s
+
+
+# -- per token and group of columns (block-scaled fp8) ------------------------------------------
+
+@torch.library.custom_op("densemoe::quant_groups", mutates_args=("q", "s"))
+def _quant_groups_op(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int) -> None:
+    from densemoe.kernels.triton.quant import quant_groups_triton
+
+    quant_groups_triton(x, q, s, group)
+
+
+@_quant_groups_op.register_fake
+def _(x, q, s, group):
+    return None
+
+
+def quantize_per_token_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, H] -> (x8 [M, H] fp8, scale [M, H / group] float32) with
+    x[:, g*group:(g+1)*group] ~= x8[...] * scale[:, g, None] (DeepSeek-V3's 1 x 128 activation
+    groups, which block-scaled fp8 weights expect)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_per_token_group: x must be [M, H], got shape {tuple(x.shape)}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 16 or group & (group - 1):
+        raise ValueError(f"quantize_per_token_group: group must be a power of two >= 16, got {group!r}")
+    if x.shape[1] % group:
+        raise ValueError(f"quantize_per_token_group: H={x.shape[1]} is not a multiple of group={group}")
+    if not _use_kernel(x):
+        return quantize_per_token_group_ref(x, group)
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    s = torch.empty((x.shape[0], x.shape[1] // group), dtype=torch.float32, device=x.device)
+    _quant_groups_op(x, q, s, group)
     return q, s
 
 

@@ -5,7 +5,8 @@ truth for the semantics. Slow and memory-hungry on purpose; every test compares 
     router_logits_ref, softmax_topk_ref,      the routers (``densemoe.routing``), with the
     deepseek_v3_topk_ref, alpha_from_topk_ref  ``RouterOutput`` they all return
     quantize_per_token_ref,                   the activation quantisers (``densemoe.quant``):
-    quantize_y_fold_alpha_ref                 the same bits as the kernels
+    quantize_y_fold_alpha_ref,                the same bits as the kernels
+    quantize_per_token_group_ref
     active_experts_ref                        expert skipping's per-tile expert lists
     moe_schedule_ref, routed_experts_ref      the routed path: pairs grouped by expert, and
                                               its numerics (y quantised per group) in float64
@@ -214,6 +215,15 @@ def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     xf = x.float()
     s = _fp8_scale(xf.abs().amax(dim=1))
     return (xf / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def quantize_per_token_group_ref(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of ``quant.quantize_per_token_group``: x [M, H] -> (x8 fp8, scale [M, H / group]
+    float32), one scale per token and group of ``group`` columns."""
+    M, H = x.shape
+    xf = x.float().reshape(M, H // group, group)
+    s = _fp8_scale(xf.abs().amax(dim=2))
+    return (xf / s[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(M, H), s
 
 
 def quantize_y_fold_alpha_ref(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor | None = None

@@ -10,6 +10,7 @@ from densemoe.kernels.common import I_MULTIPLE
 from densemoe.quant import FP8, quantize_per_expert
 
 DTYPES = {"fp8": FP8, "bf16": torch.bfloat16}
+BLOCK = 128  # the block of block-scaled fp8 checkpoints (weight_block_size [128, 128]), the only one taken
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,12 +21,23 @@ class PreparedWeights:
     alpha1 [E] float32: w1's per-expert dequantisation scale (ones for bf16).
     w2 [H, E*I]: expert e's down projection in columns e*I .. e*I+I-1, K-major (FC2's ``w``).
     w2_scale [E] float32: w2's per-expert dequantisation scale, folded into FC2's alpha.
+    Block-scaled fp8 (checkpoints with 128 x 128 ``weight_scale_inv``; alpha1 and w2_scale are
+    then ones):
+    w1_block_scale [E*2I/128, H/128] float32: the scale of w1's rows r*128.. and columns c*128..
+    w2_block_scale [H/128, E*I/128] float32: the scale of w2's rows r*128.. and columns c*128..
     """
 
     w1: torch.Tensor
     alpha1: torch.Tensor
     w2: torch.Tensor
     w2_scale: torch.Tensor
+    w1_block_scale: torch.Tensor | None = None
+    w2_block_scale: torch.Tensor | None = None
+
+    @property
+    def block(self) -> int:
+        """The weights' scale block (128), or 0 for per-expert scales."""
+        return BLOCK if self.w1_block_scale is not None else 0
 
     @property
     def num_experts(self) -> int:
@@ -56,6 +68,36 @@ def _scales(name: str, s, E: int, device) -> torch.Tensor | None:
     return s.reshape(E).contiguous()
 
 
+def _block_scales(w13, w2, s13, s2):
+    """(w13's, w2's) 128 x 128 block scales as float32 [E, 2I/128, H/128], [E, H/128, I/128], or
+    None when neither scale is 3-D with more than one block; a ValueError saying what is
+    supported for anything in between."""
+    def blocky(s):
+        return isinstance(s, torch.Tensor) and s.dim() == 3 and s[0].numel() > 1
+    if not (blocky(s13) or blocky(s2)):
+        return None
+    E, two_i, H = w13.shape
+    I = two_i // 2
+    if not (blocky(s13) and blocky(s2)):
+        raise ValueError("prepare_weights: block scales for one of w13 / w2 and per-expert scales for the other "
+                         "are not supported: give both as 128 x 128 block scales or both per expert")
+    for name, w in (("w13", w13), ("w2", w2)):
+        if w.dtype != FP8:
+            raise ValueError(f"prepare_weights: block scales are for fp8 weights; {name} is {w.dtype}")
+    if H % BLOCK or I % BLOCK:
+        raise ValueError(f"prepare_weights: block-scaled weights need H and I to be multiples of {BLOCK} "
+                         f"(got H={H}, I={I}); the 128 x 128 blocks of DeepSeek-V3 / Qwen3-FP8 checkpoints are "
+                         "what is supported")
+    for name, sc, want in (("w13_scale", s13, (E, two_i // BLOCK, H // BLOCK)), ("w2_scale", s2, (E, H // BLOCK, I // BLOCK))):
+        if tuple(sc.shape) != want:
+            rows, cols = (two_i, H) if name == "w13_scale" else (H, I)
+            got = tuple(sc.shape)
+            blk = (f"{rows / got[1]:g} x {cols / got[2]:g}" if len(got) == 3 and got[1] and got[2] else "?")
+            raise ValueError(f"prepare_weights: {name} has shape {got}, blocks of {blk}; only 128 x 128 blocks "
+                             f"(weight_block_size [128, 128]) are supported: expected {want}")
+    return s13.to(torch.float32), s2.to(torch.float32)
+
+
 def prepare_weights(w13: torch.Tensor, w2: torch.Tensor, *, dtype: str = "fp8",
                     w13_scale=None, w2_scale=None) -> PreparedWeights:
     """Checkpoint expert weights -> ``PreparedWeights`` (one copy, done once; forward calls do
@@ -68,7 +110,11 @@ def prepare_weights(w13: torch.Tensor, w2: torch.Tensor, *, dtype: str = "fp8",
         dtype: "fp8" (e4m3, one scale per expert: given fp8 weights keep theirs, others are
              quantised here) or "bf16".
         w13_scale, w2_scale: per-expert ([E] or [E, 1, 1]) or per-tensor dequantisation scales
-             of fp8 checkpoint weights (``w ~= w8 * scale``); only with fp8 weights.
+             of fp8 checkpoint weights (``w ~= w8 * scale``); only with fp8 weights. Or 128 x 128
+             block scales (DeepSeek-V3/R1, Qwen3-FP8: ``weight_scale_inv``, which multiplies):
+             w13_scale [E, 2I/128, H/128], w2_scale [E, H/128, I/128]. With dtype "fp8" they are
+             kept as they are (never folded into coarser ones; the routed path applies them per
+             128-wide k-step); with "bf16" the weights are dequantised block by block.
     """
     if dtype not in DTYPES:
         raise ValueError(f"prepare_weights: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -90,6 +136,19 @@ def prepare_weights(w13: torch.Tensor, w2: torch.Tensor, *, dtype: str = "fp8",
     if tuple(w2.shape) != (E, H, I):
         raise ValueError(f"prepare_weights: w2 has shape {tuple(w2.shape)}, expected (E, H, I) = ({E}, {H}, {I})")
     dev = w13.device
+    blocks = _block_scales(w13, w2, w13_scale, w2_scale)
+    if blocks is not None:
+        b13, b2 = (b.to(dev) for b in blocks)
+        if dtype == "bf16":  # dequantised block by block
+            deq13 = (w13.float().reshape(E, two_i // BLOCK, BLOCK, H // BLOCK, BLOCK) * b13[:, :, None, :, None])
+            deq2 = (w2.float().reshape(E, H // BLOCK, BLOCK, I // BLOCK, BLOCK) * b2[:, :, None, :, None])
+            return prepare_weights(deq13.reshape(E, two_i, H).to(torch.bfloat16), deq2.reshape(E, H, I).to(torch.bfloat16),
+                                   dtype="bf16")
+        ones = torch.ones(E, dtype=torch.float32, device=dev)
+        return PreparedWeights(
+            w13.reshape(E * two_i, H).contiguous(), ones, w2.permute(1, 0, 2).reshape(H, E * I).contiguous(), ones.clone(),
+            b13.reshape(E * two_i // BLOCK, H // BLOCK).contiguous(),
+            b2.permute(1, 0, 2).reshape(H // BLOCK, E * I // BLOCK).contiguous())
     s13, s2 = _scales("w13_scale", w13_scale, E, dev), _scales("w2_scale", w2_scale, E, dev)
     for name, t, s in (("w13", w13, s13), ("w2", w2, s2)):
         if t.dtype == FP8 and s is None:

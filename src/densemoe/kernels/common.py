@@ -84,6 +84,7 @@ class RoutedProblem:
     top_k: int
     dtype: torch.dtype  # of x and the weights
     out_dtype: torch.dtype
+    block: int = 0  # block-scaled fp8 weights: their scale block (128); 0: per-expert scales
 
     @property
     def n(self) -> int:  # for tuning keys: FC2's N and K (over all experts), as Fc2Problem

@@ -31,8 +31,8 @@ from densemoe.kernels.triton import routed as kern
 from densemoe.kernels.triton.routed import RoutedConfig
 from densemoe.ops import _validate as v
 from densemoe.ops import routed_configs
-from densemoe.quant import quantize_per_token
-from densemoe.weights import PreparedWeights
+from densemoe.quant import quantize_per_token, quantize_per_token_group
+from densemoe.weights import BLOCK, PreparedWeights
 
 OP = routed_configs.OP
 FP8 = v.FP8
@@ -53,10 +53,12 @@ def _(topk_ids, num_experts, sorted_pairs, offsets):
 @torch.library.custom_op("densemoe::routed_experts", mutates_args=("out",))
 def _routed_op(x: torch.Tensor, x_scale: torch.Tensor | None, w1: torch.Tensor, alpha1: torch.Tensor,
                w2: torch.Tensor, w2_scale: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-               out: torch.Tensor, config: str) -> None:
+               out: torch.Tensor, config: str, w1_block_scale: torch.Tensor | None = None,
+               w2_block_scale: torch.Tensor | None = None) -> None:
     M, k = topk_ids.shape
+    block = BLOCK if w1_block_scale is not None else 0
     cfg = (RoutedConfig.from_str(config) if config else
-           routed_configs.choose(_problem(x, w1, alpha1, k, out.dtype), x.device).config)
+           routed_configs.choose(_problem(x, w1, alpha1, k, out.dtype, block), x.device).config)
     P = M * k
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
@@ -70,19 +72,22 @@ def _routed_op(x: torch.Tensor, x_scale: torch.Tensor | None, w1: torch.Tensor, 
     else:
         y = torch.empty((P, I), dtype=torch.bfloat16, device=dev)
         ys = None
-    kern.fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, ys, k, cfg)
+    kern.fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, ys, k, cfg, w_block_scale=w1_block_scale)
     if cfg.atomic_combine:  # the pairs add into fp32 token rows; one cast to out's dtype
         acc = torch.zeros((M, w2.shape[0]), dtype=torch.float32, device=dev)
-        kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, acc, cfg.fc1_block_i, cfg, k)
+        kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, acc, cfg.fc1_block_i, cfg, k,
+                        w_block_scale=w2_block_scale)
         out.copy_(acc)
     else:  # each pair's row, then each token's k rows summed in slot order (deterministic)
         rows = torch.empty((P, w2.shape[0]), dtype=torch.bfloat16, device=dev)
-        kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, cfg.fc1_block_i, cfg, k)
+        kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, cfg.fc1_block_i, cfg, k,
+                        w_block_scale=w2_block_scale)
         kern.combine_launch(rows, topk_ids, out, E)
 
 
 @_routed_op.register_fake
-def _(x, x_scale, w1, alpha1, w2, w2_scale, topk_ids, topk_weights, out, config):
+def _(x, x_scale, w1, alpha1, w2, w2_scale, topk_ids, topk_weights, out, config, w1_block_scale=None,
+      w2_block_scale=None):
     return None
 
 
@@ -107,15 +112,15 @@ def _check_topk(op: str, topk_ids, topk_weights, M: int, E: int, device) -> tupl
     return topk_ids.contiguous(), topk_weights.to(torch.float32).contiguous()
 
 
-def _problem(x, w1, alpha1, top_k: int, out_dtype) -> RoutedProblem:
+def _problem(x, w1, alpha1, top_k: int, out_dtype, block: int = 0) -> RoutedProblem:
     E = alpha1.shape[0]
-    return RoutedProblem(x.shape[0], x.shape[1], E, w1.shape[0] // (2 * E), top_k, w1.dtype, out_dtype)
+    return RoutedProblem(x.shape[0], x.shape[1], E, w1.shape[0] // (2 * E), top_k, w1.dtype, out_dtype, block)
 
 
 def problem_of(x: torch.Tensor, prepared: PreparedWeights, top_k: int) -> RoutedProblem:
     out_dtype = x.dtype if x.dtype in _OUT_DTYPES else torch.bfloat16
     return RoutedProblem(x.shape[0], prepared.hidden, prepared.num_experts, prepared.inter, top_k,
-                         prepared.dtype, out_dtype)
+                         prepared.dtype, out_dtype, prepared.block)
 
 
 def which_config(x: torch.Tensor, prepared: PreparedWeights, top_k: int, config: RoutedConfig | None = None,
@@ -164,7 +169,19 @@ def routed_experts(x: torch.Tensor, prepared: PreparedWeights, topk_ids: torch.T
     out = torch.empty((M, H), dtype=out_dtype, device=dev)
     if M == 0:
         return out
-    if prepared.dtype == FP8:
+    if prepared.block:  # block-scaled weights: x in 1 x 128 groups (DeepSeek-V3's activations)
+        if x_quant is not None:
+            xq, sx = x_quant
+            if xq.shape != x.shape or xq.dtype != FP8 or tuple(sx.shape) != (M, H // prepared.block):
+                raise ValueError(f"{OP}: with block-scaled weights x_quant must be (x8 [M, H] fp8, sx [M, H/"
+                                 f"{prepared.block}]) = quantize_per_token_group(x), got {tuple(xq.shape)} {xq.dtype}, "
+                                 f"{tuple(sx.shape)}")
+        else:
+            if x.dtype == FP8:
+                raise ValueError(f"{OP}: an fp8 x needs its group scales: pass x_quant=(x8, sx)")
+            xq, sx = quantize_per_token_group(x, prepared.block)
+        sx = sx.to(torch.float32).contiguous()
+    elif prepared.dtype == FP8:
         if x_quant is not None:
             xq, sx = x_quant
             if xq.shape != x.shape or xq.dtype != FP8 or tuple(sx.shape) != (M,):
@@ -180,7 +197,8 @@ def routed_experts(x: torch.Tensor, prepared: PreparedWeights, topk_ids: torch.T
             raise ValueError(f"{OP}: x_quant is for fp8 weights; these are {prepared.dtype}")
         xq, sx = x.to(torch.bfloat16).contiguous(), None
     _routed_op(xq.contiguous(), sx, prepared.w1, prepared.alpha1, prepared.w2, prepared.w2_scale, topk_ids,
-               topk_weights, out, config.to_str() if config is not None else "")
+               topk_weights, out, config.to_str() if config is not None else "", prepared.w1_block_scale,
+               prepared.w2_block_scale)
     return out
 
 

@@ -53,6 +53,8 @@ def default_config(problem: RoutedProblem) -> RoutedConfig:
     bk2 = bk
     while p.i % bk2 and bk2 > 16:  # FC2's k-steps tile each expert's I exactly (TMA)
         bk2 //= 2
+    if p.block:  # one weight scale per tile and k-step
+        bk = bk2 = p.block
     cfg = RoutedConfig(block_m=bm, fc1_block_i=128, fc1_block_k=bk, fc1_swap_ab=swap, fc1_warps=warps,
                        fc1_stages=4 if bm <= 32 else 3, fc2_block_n=128, fc2_block_k=bk2, fc2_swap_ab=swap,
                        fc2_warps=warps, fc2_stages=4 if bm <= 32 else 3)

@@ -100,12 +100,13 @@ _recorded._dynamo_marked_constant = True
 
 def resolve(op: str, strategy, skip, m: int, e: int, *, top_k: int = DEFAULT_TOP_K,
             routed_blocker: str | None = None, skip_blocker: str | None = None,
-            problem=None, device=None) -> str:
+            dense_blocker: str | None = None, problem=None, device=None) -> str:
     """A caller's ``strategy`` ("skip", "dense", "routed" or None) and ``skip`` (None, True,
-    False: the older switch) -> the strategy to run. ``strategy=None, skip=None``: ``pick``;
-    ``skip=True`` is "skip", ``skip=False`` "dense" (with ``strategy=None``); both given and
-    disagreeing is a ValueError. A forced strategy that a blocker rules out is a ValueError
-    naming ``op`` and why; the rule never picks one."""
+    False: the older switch) -> the strategy to run. ``strategy=None, skip=None``: ``pick``, or,
+    where a blocker rules its answer out, the next that can run (skip -> dense -> routed;
+    routed -> dense); ``skip=True`` is "skip", ``skip=False`` "dense" (with ``strategy=None``);
+    both given and disagreeing is a ValueError. A forced strategy that a blocker rules out, or
+    none that can run, is a ValueError naming ``op`` and why."""
     if strategy is not None and (not isinstance(strategy, str) or strategy not in STRATEGIES):
         raise ValueError(f"{op}: strategy must be None or one of {STRATEGIES}, got {strategy!r}")
     if skip is not None and skip not in (True, False):
@@ -116,12 +117,16 @@ def resolve(op: str, strategy, skip, m: int, e: int, *, top_k: int = DEFAULT_TOP
             raise ValueError(f"{op}: strategy={strategy!r} and skip={skip!r} disagree (skip is the older "
                              f"switch: pass strategy alone)")
         strategy = from_skip
+    blockers = {"routed": routed_blocker, "skip": skip_blocker, "dense": dense_blocker}
     if strategy is None:
         chosen = pick(m, e, top_k, problem=problem, device=device, routed_ok=routed_blocker is None)
-        return "dense" if chosen == "skip" and skip_blocker is not None else chosen
-    blocker = {"routed": routed_blocker, "skip": skip_blocker}.get(strategy)
-    if blocker is not None:
-        raise ValueError(f"{op}: strategy={strategy!r} cannot run here: {blocker}")
+        order = {"skip": ("skip", "dense", "routed"), "dense": ("dense", "routed"), "routed": ("routed", "dense")}[chosen]
+        for name in order:
+            if blockers[name] is None:
+                return name
+        raise ValueError(f"{op}: no strategy can run here: " + "; ".join(f"{n}: {blockers[n]}" for n in order))
+    if blockers[strategy] is not None:
+        raise ValueError(f"{op}: strategy={strategy!r} cannot run here: {blockers[strategy]}")
     return strategy
 
 

@@ -113,7 +113,7 @@ def make_key(op: str, device: str, problem) -> str:
     p = problem
     v = versions()
     return (f"{op}|{device}|{_DTYPE_NAMES.get(p.dtype, str(p.dtype))}->{_DTYPE_NAMES.get(p.out_dtype, str(p.out_dtype))}"
-            f"|N={p.n}|K={p.k}|E={p.e}{f'|topk={p.top_k}' if hasattr(p, 'top_k') else ''}|M<={m_bucket(p.m)}"
+            f"|N={p.n}|K={p.k}|E={p.e}{f'|topk={p.top_k}' if hasattr(p, 'top_k') else ''}{f'|block={p.block}' if getattr(p, 'block', 0) else ''}|M<={m_bucket(p.m)}"
             f"|densemoe={v['densemoe']}|triton={v['triton']}|cutedsl={v['cutedsl']}")
 
 

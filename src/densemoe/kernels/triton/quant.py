@@ -18,6 +18,12 @@ Semantics (``densemoe.quant`` holds the torch twins)::
             y8[m, e*I:(e+1)*I] = clamp(y[...] / s, +-448).to(fp8)
             alpha2[m, e] = alpha[m, e] * s * w2_scale[e]
 
+    # per token and group of G columns (block-scaled fp8: DeepSeek-V3's 1 x 128 activations)
+    #   x [M, H] (H a multiple of G)  ->  x8 [M, H] fp8, sx [M, H / G] fp32
+    for m, g:
+        sx[m, g] = amax(|x[m, g*G:(g+1)*G]|) / 448   (1 where the group is all zero)
+        x8[m, g*G:(g+1)*G] = clamp(x[...] / sx[m, g], +-448).to(fp8)
+
 Schedule: one program per (token, block of experts). A block none of whose experts the token
 picked (most of them: top-8 of 256) only stores zeros. Otherwise a segment of I columns that
 fits one block is loaded once and kept in registers, a longer one is read twice (amax, then
@@ -151,3 +157,32 @@ def quant_y_triton(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor 
                           y.stride(0), alpha.stride(0), q.stride(0), alpha2.stride(0),
                           BLOCK_E=block_e, BLOCK_I=block_i, ONE_PASS=I <= block_i,
                           HAS_WS=w2_scale is not None, num_warps=num_warps, **launch_kwargs(y.device))
+
+
+@triton.jit
+def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s,
+                         G: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr = False):
+    """Program (m, b): row m's groups b*GROUPS .. b*GROUPS + GROUPS - 1, each G columns."""
+    pdl_enter(PDL)
+    m = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = g[:, None] * G + tl.arange(0, G)[None, :]
+    ok = cols < H
+    v = tl.load(x_ptr + m * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(v), axis=1)
+    sc = tl.where(amax > 0, amax / 448.0, 1.0)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
+    tl.store(q_ptr + m * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + m * stride_s + g, sc, mask=g * G < H)
+
+
+def quant_groups_triton(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group: int) -> None:
+    """q [M, H] fp8, s [M, H / group] fp32 <- x [M, H] (unit stride along H, H % group == 0)."""
+    M, H = x.shape
+    if M == 0:
+        return
+    n_groups = H // group
+    per_prog = max(1, min(_pow2_at_least(n_groups), 2048 // group))
+    _quant_groups_kernel[(M, triton.cdiv(n_groups, per_prog))](
+        x, q, s, H, x.stride(0), q.stride(0), s.stride(0), G=group, GROUPS=per_prog, num_warps=4,
+        **launch_kwargs(x.device))

@@ -115,6 +115,10 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     esize = problem.dtype.itemsize
     fc1_stage = (cfg.block_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
     fc2_stage = (cfg.block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
+    blk = getattr(problem, "block", 0)
+    if blk and (cfg.fc1_block_i, cfg.fc1_block_k, cfg.fc2_block_n, cfg.fc2_block_k) != (blk,) * 4:
+        bad.append(f"block-scaled weights: fc1_block_i, fc1_block_k, fc2_block_n and fc2_block_k must all be "
+                   f"{blk} (one weight scale per tile and k-step)")
     if cfg.tma and problem.i % cfg.fc2_block_k:
         bad.append(f"tma: fc2_block_k={cfg.fc2_block_k} must divide I={problem.i} (a TMA k-step must not reach "
                    f"into the next expert)")
@@ -290,11 +294,11 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 
 
 @triton.jit
-def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
-              H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm,
+def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
+              ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
               HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr):
+              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
     """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
     stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue."""
     t = u // i_tiles
@@ -325,7 +329,17 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_pt
         else:
             wg = tl.load(w_ptr + gate_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
             wu = tl.load(w_ptr + up_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-        if SWAP_AB:
+        if W_BLOCK:  # block-scaled: each step's fp32 partial sums times x's group scale and w's block scale
+            sx = tl.load(xs_ptr + tok.to(tl.int64) * stride_xsm + k0 // BLOCK_K, mask=r_ok, other=0.0)
+            sg = tl.load(ws_ptr + ((e * 2 * I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
+            su = tl.load(ws_ptr + ((e * 2 * I + I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
+            if SWAP_AB:
+                acc_g += tl.dot(wg, tl.trans(xt)) * (sx * sg)[None, :]
+                acc_u += tl.dot(wu, tl.trans(xt)) * (sx * su)[None, :]
+            else:
+                acc_g += tl.dot(xt, tl.trans(wg)) * (sx * sg)[:, None]
+                acc_u += tl.dot(xt, tl.trans(wu)) * (sx * su)[:, None]
+        elif SWAP_AB:
             acc_g = tl.dot(wg, tl.trans(xt), acc_g)
             acc_u = tl.dot(wu, tl.trans(xt), acc_u)
         else:
@@ -335,7 +349,7 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_pt
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
     s = tl.load(alpha1_ptr + e)
-    if HAS_XS:
+    if HAS_XS and not W_BLOCK:
         s = s * tl.load(xs_ptr + tok, mask=r_ok, other=0.0)[:, None]
     g = acc_g * s
     u_ = acc_u * s
@@ -350,34 +364,36 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_pt
 
 
 @triton.jit(do_not_specialize=["P"])
-def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
                 P, H, I, E, TOP_K, NUM_PROGS,
-                stride_xm, stride_wn, stride_ym, stride_ysm,
+                stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
                 HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr = False,
-                USE_TMA: tl.constexpr = False, PDL: tl.constexpr = False):
+                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     i_tiles = tl.cdiv(I, BLOCK_I)
     if FLATTEN:  # the compiler flattens the k-loop into this one: loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS, flatten=True):
-            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr,
-                      ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, HAS_XS, OUT_FP8,
-                      E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA)
+            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
+                      y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
+                      stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
+                      W_BLOCK)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
-            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, sorted_ptr, offsets_ptr, y_ptr,
-                      ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, HAS_XS, OUT_FP8,
-                      E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA)
+            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
+                      y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
+                      stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
+                      W_BLOCK)
 
 
 @triton.jit
-def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
-              H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om,
+def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
+              out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
-              USE_TMA: tl.constexpr):
+              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
     """Unit u = (tile u // n_tiles_n, column tile u % n_tiles_n): the tile's rows of y against
     the expert's slice of w2 over I, then scales, routing weight and the store (or, ``ATOMIC``,
     the add into the token's fp32 output row)."""
@@ -405,6 +421,8 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, 
             b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
             sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
+            if W_BLOCK:  # and w2's scale of this (row block, column block)
+                sy = sy * tl.load(ws_ptr + nt * stride_wsr + (e * I + k0) // BLOCK_K)
             if SWAP_AB:
                 acc += tl.dot(b, tl.trans(a)) * sy[None, :]
             else:
@@ -429,26 +447,27 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, 
 
 
 @triton.jit(do_not_specialize=["P"])
-def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
+def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
                 P, H, I, E, NUM_PROGS, Q, TOP_K,
-                stride_ym, stride_ysm, stride_wn, stride_om,
+                stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                 HAS_YS: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
-                FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, PDL: tl.constexpr = False):
+                FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
+                PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
     if FLATTEN:  # FC2's k-loop is short (I / BLOCK_K steps): flattened, loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS, flatten=True):
-            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr,
-                      out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, HAS_YS, E_PAD,
-                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA)
+            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
+                      out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
+                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS):
-            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, sorted_ptr, offsets_ptr, tw_ptr,
-                      out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, HAS_YS, E_PAD,
-                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA)
+            _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
+                      out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
+                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK)
 
 
 @triton.jit
@@ -478,8 +497,10 @@ def _num_programs(device: torch.device, cfg: RoutedConfig, max_units: int) -> in
     return max(1, min(max_units, sm_count(device) * cfg.programs_per_sm))
 
 
-def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k: int, cfg: RoutedConfig) -> None:
-    """Grouped FC1 into y [M*k, I] (sorted rows) and, for fp8 y, y_scale [M*k, cdiv(I, Q)]."""
+def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k: int, cfg: RoutedConfig,
+               w_block_scale=None) -> None:
+    """Grouped FC1 into y [M*k, I] (sorted rows) and, for fp8 y, y_scale [M*k, cdiv(I, Q)].
+    ``w_block_scale`` [E*2I/128, H/128]: block-scaled w1, x_scale then [M, H/128] (per group)."""
     P = sorted_pairs.numel()
     H = x.shape[1]
     E = alpha1.shape[0]
@@ -491,18 +512,20 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
     fp8_out = y.dtype == torch.float8_e4m3fn
     use_tma = cfg.tma and supports_tma(x.device) and tma_compatible(w1)
     w_desc = _descriptor(w1, [cfg.fc1_block_i, cfg.fc1_block_k]) if use_tma else w1
+    blk = w_block_scale is not None
     _fc1_kernel[(progs,)](
-        x, w1, w_desc, alpha1, x_scale if x_scale is not None else alpha1, sorted_pairs, offsets, y,
-        y_scale if fp8_out else alpha1, P, H, I, E, top_k, progs,
+        x, w1, w_desc, alpha1, x_scale if x_scale is not None else alpha1, w_block_scale if blk else alpha1,
+        sorted_pairs, offsets, y, y_scale if fp8_out else alpha1, P, H, I, E, top_k, progs,
         x.stride(0), w1.stride(0), y.stride(0), y_scale.stride(0) if fp8_out else 0,
+        x_scale.stride(0) if blk else 0, w_block_scale.stride(0) if blk else 0,
         HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
-        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, num_warps=cfg.fc1_warps,
+        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, num_warps=cfg.fc1_warps,
         **launch_kwargs(x.device))
 
 
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
-               cfg: RoutedConfig, top_k: int) -> None:
+               cfg: RoutedConfig, top_k: int, w_block_scale=None) -> None:
     """Grouped FC2 into rows [M*k, H] (pair order), weights and scales applied; with
     ``cfg.atomic_combine`` added into rows = the fp32 output [M, H] (zeroed by the caller)."""
     P = sorted_pairs.numel()
@@ -515,13 +538,15 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     has_ys = y_scale is not None
     use_tma = cfg.tma and I % cfg.fc2_block_k == 0 and supports_tma(y.device) and tma_compatible(w2)
     w_desc = _descriptor(w2, [cfg.fc2_block_n, cfg.fc2_block_k]) if use_tma else w2
+    blk = w_block_scale is not None
     _fc2_kernel[(progs,)](
-        y, y_scale if has_ys else w2_scale, w2, w_desc, w2_scale, sorted_pairs, offsets, topk_weights, rows,
-        P, H, I, E, progs, group, top_k,
+        y, y_scale if has_ys else w2_scale, w2, w_desc, w2_scale, w_block_scale if blk else w2_scale, sorted_pairs,
+        offsets, topk_weights, rows, P, H, I, E, progs, group, top_k,
         y.stride(0), y_scale.stride(0) if has_ys else 0, w2.stride(0), rows.stride(0),
+        w_block_scale.stride(0) if blk else 0,
         HAS_YS=has_ys, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
-        NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma,
+        NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
         num_warps=cfg.fc2_warps,
         **launch_kwargs(y.device))
 
