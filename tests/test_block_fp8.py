@@ -175,3 +175,24 @@ def test_the_layer_routes_block_fp8_and_refuses_dense_and_skip():
         experts_forward(x, pw, alpha)  # no ids: routed cannot run either
     with pytest.raises(ValueError, match="quantize_per_token_group"):
         routed_experts(x, pw, ids, wts, x_quant=(x.to(FP8), torch.ones(M)))
+
+
+@interp
+def test_fused_experts_takes_vllms_block_fp8_arguments():
+    import densemoe
+
+    E, I, H, M, k = 4, 128, 256, 6, 2
+    w13, s13, d13, w2, s2, d2 = block_weights(E, I, H, seed=9)
+    x = torch.randn(M, H).to(BF16)
+    ids, wts = routing(M, E, k, seed=10)
+    out = densemoe.fused_experts(x, w13, w2, wts, ids, use_fp8_w8a8=True, block_shape=[128, 128], w1_scale=s13,
+                                 w2_scale=s2)
+    pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+    assert torch.equal(out, routed_experts(x, pw, ids, wts))
+    with pytest.raises(ValueError, match=r"block_shape=\[64, 128\] is not supported"):
+        densemoe.fused_experts(x, w13, w2, wts, ids, block_shape=[64, 128], w1_scale=s13, w2_scale=s2)
+    with pytest.raises(ValueError, match="static activation scales"):
+        densemoe.fused_experts(x, w13, w2, wts, ids, block_shape=[128, 128], w1_scale=s13, w2_scale=s2,
+                               a1_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="use_fp8_w8a8=True expects fp8"):
+        densemoe.fused_experts(x, d13.to(BF16), d2.to(BF16), wts, ids, use_fp8_w8a8=True)

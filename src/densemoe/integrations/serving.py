@@ -36,7 +36,8 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, dtype: str | None = None,
                   w1_scale=None, w2_scale=None, activation: str = "silu", inplace: bool = False,
                   global_num_experts: int = -1, expert_map=None, skip: bool | None = None,
-                  strategy: str | None = None,
+                  strategy: str | None = None, use_fp8_w8a8: bool = False, block_shape=None,
+                  a1_scale=None, a2_scale=None,
                   **unsupported) -> torch.Tensor:
     """vLLM/SGLang-style routed experts through densemoe's kernels.
 
@@ -50,6 +51,11 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
         dtype: the kernels' dtype, "fp8" or "bf16"; default: "fp8" for fp8 weights, else "bf16".
         The weights are converted to the kernels' layout on the first call and cached while
         ``w1`` lives (redone if ``w1`` or ``w2`` is modified in place).
+        use_fp8_w8a8, block_shape: vLLM's fp8 switches. ``block_shape=[128, 128]`` with fp8 weights
+            and ``w1_scale`` [E, 2I/128, H/128], ``w2_scale`` [E, H/128, I/128] (DeepSeek-V3 /
+            Qwen3-FP8 block scales, kept as they are; the routed path runs them); other block
+            shapes are refused. ``a1_scale`` / ``a2_scale`` (static activation scales) are not
+            supported: activations are quantised dynamically (per token, or in 1 x 128 groups).
         strategy: "skip", "dense", "routed" or None (default: the rule per call,
             ``densemoe.ops.strategy``); skip: the older switch (True "skip", False "dense").
     Only ``activation="silu"`` (SwiGLU) without expert parallelism (``expert_map``) is supported.
@@ -58,6 +64,21 @@ def fused_experts(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tenso
         raise ValueError(f"{OP}: activation={activation!r} is not supported (only 'silu', SwiGLU)")
     if unsupported:
         raise TypeError(f"{OP}: unsupported arguments {sorted(unsupported)}")
+    if a1_scale is not None or a2_scale is not None:
+        raise ValueError(f"{OP}: static activation scales (a1_scale / a2_scale) are not supported; densemoe "
+                         "quantises activations dynamically")
+    if block_shape is not None:
+        if list(block_shape) != [128, 128]:
+            raise ValueError(f"{OP}: block_shape={list(block_shape)} is not supported; block-scaled fp8 weights "
+                             "take [128, 128] (DeepSeek-V3 / Qwen3-FP8's weight_block_size)")
+        if w1.dtype != FP8 or w1_scale is None or getattr(w1_scale, "dim", lambda: 0)() != 3:
+            raise ValueError(f"{OP}: block_shape=[128, 128] needs fp8 w1 / w2 with w1_scale [E, 2I/128, H/128] "
+                             "and w2_scale [E, H/128, I/128]")
+    if use_fp8_w8a8 and (w1.dtype != FP8 or w2.dtype != FP8):
+        raise ValueError(f"{OP}: use_fp8_w8a8=True expects fp8 w1 and w2 with their scales, got {w1.dtype}, "
+                         f"{w2.dtype} (densemoe quantises other weights itself with dtype='fp8')")
+    if use_fp8_w8a8 and dtype == "bf16":
+        raise ValueError(f"{OP}: use_fp8_w8a8=True and dtype='bf16' disagree")
     for name, t in (("hidden_states", hidden_states), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{OP}: {name} must be a 2-D tensor, got "
