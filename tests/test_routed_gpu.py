@@ -223,3 +223,24 @@ def dataclasses_replace_weights(pw, d13, d2):
     E, two_i, H = d13.shape
     ones = torch.ones(E, device=d13.device)
     return PreparedWeights(d13.reshape(E * two_i, H), ones, d2.permute(1, 0, 2).reshape(H, E * two_i // 2), ones)
+
+
+def test_checkpoint_loads_to_the_gpu_as_it_is(tmp_path):
+    """A tiny DeepSeek-V3-style block-fp8 checkpoint loads onto the GPU without dequantising: fp8
+    weights and float32 block scales on the device, the peak of memory while loading reported and
+    within twice the experts' bytes (the stacks, and one permuted copy of w2 while preparing)."""
+    import safetensors  # noqa: F401 - transformers brings it
+
+    from test_checkpoint import write_checkpoint
+
+    from densemoe.integrations.checkpoint import load_moe_layer
+
+    write_checkpoint(tmp_path, "deepseek_v3", True)
+    moe = load_moe_layer(tmp_path, 1, device="cuda")
+    pw = moe.prepared
+    assert pw.w1.device.type == "cuda" and pw.dtype == FP8 and pw.block == 128
+    stats = moe.checkpoint_stats
+    assert stats["peak_bytes_above_start"] is not None
+    assert stats["peak_bytes_above_start"] <= 2 * stats["expert_bytes"] + (1 << 20), stats
+    x = torch.randn(5, pw.hidden, device="cuda", dtype=BF16)
+    assert torch.isfinite(moe(x)).all()

@@ -17,6 +17,7 @@ from densemoe._version import __version__  # noqa: E402
 from densemoe.experts import experts_forward  # noqa: E402
 from densemoe.integrations import _hf_hook  # noqa: E402
 from densemoe.integrations.hf import register_hf  # noqa: E402
+from densemoe.integrations.checkpoint import load_moe_layer  # noqa: E402
 from densemoe.integrations.serving import fused_experts  # noqa: E402
 from densemoe.kernels.common import Fc1Problem, Fc2Problem  # noqa: E402
 from densemoe.kernels.cute.fc1_sm90 import Fc1CuteConfig  # noqa: E402
@@ -31,6 +32,6 @@ from densemoe.weights import PreparedWeights, prepare_weights  # noqa: E402
 
 _hf_hook.install()  # experts_implementation="densemoe" in transformers, no import of it here
 
-__all__ = ["fc1", "fc2", "DenseMoE", "fused_experts", "experts_forward", "prepare_weights", "PreparedWeights",
+__all__ = ["fc1", "fc2", "DenseMoE", "fused_experts", "load_moe_layer", "experts_forward", "prepare_weights", "PreparedWeights",
            "register_hf", "tune", "reference", "routing", "Fc2Problem", "Fc2TritonConfig", "Fc2CuteConfig",
            "Fc1Problem", "Fc1TritonConfig", "Fc1CuteConfig", "__version__"]
