@@ -196,3 +196,63 @@ def test_fused_experts_takes_vllms_block_fp8_arguments():
                                a1_scale=torch.ones(1))
     with pytest.raises(ValueError, match="use_fp8_w8a8=True expects fp8"):
         densemoe.fused_experts(x, d13.to(BF16), d2.to(BF16), wts, ids, use_fp8_w8a8=True)
+
+
+# ------------------------------------------------------------------ transformers' fine-grained fp8
+
+
+def _fp8_experts_block(seed=11):
+    """A tiny DeepseekV3MoE whose experts are transformers' FP8Experts (fine-grained fp8, 128 x 128
+    block scales), filled with block-varying scales; and the float32 weights they stand for."""
+    from transformers import DeepseekV3Config
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+    from transformers.integrations.moe import use_experts_implementation
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    E, I, H = 4, 128, 256
+    cfg = DeepseekV3Config(hidden_size=H, n_routed_experts=E, num_experts_per_tok=2, moe_intermediate_size=I,
+                           n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1,
+                           intermediate_size=256, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                           vocab_size=128, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                           v_head_dim=8)
+    block = DeepseekV3MoE(cfg).eval()
+    cls = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS,
+                                     has_bias=False, has_gate=True)
+    experts = cls(config=cfg, block_size=(128, 128), activation_scheme="dynamic")
+    w13, s13, d13, w2, s2, d2 = block_weights(E, I, H, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(w13)
+        experts.gate_up_proj_scale_inv.copy_(s13)
+        experts.down_proj.copy_(w2)
+        experts.down_proj_scale_inv.copy_(s2)
+        block.gate.weight.copy_(torch.randn(E, H, generator=g) * H ** -0.5)
+        block.gate.e_score_correction_bias.copy_(torch.rand(E, generator=g) * 0.1)
+    block.experts = experts
+    return cfg, block, (w13, s13, w2, s2)
+
+
+@interp
+def test_from_hf_and_the_hook_take_fine_grained_fp8_experts_as_they_are():
+    import densemoe
+    from densemoe.integrations.hf import _experts_forward
+
+    cfg, block, (w13, s13, w2, s2) = _fp8_experts_block()
+    moe = densemoe.DenseMoE.from_hf(block, dtype="fp8")
+    pw = moe.prepared
+    assert pw.block == 128 and torch.equal(pw.w1.view(torch.uint8), w13.reshape(-1, w13.shape[-1]).view(torch.uint8))
+    hand = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+    x = torch.randn(6, cfg.hidden_size, generator=torch.Generator().manual_seed(12)).to(BF16)
+    ids, wts = routing(6, 4, 2, seed=13)
+    # the experts implementation, called as transformers calls it, and through the registered name
+    hook = _experts_forward("fp8")(block.experts, x, ids, wts)
+    assert torch.equal(hook, routed_experts(x, hand, ids, wts))
+    densemoe.register_hf()
+    cfg._experts_implementation = "densemoe_fp8"
+    assert torch.equal(block.experts(x, ids, wts), hook)
+    with torch.no_grad():
+        block.experts.down_proj_scale_inv.mul_(2)  # modified in place: prepared again, twice the output
+    assert torch.allclose(_experts_forward("fp8")(block.experts, x, ids, wts).float(), 2 * hook.float(), rtol=2 ** -7)
+    block.experts.block_size = (64, 64)
+    with pytest.raises(NotImplementedError, match="block_size"):
+        densemoe.DenseMoE.from_hf(block)

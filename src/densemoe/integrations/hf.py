@@ -31,6 +31,28 @@ def check_experts(experts: nn.Module) -> None:
         raise NotImplementedError(f"{type(experts).__name__}: activation {act!r} is not supported (SwiGLU only)")
 
 
+def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(gate_up_proj [E, 2I, H], down_proj [E, H, I], their 128 x 128 block scales or None) of a
+    transformers experts module: the plain one, or ``FP8Experts`` (fine-grained fp8: fp8 weights
+    with ``*_scale_inv`` float32 block scales), used as they are. NotImplementedError for the
+    fine-grained forms densemoe cannot run, saying which."""
+    w13, w2 = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    s13 = getattr(experts, "gate_up_proj_scale_inv", None)
+    if s13 is None:
+        return w13, w2, None, None
+    name = type(experts).__name__
+    block = getattr(experts, "block_size", None)
+    if block is None or tuple(block) != (128, 128):
+        raise NotImplementedError(f"{name}: fine-grained fp8 with block_size {block} is not supported (128 x 128)")
+    if getattr(experts, "activation_scheme", "dynamic") != "dynamic":
+        raise NotImplementedError(f"{name}: static activation scales are not supported (dynamic only)")
+    s2 = experts.down_proj_scale_inv.detach()
+    if s13.dtype != torch.float32 or s2.dtype != torch.float32:
+        raise NotImplementedError(f"{name}: scales in {s13.dtype} (UE8M0?) are not supported; float32 "
+                                  "weight_scale_inv is (DeepSeek-V3/R1, Qwen3-FP8)")
+    return w13, w2, s13.detach(), s2
+
+
 def layer_args(block: nn.Module, dtype: str = "fp8") -> tuple[PreparedWeights, torch.Tensor, int, dict]:
     """(prepared weights, gate weight, top_k, keyword arguments) of the ``DenseMoE`` that runs
     ``block``'s routed experts on densemoe's kernels (its shared experts, DeepSeek-V3's, kept as
@@ -40,7 +62,8 @@ def layer_args(block: nn.Module, dtype: str = "fp8") -> tuple[PreparedWeights, t
     if name not in SUPPORTED_BLOCKS or experts is None or gate is None or not hasattr(experts, "gate_up_proj"):
         raise TypeError(f"DenseMoE.from_hf: {name} is not a supported MoE block ({', '.join(SUPPORTED_BLOCKS)})")
     check_experts(experts)
-    prepared = prepare_weights(experts.gate_up_proj.detach(), experts.down_proj.detach(), dtype=dtype)
+    w13, w2, s13, s2 = expert_weights(experts)
+    prepared = prepare_weights(w13, w2, dtype=dtype, w13_scale=s13, w2_scale=s2)
     if name == "DeepseekV3MoE":
         return prepared, gate.weight, gate.top_k, dict(
             router="deepseek_v3", logits_fp32=True, n_group=gate.num_group, topk_group=gate.topk_group,
@@ -57,11 +80,14 @@ def _experts_forward(dtype: str):
     first use and cached on the module (redone if its parameters are modified in place)."""
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         cache = self.__dict__.setdefault("_densemoe_prepared", {})
-        key = (dtype, self.gate_up_proj._version, self.down_proj._version)
+        key = (dtype, self.gate_up_proj._version, self.down_proj._version,
+               getattr(getattr(self, "gate_up_proj_scale_inv", None), "_version", None),
+               getattr(getattr(self, "down_proj_scale_inv", None), "_version", None))
         if key not in cache:
             check_experts(self)
             cache.clear()
-            cache[key] = prepare_weights(self.gate_up_proj.detach(), self.down_proj.detach(), dtype=dtype)
+            w13, w2, s13, s2 = expert_weights(self)
+            cache[key] = prepare_weights(w13, w2, dtype=dtype, w13_scale=s13, w2_scale=s2)
         prepared = cache[key]
         # the strategy rule per call; alpha [M, E] is built inside only for dense / skip
         return experts_forward(hidden_states, prepared, None, expert_ids=top_k_index,
@@ -73,9 +99,18 @@ def _experts_forward(dtype: str):
 def register_hf() -> list[str]:
     """Register densemoe in transformers' ``ExpertsInterface``: ``experts_implementation=
     "densemoe"`` (bf16 kernels) and ``"densemoe_fp8"`` (fp8 kernels, per-expert weight scales,
-    dynamic activation scales). Returns the names registered."""
+    dynamic activation scales); also in ``FP8ExpertsInterface``, for experts transformers holds in
+    fine-grained fp8 (128 x 128 block scales, kept as they are under "densemoe_fp8", dequantised
+    block by block under "densemoe"). Returns the names registered."""
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register("densemoe", _experts_forward("bf16"))
     ExpertsInterface.register("densemoe_fp8", _experts_forward("fp8"))
+    try:  # fine-grained fp8 experts (FP8Experts) dispatch through their own interface
+        from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+    except ImportError:  # pragma: no cover - a transformers without it
+        FP8ExpertsInterface = None
+    if FP8ExpertsInterface is not None:
+        FP8ExpertsInterface.register("densemoe", _experts_forward("bf16"))
+        FP8ExpertsInterface.register("densemoe_fp8", _experts_forward("fp8"))
     return ["densemoe", "densemoe_fp8"]
