@@ -246,3 +246,120 @@ def test_experts_plot_and_markdown_without_a_gpu(tmp_path):
     assert plot_experts({"device": "cpu", "commit": "abc"}, recs, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert not plot_experts({}, [r for r in recs if r["op"] != "experts"], str(tmp_path / "q.png"))
+
+
+# ------------------------------------------------------------------ dtype fp8block (issue 20)
+
+TINYBLOCK = MoEShape("tinyblock", 256, 4, 128, 2)  # H and I multiples of 128: one 128 x 128 block and more
+BLOCK_LINES = ("routed", "chosen", layer.PER_EXPERT, "cublas_fp8_pipeline", "hf_eager_bf16", "torch_grouped")
+BLOCK_KEYS = KEYS | {"I", "top_k", "chosen", "routed_floor_us", "dense_floor_us", "flops", "active_experts",
+                     "baselines", "block", "rel_err_routed", f"rel_err_{layer.PER_EXPERT}", "block_over_per_expert",
+                     "err_block_over_per_expert", "dense_us", "skip_us", "dense_note", "skip_note"} | {
+    f"{name}_{suffix}" for name in BLOCK_LINES for suffix in ("us", "tb_s", "pct_floor")}
+
+
+def test_quantize_per_block_round_trip():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2, 256, 384, generator=g) * torch.rand(2, 2, 1, 3, 1, generator=g).expand(2, 2, 128, 3, 128).reshape(2, 256, 384)
+    w[1, :128, :128] = 0  # an all-zero block: scale 1, zeros
+    q, s = layer.quantize_per_block(w.to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and s.shape == (2, 2, 3) and s.dtype == torch.float32
+    blocks = w.to(torch.bfloat16).float().reshape(2, 2, 128, 3, 128)
+    amax = blocks.abs().amax(dim=(2, 4))
+    assert torch.equal(s[amax > 0], amax[amax > 0] / 448) and s[1, 0, 0] == 1.0
+    assert q.float().reshape(2, 2, 128, 3, 128).abs().amax(dim=(2, 4))[amax > 0].eq(448).all()  # each block's amax -> 448
+    deq = layer.dequantize_per_block(q, s)
+    assert layer.rel_err(deq, w) < 0.04 and deq[1, :128, :128].eq(0).all()
+    with pytest.raises(ValueError, match="128 x 128"):
+        layer.quantize_per_block(torch.zeros(1, 100, 128))
+    assert layer.weight_bytes("fp8block", 2, 128, 256) == 3 * 2 * 128 * 256 + 3 * 2 * 1 * 2 * 4
+    assert layer.weight_bytes("fp8", 2, 128, 256) * 2 == layer.weight_bytes("bf16", 2, 128, 256)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_fp8block_records_and_report(tmp_path):
+    """dtype fp8block: block-scaled weights on the routed path (dense / skip None with a note), the
+    per-expert requantisation beside it, both errors against fp32 on the dequantised weights, the
+    floor with the scales' bytes; layer records too; the report and plot render."""
+    ceiling, peaks = {"tb_s": 3.0}, {"fp8": 1000.0, "bf16": 500.0}
+    logs = []
+    out = layer.run_layer([TINYBLOCK], ["fp8block"], [1, 7], fake_timer, ceiling, peaks, "cpu", "abc",
+                          log=logs.append, dev="cpu", hf_implementations=("eager",))
+    lay = [r for r in out if r["op"] == "layer"]
+    exp = [r for r in out if r["op"] == "experts"]
+    assert [(r["dtype"], r["M"]) for r in lay] == [("fp8block", 1), ("fp8block", 7)] and len(exp) == 2
+    E, I, H = TINYBLOCK.experts, TINYBLOCK.inter, TINYBLOCK.hidden
+    for r in lay:
+        assert KEYS <= set(r) and r["us"] == 10.0 and r["rel_err"] < 0.1 and "err_ratio_vs_torch_fp8" not in r
+        assert r["bytes"] == layer.weight_bytes("fp8block", r["active_experts"], I, H) + 2 * r["M"] * H * 2
+    for r in exp:
+        assert BLOCK_KEYS <= set(r), BLOCK_KEYS - set(r)
+        assert r["dtype"] == "fp8block" and r["block"] == 128
+        assert r["dense_us"] is None and r["skip_us"] is None
+        assert "routed path only" in r["dense_note"] and "routed path only" in r["skip_note"]
+        assert r["chosen"] == "routed" and r["routed_us"] == r["chosen_us"] == r["us"] == 10.0
+        assert r[f"{layer.PER_EXPERT}_us"] == 10.0 and r["block_over_per_expert"] == 1.0
+        # both errors against the fp32 reference on the dequantised weights; block scales the more accurate
+        e, e_pe = r["rel_err_routed"], r[f"rel_err_{layer.PER_EXPERT}"]
+        assert 0 < e < 0.1 and 0 < e_pe < 0.1 and r["rel_err"] == e
+        assert math.isclose(r["err_block_over_per_expert"], e / e_pe) and r["err_block_over_per_expert"] < 1.0
+        # torch's bf16 grouped pipeline on the dequantised weights (where this torch has _grouped_mm)
+        if hasattr(torch, "_grouped_mm"):
+            assert r["torch_grouped_us"] == 10.0 and r["rel_err_torch_grouped"] < 2e-2, r.get("torch_grouped_note")
+        assert r["cublas_fp8_pipeline_us"] == 10.0 and r["hf_eager_bf16_us"] == 10.0  # shared, as for fp8 / bf16
+        assert r["bytes"] == 3 * r["active_experts"] * I * H * (1 + 4 / 16384)  # fp8 bytes + the scales'
+        floor = max(r["bytes"] / ceiling["tb_s"] / 1e6, r["flops"] / peaks["fp8"] / 1e6)
+        assert math.isclose(r["routed_floor_us"], floor) and math.isclose(r["routed_pct_floor"], 100 * floor / 10.0)
+        assert r["best"] == "routed" and r["chosen_over_best"] == 1.0
+    assert any("fp8block" in line and "block/per-expert 1.000" in line for line in logs)
+    meta = dict(device="cpu", commit="abc", date="today", torch="t", triton="t", read_ceiling_tb_s=3.0,
+                peak_tflops=peaks, command="python -m densemoe.bench layer --dtypes fp8block")
+    md = layer.markdown(meta, out)
+    assert "### tinyblock fp8block" in md and "| tinyblock | fp8block | 7 |" in md
+    assert "block / per-expert" in md and "rel err per-expert fp8" in md and "routed path only" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 7 |"))
+    assert row.count("|") == next(line for line in md.splitlines() if line.startswith("| M | picked")).count("|")
+    pytest.importorskip("matplotlib")
+    from densemoe.bench.layer_plot import plot_experts
+
+    assert plot_experts(meta, out, str(tmp_path / "b.png")) and (tmp_path / "b.png").stat().st_size > 1000
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_fp8block_timings_and_errors_land_on_the_right_keys(monkeypatch):
+    """In the interleaved rounds: fp8block's torch_grouped, routed (chosen: timed once, same
+    bits), per-expert fp8; a line that is wrong is recorded (None, ``*_error``), not timed."""
+    add_block = layer.ExpertsCase.add_block
+
+    def broken(case):  # the per-expert weights with FC2's sign flipped: a wrong result
+        add_block(case)
+        pe = case.per_expert_from_block
+        case.per_expert_from_block = type(pe)(pe.w1, pe.alpha1, pe.w2, -pe.w2_scale)
+
+    ceiling, peaks = {"tb_s": 3.0}, {"fp8": 1000.0, "bf16": 500.0}
+    out = layer.run_layer([TINYBLOCK], ["fp8block"], [7], OrderTimer(), ceiling, peaks, "cpu", "abc",
+                          log=lambda s: None, dev="cpu", hf_implementations=("eager",))
+    (r,) = [r for r in out if r["op"] == "experts"]
+    # rounds: cuBLAS, eager (layer baselines), ours, experts-only, cuBLAS, eager (experts path), then fp8block's:
+    # torch_grouped, routed, per-expert
+    t = 80.0 if r["torch_grouped_us"] is not None else 70.0
+    assert (r["routed_us"], r["chosen_us"], r[f"{layer.PER_EXPERT}_us"]) == (t, t, t + 10.0)
+    assert r["chosen_rounds"] == r["routed_rounds"] == [t] * 3 and r["block_over_per_expert"] == t / (t + 10.0)
+    monkeypatch.setattr(layer.ExpertsCase, "add_block", broken)
+    out = layer.run_layer([TINYBLOCK], ["fp8block"], [7], fake_timer, ceiling, peaks, "cpu", "abc",
+                          log=lambda s: None, dev="cpu", hf_implementations=("eager",))
+    (r,) = [r for r in out if r["op"] == "experts"]
+    assert r[f"{layer.PER_EXPERT}_us"] is None and "wrong result" in r[f"{layer.PER_EXPERT}_error"]
+    assert r[f"rel_err_{layer.PER_EXPERT}"] > 0.1 and r["block_over_per_expert"] is None
+    assert r["routed_us"] == r["chosen_us"] == 10.0 and "error" not in r
+    md = "\n".join(layer.markdown_experts(out))
+    assert f"{layer.PER_EXPERT}: wrong result" in md
+
+
+def test_fp8block_is_a_layer_dtype_only():
+    from densemoe.bench.__main__ import main
+
+    assert main(["fc1", "--dtypes", "fp8block"]) == 2
+    assert main(["fc2", "--dtypes", "fp8,fp8block"]) == 2

@@ -34,7 +34,8 @@ def main(argv=None) -> int:
                     f"default: {DEFAULTS['shapes']} ({SKIP_DEFAULTS['shapes']} for skip, "
                     f"{LAYER_DEFAULTS['shapes']} for layer)")
     ap.add_argument("--dtypes", default=None,
-                    help=f"default: {DEFAULTS['dtypes']} ({SKIP_DEFAULTS['dtypes']} for skip)")
+                    help=f"default: {DEFAULTS['dtypes']} ({SKIP_DEFAULTS['dtypes']} for skip); layer also takes "
+                    "fp8block (128 x 128 block-scaled fp8 weights, routed path)")
     ap.add_argument("--m", default=None, help="comma list; a-b takes the sweep points in [a, b] "
                     f"({', '.join(map(str, M_SWEEP))}); "
                     f"default: {DEFAULTS['m']} ({SKIP_DEFAULTS['m']} for skip, {LAYER_DEFAULTS['m']} for layer)")
@@ -56,9 +57,10 @@ def main(argv=None) -> int:
     if unknown:
         print(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(SHAPES)}", file=sys.stderr)
         return 2
-    bad = [d for d in args.dtypes.split(",") if d not in ("fp8", "bf16")]
+    known = ("fp8", "bf16", "fp8block") if args.what == "layer" else ("fp8", "bf16")  # fp8block: issue 20, layer only
+    bad = [d for d in args.dtypes.split(",") if d not in known]
     if bad:
-        print(f"--dtypes: unknown {', '.join(bad)}; choose from fp8, bf16", file=sys.stderr)
+        print(f"--dtypes: unknown {', '.join(bad)} for {args.what}; choose from {', '.join(known)}", file=sys.stderr)
         return 2
     try:
         parse_ms(args.m)

@@ -1,12 +1,14 @@
 """The experts path of ``python -m densemoe.bench layer`` as a log-log plot (no GPU needed): us
 against M, one panel per shape and dtype; a line per strategy (dense, skip, routed forced; the
-chosen one, bold), per baseline (dashed) and the routed floor (black, dotted). matplotlib is the
+chosen one, bold; fp8block panels also the routed path on the weights requantised per expert),
+per baseline (dashed) and the routed floor (black, dotted). matplotlib is the
 optional ``bench`` extra: ``plot_experts`` raises ImportError without it, and the caller skips
 the plot."""
 
 from __future__ import annotations
 
-STRATEGY_STYLES = {"dense": "-o", "skip": "-s", "routed": "-^", "chosen": "-D"}
+STRATEGY_STYLES = {"dense": "-o", "skip": "-s", "routed": "-^", "chosen": "-D",
+                   "routed_per_expert_fp8": "-v"}  # the last: fp8block records only (requantised per expert)
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
