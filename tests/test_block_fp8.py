@@ -189,6 +189,10 @@ def test_fused_experts_takes_vllms_block_fp8_arguments():
                                  w2_scale=s2)
     pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
     assert torch.equal(out, routed_experts(x, pw, ids, wts))
+    s2.mul_(2)  # a scale changed in place: prepared again (the output doubles exactly)
+    again = densemoe.fused_experts(x, w13, w2, wts, ids, use_fp8_w8a8=True, block_shape=[128, 128], w1_scale=s13,
+                                   w2_scale=s2)
+    assert torch.equal(again.float(), 2 * out.float())
     with pytest.raises(ValueError, match=r"block_shape=\[64, 128\] is not supported"):
         densemoe.fused_experts(x, w13, w2, wts, ids, block_shape=[64, 128], w1_scale=s13, w2_scale=s2)
     with pytest.raises(ValueError, match="static activation scales"):

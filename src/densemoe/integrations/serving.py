@@ -18,10 +18,12 @@ _PREPARED: dict[int, tuple] = {}  # id(w1) -> (weakref to w1, key, PreparedWeigh
 
 
 def _prepared_cached(w1, w2, dtype, w1_scale, w2_scale) -> PreparedWeights:
-    """Prepare once per (w1, w2, dtype): cached while w1 lives, redone if either is modified.
+    """Prepare once per (w1, w2, dtype, scales): cached while w1 lives, redone if any is modified.
     (Tensors compare elementwise, so the cache is keyed by id with a weak reference to check
     the identity; the entry goes when w1 is collected.)"""
-    key = (id(w2), w2._version, w1._version, dtype)
+    def version(s):  # a scale tensor changed in place re-prepares too (a Python number is its own key)
+        return (id(s), s._version) if isinstance(s, torch.Tensor) else s
+    key = (id(w2), w2._version, w1._version, dtype, version(w1_scale), version(w2_scale))
     hit = _PREPARED.get(id(w1))
     if hit is not None and hit[0]() is w1 and hit[1] == key:
         return hit[2]
