@@ -9,7 +9,7 @@
 # Here, first: bash ../shared/tools/cutedsl-bundle (writes .carry/cutedsl.tar.xz, for the suite's
 # CuTe DSL tests); then on the GPU machine, with carry [".carry"]:
 #   bash bench/routed_gpu.sh <commit>
-# Env: NO_SUITE=1 skips the suite; SHAPES (comma list), DTYPES, MS, REPS, SKIP_MAX_M (time the skip
+# Env: STAGES=1 adds bench/probes/routed_stages.py per shape (fp8; ~60 s each, estimated); NO_SUITE=1 skips the suite; SHAPES (comma list), DTYPES, MS, REPS, SKIP_MAX_M (time the skip
 # strategy only up to this M), SUITE_TIMEOUT, BENCH_TIMEOUT override the defaults below.
 # Block-scaled fp8 (issue 20, dtype fp8block: routed path, its per-expert requantisation, torch's
 # bf16 grouped pipeline on the dequantised weights) is NOT in the default DTYPES: with it the call
@@ -68,6 +68,12 @@ for shape in $(echo "${SHAPES:-deepseek-v3-tp8,qwen3-30b-a3b}" | tr , ' '); do
   grep "^experts .* fp8block " $out.log | sed -e "$short" | cut -c1-250
   tail -1 $out.log | cut -c1-200
 done
+if [[ -n ${STAGES:-} ]]; then  # where the routed path's time goes, per launch (bench/probes/routed_stages.py)
+  for shape in $(echo "${SHAPES:-deepseek-v3-tp8,qwen3-30b-a3b}" | tr , ' '); do
+    timeout ${STAGES_TIMEOUT:-90} python3 bench/probes/routed_stages.py $shape fp8 ${STAGES_MS:-1,16,64,128,512,2048} \
+      2>&1 | tail -8 | cut -c1-230
+  done
+fi
 [[ -f $OUT/gpu_tests.log ]] && echo "# GPU suite:" && tail -2 $OUT/gpu_tests.log | cut -c1-300
 # at most 8 files come back: the results (3 a shape), the logs in one tarball
 cd $OUT && tar czf logs.tgz $(ls *.log 2>/dev/null) && rm -f *.log; ls -l $OUT
