@@ -158,23 +158,71 @@ def test_block_scales_beat_per_expert_scales_on_block_varying_weights():
     assert errs(block, exact)[0] < errs(per_expert, exact)[0]
 
 
+def dense_pipeline(x, d13, d2, ids, wts):
+    """The dense / skip path's block-fp8 pipeline in torch (float32): x in 1 x 128 groups, FC1 on
+    the dequantised w1 rounded to bf16 as FC1 stores y, y quantised per (token, expert) over I,
+    FC2 on the dequantised w2 weighted by the routing; bf16 out."""
+    E, two_i, H = d13.shape
+    I = two_i // 2
+    M = x.shape[0]
+    xq, sx = quantize_per_token_group_ref(x)
+    xd = (xq.float().reshape(M, H // B, B) * sx[:, :, None]).reshape(M, H)
+    out = torch.zeros(M, H)
+    for m in range(M):
+        for j in range(ids.shape[1]):
+            e = int(ids[m, j])
+            h = d13[e] @ xd[m]
+            y = (torch.nn.functional.silu(h[:I]) * h[I:]).to(BF16).float()
+            sc = y.abs().max() / 448 if y.abs().max() > 0 else torch.tensor(1.0)
+            yq = (y / sc).clamp(-448, 448).to(FP8).float() * sc
+            out[m] += wts[m, j] * (d2[e] @ yq)
+    return out.to(BF16)
+
+
 @interp
-def test_the_layer_routes_block_fp8_and_refuses_dense_and_skip():
-    E, I, H, M, k = 4, 128, 256, 5, 2
-    w13, s13, d13, w2, s2, d2 = block_weights(E, I, H)
+@pytest.mark.parametrize("M", [1, 7, 40])
+def test_every_strategy_runs_block_fp8(M):
+    """Dense, skip and routed on block-scaled weights, each within 1.2x the error of its own
+    pipeline done in torch, against float64 on the dequantised weights."""
+    E, I, H, k = 4, 256, 256, 2
+    w13, s13, d13, w2, s2, d2 = block_weights(E, I, H, seed=3)
+    pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+    x = torch.randn(M, H, generator=torch.Generator().manual_seed(M)).to(BF16)
+    ids, wts = routing(M, E, k, seed=M)
+    alpha = torch.zeros(M, E).scatter(1, ids, wts)
+    exact = experts_ref(x, d13, d2, alpha)
+    torch_dense = errs(dense_pipeline(x, d13, d2, ids, wts), exact)[0]
+    torch_routed = errs(pipeline(x, d13, d2, ids, wts, torch.float32, True), exact)[0]
+    for strategy, bar in (("dense", torch_dense), ("skip", torch_dense), ("routed", torch_routed)):
+        out = experts_forward(x, pw, alpha, strategy=strategy, expert_ids=ids)
+        assert torch.isfinite(out).all()
+        assert errs(out, exact)[0] <= 1.2 * bar, (strategy, errs(out, exact)[0], bar)
+    assert torch.equal(experts_forward(x, pw, alpha), experts_forward(x, pw, alpha, strategy="skip"))  # the rule
+    with pytest.raises(ValueError, match="quantize_per_token_group"):
+        experts_forward(x, pw, alpha, x_quant=(x.to(FP8), torch.ones(M)))
+
+
+@interp
+def test_the_ops_take_block_scales_and_refuse_what_they_cannot():
+    import densemoe
+
+    E, I, H, M = 2, 128, 256, 3
+    w13, s13, d13, w2, s2, d2 = block_weights(E, I, H, seed=4)
     pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
     x = torch.randn(M, H).to(BF16)
-    ids, wts = routing(M, E, k)
-    alpha = torch.zeros(M, E).scatter(1, ids, wts)
-    out = experts_forward(x, pw, alpha, expert_ids=ids)  # the rule would skip at M = 5: routed instead
-    assert torch.equal(out, routed_experts(x, pw, ids, alpha.gather(1, ids)))
-    for s in ("dense", "skip"):
-        with pytest.raises(ValueError, match="block-scaled fp8 weights"):
-            experts_forward(x, pw, alpha, strategy=s, expert_ids=ids)
-    with pytest.raises(ValueError, match="no strategy can run here"):
-        experts_forward(x, pw, alpha)  # no ids: routed cannot run either
-    with pytest.raises(ValueError, match="quantize_per_token_group"):
-        routed_experts(x, pw, ids, wts, x_quant=(x.to(FP8), torch.ones(M)))
+    x8, sg = quantize_per_token_group(x)
+    with pytest.raises(ValueError, match="go together"):
+        densemoe.fc1(x8, pw.w1, pw.alpha1, w_block_scale=pw.w1_block_scale)
+    with pytest.raises(ValueError, match="Triton kernel"):
+        densemoe.fc1(x8, pw.w1, pw.alpha1, x_group_scale=sg, w_block_scale=pw.w1_block_scale, backend="cute")
+    with pytest.raises(ValueError, match="must be a float32"):
+        densemoe.fc1(x8, pw.w1, pw.alpha1, x_group_scale=sg[:, :1], w_block_scale=pw.w1_block_scale)
+    y = densemoe.fc1(x8, pw.w1, pw.alpha1, x_group_scale=sg, w_block_scale=pw.w1_block_scale)
+    y8 = y.to(FP8)
+    with pytest.raises(ValueError, match="w_block_scale must be"):
+        densemoe.fc2(y8, pw.w2, torch.ones(M, E), w_block_scale=pw.w2_block_scale[:1])
+    with pytest.raises(ValueError, match="Triton kernel"):
+        densemoe.fc2(y8, pw.w2, torch.ones(M, E), w_block_scale=pw.w2_block_scale, backend="cute")
 
 
 @interp

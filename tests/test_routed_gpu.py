@@ -215,6 +215,41 @@ def test_block_fp8_on_model_shapes(shape, M):
     assert torch.isfinite(out).all() and rel <= 1.2 * t_rel, (rel, t_rel)
 
 
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("M", [1, 64])
+@pytest.mark.parametrize("strategy", ["dense", "skip"])
+def test_block_fp8_dense_and_skip_on_model_shapes(shape, M, strategy):
+    """The dense and skipping paths on 128 x 128 block-scaled weights: within 1.2x the error of the
+    same pipeline in torch (x in 1 x 128 groups, y per (token, expert)), against float64."""
+    from densemoe.reference import experts_ref, quantize_per_token_group_ref
+
+    s = SHAPES[shape]
+    E, I, H, B = s.experts, s.inter, s.hidden, 128
+    g = torch.Generator(device="cuda").manual_seed(M + 7)
+
+    def one(rows, cols, fan_in):
+        sc = (torch.rand(E, rows // B, cols // B, device="cuda", generator=g) * 19 + 1) * (fan_in ** -0.5 / 448)
+        q = (torch.randn(E, rows, cols, device="cuda", generator=g) * 120).clamp(-448, 448).to(FP8)
+        return q, sc, (q.float().reshape(E, rows // B, B, cols // B, B) * sc[:, :, None, :, None]).reshape(E, rows, cols)
+
+    w13, s13, d13 = one(2 * I, H, H)
+    w2, s2, d2 = one(H, I, I)
+    pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+    x = torch.randn(M, H, device="cuda", generator=g, dtype=BF16)
+    ids = torch.rand(M, E, device="cuda", generator=g).topk(s.topk, dim=1).indices
+    wts = torch.softmax(torch.randn(M, s.topk, device="cuda", generator=g), dim=1)
+    alpha = torch.zeros(M, E, device="cuda").scatter(1, ids, wts)
+    out = densemoe.experts_forward(x, pw, alpha, strategy=strategy, expert_ids=ids)
+    exact = experts_ref(x, d13, d2, alpha, compute_dtype=torch.float64, experts_per_chunk=16)
+    xq, sx = quantize_per_token_group_ref(x)
+    xd = (xq.float().reshape(M, H // B, B) * sx[:, :, None]).reshape(M, H)
+    same = _by_expert(dataclasses_replace_weights(pw, d13, d2), xd, ids, wts, I, torch.float32, False,
+                      y_fp8=True).to(BF16)  # y quantised over all of I: per (token, expert)
+    rel, _ = _errs(out, exact)
+    t_rel, _ = _errs(same, exact)
+    assert torch.isfinite(out).all() and rel <= 1.2 * t_rel, (rel, t_rel)
+
+
 def dataclasses_replace_weights(pw, d13, d2):
     """PreparedWeights of the dequantised float32 weights (per-expert scales of one), in the
     kernels' layout, for ``_by_expert``'s torch pipeline."""

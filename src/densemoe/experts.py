@@ -27,7 +27,7 @@ from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
 from densemoe.ops.fc2 import fc2
 from densemoe.ops.routed import problem_of, routed_experts
 from densemoe.routing import alpha_from_topk
-from densemoe.quant import FP8, quantize_per_token, quantize_y_fold_alpha
+from densemoe.quant import FP8, quantize_per_token, quantize_per_token_group, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights
 
 OP = "experts_forward"
@@ -101,10 +101,8 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         raise ValueError(f"{OP}: topk_weights needs expert_ids [M={M}, k] beside it")
     k = expert_ids.shape[1] if per_token else (top_k or rule.DEFAULT_TOP_K)
     routed_blocker = None if per_token else "it needs the top-k ids: expert_ids [M, k]"
-    block_blocker = (f"block-scaled fp8 weights ({prepared.block} x {prepared.block} scales) run on the routed path "
-                     "only so far" if prepared.block else None)
-    how = rule.resolve(OP, strategy, skip, M, E, top_k=k, routed_blocker=routed_blocker, skip_blocker=block_blocker,
-                       dense_blocker=block_blocker, problem=problem_of(x, prepared, k), device=x.device)
+    how = rule.resolve(OP, strategy, skip, M, E, top_k=k, routed_blocker=routed_blocker,
+                       problem=problem_of(x, prepared, k), device=x.device)
     if how == "routed":
         if topk_weights is None:
             topk_weights = alpha.float().gather(1, expert_ids.long())
@@ -116,9 +114,11 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
         if prepared.dtype != FP8:
             raise ValueError(f"{OP}: x_quant is for fp8 weights; these are {prepared.dtype}")
         x8, sx = x_quant
-        if x8.shape != x.shape or x8.dtype != FP8 or sx.shape != (M,):
-            raise ValueError(f"{OP}: x_quant must be (x8 [M, H] fp8, sx [M]) for x {tuple(x.shape)}, got "
-                             f"{tuple(x8.shape)} {x8.dtype}, {tuple(sx.shape)}")
+        want = (M, H // prepared.block) if prepared.block else (M,)
+        if x8.shape != x.shape or x8.dtype != FP8 or tuple(sx.shape) != want:
+            raise ValueError(f"{OP}: x_quant must be (x8 [M, H] fp8, sx {list(want)}) for x {tuple(x.shape)}"
+                             f"{' (block-scaled weights: quantize_per_token_group(x))' if prepared.block else ''}, "
+                             f"got {tuple(x8.shape)} {x8.dtype}, {tuple(sx.shape)}")
     ids = None
     if expert_ids is not None:
         if expert_ids.dim() not in (1, 2):
@@ -126,7 +126,13 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
                              f"{tuple(expert_ids.shape) if isinstance(expert_ids, torch.Tensor) else type(expert_ids).__name__}")
         if skip and M == 1:
             ids = v.expert_ids(OP, expert_ids, M, E, skip, x.device)
-    if prepared.dtype == FP8:
+    if prepared.block:  # 128 x 128 block-scaled weights: x in 1 x 128 groups, both scales per k-step
+        x8, sg = quantize_per_token_group(x, prepared.block) if x_quant is None else x_quant
+        y = fc1(x8, prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False, expert_ids=ids,
+                x_group_scale=sg, w_block_scale=prepared.w1_block_scale)
+        y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
+        out = fc2(y8, prepared.w2, alpha2, skip=skip, expert_ids=ids, w_block_scale=prepared.w2_block_scale)
+    elif prepared.dtype == FP8:
         x8, sx = quantize_per_token(x) if x_quant is None else x_quant
         if rule.quantize_y_in_fc1(prepared.inter):  # one FC1 tile holds all of I: quantise in its epilogue
             y8, ys = fc1_fp8_dynamic(x8, prepared.w1, prepared.alpha1, x_scale=sx)

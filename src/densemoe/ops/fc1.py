@@ -8,6 +8,8 @@ config, is ``fc1_configs.choose``'s answer; whether to skip experts, ``strategy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from densemoe.kernels.common import Fc1Problem
@@ -54,10 +56,16 @@ def which_backend(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, out: 
 def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: torch.Tensor | None,
             alpha_post: torch.Tensor | None, out_scale: torch.Tensor | None, routing: torch.Tensor | None,
             out: torch.Tensor, config: str, backend: str, skip: bool, fill: bool = True,
-            expert_ids: torch.Tensor | None = None) -> None:
+            expert_ids: torch.Tensor | None = None, x_group_scale: torch.Tensor | None = None,
+            w_block_scale: torch.Tensor | None = None) -> None:
     which, cfg, _ = _choose(x, w1, alpha1, out, fc1_configs.parse_config(config) if config else None, backend,
                             x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale, skip=skip,
                             routing=routing is not None)
+    if w_block_scale is not None:  # the Triton kernel (backend forced by fc1), tiles within a scale block
+        fc1_triton(x, w1, alpha1, out, block_config(cfg), alpha_post=alpha_post, out_scale=out_scale,
+                   routing=routing, skip=skip, fill=fill, expert_ids=expert_ids, x_group_scale=x_group_scale,
+                   w_block_scale=w_block_scale)
+        return
     if which == "cute":
         cute_fc1.fc1_cute(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
         return
@@ -66,8 +74,15 @@ def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: to
 
 
 @_fc1_op.register_fake
-def _(x, w1, alpha1, x_scale, alpha_post, out_scale, routing, out, config, backend, skip, fill=True, expert_ids=None):
+def _(x, w1, alpha1, x_scale, alpha_post, out_scale, routing, out, config, backend, skip, fill=True, expert_ids=None,
+      x_group_scale=None, w_block_scale=None):
     return None
+
+
+def block_config(cfg: Fc1TritonConfig) -> Fc1TritonConfig:
+    """``cfg`` with its tile cut to fit one 128 x 128 weight-scale block (block_i and block_k at
+    most 128: powers of two, so they divide it)."""
+    return dataclasses.replace(cfg, block_i=min(cfg.block_i, 128), block_k=min(cfg.block_k, 128))
 
 
 def _check_inputs(x, w1, alpha1, x_scale, alpha_post):
@@ -110,7 +125,8 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None,
         out: torch.Tensor | None = None, config: Fc1TritonConfig | Fc1CuteConfig | None = None,
         backend: str = "auto", routing: torch.Tensor | None = None, skip: bool | None = None,
-        fill_unpicked: bool = True, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+        fill_unpicked: bool = True, expert_ids: torch.Tensor | None = None,
+        x_group_scale: torch.Tensor | None = None, w_block_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dense-MoE FC1 (gate/up projection) over all experts with SwiGLU fused.
 
         s       = alpha1[e] * x_scale[m]                       (x_scale: 1 when None)
@@ -160,6 +176,12 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
                     in [0, E), not checked on the device), walked as they are instead of a list
                     built from ``routing`` at the kernel's start (``docs/skipping.md``).
                     ``routing`` still zeroes where it is 0.
+        w_block_scale, x_group_scale: 128 x 128 block-scaled fp8 w1 ([E*2I/128, H/128] float32,
+                    ``PreparedWeights.w1_block_scale``) with x quantised per token in groups of
+                    128 ([M, H/128] float32, ``quant.quantize_per_token_group``; ``x_scale`` then
+                    None): each k-step's products are scaled by both in fp32 (DeepGEMM's
+                    promotion). Triton only (``backend="cute"`` or a CuTe config raises); the
+                    config's tile is cut to 128 where larger (``block_config``).
 
     Returns:
         y [M, E*I], ready to be FC2's ``a``.
@@ -228,6 +250,26 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     skip = strategy.resolve_skip(OP, skip, M, E, blocker=blocker)
     if routing is not None and wants_cute:
         raise ValueError(f"{OP}: routing runs on the Triton kernel; backend='cute' or a CuTe config cannot take it")
+    if (w_block_scale is None) != (x_group_scale is None):
+        raise ValueError(f"{OP}: w_block_scale and x_group_scale go together (block-scaled w1, x in 1 x 128 groups)")
+    if w_block_scale is not None:
+        if wants_cute:
+            raise ValueError(f"{OP}: block-scaled w1 runs on the Triton kernel; backend='cute' or a CuTe config "
+                             "cannot take it")
+        if x.dtype != v.FP8 or x_scale is not None or H % 128 or I % 128:
+            raise ValueError(f"{OP}: block-scaled w1 needs fp8 x with x_group_scale (no x_scale) and H, I multiples "
+                             f"of 128 (got {v.dtype_name(x.dtype)}, H={H}, I={I})")
+        for name, t, want in (("w_block_scale", w_block_scale, (E * 2 * I // 128, H // 128)),
+                              ("x_group_scale", x_group_scale, (M, H // 128))):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != want:
+                raise ValueError(f"{OP}: {name} must be a float32 {want} tensor, got "
+                                 f"{(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        v.same_device(OP, x=x, w_block_scale=w_block_scale, x_group_scale=x_group_scale)
+        if config is not None:
+            ok, why = can_implement(Fc1Problem(M, H, E, I, x.dtype, out_dtype), block_config(config))
+            if not ok:
+                raise ValueError(f"{OP}: config {config.to_str()} cut to 128-wide tiles cannot run: {why}")
+        backend = "triton"
     if expert_ids is not None:
         expert_ids = v.expert_ids(OP, expert_ids, M, E, bool(skip), dev)
         if fill_unpicked:
@@ -239,7 +281,8 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         return out
     _fc1_op(x, w1, alpha1, x_scale, alpha_post, out_scale.reshape(1) if out_scale is not None else None,
             routing, out, config.to_str() if config is not None else "", backend, bool(skip), bool(fill_unpicked),
-            expert_ids)
+            expert_ids, x_group_scale.contiguous() if x_group_scale is not None else None,
+            w_block_scale.contiguous() if w_block_scale is not None else None)
     return out
 
 

@@ -6,6 +6,8 @@ Which backend and config run a call is ``fc2_configs.choose``'s answer; whether 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from densemoe.kernels.common import I_MULTIPLE, Fc2Problem
@@ -35,8 +37,12 @@ def _choose(a, w, alpha, out, config, backend: str, skip: bool):
 @torch.library.custom_op("densemoe::fc2", mutates_args=("out",))
 def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
             config: str, backend: str, skip: bool, w_scale: torch.Tensor | None,
-            expert_ids: torch.Tensor | None = None) -> None:
+            expert_ids: torch.Tensor | None = None, w_block_scale: torch.Tensor | None = None) -> None:
     which, cfg, _ = _choose(a, w, alpha, out, fc2_configs.parse_config(config) if config else None, backend, skip)
+    if w_block_scale is not None:  # the Triton kernel (backend forced by fc2), tiles within a scale block
+        fc2_triton(a, w, alpha, out, block_config(cfg), skip=skip, w_scale=w_scale, expert_ids=expert_ids,
+                   w_block_scale=w_block_scale)
+        return
     if skip:
         fc2_triton(a, w, alpha, out, cfg, skip=True, w_scale=w_scale, expert_ids=expert_ids)
     elif which == "cute":  # the CuTe kernel has no per-expert factor: fold it into alpha here
@@ -46,8 +52,14 @@ def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Te
 
 
 @_fc2_op.register_fake
-def _(a, w, alpha, out, config, backend, skip, w_scale, expert_ids=None):
+def _(a, w, alpha, out, config, backend, skip, w_scale, expert_ids=None, w_block_scale=None):
     return None
+
+
+def block_config(cfg: Fc2TritonConfig) -> Fc2TritonConfig:
+    """``cfg`` with its tile cut to fit one 128 x 128 weight-scale block (block_n and block_k at
+    most 128: powers of two, so they divide it)."""
+    return dataclasses.replace(cfg, block_n=min(cfg.block_n, 128), block_k=min(cfg.block_k, 128))
 
 
 def _skip_blocker(backend: str, config) -> str | None:
@@ -71,8 +83,11 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
         config: Fc2TritonConfig | Fc2CuteConfig | None = None, backend: str = "auto",
         skip: bool | None = None, w_scale: torch.Tensor | None = None,
-        expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+        expert_ids: torch.Tensor | None = None, w_block_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dense-MoE FC2 (down projection) over all experts with a per-token, per-expert scale.
+    ``w_block_scale`` [N/128, K/128] float32 (128 x 128 block-scaled fp8 w,
+    ``PreparedWeights.w2_block_scale``): every k-step's products are scaled by alpha and their
+    block's scale in fp32; Triton only, the config's tile cut to 128 where larger.
 
         out[m, n] = sum_e alpha[m, e] * sum_{i < I} a[m, e*I + i] * w[n, e*I + i]
         E = alpha.shape[1], I = a.shape[1] // E
@@ -187,13 +202,32 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         ok, why = check(Fc2Problem(M, N, E, I, a.dtype, out.dtype), config)
         if not ok:
             raise ValueError(f"{OP}: config {config} cannot run this problem: {why}")
+    if w_block_scale is not None:
+        if backend == "cute" or (config is not None and config.backend == "cute"):
+            raise ValueError(f"{OP}: block-scaled w runs on the Triton kernel; backend='cute' or a CuTe config "
+                             "cannot take it")
+        want = (N // 128, K // 128)
+        if a.dtype != v.FP8 or N % 128 or I % 128:
+            raise ValueError(f"{OP}: block-scaled w needs fp8 a and w with N and I multiples of 128 "
+                             f"(got {v.dtype_name(a.dtype)}, N={N}, I={I})")
+        if not isinstance(w_block_scale, torch.Tensor) or w_block_scale.dtype != torch.float32 \
+                or tuple(w_block_scale.shape) != want:
+            raise ValueError(f"{OP}: w_block_scale must be a float32 {want} tensor, got "
+                             f"{(tuple(w_block_scale.shape), w_block_scale.dtype) if isinstance(w_block_scale, torch.Tensor) else type(w_block_scale).__name__}")
+        v.same_device(OP, a=a, w_block_scale=w_block_scale)
+        if config is not None:
+            ok, why = can_implement(Fc2Problem(M, N, E, I, a.dtype, out.dtype), block_config(config))
+            if not ok:
+                raise ValueError(f"{OP}: config {config} cut to 128-wide tiles cannot run: {why}")
+        backend = "triton"
+        w_block_scale = w_block_scale.contiguous()
     skip = strategy.resolve_skip(OP, skip, M, E, blocker=_skip_blocker(backend, config))
     if expert_ids is not None:
         expert_ids = v.expert_ids(OP, expert_ids, M, E, skip, dev)
     if M == 0 or N == 0:
         return out
     torch.ops.densemoe.fc2(a, w, alpha, out, config.to_str() if config is not None else "",
-                           backend, skip, w_scale, expert_ids)
+                           backend, skip, w_scale, expert_ids, w_block_scale)
     return out
 
 

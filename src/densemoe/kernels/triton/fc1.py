@@ -109,8 +109,12 @@ def _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_pt
 
 @triton.jit
 def _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0, I, H, offs_k, x_rows, gate_rows,
-                up_rows, m_ok, i_ok, stride_xk, stride_wn, stride_wk, SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr):
-    """One k-tile: load the token tile and the gate and up weight tiles, accumulate both."""
+                up_rows, m_ok, i_ok, stride_xk, stride_wn, stride_wk, SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr,
+                xg_ptr=None, wb_ptr=None, stride_xgm=0, stride_wbr=0, W_BLOCK: tl.constexpr = False):
+    """One k-tile: load the token tile and the gate and up weight tiles, accumulate both.
+    ``W_BLOCK`` (128 x 128 block-scaled w1, x in 1 x 128 groups): each k-tile's products are
+    scaled in fp32 by the rows' x group scale and the weight block's scale before they are added
+    (BLOCK_I and BLOCK_K divide 128)."""
     if USE_TMA:  # out-of-range rows and columns read as 0 (x) or belong to masked outputs (w)
         xt = x_desc.load([off_m, k0])
         wg = w_desc.load([gate_row0, k0])
@@ -123,7 +127,18 @@ def _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0
                      mask=i_ok[:, None] & k_ok[None, :], other=0.0)
         wu = tl.load(w_ptr + up_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
                      mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-    if SWAP_AB:
+    if W_BLOCK:
+        offs_m = off_m + tl.arange(0, xt.shape[0])
+        sx = tl.load(xg_ptr + offs_m.to(tl.int64) * stride_xgm + k0 // 128, mask=m_ok, other=0.0)
+        sg = tl.load(wb_ptr + (gate_row0 // 128) * stride_wbr + k0 // 128)
+        su = tl.load(wb_ptr + ((gate_row0 + I) // 128) * stride_wbr + k0 // 128)
+        if SWAP_AB:
+            acc_g += tl.dot(wg, tl.trans(xt)) * (sx * sg)[None, :]
+            acc_u += tl.dot(wu, tl.trans(xt)) * (sx * su)[None, :]
+        else:
+            acc_g += tl.dot(xt, tl.trans(wg)) * (sx * sg)[:, None]
+            acc_u += tl.dot(xt, tl.trans(wu)) * (sx * su)[:, None]
+    elif SWAP_AB:
         acc_g = tl.dot(wg, tl.trans(xt), acc_g)
         acc_u = tl.dot(wu, tl.trans(xt), acc_u)
     else:
@@ -134,14 +149,15 @@ def _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0
 
 @triton.jit(do_not_specialize=["M"])
 def _fc1_kernel(
-    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr,
     M, H, I,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
-    stride_ysm, stride_yse,
+    stride_ysm, stride_yse, stride_xgm, stride_wbr,
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
     DYN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False,
+    W_BLOCK: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
@@ -168,7 +184,7 @@ def _fc1_kernel(
     for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
         acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0, I, H, offs_k,
                                    x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn, stride_wk,
-                                   SWAP_AB, USE_TMA)
+                                   SWAP_AB, USE_TMA, xg_ptr, wb_ptr, stride_xgm, stride_wbr, W_BLOCK)
     _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr,
                   oscale_ptr, ys_ptr, I, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
                   stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, SWAP_AB)
@@ -194,11 +210,11 @@ def _locate(q, counts_ptr, E, INACTIVE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _fc1_persistent_kernel(
-    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr,
     sel_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr,
     M, H, I, E, NUM_PROGS, N_IDS, stride_sm, stride_se,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
-    stride_ysm, stride_yse,
+    stride_ysm, stride_yse, stride_xgm, stride_wbr,
     HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
     DYN_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -206,7 +222,7 @@ def _fc1_persistent_kernel(
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, FILL: tl.constexpr = True,
     ONE_TILE: tl.constexpr = False, LISTS_GIVEN: tl.constexpr = False, PDL: tl.constexpr = False,
     SPREAD: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, IDS: tl.constexpr = False,
-    STREAM_K: tl.constexpr = False, SK_TAIL=0,
+    STREAM_K: tl.constexpr = False, SK_TAIL=0, W_BLOCK: tl.constexpr = False,
 ):
     """The same tiles as ``_fc1_kernel``, taken in turn by ``NUM_PROGS`` persistent programs.
     Dense: tile u = token tile u % m_tiles of weight tile u // m_tiles (the token tiles of one
@@ -265,19 +281,19 @@ def _fc1_persistent_kernel(
     for uk in tl.range(vpid, n_dp, vprogs):
         if SPLIT_K == 1:  # whole units (kept apart: constant k bounds for the pipeliner)
             _fc1_unit(uk, 0, k_tiles, 0, False, pos, x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr,
-                      route_ptr, y_ptr, oscale_ptr, ys_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles,
+                      route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles,
                       i_tiles, k_tiles, stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm,
-                      stride_re, stride_ym, stride_yn, stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8,
+                      stride_re, stride_ym, stride_yn, stride_ysm, stride_yse, stride_xgm, stride_wbr, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8,
                       DYN_SCALE, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE,
-                      LISTS_GIVEN, IDS, False)
+                      LISTS_GIVEN, IDS, False, W_BLOCK)
         else:  # the tile (and its workspace slot), and which k-range of it
             u = uk // SPLIT_K
             _fc1_unit(u, (uk % SPLIT_K) * k_tiles // SPLIT_K, (uk % SPLIT_K + 1) * k_tiles // SPLIT_K, u, True, pos,
-                      x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr,
+                      x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr,
                       lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles, stride_xm,
                       stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
-                      stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
-                      BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True)
+                      stride_ysm, stride_yse, stride_xgm, stride_wbr, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
+                      BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True, W_BLOCK)
     if STREAM_K and n_dp < n_units:  # this program's k-steps [w_lo, w_hi) of the last wave's units
         # (int32: at most SK_TAIL <= NUM_PROGS units of k_tiles steps, times NUM_PROGS)
         total = (n_units - n_dp) * k_tiles
@@ -292,11 +308,11 @@ def _fc1_persistent_kernel(
             # a unit cut by a range boundary: its slot is that of the first boundary inside it
             b = ((rel + 1) * NUM_PROGS + total - 1) // total
             _fc1_unit(n_dp + sk_first + j, k_lo, k_hi, b, (k_lo > 0) | (k_hi < k_tiles), pos, x_ptr, w_ptr, x_desc,
-                      w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, lists_ptr,
+                      w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr, lists_ptr,
                       counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles, stride_xm, stride_xk,
                       stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
-                      stride_ysm, stride_yse, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
-                      BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True)
+                      stride_ysm, stride_yse, stride_xgm, stride_wbr, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
+                      BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True, W_BLOCK)
     if SKIP and FILL:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
         _fc1_fill(pos, n_pairs, (pid + NUM_PROGS - n_work % NUM_PROGS) % NUM_PROGS, NUM_PROGS, lists_ptr, counts_ptr,
                   y_ptr, ys_ptr, M, E, I, m_tiles, stride_ym, stride_yn, stride_ysm, stride_yse, BLOCK_M, BLOCK_I,
@@ -305,14 +321,14 @@ def _fc1_persistent_kernel(
 
 @triton.jit
 def _fc1_unit(u, k_lo, k_hi, b, reduce, pos, x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr,
-              y_ptr, oscale_ptr, ys_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles,
-              stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym,
-              stride_yn, stride_ysm, stride_yse,
+              y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles,
+              i_tiles, k_tiles, stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re,
+              stride_ym, stride_yn, stride_ysm, stride_yse, stride_xgm, stride_wbr,
               HAS_XS: tl.constexpr, HAS_POST: tl.constexpr, HAS_ROUTE: tl.constexpr, OUT_FP8: tl.constexpr,
               DYN_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
               SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, SKIP: tl.constexpr, NUM_STAGES: tl.constexpr,
               BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr, LISTS_GIVEN: tl.constexpr, IDS: tl.constexpr,
-              REDUCE: tl.constexpr):
+              REDUCE: tl.constexpr, W_BLOCK: tl.constexpr = False):
     """Unit u's k-tiles [k_lo, k_hi) into two fp32 accumulators, then its epilogue. ``REDUCE``
     (and ``reduce`` at run time): the range is a part of the unit's, added into workspace slot b
     (counter b counts the k-steps in); the part that completes it applies the epilogue."""
@@ -353,7 +369,7 @@ def _fc1_unit(u, k_lo, k_hi, b, reduce, pos, x_ptr, w_ptr, x_desc, w_desc, alpha
     for kt in tl.range(k_lo, k_hi, num_stages=NUM_STAGES):
         acc_g, acc_u = _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, kt * BLOCK_K, off_m, gate_row0, I,
                                    H, offs_k, x_rows, gate_rows, up_rows, m_ok, i_ok, stride_xk, stride_wn,
-                                   stride_wk, SWAP_AB, USE_TMA)
+                                   stride_wk, SWAP_AB, USE_TMA, xg_ptr, wb_ptr, stride_xgm, stride_wbr, W_BLOCK)
     last = True
     if REDUCE:  # a part of the unit's k-range: meet the other parts in workspace slot b
         last = k_lo <= k_hi  # (true; a tensor, as the branch below makes it)
@@ -490,7 +506,8 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
                y_scale: torch.Tensor | None = None, num_programs: int | None = None,
                routing: torch.Tensor | None = None, skip: bool = False, fill: bool = True,
                active: tuple[torch.Tensor, torch.Tensor] | None = None,
-               expert_ids: torch.Tensor | None = None) -> None:
+               expert_ids: torch.Tensor | None = None, x_group_scale: torch.Tensor | None = None,
+               w_block_scale: torch.Tensor | None = None) -> None:
     """Launch: y [M, E*I] <- FC1(x [M, H], w1 [E*2I, H], alpha1 [E]) (checked by the op).
     ``num_programs`` overrides the persistent configs' program count (tests force several tiles
     per program on small shapes).
@@ -501,13 +518,19 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
     ``active_experts(routing, block_m)`` instead of the kernel's own (probes and tests).
     ``y_scale`` [M, E] float32: an fp8 ``y`` with a dynamic per-(token, expert) scale, written
     there (the config's ``block_i`` must hold all of I). ``expert_ids`` [k] or [1, k] (M = 1,
-    skip, fill=False; checked by the op): the token's distinct picked experts, used as its list."""
+    skip, fill=False; checked by the op): the token's distinct picked experts, used as its list.
+    ``w_block_scale`` [E*2I/128, H/128] with ``x_group_scale`` [M, H/128] (block-scaled w1, x
+    quantised in 1 x 128 groups; ``x_scale`` then None): both applied to every k-tile's products
+    (the config's block_i and block_k must divide 128, and I be a multiple of 128)."""
     M, H = x.shape
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
     if M == 0 or E == 0 or I == 0:
         return
     c = config
+    blk = w_block_scale is not None
+    if blk and (x_group_scale is None or x_scale is not None or 128 % c.block_i or 128 % c.block_k or I % 128):
+        raise ValueError("block-scaled w1: x_group_scale (no x_scale), block_i and block_k dividing 128, I % 128 == 0")
     grid = (triton.cdiv(M, c.block_m), E * triton.cdiv(I, c.block_i))
     post = alpha_post if alpha_post is not None else alpha1
     use_tma = bool(c.use_tma) and supports_tma(x.device) and tma_compatible(x, w1)
@@ -524,18 +547,20 @@ def fc1_triton(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, y: torch
     common = (
         x, w1, x_desc, w_desc, alpha1, x_scale if x_scale is not None else alpha1, post,
         route if route is not None else alpha1, y,
-        out_scale if out_scale is not None else alpha1, y_scale if y_scale is not None else alpha1)
+        out_scale if out_scale is not None else alpha1, y_scale if y_scale is not None else alpha1,
+        x_group_scale if blk else alpha1, w_block_scale if blk else alpha1)
     strides = (
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
         post.stride(0) if alpha_post is not None else 0, post.stride(1) if alpha_post is not None else 0,
         route.stride(0) if route is not None else 0, route.stride(1) if route is not None else 0,
         y.stride(0), y.stride(1),
-        y_scale.stride(0) if y_scale is not None else 0, y_scale.stride(1) if y_scale is not None else 0)
+        y_scale.stride(0) if y_scale is not None else 0, y_scale.stride(1) if y_scale is not None else 0,
+        x_group_scale.stride(0) if blk else 0, w_block_scale.stride(0) if blk else 0)
     flags = dict(
         HAS_XS=x_scale is not None, HAS_POST=alpha_post is not None, HAS_ROUTE=route is not None,
         OUT_FP8=y.dtype == torch.float8_e4m3fn,
         DYN_SCALE=y_scale is not None, BLOCK_M=c.block_m, BLOCK_I=c.block_i, BLOCK_K=c.block_k,
-        SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, num_warps=c.num_warps, num_stages=c.num_stages,
+        SWAP_AB=bool(c.swap_ab), USE_TMA=use_tma, W_BLOCK=blk, num_warps=c.num_warps, num_stages=c.num_stages,
         **launch_kwargs(x.device))
     if c.persistent:
         tiles = grid[0] * grid[1] * c.split_k  # units of work

@@ -44,15 +44,15 @@ from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
 @triton.jit(do_not_specialize=["M"])
 def _fc2_kernel(
     a_ptr, w_ptr, a_desc, w_desc,  # pointer pair (USE_TMA=False) or descriptor pair (True)
-    alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr, wscale_ptr,
+    alpha_ptr, out_ptr, ws_ptr, cnt_ptr, lists_ptr, counts_ptr, wscale_ptr, wblk_ptr,
     M, N, E, N_IDS,
     stride_am, stride_ak, stride_wn, stride_wk,
-    stride_alm, stride_ale, stride_om, stride_on,
+    stride_alm, stride_ale, stride_om, stride_on, stride_wbr,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, NUM_STAGES: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, LIST_ROWS: tl.constexpr = 16, PDL: tl.constexpr = False,
-    HAS_WSCALE: tl.constexpr = False, IDS: tl.constexpr = False,
+    HAS_WSCALE: tl.constexpr = False, IDS: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     KT: tl.constexpr = I // BLOCK_K  # k-tiles per expert
@@ -128,7 +128,19 @@ def _fc2_kernel(
             al = tl.load(alpha_ptr + offs_m * stride_alm + e * stride_ale, mask=mask_m, other=0.0)
             if HAS_WSCALE:
                 al = al * tl.load(wscale_ptr + e)
-            if KT == 1:  # a k-tile is a whole expert: scale its product and add
+            if W_BLOCK:  # 128 x 128 block-scaled w: every k-tile's product scaled in fp32 (DeepGEMM's
+                # promotion) by alpha and the scale of w's block (BLOCK_N and BLOCK_K divide 128)
+                al = al * tl.load(wblk_ptr + (off_n // 128) * stride_wbr + k0 // 128)
+                if SWAP_AB:
+                    prod = tl.dot(w, tl.trans(a)) * al[None, :]
+                    if SKIP:
+                        prod = tl.where(al[None, :] != 0, prod, 0.0)
+                else:
+                    prod = tl.dot(a, tl.trans(w)) * al[:, None]
+                    if SKIP:
+                        prod = tl.where(al[:, None] != 0, prod, 0.0)
+                acc += prod
+            elif KT == 1:  # a k-tile is a whole expert: scale its product and add
                 if SWAP_AB:
                     prod = tl.dot(w, tl.trans(a)) * al[None, :]
                     if SKIP:  # rows that did not pick e add nothing, whatever a holds there
@@ -303,7 +315,8 @@ def _grid_groups(problem: Fc2Problem, config: Fc2TritonConfig, wave: int) -> tup
 
 def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor,
                config: Fc2TritonConfig, *, num_programs: int | None = None, skip: bool = False,
-               w_scale: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None) -> None:
+               w_scale: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
+               w_block_scale: torch.Tensor | None = None) -> None:
     """Launch the kernel: out[M, N] <- FC2(a [M, K], w [N, K], alpha [M, E]).
 
     Inputs are assumed validated (``densemoe.ops.fc2`` does that). ``num_programs`` overrides
@@ -313,6 +326,8 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     ``w_scale`` [E] float32: a per-expert factor multiplied into alpha in the kernel.
     ``expert_ids`` [k] or [1, k] (skip, M = 1; checked by the op): the token's distinct picked
     experts (its top-k ids), walked instead of a list built from alpha.
+    ``w_block_scale`` [N/128, K/128] float32: w's 128 x 128 block scales, applied to every
+    k-tile's product (the config's block_n and block_k must divide 128).
     """
     M, K = a.shape
     N = w.shape[0]
@@ -321,6 +336,8 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
     ok, why = can_implement(problem, config)
     if not ok:
         raise ValueError(f"config {config} cannot run {problem}: {why}")
+    if w_block_scale is not None and (128 % config.block_n or 128 % config.block_k):
+        raise ValueError(f"config {config}: with block-scaled w, block_n and block_k must divide 128")
     if M == 0 or N == 0:
         return
     wave = num_programs if num_programs is not None else sm_count(a.device) * config.ctas_per_sm
@@ -349,12 +366,15 @@ def fc2_triton(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch
         a_desc, w_desc = a, w
     _fc2_kernel[(m_tiles * groups,)](
         a, w, a_desc, w_desc, alpha, out, ws, cnt, lists, counts, w_scale if w_scale is not None else alpha,
+        w_block_scale if w_block_scale is not None else alpha,
         M, N, E, expert_ids.numel() if ids else 0,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1),
         alpha.stride(0), alpha.stride(1), out.stride(0), out.stride(1),
+        w_block_scale.stride(0) if w_block_scale is not None else 0,
         I=K // E,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SWAP_AB=config.swap_ab, USE_TMA=use_tma, NUM_STAGES=config.num_stages, SKIP=skip,
         BLOCK_E=block_e, LIST_ROWS=list_rows, HAS_WSCALE=w_scale is not None, IDS=ids,
+        W_BLOCK=w_block_scale is not None,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_kwargs(a.device),
     )
