@@ -2,9 +2,12 @@
 # One device call for issue 18's GPU checks: the GPU test suite, then every public call's outputs
 # under the tree before the move (7b52f36) and this one, bit for bit (bench/probes/house_identity.py).
 # Here, first:  mkdir -p .carry/before && git archive 7b52f36 src | tar -x -C .carry/before
+# and, since issue 19 changed what the layer runs above the skipping range (the routed path),
+# the tree issue 18 landed as "after":  mkdir -p .carry/after && git archive 562ed73 src | tar -x -C .carry/after
 # (plus .carry/cutedsl.tar.xz from ../shared/tools/cutedsl-bundle); then on the GPU machine, with
 # carry [".carry"]:  bash bench/house_gpu.sh
 set -uo pipefail
 source bench/device_env.sh
 [[ -z ${NO_SUITE:-} ]] && gpu_suite 360
-timeout 200 python3 bench/probes/house_identity.py .carry/before/src src $OUT 2>&1 | tee $OUT/house_identity.log | tail -12
+after=src; [[ -d .carry/after/src ]] && after=.carry/after/src  # issue 18's landing, not HEAD
+timeout 200 python3 bench/probes/house_identity.py .carry/before/src $after $OUT 2>&1 | tee $OUT/house_identity.log | tail -12
