@@ -63,10 +63,9 @@ dtype ``fp8block`` (issue 20; ``layer`` only, not ``fc1``): the case's bf16 weig
 e4m3 per 128 x 128 block (``quantize_per_block``: scale = block amax / 448, float32 [E, rows/128,
 cols/128]) and prepared with ``prepare_weights(..., w13_scale=, w2_scale=)``; its reference is
 fp32 on the dequantised weights (``rel_err`` of its layer and experts records). Its experts
-record: ``dense_us`` / ``skip_us`` None with ``*_note`` (block-scaled weights run on the routed
-path only); ``routed_us``; ``chosen`` from the library's rule with dense and skip ruled out as
-``experts_forward`` rules them out, and where that is "routed" and ``strategy=None`` gives the
-routed line's bits, timed once (``chosen_timed_as="routed"``: ``chosen_us`` = ``routed_us``);
+record: ``dense_us``, ``skip_us`` and ``routed_us`` (every strategy runs block-scaled weights);
+``chosen`` from the library's rule, and where ``strategy=None`` gives that strategy's line's
+bits, timed once (``chosen_timed_as``: ``chosen_us`` = that line's us);
 ``routed_per_expert_fp8_us``: the dequantised weights requantised per expert
 (``prepare_weights(deq, dtype="fp8")``) on strategy "routed", in the same rounds, with
 ``rel_err_routed_per_expert_fp8`` against the same reference; ``block_over_per_expert`` =
@@ -104,7 +103,7 @@ BLOCK_DTYPE = "fp8block"  # issue 20: e4m3 weights with a float32 scale per 128 
 LAYER_DTYPES = tuple(DTYPES) + (BLOCK_DTYPE,)
 BLOCK = 128
 PEAK_OF = {"fp8": "fp8", "bf16": "bf16", BLOCK_DTYPE: "fp8"}  # which measured GEMM peak bounds a dtype
-BLOCK_NOTE = "block-scaled weights run on the routed path only"  # dense / skip of fp8block records
+BLOCK_NOTE = "the FC1 benchmark has no block-scaled baseline"  # why `fc1` leaves fp8block out
 # fp8block records' extra line: the same weights requantised per expert, routed (issue 20's 1.08x bar)
 PER_EXPERT = "routed_per_expert_fp8"
 NOT_BASELINES = ("floor_us", "us", "experts_only_us", "router_us", "torch_router_us", "fused_quant_us",
@@ -415,17 +414,15 @@ def experts_path(case, x, route, ref, dtypes, cublas, hf: dict, grouped: dict, M
 
 
 def _block_record(case, x, route, ref, p, shared, g, line, M, commit, device, act, api, log) -> dict:
-    """dtype fp8block's experts record (module docstring): dense and skip None (``BLOCK_NOTE``);
-    ``routed``; ``chosen`` = the library's rule with dense and skip ruled out as
-    ``experts_forward`` rules them out, timed once as ``routed`` where it runs the routed path
-    (same output bits, checked) and on its own otherwise; the per-expert requantisation, routed
+    """dtype fp8block's experts record (module docstring): ``dense``, ``skip`` and ``routed``
+    forced; ``chosen`` = the library's rule, timed once as the forced line it runs (same output
+    bits, checked) and on its own otherwise; the per-expert requantisation, routed
     (``PER_EXPERT``); torch's bf16 grouped pipeline on the dequantised weights. All checked
     against ``ref`` (fp32 on the dequantised weights)."""
     E, I, H, k = case.E, case.I, case.H, case.k
     rec = dict(device=device, op="experts", shape=case.shape.name, dtype=BLOCK_DTYPE, M=M, N=H, K=H, E=E, I=I,
                top_k=k, backend="triton", commit=commit, routing="gate", active_experts=act, strategy_api=api,
-               baselines=list(shared["baselines"]) + ["torch_grouped"], block=p.block,
-               dense_us=None, dense_note=BLOCK_NOTE, skip_us=None, skip_note=BLOCK_NOTE)
+               baselines=list(shared["baselines"]) + ["torch_grouped"], block=p.block)
     if isinstance(g, TorchGrouped):
         line(rec, "torch_grouped", lambda: g(x, route.topk_ids, route.topk_weights), BOUNDS["bf16"], against=ref)
         if rec.get("torch_grouped_error"):
@@ -434,24 +431,27 @@ def _block_record(case, x, route, ref, p, shared, g, line, M, commit, device, ac
         rec.update(torch_grouped_us=None, torch_grouped_note=g or "not built")
     try:
         problem = RoutedProblem(M, H, E, I, k, p.dtype, torch.bfloat16)
-        rec["chosen"] = strategy_rule.resolve("bench", None, None, M, E, top_k=k, skip_blocker=BLOCK_NOTE,
-                                              dense_blocker=BLOCK_NOTE, problem=problem, device=x.device)
+        rec["chosen"] = strategy_rule.resolve("bench", None, None, M, E, top_k=k, problem=problem, device=x.device)
     except (TypeError, ValueError, AttributeError) as exc:
         rec.update(chosen=None, chosen_note=f"strategy.resolve failed: {_why(exc)}")
-    fn, why = experts_call(x, p, route, "routed", k)
+    fns = {}
+    for name in STRATEGIES:
+        fn, why = experts_call(x, p, route, name, k)
+        fns[name] = fn
+        if fn is None:
+            rec.update({f"{name}_us": None, f"{name}_note": why})
+        else:
+            line(rec, name, fn, BOUNDS[BLOCK_DTYPE], against=ref)
     chosen_fn, chosen_why = experts_call(x, p, route, None, k)
-    if fn is None:
-        rec.update(routed_us=None, routed_note=why)
-    else:
-        line(rec, "routed", fn, BOUNDS[BLOCK_DTYPE], against=ref)
+    fn = fns.get(rec["chosen"])
     same = False
-    if fn is not None and chosen_fn is not None and rec["chosen"] == "routed" and rec.get("routed_error") is None:
+    if fn is not None and chosen_fn is not None and rec.get(f"{rec['chosen']}_error") is None:
         try:
             same = torch.equal(fn(), chosen_fn())
         except Exception as exc:  # noqa: BLE001 - timed on its own below, where it fails too
             log(f"  experts {case.shape.name} fp8block M={M}: strategy=None failed: {_why(exc)}")
     if same:  # one callable, timed once; its result lands on both keys
-        rec.update(chosen_timed_as="routed", rel_err=rec["rel_err_routed"])
+        rec.update(chosen_timed_as=rec["chosen"], rel_err=rec[f"rel_err_{rec['chosen']}"])
     elif chosen_fn is None:
         rec.update(chosen_us=None, chosen_note=chosen_why, rel_err=None)
     else:
@@ -508,8 +508,8 @@ def _compare(timer, fns: list) -> list[dict]:
 
 def run_fc1(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=print, dev="cuda"):
     """Per M: every result checked first; then ours (each dtype) and cuBLAS's bare FP8 and bf16
-    GEMMs timed in interleaved rounds. fp8block is not an FC1 dtype (block-scaled weights run
-    on the routed path only): left out, with a log line."""
+    GEMMs timed in interleaved rounds. fp8block is left out here (``BLOCK_NOTE``), with a log
+    line; ``layer`` times it."""
     if BLOCK_DTYPE in dtypes:
         log(f"  fc1: {BLOCK_DTYPE} left out ({BLOCK_NOTE}; `layer` times it)")
         dtypes = [dt for dt in dtypes if dt != BLOCK_DTYPE]
@@ -724,8 +724,8 @@ def markdown_experts(records: list[dict]) -> list[str]:
              "forced strategy's; `x b` = baseline b's us / chosen us.", ""]
     if any(r["dtype"] == BLOCK_DTYPE for r in rs):
         lines += ["fp8block (issue 20): the bf16 weights quantised to e4m3 per 128 x 128 block (scale = block amax / "
-                  "448, float32), prepared with their block scales; they run on the routed path only (dense and skip "
-                  "`-`), and the routed floor counts the scales' bytes too (1/4096 of the fp8 bytes). Its reference "
+                  "448, float32), prepared with their block scales; every strategy runs them (the Triton kernels), "
+                  "and the routed floor counts the scales' bytes too (1/4096 of the fp8 bytes). Its reference "
                   "and `rel err` are fp32 on the dequantised weights; `per-expert fp8` = the same dequantised "
                   "weights requantised per expert (`prepare_weights(deq, dtype=\"fp8\")`), routed, same rounds, "
                   "its error against the same reference; `block / per-expert` = routed us over its us (issue 20's "
