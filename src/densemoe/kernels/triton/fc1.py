@@ -281,19 +281,20 @@ def _fc1_persistent_kernel(
     for uk in tl.range(vpid, n_dp, vprogs):
         if SPLIT_K == 1:  # whole units (kept apart: constant k bounds for the pipeliner)
             _fc1_unit(uk, 0, k_tiles, 0, False, pos, x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr,
-                      route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles,
-                      i_tiles, k_tiles, stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm,
-                      stride_re, stride_ym, stride_yn, stride_ysm, stride_yse, stride_xgm, stride_wbr, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8,
-                      DYN_SCALE, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE,
-                      LISTS_GIVEN, IDS, False, W_BLOCK)
+                      route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M,
+                      H, I, E, m_tiles, i_tiles, k_tiles, stride_xm, stride_xk, stride_wn, stride_wk, stride_pm,
+                      stride_pe, stride_rm, stride_re, stride_ym, stride_yn, stride_ysm, stride_yse, stride_xgm,
+                      stride_wbr, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB,
+                      USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, False, W_BLOCK)
         else:  # the tile (and its workspace slot), and which k-range of it
             u = uk // SPLIT_K
             _fc1_unit(u, (uk % SPLIT_K) * k_tiles // SPLIT_K, (uk % SPLIT_K + 1) * k_tiles // SPLIT_K, u, True, pos,
-                      x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr,
-                      lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles, stride_xm,
-                      stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
-                      stride_ysm, stride_yse, stride_xgm, stride_wbr, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
-                      BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True, W_BLOCK)
+                      x_ptr, w_ptr, x_desc, w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr,
+                      ys_ptr, xg_ptr, wb_ptr, lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles,
+                      k_tiles, stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re,
+                      stride_ym, stride_yn, stride_ysm, stride_yse, stride_xgm, stride_wbr, HAS_XS, HAS_POST,
+                      HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES,
+                      BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True, W_BLOCK)
     if STREAM_K and n_dp < n_units:  # this program's k-steps [w_lo, w_hi) of the last wave's units
         # (int32: at most SK_TAIL <= NUM_PROGS units of k_tiles steps, times NUM_PROGS)
         total = (n_units - n_dp) * k_tiles
@@ -308,11 +309,12 @@ def _fc1_persistent_kernel(
             # a unit cut by a range boundary: its slot is that of the first boundary inside it
             b = ((rel + 1) * NUM_PROGS + total - 1) // total
             _fc1_unit(n_dp + sk_first + j, k_lo, k_hi, b, (k_lo > 0) | (k_hi < k_tiles), pos, x_ptr, w_ptr, x_desc,
-                      w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr, lists_ptr,
-                      counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles, stride_xm, stride_xk,
-                      stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym, stride_yn,
-                      stride_ysm, stride_yse, stride_xgm, stride_wbr, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8, DYN_SCALE, BLOCK_M, BLOCK_I,
-                      BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE, LISTS_GIVEN, IDS, True, W_BLOCK)
+                      w_desc, alpha1_ptr, xs_ptr, post_ptr, route_ptr, y_ptr, oscale_ptr, ys_ptr, xg_ptr, wb_ptr,
+                      lists_ptr, counts_ptr, ws_ptr, cnt_ptr, M, H, I, E, m_tiles, i_tiles, k_tiles, stride_xm,
+                      stride_xk, stride_wn, stride_wk, stride_pm, stride_pe, stride_rm, stride_re, stride_ym,
+                      stride_yn, stride_ysm, stride_yse, stride_xgm, stride_wbr, HAS_XS, HAS_POST, HAS_ROUTE, OUT_FP8,
+                      DYN_SCALE, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, USE_TMA, SKIP, NUM_STAGES, BLOCK_E, ONE_TILE,
+                      LISTS_GIVEN, IDS, True, W_BLOCK)
     if SKIP and FILL:  # zero-fill: one unit per (token tile, expert not picked there), after the compute
         _fc1_fill(pos, n_pairs, (pid + NUM_PROGS - n_work % NUM_PROGS) % NUM_PROGS, NUM_PROGS, lists_ptr, counts_ptr,
                   y_ptr, ys_ptr, M, E, I, m_tiles, stride_ym, stride_yn, stride_ysm, stride_yse, BLOCK_M, BLOCK_I,
