@@ -190,13 +190,7 @@ def test_block_fp8_on_model_shapes(shape, M):
     E, I, H, B = s.experts, s.inter, s.hidden, 128
     g = torch.Generator(device="cuda").manual_seed(M)
 
-    def one(rows, cols, fan_in):
-        sc = (torch.rand(E, rows // B, cols // B, device="cuda", generator=g) * 19 + 1) * (fan_in ** -0.5 / 448)
-        q = (torch.randn(E, rows, cols, device="cuda", generator=g) * 120).clamp(-448, 448).to(FP8)
-        return q, sc, (q.float().reshape(E, rows // B, B, cols // B, B) * sc[:, :, None, :, None]).reshape(E, rows, cols)
-
-    w13, s13, d13 = one(2 * I, H, H)
-    w2, s2, d2 = one(H, I, I)
+    w13, s13, d13, w2, s2, d2 = _block_weights(E, I, H, g)
     pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
     x = torch.randn(M, H, device="cuda", generator=g, dtype=BF16)
     ids = torch.rand(M, E, device="cuda", generator=g).topk(s.topk, dim=1).indices
@@ -227,13 +221,7 @@ def test_block_fp8_dense_and_skip_on_model_shapes(shape, M, strategy):
     E, I, H, B = s.experts, s.inter, s.hidden, 128
     g = torch.Generator(device="cuda").manual_seed(M + 7)
 
-    def one(rows, cols, fan_in):
-        sc = (torch.rand(E, rows // B, cols // B, device="cuda", generator=g) * 19 + 1) * (fan_in ** -0.5 / 448)
-        q = (torch.randn(E, rows, cols, device="cuda", generator=g) * 120).clamp(-448, 448).to(FP8)
-        return q, sc, (q.float().reshape(E, rows // B, B, cols // B, B) * sc[:, :, None, :, None]).reshape(E, rows, cols)
-
-    w13, s13, d13 = one(2 * I, H, H)
-    w2, s2, d2 = one(H, I, I)
+    w13, s13, d13, w2, s2, d2 = _block_weights(E, I, H, g)
     pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
     x = torch.randn(M, H, device="cuda", generator=g, dtype=BF16)
     ids = torch.rand(M, E, device="cuda", generator=g).topk(s.topk, dim=1).indices
@@ -248,6 +236,17 @@ def test_block_fp8_dense_and_skip_on_model_shapes(shape, M, strategy):
     rel, _ = _errs(out, exact)
     t_rel, _ = _errs(same, exact)
     assert torch.isfinite(out).all() and rel <= 1.2 * t_rel, (rel, t_rel)
+
+
+def _block_weights(E, I, H, g, B=128):
+    """fp8 experts with a float32 scale per 128 x 128 block, spread over 20x as in checkpoints,
+    and the float32 weights they stand for: (w13, s13, d13, w2, s2, d2)."""
+    def one(rows, cols, fan_in):
+        sc = (torch.rand(E, rows // B, cols // B, device="cuda", generator=g) * 19 + 1) * (fan_in ** -0.5 / 448)
+        q = (torch.randn(E, rows, cols, device="cuda", generator=g) * 120).clamp(-448, 448).to(FP8)
+        return q, sc, (q.float().reshape(E, rows // B, B, cols // B, B) * sc[:, :, None, :, None]).reshape(E, rows, cols)
+
+    return (*one(2 * I, H, H), *one(H, I, I))
 
 
 def dataclasses_replace_weights(pw, d13, d2):

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.common import SMEM_BYTES, Fc1Problem, reused_zeros, tma_compatible
+from densemoe.kernels.triton.gate_up import gate_up_step
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 from densemoe.kernels.triton.skip import _expert_at, _tile_list, _tile_positions, list_blocks, lists_scratch
 
@@ -127,24 +128,14 @@ def _fc1_k_step(x_ptr, w_ptr, x_desc, w_desc, acc_g, acc_u, k0, off_m, gate_row0
                      mask=i_ok[:, None] & k_ok[None, :], other=0.0)
         wu = tl.load(w_ptr + up_rows[:, None] * stride_wn + kk[None, :] * stride_wk,
                      mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+    scale_g = 0.0
+    scale_u = 0.0
     if W_BLOCK:
         offs_m = off_m + tl.arange(0, xt.shape[0])
         sx = tl.load(xg_ptr + offs_m.to(tl.int64) * stride_xgm + k0 // 128, mask=m_ok, other=0.0)
-        sg = tl.load(wb_ptr + (gate_row0 // 128) * stride_wbr + k0 // 128)
-        su = tl.load(wb_ptr + ((gate_row0 + I) // 128) * stride_wbr + k0 // 128)
-        if SWAP_AB:
-            acc_g += tl.dot(wg, tl.trans(xt)) * (sx * sg)[None, :]
-            acc_u += tl.dot(wu, tl.trans(xt)) * (sx * su)[None, :]
-        else:
-            acc_g += tl.dot(xt, tl.trans(wg)) * (sx * sg)[:, None]
-            acc_u += tl.dot(xt, tl.trans(wu)) * (sx * su)[:, None]
-    elif SWAP_AB:
-        acc_g = tl.dot(wg, tl.trans(xt), acc_g)
-        acc_u = tl.dot(wu, tl.trans(xt), acc_u)
-    else:
-        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
-    return acc_g, acc_u
+        scale_g = sx * tl.load(wb_ptr + (gate_row0 // 128) * stride_wbr + k0 // 128)
+        scale_u = sx * tl.load(wb_ptr + ((gate_row0 + I) // 128) * stride_wbr + k0 // 128)
+    return gate_up_step(xt, wg, wu, acc_g, acc_u, scale_g, scale_u, SWAP_AB, W_BLOCK)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -41,6 +41,21 @@ from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 from densemoe.kernels.triton.skip import _tile_list, list_blocks, lists_scratch
 
 
+@triton.jit
+def _scale_add(acc, a, w, al, SWAP_AB: tl.constexpr, SKIP: tl.constexpr):
+    """acc + one k-tile's product scaled per token row by al (rows with al = 0 add nothing under
+    SKIP, whatever a holds there)."""
+    if SWAP_AB:
+        prod = tl.dot(w, tl.trans(a)) * al[None, :]
+        if SKIP:
+            prod = tl.where(al[None, :] != 0, prod, 0.0)
+    else:
+        prod = tl.dot(a, tl.trans(w)) * al[:, None]
+        if SKIP:
+            prod = tl.where(al[:, None] != 0, prod, 0.0)
+    return acc + prod
+
+
 @triton.jit(do_not_specialize=["M"])
 def _fc2_kernel(
     a_ptr, w_ptr, a_desc, w_desc,  # pointer pair (USE_TMA=False) or descriptor pair (True)
@@ -131,25 +146,9 @@ def _fc2_kernel(
             if W_BLOCK:  # 128 x 128 block-scaled w: every k-tile's product scaled in fp32 (DeepGEMM's
                 # promotion) by alpha and the scale of w's block (BLOCK_N and BLOCK_K divide 128)
                 al = al * tl.load(wblk_ptr + (off_n // 128) * stride_wbr + k0 // 128)
-                if SWAP_AB:
-                    prod = tl.dot(w, tl.trans(a)) * al[None, :]
-                    if SKIP:
-                        prod = tl.where(al[None, :] != 0, prod, 0.0)
-                else:
-                    prod = tl.dot(a, tl.trans(w)) * al[:, None]
-                    if SKIP:
-                        prod = tl.where(al[:, None] != 0, prod, 0.0)
-                acc += prod
+                acc = _scale_add(acc, a, w, al, SWAP_AB, SKIP)
             elif KT == 1:  # a k-tile is a whole expert: scale its product and add
-                if SWAP_AB:
-                    prod = tl.dot(w, tl.trans(a)) * al[None, :]
-                    if SKIP:  # rows that did not pick e add nothing, whatever a holds there
-                        prod = tl.where(al[None, :] != 0, prod, 0.0)
-                else:
-                    prod = tl.dot(a, tl.trans(w)) * al[:, None]
-                    if SKIP:
-                        prod = tl.where(al[:, None] != 0, prod, 0.0)
-                acc += prod
+                acc = _scale_add(acc, a, w, al, SWAP_AB, SKIP)
             else:  # accumulate the expert's KT k-tiles in `part`, then one scale-and-add
                 if SWAP_AB:
                     part = tl.dot(w, tl.trans(a), part)

@@ -48,6 +48,7 @@ import triton.language as tl
 
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.common import SMEM_BYTES, tma_compatible
+from densemoe.kernels.triton.gate_up import gate_up_step
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 
 FP8_MAX = 448.0
@@ -329,22 +330,13 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
         else:
             wg = tl.load(w_ptr + gate_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
             wu = tl.load(w_ptr + up_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+        scale_g = 0.0
+        scale_u = 0.0
         if W_BLOCK:  # block-scaled: each step's fp32 partial sums times x's group scale and w's block scale
             sx = tl.load(xs_ptr + tok.to(tl.int64) * stride_xsm + k0 // BLOCK_K, mask=r_ok, other=0.0)
-            sg = tl.load(ws_ptr + ((e * 2 * I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
-            su = tl.load(ws_ptr + ((e * 2 * I + I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
-            if SWAP_AB:
-                acc_g += tl.dot(wg, tl.trans(xt)) * (sx * sg)[None, :]
-                acc_u += tl.dot(wu, tl.trans(xt)) * (sx * su)[None, :]
-            else:
-                acc_g += tl.dot(xt, tl.trans(wg)) * (sx * sg)[:, None]
-                acc_u += tl.dot(xt, tl.trans(wu)) * (sx * su)[:, None]
-        elif SWAP_AB:
-            acc_g = tl.dot(wg, tl.trans(xt), acc_g)
-            acc_u = tl.dot(wu, tl.trans(xt), acc_u)
-        else:
-            acc_g = tl.dot(xt, tl.trans(wg), acc_g)
-            acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+            scale_g = sx * tl.load(ws_ptr + ((e * 2 * I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
+            scale_u = sx * tl.load(ws_ptr + ((e * 2 * I + I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
+        acc_g, acc_u = gate_up_step(xt, wg, wu, acc_g, acc_u, scale_g, scale_u, SWAP_AB, W_BLOCK)
     if SWAP_AB:  # the epilogue works on [rows, columns]
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)

@@ -1,0 +1,30 @@
+"""The gate/up MMA step that FC1's kernels share (the dense one, ``fc1.py``, and the routed one,
+``routed.py``): one k-tile's two products added into the gate and up accumulators.
+
+    plain:     acc_g += x . wg^T;  acc_u += x . wu^T                     (fp32 accumulate)
+    W_BLOCK:   acc_g += (x . wg^T) * scale_g;  acc_u += (x . wu^T) * scale_u
+               with scale_* [rows] fp32: the rows' x group scale times the weight block's scale
+               (128 x 128 block-scaled fp8: DeepGEMM's per-k-step promotion)
+    SWAP_AB:   the weight tile is the MMA's M operand, the token rows its N: acc [BLOCK_I, rows]
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gate_up_step(xt, wg, wu, acc_g, acc_u, scale_g, scale_u, SWAP_AB: tl.constexpr, W_BLOCK: tl.constexpr):
+    if W_BLOCK:
+        if SWAP_AB:
+            acc_g += tl.dot(wg, tl.trans(xt)) * scale_g[None, :]
+            acc_u += tl.dot(wu, tl.trans(xt)) * scale_u[None, :]
+        else:
+            acc_g += tl.dot(xt, tl.trans(wg)) * scale_g[:, None]
+            acc_u += tl.dot(xt, tl.trans(wu)) * scale_u[:, None]
+    elif SWAP_AB:
+        acc_g = tl.dot(wg, tl.trans(xt), acc_g)
+        acc_u = tl.dot(wu, tl.trans(xt), acc_u)
+    else:
+        acc_g = tl.dot(xt, tl.trans(wg), acc_g)
+        acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+    return acc_g, acc_u
