@@ -45,6 +45,10 @@ SCRIPT = textwrap.dedent('''
             assert re.search(r"cp\\.async\\.c[ag]", ptx), (kernel, const)  # the gathered rows, pipelined
             if const.get("USE_TMA"):
                 assert "cp.async.bulk.tensor" in ptx, (kernel, const)
+            # fp8: no dot that carries an accumulator is left to Hopper's reduced-precision
+            # accumulation over the k-loop (gate_up.py); a dot from zero (%cst) is one k-tile's
+            assert not re.findall(r"warp_group_dot \S+, \S+, %(?!cst)\S+ {[^}]*maxNumImpreciseAcc = 1073741824",
+                                  k.asm["ttgir"]), (kernel, const)
         return k
 
     n = 0

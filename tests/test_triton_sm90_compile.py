@@ -16,6 +16,7 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent('''
+    import re
     import sys
     import triton
     from triton.backends.compiler import GPUTarget
@@ -43,6 +44,10 @@ SCRIPT = textwrap.dedent('''
         k = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=warps, num_stages=stages))
         assert not mma or "wgmma" in k.asm["ptx"] or "mma" in k.asm["ptx"]
+        # fp8: no dot that carries an accumulator is left to Hopper's reduced-precision
+        # accumulation over the k-loop (kernels/triton/gate_up.py); one from zero (%cst) is one k-tile's
+        assert not re.findall(r"warp_group_dot \S+, \S+, %(?!cst)\S+ {[^}]*maxNumImpreciseAcc = 1073741824",
+                              k.asm["ttgir"]), kernel
         return k
 
     fc1_ptrs = dict(x_ptr="*" + FP8, w_ptr="*" + FP8, alpha1_ptr="*fp32", xs_ptr="*fp32", post_ptr="*fp32",

@@ -151,12 +151,12 @@ def _fc2_kernel(
                 acc = _scale_add(acc, a, w, al, SWAP_AB, SKIP)
             else:  # accumulate the expert's KT k-tiles in `part`, then one scale-and-add
                 if SWAP_AB:
-                    part = tl.dot(w, tl.trans(a), part)
+                    part = tl.dot(w, tl.trans(a), part, max_num_imprecise_acc=a.shape[1])  # fp8: gate_up.py
                     add = part * al[None, :]
                     if SKIP:
                         add = tl.where(al[None, :] != 0, add, 0.0)
                 else:
-                    part = tl.dot(a, tl.trans(w), part)
+                    part = tl.dot(a, tl.trans(w), part, max_num_imprecise_acc=a.shape[1])
                     add = part * al[:, None]
                     if SKIP:
                         add = tl.where(al[:, None] != 0, add, 0.0)

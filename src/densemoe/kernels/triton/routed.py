@@ -420,7 +420,7 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
             else:
                 acc += tl.dot(a, tl.trans(b)) * sy[:, None]
         else:
-            if SWAP_AB:
+            if SWAP_AB:  # (bf16 y: no fp8 imprecise accumulation to bound)
                 acc = tl.dot(b, tl.trans(a), acc)
             else:
                 acc = tl.dot(a, tl.trans(b), acc)
