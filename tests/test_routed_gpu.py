@@ -37,11 +37,12 @@ def _case(shape, M, seed):
     return w13, w2, x, ids, wts
 
 
-def _by_expert(pw, x, ids, wts, group, dt, round_rows, absolute=False, y_fp8=None):
+def _by_expert(pw, x, ids, wts, group, dt, round_rows, absolute=False, y_fp8=None, exact_y=False):
     """The routed math in ``dt`` (float64: the reference; float32: torch at the kernels'
     precision), one expert at a time on the GPU: y rounded as the kernel stores it (bf16, or fp8
     per (row, group) with float32 scales), each pair's weighted row rounded to bf16 if
-    ``round_rows``, the rows (their magnitudes if ``absolute``) summed per token."""
+    ``round_rows``, the rows (their magnitudes if ``absolute``) summed per token. ``exact_y``: y
+    kept as computed (the exact math on the quantised x and the weights, for the float64 reference)."""
     M, H = x.shape
     E = pw.alpha1.shape[0]
     I = pw.w1.shape[0] // (2 * E)
@@ -58,7 +59,9 @@ def _by_expert(pw, x, ids, wts, group, dt, round_rows, absolute=False, y_fp8=Non
             continue
         h = xs[p // ids.shape[1]] @ pw.w1[e * 2 * I:(e + 1) * 2 * I].to(dt).T * pw.alpha1[e].to(dt)
         v = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
-        if (pw.dtype == FP8) if y_fp8 is None else y_fp8:
+        if exact_y:
+            pass
+        elif (pw.dtype == FP8) if y_fp8 is None else y_fp8:
             v32 = v.float().reshape(-1, I // group, group)
             sc = v32.abs().amax(-1, keepdim=True)
             sc = torch.where(sc > 0, sc / 448.0, torch.ones_like(sc))
@@ -85,12 +88,23 @@ def test_routed_on_model_shapes(shape, dtype, M):
     out = routed_experts(x, pw, ids, wts)
     cfg = routed_configs.choose(RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16),
                                 x.device).config
-    ref = _by_expert(pw, x, ids, wts, cfg.fc1_block_i, torch.float64, False)
-    same = _by_expert(pw, x, ids, wts, cfg.fc1_block_i, torch.float32, True).to(BF16)
     assert torch.isfinite(out).all()
+    _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
+
+
+def _within_torch(out, pw, x, ids, wts, group, round_rows):
+    """out against the exact math in float64 (y not rounded), within 1.1x (fp8; bf16 1.5x) the
+    error of the same pipeline in torch at the kernels' precision (float32, y rounded as the
+    kernel stores it). Not against a float64 twin that rounds y to fp8 too: Hopper's fp8 wgmma
+    adds inside each instruction at reduced precision (gate_up.py), which moves v by enough to
+    flip the fp8 rounding of some of y's elements against any float32 twin: each flip is one fp8
+    step, and together they came to ~0.004 relative beside the pipeline's own ~0.03 (H200)."""
+    ref = _by_expert(pw, x, ids, wts, group, torch.float64, False, exact_y=True)
+    same = _by_expert(pw, x, ids, wts, group, torch.float32, round_rows).to(BF16)
     rel, mx = _errs(out, ref)
     t_rel, t_mx = _errs(same, ref)
-    assert rel <= 1.5 * t_rel + 2 ** -20 and mx <= 2 * t_mx + 2 ** -20 * ref.abs().max().item(), (rel, t_rel, mx, t_mx)
+    k = 1.1 if pw.dtype == FP8 else 1.5
+    assert rel <= k * t_rel + 2 ** -20 and mx <= 2 * t_mx + 2 ** -20 * ref.abs().max().item(), (rel, t_rel, mx, t_mx)
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
@@ -172,11 +186,7 @@ def test_atomic_combine_and_flatten_on_model_shapes(shape, M):
                                  x.device).config
     cfg = dataclasses.replace(base, atomic_combine=True, flatten=True)
     out = routed_experts(x, pw, ids, wts, config=cfg)
-    ref = _by_expert(pw, x, ids, wts, cfg.fc1_block_i, torch.float64, False)
-    same = _by_expert(pw, x, ids, wts, cfg.fc1_block_i, torch.float32, False).to(BF16)
-    rel, mx = _errs(out, ref)
-    t_rel, t_mx = _errs(same, ref)
-    assert rel <= 1.5 * t_rel + 2 ** -20 and mx <= 2 * t_mx + 2 ** -20 * ref.abs().max().item(), (rel, t_rel, mx, t_mx)
+    _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, False)
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
