@@ -58,6 +58,11 @@ def test_fc1_and_layer_benchmarks_run_and_report():
         assert r["cublas_fp8_pipeline_us"] == 10.0 and r["hf_eager_bf16_us"] == 10.0
         assert r["rel_err_torch_fp8"] > 0 and r["err_ratio_vs_torch_fp8"] > 0
         assert r["experts_only_us"] == 10.0 and r["router_us"] == 10.0 and r["torch_router_us"] == 10.0
+        # the floor is the routed problem's (each token's top-k experts), not the dense path's
+        routed_flops = 2 * r["M"] * TINY.topk * 3 * TINY.inter * TINY.hidden
+        peak = peaks["fp8" if r["dtype"] == "fp8" else "bf16"]
+        assert math.isclose(r["floor_us"], max(r["bytes"] / ceiling["tb_s"] / 1e6, routed_flops / peak / 1e6))
+        assert math.isclose(r["tflops"], routed_flops / 10.0 / 1e6)
     fp8 = [r for r in lay if r["dtype"] == "fp8"]
     assert all(r["err_ratio_vs_torch_fp8"] < 1.5 for r in fp8), [r["err_ratio_vs_torch_fp8"] for r in fp8]
     meta = dict(device="cpu", commit="abc", date="today", torch="t", triton="t", read_ceiling_tb_s=3.0,

@@ -25,9 +25,11 @@ in every baseline) followed by
 it takes ``strategy=``, also the router's ``expert_ids`` and ``topk_weights``, as the layer calls it),
 ``router_us`` our router alone and ``torch_router_us`` the baselines' router alone; none is a
 baseline.
-Layer floor (``floor_us``): the bytes of the experts the routing picked (``active_experts``, the
-union over the M tokens; ``routing="gate"``: the benchmark gate on random x, near-uniform top-k)
-plus x and out, over the read ceiling; ``dense_floor_us`` counts every expert.
+Layer floor (``floor_us``): the larger of the bytes of the experts the routing picked
+(``active_experts``, the union over the M tokens; ``routing="gate"``: the benchmark gate on random
+x, near-uniform top-k) plus x and out, over the read ceiling, and the routed FLOPs (2 * M * top_k *
+3 * I * H; ``tflops`` is these over the time) at the peak; ``dense_floor_us`` counts every expert
+for every token (the dense path's own floor, not the problem's).
 Errors against the fp32 reference are recorded for ours and for the cuBLAS pipeline
 (``rel_err``, ``rel_err_torch_fp8``: the issue bounds their ratio by 1.5).
 
@@ -670,7 +672,7 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                 peak = peaks[PEAK_OF[rec["dtype"]]]
                 act = int((route.alpha != 0).any(dim=0).sum())  # experts some token picked
                 nbytes = weight_bytes(rec["dtype"], act, I, H) + 2 * M * H * 2
-                flops = 2 * M * 3 * act * I * H
+                flops = 2 * M * k * 3 * I * H  # routed: each token's top-k experts
                 floor = max(nbytes / ceiling["tb_s"] / 1e6, flops / peak / 1e6)
                 dense_bytes = weight_bytes(rec["dtype"], E, I, H) + 2 * M * H * 2
                 rec.update(routing="gate", active_experts=act,
