@@ -239,7 +239,11 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       through pointer loads instead of TMA descriptors (``tma=False``), and FC2's atomic combine
       (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``).
 
-    At most 16 configs per (block_m, swap) and three of those, so at most 49 with the default.
+    * FC2 extras at the middle FC1 tile: flattened and two programs per SM together, the widest
+      FC2 tile of H flattened, with two programs per SM, and both; with fp8 y in groups of 256
+      (fc1_block_i 256) FC2's k-step 256, flattened.
+
+    At most 21 configs per (block_m, swap) and three of those, so at most 64 with the default.
     """
     if "triton" not in backends:
         return []
@@ -298,6 +302,15 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         add(make(bm, swap, bi, bn, k1=256, k2=256) if fp8 else make(bm, swap, bi, bn, k1=128, k2=128))
         add(make(bm, swap, bi, bn, flatten=True))
         add(make(bm, swap, bi, bn, tma=False))
+        # FC2 was the slowest launch on the H200 (bench/results/routed_stages_h200_2026-12-05.log:
+        # 0.96-1.4 TB/s at TP8 M = 64-512, short k-loops of 128 x 128 tiles): more of its weight
+        # bytes in flight per SM, the changes that do it together
+        wide = max(t[1] for t in tiles if t[0] == bi)
+        for n, kw in ((bn, dict(flatten=True, pps=2)), (wide, dict(flatten=True)), (wide, dict(pps=2)),
+                      (wide, dict(flatten=True, pps=2))):
+            add(make(bm, swap, bi, n, **kw))
+        if fp8 and any(t[0] == 256 for t in tiles):  # y groups of 256: FC2's k-step 256 (TP8: all of I)
+            add(make(bm, swap, 256, max(t[1] for t in tiles if t[0] == 256), k2=256, flatten=True))
         if ROUTED_ATOMIC:
             add(make(bm, swap, bi, bn, atomic_combine=True))
     default = routed_configs.default_config(p)
