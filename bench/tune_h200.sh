@@ -10,8 +10,10 @@
 #   DT=fp8 bash bench/tune_h200.sh          # only these dtypes' jobs; OPS="routed strategy" likewise
 #
 # Between calls, here (not on the device): keep what the call brought back in $OUT/wip/,
-#   mkdir -p bench/results/h200_wip && cp <files_at>/wip/* bench/results/h200_wip/
-# an untracked folder that the next call's copy of the tree carries; the script seeds its cache
+#   mkdir -p bench/results/h200_wip && cp <files_at>/wip/* bench/results/h200_wip/   (committed: the
+#   next session resumes from it; done.txt lists finished jobs, emptied where a job ran with fewer
+#   buckets than MS_ROUTED)
+# a folder that the next call's copy of the tree carries; the script seeds its cache
 # (tuned.json) and its list of finished jobs (done.txt) from it. At the end:
 #   python bench/merge_tuned.py bench/results/h200_wip/tuned.json --into src/densemoe/tuning/tables/h200.json
 # and commit the summaries (<files_at>/tune_h200_*.md) under bench/results/.

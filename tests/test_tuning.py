@@ -697,7 +697,42 @@ def test_every_shipped_entry_fits_its_problem():
         for key, entry in json.loads(table.read_text())["entries"].items():
             assert merge.check(key, entry) == "", key
             ops.add(key.split("|")[0])
-    assert ops == {"fc1", "fc2"}
+            if key.startswith("routed|"):  # a Triton-only op: found with CuTe DSL installed or not
+                assert key.endswith("|cutedsl=unused"), key
+    assert ops == {"fc1", "fc2", "routed"}
+
+
+def test_routed_keys_do_not_depend_on_cute_dsl(monkeypatch):
+    p = _routed_problem(100)
+    for cute in ("none", "4.8.1"):
+        monkeypatch.setattr(cache, "versions", lambda cute=cute: {"densemoe": "0", "triton": "3", "cutedsl": cute})
+        cache.make_key.cache_clear()
+        assert cache.make_key("routed", "NVIDIA H200", p).endswith("|cutedsl=unused")
+        assert cache.make_key("strategy", "NVIDIA H200", p).endswith(f"|cutedsl={cute}")
+    cache.make_key.cache_clear()
+
+
+def test_the_h200_table_reaches_the_routed_path(monkeypatch):
+    """On a device named NVIDIA H200 with this Triton, routed_configs.choose takes the shipped
+    entry for DeepSeek-V3 TP8 fp8 (tuned on the H200, 2026-12-05), not the first-guess rule."""
+    import triton
+
+    from densemoe.kernels.common import RoutedProblem
+    from densemoe.ops import routed_configs
+
+    if triton.__version__ != "3.6.0":  # the table is keyed to the device's Triton
+        real = {**cache.versions(), "triton": "3.6.0"}
+        monkeypatch.setattr(cache, "versions", lambda: real)
+    cache.make_key.cache_clear()
+    monkeypatch.setattr(cache, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(cache, "cache_dir", lambda: Path("/nonexistent-densemoe-cache"))
+    cache._tables.cache_clear()
+    s = SHAPES["deepseek-v3-tp8"]
+    choice = routed_configs.choose(RoutedProblem(512, s.hidden, s.experts, s.inter, s.topk, FP8, BF16), "cuda")
+    assert choice.source == "shipped", choice
+    assert choice.config.programs_per_sm == 2 and choice.config.fc2_block_n == 256, choice
+    cache.make_key.cache_clear()
+    cache._tables.cache_clear()
 
 
 # ---------------------------------------------------------------------------------- the routed path

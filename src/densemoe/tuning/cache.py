@@ -107,11 +107,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(idx)
 
 
+# ops with no CuTe DSL backend: their keys do not depend on whether CuTe DSL is installed
+TRITON_ONLY_OPS = ("routed",)
+
+
 @functools.lru_cache(maxsize=4096)
 def make_key(op: str, device: str, problem) -> str:
-    """The cache key of ``problem`` (an ``Fc1Problem`` or ``Fc2Problem``) on ``device`` (a name)."""
+    """The cache key of ``problem`` (an ``Fc1Problem``, ``Fc2Problem`` or ``RoutedProblem``) on
+    ``device`` (a name). An op in ``TRITON_ONLY_OPS`` keys ``cutedsl=unused``."""
     p = problem
-    v = versions()
+    v = dict(versions())
+    if op in TRITON_ONLY_OPS:
+        v["cutedsl"] = "unused"
     return (f"{op}|{device}|{_DTYPE_NAMES.get(p.dtype, str(p.dtype))}->{_DTYPE_NAMES.get(p.out_dtype, str(p.out_dtype))}"
             f"|N={p.n}|K={p.k}|E={p.e}{f'|topk={p.top_k}' if hasattr(p, 'top_k') else ''}{f'|block={p.block}' if getattr(p, 'block', 0) else ''}|M<={m_bucket(p.m)}"
             f"|densemoe={v['densemoe']}|triton={v['triton']}|cutedsl={v['cutedsl']}")
