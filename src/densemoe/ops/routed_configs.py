@@ -6,16 +6,19 @@ entry for the problem's key ("cache" / "shipped", ``densemoe.tuning.cache``) unl
 ``tuned=False``; ``default_config`` ("heuristic"). Every answer passes
 ``kernels.triton.routed.can_implement``.
 
-The default rule reads the rows an expert gets on average, r = M * top_k / E (uniform routing):
+The default rule reads the rows an expert gets on average, r = M * top_k / E (uniform routing).
+It is the pattern of the H200 tuning run of 2026-12-05 (fp8, DeepSeek-V3 TP8 and Qwen3-30B-A3B,
+``bench/results/tune_h200_2026-12-05_routed_*_fp8.md``), for the calls no table covers:
 
-    r <= 16    block_m 16, both GEMMs swap-AB (the weight tile is the MMA's M, an expert's few
-               rows its N: no 64-row MMA wasted on 4 tokens)
-    r <= 32    block_m 32, swap-AB
-    r <= 96    block_m 64
-    above      block_m 128, 8 warps (compute-bound: the largest tile that fits)
+    r <= 1/8   block_m 16, swap-AB; FC1 tiles of 64 columns of I (more tiles for the few
+               experts' rows), FC2 tiles of 256 x 64, 5-stage rings, one program per SM
+    r <= 16    block_m 16, swap-AB (the weight tile is the MMA's M, an expert's few rows its N);
+               FC2 tiles 256 wide, two programs per SM, 3-stage rings
+    r <= 64    block_m 32, swap-AB, the same FC2 tiles and two programs per SM
+    above      block_m 64, not swapped, two programs per SM, rings of 2 (FC1) and 4 (FC2)
 
-The numbers are first choices, not measurements: no routed kernel had run on a GPU when they
-were written (``docs/routed.md``). The H200 tuning run replaces them with tuned tables.
+FC2's wide tiles and the second program per SM keep more of FC2's weight bytes in flight: it was
+the slowest launch before (docs/routed.md). Block-scaled weights keep every tile at the block (128).
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from densemoe.ops.choice import Choice
 OP = "densemoe.routed_experts"
 FP8 = torch.float8_e4m3fn
 
-# (max rows per expert, block_m, swap_ab, warps); the last row takes everything above
+# (max rows per expert, block_m, swap_ab, fc1_block_i, fc2_block_n, programs_per_sm, fc1_stages,
+# fc2_stages); the last row takes everything above
 ROWS_TABLE = (
-    (16, 16, True, 4),
-    (32, 32, True, 4),
-    (96, 64, False, 4),
-    (None, 128, False, 8),
+    (1 / 8, 16, True, 64, 256, 1, 5, 5),
+    (16, 16, True, 128, 256, 2, 3, 3),
+    (64, 32, True, 128, 256, 2, 3, 3),
+    (None, 64, False, 128, 128, 2, 2, 4),
 )
 
 
@@ -45,19 +49,20 @@ def default_config(problem: RoutedProblem) -> RoutedConfig:
     """Deterministic config, no timing (the module docstring's rule)."""
     p = problem
     rows = p.m * p.top_k / max(p.e, 1)
-    for max_rows, bm, swap, warps in ROWS_TABLE:
+    for max_rows, bm, swap, bi, bn, pps, s1, s2 in ROWS_TABLE:
         if max_rows is None or rows <= max_rows:
             break
+    bn = min(bn, max(128, 1 << (p.h - 1).bit_length()))  # no 256-wide FC2 tile on a small H
     fp8 = p.dtype == FP8
     bk = 128 if fp8 else 64  # 128 bytes of a row per k-step
-    bk2 = bk
+    bk2 = min(bk, bi) if fp8 else bk  # fp8: one y scale per fc1_block_i columns per k-step
     while p.i % bk2 and bk2 > 16:  # FC2's k-steps tile each expert's I exactly (TMA)
         bk2 //= 2
     if p.block:  # one weight scale per tile and k-step
-        bk = bk2 = p.block
-    cfg = RoutedConfig(block_m=bm, fc1_block_i=128, fc1_block_k=bk, fc1_swap_ab=swap, fc1_warps=warps,
-                       fc1_stages=4 if bm <= 32 else 3, fc2_block_n=128, fc2_block_k=bk2, fc2_swap_ab=swap,
-                       fc2_warps=warps, fc2_stages=4 if bm <= 32 else 3)
+        bi = bn = bk = bk2 = p.block
+    cfg = RoutedConfig(block_m=bm, fc1_block_i=bi, fc1_block_k=bk, fc1_swap_ab=swap, fc1_warps=4, fc1_stages=s1,
+                       fc2_block_n=bn, fc2_block_k=bk2, fc2_swap_ab=swap, fc2_warps=4, fc2_stages=s2,
+                       programs_per_sm=pps)
     ok, why = can_implement(p, cfg)
     assert ok, f"default_config produced an invalid config for {p}: {why}"
     return cfg
