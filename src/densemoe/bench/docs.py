@@ -305,8 +305,9 @@ def performance_md(root: str | Path = ".") -> str:
         "",
         f"Every number here was measured on one {' / '.join(devices)} ({', '.join(dates)}) and is read from the "
         "committed result files named under each table; the README's headline table comes from the same files. "
-        "No H200 results are committed yet: the GPU machine the project uses today is an H200, and these "
-        "tables and the tuned tables shipped in the package are the H100's.",
+        "The H200 results of 2026-12-05 (the routed path, untuned and tuned in fp8: "
+        "`bench/results/layer_h200_2026-12-05_*`, `tune_h200_2026-12-05_*`) are summarised in "
+        "[routed.md](routed.md#first-h200-measurements-2026-12-05-and-the-plan), not here.",
         "",
         "**How it is timed** (`src/densemoe/bench/`, `src/densemoe/timing.py`). Every result is checked against "
         "an fp32 reference first. Times are CUDA-graph replays with the L2 flushed (by a read) before each, "
