@@ -240,10 +240,12 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``).
 
     * FC2 extras at the middle FC1 tile: flattened and two programs per SM together, the widest
-      FC2 tile of H flattened, with two programs per SM, and both; with fp8 y in groups of 256
-      (fc1_block_i 256) FC2's k-step 256, flattened.
+      FC2 tile of H flattened, with two, three or four programs per SM (rings as deep as fit their
+      share of shared memory), and flattened with two; with fp8 y in groups of 256 (fc1_block_i
+      256) FC2's k-step 256, flattened. (The H200's fp8 tuning of 2026-12-05 picked the widest
+      tile with two programs per SM at M = 4-2048; three and four were not in its space.)
 
-    At most 21 configs per (block_m, swap) and three of those, so at most 64 with the default.
+    At most 23 configs per (block_m, swap) and three of those, so at most 70 with the default.
     """
     if "triton" not in backends:
         return []
@@ -307,7 +309,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         # bytes in flight per SM, the changes that do it together
         wide = max(t[1] for t in tiles if t[0] == bi)
         for n, kw in ((bn, dict(flatten=True, pps=2)), (wide, dict(flatten=True)), (wide, dict(pps=2)),
-                      (wide, dict(flatten=True, pps=2))):
+                      (wide, dict(flatten=True, pps=2)), (wide, dict(pps=3)), (wide, dict(pps=4))):
             add(make(bm, swap, bi, n, **kw))
         if fp8 and any(t[0] == 256 for t in tiles):  # y groups of 256: FC2's k-step 256 (TP8: all of I)
             add(make(bm, swap, 256, max(t[1] for t in tiles if t[0] == 256), k2=256, flatten=True))
