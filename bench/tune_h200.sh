@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The H200 tables (issue 19, item 3): FC2, FC1, the routed path's tiles and the strategy
 # crossovers for DeepSeek-V3 TP8 and Qwen3-30B-A3B, fp8 and bf16. Run so far (2026-12-05): the
-# routed fp8 jobs, 16 buckets each (~115 s TP8, 81 s Qwen3, of which ~60 s compiling). Resumable: one device call works through the jobs below in order until BUDGET
-# seconds of the call are spent, skipping the jobs (and, inside a job, the M buckets) that
+# routed fp8 jobs, 16 buckets each (~115 s TP8, 81 s Qwen3, of which ~60 s compiling).
+# Resumable: one device call works through the jobs below in order until BUDGET seconds of the call are spent, skipping the jobs (and, inside a job, the M buckets) that
 # earlier calls finished; call it again until it prints "ALL DONE".
 #
 #   carry [".carry"] (the CuTe DSL bundle, for FC2's CuTe candidates: ../shared/tools/cutedsl-bundle)
@@ -28,7 +28,7 @@
 # 32x (TP8) or 16x (Qwen3) the routed FLOPs and was 2.3-7x slower than vLLM at M = 512-4096
 # (issue 19's table); tuning it there would take device time and change no pick.
 #
-# Time, estimated (no H200 run yet), per (shape, dtype):
+# Time, estimated (the routed line measured since), per (shape, dtype):
 #   fc2      100-230 s: the H100 host's measured FC2 sweeps (16 cores, docs/tuning.md), mostly
 #            compiling: 190-243 Triton kernels in 8 processes, 80-134 CuTe kernels in-process;
 #   fc1      ~60 s: 83 Triton kernels in 8 processes (~25 s), 13 buckets x ~55 timings x ~25 ms;
