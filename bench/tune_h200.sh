@@ -3,7 +3,8 @@
 # crossovers for DeepSeek-V3 TP8 and Qwen3-30B-A3B, fp8 and bf16. Run so far (2026-12-05): the
 # routed fp8 jobs, 16 buckets each (~115 s TP8, 81 s Qwen3, of which ~60 s compiling).
 # Resumable: one device call works through the jobs below in order until BUDGET seconds of the
-# call are spent, skipping the jobs (and, inside a job, the M buckets) that earlier calls finished; call it again until it prints "ALL DONE".
+# call are spent, skipping the jobs (and, inside a job, the M buckets) that earlier calls
+# finished; call it again until it prints "ALL DONE".
 #
 #   carry [".carry"] (the CuTe DSL bundle, for FC2's CuTe candidates: ../shared/tools/cutedsl-bundle)
 #   bash bench/tune_h200.sh                 # the next jobs; run with timeout_s=600
