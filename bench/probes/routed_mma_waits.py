@@ -1,0 +1,47 @@
+"""How many wgmma the routed GEMMs keep in flight: compiles the routed FC2 (fp8 with y's group
+scales, and bf16) and FC1 (fp8) for sm_90a with the installed Triton, no GPU needed, at the
+H200-tuned tiles (16-row swapped tiles, FC2 256 x 128, 3 stages), and prints the `pendings` of
+each `warp_group_dot_wait` in the TTGIR (0: each k-step waits for its MMA) and the shared memory
+a program takes. Run: `python bench/probes/routed_mma_waits.py` (CPU; a minute)."""
+
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from densemoe.kernels.triton.routed import _fc1_kernel, _fc2_kernel
+
+FP8 = "fp8e4nv"
+
+
+def compile_(kernel, ptrs, const, warps=4, stages=3):
+    const = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **const}
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        sig[name] = ptrs.get(name) or ("constexpr" if name in const else "i32")
+        if (name in ptrs and not ptrs[name].startswith("tensordesc")) or name.startswith("stride") \
+                or name in ("H", "I"):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what a launch on the model shapes specialises
+    return triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def waits(k):
+    return re.findall(r"warp_group_dot_wait[^{]*\{pendings = (\d+)", k.asm["ttgir"]), k.metadata.shared
+
+
+for fp8 in (True, False):
+    dt, bk = (FP8, 128) if fp8 else ("bf16", 64)
+    k = compile_(_fc2_kernel, dict(y_ptr="*" + dt, ys_ptr="*fp32", w_ptr="*" + dt, w_desc=f"tensordesc<{dt}[256, {bk}]>",
+                                   w2s_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32", offsets_ptr="*i32",
+                                   tw_ptr="*fp32", out_ptr="*bf16"),
+                 dict(HAS_YS=fp8, E_PAD=256, BLOCK_M=16, BLOCK_N=256, BLOCK_K=bk, SWAP_AB=True, NUM_STAGES=3,
+                      ATOMIC=False, FLATTEN=False, USE_TMA=True, W_BLOCK=False, PDL=True))
+    print(f"FC2 {dt}: pendings {waits(k)[0]}, shared memory {waits(k)[1]} B")
+k = compile_(_fc1_kernel, dict(x_ptr="*" + FP8, w_ptr="*" + FP8, w_desc=f"tensordesc<{FP8}[128, 128]>", alpha1_ptr="*fp32",
+                               xs_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32", offsets_ptr="*i32",
+                               y_ptr="*" + FP8, ys_ptr="*fp32"),
+             dict(HAS_XS=True, OUT_FP8=True, E_PAD=256, BLOCK_M=16, BLOCK_I=128, BLOCK_K=128, SWAP_AB=True,
+                  NUM_STAGES=3, FLATTEN=False, USE_TMA=True, W_BLOCK=False, PDL=True))
+print(f"FC1 {FP8}: pendings {waits(k)[0]}, shared memory {waits(k)[1]} B")
