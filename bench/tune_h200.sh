@@ -9,6 +9,7 @@
 #   carry [".carry"] (the CuTe DSL bundle, for FC2's CuTe candidates: ../shared/tools/cutedsl-bundle)
 #   bash bench/tune_h200.sh                 # the next jobs; run with timeout_s=600
 #   DT=fp8 bash bench/tune_h200.sh          # only these dtypes' jobs; OPS="routed strategy" likewise
+#   (DT fp8block: 128 x 128 block-scaled weights, issue 20; its routed and strategy jobs only)
 #
 # Between calls, here (not on the device): keep what the call brought back in $OUT/wip/,
 #   mkdir -p bench/results/h200_wip && cp <files_at>/wip/* bench/results/h200_wip/   (committed: the
@@ -85,8 +86,9 @@ cat $OUT/routed_smoke.log | tail -6
 [[ $ROUTED_OK == 1 ]] || echo "ROUTED SMOKE FAILED: routed jobs skipped (see routed_smoke.log)"
 
 jobs=()
-for dt in ${DT:-fp8 bf16}; do
+for dt in ${DT:-fp8 bf16 fp8block}; do
   for op in ${OPS:-routed fc2 fc1 strategy}; do
+    [[ $dt == fp8block && ( $op == fc1 || $op == fc2 ) ]] && continue  # block weights: routed, strategy
     for shape in deepseek-v3-tp8 qwen3-30b-a3b; do jobs+=("$op $shape $dt"); done
   done
 done

@@ -1077,3 +1077,55 @@ def test_merge_checks_routed_and_strategy_entries():
     entry = {"best": {"config": "routed", "us": 1.0}, "us": {"routed": 1.0}, "heuristic": {"config": "routed"}}
     assert merge.check(skey, entry) == ""
     assert "not one of" in merge.check(skey, {"best": {"config": "fast", "us": 1.0}})
+
+
+# ---------------------------------------------------------------------------------- block-scaled fp8 (issue 20)
+
+TINY_BLOCK = (256, 4, 128, 2)  # H, E, I, top_k: one and two 128 x 128 blocks
+
+
+def test_block_dtype_plans_the_routed_and_strategy_jobs_only(capsys):
+    from densemoe import __main__ as cli
+
+    assert cli.main(["tune", "--op", "routed", "--m", "1,512,4096", "--dtypes", "fp8block", "--dry-run"]) == 0
+    rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| fp8block |")]
+    assert [r[2].strip() for r in rows] == ["1", "512", "4096", "distinct (compiles)"]
+    assert all(0 < int(r[3]) <= 32 for r in rows)
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--op", "fc2", "--dtypes", "fp8block", "--dry-run"])
+    assert "is for --op routed or strategy" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tune routed and strategy only"):
+        tune("fc1", TINY_BLOCK, [1], dtypes=("fp8block",), device="cpu", timer=fake_timer, progress=False)
+
+
+def test_block_routed_space_pins_every_tile_to_the_block():
+    from densemoe.kernels.triton.routed import can_implement
+    from densemoe.tuning.space import routed_space
+
+    for m in (1, 64, 4096):
+        p = dataclasses_replace(_routed_problem(m, FP8, 7168, 256, 256, 8), block=128)
+        space = routed_space(p)
+        assert space and all(can_implement(p, c)[0] for c in space)
+        assert {(c.fc1_block_i, c.fc1_block_k, c.fc2_block_n, c.fc2_block_k) for c in space} == {(128,) * 4}
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_block_routed_tuning_and_crossover_on_the_interpreter(cache_dir):
+    """``tune`` with dtype fp8block: block-scaled inputs (scales that differ per block), every
+    candidate checked against the reference that dequantises block by block (none dropped), the
+    entries keyed ``|block=128``; the crossover too, over the three strategies on block weights."""
+    from densemoe.tuning.ops import make_routed_inputs, routed_reference
+
+    (r,) = tune("routed", TINY_BLOCK, [3], dtypes=("fp8block",), device="cpu", timer=fake_timer, progress=False)
+    assert r.problem.block == 128 and "|block=128|" in r.key and not r.failures and len(r.timings) >= 4
+    assert cache.lookup(r.key)[1] == "cache"
+    inputs = make_routed_inputs(r.problem, "cpu", seed=5)
+    assert inputs.prepared.block == 128 and inputs.x_quant[1].shape == (4, 2)
+    assert inputs.prepared.w1_block_scale.unique().numel() == inputs.prepared.w1_block_scale.numel()
+    exact = routed_reference(inputs)
+    wrong = inputs._replace(prepared=dataclasses_replace(inputs.prepared,
+                                                         w1_block_scale=inputs.prepared.w1_block_scale.flip(0)))
+    assert ((routed_reference(wrong) - exact).norm() / exact.norm()).item() > 0.1  # the blocks matter
+    (s,) = tune("strategy", TINY_BLOCK, [3], dtypes=("fp8block",), device="cpu", timer=fake_timer, progress=False)
+    assert s.problem.block == 128 and "|block=128|" in s.key and set(s.us) == {"skip", "dense", "routed"}, s.errors

@@ -4,6 +4,7 @@ python -m densemoe.bench)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from densemoe.shapes import parse_ms
@@ -38,16 +39,18 @@ def _check_args(args) -> None:
     """One clear line (SystemExit) for a bad argument, before any work."""
     from densemoe.shapes import parse_ms
     from densemoe.tuning.space import BACKENDS
-    from densemoe.tuning.tuner import DTYPES, TUNABLE
+    from densemoe.tuning.tuner import BLOCK_DTYPES, BLOCK_OPS, DTYPES, TUNABLE
 
     if args.op not in TUNABLE:
         _fail(f"--op {args.op!r}: tunable ops are {', '.join(TUNABLE)}")
     s, _ = _shape(args.shape)
     if args.op in ("routed", "strategy") and s.topk > s.experts:
         _fail(f"--shape {args.shape!r}: top-k {s.topk} is more than the {s.experts} experts")
-    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    bad = [d for d in args.dtypes.split(",") if d not in DTYPES and d not in BLOCK_DTYPES]
     if bad:
-        _fail(f"--dtypes {args.dtypes!r}: choose from {', '.join(DTYPES)}")
+        _fail(f"--dtypes {args.dtypes!r}: choose from {', '.join([*DTYPES, *BLOCK_DTYPES])}")
+    if args.op not in BLOCK_OPS and any(d in BLOCK_DTYPES for d in args.dtypes.split(",")):
+        _fail(f"--dtypes {args.dtypes!r}: {', '.join(BLOCK_DTYPES)} is for --op {' or '.join(BLOCK_OPS)}")
     bad = [b for b in args.backends.split(",") if b not in BACKENDS]
     if bad:
         _fail(f"--backends {args.backends!r}: choose from {', '.join(BACKENDS)}")
@@ -64,7 +67,7 @@ def _dry_run(args) -> str:
 
     from densemoe.tuning.buckets import m_bucket
     from densemoe.tuning.ops import OPS
-    from densemoe.tuning.tuner import DTYPES
+    from densemoe.tuning.tuner import _block_of, _dtype_of
 
     s, _ = _shape(args.shape)
     if args.op == "strategy":
@@ -82,7 +85,8 @@ def _dry_run(args) -> str:
     for dt in args.dtypes.split(","):
         distinct = set()
         for b in sorted({m_bucket(m) for m in parse_ms(args.m)}):
-            space = spec.space(spec.problem(b, s, DTYPES[dt], torch.bfloat16), backends, 132)
+            q = spec.problem(b, s, _dtype_of(dt), torch.bfloat16)
+            space = spec.space(dataclasses.replace(q, block=_block_of(dt)) if _block_of(dt) else q, backends, 132)
             distinct |= set(space)
             lines.append(f"| {dt} | {b} | {sum(c.backend == 'triton' for c in space)} | "
                          f"{sum(c.backend == 'cute' for c in space)} |")

@@ -432,7 +432,7 @@ def _block_record(case, x, route, ref, p, shared, g, line, M, commit, device, ac
     else:
         rec.update(torch_grouped_us=None, torch_grouped_note=g or "not built")
     try:
-        problem = RoutedProblem(M, H, E, I, k, p.dtype, torch.bfloat16)
+        problem = RoutedProblem(M, H, E, I, k, p.dtype, torch.bfloat16, getattr(p, "block", 0))
         rec["chosen"] = strategy_rule.resolve("bench", None, None, M, E, top_k=k, problem=problem, device=x.device)
     except (TypeError, ValueError, AttributeError) as exc:
         rec.update(chosen=None, chosen_note=f"strategy.resolve failed: {_why(exc)}")

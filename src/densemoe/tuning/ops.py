@@ -25,7 +25,7 @@ from densemoe.ops import fc1_configs, fc2_configs, routed_configs
 from densemoe.ops.fc1 import fc1
 from densemoe.ops.fc2 import fc2
 from densemoe.ops.routed import routed_experts
-from densemoe.quant import quantize_per_token
+from densemoe.quant import quantize_per_token, quantize_per_token_group
 from densemoe.reference import fc1_ref, fc2_ref
 from densemoe.tuning.space import fc1_space, fc2_space, routed_space
 from densemoe.weights import PreparedWeights
@@ -157,7 +157,8 @@ def routed_weights(p, device, gen: torch.Generator) -> PreparedWeights:
     """Random experts of ``p``'s shape in the kernels' layout at ``p.dtype`` (never zeros):
     w1 [E*2I, H] and w2 [H, E*I] drawn from randn (fp8: times 448/4, clamped, so e4m3's range is
     used), per-expert scales alpha1, w2_scale in [0.5, 1.5) / sqrt(fan-in) (fp8: times 4/448),
-    so every stage's values stay near 1."""
+    so every stage's values stay near 1. With ``p.block`` (128 x 128 block-scaled fp8): a scale
+    per block in [1, 20) / sqrt(fan-in) times 4/448 instead, alpha1 and w2_scale ones."""
     big = 448 / 4 if p.dtype == FP8 else 1.0
 
     def weights(rows: int, cols: int) -> torch.Tensor:
@@ -165,6 +166,15 @@ def routed_weights(p, device, gen: torch.Generator) -> PreparedWeights:
 
     w1 = weights(p.e * 2 * p.i, p.h)
     w2 = weights(p.h, p.e * p.i)
+    if getattr(p, "block", 0):  # block-scaled: a scale per block, spread over 20x as in checkpoints
+        b = p.block
+        ones = torch.ones(p.e, device=device)
+
+        def scales(rows: int, cols: int, fan_in: int) -> torch.Tensor:
+            return (torch.rand(rows // b, cols // b, generator=gen, device=device) * 19 + 1) * fan_in ** -0.5 / big
+
+        return PreparedWeights(w1, ones, w2, ones, w1_block_scale=scales(p.e * 2 * p.i, p.h, p.h),
+                               w2_block_scale=scales(p.h, p.e * p.i, p.i))
     alpha1 = (torch.rand(p.e, generator=gen, device=device) + 0.5) / big * p.h ** -0.5
     w2_scale = (torch.rand(p.e, generator=gen, device=device) + 0.5) / big * p.i ** -0.5
     return PreparedWeights(w1, alpha1, w2, w2_scale)
@@ -191,7 +201,10 @@ def make_routed_inputs(problem: RoutedProblem, device, seed: int = 0,
         prepared = routed_weights(p, device, gen)
     x = torch.randn(p.m, p.h, generator=gen, device=device).to(_x_dtype(p))
     ids, weights = routed_topk(p.m, p.e, p.top_k, device, gen)
-    xq = quantize_per_token(x) if p.dtype == FP8 else None
+    if getattr(p, "block", 0):
+        xq = quantize_per_token_group(x, p.block)
+    else:
+        xq = quantize_per_token(x) if p.dtype == FP8 else None
     return RoutedInputs(x, prepared, ids, weights, xq)
 
 
@@ -211,12 +224,19 @@ def routed_reference(inputs: RoutedInputs, config=None) -> torch.Tensor:
     bf16, or fp8 with one scale per ``config.fc1_block_i`` columns; each pair's row in bf16
     unless ``config.atomic_combine``), so that a correct config lands well within the tuner's
     TOL whatever its groups. Without: the exact math, no intermediate rounding (the check of the
-    strategies, which round differently)."""
+    strategies, which round differently). Block-scaled weights are dequantised block by block,
+    x quantised in 1 x 128 groups as the op does."""
     x, pw, ids, tw, xq = inputs
     M, H = x.shape
     E, I = pw.num_experts, pw.inter
     k = ids.shape[1]
-    if xq is not None:
+    blk = pw.block
+    if xq is not None and blk:  # x in 1 x blk groups
+        xs = (xq[0].float().view(M, -1, blk) * xq[1].float()[:, :, None]).view(M, H)
+    elif blk:
+        x8, sx = quantize_per_token_group(x, blk)
+        xs = (x8.float().view(M, -1, blk) * sx.float()[:, :, None]).view(M, H)
+    elif xq is not None:
         xs = xq[0].float() * xq[1].float()[:, None]
     elif pw.dtype == FP8:
         x8, sx = quantize_per_token(x)
@@ -237,7 +257,14 @@ def routed_reference(inputs: RoutedInputs, config=None) -> torch.Tensor:
         pairs = order[start:start + n]
         start += n
         rows = tok[pairs]
-        h = (xs[rows] @ pw.w1[e * 2 * I:(e + 1) * 2 * I].float().T) * pw.alpha1[e].float()
+        w1e = pw.w1[e * 2 * I:(e + 1) * 2 * I].float()
+        w2e = pw.w2[:, e * I:(e + 1) * I].float()
+        if blk:  # dequantised block by block
+            w1e = w1e * pw.w1_block_scale[e * 2 * I // blk:(e + 1) * 2 * I // blk].repeat_interleave(
+                blk, 0).repeat_interleave(blk, 1)
+            w2e = w2e * pw.w2_block_scale[:, e * I // blk:(e + 1) * I // blk].repeat_interleave(
+                blk, 0).repeat_interleave(blk, 1)
+        h = (xs[rows] @ w1e.T) * pw.alpha1[e].float()
         v = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
         if config is not None and pw.dtype == FP8:
             q = config.fc1_block_i
@@ -248,7 +275,7 @@ def routed_reference(inputs: RoutedInputs, config=None) -> torch.Tensor:
             v = ((vp / sc).clamp(-448.0, 448.0).to(FP8).float() * sc).view(n, g * q)[:, :I]
         elif config is not None:
             v = v.to(torch.bfloat16).float()
-        part = (v @ pw.w2[:, e * I:(e + 1) * I].float().T) * (pw.w2_scale[e].float() * wflat[pairs])[:, None]
+        part = (v @ w2e.T) * (pw.w2_scale[e].float() * wflat[pairs])[:, None]
         if config is not None and not config.atomic_combine:
             part = part.to(torch.bfloat16).float()
         out.index_add_(0, rows, part)

@@ -53,6 +53,9 @@ from densemoe.tuning.space import BACKENDS, describe
 TOL = 1e-2  # relative Frobenius error against the fp32 reference (bf16 output: ~4e-3)
 MARGIN = 0.02  # a tuned winner must beat the heuristic's choice by more than this (see tune_problem)
 DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+# fp8 weights with 128 x 128 block scales (issue 20): the routed path and the crossovers only
+BLOCK_DTYPES = {"fp8block": 128}
+BLOCK_OPS = ("routed", "strategy")
 # what ``tune``'s op= (and the CLI's --op) takes: the ops with configs, and the crossovers
 TUNABLE = (*OPS, "strategy")
 # a strategy's output against the exact float reference (relative Frobenius error): a guard
@@ -273,19 +276,27 @@ def _shape_of(shape):
 
 
 def _dtype_of(dt) -> torch.dtype:
+    if isinstance(dt, str) and dt in BLOCK_DTYPES:
+        return torch.float8_e4m3fn
     if isinstance(dt, str) and dt not in DTYPES:
-        raise ValueError(f"dtypes: {dt!r} is not one of {sorted(DTYPES)}")
+        raise ValueError(f"dtypes: {dt!r} is not one of {sorted(DTYPES) + sorted(BLOCK_DTYPES)}")
     dtype = DTYPES[dt] if isinstance(dt, str) else dt
     if dtype not in DTYPES.values():
         raise ValueError(f"dtypes: {dtype} is not one of {sorted(DTYPES)} (float8_e4m3fn, bfloat16)")
     return dtype
 
 
+def _block_of(dt) -> int:
+    """The weights' scale block a dtype name asks for ("fp8block": 128), else 0."""
+    return BLOCK_DTYPES.get(dt, 0) if isinstance(dt, str) else 0
+
+
 def strategy_problem(m: int, shape, dtype, out_dtype: torch.dtype = torch.bfloat16) -> RoutedProblem:
     """The problem a strategy crossover of ``shape`` (as ``tune`` takes it, or a ``MoEShape``)
-    at M = ``m`` is keyed by: ``ops.strategy.recorded`` builds the same from a layer call."""
+    at M = ``m`` is keyed by: ``ops.strategy.recorded`` builds the same from a layer call.
+    ``dtype`` "fp8block": fp8 with 128 x 128 block-scaled weights (``block`` 128)."""
     s = _shape_of(shape)
-    return RoutedProblem(m, s.hidden, s.experts, s.inter, s.topk, _dtype_of(dtype), out_dtype)
+    return RoutedProblem(m, s.hidden, s.experts, s.inter, s.topk, _dtype_of(dtype), out_dtype, block=_block_of(dtype))
 
 
 def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512),
@@ -312,17 +323,23 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
             raise ValueError("densemoe.tune times kernels on a CUDA GPU and none is available")
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device)
-    dts = [(dt, _dtype_of(dt)) for dt in dtypes]
+    dts = [(dt, _dtype_of(dt), _block_of(dt)) for dt in dtypes]
+    if any(blk for *_, blk in dts) and op not in BLOCK_OPS:
+        raise ValueError(f"dtypes: {sorted(BLOCK_DTYPES)} tune {' and '.join(BLOCK_OPS)} only (op={op!r})")
     if timer is None and device.type == "cuda":
         timer = Timer(reps=reps)  # one flush buffer for the whole sweep
     label = shape
     results = []
-    for dt, dtype in dts:
+    for dt, dtype, blk in dts:
         shared = None
+
+        def problem_at(b, spec=None, dtype=dtype, blk=blk):
+            q = spec.problem(b, s, dtype, out_dtype)
+            return dataclasses.replace(q, block=blk) if blk else q
         buckets = sorted({m_bucket(m) for m in m_values})
         if op == "strategy":
             for b in buckets:
-                p = strategy_problem(b, s, dtype, out_dtype)
+                p = strategy_problem(b, s, dt, out_dtype)
                 if missing_only and _have(cache.make_key("strategy", cache.device_name(device), p)):
                     continue
                 inputs = strategy_inputs(p, device, b, shared)
@@ -334,17 +351,17 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
             continue
         spec = OPS[op]
         todo = [b for b in buckets if not (missing_only and _have(
-            cache.make_key(spec.name, cache.device_name(device), spec.problem(b, s, dtype, out_dtype))))]
+            cache.make_key(spec.name, cache.device_name(device), problem_at(b, spec))))]
         if device.type == "cuda" and compile_workers != 0 and todo:
             from densemoe.tuning.precompile import precompile
 
             plan = [(q, spec.space(q, backends, _sms(device))) for q in
-                    (spec.problem(b, s, dtype, out_dtype) for b in todo)]
+                    (problem_at(b, spec) for b in todo)]
             stats = precompile(plan, device, compile_workers)
             if progress:
                 print(f"{op} {label} {dt}: {stats.line()}", file=sys.stderr)
         for b in todo:
-            p = spec.problem(b, s, dtype, out_dtype)
+            p = problem_at(b, spec)
             inputs, shared = spec.make_inputs(p, device, b, shared)
             bar = _progress_bar(f"{op} {label} {dt} M<={b}") if progress else None
             results.append(tune_problem(p, device, backends=backends, timer=timer, reps=reps,
@@ -465,7 +482,8 @@ def summary(results: list) -> str:
         lines = ["| dtype | M bucket | tuned config | us | heuristic config | heuristic us | speedup | failed |",
                  "|---|---:|---|---:|---|---:|---:|---:|"]
         for r in tuned:
-            dt = cache._DTYPE_NAMES.get(r.problem.dtype, str(r.problem.dtype))
+            dt = cache._DTYPE_NAMES.get(r.problem.dtype, str(r.problem.dtype)) + ("block" if getattr(
+                r.problem, "block", 0) else "")
             best = f"{describe(r.best.config)} | {r.best.us:.1f}" if r.best else "none | -"
             h = f"{r.heuristic.us:.1f}" if r.heuristic.us else "-"
             lines.append(f"| {dt} | {r.problem.m} | {best} | {describe(r.heuristic.config)} | {h} | "
@@ -477,7 +495,8 @@ def summary(results: list) -> str:
                  f"rule / recorded | routed config from |",
                  "|---|---:|---|" + "---:|" * len(names) + "---|---:|---|"]
         for r in cross:
-            dt = cache._DTYPE_NAMES.get(r.problem.dtype, str(r.problem.dtype))
+            dt = cache._DTYPE_NAMES.get(r.problem.dtype, str(r.problem.dtype)) + ("block" if getattr(
+                r.problem, "block", 0) else "")
             cells = " | ".join(f"{r.us[n]:.1f}" if n in r.us else "-" for n in names)
             gain = (f"{r.us[r.rule] / r.us[r.best]:.3f}" if r.best and r.rule in r.us else "-")
             lines.append(f"| {dt} | {r.problem.m} | {r.best or 'none'} | {cells} | {r.rule} | {gain} | "
