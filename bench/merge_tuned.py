@@ -32,13 +32,14 @@ _DT = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16
 
 def problem_of(key: str):
     """The op's problem for a key: ``fc2|device|in->out|N=|K=|E=|M<=..``, ``fc1|...``, or
-    ``routed|...`` / ``strategy|...`` (a ``RoutedProblem``: N = H, K = E*I, ``topk=``)."""
+    ``routed|...`` / ``strategy|...`` (a ``RoutedProblem``: N = H, K = E*I, ``topk=``, ``block=``
+    for block-scaled weights)."""
     parts = dict(p.split("=", 1) for p in key.split("|") if "=" in p)
     dt, out = key.split("|")[2].split("->")
     m = int(next(p for p in key.split("|") if p.startswith("M<=")).split("=")[1])
     n, k, e = int(parts["N"]), int(parts["K"]), int(parts["E"])
     if key.startswith(("routed|", "strategy|")):
-        return RoutedProblem(m, n, e, k // e, int(parts["topk"]), _DT[dt], _DT[out])
+        return RoutedProblem(m, n, e, k // e, int(parts["topk"]), _DT[dt], _DT[out], int(parts.get("block", 0)))
     if key.startswith("fc1|"):
         return Fc1Problem(m, k, e, n // (2 * e), _DT[dt], _DT[out])
     return Fc2Problem(m, n, e, k // e, _DT[dt], _DT[out])

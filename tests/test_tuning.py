@@ -1073,6 +1073,11 @@ def test_merge_checks_routed_and_strategy_entries():
     assert merge.check(rkey, {"best": {"config": good, "us": 1.0}, "triton": {"config": good}}) == ""
     assert "must divide" in merge.check(rkey, {"best": {"config": bad, "us": 1.0}})
     assert "not a routed config" in merge.check(rkey, {"best": {"config": "block_m=16", "us": 1.0}})
+    bkey = cache.make_key("routed", "NVIDIA H200", dataclasses_replace(p, block=128))
+    assert merge.problem_of(bkey) == dataclasses_replace(p, m=128, block=128)
+    wide = RoutedConfig(block_m=16, fc2_block_n=256).to_str()  # block weights pin FC2's tile to 128
+    assert merge.check(bkey, {"best": {"config": good, "us": 1.0}}) == ""
+    assert "block-scaled" in merge.check(bkey, {"best": {"config": wide, "us": 1.0}})
     skey = cache.make_key("strategy", "NVIDIA H200", p)
     entry = {"best": {"config": "routed", "us": 1.0}, "us": {"routed": 1.0}, "heuristic": {"config": "routed"}}
     assert merge.check(skey, entry) == ""
