@@ -9,39 +9,23 @@
 # Here, first: bash ../shared/tools/cutedsl-bundle (writes .carry/cutedsl.tar.xz, for the suite's
 # CuTe DSL tests); then on the GPU machine, with carry [".carry"]:
 #   bash bench/routed_gpu.sh <commit>
-# Env: STAGES=1 adds bench/probes/routed_stages.py per shape (fp8; ~60 s each, estimated); NO_SUITE=1 skips the suite; SHAPES (comma list), DTYPES, MS, REPS, SKIP_MAX_M (time the skip
-# strategy only up to this M), SUITE_TIMEOUT, BENCH_TIMEOUT override the defaults below.
+# with <commit> written here (git rev-parse --short HEAD), not computed there: the device copy's
+# git named an older commit on 2026-12-05.
+# Env: STAGES=1 adds bench/probes/routed_stages.py per shape (fp8); NO_SUITE=1 skips the suite;
+# SHAPES (comma list), DTYPES, MS, REPS, SKIP_MAX_M (time the skip strategy only up to this M),
+# SUITE_TIMEOUT, BENCH_TIMEOUT override the defaults below.
 # Block-scaled fp8 (issue 20, dtype fp8block: routed path, its per-expert requantisation, torch's
-# bf16 grouped pipeline on the dequantised weights) is NOT in the default DTYPES: with it the call
-# would not fit in 600 s (estimate below). Run it as a second device call, without the suite:
+# bf16 grouped pipeline on the dequantised weights) is NOT in the default DTYPES: with the suite
+# the call would not fit in 600 s (times below). Run it as a second device call, without the suite:
 #   NO_SUITE=1 DTYPES=fp8block bash bench/routed_gpu.sh <commit>
 # its files are named layer_h200_<shape>_fp8block.* (any DTYPES other than the default adds
 # _<dtypes> to the names).
 #
-# Time, estimated (no run of this script has been timed yet):
-#   suite: 196 GPU tests took 88 s under 8 pytest-xdist processes on the H100 (docs/tuning.md);
-#     the suite is ~3x that now plus the routed path's tests: budget 200 s, its timeout (a suite
-#     cut short prints its tail and the benchmark still runs).
-#   benchmark, per shape: ~20 s to start (imports, read ceiling and GEMM peaks, weights, the
-#     transformers modules). Per M, ~18 callables (the layer's 6 as before, the experts path's
-#     ~12) x 3 interleaved rounds, each a Timer call: ~6 ms of settling reads, one graph capture,
-#     20 replays behind a 256 MB read flush (~60 us each): ~25-40 ms a call while M <= 512, so
-#     ~2-3 s per M with the fp32 reference, the checks and the router timings (the H100 layer run,
-#     6 callables, 13 M x 2 shapes, took 75 s with its compiles). At M = 4096 the slow lines
-#     (dense and skip ~10 ms in fp8, ~20 ms in bf16 on DeepSeek-V3 TP8; the cuBLAS pipeline
-#     ~15 ms) make a round ~4 s: 1024 + 2048 + 4096 ~ 25 s. Triton compiles for new M and the
-#     routed kernels' configs: ~40 s. Total ~ 20 + 10 x 3 + 25 + 40 = ~115 s a shape: limit 150.
-#     M = 96, 192 and 384 of the decode sweep are left out to keep that margin (MS puts them back).
-#   all: 200 + 2 x 150 + ~20 s (bundle unpacking, nvidia-smi, the tarball) = ~520 s, < 9 min.
-#   fp8block (estimated, not run yet): per M its layer line and experts-only (2 callables) and on the
-#     experts path torch_grouped, routed (chosen is timed once with it), per-expert fp8 routed (3),
-#     plus a second fp32 reference per M; at start ~5 s to quantise per block, dequantise (fp32:
-#     5.6 GB on DeepSeek-V3 TP8) and requantise per expert; the block-scaled routed kernels' compiles
-#     ~30-40 s. Added to fp8,bf16: ~23 callables a round instead of ~18, ~115 x 23/18 + 40 ~ 185 s
-#     a shape: 200 + 2 x 185 + 20 = 590 s, no margin: hence the separate call. Alone
-#     (DTYPES=fp8block: the layer's cuBLAS and grouped_mm baselines, ours, experts-only; the experts
-#     path's cuBLAS, grouped_mm, torch_grouped, routed, per-expert: ~9 callables): ~20 + 10 x 1.5
-#     + ~20 (M >= 1024) + ~60 compiles ~ 115 s a shape, under BENCH_TIMEOUT 150: ~2 x 130 + 20 ~ 280 s.
+# Time, measured on the H200 (2026-12-05): the whole GPU suite 128 s (603 tests, 8 pytest-xdist
+# processes); the benchmark fp8 alone 47 s (TP8) and 40 s (Qwen3) of benchmark wall time, fp8 and
+# bf16 84 s and 62 s, fp8block at 5 M 39 s and 30 s; STAGES ~30 s a shape; the call with the
+# suite, fp8 and bf16 and STAGES took 393 s in all. So fp8, bf16 and fp8block together fit one
+# call without the suite (estimate: ~2 x 160 s).
 set -uo pipefail
 source bench/device_env.sh
 commit=${1:-unknown}
