@@ -65,7 +65,7 @@ def _worker(jobs: list, device: str) -> int:
         spec = op_of(p)
         key = (spec.name, p)
         if key not in inputs:
-            wkey = (spec.name, p.n, p.k, p.dtype)
+            wkey = (spec.name, p.n, p.k, p.dtype, getattr(p, "block", 0))  # block-scaled weights apart
             made, shared = spec.make_inputs(p, device, p.m, weights.get(wkey))
             weights = {wkey: shared}  # one weight tensor at a time
             inputs = {key: (made, spec.make_out(p, device))}
