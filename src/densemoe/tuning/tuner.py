@@ -109,6 +109,17 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _at_bucket(problem, device, timer, reps: int):
+    """(device, the problem at its M bucket's top, a timer): ``timer`` or, on a CUDA device, a
+    ``Timer`` of ``reps`` runs (elsewhere a ValueError: only a GPU times kernels)."""
+    device = torch.device(device)
+    if timer is None:
+        if device.type != "cuda":
+            raise ValueError("tuning times kernels on a CUDA GPU; on another device pass timer=")
+        timer = Timer(reps=reps)
+    return device, dataclasses.replace(problem, m=m_bucket(problem.m)), timer
+
+
 def tune_problem(problem: Fc1Problem | Fc2Problem | RoutedProblem, device, *, backends=BACKENDS, timer=None,
                  space=None, reps: int = 20, inputs=None, save: bool = True, progress=None, finalists: int = 3,
                  rounds: int = 3, precompile_workers: int | None = 0, margin: float = MARGIN) -> TuneResult:
@@ -123,12 +134,7 @@ def tune_problem(problem: Fc1Problem | Fc2Problem | RoutedProblem, device, *, ba
     this fraction (a tuned entry that only wins inside run-to-run noise would make calls slower
     as often as faster)."""
     spec = op_of(problem)
-    device = torch.device(device)
-    p = dataclasses.replace(problem, m=m_bucket(problem.m))
-    if timer is None:
-        if device.type != "cuda":
-            raise ValueError("tuning times kernels on a CUDA GPU; on another device pass timer=")
-        timer = Timer(reps=reps)
+    device, p, timer = _at_bucket(problem, device, timer, reps)
     inputs = inputs if inputs is not None else spec.make_inputs(p, device, 0, None)[0]
     out = spec.make_out(p, device)
     hcfg = spec.heuristic(p, inputs, out)
@@ -416,12 +422,7 @@ def tune_strategy(problem: RoutedProblem, device, *, timer=None, reps: int = 20,
     own pick (``strategy.pick`` without a recorded choice) stays the answer unless the fastest
     beats it by more than ``margin``. The strategies run with whatever configs the caches hold:
     the routed config used is in the result (``routed``: its config and source)."""
-    device = torch.device(device)
-    p = dataclasses.replace(problem, m=m_bucket(problem.m))
-    if timer is None:
-        if device.type != "cuda":
-            raise ValueError("tuning times kernels on a CUDA GPU; on another device pass timer=")
-        timer = Timer(reps=reps)
+    device, p, timer = _at_bucket(problem, device, timer, reps)
     inputs = inputs if inputs is not None else strategy_inputs(p, device, 0)
     ref = routed_reference(inputs.routed)
     tol = STRATEGY_TOL.get(p.dtype, STRATEGY_TOL[torch.float8_e4m3fn])
