@@ -326,6 +326,23 @@ def test_a_recorded_crossover_is_what_pick_returns(tmp_path, monkeypatch):
         cache.reload()
 
 
+def test_a_block_scaled_crossover_is_keyed_by_its_block(tmp_path, monkeypatch):
+    # the H200 tables record routed for block-fp8 DeepSeek-V3 TP8 at M = 16-64 where per-expert
+    # fp8 records skip: each problem must find its own record, not the other's
+    monkeypatch.setenv("DENSEMOE_CACHE_DIR", str(tmp_path))
+    cache.reload()
+    try:
+        pe = RoutedProblem(64, 64, 8, 64, 2, FP8, BF16)
+        blk = RoutedProblem(64, 64, 8, 64, 2, FP8, BF16, 128)
+        cache.record(cache.make_key("strategy", "cpu", pe), {"best": {"config": "skip"}})
+        cache.record(cache.make_key("strategy", "cpu", blk), {"best": {"config": "dense"}})
+        cache.reload()
+        assert strategy.pick(64, 8, 2, problem=pe, device="cpu") == "skip"
+        assert strategy.pick(64, 8, 2, problem=blk, device="cpu") == "dense"
+    finally:
+        cache.reload()
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("dtype", [FP8, BF16])
 def test_default_configs_run_every_shape_and_m(shape, dtype):

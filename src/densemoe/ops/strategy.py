@@ -78,15 +78,18 @@ def pick(m: int, e: int, top_k: int = DEFAULT_TOP_K, *, problem=None, device=Non
 
 def recorded(problem, device) -> str | None:
     """The strategy the tuner recorded for ``problem`` (a ``RoutedProblem``: its shape, dtype,
-    top_k and M bucket) on ``device``, or None."""
+    top_k, M bucket and weight scales: per expert, or its block) on ``device``, or None."""
     p = problem
-    return _recorded(type(p), int(p.m), p.h, p.e, p.i, p.top_k, p.dtype, p.out_dtype, str(device))
+    return _recorded(type(p), int(p.m), p.h, p.e, p.i, p.top_k, p.dtype, p.out_dtype, int(getattr(p, "block", 0)),
+                     str(device))
 
 
-def _recorded(kind, m: int, h: int, e: int, i: int, top_k: int, dtype, out_dtype, device: str) -> str | None:
+def _recorded(kind, m: int, h: int, e: int, i: int, top_k: int, dtype, out_dtype, block: int,
+              device: str) -> str | None:
     if not cache.tuned_lookups_enabled():
         return None
-    problem = kind(m, h, e, i, top_k, dtype, out_dtype)
+    # the block is part of the key: block-scaled weights cross over elsewhere (docs/routed.md)
+    problem = kind(m, h, e, i, top_k, dtype, out_dtype, block)
     entry, _ = cache.lookup(cache.make_key("strategy", cache.device_name(torch.device(device)), problem))
     best = (entry or {}).get("best") or {}
     name = best.get("config")
