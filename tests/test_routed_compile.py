@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource
 
     from densemoe.kernels.triton.routed import (_combine_kernel, _count_kernel, _fc1_kernel, _fc2_kernel,
-                                                _place_kernel, _schedule_kernel)
+                                                _place_kernel, _sort_schedule_kernel)
 
     FP8 = "fp8e4nv"
 
@@ -52,8 +52,9 @@ SCRIPT = textwrap.dedent('''
         return k
 
     n = 0
-    compile_(_schedule_kernel, dict(ids_ptr="*i64", sorted_ptr="*i32", offsets_ptr="*i32"), dict(GROUP=16, BLOCK_P=128),
-             gemm=False)
+    for p_pad in (16, 1024):
+        compile_(_sort_schedule_kernel, dict(ids_ptr="*i64", sorted_ptr="*i32", offsets_ptr="*i32"),
+                 dict(P_PAD=p_pad, BINS=512), gemm=False)
     compile_(_combine_kernel, dict(rows_ptr="*bf16", ids_ptr="*i64", out_ptr="*bf16"), dict(TOP_K=8, BLOCK_N=1024),
              gemm=False)
     compile_(_count_kernel, dict(ids_ptr="*i64", counts_ptr="*i32"), dict(CHUNK=1024, BINS=512), gemm=False)

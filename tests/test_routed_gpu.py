@@ -114,7 +114,7 @@ def test_schedule_on_the_gpu(shape):
     from densemoe.kernels.triton.routed import SMALL_P
 
     s = SHAPES[shape]
-    for M in (1, 100, 1000, 4096):
+    for M in (1, 7, 100, SMALL_P // s.topk, 1000, 4096):  # SMALL_P // k: the one-launch form's largest
         ids = torch.rand(M, s.experts, device="cuda").topk(s.topk, dim=1).indices
         so, oo = moe_schedule(ids, s.experts)
         sr, orf = moe_schedule_ref(ids, s.experts)

@@ -158,35 +158,21 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
 
 
 @triton.jit
-def _schedule_kernel(ids_ptr, sorted_ptr, offsets_ptr, P, E, GROUP: tl.constexpr, BLOCK_P: tl.constexpr,
-                     PDL: tl.constexpr = False):
-    """Program g places the pairs of experts [g*GROUP, g*GROUP + GROUP): pass 1 counts the valid
-    pairs of lower experts and its experts' pairs (their offsets), pass 2 writes each of its
-    pairs at its expert's offset plus its rank among that expert's pairs (pair order)."""
+def _sort_schedule_kernel(ids_ptr, sorted_ptr, offsets_ptr, P, E, P_PAD: tl.constexpr, BINS: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    """One program, all P <= P_PAD pairs: the offsets from a histogram of the ids, the pairs by one
+    sort of the keys id * P_PAD + p (ids outside [0, E) as E: they sort last and are not stored),
+    so each expert's pairs come in pair order."""
     pdl_enter(PDL)
-    g = tl.program_id(0)
-    e0 = g * GROUP
-    ex = e0 + tl.arange(0, GROUP)
-    lower = g * 0
-    cnt = tl.zeros((GROUP,), dtype=tl.int32)
-    for p0 in range(0, P, BLOCK_P):
-        offs = p0 + tl.arange(0, BLOCK_P)
-        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)  # native width: no id wraps into range
-        lower += tl.sum(((ids >= 0) & (ids < e0)).to(tl.int32), axis=0)
-        cnt += tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), axis=0)
-    base = lower + tl.cumsum(cnt, axis=0) - cnt  # each of this program's experts' first row
-    tl.store(offsets_ptr + ex, base, mask=ex < E)
-    if e0 + GROUP >= E:  # the program holding expert E-1 writes offsets[E], the valid pairs
-        tl.store(offsets_ptr + E, lower + tl.sum(tl.where(ex < E, cnt, 0), axis=0))
-    for p0 in range(0, P, BLOCK_P):
-        offs = p0 + tl.arange(0, BLOCK_P)
-        ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
-        hit = (ids[:, None] == ex[None, :]).to(tl.int32)  # [BLOCK_P, GROUP], one 1 per matching row
-        rank = tl.cumsum(hit, axis=0) - hit  # earlier pairs of the same expert in this block
-        pos = tl.sum(hit * (base[None, :] + rank), axis=1)
-        mine = tl.sum(hit, axis=1) > 0
-        tl.store(sorted_ptr + pos, offs, mask=mine & (offs < P))
-        base += tl.sum(hit, axis=0)
+    offs = tl.arange(0, P_PAD)
+    ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)  # native width: no id wraps into range
+    ids = tl.where((offs < P) & (ids >= 0) & (ids < E), ids, E).to(tl.int32)
+    bins = tl.arange(0, BINS)
+    cnt = tl.histogram(ids, BINS)  # bin E: the dropped pairs and the padding
+    first = tl.cumsum(cnt, axis=0) - cnt
+    tl.store(offsets_ptr + bins, first, mask=bins <= E)  # offsets[E]: the valid pairs
+    keys = tl.sort(ids * P_PAD + offs)
+    tl.store(sorted_ptr + offs, keys % P_PAD, mask=offs < tl.sum(tl.where(bins < E, cnt, 0), axis=0))
 
 
 @triton.jit
@@ -230,26 +216,24 @@ def _place_kernel(ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, offsets_ptr, P, E
     tl.store(sorted_ptr + slot, offs, mask=ok)
 
 
-SMALL_P = 1024  # up to this many pairs: one launch (``_schedule_kernel``), above it two
+SMALL_P = 1024  # up to this many pairs: one launch (``_sort_schedule_kernel``), above it two
 CHUNK_P = 1024  # pairs per program of the two-launch schedule
 
 
 def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torch.Tensor,
-                    offsets: torch.Tensor, group: int | None = None, block_p: int | None = None,
-                    small_p: int | None = None) -> None:
+                    offsets: torch.Tensor, small_p: int | None = None) -> None:
     """Fill ``sorted_pairs`` [M*k] int32 and ``offsets`` [E+1] int32 from ``topk_ids`` [M, k]
     (contiguous, any integer dtype).
 
-    Up to ``SMALL_P`` pairs: one launch of E / group programs, each placing its experts' pairs in
-    pair order (``_schedule_kernel``: every pass reads all ids, cheap while they are few). Above:
-    two launches over chunks of ``CHUNK_P`` pairs (``_count_kernel``, then ``_place_kernel``): the
-    offsets are the same, and within one expert the pairs of a chunk come in the order the
-    atomics take them. Nothing downstream depends on that order: every row of the grouped GEMMs
-    is computed on its own, and FC2 writes it at its pair index."""
+    Up to ``SMALL_P`` pairs: one program sorts them all (``_sort_schedule_kernel``), each expert's
+    pairs in pair order. Above: two launches over chunks of ``CHUNK_P`` pairs (``_count_kernel``,
+    then ``_place_kernel``): the offsets are the same, and within one expert the pairs of a chunk
+    come in the order the atomics take them. Nothing downstream depends on that order: every row
+    of the grouped GEMMs is computed on its own, and FC2 writes it at its pair index."""
     P = topk_ids.numel()
     dev = topk_ids.device
+    bins = triton.next_power_of_2(num_experts + 1)
     if P > (SMALL_P if small_p is None else small_p):
-        bins = triton.next_power_of_2(num_experts + 1)
         n_chunks = triton.cdiv(P, CHUNK_P)
         counts = torch.empty((n_chunks, bins), dtype=torch.int32, device=dev)
         cursor = torch.empty((n_chunks, bins), dtype=torch.int32, device=dev)
@@ -258,14 +242,11 @@ def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torc
         _place_kernel[(n_chunks,)](topk_ids, counts, cursor, sorted_pairs, offsets, P, num_experts, n_chunks,
                                    CHUNK=CHUNK_P, BINS=bins, num_warps=4, **launch_kwargs(dev))
         return
-    if group is None:
-        group = 16
-    group = min(group, triton.next_power_of_2(max(num_experts, 1)))
-    if block_p is None:
-        block_p = max(16, min(128, triton.next_power_of_2(max(P, 1))))
-    grid = (triton.cdiv(num_experts, group),)
-    _schedule_kernel[grid](topk_ids, sorted_pairs, offsets, P, num_experts, GROUP=group, BLOCK_P=block_p,
-                           num_warps=4, **launch_kwargs(dev))
+    p_pad = max(16, triton.next_power_of_2(max(P, 1)))
+    if num_experts >= 2**31 // p_pad:
+        raise ValueError(f"moe schedule: E={num_experts} experts times {p_pad} pairs overflow the sort's int32 keys")
+    _sort_schedule_kernel[(1,)](topk_ids, sorted_pairs, offsets, P, num_experts, P_PAD=p_pad, BINS=bins,
+                                num_warps=4, **launch_kwargs(dev))
 
 
 # ----------------------------------------------------------------------------------------------
