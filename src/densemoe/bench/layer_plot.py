@@ -7,6 +7,8 @@ the plot."""
 
 from __future__ import annotations
 
+from densemoe.bench.report import save_png
+
 STRATEGY_STYLES = {"dense": "-o", "skip": "-s", "routed": "-^", "chosen": "-D",
                    "routed_per_expert_fp8": "-v"}  # the last: fp8block records only (requantised per expert)
 
@@ -56,6 +58,6 @@ def plot_experts(meta: dict, records: list[dict], path: str) -> bool:
         ax.set_visible(False)
     fig.suptitle(f"densemoe experts path on {meta.get('device', '?')} ({meta.get('commit', '?')})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return True

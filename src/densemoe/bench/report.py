@@ -127,4 +127,23 @@ def plot(meta: dict, records: list[dict], path: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"densemoe FC2 on {meta['device']} ({meta['commit']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
+
+
+def save_png(fig, path) -> None:
+    """Save ``fig`` as a 64-colour palette PNG (about a quarter of matplotlib's RGBA bytes: the
+    committed plots travel with every device call, whose tree is capped at 64 MiB with the CuTe
+    bundle). Pillow comes with matplotlib; without it, the plain PNG."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    try:
+        from PIL import Image
+    except ImportError:
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+        return
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(colors=64).save(path, optimize=True)
+
