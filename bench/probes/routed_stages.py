@@ -36,6 +36,7 @@ E, H, I, k = p.num_experts, p.hidden, p.inter, case.k
 print(f"# {shape} {dt} read ceiling {ceiling:.2f} TB/s; us per launch (TB/s of the weights read)")
 for M in ms:
     x = case.x(M)
+    torch.manual_seed(M)  # the same routing in every run: the stages compare across device calls
     ids = torch.rand(M, E, device="cuda").topk(k, dim=1).indices
     wts = torch.softmax(torch.randn(M, k, device="cuda"), dim=1)
     alpha = torch.zeros(M, E, device="cuda").scatter(1, ids, wts)
