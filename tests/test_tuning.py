@@ -697,18 +697,19 @@ def test_every_shipped_entry_fits_its_problem():
         for key, entry in json.loads(table.read_text())["entries"].items():
             assert merge.check(key, entry) == "", key
             ops.add(key.split("|")[0])
-            if key.startswith("routed|"):  # a Triton-only op: found with CuTe DSL installed or not
+            if key.split("|")[0] in cache.CUTE_INDEPENDENT_OPS:  # found with CuTe DSL installed or not
                 assert key.endswith("|cutedsl=unused"), key
-    assert ops == {"fc1", "fc2", "routed"}
+    assert ops == {"fc1", "fc2", "routed", "strategy"}
 
 
-def test_routed_keys_do_not_depend_on_cute_dsl(monkeypatch):
+def test_routed_and_strategy_keys_do_not_depend_on_cute_dsl(monkeypatch):
     p = _routed_problem(100)
     for cute in ("none", "4.8.1"):
         monkeypatch.setattr(cache, "versions", lambda cute=cute: {"densemoe": "0", "triton": "3", "cutedsl": cute})
         cache.make_key.cache_clear()
         assert cache.make_key("routed", "NVIDIA H200", p).endswith("|cutedsl=unused")
-        assert cache.make_key("strategy", "NVIDIA H200", p).endswith(f"|cutedsl={cute}")
+        assert cache.make_key("strategy", "NVIDIA H200", p).endswith("|cutedsl=unused")
+        assert cache.make_key("fc2", "NVIDIA H200", Fc2Problem(100, 7168, 256, 256, FP8, BF16)).endswith(f"|cutedsl={cute}")
     cache.make_key.cache_clear()
 
 
@@ -733,6 +734,35 @@ def test_the_h200_table_reaches_the_routed_path(monkeypatch):
     assert choice.config.programs_per_sm == 2 and choice.config.fc2_block_n == 256, choice
     cache.make_key.cache_clear()
     cache._tables.cache_clear()
+
+
+@pytest.mark.parametrize("cute", ["none", "4.8.1"])
+def test_the_h200_table_reaches_the_strategy_rule(monkeypatch, cute):
+    """On a device named NVIDIA H200, with CuTe DSL installed or not, strategy.pick takes the shipped
+    crossovers: Qwen3-30B-A3B fp8 M = 4 runs routed (the rule alone: skip), and block-scaled
+    DeepSeek-V3 TP8 at M = 64 runs routed where per-expert fp8 runs skip (both recorded)."""
+    from densemoe.kernels.common import RoutedProblem
+    from densemoe.ops import strategy
+
+    real = {**cache.versions(), "triton": "3.6.0", "cutedsl": cute}
+    monkeypatch.setattr(cache, "versions", lambda: real)
+    cache.make_key.cache_clear()
+    monkeypatch.setattr(cache, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(cache, "cache_dir", lambda: Path("/nonexistent-densemoe-cache"))
+    cache._tables.cache_clear()
+    cache.lookup.cache_clear()
+    try:
+        q, d = SHAPES["qwen3-30b-a3b"], SHAPES["deepseek-v3-tp8"]
+        qp = RoutedProblem(4, q.hidden, q.experts, q.inter, q.topk, FP8, BF16)
+        assert strategy.pick(4, q.experts, q.topk) == "skip"
+        assert strategy.pick(4, q.experts, q.topk, problem=qp, device="cuda") == "routed"
+        for block, want in ((0, "skip"), (128, "routed")):
+            dp = RoutedProblem(64, d.hidden, d.experts, d.inter, d.topk, FP8, BF16, block)
+            assert strategy.pick(64, d.experts, d.topk, problem=dp, device="cuda") == want, block
+    finally:
+        cache.make_key.cache_clear()
+        cache._tables.cache_clear()
+        cache.lookup.cache_clear()
 
 
 # ---------------------------------------------------------------------------------- the routed path

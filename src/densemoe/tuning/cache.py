@@ -107,17 +107,20 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(idx)
 
 
-# ops with no CuTe DSL backend: their keys do not depend on whether CuTe DSL is installed
-TRITON_ONLY_OPS = ("routed",)
+# keys that do not depend on whether CuTe DSL is installed: the routed path has no CuTe backend;
+# a strategy crossover chooses between pipelines that differ by multiples (docs/routed.md, "The
+# rule"), which CuTe's FC2 on a few dense buckets does not move, and the shipped crossovers must
+# reach users with the [cute] extra as well as without
+CUTE_INDEPENDENT_OPS = ("routed", "strategy")
 
 
 @functools.lru_cache(maxsize=4096)
 def make_key(op: str, device: str, problem) -> str:
     """The cache key of ``problem`` (an ``Fc1Problem``, ``Fc2Problem`` or ``RoutedProblem``) on
-    ``device`` (a name). An op in ``TRITON_ONLY_OPS`` keys ``cutedsl=unused``."""
+    ``device`` (a name). An op in ``CUTE_INDEPENDENT_OPS`` keys ``cutedsl=unused``."""
     p = problem
     v = dict(versions())
-    if op in TRITON_ONLY_OPS:
+    if op in CUTE_INDEPENDENT_OPS:
         v["cutedsl"] = "unused"
     return (f"{op}|{device}|{_DTYPE_NAMES.get(p.dtype, str(p.dtype))}->{_DTYPE_NAMES.get(p.out_dtype, str(p.out_dtype))}"
             f"|N={p.n}|K={p.k}|E={p.e}{f'|topk={p.top_k}' if hasattr(p, 'top_k') else ''}{f'|block={p.block}' if getattr(p, 'block', 0) else ''}|M<={m_bucket(p.m)}"
