@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The H200 tables (issue 19, item 3): FC2, FC1, the routed path's tiles and the strategy
 # crossovers for DeepSeek-V3 TP8 and Qwen3-30B-A3B, fp8 and bf16. Run so far (2026-12-05): the
-# routed fp8 jobs, 16 buckets each (~115 s TP8, 81 s Qwen3, of which ~60 s compiling).
+# routed and strategy jobs, fp8, bf16 and fp8block, all 19 buckets (one call of 413 s from a cache
+# that held the fp8 routed entries: routed 30-55 s a job, strategy 15-36 s). Not run: fc1, fc2.
 # Resumable: one device call works through the jobs below in order until BUDGET seconds of the
 # call are spent, skipping the jobs (and, inside a job, the M buckets) that earlier calls
 # finished; call it again until it prints "ALL DONE".
@@ -11,8 +12,9 @@
 #   DT=fp8 bash bench/tune_h200.sh          # only these dtypes' jobs; OPS="routed strategy" likewise
 #   (DT fp8block: 128 x 128 block-scaled weights, issue 20; its routed and strategy jobs only)
 #
-# Between calls, here (not on the device): keep what the call brought back in $OUT/wip/,
-#   mkdir -p bench/results/h200_wip && cp <files_at>/wip/* bench/results/h200_wip/   (committed: the
+# Between calls, here (not on the device): unpack the one file the call brings back
+# (tar xzf <files_at>/tune.tgz -C /tmp/tune) and keep its wip/,
+#   mkdir -p bench/results/h200_wip && cp /tmp/tune/wip/* bench/results/h200_wip/   (committed: the
 #   next session resumes from it; done.txt lists finished jobs, emptied where a job ran with fewer
 #   buckets than MS_ROUTED)
 # a folder that the next call's copy of the tree carries; the script seeds its cache
@@ -121,4 +123,7 @@ count = collections.Counter(tuple(k.split("|")[i] for i in (0, 2)) for k in entr
 print("entries:", ", ".join(f"{op} {dt}: {n}" for (op, dt), n in sorted(count.items())) or "none")
 EOF
 rm -f $DENSEMOE_CACHE_DIR/tuned.json.lock
-if (( left == 0 )); then echo "ALL DONE"; else echo "$left jobs left: call again (after copying $OUT/wip to $WIP)"; fi
+if (( left == 0 )); then echo "ALL DONE"; else echo "$left jobs left: call again (after copying wip/ to $WIP)"; fi
+# one file comes back: a reply brings at most 8 (2026-12-05: a call's wip/tuned.json was left
+# behind that way and its jobs ran again); here: tar xzf <files_at>/tune.tgz -C <dir>
+(cd $OUT && tar czf tune.tgz --exclude=tune.tgz . && find . -mindepth 1 ! -name tune.tgz -exec rm -rf {} +)
