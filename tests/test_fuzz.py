@@ -7,8 +7,10 @@ the float64 math and bounded by what the same pipeline gets in plain torch at th
 precision. Seeded (``derandomize``): CI runs the same examples every time and a failure prints
 the example that reproduces it; every failure found becomes a regression test below.
 
-Bounded: ``DENSEMOE_FUZZ_EXAMPLES`` examples per test (default 12 on the interpreter); on a GPU
-the same properties run with M up to 4096 (``DENSEMOE_FUZZ_EXAMPLES=200`` for a larger run).
+Bounded: ``DENSEMOE_FUZZ_EXAMPLES`` examples per test (default 12 on the interpreter). Not marked
+``gpu`` or ``interpreter``: they run on whichever the process has, so on the GPU machine
+``DENSEMOE_FUZZ_EXAMPLES=200 python -m pytest tests/test_fuzz.py`` is the larger run (M up to
+4096; ``-m gpu`` does not select them).
 """
 
 from __future__ import annotations
@@ -134,7 +136,6 @@ def assert_as_good_as_torch(out, x, w13, w2, ids, wts, dtype):
 
 # ------------------------------------------------------------------------------------ the layer
 
-@pytest.mark.interpreter
 @FUZZ
 @given(case=problems(), strategy=st.sampled_from(["skip", "dense", "routed", None]),
        dtype=st.sampled_from(["fp8", "bf16"]))
@@ -149,7 +150,6 @@ def test_layer_against_the_math(case, strategy, dtype):
     assert_as_good_as_torch(out, x.to(BF16).float(), w13, w2, ids, wts, dtype)
 
 
-@pytest.mark.interpreter
 @FUZZ
 @given(case=problems(), dtype=st.sampled_from(["fp8", "bf16"]), data=st.data())
 def test_routed_with_any_config_of_the_space(case, dtype, data):
@@ -166,7 +166,6 @@ def test_routed_with_any_config_of_the_space(case, dtype, data):
 
 # ------------------------------------------------------------------------------------ the schedule
 
-@pytest.mark.interpreter
 @FUZZ
 @given(E=st.integers(1, 300), k=st.integers(1, 8), M=st.integers(0, 600 if not GPU else 8192),
        bad=st.floats(0.0, 0.3), dtype=st.sampled_from([torch.int64, torch.int32]), seed=st.integers(0, 2**31 - 1))
