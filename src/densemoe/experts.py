@@ -74,6 +74,7 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{OP}: x must have a floating dtype (bfloat16, float16, float32), got {x.dtype}")
+    v.inference_only(OP, x=x, alpha=alpha, topk_weights=topk_weights)
     M = x.shape[0]
     if alpha is None:
         if not (isinstance(expert_ids, torch.Tensor) and isinstance(topk_weights, torch.Tensor)

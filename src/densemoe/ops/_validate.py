@@ -80,3 +80,13 @@ def expert_ids(op: str, ids, M: int, E: int, skip: bool, dev: torch.device) -> t
     if ids.device != dev:
         raise ValueError(f"{op}: expert_ids is on {ids.device} but the other tensors are on {dev}")
     return ids.reshape(-1).contiguous()
+
+
+def inference_only(op: str, **tensors) -> None:
+    """A ValueError if grad mode is on and a tensor requires grad: the kernels have no backward, so
+    the result would carry no gradient to it (silently wrong for training)."""
+    if torch.is_grad_enabled():
+        grads = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+        if grads:
+            raise ValueError(f"{op} is inference-only (no backward): {', '.join(grads)} require(s) grad; call it "
+                             "under torch.no_grad() / torch.inference_mode() or on tensors that do not require grad")

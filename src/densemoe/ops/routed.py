@@ -158,6 +158,7 @@ def routed_experts(x: torch.Tensor, prepared: PreparedWeights, topk_ids: torch.T
         raise ValueError(f"{OP}: x must be [M, H={H}], got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{OP}: x must have a floating dtype, got {x.dtype}")
+    v.inference_only(OP, x=x, topk_weights=topk_weights)
     M = x.shape[0]
     dev = v.same_device(OP, x=x, weights=prepared.w1)
     v.device_supports(OP, dev, prepared.dtype)
