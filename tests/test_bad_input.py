@@ -132,5 +132,24 @@ def test_no_grad_is_fine():
         assert experts_forward(X.float().requires_grad_(), PW, ALPHA).shape == (M, H)
 
 
+def test_weights_changed_in_place_after_prepare_weights():
+    """The documented behaviour (usage.md, "prepare_weights"): w1 may be a view of w13 (same dtype,
+    contiguous), w2 never is; fused_experts prepares again when either changes in place."""
+    w13, w2 = W13.to(BF16), W2.to(BF16)
+    pw = prepare_weights(w13, w2, dtype="bf16")
+    assert pw.w1.data_ptr() == w13.data_ptr() and pw.w2.data_ptr() != w2.data_ptr()
+    w2_before = pw.w2.clone()
+    w13.mul_(2)
+    w2.mul_(2)
+    assert torch.equal(pw.w1, w13.reshape(E * 2 * I, H)) and torch.equal(pw.w2, w2_before)
+    # fused_experts' cache: prepared on the first call, prepared again after an in-place change
+    first = fused_experts(X, w13, w2, WTS, IDS, dtype="bf16", strategy="dense")
+    w2.mul_(0.5)
+    torch.testing.assert_close(fused_experts(X, w13, w2, WTS, IDS, dtype="bf16", strategy="dense"),
+                               experts_forward(X, prepare_weights(w13, w2, dtype="bf16"), ALPHA, strategy="dense"),
+                               rtol=0, atol=0)
+    assert not torch.equal(first, fused_experts(X, w13, w2, WTS, IDS, dtype="bf16", strategy="dense"))
+
+
 def test_public_names_exist():
     assert densemoe.experts_forward is experts_forward and densemoe.fused_experts is fused_experts
