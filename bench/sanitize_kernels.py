@@ -1,0 +1,204 @@
+"""Every kernel of densemoe once per schedule, at small shapes, for compute-sanitizer (issue 21).
+
+    compute-sanitizer --tool memcheck python bench/sanitize_kernels.py     (bench/sanitize_gpu.sh)
+
+What runs (each checked against its fp32 reference after the launch, so a kernel that the
+sanitizer passes but that computes garbage still fails here):
+
+- FC2, FC1 and the routed path: for each op, both dtypes (fp8, bf16), M = 1, 7, 100 on a small
+  shape, one config of the tuner's space (``tuning.space``) per schedule signature: Triton's
+  split / stream-K / swap-AB / TMA or pointer loads / persistent / split-k, CuTe's clusters and
+  consumers (where CuTe DSL is installed), the routed path's tile, flatten, atomic-combine and
+  programs-per-SM variants; FC2 and FC1 also with expert skipping (Triton).
+- the layer: ``DenseMoE`` (router kernels, the gate's fused quantisation, the y quantisation)
+  with each strategy, softmax and DeepSeek-V3 routers, M = 1, 4, 100.
+- the schedule in both forms (one program up to 1024 pairs, two launches above).
+
+``--limit N`` caps the configs per (op, dtype, M) (default: all signatures); ``--list`` prints
+what would run. On the CPU (``TRITON_INTERPRET=1``) it runs the Triton part as a dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+import densemoe
+from densemoe.kernels.common import Fc1Problem, Fc2Problem, RoutedProblem
+from densemoe.ops.fc1 import fc1
+from densemoe.ops.fc2 import fc2
+from densemoe.ops.routed import moe_schedule
+from densemoe.reference import fc1_ref, fc2_ref, moe_schedule_ref
+from densemoe.tuning import ops as tops
+
+FP8, BF16 = torch.float8_e4m3fn, torch.bfloat16
+GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEV = "cuda" if GPU else "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:  # what the tuner's op factories read
+    hidden: int
+    experts: int
+    inter: int
+    topk: int
+
+
+SHAPE = Shape(hidden=256, experts=16, inter=128, topk=4) if GPU else Shape(hidden=64, experts=8, inter=64, topk=2)
+
+
+def signature(cfg) -> tuple:
+    """What decides a config's schedule (not its tile sizes)."""
+    d = dataclasses.asdict(cfg)
+    keep = ("split", "swap_ab", "use_tma", "ctas_per_sm", "persistent", "split_k", "stream_k", "cluster_m",
+            "cluster_n", "consumers", "flatten", "atomic_combine", "tma", "programs_per_sm", "fc1_swap_ab",
+            "fc2_swap_ab")
+    return (type(cfg).__name__,) + tuple((k, min(int(d[k]), 2)) for k in keep if k in d)
+
+
+def variants(cfg, problem):
+    """The schedules a small problem's space may leave out, derived from one of its Triton configs
+    (FC2: stream-K, split 2, pointer loads, the other orientation; FC1: persistent, split-k,
+    stream-K, pointer loads, the other orientation), each kept where ``can_implement`` allows."""
+    from densemoe.kernels.triton import fc1 as tfc1, fc2 as tfc2
+
+    if isinstance(cfg, tfc2.Fc2TritonConfig):
+        cands, ok = [dict(split=0), dict(split=2), dict(use_tma=False), dict(swap_ab=not cfg.swap_ab)], tfc2.can_implement
+    elif isinstance(cfg, tfc1.Fc1TritonConfig):
+        cands = [dict(persistent=1), dict(persistent=1, split_k=2), dict(persistent=1, stream_k=1), dict(use_tma=0),
+                 dict(swap_ab=1 - cfg.swap_ab)]
+        ok = tfc1.can_implement
+    else:
+        return []
+    out = []
+    for c in cands:
+        v = dataclasses.replace(cfg, **c)
+        if ok(problem, v)[0]:
+            out.append(v)
+    return out
+
+
+def configs(op, problem, backends, limit):
+    seen, out = set(), []
+    space = op.space(problem, backends)
+    for cfg in space + [v for c in space[:1] for v in variants(c, problem)]:
+        s = signature(cfg)
+        if s not in seen:
+            seen.add(s)
+            out.append(cfg)
+    return out[:limit] if limit else out
+
+
+def check(name, got, ref, tol):
+    got, ref = got.float(), ref.float()
+    err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    if not torch.isfinite(got).all() or err > tol:
+        raise AssertionError(f"{name}: rel err {err:.3e} (> {tol})")
+
+
+def run_ops(limit, listing):
+    from densemoe.kernels.cute.hopper import cute_available
+
+    backends = ("triton", "cute") if GPU and cute_available() else ("triton",)
+    n = 0
+    for op in (tops.FC2, tops.FC1, tops.ROUTED):
+        for dtype in (FP8, BF16):
+            for m in (1, 7, 100):
+                p = op.problem(m, SHAPE, dtype, BF16)
+                cfgs = configs(op, p, backends, limit)
+                inputs, _ = op.make_inputs(p, DEV, 0, None)
+                for cfg in cfgs:
+                    name = f"{op.name} {'fp8' if dtype == FP8 else 'bf16'} M={m} {cfg.to_str()}"
+                    if listing:
+                        print(name)
+                        continue
+                    out = op.make_out(p, DEV)
+                    res = op.run(inputs, out, cfg)
+                    got = out if res is None else res
+                    check(name, got, op.reference(inputs, cfg), 0.1 if dtype == FP8 else 2e-2)
+                    n += 1
+                    if isinstance(p, (Fc2Problem, Fc1Problem)) and cfg.to_str().startswith("triton"):
+                        n += run_skip(op, p, inputs, cfg, name)
+    return n
+
+
+def run_skip(op, p, inputs, cfg, name):
+    """The same Triton config with expert skipping (lists built on the GPU)."""
+    if isinstance(p, Fc2Problem):
+        a, w, alpha = inputs
+        try:
+            got = fc2(a, w, alpha, config=cfg, skip=True, out_dtype=BF16)
+        except ValueError:  # a config skipping cannot run (e.g. stream-K): not a skip schedule
+            return 0
+        check(name + " skip", got, fc2_ref(a, w, alpha, torch.float32, compute_dtype=torch.float32), 0.1)
+        return 1
+    x, w1, alpha1, xs = inputs
+    g = torch.Generator(device=DEV).manual_seed(1)
+    routing = torch.zeros(p.m, p.e, device=DEV)
+    routing.scatter_(1, torch.rand(p.m, p.e, generator=g, device=DEV).topk(min(2, p.e), dim=1).indices, 1.0)
+    try:
+        got = fc1(x, w1, alpha1, x_scale=xs, config=cfg, skip=True, routing=routing, out_dtype=BF16)
+    except ValueError:
+        return 0
+    ref = fc1_ref(x, w1, alpha1, x_scale=xs, out_dtype=torch.float32, compute_dtype=torch.float32)
+    picked = routing.repeat_interleave(p.i, dim=1) != 0
+    check(name + " skip", got.float()[picked], ref[picked], 0.1)
+    return 1
+
+
+def run_layer(listing):
+    n = 0
+    s = SHAPE
+    g = torch.Generator(device=DEV).manual_seed(2)
+    w13 = torch.randn(s.experts, 2 * s.inter, s.hidden, generator=g, device=DEV) * s.hidden ** -0.5
+    w2 = torch.randn(s.experts, s.hidden, s.inter, generator=g, device=DEV) * s.inter ** -0.5
+    gate = torch.randn(s.experts, s.hidden, generator=g, device=DEV) * s.hidden ** -0.5
+    for dtype in ("fp8", "bf16"):
+        pw = densemoe.prepare_weights(w13, w2, dtype=dtype)
+        for router in ("softmax", "deepseek_v3"):
+            kw = dict(n_group=4, topk_group=2) if router == "deepseek_v3" else {}
+            for strategy in ("skip", "dense", "routed"):
+                moe = densemoe.DenseMoE(pw, gate, s.topk, router=router, strategy=strategy, **kw)
+                for m in (1, 4, 100):
+                    name = f"layer {dtype} {router} {strategy} M={m}"
+                    if listing:
+                        print(name)
+                        continue
+                    x = torch.randn(m, s.hidden, generator=g, device=DEV).to(BF16)
+                    out = moe(x)
+                    if not torch.isfinite(out.float()).all():
+                        raise AssertionError(f"{name}: non-finite output")
+                    n += 1
+    for m, k in ((3, 4), (300, 4)):  # the schedule's two forms: <= 1024 pairs and above
+        ids = torch.rand(m, s.experts, generator=g, device=DEV).topk(k, dim=1).indices
+        if listing:
+            print(f"schedule M={m} k={k}")
+            continue
+        so, oo = moe_schedule(ids, s.experts)
+        if not torch.equal(oo.cpu(), moe_schedule_ref(ids.cpu(), s.experts)[1]):
+            raise AssertionError(f"schedule M={m}: offsets differ from the twin")
+        n += 1
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--limit", type=int, default=0, help="configs per (op, dtype, M); 0: every schedule signature")
+    ap.add_argument("--list", action="store_true", help="print what would run")
+    ap.add_argument("--layer-only", action="store_true")
+    args = ap.parse_args()
+    t0 = time.time()
+    n = 0 if args.layer_only else run_ops(args.limit, args.list)
+    n += run_layer(args.list)
+    if not args.list:
+        print(f"# {n} launches checked on {DEV} in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
