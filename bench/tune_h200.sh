@@ -14,12 +14,13 @@
 #
 # Between calls, here (not on the device): unpack the one file the call brings back
 # (tar xzf <files_at>/tune.tgz -C /tmp/tune) and keep its wip/,
-#   mkdir -p bench/results/h200_wip && cp /tmp/tune/wip/* bench/results/h200_wip/   (committed: the
+#   mkdir -p bench/results/h200_wip && cp /tmp/tune/wip/done.txt bench/results/h200_wip/ &&
+#   gzip -9 -c /tmp/tune/wip/tuned.json > bench/results/h200_wip/tuned.json.gz   (committed, gzipped: the
 #   next session resumes from it; done.txt lists finished jobs, emptied where a job ran with fewer
 #   buckets than MS_ROUTED)
 # a folder that the next call's copy of the tree carries; the script seeds its cache
 # (tuned.json) and its list of finished jobs (done.txt) from it. At the end:
-#   python bench/merge_tuned.py bench/results/h200_wip/tuned.json --into src/densemoe/tuning/tables/h200.json
+#   python bench/merge_tuned.py bench/results/h200_wip/tuned.json.gz --into src/densemoe/tuning/tables/h200.json
 # and commit the summaries (<files_at>/tune_h200_*.md) under bench/results/.
 #
 # Jobs, per dtype (fp8 first), each `python -m densemoe tune --missing-only`:
@@ -56,7 +57,7 @@ MS_DENSE=${MS_DENSE:-1-512}
 WIP=${WIP:-bench/results/h200_wip}
 export DENSEMOE_CACHE_DIR=$OUT/wip
 mkdir -p $DENSEMOE_CACHE_DIR
-[[ -f $WIP/tuned.json ]] && cp $WIP/tuned.json $DENSEMOE_CACHE_DIR/tuned.json
+[[ -f $WIP/tuned.json.gz ]] && gunzip -c $WIP/tuned.json.gz > $DENSEMOE_CACHE_DIR/tuned.json
 touch $DENSEMOE_CACHE_DIR/done.txt
 [[ -f $WIP/done.txt ]] && cp $WIP/done.txt $DENSEMOE_CACHE_DIR/done.txt
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total --format=csv,noheader | tee $OUT/device.txt

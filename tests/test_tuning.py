@@ -589,7 +589,10 @@ def test_report_marks_tuned_configs_and_shows_the_heuristic_beside_them():
 
     from densemoe.bench.report import markdown
 
-    data = json.loads((Path(__file__).resolve().parents[1] / "bench/results/fc2_h100_2026-11-26_large_m.json").read_text())
+    import gzip
+
+    path = Path(__file__).resolve().parents[1] / "bench/results/fc2_h100_2026-11-26_large_m.json.gz"
+    data = json.loads(gzip.decompress(path.read_bytes()))
     plain = markdown(data["meta"], data["records"])
     assert "*" not in plain.split("| shape |")[1] and "heuristic" not in plain
     recs = [dict(r) for r in data["records"]]
