@@ -1,36 +1,40 @@
 #!/usr/bin/env bash
-# The next H200 session's first device call (docs/routed.md, "First H200 measurements ... and the
-# plan"), inside the 600 s of a call, no CuTe bundle needed (carry nothing):
-#   1. the routed and block-fp8 GPU tests (tests/test_routed_gpu.py, tests/test_block_fp8.py);
-#   2. bench/probes/routed_fc2_rowscale.py: does the fp8 FC2 gain from keeping its MMAs in flight?
-#   3. bench/probes/block_dense_stages.py skip: where block-scaled skip loses to per-expert;
-#   4. the layer benchmark, fp8, both shapes, with the H200 routed table (tuned 2026-12-05);
-#   5. bench/probes/routed_stages.py with the tuned configs.
-# Then, in further calls: `DT="fp8 bf16 fp8block" OPS="routed strategy" bash bench/tune_h200.sh`
-# (copy $OUT/wip to bench/results/h200_wip between calls), merge, and the full benchmark
-# (`NO_SUITE=1 bash bench/routed_gpu.sh <commit>`, then DTYPES=fp8block).
+# The next H200 session's first device call (written 2026-12-05, second session; docs/routed.md
+# "Next" and docs/trust.md). Before it, here: merge the branch issue21-kernels (NaN kept by the
+# fp8 quantisers, out-of-range ids dropped on every path: kernel changes not yet GPU-run) and run
+# the CPU suite; then carry the CuTe bundle (.carry, ../shared/tools/cutedsl-bundle) and call
 #
-#   bash bench/h200_next.sh <commit>      (commit written here: git rev-parse --short HEAD)
+#   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
 #
-# Time, from the 2026-12-05 runs: tests ~75 s; the probes ~60 s each (estimated); benchmark fp8
-# 47 + 40 s; stages ~30 s a shape: ~350 s, with PROBE_TIMEOUT / BENCH_TIMEOUT caps.
+# 1. the whole GPU suite (-m gpu; with the branch: tests/test_nonfinite.py, test_ids_out_of_range.py,
+#    and tests/test_concurrency_gpu.py, none run yet), ~5 min on 8 processes;
+# 2. the fp8 layer benchmark, both shapes, with the tables and the one-program schedule (~140 s);
+# 3. Nsight Compute on the routed FC2 at DeepSeek-V3 TP8 M = 512 and 2048 (bench/probes/routed_ncu.py).
+# Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
+# Then, in further calls: bench/sanitize_gpu.sh (carry the bundle), the fuzz suite at scale
+# (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py: carry hypothesis's wheels in
+# .carry/wheels, not with the bundle: the tree plus the bundle leaves ~0.4 MB), bf16 and fp8block
+# benchmarks (NO_SUITE=1 DTYPES=... bash bench/routed_gpu.sh), FC1/FC2 tuning (bench/tune_h200.sh).
 set -uo pipefail
 source bench/device_env.sh
 commit=${1:-unknown}
 t0=$SECONDS
-SUITE_PATHS="tests/test_routed_gpu.py tests/test_block_fp8.py" gpu_suite ${SUITE_TIMEOUT:-150}
-echo "# tests done at $((SECONDS - t0)) s"
-timeout ${PROBE_TIMEOUT:-90} python3 bench/probes/routed_fc2_rowscale.py 2>&1 | tail -7 | cut -c1-220
-timeout ${PROBE_TIMEOUT:-90} python3 bench/probes/block_dense_stages.py skip 1,16,64 2>&1 | tail -4 | cut -c1-400
-echo "# probes done at $((SECONDS - t0)) s"
+gpu_suite ${SUITE_TIMEOUT:-300}
+echo "# suite done at $((SECONDS - t0)) s"
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
-  out=$OUT/layer_h200_${shape}_fp8_tuned
-  timeout ${BENCH_TIMEOUT:-100} python3 -m densemoe.bench layer --shapes $shape --dtypes fp8 \
-    --m 1,2,4,8,16,32,64,128,256,512,1024,2048,4096 --reps 20 --commit "$commit" --out $out > $out.log 2>&1
+  out=$OUT/layer_h200_${shape}_fp8
+  timeout ${BENCH_TIMEOUT:-70} python3 -m densemoe.bench layer --shapes $shape --dtypes fp8 \
+    --m 1,2,4,8,16,32,64,128,256,512,1024,2048,4096 --reps 20 --skip-max-m 512 --commit "$commit" --out $out > $out.log 2>&1
   echo "# $shape: exit $? at $((SECONDS - t0)) s"
   grep "^experts .* fp8 " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' \
-    | cut -c1-230
-  timeout 60 python3 bench/probes/routed_stages.py $shape fp8 16,128,512,2048 2>&1 | tail -5 | cut -c1-230
+    | cut -c1-200
 done
-cd $OUT && tar czf logs.tgz $(ls *.log 2>/dev/null) && rm -f *.log; ls $OUT
+for m in 512 2048; do
+  timeout 50 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats -k regex:"_fc2_kernel" \
+    --launch-skip 2 --launch-count 1 python3 bench/probes/routed_ncu.py deepseek-v3-tp8 $m > $OUT/ncu_routed_fc2_M$m.txt 2>&1
+  echo "# ncu M=$m: exit $? at $((SECONDS - t0)) s"
+  grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Stall" $OUT/ncu_routed_fc2_M$m.txt | head -12
+done
+cd $OUT && tar czf next.tgz --exclude=next.tgz . && find . -mindepth 1 ! -name next.tgz -exec rm -rf {} +
 echo "# total $((SECONDS - t0)) s"
