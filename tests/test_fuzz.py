@@ -164,6 +164,100 @@ def test_routed_with_any_config_of_the_space(case, dtype, data):
     assert_as_good_as_torch(out, x.to(BF16).float(), w13, w2, ids, wts, dtype)
 
 
+# ------------------------------------------------------------------------------------ the ops
+
+@st.composite
+def op_problems(draw, kind):
+    """(problem, seed) for FC2 or FC1: E 1-12, I a multiple of 32 up to 128, H / N a multiple of 16
+    up to 192, M from 1, dtype fp8 or bf16, out dtype bf16, fp16 or fp32."""
+    from densemoe.kernels.common import Fc1Problem, Fc2Problem
+
+    E = draw(st.integers(1, 12))
+    I = I_MULTIPLE * draw(st.integers(1, 4))
+    H = 16 * draw(st.integers(1, 12))
+    M = draw(st.one_of(st.integers(1, 8), st.integers(1, MAX_M)))
+    dtype = draw(st.sampled_from([FP8, BF16]))
+    out = draw(st.sampled_from([BF16, torch.float16, torch.float32]))
+    cls = Fc2Problem if kind == "fc2" else Fc1Problem
+    return cls(M, H, E, I, dtype, out), draw(st.integers(0, 2**31 - 1))
+
+
+def _within_rounding(got, ref, out_dtype):
+    """The op's error against the fp32 reference within 2x what rounding the reference to the
+    output dtype costs, plus fp32 summation-order noise."""
+    ref = ref.float()
+    err, rnd = rel(got.float(), ref), rel(ref.to(out_dtype).float(), ref)
+    assert err <= 2 * rnd + 1e-5, (err, rnd)
+
+
+@FUZZ
+@given(case=op_problems("fc2"), skip=st.booleans(), data=st.data())
+def test_fc2_with_any_config_of_the_space(case, skip, data):
+    """``densemoe.fc2`` (out = sum_e alpha[:, e] * a_e @ w_e^T) with a config of the tuner's space,
+    dense or skipping, in any output dtype, against its fp32 reference."""
+    from densemoe import fc2
+    from densemoe.reference import fc2_ref
+    from densemoe.tuning.ops import FC2
+    from densemoe.tuning.space import fc2_space
+
+    p, seed = case
+    (a, w, alpha), _ = FC2.make_inputs(p, DEV, seed, None)
+    cfg = data.draw(st.sampled_from(fc2_space(p, ("triton",))), label="config")
+    try:
+        got = fc2(a, w, alpha, config=cfg, skip=skip, out_dtype=p.out_dtype)
+    except ValueError as exc:  # a config that cannot skip says so
+        assert skip and "skip" in str(exc), exc
+        return
+    assert got.dtype == p.out_dtype and got.shape == (p.m, p.n)
+    _within_rounding(got.cpu(), fc2_ref(a, w, alpha, torch.float32, compute_dtype=torch.float32).cpu(), p.out_dtype)
+
+
+@FUZZ
+@given(case=op_problems("fc1"), data=st.data())
+def test_fc1_with_any_config_of_the_space(case, data):
+    """``densemoe.fc1`` (y = SwiGLU of each expert's gate and up rows, scaled) with a config of the
+    tuner's space, in any output dtype, against its fp32 reference."""
+    from densemoe import fc1
+    from densemoe.reference import fc1_ref
+    from densemoe.tuning.ops import FC1
+    from densemoe.tuning.space import fc1_space
+
+    p, seed = case
+    (x, w1, alpha1, xs), _ = FC1.make_inputs(p, DEV, seed, None)
+    cfg = data.draw(st.sampled_from(fc1_space(p, ("triton",))), label="config")
+    got = fc1(x, w1, alpha1, x_scale=xs, config=cfg, out_dtype=p.out_dtype)
+    assert got.dtype == p.out_dtype and got.shape == (p.m, p.e * p.i)
+    _within_rounding(got.cpu(), fc1_ref(x, w1, alpha1, x_scale=xs, out_dtype=torch.float32,
+                                        compute_dtype=torch.float32).cpu(), p.out_dtype)
+
+
+@FUZZ
+@given(case=problems(), layout=st.sampled_from(["contiguous", "strided", "transposed", "offset"]),
+       x_dtype=st.sampled_from([BF16, torch.float16, torch.float32]), strategy=st.sampled_from(["skip", "dense", "routed"]))
+def test_layer_with_any_layout_and_dtype_of_x(case, layout, x_dtype, strategy):
+    """x as a strided, transposed or offset view, in bf16, fp16 or fp32: the same output (in x's
+    dtype) as from a contiguous copy."""
+    w13, w2, x, ids, wts = make_case(*case)
+    pw = prepare_weights(w13.to(DEV), w2.to(DEV), dtype="fp8")
+    M, H = x.shape
+    x = x.to(DEV, x_dtype)
+    if layout == "strided":
+        view = torch.zeros(M, 2 * H, dtype=x_dtype, device=DEV)
+        view[:, ::2] = x
+        view = view[:, ::2]
+    elif layout == "transposed":
+        view = x.t().contiguous().t()
+    elif layout == "offset":
+        view = torch.cat([torch.zeros(1, H, dtype=x_dtype, device=DEV), x])[1:]
+    else:
+        view = x
+    alpha = torch.zeros(M, w13.shape[0], device=DEV).scatter_(1, ids.to(DEV), wts.to(DEV))
+    kw = dict(expert_ids=ids.to(DEV), topk_weights=wts.to(DEV), strategy=strategy)
+    got = experts_forward(view, pw, alpha, **kw)
+    assert got.dtype == x_dtype
+    torch.testing.assert_close(got, experts_forward(x.contiguous(), pw, alpha, **kw), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------ the schedule
 
 @FUZZ
