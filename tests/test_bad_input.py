@@ -10,6 +10,7 @@ import torch
 import densemoe
 from densemoe import DenseMoE, experts_forward, fc1, fc2, fused_experts, prepare_weights
 from densemoe.ops.routed import moe_schedule, routed_experts
+from densemoe.parallel import Shard, shard_weights, sharded_experts
 from densemoe.quant import FP8, quantize_per_token
 from densemoe.routing import alpha_from_topk, router_logits, softmax_topk
 
@@ -108,6 +109,14 @@ CASES = [
      r"alpha_from_topk: topk_weights must have the shape of topk_ids"),
     ("fc2", "a requires grad", lambda: fc2(torch.randn(M, E * I).to(BF16).requires_grad_(), PB.w2, ALPHA), ValueError,
      r"densemoe.fc2 is inference-only"),
+    ("shard_weights", "E not a multiple of the expert-parallel size",
+     lambda: shard_weights(W13, W2, shard=Shard(ep_rank=0, ep_size=3)), ValueError, r"shard_weights: E = 8 experts cannot be cut"),
+    ("shard_weights", "I / tp not a multiple of 32", lambda: shard_weights(W13, W2, shard=Shard(tp_rank=0, tp_size=2)),
+     ValueError, r"shard_weights: I / tp = 32 / 2 = 16 per rank is not a multiple of 32"),
+    ("sharded_experts", "num_experts other than the shards' total",
+     lambda: sharded_experts(X, PW, IDS, WTS, num_experts=E + 8), ValueError, r"sharded_experts: num_experts=16 but"),
+    ("sharded_experts", "unknown reduce", lambda: sharded_experts(X, PW, IDS, WTS, num_experts=E, reduce="sum"), ValueError,
+     r"sharded_experts: reduce must be one of"),
     ("fc1", "x of another H", lambda: fc1(torch.randn(M, H + 8).to(BF16), PB.w1, PB.alpha1), ValueError, r"densemoe.fc1"),
 ]
 

@@ -53,16 +53,22 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     return w13, w2, s13.detach(), s2
 
 
-def layer_args(block: nn.Module, dtype: str = "fp8") -> tuple[PreparedWeights, torch.Tensor, int, dict]:
+def layer_args(block: nn.Module, dtype: str = "fp8", *, tp_group=None, ep_group=None
+               ) -> tuple[PreparedWeights, torch.Tensor, int, dict]:
     """(prepared weights, gate weight, top_k, keyword arguments) of the ``DenseMoE`` that runs
     ``block``'s routed experts on densemoe's kernels (its shared experts, DeepSeek-V3's, kept as
-    they are). ``dtype``: "fp8" or "bf16" kernels."""
+    they are). ``dtype``: "fp8" or "bf16" kernels. ``tp_group`` / ``ep_group``: this rank's share
+    of the experts only (``densemoe.parallel.shard_weights``)."""
     name = type(block).__name__
     experts, gate = getattr(block, "experts", None), getattr(block, "gate", None)
     if name not in SUPPORTED_BLOCKS or experts is None or gate is None or not hasattr(experts, "gate_up_proj"):
         raise TypeError(f"DenseMoE.from_hf: {name} is not a supported MoE block ({', '.join(SUPPORTED_BLOCKS)})")
     check_experts(experts)
     w13, w2, s13, s2 = expert_weights(experts)
+    if tp_group is not None or ep_group is not None:
+        from densemoe.parallel import shard_weights
+
+        w13, w2, s13, s2 = shard_weights(w13, w2, tp_group=tp_group, ep_group=ep_group, w13_scale=s13, w2_scale=s2)
     prepared = prepare_weights(w13, w2, dtype=dtype, w13_scale=s13, w2_scale=s2)
     if name == "DeepseekV3MoE":
         return prepared, gate.weight, gate.top_k, dict(

@@ -1,0 +1,157 @@
+"""The sharded layer (issue 22) on gloo process groups of 2 and 4 ranks (``torch.multiprocessing``
+spawn), the real kernels through Triton's interpreter on small shapes: tensor parallel, expert
+parallel and both, against the single-process layer; bad cuts refused by name."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
+E, I, H, K = 8, 128, 64, 2  # I = 128: four ranks of TP hold 32 columns each
+
+
+def _weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=g) * I ** -0.5
+    gate = torch.randn(E, H, generator=g) * H ** -0.5
+    return w13, w2, gate
+
+
+def _routing(M, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, H, generator=g).to(BF16)
+    ids = torch.rand(M, E, generator=g).topk(K, dim=1).indices
+    wts = torch.softmax(torch.randn(M, K, generator=g), dim=1)
+    return x, ids, wts
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _exact(x, w13, w2, ids, wts):
+    x, w13, w2 = x.double(), w13.double(), w2.double()
+    h = torch.einsum("mh,eih->mei", x, w13)
+    y = torch.nn.functional.silu(h[..., :I]) * h[..., I:]
+    alpha = torch.zeros(x.shape[0], E, dtype=torch.float64).scatter_(1, ids, wts.double())
+    return torch.einsum("me,mei,ehi->mh", alpha, y, w2)
+
+
+def _same(got, want, x, w13, w2, ids, wts, dtype):
+    """bf16: the unsharded output up to the fp32 summation order (one bf16 rounding of the
+    output); fp8: as close to the exact math as the unsharded layer (y's groups differ)."""
+    if dtype == "bf16":
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -8 * want.float().abs().max().item())
+    else:
+        ref = _exact(x, w13, w2, ids, wts)
+        assert _rel(got, ref) <= 1.25 * _rel(want, ref) + 1e-3, (_rel(got, ref), _rel(want, ref))
+
+
+def _worker(rank, world, path, layouts):
+    os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        import densemoe
+        from densemoe.parallel import shard_weights, sharded_experts
+
+        groups = {}
+        if world == 4:  # TP pairs {0, 1}, {2, 3}; EP pairs {0, 2}, {1, 3}: every rank makes every group
+            for members in ([0, 1], [2, 3], [0, 2], [1, 3], [0, 1, 2, 3]):
+                groups[tuple(members)] = dist.new_group(members)
+        w13, w2, gate = _weights()
+        for layout in layouts:
+            if layout == "tp":
+                tp, ep = dist.group.WORLD, None
+            elif layout == "ep":
+                tp, ep = None, dist.group.WORLD
+            else:  # tp x ep on 4 ranks
+                tp = groups[(0, 1)] if rank < 2 else groups[(2, 3)]
+                ep = groups[(0, 2)] if rank % 2 == 0 else groups[(1, 3)]
+            for dtype in ("bf16", "fp8"):
+                full = densemoe.prepare_weights(w13, w2, dtype=dtype)
+                a, b, sa, sb = shard_weights(w13, w2, tp_group=tp, ep_group=ep)
+                mine = densemoe.prepare_weights(a, b, dtype=dtype)
+                for strategy in (("skip", "dense", "routed") if dtype == "bf16" else ("dense", "routed")):
+                    for M in (1, 7):
+                        x, ids, wts = _routing(M, seed=10 * M + len(layout))
+                        want = densemoe.experts_forward(x, full, None, expert_ids=ids, topk_weights=wts, strategy=strategy)
+                        got = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep, strategy=strategy)
+                        _same(got, want, x, w13, w2, ids, wts, dtype)
+                # the reduction in two pieces, each issued before the next one's GEMMs
+                x, ids, wts = _routing(9, seed=3)
+                want = densemoe.experts_forward(x, full, None, expert_ids=ids, topk_weights=wts, strategy="routed")
+                got = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep, strategy="routed",
+                                      chunks=2)
+                _same(got, want, x, w13, w2, ids, wts, dtype)
+                if tp is not None:  # the tokens' sum scattered: this rank's rows of the tp group
+                    n, r = dist.get_world_size(tp), dist.get_rank(tp)
+                    rows = -(-9 // n)
+                    got = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep,
+                                          strategy="routed", reduce="reduce_scatter")
+                    part = want[r * rows:(r + 1) * rows]
+                    assert got.shape == part.shape, (got.shape, part.shape)
+                    _same(got, part, x[r * rows:(r + 1) * rows], w13, w2, ids[r * rows:(r + 1) * rows],
+                          wts[r * rows:(r + 1) * rows], dtype)
+            # the whole layer: DenseMoE with its router, as the unsharded one
+            whole = densemoe.DenseMoE(densemoe.prepare_weights(w13, w2, dtype="bf16"), gate, K)
+            a, b, _, _ = shard_weights(w13, w2, tp_group=tp, ep_group=ep)
+            part = densemoe.DenseMoE(densemoe.prepare_weights(a, b, dtype="bf16"), gate, K, tp_group=tp, ep_group=ep,
+                                     reduce_chunks=2)
+            x, ids, wts = _routing(6, seed=5)
+            torch.testing.assert_close(part(x).float(), whole(x).float(), rtol=2 ** -7,
+                                       atol=2 ** -8 * whole(x).float().abs().max().item())
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, layouts):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "rdzv"), layouts), nprocs=world, join=True)
+
+
+@pytest.mark.interpreter
+def test_tp_and_ep_on_two_ranks():
+    _spawn(2, ("tp", "ep"))
+
+
+@pytest.mark.interpreter
+def test_tp_by_ep_on_four_ranks():
+    _spawn(4, ("tp_ep",))
+
+
+def test_bad_cuts_are_refused_by_name():
+    from densemoe.parallel import Shard, shard_weights
+
+    w13, w2, _ = _weights()
+    with pytest.raises(ValueError, match=r"E = 8 experts cannot be cut over ep_group's 3 ranks"):
+        shard_weights(w13, w2, shard=Shard(ep_rank=0, ep_size=3))
+    with pytest.raises(ValueError, match=r"I = 128 cannot be cut over tp_group's 3 ranks"):
+        shard_weights(w13, w2, shard=Shard(tp_rank=0, tp_size=3))
+    with pytest.raises(ValueError, match=r"I / tp = 128 / 8 = 16 per rank is not a multiple of 32"):
+        shard_weights(w13, w2, shard=Shard(tp_rank=0, tp_size=8))
+    with pytest.raises(ValueError, match=r"torch.distributed is not initialised"):
+        Shard.of(tp_group=object())
+
+
+def test_shard_weights_cuts_gate_up_and_down_alike():
+    """Rank (t, p)'s share: experts [p E/ep, (p+1) E/ep), of each the gate rows, up rows and w2
+    columns [t I/tp, (t+1) I/tp); per-expert and block scales cut with them."""
+    from densemoe.parallel import Shard, shard_weights
+
+    w13, w2, _ = _weights()
+    s = torch.rand(E) + 0.5
+    a, b, sa, sb = shard_weights(w13, w2, w13_scale=s, w2_scale=s, shard=Shard(tp_rank=1, tp_size=2, ep_rank=1, ep_size=2))
+    assert torch.equal(a, torch.cat([w13[4:, 64:128], w13[4:, 192:256]], dim=1))
+    assert torch.equal(b, w2[4:, :, 64:128]) and torch.equal(sa, s[4:]) and torch.equal(sb, s[4:])
+    # 128 x 128 block scales: I = 256 cut in two keeps one column of blocks each
+    w13b, w2b = torch.randn(2, 512, 128).to(FP8), torch.randn(2, 128, 256).to(FP8)
+    s13, s2 = torch.rand(2, 4, 1), torch.rand(2, 1, 2)
+    a, b, sa, sb = shard_weights(w13b, w2b, w13_scale=s13, w2_scale=s2, shard=Shard(tp_rank=1, tp_size=2))
+    assert a.shape == (2, 256, 128) and torch.equal(sa, s13[:, [1, 3]]) and torch.equal(sb, s2[:, :, 1:2])
