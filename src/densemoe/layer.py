@@ -30,15 +30,14 @@ class DenseMoE(nn.Module):
     Sharded (``densemoe.parallel``): ``tp_group`` / ``ep_group`` say how ``prepared`` was cut
     (``parallel.shard_weights``: this rank's intermediate columns / experts); ``gate_weight``
     stays whole ([E, H], E over all ranks); each call routes globally, runs the rank's share and
-    sums the partial outputs over the groups (``reduce_chunks`` pieces, each piece's sum under
-    the next one's GEMMs)."""
+    sums the partial outputs over the groups."""
 
     def __init__(self, prepared: PreparedWeights, gate_weight: torch.Tensor, top_k: int, *,
                  router: str = "softmax", renormalize: bool = True, logits_fp32: bool = False,
                  n_group: int = 1, topk_group: int = 1, e_score_correction_bias: torch.Tensor | None = None,
                  routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True,
                  shared_experts: nn.Module | None = None, skip: bool | None = None,
-                 strategy: str | None = None, tp_group=None, ep_group=None, reduce_chunks: int = 1):
+                 strategy: str | None = None, tp_group=None, ep_group=None):
         super().__init__()
         if not isinstance(prepared, PreparedWeights):
             raise TypeError(f"DenseMoE: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) "
@@ -54,7 +53,7 @@ class DenseMoE(nn.Module):
         if tuple(gate_weight.shape) != (E, prepared.hidden):
             raise ValueError(f"DenseMoE: gate_weight must be [E, H] = [{E}, {prepared.hidden}]"
                              f"{' (E over all of ep_group)' if shard.ep_size > 1 else ''}, got {tuple(gate_weight.shape)}")
-        self.tp_group, self.ep_group, self.reduce_chunks, self.num_experts = tp_group, ep_group, reduce_chunks, E
+        self.tp_group, self.ep_group, self.num_experts = tp_group, ep_group, E
         self.prepared = prepared
         self.register_buffer("gate_weight", gate_weight.detach().clone())
         if e_score_correction_bias is not None:
@@ -93,8 +92,8 @@ class DenseMoE(nn.Module):
             route = self.route(x)
             out = sharded_experts(x, self.prepared, route.topk_ids, route.topk_weights, num_experts=self.num_experts,
                                   tp_group=self.tp_group, ep_group=self.ep_group,
-                                  strategy=self.strategy if self.skip is None else ("skip" if self.skip else "dense"),
-                                  chunks=self.reduce_chunks).reshape(shape)
+                                  strategy=self.strategy if self.skip is None else ("skip" if self.skip else "dense")
+                                  ).reshape(shape)
             return out + self.shared_experts(hidden_states) if self.shared_experts is not None else out
         # fp8 experts: the router's kernel quantises x too where it runs (M <= 4), else None
         route, x_quant = self._route(x, quantize=self.prepared.dtype == FP8 and not self.prepared.block)
@@ -107,13 +106,11 @@ class DenseMoE(nn.Module):
         return out
 
     @classmethod
-    def from_hf(cls, block: nn.Module, dtype: str = "fp8", *, tp_group=None, ep_group=None,
-                reduce_chunks: int = 1) -> "DenseMoE":
+    def from_hf(cls, block: nn.Module, dtype: str = "fp8", *, tp_group=None, ep_group=None) -> "DenseMoE":
         """From transformers' ``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock`` or
         ``DeepseekV3MoE`` (5.x): routed experts through densemoe, the block's shared experts
         (DeepSeek-V3) kept as they are. ``dtype``: "fp8" or "bf16" kernels. ``tp_group`` /
         ``ep_group``: keep this rank's share of the experts (``densemoe.parallel``); the shared
         experts are not cut."""
         prepared, gate_weight, top_k, kwargs = hf.layer_args(block, dtype, tp_group=tp_group, ep_group=ep_group)
-        return cls(prepared, gate_weight, top_k, tp_group=tp_group, ep_group=ep_group, reduce_chunks=reduce_chunks,
-                   **kwargs)
+        return cls(prepared, gate_weight, top_k, tp_group=tp_group, ep_group=ep_group, **kwargs)

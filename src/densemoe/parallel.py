@@ -15,11 +15,15 @@ fp8, y's quantisation groups (the dense and skipping paths scale y per (token, e
 rank's columns; the routed path per ``fc1_block_i`` columns) differ from the unsharded layer.
 
 The partial outputs are computed and summed in ``reduce_dtype`` (float32 by default: the sum
-over ranks is then exact to fp32's order), cast to x's dtype at the end. ``chunks`` > 1 cuts the
-tokens into that many pieces: the reduction of one piece is issued (``async_op``) before the
-next piece's GEMMs, so it runs under them. ``reduce="reduce_scatter"`` returns this rank's slice
-of the tokens instead (rows [r*M/n, (r+1)*M/n) of the tp group's n ranks; M padded to a multiple
-of n inside).
+over ranks is then exact to fp32's order), cast to x's dtype at the end.
+``reduce="reduce_scatter"`` returns this rank's slice of the tokens instead (rows
+[r*M/n, (r+1)*M/n) of the tp group's n ranks; M padded to a multiple of n inside).
+
+Not here yet: the reduction under the GEMMs. Cutting the tokens into pieces would let each
+piece's sum run under the next piece's GEMMs, but every piece reads all the rank's expert
+weights again: at DeepSeek-V3 TP8 four pieces of M = 1024 take about 4 x 540 us where M = 4096
+takes 1260 (the H200 layer benchmark), so that is slower at every M. The overlap that pays cuts
+FC2's output columns (its weights are read once either way): docs/usage.md, "Sharding".
 
 ``shard_weights`` cuts checkpoint weights (and their scales) for ``prepare_weights``;
 ``sharded_experts`` runs a rank's share; ``DenseMoE(..., tp_group=, ep_group=)`` and
@@ -133,8 +137,7 @@ def _local_route(topk_ids, topk_weights, num_experts, e0, e_local):
 
 def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                     num_experts: int, tp_group=None, ep_group=None, strategy: str | None = None,
-                    reduce: str = "all_reduce", reduce_dtype: torch.dtype = torch.float32,
-                    chunks: int = 1) -> torch.Tensor:
+                    reduce: str = "all_reduce", reduce_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """This rank's share of the routed experts, summed over ``tp_group`` and ``ep_group`` (module
     docstring). ``prepared``: ``prepare_weights`` of ``shard_weights``' share; ``num_experts``:
     the global E (``topk_ids`` are in [0, E)); ``strategy``: forced, or None (the rule, on the
@@ -150,8 +153,6 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
                          f"of ep_group's {shard.ep_size} ranks ({e_local * shard.ep_size})")
     if reduce not in REDUCES:
         raise ValueError(f"{op}: reduce must be one of {REDUCES}, got {reduce!r}")
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"{op}: chunks must be a positive int, got {chunks!r}")
     if not (isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 and topk_ids.shape[0] == x.shape[0]):
         raise ValueError(f"{op}: topk_ids must be [M={x.shape[0]}, k]")
     M, k = topk_ids.shape
@@ -166,28 +167,17 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
         out_rows = M + n_tp - M % n_tp  # padded with zero rows: each rank's slice is whole
     partial = torch.zeros((out_rows, x.shape[1]), dtype=reduce_dtype, device=x.device)
     xr = x.to(reduce_dtype) if x.dtype != reduce_dtype and reduce_dtype == torch.float32 else x
-    bounds = [M * c // chunks for c in range(chunks + 1)]
-    pending = []
-    for c in range(chunks):
-        lo, hi = bounds[c], bounds[c + 1]
-        if hi == lo:
-            continue
+    if M:
         if how == "routed":  # the other ranks' experts: id -1, dropped
-            part = experts_forward(xr[lo:hi], prepared, None, expert_ids=ids_local[lo:hi],
-                                   topk_weights=torch.where(ids_local[lo:hi] >= 0, topk_weights[lo:hi].float(), 0.0),
-                                   strategy="routed")
+            part = experts_forward(xr, prepared, None, expert_ids=ids_local,
+                                   topk_weights=torch.where(ids_local >= 0, topk_weights.float(), 0.0), strategy="routed")
         else:  # alpha of the rank's experts only (no ids: the M = 1 walk would read -1)
-            part = experts_forward(xr[lo:hi], prepared, alpha[lo:hi], strategy=how, top_k=k_local)
-        partial[lo:hi] = part.to(reduce_dtype)
-        if reduce == "all_reduce" and chunks > 1:  # this piece's sum runs under the next piece's GEMMs
-            pending += _reduce_async(partial[lo:hi], tp_group, ep_group)
-    for work in pending:
-        work.wait()
+            part = experts_forward(xr, prepared, alpha, strategy=how, top_k=k_local)
+        partial[:M] = part.to(reduce_dtype)
     if reduce == "all_reduce":
-        if chunks == 1:
-            for g in (tp_group, ep_group):
-                if g is not None:
-                    dist.all_reduce(partial, group=g)
+        for g in (tp_group, ep_group):
+            if g is not None:
+                dist.all_reduce(partial, group=g)
         return partial.to(x.dtype)
     if ep_group is not None:
         dist.all_reduce(partial, group=ep_group)
@@ -199,13 +189,3 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
     r0 = shard.tp_rank * rows
     return mine[:max(0, min(rows, M - r0))].to(x.dtype)
 
-
-def _reduce_async(t, tp_group, ep_group):
-    """All-reduce t over the groups: async over one group; over two, the first synchronously
-    (the second needs its result), the second async."""
-    groups = [g for g in (tp_group, ep_group) if g is not None]
-    if not groups:
-        return []
-    for g in groups[:-1]:
-        dist.all_reduce(t, group=g)
-    return [dist.all_reduce(t, group=groups[-1], async_op=True)]
