@@ -106,9 +106,19 @@ def _worker(rank, world, path, layouts):
         dist.destroy_process_group()
 
 
-def _spawn(world, layouts):
+def _spawn(world, layouts, deadline_s=600):
+    """Run the workers; a worker's exception fails the test, and a hang (a collective some rank
+    never joins) is killed after ``deadline_s`` instead of holding CI."""
+    import time
+
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "rdzv"), layouts), nprocs=world, join=True)
+        ctx = mp.spawn(_worker, args=(world, os.path.join(d, "rdzv"), layouts), nprocs=world, join=False)
+        end = time.monotonic() + deadline_s
+        while not ctx.join(timeout=5):
+            if time.monotonic() > end:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"the {world} ranks did not finish within {deadline_s} s")
 
 
 @pytest.mark.interpreter
