@@ -160,3 +160,41 @@ def test_shard_weights_cuts_gate_up_and_down_alike():
     s13, s2 = torch.rand(2, 4, 1), torch.rand(2, 1, 2)
     a, b, sa, sb = shard_weights(w13b, w2b, w13_scale=s13, w2_scale=s2, shard=Shard(tp_rank=1, tp_size=2))
     assert a.shape == (2, 256, 128) and torch.equal(sa, s13[:, [1, 3]]) and torch.equal(sb, s2[:, :, 1:2])
+
+
+@pytest.mark.interpreter
+def test_simulated_ranks_add_up_to_the_layer():
+    """``shard=`` (no collective): the partial outputs of every simulated rank of TP2 x EP2 add up
+    to the unsharded layer (bf16, fp32 sums)."""
+    import densemoe
+    from densemoe.parallel import Shard, shard_weights, sharded_experts
+
+    w13, w2, _ = _weights()
+    x, ids, wts = _routing(7, seed=2)
+    full = densemoe.prepare_weights(w13, w2, dtype="bf16")
+    for strategy in ("dense", "routed"):
+        want = densemoe.experts_forward(x, full, None, expert_ids=ids, topk_weights=wts, strategy=strategy)
+        total = torch.zeros(7, H)
+        for t in range(2):
+            for p in range(2):
+                s = Shard(tp_rank=t, tp_size=2, ep_rank=p, ep_size=2)
+                a, b, _, _ = shard_weights(w13, w2, shard=s)
+                total += sharded_experts(x.float(), densemoe.prepare_weights(a, b, dtype="bf16"), ids, wts,
+                                         num_experts=E, strategy=strategy, shard=s)
+        torch.testing.assert_close(total.to(BF16).float(), want.float(), rtol=2 ** -7,
+                                   atol=2 ** -8 * want.float().abs().max().item())
+    # EP over 8 ranks of one expert each: a token's k = 2 picks exceed a rank's experts
+    ids8 = ids.clone()
+    for strategy in ("dense", "routed"):
+        want = densemoe.experts_forward(x, full, None, expert_ids=ids8, topk_weights=wts, strategy=strategy)
+        total = torch.zeros(7, H)
+        for p in range(8):
+            s = Shard(ep_rank=p, ep_size=8)
+            a, b, _, _ = shard_weights(w13, w2, shard=s)
+            total += sharded_experts(x.float(), densemoe.prepare_weights(a, b, dtype="bf16"), ids8, wts,
+                                     num_experts=E, strategy=strategy, shard=s)
+        torch.testing.assert_close(total.to(BF16).float(), want.float(), rtol=2 ** -7,
+                                   atol=2 ** -8 * want.float().abs().max().item())
+    with pytest.raises(ValueError, match="not both"):
+        sharded_experts(x, full, ids, wts, num_experts=E, shard=Shard(), tp_group=object())
+

@@ -137,16 +137,22 @@ def _local_route(topk_ids, topk_weights, num_experts, e0, e_local):
 
 def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                     num_experts: int, tp_group=None, ep_group=None, strategy: str | None = None,
-                    reduce: str = "all_reduce", reduce_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    reduce: str = "all_reduce", reduce_dtype: torch.dtype = torch.float32,
+                    shard: Shard | None = None) -> torch.Tensor:
     """This rank's share of the routed experts, summed over ``tp_group`` and ``ep_group`` (module
     docstring). ``prepared``: ``prepare_weights`` of ``shard_weights``' share; ``num_experts``:
     the global E (``topk_ids`` are in [0, E)); ``strategy``: forced, or None (the rule, on the
-    rank's E / ep experts); returns [M, H] in x's dtype ([M / tp rows] with reduce_scatter)."""
+    rank's E / ep experts); returns [M, H] in x's dtype ([M / tp rows] with reduce_scatter).
+    ``shard`` instead of the groups: where this rank sits, with no collective (the rank's
+    partial output alone, [M, H]: one rank simulated on one GPU, ``bench/sharded_sim.py``)."""
     from densemoe.experts import experts_forward
     from densemoe.ops import strategy as rule
 
     op = "sharded_experts"
-    shard = Shard.of(tp_group, ep_group)
+    if shard is not None and (tp_group is not None or ep_group is not None):
+        raise ValueError(f"{op}: give the groups or a shard (a simulated rank, no collective), not both")
+    simulated = shard is not None
+    shard = shard or Shard.of(tp_group, ep_group)
     e_local = prepared.num_experts
     if num_experts != e_local * shard.ep_size:
         raise ValueError(f"{op}: num_experts={num_experts} but the prepared weights hold {e_local} experts on each "
@@ -169,11 +175,16 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
     xr = x.to(reduce_dtype) if x.dtype != reduce_dtype and reduce_dtype == torch.float32 else x
     if M:
         if how == "routed":  # the other ranks' experts: id -1, dropped
-            part = experts_forward(xr, prepared, None, expert_ids=ids_local,
-                                   topk_weights=torch.where(ids_local >= 0, topk_weights.float(), 0.0), strategy="routed")
+            wl = torch.where(ids_local >= 0, topk_weights.float(), 0.0)
+            if k > e_local:  # at most E/ep of a token's k distinct picks are this rank's: keep those slots
+                keep = torch.argsort((ids_local < 0).to(torch.int8), dim=1, stable=True)[:, :e_local]
+                ids_local, wl = ids_local.gather(1, keep), wl.gather(1, keep)
+            part = experts_forward(xr, prepared, None, expert_ids=ids_local, topk_weights=wl, strategy="routed")
         else:  # alpha of the rank's experts only (no ids: the M = 1 walk would read -1)
             part = experts_forward(xr, prepared, alpha, strategy=how, top_k=k_local)
         partial[:M] = part.to(reduce_dtype)
+    if simulated:
+        return partial[:M].to(x.dtype)
     if reduce == "all_reduce":
         for g in (tp_group, ep_group):
             if g is not None:
