@@ -14,7 +14,8 @@
 # Then, in further calls: bench/sanitize_gpu.sh (carry the bundle), the fuzz suite at scale
 # (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py: carry hypothesis's wheels in
 # .carry/wheels, not with the bundle: the tree plus the bundle leaves ~0.4 MB), bf16 and fp8block
-# benchmarks (NO_SUITE=1 DTYPES=... bash bench/routed_gpu.sh), FC1/FC2 tuning (bench/tune_h200.sh).
+# benchmarks (NO_SUITE=1 DTYPES=... bash bench/routed_gpu.sh), FC1/FC2 tuning (bench/tune_h200.sh),
+# issue 22's one-GPU simulation (python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200).
 set -uo pipefail
 source bench/device_env.sh
 commit=${1:-unknown}
