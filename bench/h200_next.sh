@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The next H200 session's first device call (written 2026-12-05, second session; docs/routed.md
-# "Next" and docs/trust.md). Before it, here: merge the branch issue21-kernels (NaN kept by the
+# "Next" and docs/trust.md). Before it, here: merge the branch issue21-kernels (or apply
+# patches/issue21-kernels.mbox.gz, patches/README.md; NaN kept by the
 # fp8 quantisers, out-of-range ids dropped on every path: kernel changes not yet GPU-run) and run
 # the CPU suite; then carry the CuTe bundle (.carry, ../shared/tools/cutedsl-bundle) and call
 #
