@@ -123,18 +123,6 @@ def shard_weights(w13: torch.Tensor, w2: torch.Tensor, *, tp_group=None, ep_grou
     return w13s, w2s, per_expert(w13_scale), per_expert(w2_scale)
 
 
-def _local_route(topk_ids, topk_weights, num_experts, e0, e_local):
-    """(ids in the rank's numbering, -1 where the expert is another rank's; the weights; alpha
-    [M, E/ep] float32 of the rank's experts)."""
-    from densemoe.routing import alpha_from_topk
-
-    ids = topk_ids.long()
-    mine = (ids >= e0) & (ids < e0 + e_local)
-    local = torch.where(mine, ids - e0, -1)
-    alpha = alpha_from_topk(topk_ids, topk_weights, num_experts)[:, e0:e0 + e_local]
-    return local, alpha
-
-
 def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                     num_experts: int, tp_group=None, ep_group=None, strategy: str | None = None,
                     reduce: str = "all_reduce", reduce_dtype: torch.dtype = torch.float32,
@@ -147,6 +135,7 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
     partial output alone, [M, H]: one rank simulated on one GPU, ``bench/sharded_sim.py``)."""
     from densemoe.experts import experts_forward
     from densemoe.ops import strategy as rule
+    from densemoe.routing import alpha_from_topk
 
     op = "sharded_experts"
     if shard is not None and (tp_group is not None or ep_group is not None):
@@ -159,11 +148,12 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
                          f"of ep_group's {shard.ep_size} ranks ({e_local * shard.ep_size})")
     if reduce not in REDUCES:
         raise ValueError(f"{op}: reduce must be one of {REDUCES}, got {reduce!r}")
+    if reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: reduce_dtype must be float32, bfloat16 or float16, got {reduce_dtype}")
     if not (isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 and topk_ids.shape[0] == x.shape[0]):
         raise ValueError(f"{op}: topk_ids must be [M={x.shape[0]}, k]")
     M, k = topk_ids.shape
     e0 = shard.ep_rank * e_local
-    ids_local, alpha = _local_route(topk_ids, topk_weights, num_experts, e0, e_local)
     # the rule sees the rank's experts and about k * (E/ep) / E of a token's picks among them
     k_local = max(1, min(e_local, -(-k // shard.ep_size)))
     how = rule.resolve(op, strategy, None, M, e_local, top_k=k_local)
@@ -172,15 +162,18 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
     if n_tp > 1 and M % n_tp:
         out_rows = M + n_tp - M % n_tp  # padded with zero rows: each rank's slice is whole
     partial = torch.zeros((out_rows, x.shape[1]), dtype=reduce_dtype, device=x.device)
-    xr = x.to(reduce_dtype) if x.dtype != reduce_dtype and reduce_dtype == torch.float32 else x
+    xr = x.float() if reduce_dtype == torch.float32 else x  # a float32 x: experts_forward returns float32
     if M:
         if how == "routed":  # the other ranks' experts: id -1, dropped
+            ids = topk_ids.long()
+            ids_local = torch.where((ids >= e0) & (ids < e0 + e_local), ids - e0, -1)
             wl = torch.where(ids_local >= 0, topk_weights.float(), 0.0)
             if k > e_local:  # at most E/ep of a token's k distinct picks are this rank's: keep those slots
                 keep = torch.argsort((ids_local < 0).to(torch.int8), dim=1, stable=True)[:, :e_local]
                 ids_local, wl = ids_local.gather(1, keep), wl.gather(1, keep)
             part = experts_forward(xr, prepared, None, expert_ids=ids_local, topk_weights=wl, strategy="routed")
         else:  # alpha of the rank's experts only (no ids: the M = 1 walk would read -1)
+            alpha = alpha_from_topk(topk_ids, topk_weights, num_experts)[:, e0:e0 + e_local]
             part = experts_forward(xr, prepared, alpha, strategy=how, top_k=k_local)
         partial[:M] = part.to(reduce_dtype)
     if simulated:

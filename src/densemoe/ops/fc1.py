@@ -219,8 +219,7 @@ def fc1(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
         raise ValueError(f"{OP}: out_scale is only for an fp8 output (out_dtype=float8_e4m3fn)")
     dev = v.same_device(OP, **tensors)
     v.device_supports(OP, dev, x.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
-        raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad()")
+    v.inference_only(OP, **tensors)
     if backend not in BACKENDS:
         raise ValueError(f"{OP}: backend must be one of {BACKENDS}, got {backend!r}")
     if config is not None:
@@ -328,8 +327,7 @@ def fc1_fp8_dynamic(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, *,
     E = alpha1.shape[0]
     dev = v.same_device(OP, **tensors)
     v.device_supports(OP, dev, x.dtype)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
-        raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad()")
+    v.inference_only(OP, **tensors)
     problem = Fc1Problem(M, H, E, I, x.dtype, v.FP8)
     if config is not None:
         if not isinstance(config, Fc1TritonConfig):

@@ -187,10 +187,7 @@ def fc2(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, *,
         dev = v.same_device(OP, a=a, w=w, alpha=alpha, **_opt(w_scale=w_scale))
         out = torch.empty((M, N), dtype=out_dtype, device=dev)
     v.device_supports(OP, dev, a.dtype)
-    if torch.is_grad_enabled() and (a.requires_grad or w.requires_grad or alpha.requires_grad
-                                    or (w_scale is not None and w_scale.requires_grad)):
-        raise ValueError(f"{OP} is inference-only (no backward); call it under torch.no_grad() "
-                         "or on tensors that do not require grad")
+    v.inference_only(OP, a=a, w=w, alpha=alpha, w_scale=w_scale)
     if backend not in BACKENDS:
         raise ValueError(f"{OP}: backend must be one of {BACKENDS}, got {backend!r}")
     if config is not None:
