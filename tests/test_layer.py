@@ -129,6 +129,43 @@ def test_experts_bf16_and_fp8_against_references(M):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", ["bf16", "fp8", "fp8block"])
+@pytest.mark.parametrize("strategy", ["skip", "dense", "routed"])
+def test_fc2_by_output_columns_gives_the_whole_output(dtype, strategy):
+    """experts_stages: FC1 once, FC2 per column piece (what the sharded layer reduces piece by
+    piece). The pieces side by side are experts_forward's output, at M = 1 (skipping walks the
+    ids) and ragged M; pieces off the scale blocks are refused by name."""
+    E, I, k = 8, 128, 2
+    H = 256 if dtype == "fp8block" else 96
+    g = torch.Generator().manual_seed(7)
+    if dtype == "fp8block":  # 128 x 128 block scales that vary
+        w13 = (torch.randn(E, 2 * I, H, generator=g) * 100).clamp(-448, 448).to(FP8)
+        w2 = (torch.randn(E, H, I, generator=g) * 100).clamp(-448, 448).to(FP8)
+        s13 = torch.rand(E, 2 * I // 128, H // 128, generator=g) * 1e-4 + 1e-5
+        s2 = torch.rand(E, H // 128, I // 128, generator=g) * 1e-4 + 1e-5
+        pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+        cuts = [0, 128, 256]
+    else:
+        w13, w2 = experts(E, I, H, seed=3)
+        pw = prepare_weights(w13, w2, dtype=dtype)
+        cuts = [0, 32, 40, 96]  # uneven, one of 8 columns
+    for M in (1, 7, 33):
+        x = torch.randn(M, H, generator=g).to(BF16)
+        ids, wts = routing(M, E, k, seed=M)
+        whole = experts_forward(x, pw, None, expert_ids=ids, topk_weights=wts, strategy=strategy)
+        cols = densemoe.experts_stages(x, pw, None, expert_ids=ids, topk_weights=wts, strategy=strategy)
+        assert cols.strategy == strategy and cols.hidden == H
+        pieces = [cols(a, b) for a, b in zip(cuts, cuts[1:])]
+        assert [p.shape for p in pieces] == [(M, b - a) for a, b in zip(cuts, cuts[1:])]
+        torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"output columns \[h0, h1\) = \[0, 999\)"):
+        cols(0, 999)
+    if dtype == "fp8block":
+        with pytest.raises(ValueError, match=r"on multiples of 128 \(the weights' scale blocks\)"):
+            cols(64, 256)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("M", [1, 33])
 def test_fp8_layer_with_the_quantisation_in_fc1s_epilogue(M, monkeypatch):
     """The fp8 pipeline's other branch (``strategy.FUSED_QUANT_MAX_I`` >= I: fc1_fp8_dynamic) keeps

@@ -84,6 +84,10 @@ def _worker(rank, world, path, layouts):
                         want = densemoe.experts_forward(x, full, None, expert_ids=ids, topk_weights=wts, strategy=strategy)
                         got = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep, strategy=strategy)
                         _same(got, want, x, w13, w2, ids, wts, dtype)
+                        if M > 1:  # FC2 in 3 column pieces, each summed while the next runs: the same sums
+                            got3 = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep,
+                                                   strategy=strategy, pieces=3)
+                            assert torch.equal(got3, got), (layout, dtype, strategy)
                 x, ids, wts = _routing(9, seed=3)
                 want = densemoe.experts_forward(x, full, None, expert_ids=ids, topk_weights=wts, strategy="routed")
                 if tp is not None:  # the tokens' sum scattered: this rank's rows of the tp group
@@ -93,6 +97,9 @@ def _worker(rank, world, path, layouts):
                                           strategy="routed", reduce="reduce_scatter")
                     part = want[r * rows:(r + 1) * rows]
                     assert got.shape == part.shape, (got.shape, part.shape)
+                    got2 = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep,
+                                           strategy="routed", reduce="reduce_scatter", pieces=2)
+                    assert torch.equal(got2, got)
                     _same(got, part, x[r * rows:(r + 1) * rows], w13, w2, ids[r * rows:(r + 1) * rows],
                           wts[r * rows:(r + 1) * rows], dtype)
             # the whole layer: DenseMoE with its router, as the unsharded one
@@ -100,6 +107,9 @@ def _worker(rank, world, path, layouts):
             a, b, _, _ = shard_weights(w13, w2, tp_group=tp, ep_group=ep)
             part = densemoe.DenseMoE(densemoe.prepare_weights(a, b, dtype="bf16"), gate, K, tp_group=tp, ep_group=ep)
             x, ids, wts = _routing(6, seed=5)
+            torch.testing.assert_close(part(x).float(), whole(x).float(), rtol=2 ** -7,
+                                       atol=2 ** -8 * whole(x).float().abs().max().item())
+            part.reduce_pieces = 2
             torch.testing.assert_close(part(x).float(), whole(x).float(), rtol=2 ** -7,
                                        atol=2 ** -8 * whole(x).float().abs().max().item())
     finally:
@@ -198,3 +208,56 @@ def test_simulated_ranks_add_up_to_the_layer():
     with pytest.raises(ValueError, match="not both"):
         sharded_experts(x, full, ids, wts, num_experts=E, shard=Shard(), tp_group=object())
 
+
+
+def test_column_pieces_cut_evenly_and_refuse_bad_counts():
+    from densemoe.parallel import cuts
+
+    assert cuts(64, 1) == [(0, 64)]
+    assert cuts(64, 3) == [(0, 21), (21, 42), (42, 64)]
+    assert cuts(7168, 4, 128) == [(0, 1792), (1792, 3584), (3584, 5376), (5376, 7168)]
+    assert cuts(7168, 3, 128) == [(0, 2304), (2304, 4736), (4736, 7168)]  # 18, 19, 19 scale blocks
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="sharded_experts: pieces must be a positive int"):
+            cuts(64, bad)
+    with pytest.raises(ValueError, match=r"pieces=3 is more than the 2 column pieces of 128 that H = 256 holds"):
+        cuts(256, 3, 128)
+
+
+class _Recorded:
+    """A stand-in collective that records what it was handed and when it was waited for."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, buf):
+        self.log.append(("issue", tuple(buf.shape)))
+        return self
+
+    def wait(self):
+        self.log.append(("wait",))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("strategy", ["dense", "routed"])
+def test_a_simulated_rank_issues_each_piece_before_the_next_fc2(strategy):
+    """One rank with no collective (shard=): pieces give the partial of one piece, the stand-in
+    reduction sees each piece as its FC2 is issued, and the waits come after the last one."""
+    import densemoe
+    from densemoe.parallel import Shard, shard_weights, sharded_experts
+
+    w13, w2, _ = _weights()
+    shard = Shard(tp_rank=1, tp_size=2)
+    a, b, _, _ = shard_weights(w13, w2, shard=shard)
+    mine = densemoe.prepare_weights(a, b, dtype="bf16")
+    x, ids, wts = _routing(7, seed=2)
+    one = sharded_experts(x, mine, ids, wts, num_experts=E, shard=shard, strategy=strategy)
+    log = []
+    four = sharded_experts(x, mine, ids, wts, num_experts=E, shard=shard, strategy=strategy, pieces=4,
+                           simulate_reduce=_Recorded(log))
+    assert torch.equal(four, one)
+    assert log == [("issue", (7, 16))] * 4 + [("wait",)] * 4
+    with pytest.raises(ValueError, match="simulate_reduce stands in for the collective of a simulated rank"):
+        sharded_experts(x, mine, ids, wts, num_experts=E, strategy=strategy, simulate_reduce=_Recorded([]))
+    with pytest.raises(ValueError, match=r"DenseMoE: reduce_pieces=65 is more than the 64 column pieces"):
+        densemoe.DenseMoE(mine, torch.randn(E, H), K, reduce_pieces=65)

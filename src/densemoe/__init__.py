@@ -14,7 +14,7 @@ _interpreter.install()  # Triton's interpreter (TRITON_INTERPRET=1): its fixes, 
 
 from densemoe import reference, routing  # noqa: E402
 from densemoe._version import __version__  # noqa: E402
-from densemoe.experts import experts_forward  # noqa: E402
+from densemoe.experts import experts_forward, experts_stages  # noqa: E402
 from densemoe.integrations import _hf_hook  # noqa: E402
 from densemoe.integrations.hf import register_hf  # noqa: E402
 from densemoe.integrations.checkpoint import load_moe_layer  # noqa: E402
@@ -32,6 +32,6 @@ from densemoe.weights import PreparedWeights, prepare_weights  # noqa: E402
 
 _hf_hook.install()  # experts_implementation="densemoe" in transformers, no import of it here
 
-__all__ = ["fc1", "fc2", "DenseMoE", "fused_experts", "load_moe_layer", "experts_forward", "prepare_weights", "PreparedWeights",
+__all__ = ["fc1", "fc2", "DenseMoE", "fused_experts", "load_moe_layer", "experts_forward", "experts_stages", "prepare_weights", "PreparedWeights",
            "register_hf", "tune", "reference", "routing", "Fc2Problem", "Fc2TritonConfig", "Fc2CuteConfig",
            "Fc1Problem", "Fc1TritonConfig", "Fc1CuteConfig", "__version__"]

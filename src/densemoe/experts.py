@@ -25,7 +25,7 @@ from densemoe.ops import _validate as v
 from densemoe.ops import strategy as rule
 from densemoe.ops.fc1 import fc1, fc1_fp8_dynamic
 from densemoe.ops.fc2 import fc2
-from densemoe.ops.routed import problem_of, routed_experts
+from densemoe.ops.routed import RoutedStages, check_columns, problem_of
 from densemoe.routing import alpha_from_topk
 from densemoe.quant import FP8, quantize_per_token, quantize_per_token_group, quantize_y_fold_alpha
 from densemoe.weights import PreparedWeights
@@ -65,91 +65,137 @@ def experts_forward(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Ten
     Returns [M, H] in x's dtype (bf16 for an fp8 x). Bad input raises TypeError / ValueError
     naming the argument.
     """
+    return _stages(OP, x, prepared, alpha, skip=skip, top_k=top_k, x_quant=x_quant, expert_ids=expert_ids,
+                   topk_weights=topk_weights, strategy=strategy)()
+
+
+def experts_stages(x: torch.Tensor, prepared: PreparedWeights, alpha: torch.Tensor | None, *,
+                   skip: bool | None = None, top_k: int | None = None,
+                   x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   expert_ids: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
+                   strategy: str | None = None) -> "Fc2Columns":
+    """``experts_forward`` split at FC2: its arguments; FC1 (and y's quantisation) run now, and
+    the returned ``Fc2Columns`` runs FC2 for any output columns [h0, h1) when called (w2's rows
+    h0..h1: the weights are read once over all pieces). ``experts_stages(...)(0, H)`` equals
+    ``experts_forward(...)``; ``densemoe.parallel`` reduces one piece while the next one's FC2
+    runs."""
+    return _stages("experts_stages", x, prepared, alpha, skip=skip, top_k=top_k, x_quant=x_quant,
+                   expert_ids=expert_ids, topk_weights=topk_weights, strategy=strategy)
+
+
+class Fc2Columns:
+    """FC2 of a call whose FC1 has run: ``cols(h0, h1)`` -> [M, h1 - h0] in x's dtype (bf16 for
+    an fp8 x), the layer's output columns [h0, h1); h0 and h1 on multiples of ``unit`` (128 for
+    block-scaled weights, else 1). ``cols()`` is the whole output."""
+
+    def __init__(self, op: str, run, hidden: int, unit: int, strategy: str):
+        self._op, self._run, self.hidden, self.unit, self.strategy = op, run, hidden, unit, strategy
+
+    def __call__(self, h0: int = 0, h1: int | None = None) -> torch.Tensor:
+        h1 = self.hidden if h1 is None else h1
+        check_columns(self._op, h0, h1, self.hidden, self.unit)
+        return self._run(h0, h1)
+
+
+def _stages(op: str, x, prepared, alpha, *, skip, top_k, x_quant, expert_ids, topk_weights, strategy) -> Fc2Columns:
     if not isinstance(prepared, PreparedWeights):
-        raise TypeError(f"{OP}: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) returns, "
+        raise TypeError(f"{op}: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) returns, "
                         f"got {type(prepared).__name__}")
     H, E = prepared.hidden, prepared.num_experts
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
-        raise ValueError(f"{OP}: x must be a [M, H={H}] tensor, got "
+        raise ValueError(f"{op}: x must be a [M, H={H}] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{OP}: x must have a floating dtype (bfloat16, float16, float32), got {x.dtype}")
-    v.inference_only(OP, x=x, alpha=alpha, topk_weights=topk_weights)
+        raise TypeError(f"{op}: x must have a floating dtype (bfloat16, float16, float32), got {x.dtype}")
+    v.inference_only(op, x=x, alpha=alpha, topk_weights=topk_weights)
     M = x.shape[0]
     if alpha is None:
         if not (isinstance(expert_ids, torch.Tensor) and isinstance(topk_weights, torch.Tensor)
                 and expert_ids.dim() == 2 and expert_ids.shape[0] == M):
-            raise ValueError(f"{OP}: alpha=None needs expert_ids [M={M}, k] and topk_weights [M, k]")
+            raise ValueError(f"{op}: alpha=None needs expert_ids [M={M}, k] and topk_weights [M, k]")
         alpha_given = False
     else:
         alpha_given = True
     if alpha_given and (not isinstance(alpha, torch.Tensor) or tuple(alpha.shape) != (M, E)):
-        raise ValueError(f"{OP}: alpha must be a [M, E] = [{M}, {E}] tensor (one routing weight per token and "
+        raise ValueError(f"{op}: alpha must be a [M, E] = [{M}, {E}] tensor (one routing weight per token and "
                          f"expert), got {tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__}")
     if alpha_given and not alpha.is_floating_point():
-        raise TypeError(f"{OP}: alpha must have a floating dtype, got {alpha.dtype}")
+        raise TypeError(f"{op}: alpha must have a floating dtype, got {alpha.dtype}")
     for name, t in ((("alpha", alpha),) if alpha_given else ()) + (("prepared weights", prepared.w1),):
         if t.device != x.device:
-            raise ValueError(f"{OP}: {name} is on {t.device} but x is on {x.device}; all must be on one device")
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; all must be on one device")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E):
-        raise ValueError(f"{OP}: top_k must be an int in [1, E={E}], got {top_k!r}")
+        raise ValueError(f"{op}: top_k must be an int in [1, E={E}], got {top_k!r}")
     if expert_ids is not None and not isinstance(expert_ids, torch.Tensor):
-        raise ValueError(f"{OP}: expert_ids must be a [k] or [M, k] integer tensor, got {type(expert_ids).__name__}")
+        raise ValueError(f"{op}: expert_ids must be a [k] or [M, k] integer tensor, got {type(expert_ids).__name__}")
     per_token = expert_ids is not None and expert_ids.dim() == 2 and expert_ids.shape[0] == M
     if per_token and top_k is not None and top_k != expert_ids.shape[1]:
-        raise ValueError(f"{OP}: top_k={top_k} but expert_ids has k={expert_ids.shape[1]} slots per token")
+        raise ValueError(f"{op}: top_k={top_k} but expert_ids has k={expert_ids.shape[1]} slots per token")
     if topk_weights is not None and not per_token:
-        raise ValueError(f"{OP}: topk_weights needs expert_ids [M={M}, k] beside it")
+        raise ValueError(f"{op}: topk_weights needs expert_ids [M={M}, k] beside it")
     k = expert_ids.shape[1] if per_token else (top_k or rule.DEFAULT_TOP_K)
     routed_blocker = None if per_token else "it needs the top-k ids: expert_ids [M, k]"
-    how = rule.resolve(OP, strategy, skip, M, E, top_k=k, routed_blocker=routed_blocker,
+    how = rule.resolve(op, strategy, skip, M, E, top_k=k, routed_blocker=routed_blocker,
                        problem=problem_of(x, prepared, k), device=x.device)
     if how == "routed":
         if topk_weights is None:
             topk_weights = alpha.float().gather(1, expert_ids.long())
-        out = routed_experts(x, prepared, expert_ids, topk_weights, x_quant=x_quant)
-        return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
+        return Fc2Columns(op, RoutedStages(x, prepared, expert_ids, topk_weights, x_quant=x_quant), H,
+                          prepared.block or 1, how)
     skip = how == "skip"
     alpha = alpha.float() if alpha_given else alpha_from_topk(expert_ids, topk_weights.float(), E)
     if x_quant is not None:
         if prepared.dtype != FP8:
-            raise ValueError(f"{OP}: x_quant is for fp8 weights; these are {prepared.dtype}")
+            raise ValueError(f"{op}: x_quant is for fp8 weights; these are {prepared.dtype}")
         x8, sx = x_quant
         want = (M, H // prepared.block) if prepared.block else (M,)
         if x8.shape != x.shape or x8.dtype != FP8 or tuple(sx.shape) != want:
-            raise ValueError(f"{OP}: x_quant must be (x8 [M, H] fp8, sx {list(want)}) for x {tuple(x.shape)}"
+            raise ValueError(f"{op}: x_quant must be (x8 [M, H] fp8, sx {list(want)}) for x {tuple(x.shape)}"
                              f"{' (block-scaled weights: quantize_per_token_group(x))' if prepared.block else ''}, "
                              f"got {tuple(x8.shape)} {x8.dtype}, {tuple(sx.shape)}")
     ids = None
     if expert_ids is not None:
         if expert_ids.dim() not in (1, 2):
-            raise ValueError(f"{OP}: expert_ids must be a [k] or [M, k] integer tensor, got "
+            raise ValueError(f"{op}: expert_ids must be a [k] or [M, k] integer tensor, got "
                              f"{tuple(expert_ids.shape) if isinstance(expert_ids, torch.Tensor) else type(expert_ids).__name__}")
         if skip and M == 1:
-            ids = v.expert_ids(OP, expert_ids, M, E, skip, x.device)
-    if prepared.block:  # 128 x 128 block-scaled weights: x in 1 x 128 groups, both scales per k-step
-        x8, sg = quantize_per_token_group(x, prepared.block) if x_quant is None else x_quant
+            ids = v.expert_ids(op, expert_ids, M, E, skip, x.device)
+    w2, b = prepared.w2, prepared.block  # FC2 below: output columns [h0, h1) = w2's rows h0..h1 (views)
+    if b:  # 128 x 128 block-scaled weights: x in 1 x 128 groups, both scales per k-step
+        x8, sg = quantize_per_token_group(x, b) if x_quant is None else x_quant
         y = fc1(x8, prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False, expert_ids=ids,
                 x_group_scale=sg, w_block_scale=prepared.w1_block_scale)
         y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
-        out = fc2(y8, prepared.w2, alpha2, skip=skip, expert_ids=ids, w_block_scale=prepared.w2_block_scale)
+
+        def run(h0, h1):
+            return fc2(y8, w2[h0:h1], alpha2, skip=skip, expert_ids=ids,
+                       w_block_scale=prepared.w2_block_scale[h0 // b:h1 // b])
     elif prepared.dtype == FP8:
         x8, sx = quantize_per_token(x) if x_quant is None else x_quant
         if rule.quantize_y_in_fc1(prepared.inter):  # one FC1 tile holds all of I: quantise in its epilogue
             y8, ys = fc1_fp8_dynamic(x8, prepared.w1, prepared.alpha1, x_scale=sx)
-            out = fc2(y8, prepared.w2, alpha * ys * prepared.w2_scale[None, :], skip=skip)
+            alpha2, ids2 = alpha * ys * prepared.w2_scale[None, :], None
         else:
             # the quantisation reads only picked segments: FC1 need not zero the others
             y = fc1(x8, prepared.w1, prepared.alpha1, x_scale=sx, routing=alpha, skip=skip, fill_unpicked=False,
                     expert_ids=ids)
-            y8, alpha2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale)
-            out = fc2(y8, prepared.w2, alpha2, skip=skip, expert_ids=ids)
+            (y8, alpha2), ids2 = quantize_y_fold_alpha(y, alpha, prepared.w2_scale), ids
+
+        def run(h0, h1):
+            return fc2(y8, w2[h0:h1], alpha2, skip=skip, expert_ids=ids2)
     else:
         # FC2 (same skip rule) never reads the experts a tile did not pick; FC1 need not zero them
         y = fc1(x.to(torch.bfloat16), prepared.w1, prepared.alpha1, routing=alpha, skip=skip, fill_unpicked=False,
                 expert_ids=ids)
-        if skip:  # w2's scale in the kernel (no launch for alpha * w2_scale)
-            out = fc2(y, prepared.w2, alpha, skip=True, w_scale=prepared.w2_scale, expert_ids=ids)
-        else:  # in the dense loop a per-k-tile load of w_scale costs more than this multiply
-            out = fc2(y, prepared.w2, alpha * prepared.w2_scale[None, :], skip=False)
-    return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
+        # skipping: w2's scale in the kernel (no launch for alpha * w2_scale); in the dense loop a
+        # per-k-tile load of w_scale costs more than this multiply
+        alpha2 = alpha if skip else alpha * prepared.w2_scale[None, :]
+
+        def run(h0, h1):
+            return fc2(y, w2[h0:h1], alpha2, skip=skip, w_scale=prepared.w2_scale if skip else None, expert_ids=ids)
+
+    def cast(h0, h1):
+        out = run(h0, h1)
+        return out.to(x.dtype) if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else out
+
+    return Fc2Columns(op, cast, H, b or 1, how)

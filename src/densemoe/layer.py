@@ -30,14 +30,16 @@ class DenseMoE(nn.Module):
     Sharded (``densemoe.parallel``): ``tp_group`` / ``ep_group`` say how ``prepared`` was cut
     (``parallel.shard_weights``: this rank's intermediate columns / experts); ``gate_weight``
     stays whole ([E, H], E over all ranks); each call routes globally, runs the rank's share and
-    sums the partial outputs over the groups."""
+    sums the partial outputs over the groups; ``reduce_pieces`` > 1 runs FC2 in that many pieces
+    of the output columns and sums each piece while the next one's FC2 runs (default 1: not yet
+    measured on several GPUs, docs/parallel.md)."""
 
     def __init__(self, prepared: PreparedWeights, gate_weight: torch.Tensor, top_k: int, *,
                  router: str = "softmax", renormalize: bool = True, logits_fp32: bool = False,
                  n_group: int = 1, topk_group: int = 1, e_score_correction_bias: torch.Tensor | None = None,
                  routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True,
                  shared_experts: nn.Module | None = None, skip: bool | None = None,
-                 strategy: str | None = None, tp_group=None, ep_group=None):
+                 strategy: str | None = None, tp_group=None, ep_group=None, reduce_pieces: int = 1):
         super().__init__()
         if not isinstance(prepared, PreparedWeights):
             raise TypeError(f"DenseMoE: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) "
@@ -53,7 +55,11 @@ class DenseMoE(nn.Module):
         if tuple(gate_weight.shape) != (E, prepared.hidden):
             raise ValueError(f"DenseMoE: gate_weight must be [E, H] = [{E}, {prepared.hidden}]"
                              f"{' (E over all of ep_group)' if shard.ep_size > 1 else ''}, got {tuple(gate_weight.shape)}")
+        from densemoe.parallel import cuts
+
+        cuts(prepared.hidden, reduce_pieces, prepared.block or 1, where="DenseMoE: reduce_pieces")  # here, not in forward
         self.tp_group, self.ep_group, self.num_experts = tp_group, ep_group, E
+        self.reduce_pieces = reduce_pieces
         self.prepared = prepared
         self.register_buffer("gate_weight", gate_weight.detach().clone())
         if e_score_correction_bias is not None:
@@ -91,7 +97,7 @@ class DenseMoE(nn.Module):
 
             route = self.route(x)
             out = sharded_experts(x, self.prepared, route.topk_ids, route.topk_weights, num_experts=self.num_experts,
-                                  tp_group=self.tp_group, ep_group=self.ep_group,
+                                  tp_group=self.tp_group, ep_group=self.ep_group, pieces=self.reduce_pieces,
                                   strategy=self.strategy if self.skip is None else ("skip" if self.skip else "dense")
                                   ).reshape(shape)
             return out + self.shared_experts(hidden_states) if self.shared_experts is not None else out
@@ -106,11 +112,13 @@ class DenseMoE(nn.Module):
         return out
 
     @classmethod
-    def from_hf(cls, block: nn.Module, dtype: str = "fp8", *, tp_group=None, ep_group=None) -> "DenseMoE":
+    def from_hf(cls, block: nn.Module, dtype: str = "fp8", *, tp_group=None, ep_group=None,
+                reduce_pieces: int = 1) -> "DenseMoE":
         """From transformers' ``MixtralSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock`` or
         ``DeepseekV3MoE`` (5.x): routed experts through densemoe, the block's shared experts
         (DeepSeek-V3) kept as they are. ``dtype``: "fp8" or "bf16" kernels. ``tp_group`` /
         ``ep_group``: keep this rank's share of the experts (``densemoe.parallel``); the shared
-        experts are not cut."""
+        experts are not cut; ``reduce_pieces`` as in the constructor."""
         prepared, gate_weight, top_k, kwargs = hf.layer_args(block, dtype, tp_group=tp_group, ep_group=ep_group)
-        return cls(prepared, gate_weight, top_k, tp_group=tp_group, ep_group=ep_group, **kwargs)
+        return cls(prepared, gate_weight, top_k, tp_group=tp_group, ep_group=ep_group, reduce_pieces=reduce_pieces,
+                   **kwargs)

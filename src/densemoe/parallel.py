@@ -19,11 +19,10 @@ over ranks is then exact to fp32's order), cast to x's dtype at the end.
 ``reduce="reduce_scatter"`` returns this rank's slice of the tokens instead (rows
 [r*M/n, (r+1)*M/n) of the tp group's n ranks; M padded to a multiple of n inside).
 
-Not here yet: the reduction under the GEMMs. Cutting the tokens into pieces would let each
-piece's sum run under the next piece's GEMMs, but every piece reads all the rank's expert
-weights again: at DeepSeek-V3 TP8 four pieces of M = 1024 take about 4 x 540 us where M = 4096
-takes 1260 (the H200 layer benchmark), so that is slower at every M. The overlap that pays cuts
-FC2's output columns (its weights are read once either way): docs/usage.md, "Sharding".
+The reduction under the GEMMs (``pieces``): FC1 once, then FC2 by output columns, each
+piece's sum issued asynchronously before the next piece's FC2 (w2's rows are read once in all).
+Cutting the tokens instead would re-read every weight per piece: at DeepSeek-V3 TP8 four pieces
+of M = 1024 take about 4 x 540 us where M = 4096 takes 1260 (the H200 layer benchmark).
 
 ``shard_weights`` cuts checkpoint weights (and their scales) for ``prepare_weights``;
 ``sharded_experts`` runs a rank's share; ``DenseMoE(..., tp_group=, ep_group=)`` and
@@ -126,20 +125,30 @@ def shard_weights(w13: torch.Tensor, w2: torch.Tensor, *, tp_group=None, ep_grou
 def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                     num_experts: int, tp_group=None, ep_group=None, strategy: str | None = None,
                     reduce: str = "all_reduce", reduce_dtype: torch.dtype = torch.float32,
-                    shard: Shard | None = None) -> torch.Tensor:
+                    pieces: int = 1, shard: Shard | None = None, simulate_reduce=None) -> torch.Tensor:
     """This rank's share of the routed experts, summed over ``tp_group`` and ``ep_group`` (module
     docstring). ``prepared``: ``prepare_weights`` of ``shard_weights``' share; ``num_experts``:
     the global E (``topk_ids`` are in [0, E)); ``strategy``: forced, or None (the rule, on the
     rank's E / ep experts); returns [M, H] in x's dtype ([M / tp rows] with reduce_scatter).
+
+    ``pieces`` > 1: FC1 once, then FC2 in that many pieces of the output columns (``cuts``), each
+    piece's reduction issued asynchronously as soon as its FC2 is issued, so that it runs while
+    the next piece's FC2 does (w2's rows are read once over the pieces). Same sums, same result
+    up to FC2's own summation order per piece.
+
     ``shard`` instead of the groups: where this rank sits, with no collective (the rank's
-    partial output alone, [M, H]: one rank simulated on one GPU, ``bench/sharded_sim.py``)."""
-    from densemoe.experts import experts_forward
+    partial output alone, [M, H]: one rank simulated on one GPU, ``bench/sharded_sim.py``).
+    ``simulate_reduce`` (with ``shard``): called with each piece's partial where its reduction
+    would be issued, returns an object with ``wait()`` (the benchmark's stand-in for NCCL)."""
+    from densemoe.experts import experts_stages
     from densemoe.ops import strategy as rule
     from densemoe.routing import alpha_from_topk
 
     op = "sharded_experts"
     if shard is not None and (tp_group is not None or ep_group is not None):
         raise ValueError(f"{op}: give the groups or a shard (a simulated rank, no collective), not both")
+    if simulate_reduce is not None and shard is None:
+        raise ValueError(f"{op}: simulate_reduce stands in for the collective of a simulated rank (shard=)")
     simulated = shard is not None
     shard = shard or Shard.of(tp_group, ep_group)
     e_local = prepared.num_experts
@@ -152,17 +161,17 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
         raise ValueError(f"{op}: reduce_dtype must be float32, bfloat16 or float16, got {reduce_dtype}")
     if not (isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 and topk_ids.shape[0] == x.shape[0]):
         raise ValueError(f"{op}: topk_ids must be [M={x.shape[0]}, k]")
+    H = x.shape[1]
+    spans = cuts(H, pieces, prepared.block or 1)
     M, k = topk_ids.shape
     e0 = shard.ep_rank * e_local
     # the rule sees the rank's experts and about k * (E/ep) / E of a token's picks among them
     k_local = max(1, min(e_local, -(-k // shard.ep_size)))
     how = rule.resolve(op, strategy, None, M, e_local, top_k=k_local)
-    out_rows = M
-    n_tp = shard.tp_size if reduce == "reduce_scatter" else 1
-    if n_tp > 1 and M % n_tp:
-        out_rows = M + n_tp - M % n_tp  # padded with zero rows: each rank's slice is whole
-    partial = torch.zeros((out_rows, x.shape[1]), dtype=reduce_dtype, device=x.device)
-    xr = x.float() if reduce_dtype == torch.float32 else x  # a float32 x: experts_forward returns float32
+    n_tp = shard.tp_size if reduce == "reduce_scatter" and not simulated else 1
+    out_rows = M if M % n_tp == 0 else M + n_tp - M % n_tp  # padded with zero rows: each rank's slice is whole
+    xr = x.float() if reduce_dtype == torch.float32 else x  # a float32 x: the FC2 pieces come back in float32
+    cols = None
     if M:
         if how == "routed":  # the other ranks' experts: id -1, dropped
             ids = topk_ids.long()
@@ -171,25 +180,98 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
             if k > e_local:  # at most E/ep of a token's k distinct picks are this rank's: keep those slots
                 keep = torch.argsort((ids_local < 0).to(torch.int8), dim=1, stable=True)[:, :e_local]
                 ids_local, wl = ids_local.gather(1, keep), wl.gather(1, keep)
-            part = experts_forward(xr, prepared, None, expert_ids=ids_local, topk_weights=wl, strategy="routed")
+            cols = experts_stages(xr, prepared, None, expert_ids=ids_local, topk_weights=wl, strategy="routed")
         else:  # alpha of the rank's experts only (no ids: the M = 1 walk would read -1)
             alpha = alpha_from_topk(topk_ids, topk_weights, num_experts)[:, e0:e0 + e_local]
-            part = experts_forward(xr, prepared, alpha, strategy=how, top_k=k_local)
-        partial[:M] = part.to(reduce_dtype)
-    if simulated:
-        return partial[:M].to(x.dtype)
-    if reduce == "all_reduce":
-        for g in (tp_group, ep_group):
-            if g is not None:
-                dist.all_reduce(partial, group=g)
-        return partial.to(x.dtype)
-    if ep_group is not None:
-        dist.all_reduce(partial, group=ep_group)
-    if tp_group is None:
-        return partial[:M].to(x.dtype)
-    rows = out_rows // n_tp
-    mine = torch.empty((rows, x.shape[1]), dtype=reduce_dtype, device=x.device)
-    dist.reduce_scatter_tensor(mine, partial, group=tp_group)
-    r0 = shard.tp_rank * rows
-    return mine[:max(0, min(rows, M - r0))].to(x.dtype)
+            cols = experts_stages(xr, prepared, alpha, strategy=how, top_k=k_local)
 
+    def partial(h0, h1):  # this rank's [out_rows, h1 - h0] in reduce_dtype, contiguous (what NCCL takes)
+        if out_rows == M and cols is not None:
+            return cols(h0, h1).to(reduce_dtype).contiguous()
+        buf = torch.zeros((out_rows, h1 - h0), dtype=reduce_dtype, device=x.device)
+        if cols is not None:
+            buf[:M] = cols(h0, h1)
+        return buf
+
+    if simulated:
+        parts, works = [], []
+        for h0, h1 in spans:
+            parts.append(partial(h0, h1))
+            if simulate_reduce is not None:
+                works.append(simulate_reduce(parts[-1]))
+        for w in works:
+            w.wait()
+        return _assemble(parts, spans, M, H, x.dtype)
+    groups = [g for g in (ep_group, tp_group if reduce == "all_reduce" else None) if g is not None]
+    scatter = tp_group if reduce == "reduce_scatter" else None
+    rows = out_rows // n_tp
+    flights = [_Flight(partial(h0, h1), groups, scatter, rows) for h0, h1 in spans[:1]]
+    for h0, h1 in spans[1:]:
+        buf = partial(h0, h1)  # this piece's FC2 is issued before the earlier pieces' next steps
+        for f in flights:
+            f.advance()
+        flights.append(_Flight(buf, groups, scatter, rows))
+    parts = [f.result() for f in flights]
+    if scatter is None:
+        return _assemble(parts, spans, M, H, x.dtype)
+    r0 = shard.tp_rank * rows
+    return _assemble(parts, spans, max(0, min(rows, M - r0)), H, x.dtype)
+
+
+def cuts(hidden: int, pieces: int, unit: int = 1, *, where: str = "sharded_experts: pieces") -> list[tuple[int, int]]:
+    """``pieces`` column spans [h0, h1) covering [0, hidden), as even as whole ``unit``s allow (the
+    weights' scale block for block-scaled fp8); a ValueError naming ``where`` for a count that
+    cannot be cut so."""
+    if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1:
+        raise ValueError(f"{where} must be a positive int, got {pieces!r}")
+    units = -(-hidden // unit)
+    if pieces > units:
+        raise ValueError(f"{where}={pieces} is more than the {units} column pieces "
+                         f"{f'of {unit} ' if unit > 1 else ''}that H = {hidden} holds")
+    bounds = [min(hidden, (units * j // pieces) * unit) for j in range(pieces + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+class _Flight:
+    """One piece's reduction in flight: all-reduces over ``groups`` in turn, then (``scatter``)
+    a reduce-scatter of its rows over the tensor-parallel group, each issued asynchronously;
+    ``advance`` issues the next step once the current one is done, ``result`` finishes."""
+
+    def __init__(self, buf: torch.Tensor, groups: list, scatter, rows: int):
+        self.buf, self.steps, self.work = buf, list(groups) + ([("scatter", scatter)] if scatter is not None else []), None
+        self.rows = rows
+        self.advance()
+
+    def advance(self) -> None:
+        if self.work is not None:
+            if not self.steps:
+                return
+            self.work.wait()  # (NCCL: the current stream waits; no host sync)
+            self.work = None
+        if not self.steps:
+            return
+        step = self.steps.pop(0)
+        if isinstance(step, tuple):
+            mine = torch.empty((self.rows, self.buf.shape[1]), dtype=self.buf.dtype, device=self.buf.device)
+            self.work = dist.reduce_scatter_tensor(mine, self.buf, group=step[1], async_op=True)
+            self.buf = mine
+        else:
+            self.work = dist.all_reduce(self.buf, group=step, async_op=True)
+
+    def result(self) -> torch.Tensor:
+        while self.steps:
+            self.advance()
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.buf
+
+
+def _assemble(parts: list, spans: list, rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """The pieces' first ``rows`` rows side by side, in ``dtype`` (one pass)."""
+    if len(parts) == 1:
+        return parts[0][:rows].to(dtype)
+    out = torch.empty((rows, hidden), dtype=dtype, device=parts[0].device)
+    for part, (h0, h1) in zip(parts, spans):
+        out[:, h0:h1] = part[:rows]
+    return out

@@ -50,15 +50,9 @@ def _(topk_ids, num_experts, sorted_pairs, offsets):
     return None
 
 
-@torch.library.custom_op("densemoe::routed_experts", mutates_args=("out",))
-def _routed_op(x: torch.Tensor, x_scale: torch.Tensor | None, w1: torch.Tensor, alpha1: torch.Tensor,
-               w2: torch.Tensor, w2_scale: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-               out: torch.Tensor, config: str, w1_block_scale: torch.Tensor | None = None,
-               w2_block_scale: torch.Tensor | None = None) -> None:
+def _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg: RoutedConfig, w1_block_scale=None):
+    """The schedule and grouped FC1: (sorted_pairs, offsets, y [M*k, I], ys or None)."""
     M, k = topk_ids.shape
-    block = BLOCK if w1_block_scale is not None else 0
-    cfg = (RoutedConfig.from_str(config) if config else
-           routed_configs.choose(_problem(x, w1, alpha1, k, out.dtype, block), x.device).config)
     P = M * k
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
@@ -73,16 +67,38 @@ def _routed_op(x: torch.Tensor, x_scale: torch.Tensor | None, w1: torch.Tensor, 
         y = torch.empty((P, I), dtype=torch.bfloat16, device=dev)
         ys = None
     kern.fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, ys, k, cfg, w_block_scale=w1_block_scale)
+    return sorted_pairs, offsets, y, ys
+
+
+def _fc2_stage(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_ids, topk_weights, out, cfg: RoutedConfig,
+               w2_block_scale=None) -> None:
+    """Grouped FC2 and the combine into out [M, N] for w2's N rows (all of H, or a column piece
+    of the output: ``RoutedStages``)."""
+    M, k = topk_ids.shape
+    dev = y.device
     if cfg.atomic_combine:  # the pairs add into fp32 token rows; one cast to out's dtype
         acc = torch.zeros((M, w2.shape[0]), dtype=torch.float32, device=dev)
         kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, acc, cfg.fc1_block_i, cfg, k,
                         w_block_scale=w2_block_scale)
         out.copy_(acc)
     else:  # each pair's row, then each token's k rows summed in slot order (deterministic)
-        rows = torch.empty((P, w2.shape[0]), dtype=torch.bfloat16, device=dev)
+        rows = torch.empty((M * k, w2.shape[0]), dtype=torch.bfloat16, device=dev)
         kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, cfg.fc1_block_i, cfg, k,
                         w_block_scale=w2_block_scale)
-        kern.combine_launch(rows, topk_ids, out, E)
+        kern.combine_launch(rows, topk_ids, out, w2_scale.shape[0])
+
+
+@torch.library.custom_op("densemoe::routed_experts", mutates_args=("out",))
+def _routed_op(x: torch.Tensor, x_scale: torch.Tensor | None, w1: torch.Tensor, alpha1: torch.Tensor,
+               w2: torch.Tensor, w2_scale: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               out: torch.Tensor, config: str, w1_block_scale: torch.Tensor | None = None,
+               w2_block_scale: torch.Tensor | None = None) -> None:
+    k = topk_ids.shape[1]
+    block = BLOCK if w1_block_scale is not None else 0
+    cfg = (RoutedConfig.from_str(config) if config else
+           routed_configs.choose(_problem(x, w1, alpha1, k, out.dtype, block), x.device).config)
+    sorted_pairs, offsets, y, ys = _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg, w1_block_scale)
+    _fc2_stage(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_ids, topk_weights, out, cfg, w2_block_scale)
 
 
 @_routed_op.register_fake
@@ -149,6 +165,16 @@ def routed_experts(x: torch.Tensor, prepared: PreparedWeights, topk_ids: torch.T
     Returns [M, H] in x's dtype (bf16 for fp8 x). Bad input raises TypeError / ValueError
     naming the argument.
     """
+    return RoutedStages(x, prepared, topk_ids, topk_weights, config=config, x_quant=x_quant)()
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in _OUT_DTYPES else torch.bfloat16
+
+
+def _inputs(x, prepared, topk_ids, topk_weights, config, x_quant):
+    """``routed_experts``' checks; (x8 or bf16 x, its scales, topk_ids, float32 topk_weights)
+    as the kernels take them (x None for M = 0)."""
     if not isinstance(prepared, PreparedWeights):
         raise TypeError(f"{OP}: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) "
                         f"returns, got {type(prepared).__name__}")
@@ -166,10 +192,8 @@ def routed_experts(x: torch.Tensor, prepared: PreparedWeights, topk_ids: torch.T
     k = topk_ids.shape[1]
     if config is not None:  # checked here; unpinned calls choose inside the op (a file read)
         routed_configs.choose(problem_of(x, prepared, k), dev, config=config)
-    out_dtype = x.dtype if x.dtype in _OUT_DTYPES else torch.bfloat16
-    out = torch.empty((M, H), dtype=out_dtype, device=dev)
     if M == 0:
-        return out
+        return None, None, topk_ids, topk_weights
     if prepared.block:  # block-scaled weights: x in 1 x 128 groups (DeepSeek-V3's activations)
         if x_quant is not None:
             xq, sx = x_quant
@@ -197,10 +221,55 @@ def routed_experts(x: torch.Tensor, prepared: PreparedWeights, topk_ids: torch.T
         if x_quant is not None:
             raise ValueError(f"{OP}: x_quant is for fp8 weights; these are {prepared.dtype}")
         xq, sx = x.to(torch.bfloat16).contiguous(), None
-    _routed_op(xq.contiguous(), sx, prepared.w1, prepared.alpha1, prepared.w2, prepared.w2_scale, topk_ids,
-               topk_weights, out, config.to_str() if config is not None else "", prepared.w1_block_scale,
-               prepared.w2_block_scale)
-    return out
+    return xq.contiguous(), sx, topk_ids, topk_weights
+
+
+
+
+class RoutedStages:
+    """A routed call that can run FC2 by output columns: the inputs are checked and quantised at
+    construction; a call returns output columns [h0, h1). The whole output runs as
+    ``routed_experts`` does (one custom op: what torch.compile sees). A piece runs the schedule
+    and FC1 at the first piece, then FC2 and the combine for w2's rows h0..h1 only (a view: the
+    weights are read once over all pieces); ``densemoe.parallel`` reduces each piece while the
+    next one's FC2 runs."""
+
+    def __init__(self, x, prepared: PreparedWeights, topk_ids, topk_weights, *, config: RoutedConfig | None = None,
+                 x_quant=None):
+        self._xq, self._sx, self._ids, self._wts = _inputs(x, prepared, topk_ids, topk_weights, config, x_quant)
+        self._p, self._x, self._config = prepared, x, config
+        self._out_dtype, self._m = _out_dtype(x), x.shape[0]
+        self.hidden, self.unit = prepared.hidden, prepared.block or 1
+        self._fc1 = None
+
+    def __call__(self, h0: int = 0, h1: int | None = None) -> torch.Tensor:
+        """Output columns [h0, h1) (multiples of ``unit``: 128 for block-scaled weights), [M, h1 - h0]."""
+        h1 = self.hidden if h1 is None else h1
+        check_columns(OP, h0, h1, self.hidden, self.unit)
+        p = self._p
+        out = torch.empty((self._m, h1 - h0), dtype=self._out_dtype, device=p.w1.device)
+        if self._xq is None or h1 == h0:
+            return out
+        if (h0, h1) == (0, self.hidden) and self._fc1 is None:
+            _routed_op(self._xq, self._sx, p.w1, p.alpha1, p.w2, p.w2_scale, self._ids, self._wts, out,
+                       self._config.to_str() if self._config is not None else "", p.w1_block_scale, p.w2_block_scale)
+            return out
+        if self._fc1 is None:
+            cfg = self._config or routed_configs.choose(problem_of(self._x, p, self._ids.shape[1]), self._xq.device).config
+            self._fc1 = cfg, _fc1_stage(self._xq, self._sx, p.w1, p.alpha1, self._ids, cfg, p.w1_block_scale)
+        cfg, (sorted_pairs, offsets, y, ys) = self._fc1
+        b = p.block
+        _fc2_stage(y, ys, p.w2[h0:h1], p.w2_scale, sorted_pairs, offsets, self._ids, self._wts, out, cfg,
+                   p.w2_block_scale[h0 // b:h1 // b] if b else None)
+        return out
+
+
+def check_columns(op: str, h0, h1, hidden: int, unit: int) -> None:
+    """A ValueError unless 0 <= h0 <= h1 <= hidden are ints on multiples of ``unit`` (or h1 = hidden)."""
+    ok = all(isinstance(h, int) and not isinstance(h, bool) for h in (h0, h1)) and 0 <= h0 <= h1 <= hidden
+    if not ok or h0 % unit or (h1 % unit and h1 != hidden):
+        raise ValueError(f"{op}: output columns [h0, h1) = [{h0!r}, {h1!r}) must satisfy 0 <= h0 <= h1 <= H = {hidden}"
+                         + (f" on multiples of {unit} (the weights' scale blocks)" if unit > 1 else ""))
 
 
 def moe_schedule(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
