@@ -63,3 +63,31 @@ def _local_links(path: Path):
 def test_links_resolve(path):
     broken = [t for t, p in _local_links(path) if not p.exists()]
     assert not broken, f"{path.relative_to(ROOT)}: links to missing files {broken}"
+
+
+def test_routed_md_budget_table_is_the_scripts_output(capsys, monkeypatch):
+    """docs/routed.md's per-launch bounds are what bench/routed_budget.py prints from the
+    committed H200 log; the pipeline floors the text argues from are in it."""
+    import runpy
+    import sys
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["routed_budget.py"])
+    runpy.run_path(str(ROOT / "bench" / "routed_budget.py"), run_name="__main__")
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    routed = (ROOT / "docs" / "routed.md").read_text()
+    assert "\n".join(table) in routed, "docs/routed.md's budget table is stale: paste `python bench/routed_budget.py`"
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from routed_budget import SHAPES, STAGES, least_bytes
+    finally:
+        sys.path.pop(0)
+
+    def floor(shape, M):
+        sh = SHAPES[shape]
+        b, P = least_bytes(M, **sh), M * sh["k"]
+        fl = dict(fc1=4 * P * sh["I"] * sh["H"], fc2=2 * P * sh["H"] * sh["I"])
+        return sum(max(b[s] / 4.57e6, fl.get(s, 0) / 1333e6) for s in STAGES)
+
+    assert round(floor("deepseek-v3-tp8", 4096)) == 556 and "pipeline's floor is 556 us" in routed
+    assert round(floor("qwen3-30b-a3b", 4096)) == 272 and "floor\n  there is 272 us" in routed
