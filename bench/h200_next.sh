@@ -25,6 +25,9 @@
 #     ~0.3 MB);
 #   - bf16 benchmarks (NO_SUITE=1 DTYPES=bf16 bash bench/routed_gpu.sh), FC1/FC2 tuning
 #     (OPS="fc2 fc1" bash bench/tune_h200.sh).
+# On a machine of several GPUs (issue 23; only if status lists one): SUITE_PATHS=tests/test_parallel.py
+# gpu_suite 300 (the NCCL test on every GPU), then python3 bench/sharded_gpu.py --out $OUT/sharded_<kind>
+# (keep NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 as the machine sets them).
 set -uo pipefail
 source bench/device_env.sh
 commit=${1:-unknown}

@@ -16,20 +16,22 @@ BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
 E, I, H, K = 8, 128, 64, 2  # I = 128: four ranks of TP hold 32 columns each
 
 
-def _weights(seed=0):
+def _weights(seed=0, dims=(E, I, H, K)):
+    e, i, h, _ = dims
     g = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(E, 2 * I, H, generator=g) * H ** -0.5
-    w2 = torch.randn(E, H, I, generator=g) * I ** -0.5
-    gate = torch.randn(E, H, generator=g) * H ** -0.5
+    w13 = torch.randn(e, 2 * i, h, generator=g) * h ** -0.5
+    w2 = torch.randn(e, h, i, generator=g) * i ** -0.5
+    gate = torch.randn(e, h, generator=g) * h ** -0.5
     return w13, w2, gate
 
 
-def _routing(M, seed):
+def _routing(M, seed, dims=(E, I, H, K), device="cpu"):
+    e, _, h, k = dims
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, H, generator=g).to(BF16)
-    ids = torch.rand(M, E, generator=g).topk(K, dim=1).indices
-    wts = torch.softmax(torch.randn(M, K, generator=g), dim=1)
-    return x, ids, wts
+    x = torch.randn(M, h, generator=g).to(BF16)
+    ids = torch.rand(M, e, generator=g).topk(k, dim=1).indices
+    wts = torch.softmax(torch.randn(M, k, generator=g), dim=1)
+    return x.to(device), ids.to(device), wts.to(device)
 
 
 def _rel(a, b):
@@ -37,10 +39,11 @@ def _rel(a, b):
 
 
 def _exact(x, w13, w2, ids, wts):
-    x, w13, w2 = x.double(), w13.double(), w2.double()
+    x, w13, w2 = x.double(), w13.double().to(x.device), w2.double().to(x.device)
+    i = w13.shape[1] // 2
     h = torch.einsum("mh,eih->mei", x, w13)
-    y = torch.nn.functional.silu(h[..., :I]) * h[..., I:]
-    alpha = torch.zeros(x.shape[0], E, dtype=torch.float64).scatter_(1, ids, wts.double())
+    y = torch.nn.functional.silu(h[..., :i]) * h[..., i:]
+    alpha = torch.zeros(x.shape[0], w13.shape[0], dtype=torch.float64, device=x.device).scatter_(1, ids, wts.double())
     return torch.einsum("me,mei,ehi->mh", alpha, y, w2)
 
 
@@ -54,75 +57,96 @@ def _same(got, want, x, w13, w2, ids, wts, dtype):
         assert _rel(got, ref) <= 1.25 * _rel(want, ref) + 1e-3, (_rel(got, ref), _rel(want, ref))
 
 
-def _worker(rank, world, path, layouts):
-    os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+def _worker(rank, world, path, layouts, backend="gloo", dims=(E, I, H, K), ms=(1, 7)):
+    """Every layout in ``layouts`` on this rank, against the unsharded layer: gloo on the CPU
+    through the interpreter, or NCCL with rank r on GPU r."""
+    if backend == "gloo":
+        os.environ["TRITON_INTERPRET"] = "1"
+        device = "cpu"
+    else:
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group(backend, init_method=f"file://{path}", rank=rank, world_size=world)
+    e_all = dims[0]
     try:
         import densemoe
         from densemoe.parallel import shard_weights, sharded_experts
 
+        half = world // 2
+        tp_members = [list(range(j, j + 2)) for j in range(0, world, 2)]  # TP pairs {0, 1}, {2, 3}, ...
+        ep_members = [list(range(j, world, 2)) for j in range(2)]  # EP over the pairs: {0, 2, ..}, {1, 3, ..}
         groups = {}
-        if world == 4:  # TP pairs {0, 1}, {2, 3}; EP pairs {0, 2}, {1, 3}: every rank makes every group
-            for members in ([0, 1], [2, 3], [0, 2], [1, 3], [0, 1, 2, 3]):
+        if world >= 4 and world % 2 == 0:  # every rank makes every group, in the same order
+            for members in tp_members + ep_members:
                 groups[tuple(members)] = dist.new_group(members)
-        w13, w2, gate = _weights()
+        w13, w2, gate = (t.to(device) for t in _weights(dims=dims))
         for layout in layouts:
             if layout == "tp":
                 tp, ep = dist.group.WORLD, None
             elif layout == "ep":
                 tp, ep = None, dist.group.WORLD
-            else:  # tp x ep on 4 ranks
-                tp = groups[(0, 1)] if rank < 2 else groups[(2, 3)]
-                ep = groups[(0, 2)] if rank % 2 == 0 else groups[(1, 3)]
+            else:  # tp (pairs) x ep (world / 2)
+                tp = groups[tuple(tp_members[rank // 2])]
+                ep = groups[tuple(ep_members[rank % 2])]
+                assert half == dist.get_world_size(ep)
             for dtype in ("bf16", "fp8"):
                 full = densemoe.prepare_weights(w13, w2, dtype=dtype)
                 a, b, sa, sb = shard_weights(w13, w2, tp_group=tp, ep_group=ep)
                 mine = densemoe.prepare_weights(a, b, dtype=dtype)
                 for strategy in (("skip", "dense", "routed") if dtype == "bf16" else ("dense", "routed")):
-                    for M in (1, 7):
-                        x, ids, wts = _routing(M, seed=10 * M + len(layout))
+                    for M in ms:
+                        x, ids, wts = _routing(M, seed=10 * M + len(layout), dims=dims, device=device)
                         want = densemoe.experts_forward(x, full, None, expert_ids=ids, topk_weights=wts, strategy=strategy)
-                        got = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep, strategy=strategy)
+                        got = sharded_experts(x, mine, ids, wts, num_experts=e_all, tp_group=tp, ep_group=ep,
+                                              strategy=strategy)
                         _same(got, want, x, w13, w2, ids, wts, dtype)
                         if M > 1:  # FC2 in 3 column pieces, each summed while the next runs: the same sums
-                            got3 = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep,
+                            got3 = sharded_experts(x, mine, ids, wts, num_experts=e_all, tp_group=tp, ep_group=ep,
                                                    strategy=strategy, pieces=3)
-                            assert torch.equal(got3, got), (layout, dtype, strategy)
-                x, ids, wts = _routing(9, seed=3)
+                            if backend == "gloo":
+                                assert torch.equal(got3, got), (layout, dtype, strategy)
+                            else:  # FC2's own order of sums may differ with its N
+                                _same(got3, want, x, w13, w2, ids, wts, dtype)
+                m9 = 9
+                x, ids, wts = _routing(m9, seed=3, dims=dims, device=device)
                 want = densemoe.experts_forward(x, full, None, expert_ids=ids, topk_weights=wts, strategy="routed")
                 if tp is not None:  # the tokens' sum scattered: this rank's rows of the tp group
                     n, r = dist.get_world_size(tp), dist.get_rank(tp)
-                    rows = -(-9 // n)
-                    got = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep,
+                    rows = -(-m9 // n)
+                    got = sharded_experts(x, mine, ids, wts, num_experts=e_all, tp_group=tp, ep_group=ep,
                                           strategy="routed", reduce="reduce_scatter")
                     part = want[r * rows:(r + 1) * rows]
                     assert got.shape == part.shape, (got.shape, part.shape)
-                    got2 = sharded_experts(x, mine, ids, wts, num_experts=E, tp_group=tp, ep_group=ep,
+                    got2 = sharded_experts(x, mine, ids, wts, num_experts=e_all, tp_group=tp, ep_group=ep,
                                            strategy="routed", reduce="reduce_scatter", pieces=2)
-                    assert torch.equal(got2, got)
-                    _same(got, part, x[r * rows:(r + 1) * rows], w13, w2, ids[r * rows:(r + 1) * rows],
-                          wts[r * rows:(r + 1) * rows], dtype)
+                    if backend == "gloo":
+                        assert torch.equal(got2, got)
+                    sl = slice(r * rows, (r + 1) * rows)
+                    for g in (got, got2):
+                        _same(g, part, x[sl], w13, w2, ids[sl], wts[sl], dtype)
             # the whole layer: DenseMoE with its router, as the unsharded one
-            whole = densemoe.DenseMoE(densemoe.prepare_weights(w13, w2, dtype="bf16"), gate, K)
+            whole = densemoe.DenseMoE(densemoe.prepare_weights(w13, w2, dtype="bf16"), gate, dims[3])
             a, b, _, _ = shard_weights(w13, w2, tp_group=tp, ep_group=ep)
-            part = densemoe.DenseMoE(densemoe.prepare_weights(a, b, dtype="bf16"), gate, K, tp_group=tp, ep_group=ep)
-            x, ids, wts = _routing(6, seed=5)
-            torch.testing.assert_close(part(x).float(), whole(x).float(), rtol=2 ** -7,
-                                       atol=2 ** -8 * whole(x).float().abs().max().item())
-            part.reduce_pieces = 2
-            torch.testing.assert_close(part(x).float(), whole(x).float(), rtol=2 ** -7,
-                                       atol=2 ** -8 * whole(x).float().abs().max().item())
+            part = densemoe.DenseMoE(densemoe.prepare_weights(a, b, dtype="bf16"), gate, dims[3], tp_group=tp,
+                                     ep_group=ep)
+            x, ids, wts = _routing(6, seed=5, dims=dims, device=device)
+            for pieces in (1, 2):
+                part.reduce_pieces = pieces
+                torch.testing.assert_close(part(x).float(), whole(x).float(), rtol=2 ** -7,
+                                           atol=2 ** -8 * whole(x).float().abs().max().item())
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world, layouts, deadline_s=600):
+def _spawn(world, layouts, deadline_s=600, **kw):
     """Run the workers; a worker's exception fails the test, and a hang (a collective some rank
     never joins) is killed after ``deadline_s`` instead of holding CI."""
     import time
 
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.spawn(_worker, args=(world, os.path.join(d, "rdzv"), layouts), nprocs=world, join=False)
+        args = (world, os.path.join(d, "rdzv"), layouts, kw.get("backend", "gloo"), kw.get("dims", (E, I, H, K)),
+                kw.get("ms", (1, 7)))
+        ctx = mp.spawn(_worker, args=args, nprocs=world, join=False)
         end = time.monotonic() + deadline_s
         while not ctx.join(timeout=5):
             if time.monotonic() > end:
@@ -139,6 +163,19 @@ def test_tp_and_ep_on_two_ranks():
 @pytest.mark.interpreter
 def test_tp_by_ep_on_four_ranks():
     _spawn(4, ("tp_ep",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
+                    or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="needs 2 or more CUDA GPUs (NCCL) and TRITON_INTERPRET unset")
+def test_sharded_layer_on_every_gpu_with_nccl():
+    """Issue 23's suite part: the sharded layer over NCCL on every GPU of the machine (rank r on
+    GPU r), tensor parallel, expert parallel and, from 4 GPUs, both; E = 16, I = 256 so that 8
+    ranks still hold 32 columns or 2 experts each; ragged M up to 1000."""
+    world = torch.cuda.device_count()
+    layouts = ("tp", "ep") + (("tp_ep",) if world >= 4 and world % 2 == 0 else ())
+    _spawn(world, layouts, deadline_s=900, backend="nccl", dims=(16, 256, 256, 4), ms=(1, 7, 100, 1000))
 
 
 def test_bad_cuts_are_refused_by_name():
@@ -261,3 +298,20 @@ def test_a_simulated_rank_issues_each_piece_before_the_next_fc2(strategy):
         sharded_experts(x, mine, ids, wts, num_experts=E, strategy=strategy, simulate_reduce=_Recorded([]))
     with pytest.raises(ValueError, match=r"DenseMoE: reduce_pieces=65 is more than the 64 column pieces"):
         densemoe.DenseMoE(mine, torch.randn(E, H), K, reduce_pieces=65)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("script", ["sharded_sim.py", "sharded_gpu.py"])
+def test_the_sharded_benchmarks_check_themselves_on_the_cpu(script):
+    """The GPU benchmarks of issues 22 and 23 run their checks on tiny shapes through the
+    interpreter (sharded_gpu.py on 2 gloo ranks), so a device call does not find their bugs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(root / "bench" / script), "--check"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "M=7" in r.stdout

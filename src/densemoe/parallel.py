@@ -232,6 +232,13 @@ def cuts(hidden: int, pieces: int, unit: int = 1, *, where: str = "sharded_exper
     return list(zip(bounds, bounds[1:]))
 
 
+def _reduce_scatter(output, input, group, async_op):
+    """torch.distributed's reduce-scatter of one tensor: ``reduce_scatter_single`` where torch has it
+    (2.13 deprecates ``reduce_scatter_tensor``), else ``reduce_scatter_tensor`` (2.11)."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)
+
+
 class _Flight:
     """One piece's reduction in flight: all-reduces over ``groups`` in turn, then (``scatter``)
     a reduce-scatter of its rows over the tensor-parallel group, each issued asynchronously;
@@ -253,7 +260,7 @@ class _Flight:
         step = self.steps.pop(0)
         if isinstance(step, tuple):
             mine = torch.empty((self.rows, self.buf.shape[1]), dtype=self.buf.dtype, device=self.buf.device)
-            self.work = dist.reduce_scatter_tensor(mine, self.buf, group=step[1], async_op=True)
+            self.work = _reduce_scatter(mine, self.buf, group=step[1], async_op=True)
             self.buf = mine
         else:
             self.work = dist.all_reduce(self.buf, group=step, async_op=True)
