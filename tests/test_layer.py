@@ -149,7 +149,7 @@ def test_fc2_by_output_columns_gives_the_whole_output(dtype, strategy):
         w13, w2 = experts(E, I, H, seed=3)
         pw = prepare_weights(w13, w2, dtype=dtype)
         cuts = [0, 32, 40, 96]  # uneven, one of 8 columns
-    for M in (1, 7, 33):
+    for M in (0, 1, 7, 33):
         x = torch.randn(M, H, generator=g).to(BF16)
         ids, wts = routing(M, E, k, seed=M)
         whole = experts_forward(x, pw, None, expert_ids=ids, topk_weights=wts, strategy=strategy)
