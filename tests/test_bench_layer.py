@@ -102,6 +102,9 @@ def _check_experts_records(exp, ceiling, peaks):
         # floors: the picked experts' weights and the routed FLOPs
         es = 1 if r["dtype"] == "fp8" else 2
         assert 1 <= r["active_experts"] <= min(TINY.experts, r["M"] * TINY.topk)
+        # a typical draw: as many experts as uniform top-k picks on average, within one
+        assert r["expected_active"] == layer.expected_active(r["M"], TINY.experts, TINY.topk)
+        assert abs(r["active_experts"] - r["expected_active"]) <= 1 and 1 <= r["routing_draws"] <= 32
         assert r["bytes"] == 3 * r["active_experts"] * TINY.inter * TINY.hidden * es
         assert r["flops"] == 2 * r["M"] * TINY.topk * 3 * TINY.hidden * TINY.inter
         floor = max(r["bytes"] / ceiling["tb_s"] / 1e6, r["flops"] / peaks[r["dtype"]] / 1e6)
@@ -371,3 +374,23 @@ def test_fp8block_is_a_layer_dtype_only():
 
     assert main(["fc1", "--dtypes", "fp8block"]) == 2
     assert main(["fc2", "--dtypes", "fp8,fp8block"]) == 2
+
+
+def test_typical_x_picks_a_draw_near_the_expected_experts():
+    """One draw's picked experts vary by a few experts around the mean: typical_x keeps the first
+    x within one of it (at Qwen3-30B-A3B's E = 128, top-8, M = 16 and 64), deterministically."""
+    from densemoe.shapes import MoEShape
+
+    def case():
+        return layer.ExpertsCase(MoEShape("q", 64, 128, 32, 8), device="cpu", seed=3)
+
+    c = case()
+
+    def ids_of(x):
+        return (x.float() @ c.gate.float().T).topk(8, dim=1).indices
+
+    for M in (16, 64):
+        x, draws = c.typical_x(M, ids_of)
+        assert abs(ids_of(x).unique().numel() - layer.expected_active(M, 128, 8)) <= 1 and draws >= 1
+    d = case()
+    assert torch.equal(d.typical_x(16, ids_of)[0], case().typical_x(16, ids_of)[0])
