@@ -23,6 +23,7 @@ from densemoe.ops import routed_configs
 from densemoe.ops.routed import routed_experts
 from densemoe.quant import FP8, quantize_per_token
 from densemoe.timing import Timer
+from densemoe.tuning.ops import routed_topk
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "deepseek-v3-tp8"
 dt = sys.argv[2] if len(sys.argv) > 2 else "fp8"
@@ -36,9 +37,9 @@ E, H, I, k = p.num_experts, p.hidden, p.inter, case.k
 print(f"# {shape} {dt} read ceiling {ceiling:.2f} TB/s; us per launch (TB/s of the weights read)")
 for M in ms:
     x = case.x(M)
-    torch.manual_seed(M)  # the same routing in every run: the stages compare across device calls
-    ids = torch.rand(M, E, device="cuda").topk(k, dim=1).indices
-    wts = torch.softmax(torch.randn(M, k, device="cuda"), dim=1)
+    # the same typical routing in every run (seeded; as many experts as expected, within one): the
+    # stages compare across device calls and with the tuner's draws
+    ids, wts = routed_topk(M, E, k, "cuda", torch.Generator(device="cuda").manual_seed(M))
     alpha = torch.zeros(M, E, device="cuda").scatter(1, ids, wts)
     cfg = pinned or routed_configs.choose(RoutedProblem(M, H, E, I, k, p.dtype, torch.bfloat16), "cuda").config
     whole = routed_experts(x, p, ids, wts, config=cfg)

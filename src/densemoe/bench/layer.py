@@ -230,8 +230,9 @@ class ExpertsCase:
 
 
 def expected_active(M: int, E: int, k: int) -> float:
-    """Experts that M tokens picking k of E uniformly at random pick between them, expected."""
-    return E * (1 - (1 - k / E) ** M)
+    """Experts that M tokens picking k of E uniformly at random pick between them, expected
+    (``strategy.expected_share`` of E)."""
+    return E * strategy_rule.expected_share(M, E, k)
 
 
 def cublas_fp8_pipeline(case: ExpertsCase):

@@ -22,6 +22,7 @@ from densemoe.kernels.common import Fc1Problem, Fc2Problem, RoutedProblem
 from densemoe.kernels.cute import fc1_sm90 as cute_fc1
 from densemoe.kernels.cute import fc2_sm90 as cute_fc2
 from densemoe.ops import fc1_configs, fc2_configs, routed_configs
+from densemoe.ops import strategy as strategy_rule
 from densemoe.ops.fc1 import fc1
 from densemoe.ops.fc2 import fc2
 from densemoe.ops.routed import routed_experts
@@ -180,12 +181,24 @@ def routed_weights(p, device, gen: torch.Generator) -> PreparedWeights:
     return PreparedWeights(w1, alpha1, w2, w2_scale)
 
 
-def routed_topk(m: int, e: int, top_k: int, device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def routed_topk(m: int, e: int, top_k: int, device, gen: torch.Generator,
+                draws: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform random routing: ids [m, top_k] int64, distinct per row (the top-k of random
-    scores, as a router gives), weights [m, top_k] float32 (a softmax of random logits)."""
-    ids = torch.rand(m, e, generator=gen, device=device).topk(top_k, dim=1).indices
+    scores, as a router gives), weights [m, top_k] float32 (a softmax of random logits). A
+    typical draw: the first of up to ``draws`` whose ids pick the expected number of experts
+    (``strategy.expected_share``), within one, else the closest (one draw's picked experts vary
+    by a few percent, and the weight bytes with them: docs/routed.md, "Routing draws")."""
+    want = e * strategy_rule.expected_share(m, e, top_k)
+    best = None
+    for _ in range(draws):
+        ids = torch.rand(m, e, generator=gen, device=device).topk(top_k, dim=1).indices
+        got = int(ids.unique().numel())
+        if best is None or abs(got - want) < abs(best[1] - want):
+            best = (ids, got)
+        if abs(got - want) <= 1:
+            break
     weights = torch.softmax(torch.randn(m, top_k, generator=gen, device=device), dim=1)
-    return ids, weights
+    return best[0], weights
 
 
 def _x_dtype(p) -> torch.dtype:
