@@ -80,3 +80,28 @@ def test_dense_moe_forward_never_syncs(dtype):
         moe(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("strategy", ["skip", "dense", "routed"])
+def test_fc2_in_column_pieces_on_model_shapes(shape, dtype, strategy):
+    """experts_stages (what the sharded layer's pieces run): FC2 of 4 column pieces of H, on w2's
+    row slices (views with an offset base: TMA descriptors, the CuTe backend where it runs), side
+    by side equal to the whole FC2 up to its order of sums, at ragged M."""
+    from densemoe.parallel import cuts
+
+    for M in (1, 100, 1000):
+        w13, w2, x, logits, k = _case(shape, M, M + 11)
+        r = softmax_topk(logits, k, renormalize=True)
+        pw = prepare_weights(w13, w2, dtype=dtype)
+        kw = dict(expert_ids=r.topk_ids, topk_weights=r.topk_weights, strategy=strategy)
+        whole = densemoe.experts_forward(x, pw, r.alpha, **kw)
+        cols = densemoe.experts_stages(x, pw, r.alpha, **kw)
+        out = torch.full_like(whole, float("nan"))  # poisoned: every column must be written
+        for h0, h1 in cuts(pw.hidden, 4):
+            out[:, h0:h1] = cols(h0, h1)
+        assert torch.isfinite(out).all()
+        ref = _ref(x, w13, w2, r.alpha)
+        bound = 1e-2 if dtype == "bf16" else 0.1
+        assert rel(out, whole) < bound / 4 and rel(out, ref) < bound, (M, rel(out, whole), rel(out, ref))
