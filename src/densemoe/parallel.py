@@ -144,7 +144,15 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
     from densemoe.ops import strategy as rule
     from densemoe.routing import alpha_from_topk
 
+    from densemoe.weights import PreparedWeights
+
     op = "sharded_experts"
+    if not isinstance(prepared, PreparedWeights):
+        raise TypeError(f"{op}: prepared must be the PreparedWeights of this rank's share (prepare_weights of "
+                        f"shard_weights' output), got {type(prepared).__name__}")
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == prepared.hidden):
+        raise ValueError(f"{op}: x must be a [M, H={prepared.hidden}] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if shard is not None and (tp_group is not None or ep_group is not None):
         raise ValueError(f"{op}: give the groups or a shard (a simulated rank, no collective), not both")
     if simulate_reduce is not None and shard is None:
