@@ -143,7 +143,6 @@ def sharded_experts(x: torch.Tensor, prepared, topk_ids: torch.Tensor, topk_weig
     from densemoe.experts import experts_stages
     from densemoe.ops import strategy as rule
     from densemoe.routing import alpha_from_topk
-
     from densemoe.weights import PreparedWeights
 
     op = "sharded_experts"
