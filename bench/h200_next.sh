@@ -16,7 +16,9 @@
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
 # Then, in further calls (each tars $OUT; tar czf $OUT/x.tgz ... as this script does):
 #   - block fp8 on the wide FC2 tiles: DT=fp8block OPS="routed strategy" bash bench/tune_h200.sh, merge
-#     (bench/merge_tuned.py), then NO_SUITE=1 DTYPES=fp8block bash bench/routed_gpu.sh <commit>;
+#     (bench/merge_tuned.py), then NO_SUITE=1 DTYPES=fp8block bash bench/routed_gpu.sh <commit> and
+#     python3 bench/probes/block_dense_stages.py skip 1,16,64 (the deeper block ring: FC1 was 335 us at
+#     TP8 M = 64 against 212 per expert);
 #   - issue 22: python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 (one TP8 and one EP8 rank,
 #     FC2 whole and in 4 pieces, the all-reduce stood in for by a timed wait: sequence vs overlap);
 #   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls);
