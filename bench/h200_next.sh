@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The next H200 session's first device call (rewritten 2026-12-05, third session, which had no
-# device; docs/routed.md "Next", docs/trust.md, docs/parallel.md). Before it, here: merge the
-# branches issue21-kernels and issue20-fc2-wide (or apply patches/*.mbox.gz, patches/README.md:
-# NaN kept by the fp8 quantisers, out-of-range ids dropped on every path, block-scaled routed FC2
-# tiles 256 wide; kernel changes not yet GPU-run) and run the CPU suite; then carry the CuTe
-# bundle (.carry, ../shared/tools/cutedsl-bundle) and call
+# device; docs/routed.md "Next", docs/trust.md, docs/parallel.md). Before it, here: apply the
+# three pending patches in order (patches/README.md; branches issue21-kernels -> issue20-fc2-wide
+# -> issue19-fused-combine: NaN kept by the fp8 quantisers, out-of-range ids dropped on every
+# path, block-scaled FC2 tiles 256 wide and a deeper block ring, the combine fused into routed
+# FC2; kernel changes not yet GPU-run) and run the CPU suite; then carry the CuTe bundle (.carry,
+# ../shared/tools/cutedsl-bundle) and call
 #
 #   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
 #
-# 1. the whole GPU suite (-m gpu; with the branches: tests/test_nonfinite.py, test_ids_out_of_range.py,
-#    tests/test_concurrency_gpu.py and the block routed tests on 256-wide FC2 tiles, none run yet),
-#    ~5 min on 8 processes;
+# 1. the whole GPU suite (-m gpu; with the patches: tests/test_nonfinite.py, test_ids_out_of_range.py,
+#    tests/test_concurrency_gpu.py, the block routed tests on 256-wide FC2 tiles, the fused combine
+#    and FC2 in column pieces, none run yet), ~5 min on 8 processes;
 # 2. the fp8 layer benchmark, both shapes, with the tables and the one-program schedule (~140 s);
 # 3. Nsight Compute on the routed FC2 at DeepSeek-V3 TP8 M = 512 and 2048 (bench/probes/routed_ncu.py).
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
@@ -21,7 +22,10 @@
 #     TP8 M = 64 against 212 per expert);
 #   - issue 22: python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 (one TP8 and one EP8 rank,
 #     FC2 whole and in 4 pieces, the all-reduce stood in for by a timed wait: sequence vs overlap);
-#   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls);
+#   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls; racecheck and
+#     synccheck on the fused combine's counters above all);
+#   - fp8 routed tuning with the fused combine in the space: DT=fp8 OPS="routed strategy" bash
+#     bench/tune_h200.sh, merge, then the fp8 layer benchmark again;
 #   - the fuzz suite at scale (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py: carry
 #     hypothesis's wheels in .carry/wheels, not with the bundle: the tree plus the bundle leaves
 #     ~0.3 MB);
