@@ -99,6 +99,7 @@ from densemoe.reference import experts_ref, fc1_ref
 from densemoe.ops.fc1 import which_backend as fc1_which_backend
 from densemoe.routing import softmax_topk
 from densemoe.shapes import SHAPES
+from densemoe.tuning.ops import typical_draw
 from densemoe.timing import capture
 from densemoe.weights import prepare_weights
 
@@ -213,20 +214,11 @@ class ExpertsCase:
     def typical_x(self, M: int, topk_ids_of, draws: int = 32) -> tuple[torch.Tensor, int]:
         """(x, the draws it took): the first of up to ``draws`` random x whose routing
         (``topk_ids_of(x)``) picks as many distinct experts as uniform top-k is expected to
-        (``expected_active``, within one), else the closest. One draw's picked experts vary: at
-        Qwen3-30B-A3B M = 16 by +-3.5 of 82 (4%), and the weight bytes with them. Comparing a
-        single draw with another table's single draw then compares routings, not kernels
-        (docs/routed.md, "Routing draws")."""
-        want = expected_active(M, self.E, self.k)
-        best = None
-        for i in range(1, draws + 1):
-            x = self.x(M)
-            got = int(topk_ids_of(x).unique().numel()) if M else 0
-            if best is None or abs(got - want) < abs(best[1] - want):
-                best = (x, got, i)
-            if abs(got - want) <= 1:
-                break
-        return best[0], best[2]
+        (``expected_active``, within one; ``tuning.ops.typical_draw``). At Qwen3-30B-A3B M = 16
+        one draw's picked experts vary by +-3.5 of 82 (docs/routed.md, "Routing draws")."""
+        if M == 0:
+            return self.x(0), 1
+        return typical_draw(lambda: self.x(M), topk_ids_of, expected_active(M, self.E, self.k), draws)
 
 
 def expected_active(M: int, E: int, k: int) -> float:

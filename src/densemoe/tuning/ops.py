@@ -181,24 +181,32 @@ def routed_weights(p, device, gen: torch.Generator) -> PreparedWeights:
     return PreparedWeights(w1, alpha1, w2, w2_scale)
 
 
+def typical_draw(draw, topk_ids_of, want: float, draws: int = 32) -> tuple[object, int]:
+    """(sample, the draws it took): the first of up to ``draws`` calls of ``draw()`` whose routing
+    (``topk_ids_of(sample)``) picks ``want`` distinct experts, within one, else the closest. One
+    draw's picked experts vary by a few percent, and the weight bytes with them: comparing single
+    draws compares routings, not kernels (docs/routed.md, "Routing draws")."""
+    best = None
+    for i in range(1, draws + 1):
+        sample = draw()
+        got = int(topk_ids_of(sample).unique().numel())
+        if best is None or abs(got - want) < abs(best[1] - want):
+            best = (sample, got, i)
+        if abs(got - want) <= 1:
+            break
+    return best[0], best[2]
+
+
 def routed_topk(m: int, e: int, top_k: int, device, gen: torch.Generator,
                 draws: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform random routing: ids [m, top_k] int64, distinct per row (the top-k of random
     scores, as a router gives), weights [m, top_k] float32 (a softmax of random logits). A
-    typical draw: the first of up to ``draws`` whose ids pick the expected number of experts
-    (``strategy.expected_share``), within one, else the closest (one draw's picked experts vary
-    by a few percent, and the weight bytes with them: docs/routed.md, "Routing draws")."""
-    want = e * strategy_rule.expected_share(m, e, top_k)
-    best = None
-    for _ in range(draws):
-        ids = torch.rand(m, e, generator=gen, device=device).topk(top_k, dim=1).indices
-        got = int(ids.unique().numel())
-        if best is None or abs(got - want) < abs(best[1] - want):
-            best = (ids, got)
-        if abs(got - want) <= 1:
-            break
+    typical draw (``typical_draw``): as many distinct experts as expected
+    (``strategy.expected_share``), within one."""
+    ids, _ = typical_draw(lambda: torch.rand(m, e, generator=gen, device=device).topk(top_k, dim=1).indices,
+                          lambda ids: ids, e * strategy_rule.expected_share(m, e, top_k), draws)
     weights = torch.softmax(torch.randn(m, top_k, generator=gen, device=device), dim=1)
-    return best[0], weights
+    return ids, weights
 
 
 def _x_dtype(p) -> torch.dtype:
