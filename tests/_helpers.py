@@ -173,3 +173,71 @@ def gpu_big_test(fn):
                                     reason="needs a CUDA GPU and TRITON_INTERPRET unset")):
         fn = mark(fn)
     return fn
+
+
+# ---------------------------------------------------------------- block-scaled fp8 (issue 20)
+
+BLOCK = 128
+BF16 = torch.bfloat16
+
+
+def block_weights(E, I, H, seed=0):
+    """fp8 experts with one scale per 128 x 128 block, the scales spread over 20x as in
+    checkpoints; also the float32 weights they stand for."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(rows, cols, fan_in):
+        s = (torch.rand(E, rows // BLOCK, cols // BLOCK, generator=g) * 19 + 1) * (fan_in ** -0.5 / 448)
+        q = (torch.randn(E, rows, cols, generator=g) * 120).clamp(-448, 448).to(FP8)
+        deq = q.float().reshape(E, rows // BLOCK, BLOCK, cols // BLOCK, BLOCK) * s[:, :, None, :, None]
+        return q, s, deq.reshape(E, rows, cols)
+
+    w13, s13, d13 = one(2 * I, H, H)
+    w2, s2, d2 = one(H, I, I)
+    return w13, s13, d13, w2, s2, d2
+
+
+def block_routed_pipeline(x, d13, d2, ids, wts, dt, round_rows):
+    """The block-fp8 pipeline on dequantised weights in ``dt``: x quantised per 1 x 128 group
+    (the kernels' bits), y per (pair, 128 columns), each pair's row rounded to bf16 if asked."""
+    from densemoe.reference import quantize_per_token_group_ref, routed_experts_ref
+
+    E, two_i, H = d13.shape
+    I = two_i // 2
+    M = x.shape[0]
+    xq, sx = quantize_per_token_group_ref(x)
+    xd = (xq.float().reshape(M, H // BLOCK, BLOCK) * sx[:, :, None]).reshape(M, H)
+    w1k, w2k = d13.reshape(E * two_i, H), d2.permute(1, 0, 2).reshape(H, E * I)
+    one = torch.ones(E)
+    if not round_rows:
+        return routed_experts_ref(xd, w1k, one, w2k, one, ids, wts, y_group=BLOCK, compute_dtype=dt).to(BF16)
+    rows = []
+    for j in range(ids.shape[1]):
+        ids_j = torch.full_like(ids, -1)
+        ids_j[:, j] = ids[:, j]
+        row = routed_experts_ref(xd, w1k, one, w2k, one, ids_j, wts, y_group=BLOCK, compute_dtype=dt)
+        rows.append(row.to(BF16).float())
+    return torch.stack(rows).sum(0).to(BF16)
+
+
+def block_dense_pipeline(x, d13, d2, ids, wts):
+    """The dense / skip path's block-fp8 pipeline in torch (float32): x in 1 x 128 groups, FC1 on
+    the dequantised w1 rounded to bf16 as FC1 stores y, y quantised per (token, expert) over I,
+    FC2 on the dequantised w2 weighted by the routing; bf16 out."""
+    from densemoe.reference import quantize_per_token_group_ref
+
+    E, two_i, H = d13.shape
+    I = two_i // 2
+    M = x.shape[0]
+    xq, sx = quantize_per_token_group_ref(x)
+    xd = (xq.float().reshape(M, H // BLOCK, BLOCK) * sx[:, :, None]).reshape(M, H)
+    out = torch.zeros(M, H)
+    for m in range(M):
+        for j in range(ids.shape[1]):
+            e = int(ids[m, j])
+            h = d13[e] @ xd[m]
+            y = (torch.nn.functional.silu(h[:I]) * h[I:]).to(BF16).float()
+            sc = y.abs().max() / 448 if y.abs().max() > 0 else torch.tensor(1.0)
+            yq = (y / sc).clamp(-448, 448).to(FP8).float() * sc
+            out[m] += wts[m, j] * (d2[e] @ yq)
+    return out.to(BF16)

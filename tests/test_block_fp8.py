@@ -1,7 +1,8 @@
 """Block-scaled fp8 weights (128 x 128 ``weight_scale_inv``, DeepSeek-V3/R1 and Qwen3-FP8) on the
 CPU (Triton's interpreter): prepare_weights keeps the block scales, activations are quantised in
 1 x 128 groups, the routed path applies both per 128-wide k-step; scales that differ per block,
-so a wrong block index shows. (Issue 20; the dense and skipping paths refuse these weights.)"""
+so a wrong block index shows; every strategy (dense, skip, routed) takes them. (Issue 20; the
+weight generator and the torch twins are in ``_helpers``, shared with the fuzz suite.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from densemoe import experts_forward, prepare_weights
 from densemoe.kernels.triton.routed import RoutedConfig
 from densemoe.ops.routed import routed_experts
 from densemoe.quant import FP8, quantize_per_token_group
-from densemoe.reference import experts_ref, quantize_per_token_group_ref, routed_experts_ref
+from densemoe.reference import experts_ref, quantize_per_token_group_ref
+
+from _helpers import block_dense_pipeline as dense_pipeline, block_routed_pipeline as pipeline, block_weights
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 interp = pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
@@ -23,45 +26,9 @@ BF16 = torch.bfloat16
 B = 128
 
 
-def block_weights(E, I, H, seed=0):
-    """fp8 experts with one scale per 128 x 128 block, the scales spread over 20x as in
-    checkpoints; also the float32 weights they stand for."""
-    g = torch.Generator().manual_seed(seed)
-
-    def one(rows, cols, fan_in):
-        s = (torch.rand(E, rows // B, cols // B, generator=g) * 19 + 1) * (fan_in ** -0.5 / 448)
-        q = (torch.randn(E, rows, cols, generator=g) * 120).clamp(-448, 448).to(FP8)
-        deq = (q.float().reshape(E, rows // B, B, cols // B, B) * s[:, :, None, :, None]).reshape(E, rows, cols)
-        return q, s, deq
-
-    w13, s13, d13 = one(2 * I, H, H)
-    w2, s2, d2 = one(H, I, I)
-    return w13, s13, d13, w2, s2, d2
-
-
 def routing(M, E, k, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(M, E, generator=g).topk(k, dim=1).indices, torch.rand(M, k, generator=g)
-
-
-def pipeline(x, d13, d2, ids, wts, dt, round_rows):
-    """The block-fp8 pipeline on dequantised weights in ``dt``: x quantised per 1 x 128 group
-    (the kernels' bits), y per (pair, 128 columns), each pair's row rounded to bf16 if asked."""
-    E, two_i, H = d13.shape
-    I = two_i // 2
-    M = x.shape[0]
-    xq, sx = quantize_per_token_group_ref(x)
-    xd = (xq.float().reshape(M, H // B, B) * sx[:, :, None]).reshape(M, H)
-    w1k, w2k = d13.reshape(E * two_i, H), d2.permute(1, 0, 2).reshape(H, E * I)
-    one = torch.ones(E)
-    if not round_rows:
-        return routed_experts_ref(xd, w1k, one, w2k, one, ids, wts, y_group=B, compute_dtype=dt).to(BF16)
-    rows = []
-    for j in range(ids.shape[1]):
-        ids_j = torch.full_like(ids, -1)
-        ids_j[:, j] = ids[:, j]
-        rows.append(routed_experts_ref(xd, w1k, one, w2k, one, ids_j, wts, y_group=B, compute_dtype=dt).to(BF16).float())
-    return torch.stack(rows).sum(0).to(BF16)
 
 
 def errs(out, ref):
@@ -86,6 +53,22 @@ def test_prepare_keeps_the_block_scales_in_the_kernels_layout():
     bf = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2, dtype="bf16")  # dequantised block by block
     assert bf.block == 0
     assert torch.equal(bf.w1, d13.reshape(E * 2 * I, H).to(BF16))
+
+
+def test_a_w2_of_one_block_per_expert_keeps_its_block_scales():
+    """Found by the fuzz suite (test_fuzz.py, block fp8): at H = I = 128, w2 is one 128 x 128
+    block per expert, so its block scales are [E, 1, 1], the shape a per-expert scale may have
+    too. Beside block-scaled w13 they are block scales (before: "block scales for one of w13 /
+    w2 and per-expert scales for the other are not supported")."""
+    E = 3
+    w13, s13, d13, w2, s2, d2 = block_weights(E, 128, 128, seed=9)
+    assert s2.shape == (E, 1, 1)
+    pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+    assert pw.block == B and pw.w2_block_scale.shape == (1, E)
+    assert torch.equal(pw.w2_block_scale[0], s2.reshape(E))
+    with pytest.raises(ValueError, match="per-expert scales for the other"):  # a w2 of two blocks, one scale
+        w13b, s13b, _, w2b, _, _ = block_weights(E, 128, 256, seed=9)
+        prepare_weights(w13b, w2b, w13_scale=s13b, w2_scale=torch.ones(E, 1, 1))
 
 
 def test_prepare_refuses_what_is_not_supported():
@@ -156,27 +139,6 @@ def test_block_scales_beat_per_expert_scales_on_block_varying_weights():
     block = routed_experts(x, prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2), ids, wts)
     per_expert = routed_experts(x, prepare_weights(d13, d2, dtype="fp8"), ids, wts)
     assert errs(block, exact)[0] < errs(per_expert, exact)[0]
-
-
-def dense_pipeline(x, d13, d2, ids, wts):
-    """The dense / skip path's block-fp8 pipeline in torch (float32): x in 1 x 128 groups, FC1 on
-    the dequantised w1 rounded to bf16 as FC1 stores y, y quantised per (token, expert) over I,
-    FC2 on the dequantised w2 weighted by the routing; bf16 out."""
-    E, two_i, H = d13.shape
-    I = two_i // 2
-    M = x.shape[0]
-    xq, sx = quantize_per_token_group_ref(x)
-    xd = (xq.float().reshape(M, H // B, B) * sx[:, :, None]).reshape(M, H)
-    out = torch.zeros(M, H)
-    for m in range(M):
-        for j in range(ids.shape[1]):
-            e = int(ids[m, j])
-            h = d13[e] @ xd[m]
-            y = (torch.nn.functional.silu(h[:I]) * h[I:]).to(BF16).float()
-            sc = y.abs().max() / 448 if y.abs().max() > 0 else torch.tensor(1.0)
-            yq = (y / sc).clamp(-448, 448).to(FP8).float() * sc
-            out[m] += wts[m, j] * (d2[e] @ yq)
-    return out.to(BF16)
 
 
 @interp

@@ -71,14 +71,18 @@ def _scales(name: str, s, E: int, device) -> torch.Tensor | None:
 def _block_scales(w13, w2, s13, s2):
     """(w13's, w2's) 128 x 128 block scales as float32 [E, 2I/128, H/128], [E, H/128, I/128], or
     None when neither scale is 3-D with more than one block; a ValueError saying what is
-    supported for anything in between."""
+    supported for anything in between. Beside a block-scaled w13, a w2 of one block per expert
+    (H = I = 128) has block scales of shape [E, 1, 1]."""
     def blocky(s):
         return isinstance(s, torch.Tensor) and s.dim() == 3 and s[0].numel() > 1
     if not (blocky(s13) or blocky(s2)):
         return None
     E, two_i, H = w13.shape
     I = two_i // 2
-    if not (blocky(s13) and blocky(s2)):
+    def one_block(s, w):  # a matrix of one 128 x 128 block: its block scale is [E, 1, 1]
+        return (isinstance(s, torch.Tensor) and s.dim() == 3 and tuple(s.shape) == (E, 1, 1)
+                and tuple(w.shape[1:]) == (BLOCK, BLOCK))
+    if not ((blocky(s13) or one_block(s13, w13)) and (blocky(s2) or one_block(s2, w2))):
         raise ValueError("prepare_weights: block scales for one of w13 / w2 and per-expert scales for the other "
                          "are not supported: give both as 128 x 128 block scales or both per expert")
     for name, w in (("w13", w13), ("w2", w2)):
