@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The next H200 session's first device call (rewritten 2026-12-05, third session, which had no
 # device; docs/routed.md "Next", docs/trust.md, docs/parallel.md). Before it, here: apply the
-# three pending patches in order (patches/README.md; branches issue21-kernels -> issue20-fc2-wide
-# -> issue19-fused-combine: NaN kept by the fp8 quantisers, out-of-range ids dropped on every
-# path, block-scaled FC2 tiles 256 wide and a deeper block ring, the combine fused into routed
-# FC2; kernel changes not yet GPU-run) and run the CPU suite; then carry the CuTe bundle (.carry,
+# four pending patches in order (patches/README.md: issue21-kernels -> issue20-fc2-wide ->
+# issue19-fused-combine -> issue19-fc2-stream: NaN kept by the fp8 quantisers, out-of-range ids
+# dropped on every path, block-scaled FC2 tiles 256 wide and a deeper block ring, the combine
+# fused into routed FC2, FC2's column stream and column-major order; kernel changes not yet
+# GPU-run) and run the CPU suite; then carry the CuTe bundle (.carry,
 # ../shared/tools/cutedsl-bundle) and call
 #
 #   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
@@ -13,19 +14,25 @@
 #    tests/test_concurrency_gpu.py, the block routed tests on 256-wide FC2 tiles, the fused combine
 #    and FC2 in column pieces, none run yet), ~5 min on 8 processes;
 # 2. the fp8 layer benchmark, both shapes, with the tables and the one-program schedule (~140 s);
-# 3. Nsight Compute on the routed FC2 at DeepSeek-V3 TP8 M = 512 and 2048 (bench/probes/routed_ncu.py).
+# 3. FC2's column stream against the tuned FC2, alone and in the whole path
+#    (bench/probes/routed_fc2_stream.py, 2 x 75 s at most);
+# 4. with NCU_MS="512 2048" (a later call; the first runs ~600 s without it): Nsight Compute on the
+#    routed FC2 at DeepSeek-V3 TP8 (bench/probes/routed_ncu.py).
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
 # Then, in further calls (each tars $OUT; tar czf $OUT/x.tgz ... as this script does):
 #   - block fp8 on the wide FC2 tiles: DT=fp8block OPS="routed strategy" bash bench/tune_h200.sh, merge
 #     (bench/merge_tuned.py), then NO_SUITE=1 DTYPES=fp8block bash bench/routed_gpu.sh <commit> and
 #     python3 bench/probes/block_dense_stages.py skip 1,16,64 (the deeper block ring: FC1 was 335 us at
 #     TP8 M = 64 against 212 per expert);
+#   - FC1's gather: python3 bench/probes/routed_fc1_contiguous.py qwen3-30b-a3b 128,512,2048,4096 and
+#     deepseek-v3-tp8 512,2048 (with NCU_MS's call: ~1 min);
 #   - issue 22: python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 (one TP8 and one EP8 rank,
 #     FC2 whole and in 4 pieces, the all-reduce stood in for by a timed wait: sequence vs overlap);
 #   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls; racecheck and
 #     synccheck on the fused combine's counters above all);
-#   - fp8 routed tuning with the fused combine in the space: DT=fp8 OPS="routed strategy" bash
-#     bench/tune_h200.sh, merge, then the fp8 layer benchmark again;
+#   - fp8 routed tuning with the fused combine, the column stream and the column-major order in
+#     the space: DT=fp8 OPS="routed strategy" bash bench/tune_h200.sh, merge, then the fp8 layer
+#     benchmark again;
 #   - the fuzz suite at scale (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py: carry
 #     hypothesis's wheels in .carry/wheels, not with the bundle: the tree plus the bundle leaves
 #     ~0.3 MB);
@@ -48,7 +55,15 @@ for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   grep "^experts .* fp8 " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' \
     | cut -c1-200
 done
-for m in 512 2048; do
+for shape in deepseek-v3-tp8 qwen3-30b-a3b; do  # FC2's column stream against the tuned FC2 (docs/routed.md)
+  left=$((560 - (SECONDS - t0)))  # the tarball below must be written before the call's 600 s
+  [ $left -lt 30 ] && { echo "# fc2 stream $shape: skipped, ${left} s left"; continue; }
+  ms=$([ $shape = deepseek-v3-tp8 ] && echo 16,128,512,2048,4096 || echo 128,512)
+  timeout $((left < ${STREAM_TIMEOUT:-75} ? left : ${STREAM_TIMEOUT:-75})) python3 bench/probes/routed_fc2_stream.py $shape $ms > $OUT/fc2_stream_$shape.log 2>&1
+  echo "# fc2 stream $shape: exit $? at $((SECONDS - t0)) s"
+  grep -E "^(#|M=)" $OUT/fc2_stream_$shape.log | cut -c1-170
+done
+for m in ${NCU_MS:-}; do  # NCU_MS="512 2048" in a later call (the first call's time goes to the above)
   timeout 50 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats -k regex:"_fc2_kernel" \
     --launch-skip 2 --launch-count 1 python3 bench/probes/routed_ncu.py deepseek-v3-tp8 $m > $OUT/ncu_routed_fc2_M$m.txt 2>&1
