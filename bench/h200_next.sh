@@ -20,7 +20,8 @@
 #    routed FC2 at DeepSeek-V3 TP8 (bench/probes/routed_ncu.py).
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
 # Then, in further calls (each tars $OUT; tar czf $OUT/x.tgz ... as this script does):
-#   - block fp8 on the wide FC2 tiles: DT=fp8block OPS="routed strategy" bash bench/tune_h200.sh, merge
+#   - block fp8 on the wide FC2 tiles (a fresh cache too, as below): WIP=bench/results/h200_wip2
+#     DT=fp8block OPS="routed strategy" bash bench/tune_h200.sh, merge
 #     (bench/merge_tuned.py), then NO_SUITE=1 DTYPES=fp8block bash bench/routed_gpu.sh <commit> and
 #     python3 bench/probes/block_dense_stages.py skip 1,16,64 (the deeper block ring: FC1 was 335 us at
 #     TP8 M = 64 against 212 per expert);
@@ -31,8 +32,9 @@
 #   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls; racecheck and
 #     synccheck on the fused combine's counters above all);
 #   - fp8 routed tuning with the fused combine, the column stream and the column-major order in
-#     the space: DT=fp8 OPS="routed strategy" bash bench/tune_h200.sh, merge, then the fp8 layer
-#     benchmark again;
+#     the space, from a fresh cache (bench/results/h200_wip's done.txt lists these jobs as done and
+#     --missing-only would skip every bucket): WIP=bench/results/h200_wip2 DT=fp8 OPS="routed strategy"
+#     bash bench/tune_h200.sh (resumable in that folder), merge, then the fp8 layer benchmark again;
 #   - the fuzz suite at scale (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py: carry
 #     hypothesis's wheels in .carry/wheels, not with the bundle: the tree plus the bundle leaves
 #     ~0.3 MB);
