@@ -2,17 +2,18 @@
 # The next H200 session's first device call (rewritten 2026-12-05, third session, which had no
 # device; docs/routed.md "Next", docs/trust.md, docs/parallel.md). Before it, here: apply the
 # four pending patches in order (patches/README.md: issue21-kernels -> issue20-fc2-wide ->
-# issue19-fused-combine -> issue19-fc2-stream: NaN kept by the fp8 quantisers, out-of-range ids
+# issue19-fused-combine -> issue19-schedules: NaN kept by the fp8 quantisers, out-of-range ids
 # dropped on every path, block-scaled FC2 tiles 256 wide and a deeper block ring, the combine
-# fused into routed FC2, FC2's column stream and column-major order; kernel changes not yet
-# GPU-run) and run the CPU suite; then carry the CuTe bundle (.carry,
+# fused into routed FC2, FC2's column stream and column-major order, FC1's stream-K; kernel
+# changes not yet GPU-run) and run the CPU suite; then carry the CuTe bundle (.carry,
 # ../shared/tools/cutedsl-bundle) and call
 #
 #   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
 #
 # 1. the whole GPU suite (-m gpu; with the patches: tests/test_nonfinite.py, test_ids_out_of_range.py,
-#    tests/test_concurrency_gpu.py, the block routed tests on 256-wide FC2 tiles, the fused combine
-#    and FC2 in column pieces, none run yet), ~5 min on 8 processes;
+#    tests/test_concurrency_gpu.py, the block routed tests on 256-wide FC2 tiles, the fused combine,
+#    FC2 in column pieces, FC2's column stream and column-major order, FC1's stream-K, none run
+#    yet), ~5 min on 8 processes;
 # 2. the fp8 layer benchmark, both shapes, with the tables and the one-program schedule (~140 s);
 # 3. FC2's column stream against the tuned FC2, alone and in the whole path
 #    (bench/probes/routed_fc2_stream.py, 2 x 75 s at most);
@@ -30,9 +31,9 @@
 #   - issue 22: python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 (one TP8 and one EP8 rank,
 #     FC2 whole and in 4 pieces, the all-reduce stood in for by a timed wait: sequence vs overlap);
 #   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls; racecheck and
-#     synccheck on the fused combine's counters above all);
-#   - fp8 routed tuning with the fused combine, the column stream and the column-major order in
-#     the space, from a fresh cache (bench/results/h200_wip's done.txt lists these jobs as done and
+#     synccheck on the fused combine's and FC1 stream-K's counters above all);
+#   - fp8 routed tuning with the fused combine, the column stream, the column-major order and FC1's
+#     stream-K in the space, from a fresh cache (bench/results/h200_wip's done.txt lists these jobs as done and
 #     --missing-only would skip every bucket): WIP=bench/results/h200_wip2 DT=fp8 OPS="routed strategy"
 #     bash bench/tune_h200.sh (resumable in that folder), merge, then the fp8 layer benchmark again;
 #   - the fuzz suite at scale (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py: carry
