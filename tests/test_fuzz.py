@@ -121,22 +121,28 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def live_rows(out, M, H, wts):
+    """(out as float32 on the CPU, the rows of tokens with a nonzero weight), after the checks
+    every output passes: shape [M, H] bf16, finite, exact zeros where all of a token's weights
+    are 0. (out, None) when no row is left to compare."""
+    assert out.shape == (M, H) and out.dtype == BF16, (out.shape, out.dtype)
+    out = out.float().cpu()
+    if M == 0:
+        return out, None
+    assert torch.isfinite(out).all()
+    dead = (wts == 0).all(dim=1)
+    assert (out[dead] == 0).all(), "a token whose routing weights are all 0 got a nonzero row"
+    return out, (~dead if (~dead).any() else None)
+
+
 def assert_as_good_as_torch(out, x, w13, w2, ids, wts, dtype, round_rows=(False,)):
     """Shape and dtype; exact zeros where every weight of a token is 0; the relative error against
     the float64 math within 1.5x of the torch pipeline's, its output rounded to bf16 as ours is
     (fp8: y per (token, expert); the routed path's per-group y is finer). ``round_rows``: the
     torch pipelines to allow, with and / or without the routed path's bf16 rows (the larger
     error bounds: a call that leaves the pick to the rule may route or not)."""
-    M, H = x.shape
-    assert out.shape == (M, H) and out.dtype == BF16, (out.shape, out.dtype)
-    if M == 0:
-        return
-    out = out.float().cpu()
-    assert torch.isfinite(out).all()
-    dead = (wts == 0).all(dim=1)
-    assert (out[dead] == 0).all(), "a token whose routing weights are all 0 got a nonzero row"
-    live = ~dead
-    if not live.any():
+    out, live = live_rows(out, *x.shape, wts)
+    if live is None:
         return
     ref = exact(x, w13, w2, ids, wts)[live]
     t_err = max(rel(torch_pipeline(x, w13, w2, ids, wts, dtype, r)[live].to(BF16), ref)  # our output is bf16 too
@@ -211,15 +217,8 @@ def test_block_fp8_with_any_strategy_and_routed_config(case, strategy, data):
     else:
         out = experts_forward(x.to(DEV), pw, alpha.to(DEV), expert_ids=ids.to(DEV), topk_weights=wts.to(DEV),
                               strategy=strategy)
-    assert out.shape == (M, H) and out.dtype == BF16, (out.shape, out.dtype)
-    if M == 0:
-        return
-    out = out.float().cpu()
-    assert torch.isfinite(out).all()
-    dead = (wts == 0).all(dim=1)
-    assert (out[dead] == 0).all(), "a token whose routing weights are all 0 got a nonzero row"
-    live = ~dead
-    if not live.any():
+    out, live = live_rows(out, M, H, wts)
+    if live is None:
         return
     ref = exact(x.float(), d13, d2, ids, wts)[live]
     if strategy in ("skip", "dense"):
