@@ -10,6 +10,10 @@
 #
 #   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
 #
+# (the tree with the patches plus the bundle was refused as over 64 MiB on 2026-12-05: remove
+# bench/results/*.png, bench/results/*.json.gz and patches/*.mbox.gz from the working copy for the
+# call, keep bench/results/h200_wip/, and `git checkout -- .` after; docs/routed.md "The device scripts")
+#
 # 1. the whole GPU suite (-m gpu; with the patches: tests/test_nonfinite.py, test_ids_out_of_range.py,
 #    tests/test_concurrency_gpu.py, the block routed tests on 256-wide FC2 tiles, the fused combine,
 #    FC2 in column pieces, FC2's column stream and column-major order, FC1's stream-K, none run
