@@ -20,6 +20,7 @@ import torch
 import densemoe
 from densemoe.bench import layer
 from densemoe.bench.torch_grouped import TorchGrouped
+from densemoe.ops.strategy import expected_picked
 from densemoe.reference import experts_ref
 from densemoe.routing import alpha_from_topk
 from densemoe.shapes import MoEShape
@@ -103,7 +104,7 @@ def _check_experts_records(exp, ceiling, peaks):
         es = 1 if r["dtype"] == "fp8" else 2
         assert 1 <= r["active_experts"] <= min(TINY.experts, r["M"] * TINY.topk)
         # a typical draw: as many experts as uniform top-k picks on average, within one
-        assert r["expected_active"] == layer.expected_active(r["M"], TINY.experts, TINY.topk)
+        assert r["expected_active"] == expected_picked(r["M"], TINY.experts, TINY.topk)
         assert abs(r["active_experts"] - r["expected_active"]) <= 1 and 1 <= r["routing_draws"] <= 32
         assert r["bytes"] == 3 * r["active_experts"] * TINY.inter * TINY.hidden * es
         assert r["flops"] == 2 * r["M"] * TINY.topk * 3 * TINY.hidden * TINY.inter
@@ -391,6 +392,6 @@ def test_typical_x_picks_a_draw_near_the_expected_experts():
 
     for M in (16, 64):
         x, draws = c.typical_x(M, ids_of)
-        assert abs(ids_of(x).unique().numel() - layer.expected_active(M, 128, 8)) <= 1 and draws >= 1
+        assert abs(ids_of(x).unique().numel() - expected_picked(M, 128, 8)) <= 1 and draws >= 1
     d = case()
     assert torch.equal(d.typical_x(16, ids_of)[0], case().typical_x(16, ids_of)[0])

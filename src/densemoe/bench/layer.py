@@ -214,17 +214,11 @@ class ExpertsCase:
     def typical_x(self, M: int, topk_ids_of, draws: int = 32) -> tuple[torch.Tensor, int]:
         """(x, the draws it took): the first of up to ``draws`` random x whose routing
         (``topk_ids_of(x)``) picks as many distinct experts as uniform top-k is expected to
-        (``expected_active``, within one; ``tuning.ops.typical_draw``). At Qwen3-30B-A3B M = 16
+        (``strategy.expected_picked``, within one; ``tuning.ops.typical_draw``). At Qwen3-30B-A3B M = 16
         one draw's picked experts vary by +-3.5 of 82 (docs/routed.md, "Routing draws")."""
         if M == 0:
             return self.x(0), 1
-        return typical_draw(lambda: self.x(M), topk_ids_of, expected_active(M, self.E, self.k), draws)
-
-
-def expected_active(M: int, E: int, k: int) -> float:
-    """Experts that M tokens picking k of E uniformly at random pick between them, expected
-    (``strategy.expected_share`` of E)."""
-    return E * strategy_rule.expected_share(M, E, k)
+        return typical_draw(lambda: self.x(M), topk_ids_of, strategy_rule.expected_picked(M, self.E, self.k), draws)
 
 
 def cublas_fp8_pipeline(case: ExpertsCase):
@@ -659,7 +653,7 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
                     ours.append((rec, fn, moe))
             exp_recs, exp_shared, exp_timed = experts_path(case, x, route, ref, dtypes, cublas, hf, grouped, M, commit,
                                                            device, log, skip_max_m=skip_max_m, block_ref=block_ref)
-            typical = dict(expected_active=expected_active(M, E, k), routing_draws=draws)
+            typical = dict(expected_active=strategy_rule.expected_picked(M, E, k), routing_draws=draws)
             for r in exp_recs:
                 r.update(typical)
             del ref, block_ref, refs

@@ -76,6 +76,7 @@ import densemoe
 from densemoe.bench.layer import (ExpertsCase, _compare, _rates, cublas_fp8_pipeline, hf_experts, layer_baselines,
                                   rel_err)
 from densemoe.layer import DenseMoE
+from densemoe.ops import strategy as strategy_rule
 from densemoe.quant import quantize_per_token, quantize_y_fold_alpha
 from densemoe.reference import experts_ref, fc1_ref, fc2_ref
 from densemoe.routing import softmax_topk
@@ -160,7 +161,7 @@ def routing_stats(alpha: torch.Tensor, k: int) -> dict:
     total = int(per.sum())
     return dict(active_experts=int((per > 0).sum()), picks_per_expert=per.tolist(),
                 hot_fraction=int(per[hot].sum()) / total if total else 0.0, n_hot=len(hot),
-                expected_active_uniform=E * (1 - (1 - min(k, E) / E) ** M))
+                expected_active_uniform=strategy_rule.expected_picked(M, E, k))
 
 
 def tile_pairs(alpha: torch.Tensor, block_m: int) -> int:

@@ -51,6 +51,12 @@ def expected_share(m: int, e: int, top_k: int = DEFAULT_TOP_K) -> float:
     return 1.0 - (1.0 - min(1.0, top_k / max(e, 1))) ** max(m, 0)
 
 
+def expected_picked(m: int, e: int, top_k: int = DEFAULT_TOP_K) -> float:
+    """Distinct experts m tokens pick between them under uniform top-k, expected: E x
+    ``expected_share`` (the typical routing draw of the benchmarks and the tuner)."""
+    return e * expected_share(m, e, top_k)
+
+
 def expected_active(m: int, e: int, top_k: int = DEFAULT_TOP_K) -> int:
     """Experts some token of an m-token tile picks, at most: m * top_k, at most E."""
     return max(1, min(e, m * top_k))

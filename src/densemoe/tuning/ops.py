@@ -202,9 +202,9 @@ def routed_topk(m: int, e: int, top_k: int, device, gen: torch.Generator,
     """Uniform random routing: ids [m, top_k] int64, distinct per row (the top-k of random
     scores, as a router gives), weights [m, top_k] float32 (a softmax of random logits). A
     typical draw (``typical_draw``): as many distinct experts as expected
-    (``strategy.expected_share``), within one."""
+    (``strategy.expected_picked``), within one."""
     ids, _ = typical_draw(lambda: torch.rand(m, e, generator=gen, device=device).topk(top_k, dim=1).indices,
-                          lambda ids: ids, e * strategy_rule.expected_share(m, e, top_k), draws)
+                          lambda ids: ids, strategy_rule.expected_picked(m, e, top_k), draws)
     weights = torch.softmax(torch.randn(m, top_k, generator=gen, device=device), dim=1)
     return ids, weights
 
