@@ -40,9 +40,8 @@
 #     stream-K in the space, from a fresh cache (bench/results/h200_wip's done.txt lists these jobs as done and
 #     --missing-only would skip every bucket): WIP=bench/results/h200_wip2 DT=fp8 OPS="routed strategy"
 #     bash bench/tune_h200.sh (resumable in that folder), merge, then the fp8 layer benchmark again;
-#   - the fuzz suite at scale (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py: carry
-#     hypothesis's wheels in .carry/wheels, not with the bundle: the tree plus the bundle leaves
-#     ~0.3 MB);
+#   - the fuzz suite at scale (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py; the
+#     device image lists hypothesis, docs/trust.md);
 #   - bf16 benchmarks (NO_SUITE=1 DTYPES=bf16 bash bench/routed_gpu.sh), FC1/FC2 tuning
 #     (OPS="fc2 fc1" bash bench/tune_h200.sh).
 # On a machine of several GPUs (issue 23; only if status lists one): SUITE_PATHS=tests/test_parallel.py
