@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("argv,says", [
     (["routed_fc2_rowscale.py", "--check"], "check passed"),
     (["routed_fc1_contiguous.py", "--check"], "check passed"),
+    (["fc1_gate_up_one_dot.py", "--check"], "check passed"),
     (["block_dense_stages.py", "skip", "--check"], "M=7"),
 ])
 def test_the_probe_checks_itself_on_the_cpu(argv, says):

@@ -1,0 +1,171 @@
+"""Does FC1's k-loop gain from one MMA over gate and up together? (issue 19, docs/routed.md "The
+floor of this pipeline".) The library's FC1 (dense and routed: ``kernels/triton/gate_up.py``)
+multiplies each k-tile twice, x . wg^T and x . wu^T, each fp8 product added into its fp32
+accumulator per k-tile (the promotion that keeps fp8 accurate). ptxas then waits after each of
+the two wgmma groups (``routed_mma_waits.py``). Here the same loop in two forms, in a kernel of
+this probe (not the package's): two dots of BLOCK_I columns, as the library does, or one dot of
+2 * BLOCK_I columns over the gate and up rows loaded as one tile (one m64n256 wgmma group, one
+wait a k-step). Each program is one (expert, row tile, column tile) of an even routing: every
+expert gets ``rows`` gathered token rows (a random permutation of x, loaded through cp.async).
+
+  python bench/probes/fc1_gate_up_one_dot.py --compile     (CPU: what the compiler makes of each)
+  TRITON_INTERPRET=1 python bench/probes/fc1_gate_up_one_dot.py --check    (CPU: same bits)
+  python bench/probes/fc1_gate_up_one_dot.py [qwen3-30b-a3b|deepseek-v3-tp8] [rows per expert,...]
+                                                            (a CUDA GPU: checked, then timed)
+
+The two forms do the same sums in the same order per output element, so their outputs must be
+the same bits (checked before timing, and against a float32 torch reference within fp8's
+rounding of y). Timed with the library's Timer (CUDA graphs, L2 flushed, medians); TFLOP/s of
+the gate/up products; the weight bytes' floor at the read ceiling beside them."""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def _fc1_loop_kernel(x_ptr, w_ptr, tok_ptr, y_ptr, H, I, ROWS, stride_xm, stride_wn, stride_ym,
+                     BM: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, ONE_DOT: tl.constexpr,
+                     STAGES: tl.constexpr):
+    """Program (e, t, c): expert e's row tile t (rows of tok) and column tile c of I; y = silu(g) * u
+    in bf16 (no scales: the loop is what is compared)."""
+    tiles = tl.cdiv(ROWS, BM)
+    pid = tl.program_id(0)
+    c = pid % tl.cdiv(I, BI)
+    t = pid // tl.cdiv(I, BI)
+    e = t // tiles
+    r0 = e * ROWS + (t % tiles) * BM
+    rows = r0 + tl.arange(0, BM)
+    r_ok = rows < e * ROWS + ROWS
+    tok = tl.load(tok_ptr + rows, mask=r_ok, other=0)
+    x_rows = tok.to(tl.int64) * stride_xm
+    offs_k = tl.arange(0, BK)
+    if ONE_DOT:  # gate rows then up rows in one [2 BI, BK] tile, one dot of 2 BI columns
+        r = tl.arange(0, 2 * BI)
+        w_rows = (e * 2 * I + (r // BI) * I + c * BI + r % BI).to(tl.int64) * stride_wn
+        acc = tl.zeros((BM, 2 * BI), dtype=tl.float32)
+        for k0 in tl.range(0, H, BK, num_stages=STAGES):
+            xt = tl.load(x_ptr + x_rows[:, None] + (k0 + offs_k)[None, :], mask=r_ok[:, None], other=0.0)
+            w = tl.load(w_ptr + w_rows[:, None] + (k0 + offs_k)[None, :])
+            acc = tl.dot(xt, tl.trans(w), acc, max_num_imprecise_acc=BK)
+        g, u = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BI)), (0, 2, 1)))
+    else:  # the library's form: two dots of BI columns
+        r = tl.arange(0, BI)
+        g_rows = (e * 2 * I + c * BI + r).to(tl.int64) * stride_wn
+        u_rows = g_rows + I * stride_wn
+        g = tl.zeros((BM, BI), dtype=tl.float32)
+        u = tl.zeros((BM, BI), dtype=tl.float32)
+        for k0 in tl.range(0, H, BK, num_stages=STAGES):
+            xt = tl.load(x_ptr + x_rows[:, None] + (k0 + offs_k)[None, :], mask=r_ok[:, None], other=0.0)
+            wg = tl.load(w_ptr + g_rows[:, None] + (k0 + offs_k)[None, :])
+            wu = tl.load(w_ptr + u_rows[:, None] + (k0 + offs_k)[None, :])
+            g = tl.dot(xt, tl.trans(wg), g, max_num_imprecise_acc=BK)
+            u = tl.dot(xt, tl.trans(wu), u, max_num_imprecise_acc=BK)
+    v = g * tl.sigmoid(g) * u
+    cols = c * BI + tl.arange(0, BI)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], v.to(tl.bfloat16), mask=r_ok[:, None])
+
+
+CONFIGS = ((64, 4, 2), (64, 4, 3), (128, 8, 3), (128, 8, 4))  # (rows a tile, warps, stages)
+
+
+def launch(x, w, tok, y, E, I, rows, bm, warps, stages, one_dot, bi=128, bk=128):
+    H = x.shape[1]
+    grid = (E * triton.cdiv(rows, bm) * triton.cdiv(I, bi),)
+    _fc1_loop_kernel[grid](x, w, tok, y, H, I, rows, x.stride(0), w.stride(0), y.stride(0), BM=bm, BI=bi, BK=bk,
+                           ONE_DOT=one_dot, STAGES=stages, num_warps=warps, num_stages=stages)
+
+
+def inputs(H, E, I, rows, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    M = E * rows  # one token row per (expert, slot): x has as many rows as pairs, permuted
+    x = (torch.randn(M, H, generator=g) * 0.5).to(FP8).to(device)
+    w = (torch.randn(E * 2 * I, H, generator=g) * 0.5).to(FP8).to(device)
+    tok = torch.randperm(M, generator=g).to(torch.int32).to(device)
+    return x, w, tok
+
+
+def reference(x, w, tok, E, I, rows):
+    xf, wf = x.float()[tok.long()], w.float().view(E, 2 * I, -1)
+    out = []
+    for e in range(E):
+        h = xf[e * rows:(e + 1) * rows] @ wf[e].T
+        gt, up = h[:, :I], h[:, I:]
+        out.append(torch.nn.functional.silu(gt) * up)
+    return torch.cat(out)
+
+
+def check(H, E, I, rows, device, configs):
+    x, w, tok = inputs(H, E, I, rows, device)
+    ref = reference(x, w, tok, E, I, rows)
+    for bm, warps, stages in configs:
+        ys = []
+        for one_dot in (False, True):
+            y = torch.full((E * rows, I), float("nan"), device=device, dtype=torch.bfloat16)
+            launch(x, w, tok, y, E, I, rows, bm, warps, stages, one_dot)
+            ys.append(y)
+        assert torch.equal(ys[0], ys[1]), f"{bm} rows: one dot differs from two"
+        err = ((ys[1].float() - ref).norm() / ref.norm()).item()
+        assert err < 2e-2, f"{bm} rows: {err:.2e} from the float32 reference"  # bf16 rounding of y
+    return x, w, tok
+
+
+def compile_report():
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    bins = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    exe = next((os.path.join(bins, b) for b in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bins, b))))
+    sig = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", tok_ptr="*i32", y_ptr="*bf16")
+    for bm, warps, stages in CONFIGS:
+        for one_dot in (False, True):
+            const = dict(BM=bm, BI=128, BK=128, ONE_DOT=one_dot, STAGES=stages)
+            full = {n: sig.get(n, "constexpr" if n in const else "i32") for n in _fc1_loop_kernel.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(_fc1_loop_kernel.arg_names)
+                     if n not in const and n != "ROWS"}
+            k = triton.compile(ASTSource(_fc1_loop_kernel, full, const, attrs), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=warps, num_stages=stages))
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                f.write(k.asm["ptx"])
+                f.flush()
+                log = subprocess.run([exe, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                     text=True).stderr
+            mma = sorted(set(re.findall(r"wgmma.mma_async.sync.aligned.(m\d+n\d+k\d+)", k.asm["ptx"])))
+            regs = re.findall(r"Used (\d+) registers", log)
+            print(f"{bm} rows, {warps} warps, {stages} stages, {'one dot ' if one_dot else 'two dots'}: wgmma {mma}, "
+                  f"ptxas inserted {log.count('C7517')} warpgroup.wait, {regs[-1] if regs else '?'} registers, "
+                  f"shared memory {k.metadata.shared} B")
+
+
+if "--compile" in sys.argv:
+    compile_report()
+elif "--check" in sys.argv:
+    check(256, 3, 256, 40, "cpu", ((64, 4, 2),))
+    print("check passed")
+elif __name__ == "__main__":
+    from densemoe.shapes import SHAPES
+    from densemoe.timing import Timer
+
+    shape = sys.argv[1] if len(sys.argv) > 1 else "qwen3-30b-a3b"
+    rows_list = [int(r) for r in (sys.argv[2] if len(sys.argv) > 2 else "64,128,256").split(",")]
+    s = SHAPES[shape]
+    H, E, I = s.hidden, s.experts, s.inter
+    timer = Timer(reps=20)
+    print(f"# {shape}: FC1's k-loop (gathered fp8 x, fp8 w, fp32 promotion per 128-wide k-tile), two dots of 128 "
+          f"columns against one of 256; every expert {rows_list} rows")
+    for rows in rows_list:
+        x, w, tok = check(H, E, I, rows, "cuda", CONFIGS)
+        flops = 2 * E * rows * 2 * I * H
+        for bm, warps, stages in CONFIGS:
+            y = torch.empty(E * rows, I, device="cuda", dtype=torch.bfloat16)
+            t = [timer(lambda od=od: launch(x, w, tok, y, E, I, rows, bm, warps, stages, od))["us"] for od in (False, True)]
+            print(f"rows={rows} {bm}x128 w{warps} st{stages}: two dots {t[0]:.1f} us ({flops / t[0] / 1e6:.0f} TFLOP/s), "
+                  f"one dot {t[1]:.1f} us ({flops / t[1] / 1e6:.0f} TFLOP/s), {t[0] / t[1]:.2f}x; weights' floor "
+                  f"{w.numel() / 4.58e6:.1f} us at 4.58 TB/s", flush=True)
