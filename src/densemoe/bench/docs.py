@@ -305,7 +305,8 @@ def performance_md(root: str | Path = ".") -> str:
         "",
         f"Every number here was measured on one {' / '.join(devices)} ({', '.join(dates)}) and is read from the "
         "committed result files named under each table; the README's headline table comes from the same files. "
-        "The H200 results of 2026-12-05 (the routed path, untuned and tuned in fp8: "
+        "The H200 results of 2026-12-05 (the routed path untuned in fp8, bf16 and block fp8; its tuned tiles and "
+        "the strategy crossovers in all three: "
         "`bench/results/layer_h200_2026-12-05_*`, `tune_h200_2026-12-05_*`) are summarised in "
         "[routed.md](routed.md#first-h200-measurements-2026-12-05-and-the-plan), not here.",
         "",

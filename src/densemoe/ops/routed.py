@@ -4,7 +4,7 @@ argument checks and its custom ops.
     out[m] = sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m])
     expert_e(x) = down_e(silu(gate_e x) * up_e x)
 
-Pipeline (four launches, no host sync, buffers sized by M * top_k whatever the routing, so a
+Pipeline (four launches up to 1024 pairs, five above; no host sync, buffers sized by M * top_k whatever the routing, so a
 CUDA graph replays with any routing; ``densemoe.kernels.triton.routed`` has the semantics):
 
     fp8:  x8, sx = quantize_per_token(x)                       (unless x_quant is given)
