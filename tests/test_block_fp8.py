@@ -126,6 +126,20 @@ def test_routed_block_fp8_against_float64_and_torch(I, M, cfg):
     assert rel <= 1.2 * t_rel and mx <= 2 * t_mx, (rel, t_rel, mx, t_mx)
 
 
+
+@interp
+@pytest.mark.parametrize("H", [384, 640])  # 3 and 5 groups: the program's block of groups has padding
+def test_group_quantisation_writes_no_scale_past_the_row(H):
+    from densemoe.kernels.triton.quant import quant_groups_triton
+    M = 4
+    x = (torch.randn(M, H, generator=torch.Generator().manual_seed(H)) * 5).to(BF16)
+    q = torch.empty(M, H, dtype=FP8)
+    guard = torch.full((M, H // B + 1), -7.0)  # one guard column after each row's scales
+    quant_groups_triton(x, q, guard[:, :H // B], B)
+    assert (guard[:, -1] == -7.0).all()
+    qr, sr = quantize_per_token_group_ref(x, B)
+    assert torch.equal(guard[:, :-1], sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+
 @interp
 def test_block_scales_beat_per_expert_scales_on_block_varying_weights():
     """The point of keeping the block scales: against the float32 weights the checkpoint stands

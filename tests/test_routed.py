@@ -137,6 +137,41 @@ def test_schedule_edge_routings(small_p):
     assert int(moe_schedule(bad, E)[1][-1]) == 5
 
 
+
+@interp
+@pytest.mark.parametrize("M,k,E", [(3, 2, 8), (5, 3, 4), (37, 8, 64)])  # P = 6, 15, 296: not powers of two
+@pytest.mark.parametrize("small_p", [None, 0])
+def test_schedule_writes_nothing_past_its_buffers(M, k, E, small_p):
+    """Guard elements after sorted_pairs and offsets stay as they were (every id valid, so the
+    sort's store mask runs to the last pair: a mask one too wide writes past the buffer)."""
+    from densemoe.kernels.triton.routed import schedule_launch
+    ids, _ = uniform_routing(M, E, k, seed=M)
+    P = M * k
+    s = torch.full((P + 1,), -7, dtype=torch.int32)
+    o = torch.full((E + 2,), -7, dtype=torch.int32)
+    schedule_launch(ids, E, s[:P], o[:E + 1], small_p=small_p)
+    assert s[P] == -7 and o[E + 1] == -7
+    assert torch.equal(o[:E + 1], moe_schedule_ref(ids, E)[1])
+
+
+@interp
+def test_combine_skips_slots_whose_id_is_outside_the_experts():
+    """The combine adds no row of a dropped pair, whatever that row holds (its buffer is not
+    written for such pairs: NaN here stands for what torch.empty may hold)."""
+    from densemoe.kernels.triton.routed import combine_launch
+    M, k, H, E = 5, 3, 80, 8
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(M * k, H, generator=g).to(BF16)
+    ids = torch.randint(0, E, (M, k), generator=g)
+    ids[0, 0], ids[2, 1], ids[4, 2], ids[3, 0] = -1, E, 1 << 40, -5
+    bad = ((ids < 0) | (ids >= E)).reshape(-1)
+    rows[bad] = float("nan")
+    out = torch.full((M, H), float("nan"), dtype=BF16)
+    combine_launch(rows, ids, out, E)
+    ref = rows.float().masked_fill(bad[:, None], 0.0).view(M, k, H).sum(1).to(BF16)
+    assert torch.equal(out, ref)
+
+
 # --------------------------------------------------------------------------- the whole path
 
 
@@ -152,7 +187,27 @@ def test_schedule_edge_routings(small_p):
     (7, 16, 4, dataclasses.replace(SMALL_SWAP, tma=False, flatten=True)),
 ])
 def test_routed_against_float64_and_torch(dtype, M, E, k, cfg):
-    I, H = 64, 64
+    _routed_against_float64_and_torch(dtype, M, E, k, cfg, 64, 64)
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("cfg", [
+    # no tile divides I = 96 or H = 80: the column and k masks of both GEMMs, the y groups' last one
+    # part past I, FC2's k-step a quarter of FC1's column tile (a y scale per two k-steps)
+    RoutedConfig(block_m=16, fc1_block_i=64, fc1_block_k=32, fc2_block_n=64, fc2_block_k=16, tma=False),
+    RoutedConfig(block_m=16, fc1_block_i=64, fc1_block_k=32, fc1_swap_ab=True, fc2_block_n=64, fc2_block_k=32,
+                 fc2_swap_ab=True, tma=False),
+    # square swapped tiles: a missing transpose or a wrong reduction axis changes values, not shapes
+    RoutedConfig(block_m=32, fc1_block_i=32, fc1_block_k=32, fc1_swap_ab=True, fc2_block_n=32, fc2_block_k=32,
+                 fc2_swap_ab=True),
+])
+def test_routed_where_no_tile_divides_the_dims(dtype, cfg):
+    _routed_against_float64_and_torch(dtype, 37, 8, 2, cfg, 96 if cfg.fc1_block_i == 64 else 64,
+                                      80 if cfg.fc1_block_i == 64 else 64)
+
+
+def _routed_against_float64_and_torch(dtype, M, E, k, cfg, I, H):
     w13, w2 = weights(E, I, H)
     pw = prepare_weights(w13, w2, dtype=dtype)
     x = tokens(M, H)
