@@ -437,6 +437,7 @@ def test_compiles_for_sm90a(cute_env, cfg, dtype, out_dtype, hei):
     assert store in ptx
     if out_dtype == FP8:
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+        assert "max.NaN.f32" in ptx and "min.NaN.f32" in ptx  # the clamp keeps NaN (issue 21)
     assert ".local" not in ptx  # nothing spilled to local memory at the PTX level
 
 

@@ -22,7 +22,8 @@ _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    """amax / 448; 1 where amax == 0; NaN where amax is NaN (a NaN input keeps its row NaN)."""
+    return torch.where(amax > 0, amax / FP8_MAX, torch.where(amax.isnan(), amax, torch.ones_like(amax)))
 
 
 def _use_kernel(t: torch.Tensor) -> bool:

@@ -207,7 +207,8 @@ def deepseek_v3_topk_ref(router_logits: torch.Tensor, top_k: int, *, n_group: in
 
 
 def _fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    """amax / 448; 1 where amax == 0; NaN where amax is NaN (torch's amax keeps NaN)."""
+    return torch.where(amax > 0, amax / FP8_MAX, torch.where(amax.isnan(), amax, torch.ones_like(amax)))
 
 
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -492,7 +492,8 @@ def _build_kernel_class():
             sig = Float32(1.0) / (Float32(1.0) + cute.math.exp2(g * (-log2e), fastmath=True))
             val = g * sig * up * post
             if cutlass.const_expr(self.out_fp8):
-                val = cute.arch.fmin(cute.arch.fmax(val * inv_os, Float32(-448.0)), Float32(448.0))
+                # NaN kept (nan=True: IEEE minimum / maximum), as torch.clamp and the Triton kernels
+                val = cute.arch.fmin(cute.arch.fmax(val * inv_os, Float32(-448.0), nan=True), Float32(448.0), nan=True)
             if cutlass.const_expr(self.swap):
                 col, tok = tCcC[crd][0], tCcC[crd][1]
             else:

@@ -40,6 +40,7 @@ import triton.language as tl
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.common import SMEM_BYTES, Fc1Problem, reused_zeros, tma_compatible
 from densemoe.kernels.triton.gate_up import gate_up_step
+from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale, max_nan
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 from densemoe.kernels.triton.skip import _expert_at, _tile_list, _tile_positions, list_blocks, lists_scratch
 
@@ -87,17 +88,17 @@ def _fc1_epilogue(acc_g, acc_u, e, offs_m, offs_i, m_ok, i_ok, alpha1_ptr, xs_pt
             v = tl.where(r[:, None] != 0, v, 0.0)
     if DYN_SCALE:  # one tile holds all of I: s[m, e] = amax_i |v| / 448, fp8 out = v / s
         if SWAP_AB:
-            amax = tl.max(tl.where(i_ok[:, None], tl.abs(v), 0.0), axis=0)
-            sc = tl.where(amax > 0, amax / 448.0, 1.0)
-            v = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[None, :]), -448.0), 448.0)
+            amax = amax_abs(tl.where(i_ok[:, None], v, 0.0), 0)
+            sc = e4m3_scale(amax)
+            v = clamp_e4m3(tl.math.div_rn(v, sc[None, :]))
         else:
-            amax = tl.max(tl.where(i_ok[None, :], tl.abs(v), 0.0), axis=1)
-            sc = tl.where(amax > 0, amax / 448.0, 1.0)
-            v = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
+            amax = amax_abs(tl.where(i_ok[None, :], v, 0.0), 1)
+            sc = e4m3_scale(amax)
+            v = clamp_e4m3(tl.math.div_rn(v, sc[:, None]))
         tl.store(ys_ptr + offs_m.to(tl.int64) * stride_ysm + e * stride_yse, sc, mask=m_ok)
     elif OUT_FP8:
         inv = 1.0 / tl.load(oscale_ptr)
-        v = tl.minimum(tl.maximum(v * inv, -448.0), 448.0)
+        v = clamp_e4m3(v * inv)
     cols = (e * I + offs_i).to(tl.int64)
     rows = offs_m.to(tl.int64)
     if SWAP_AB:

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale, max_nan
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 
 MAX_M = 4  # token rows the kernel takes (one gate row, M token rows); above, cuBLAS's GEMM
@@ -57,28 +58,28 @@ def _gate_kernel(x_ptr, g_ptr, out_ptr, q_ptr, s_ptr, M, E, H,
             xv = tl.load(x_ptr + m * stride_xm + kk, mask=k_ok & row_ok, other=0.0).to(tl.float32)
             acc = tl.where(offs_m == m, acc + tl.sum(xv * g, axis=0), acc)
             if QUANT:
-                a_m = tl.max(tl.abs(xv), axis=0)
-                amax = tl.where(offs_m == m, tl.maximum(amax, a_m), amax)
+                a_m = amax_abs(xv, 0)
+                amax = tl.where(offs_m == m, max_nan(amax, a_m), amax)
                 if ONE_PASS:  # every program has the row's amax: each quantises its own slice of it
                     if m < M:
-                        sm = tl.where(a_m > 0, a_m / 448.0, 1.0)  # as densemoe.kernels.triton.quant
+                        sm = e4m3_scale(a_m)  # as densemoe.kernels.triton.quant
                         ss = e * SLICE + tl.arange(0, SLICE)
                         s_ok = ss < H
                         xs = tl.load(x_ptr + m * stride_xm + ss, mask=s_ok, other=0.0).to(tl.float32)
-                        qv = tl.minimum(tl.maximum(tl.math.div_rn(xs, sm), -448.0), 448.0)
+                        qv = clamp_e4m3(tl.math.div_rn(xs, sm))
                         tl.store(q_ptr + m * stride_qm + ss, qv.to(q_ptr.dtype.element_ty), mask=s_ok)
                         if e == 0:
                             tl.store(s_ptr + m, sm)
     tl.store(out_ptr + offs_m * stride_om + e, acc.to(out_ptr.dtype.element_ty), mask=offs_m < M)
     if QUANT and not ONE_PASS:  # H > BLOCK_K: a second pass over this program's rows (L2)
-        s = tl.where(amax > 0, amax / 448.0, 1.0)
+        s = e4m3_scale(amax)
         for m in range(e, M, nprog):
             sm = tl.sum(tl.where(offs_m == m, s, 0.0), axis=0)  # exact: one term
             for k0 in range(0, H, BLOCK_K):
                 kk = k0 + offs_k
                 k_ok = kk < H
                 xv = tl.load(x_ptr + m * stride_xm + kk, mask=k_ok, other=0.0).to(tl.float32)
-                qv = tl.minimum(tl.maximum(tl.math.div_rn(xv, sm), -448.0), 448.0)
+                qv = clamp_e4m3(tl.math.div_rn(xv, sm))
                 tl.store(q_ptr + m * stride_qm + kk, qv.to(q_ptr.dtype.element_ty), mask=k_ok)
             tl.store(s_ptr + m, sm)
 

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale, max_nan
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 
 FP8_MAX = 448.0
@@ -51,22 +52,22 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q,
     if ONE_PASS:
         ok = offs < H
         v = tl.load(x_ptr + m * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(v), axis=0)
-        s = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(v, s), -448.0), 448.0)
+        amax = amax_abs(v, 0)
+        s = e4m3_scale(amax)
+        q = clamp_e4m3(tl.math.div_rn(v, s))
         tl.store(q_ptr + m * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for h0 in range(0, H, BLOCK):
             ok = h0 + offs < H
             v = tl.load(x_ptr + m * stride_x + h0 + offs, mask=ok, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        a = tl.max(amax, axis=0)
-        s = tl.where(a > 0, a / 448.0, 1.0)
+            amax = max_nan(amax, tl.abs(v))
+        a = amax_abs(amax, 0)
+        s = e4m3_scale(a)
         for h0 in range(0, H, BLOCK):
             ok = h0 + offs < H
             v = tl.load(x_ptr + m * stride_x + h0 + offs, mask=ok, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(v, s), -448.0), 448.0)
+            q = clamp_e4m3(tl.math.div_rn(v, s))
             tl.store(q_ptr + m * stride_q + h0 + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + m, s)
 
@@ -101,9 +102,9 @@ def _quant_y_live(y_ptr, ws_ptr, q_ptr, a2_ptr, I, m, offs_e, offs_i, e_ok, a, l
     if ONE_PASS:
         ok = live[:, None] & (offs_i[None, :] < I)
         v = tl.load(y_ptr + m * stride_ym + cols, mask=ok, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(v), axis=1)
-        s = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(v, s[:, None]), -448.0), 448.0)
+        amax = amax_abs(v, 1)
+        s = e4m3_scale(amax)
+        q = clamp_e4m3(tl.math.div_rn(v, s[:, None]))
         tl.store(q_ptr + m * stride_qm + cols, q.to(q_ptr.dtype.element_ty),
                  mask=e_ok[:, None] & (offs_i[None, :] < I))
     else:
@@ -111,13 +112,13 @@ def _quant_y_live(y_ptr, ws_ptr, q_ptr, a2_ptr, I, m, offs_e, offs_i, e_ok, a, l
         for i0 in range(0, I, BLOCK_I):
             ok = live[:, None] & (i0 + offs_i[None, :] < I)
             v = tl.load(y_ptr + m * stride_ym + cols + i0, mask=ok, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        am = tl.max(amax, axis=1)
-        s = tl.where(am > 0, am / 448.0, 1.0)
+            amax = max_nan(amax, tl.abs(v))
+        am = amax_abs(amax, 1)
+        s = e4m3_scale(am)
         for i0 in range(0, I, BLOCK_I):
             ok = live[:, None] & (i0 + offs_i[None, :] < I)
             v = tl.load(y_ptr + m * stride_ym + cols + i0, mask=ok, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(v, s[:, None]), -448.0), 448.0)
+            q = clamp_e4m3(tl.math.div_rn(v, s[:, None]))
             tl.store(q_ptr + m * stride_qm + cols + i0, q.to(q_ptr.dtype.element_ty),
                      mask=e_ok[:, None] & (i0 + offs_i[None, :] < I))
     a2 = a * s
@@ -169,9 +170,9 @@ def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s,
     cols = g[:, None] * G + tl.arange(0, G)[None, :]
     ok = cols < H
     v = tl.load(x_ptr + m * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(v), axis=1)
-    sc = tl.where(amax > 0, amax / 448.0, 1.0)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
+    amax = amax_abs(v, 1)
+    sc = e4m3_scale(amax)
+    q = clamp_e4m3(tl.math.div_rn(v, sc[:, None]))
     tl.store(q_ptr + m * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + m * stride_s + g, sc, mask=g * G < H)
 

@@ -49,6 +49,7 @@ import triton.language as tl
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.common import SMEM_BYTES, tma_compatible
 from densemoe.kernels.triton.gate_up import gate_up_step
+from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale, max_nan
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 
 FP8_MAX = 448.0
@@ -328,9 +329,9 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
     u_ = acc_u * s
     v = g * tl.sigmoid(g) * u_
     if OUT_FP8:  # one scale per (row, BLOCK_I columns): amax / 448, 1 for an all-zero group
-        amax = tl.max(tl.where(i_ok[None, :], tl.abs(v), 0.0), axis=1)
-        sc = tl.where(amax > 0, amax / 448.0, 1.0)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(v, sc[:, None]), -448.0), 448.0)
+        amax = amax_abs(tl.where(i_ok[None, :], v, 0.0), 1)
+        sc = e4m3_scale(amax)
+        v = clamp_e4m3(tl.math.div_rn(v, sc[:, None]))
         tl.store(ys_ptr + rows.to(tl.int64) * stride_ysm + it, sc, mask=r_ok)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + offs_i[None, :], v.to(y_ptr.dtype.element_ty),
              mask=r_ok[:, None] & i_ok[None, :])
