@@ -133,12 +133,14 @@ def router_logits_ref(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = 
 
 
 def alpha_from_topk_ref(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Loop twin of alpha_from_topk: alpha [M, E] float32, element by element."""
+    """Loop twin of alpha_from_topk: alpha [M, E] float32, element by element; an id outside
+    [0, E) is dropped."""
     M, k = topk_ids.shape
     alpha = torch.zeros(M, num_experts, dtype=torch.float32)
     for m in range(M):
         for j in range(k):
-            alpha[m, int(topk_ids[m, j])] = float(topk_weights[m, j])
+            if 0 <= int(topk_ids[m, j]) < num_experts:
+                alpha[m, int(topk_ids[m, j])] = float(topk_weights[m, j])
     return alpha.to(topk_ids.device)
 
 

@@ -145,8 +145,9 @@ def alpha_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expe
         alpha[m, topk_ids[m, j]] = float32(topk_weights[m, j])   for every m, j
 
     topk_ids      [M, k] any integer dtype, values in [0, num_experts), distinct within a row
-                  (duplicates are not expected: which of them lands is unspecified; out-of-range
-                  ids are not checked here, they fail inside the scatter)
+                  (duplicates are not expected: which of them lands is unspecified); an id
+                  outside [0, num_experts) is dropped (its slot adds nothing), as the routed
+                  path drops it: checking would need a host sync
     topk_weights  [M, k] any floating dtype
     num_experts   E, int >= k
     returns       alpha [M, E] float32, on topk_ids' device
@@ -170,8 +171,11 @@ def alpha_from_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expe
 
 
 def _alpha(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
-    alpha = torch.zeros((topk_ids.shape[0], num_experts), dtype=torch.float32, device=topk_ids.device)
-    return alpha.scatter(1, topk_ids.long(), topk_weights.to(torch.float32))
+    # an id outside [0, E) lands in an extra column E, cut off (no sync, no out-of-bounds scatter)
+    ids = topk_ids.long()
+    ids = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    alpha = torch.zeros((topk_ids.shape[0], num_experts + 1), dtype=torch.float32, device=topk_ids.device)
+    return alpha.scatter(1, ids, topk_weights.to(torch.float32))[:, :num_experts]
 
 
 # ----------------------------------------------------------------------------------------------

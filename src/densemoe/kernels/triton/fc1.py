@@ -331,8 +331,11 @@ def _fc1_unit(u, k_lo, k_hi, b, reduce, pos, x_ptr, w_ptr, x_desc, w_desc, alpha
         it = u % i_tiles
         if ONE_TILE:  # M <= BLOCK_M: no search over token tiles
             pid_m = 0
-            if IDS:
-                e = tl.load(lists_ptr + u // i_tiles).to(tl.int32)
+            if IDS:  # the caller's ids, unchecked: one outside [0, E) (at its own width) is dropped:
+                # its unit reads expert 0's weights and stores nothing
+                e = tl.load(lists_ptr + u // i_tiles)
+                e_ok = (e >= 0) & (e < E)
+                e = tl.where(e_ok, e, 0).to(tl.int32)
             elif LISTS_GIVEN:
                 e = tl.load(lists_ptr + u // i_tiles)
             else:
@@ -349,6 +352,8 @@ def _fc1_unit(u, k_lo, k_hi, b, reduce, pos, x_ptr, w_ptr, x_desc, w_desc, alpha
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
     m_ok = offs_m < M
+    if SKIP and ONE_TILE and IDS:  # a dropped id's unit: no row
+        m_ok = offs_m < tl.where(e_ok, M, 0)
     i_ok = offs_i < I
     gate_row0 = e * 2 * I + it * BLOCK_I
     gate_rows = (e * 2 * I + offs_i).to(tl.int64)

@@ -121,8 +121,11 @@ def _fc2_kernel(
         # pipeline depth is num_stages k-tiles whatever I is. Expert e = kt // KT.
         for kt in tl.range(e_lo * KT, e_hi * KT, num_stages=NUM_STAGES):
             if SKIP:
-                if IDS:
-                    e = tl.load(lists_ptr + kt // KT).to(tl.int32)
+                if IDS:  # the caller's ids, unchecked: one outside [0, E) (at its own width) adds
+                    # nothing (expert 0's weights read, its alpha taken as 0)
+                    e = tl.load(lists_ptr + kt // KT)
+                    e_ok = (e >= 0) & (e < E)
+                    e = tl.where(e_ok, e, 0).to(tl.int32)
                 else:
                     e = tl.load(lists_ptr + m_tile * E + kt // KT)
                 k0 = e * I + (kt % KT) * BLOCK_K
@@ -141,6 +144,8 @@ def _fc2_kernel(
                             + (k0 + offs_k)[None, :] * stride_ak,
                             mask=mask_m[:, None], other=0.0)
             al = tl.load(alpha_ptr + offs_m * stride_alm + e * stride_ale, mask=mask_m, other=0.0)
+            if SKIP and IDS:
+                al = tl.where(e_ok, al, 0.0)
             if HAS_WSCALE:
                 al = al * tl.load(wscale_ptr + e)
             if W_BLOCK:  # 128 x 128 block-scaled w: every k-tile's product scaled in fp32 (DeepGEMM's
