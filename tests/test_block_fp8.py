@@ -108,9 +108,13 @@ CFG = RoutedConfig(block_m=16, fc1_block_i=B, fc1_block_k=B, fc2_block_n=B, fc2_
 @pytest.mark.parametrize("I", [128, 256])
 @pytest.mark.parametrize("M", [1, 7, 100])
 @pytest.mark.parametrize("cfg", [None, dataclasses.replace(CFG, fc1_swap_ab=True, fc2_swap_ab=True),
-                                 dataclasses.replace(CFG, tma=False, atomic_combine=True)])
-def test_routed_block_fp8_against_float64_and_torch(I, M, cfg):
-    E, H, k = 4, 256, 2
+                                 dataclasses.replace(CFG, tma=False, atomic_combine=True),
+                                 dataclasses.replace(CFG, fc2_block_n=2 * B),  # FC2 tiles over two row blocks
+                                 dataclasses.replace(CFG, fc2_block_n=2 * B, fc1_swap_ab=True, fc2_swap_ab=True,
+                                                     tma=False)])
+@pytest.mark.parametrize("H", [256, 384])  # 384: FC2's 256-wide tile half past H
+def test_routed_block_fp8_against_float64_and_torch(I, M, cfg, H):
+    E, k = 4, 2
     w13, s13, d13, w2, s2, d2 = block_weights(E, I, H, seed=I + M)
     pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
     x = torch.randn(M, H, generator=torch.Generator().manual_seed(M)).to(BF16)

@@ -82,6 +82,13 @@ SCRIPT = textwrap.dedent('''
                  dict(HAS_YS=dt == FP8, E_PAD=256, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, SWAP_AB=swap, NUM_STAGES=3,
                       ATOMIC=atomic, FLATTEN=flat, USE_TMA=tma, W_BLOCK=blk, PDL=True))
         n += 2
+    for swap in (True, False):  # block-scaled FC2 tiles over two row blocks of w2: a weight scale per column
+        compile_(_fc2_kernel, dict(y_ptr="*" + FP8, ys_ptr="*fp32", w_ptr="*" + FP8,
+                                   w_desc=f"tensordesc<{FP8}[256, 128]>", w2s_ptr="*fp32", ws_ptr="*fp32",
+                                   sorted_ptr="*i32", offsets_ptr="*i32", tw_ptr="*fp32", out_ptr="*bf16"),
+                 dict(HAS_YS=True, E_PAD=256, BLOCK_M=16 if swap else 64, BLOCK_N=256, BLOCK_K=128, SWAP_AB=swap,
+                      NUM_STAGES=3, USE_TMA=True, W_BLOCK=True, PDL=True))
+        n += 1
     print("compiled", n)
 ''')
 
@@ -95,4 +102,4 @@ def test_routed_kernels_compile_for_sm90_pipelined():
     env["TRITON_INTERPRET"] = "0"
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 16" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 18" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -1108,7 +1108,8 @@ def test_merge_checks_routed_and_strategy_entries():
     assert "not a routed config" in merge.check(rkey, {"best": {"config": "block_m=16", "us": 1.0}})
     bkey = cache.make_key("routed", "NVIDIA H200", dataclasses_replace(p, block=128))
     assert merge.problem_of(bkey) == dataclasses_replace(p, m=128, block=128)
-    wide = RoutedConfig(block_m=16, fc2_block_n=256).to_str()  # block weights pin FC2's tile to 128
+    wide = RoutedConfig(block_m=16, fc1_block_i=256).to_str()  # block weights pin FC1's tile to 128
+    assert merge.check(bkey, {"best": {"config": RoutedConfig(block_m=16, fc2_block_n=256).to_str(), "us": 1.0}}) == ""
     assert merge.check(bkey, {"best": {"config": good, "us": 1.0}}) == ""
     assert "block-scaled" in merge.check(bkey, {"best": {"config": wide, "us": 1.0}})
     skey = cache.make_key("strategy", "NVIDIA H200", p)
@@ -1128,7 +1129,7 @@ def test_block_dtype_plans_the_routed_and_strategy_jobs_only(capsys):
     assert cli.main(["tune", "--op", "routed", "--m", "1,512,4096", "--dtypes", "fp8block", "--dry-run"]) == 0
     rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| fp8block |")]
     assert [r[2].strip() for r in rows] == ["1", "512", "4096", "distinct (compiles)"]
-    assert all(0 < int(r[3]) <= 32 for r in rows)
+    assert all(0 < int(r[3]) <= 48 for r in rows)  # FC2 128 or 256 wide, the rest of the routed space's pruning
     with pytest.raises(SystemExit):
         cli.main(["tune", "--op", "fc2", "--dtypes", "fp8block", "--dry-run"])
     assert "is for --op routed or strategy" in capsys.readouterr().err
@@ -1136,7 +1137,9 @@ def test_block_dtype_plans_the_routed_and_strategy_jobs_only(capsys):
         tune("fc1", TINY_BLOCK, [1], dtypes=("fp8block",), device="cpu", timer=fake_timer, progress=False)
 
 
-def test_block_routed_space_pins_every_tile_to_the_block():
+def test_block_routed_space_pins_fc1_and_the_k_steps_to_the_block():
+    """Block-scaled weights: FC1's tile and both k-steps are one 128 x 128 block (one weight
+    scale each); FC2's tile is one or two row blocks wide (a scale per column)."""
     from densemoe.kernels.triton.routed import can_implement
     from densemoe.tuning.space import routed_space
 
@@ -1144,7 +1147,9 @@ def test_block_routed_space_pins_every_tile_to_the_block():
         p = dataclasses_replace(_routed_problem(m, FP8, 7168, 256, 256, 8), block=128)
         space = routed_space(p)
         assert space and all(can_implement(p, c)[0] for c in space)
-        assert {(c.fc1_block_i, c.fc1_block_k, c.fc2_block_n, c.fc2_block_k) for c in space} == {(128,) * 4}
+        assert {(c.fc1_block_i, c.fc1_block_k, c.fc2_block_k) for c in space} == {(128,) * 3}
+        assert {c.fc2_block_n for c in space} == {128, 256}
+    assert not can_implement(p, dataclasses_replace(space[0], fc2_block_n=64))[0]
 
 
 @pytest.mark.interpreter

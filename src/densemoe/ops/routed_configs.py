@@ -18,7 +18,8 @@ It is the pattern of the H200 tuning run of 2026-12-05 (fp8, DeepSeek-V3 TP8 and
     above      block_m 64, not swapped, two programs per SM, rings of 2 (FC1) and 4 (FC2)
 
 FC2's wide tiles and the second program per SM keep more of FC2's weight bytes in flight: it was
-the slowest launch before (docs/routed.md). Block-scaled weights keep every tile at the block (128).
+the slowest launch before (docs/routed.md). Block-scaled weights keep FC1's tile and both k-steps at
+the block (128) and FC2's tile at whole blocks (128 or 256 wide).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def default_config(problem: RoutedProblem) -> RoutedConfig:
     bk2 = min(bk, bi) if fp8 else bk  # fp8: one y scale per fc1_block_i columns per k-step
     while p.i % bk2 and bk2 > 16:  # FC2's k-steps tile each expert's I exactly (TMA)
         bk2 //= 2
-    if p.block:  # one weight scale per tile and k-step
-        bi = bn = bk = bk2 = p.block
+    if p.block:  # one weight scale per FC1 tile and per k-step; FC2's tile whole row blocks
+        bi = bk = bk2 = p.block
+        bn = max(p.block, bn - bn % p.block)
     cfg = RoutedConfig(block_m=bm, fc1_block_i=bi, fc1_block_k=bk, fc1_swap_ab=swap, fc1_warps=4, fc1_stages=s1,
                        fc2_block_n=bn, fc2_block_k=bk2, fc2_swap_ab=swap, fc2_warps=4, fc2_stages=s2,
                        programs_per_sm=pps)

@@ -245,8 +245,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       256) FC2's k-step 256, flattened. (The H200's fp8 tuning of 2026-12-05 picked the widest
       tile with two programs per SM at M = 4-2048; three and four were not in its space.)
 
-    Block-scaled weights (``problem.block``): FC1's and FC2's tiles and k-steps are the block
-    (``can_implement``), so only the token tile, warps, rings, programs per SM and the flags vary.
+    Block-scaled weights (``problem.block``): FC1's tile and both k-steps are the block and FC2's
+    tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
+    rings, programs per SM and the flags vary.
 
     At most 23 configs per (block_m, swap) and three of those, so at most 70 with the default.
     """
@@ -258,8 +259,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     rows = routed_rows(p)
     bis = [b for b in (64, 128, 256) if b <= max(64, _pow2_at_least(p.i))]
     bns = [b for b in (64, 128, 256) if b <= max(64, _pow2_at_least(p.h))]
-    if getattr(p, "block", 0):  # block-scaled weights: every tile and k-step one scale block
-        bis = bns = [p.block]
+    if getattr(p, "block", 0):  # block-scaled weights: FC1's tile and the k-steps one scale block, FC2's whole blocks
+        bis = [p.block]
+        bns = [b for b in bns if b % p.block == 0] or [p.block]
     k1_max = max(64, _pow2_at_least(p.h))
     k2_max = max(64, _pow2_at_least(p.i))
     out: list[RoutedConfig] = []

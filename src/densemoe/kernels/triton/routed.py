@@ -118,9 +118,9 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     fc1_stage = (cfg.block_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
     fc2_stage = (cfg.block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
     blk = getattr(problem, "block", 0)
-    if blk and (cfg.fc1_block_i, cfg.fc1_block_k, cfg.fc2_block_n, cfg.fc2_block_k) != (blk,) * 4:
-        bad.append(f"block-scaled weights: fc1_block_i, fc1_block_k, fc2_block_n and fc2_block_k must all be "
-                   f"{blk} (one weight scale per tile and k-step)")
+    if blk and ((cfg.fc1_block_i, cfg.fc1_block_k, cfg.fc2_block_k) != (blk,) * 3 or cfg.fc2_block_n % blk):
+        bad.append(f"block-scaled weights: fc1_block_i, fc1_block_k and fc2_block_k must be {blk} (one weight "
+                   f"scale per FC1 tile and per k-step) and fc2_block_n a multiple of {blk} (whole row blocks)")
     if cfg.tma and problem.i % cfg.fc2_block_k:
         bad.append(f"tma: fc2_block_k={cfg.fc2_block_k} must divide I={problem.i} (a TMA k-step must not reach "
                    f"into the next expert)")
@@ -395,12 +395,20 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
             b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
             sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
-            if W_BLOCK:  # and w2's scale of this (row block, column block)
-                sy = sy * tl.load(ws_ptr + nt * stride_wsr + (e * I + k0) // BLOCK_K)
-            if SWAP_AB:
-                acc += tl.dot(b, tl.trans(a)) * sy[None, :]
+            if W_BLOCK and BLOCK_N > BLOCK_K:  # the tile spans BLOCK_N / 128 row blocks of w2: a scale per column
+                sw = tl.load(ws_ptr + (offs_n // BLOCK_K).to(tl.int64) * stride_wsr + (e * I + k0) // BLOCK_K,
+                             mask=n_ok, other=0.0)
+                if SWAP_AB:
+                    acc += tl.dot(b, tl.trans(a)) * (sw[:, None] * sy[None, :])
+                else:
+                    acc += tl.dot(a, tl.trans(b)) * (sy[:, None] * sw[None, :])
             else:
-                acc += tl.dot(a, tl.trans(b)) * sy[:, None]
+                if W_BLOCK:  # and w2's scale of this (row block, column block): one per tile
+                    sy = sy * tl.load(ws_ptr + nt * stride_wsr + (e * I + k0) // BLOCK_K)
+                if SWAP_AB:
+                    acc += tl.dot(b, tl.trans(a)) * sy[None, :]
+                else:
+                    acc += tl.dot(a, tl.trans(b)) * sy[:, None]
         else:
             if SWAP_AB:  # (bf16 y: no fp8 imprecise accumulation to bound)
                 acc = tl.dot(b, tl.trans(a), acc)
