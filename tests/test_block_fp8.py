@@ -375,3 +375,27 @@ def test_a_model_quantised_on_load_on_the_gpu_matches_transformers_own_fp8(tmp_p
     with torch.no_grad():
         theirs = ex(x.cuda(), ids.cuda(), wts.cuda()).cpu()
     assert errs(ours, theirs)[0] <= 2 * t_rel, (errs(ours, theirs), t_rel)
+
+def test_block_configs_keep_the_bytes_in_flight():
+    """The dense and skipping paths cut their tiles to one scale block; the ring deepens by as much
+    as each stage shrank, within shared memory (FC1: a 256 k-tile cut to 128 doubles the stages)."""
+    from densemoe.kernels.common import Fc1Problem, Fc2Problem
+    from densemoe.kernels.triton.fc1 import Fc1TritonConfig
+    from densemoe.kernels.triton.fc1 import can_implement as fc1_ok
+    from densemoe.kernels.triton.fc2 import Fc2TritonConfig
+    from densemoe.kernels.triton.fc2 import can_implement as fc2_ok
+    from densemoe.ops.fc1 import block_config as fc1_block
+    from densemoe.ops.fc2 import block_config as fc2_block
+
+    p1 = Fc1Problem(64, 7168, 256, 256, FP8, BF16)
+    c1 = Fc1TritonConfig(block_m=64, block_i=64, block_k=256, num_warps=4, num_stages=4, swap_ab=1, use_tma=1)
+    b1 = fc1_block(c1, p1)
+    assert (b1.block_i, b1.block_k, b1.num_stages) == (64, 128, 8) and fc1_ok(p1, b1)[0]
+    assert fc1_block(c1) == dataclasses.replace(c1, block_k=128)  # no problem: the cut alone
+    big = dataclasses.replace(c1, block_m=128, block_i=128, block_k=256, num_stages=4, num_warps=8)
+    b = fc1_block(big, p1)  # (128 + 256) x 128 B a stage: 4 stages fit, not 8
+    assert b.num_stages >= 4 and fc1_ok(p1, b)[0] and not fc1_ok(p1, dataclasses.replace(b, num_stages=b.num_stages + 1))[0]
+    p2 = Fc2Problem(64, 7168, 256, 256, FP8, BF16)
+    c2 = Fc2TritonConfig(block_m=64, block_n=256, block_k=256, num_stages=2)
+    b2 = fc2_block(c2, p2)
+    assert (b2.block_n, b2.block_k) == (128, 128) and b2.num_stages > 2 and fc2_ok(p2, b2)[0]

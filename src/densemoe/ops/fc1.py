@@ -62,9 +62,9 @@ def _fc1_op(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, x_scale: to
                             x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale, skip=skip,
                             routing=routing is not None)
     if w_block_scale is not None:  # the Triton kernel (backend forced by fc1), tiles within a scale block
-        fc1_triton(x, w1, alpha1, out, block_config(cfg), alpha_post=alpha_post, out_scale=out_scale,
-                   routing=routing, skip=skip, fill=fill, expert_ids=expert_ids, x_group_scale=x_group_scale,
-                   w_block_scale=w_block_scale)
+        fc1_triton(x, w1, alpha1, out, block_config(cfg, _problem(x, w1, alpha1, out)), alpha_post=alpha_post,
+                   out_scale=out_scale, routing=routing, skip=skip, fill=fill, expert_ids=expert_ids,
+                   x_group_scale=x_group_scale, w_block_scale=w_block_scale)
         return
     if which == "cute":
         cute_fc1.fc1_cute(x, w1, alpha1, out, cfg, x_scale=x_scale, alpha_post=alpha_post, out_scale=out_scale)
@@ -79,10 +79,21 @@ def _(x, w1, alpha1, x_scale, alpha_post, out_scale, routing, out, config, backe
     return None
 
 
-def block_config(cfg: Fc1TritonConfig) -> Fc1TritonConfig:
+def block_config(cfg: Fc1TritonConfig, problem: Fc1Problem | None = None) -> Fc1TritonConfig:
     """``cfg`` with its tile cut to fit one 128 x 128 weight-scale block (block_i and block_k at
-    most 128: powers of two, so they divide it)."""
-    return dataclasses.replace(cfg, block_i=min(cfg.block_i, 128), block_k=min(cfg.block_k, 128))
+    most 128: powers of two, so they divide it). With ``problem``, the load ring deepened by as
+    much as each stage shrank, as far as ``can_implement`` allows: the same bytes in flight as
+    the per-expert config (the block path runs at small M, where FC1 waits on the loads; a 256
+    k-tile cut to 128 with the same ring had half of them in flight)."""
+    cut = dataclasses.replace(cfg, block_i=min(cfg.block_i, 128), block_k=min(cfg.block_k, 128))
+    if problem is None:
+        return cut
+    grow = ((cfg.block_m + 2 * cfg.block_i) * cfg.block_k) // ((cut.block_m + 2 * cut.block_i) * cut.block_k)
+    for stages in range(min(8, cfg.num_stages * grow), cfg.num_stages, -1):
+        deeper = dataclasses.replace(cut, num_stages=stages)
+        if can_implement(problem, deeper)[0]:
+            return deeper
+    return cut
 
 
 def _check_inputs(x, w1, alpha1, x_scale, alpha_post):

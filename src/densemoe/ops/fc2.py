@@ -40,8 +40,8 @@ def _fc2_op(a: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, out: torch.Te
             expert_ids: torch.Tensor | None = None, w_block_scale: torch.Tensor | None = None) -> None:
     which, cfg, _ = _choose(a, w, alpha, out, fc2_configs.parse_config(config) if config else None, backend, skip)
     if w_block_scale is not None:  # the Triton kernel (backend forced by fc2), tiles within a scale block
-        fc2_triton(a, w, alpha, out, block_config(cfg), skip=skip, w_scale=w_scale, expert_ids=expert_ids,
-                   w_block_scale=w_block_scale)
+        fc2_triton(a, w, alpha, out, block_config(cfg, _problem(a, w, alpha, out)), skip=skip, w_scale=w_scale,
+                   expert_ids=expert_ids, w_block_scale=w_block_scale)
         return
     if skip:
         fc2_triton(a, w, alpha, out, cfg, skip=True, w_scale=w_scale, expert_ids=expert_ids)
@@ -56,10 +56,19 @@ def _(a, w, alpha, out, config, backend, skip, w_scale, expert_ids=None, w_block
     return None
 
 
-def block_config(cfg: Fc2TritonConfig) -> Fc2TritonConfig:
+def block_config(cfg: Fc2TritonConfig, problem: Fc2Problem | None = None) -> Fc2TritonConfig:
     """``cfg`` with its tile cut to fit one 128 x 128 weight-scale block (block_n and block_k at
-    most 128: powers of two, so they divide it)."""
-    return dataclasses.replace(cfg, block_n=min(cfg.block_n, 128), block_k=min(cfg.block_k, 128))
+    most 128: powers of two, so they divide it). With ``problem``, the load ring deepened by as
+    much as each stage shrank, as far as ``can_implement`` allows (as FC1's ``block_config``)."""
+    cut = dataclasses.replace(cfg, block_n=min(cfg.block_n, 128), block_k=min(cfg.block_k, 128))
+    if problem is None:
+        return cut
+    grow = ((cfg.block_m + cfg.block_n) * cfg.block_k) // ((cut.block_m + cut.block_n) * cut.block_k)
+    for stages in range(min(8, cfg.num_stages * grow), cfg.num_stages, -1):
+        deeper = dataclasses.replace(cut, num_stages=stages)
+        if can_implement(problem, deeper)[0]:
+            return deeper
+    return cut
 
 
 def _skip_blocker(backend: str, config) -> str | None:
