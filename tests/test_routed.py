@@ -221,6 +221,47 @@ def _routed_against_float64_and_torch(dtype, M, E, k, cfg, I, H):
 
 @interp
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_SWAP, dataclasses.replace(SMALL, flatten=True, tma=False)])
+def test_fused_combine_is_the_combine_bit_for_bit(dtype, cfg):
+    """fused_combine: FC2's program that lands a token's last valid pair sums its k rows in slot
+    order, as the combine kernel does: the same bits, with dropped slots, a token whose every id
+    is out of range (a zero row), repeated ids in a row, ragged M; the per-(token, column tile)
+    counters are left at zero for the next launch."""
+    from densemoe.kernels.common import stream_buffer
+
+    E, k, I, H = 8, 3, 64, 96  # H = 96: a ragged last column tile
+    w13, w2 = weights(E, I, H)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    fused = dataclasses.replace(cfg, fused_combine=True)
+    for M in (1, 7, 100):
+        x = tokens(M, H, seed=M)
+        ids, wts = uniform_routing(M, E, k, seed=M)
+        ids[0, 1] = -1
+        if M > 3:
+            ids[2] = torch.tensor([E, -3, 1 << 40])  # no valid slot: the output row is 0
+            ids[3, 2] = ids[3, 0]  # an expert twice in one row: once per slot
+        want = routed_experts(x, pw, ids, wts, config=cfg)
+        got = routed_experts(x, pw, ids, wts, config=fused)
+        assert torch.equal(got, want), (M, (got.float() - want.float()).abs().max())
+        if M > 3:
+            assert (got[2] == 0).all()
+        assert not stream_buffer("cpu").any()  # the counters back at zero
+        assert torch.equal(routed_experts(x, pw, ids, wts, config=fused), want)  # and reused
+
+
+def test_config_strings_stored_before_fused_combine_still_parse():
+    old = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str().rsplit(",", 1)[0]  # 15 fields
+    assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
+    assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
+    with pytest.raises(ValueError, match="a routed config has 16 fields, got 14"):
+        RoutedConfig.from_str(old.rsplit(",", 1)[0])
+    from densemoe.kernels.triton.routed import config_problems
+
+    assert "one at most" in " ".join(config_problems(RoutedConfig(fused_combine=True, atomic_combine=True), True))
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 def test_ragged_counts_one_expert_and_zero_weights(dtype):
     M, E, k, I, H = 37, 8, 2, 64, 64
     w13, w2 = weights(E, I, H, seed=3)

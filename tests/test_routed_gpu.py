@@ -176,6 +176,34 @@ def test_ids_outside_the_experts_are_dropped_on_the_gpu():
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("M", [1, 7, 100, 1000])
+def test_fused_combine_is_the_combine_on_model_shapes(shape, M):
+    """fused_combine across programs on the GPU (acq_rel counters, rows read back from L2): the
+    combine kernel's bits at every M, again under graph replay with other routings (the counters
+    reused), with a dropped slot."""
+    import dataclasses
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 5)
+    pw = prepare_weights(w13, w2, dtype="fp8")
+    base = routed_configs.choose(RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16),
+                                 x.device).config
+    base = dataclasses.replace(base, atomic_combine=False)
+    fused = dataclasses.replace(base, fused_combine=True)
+    ids[0, 0] = -1
+    assert torch.equal(routed_experts(x, pw, ids, wts, config=fused), routed_experts(x, pw, ids, wts, config=base))
+    s_ids, s_wts = ids.clone(), wts.clone()
+    graph, out = capture(lambda: routed_experts(x, pw, s_ids, s_wts, config=fused))
+    for seed in range(3):
+        _, _, _, new_ids, new_wts = _case(shape, M, 200 + seed)
+        s_ids.copy_(new_ids)
+        s_wts.copy_(new_wts)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, routed_experts(x, pw, new_ids, new_wts, config=base)), seed
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [7, 1000])
 def test_atomic_combine_and_flatten_on_model_shapes(shape, M):
     import dataclasses

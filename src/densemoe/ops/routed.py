@@ -12,6 +12,7 @@ CUDA graph replays with any routing; ``densemoe.kernels.triton.routed`` has the 
           y8, ys = grouped FC1 (SwiGLU; y quantised per (pair, fc1_block_i columns))
           rows = grouped FC2 (per-step promotion by ys, w2's scale and the routing weight)
           out = combine(rows)                                    each token's k rows, fp32
+                (``fused_combine``: in FC2, by the program that lands a token's last pair)
     bf16: the same with x, y in bf16 and no scales.
 
 Which tiles run is ``routed_configs.choose``'s answer; whether a layer call runs this path,
@@ -84,8 +85,9 @@ def _fc2_stage(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_ids, topk_weight
     else:  # each pair's row, then each token's k rows summed in slot order (deterministic)
         rows = torch.empty((M * k, w2.shape[0]), dtype=torch.bfloat16, device=dev)
         kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, cfg.fc1_block_i, cfg, k,
-                        w_block_scale=w2_block_scale)
-        kern.combine_launch(rows, topk_ids, out, w2_scale.shape[0])
+                        w_block_scale=w2_block_scale, topk_ids=topk_ids, out=out)
+        if not cfg.fused_combine:  # (fused: FC2's last pair of each token summed its rows into out)
+            kern.combine_launch(rows, topk_ids, out, w2_scale.shape[0])
 
 
 @torch.library.custom_op("densemoe::routed_experts", mutates_args=("out",))

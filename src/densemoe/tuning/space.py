@@ -237,7 +237,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       most fc1_block_i; bf16: 128), which FC1's dense tuning picked for bandwidth-bound calls on
       the H100, both k-loops flattened into the persistent loops (``flatten``), the weights
       through pointer loads instead of TMA descriptors (``tma=False``), and FC2's atomic combine
-      (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``).
+      (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``), and the
+      combine fused into FC2 (``fused_combine``: the same bits as the combine, no launch of its
+      own), at the middle tiles and at the widest FC2 tile with two programs per SM.
 
     * FC2 extras at the middle FC1 tile: flattened and two programs per SM together, the widest
       FC2 tile of H flattened, with two, three or four programs per SM (rings as deep as fit their
@@ -249,7 +251,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 23 configs per (block_m, swap) and three of those, so at most 70 with the default.
+    At most 25 configs per (block_m, swap) and three of those, so at most 76 with the default.
     """
     if "triton" not in backends:
         return []
@@ -322,6 +324,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
             add(make(bm, swap, 256, max(t[1] for t in tiles if t[0] == 256), k2=256, flatten=True))
         if ROUTED_ATOMIC:
             add(make(bm, swap, bi, bn, atomic_combine=True))
+        # the combine fused into FC2 (no combine launch; the same bits): the middle and the wide tiles
+        add(make(bm, swap, bi, bn, fused_combine=True))
+        add(make(bm, swap, bi, wide, pps=2, fused_combine=True))
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 

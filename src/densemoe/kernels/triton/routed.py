@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from densemoe._runtime import sm_count, supports_tma
-from densemoe.kernels.common import SMEM_BYTES, tma_compatible
+from densemoe.kernels.common import SMEM_BYTES, reused_zeros, tma_compatible
 from densemoe.kernels.triton.gate_up import gate_up_step
 from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale, max_nan
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
@@ -66,7 +66,11 @@ class RoutedConfig:
     instead of writing [M*k, H] rows that the combine sums in slot order (deterministic).
     ``tma``: the weight tiles load through TMA descriptors where the device has TMA and the
     tensors allow it (pointer loads otherwise); FC2 then needs fc2_block_k to divide I, so that no
-    k-step reads into the next expert's columns."""
+    k-step reads into the next expert's columns.
+    ``fused_combine``: FC2 still writes the rows, then counts, per (token, column tile), the pairs
+    that have landed; the program that lands a token's last valid pair sums its k rows in slot
+    order into the output (the combine kernel's sum, bit for bit, without its launch). Fields
+    added later than a stored config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -83,6 +87,7 @@ class RoutedConfig:
     flatten: bool = False  # both GEMMs: the k-loop flattened into the persistent loop
     atomic_combine: bool = False  # FC2 adds into the token's fp32 row (no [M*k, H] rows, no fixed order)
     tma: bool = True  # weights through TMA descriptors (Hopper; x rows are gathered: pointer loads)
+    fused_combine: bool = False  # FC2's last pair of a token sums its k rows (no combine launch; slot order)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -96,7 +101,7 @@ class RoutedConfig:
             raise ValueError(f"not a routed config: {s!r}")
         vals = [int(v) for v in s[len("routed:"):].split(",")]
         fields = dataclasses.fields(cls)
-        if len(vals) != len(fields):
+        if not len(fields) - len(_LATER_FIELDS) <= len(vals) <= len(fields):
             raise ValueError(f"a routed config has {len(fields)} fields, got {len(vals)}: {s!r}")
         return cls(*[bool(v) if f.type in (bool, "bool") else v for f, v in zip(fields, vals)])
 
@@ -107,7 +112,12 @@ class RoutedConfig:
     def short(self) -> str:
         return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
-                f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}")
+                f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
+                f"{'/fused' if self.fused_combine else ''}")
+
+
+# fields appended after tables were stored: a string without them takes their defaults
+_LATER_FIELDS = ("fused_combine",)
 
 
 def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
@@ -151,6 +161,8 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
             bad.append(f"{name} must be in 1..5")
     if cfg.programs_per_sm not in (1, 2, 3, 4):
         bad.append("programs_per_sm must be in 1..4")
+    if cfg.fused_combine and cfg.atomic_combine:
+        bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     return bad
 
 
@@ -365,9 +377,10 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
 @triton.jit
 def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
               out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
+              ids_ptr, cnt_ptr, fin_ptr, stride_fm, E,
               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
-              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
+              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr):
     """Unit u = (tile u // n_tiles_n, column tile u % n_tiles_n): the tile's rows of y against
     the expert's slice of w2 over I, then scales, routing weight and the store (or, ``ATOMIC``,
     the add into the token's fp32 output row)."""
@@ -426,30 +439,64 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
     else:
         tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :], v.to(out_ptr.dtype.element_ty),
                  mask=mask)
+        if FUSED:  # the token's last valid pair to land sums its k rows, in slot order, into fin
+            tl.debug_barrier()  # every thread's rows are issued before the release below
+            tok = (pair // TOP_K).to(tl.int64)
+            seen = tl.atomic_add(cnt_ptr + tok * n_tiles_n + nt, 1, mask=r_ok, sem="acq_rel")
+            valid = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for j in range(0, TOP_K):
+                ej = tl.load(ids_ptr + tok * TOP_K + j, mask=r_ok, other=-1)
+                valid += ((ej >= 0) & (ej < E)).to(tl.int32)
+            last = r_ok & (seen + 1 == valid)
+            if tl.sum(last.to(tl.int32), axis=0) > 0:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for j in range(0, TOP_K):
+                    ej = tl.load(ids_ptr + tok * TOP_K + j, mask=last, other=-1)
+                    okj = last & (ej >= 0) & (ej < E)
+                    r = tl.load(out_ptr + (tok * TOP_K + j)[:, None] * stride_om + offs_n[None, :],
+                                mask=okj[:, None] & n_ok[None, :], other=0.0, cache_modifier=".cg")
+                    total += r.to(tl.float32)
+                tl.store(fin_ptr + tok[:, None] * stride_fm + offs_n[None, :], total.to(fin_ptr.dtype.element_ty),
+                         mask=last[:, None] & n_ok[None, :])
+                tl.debug_barrier()
+                # the counter back at zero: the next launch reuses it (all k pairs have landed)
+                tl.store(cnt_ptr + tok * n_tiles_n + nt, 0, mask=last)
 
 
 @triton.jit(do_not_specialize=["P"])
 def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
                 P, H, I, E, NUM_PROGS, Q, TOP_K,
                 stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
+                ids_ptr, cnt_ptr, fin_ptr, stride_fm,
                 HAS_YS: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
                 FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
-                PDL: tl.constexpr = False):
+                FUSED: tl.constexpr = False, K_PAD: tl.constexpr = 8, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
+    if FUSED:  # a token none of whose pairs is valid gets no last pair: its output row is zero here
+        slots = tl.arange(0, K_PAD)
+        zeros = tl.zeros((BLOCK_N,), dtype=fin_ptr.dtype.element_ty)
+        for t in range(tl.program_id(0), P // TOP_K, NUM_PROGS):
+            ids = tl.load(ids_ptr + (t * TOP_K + slots).to(tl.int64), mask=slots < TOP_K, other=-1)
+            if tl.sum(((ids >= 0) & (ids < E)).to(tl.int32), axis=0) == 0:
+                for n0 in range(0, H, BLOCK_N):
+                    cols = n0 + tl.arange(0, BLOCK_N)
+                    tl.store(fin_ptr + cols.to(tl.int64) + t * stride_fm, zeros, mask=cols < H)
     if FLATTEN:  # FC2's k-loop is short (I / BLOCK_K steps): flattened, loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS, flatten=True):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK)
+                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E,
+                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK)
+                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E,
+                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED)
 
 
 @triton.jit
@@ -507,9 +554,11 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
 
 
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
-               cfg: RoutedConfig, top_k: int, w_block_scale=None) -> None:
+               cfg: RoutedConfig, top_k: int, w_block_scale=None, topk_ids=None, out=None) -> None:
     """Grouped FC2 into rows [M*k, H] (pair order), weights and scales applied; with
-    ``cfg.atomic_combine`` added into rows = the fp32 output [M, H] (zeroed by the caller)."""
+    ``cfg.atomic_combine`` added into rows = the fp32 output [M, H] (zeroed by the caller); with
+    ``cfg.fused_combine`` also each token's k rows summed into ``out`` [M, H] (``topk_ids`` [M, k]
+    contiguous: which slots count)."""
     P = sorted_pairs.numel()
     H = w2.shape[0]
     E = w2_scale.shape[0]
@@ -521,12 +570,18 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     use_tma = cfg.tma and I % cfg.fc2_block_k == 0 and supports_tma(y.device) and tma_compatible(w2)
     w_desc = _descriptor(w2, [cfg.fc2_block_n, cfg.fc2_block_k]) if use_tma else w2
     blk = w_block_scale is not None
+    fused = cfg.fused_combine
+    if fused:  # per (token, column tile) counters, left at zero by the kernel (this stream's buffer)
+        n_tiles_n = triton.cdiv(H, cfg.fc2_block_n)
+        cnt = reused_zeros(max(1, (P // max(top_k, 1)) * n_tiles_n), y.device).view(torch.int32)
     _fc2_kernel[(progs,)](
         y, y_scale if has_ys else w2_scale, w2, w_desc, w2_scale, w_block_scale if blk else w2_scale, sorted_pairs,
         offsets, topk_weights, rows, P, H, I, E, progs, group, top_k,
         y.stride(0), y_scale.stride(0) if has_ys else 0, w2.stride(0), rows.stride(0),
         w_block_scale.stride(0) if blk else 0,
-        HAS_YS=has_ys, E_PAD=triton.next_power_of_2(E),
+        topk_ids if fused else sorted_pairs, cnt if fused else sorted_pairs, out if fused else rows,
+        out.stride(0) if fused else 0,
+        HAS_YS=has_ys, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
         num_warps=cfg.fc2_warps,
