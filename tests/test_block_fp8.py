@@ -105,6 +105,24 @@ CFG = RoutedConfig(block_m=16, fc1_block_i=B, fc1_block_k=B, fc2_block_n=B, fc2_
 
 
 @interp
+@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, fc2_block_n=2 * B, fc1_swap_ab=True, fc2_swap_ab=True)])
+def test_routed_block_fp8_column_stream_is_fc2_bit_for_bit(cfg):
+    """FC2's column stream (fc2_col_groups) with block scales: each unrolled k-step takes its own
+    row block's scale (and per column where a tile spans two row blocks), the bits of one column
+    tile per unit; I = 256 (two k-steps), H = 384 (a tile half past H)."""
+    E, k, I, H = 4, 2, 256, 384
+    w13, s13, _, w2, s2, _ = block_weights(E, I, H, seed=5)
+    pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+    for M in (1, 7):
+        x = torch.randn(M, H, generator=torch.Generator().manual_seed(M)).to(BF16)
+        ids, wts = routing(M, E, k, seed=M)
+        want = routed_experts(x, pw, ids, wts, config=cfg)
+        for groups in (1, 2):
+            got = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc2_col_groups=groups))
+            assert torch.equal(got, want), (M, groups)
+
+
+@interp
 @pytest.mark.parametrize("I", [128, 256])
 @pytest.mark.parametrize("M", [1, 7, 100])
 @pytest.mark.parametrize("cfg", [None, dataclasses.replace(CFG, fc1_swap_ab=True, fc2_swap_ab=True),

@@ -249,11 +249,82 @@ def test_fused_combine_is_the_combine_bit_for_bit(dtype, cfg):
         assert torch.equal(routed_experts(x, pw, ids, wts, config=fused), want)  # and reused
 
 
-def test_config_strings_stored_before_fused_combine_still_parse():
-    old = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str().rsplit(",", 1)[0]  # 15 fields
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("cfg", [SMALL, dataclasses.replace(SMALL, tma=False), SMALL_SWAP])
+def test_column_stream_is_fc2_bit_for_bit(dtype, cfg):
+    """fc2_col_groups: FC2's units run over a group of column tiles, the k-steps unrolled in the
+    pipelined column loop; the same k-steps in the same order as one column tile per unit, so the
+    same bits: for one group (every column tile), two (the last group shorter: 3 tiles of 32) and
+    three (one tile each), I in one k-step and in two, ragged M, dropped slots."""
+    E, k, H = 8, 3, 96
+    for I, bk, ms in ((64, 32, (1, 7, 100)), (32, 32, (7,))):
+        w13, w2 = weights(E, I, H)
+        pw = prepare_weights(w13, w2, dtype=dtype)
+        base = dataclasses.replace(cfg, fc1_block_i=min(cfg.fc1_block_i, I), fc2_block_k=bk)
+        for M in ms:
+            x = tokens(M, H, seed=M)
+            ids, wts = uniform_routing(M, E, k, seed=M)
+            ids[0, 1] = -1
+            want = routed_experts(x, pw, ids, wts, config=base)
+            for groups in (1, 2, 3):
+                got = routed_experts(x, pw, ids, wts, config=dataclasses.replace(base, fc2_col_groups=groups))
+                assert torch.equal(got, want), (I, M, groups, (got.float() - want.float()).abs().max())
+
+
+@interp
+def test_column_stream_with_the_atomic_combine():
+    """The atomic combine adds in no fixed order: the stream is held to the float64 bound."""
+    E, k, I, H, M = 8, 2, 64, 96, 100
+    w13, w2 = weights(E, I, H)
+    pw = prepare_weights(w13, w2, dtype="fp8")
+    x = tokens(M, H)
+    ids, wts = uniform_routing(M, E, k)
+    cfg = dataclasses.replace(SMALL, atomic_combine=True, fc2_col_groups=2)
+    out = routed_experts(x, pw, ids, wts, config=cfg)
+    same = torch_same_precision(pw, x, ids, wts, cfg.fc1_block_i, round_rows=False)
+    assert_as_accurate_as_torch(out, exact(pw, x, ids, wts, cfg.fc1_block_i), same)
+
+
+@interp
+def test_the_column_stream_probe_checks_itself_on_the_cpu():
+    """bench/probes/routed_fc2_stream.py checks every config it would time against the choice's
+    rows: on a tiny shape through the interpreter, so a device call does not find its bugs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "probes" / "routed_fc2_stream.py"), "--check"],
+                       cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "check passed" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_column_stream_configs_are_checked():
+    from densemoe.kernels.triton.routed import config_problems
+
+    p = RoutedProblem(64, 7168, 256, 256, 8, FP8, BF16)
+    ok = RoutedConfig(block_m=16, fc1_swap_ab=True, fc2_block_n=256, fc2_swap_ab=True, fc2_stages=3, fc2_col_groups=4)
+    assert can_implement(p, ok) == (True, "")
+    for bad, why in ((dataclasses.replace(ok, fc2_col_groups=29), "exceeds H's 28 column tiles"),
+                     (dataclasses.replace(ok, fc2_stages=4), "FC2's 4 stages"),  # 4 x 68 KB: whole-I stages
+                     (dataclasses.replace(ok, flatten=True), "one at most"),
+                     (dataclasses.replace(ok, fused_combine=True), "stop Triton from pipelining")):
+        good, msg = can_implement(p, bad)
+        assert not good and why in msg, msg
+    assert not can_implement(RoutedProblem(64, 2048, 128, 2048, 8, FP8, BF16), ok)[0]  # 16 unrolled k-steps
+    assert "0..64" in " ".join(config_problems(dataclasses.replace(ok, fc2_col_groups=-1), True))
+
+
+def test_config_strings_stored_before_later_fields_still_parse():
+    full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
+    old = full.rsplit(",", 2)[0]  # 15 fields: stored before fused_combine and fc2_col_groups
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
+    assert RoutedConfig.from_str(full.rsplit(",", 1)[0]) == RoutedConfig.from_str(old)  # 16 fields
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
-    with pytest.raises(ValueError, match="a routed config has 16 fields, got 14"):
+    assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
+    with pytest.raises(ValueError, match="a routed config has 17 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 

@@ -204,6 +204,39 @@ def test_fused_combine_is_the_combine_on_model_shapes(shape, M):
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("M", [1, 7, 100, 1000])
+def test_column_stream_is_fc2_on_model_shapes(shape, M):
+    """fc2_col_groups (FC2's loop over column tiles pipelined, the k-steps unrolled) on the GPU:
+    the bits of one column tile per unit, for one group and for several, again under graph
+    replay with other routings, with a dropped slot."""
+    import dataclasses
+
+    from densemoe.kernels.triton.routed import can_implement
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 9)
+    pw = prepare_weights(w13, w2, dtype="fp8")
+    p = RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16)
+    base = dataclasses.replace(routed_configs.choose(p, x.device).config, atomic_combine=False, fused_combine=False,
+                               flatten=False, fc1_block_i=128, fc2_block_n=128, fc2_block_k=128)
+    ids[0, 0] = -1
+    want = routed_experts(x, pw, ids, wts, config=base)
+    for groups in (1, 3):
+        stream = next(c for n in (128, 64) for st in (4, 3, 2) if can_implement(p, c := dataclasses.replace(
+            base, fc2_col_groups=groups, fc2_block_n=n, fc2_stages=st))[0])
+        assert torch.equal(routed_experts(x, pw, ids, wts, config=stream), want), groups
+    s_ids, s_wts = ids.clone(), wts.clone()
+    graph, out = capture(lambda: routed_experts(x, pw, s_ids, s_wts, config=stream))
+    for seed in range(3):
+        _, _, _, new_ids, new_wts = _case(shape, M, 300 + seed)
+        s_ids.copy_(new_ids)
+        s_wts.copy_(new_wts)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, routed_experts(x, pw, new_ids, new_wts, config=base)), seed
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [7, 1000])
 def test_atomic_combine_and_flatten_on_model_shapes(shape, M):
     import dataclasses

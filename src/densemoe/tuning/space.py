@@ -30,6 +30,7 @@ from densemoe.kernels.triton.fc2 import can_implement as triton_can_implement
 from densemoe.kernels.triton.routed import RoutedConfig
 from densemoe.kernels.triton.routed import can_implement as routed_can_implement
 from densemoe.ops import fc1_configs, fc2_configs, routed_configs
+from densemoe.ops.strategy import expected_share
 
 BACKENDS = ("triton", "cute")
 # routed_space offers FC2's atomic combine (fp32 atomics into the token rows: the last bit of a
@@ -208,11 +209,26 @@ def _deepest(stage_bytes: int, programs: int, cap: int) -> int:
     return min(cap, fits) if fits >= 2 else 0
 
 
+def _column_groups(problem: RoutedProblem, block_m: int, block_n: int, programs: int, per_program: int) -> int:
+    """Groups of FC2's column tiles for the column stream: about ``per_program`` units (tiles x
+    groups) a program over the tiles uniform top-k is expected to cut (the experts some token
+    picks, each cut into block_m-row tiles), at least two column tiles a group (one where H has
+    one), no group empty. Few units a program leave a ragged last round; many refill the ring
+    more often."""
+    p = problem
+    active = max(1.0, p.e * expected_share(p.m, p.e, p.top_k))
+    tiles = active * math.ceil(p.m * p.top_k / active / block_m)
+    cols = -(-p.h // block_n)
+    want = max(1, min(max(1, cols // 2), math.ceil(per_program * programs / tiles), 64))
+    per = -(-cols // want)  # column tiles a group
+    return -(-cols // per)
+
+
 def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 132) -> list[RoutedConfig]:
     """Routed tactics for ``problem`` (Triton only; [] when "triton" is not in ``backends``), in
     a fixed order, each passing ``kernels.triton.routed.can_implement``, the default rule's
-    config (``routed_configs.default_config``) first. ``num_sms`` is unused (the programs come
-    from ``programs_per_sm``); it keeps the signature of the other spaces.
+    config (``routed_configs.default_config``) first. ``num_sms`` sizes the column stream's
+    groups (below); the programs themselves come from ``programs_per_sm`` at launch.
 
     Pruned by r = M * top_k / E, the rows an expert gets on average:
 
@@ -240,6 +256,10 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``), and the
       combine fused into FC2 (``fused_combine``: the same bits as the combine, no launch of its
       own), at the middle tiles and at the widest FC2 tile with two programs per SM.
+    * FC2's column stream (``fc2_col_groups``, the same bits): the middle and the widest FC2 tile
+      with one program per SM and groups for about eight units a program, the widest with groups
+      for about two, the middle with two programs per SM (``_column_groups``; tiles halved down
+      to 64 columns where a whole-I stage does not fit twice).
 
     * FC2 extras at the middle FC1 tile: flattened and two programs per SM together, the widest
       FC2 tile of H flattened, with two, three or four programs per SM (rings as deep as fit their
@@ -251,7 +271,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 25 configs per (block_m, swap) and three of those, so at most 76 with the default.
+    At most 29 configs per (block_m, swap) and three of those, so at most 88 with the default.
     """
     if "triton" not in backends:
         return []
@@ -279,7 +299,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
             w1, w2 = warps
         cap = 5 if bm <= 32 else 4
         s1 = _deepest((bm + 2 * bi) * k1 * esize, pps, cap)
-        s2 = _deepest((bm + bn) * k2 * esize, pps, cap)
+        # a stage of FC2's column stream holds all of a column tile's k-steps
+        steps = p.i // k2 if flags.get("fc2_col_groups") else 1
+        s2 = _deepest((bm + bn) * k2 * esize * steps, pps, cap)
         if stages is not None:
             s1, s2 = min(s1, stages), min(s2, stages)
         if s1 < 2 or s2 < 2:
@@ -327,6 +349,16 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         # the combine fused into FC2 (no combine launch; the same bits): the middle and the wide tiles
         add(make(bm, swap, bi, bn, fused_combine=True))
         add(make(bm, swap, bi, wide, pps=2, fused_combine=True))
+        # FC2's column stream: its pipelined loop runs over column tiles, not over the few k-steps
+        # of a short I, so the next tiles' weights load under this one's MMA and stores
+        # (a tile narrower, down to 64, where a whole-I stage of it does not fit twice: Qwen3's I = 768)
+        for n, pps, per_program in ((bn, 1, 8), (wide, 1, 8), (wide, 1, 2), (bn, 2, 8)):
+            cfg = None
+            while cfg is None and n >= 64:
+                groups = _column_groups(p, bm, n, num_sms * pps, per_program)
+                cfg = make(bm, swap, bi, n, pps=pps, fc2_col_groups=groups)
+                n //= 2
+            add(cfg)
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 

@@ -30,7 +30,8 @@ Semantics (``densemoe.reference.moe_schedule_ref`` and ``routed_experts_ref`` ar
     #                                        in [0, E)
 
 Schedule of the GEMMs: expert e's rows are cut into tiles of BLOCK_M rows (the last one ragged);
-the units are (tile, column tile); ``NUM_PROGS`` persistent programs take them in turn. The
+the units are (tile, column tile), or for FC2 with ``fc2_col_groups`` (tile, group of column
+tiles); ``NUM_PROGS`` persistent programs take them in turn. The
 number of tiles is read from ``offsets`` on the GPU (no host sync): the grid is fixed whatever
 the routing, so CUDA graphs replay with any routing. Each program finds a tile's expert from
 the per-expert tile counts it derives from ``offsets`` once. ``SWAP_AB`` makes the weight tile
@@ -69,8 +70,13 @@ class RoutedConfig:
     k-step reads into the next expert's columns.
     ``fused_combine``: FC2 still writes the rows, then counts, per (token, column tile), the pairs
     that have landed; the program that lands a token's last valid pair sums its k rows in slot
-    order into the output (the combine kernel's sum, bit for bit, without its launch). Fields
-    added later than a stored config string default (``from_str``)."""
+    order into the output (the combine kernel's sum, bit for bit, without its launch).
+    ``fc2_col_groups`` > 0: an FC2 unit is a tile and one of that many groups of H's column tiles;
+    the loop over the group's column tiles is the pipelined one, with each tile's I / fc2_block_k
+    k-steps unrolled in it, so the weights of the next column tiles load while this one is
+    multiplied and stored. 0: a unit is one column tile, its k-loop pipelined (short where I is:
+    two steps at DeepSeek-V3 TP8). The same sums in the same order either way. Fields added later
+    than a stored config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -88,6 +94,7 @@ class RoutedConfig:
     atomic_combine: bool = False  # FC2 adds into the token's fp32 row (no [M*k, H] rows, no fixed order)
     tma: bool = True  # weights through TMA descriptors (Hopper; x rows are gathered: pointer loads)
     fused_combine: bool = False  # FC2's last pair of a token sums its k rows (no combine launch; slot order)
+    fc2_col_groups: int = 0  # > 0: FC2's units stream column tiles (this many groups per tile), 0: one each
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -113,11 +120,13 @@ class RoutedConfig:
         return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
-                f"{'/fused' if self.fused_combine else ''}")
+                f"{'/fused' if self.fused_combine else ''}{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine",)
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups")
+# the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
+MAX_STREAM_STEPS = 8
 
 
 def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
@@ -134,6 +143,15 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     if cfg.tma and problem.i % cfg.fc2_block_k:
         bad.append(f"tma: fc2_block_k={cfg.fc2_block_k} must divide I={problem.i} (a TMA k-step must not reach "
                    f"into the next expert)")
+    if cfg.fc2_col_groups:
+        steps = problem.i // cfg.fc2_block_k
+        if problem.i % cfg.fc2_block_k or steps > MAX_STREAM_STEPS:
+            bad.append(f"fc2_col_groups: fc2_block_k={cfg.fc2_block_k} must divide I={problem.i} in at most "
+                       f"{MAX_STREAM_STEPS} steps (each column tile's k-steps are unrolled)")
+        fc2_stage = steps * fc2_stage  # a stage holds a column tile's whole k-extent
+        if cfg.fc2_col_groups > -(-problem.h // cfg.fc2_block_n):
+            bad.append(f"fc2_col_groups={cfg.fc2_col_groups} exceeds H's {-(-problem.h // cfg.fc2_block_n)} "
+                       f"column tiles of {cfg.fc2_block_n}")
     if fc1_stage * cfg.fc1_stages > SMEM_BYTES - 1024:
         bad.append(f"FC1's {cfg.fc1_stages} stages of {fc1_stage} B exceed shared memory")
     if fc2_stage * cfg.fc2_stages > SMEM_BYTES - 1024:
@@ -163,6 +181,13 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
         bad.append("programs_per_sm must be in 1..4")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
+    if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
+        bad.append(f"fc2_col_groups={cfg.fc2_col_groups!r} must be in 0..64")
+    elif cfg.fc2_col_groups and cfg.flatten:
+        bad.append("fc2_col_groups and flatten are two ways to run FC2's loads ahead: one at most")
+    elif cfg.fc2_col_groups and cfg.fused_combine:  # (tests/test_routed_compile.py)
+        bad.append("fc2_col_groups with fused_combine: the combine's counters and barrier in the column loop "
+                   "stop Triton from pipelining it")
     return bad
 
 
@@ -375,58 +400,49 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
 
 
 @triton.jit
-def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
-              out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-              ids_ptr, cnt_ptr, fin_ptr, stride_fm, E,
-              HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
-              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr):
-    """Unit u = (tile u // n_tiles_n, column tile u % n_tiles_n): the tile's rows of y against
-    the expert's slice of w2 over I, then scales, routing weight and the store (or, ``ATOMIC``,
-    the add into the token's fp32 output row)."""
-    t = u // n_tiles_n
-    nt = u % n_tiles_n
-    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
-    rows = r0 + tl.arange(0, BLOCK_M)
-    r_ok = rows < r1
-    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < H
-    y_rows = rows.to(tl.int64) * stride_ym
-    w_rows = offs_n.to(tl.int64) * stride_wn + e * I
-    offs_k = tl.arange(0, BLOCK_K)
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+def _fc2_kstep(acc, k0, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr, ys_ptr, w_ptr, w_desc,
+               ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
+    """One k-step of FC2 at k0: the tile's rows of y times the expert's w2 columns, added to acc
+    (fp8: the step's fp32 partial sum times its y scale, and w2's block scale for block weights)."""
+    kk = k0 + offs_k
+    k_ok = kk < I
+    a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    if USE_TMA:  # (I % BLOCK_K == 0: a step never reaches the next expert's columns)
+        b = w_desc.load([nt * BLOCK_N, e * I + k0])
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
-        kk = k0 + offs_k
-        k_ok = kk < I
-        a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        if USE_TMA:  # (I % BLOCK_K == 0: a step never reaches the next expert's columns)
-            b = w_desc.load([nt * BLOCK_N, e * I + k0])
-        else:
-            b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
-            sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
-            if W_BLOCK and BLOCK_N > BLOCK_K:  # the tile spans BLOCK_N / 128 row blocks of w2: a scale per column
-                sw = tl.load(ws_ptr + (offs_n // BLOCK_K).to(tl.int64) * stride_wsr + (e * I + k0) // BLOCK_K,
-                             mask=n_ok, other=0.0)
-                if SWAP_AB:
-                    acc += tl.dot(b, tl.trans(a)) * (sw[:, None] * sy[None, :])
-                else:
-                    acc += tl.dot(a, tl.trans(b)) * (sy[:, None] * sw[None, :])
+        b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
+        sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
+        if W_BLOCK and BLOCK_N > BLOCK_K:  # the tile spans BLOCK_N / 128 row blocks of w2: a scale per column
+            sw = tl.load(ws_ptr + (offs_n // BLOCK_K).to(tl.int64) * stride_wsr + (e * I + k0) // BLOCK_K,
+                         mask=n_ok, other=0.0)
+            if SWAP_AB:
+                acc += tl.dot(b, tl.trans(a)) * (sw[:, None] * sy[None, :])
             else:
-                if W_BLOCK:  # and w2's scale of this (row block, column block): one per tile
-                    sy = sy * tl.load(ws_ptr + nt * stride_wsr + (e * I + k0) // BLOCK_K)
-                if SWAP_AB:
-                    acc += tl.dot(b, tl.trans(a)) * sy[None, :]
-                else:
-                    acc += tl.dot(a, tl.trans(b)) * sy[:, None]
+                acc += tl.dot(a, tl.trans(b)) * (sy[:, None] * sw[None, :])
         else:
-            if SWAP_AB:  # (bf16 y: no fp8 imprecise accumulation to bound)
-                acc = tl.dot(b, tl.trans(a), acc)
+            if W_BLOCK:  # and w2's scale of this (row block, column block): one per tile
+                sy = sy * tl.load(ws_ptr + nt * stride_wsr + (e * I + k0) // BLOCK_K)
+            if SWAP_AB:
+                acc += tl.dot(b, tl.trans(a)) * sy[None, :]
             else:
-                acc = tl.dot(a, tl.trans(b), acc)
+                acc += tl.dot(a, tl.trans(b)) * sy[:, None]
+    else:
+        if SWAP_AB:  # (bf16 y: no fp8 imprecise accumulation to bound)
+            acc = tl.dot(b, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
+def _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_ptr, out_ptr, stride_om, TOP_K,
+                  ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SWAP_AB: tl.constexpr, ATOMIC: tl.constexpr, FUSED: tl.constexpr):
+    """w2's scale and the routing weight, then the store of the tile's rows (or, ``ATOMIC``, the
+    add into the token's fp32 output row; ``FUSED``, the rows then the token's sum where this
+    tile lands its last pair)."""
     if SWAP_AB:
         acc = tl.trans(acc)
     pair = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
@@ -463,16 +479,77 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
                 tl.store(cnt_ptr + tok * n_tiles_n + nt, 0, mask=last)
 
 
+@triton.jit
+def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
+              out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
+              ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups,
+              HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
+              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr):
+    """``I_STEPS`` = 0: unit u = (tile u // n_tiles_n, column tile u % n_tiles_n), its k-loop over
+    I pipelined. ``I_STEPS`` > 0 (= I / BLOCK_K, the column stream): unit u = (tile u // n_groups,
+    group u % n_groups of the column tiles); the loop over the group's column tiles is the
+    pipelined one, each tile's I_STEPS k-steps unrolled in it, so the next tiles' weights load
+    while this one multiplies and stores (FC2's k-loop is short where I is: 2 steps at TP8).
+    The same k-steps in the same order either way: the same bits."""
+    if I_STEPS == 0:
+        t = u // n_tiles_n
+        c0 = u % n_tiles_n
+        c1 = c0 + 1
+    else:
+        t = u // n_groups
+        per = tl.cdiv(n_tiles_n, n_groups)
+        c0 = (u % n_groups) * per
+        c1 = tl.minimum(c0 + per, n_tiles_n)
+    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    r_ok = rows < r1
+    y_rows = rows.to(tl.int64) * stride_ym
+    offs_k = tl.arange(0, BLOCK_K)
+    if I_STEPS == 0:
+        nt = c0
+        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < H
+        w_rows = offs_n.to(tl.int64) * stride_wn + e * I
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
+            acc = _fc2_kstep(acc, k0, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr, ys_ptr, w_ptr,
+                             w_desc, ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS, BLOCK_N, BLOCK_K, SWAP_AB, USE_TMA,
+                             W_BLOCK)
+        _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_ptr, out_ptr, stride_om, TOP_K,
+                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_tiles_n, BLOCK_M, BLOCK_N, SWAP_AB, ATOMIC, FUSED)
+    else:
+        for nt in tl.range(c0, c1, num_stages=NUM_STAGES):
+            offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < H
+            w_rows = offs_n.to(tl.int64) * stride_wn + e * I
+            if SWAP_AB:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ks in tl.static_range(I_STEPS):
+                acc = _fc2_kstep(acc, ks * BLOCK_K, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr,
+                                 ys_ptr, w_ptr, w_desc, ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS, BLOCK_N, BLOCK_K,
+                                 SWAP_AB, USE_TMA, W_BLOCK)
+            _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_ptr, out_ptr, stride_om,
+                          TOP_K, ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_tiles_n, BLOCK_M, BLOCK_N, SWAP_AB, ATOMIC,
+                          FUSED)
+
+
 @triton.jit(do_not_specialize=["P"])
 def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
                 P, H, I, E, NUM_PROGS, Q, TOP_K,
                 stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-                ids_ptr, cnt_ptr, fin_ptr, stride_fm,
+                ids_ptr, cnt_ptr, fin_ptr, stride_fm, n_groups,
                 HAS_YS: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
                 FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
-                FUSED: tl.constexpr = False, K_PAD: tl.constexpr = 8, PDL: tl.constexpr = False):
+                FUSED: tl.constexpr = False, K_PAD: tl.constexpr = 8, I_STEPS: tl.constexpr = 0,
+                PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
@@ -485,18 +562,24 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                 for n0 in range(0, H, BLOCK_N):
                     cols = n0 + tl.arange(0, BLOCK_N)
                     tl.store(fin_ptr + cols.to(tl.int64) + t * stride_fm, zeros, mask=cols < H)
+    if I_STEPS == 0:
+        n_units = n_tiles * n_tiles_n
+    else:  # the column stream: a unit is a tile and a group of its column tiles
+        n_units = n_tiles * n_groups
     if FLATTEN:  # FC2's k-loop is short (I / BLOCK_K steps): flattened, loads run ahead across units
-        for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS, flatten=True):
+        for u in tl.range(tl.program_id(0), n_units, NUM_PROGS, flatten=True):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E,
-                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED)
+                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups,
+                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
+                      I_STEPS)
     else:
-        for u in tl.range(tl.program_id(0), n_tiles * n_tiles_n, NUM_PROGS):
+        for u in tl.range(tl.program_id(0), n_units, NUM_PROGS):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E,
-                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED)
+                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups,
+                      HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
+                      I_STEPS)
 
 
 @triton.jit
@@ -564,7 +647,8 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     E = w2_scale.shape[0]
     I = w2.shape[1] // E
     max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
-    units = max(1, max_tiles * triton.cdiv(H, cfg.fc2_block_n))
+    groups = cfg.fc2_col_groups
+    units = max(1, max_tiles * (groups or triton.cdiv(H, cfg.fc2_block_n)))
     progs = _num_programs(y.device, cfg, units)
     has_ys = y_scale is not None
     use_tma = cfg.tma and I % cfg.fc2_block_k == 0 and supports_tma(y.device) and tma_compatible(w2)
@@ -580,8 +664,8 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         y.stride(0), y_scale.stride(0) if has_ys else 0, w2.stride(0), rows.stride(0),
         w_block_scale.stride(0) if blk else 0,
         topk_ids if fused else sorted_pairs, cnt if fused else sorted_pairs, out if fused else rows,
-        out.stride(0) if fused else 0,
-        HAS_YS=has_ys, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
+        out.stride(0) if fused else 0, max(groups, 1),
+        HAS_YS=has_ys, I_STEPS=I // cfg.fc2_block_k if groups else 0, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
         num_warps=cfg.fc2_warps,
