@@ -273,14 +273,35 @@ def test_column_stream_is_fc2_bit_for_bit(dtype, cfg):
 
 
 @interp
-def test_column_stream_with_the_atomic_combine():
-    """The atomic combine adds in no fixed order: the stream is held to the float64 bound."""
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("cfg", [SMALL, dataclasses.replace(SMALL_SWAP, fused_combine=True)])
+def test_column_major_order_is_the_same_bits(dtype, cfg):
+    """fc2_col_major: FC2's units column tile by column tile; every unit computes what it did, so
+    the rows, and the fused combine's sums, are the same bits; ragged M, dropped slots, H = 96
+    (a ragged last column tile)."""
+    E, k, I, H = 8, 3, 64, 96
+    w13, w2 = weights(E, I, H)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    for M in (1, 7, 100):
+        x = tokens(M, H, seed=M)
+        ids, wts = uniform_routing(M, E, k, seed=M)
+        ids[0, 1] = -1
+        want = routed_experts(x, pw, ids, wts, config=cfg)
+        got = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc2_col_major=True))
+        assert torch.equal(got, want), (M, (got.float() - want.float()).abs().max())
+
+
+@interp
+@pytest.mark.parametrize("order", [dict(fc2_col_groups=2), dict(fc2_col_major=True)])
+def test_column_stream_and_order_with_the_atomic_combine(order):
+    """The atomic combine adds in no fixed order: the stream and the column-major order are held to
+    the float64 bound."""
     E, k, I, H, M = 8, 2, 64, 96, 100
     w13, w2 = weights(E, I, H)
     pw = prepare_weights(w13, w2, dtype="fp8")
     x = tokens(M, H)
     ids, wts = uniform_routing(M, E, k)
-    cfg = dataclasses.replace(SMALL, atomic_combine=True, fc2_col_groups=2)
+    cfg = dataclasses.replace(SMALL, atomic_combine=True, **order)
     out = routed_experts(x, pw, ids, wts, config=cfg)
     same = torch_same_precision(pw, x, ids, wts, cfg.fc1_block_i, round_rows=False)
     assert_as_accurate_as_torch(out, exact(pw, x, ids, wts, cfg.fc1_block_i), same)
@@ -310,7 +331,8 @@ def test_column_stream_configs_are_checked():
     for bad, why in ((dataclasses.replace(ok, fc2_col_groups=29), "exceeds H's 28 column tiles"),
                      (dataclasses.replace(ok, fc2_stages=4), "FC2's 4 stages"),  # 4 x 68 KB: whole-I stages
                      (dataclasses.replace(ok, flatten=True), "one at most"),
-                     (dataclasses.replace(ok, fused_combine=True), "stop Triton from pipelining")):
+                     (dataclasses.replace(ok, fused_combine=True), "stop Triton from pipelining"),
+                     (dataclasses.replace(ok, fc2_col_major=True), "two orders")):
         good, msg = can_implement(p, bad)
         assert not good and why in msg, msg
     assert not can_implement(RoutedProblem(64, 2048, 128, 2048, 8, FP8, BF16), ok)[0]  # 16 unrolled k-steps
@@ -319,12 +341,14 @@ def test_column_stream_configs_are_checked():
 
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 2)[0]  # 15 fields: stored before fused_combine and fc2_col_groups
+    old = full.rsplit(",", 3)[0]  # 15 fields: stored before fused_combine, fc2_col_groups, fc2_col_major
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    assert RoutedConfig.from_str(full.rsplit(",", 1)[0]) == RoutedConfig.from_str(old)  # 16 fields
+    assert RoutedConfig.from_str(full.rsplit(",", 1)[0]) == RoutedConfig.from_str(old)  # 17 fields
+    assert RoutedConfig.from_str(full.rsplit(",", 2)[0]) == RoutedConfig.from_str(old)  # 16 fields
+    assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
-    with pytest.raises(ValueError, match="a routed config has 17 fields, got 14"):
+    with pytest.raises(ValueError, match="a routed config has 18 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 

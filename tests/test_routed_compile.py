@@ -89,13 +89,13 @@ SCRIPT = textwrap.dedent('''
                  dict(HAS_YS=True, E_PAD=256, BLOCK_M=16 if swap else 64, BLOCK_N=256, BLOCK_K=128, SWAP_AB=swap,
                       NUM_STAGES=3, USE_TMA=True, W_BLOCK=True, PDL=True))
         n += 1
-    for swap in (True, False):  # FC2 with the combine fused (acq_rel counters, the token's rows read back)
+    for swap, cm in ((True, False), (False, True)):  # FC2 with the combine fused (acq_rel counters, rows read back)
         k = compile_(_fc2_kernel, dict(y_ptr="*" + FP8, ys_ptr="*fp32", w_ptr="*" + FP8,
                                        w_desc=f"tensordesc<{FP8}[256, 128]>", w2s_ptr="*fp32", ws_ptr="*fp32",
                                        sorted_ptr="*i32", offsets_ptr="*i32", tw_ptr="*fp32", out_ptr="*bf16",
                                        ids_ptr="*i64", cnt_ptr="*i32", fin_ptr="*bf16"),
                      dict(HAS_YS=True, E_PAD=256, BLOCK_M=16 if swap else 64, BLOCK_N=256, BLOCK_K=128, SWAP_AB=swap,
-                          NUM_STAGES=3, USE_TMA=True, FUSED=True, K_PAD=8, PDL=True))
+                          NUM_STAGES=3, USE_TMA=True, FUSED=True, K_PAD=8, COL_MAJOR=cm, PDL=True))
         ptx = k.asm["ptx"]  # the counter is acq_rel at GPU scope, the rows read back past L1, after a barrier
         assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx and "bar.sync" in ptx
         n += 1

@@ -256,6 +256,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``), and the
       combine fused into FC2 (``fused_combine``: the same bits as the combine, no launch of its
       own), at the middle tiles and at the widest FC2 tile with two programs per SM.
+    * where an expert gets 8 rows or more on average: the fused and the atomic combine at the
+      middle tiles with FC2's units column tile by column tile (``fc2_col_major``).
     * FC2's column stream (``fc2_col_groups``, the same bits): the middle and the widest FC2 tile
       with one program per SM and groups for about eight units a program, the widest with groups
       for about two, the middle with two programs per SM (``_column_groups``; tiles halved down
@@ -271,7 +273,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 29 configs per (block_m, swap) and three of those, so at most 88 with the default.
+    At most 31 configs per (block_m, swap) and three of those, so at most 94 with the default.
     """
     if "triton" not in backends:
         return []
@@ -349,6 +351,12 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         # the combine fused into FC2 (no combine launch; the same bits): the middle and the wide tiles
         add(make(bm, swap, bi, bn, fused_combine=True))
         add(make(bm, swap, bi, wide, pps=2, fused_combine=True))
+        # FC2's units column tile by column tile, where the rows (or the atomic adds) are many: a
+        # token's k pairs meet while L2 still holds their rows / fp32 sums
+        if rows >= 8:
+            add(make(bm, swap, bi, bn, fused_combine=True, fc2_col_major=True))
+            if ROUTED_ATOMIC:
+                add(make(bm, swap, bi, bn, atomic_combine=True, fc2_col_major=True))
         # FC2's column stream: its pipelined loop runs over column tiles, not over the few k-steps
         # of a short I, so the next tiles' weights load under this one's MMA and stores
         # (a tile narrower, down to 64, where a whole-I stage of it does not fit twice: Qwen3's I = 768)

@@ -75,8 +75,14 @@ class RoutedConfig:
     the loop over the group's column tiles is the pipelined one, with each tile's I / fc2_block_k
     k-steps unrolled in it, so the weights of the next column tiles load while this one is
     multiplied and stored. 0: a unit is one column tile, its k-loop pipelined (short where I is:
-    two steps at DeepSeek-V3 TP8). The same sums in the same order either way. Fields added later
-    than a stored config string default (``from_str``)."""
+    two steps at DeepSeek-V3 TP8). The same sums in the same order either way.
+    ``fc2_col_major`` (with one column tile a unit): the units run column tile by column tile
+    (every tile of column tile 0, then of 1, ...) instead of tile by tile, so a token's k pairs
+    land in the same column tile within a short time: the fused combine reads the rows back
+    while L2 still holds them, the atomic combine's adds meet in L2 (its fp32 output is M x
+    fc2_block_n x 4 bytes per column tile, not M x H x 4). The same bits as the other order
+    (fused; atomic: its adds in another order). Fields added later than a stored config string
+    default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -95,6 +101,7 @@ class RoutedConfig:
     tma: bool = True  # weights through TMA descriptors (Hopper; x rows are gathered: pointer loads)
     fused_combine: bool = False  # FC2's last pair of a token sums its k rows (no combine launch; slot order)
     fc2_col_groups: int = 0  # > 0: FC2's units stream column tiles (this many groups per tile), 0: one each
+    fc2_col_major: bool = False  # FC2's units column tile by column tile (a token's k rows close in time)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -120,11 +127,12 @@ class RoutedConfig:
         return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
-                f"{'/fused' if self.fused_combine else ''}{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}")
+                f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
+                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -185,6 +193,8 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
         bad.append(f"fc2_col_groups={cfg.fc2_col_groups!r} must be in 0..64")
     elif cfg.fc2_col_groups and cfg.flatten:
         bad.append("fc2_col_groups and flatten are two ways to run FC2's loads ahead: one at most")
+    elif cfg.fc2_col_groups and cfg.fc2_col_major:
+        bad.append("fc2_col_groups and fc2_col_major are two orders of FC2's units: one at most")
     elif cfg.fc2_col_groups and cfg.fused_combine:  # (tests/test_routed_compile.py)
         bad.append("fc2_col_groups with fused_combine: the combine's counters and barrier in the column loop "
                    "stop Triton from pipelining it")
@@ -482,19 +492,25 @@ def _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_
 @triton.jit
 def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
               out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-              ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups,
+              ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
-              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr):
+              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr,
+              COL_MAJOR: tl.constexpr):
     """``I_STEPS`` = 0: unit u = (tile u // n_tiles_n, column tile u % n_tiles_n), its k-loop over
     I pipelined. ``I_STEPS`` > 0 (= I / BLOCK_K, the column stream): unit u = (tile u // n_groups,
     group u % n_groups of the column tiles); the loop over the group's column tiles is the
     pipelined one, each tile's I_STEPS k-steps unrolled in it, so the next tiles' weights load
     while this one multiplies and stores (FC2's k-loop is short where I is: 2 steps at TP8).
-    The same k-steps in the same order either way: the same bits."""
+    The same k-steps in the same order either way: the same bits. ``COL_MAJOR`` (I_STEPS = 0):
+    unit u = (tile u % n_tiles, column tile u // n_tiles)."""
     if I_STEPS == 0:
-        t = u // n_tiles_n
-        c0 = u % n_tiles_n
+        if COL_MAJOR:
+            t = u % n_tiles
+            c0 = u // n_tiles
+        else:
+            t = u // n_tiles_n
+            c0 = u % n_tiles_n
         c1 = c0 + 1
     else:
         t = u // n_groups
@@ -549,7 +565,7 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
                 FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
                 FUSED: tl.constexpr = False, K_PAD: tl.constexpr = 8, I_STEPS: tl.constexpr = 0,
-                PDL: tl.constexpr = False):
+                COL_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
@@ -570,16 +586,16 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
         for u in tl.range(tl.program_id(0), n_units, NUM_PROGS, flatten=True):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups,
+                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS)
+                      I_STEPS, COL_MAJOR)
     else:
         for u in tl.range(tl.program_id(0), n_units, NUM_PROGS):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
-                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups,
+                      ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS)
+                      I_STEPS, COL_MAJOR)
 
 
 @triton.jit
@@ -665,7 +681,7 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         w_block_scale.stride(0) if blk else 0,
         topk_ids if fused else sorted_pairs, cnt if fused else sorted_pairs, out if fused else rows,
         out.stride(0) if fused else 0, max(groups, 1),
-        HAS_YS=has_ys, I_STEPS=I // cfg.fc2_block_k if groups else 0, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
+        HAS_YS=has_ys, I_STEPS=I // cfg.fc2_block_k if groups else 0, COL_MAJOR=cfg.fc2_col_major, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
         num_warps=cfg.fc2_warps,
