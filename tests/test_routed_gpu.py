@@ -146,6 +146,22 @@ def test_routed_matches_dense_bf16():
     assert ((routed - dense).abs() <= 2 ** -8 * (rows + dense.abs() + routed.abs()) + 1e-6).all()
 
 
+def _replays_as_eager(shape, M, x, pw, ids, wts, config, want_config, seed0, n=3):
+    """``routed_experts`` with ``config`` captured as a CUDA graph, replayed with n other routings
+    of the shape (seeds seed0...) into a NaN-poisoned output: each replay the bits of an eager
+    call with ``want_config``."""
+    s_ids, s_wts = ids.clone(), wts.clone()
+    graph, out = capture(lambda: routed_experts(x, pw, s_ids, s_wts, config=config))
+    for seed in range(n):
+        _, _, _, new_ids, new_wts = _case(shape, M, seed0 + seed)
+        s_ids.copy_(new_ids)
+        s_wts.copy_(new_wts)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, routed_experts(x, pw, new_ids, new_wts, config=want_config)), seed
+
+
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 def test_graph_replay_with_changing_routing_and_a_poisoned_output(dtype):
     w13, w2, x, ids, wts = _case("deepseek-v3-tp8", 64, 9)
@@ -194,16 +210,7 @@ def test_fused_combine_is_the_combine_on_model_shapes(shape, M):
     assert torch.equal(routed_experts(x, pw, ids, wts, config=fused), want)
     if not base.fc2_col_groups:  # the units column tile by column tile: the same bits
         assert torch.equal(routed_experts(x, pw, ids, wts, config=dataclasses.replace(fused, fc2_col_major=True)), want)
-    s_ids, s_wts = ids.clone(), wts.clone()
-    graph, out = capture(lambda: routed_experts(x, pw, s_ids, s_wts, config=fused))
-    for seed in range(3):
-        _, _, _, new_ids, new_wts = _case(shape, M, 200 + seed)
-        s_ids.copy_(new_ids)
-        s_wts.copy_(new_wts)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, routed_experts(x, pw, new_ids, new_wts, config=base)), seed
+    _replays_as_eager(shape, M, x, pw, ids, wts, fused, base, 200)
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
@@ -222,21 +229,13 @@ def test_column_stream_is_fc2_on_model_shapes(shape, M):
     base = dataclasses.replace(routed_configs.choose(p, x.device).config, atomic_combine=False, fused_combine=False,
                                flatten=False, fc1_block_i=128, fc2_block_n=128, fc2_block_k=128)
     ids[0, 0] = -1
-    want = routed_experts(x, pw, ids, wts, config=base)
     for groups in (1, 3):
         stream = next(c for n in (128, 64) for st in (4, 3, 2) if can_implement(p, c := dataclasses.replace(
             base, fc2_col_groups=groups, fc2_block_n=n, fc2_stages=st))[0])
+        one_tile = dataclasses.replace(stream, fc2_col_groups=0)  # one column tile a unit, the same tiles
+        want = routed_experts(x, pw, ids, wts, config=one_tile)
         assert torch.equal(routed_experts(x, pw, ids, wts, config=stream), want), groups
-    s_ids, s_wts = ids.clone(), wts.clone()
-    graph, out = capture(lambda: routed_experts(x, pw, s_ids, s_wts, config=stream))
-    for seed in range(3):
-        _, _, _, new_ids, new_wts = _case(shape, M, 300 + seed)
-        s_ids.copy_(new_ids)
-        s_wts.copy_(new_wts)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, routed_experts(x, pw, new_ids, new_wts, config=base)), seed
+    _replays_as_eager(shape, M, x, pw, ids, wts, stream, one_tile, 300)
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
@@ -256,16 +255,7 @@ def test_fc1_stream_k_on_model_shapes(shape, dtype, M):
     out = routed_experts(x, pw, ids, wts, config=cfg)
     _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
     assert torch.equal(routed_experts(x, pw, ids, wts, config=cfg), out)
-    s_ids, s_wts = ids.clone(), wts.clone()
-    graph, g_out = capture(lambda: routed_experts(x, pw, s_ids, s_wts, config=cfg))
-    for seed in range(2):
-        _, _, _, new_ids, new_wts = _case(shape, M, 400 + seed)
-        s_ids.copy_(new_ids)
-        s_wts.copy_(new_wts)
-        g_out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(g_out, routed_experts(x, pw, new_ids, new_wts, config=cfg)), seed
+    _replays_as_eager(shape, M, x, pw, ids, wts, cfg, cfg, 400, n=2)
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])

@@ -602,6 +602,18 @@ def _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_
 
 
 @triton.jit
+def _fc2_columns(nt, e, H, I, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    """Column tile nt of H: its columns, which exist, expert e's w2 row offsets, a zero accumulator."""
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = offs_n.to(tl.int64) * stride_wn + e * I
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return offs_n, offs_n < H, w_rows, acc
+
+
+@triton.jit
 def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
               out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
               ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
@@ -636,13 +648,7 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
     offs_k = tl.arange(0, BLOCK_K)
     if I_STEPS == 0:
         nt = c0
-        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < H
-        w_rows = offs_n.to(tl.int64) * stride_wn + e * I
-        if SWAP_AB:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_n, n_ok, w_rows, acc = _fc2_columns(nt, e, H, I, stride_wn, BLOCK_M, BLOCK_N, SWAP_AB)
         for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
             acc = _fc2_kstep(acc, k0, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr, ys_ptr, w_ptr,
                              w_desc, ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS, BLOCK_N, BLOCK_K, SWAP_AB, USE_TMA,
@@ -651,13 +657,7 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_tiles_n, BLOCK_M, BLOCK_N, SWAP_AB, ATOMIC, FUSED)
     else:
         for nt in tl.range(c0, c1, num_stages=NUM_STAGES):
-            offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < H
-            w_rows = offs_n.to(tl.int64) * stride_wn + e * I
-            if SWAP_AB:
-                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            else:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            offs_n, n_ok, w_rows, acc = _fc2_columns(nt, e, H, I, stride_wn, BLOCK_M, BLOCK_N, SWAP_AB)
             for ks in tl.static_range(I_STEPS):
                 acc = _fc2_kstep(acc, ks * BLOCK_K, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr,
                                  ys_ptr, w_ptr, w_desc, ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS, BLOCK_N, BLOCK_K,
