@@ -30,7 +30,7 @@ from densemoe.kernels.triton.fc2 import can_implement as triton_can_implement
 from densemoe.kernels.triton.routed import RoutedConfig
 from densemoe.kernels.triton.routed import can_implement as routed_can_implement
 from densemoe.ops import fc1_configs, fc2_configs, routed_configs
-from densemoe.ops.strategy import expected_share
+from densemoe.ops.strategy import expected_picked
 
 BACKENDS = ("triton", "cute")
 # routed_space offers FC2's atomic combine (fp32 atomics into the token rows: the last bit of a
@@ -216,7 +216,7 @@ def _column_groups(problem: RoutedProblem, block_m: int, block_n: int, programs:
     one), no group empty. Few units a program leave a ragged last round; many refill the ring
     more often."""
     p = problem
-    active = max(1.0, p.e * expected_share(p.m, p.e, p.top_k))
+    active = max(1.0, expected_picked(p.m, p.e, p.top_k))
     tiles = active * math.ceil(p.m * p.top_k / active / block_m)
     cols = -(-p.h // block_n)
     want = max(1, min(max(1, cols // 2), math.ceil(per_program * programs / tiles), 64))
