@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The second device call of a session that lands kernel changes (docs/routed.md "The device
+# scripts"): the fp8 routed and strategy tuning from a fresh cache (every routed schedule in the
+# space: the fused combine, FC2's column stream and column-major order, FC1's stream-K), then the
+# fp8 layer benchmark in the same call, reading that cache on top of the shipped tables, so the
+# figures are those of the merged table. One tarball comes back (next.tgz: the tuner's wip/,
+# its summaries, the benchmark's JSON/markdown/logs). Here, after:
+#   tar xzf <files_at>/next.tgz -C /tmp/n && tar xzf /tmp/n/tune.tgz -C /tmp/n/tune (see tune_h200.sh)
+#   python bench/merge_tuned.py /tmp/n/tune/wip/tuned.json --into src/densemoe/tuning/tables/h200.json
+#
+#   bash bench/h200_tune_layer.sh <commit>     (timeout_s=600; carry nothing: no CuTe in these jobs)
+#
+# TUNE_BUDGET (default 330 s) bounds the tuning; a cut job resumes from WIP in a later call.
+set -uo pipefail
+commit=${1:-unknown}
+t0=$SECONDS
+WIP=${WIP:-bench/results/h200_wip2} DT=fp8 OPS="routed strategy" BUDGET=${TUNE_BUDGET:-330} bash bench/tune_h200.sh
+mkdir -p /tmp/tune && tar xzf $OUT/tune.tgz -C /tmp/tune
+source bench/device_env.sh >/dev/null
+export DENSEMOE_CACHE_DIR=/tmp/tune/wip
+for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
+  left=$((570 - (SECONDS - t0)))
+  [ $left -lt 40 ] && { echo "# layer $shape: skipped, ${left} s left"; continue; }
+  out=$OUT/layer_h200_${shape}_fp8
+  timeout $((left < 90 ? left : 90)) python3 -m densemoe.bench layer --shapes $shape --dtypes fp8 \
+    --m 1,2,4,8,16,32,64,128,256,512,1024,2048,4096 --reps 20 --skip-max-m 512 --commit "$commit" --out $out > $out.log 2>&1
+  echo "# layer $shape: exit $? at $((SECONDS - t0)) s"
+  grep "^experts .* fp8 " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' | cut -c1-200
+done
+cd $OUT && tar czf next.tgz --exclude=next.tgz . && find . -mindepth 1 ! -name next.tgz -exec rm -rf {} +
