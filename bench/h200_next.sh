@@ -18,9 +18,10 @@
 #    tests/test_concurrency_gpu.py, the block routed tests on 256-wide FC2 tiles, the fused combine,
 #    FC2 in column pieces, FC2's column stream and column-major order, FC1's stream-K, none run
 #    yet), ~5 min on 8 processes;
-# 2. the fp8 layer benchmark, both shapes, with the tables and the one-program schedule (~140 s);
+# 2. (LAYER=1 only: the layer benchmark runs in the second call, bench/h200_tune_layer.sh, after the tuning)
 # 3. FC2's column stream against the tuned FC2, alone and in the whole path
-#    (bench/probes/routed_fc2_stream.py, 2 x 75 s at most);
+#    (bench/probes/routed_fc2_stream.py, 2 x 75 s at most); FC1 on gathered against contiguous rows
+#    (routed_fc1_contiguous.py); issue 22's one-GPU simulation (sharded_sim.py), each with a deadline;
 # 4. with NCU_MS="512 2048" (a later call; the first runs ~600 s without it): Nsight Compute on the
 #    routed FC2 at DeepSeek-V3 TP8 (bench/probes/routed_ncu.py).
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
@@ -53,6 +54,7 @@ commit=${1:-unknown}
 t0=$SECONDS
 gpu_suite ${SUITE_TIMEOUT:-300}
 echo "# suite done at $((SECONDS - t0)) s"
+if [ -n "${LAYER:-}" ]; then  # the layer benchmark (else in the second call, after the tuning: h200_tune_layer.sh)
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   out=$OUT/layer_h200_${shape}_fp8
   timeout ${BENCH_TIMEOUT:-70} python3 -m densemoe.bench layer --shapes $shape --dtypes fp8 \
@@ -61,14 +63,26 @@ for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   grep "^experts .* fp8 " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' \
     | cut -c1-200
 done
+fi
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do  # FC2's column stream against the tuned FC2 (docs/routed.md)
   left=$((560 - (SECONDS - t0)))  # the tarball below must be written before the call's 600 s
   [ $left -lt 30 ] && { echo "# fc2 stream $shape: skipped, ${left} s left"; continue; }
   ms=$([ $shape = deepseek-v3-tp8 ] && echo 16,128,512,2048,4096 || echo 128,512)
-  timeout $((left < ${STREAM_TIMEOUT:-75} ? left : ${STREAM_TIMEOUT:-75})) python3 bench/probes/routed_fc2_stream.py $shape $ms > $OUT/fc2_stream_$shape.log 2>&1
+  timeout $((left < ${STREAM_TIMEOUT:-60} ? left : ${STREAM_TIMEOUT:-60})) python3 bench/probes/routed_fc2_stream.py $shape $ms > $OUT/fc2_stream_$shape.log 2>&1
   echo "# fc2 stream $shape: exit $? at $((SECONDS - t0)) s"
   grep -E "^(#|M=)" $OUT/fc2_stream_$shape.log | cut -c1-170
 done
+budget() { local left=$((560 - (SECONDS - t0))); echo $((left < $1 ? left : $1)); }
+left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed.md "Next" 3)
+if [ $left -ge 20 ]; then
+  timeout $left python3 bench/probes/routed_fc1_contiguous.py qwen3-30b-a3b 128,512,2048,4096 > $OUT/fc1_contiguous.log 2>&1
+  echo "# fc1 contiguous: exit $? at $((SECONDS - t0)) s"; grep -v "^ *$" $OUT/fc1_contiguous.log | tail -8 | cut -c1-170
+fi
+left=$(budget 90)  # issue 22: one TP8 and one EP8 rank, the reduction stood in for (docs/parallel.md)
+if [ $left -ge 30 ]; then
+  timeout $left python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 > $OUT/sharded_sim.log 2>&1
+  echo "# sharded sim: exit $? at $((SECONDS - t0)) s"; tail -14 $OUT/sharded_sim.log | cut -c1-170
+fi
 for m in ${NCU_MS:-}; do  # NCU_MS="512 2048" in a later call (the first call's time goes to the above)
   timeout 50 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats -k regex:"_fc2_kernel" \
