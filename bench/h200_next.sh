@@ -22,8 +22,8 @@
 # 3. FC2's column stream against the tuned FC2, alone and in the whole path
 #    (bench/probes/routed_fc2_stream.py, 2 x 75 s at most); FC1 on gathered against contiguous rows
 #    (routed_fc1_contiguous.py); issue 22's one-GPU simulation (sharded_sim.py), each with a deadline;
-# 4. with NCU_MS="512 2048" (a later call; the first runs ~600 s without it): Nsight Compute on the
-#    routed FC2 at DeepSeek-V3 TP8 (bench/probes/routed_ncu.py).
+# 4. with NCU="fc2:deepseek-v3-tp8:512 ..." (a later call, with NO_SUITE=1): Nsight Compute on one routed
+#    launch (bench/probes/routed_ncu.py).
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
 # Then, in further calls (each tars $OUT; tar czf $OUT/x.tgz ... as this script does):
 #   - block fp8 on the wide FC2 tiles (a fresh cache too, as below): WIP=bench/results/h200_wip2
@@ -31,8 +31,8 @@
 #     (bench/merge_tuned.py), then NO_SUITE=1 DTYPES=fp8block bash bench/routed_gpu.sh <commit> and
 #     python3 bench/probes/block_dense_stages.py skip 1,16,64 (the deeper block ring: FC1 was 335 us at
 #     TP8 M = 64 against 212 per expert);
-#   - FC1's gather: python3 bench/probes/routed_fc1_contiguous.py qwen3-30b-a3b 128,512,2048,4096 and
-#     deepseek-v3-tp8 512,2048 (with NCU_MS's call: ~1 min);
+#   - Nsight Compute alone: NO_SUITE=1 STREAM_SHAPES= NO_PROBES=1 NCU="fc2:deepseek-v3-tp8:512
+#     fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" bash bench/h200_next.sh <commit>;
 #   - issue 22: python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 (one TP8 and one EP8 rank,
 #     FC2 whole and in 4 pieces, the all-reduce stood in for by a timed wait: sequence vs overlap);
 #   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls; racecheck and
@@ -52,8 +52,7 @@ set -uo pipefail
 source bench/device_env.sh
 commit=${1:-unknown}
 t0=$SECONDS
-gpu_suite ${SUITE_TIMEOUT:-300}
-echo "# suite done at $((SECONDS - t0)) s"
+[ -z "${NO_SUITE:-}" ] && { gpu_suite ${SUITE_TIMEOUT:-300}; echo "# suite done at $((SECONDS - t0)) s"; }
 if [ -n "${LAYER:-}" ]; then  # the layer benchmark (else in the second call, after the tuning: h200_tune_layer.sh)
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   out=$OUT/layer_h200_${shape}_fp8
@@ -64,7 +63,7 @@ for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
     | cut -c1-200
 done
 fi
-for shape in deepseek-v3-tp8 qwen3-30b-a3b; do  # FC2's column stream against the tuned FC2 (docs/routed.md)
+for shape in ${STREAM_SHAPES-deepseek-v3-tp8 qwen3-30b-a3b}; do  # FC2's column stream against the tuned FC2 (docs/routed.md)
   left=$((560 - (SECONDS - t0)))  # the tarball below must be written before the call's 600 s
   [ $left -lt 30 ] && { echo "# fc2 stream $shape: skipped, ${left} s left"; continue; }
   ms=$([ $shape = deepseek-v3-tp8 ] && echo 16,128,512,2048,4096 || echo 128,512)
@@ -74,21 +73,28 @@ for shape in deepseek-v3-tp8 qwen3-30b-a3b; do  # FC2's column stream against th
 done
 budget() { local left=$((560 - (SECONDS - t0))); echo $((left < $1 ? left : $1)); }
 left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed.md "Next" 3)
-if [ $left -ge 20 ]; then
+if [ $left -ge 20 ] && [ -z "${NO_PROBES:-}" ]; then
   timeout $left python3 bench/probes/routed_fc1_contiguous.py qwen3-30b-a3b 128,512,2048,4096 > $OUT/fc1_contiguous.log 2>&1
   echo "# fc1 contiguous: exit $? at $((SECONDS - t0)) s"; grep -v "^ *$" $OUT/fc1_contiguous.log | tail -8 | cut -c1-170
 fi
 left=$(budget 90)  # issue 22: one TP8 and one EP8 rank, the reduction stood in for (docs/parallel.md)
-if [ $left -ge 30 ]; then
+if [ $left -ge 30 ] && [ -z "${NO_PROBES:-}" ]; then
   timeout $left python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 > $OUT/sharded_sim.log 2>&1
   echo "# sharded sim: exit $? at $((SECONDS - t0)) s"; tail -14 $OUT/sharded_sim.log | cut -c1-170
 fi
-for m in ${NCU_MS:-}; do  # NCU_MS="512 2048" in a later call (the first call's time goes to the above)
-  timeout 50 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section Occupancy --section LaunchStats -k regex:"_fc2_kernel" \
-    --launch-skip 2 --launch-count 1 python3 bench/probes/routed_ncu.py deepseek-v3-tp8 $m > $OUT/ncu_routed_fc2_M$m.txt 2>&1
-  echo "# ncu M=$m: exit $? at $((SECONDS - t0)) s"
-  grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Stall" $OUT/ncu_routed_fc2_M$m.txt | head -12
+# NCU="fc2:deepseek-v3-tp8:512 fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" in a later call (the
+# first call's time goes to the above): Nsight Compute on one routed launch (FC1 at Qwen3 M = 2048 runs
+# at 28% of the fp8 peak and 3.0x its bound; FC2 at TP8 M = 2048 at 2.2x)
+for spec in ${NCU:-}; do
+  IFS=: read -r kern shape m <<< "$spec"
+  left=$(budget 60); [ $left -lt 25 ] && { echo "# ncu $spec: skipped"; continue; }
+  timeout $left ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+    -k regex:"_${kern}_kernel" --launch-skip 2 --launch-count 1 python3 bench/probes/routed_ncu.py $shape $m \
+    > $OUT/ncu_routed_${kern}_${shape}_M$m.txt 2>&1
+  echo "# ncu $spec: exit $? at $((SECONDS - t0)) s"
+  grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Stall|Compute \(SM\)|L2 Hit|Executed Ipc" \
+    $OUT/ncu_routed_${kern}_${shape}_M$m.txt | head -16
 done
 cd $OUT && tar czf next.tgz --exclude=next.tgz . && find . -mindepth 1 ! -name next.tgz -exec rm -rf {} +
 echo "# total $((SECONDS - t0)) s"
