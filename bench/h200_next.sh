@@ -21,7 +21,8 @@
 # 2. (LAYER=1 only: the layer benchmark runs in the second call, bench/h200_tune_layer.sh, after the tuning)
 # 3. FC2's column stream against the tuned FC2, alone and in the whole path
 #    (bench/probes/routed_fc2_stream.py, 2 x 75 s at most); FC1 on gathered against contiguous rows
-#    (routed_fc1_contiguous.py); issue 22's one-GPU simulation (sharded_sim.py), each with a deadline;
+#    (routed_fc1_contiguous.py); FC1's loop with one dot over gate and up (fc1_gate_up_one_dot.py);
+#    issue 22's one-GPU simulation (sharded_sim.py), each with a deadline;
 # 4. with NCU="fc2:deepseek-v3-tp8:512 ..." (a later call, with NO_SUITE=1): Nsight Compute on one routed
 #    launch (bench/probes/routed_ncu.py).
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
@@ -76,6 +77,11 @@ left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed.md
 if [ $left -ge 20 ] && [ -z "${NO_PROBES:-}" ]; then
   timeout $left python3 bench/probes/routed_fc1_contiguous.py qwen3-30b-a3b 128,512,2048,4096 > $OUT/fc1_contiguous.log 2>&1
   echo "# fc1 contiguous: exit $? at $((SECONDS - t0)) s"; grep -v "^ *$" $OUT/fc1_contiguous.log | tail -8 | cut -c1-170
+fi
+left=$(budget 60)  # FC1's loop: one dot over gate and up against two (docs/routed.md, the floor section)
+if [ $left -ge 25 ] && [ -z "${NO_PROBES:-}" ]; then
+  timeout $left python3 bench/probes/fc1_gate_up_one_dot.py qwen3-30b-a3b 128,256 > $OUT/fc1_one_dot.log 2>&1
+  echo "# fc1 one dot: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|rows=)" $OUT/fc1_one_dot.log | cut -c1-170
 fi
 left=$(budget 90)  # issue 22: one TP8 and one EP8 rank, the reduction stood in for (docs/parallel.md)
 if [ $left -ge 30 ] && [ -z "${NO_PROBES:-}" ]; then
