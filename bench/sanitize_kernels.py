@@ -9,7 +9,7 @@ sanitizer passes but that computes garbage still fails here):
   shape, one config of the tuner's space (``tuning.space``) per schedule signature: Triton's
   split / stream-K / swap-AB / TMA or pointer loads / persistent / split-k, CuTe's clusters and
   consumers (where CuTe DSL is installed), the routed path's tile, flatten, atomic- and
-  fused-combine, column-stream, column-major, FC1 stream-K and programs-per-SM variants; FC2 and FC1 also with expert skipping (Triton).
+  fused-combine, column-stream, column-major and programs-per-SM variants; FC2 and FC1 also with expert skipping (Triton).
 - the layer: ``DenseMoE`` (router kernels, the gate's fused quantisation, the y quantisation)
   with each strategy, softmax and DeepSeek-V3 routers, M = 1, 4, 100.
 - the schedule in both forms (one program up to 1024 pairs, two launches above).
@@ -56,7 +56,7 @@ def signature(cfg) -> tuple:
     """What decides a config's schedule (not its tile sizes)."""
     d = dataclasses.asdict(cfg)
     keep = ("split", "swap_ab", "use_tma", "ctas_per_sm", "persistent", "split_k", "stream_k", "cluster_m",
-            "cluster_n", "consumers", "flatten", "atomic_combine", "fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_stream_k", "tma",
+            "cluster_n", "consumers", "flatten", "atomic_combine", "fused_combine", "fc2_col_groups", "fc2_col_major", "tma",
             "programs_per_sm", "fc1_swap_ab", "fc2_swap_ab")
     return (type(cfg).__name__,) + tuple((k, min(int(d[k]), 2)) for k in keep if k in d)
 

@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent('''
                 sig[name] = "constexpr"
             else:
                 sig[name] = "i32"
-            if (name in ptrs and not ptrs[name].startswith("tensordesc")) or name.startswith("stride") \\
+            if (name in ptrs and not ptrs[name].startswith("tensordesc")) or name.startswith("stride") \
                     or name in ("H", "I"):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # what a launch on the model shapes specialises
         k = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent('''
                 assert "cp.async.bulk.tensor" in ptx, (kernel, const)
             # fp8: no dot that carries an accumulator is left to Hopper's reduced-precision
             # accumulation over the k-loop (gate_up.py); a dot from zero (%cst) is one k-tile's
-            assert not re.findall(r"warp_group_dot \\S+, \\S+, %(?!cst)\\S+ {[^}]*maxNumImpreciseAcc = 1073741824",
+            assert not re.findall(r"warp_group_dot \S+, \S+, %(?!cst)\S+ {[^}]*maxNumImpreciseAcc = 1073741824",
                                   k.asm["ttgir"]), (kernel, const)
         return k
 
@@ -97,20 +97,7 @@ SCRIPT = textwrap.dedent('''
                      dict(HAS_YS=True, E_PAD=256, BLOCK_M=16 if swap else 64, BLOCK_N=256, BLOCK_K=128, SWAP_AB=swap,
                           NUM_STAGES=3, USE_TMA=True, FUSED=True, K_PAD=8, COL_MAJOR=cm, PDL=True))
         ptx = k.asm["ptx"]  # the counter is acq_rel at GPU scope, the rows read back past L1, after a barrier
-        assert re.search(r"atom\\.global\\.gpu\\.acq_rel\\.add", ptx) and "ld.global.cg" in ptx and "bar.sync" in ptx
-        n += 1
-    # FC1's stream-K: its k-loop over a part's k-tiles pipelined (a ring of gate and of up tiles),
-    # the parts met through an acq_rel counter and read back past L1
-    for swap in (True, False):
-        k = compile_(_fc1_kernel, dict(x_ptr="*" + FP8, w_ptr="*" + FP8, w_desc=f"tensordesc<{FP8}[128, 128]>",
-                                       alpha1_ptr="*fp32", xs_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32",
-                                       offsets_ptr="*i32", y_ptr="*" + FP8, ys_ptr="*fp32", sk_ptr="*fp32",
-                                       skc_ptr="*i32"),
-                     dict(HAS_XS=True, OUT_FP8=True, E_PAD=256, BLOCK_M=16 if swap else 64, BLOCK_I=128,
-                          BLOCK_K=128, SWAP_AB=swap, NUM_STAGES=3, USE_TMA=True, STREAM_K=True, PDL=True))
-        assert len(re.findall(r"local_alloc : \\(\\) -> !ttg.memdesc<3x128x128x", k.asm["ttgir"])) == 2, swap
-        ptx = k.asm["ptx"]
-        assert re.search(r"atom\\.global\\.gpu\\.acq_rel\\.add", ptx) and "ld.global.cg" in ptx, swap
+        assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx and "bar.sync" in ptx
         n += 1
     # FC2's column stream (fc2_col_groups): the loop over column tiles is the pipelined one, each
     # of its I_STEPS k-steps with its own ring of NUM_STAGES weight tiles
@@ -123,7 +110,7 @@ SCRIPT = textwrap.dedent('''
                                        out_ptr="*fp32" if atomic else "*bf16"),
                      dict(HAS_YS=dt == FP8, E_PAD=256, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=bk, SWAP_AB=swap,
                           NUM_STAGES=3, ATOMIC=atomic, USE_TMA=True, I_STEPS=steps, PDL=True))
-        rings = re.findall(r"local_alloc : \\(\\) -> !ttg.memdesc<3x128x%dx" % bk, k.asm["ttgir"])
+        rings = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<3x128x%dx" % bk, k.asm["ttgir"])
         assert len(rings) == steps, (dt, swap, atomic, steps, len(rings))
         n += 1
     print("compiled", n)
@@ -139,4 +126,4 @@ def test_routed_kernels_compile_for_sm90_pipelined():
     env["TRITON_INTERPRET"] = "0"
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 26" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 24" in r.stdout, r.stdout + r.stderr[-2000:]

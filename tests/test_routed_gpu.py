@@ -239,26 +239,6 @@ def test_column_stream_is_fc2_on_model_shapes(shape, M):
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
-@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
-@pytest.mark.parametrize("M", [1, 16, 100, 1000])
-def test_fc1_stream_k_on_model_shapes(shape, dtype, M):
-    """fc1_stream_k across programs on the GPU (parts in slots, acq_rel counters per unit): within
-    the bound of the same pipeline in torch, the same bits on every call (the parts are summed in
-    program order), again under graph replay with other routings (the counters reused)."""
-    import dataclasses
-
-    w13, w2, x, ids, wts = _case(shape, M, M + 3)
-    pw = prepare_weights(w13, w2, dtype=dtype)
-    base = routed_configs.choose(RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16),
-                                 x.device).config
-    cfg = dataclasses.replace(base, fc1_stream_k=True, flatten=False, atomic_combine=False)
-    out = routed_experts(x, pw, ids, wts, config=cfg)
-    _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
-    assert torch.equal(routed_experts(x, pw, ids, wts, config=cfg), out)
-    _replays_as_eager(shape, M, x, pw, ids, wts, cfg, cfg, 400, n=2)
-
-
-@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [7, 1000])
 def test_atomic_combine_and_flatten_on_model_shapes(shape, M):
     import dataclasses

@@ -256,8 +256,6 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       (``atomic_combine``: no [M*k, H] rows; not bit-deterministic; ``ROUTED_ATOMIC``), and the
       combine fused into FC2 (``fused_combine``: the same bits as the combine, no launch of its
       own), at the middle tiles and at the widest FC2 tile with two programs per SM.
-    * FC1's stream-K (``fc1_stream_k``) at the middle tiles, and with the widest FC2 tile and two
-      programs per SM.
     * where an expert gets 8 rows or more on average: the fused and the atomic combine at the
       middle tiles with FC2's units column tile by column tile (``fc2_col_major``).
     * FC2's column stream (``fc2_col_groups``, the same bits): the middle and the widest FC2 tile
@@ -275,7 +273,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 33 configs per (block_m, swap) and three of those, so at most 100 with the default.
+    At most 31 configs per (block_m, swap) and three of those, so at most 94 with the default.
     """
     if "triton" not in backends:
         return []
@@ -353,10 +351,6 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         # the combine fused into FC2 (no combine launch; the same bits): the middle and the wide tiles
         add(make(bm, swap, bi, bn, fused_combine=True))
         add(make(bm, swap, bi, wide, pps=2, fused_combine=True))
-        # FC1's stream-K (every program the same share of the units' k-tiles: no ragged last
-        # round of units), with the middle FC2 tile and with the wide one on two programs per SM
-        add(make(bm, swap, bi, bn, fc1_stream_k=True))
-        add(make(bm, swap, bi, wide, pps=2, fc1_stream_k=True))
         # FC2's units column tile by column tile, where the rows (or the atomic adds) are many: a
         # token's k pairs meet while L2 still holds their rows / fp32 sums
         if rows >= 8:

@@ -81,13 +81,8 @@ class RoutedConfig:
     land in the same column tile within a short time: the fused combine reads the rows back
     while L2 still holds them, the atomic combine's adds meet in L2 (its fp32 output is M x
     fc2_block_n x 4 bytes per column tile, not M x H x 4). The same bits as the other order
-    (fused; atomic: its adds in another order).
-    ``fc1_stream_k``: FC1's work (every unit's k-tiles, unit after unit) is cut into one equal
-    contiguous range a program, so the programs finish together whatever the number of units the
-    routing makes (a last round of 12 units of 540 on 264 programs no longer costs a whole round);
-    a unit cut by a range boundary is summed by its last part from every part's slot, in program
-    order (deterministic; not the bits of the uncut sum). Fields added later than a stored config
-    string default (``from_str``)."""
+    (fused; atomic: its adds in another order). Fields added later than a stored config string
+    default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -107,7 +102,6 @@ class RoutedConfig:
     fused_combine: bool = False  # FC2's last pair of a token sums its k rows (no combine launch; slot order)
     fc2_col_groups: int = 0  # > 0: FC2's units stream column tiles (this many groups per tile), 0: one each
     fc2_col_major: bool = False  # FC2's units column tile by column tile (a token's k rows close in time)
-    fc1_stream_k: bool = False  # FC1's k-tiles cut into one equal range a program (parts summed in order)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -134,12 +128,11 @@ class RoutedConfig:
                 f"w{self.fc1_warps}st{self.fc1_stages}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
-                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}"
-                f"{'/sk' if self.fc1_stream_k else ''}")
+                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_stream_k")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -200,9 +193,7 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
         bad.append(f"fc2_col_groups={cfg.fc2_col_groups!r} must be in 0..64")
     elif cfg.fc2_col_groups and cfg.flatten:
         bad.append("fc2_col_groups and flatten are two ways to run FC2's loads ahead: one at most")
-    if cfg.fc1_stream_k and cfg.flatten:
-        bad.append("fc1_stream_k and flatten: FC1's stream-K loop is not flattened; one at most")
-    if cfg.fc2_col_groups and cfg.fc2_col_major:
+    elif cfg.fc2_col_groups and cfg.fc2_col_major:
         bad.append("fc2_col_groups and fc2_col_major are two orders of FC2's units: one at most")
     elif cfg.fc2_col_groups and cfg.fused_combine:  # (tests/test_routed_compile.py)
         bad.append("fc2_col_groups with fused_combine: the combine's counters and barrier in the column loop "
@@ -333,29 +324,22 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 
 
 @triton.jit
-def _fc1_tile(u, run, tiles, sorted_ptr, offsets_ptr, TOP_K, i_tiles, I, E_PAD: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Unit u = (tile u // i_tiles, column tile u % i_tiles): its expert, column tile, sorted rows
-    and their tokens, columns of I."""
+def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
+              ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
+              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
+    """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
+    stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue."""
     t = u // i_tiles
     it = u % i_tiles
     e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
     rows = r0 + tl.arange(0, BLOCK_M)
     r_ok = rows < r1
     tok = tl.load(sorted_ptr + rows, mask=r_ok, other=0) // TOP_K
-    offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
-    return e, it, rows, r_ok, tok, offs_i, offs_i < I
-
-
-@triton.jit
-def _fc1_sum(k_lo, k_hi, e, it, r_ok, tok, offs_i, i_ok, x_ptr, w_ptr, w_desc, xs_ptr, ws_ptr, H, I,
-             stride_xm, stride_wn, stride_xsm, stride_wsr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
-             BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
-             W_BLOCK: tl.constexpr, WHOLE: tl.constexpr):
-    """The unit's gate and up sums (two fp32 accumulators) over its gathered x rows and the
-    expert's w1 rows: all of H (``WHOLE``: constant loop bounds for the pipeliner) or the k-tiles
-    [k_lo, k_hi)."""
     x_rows = tok.to(tl.int64) * stride_xm
+    offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = offs_i < I
     gate_rows = (e * 2 * I + offs_i).to(tl.int64) * stride_wn
     up_rows = gate_rows + I * stride_wn
     offs_k = tl.arange(0, BLOCK_K)
@@ -365,13 +349,7 @@ def _fc1_sum(k_lo, k_hi, e, it, r_ok, tok, offs_i, i_ok, x_ptr, w_ptr, w_desc, x
     else:
         acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
-    if WHOLE:
-        k_start = 0
-        k_end = H
-    else:
-        k_start = k_lo * BLOCK_K
-        k_end = k_hi * BLOCK_K
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+    for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
         k_ok = kk < H
         xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
@@ -388,14 +366,6 @@ def _fc1_sum(k_lo, k_hi, e, it, r_ok, tok, offs_i, i_ok, x_ptr, w_ptr, w_desc, x
             scale_g = sx * tl.load(ws_ptr + ((e * 2 * I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
             scale_u = sx * tl.load(ws_ptr + ((e * 2 * I + I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
         acc_g, acc_u = gate_up_step(xt, wg, wu, acc_g, acc_u, scale_g, scale_u, SWAP_AB, W_BLOCK)
-    return acc_g, acc_u
-
-
-@triton.jit
-def _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, offs_i, i_ok, alpha1_ptr, xs_ptr, y_ptr, ys_ptr,
-                  stride_ym, stride_ysm, HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, SWAP_AB: tl.constexpr,
-                  W_BLOCK: tl.constexpr):
-    """alpha1[e] and the token's x scale, SwiGLU, fp8 y per (row, column tile) with its scale."""
     if SWAP_AB:  # the epilogue works on [rows, columns]
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
@@ -414,82 +384,6 @@ def _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, offs_i, i_ok, alpha1_ptr
              mask=r_ok[:, None] & i_ok[None, :])
 
 
-@triton.jit
-def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
-              ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
-              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
-    """Unit u whole: gather the tile's token rows of x, stream the expert's gate and up rows over
-    H into two fp32 accumulators, then the epilogue."""
-    e, it, rows, r_ok, tok, offs_i, i_ok = _fc1_tile(u, run, tiles, sorted_ptr, offsets_ptr, TOP_K, i_tiles, I,
-                                                     E_PAD, BLOCK_M, BLOCK_I)
-    acc_g, acc_u = _fc1_sum(0, 0, e, it, r_ok, tok, offs_i, i_ok, x_ptr, w_ptr, w_desc, xs_ptr, ws_ptr, H, I,
-                            stride_xm, stride_wn, stride_xsm, stride_wsr, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB,
-                            NUM_STAGES, USE_TMA, W_BLOCK, True)
-    _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, offs_i, i_ok, alpha1_ptr, xs_ptr, y_ptr, ys_ptr, stride_ym,
-                  stride_ysm, HAS_XS, OUT_FP8, SWAP_AB, W_BLOCK)
-
-
-@triton.jit
-def _fc1_stream_k(run, tiles, n_tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
-                  y_ptr, ys_ptr, sk_ptr, skc_ptr, H, I, TOP_K, NUM_PROGS, stride_xm, stride_wn, stride_ym,
-                  stride_ysm, stride_xsm, stride_wsr, HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr,
-                  E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
-    """Stream-K: the units' k-tiles, unit after unit, cut into NUM_PROGS equal contiguous ranges,
-    one a program, so every program has the same work whatever the number of units (a last
-    round of units no longer leaves programs idle). A unit a range boundary cuts is finished by
-    the part that completes its k-tiles (counter ``skc`` per unit, acq_rel): each part stores its
-    sums in its program's slot of ``sk`` (slot 2p: the part its range starts inside, 2p + 1: the
-    part that starts at or after the range's start), and the last one adds every part in
-    program order (deterministic), leaves the counter at zero and applies the epilogue."""
-    i_tiles = tl.cdiv(I, BLOCK_I)
-    k_tiles = tl.cdiv(H, BLOCK_K)
-    total = (n_tiles * i_tiles).to(tl.int64) * k_tiles
-    pid = tl.program_id(0).to(tl.int64)
-    lo = pid * total // NUM_PROGS
-    hi = (pid + 1) * total // NUM_PROGS
-    j_end = tl.where(hi > lo, (hi + k_tiles - 1) // k_tiles, lo // k_tiles)  # no unit for an empty range
-    if SWAP_AB:
-        offs2 = tl.arange(0, BLOCK_I)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-    else:
-        offs2 = tl.arange(0, BLOCK_M)[:, None] * BLOCK_I + tl.arange(0, BLOCK_I)[None, :]
-    SLOT: tl.constexpr = 2 * BLOCK_M * BLOCK_I
-    for j in range(lo // k_tiles, j_end):
-        start = j * k_tiles
-        k_lo = tl.maximum(lo - start, 0).to(tl.int32)  # (int32: TMA coordinates)
-        k_hi = tl.minimum(hi - start, k_tiles).to(tl.int32)
-        e, it, rows, r_ok, tok, offs_i, i_ok = _fc1_tile((start // k_tiles).to(tl.int32), run, tiles, sorted_ptr,
-                                                         offsets_ptr, TOP_K, i_tiles, I, E_PAD, BLOCK_M, BLOCK_I)
-        acc_g, acc_u = _fc1_sum(k_lo, k_hi, e, it, r_ok, tok, offs_i, i_ok, x_ptr, w_ptr, w_desc, xs_ptr, ws_ptr, H,
-                                I, stride_xm, stride_wn, stride_xsm, stride_wsr, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB,
-                                NUM_STAGES, USE_TMA, W_BLOCK, False)
-        if (k_lo == 0) & (k_hi == k_tiles):  # the whole unit in this range
-            _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, offs_i, i_ok, alpha1_ptr, xs_ptr, y_ptr, ys_ptr,
-                          stride_ym, stride_ysm, HAS_XS, OUT_FP8, SWAP_AB, W_BLOCK)
-        else:
-            slot = sk_ptr + (2 * pid + (start >= lo).to(tl.int64)) * SLOT
-            tl.store(slot + offs2, acc_g)
-            tl.store(slot + BLOCK_M * BLOCK_I + offs2, acc_u)
-            tl.debug_barrier()  # every thread's part is stored before the release below
-            done = tl.atomic_add(skc_ptr + j, k_hi - k_lo, sem="acq_rel") + (k_hi - k_lo)
-            if done == k_tiles:  # the last part: every part, in program order
-                acc_g = tl.zeros_like(acc_g)
-                acc_u = tl.zeros_like(acc_u)
-                q_first = ((start + 1) * NUM_PROGS - 1) // total  # the programs whose ranges hold the unit
-                q_last = ((start + k_tiles) * NUM_PROGS - 1) // total
-                for q in range(q_first, q_last + 1):
-                    lo_q = q * total // NUM_PROGS
-                    if (q + 1) * total // NUM_PROGS > lo_q:  # (a program with an empty range wrote nothing)
-                        part = sk_ptr + (2 * q + (start >= lo_q).to(tl.int64)) * SLOT
-                        acc_g += tl.load(part + offs2, cache_modifier=".cg")
-                        acc_u += tl.load(part + BLOCK_M * BLOCK_I + offs2, cache_modifier=".cg")
-                tl.store(skc_ptr + j, 0)  # the counter back at zero for the next launch
-                _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, offs_i, i_ok, alpha1_ptr, xs_ptr, y_ptr, ys_ptr,
-                              stride_ym, stride_ysm, HAS_XS, OUT_FP8, SWAP_AB, W_BLOCK)
-
-
 @triton.jit(do_not_specialize=["P"])
 def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
                 P, H, I, E, TOP_K, NUM_PROGS,
@@ -497,17 +391,11 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
                 HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr = False,
-                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, STREAM_K: tl.constexpr = False,
-                sk_ptr=None, skc_ptr=None, PDL: tl.constexpr = False):
+                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     i_tiles = tl.cdiv(I, BLOCK_I)
-    if STREAM_K:
-        _fc1_stream_k(run, tiles, n_tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
-                      y_ptr, ys_ptr, sk_ptr, skc_ptr, H, I, TOP_K, NUM_PROGS, stride_xm, stride_wn, stride_ym,
-                      stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB,
-                      NUM_STAGES, USE_TMA, W_BLOCK)
-    elif FLATTEN:  # the compiler flattens the k-loop into this one: loads run ahead across units
+    if FLATTEN:  # the compiler flattens the k-loop into this one: loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS, flatten=True):
             _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
                       y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
@@ -737,12 +625,6 @@ def _num_programs(device: torch.device, cfg: RoutedConfig, max_units: int) -> in
     return max(1, min(max_units, sm_count(device) * cfg.programs_per_sm))
 
 
-def _stream_k_parts(numel: int, device) -> torch.Tensor:
-    """FC1 stream-K's part slots: every slot read is written first in the same launch (tests
-    poison it through this function)."""
-    return torch.empty(numel, dtype=torch.float32, device=device)
-
-
 def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k: int, cfg: RoutedConfig,
                w_block_scale=None) -> None:
     """Grouped FC1 into y [M*k, I] (sorted rows) and, for fp8 y, y_scale [M*k, cdiv(I, Q)].
@@ -754,16 +636,11 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
     # worst case of tiles: every expert's last tile ragged, and at most one tile per row
     max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
     units = max(1, max_tiles * triton.cdiv(I, cfg.fc1_block_i))
-    # stream-K's work is the units' k-tiles: every program takes a share even where units are few
-    progs = _num_programs(x.device, cfg, units * (triton.cdiv(H, cfg.fc1_block_k) if cfg.fc1_stream_k else 1))
+    progs = _num_programs(x.device, cfg, units)
     fp8_out = y.dtype == torch.float8_e4m3fn
     use_tma = cfg.tma and supports_tma(x.device) and tma_compatible(w1)
     w_desc = _descriptor(w1, [cfg.fc1_block_i, cfg.fc1_block_k]) if use_tma else w1
     blk = w_block_scale is not None
-    sk = {}
-    if cfg.fc1_stream_k:  # a part's sums per (program, slot); per-unit counters left at zero (this stream's)
-        sk = dict(STREAM_K=True, sk_ptr=_stream_k_parts(2 * progs * 2 * cfg.block_m * cfg.fc1_block_i, x.device),
-                  skc_ptr=reused_zeros(units, x.device).view(torch.int32))
     _fc1_kernel[(progs,)](
         x, w1, w_desc, alpha1, x_scale if x_scale is not None else alpha1, w_block_scale if blk else alpha1,
         sorted_pairs, offsets, y, y_scale if fp8_out else alpha1, P, H, I, E, top_k, progs,
@@ -772,7 +649,7 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
         HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
         NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, num_warps=cfg.fc1_warps,
-        **sk, **launch_kwargs(x.device))
+        **launch_kwargs(x.device))
 
 
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
