@@ -101,5 +101,11 @@ def test_every_path_drops_them_on_the_gpu(shape):
             for strategy in ("skip", "dense", "routed"):
                 out = experts_forward(x, pw, None, expert_ids=ids, topk_weights=wts, strategy=strategy)
                 want = experts_forward(x, pw, None, expert_ids=ids_ok, topk_weights=wts_ok, strategy=strategy)
-                torch.testing.assert_close(out, want, rtol=0, atol=0, msg=f"{dtype} {strategy} M={M}")
+                if strategy == "routed":  # no atomics: the same bits
+                    torch.testing.assert_close(out, want, rtol=0, atol=0, msg=f"{dtype} {strategy} M={M}")
+                else:  # split-K and stream-K add fp32 parts with atomics: the last bit may differ between
+                    # runs (the H200, 2026-12-05: Qwen3 fp8 dense M = 33); a leaked pair is far larger
+                    err = (out.float() - want.float()).abs().max().item()
+                    assert torch.isfinite(out).all() and err <= 2 ** -7 * want.float().abs().max().item(), \
+                        (dtype, strategy, M, err)
             torch.cuda.synchronize()
