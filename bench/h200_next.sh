@@ -102,5 +102,8 @@ for spec in ${NCU:-}; do
   grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Stall|Compute \(SM\)|L2 Hit|Executed Ipc" \
     $OUT/ncu_routed_${kern}_${shape}_M$m.txt | head -16
 done
-cd $OUT && tar czf next.tgz --exclude=next.tgz . && find . -mindepth 1 ! -name next.tgz -exec rm -rf {} +
+# the tarball is written outside $OUT, then moved in: written inside, tar warned "file changed as we
+# read it" and exited 1, the clean-up behind && did not run, and the reply left next.tgz out (more
+# than 8 files; 2026-12-05, fifth session)
+(cd $OUT && tar czf /tmp/next.tgz . ; mv /tmp/next.tgz $OUT/ && find $OUT -mindepth 1 ! -name next.tgz -exec rm -rf {} +)
 echo "# total $((SECONDS - t0)) s"

@@ -27,4 +27,5 @@ for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   echo "# layer $shape: exit $? at $((SECONDS - t0)) s"
   grep "^experts .* fp8 " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' | cut -c1-200
 done
-cd $OUT && tar czf next.tgz --exclude=next.tgz . && find . -mindepth 1 ! -name next.tgz -exec rm -rf {} +
+# outside $OUT, then moved in (h200_next.sh says why)
+(cd $OUT && tar czf /tmp/next.tgz . ; mv /tmp/next.tgz $OUT/ && find $OUT -mindepth 1 ! -name next.tgz -exec rm -rf {} +)

@@ -127,4 +127,4 @@ rm -f $DENSEMOE_CACHE_DIR/tuned.json.lock
 if (( left == 0 )); then echo "ALL DONE"; else echo "$left jobs left: call again (after copying wip/ to $WIP)"; fi
 # one file comes back: a reply brings at most 8 (2026-12-05: a call's wip/tuned.json was left
 # behind that way and its jobs ran again); here: tar xzf <files_at>/tune.tgz -C <dir>
-(cd $OUT && tar czf tune.tgz --exclude=tune.tgz . && find . -mindepth 1 ! -name tune.tgz -exec rm -rf {} +)
+(cd $OUT && tar czf /tmp/tune.tgz . ; mv /tmp/tune.tgz $OUT/ && find $OUT -mindepth 1 ! -name tune.tgz -exec rm -rf {} +)  # outside $OUT first (h200_next.sh)
