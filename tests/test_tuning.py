@@ -718,7 +718,8 @@ def test_routed_and_strategy_keys_do_not_depend_on_cute_dsl(monkeypatch):
 
 def test_the_h200_table_reaches_the_routed_path(monkeypatch):
     """On a device named NVIDIA H200 with this Triton, routed_configs.choose takes the shipped
-    entry for DeepSeek-V3 TP8 fp8 (tuned on the H200, 2026-12-05), not the first-guess rule."""
+    entry for DeepSeek-V3 TP8 fp8 (retuned on the H200, 2026-12-05, fifth session: FC2's column
+    stream in 5 groups, two programs per SM), not the first-guess rule."""
     import triton
 
     from densemoe.kernels.common import RoutedProblem
@@ -734,7 +735,9 @@ def test_the_h200_table_reaches_the_routed_path(monkeypatch):
     s = SHAPES["deepseek-v3-tp8"]
     choice = routed_configs.choose(RoutedProblem(512, s.hidden, s.experts, s.inter, s.topk, FP8, BF16), "cuda")
     assert choice.source == "shipped", choice
-    assert choice.config.programs_per_sm == 2 and choice.config.fc2_block_n == 256, choice
+    assert choice.config.programs_per_sm == 2 and choice.config.fc2_col_groups == 5, choice
+    assert choice.config != routed_configs.default_config(RoutedProblem(512, s.hidden, s.experts, s.inter, s.topk,
+                                                                        FP8, BF16))
     cache.make_key.cache_clear()
     cache._tables.cache_clear()
 
