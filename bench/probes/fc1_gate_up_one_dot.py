@@ -16,7 +16,14 @@ expert gets ``rows`` gathered token rows (a random permutation of x, loaded thro
 The two forms do the same sums in the same order per output element, so their outputs must be
 the same bits (checked before timing, and against a float32 torch reference within fp8's
 rounding of y). Timed with the library's Timer (CUDA graphs, L2 flushed, medians); TFLOP/s of
-the gate/up products; the weight bytes' floor at the read ceiling beside them."""
+the gate/up products; the weight bytes' floor at the read ceiling beside them.
+
+Beside them, the library's routed FC1 (``kernels.triton.routed.fc1_launch``) on the same x, w
+and rows (top-k 1, unit scales, the rows of expert e in the probe's order), pinned to each of the
+probe's tiles with one and two programs per SM: its fp8 y, dequantised, is checked against the
+same reference first. The 2026-12-05 H200 run put the library's FC1 at 277 us where this loop
+took 170 (Qwen3 M = 2048, the same tile): this comparison is where that gap is bisected
+(docs/routed.md "Next" 1)."""
 
 import os
 import re
@@ -103,6 +110,30 @@ def reference(x, w, tok, E, I, rows):
     return torch.cat(out)
 
 
+def library_launch(x, w, tok, E, I, rows, bm, warps, stages, programs_per_sm):
+    """The library's routed FC1 on the probe's rows: y fp8 [P, I] and its scales, and the call."""
+    from densemoe.kernels.triton import routed as kern
+    cfg = kern.RoutedConfig(block_m=bm, fc1_block_i=128, fc1_block_k=128, fc1_warps=warps, fc1_stages=stages,
+                            programs_per_sm=programs_per_sm)
+    P = E * rows
+    offsets = (torch.arange(E + 1, device=x.device) * rows).to(torch.int32)
+    alpha1 = torch.ones(E, device=x.device)
+    xs = torch.ones(x.shape[0], device=x.device)
+    y = torch.empty(P, I, device=x.device, dtype=FP8)
+    ys = torch.empty(P, triton.cdiv(I, 128), device=x.device)
+    return y, ys, lambda: kern.fc1_launch(x, w, alpha1, xs, tok, offsets, y, ys, 1, cfg)
+
+
+def check_library(x, w, tok, E, I, rows, ref, configs, programs=(1, 2)):
+    for bm, warps, stages in configs:
+        for p in programs:
+            y, ys, run = library_launch(x, w, tok, E, I, rows, bm, warps, stages, p)
+            run()
+            deq = y.float() * ys.repeat_interleave(128, 1)[:, :I]
+            err = ((deq - ref).norm() / ref.norm()).item()
+            assert err < 5e-2, f"library FC1 {bm} rows, {p} programs an SM: {err:.2e} from the reference"
+
+
 def check(H, E, I, rows, device, configs):
     x, w, tok = inputs(H, E, I, rows, device)
     ref = reference(x, w, tok, E, I, rows)
@@ -115,6 +146,7 @@ def check(H, E, I, rows, device, configs):
         assert torch.equal(ys[0], ys[1]), f"{bm} rows: one dot differs from two"
         err = ((ys[1].float() - ref).norm() / ref.norm()).item()
         assert err < 2e-2, f"{bm} rows: {err:.2e} from the float32 reference"  # bf16 rounding of y
+    check_library(x, w, tok, E, I, rows, ref, configs)  # fp8 y: its rounding, ~2e-2
     return x, w, tok
 
 
@@ -166,6 +198,8 @@ elif __name__ == "__main__":
         for bm, warps, stages in CONFIGS:
             y = torch.empty(E * rows, I, device="cuda", dtype=torch.bfloat16)
             t = [timer(lambda od=od: launch(x, w, tok, y, E, I, rows, bm, warps, stages, od))["us"] for od in (False, True)]
+            lib = [timer(library_launch(x, w, tok, E, I, rows, bm, warps, stages, p)[2])["us"] for p in (1, 2)]
             print(f"rows={rows} {bm}x128 w{warps} st{stages}: two dots {t[0]:.1f} us ({flops / t[0] / 1e6:.0f} TFLOP/s), "
-                  f"one dot {t[1]:.1f} us ({flops / t[1] / 1e6:.0f} TFLOP/s), {t[0] / t[1]:.2f}x; weights' floor "
+                  f"one dot {t[1]:.1f} us ({flops / t[1] / 1e6:.0f} TFLOP/s), {t[0] / t[1]:.2f}x; the library's FC1 "
+                  f"{lib[0]:.1f} us (1 program an SM), {lib[1]:.1f} (2); weights' floor "
                   f"{w.numel() / 4.58e6:.1f} us at 4.58 TB/s", flush=True)
