@@ -40,11 +40,10 @@ import triton.language as tl
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.common import SMEM_BYTES, Fc1Problem, reused_zeros, tma_compatible
 from densemoe.kernels.triton.gate_up import gate_up_step
-from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale, max_nan
+from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 from densemoe.kernels.triton.skip import _expert_at, _tile_list, _tile_positions, list_blocks, lists_scratch
 
-FP8_MAX = 448.0
 # Skipping: spread the units over the whole grid when there are fewer than programs (a switch
 # for probes; docs/skipping.md)
 SPREAD_UNITS = True

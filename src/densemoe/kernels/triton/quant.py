@@ -39,7 +39,6 @@ import triton.language as tl
 from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale, max_nan
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 
-FP8_MAX = 448.0
 _MAX_BLOCK = 4096  # elements one program holds in registers per pass
 
 

@@ -50,10 +50,8 @@ import triton.language as tl
 from densemoe._runtime import sm_count, supports_tma
 from densemoe.kernels.common import SMEM_BYTES, reused_zeros, tma_compatible
 from densemoe.kernels.triton.gate_up import gate_up_step
-from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale, max_nan
+from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
-
-FP8_MAX = 448.0
 
 
 @dataclasses.dataclass(frozen=True)
