@@ -26,14 +26,11 @@
 #     TP8 M = 64 against 212 per expert);
 #   - Nsight Compute alone: NO_SUITE=1 STREAM_SHAPES= NO_PROBES=1 NCU="fc2:deepseek-v3-tp8:512
 #     fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" bash bench/h200_next.sh <commit>;
-#   - issue 22: python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 (one TP8 and one EP8 rank,
-#     FC2 whole and in 4 pieces, the all-reduce stood in for by a timed wait: sequence vs overlap);
 #   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls; racecheck and
-#     synccheck on the fused combine's and FC1 stream-K's counters above all);
-#   - fp8 routed tuning with the fused combine, the column stream, the column-major order and FC1's
-#     stream-K in the space, from a fresh cache (bench/results/h200_wip's done.txt lists these jobs as done and
-#     --missing-only would skip every bucket): WIP=bench/results/h200_wip2 DT=fp8 OPS="routed strategy"
-#     bash bench/tune_h200.sh (resumable in that folder), merge, then the fp8 layer benchmark again;
+#     synccheck on the fused combine's counters above all; FC1 stream-K's race: patches/README.md);
+#   - the rest of the fp8 routed retuning and the strategy crossovers, resumed from
+#     bench/results/h200_wip2 (Qwen3 M = 3072-4096 left on 2026-12-05): bash bench/h200_tune_layer.sh
+#     <commit> (tuning, then the layer benchmark on that cache), merge;
 #   - the fuzz suite at scale (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py; the
 #     device image lists hypothesis, docs/trust.md);
 #   - bf16 benchmarks (NO_SUITE=1 DTYPES=bf16 bash bench/routed_gpu.sh), FC1/FC2 tuning
