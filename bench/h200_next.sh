@@ -62,18 +62,19 @@ for shape in ${STREAM_SHAPES-deepseek-v3-tp8 qwen3-30b-a3b}; do  # FC2's column 
   grep -E "^(#|M=)" $OUT/fc2_stream_$shape.log | cut -c1-170
 done
 budget() { local left=$((560 - (SECONDS - t0))); echo $((left < $1 ? left : $1)); }
+want() { [ -z "${NO_PROBES:-}" ] && [[ " ${PROBES:-contiguous one_dot sim} " == *" $1 "* ]]; }  # PROBES="one_dot": that one alone
 left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed.md "Next" 3)
-if [ $left -ge 20 ] && [ -z "${NO_PROBES:-}" ]; then
+if [ $left -ge 20 ] && want contiguous; then
   timeout $left python3 bench/probes/routed_fc1_contiguous.py qwen3-30b-a3b 128,512,2048,4096 > $OUT/fc1_contiguous.log 2>&1
   echo "# fc1 contiguous: exit $? at $((SECONDS - t0)) s"; grep -v "^ *$" $OUT/fc1_contiguous.log | tail -8 | cut -c1-170
 fi
-left=$(budget 60)  # FC1's loop: one dot over gate and up against two (docs/routed.md, the floor section)
-if [ $left -ge 25 ] && [ -z "${NO_PROBES:-}" ]; then
+left=$(budget ${ONE_DOT_TIMEOUT:-60})  # FC1's loop: one dot over gate and up against two (docs/routed.md, the floor section)
+if [ $left -ge 25 ] && want one_dot; then
   timeout $left python3 bench/probes/fc1_gate_up_one_dot.py qwen3-30b-a3b 128,256 > $OUT/fc1_one_dot.log 2>&1
   echo "# fc1 one dot: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|rows=)" $OUT/fc1_one_dot.log | cut -c1-170
 fi
 left=$(budget 90)  # issue 22: one TP8 and one EP8 rank, the reduction stood in for (docs/parallel.md)
-if [ $left -ge 30 ] && [ -z "${NO_PROBES:-}" ]; then
+if [ $left -ge 30 ] && want sim; then
   timeout $left python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 > $OUT/sharded_sim.log 2>&1
   echo "# sharded sim: exit $? at $((SECONDS - t0)) s"; tail -14 $OUT/sharded_sim.log | cut -c1-170
 fi
