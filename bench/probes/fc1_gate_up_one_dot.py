@@ -35,17 +35,21 @@ import torch
 import triton
 import triton.language as tl
 
+from densemoe._runtime import sm_count
+from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale
+
 FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
-def _fc1_loop_kernel(x_ptr, w_ptr, tok_ptr, y_ptr, H, I, ROWS, stride_xm, stride_wn, stride_ym,
-                     BM: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, ONE_DOT: tl.constexpr,
-                     STAGES: tl.constexpr):
-    """Program (e, t, c): expert e's row tile t (rows of tok) and column tile c of I; y = silu(g) * u
-    in bf16 (no scales: the loop is what is compared)."""
+def _fc1_loop_unit(pid, x_ptr, w_ptr, w_desc, tok_ptr, y_ptr, ys_ptr, H, I, ROWS, stride_xm, stride_wn, stride_ym,
+                   BM: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr, ONE_DOT: tl.constexpr,
+                   STAGES: tl.constexpr, TMA: tl.constexpr, FP8_OUT: tl.constexpr, K_MASK: tl.constexpr):
+    """Unit pid = (e, t, c): expert e's row tile t (rows of tok) and column tile c of I; y = silu(g) * u
+    in bf16, or (FP8_OUT) in fp8 with one scale per (row, BI columns) as the library's epilogue
+    (no other scales: the loop is what is compared). TMA: the weight tiles through a descriptor (as
+    the library); K_MASK: x's loads masked by k < H too (as the library)."""
     tiles = tl.cdiv(ROWS, BM)
-    pid = tl.program_id(0)
     c = pid % tl.cdiv(I, BI)
     t = pid // tl.cdiv(I, BI)
     e = t // tiles
@@ -71,24 +75,63 @@ def _fc1_loop_kernel(x_ptr, w_ptr, tok_ptr, y_ptr, H, I, ROWS, stride_xm, stride
         g = tl.zeros((BM, BI), dtype=tl.float32)
         u = tl.zeros((BM, BI), dtype=tl.float32)
         for k0 in tl.range(0, H, BK, num_stages=STAGES):
-            xt = tl.load(x_ptr + x_rows[:, None] + (k0 + offs_k)[None, :], mask=r_ok[:, None], other=0.0)
-            wg = tl.load(w_ptr + g_rows[:, None] + (k0 + offs_k)[None, :])
-            wu = tl.load(w_ptr + u_rows[:, None] + (k0 + offs_k)[None, :])
+            kk = k0 + offs_k
+            if K_MASK:
+                xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None] & (kk < H)[None, :], other=0.0)
+            else:
+                xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None], other=0.0)
+            if TMA:
+                wg = w_desc.load([e * 2 * I + c * BI, k0])
+                wu = w_desc.load([e * 2 * I + I + c * BI, k0])
+            else:
+                wg = tl.load(w_ptr + g_rows[:, None] + kk[None, :])
+                wu = tl.load(w_ptr + u_rows[:, None] + kk[None, :])
             g = tl.dot(xt, tl.trans(wg), g, max_num_imprecise_acc=BK)
             u = tl.dot(xt, tl.trans(wu), u, max_num_imprecise_acc=BK)
     v = g * tl.sigmoid(g) * u
     cols = c * BI + tl.arange(0, BI)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], v.to(tl.bfloat16), mask=r_ok[:, None])
+    if FP8_OUT:
+        sc = e4m3_scale(amax_abs(v, 1))
+        v = clamp_e4m3(tl.math.div_rn(v, sc[:, None]))
+        tl.store(ys_ptr + rows * tl.cdiv(I, BI) + c, sc, mask=r_ok)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], v.to(y_ptr.dtype.element_ty),
+             mask=r_ok[:, None])
+
+
+@triton.jit
+def _fc1_loop_kernel(x_ptr, w_ptr, w_desc, tok_ptr, y_ptr, ys_ptr, H, I, ROWS, N_UNITS, NUM_PROGS, stride_xm,
+                     stride_wn, stride_ym, BM: tl.constexpr, BI: tl.constexpr, BK: tl.constexpr,
+                     ONE_DOT: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr = False,
+                     FP8_OUT: tl.constexpr = False, K_MASK: tl.constexpr = False, PERSIST: tl.constexpr = False):
+    """One unit a program, or (PERSIST) NUM_PROGS programs taking the units in turn (as the
+    library's persistent loop)."""
+    if PERSIST:
+        for u in tl.range(tl.program_id(0), N_UNITS, NUM_PROGS):
+            _fc1_loop_unit(u, x_ptr, w_ptr, w_desc, tok_ptr, y_ptr, ys_ptr, H, I, ROWS, stride_xm, stride_wn,
+                           stride_ym, BM, BI, BK, ONE_DOT, STAGES, TMA, FP8_OUT, K_MASK)
+    else:
+        _fc1_loop_unit(tl.program_id(0), x_ptr, w_ptr, w_desc, tok_ptr, y_ptr, ys_ptr, H, I, ROWS, stride_xm,
+                       stride_wn, stride_ym, BM, BI, BK, ONE_DOT, STAGES, TMA, FP8_OUT, K_MASK)
 
 
 CONFIGS = ((64, 4, 2), (64, 4, 3), (128, 8, 3), (128, 8, 4))  # (rows a tile, warps, stages)
 
 
-def launch(x, w, tok, y, E, I, rows, bm, warps, stages, one_dot, bi=128, bk=128):
+def launch(x, w, tok, y, E, I, rows, bm, warps, stages, one_dot, bi=128, bk=128, ys=None, tma=False, k_mask=False,
+           persist=0):
+    """persist > 0: that many programs per SM, persistent; ys [rows, I / bi] fp32 with an fp8 y."""
     H = x.shape[1]
-    grid = (E * triton.cdiv(rows, bm) * triton.cdiv(I, bi),)
-    _fc1_loop_kernel[grid](x, w, tok, y, H, I, rows, x.stride(0), w.stride(0), y.stride(0), BM=bm, BI=bi, BK=bk,
-                           ONE_DOT=one_dot, STAGES=stages, num_warps=warps, num_stages=stages)
+    units = E * triton.cdiv(rows, bm) * triton.cdiv(I, bi)
+    progs = min(units, persist * sm_count(x.device)) if persist else units
+    w_desc = w
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        w_desc = TensorDescriptor.from_tensor(w, [bi, bk])
+    fp8_out = y.dtype == FP8
+    _fc1_loop_kernel[(progs,)](x, w, w_desc, tok, y, ys if fp8_out else y, H, I, rows, units, progs, x.stride(0),
+                               w.stride(0), y.stride(0), BM=bm, BI=bi, BK=bk, ONE_DOT=one_dot, STAGES=stages,
+                               TMA=tma, FP8_OUT=fp8_out, K_MASK=k_mask, PERSIST=bool(persist), num_warps=warps,
+                               num_stages=stages)
 
 
 def inputs(H, E, I, rows, device, seed=0):
@@ -150,18 +193,62 @@ def check(H, E, I, rows, device, configs):
     return x, w, tok
 
 
+# the steps from the probe's loop to the library's FC1 (docs/routed.md "Next" 1): each alone, then all
+VARIANTS = (("loop", {}), ("k mask", dict(k_mask=True)), ("tma", dict(tma=True)), ("fp8 y", dict(fp8=True)),
+            ("persistent 1/SM", dict(persist=1)), ("persistent 2/SM", dict(persist=2)),
+            ("all, 1/SM", dict(k_mask=True, tma=True, fp8=True, persist=1)),
+            ("all, 2/SM", dict(k_mask=True, tma=True, fp8=True, persist=2)),
+            ("all but persistent", dict(k_mask=True, tma=True, fp8=True)))
+
+
+def variant(x, w, tok, E, I, rows, bm, warps, stages, v):
+    """(y, ys, the call) of one bisection step; fp8 y with its scales where v asks."""
+    v = dict(v)
+    fp8 = v.pop("fp8", False)
+    y = torch.full((E * rows, I), float("nan"), device=x.device, dtype=torch.bfloat16).to(FP8 if fp8 else torch.bfloat16)
+    ys = torch.full((E * rows, triton.cdiv(I, 128)), float("nan"), device=x.device) if fp8 else None
+    return y, ys, lambda: launch(x, w, tok, y, E, I, rows, bm, warps, stages, False, ys=ys, **v)
+
+
+def bisect(H, E, I, rows, device, configs, timer=None):
+    """Each step checked (bf16 y: the loop's bits; fp8 y: against the reference, within its rounding),
+    then timed where a timer is given: {(config, step): us}."""
+    x, w, tok = inputs(H, E, I, rows, device)
+    ref = reference(x, w, tok, E, I, rows)
+    out = {}
+    for bm, warps, stages in configs:
+        base = None
+        for name, v in VARIANTS:
+            y, ys, run = variant(x, w, tok, E, I, rows, bm, warps, stages, v)
+            run()
+            if ys is None:
+                base = y.clone() if base is None else base
+                assert torch.equal(y, base), f"{name}: other bits than the loop's"
+            else:
+                err = ((y.float() * ys.repeat_interleave(128, 1)[:, :I] - ref).norm() / ref.norm()).item()
+                assert err < 5e-2, f"{name}: {err:.2e} from the reference"
+            if timer is not None:
+                out[(bm, warps, stages), name] = timer(run)["us"]
+        if timer is not None:
+            for p in (1, 2):
+                out[(bm, warps, stages), f"library {p}/SM"] = timer(
+                    library_launch(x, w, tok, E, I, rows, bm, warps, stages, p)[2])["us"]
+    return out
+
+
 def compile_report():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     bins = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     exe = next((os.path.join(bins, b) for b in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bins, b))))
-    sig = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", tok_ptr="*i32", y_ptr="*bf16")
+    sig = dict(x_ptr="*fp8e4nv", w_ptr="*fp8e4nv", w_desc="*fp8e4nv", tok_ptr="*i32", y_ptr="*bf16", ys_ptr="*fp32")
     for bm, warps, stages in CONFIGS:
         for one_dot in (False, True):
-            const = dict(BM=bm, BI=128, BK=128, ONE_DOT=one_dot, STAGES=stages)
+            const = dict(BM=bm, BI=128, BK=128, ONE_DOT=one_dot, STAGES=stages, TMA=False, FP8_OUT=False, K_MASK=False,
+                         PERSIST=False)
             full = {n: sig.get(n, "constexpr" if n in const else "i32") for n in _fc1_loop_kernel.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(_fc1_loop_kernel.arg_names)
-                     if n not in const and n != "ROWS"}
+                     if n not in const and n not in ("ROWS", "N_UNITS", "NUM_PROGS")}
             k = triton.compile(ASTSource(_fc1_loop_kernel, full, const, attrs), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=warps, num_stages=stages))
             with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
@@ -180,7 +267,23 @@ if "--compile" in sys.argv:
     compile_report()
 elif "--check" in sys.argv:
     check(256, 3, 256, 40, "cpu", ((64, 4, 2),))
+    bisect(256, 3, 256, 40, "cpu", ((64, 4, 2),))
     print("check passed")
+elif "--bisect" in sys.argv:  # a CUDA GPU: the steps from the loop to the library, each checked, then timed
+    from densemoe.shapes import SHAPES
+    from densemoe.timing import Timer
+
+    args = [a for a in sys.argv[1:] if a != "--bisect"]
+    shape = args[0] if args else "qwen3-30b-a3b"
+    s = SHAPES[shape]
+    timer = Timer(reps=20)
+    for rows in [int(r) for r in (args[1] if len(args) > 1 else "128").split(",")]:
+        flops = 2 * E_ * rows * 2 * s.inter * s.hidden if (E_ := s.experts) else 0
+        res = bisect(s.hidden, s.experts, s.inter, rows, "cuda", ((64, 4, 2), (128, 8, 4)), timer)
+        for cfg in ((64, 4, 2), (128, 8, 4)):
+            line = ", ".join(f"{n} {us:.1f}" for (c, n), us in res.items() if c == cfg)
+            print(f"bisect {shape} rows={rows} {cfg[0]}x128 w{cfg[1]} st{cfg[2]} (us; {flops / 1e6:.0f} MFLOP): {line}",
+                  flush=True)
 elif __name__ == "__main__":
     from densemoe.shapes import SHAPES
     from densemoe.timing import Timer
