@@ -71,7 +71,7 @@ fi
 left=$(budget ${ONE_DOT_TIMEOUT:-60})  # FC1's loop: one dot over gate and up against two (docs/routed.md, the floor section)
 if [ $left -ge 25 ] && want one_dot; then
   timeout $left python3 bench/probes/fc1_gate_up_one_dot.py ${ONE_DOT_ARGS:-qwen3-30b-a3b 128,256} > $OUT/fc1_one_dot.log 2>&1
-  echo "# fc1 one dot: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|rows=|bisect)" $OUT/fc1_one_dot.log | cut -c1-170
+  echo "# fc1 one dot: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|rows=|bisect)" $OUT/fc1_one_dot.log | cut -c1-400
 fi
 left=$(budget 90)  # issue 22: one TP8 and one EP8 rank, the reduction stood in for (docs/parallel.md)
 if [ $left -ge 30 ] && want sim; then
