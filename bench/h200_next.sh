@@ -73,6 +73,11 @@ if [ $left -ge 25 ] && want one_dot; then
   timeout $left python3 bench/probes/fc1_gate_up_one_dot.py ${ONE_DOT_ARGS:-qwen3-30b-a3b 128,256} > $OUT/fc1_one_dot.log 2>&1
   echo "# fc1 one dot: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|rows=|bisect)" $OUT/fc1_one_dot.log | cut -c1-400
 fi
+left=$(budget ${RAGGED_TIMEOUT:-90})  # RAGGED="qwen3-30b-a3b,deepseek-v3-tp8 512,2048,4096": FC1 with and without tail tiles
+if [ $left -ge 25 ] && [ -n "${RAGGED:-}" ]; then
+  timeout $left python3 bench/probes/fc1_gate_up_one_dot.py --ragged $RAGGED > $OUT/fc1_ragged.log 2>&1
+  echo "# fc1 ragged: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|ragged)" $OUT/fc1_ragged.log | cut -c1-400
+fi
 left=$(budget 90)  # issue 22: one TP8 and one EP8 rank, the reduction stood in for (docs/parallel.md)
 if [ $left -ge 30 ] && want sim; then
   timeout $left python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 > $OUT/sharded_sim.log 2>&1

@@ -236,6 +236,45 @@ def bisect(H, E, I, rows, device, configs, timer=None):
     return out
 
 
+RAGGED = ((64, 4, 2, 2, 0), (64, 4, 2, 2, 16), (64, 4, 2, 2, 32), (128, 8, 4, 1, 0), (128, 8, 4, 1, 16),
+          (128, 8, 4, 1, 32), (128, 8, 3, 1, 16))  # (rows a tile, warps, stages, programs an SM, tail rows)
+
+
+def ragged(dims, m, device, timer=None, seed=0, configs=RAGGED):
+    """The library's routed FC1 on uniform top-k routing of m tokens (ragged experts), whole tiles
+    only against whole tiles plus tail tiles (``fc1_tail_m``): each checked against the first
+    (one fp8 step of y at its scale), then timed where a timer is given: {config: us}. dims: (H, E,
+    I, top-k)."""
+    from densemoe.kernels.triton import routed as kern
+
+    H, E, I, k = dims
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(m, H, generator=g) * 0.5).to(FP8).to(device)
+    w = (torch.randn(E * 2 * I, H, generator=g) * 0.5).to(FP8).to(device)
+    ids = torch.rand(m, E, generator=g).topk(k, dim=1).indices.to(device)
+    srt = torch.empty(m * k, dtype=torch.int32, device=device)
+    off = torch.empty(E + 1, dtype=torch.int32, device=device)
+    kern.schedule_launch(ids, E, srt, off)
+    alpha1, xs = torch.ones(E, device=device), torch.ones(m, device=device)
+    out, first = {}, None
+    for bm, warps, stages, pps, tail in configs:
+        cfg = kern.RoutedConfig(block_m=bm, fc1_block_i=128, fc1_block_k=128, fc1_warps=warps, fc1_stages=stages,
+                                programs_per_sm=pps, fc1_tail_m=tail)
+        y = torch.full((m * k, I), float("nan"), device=device).to(FP8)
+        ys = torch.full((m * k, triton.cdiv(I, 128)), float("nan"), device=device)
+        run = (lambda cfg=cfg, y=y, ys=ys: kern.fc1_launch(x, w, alpha1, xs, srt, off, y, ys, k, cfg))
+        run()
+        deq = y.float() * ys.repeat_interleave(128, 1)[:, :I]
+        assert not deq.isnan().any(), f"{cfg.short()}: a row of y unwritten"
+        if first is None:
+            first = (deq, ys.repeat_interleave(128, 1)[:, :I])
+        else:
+            assert ((deq - first[0]).abs() <= 32 * torch.maximum(first[1], ys.repeat_interleave(128, 1)[:, :I])).all(), cfg
+        if timer is not None:
+            out[cfg.short().split("/fc2")[0] + f"/p{pps}" + (f"/t{tail}" if tail else "")] = timer(run)["us"]
+    return out
+
+
 def compile_report():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -268,7 +307,20 @@ if "--compile" in sys.argv:
 elif "--check" in sys.argv:
     check(256, 3, 256, 40, "cpu", ((64, 4, 2),))
     bisect(256, 3, 256, 40, "cpu", ((64, 4, 2),))
+    ragged((256, 4, 256, 2), 300, "cpu", configs=((64, 4, 2, 2, 0), (64, 4, 2, 2, 16), (128, 8, 4, 1, 32)))
     print("check passed")
+elif "--ragged" in sys.argv:  # a CUDA GPU: FC1 with and without tail tiles on uniform routing
+    from densemoe.timing import Timer
+
+    args = [a for a in sys.argv[1:] if a != "--ragged"]
+    from densemoe.shapes import SHAPES
+
+    timer = Timer(reps=20)
+    for shape in (args[0] if args else "qwen3-30b-a3b,deepseek-v3-tp8").split(","):
+        s = SHAPES[shape]
+        for m in [int(v) for v in (args[1] if len(args) > 1 else "512,2048,4096").split(",")]:
+            res = ragged((s.hidden, s.experts, s.inter, s.topk), m, "cuda", timer)
+            print(f"ragged {shape} M={m} (us): " + ", ".join(f"{c} {us:.1f}" for c, us in res.items()), flush=True)
 elif "--bisect" in sys.argv:  # a CUDA GPU: the steps from the loop to the library, each checked, then timed
     from densemoe.shapes import SHAPES
     from densemoe.timing import Timer

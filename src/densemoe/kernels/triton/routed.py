@@ -79,8 +79,13 @@ class RoutedConfig:
     land in the same column tile within a short time: the fused combine reads the rows back
     while L2 still holds them, the atomic combine's adds meet in L2 (its fp32 output is M x
     fc2_block_n x 4 bytes per column tile, not M x H x 4). The same bits as the other order
-    (fused; atomic: its adds in another order). Fields added later than a stored config string
-    default (``from_str``)."""
+    (fused; atomic: its adds in another order).
+    ``fc1_tail_m`` > 0 (16 or 32, below block_m): FC1 cuts each expert's rows into whole
+    block_m-row tiles and its last rows (fewer than block_m) into tiles of fc1_tail_m rows, run
+    swapped (the rows the MMA's N). An expert of 140 rows costs one 128-row tile and one 16-row
+    one instead of two 128-row tiles: under uniform routing the rows multiplied fall from ~1.5x to
+    ~1.1x the pairs at 128 rows an expert (docs/routed.md). FC2 keeps its block_m tiles. Fields
+    added later than a stored config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -100,6 +105,7 @@ class RoutedConfig:
     fused_combine: bool = False  # FC2's last pair of a token sums its k rows (no combine launch; slot order)
     fc2_col_groups: int = 0  # > 0: FC2's units stream column tiles (this many groups per tile), 0: one each
     fc2_col_major: bool = False  # FC2's units column tile by column tile (a token's k rows close in time)
+    fc1_tail_m: int = 0  # > 0: FC1 cuts an expert's rows past its whole block_m tiles into tiles this high, swapped
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -126,11 +132,12 @@ class RoutedConfig:
                 f"w{self.fc1_warps}st{self.fc1_stages}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
-                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
+                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}"
+                f"{f'/t{self.fc1_tail_m}' if self.fc1_tail_m else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -141,6 +148,8 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     bad = config_problems(cfg, problem.dtype == torch.float8_e4m3fn)
     esize = problem.dtype.itemsize
     fc1_stage = (cfg.block_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
+    # (fc1_tail_m: the tail tiles' loop has a ring of its own, smaller; Triton lays the two rings
+    # over the same shared memory, as the two loops never run at once)
     fc2_stage = (cfg.block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
     blk = getattr(problem, "block", 0)
     if blk and ((cfg.fc1_block_i, cfg.fc1_block_k, cfg.fc2_block_k) != (blk,) * 3 or cfg.fc2_block_n % blk):
@@ -185,6 +194,10 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
             bad.append(f"{name} must be in 1..5")
     if cfg.programs_per_sm not in (1, 2, 3, 4):
         bad.append("programs_per_sm must be in 1..4")
+    if cfg.fc1_tail_m not in (0, 16, 32) or (cfg.fc1_tail_m and cfg.fc1_tail_m >= cfg.block_m):
+        bad.append(f"fc1_tail_m={cfg.fc1_tail_m!r} must be 0, 16 or 32, and below block_m={cfg.block_m}")
+    elif cfg.fc1_tail_m and cfg.flatten:
+        bad.append("fc1_tail_m with flatten: the flattened loop holds one tile form")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
@@ -300,12 +313,16 @@ def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torc
 
 
 @triton.jit
-def _tile_table(offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
-    """(inclusive running tile count per expert [E_PAD], tiles per expert [E_PAD], total tiles)."""
+def _tile_table(offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TAIL_M: tl.constexpr = 0):
+    """(inclusive running tile count per expert [E_PAD], tiles per expert [E_PAD], total tiles).
+    TAIL_M > 0: an expert's rows past its last whole BLOCK_M tile are cut into TAIL_M-row tiles."""
     ex = tl.arange(0, E_PAD)
     lo = tl.load(offsets_ptr + ex, mask=ex < E, other=0)
     hi = tl.load(offsets_ptr + ex + 1, mask=ex < E, other=0)
-    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    if TAIL_M:
+        tiles = (hi - lo) // BLOCK_M + ((hi - lo) % BLOCK_M + TAIL_M - 1) // TAIL_M
+    else:
+        tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     run = tl.cumsum(tiles, axis=0)
     return run, tiles, tl.sum(tiles, axis=0)
 
@@ -322,16 +339,31 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 
 
 @triton.jit
-def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
-              ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
-              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
+def _tile_or_tail_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, E_PAD: tl.constexpr):
+    """Tile t of ``_tile_table(..., TAIL_M)``: its expert, its rows [r0, r1), and whether it is a
+    tail tile (TAIL_M rows at most) rather than a whole BLOCK_M one."""
+    ex = tl.arange(0, E_PAD)
+    e = tl.sum((run <= t).to(tl.int32), axis=0)
+    first = tl.sum(tl.where(ex == e, run - tiles, 0), axis=0)
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    whole = (hi - lo) // BLOCK_M
+    j = t - first
+    tail = j >= whole
+    r0 = tl.where(tail, lo + whole * BLOCK_M + (j - whole) * TAIL_M, lo + j * BLOCK_M)
+    r1 = tl.minimum(r0 + tl.where(tail, TAIL_M, BLOCK_M), hi)
+    return e, r0, r1, tail
+
+
+@triton.jit
+def _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, y_ptr,
+              ys_ptr, H, I, TOP_K, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
+              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
               SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
-    """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
-    stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue."""
-    t = u // i_tiles
-    it = u % i_tiles
-    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+    """Expert e's sorted rows [r0, r1) (at most BLOCK_M) and column tile it of I: gather the
+    tile's token rows of x, stream the expert's gate and up rows over H into two fp32
+    accumulators, then the epilogue."""
     rows = r0 + tl.arange(0, BLOCK_M)
     r_ok = rows < r1
     tok = tl.load(sorted_ptr + rows, mask=r_ok, other=0) // TOP_K
@@ -382,6 +414,33 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
              mask=r_ok[:, None] & i_ok[None, :])
 
 
+@triton.jit
+def _fc1_at(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+            H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
+            HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr,
+            USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, TAIL_M: tl.constexpr):
+    """Unit u = (tile u // i_tiles, column tile u % i_tiles); with TAIL_M a tail tile runs the
+    TAIL_M-row swapped form (its few rows the MMA's N), a whole tile the BLOCK_M one."""
+    t = u // i_tiles
+    it = u % i_tiles
+    if TAIL_M:
+        e, r0, r1, tail = _tile_or_tail_at(t, run, tiles, offsets_ptr, BLOCK_M, TAIL_M, E_PAD)
+        if tail:
+            _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, y_ptr, ys_ptr, H,
+                      I, TOP_K, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8,
+                      TAIL_M, BLOCK_I, BLOCK_K, True, NUM_STAGES, USE_TMA, W_BLOCK)
+        else:
+            _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, y_ptr, ys_ptr, H,
+                      I, TOP_K, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8,
+                      BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
+    else:
+        e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+        _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, y_ptr, ys_ptr, H, I,
+                  TOP_K, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8,
+                  BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
+
+
 @triton.jit(do_not_specialize=["P"])
 def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
                 P, H, I, E, TOP_K, NUM_PROGS,
@@ -389,22 +448,21 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
                 HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr = False,
-                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False):
+                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False,
+                TAIL_M: tl.constexpr = 0):
     pdl_enter(PDL)
-    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
+    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD, TAIL_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
     if FLATTEN:  # the compiler flattens the k-loop into this one: loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS, flatten=True):
-            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
-                      y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
-                      stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
-                      W_BLOCK)
+            _fc1_at(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
+                    ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
+                    HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK, TAIL_M)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
-            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
-                      y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
-                      stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
-                      W_BLOCK)
+            _fc1_at(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
+                    ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
+                    HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK, TAIL_M)
 
 
 @triton.jit
@@ -632,7 +690,8 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
     # worst case of tiles: every expert's last tile ragged, and at most one tile per row
-    max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
+    bm = cfg.fc1_tail_m or cfg.block_m  # tail tiles: at most one a row, or every expert's rows in small tiles
+    max_tiles = min(P, (P + E * (bm - 1)) // bm)
     units = max(1, max_tiles * triton.cdiv(I, cfg.fc1_block_i))
     progs = _num_programs(x.device, cfg, units)
     fp8_out = y.dtype == torch.float8_e4m3fn
@@ -646,8 +705,8 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
         x_scale.stride(0) if blk else 0, w_block_scale.stride(0) if blk else 0,
         HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
-        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, num_warps=cfg.fc1_warps,
-        **launch_kwargs(x.device))
+        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, TAIL_M=cfg.fc1_tail_m,
+        num_warps=cfg.fc1_warps, **launch_kwargs(x.device))
 
 
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
