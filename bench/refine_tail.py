@@ -1,9 +1,10 @@
-"""FC1's tail tiles (``RoutedConfig.fc1_tail_m``, issue 19) on the tuned routed entries: for each
-large-M bucket, the config the shipped table (or the cache under DENSEMOE_CACHE_DIR) gives,
-beside the same config with tails of 16 and of 32 rows, through the tuner (``tune_problem`` with
-that three-config space: each checked against the reference, the fastest re-timed, the rule's
-pick kept unless beaten by the margin), saved into the cache for ``bench/merge_tuned.py``. A
-short refinement where a full retune of these buckets does not fit a device call.
+"""Tail tiles (``RoutedConfig.fc1_tail_m``, ``fc2_tail_m``; issue 19) on the tuned routed
+entries: for each large-M bucket, the config the shipped table (or the cache under
+DENSEMOE_CACHE_DIR) gives, beside the same config with tail tiles (FC1's of 16 and of 32 rows,
+both GEMMs' of 16 and of 32, FC2's of 16), through the tuner (``tune_problem`` with that
+six-config space: each checked against the reference, the fastest re-timed, the rule's pick kept
+unless beaten by the margin), saved into the cache for ``bench/merge_tuned.py``. A short
+refinement where a full retune of these buckets does not fit a device call.
 
     DENSEMOE_CACHE_DIR=$OUT/wip python bench/refine_tail.py [--shapes a,b] [--m 1024,...] [--dtype fp8]
 """
@@ -30,7 +31,9 @@ def main() -> None:
         for m in [int(v) for v in a.m.split(",")]:
             p = strategy_problem(m, shape, a.dtype)
             base = routed_configs.choose(p, "cuda").config
-            space = [base] + [c for t in (16, 32) if can_implement(p, c := dataclasses.replace(base, fc1_tail_m=t))[0]]
+            tails = ((16, 0), (32, 0), (16, 16), (32, 32), (0, 16))  # (fc1_tail_m, fc2_tail_m)
+            space = [base] + [c for t1, t2 in tails
+                              if can_implement(p, c := dataclasses.replace(base, fc1_tail_m=t1, fc2_tail_m=t2))[0]]
             r = tune_problem(p, "cuda", space=space)
             times = ", ".join(f"{t.config.short()} {t.us:.1f}" if t.us else f"{t.config.short()} {t.error}"
                               for t in r.timings)

@@ -254,6 +254,31 @@ def test_fc1_tail_tiles(dtype, M, E, k, cfg):
     _routed_against_float64_and_torch(dtype, M, E, k, cfg, 64, 64)
 
 
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("M,E,k,cfg", [
+    (100, 8, 2, dataclasses.replace(TAIL, fc1_tail_m=0, fc2_tail_m=16)),  # tails only
+    (1000, 8, 2, dataclasses.replace(TAIL, fc2_tail_m=16)),  # whole tiles and tails in both GEMMs
+    (1000, 8, 2, dataclasses.replace(TAIL, fc2_tail_m=32, fused_combine=True)),
+    (1000, 8, 2, dataclasses.replace(TAIL, fc2_tail_m=16, fc2_col_groups=2)),  # the column stream
+    (1000, 8, 2, dataclasses.replace(TAIL, fc2_tail_m=16, fc2_col_major=True, fused_combine=True, tma=False)),
+    (1000, 8, 2, dataclasses.replace(TAIL, block_m=32, fc2_swap_ab=True, fc2_tail_m=16, atomic_combine=True)),
+    (7, 16, 4, dataclasses.replace(TAIL, fc2_tail_m=32)),
+])
+def test_fc2_tail_tiles(dtype, M, E, k, cfg):
+    """fc2_tail_m: FC2's tail tiles (swapped, fc2_tail_m rows) under each FC2 schedule: the layer
+    as accurate as torch and within the rows' bf16 rounding of the config without tails (the
+    tiles' MMAs add in other orders)."""
+    w13, w2 = weights(E, 64, 64)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    x = tokens(M, 64)
+    ids, wts = uniform_routing(M, E, k)
+    got = routed_experts(x, pw, ids, wts, config=cfg)
+    want = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc2_tail_m=0))
+    assert ((got.float() - want.float()).abs() <= 2 ** -6 * want.float().abs().max()).all()
+    _routed_against_float64_and_torch(dtype, M, E, k, cfg, 64, 64)
+
+
 def _routed_against_float64_and_torch(dtype, M, E, k, cfg, I, H):
     w13, w2 = weights(E, I, H)
     pw = prepare_weights(w13, w2, dtype=dtype)
@@ -388,15 +413,16 @@ def test_column_stream_configs_are_checked():
 
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 4)[0]  # 15 fields: stored before fused_combine, fc2_col_groups, fc2_col_major, fc1_tail_m
+    old = full.rsplit(",", 5)[0]  # 15 fields: stored before the five later ones (_LATER_FIELDS)
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    for later in (1, 2, 3):  # 18, 17 and 16 fields
+    for later in (1, 2, 3, 4):  # 19, 18, 17 and 16 fields
         assert RoutedConfig.from_str(full.rsplit(",", later)[0]) == RoutedConfig.from_str(old)
     assert RoutedConfig.from_str(RoutedConfig(block_m=64, fc1_tail_m=16).to_str()).fc1_tail_m == 16
+    assert RoutedConfig.from_str(RoutedConfig(block_m=64, fc2_tail_m=32).to_str()).fc2_tail_m == 32
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
-    with pytest.raises(ValueError, match="a routed config has 19 fields, got 14"):
+    with pytest.raises(ValueError, match="a routed config has 20 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 

@@ -84,8 +84,9 @@ class RoutedConfig:
     block_m-row tiles and its last rows (fewer than block_m) into tiles of fc1_tail_m rows, run
     swapped (the rows the MMA's N). An expert of 140 rows costs one 128-row tile and one 16-row
     one instead of two 128-row tiles: under uniform routing the rows multiplied fall from ~1.5x to
-    ~1.1x the pairs at 128 rows an expert (docs/routed.md). FC2 keeps its block_m tiles. Fields
-    added later than a stored config string default (``from_str``)."""
+    ~1.1x the pairs at 128 rows an expert (docs/routed.md). ``fc2_tail_m``: the same for FC2
+    (its tail tiles swapped too; every FC2 schedule above). Fields added later than a stored
+    config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -106,6 +107,7 @@ class RoutedConfig:
     fc2_col_groups: int = 0  # > 0: FC2's units stream column tiles (this many groups per tile), 0: one each
     fc2_col_major: bool = False  # FC2's units column tile by column tile (a token's k rows close in time)
     fc1_tail_m: int = 0  # > 0: FC1 cuts an expert's rows past its whole block_m tiles into tiles this high, swapped
+    fc2_tail_m: int = 0  # the same for FC2
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -133,11 +135,11 @@ class RoutedConfig:
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
                 f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}"
-                f"{f'/t{self.fc1_tail_m}' if self.fc1_tail_m else ''}")
+                f"{f'/t{self.fc1_tail_m}' if self.fc1_tail_m else ''}{f'/u{self.fc2_tail_m}' if self.fc2_tail_m else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc2_tail_m")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -194,10 +196,12 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
             bad.append(f"{name} must be in 1..5")
     if cfg.programs_per_sm not in (1, 2, 3, 4):
         bad.append("programs_per_sm must be in 1..4")
-    if cfg.fc1_tail_m not in (0, 16, 32) or (cfg.fc1_tail_m and cfg.fc1_tail_m >= cfg.block_m):
-        bad.append(f"fc1_tail_m={cfg.fc1_tail_m!r} must be 0, 16 or 32, and below block_m={cfg.block_m}")
-    elif cfg.fc1_tail_m and cfg.flatten:
-        bad.append("fc1_tail_m with flatten: the flattened loop holds one tile form")
+    for name in ("fc1_tail_m", "fc2_tail_m"):
+        tail = getattr(cfg, name)
+        if tail not in (0, 16, 32) or (tail and tail >= cfg.block_m):
+            bad.append(f"{name}={tail!r} must be 0, 16 or 32, and below block_m={cfg.block_m}")
+        elif tail and cfg.flatten:
+            bad.append(f"{name} with flatten: the flattened loop holds one tile form")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
@@ -564,14 +568,15 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
               USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr,
-              COL_MAJOR: tl.constexpr):
+              COL_MAJOR: tl.constexpr, TAIL_M: tl.constexpr = 0):
     """``I_STEPS`` = 0: unit u = (tile u // n_tiles_n, column tile u % n_tiles_n), its k-loop over
     I pipelined. ``I_STEPS`` > 0 (= I / BLOCK_K, the column stream): unit u = (tile u // n_groups,
     group u % n_groups of the column tiles); the loop over the group's column tiles is the
     pipelined one, each tile's I_STEPS k-steps unrolled in it, so the next tiles' weights load
     while this one multiplies and stores (FC2's k-loop is short where I is: 2 steps at TP8).
     The same k-steps in the same order either way: the same bits. ``COL_MAJOR`` (I_STEPS = 0):
-    unit u = (tile u % n_tiles, column tile u // n_tiles)."""
+    unit u = (tile u % n_tiles, column tile u // n_tiles). ``TAIL_M`` > 0: a tail tile (an
+    expert's rows past its whole BLOCK_M tiles, ``_tile_table``) runs the TAIL_M-row swapped form."""
     if I_STEPS == 0:
         if COL_MAJOR:
             t = u % n_tiles
@@ -585,7 +590,34 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
         per = tl.cdiv(n_tiles_n, n_groups)
         c0 = (u % n_groups) * per
         c1 = tl.minimum(c0 + per, n_tiles_n)
-    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+    if TAIL_M:
+        e, r0, r1, tail = _tile_or_tail_at(t, run, tiles, offsets_ptr, BLOCK_M, TAIL_M, E_PAD)
+        if tail:
+            _fc2_rows(e, r0, r1, c0, c1, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, tw_ptr, out_ptr,
+                      H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr, ids_ptr,
+                      cnt_ptr, fin_ptr, stride_fm, E, HAS_YS, TAIL_M, BLOCK_N, BLOCK_K, True, NUM_STAGES, ATOMIC,
+                      USE_TMA, W_BLOCK, FUSED, I_STEPS)
+        else:
+            _fc2_rows(e, r0, r1, c0, c1, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, tw_ptr, out_ptr,
+                      H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr, ids_ptr,
+                      cnt_ptr, fin_ptr, stride_fm, E, HAS_YS, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC,
+                      USE_TMA, W_BLOCK, FUSED, I_STEPS)
+    else:
+        e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
+        _fc2_rows(e, r0, r1, c0, c1, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, tw_ptr, out_ptr,
+                  H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr, ids_ptr,
+                  cnt_ptr, fin_ptr, stride_fm, E, HAS_YS, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC,
+                  USE_TMA, W_BLOCK, FUSED, I_STEPS)
+
+
+@triton.jit
+def _fc2_rows(e, r0, r1, c0, c1, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, tw_ptr, out_ptr,
+              H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr, ids_ptr,
+              cnt_ptr, fin_ptr, stride_fm, E, HAS_YS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
+              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr):
+    """Expert e's sorted rows [r0, r1) (at most BLOCK_M) times the column tiles [c0, c1) of H
+    (one when I_STEPS = 0)."""
     rows = r0 + tl.arange(0, BLOCK_M)
     r_ok = rows < r1
     y_rows = rows.to(tl.int64) * stride_ym
@@ -621,9 +653,9 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
                 FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
                 FUSED: tl.constexpr = False, K_PAD: tl.constexpr = 8, I_STEPS: tl.constexpr = 0,
-                COL_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False):
+                COL_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False, TAIL_M: tl.constexpr = 0):
     pdl_enter(PDL)
-    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
+    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD, TAIL_M)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
     if FUSED:  # a token none of whose pairs is valid gets no last pair: its output row is zero here
         slots = tl.arange(0, K_PAD)
@@ -644,14 +676,14 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS, COL_MAJOR)
+                      I_STEPS, COL_MAJOR, TAIL_M)
     else:
         for u in tl.range(tl.program_id(0), n_units, NUM_PROGS):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS, COL_MAJOR)
+                      I_STEPS, COL_MAJOR, TAIL_M)
 
 
 @triton.jit
@@ -719,7 +751,8 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     H = w2.shape[0]
     E = w2_scale.shape[0]
     I = w2.shape[1] // E
-    max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
+    bm = cfg.fc2_tail_m or cfg.block_m  # (as in fc1_launch)
+    max_tiles = min(P, (P + E * (bm - 1)) // bm)
     groups = cfg.fc2_col_groups
     units = max(1, max_tiles * (groups or triton.cdiv(H, cfg.fc2_block_n)))
     progs = _num_programs(y.device, cfg, units)
@@ -741,7 +774,7 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         HAS_YS=has_ys, I_STEPS=I // cfg.fc2_block_k if groups else 0, COL_MAJOR=cfg.fc2_col_major, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
-        num_warps=cfg.fc2_warps,
+        TAIL_M=cfg.fc2_tail_m, num_warps=cfg.fc2_warps,
         **launch_kwargs(y.device))
 
 
