@@ -30,8 +30,10 @@ Semantics (``densemoe.reference.moe_schedule_ref`` and ``routed_experts_ref`` ar
     #                                        in [0, E)
 
 Schedule of the GEMMs: expert e's rows are cut into tiles of BLOCK_M rows (the last one ragged);
-the units are (tile, column tile), or for FC2 with ``fc2_col_groups`` (tile, group of column
-tiles); ``NUM_PROGS`` persistent programs take them in turn. The
+with ``fc1_tail_m`` / ``fc2_tail_m`` an expert's rows past its whole tiles are cut into smaller
+swapped tail tiles instead; the units are (tile, column tile), or for FC2 with
+``fc2_col_groups`` (tile, group of column tiles); ``NUM_PROGS`` persistent programs take them in
+turn. The
 number of tiles is read from ``offsets`` on the GPU (no host sync): the grid is fixed whatever
 the routing, so CUDA graphs replay with any routing. Each program finds a tile's expert from
 the per-expert tile counts it derives from ``offsets`` once. ``SWAP_AB`` makes the weight tile
