@@ -207,78 +207,6 @@ def test_routed_where_no_tile_divides_the_dims(dtype, cfg):
                                       80 if cfg.fc1_block_i == 64 else 64)
 
 
-TAIL = RoutedConfig(block_m=64, fc1_block_i=32, fc1_block_k=32, fc2_block_n=32, fc2_block_k=32, fc1_tail_m=16)
-
-
-@interp
-@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
-@pytest.mark.parametrize("M,E,k,cfg", [
-    (100, 8, 2, TAIL),  # ~25 rows an expert: tails only, one or two tail tiles each
-    (1000, 8, 2, TAIL),  # ~250 rows an expert: whole tiles and up to four tail tiles each
-    (1000, 8, 2, dataclasses.replace(TAIL, fc1_tail_m=32, block_m=32, fc1_swap_ab=False)),  # (tail == block_m)
-    (1000, 8, 2, dataclasses.replace(TAIL, block_m=32, fc1_swap_ab=True, fc2_swap_ab=True, tma=False)),
-    (1, 8, 2, TAIL), (7, 16, 4, dataclasses.replace(TAIL, fc1_tail_m=32)),
-])
-def test_fc1_tail_tiles(dtype, M, E, k, cfg):
-    """fc1_tail_m: FC1 cuts an expert's rows past its whole block_m tiles into swapped tiles of
-    fc1_tail_m rows. Every row of y is written once (y poisoned with NaN first) and equals the
-    rows of the same config without tails within fp32 summation order (bf16) or one fp8 step of
-    its scale (the tiles' MMAs add in other orders); the layer as accurate as torch."""
-    from densemoe.kernels.triton import routed as kern
-
-    ok, why = can_implement(RoutedProblem(M, 64, E, 64, k, FP8 if dtype == "fp8" else BF16, BF16), cfg)
-    if not ok:
-        assert "fc1_tail_m" in why and cfg.fc1_tail_m >= cfg.block_m, why
-        return
-    w13, w2 = weights(E, 64, 64)
-    pw = prepare_weights(w13, w2, dtype=dtype)
-    x = tokens(M, 64)
-    ids, wts = uniform_routing(M, E, k)
-    s = torch.empty(M * k, dtype=torch.int32)
-    o = torch.empty(E + 1, dtype=torch.int32)
-    kern.schedule_launch(ids, E, s, o)
-    fp8 = pw.dtype == FP8
-    xq, xs = quantize_per_token(x) if fp8 else (x, None)
-    ys = []
-    for c in (cfg, dataclasses.replace(cfg, fc1_tail_m=0)):
-        y = torch.full((M * k, 64), float("nan"), dtype=BF16).to(pw.dtype)
-        y_scale = torch.full((M * k, 64 // c.fc1_block_i), float("nan"))
-        kern.fc1_launch(xq, pw.w1, pw.alpha1, xs, s, o, y, y_scale, k, c)
-        ys.append(y.float() * y_scale.repeat_interleave(c.fc1_block_i, 1) if fp8 else y.float())
-    assert not ys[0].isnan().any(), "a row of y left unwritten"
-    if fp8:  # one e4m3 step (2^-3 of the value's binade) at the group's scale, at most
-        step = y_scale.repeat_interleave(cfg.fc1_block_i, 1) * 32
-        assert ((ys[0] - ys[1]).abs() <= step).all()
-    else:
-        torch.testing.assert_close(ys[0], ys[1], rtol=2 ** -7, atol=1e-6)
-    _routed_against_float64_and_torch(dtype, M, E, k, cfg, 64, 64)
-
-
-@interp
-@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
-@pytest.mark.parametrize("M,E,k,cfg", [
-    (100, 8, 2, dataclasses.replace(TAIL, fc1_tail_m=0, fc2_tail_m=16)),  # tails only
-    (1000, 8, 2, dataclasses.replace(TAIL, fc2_tail_m=16)),  # whole tiles and tails in both GEMMs
-    (1000, 8, 2, dataclasses.replace(TAIL, fc2_tail_m=32, fused_combine=True)),
-    (1000, 8, 2, dataclasses.replace(TAIL, fc2_tail_m=16, fc2_col_groups=2)),  # the column stream
-    (1000, 8, 2, dataclasses.replace(TAIL, fc2_tail_m=16, fc2_col_major=True, fused_combine=True, tma=False)),
-    (1000, 8, 2, dataclasses.replace(TAIL, block_m=32, fc2_swap_ab=True, fc2_tail_m=16, atomic_combine=True)),
-    (7, 16, 4, dataclasses.replace(TAIL, fc2_tail_m=32)),
-])
-def test_fc2_tail_tiles(dtype, M, E, k, cfg):
-    """fc2_tail_m: FC2's tail tiles (swapped, fc2_tail_m rows) under each FC2 schedule: the layer
-    as accurate as torch and within the rows' bf16 rounding of the config without tails (the
-    tiles' MMAs add in other orders)."""
-    w13, w2 = weights(E, 64, 64)
-    pw = prepare_weights(w13, w2, dtype=dtype)
-    x = tokens(M, 64)
-    ids, wts = uniform_routing(M, E, k)
-    got = routed_experts(x, pw, ids, wts, config=cfg)
-    want = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc2_tail_m=0))
-    assert ((got.float() - want.float()).abs() <= 2 ** -6 * want.float().abs().max()).all()
-    _routed_against_float64_and_torch(dtype, M, E, k, cfg, 64, 64)
-
-
 def _routed_against_float64_and_torch(dtype, M, E, k, cfg, I, H):
     w13, w2 = weights(E, I, H)
     pw = prepare_weights(w13, w2, dtype=dtype)
@@ -413,16 +341,14 @@ def test_column_stream_configs_are_checked():
 
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 5)[0]  # 15 fields: stored before the five later ones (_LATER_FIELDS)
+    old = full.rsplit(",", 3)[0]  # 15 fields: stored before fused_combine, fc2_col_groups, fc2_col_major
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    for later in (1, 2, 3, 4):  # 19, 18, 17 and 16 fields
-        assert RoutedConfig.from_str(full.rsplit(",", later)[0]) == RoutedConfig.from_str(old)
-    assert RoutedConfig.from_str(RoutedConfig(block_m=64, fc1_tail_m=16).to_str()).fc1_tail_m == 16
-    assert RoutedConfig.from_str(RoutedConfig(block_m=64, fc2_tail_m=32).to_str()).fc2_tail_m == 32
+    assert RoutedConfig.from_str(full.rsplit(",", 1)[0]) == RoutedConfig.from_str(old)  # 17 fields
+    assert RoutedConfig.from_str(full.rsplit(",", 2)[0]) == RoutedConfig.from_str(old)  # 16 fields
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
-    with pytest.raises(ValueError, match="a routed config has 20 fields, got 14"):
+    with pytest.raises(ValueError, match="a routed config has 18 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 

@@ -113,36 +113,6 @@ SCRIPT = textwrap.dedent('''
         rings = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<3x128x%dx" % bk, k.asm["ttgir"])
         assert len(rings) == steps, (dt, swap, atomic, steps, len(rings))
         n += 1
-    # FC1's tail tiles (fc1_tail_m): the whole tiles' loop and the swapped tail tiles' loop, each
-    # pipelined with a ring of its own (the tail's m64n16 / m64n32 wgmma), the two rings over the
-    # same shared memory (no more than the whole tiles' kernel alone)
-    fc1_ptrs = dict(x_ptr="*" + FP8, w_ptr="*" + FP8, w_desc=f"tensordesc<{FP8}[128, 128]>", alpha1_ptr="*fp32",
-                    xs_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32", offsets_ptr="*i32", y_ptr="*" + FP8,
-                    ys_ptr="*fp32")
-    for bm, tail, warps, stages in ((64, 16, 4, 2), (128, 32, 8, 3)):
-        const = dict(HAS_XS=True, OUT_FP8=True, E_PAD=128, BLOCK_M=bm, BLOCK_I=128, BLOCK_K=128, SWAP_AB=False,
-                     NUM_STAGES=stages, USE_TMA=True, PDL=True)
-        whole = compile_(_fc1_kernel, fc1_ptrs, const, warps=warps, stages=stages)
-        k = compile_(_fc1_kernel, fc1_ptrs, dict(const, TAIL_M=tail), warps=warps, stages=stages)
-        ttgir = k.asm["ttgir"]
-        rings = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x(\d+)x128x", ttgir)
-        assert sorted(rings) == sorted((str(stages), str(r)) for r in (tail, 128, 128, bm, 128, 128)), rings
-        assert f"m64n{tail}k32" in k.asm["ptx"] and "m64n128k32" in k.asm["ptx"]
-        assert k.metadata.shared <= whole.metadata.shared, (k.metadata.shared, whole.metadata.shared)
-        n += 2
-    # FC2's tail tiles (fc2_tail_m), one k-step loop and the column stream: both tile forms, the
-    # tail's wgmma with its rows as N, no more shared memory than the whole tiles alone
-    fc2_ptrs = dict(y_ptr="*" + FP8, ys_ptr="*fp32", w_ptr="*" + FP8, w_desc=f"tensordesc<{FP8}[128, 128]>",
-                    w2s_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32", offsets_ptr="*i32", tw_ptr="*fp32",
-                    out_ptr="*bf16")
-    for bm, tail, steps in ((64, 16, 0), (128, 32, 2)):
-        const = dict(HAS_YS=True, E_PAD=128, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, SWAP_AB=False, NUM_STAGES=3,
-                     USE_TMA=True, I_STEPS=steps, PDL=True)
-        whole = compile_(_fc2_kernel, fc2_ptrs, const, warps=8 if bm == 128 else 4)
-        k = compile_(_fc2_kernel, fc2_ptrs, dict(const, TAIL_M=tail), warps=8 if bm == 128 else 4)
-        assert f"m64n{tail}k32" in k.asm["ptx"], (bm, tail, steps)
-        assert k.metadata.shared <= whole.metadata.shared, (k.metadata.shared, whole.metadata.shared)
-        n += 2
     print("compiled", n)
 ''')
 
@@ -156,4 +126,4 @@ def test_routed_kernels_compile_for_sm90_pipelined():
     env["TRITON_INTERPRET"] = "0"
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 32" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 24" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -239,40 +239,6 @@ def test_column_stream_is_fc2_on_model_shapes(shape, M):
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
-@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
-@pytest.mark.parametrize("M,tiles", [(7, (64, 16, 16, 4, 3)), (1000, (64, 16, 0, 4, 2)), (2000, (128, 16, 16, 8, 3)),
-                                     (2000, (128, 32, 0, 8, 3)), (1000, (64, 32, 32, 4, 2)), (2000, (64, 0, 16, 4, 3))])
-def test_tail_tiles_on_model_shapes(shape, dtype, M, tiles):
-    """fc1_tail_m and fc2_tail_m on the GPU (both tile forms in one kernel, their rings over the
-    same shared memory): within the torch bound, the same bits on a second call and under graph
-    replay, close to the same config without tails."""
-    import dataclasses
-
-    from densemoe.kernels.triton.routed import RoutedConfig, can_implement
-
-    bm, tail1, tail2, warps, stages = tiles
-    w13, w2, x, ids, wts = _case(shape, M, M + 3)
-    pw = prepare_weights(w13, w2, dtype=dtype)
-    p = RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16)
-    bk = 128 if dtype == "fp8" else 64
-    cfg = RoutedConfig(block_m=bm, fc1_block_i=128, fc1_block_k=bk, fc1_warps=warps, fc1_stages=stages,
-                       fc2_block_n=128, fc2_block_k=bk, fc2_warps=warps, fc2_stages=stages, fc1_tail_m=tail1,
-                       fc2_tail_m=tail2)
-    assert can_implement(p, cfg) == (True, ""), can_implement(p, cfg)
-    out = routed_experts(x, pw, ids, wts, config=cfg)
-    assert torch.isfinite(out).all()
-    _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
-    assert torch.equal(routed_experts(x, pw, ids, wts, config=cfg), out)
-    graph_out = torch.full_like(out, float("nan"))
-    g, _ = capture(lambda: graph_out.copy_(routed_experts(x, pw, ids, wts, config=cfg)))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(graph_out, out)
-    base = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc1_tail_m=0, fc2_tail_m=0))
-    assert (out.float() - base.float()).abs().max() <= 2 ** -5 * base.float().abs().max()
-
-
-@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [7, 1000])
 def test_atomic_combine_and_flatten_on_model_shapes(shape, M):
     import dataclasses

@@ -236,15 +236,17 @@ def bisect(H, E, I, rows, device, configs, timer=None):
     return out
 
 
-RAGGED = ((64, 4, 2, 2, 0), (64, 4, 2, 2, 16), (64, 4, 2, 2, 32), (128, 8, 4, 1, 0), (128, 8, 4, 1, 16),
-          (128, 8, 4, 1, 32), (128, 8, 3, 1, 16))  # (rows a tile, warps, stages, programs an SM, tail rows)
+# (rows a tile, warps, stages, programs an SM): the table's 64-row tile at Qwen3 M = 2048 and the
+# probe's fastest 128-row tile. The tail tiles this mode timed on 2026-12-05 (sixth session, H100:
+# slower everywhere) are in patches/issue19-tail-tiles.mbox.gz.
+RAGGED = ((64, 4, 2, 2), (64, 4, 2, 1), (128, 8, 4, 1), (128, 8, 3, 1))
 
 
 def ragged(dims, m, device, timer=None, seed=0, configs=RAGGED):
-    """The library's routed FC1 on uniform top-k routing of m tokens (ragged experts), whole tiles
-    only against whole tiles plus tail tiles (``fc1_tail_m``): each checked against the first
+    """The library's routed FC1 on uniform top-k routing of m tokens (ragged experts: each
+    expert's last tile part-filled) at the tiles of ``configs``: each checked against the first
     (one fp8 step of y at its scale), then timed where a timer is given: {config: us}. dims: (H, E,
-    I, top-k)."""
+    I, top-k). Beside the even routing of ``bisect``, it shows what the ragged tiles cost."""
     from densemoe.kernels.triton import routed as kern
 
     H, E, I, k = dims
@@ -257,9 +259,9 @@ def ragged(dims, m, device, timer=None, seed=0, configs=RAGGED):
     kern.schedule_launch(ids, E, srt, off)
     alpha1, xs = torch.ones(E, device=device), torch.ones(m, device=device)
     out, first = {}, None
-    for bm, warps, stages, pps, tail in configs:
+    for bm, warps, stages, pps in configs:
         cfg = kern.RoutedConfig(block_m=bm, fc1_block_i=128, fc1_block_k=128, fc1_warps=warps, fc1_stages=stages,
-                                programs_per_sm=pps, fc1_tail_m=tail)
+                                programs_per_sm=pps)
         y = torch.full((m * k, I), float("nan"), device=device).to(FP8)
         ys = torch.full((m * k, triton.cdiv(I, 128)), float("nan"), device=device)
         run = (lambda cfg=cfg, y=y, ys=ys: kern.fc1_launch(x, w, alpha1, xs, srt, off, y, ys, k, cfg))
@@ -271,7 +273,7 @@ def ragged(dims, m, device, timer=None, seed=0, configs=RAGGED):
         else:
             assert ((deq - first[0]).abs() <= 32 * torch.maximum(first[1], ys.repeat_interleave(128, 1)[:, :I])).all(), cfg
         if timer is not None:
-            out[cfg.short().split("/fc2")[0] + f"/p{pps}" + (f"/t{tail}" if tail else "")] = timer(run)["us"]
+            out[cfg.short().split("/fc2")[0] + f"/p{pps}"] = timer(run)["us"]
     return out
 
 
@@ -307,9 +309,9 @@ if "--compile" in sys.argv:
 elif "--check" in sys.argv:
     check(256, 3, 256, 40, "cpu", ((64, 4, 2),))
     bisect(256, 3, 256, 40, "cpu", ((64, 4, 2),))
-    ragged((256, 4, 256, 2), 300, "cpu", configs=((64, 4, 2, 2, 0), (64, 4, 2, 2, 16), (128, 8, 4, 1, 32)))
+    ragged((256, 4, 256, 2), 300, "cpu", configs=((64, 4, 2, 2), (128, 8, 4, 1)))
     print("check passed")
-elif "--ragged" in sys.argv:  # a CUDA GPU: FC1 with and without tail tiles on uniform routing
+elif "--ragged" in sys.argv:  # a CUDA GPU: the library's FC1 on uniform (ragged) routing
     from densemoe.timing import Timer
 
     args = [a for a in sys.argv[1:] if a != "--ragged"]

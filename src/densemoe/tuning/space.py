@@ -269,17 +269,11 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       256) FC2's k-step 256, flattened. (The H200's fp8 tuning of 2026-12-05 picked the widest
       tile with two programs per SM at M = 4-2048; three and four were not in its space.)
 
-    * tail tiles (``fc1_tail_m``, ``fc2_tail_m``) where block_m >= 64 and an expert gets 32 rows
-      or more: that tile's configs with FC1's middle tile and k-step, one or two programs per SM,
-      nothing flattened and FC2's plain combine again with 16-row tails in both GEMMs; the middle
-      one also with FC1's alone and with 32-row tails in both.
-
     Block-scaled weights (``problem.block``): FC1's tile and both k-steps are the block and FC2's
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 31 configs per (block_m, swap), 14 more with tail tiles at 64 and 128 rows, and
-    three (block_m, swap) a problem: 116 on the model shapes (TP8 fp8 M = 1536), with the default.
+    At most 31 configs per (block_m, swap) and three of those, so at most 94 with the default.
     """
     if "triton" not in backends:
         return []
@@ -327,7 +321,6 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         for swap in ((True,) if bm <= 32 else (True, False) if bm == 64 and rows <= 64 else (False,)):
             bases.append((bm, swap))
     for bm, swap in bases:
-        start = len(out)
         tiles = [(bi, bn) for bi, bn in itertools.product(bis, bns) if bm * bi <= 16384 and bm * bn <= 32768]
         for bi, bn in tiles:
             add(make(bm, swap, bi, bn))
@@ -374,18 +367,6 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                 cfg = make(bm, swap, bi, n, pps=pps, fc2_col_groups=groups)
                 n //= 2
             add(cfg)
-        # tail tiles where an expert's rows fill whole tiles and leave a ragged rest: the configs
-        # of this tile that tuning picked at large M (the middle one, two programs per SM, 8
-        # warps, the column stream; nothing flattened or combined in FC2) with the rest cut into
-        # 16-row tiles in both GEMMs; the middle one also with FC1's alone and with 32 rows
-        if bm >= 64 and rows >= 32:
-            for c in out[start:]:
-                if not (c.flatten or c.fused_combine or c.atomic_combine or c.fc2_col_major or c.programs_per_sm > 2
-                        or (c.fc1_block_i, c.fc1_block_k) != (mid.fc1_block_i, mid.fc1_block_k)):
-                    add(dataclasses.replace(c, fc1_tail_m=16, fc2_tail_m=16))
-            if mid is not None:
-                add(dataclasses.replace(mid, fc1_tail_m=16))
-                add(dataclasses.replace(mid, fc1_tail_m=32, fc2_tail_m=32))
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 

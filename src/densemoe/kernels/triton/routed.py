@@ -30,10 +30,8 @@ Semantics (``densemoe.reference.moe_schedule_ref`` and ``routed_experts_ref`` ar
     #                                        in [0, E)
 
 Schedule of the GEMMs: expert e's rows are cut into tiles of BLOCK_M rows (the last one ragged);
-with ``fc1_tail_m`` / ``fc2_tail_m`` an expert's rows past its whole tiles are cut into smaller
-swapped tail tiles instead; the units are (tile, column tile), or for FC2 with
-``fc2_col_groups`` (tile, group of column tiles); ``NUM_PROGS`` persistent programs take them in
-turn. The
+the units are (tile, column tile), or for FC2 with ``fc2_col_groups`` (tile, group of column
+tiles); ``NUM_PROGS`` persistent programs take them in turn. The
 number of tiles is read from ``offsets`` on the GPU (no host sync): the grid is fixed whatever
 the routing, so CUDA graphs replay with any routing. Each program finds a tile's expert from
 the per-expert tile counts it derives from ``offsets`` once. ``SWAP_AB`` makes the weight tile
@@ -81,14 +79,8 @@ class RoutedConfig:
     land in the same column tile within a short time: the fused combine reads the rows back
     while L2 still holds them, the atomic combine's adds meet in L2 (its fp32 output is M x
     fc2_block_n x 4 bytes per column tile, not M x H x 4). The same bits as the other order
-    (fused; atomic: its adds in another order).
-    ``fc1_tail_m`` > 0 (16 or 32, below block_m): FC1 cuts each expert's rows into whole
-    block_m-row tiles and its last rows (fewer than block_m) into tiles of fc1_tail_m rows, run
-    swapped (the rows the MMA's N). An expert of 140 rows costs one 128-row tile and one 16-row
-    one instead of two 128-row tiles: under uniform routing the rows multiplied fall from ~1.5x to
-    ~1.1x the pairs at 128 rows an expert (docs/routed.md). ``fc2_tail_m``: the same for FC2
-    (its tail tiles swapped too; every FC2 schedule above). Fields added later than a stored
-    config string default (``from_str``)."""
+    (fused; atomic: its adds in another order). Fields added later than a stored config string
+    default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -108,8 +100,6 @@ class RoutedConfig:
     fused_combine: bool = False  # FC2's last pair of a token sums its k rows (no combine launch; slot order)
     fc2_col_groups: int = 0  # > 0: FC2's units stream column tiles (this many groups per tile), 0: one each
     fc2_col_major: bool = False  # FC2's units column tile by column tile (a token's k rows close in time)
-    fc1_tail_m: int = 0  # > 0: FC1 cuts an expert's rows past its whole block_m tiles into tiles this high, swapped
-    fc2_tail_m: int = 0  # the same for FC2
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -136,12 +126,11 @@ class RoutedConfig:
                 f"w{self.fc1_warps}st{self.fc1_stages}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
-                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}"
-                f"{f'/t{self.fc1_tail_m}' if self.fc1_tail_m else ''}{f'/u{self.fc2_tail_m}' if self.fc2_tail_m else ''}")
+                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc2_tail_m")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -152,8 +141,6 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     bad = config_problems(cfg, problem.dtype == torch.float8_e4m3fn)
     esize = problem.dtype.itemsize
     fc1_stage = (cfg.block_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
-    # (fc1_tail_m: the tail tiles' loop has a ring of its own, smaller; Triton lays the two rings
-    # over the same shared memory, as the two loops never run at once)
     fc2_stage = (cfg.block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
     blk = getattr(problem, "block", 0)
     if blk and ((cfg.fc1_block_i, cfg.fc1_block_k, cfg.fc2_block_k) != (blk,) * 3 or cfg.fc2_block_n % blk):
@@ -198,12 +185,6 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
             bad.append(f"{name} must be in 1..5")
     if cfg.programs_per_sm not in (1, 2, 3, 4):
         bad.append("programs_per_sm must be in 1..4")
-    for name in ("fc1_tail_m", "fc2_tail_m"):
-        tail = getattr(cfg, name)
-        if tail not in (0, 16, 32) or (tail and tail >= cfg.block_m):
-            bad.append(f"{name}={tail!r} must be 0, 16 or 32, and below block_m={cfg.block_m}")
-        elif tail and cfg.flatten:
-            bad.append(f"{name} with flatten: the flattened loop holds one tile form")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
@@ -319,16 +300,12 @@ def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torc
 
 
 @triton.jit
-def _tile_table(offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TAIL_M: tl.constexpr = 0):
-    """(inclusive running tile count per expert [E_PAD], tiles per expert [E_PAD], total tiles).
-    TAIL_M > 0: an expert's rows past its last whole BLOCK_M tile are cut into TAIL_M-row tiles."""
+def _tile_table(offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(inclusive running tile count per expert [E_PAD], tiles per expert [E_PAD], total tiles)."""
     ex = tl.arange(0, E_PAD)
     lo = tl.load(offsets_ptr + ex, mask=ex < E, other=0)
     hi = tl.load(offsets_ptr + ex + 1, mask=ex < E, other=0)
-    if TAIL_M:
-        tiles = (hi - lo) // BLOCK_M + ((hi - lo) % BLOCK_M + TAIL_M - 1) // TAIL_M
-    else:
-        tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     run = tl.cumsum(tiles, axis=0)
     return run, tiles, tl.sum(tiles, axis=0)
 
@@ -345,31 +322,16 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 
 
 @triton.jit
-def _tile_or_tail_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, E_PAD: tl.constexpr):
-    """Tile t of ``_tile_table(..., TAIL_M)``: its expert, its rows [r0, r1), and whether it is a
-    tail tile (TAIL_M rows at most) rather than a whole BLOCK_M one."""
-    ex = tl.arange(0, E_PAD)
-    e = tl.sum((run <= t).to(tl.int32), axis=0)
-    first = tl.sum(tl.where(ex == e, run - tiles, 0), axis=0)
-    lo = tl.load(offsets_ptr + e)
-    hi = tl.load(offsets_ptr + e + 1)
-    whole = (hi - lo) // BLOCK_M
-    j = t - first
-    tail = j >= whole
-    r0 = tl.where(tail, lo + whole * BLOCK_M + (j - whole) * TAIL_M, lo + j * BLOCK_M)
-    r1 = tl.minimum(r0 + tl.where(tail, TAIL_M, BLOCK_M), hi)
-    return e, r0, r1, tail
-
-
-@triton.jit
-def _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, y_ptr,
-              ys_ptr, H, I, TOP_K, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
-              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr,
+def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
+              ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
+              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
               SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
-    """Expert e's sorted rows [r0, r1) (at most BLOCK_M) and column tile it of I: gather the
-    tile's token rows of x, stream the expert's gate and up rows over H into two fp32
-    accumulators, then the epilogue."""
+    """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
+    stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue."""
+    t = u // i_tiles
+    it = u % i_tiles
+    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
     rows = r0 + tl.arange(0, BLOCK_M)
     r_ok = rows < r1
     tok = tl.load(sorted_ptr + rows, mask=r_ok, other=0) // TOP_K
@@ -420,33 +382,6 @@ def _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
              mask=r_ok[:, None] & i_ok[None, :])
 
 
-@triton.jit
-def _fc1_at(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
-            H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
-            HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr,
-            USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, TAIL_M: tl.constexpr):
-    """Unit u = (tile u // i_tiles, column tile u % i_tiles); with TAIL_M a tail tile runs the
-    TAIL_M-row swapped form (its few rows the MMA's N), a whole tile the BLOCK_M one."""
-    t = u // i_tiles
-    it = u % i_tiles
-    if TAIL_M:
-        e, r0, r1, tail = _tile_or_tail_at(t, run, tiles, offsets_ptr, BLOCK_M, TAIL_M, E_PAD)
-        if tail:
-            _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, y_ptr, ys_ptr, H,
-                      I, TOP_K, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8,
-                      TAIL_M, BLOCK_I, BLOCK_K, True, NUM_STAGES, USE_TMA, W_BLOCK)
-        else:
-            _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, y_ptr, ys_ptr, H,
-                      I, TOP_K, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8,
-                      BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
-    else:
-        e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
-        _fc1_unit(e, r0, r1, it, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, y_ptr, ys_ptr, H, I,
-                  TOP_K, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8,
-                  BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
-
-
 @triton.jit(do_not_specialize=["P"])
 def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
                 P, H, I, E, TOP_K, NUM_PROGS,
@@ -454,21 +389,22 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
                 HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr = False,
-                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False,
-                TAIL_M: tl.constexpr = 0):
+                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD, TAIL_M)
+    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     i_tiles = tl.cdiv(I, BLOCK_I)
     if FLATTEN:  # the compiler flattens the k-loop into this one: loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS, flatten=True):
-            _fc1_at(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
-                    ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
-                    HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK, TAIL_M)
+            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
+                      y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
+                      stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
+                      W_BLOCK)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
-            _fc1_at(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
-                    ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
-                    HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK, TAIL_M)
+            _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
+                      y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
+                      stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
+                      W_BLOCK)
 
 
 @triton.jit
@@ -570,15 +506,14 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
               USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr,
-              COL_MAJOR: tl.constexpr, TAIL_M: tl.constexpr = 0):
+              COL_MAJOR: tl.constexpr):
     """``I_STEPS`` = 0: unit u = (tile u // n_tiles_n, column tile u % n_tiles_n), its k-loop over
     I pipelined. ``I_STEPS`` > 0 (= I / BLOCK_K, the column stream): unit u = (tile u // n_groups,
     group u % n_groups of the column tiles); the loop over the group's column tiles is the
     pipelined one, each tile's I_STEPS k-steps unrolled in it, so the next tiles' weights load
     while this one multiplies and stores (FC2's k-loop is short where I is: 2 steps at TP8).
     The same k-steps in the same order either way: the same bits. ``COL_MAJOR`` (I_STEPS = 0):
-    unit u = (tile u % n_tiles, column tile u // n_tiles). ``TAIL_M`` > 0: a tail tile (an
-    expert's rows past its whole BLOCK_M tiles, ``_tile_table``) runs the TAIL_M-row swapped form."""
+    unit u = (tile u % n_tiles, column tile u // n_tiles)."""
     if I_STEPS == 0:
         if COL_MAJOR:
             t = u % n_tiles
@@ -592,34 +527,7 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
         per = tl.cdiv(n_tiles_n, n_groups)
         c0 = (u % n_groups) * per
         c1 = tl.minimum(c0 + per, n_tiles_n)
-    if TAIL_M:
-        e, r0, r1, tail = _tile_or_tail_at(t, run, tiles, offsets_ptr, BLOCK_M, TAIL_M, E_PAD)
-        if tail:
-            _fc2_rows(e, r0, r1, c0, c1, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, tw_ptr, out_ptr,
-                      H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr, ids_ptr,
-                      cnt_ptr, fin_ptr, stride_fm, E, HAS_YS, TAIL_M, BLOCK_N, BLOCK_K, True, NUM_STAGES, ATOMIC,
-                      USE_TMA, W_BLOCK, FUSED, I_STEPS)
-        else:
-            _fc2_rows(e, r0, r1, c0, c1, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, tw_ptr, out_ptr,
-                      H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr, ids_ptr,
-                      cnt_ptr, fin_ptr, stride_fm, E, HAS_YS, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC,
-                      USE_TMA, W_BLOCK, FUSED, I_STEPS)
-    else:
-        e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
-        _fc2_rows(e, r0, r1, c0, c1, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, tw_ptr, out_ptr,
-                  H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr, ids_ptr,
-                  cnt_ptr, fin_ptr, stride_fm, E, HAS_YS, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC,
-                  USE_TMA, W_BLOCK, FUSED, I_STEPS)
-
-
-@triton.jit
-def _fc2_rows(e, r0, r1, c0, c1, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, tw_ptr, out_ptr,
-              H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr, ids_ptr,
-              cnt_ptr, fin_ptr, stride_fm, E, HAS_YS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
-              USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr):
-    """Expert e's sorted rows [r0, r1) (at most BLOCK_M) times the column tiles [c0, c1) of H
-    (one when I_STEPS = 0)."""
+    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
     rows = r0 + tl.arange(0, BLOCK_M)
     r_ok = rows < r1
     y_rows = rows.to(tl.int64) * stride_ym
@@ -655,9 +563,9 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
                 FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
                 FUSED: tl.constexpr = False, K_PAD: tl.constexpr = 8, I_STEPS: tl.constexpr = 0,
-                COL_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False, TAIL_M: tl.constexpr = 0):
+                COL_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD, TAIL_M)
+    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
     if FUSED:  # a token none of whose pairs is valid gets no last pair: its output row is zero here
         slots = tl.arange(0, K_PAD)
@@ -678,14 +586,14 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS, COL_MAJOR, TAIL_M)
+                      I_STEPS, COL_MAJOR)
     else:
         for u in tl.range(tl.program_id(0), n_units, NUM_PROGS):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS, COL_MAJOR, TAIL_M)
+                      I_STEPS, COL_MAJOR)
 
 
 @triton.jit
@@ -724,8 +632,7 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
     # worst case of tiles: every expert's last tile ragged, and at most one tile per row
-    bm = cfg.fc1_tail_m or cfg.block_m  # tail tiles: at most one a row, or every expert's rows in small tiles
-    max_tiles = min(P, (P + E * (bm - 1)) // bm)
+    max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
     units = max(1, max_tiles * triton.cdiv(I, cfg.fc1_block_i))
     progs = _num_programs(x.device, cfg, units)
     fp8_out = y.dtype == torch.float8_e4m3fn
@@ -739,8 +646,8 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
         x_scale.stride(0) if blk else 0, w_block_scale.stride(0) if blk else 0,
         HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
-        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, TAIL_M=cfg.fc1_tail_m,
-        num_warps=cfg.fc1_warps, **launch_kwargs(x.device))
+        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, num_warps=cfg.fc1_warps,
+        **launch_kwargs(x.device))
 
 
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
@@ -753,8 +660,7 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     H = w2.shape[0]
     E = w2_scale.shape[0]
     I = w2.shape[1] // E
-    bm = cfg.fc2_tail_m or cfg.block_m  # (as in fc1_launch)
-    max_tiles = min(P, (P + E * (bm - 1)) // bm)
+    max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
     groups = cfg.fc2_col_groups
     units = max(1, max_tiles * (groups or triton.cdiv(H, cfg.fc2_block_n)))
     progs = _num_programs(y.device, cfg, units)
@@ -776,7 +682,7 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         HAS_YS=has_ys, I_STEPS=I // cfg.fc2_block_k if groups else 0, COL_MAJOR=cfg.fc2_col_major, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
-        TAIL_M=cfg.fc2_tail_m, num_warps=cfg.fc2_warps,
+        num_warps=cfg.fc2_warps,
         **launch_kwargs(y.device))
 
 
