@@ -250,12 +250,16 @@ def op_problems(draw, kind):
     return cls(M, H, E, I, dtype, out), draw(st.integers(0, 2**31 - 1))
 
 
-def _within_rounding(got, ref, out_dtype):
+def _within_rounding(got, ref, out_dtype, twin=None):
     """The op's error against the fp32 reference within 2x what rounding the reference to the
-    output dtype costs, plus fp32 summation-order noise."""
+    output dtype costs, plus fp32 summation-order noise, plus (``twin``: PyTorch's result at the
+    op's precision, fp32) 1.5x that twin's own error: on the GPU fp8 tensor cores add products
+    with fewer than 32 bits before each k-tile's promotion (kernels/triton/gate_up.py), which an
+    fp32 output shows (tests/test_fc1_cute.py's ``bf16_bound``, tests/test_fc2_gpu.py)."""
     ref = ref.float()
     err, rnd = rel(got.float(), ref), rel(ref.to(out_dtype).float(), ref)
-    assert err <= 2 * rnd + 1e-5, (err, rnd)
+    acc = 0.0 if twin is None else rel(twin.float(), ref)
+    assert err <= 2 * rnd + 1.5 * acc + 1e-5, (err, rnd, acc)
 
 
 @FUZZ
@@ -277,7 +281,13 @@ def test_fc2_with_any_config_of_the_space(case, skip, data):
         assert skip and "skip" in str(exc), exc
         return
     assert got.dtype == p.out_dtype and got.shape == (p.m, p.n)
-    _within_rounding(got.cpu(), fc2_ref(a, w, alpha, torch.float32, compute_dtype=torch.float32).cpu(), p.out_dtype)
+    twin = None
+    if GPU and p.dtype == FP8:  # cuBLAS fp8 with fast accumulation per expert, alpha in fp32
+        from test_fc2_gpu import torch_same_precision
+
+        twin = torch_same_precision(a, w, alpha).cpu()
+    _within_rounding(got.cpu(), fc2_ref(a, w, alpha, torch.float32, compute_dtype=torch.float32).cpu(), p.out_dtype,
+                     twin)
 
 
 @FUZZ
@@ -295,8 +305,13 @@ def test_fc1_with_any_config_of_the_space(case, data):
     cfg = data.draw(st.sampled_from(fc1_space(p, ("triton",))), label="config")
     got = fc1(x, w1, alpha1, x_scale=xs, config=cfg, out_dtype=p.out_dtype)
     assert got.dtype == p.out_dtype and got.shape == (p.m, p.e * p.i)
+    twin = None
+    if GPU and p.dtype == FP8:  # cuBLAS fp8 with fast accumulation, the epilogue in fp32
+        from test_fc1_cute import torch_same_precision
+
+        twin = torch_same_precision(x, w1, alpha1, xs, None).cpu()
     _within_rounding(got.cpu(), fc1_ref(x, w1, alpha1, x_scale=xs, out_dtype=torch.float32,
-                                        compute_dtype=torch.float32).cpu(), p.out_dtype)
+                                        compute_dtype=torch.float32).cpu(), p.out_dtype, twin)
 
 
 @FUZZ
@@ -323,7 +338,14 @@ def test_layer_with_any_layout_and_dtype_of_x(case, layout, x_dtype, strategy):
     kw = dict(expert_ids=ids.to(DEV), topk_weights=wts.to(DEV), strategy=strategy)
     got = experts_forward(view, pw, alpha, **kw)
     assert got.dtype == x_dtype
-    torch.testing.assert_close(got, experts_forward(x.contiguous(), pw, alpha, **kw), rtol=0, atol=0)
+    want = experts_forward(x.contiguous(), pw, alpha, **kw)
+    if strategy == "routed" or not GPU:  # the same bits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:  # dense and skip add split-K parts with fp32 atomics on the GPU: the last bit may move
+        # (docs/usage.md; tests/test_ids_out_of_range.py): one step of x's dtype at the largest
+        # output, which a layout bug (a wrong stride, a missed offset) exceeds by orders
+        step = max(torch.finfo(x_dtype).eps, 2.0 ** -16) * want.float().abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=step)
 
 
 # ------------------------------------------------------------------------------------ the schedule
