@@ -21,9 +21,14 @@ the gate/up products; the weight bytes' floor at the read ceiling beside them.
 Beside them, the library's routed FC1 (``kernels.triton.routed.fc1_launch``) on the same x, w
 and rows (top-k 1, unit scales, the rows of expert e in the probe's order), pinned to each of the
 probe's tiles with one and two programs per SM: its fp8 y, dequantised, is checked against the
-same reference first. The 2026-12-05 H200 run put the library's FC1 at 277 us where this loop
-took 170 (Qwen3 M = 2048, the same tile): this comparison is where that gap is bisected
-(docs/routed.md "Next" 1)."""
+same reference first. The fifth session's H200 run put the library's FC1 at 277 us where this
+loop took 170 (Qwen3 M = 2048, the same tile); the sixth session's H100 run bisected it
+(``--bisect``: the library 1.15x the loop on the same even routing) and found the rest in the
+routing (``--ragged``: uniform top-8 routing 1.28-1.37x the even one; docs/routed.md "Sixth
+session").
+
+  python bench/probes/fc1_gate_up_one_dot.py --bisect [shape] [rows,...]   (a CUDA GPU)
+  python bench/probes/fc1_gate_up_one_dot.py --ragged [shape,...] [M,...]  (a CUDA GPU)"""
 
 import os
 import re
@@ -193,7 +198,7 @@ def check(H, E, I, rows, device, configs):
     return x, w, tok
 
 
-# the steps from the probe's loop to the library's FC1 (docs/routed.md "Next" 1): each alone, then all
+# the steps from the probe's loop to the library's FC1 (docs/routed.md "Sixth session"): each alone, then all
 VARIANTS = (("loop", {}), ("k mask", dict(k_mask=True)), ("tma", dict(tma=True)), ("fp8 y", dict(fp8=True)),
             ("persistent 1/SM", dict(persist=1)), ("persistent 2/SM", dict(persist=2)),
             ("all, 1/SM", dict(k_mask=True, tma=True, fp8=True, persist=1)),
