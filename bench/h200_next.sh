@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A session's first device call (last run 2026-12-05, fifth session, tree 66af99e: suite 203 s,
-# then the probes, 319 s in all; docs/routed.md "Fifth session"). Carry the CuTe bundle (.carry,
-# ../shared/tools/cutedsl-bundle) for the CuTe tests and call
+# A session's first device call (last run 2026-12-05, sixth session, on an H100, tree 6ac2f44: the
+# suite cut at 300 s, then FC1's bisection and ragged-routing probes, 375 s; the suite alone took
+# 186 s with SUITE_TIMEOUT=470; docs/routed.md "Sixth session"). Next: FUZZ=200 NO_PROBES=1
+# STREAM_SHAPES= (the suite, then the fuzz suite at scale with its report). Carry the CuTe bundle
+# (.carry, ../shared/tools/cutedsl-bundle) for the CuTe tests and call
 #
 #   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
 #
@@ -43,6 +45,12 @@ source bench/device_env.sh
 commit=${1:-unknown}
 t0=$SECONDS
 [ -z "${NO_SUITE:-}" ] && { gpu_suite ${SUITE_TIMEOUT:-300}; echo "# suite done at $((SECONDS - t0)) s"; }
+if [ -n "${FUZZ:-}" ]; then  # FUZZ=200: the fuzz suite at that many examples a test, stopping at the first failure
+  left=$((540 - (SECONDS - t0)))  # (its report must come back: the sixth session's run was cut before it)
+  DENSEMOE_FUZZ_EXAMPLES=$FUZZ timeout $((left < ${FUZZ_TIMEOUT:-240} ? left : ${FUZZ_TIMEOUT:-240})) \
+    python3 -m pytest -q -x tests/test_fuzz.py -p no:cacheprovider -n 8 > $OUT/fuzz.log 2>&1
+  echo "# fuzz $FUZZ: exit $? at $((SECONDS - t0)) s"; grep -E "^(FAILED|E  |Falsifying|[0-9]+ (passed|failed))|assert" $OUT/fuzz.log | head -30 | cut -c1-300
+fi
 if [ -n "${LAYER:-}" ]; then  # the layer benchmark (else in the second call, after the tuning: h200_tune_layer.sh)
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   out=$OUT/layer_h200_${shape}_fp8
