@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A session's first device call (last run 2026-12-05, sixth session, on an H100, tree 6ac2f44: the
 # suite cut at 300 s, then FC1's bisection and ragged-routing probes, 375 s; the suite alone took
-# 186 s with SUITE_TIMEOUT=470; docs/routed.md "Sixth session"). Next: FUZZ=200 NO_PROBES=1
-# STREAM_SHAPES= (the suite, then the fuzz suite at scale with its report). Carry the CuTe bundle
+# 186 s with SUITE_TIMEOUT=470; docs/routed.md "Sixth session"). Next: NO_SUITE=1 FUZZ=200
+# FUZZ_TIMEOUT=400 NO_PROBES=1 STREAM_SHAPES= (the fuzz suite at scale with its report). Carry the CuTe bundle
 # (.carry, ../shared/tools/cutedsl-bundle) for the CuTe tests and call
 #
 #   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
