@@ -45,10 +45,10 @@ source bench/device_env.sh
 commit=${1:-unknown}
 t0=$SECONDS
 [ -z "${NO_SUITE:-}" ] && { gpu_suite ${SUITE_TIMEOUT:-400}; echo "# suite done at $((SECONDS - t0)) s"; }
-if [ -n "${FUZZ:-}" ]; then  # FUZZ=200: the fuzz suite at that many examples a test, stopping at the first failure
+if [ -n "${FUZZ:-}" ]; then  # FUZZ=200: the fuzz suite at that many examples a test, failures not shrunk
   left=$((540 - (SECONDS - t0)))  # (its report must come back: the sixth session's run was cut before it)
-  DENSEMOE_FUZZ_EXAMPLES=$FUZZ timeout $((left < ${FUZZ_TIMEOUT:-240} ? left : ${FUZZ_TIMEOUT:-240})) \
-    python3 -m pytest -q -x tests/test_fuzz.py -p no:cacheprovider -n 8 > $OUT/fuzz.log 2>&1
+  DENSEMOE_FUZZ_EXAMPLES=$FUZZ DENSEMOE_FUZZ_NO_SHRINK=1 timeout $((left < ${FUZZ_TIMEOUT:-240} ? left : ${FUZZ_TIMEOUT:-240})) \
+    python3 -m pytest -q --maxfail=${FUZZ_MAXFAIL:-4} tests/test_fuzz.py -p no:cacheprovider -n 8 > $OUT/fuzz.log 2>&1
   echo "# fuzz $FUZZ: exit $? at $((SECONDS - t0)) s"; grep -E "^(FAILED|E  |Falsifying|[0-9]+ (passed|failed))|assert" $OUT/fuzz.log | head -30 | cut -c1-300
 fi
 if [ -n "${LAYER:-}" ]; then  # the layer benchmark (else in the second call, after the tuning: h200_tune_layer.sh)
