@@ -71,7 +71,7 @@ for shape in ${STREAM_SHAPES-deepseek-v3-tp8 qwen3-30b-a3b}; do  # FC2's column 
 done
 budget() { local left=$((560 - (SECONDS - t0))); echo $((left < $1 ? left : $1)); }
 want() { [ -z "${NO_PROBES:-}" ] && [[ " ${PROBES:-contiguous one_dot sim} " == *" $1 "* ]]; }  # PROBES="one_dot": that one alone
-left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed.md "Next" 3)
+left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed.md "Fifth session")
 if [ $left -ge 20 ] && want contiguous; then
   timeout $left python3 bench/probes/routed_fc1_contiguous.py qwen3-30b-a3b 128,512,2048,4096 > $OUT/fc1_contiguous.log 2>&1
   echo "# fc1 contiguous: exit $? at $((SECONDS - t0)) s"; grep -v "^ *$" $OUT/fc1_contiguous.log | tail -8 | cut -c1-170
@@ -81,7 +81,7 @@ if [ $left -ge 25 ] && want one_dot; then
   timeout $left python3 bench/probes/fc1_gate_up_one_dot.py ${ONE_DOT_ARGS:-qwen3-30b-a3b 128,256} > $OUT/fc1_one_dot.log 2>&1
   echo "# fc1 one dot: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|rows=|bisect)" $OUT/fc1_one_dot.log | cut -c1-400
 fi
-left=$(budget ${RAGGED_TIMEOUT:-90})  # RAGGED="qwen3-30b-a3b,deepseek-v3-tp8 512,2048,4096": FC1 with and without tail tiles
+left=$(budget ${RAGGED_TIMEOUT:-90})  # RAGGED="qwen3-30b-a3b,deepseek-v3-tp8 2048,4096": the library FC1 on uniform (ragged) routing
 if [ $left -ge 25 ] && [ -n "${RAGGED:-}" ]; then
   timeout $left python3 bench/probes/fc1_gate_up_one_dot.py --ragged $RAGGED > $OUT/fc1_ragged.log 2>&1
   echo "# fc1 ragged: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|ragged)" $OUT/fc1_ragged.log | cut -c1-400
