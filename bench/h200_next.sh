@@ -47,9 +47,13 @@ t0=$SECONDS
 [ -z "${NO_SUITE:-}" ] && { gpu_suite ${SUITE_TIMEOUT:-400}; echo "# suite done at $((SECONDS - t0)) s"; }
 if [ -n "${FUZZ:-}" ]; then  # FUZZ=200: the fuzz suite at that many examples a test, failures not shrunk
   left=$((540 - (SECONDS - t0)))  # (its report must come back: the sixth session's run was cut before it)
-  DENSEMOE_FUZZ_EXAMPLES=$FUZZ DENSEMOE_FUZZ_NO_SHRINK=1 timeout $((left < ${FUZZ_TIMEOUT:-240} ? left : ${FUZZ_TIMEOUT:-240})) \
-    python3 -m pytest -q --maxfail=${FUZZ_MAXFAIL:-4} tests/test_fuzz.py -p no:cacheprovider -n 8 > $OUT/fuzz.log 2>&1
-  echo "# fuzz $FUZZ: exit $? at $((SECONDS - t0)) s"; grep -E "^(FAILED|E  |Falsifying|[0-9]+ (passed|failed))|assert" $OUT/fuzz.log | head -30 | cut -c1-300
+  # SIGINT at the timeout: pytest then prints its summary of what failed so far; each failure is
+  # also written to fuzz_failures.txt as it comes (DENSEMOE_FAILURES, tests/conftest.py)
+  DENSEMOE_FUZZ_EXAMPLES=$FUZZ DENSEMOE_FUZZ_NO_SHRINK=1 DENSEMOE_FAILURES=$OUT/fuzz_failures.txt \
+    timeout -s INT -k 20 $((left < ${FUZZ_TIMEOUT:-240} ? left : ${FUZZ_TIMEOUT:-240})) \
+    python3 -m pytest -v -rf --tb=short --maxfail=${FUZZ_MAXFAIL:-4} tests/test_fuzz.py -p no:cacheprovider -n 8 > $OUT/fuzz.log 2>&1
+  echo "# fuzz $FUZZ: exit $? at $((SECONDS - t0)) s"; grep -E "(PASSED|FAILED|ERROR) tests/" $OUT/fuzz.log | sed 's/^\[gw[0-9]*\] //' | head -20
+  [ -f $OUT/fuzz_failures.txt ] && grep -E "^===|^E  |Falsifying|^ *[a-zA-Z_]+=" $OUT/fuzz_failures.txt | head -40 | cut -c1-300
 fi
 if [ -n "${LAYER:-}" ]; then  # the layer benchmark (else in the second call, after the tuning: h200_tune_layer.sh)
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do

@@ -45,3 +45,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU and TRITON_INTERPRET unset"))
         if "interpreter" in item.keywords and not INTERPRET:
             item.add_marker(pytest.mark.skip(reason="runs the kernels on the CPU: set TRITON_INTERPRET=1"))
+
+
+def pytest_runtest_logreport(report):
+    """``DENSEMOE_FAILURES=<file>``: each failing test's report is appended to the file as it
+    arrives (with pytest-xdist, in the controller), so a run cut by a timeout still says which
+    tests failed and why (the device runs of the fuzz suite: bench/h200_next.sh)."""
+    path = os.environ.get("DENSEMOE_FAILURES")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
