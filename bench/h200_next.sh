@@ -21,22 +21,18 @@
 #    launch (bench/probes/routed_ncu.py).
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
 # Then, in further calls (each tars $OUT; tar czf $OUT/x.tgz ... as this script does):
-#   - block fp8 on the wide FC2 tiles (a fresh cache too, as below): WIP=bench/results/h200_wip2
-#     DT=fp8block OPS="routed strategy" bash bench/tune_h200.sh, merge
-#     (bench/merge_tuned.py), then NO_SUITE=1 DTYPES=fp8block bash bench/routed_gpu.sh <commit> and
-#     python3 bench/probes/block_dense_stages.py skip 1,16,64 (the deeper block ring: FC1 was 335 us at
-#     TP8 M = 64 against 212 per expert);
+#   - block fp8 probes: python3 bench/probes/block_dense_stages.py skip 1,16,64 (the deeper block ring:
+#     FC1 was 335 us at TP8 M = 64 against 212 per expert);
 #   - Nsight Compute alone: NO_SUITE=1 STREAM_SHAPES= NO_PROBES=1 NCU="fc2:deepseek-v3-tp8:512
 #     fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" bash bench/h200_next.sh <commit>;
 #   - bench/sanitize_gpu.sh <commit> (carry the bundle; TOOLS= to split it over calls; racecheck and
 #     synccheck on the fused combine's counters above all; FC1 stream-K's race: patches/README.md);
-#   - the rest of the fp8 routed retuning and the strategy crossovers, resumed from
-#     bench/results/h200_wip2 (Qwen3 M = 3072-4096 left on 2026-12-05): bash bench/h200_tune_layer.sh
-#     <commit> (tuning, then the layer benchmark on that cache), merge;
-#   - the fuzz suite at scale (DENSEMOE_FUZZ_EXAMPLES=200 python3 -m pytest tests/test_fuzz.py; the
-#     device image lists hypothesis, docs/trust.md);
-#   - bf16 benchmarks (NO_SUITE=1 DTYPES=bf16 bash bench/routed_gpu.sh), FC1/FC2 tuning
-#     (OPS="fc2 fc1" bash bench/tune_h200.sh).
+#   - the routed tuning and layer benchmark of one dtype: DT=fp8|fp8block|bf16 bash bench/h200_tune_layer.sh
+#     <commit> (fresh cache; all three ran in the seventh session), merge;
+#   - the fuzz suite at scale: NO_SUITE=1 FUZZ=100 FUZZ_TIMEOUT=400 NO_PROBES=1 STREAM_SHAPES= (100 examples a
+#     test: 6 of the 8 tests finished in 150 s on an H100; the routed-config and block tests take longer:
+#     FUZZ_K="routed_with or block_fp8" runs those two alone);
+#   - FC1/FC2 tuning for the dense and skip paths (OPS="fc2 fc1" bash bench/tune_h200.sh).
 # On a machine of several GPUs (issue 23; only if status lists one): SUITE_PATHS=tests/test_parallel.py
 # gpu_suite 300 (the NCCL test on every GPU), then python3 bench/sharded_gpu.py --out $OUT/sharded_<kind>
 # (keep NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 as the machine sets them).
@@ -51,7 +47,7 @@ if [ -n "${FUZZ:-}" ]; then  # FUZZ=200: the fuzz suite at that many examples a 
   # also written to fuzz_failures.txt as it comes (DENSEMOE_FAILURES, tests/conftest.py)
   DENSEMOE_FUZZ_EXAMPLES=$FUZZ DENSEMOE_FUZZ_NO_SHRINK=1 DENSEMOE_FAILURES=$OUT/fuzz_failures.txt \
     timeout -s INT -k 20 $((left < ${FUZZ_TIMEOUT:-240} ? left : ${FUZZ_TIMEOUT:-240})) \
-    python3 -m pytest -v -rf --tb=short --maxfail=${FUZZ_MAXFAIL:-4} tests/test_fuzz.py -p no:cacheprovider -n 8 > $OUT/fuzz.log 2>&1
+    python3 -m pytest -v -rf --tb=short --maxfail=${FUZZ_MAXFAIL:-4} tests/test_fuzz.py ${FUZZ_K:+-k "$FUZZ_K"} -p no:cacheprovider -n 8 > $OUT/fuzz.log 2>&1
   echo "# fuzz $FUZZ: exit $? at $((SECONDS - t0)) s"; grep -E "(PASSED|FAILED|ERROR) tests/" $OUT/fuzz.log | sed 's/^\[gw[0-9]*\] //' | head -20
   [ -f $OUT/fuzz_failures.txt ] && grep -E "^===|^E  |Falsifying|^ *[a-zA-Z_]+=" $OUT/fuzz_failures.txt | head -40 | cut -c1-300
 fi
@@ -94,6 +90,11 @@ left=$(budget 90)  # issue 22: one TP8 and one EP8 rank, the reduction stood in 
 if [ $left -ge 30 ] && want sim; then
   timeout $left python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 > $OUT/sharded_sim.log 2>&1
   echo "# sharded sim: exit $? at $((SECONDS - t0)) s"; tail -14 $OUT/sharded_sim.log | cut -c1-170
+fi
+left=$(budget 80)  # PROBES="position": does a timing read slow right after the dense one? (docs/routed.md, seventh session)
+if [ $left -ge 30 ] && want position; then
+  timeout $left python3 bench/probes/timing_position.py deepseek-v3-tp8 fp8 1024,4096 100,1000 > $OUT/timing_position.log 2>&1
+  echo "# timing position: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|M=)" $OUT/timing_position.log | cut -c1-200
 fi
 # NCU="fc2:deepseek-v3-tp8:512 fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" in a later call (the
 # first call's time goes to the above): Nsight Compute on one routed launch (FC1 at Qwen3 M = 2048 runs

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The second device call of a session that lands kernel changes (docs/routed.md "The device
-# scripts"): the fp8 routed and strategy tuning from a fresh cache (every routed schedule in the
+# scripts"): one dtype's routed and strategy tuning (DT, default fp8) from a fresh cache (every routed schedule in the
 # space: the fused combine, FC2's column stream and column-major order, FC1's stream-K), then the
-# fp8 layer benchmark in the same call, reading that cache on top of the shipped tables, so the
+# layer benchmark of that dtype in the same call, reading that cache on top of the shipped tables, so the
 # figures are those of the merged table. One tarball comes back (next.tgz: the tuner's wip/,
 # its summaries, the benchmark's JSON/markdown/logs). Here, after:
 #   tar xzf <files_at>/next.tgz -C /tmp/n && tar xzf /tmp/n/tune.tgz -C /tmp/n/tune (see tune_h200.sh)
@@ -10,22 +10,26 @@
 #
 #   bash bench/h200_tune_layer.sh <commit>     (timeout_s=600; carry nothing: no CuTe in these jobs)
 #
-# TUNE_BUDGET (default 330 s) bounds the tuning; a cut job resumes from WIP in a later call.
+# TUNE_BUDGET (default 330 s) bounds the tuning; a cut job resumes from WIP in a later call (WIP: a
+# folder of the tree holding an earlier call's wip/ as tune_h200.sh describes; one that does not
+# exist is a fresh cache). DT=fp8block or DT=bf16: that dtype's jobs and benchmark instead (the
+# seventh session ran all three, one call each: about 280, 360 and 370 s on the H200).
 set -uo pipefail
 commit=${1:-unknown}
 t0=$SECONDS
-WIP=${WIP:-bench/results/h200_wip2} DT=fp8 OPS="routed strategy" BUDGET=${TUNE_BUDGET:-330} bash bench/tune_h200.sh
+DT=${DT:-fp8}
+WIP=${WIP:-bench/results/h200_wip_next} DT=$DT OPS="routed strategy" BUDGET=${TUNE_BUDGET:-330} bash bench/tune_h200.sh
 mkdir -p /tmp/tune && tar xzf $OUT/tune.tgz -C /tmp/tune
 source bench/device_env.sh >/dev/null
 export DENSEMOE_CACHE_DIR=/tmp/tune/wip
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   left=$((570 - (SECONDS - t0)))
   [ $left -lt 40 ] && { echo "# layer $shape: skipped, ${left} s left"; continue; }
-  out=$OUT/layer_h200_${shape}_fp8
-  timeout $((left < 90 ? left : 90)) python3 -m densemoe.bench layer --shapes $shape --dtypes fp8 \
+  out=$OUT/layer_h200_${shape}_$DT
+  timeout $((left < 90 ? left : 90)) python3 -m densemoe.bench layer --shapes $shape --dtypes $DT \
     --m 1,2,4,8,16,32,64,128,256,512,1024,2048,4096 --reps 20 --skip-max-m 512 --commit "$commit" --out $out > $out.log 2>&1
   echo "# layer $shape: exit $? at $((SECONDS - t0)) s"
-  grep "^experts .* fp8 " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' | cut -c1-200
+  grep "^experts .* $DT " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' | cut -c1-200
 done
 # outside $OUT, then moved in (h200_next.sh says why)
 (cd $OUT && tar czf /tmp/next.tgz . ; mv /tmp/next.tgz $OUT/ && find $OUT -mindepth 1 ! -name next.tgz -exec rm -rf {} +)
