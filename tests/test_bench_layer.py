@@ -139,7 +139,8 @@ def test_interleaved_timings_land_on_the_right_records():
              r["experts_only_us"]) for r in lay] == [("fp8", 30.0, 10.0, 20.0, 1.0, 50.0), ("bf16", 40.0, 10.0, 20.0, 1.0, 60.0)]
     # then, in the same rounds, the experts path: its baselines without the router (cuBLAS
     # pipeline, grouped_mm; batched_mm not on this path), then per dtype torch's grouped
-    # pipeline, dense, skip, routed, chosen, each where it runs
+    # pipeline, dense, skip, routed, and chosen where it is not the forced line it picked (same
+    # bits: timed once, as that line)
     exp = [r for r in out if r["op"] == "experts"]
     assert [r["dtype"] for r in exp] == ["fp8", "bf16"]
     assert (exp[0]["cublas_fp8_pipeline_us"], exp[0]["hf_grouped_mm_bf16_us"]) == (70.0, 80.0)
@@ -147,6 +148,9 @@ def test_interleaved_timings_land_on_the_right_records():
     t = 90.0
     for r in exp:
         for name in ("torch_grouped",) + layer.STRATEGIES + ("chosen",):
+            if name == "chosen" and r.get("chosen_timed_as"):
+                assert r["chosen_us"] == r[f"{r['chosen_timed_as']}_us"] and r["chosen_timed_as"] == r["chosen"]
+                continue
             if r[f"{name}_us"] is None:  # not run here, and the record says why
                 assert r.get(f"{name}_note") or r.get(f"{name}_error"), (r["dtype"], name)
                 continue
@@ -155,6 +159,8 @@ def test_interleaved_timings_land_on_the_right_records():
         assert r["us"] == r["chosen_us"] and r["speedup_vs_cublas_fp8_pipeline"] == 70.0 / r["us"]
         assert r["chosen_over_best"] == r["us"] / r[f"{r['best']}_us"]
     assert all(r[f"{s}_us"] for r in exp for s in ("dense", "skip", "chosen"))
+    # the rule picks a forced strategy and gives its bits here: timed once (chosen_timed_as)
+    assert all(r.get("chosen_timed_as") == r["chosen"] for r in exp if layer.strategy_api())
     assert all((r["routed_us"] is not None) == layer.strategy_api() for r in exp)
 
 
@@ -395,3 +401,23 @@ def test_typical_x_picks_a_draw_near_the_expected_experts():
         assert abs(ids_of(x).unique().numel() - expected_picked(M, 128, 8)) <= 1 and draws >= 1
     d = case()
     assert torch.equal(d.typical_x(16, ids_of)[0], case().typical_x(16, ids_of)[0])
+
+
+def test_chosen_is_timed_as_its_forced_line_only_when_the_bits_agree():
+    """``_chosen_line``: strategy=None giving the picked strategy's bits is that line (timed once,
+    ``chosen_timed_as``); other bits, or no forced line, and it is checked and timed on its own."""
+    a, b = torch.ones(3), torch.full((3,), 2.0)
+    for chosen_out, fns, timed_alone in ((a, {"routed": lambda: a}, False),
+                                         (b, {"routed": lambda: a}, True),
+                                         (a, {"routed": None}, True)):
+        rec, lines, warned = {"chosen": "routed", "rel_err_routed": 0.01}, [], []
+        layer._chosen_line(rec, fns, (lambda o=chosen_out: o, None),
+                           lambda target, name, fn, bound, err_key=None, against=None: lines.append((name, err_key)),
+                           0.1, None, warned.append)
+        assert (lines == [("chosen", "rel_err")]) == timed_alone and not warned
+        assert ("chosen_timed_as" in rec) != timed_alone
+        if not timed_alone:
+            assert rec["chosen_timed_as"] == "routed" and rec["rel_err"] == 0.01
+    rec = {"chosen": "routed"}
+    layer._chosen_line(rec, {"routed": lambda: a}, (None, "no strategy= here"), None, 0.1, None, print)
+    assert rec["chosen_us"] is None and rec["chosen_note"] == "no strategy= here"

@@ -40,7 +40,8 @@ benchmark gate) and fp32 reference as the layer records, no router timed. Per dt
 ``densemoe.experts_forward(x, prepared, alpha, strategy=S, expert_ids=topk_ids,
 topk_weights=topk_weights)`` with each strategy forced (``dense_us``, ``skip_us``,
 ``routed_us``) and with the library's rule (``chosen_us``, S = None; ``chosen`` = the name
-``densemoe.ops.strategy.pick`` gives for the batch), and the baselines on the same routing, no
+``densemoe.ops.strategy.pick`` gives for the batch; where S = None gives that strategy's bits,
+checked, it is timed once as that line: ``chosen_timed_as``), and the baselines on the same routing, no
 router: the cuBLAS fp8 pipeline, transformers' experts under ``grouped_mm`` (``batched_mm`` is
 left out: timed once in the layer records), and ``torch_grouped_us`` (``bench/torch_grouped.py``:
 the routed pipeline through ``torch._grouped_mm`` in bf16, ``torch._scaled_grouped_mm`` in fp8;
@@ -410,17 +411,20 @@ def experts_path(case, x, route, ref, dtypes, cublas, hf: dict, grouped: dict, M
                 rec["torch_grouped_note"] = rec["torch_grouped_error"]
         else:
             rec.update(torch_grouped_us=None, torch_grouped_note=g or "not built")
-        for s in STRATEGIES + (None,):
-            name = s or "chosen"
+        fns = {}
+        for s in STRATEGIES:
             if s == "skip" and skip_max_m is not None and M > skip_max_m:
                 rec.update(skip_us=None, skip_note=f"not timed above M = {skip_max_m} (slow there)")
                 continue
             fn, why = experts_call(x, p, route, s, k)
+            fns[s] = fn
             if fn is None:
-                rec[f"{name}_us"] = None
-                rec[f"{name}_note"] = why
+                rec[f"{s}_us"] = None
+                rec[f"{s}_note"] = why
                 continue
-            line(rec, name, fn, BOUNDS[dt], err_key="rel_err" if s is None else None)
+            line(rec, s, fn, BOUNDS[dt])
+        _chosen_line(rec, fns, experts_call(x, p, route, None, k), line, BOUNDS[dt], None,
+                     lambda why: log(f"  experts {case.shape.name} {dt} M={M}: strategy=None failed: {why}"))
         if rec.get("chosen_error"):
             rec["error"] = rec["chosen_error"]
         records.append(rec)
@@ -456,20 +460,8 @@ def _block_record(case, x, route, ref, p, shared, g, line, M, commit, device, ac
             rec.update({f"{name}_us": None, f"{name}_note": why})
         else:
             line(rec, name, fn, BOUNDS[BLOCK_DTYPE], against=ref)
-    chosen_fn, chosen_why = experts_call(x, p, route, None, k)
-    fn = fns.get(rec["chosen"])
-    same = False
-    if fn is not None and chosen_fn is not None and rec.get(f"{rec['chosen']}_error") is None:
-        try:
-            same = torch.equal(fn(), chosen_fn())
-        except Exception as exc:  # noqa: BLE001 - timed on its own below, where it fails too
-            log(f"  experts {case.shape.name} fp8block M={M}: strategy=None failed: {_why(exc)}")
-    if same:  # one callable, timed once; its result lands on both keys
-        rec.update(chosen_timed_as=rec["chosen"], rel_err=rec[f"rel_err_{rec['chosen']}"])
-    elif chosen_fn is None:
-        rec.update(chosen_us=None, chosen_note=chosen_why, rel_err=None)
-    else:
-        line(rec, "chosen", chosen_fn, BOUNDS[BLOCK_DTYPE], err_key="rel_err", against=ref)
+    _chosen_line(rec, fns, experts_call(x, p, route, None, k), line, BOUNDS[BLOCK_DTYPE], ref,
+                 lambda why: log(f"  experts {case.shape.name} fp8block M={M}: strategy=None failed: {why}"))
     pe, why = experts_call(x, case.per_expert_from_block, route, "routed", k)
     if pe is None:
         rec.update({f"{PER_EXPERT}_us": None, f"{PER_EXPERT}_note": why})
@@ -478,6 +470,30 @@ def _block_record(case, x, route, ref, p, shared, g, line, M, commit, device, ac
     if rec.get("chosen_error"):
         rec["error"] = rec["chosen_error"]
     return rec
+
+
+def _chosen_line(rec: dict, fns: dict, chosen_call, line, bound: float, against, warn) -> None:
+    """The ``chosen`` line (``strategy=None``): where it gives the bits of the forced strategy it
+    picked (checked here), that strategy's timing is its timing (``chosen_timed_as``), so the
+    two are one callable timed once; else it is checked and timed on its own. Timed twice, the
+    same work read 3-5% apart at M >= 1024 on the H200 (2026-12-05, seventh session: the line
+    right after the dense one read slower; docs/routed.md), a gap that then showed as a chosen
+    strategy faster than the best forced one."""
+    chosen_fn, chosen_why = chosen_call
+    name = rec.get("chosen")
+    fn = fns.get(name)
+    same = False
+    if fn is not None and chosen_fn is not None and rec.get(f"{name}_error") is None:
+        try:
+            same = torch.equal(fn(), chosen_fn())
+        except Exception as exc:  # noqa: BLE001 - timed on its own below, where it fails too
+            warn(_why(exc))
+    if same:  # one callable, timed once; its result lands on both keys
+        rec.update(chosen_timed_as=name, rel_err=rec[f"rel_err_{name}"])
+    elif chosen_fn is None:
+        rec.update(chosen_us=None, chosen_note=chosen_why, rel_err=None)
+    else:
+        line(rec, "chosen", chosen_fn, bound, err_key="rel_err", against=against)
 
 
 def _experts_rates(rec: dict, shared: dict, I: int, H: int, ceiling: dict, peaks: dict) -> None:
@@ -669,7 +685,7 @@ def run_layer(shapes, dtypes, ms, timer, ceiling, peaks, device, commit, log=pri
             for (target, key, _), r in zip(exp_timed, res[len(res) - len(exp_timed):]):
                 target[key] = r["us"]
                 target[key[:-3] + "_rounds"] = r.get("us_rounds")
-                if key == target.get("chosen_timed_as", "chosen") + "_us":  # fp8block: chosen timed as routed
+                if key == target.get("chosen_timed_as", "chosen") + "_us":  # chosen timed as its forced line
                     target.update(chosen_us=r["us"], chosen_rounds=r.get("us_rounds"), us_min=r.get("us_min"),
                                   us_p90=r.get("us_p90"))
             for rec in exp_recs:
