@@ -28,7 +28,7 @@ import json
 
 H = 7168  # DeepSeek-V3's hidden size
 N = 8
-DEFAULT = "bench/results/layer_h200_2026-12-05_tuned_deepseek-v3-tp8_fp8.json.gz"
+DEFAULT = "bench/results/layer_h200_2026-12-05_session7_deepseek-v3-tp8_fp8.json.gz"
 
 
 def all_reduce_us(m: int, bytes_per: int, alpha_us: float, gbps: float, n: int = N) -> float:
