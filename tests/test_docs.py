@@ -49,6 +49,15 @@ def test_readme_headline_table_is_the_results():
         assert fact in readme, fact
 
 
+def test_readme_h200_table_is_the_results():
+    readme = (ROOT / "README.md").read_text()
+    data = {shape: docs.load(ROOT / rel) for shape, rel in docs.H200_SOURCES.items()}
+    assert docs.h200_table(data) in readme, "README.md's H200 table differs from the results: paste " \
+        "densemoe.bench.docs.h200_table(...)"
+    for d in data.values():
+        assert d["meta"]["commit"] in readme and d["meta"]["date"].split()[0] in readme
+
+
 def _local_links(path: Path):
     """(target, resolved path) of every relative markdown link in ``path`` (anchors dropped)."""
     text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)

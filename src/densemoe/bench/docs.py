@@ -25,6 +25,19 @@ SOURCES = {
     "skip": "bench/results/skip_h100_2026-11-26_streamk.json.gz",
 }
 CHART = "bench/results/fc2_h100_2026-11-26_tp8_final.png"
+# The README's H200 table: the experts path, one file per shape (the layer benchmark, fp8).
+H200_SOURCES = {
+    "deepseek-v3-tp8": "bench/results/layer_h200_2026-12-05_session7_deepseek-v3-tp8_fp8.json.gz",
+    "qwen3-30b-a3b": "bench/results/layer_h200_2026-12-05_session7_qwen3-30b-a3b_fp8.json.gz",
+}
+H200_MS = (1, 16, 64, 128, 512, 1024, 4096)
+# vLLM's tuned 128 x 128 block-fp8 fused-MoE pipeline on an H200, experts path, uniform top-8:
+# issue 19's table (measured in another process, on another routing draw).
+VLLM_BLOCK_FP8_H200_US = {
+    "deepseek-v3-tp8": {1: 59.1, 4: 87.4, 16: 181.4, 64: 351.9, 128: 402.6, 256: 426.5, 512: 514.9, 1024: 619.1,
+                        4096: 1390.2},
+    "qwen3-30b-a3b": {1: 40.5, 4: 60.0, 16: 121.8, 64: 177.7, 128: 182.5, 512: 228.6, 4096: 889.9},
+}
 HEADLINE_MS = (1, 64, 512)  # the README's table: the fp8 layer at these token counts, both shapes
 SHAPE_NAMES = {"deepseek-v3-tp8": "DeepSeek-V3 TP8", "qwen3-30b-a3b": "Qwen3-30B-A3B",
                "deepseek-v3-tp4": "DeepSeek-V3 TP4", "mixtral-8x7b-tp2": "Mixtral-8x7B TP2"}
@@ -185,6 +198,26 @@ def headline_table(data: dict, ms=HEADLINE_MS) -> str:
             lines.append(f"| {_name(r['shape'])} | {r['M']} | {r['us']:.1f} | {r['cublas_fp8_pipeline_us']:.1f} | "
                          f"{r['speedup_vs_cublas_fp8_pipeline']:.1f}x | {r['hf_grouped_mm_bf16_us']:.1f} | "
                          f"{r['speedup_vs_hf_grouped_mm_bf16']:.1f}x |")
+    return "\n".join(lines)
+
+
+def h200_table(data: dict[str, dict], ms=H200_MS) -> str:
+    """The README's H200 table: per shape (``data``: shape -> result file of the layer benchmark)
+    the fp8 experts path with the rule's strategy, its multiple of the routed floor, vLLM's
+    block-fp8 figure (``VLLM_BLOCK_FP8_H200_US``), cuBLAS's fp8 pipeline and transformers'
+    ``grouped_mm`` from the same run."""
+    lines = ["| model (per GPU) | tokens M | strategy | densemoe fp8 us | x routed floor | vLLM block fp8 us | "
+             "speedup | cuBLAS fp8 pipeline us | speedup | transformers grouped_mm bf16 us | speedup |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape, d in data.items():
+        for r in d["records"]:
+            if r.get("op") != "experts" or r.get("dtype") != "fp8" or r["M"] not in ms:
+                continue
+            c, v = r["chosen_us"], VLLM_BLOCK_FP8_H200_US.get(shape, {}).get(r["M"])
+            cb, hf = r["cublas_fp8_pipeline_us"], r["hf_grouped_mm_bf16_us"]
+            lines.append(f"| {_name(shape)} | {r['M']} | {r['chosen']} | {c:.1f} | {c / r['routed_floor_us']:.2f} | "
+                         f"{v if v else '-'} | {f'{v / c:.2f}x' if v else '-'} | {cb:.1f} | {cb / c:.1f}x | "
+                         f"{hf:.1f} | {hf / c:.1f}x |")
     return "\n".join(lines)
 
 
