@@ -15,7 +15,11 @@ sanitizer passes but that computes garbage still fails here):
 - the schedule in both forms (one program up to 1024 pairs, two launches above).
 
 ``--limit N`` caps the configs per (op, dtype, M) (default: all signatures); ``--list`` prints
-what would run. On the CPU (``TRITON_INTERPRET=1``) it runs the Triton part as a dry run.
+what would run, numbered; ``--from A --to B`` runs launches A <= i < B of that list only (to split
+one tool's run over device calls). Each launch prints a line as it ends (``ok <i> <seconds>
+<name>``, flushed), so a run cut by a timeout says how far it got, and a sanitizer's report
+follows the last ``ok`` line before it. On the CPU (``TRITON_INTERPRET=1``) it runs the Triton
+part as a dry run.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 import torch
 
 import densemoe
-from densemoe.kernels.common import Fc1Problem, Fc2Problem, RoutedProblem
+from densemoe.kernels.common import Fc2Problem
 from densemoe.ops.fc1 import fc1
 from densemoe.ops.fc2 import fc2
 from densemoe.ops.routed import moe_schedule
@@ -50,6 +54,28 @@ class Shape:  # what the tuner's op factories read
 
 
 SHAPE = Shape(hidden=256, experts=16, inter=128, topk=4) if GPU else Shape(hidden=64, experts=8, inter=64, topk=2)
+
+
+class Launches:
+    """The numbered launches: ``take(name)`` numbers the next launch and gives its number where it
+    is in [start, stop) (None else; when listing, it prints it instead); ``done(i, name)`` prints
+    its progress line."""
+
+    def __init__(self, start: int = 0, stop: int | None = None, listing: bool = False):
+        self.i, self.start, self.stop, self.listing, self.t0, self.ran = -1, start, stop, listing, time.time(), 0
+
+    def take(self, name: str) -> int | None:
+        self.i += 1
+        inside = self.start <= self.i and (self.stop is None or self.i < self.stop)
+        if self.listing:
+            if inside:
+                print(f"{self.i} {name}")
+            return None
+        return self.i if inside else None
+
+    def done(self, i: int, name: str) -> None:
+        self.ran += 1
+        print(f"ok {i} {time.time() - self.t0:.1f} {name}", flush=True)
 
 
 def signature(cfg) -> tuple:
@@ -101,42 +127,46 @@ def check(name, got, ref, tol):
         raise AssertionError(f"{name}: rel err {err:.3e} (> {tol})")
 
 
-def run_ops(limit, listing):
+def run_ops(limit, launches: Launches) -> None:
     from densemoe.kernels.cute.hopper import cute_available
 
+    from densemoe.kernels.triton import fc1 as tfc1, fc2 as tfc2
+
     backends = ("triton", "cute") if GPU and cute_available() else ("triton",)
-    n = 0
     for op in (tops.FC2, tops.FC1, tops.ROUTED):
         for dtype in (FP8, BF16):
             for m in (1, 7, 100):
                 p = op.problem(m, SHAPE, dtype, BF16)
                 cfgs = configs(op, p, backends, limit)
-                inputs, _ = op.make_inputs(p, DEV, 0, None)
+                inputs = None
                 for cfg in cfgs:
                     name = f"{op.name} {'fp8' if dtype == FP8 else 'bf16'} M={m} {cfg.to_str()}"
-                    if listing:
-                        print(name)
-                        continue
-                    out = op.make_out(p, DEV)
-                    res = op.run(inputs, out, cfg)
-                    got = out if res is None else res
-                    check(name, got, op.reference(inputs, cfg), 0.1 if dtype == FP8 else 2e-2)
-                    n += 1
-                    if isinstance(p, (Fc2Problem, Fc1Problem)) and cfg.to_str().startswith("triton"):
-                        n += run_skip(op, p, inputs, cfg, name)
-    return n
+                    skip_too = isinstance(cfg, (tfc1.Fc1TritonConfig, tfc2.Fc2TritonConfig))
+                    i = launches.take(name)
+                    i_s = launches.take(name + " skip") if skip_too else None
+                    if (i is not None or i_s is not None) and inputs is None:
+                        inputs, _ = op.make_inputs(p, DEV, 0, None)
+                    if i is not None:
+                        out = op.make_out(p, DEV)
+                        res = op.run(inputs, out, cfg)
+                        got = out if res is None else res
+                        check(name, got, op.reference(inputs, cfg), 0.1 if dtype == FP8 else 2e-2)
+                        launches.done(i, name)
+                    if i_s is not None and run_skip(op, p, inputs, cfg, name):
+                        launches.done(i_s, name + " skip")
 
 
-def run_skip(op, p, inputs, cfg, name):
-    """The same Triton config with expert skipping (lists built on the GPU)."""
+def run_skip(op, p, inputs, cfg, name) -> bool:
+    """The same Triton config with expert skipping (lists built on the GPU); False where the
+    config cannot skip."""
     if isinstance(p, Fc2Problem):
         a, w, alpha = inputs
         try:
             got = fc2(a, w, alpha, config=cfg, skip=True, out_dtype=BF16)
         except ValueError:  # a config skipping cannot run (e.g. stream-K): not a skip schedule
-            return 0
+            return False
         check(name + " skip", got, fc2_ref(a, w, alpha, torch.float32, compute_dtype=torch.float32), 0.1)
-        return 1
+        return True
     x, w1, alpha1, xs = inputs
     g = torch.Generator(device=DEV).manual_seed(1)
     routing = torch.zeros(p.m, p.e, device=DEV)
@@ -144,15 +174,14 @@ def run_skip(op, p, inputs, cfg, name):
     try:
         got = fc1(x, w1, alpha1, x_scale=xs, config=cfg, skip=True, routing=routing, out_dtype=BF16)
     except ValueError:
-        return 0
+        return False
     ref = fc1_ref(x, w1, alpha1, x_scale=xs, out_dtype=torch.float32, compute_dtype=torch.float32)
     picked = routing.repeat_interleave(p.i, dim=1) != 0
     check(name + " skip", got.float()[picked], ref[picked], 0.1)
-    return 1
+    return True
 
 
-def run_layer(listing):
-    n = 0
+def run_layer(launches: Launches) -> None:
     s = SHAPE
     g = torch.Generator(device=DEV).manual_seed(2)
     w13 = torch.randn(s.experts, 2 * s.inter, s.hidden, generator=g, device=DEV) * s.hidden ** -0.5
@@ -166,24 +195,24 @@ def run_layer(listing):
                 moe = densemoe.DenseMoE(pw, gate, s.topk, router=router, strategy=strategy, **kw)
                 for m in (1, 4, 100):
                     name = f"layer {dtype} {router} {strategy} M={m}"
-                    if listing:
-                        print(name)
+                    x = torch.randn(m, s.hidden, generator=g, device=DEV).to(BF16)  # drawn either way
+                    i = launches.take(name)
+                    if i is None:
                         continue
-                    x = torch.randn(m, s.hidden, generator=g, device=DEV).to(BF16)
                     out = moe(x)
                     if not torch.isfinite(out.float()).all():
                         raise AssertionError(f"{name}: non-finite output")
-                    n += 1
+                    launches.done(i, name)
     for m, k in ((3, 4), (300, 4)):  # the schedule's two forms: <= 1024 pairs and above
         ids = torch.rand(m, s.experts, generator=g, device=DEV).topk(k, dim=1).indices
-        if listing:
-            print(f"schedule M={m} k={k}")
+        name = f"schedule M={m} k={k}"
+        i = launches.take(name)
+        if i is None:
             continue
         so, oo = moe_schedule(ids, s.experts)
         if not torch.equal(oo.cpu(), moe_schedule_ref(ids.cpu(), s.experts)[1]):
             raise AssertionError(f"schedule M={m}: offsets differ from the twin")
-        n += 1
-    return n
+        launches.done(i, name)
 
 
 def main() -> int:
@@ -191,12 +220,18 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=0, help="configs per (op, dtype, M); 0: every schedule signature")
     ap.add_argument("--list", action="store_true", help="print what would run")
     ap.add_argument("--layer-only", action="store_true")
+    ap.add_argument("--from", dest="start", type=int, default=0, help="the first launch (of --list's numbers)")
+    ap.add_argument("--to", dest="stop", type=int, default=None, help="the launch to stop before")
     args = ap.parse_args()
-    t0 = time.time()
-    n = 0 if args.layer_only else run_ops(args.limit, args.list)
-    n += run_layer(args.list)
-    if not args.list:
-        print(f"# {n} launches checked on {DEV} in {time.time() - t0:.0f} s", flush=True)
+    launches = Launches(args.start, args.stop, args.list)
+    if not args.layer_only:
+        run_ops(args.limit, launches)
+    run_layer(launches)
+    if args.list:
+        print(f"# {launches.i + 1} launches")
+    else:
+        print(f"# {launches.ran} launches checked on {DEV} in {time.time() - launches.t0:.0f} s "
+              f"(of {launches.i + 1}, from {args.start})", flush=True)
     return 0
 
 
