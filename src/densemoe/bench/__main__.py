@@ -43,6 +43,10 @@ def main(argv=None) -> int:
                     help="layer: time the experts path's skip strategy only up to this M (default: every M)")
     ap.add_argument("--routings", default="uniform,skewed", help="skip: routings to run (uniform, skewed)")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--settle", type=int, default=100,
+                    help="flushes (256 MB reads) before each timing, for the clocks to settle after the previous "
+                         "one (docs/routed.md, seventh session: a line timed right after a long dense one read "
+                         "3-5%% slow at M >= 1024 with the default)")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot; "
                     "layer: always, the experts path's plot, where matplotlib is installed); "
                     "docs: the markdown file to write")
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.cuda.get_device_name()
     commit = args.commit or common.git_commit()
-    timer = Timer(reps=args.reps)
+    timer = Timer(reps=args.reps, settle=args.settle)
     t0 = time.time()
     ceiling = common.read_ceiling(timer)
     peaks = common.peak_tflops(timer)
@@ -149,6 +153,7 @@ def main(argv=None) -> int:
         cute_version = None
     meta = dict(device=device, commit=commit, command="python -m densemoe.bench " + " ".join(argv or sys.argv[1:]),
                 read_ceiling_tb_s=ceiling["tb_s"], read_variants=ceiling["variants"], peak_tflops=peaks,
+                timer_reps=args.reps, timer_settle=args.settle,
                 torch=torch.__version__, triton=triton.__version__, cutlass_dsl=cute_version,
                 python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), wall_s=time.time() - t0)
