@@ -341,14 +341,14 @@ def test_column_stream_configs_are_checked():
 
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 3)[0]  # 15 fields: stored before fused_combine, fc2_col_groups, fc2_col_major
+    old = full.rsplit(",", 4)[0]  # 15 fields: stored before fused_combine, fc2_col_groups, fc2_col_major, fc1_tail_m
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    assert RoutedConfig.from_str(full.rsplit(",", 1)[0]) == RoutedConfig.from_str(old)  # 17 fields
-    assert RoutedConfig.from_str(full.rsplit(",", 2)[0]) == RoutedConfig.from_str(old)  # 16 fields
+    for later in (1, 2, 3):  # 18, 17, 16 fields
+        assert RoutedConfig.from_str(full.rsplit(",", later)[0]) == RoutedConfig.from_str(old)
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
-    with pytest.raises(ValueError, match="a routed config has 18 fields, got 14"):
+    with pytest.raises(ValueError, match="a routed config has 19 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 
@@ -605,3 +605,51 @@ def test_deterministic_mode_keeps_the_combine_in_slot_order(tmp_path, monkeypatc
     finally:
         torch.use_deterministic_algorithms(was)
         cache.reload()
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("tail,swap", [(16, False), (16, True), (32, False)])
+def test_fc1_tails_ride_on_the_last_whole_tile(dtype, tail, swap):
+    """fc1_tail_m: an expert's rows past a whole number of tiles, up to the tail, are multiplied
+    by its last whole tile's loop. Counts that reach every case of the cut (none, fewer than a
+    tile, one whole tile, a whole tile plus 1..tail rows, plus more than the tail, two whole
+    tiles plus a tail, an id outside the experts): against float64 and torch as any config, and
+    against the same config without tails within fp32 rounding (fp8: a y rounding step)."""
+    E, k, I, H = 8, 2, 64, 64
+    bm = 64 if tail == 32 else 32
+    counts = [0, 5, bm, bm + 1, bm + tail, bm + tail + 1, 2 * bm, 2 * bm + 7]
+    g = torch.Generator().manual_seed(3)
+    flat = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    flat = torch.cat([flat, torch.tensor([E])])  # one dropped pair
+    flat = flat[torch.randperm(flat.numel(), generator=g)]
+    if flat.numel() % k:
+        flat = torch.cat([flat, torch.tensor([1])])
+    ids = flat.view(-1, k)
+    M = ids.shape[0]
+    wts = torch.softmax(torch.randn(M, k, generator=g), dim=1)
+    w13, w2 = weights(E, I, H)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    x = tokens(M, H)
+    base = RoutedConfig(block_m=bm, fc1_block_i=32, fc1_block_k=32, fc1_swap_ab=swap, fc2_block_n=32,
+                        fc2_block_k=32, fc2_swap_ab=swap)
+    cfg = dataclasses.replace(base, fc1_tail_m=tail)
+    assert can_implement(RoutedProblem(M, H, E, I, k, pw.dtype, BF16), cfg)[0]
+    out = routed_experts(x, pw, ids, wts, config=cfg)
+    valid = (ids >= 0) & (ids < E)  # torch's pipeline on the valid slots (the dropped one weighs 0)
+    same = torch_same_precision(pw, x, ids.clamp(0, E - 1), wts * valid, cfg.fc1_block_i)
+    assert_as_accurate_as_torch(out, exact(pw, x, ids, wts, cfg.fc1_block_i), same)
+    plain = routed_experts(x, pw, ids, wts, config=base)
+    rel = ((out.float() - plain.float()).norm() / plain.float().norm()).item()
+    assert rel < (2e-2 if dtype == "fp8" else 1e-2), rel
+
+
+def test_fc1_tail_configs_are_checked():
+    from densemoe.kernels.triton.routed import config_problems
+
+    assert not config_problems(RoutedConfig(block_m=64, fc1_tail_m=32), True)
+    assert not config_problems(RoutedConfig(block_m=16, fc1_tail_m=16, fc1_swap_ab=True), True)
+    for bad in (RoutedConfig(block_m=16, fc1_tail_m=32), RoutedConfig(block_m=64, fc1_tail_m=24),
+                RoutedConfig(block_m=64, fc1_tail_m=16, flatten=True)):
+        assert any("fc1_tail_m" in b for b in config_problems(bad, True)), bad
+    assert RoutedConfig.from_str(RoutedConfig(block_m=64, fc1_tail_m=16).to_str()).fc1_tail_m == 16

@@ -25,10 +25,11 @@ same reference first. The fifth session's H200 run put the library's FC1 at 277 
 loop took 170 (Qwen3 M = 2048, the same tile); the sixth session's H100 run bisected it
 (``--bisect``: the library 1.15x the loop on the same even routing) and found the rest in the
 routing (``--ragged``: uniform top-8 routing 1.28-1.37x the even one; docs/routed.md "Sixth
-session").
+session"). ``--ragged --tails``: the same with FC1's tails (``fc1_tail_m``: an expert's rest of
+a few rows rides on its last whole tile) against the plain tiles (eighth session).
 
   python bench/probes/fc1_gate_up_one_dot.py --bisect [shape] [rows,...]   (a CUDA GPU)
-  python bench/probes/fc1_gate_up_one_dot.py --ragged [shape,...] [M,...]  (a CUDA GPU)"""
+  python bench/probes/fc1_gate_up_one_dot.py --ragged [--tails] [shape,...] [M,...]  (a CUDA GPU)"""
 
 import os
 import re
@@ -244,7 +245,10 @@ def bisect(H, E, I, rows, device, configs, timer=None):
 # (rows a tile, warps, stages, programs an SM): the table's 64-row tile at Qwen3 M = 2048 and the
 # probe's fastest 128-row tile. The tail tiles this mode timed on 2026-12-05 (sixth session, H100:
 # slower everywhere) are in patches/issue19-tail-tiles.mbox.gz.
+# (block_m, warps, stages, programs an SM[, fc1_tail_m]); TAILS: the tails against the plain tiles
 RAGGED = ((64, 4, 2, 2), (64, 4, 2, 1), (128, 8, 4, 1), (128, 8, 3, 1))
+TAILS = ((64, 4, 2, 2), (64, 8, 2, 2), (64, 8, 2, 2, 16), (64, 8, 2, 2, 32), (64, 8, 4, 1, 16), (128, 8, 4, 1),
+         (128, 8, 4, 1, 16), (128, 8, 3, 1, 32))
 
 
 def ragged(dims, m, device, timer=None, seed=0, configs=RAGGED):
@@ -264,9 +268,9 @@ def ragged(dims, m, device, timer=None, seed=0, configs=RAGGED):
     kern.schedule_launch(ids, E, srt, off)
     alpha1, xs = torch.ones(E, device=device), torch.ones(m, device=device)
     out, first = {}, None
-    for bm, warps, stages, pps in configs:
+    for bm, warps, stages, pps, *tail in configs:
         cfg = kern.RoutedConfig(block_m=bm, fc1_block_i=128, fc1_block_k=128, fc1_warps=warps, fc1_stages=stages,
-                                programs_per_sm=pps)
+                                programs_per_sm=pps, fc1_tail_m=tail[0] if tail else 0)
         y = torch.full((m * k, I), float("nan"), device=device).to(FP8)
         ys = torch.full((m * k, triton.cdiv(I, 128)), float("nan"), device=device)
         run = (lambda cfg=cfg, y=y, ys=ys: kern.fc1_launch(x, w, alpha1, xs, srt, off, y, ys, k, cfg))
@@ -314,19 +318,20 @@ if "--compile" in sys.argv:
 elif "--check" in sys.argv:
     check(256, 3, 256, 40, "cpu", ((64, 4, 2),))
     bisect(256, 3, 256, 40, "cpu", ((64, 4, 2),))
-    ragged((256, 4, 256, 2), 300, "cpu", configs=((64, 4, 2, 2), (128, 8, 4, 1)))
+    ragged((256, 4, 256, 2), 300, "cpu", configs=((64, 4, 2, 2), (128, 8, 4, 1), (64, 8, 2, 2, 16), (128, 8, 3, 1, 32)))
     print("check passed")
 elif "--ragged" in sys.argv:  # a CUDA GPU: the library's FC1 on uniform (ragged) routing
     from densemoe.timing import Timer
 
-    args = [a for a in sys.argv[1:] if a != "--ragged"]
+    args = [a for a in sys.argv[1:] if a not in ("--ragged", "--tails")]
     from densemoe.shapes import SHAPES
 
     timer = Timer(reps=20)
     for shape in (args[0] if args else "qwen3-30b-a3b,deepseek-v3-tp8").split(","):
         s = SHAPES[shape]
         for m in [int(v) for v in (args[1] if len(args) > 1 else "512,2048,4096").split(",")]:
-            res = ragged((s.hidden, s.experts, s.inter, s.topk), m, "cuda", timer)
+            res = ragged((s.hidden, s.experts, s.inter, s.topk), m, "cuda", timer,
+                         configs=TAILS if "--tails" in sys.argv else RAGGED)
             print(f"ragged {shape} M={m} (us): " + ", ".join(f"{c} {us:.1f}" for c, us in res.items()), flush=True)
 elif "--bisect" in sys.argv:  # a CUDA GPU: the steps from the loop to the library, each checked, then timed
     from densemoe.shapes import SHAPES

@@ -263,6 +263,10 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       for about two, the middle with two programs per SM (``_column_groups``; tiles halved down
       to 64 columns where a whole-I stage does not fit twice).
 
+    * FC1's tails (``fc1_tail_m`` 16 and 32: an expert's rest of that many rows rides on its last
+      whole tile) at the middle tiles for the unswapped tiles of 64 and 128 rows, FC1 at 8 warps
+      (at 4 the tail's accumulators spill). On an H100 (eighth session) they took FC1 on uniform
+      routing 2-11% below the plain tiles at M = 2048-4096 (docs/routed.md).
     * FC2 extras at the middle FC1 tile: flattened and two programs per SM together, the widest
       FC2 tile of H flattened, with two, three or four programs per SM (rings as deep as fit their
       share of shared memory), and flattened with two; with fp8 y in groups of 256 (fc1_block_i
@@ -273,7 +277,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 31 configs per (block_m, swap) and three of those, so at most 94 with the default.
+    At most 33 configs per (block_m, swap) and three of those, so at most 100 with the default.
     """
     if "triton" not in backends:
         return []
@@ -300,7 +304,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         if warps is not None:
             w1, w2 = warps
         cap = 5 if bm <= 32 else 4
-        s1 = _deepest((bm + 2 * bi) * k1 * esize, pps, cap)
+        s1 = _deepest((bm + flags.get("fc1_tail_m", 0) + 2 * bi) * k1 * esize, pps, cap)
         # a stage of FC2's column stream holds all of a column tile's k-steps
         steps = p.i // k2 if flags.get("fc2_col_groups") else 1
         s2 = _deepest((bm + bn) * k2 * esize * steps, pps, cap)
@@ -334,6 +338,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
             add(make(bm, swap, bi, bn, warps=(8, 8)))
             if max(mid.fc1_stages, mid.fc2_stages) > 3:
                 add(make(bm, swap, bi, bn, stages=3))
+        if bm >= 64 and not swap and mid is not None:  # FC1's tails, 8 warps (4 spill with them)
+            for tail in (16, 32):
+                add(make(bm, swap, bi, bn, warps=(8, mid.fc2_warps), fc1_tail_m=tail))
         add(make(bm, swap, bi, bn, k1=256, k2=256) if fp8 else make(bm, swap, bi, bn, k1=128, k2=128))
         add(make(bm, swap, bi, bn, flatten=True))
         add(make(bm, swap, bi, bn, tma=False))

@@ -79,8 +79,15 @@ class RoutedConfig:
     land in the same column tile within a short time: the fused combine reads the rows back
     while L2 still holds them, the atomic combine's adds meet in L2 (its fp32 output is M x
     fc2_block_n x 4 bytes per column tile, not M x H x 4). The same bits as the other order
-    (fused; atomic: its adds in another order). Fields added later than a stored config string
-    default (``from_str``)."""
+    (fused; atomic: its adds in another order).
+    ``fc1_tail_m`` > 0: an expert whose rows pass a whole number of block_m tiles by at most that
+    many gets no part-filled tile of its own for them in FC1: its last whole tile also multiplies
+    them (a swapped [fc1_block_i, fc1_tail_m] product on the same weight tiles), so their weights
+    stream once. Uniform routing leaves about half the experts such a rest; a part-filled tile
+    costs about a whole one (it streams the whole weight slab). Each row's k-steps in the same
+    order; the tail's MMA has another shape, so its rows may differ from a plain tile's in fp32
+    rounding. Fields added later than a
+    stored config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -100,6 +107,7 @@ class RoutedConfig:
     fused_combine: bool = False  # FC2's last pair of a token sums its k rows (no combine launch; slot order)
     fc2_col_groups: int = 0  # > 0: FC2's units stream column tiles (this many groups per tile), 0: one each
     fc2_col_major: bool = False  # FC2's units column tile by column tile (a token's k rows close in time)
+    fc1_tail_m: int = 0  # > 0: an expert's rest of <= this many rows rides on its last whole FC1 tile
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -123,14 +131,14 @@ class RoutedConfig:
 
     def short(self) -> str:
         return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
-                f"w{self.fc1_warps}st{self.fc1_stages}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
+                f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
                 f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -140,7 +148,7 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     function that the default rules, the tuned-table lookup and the tuner share."""
     bad = config_problems(cfg, problem.dtype == torch.float8_e4m3fn)
     esize = problem.dtype.itemsize
-    fc1_stage = (cfg.block_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
+    fc1_stage = (cfg.block_m + cfg.fc1_tail_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
     fc2_stage = (cfg.block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
     blk = getattr(problem, "block", 0)
     if blk and ((cfg.fc1_block_i, cfg.fc1_block_k, cfg.fc2_block_k) != (blk,) * 3 or cfg.fc2_block_n % blk):
@@ -185,6 +193,11 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
             bad.append(f"{name} must be in 1..5")
     if cfg.programs_per_sm not in (1, 2, 3, 4):
         bad.append("programs_per_sm must be in 1..4")
+    if cfg.fc1_tail_m not in (0, 16, 32):
+        bad.append(f"fc1_tail_m={cfg.fc1_tail_m!r} must be 0, 16 or 32")
+    elif cfg.fc1_tail_m and (cfg.fc1_tail_m > cfg.block_m or cfg.flatten):
+        bad.append(f"fc1_tail_m={cfg.fc1_tail_m} needs block_m >= fc1_tail_m (block_m={cfg.block_m}) and no flatten "
+                   f"(a tile with a tail runs a loop of its own)")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
@@ -300,41 +313,47 @@ def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torc
 
 
 @triton.jit
-def _tile_table(offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
-    """(inclusive running tile count per expert [E_PAD], tiles per expert [E_PAD], total tiles)."""
+def _tile_table(offsets_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TAIL_M: tl.constexpr = 0):
+    """(inclusive running tile count per expert [E_PAD], tiles per expert [E_PAD], total tiles).
+    ``TAIL_M`` > 0: an expert's rest of at most TAIL_M rows past a whole tile is no tile of its
+    own, it rides on the expert's last whole tile (``_tile_at``)."""
     ex = tl.arange(0, E_PAD)
     lo = tl.load(offsets_ptr + ex, mask=ex < E, other=0)
     hi = tl.load(offsets_ptr + ex + 1, mask=ex < E, other=0)
-    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    if TAIL_M > 0:
+        full = (hi - lo) // BLOCK_M
+        rest = hi - lo - full * BLOCK_M
+        tiles = full + ((rest > 0) & ((full == 0) | (rest > TAIL_M))).to(tl.int32)
+    else:
+        tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     run = tl.cumsum(tiles, axis=0)
     return run, tiles, tl.sum(tiles, axis=0)
 
 
 @triton.jit
-def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
-    """Tile t's expert and its rows [r0, r1) of the sorted pairs."""
+def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TAIL_M: tl.constexpr = 0):
+    """Tile t's expert and its rows [r0, r1) of the sorted pairs (``TAIL_M`` > 0: an expert's
+    last tile runs to its last row, up to BLOCK_M + TAIL_M rows)."""
     ex = tl.arange(0, E_PAD)
     e = tl.sum((run <= t).to(tl.int32), axis=0)
     first = tl.sum(tl.where(ex == e, run - tiles, 0), axis=0)
     r0 = tl.load(offsets_ptr + e) + (t - first) * BLOCK_M
-    r1 = tl.minimum(r0 + BLOCK_M, tl.load(offsets_ptr + e + 1))
+    if TAIL_M > 0:
+        last = tl.sum(tl.where(ex == e, run, 0), axis=0) - 1 == t
+        r1 = tl.where(last, tl.load(offsets_ptr + e + 1), r0 + BLOCK_M)
+    else:
+        r1 = tl.minimum(r0 + BLOCK_M, tl.load(offsets_ptr + e + 1))
     return e, r0, r1
 
 
 @triton.jit
-def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
-              ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
-              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
-    """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
-    stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue."""
-    t = u // i_tiles
-    it = u % i_tiles
-    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
-    rows = r0 + tl.arange(0, BLOCK_M)
-    r_ok = rows < r1
-    tok = tl.load(sorted_ptr + rows, mask=r_ok, other=0) // TOP_K
+def _fc1_loop(e, it, tok, r_ok, tok_t, t_ok, x_ptr, w_desc, w_ptr, xs_ptr, ws_ptr, H, I, stride_xm, stride_wn,
+              stride_xsm, stride_wsr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+              TAIL_M: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
+              W_BLOCK: tl.constexpr):
+    """FC1's k-loop over H: the tile's rows (tok, r_ok) into (acc_g, acc_u) and, ``TAIL_M`` > 0,
+    the rows past them (tok_t, t_ok) into (tail_g, tail_u) [BLOCK_I, TAIL_M] (swapped: the weight
+    tile is the M operand), both from the same weight tiles: one weight stream for both."""
     x_rows = tok.to(tl.int64) * stride_xm
     offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = offs_i < I
@@ -347,6 +366,13 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
     else:
         acc_g = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_I), dtype=tl.float32)
+    if TAIL_M > 0:
+        t_rows = tok_t.to(tl.int64) * stride_xm
+        tail_g = tl.zeros((BLOCK_I, TAIL_M), dtype=tl.float32)
+        tail_u = tl.zeros((BLOCK_I, TAIL_M), dtype=tl.float32)
+    else:
+        tail_g = 0.0
+        tail_u = 0.0
     for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
         k_ok = kk < H
@@ -359,14 +385,36 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
             wu = tl.load(w_ptr + up_rows[:, None] + kk[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
         scale_g = 0.0
         scale_u = 0.0
+        wsg = 0.0
+        wsu = 0.0
         if W_BLOCK:  # block-scaled: each step's fp32 partial sums times x's group scale and w's block scale
+            wsg = tl.load(ws_ptr + ((e * 2 * I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
+            wsu = tl.load(ws_ptr + ((e * 2 * I + I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
             sx = tl.load(xs_ptr + tok.to(tl.int64) * stride_xsm + k0 // BLOCK_K, mask=r_ok, other=0.0)
-            scale_g = sx * tl.load(ws_ptr + ((e * 2 * I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
-            scale_u = sx * tl.load(ws_ptr + ((e * 2 * I + I + it * BLOCK_I) // BLOCK_I) * stride_wsr + k0 // BLOCK_K)
+            scale_g = sx * wsg
+            scale_u = sx * wsu
         acc_g, acc_u = gate_up_step(xt, wg, wu, acc_g, acc_u, scale_g, scale_u, SWAP_AB, W_BLOCK)
+        if TAIL_M > 0:
+            xt_t = tl.load(x_ptr + t_rows[:, None] + kk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            tsg = 0.0
+            tsu = 0.0
+            if W_BLOCK:
+                sx_t = tl.load(xs_ptr + tok_t.to(tl.int64) * stride_xsm + k0 // BLOCK_K, mask=t_ok, other=0.0)
+                tsg = sx_t * wsg
+                tsu = sx_t * wsu
+            tail_g, tail_u = gate_up_step(xt_t, wg, wu, tail_g, tail_u, tsg, tsu, True, W_BLOCK)
     if SWAP_AB:  # the epilogue works on [rows, columns]
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
+    return acc_g, acc_u, tail_g, tail_u
+
+
+@triton.jit
+def _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, alpha1_ptr, xs_ptr, y_ptr, ys_ptr, I, stride_ym, stride_ysm,
+                  BLOCK_I: tl.constexpr, HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, W_BLOCK: tl.constexpr):
+    """The scales, SwiGLU, fp8 y and its scales (or bf16 y) of rows [rows, columns] of FC1."""
+    offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = offs_i < I
     s = tl.load(alpha1_ptr + e)
     if HAS_XS and not W_BLOCK:
         s = s * tl.load(xs_ptr + tok, mask=r_ok, other=0.0)[:, None]
@@ -382,6 +430,58 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
              mask=r_ok[:, None] & i_ok[None, :])
 
 
+@triton.jit
+def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr,
+              ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
+              HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr,
+              TAIL_M: tl.constexpr = 0):
+    """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
+    stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue.
+    ``TAIL_M`` > 0: a tile with rows past BLOCK_M (an expert's last, ``_tile_at``) runs the loop
+    that also multiplies them, the others the plain one."""
+    t = u // i_tiles
+    it = u % i_tiles
+    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD, TAIL_M)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    r_ok = rows < tl.minimum(r1, r0 + BLOCK_M)
+    tok = tl.load(sorted_ptr + rows, mask=r_ok, other=0) // TOP_K
+    if TAIL_M > 0:
+        if r1 > r0 + BLOCK_M:
+            rows_t = r0 + BLOCK_M + tl.arange(0, TAIL_M)
+            t_ok = rows_t < r1
+            tok_t = tl.load(sorted_ptr + rows_t, mask=t_ok, other=0) // TOP_K
+            acc_g, acc_u, tail_g, tail_u = _fc1_loop(
+                e, it, tok, r_ok, tok_t, t_ok, x_ptr, w_desc, w_ptr, xs_ptr, ws_ptr, H, I, stride_xm, stride_wn,
+                stride_xsm, stride_wsr, BLOCK_M, BLOCK_I, BLOCK_K, TAIL_M, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
+            _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, alpha1_ptr, xs_ptr, y_ptr, ys_ptr, I, stride_ym,
+                          stride_ysm, BLOCK_I, HAS_XS, OUT_FP8, W_BLOCK)
+            _fc1_epilogue(tl.trans(tail_g), tl.trans(tail_u), e, it, rows_t, t_ok, tok_t, alpha1_ptr, xs_ptr, y_ptr,
+                          ys_ptr, I, stride_ym, stride_ysm, BLOCK_I, HAS_XS, OUT_FP8, W_BLOCK)
+        else:
+            _fc1_tile(e, it, rows, r_ok, tok, x_ptr, w_desc, w_ptr, alpha1_ptr, xs_ptr, ws_ptr, y_ptr, ys_ptr, H, I,
+                      stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8, BLOCK_M,
+                      BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
+    else:
+        _fc1_tile(e, it, rows, r_ok, tok, x_ptr, w_desc, w_ptr, alpha1_ptr, xs_ptr, ws_ptr, y_ptr, ys_ptr, H, I,
+                  stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8, BLOCK_M,
+                  BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
+
+
+@triton.jit
+def _fc1_tile(e, it, rows, r_ok, tok, x_ptr, w_desc, w_ptr, alpha1_ptr, xs_ptr, ws_ptr, y_ptr, ys_ptr, H, I,
+              stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS: tl.constexpr,
+              OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
+    """A tile without a tail: the k-loop, then the epilogue."""
+    acc_g, acc_u, _, _ = _fc1_loop(
+        e, it, tok, r_ok, tok, r_ok, x_ptr, w_desc, w_ptr, xs_ptr, ws_ptr, H, I, stride_xm, stride_wn,
+        stride_xsm, stride_wsr, BLOCK_M, BLOCK_I, BLOCK_K, 0, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
+    _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, alpha1_ptr, xs_ptr, y_ptr, ys_ptr, I, stride_ym,
+                  stride_ysm, BLOCK_I, HAS_XS, OUT_FP8, W_BLOCK)
+
+
 @triton.jit(do_not_specialize=["P"])
 def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
                 P, H, I, E, TOP_K, NUM_PROGS,
@@ -389,22 +489,23 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
                 HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr = False,
-                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, PDL: tl.constexpr = False):
+                USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, TAIL_M: tl.constexpr = 0,
+                PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
+    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD, TAIL_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
     if FLATTEN:  # the compiler flattens the k-loop into this one: loads run ahead across units
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS, flatten=True):
             _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
                       y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
                       stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
-                      W_BLOCK)
+                      W_BLOCK, TAIL_M)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
             _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
                       y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
                       stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
-                      W_BLOCK)
+                      W_BLOCK, TAIL_M)
 
 
 @triton.jit
@@ -646,7 +747,8 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
         x_scale.stride(0) if blk else 0, w_block_scale.stride(0) if blk else 0,
         HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
-        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, num_warps=cfg.fc1_warps,
+        NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, TAIL_M=cfg.fc1_tail_m,
+        num_warps=cfg.fc1_warps,
         **launch_kwargs(x.device))
 
 
