@@ -43,10 +43,11 @@ def main(argv=None) -> int:
                     help="layer: time the experts path's skip strategy only up to this M (default: every M)")
     ap.add_argument("--routings", default="uniform,skewed", help="skip: routings to run (uniform, skewed)")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--settle", type=int, default=100,
+    ap.add_argument("--settle", type=int, default=None,
                     help="flushes (256 MB reads) before each timing, for the clocks to settle after the previous "
-                         "one (docs/routed.md, seventh session: a line timed right after a long dense one read "
-                         "3-5%% slow at M >= 1024 with the default)")
+                         "one; default 1000 for layer (its routed line comes right after the dense one, ~10 ms a "
+                         "call at M = 4096: with 100 it read 2.4%% slow there, with 1000 not; docs/routed.md, "
+                         "eighth session), 100 otherwise")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (and <out>.png with --plot; "
                     "layer: always, the experts path's plot, where matplotlib is installed); "
                     "docs: the markdown file to write")
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.cuda.get_device_name()
     commit = args.commit or common.git_commit()
+    if args.settle is None:
+        args.settle = 1000 if args.what == "layer" else 100
     timer = Timer(reps=args.reps, settle=args.settle)
     t0 = time.time()
     ceiling = common.read_ceiling(timer)
