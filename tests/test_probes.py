@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["fc1_gate_up_one_dot.py", "--check"], "check passed"),
     (["block_dense_stages.py", "skip", "--check"], "M=7"),
     (["timing_position.py", "--check"], "check passed"),
+    (["routed_fc1_vs_dense.py", "--check"], "check passed"),
 ])
 def test_the_probe_checks_itself_on_the_cpu(argv, says):
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -234,7 +234,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
 
     * token tile ``block_m``: the two largest of 16/32/64/128 not above max(16, next power of
       two of r); swap-AB (the expert's rows as the MMA's N) at 16 and 32, both ways at 64 while
-      r <= 64, not swapped at 128;
+      r <= 64, not swapped at 128 (but for three configs at the end: swapped 128-row tiles with
+      FC1 tiles of 64 (one and two programs an SM) and 128 columns of I, the form the dense
+      FC1's table picks at 128-256 tokens);
     * per (block_m, swap), every FC1 tile of I (64/128/256, not above I's next power of two) with
       every FC2 tile of H (64/128/256, likewise): the two kernels run one after the other, so
       their tiles are independent choices; a tile whose fp32 accumulators would need more than
@@ -277,7 +279,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 33 configs per (block_m, swap) and three of those, so at most 100 with the default.
+    At most 33 configs per (block_m, swap) and three of those, three swapped 128-row ones, so at
+    most 103 with the default.
     """
     if "triton" not in backends:
         return []
@@ -374,6 +377,13 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                 cfg = make(bm, swap, bi, n, pps=pps, fc2_col_groups=groups)
                 n //= 2
             add(cfg)
+    if any(bm == 128 for bm, _ in bases):
+        # 128 tokens as the MMA's N, the weight rows as its M: the dense FC1's tuned form at 128 and
+        # more tokens a weight tile on the H100 (``bench/probes/routed_fc1_vs_dense.py``)
+        bn = 128 if 128 in bns else bns[-1]
+        for bi, kw in ((64, {}), (64, dict(pps=2)), (128, {})):
+            if bi in bis:
+                add(make(128, True, bi, bn, **kw))
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 
