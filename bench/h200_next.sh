@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A session's first device call (last run 2026-12-05, sixth session, on an H100, tree 6ac2f44: the
-# suite cut at 300 s, then FC1's bisection and ragged-routing probes, 375 s; the suite alone took
-# 186 s with SUITE_TIMEOUT=470; docs/routed.md "Sixth session"). Next: NO_SUITE=1 FUZZ=200
-# FUZZ_TIMEOUT=400 NO_PROBES=1 STREAM_SHAPES= (the fuzz suite at scale with its report). Carry the CuTe bundle
-# (.carry, ../shared/tools/cutedsl-bundle) for the CuTe tests and call
+# A session's first device call (last run 2026-12-05, eighth session, on an H100, tree 62fdfcd:
+# NO_SUITE=1 STREAM_SHAPES= PROBES=position FUZZ=100 FUZZ_K="routed_with or block_fp8" FUZZ_TIMEOUT=250
+# NCU="fc1:qwen3-30b-a3b:2048 fc1:qwen3-30b-a3b:16 fc2:qwen3-30b-a3b:16", 250 s; docs/routed.md
+# "Eighth session"). Next: PROBES=vs_dense NO_SUITE=1 STREAM_SHAPES= with the sorted-x patch applied
+# (docs/routed.md, the eighth session's list). Carry the CuTe bundle (.carry,
+# ../shared/tools/cutedsl-bundle) for the CuTe tests (without it they fail, not skip) and call
 #
 #   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
 #
