@@ -24,9 +24,14 @@ import sys
 import torch
 
 from densemoe.kernels.triton import routed as kern
+from densemoe.kernels.triton.fc1 import Fc1TritonConfig
 from densemoe.ops.fc1 import fc1
 
 FP8 = torch.float8_e4m3fn
+# the dense FC1 pinned to the H100 table's winners at 128 and 256 tokens (the H200 has no FC1
+# table: ``ops.fc1`` runs its heuristic there), beside ``ops.fc1``'s own choice
+DENSE = (Fc1TritonConfig(block_m=128, block_i=64, block_k=128, num_warps=4, num_stages=3, swap_ab=1),
+         Fc1TritonConfig(block_m=128, block_i=128, block_k=128, num_warps=8, num_stages=4, swap_ab=0))
 # (block_m, fc1_block_i, swap_ab, warps, stages, programs an SM, fc1_tail_m)
 CONFIGS = ((64, 128, False, 4, 2, 2, 0), (128, 128, False, 8, 4, 1, 0), (128, 64, True, 4, 3, 1, 0),
            (128, 64, True, 4, 3, 2, 0), (128, 64, True, 4, 4, 2, 0), (128, 128, True, 8, 3, 1, 0),
@@ -46,8 +51,9 @@ def setup(H, E, I, r, device, seed=0):
     return x, w, alpha1, xs, srt, off
 
 
-def compare(dims, r, device, timer=None, configs=CONFIGS):
-    """{name: us} for the dense FC1 and each routed config (each checked against the dense y)."""
+def compare(dims, r, device, timer=None, configs=CONFIGS, dense_configs=DENSE):
+    """{name: us} for the dense FC1 (its own choice, "dense", and each of ``dense_configs``, each
+    checked against the first) and each routed config (each checked against the dense y)."""
     H, E, I = dims
     x, w, alpha1, xs, srt, off = setup(H, E, I, r, device)
     dense_y = torch.empty(r, E * I, dtype=torch.bfloat16, device=device)
@@ -56,6 +62,13 @@ def compare(dims, r, device, timer=None, configs=CONFIGS):
     pair = srt.long()
     want = dense_y.float().view(r, E, I)[pair // E, pair % E]  # the dense y of each routed row
     out = {"dense": timer(run_dense)["us"] if timer else 0.0}
+    for dc in dense_configs:
+        y2 = torch.full_like(dense_y, float("nan"))
+        run = (lambda dc=dc, y2=y2: fc1(x, w, alpha1, x_scale=xs, out=y2, config=dc))  # noqa: E731
+        run()
+        assert torch.allclose(y2.float(), dense_y.float(), rtol=2e-2, atol=1e-2), dc.to_str()
+        out["dense " + dc.to_str().split(":")[1].replace(",use_tma=1,persistent=0,split_k=1,stream_k=0", "")] = \
+            timer(run)["us"] if timer else 0.0
     for bm, bi, swap, warps, stages, pps, tail in configs:
         cfg = kern.RoutedConfig(block_m=bm, fc1_block_i=bi, fc1_block_k=128, fc1_swap_ab=swap, fc1_warps=warps,
                                 fc1_stages=stages, programs_per_sm=pps, fc1_tail_m=tail)
@@ -74,7 +87,8 @@ def compare(dims, r, device, timer=None, configs=CONFIGS):
 
 
 if "--check" in sys.argv:
-    compare((256, 4, 256), 40, "cpu", configs=((16, 64, False, 4, 2, 1, 0), (32, 64, True, 4, 2, 1, 16)))
+    compare((256, 4, 256), 40, "cpu", configs=((16, 64, False, 4, 2, 1, 0), (32, 64, True, 4, 2, 1, 16)),
+            dense_configs=(Fc1TritonConfig(block_m=32, block_i=64, block_k=64, swap_ab=1),))
     print("check passed")
 elif __name__ == "__main__":
     from densemoe.shapes import SHAPES
