@@ -8,7 +8,8 @@ Qwen3 M = 2048 and 4096 does the same amount per expert (128 and 256 rows on ave
 the two on the same work: r tokens, each routed to every expert (top-k = E), so every expert's
 rows are the same r tokens and the routed FC1 computes the dense FC1's products. The routed
 y (fp8 per (row, 128 columns), dequantised) is checked against the dense one (bf16) first, then
-each is timed (``Timer``: CUDA graph, L2 flushed, median), the routed FC1 at several tiles,
+each is timed (``Timer``: CUDA graph, L2 flushed, median): the dense FC1 as ``ops.fc1`` picks it
+and pinned to the H100 table's winners (the H200 has no FC1 table), the routed FC1 at several tiles,
 among them the dense winner's form (128 tokens as the MMA's N, 64 weight rows as its M, 4 warps,
 3 stages) that the routed space did not offer before the eighth session.
 
