@@ -97,7 +97,7 @@ if [ $left -ge 30 ] && want position; then
   timeout $left python3 bench/probes/timing_position.py deepseek-v3-tp8 fp8 1024,4096 100,1000 > $OUT/timing_position.log 2>&1
   echo "# timing position: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|M=)" $OUT/timing_position.log | cut -c1-200
 fi
-left=$(budget ${VS_DENSE_TIMEOUT:-150})  # PROBES="vs_dense": the routed FC1 against the dense FC1 on the same work (eighth session)
+left=$(budget ${VS_DENSE_TIMEOUT:-240})  # PROBES="vs_dense": the routed FC1 against the dense FC1 on the same work (eighth session)
 if [ $left -ge 30 ] && want vs_dense; then
   timeout $left python3 bench/probes/routed_fc1_vs_dense.py ${VS_DENSE_ARGS:-qwen3-30b-a3b,deepseek-v3-tp8 128,256} > $OUT/fc1_vs_dense.log 2>&1
   echo "# fc1 vs dense: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|vs_dense)|Error" $OUT/fc1_vs_dense.log | cut -c1-600
