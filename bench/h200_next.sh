@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A session's first device call (last run 2026-12-05, eighth session, on an H100, tree 62fdfcd:
+# A session's first device call (the ninth session, 2026-12-05, got no machine: its plan is docs/routed.md
+# "Ninth session", Next; last run 2026-12-05, eighth session, on an H100, tree 62fdfcd:
 # NO_SUITE=1 STREAM_SHAPES= PROBES=position FUZZ=100 FUZZ_K="routed_with or block_fp8" FUZZ_TIMEOUT=250
 # NCU="fc1:qwen3-30b-a3b:2048 fc1:qwen3-30b-a3b:16 fc2:qwen3-30b-a3b:16", 250 s; docs/routed.md
 # "Eighth session"). Next: PROBES=vs_dense NO_SUITE=1 STREAM_SHAPES= with the sorted-x patch applied
@@ -101,6 +102,17 @@ left=$(budget ${VS_DENSE_TIMEOUT:-240})  # PROBES="vs_dense": the routed FC1 aga
 if [ $left -ge 30 ] && want vs_dense; then
   timeout $left python3 bench/probes/routed_fc1_vs_dense.py ${VS_DENSE_ARGS:-qwen3-30b-a3b,deepseek-v3-tp8 128,256} > $OUT/fc1_vs_dense.log 2>&1
   echo "# fc1 vs dense: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|vs_dense)|Error" $OUT/fc1_vs_dense.log | cut -c1-600
+fi
+left=$(budget ${CUTE_FC1_TIMEOUT:-200})  # PROBES="cute_fc1": the CuTe routed FC1 against the Triton one (ninth session;
+# the probe comes with patches/issue19-cute-fc1.mbox.gz; carry the CuTe bundle)
+if [ $left -ge 30 ] && want cute_fc1 && [ -f bench/probes/routed_fc1_cute.py ]; then
+  timeout $left python3 bench/probes/routed_fc1_cute.py ${CUTE_FC1_ARGS:-qwen3-30b-a3b,deepseek-v3-tp8 1024,2048,4096} > $OUT/routed_fc1_cute.log 2>&1
+  echo "# cute fc1: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|cute_fc1)|Error" $OUT/routed_fc1_cute.log | cut -c1-900
+fi
+left=$(budget ${CUTE_FC2_TIMEOUT:-150})  # PROBES="cute_fc2": the CuTe routed FC2 against the Triton one (ninth session)
+if [ $left -ge 30 ] && want cute_fc2 && [ -f bench/probes/routed_fc2_cute.py ]; then
+  timeout $left python3 bench/probes/routed_fc2_cute.py ${CUTE_FC2_ARGS:-deepseek-v3-tp8,qwen3-30b-a3b 512,2048,4096} > $OUT/routed_fc2_cute.log 2>&1
+  echo "# cute fc2: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|cute_fc2)|Error" $OUT/routed_fc2_cute.log | cut -c1-900
 fi
 # NCU="fc2:deepseek-v3-tp8:512 fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" in a later call (the
 # first call's time goes to the above): Nsight Compute on one routed launch (FC1 at Qwen3 M = 2048 runs
