@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A session's first device call (the ninth session, 2026-12-05, got no machine: its plan is docs/routed.md
-# "Ninth session", Next; last run 2026-12-05, eighth session, on an H100, tree 62fdfcd:
+# A session's first device call (the next plan: docs/routed.md "Tenth session", Next 0; last run 2026-12-05,
+# tenth session, on an H100, tree a958904 with the patch stack: SUITE_PROCS=5 SUITE_TIMEOUT=390 PROBES=cute_fc1
+# CUTE_FC1_TIMEOUT=170 STREAM_SHAPES= (the suite 217 s; five processes ran out of memory: four on an H100);
+# before that, eighth session, on an H100, tree 62fdfcd:
 # NO_SUITE=1 STREAM_SHAPES= PROBES=position FUZZ=100 FUZZ_K="routed_with or block_fp8" FUZZ_TIMEOUT=250
 # NCU="fc1:qwen3-30b-a3b:2048 fc1:qwen3-30b-a3b:16 fc2:qwen3-30b-a3b:16", 250 s; docs/routed.md
 # "Eighth session"). Next: PROBES=vs_dense NO_SUITE=1 STREAM_SHAPES= with the sorted-x patch applied

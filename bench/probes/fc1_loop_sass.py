@@ -37,28 +37,16 @@ import tempfile
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+
+from routed_mma_waits import compile_ as _compile  # (run from bench/probes, as the docstring says)
 
 FP8 = "fp8e4nv"
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 def compile_(kernel, ptrs, const, warps, stages):
-    const = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **const}
-    sig, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in ptrs:
-            sig[name] = ptrs[name]
-        elif name in const:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = "i32"
-        if (name in ptrs and not ptrs[name].startswith("tensordesc")) or name.startswith("stride") \
-                or name in ("H", "I", "M", "K"):
-            attrs[(i,)] = [["tt.divisibility", 16]]  # what a launch on the model shapes specialises
-    return triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+    # M and K are 16-divisible too at the model shapes this probe compiles
+    return _compile(kernel, ptrs, const, warps, stages, divisible=("H", "I", "M", "K"))
 
 
 def sass(k) -> list[str]:

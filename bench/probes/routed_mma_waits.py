@@ -24,13 +24,16 @@ from densemoe.kernels.triton.routed import _fc1_kernel, _fc2_kernel
 FP8 = "fp8e4nv"
 
 
-def compile_(kernel, ptrs, const, warps=4, stages=3):
+def compile_(kernel, ptrs, const, warps=4, stages=3, divisible=("H", "I")):
+    """``kernel`` compiled for sm_90a with the given pointer types and constexprs; the pointers,
+    strides and the ``divisible`` integer arguments marked 16-divisible, as a launch on the model
+    shapes specialises them (also ``fc1_loop_sass.py``'s)."""
     const = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **const}
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         sig[name] = ptrs.get(name) or ("constexpr" if name in const else "i32")
         if (name in ptrs and not ptrs[name].startswith("tensordesc")) or name.startswith("stride") \
-                or name in ("H", "I"):
+                or name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]  # what a launch on the model shapes specialises
     return triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
@@ -54,19 +57,24 @@ def ptxas(k):
     return f"ptxas inserted {log.count('C7517')} warpgroup.wait, {regs[-1] if regs else '?'} registers"
 
 
-for fp8 in (True, False):
-    dt, bk = (FP8, 128) if fp8 else ("bf16", 64)
-    k = compile_(_fc2_kernel, dict(y_ptr="*" + dt, ys_ptr="*fp32", w_ptr="*" + dt, w_desc=f"tensordesc<{dt}[256, {bk}]>",
-                                   w2s_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32", offsets_ptr="*i32",
-                                   tw_ptr="*fp32", out_ptr="*bf16"),
-                 dict(HAS_YS=fp8, E_PAD=256, BLOCK_M=16, BLOCK_N=256, BLOCK_K=bk, SWAP_AB=True, NUM_STAGES=3,
-                      ATOMIC=False, FLATTEN=False, USE_TMA=True, W_BLOCK=False, PDL=True))
-    print(f"FC2 {dt}: pendings {waits(k)[0]}, shared memory {waits(k)[1]} B; {ptxas(k)}")
-for bm, swap, warps, stages in ((16, True, 4, 3), (64, False, 4, 2), (128, False, 8, 4)):
-    k = compile_(_fc1_kernel, dict(x_ptr="*" + FP8, w_ptr="*" + FP8, w_desc=f"tensordesc<{FP8}[128, 128]>",
-                                   alpha1_ptr="*fp32", xs_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32",
-                                   offsets_ptr="*i32", y_ptr="*" + FP8, ys_ptr="*fp32"),
-                 dict(HAS_XS=True, OUT_FP8=True, E_PAD=256, BLOCK_M=bm, BLOCK_I=128, BLOCK_K=128, SWAP_AB=swap,
-                      NUM_STAGES=stages, FLATTEN=False, USE_TMA=True, W_BLOCK=False, PDL=True), warps=warps, stages=stages)
-    print(f"FC1 {FP8} {bm} rows, {warps} warps, {stages} stages: pendings {waits(k)[0]}, shared memory {waits(k)[1]} B; "
-          f"{ptxas(k)}")
+def main():
+    for fp8 in (True, False):
+        dt, bk = (FP8, 128) if fp8 else ("bf16", 64)
+        k = compile_(_fc2_kernel, dict(y_ptr="*" + dt, ys_ptr="*fp32", w_ptr="*" + dt, w_desc=f"tensordesc<{dt}[256, {bk}]>",
+                                       w2s_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32", offsets_ptr="*i32",
+                                       tw_ptr="*fp32", out_ptr="*bf16"),
+                     dict(HAS_YS=fp8, E_PAD=256, BLOCK_M=16, BLOCK_N=256, BLOCK_K=bk, SWAP_AB=True, NUM_STAGES=3,
+                          ATOMIC=False, FLATTEN=False, USE_TMA=True, W_BLOCK=False, PDL=True))
+        print(f"FC2 {dt}: pendings {waits(k)[0]}, shared memory {waits(k)[1]} B; {ptxas(k)}")
+    for bm, swap, warps, stages in ((16, True, 4, 3), (64, False, 4, 2), (128, False, 8, 4)):
+        k = compile_(_fc1_kernel, dict(x_ptr="*" + FP8, w_ptr="*" + FP8, w_desc=f"tensordesc<{FP8}[128, 128]>",
+                                       alpha1_ptr="*fp32", xs_ptr="*fp32", ws_ptr="*fp32", sorted_ptr="*i32",
+                                       offsets_ptr="*i32", y_ptr="*" + FP8, ys_ptr="*fp32"),
+                     dict(HAS_XS=True, OUT_FP8=True, E_PAD=256, BLOCK_M=bm, BLOCK_I=128, BLOCK_K=128, SWAP_AB=swap,
+                          NUM_STAGES=stages, FLATTEN=False, USE_TMA=True, W_BLOCK=False, PDL=True), warps=warps, stages=stages)
+        print(f"FC1 {FP8} {bm} rows, {warps} warps, {stages} stages: pendings {waits(k)[0]}, shared memory {waits(k)[1]} B; "
+              f"{ptxas(k)}")
+
+
+if __name__ == "__main__":
+    main()
