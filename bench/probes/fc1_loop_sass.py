@@ -23,7 +23,12 @@ the same under Triton's ``warp_specialize`` at 4 warps: Triton 3.6 (the device's
 the loop and waits for 0 after every dot in every form, Triton's own promotion after each
 wgmma instruction; the lagged form fails to compile; Triton 3.9's pass fails on every form.
 
-    python bench/probes/fc1_loop_sass.py [--forms] [--ws]     (CPU; the installed Triton)
+``--promote``: a 64 x 128 fp8 TMA loop at k-tiles of 256, 128 and 64 bytes, with
+``max_num_imprecise_acc`` = the k-tile, = min(k-tile, 128), and without promotion (eleventh
+session, docs/trust.md): at 256, min(k-tile, 128) makes Triton 3.6 and 3.9 wait after every
+wgmma instruction (8 waits a k-tile), where = the k-tile waits once.
+
+    python bench/probes/fc1_loop_sass.py [--forms] [--ws] [--promote]     (CPU; the installed Triton)
 
 Run 2026-12-05 (ninth session) with Triton 3.9.0 (this machine) and, for ``--ws``, Triton 3.6.0 in
 a virtual environment (the device's version): results in docs/routed.md "Ninth session".
@@ -146,10 +151,38 @@ def forms(ws: bool):
         print(f"{label}: {wgmma_loop(sass(k))}", flush=True)
 
 
+def promote_interval():
+    @triton.jit
+    def loop(a_desc, b_desc, c_ptr, K, FORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             ST: tl.constexpr):
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in tl.range(0, K, BK, num_stages=ST):
+            a = a_desc.load([0, k0])
+            b = b_desc.load([0, k0])
+            if FORM == 0:
+                acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BK)
+            elif FORM == 1:
+                acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=128 if BK > 128 else BK)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+        offs_m = tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        tl.store(c_ptr + offs_m[:, None] * BN + offs_n[None, :], acc)
+
+    names = ("max_num_imprecise_acc = k-tile", "max_num_imprecise_acc = min(k-tile, 128)", "no promotion")
+    for bk in (256, 128, 64):
+        for form, name in enumerate(names):
+            k = compile_(loop, dict(a_desc=f"tensordesc<{FP8}[64, {bk}]>", b_desc=f"tensordesc<{FP8}[128, {bk}]>",
+                                    c_ptr="*fp32"), dict(FORM=form, BM=64, BN=128, BK=bk, ST=3), 4, 3)
+            print(f"k-tile {bk}, {name}: {wgmma_loop(sass(k))}", flush=True)
+
+
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "0"
     print(f"# triton {triton.__version__}; the innermost loop holding the wgmmas, in SASS order")
-    if "--forms" in sys.argv:
+    if "--promote" in sys.argv:
+        promote_interval()
+    elif "--forms" in sys.argv:
         forms("--ws" in sys.argv)
     else:
         fc1_kernels()
