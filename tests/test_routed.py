@@ -341,14 +341,14 @@ def test_column_stream_configs_are_checked():
 
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 4)[0]  # 15 fields: stored before fused_combine, fc2_col_groups, fc2_col_major, fc1_tail_m
+    old = full.rsplit(",", 5)[0]  # 15 fields: stored before the five later ones (_LATER_FIELDS)
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    for later in (1, 2, 3):  # 18, 17, 16 fields
+    for later in (1, 2, 3, 4):  # 19, 18, 17, 16 fields
         assert RoutedConfig.from_str(full.rsplit(",", later)[0]) == RoutedConfig.from_str(old)
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
-    with pytest.raises(ValueError, match="a routed config has 19 fields, got 14"):
+    with pytest.raises(ValueError, match="a routed config has 20 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 
@@ -650,6 +650,47 @@ def test_fc1_tail_configs_are_checked():
     assert not config_problems(RoutedConfig(block_m=64, fc1_tail_m=32), True)
     assert not config_problems(RoutedConfig(block_m=16, fc1_tail_m=16, fc1_swap_ab=True), True)
     for bad in (RoutedConfig(block_m=16, fc1_tail_m=32), RoutedConfig(block_m=64, fc1_tail_m=24),
-                RoutedConfig(block_m=64, fc1_tail_m=16, flatten=True)):
+                RoutedConfig(block_m=64, fc1_tail_m=16, flatten=True),
+                RoutedConfig(block_m=64, fc1_tail_m=16, fc1_sorted_x=True)):
         assert any("fc1_tail_m" in b for b in config_problems(bad, True)), bad
     assert RoutedConfig.from_str(RoutedConfig(block_m=64, fc1_tail_m=16).to_str()).fc1_tail_m == 16
+    assert RoutedConfig.from_str(RoutedConfig(fc1_sorted_x=True).to_str()).fc1_sorted_x
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_SWAP, RoutedConfig(block_m=32, fc1_block_i=32, fc1_block_k=32,
+                                                                 fc2_block_n=32, fc2_block_k=32, tma=False)])
+def test_fc1_sorted_x_is_the_gather_bit_for_bit(dtype, cfg):
+    """fc1_sorted_x: FC1 reads x from a copy in the sorted order (rows past the valid pairs zero)
+    instead of gathering by token: the same products in the same order, so the same bits; with
+    dropped slots, a token whose every id is out of range, an expert with no token, ragged M."""
+    E, k, I, H = 8, 3, 64, 96
+    w13, w2 = weights(E, I, H)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    srt = dataclasses.replace(cfg, fc1_sorted_x=True)
+    for M in (1, 7, 100):
+        x = tokens(M, H, seed=M)
+        ids, wts = uniform_routing(M, E, k, seed=M)
+        ids[ids == 5] = 6  # expert 5 gets no token
+        ids[0, 1] = -1
+        if M > 3:
+            ids[2] = torch.tensor([E, -3, 1 << 40])
+        want = routed_experts(x, pw, ids, wts, config=cfg)
+        got = routed_experts(x, pw, ids, wts, config=srt)
+        assert torch.equal(got, want), (M, (got.float() - want.float()).abs().max())
+
+
+def test_sorted_rows_kernel_copies_the_valid_pairs_and_zeros_the_rest():
+    from densemoe.kernels.triton.routed import sorted_rows_launch
+
+    g = torch.Generator().manual_seed(0)
+    M, k, E, H = 9, 2, 4, 40
+    x = torch.randn(M, H, generator=g).to(BF16)
+    ids = torch.randint(0, E + 2, (M, k), generator=g)  # some outside [0, E): dropped
+    srt, off = moe_schedule(ids, E)
+    out = torch.full((M * k, H), float("nan")).to(BF16)
+    sorted_rows_launch(x, srt, off, k, out)
+    n = int(off[E])
+    assert torch.equal(out[:n], x[srt[:n].long() // k]) and (out[n:] == 0).all()
+    assert 0 < n < M * k

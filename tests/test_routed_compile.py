@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent('''
 
     FP8 = "fp8e4nv"
 
-    def compile_(kernel, ptrs, const, warps=4, stages=3, gemm=True):
+    def compile_(kernel, ptrs, const, warps=4, stages=3, gemm=True, gathered=True):
         const = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **const}
         sig, attrs = {}, {}
         for i, name in enumerate(kernel.arg_names):
@@ -42,7 +42,8 @@ SCRIPT = textwrap.dedent('''
         ptx = k.asm["ptx"]
         if gemm:
             assert "wgmma" in ptx, kernel
-            assert re.search(r"cp\\.async\\.c[ag]", ptx), (kernel, const)  # the gathered rows, pipelined
+            # the gathered rows, pipelined (a sorted copy of x through TMA: none)
+            assert bool(re.search(r"cp\\.async\\.c[ag]", ptx)) == gathered, (kernel, const)
             if const.get("USE_TMA"):
                 assert "cp.async.bulk.tensor" in ptx, (kernel, const)
             # fp8: no dot that carries an accumulator is left to Hopper's reduced-precision
@@ -126,6 +127,18 @@ SCRIPT = textwrap.dedent('''
         assert {"128", str(tail)} <= mma, mma
         assert k.metadata.shared <= 3 * (128 + tail + 256) * bk * (1 if dt == FP8 else 2) + 4096, k.metadata.shared
         n += 1
+    # FC1 on the sorted copy of x (fc1_sorted_x): x and the weights both through TMA, no gather
+    for dt, swap in ((FP8, False), ("bf16", True)):
+        bk = 128 if dt == FP8 else 64
+        bm = 16 if swap else 128
+        k = compile_(_fc1_kernel, dict(x_ptr="*" + dt, w_ptr="*" + dt, w_desc=f"tensordesc<{dt}[128, {bk}]>",
+                                       x_desc=f"tensordesc<{dt}[{bm}, {bk}]>", alpha1_ptr="*fp32", xs_ptr="*fp32",
+                                       ws_ptr="*fp32", sorted_ptr="*i32", offsets_ptr="*i32",
+                                       y_ptr="*" + (FP8 if dt == FP8 else "bf16"), ys_ptr="*fp32"),
+                     dict(HAS_XS=dt == FP8, OUT_FP8=dt == FP8, E_PAD=128, BLOCK_M=bm, BLOCK_I=128, BLOCK_K=bk,
+                          SWAP_AB=swap, NUM_STAGES=3, USE_TMA=True, X_SORTED=True, PDL=True), warps=8, gathered=False)
+        assert k.asm["ptx"].count("cp.async.bulk.tensor") >= 3, dt  # x, gate and up
+        n += 1
     print("compiled", n)
 ''')
 
@@ -139,4 +152,4 @@ def test_routed_kernels_compile_for_sm90_pipelined():
     env["TRITON_INTERPRET"] = "0"
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 26" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 28" in r.stdout, r.stdout + r.stderr[-2000:]

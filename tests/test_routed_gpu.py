@@ -283,6 +283,36 @@ def test_fc1_tails_on_model_shapes(shape, dtype, M, bm, tail, warps):
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16", "fp8block"])
+@pytest.mark.parametrize("M,bm,swap", [(7, 16, True), (1000, 64, False), (2048, 128, True), (4096, 128, False)])
+def test_fc1_sorted_x_on_model_shapes(shape, dtype, M, bm, swap):
+    """fc1_sorted_x (FC1 reads x's rows from a sorted copy through TMA instead of gathering them):
+    the bits of the same config without it, eager and in graph replays with other routings."""
+    import dataclasses
+
+    from densemoe.kernels.triton.routed import RoutedConfig
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 7)
+    if dtype == "fp8block":
+        s = SHAPES[shape]
+        w13, s13, _, w2, s2, _ = _block_weights(s.experts, s.inter, s.hidden, torch.Generator(device="cuda").manual_seed(M))
+        pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+        bi = 128
+    else:
+        pw = prepare_weights(w13, w2, dtype=dtype)
+        bi = 64 if swap else 128
+    bk = 64 if dtype == "bf16" else 128
+    base = RoutedConfig(block_m=bm, fc1_block_i=bi, fc1_block_k=bk, fc1_swap_ab=swap, fc1_warps=4 if bm * bi <= 8192 else 8,
+                        fc1_stages=3, fc2_block_n=128, fc2_block_k=bk if dtype != "fp8" else min(bk, bi),
+                        fc2_swap_ab=swap, fc2_warps=8, fc2_stages=3)
+    cfg = dataclasses.replace(base, fc1_sorted_x=True)
+    want = routed_experts(x, pw, ids, wts, config=base)
+    got = routed_experts(x, pw, ids, wts, config=cfg)
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    _replays_as_eager(shape, M, x, pw, ids, wts, cfg, base, M + 70, n=2)
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [1, 100, 1000])
 def test_block_fp8_on_model_shapes(shape, M):
     """128 x 128 block-scaled weights (issue 20): within 1.2x the error of the same block-fp8

@@ -11,7 +11,9 @@ y (fp8 per (row, 128 columns), dequantised) is checked against the dense one (bf
 each is timed (``Timer``: CUDA graph, L2 flushed, median): the dense FC1 as ``ops.fc1`` picks it
 and pinned to the H100 table's winners (the H200 has no FC1 table), the routed FC1 at several tiles,
 among them the dense winner's form (128 tokens as the MMA's N, 64 weight rows as its M, 4 warps,
-3 stages) that the routed space did not offer before the eighth session.
+3 stages) that the routed space did not offer before the eighth session, each also on the sorted
+copy of x through TMA (``fc1_sorted_x``: the dense FC1 loads x so; the routed gathers by token;
+the copy's own launch is inside the timed call).
 
     python bench/probes/routed_fc1_vs_dense.py [shape,...] [r,...]   (a CUDA GPU; default
                                                                        qwen3-30b-a3b,deepseek-v3-tp8 128,256)
@@ -33,10 +35,11 @@ FP8 = torch.float8_e4m3fn
 # table: ``ops.fc1`` runs its heuristic there), beside ``ops.fc1``'s own choice
 DENSE = (Fc1TritonConfig(block_m=128, block_i=64, block_k=128, num_warps=4, num_stages=3, swap_ab=1),
          Fc1TritonConfig(block_m=128, block_i=128, block_k=128, num_warps=8, num_stages=4, swap_ab=0))
-# (block_m, fc1_block_i, swap_ab, warps, stages, programs an SM, fc1_tail_m)
+# (block_m, fc1_block_i, swap_ab, warps, stages, programs an SM, fc1_tail_m[, fc1_sorted_x])
 CONFIGS = ((64, 128, False, 4, 2, 2, 0), (128, 128, False, 8, 4, 1, 0), (128, 64, True, 4, 3, 1, 0),
            (128, 64, True, 4, 3, 2, 0), (128, 64, True, 4, 4, 2, 0), (128, 128, True, 8, 3, 1, 0),
-           (64, 64, True, 4, 4, 2, 0))
+           (64, 64, True, 4, 4, 2, 0), (64, 128, False, 4, 2, 2, 0, True), (128, 128, False, 8, 4, 1, 0, True),
+           (128, 64, True, 4, 3, 1, 0, True), (128, 64, True, 4, 3, 2, 0, True))
 
 
 def setup(H, E, I, r, device, seed=0):
@@ -70,9 +73,10 @@ def compare(dims, r, device, timer=None, configs=CONFIGS, dense_configs=DENSE):
         assert torch.allclose(y2.float(), dense_y.float(), rtol=2e-2, atol=1e-2), dc.to_str()
         out["dense " + dc.to_str().split(":")[1].replace(",use_tma=1,persistent=0,split_k=1,stream_k=0", "")] = \
             timer(run)["us"] if timer else 0.0
-    for bm, bi, swap, warps, stages, pps, tail in configs:
+    for bm, bi, swap, warps, stages, pps, tail, *srt_x in configs:
         cfg = kern.RoutedConfig(block_m=bm, fc1_block_i=bi, fc1_block_k=128, fc1_swap_ab=swap, fc1_warps=warps,
-                                fc1_stages=stages, programs_per_sm=pps, fc1_tail_m=tail)
+                                fc1_stages=stages, programs_per_sm=pps, fc1_tail_m=tail,
+                                fc1_sorted_x=bool(srt_x and srt_x[0]))
         name = cfg.short().split("/fc2")[0] + f"/p{pps}"
         y = torch.full((r * E, I), float("nan"), device=device).to(FP8)
         ys = torch.full((r * E, -(-I // bi)), float("nan"), device=device)
@@ -88,7 +92,8 @@ def compare(dims, r, device, timer=None, configs=CONFIGS, dense_configs=DENSE):
 
 
 if "--check" in sys.argv:
-    compare((256, 4, 256), 40, "cpu", configs=((16, 64, False, 4, 2, 1, 0), (32, 64, True, 4, 2, 1, 16)),
+    compare((256, 4, 256), 40, "cpu", configs=((16, 64, False, 4, 2, 1, 0), (32, 64, True, 4, 2, 1, 16),
+                                                (32, 64, True, 4, 2, 1, 0, True)),
             dense_configs=(Fc1TritonConfig(block_m=32, block_i=64, block_k=64, swap_ab=1),))
     print("check passed")
 elif __name__ == "__main__":

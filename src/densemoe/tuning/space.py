@@ -236,7 +236,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       two of r); swap-AB (the expert's rows as the MMA's N) at 16 and 32, both ways at 64 while
       r <= 64, not swapped at 128 (but for three configs at the end: swapped 128-row tiles with
       FC1 tiles of 64 (one and two programs an SM) and 128 columns of I, the form the dense
-      FC1's table picks at 128-256 tokens);
+      FC1's table picks at 128-256 tokens, and the 64-column ones on the sorted copy of x);
     * per (block_m, swap), every FC1 tile of I (64/128/256, not above I's next power of two) with
       every FC2 tile of H (64/128/256, likewise): the two kernels run one after the other, so
       their tiles are independent choices; a tile whose fp32 accumulators would need more than
@@ -269,6 +269,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       whole tile) at the middle tiles for the unswapped tiles of 64 and 128 rows, FC1 at 8 warps
       (at 4 the tail's accumulators spill). On an H100 (eighth session) they took FC1 on uniform
       routing 2-11% below the plain tiles at M = 2048-4096 (docs/routed.md).
+    * FC1 on the sorted copy of x (``fc1_sorted_x``: x through TMA, as the dense FC1 loads it) at
+      the middle tiles of 64 and more rows, one and two programs an SM.
     * FC2 extras at the middle FC1 tile: flattened and two programs per SM together, the widest
       FC2 tile of H flattened, with two, three or four programs per SM (rings as deep as fit their
       share of shared memory), and flattened with two; with fp8 y in groups of 256 (fc1_block_i
@@ -279,8 +281,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 33 configs per (block_m, swap) and three of those, three swapped 128-row ones, so at
-    most 103 with the default.
+    At most 35 configs per (block_m, swap) and three of those, five swapped 128-row ones, so at
+    most 111 with the default.
     """
     if "triton" not in backends:
         return []
@@ -344,6 +346,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         if bm >= 64 and not swap and mid is not None:  # FC1's tails, 8 warps (4 spill with them)
             for tail in (16, 32):
                 add(make(bm, swap, bi, bn, warps=(8, mid.fc2_warps), fc1_tail_m=tail))
+        if bm >= 64:  # FC1 on the sorted copy of x, through TMA as the dense FC1 loads x
+            add(make(bm, swap, bi, bn, fc1_sorted_x=True))
+            add(make(bm, swap, bi, bn, pps=2, fc1_sorted_x=True))
         add(make(bm, swap, bi, bn, k1=256, k2=256) if fp8 else make(bm, swap, bi, bn, k1=128, k2=128))
         add(make(bm, swap, bi, bn, flatten=True))
         add(make(bm, swap, bi, bn, tma=False))
@@ -381,7 +386,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         # 128 tokens as the MMA's N, the weight rows as its M: the dense FC1's tuned form at 128 and
         # more tokens a weight tile on the H100 (``bench/probes/routed_fc1_vs_dense.py``)
         bn = 128 if 128 in bns else bns[-1]
-        for bi, kw in ((64, {}), (64, dict(pps=2)), (128, {})):
+        for bi, kw in ((64, {}), (64, dict(pps=2)), (128, {}), (64, dict(fc1_sorted_x=True)),
+                       (64, dict(pps=2, fc1_sorted_x=True))):
             if bi in bis:
                 add(make(128, True, bi, bn, **kw))
     default = routed_configs.default_config(p)

@@ -86,8 +86,13 @@ class RoutedConfig:
     stream once. Uniform routing leaves about half the experts such a rest; a part-filled tile
     costs about a whole one (it streams the whole weight slab). Each row's k-steps in the same
     order; the tail's MMA has another shape, so its rows may differ from a plain tile's in fp32
-    rounding. Fields added later than a
-    stored config string default (``from_str``)."""
+    rounding.
+    ``fc1_sorted_x``: a gather kernel first copies x's rows into the sorted order ([M*k, H], each
+    token's row once per pair; the rows past the valid pairs zero), and FC1 loads a tile's rows
+    of that copy through a TMA descriptor (where the device and the copy allow; contiguous
+    pointer loads otherwise) instead of gathering them by token with pointer loads, as the dense
+    FC1 loads x. The copy costs M*k*H bytes written; the same products in the same order: the
+    same bits. Fields added later than a stored config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -108,6 +113,7 @@ class RoutedConfig:
     fc2_col_groups: int = 0  # > 0: FC2's units stream column tiles (this many groups per tile), 0: one each
     fc2_col_major: bool = False  # FC2's units column tile by column tile (a token's k rows close in time)
     fc1_tail_m: int = 0  # > 0: an expert's rest of <= this many rows rides on its last whole FC1 tile
+    fc1_sorted_x: bool = False  # FC1 reads x from a copy in the sorted order (TMA where it can), not gathered
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -131,14 +137,15 @@ class RoutedConfig:
 
     def short(self) -> str:
         return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
-                f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
+                f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}"
+                f"{'x' if self.fc1_sorted_x else ''}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
                 f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -198,6 +205,8 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
     elif cfg.fc1_tail_m and (cfg.fc1_tail_m > cfg.block_m or cfg.flatten):
         bad.append(f"fc1_tail_m={cfg.fc1_tail_m} needs block_m >= fc1_tail_m (block_m={cfg.block_m}) and no flatten "
                    f"(a tile with a tail runs a loop of its own)")
+    if cfg.fc1_sorted_x and cfg.fc1_tail_m:
+        bad.append("fc1_sorted_x with fc1_tail_m: the tail's rows would need a second x descriptor; one at most")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
@@ -350,11 +359,15 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 def _fc1_loop(e, it, tok, r_ok, tok_t, t_ok, x_ptr, w_desc, w_ptr, xs_ptr, ws_ptr, H, I, stride_xm, stride_wn,
               stride_xsm, stride_wsr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
               TAIL_M: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
-              W_BLOCK: tl.constexpr):
+              W_BLOCK: tl.constexpr, r0=0, x_desc=None, X_SORTED: tl.constexpr = False):
     """FC1's k-loop over H: the tile's rows (tok, r_ok) into (acc_g, acc_u) and, ``TAIL_M`` > 0,
     the rows past them (tok_t, t_ok) into (tail_g, tail_u) [BLOCK_I, TAIL_M] (swapped: the weight
-    tile is the M operand), both from the same weight tiles: one weight stream for both."""
-    x_rows = tok.to(tl.int64) * stride_xm
+    tile is the M operand), both from the same weight tiles: one weight stream for both.
+    ``X_SORTED``: x_ptr / x_desc is the sorted copy of x, whose rows r0.. are the tile's."""
+    if X_SORTED:
+        x_rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64) * stride_xm
+    else:
+        x_rows = tok.to(tl.int64) * stride_xm
     offs_i = it * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = offs_i < I
     gate_rows = (e * 2 * I + offs_i).to(tl.int64) * stride_wn
@@ -376,7 +389,10 @@ def _fc1_loop(e, it, tok, r_ok, tok_t, t_ok, x_ptr, w_desc, w_ptr, xs_ptr, ws_pt
     for k0 in tl.range(0, H, BLOCK_K, num_stages=NUM_STAGES):
         kk = k0 + offs_k
         k_ok = kk < H
-        xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if X_SORTED and USE_TMA:  # rows past the tile's belong to masked outputs
+            xt = x_desc.load([r0, k0])
+        else:
+            xt = tl.load(x_ptr + x_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_TMA:  # rows past this expert's I belong to masked outputs; columns past H read 0
             wg = w_desc.load([e * 2 * I + it * BLOCK_I, k0])
             wu = w_desc.load([e * 2 * I + I + it * BLOCK_I, k0])
@@ -436,7 +452,7 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
               HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
               SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr,
-              TAIL_M: tl.constexpr = 0):
+              TAIL_M: tl.constexpr = 0, x_desc=None, X_SORTED: tl.constexpr = False):
     """Unit u = (tile u // i_tiles, column tile u % i_tiles): gather the tile's token rows of x,
     stream the expert's gate and up rows over H into two fp32 accumulators, then the epilogue.
     ``TAIL_M`` > 0: a tile with rows past BLOCK_M (an expert's last, ``_tile_at``) runs the loop
@@ -466,31 +482,33 @@ def _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, s
     else:
         _fc1_tile(e, it, rows, r_ok, tok, x_ptr, w_desc, w_ptr, alpha1_ptr, xs_ptr, ws_ptr, y_ptr, ys_ptr, H, I,
                   stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS, OUT_FP8, BLOCK_M,
-                  BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
+                  BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK, r0, x_desc, X_SORTED)
 
 
 @triton.jit
 def _fc1_tile(e, it, rows, r_ok, tok, x_ptr, w_desc, w_ptr, alpha1_ptr, xs_ptr, ws_ptr, y_ptr, ys_ptr, H, I,
               stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr, HAS_XS: tl.constexpr,
               OUT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
+              SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr,
+              r0=0, x_desc=None, X_SORTED: tl.constexpr = False):
     """A tile without a tail: the k-loop, then the epilogue."""
     acc_g, acc_u, _, _ = _fc1_loop(
         e, it, tok, r_ok, tok, r_ok, x_ptr, w_desc, w_ptr, xs_ptr, ws_ptr, H, I, stride_xm, stride_wn,
-        stride_xsm, stride_wsr, BLOCK_M, BLOCK_I, BLOCK_K, 0, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK)
+        stride_xsm, stride_wsr, BLOCK_M, BLOCK_I, BLOCK_K, 0, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK, r0, x_desc,
+        X_SORTED)
     _fc1_epilogue(acc_g, acc_u, e, it, rows, r_ok, tok, alpha1_ptr, xs_ptr, y_ptr, ys_ptr, I, stride_ym,
                   stride_ysm, BLOCK_I, HAS_XS, OUT_FP8, W_BLOCK)
 
 
 @triton.jit(do_not_specialize=["P"])
-def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr,
+def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr, y_ptr, ys_ptr, x_desc,
                 P, H, I, E, TOP_K, NUM_PROGS,
                 stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm, stride_wsr,
                 HAS_XS: tl.constexpr, OUT_FP8: tl.constexpr, E_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr = False,
                 USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False, TAIL_M: tl.constexpr = 0,
-                PDL: tl.constexpr = False):
+                X_SORTED: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD, TAIL_M)
     i_tiles = tl.cdiv(I, BLOCK_I)
@@ -499,13 +517,13 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
             _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
                       y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
                       stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
-                      W_BLOCK, TAIL_M)
+                      W_BLOCK, TAIL_M, x_desc, X_SORTED)
     else:
         for u in tl.range(tl.program_id(0), n_tiles * i_tiles, NUM_PROGS):
             _fc1_unit(u, run, tiles, x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, offsets_ptr,
                       y_ptr, ys_ptr, H, I, TOP_K, i_tiles, stride_xm, stride_wn, stride_ym, stride_ysm, stride_xsm,
                       stride_wsr, HAS_XS, OUT_FP8, E_PAD, BLOCK_M, BLOCK_I, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA,
-                      W_BLOCK, TAIL_M)
+                      W_BLOCK, TAIL_M, x_desc, X_SORTED)
 
 
 @triton.jit
@@ -714,6 +732,34 @@ def _combine_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BLOCK
     tl.store(out_ptr + m * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _sorted_rows_kernel(x_ptr, sorted_ptr, offsets_ptr, out_ptr, P, H, E, TOP_K, stride_xm, stride_om,
+                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    """out[r] = x[sorted[r] // TOP_K] for the valid pairs r < offsets[E]; zeros for the rows past
+    them up to P (no tile's valid row reads them; zero so that nothing reads unwritten memory)."""
+    pdl_enter(PDL)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    valid = rows < tl.load(offsets_ptr + E)
+    tok = tl.load(sorted_ptr + rows, mask=valid, other=0) // TOP_K
+    c_ok = cols < H
+    v = tl.load(x_ptr + tok.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=valid[:, None] & c_ok[None, :],
+                other=0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], v,
+             mask=(rows < P)[:, None] & c_ok[None, :])
+
+
+def sorted_rows_launch(x: torch.Tensor, sorted_pairs: torch.Tensor, offsets: torch.Tensor, top_k: int,
+                       out: torch.Tensor) -> None:
+    """out [M*k, H] = x's rows in the sorted order (``_sorted_rows_kernel``)."""
+    P, H = out.shape
+    E = offsets.numel() - 1
+    block_h = min(512, triton.next_power_of_2(max(H, 16)))
+    _sorted_rows_kernel[(triton.cdiv(max(P, 1), 16), triton.cdiv(H, block_h))](
+        x, sorted_pairs, offsets, out, P, H, E, top_k, x.stride(0), out.stride(0), BLOCK_R=16, BLOCK_H=block_h,
+        num_warps=4, **launch_kwargs(x.device))
+
+
 def _descriptor(t: torch.Tensor, block: list[int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -738,17 +784,23 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
     progs = _num_programs(x.device, cfg, units)
     fp8_out = y.dtype == torch.float8_e4m3fn
     use_tma = cfg.tma and supports_tma(x.device) and tma_compatible(w1)
+    x_src, x_desc = x, x
+    if cfg.fc1_sorted_x:  # the tile's rows contiguous in a sorted copy, loaded as the dense FC1 loads x
+        x_src = torch.empty((max(P, 1), H), dtype=x.dtype, device=x.device)
+        sorted_rows_launch(x, sorted_pairs, offsets, top_k, x_src[:P])
+        use_tma = use_tma and tma_compatible(x_src)
+        x_desc = _descriptor(x_src, [cfg.block_m, cfg.fc1_block_k]) if use_tma else x_src
     w_desc = _descriptor(w1, [cfg.fc1_block_i, cfg.fc1_block_k]) if use_tma else w1
     blk = w_block_scale is not None
     _fc1_kernel[(progs,)](
-        x, w1, w_desc, alpha1, x_scale if x_scale is not None else alpha1, w_block_scale if blk else alpha1,
-        sorted_pairs, offsets, y, y_scale if fp8_out else alpha1, P, H, I, E, top_k, progs,
-        x.stride(0), w1.stride(0), y.stride(0), y_scale.stride(0) if fp8_out else 0,
+        x_src, w1, w_desc, alpha1, x_scale if x_scale is not None else alpha1, w_block_scale if blk else alpha1,
+        sorted_pairs, offsets, y, y_scale if fp8_out else alpha1, x_desc, P, H, I, E, top_k, progs,
+        x_src.stride(0), w1.stride(0), y.stride(0), y_scale.stride(0) if fp8_out else 0,
         x_scale.stride(0) if blk else 0, w_block_scale.stride(0) if blk else 0,
         HAS_XS=x_scale is not None, OUT_FP8=fp8_out, E_PAD=triton.next_power_of_2(E),
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.fc1_block_i, BLOCK_K=cfg.fc1_block_k, SWAP_AB=cfg.fc1_swap_ab,
         NUM_STAGES=cfg.fc1_stages, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk, TAIL_M=cfg.fc1_tail_m,
-        num_warps=cfg.fc1_warps,
+        X_SORTED=cfg.fc1_sorted_x, num_warps=cfg.fc1_warps,
         **launch_kwargs(x.device))
 
 
