@@ -85,7 +85,7 @@ def signature(cfg) -> tuple:
     d = dataclasses.asdict(cfg)
     keep = ("split", "swap_ab", "use_tma", "ctas_per_sm", "persistent", "split_k", "stream_k", "cluster_m",
             "cluster_n", "consumers", "flatten", "atomic_combine", "fused_combine", "fc2_col_groups", "fc2_col_major", "tma",
-            "programs_per_sm", "fc1_swap_ab", "fc2_swap_ab", "fc1_tail_m", "fc1_sorted_x")
+            "programs_per_sm", "fc1_swap_ab", "fc2_swap_ab", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma")
     return (type(cfg).__name__,) + tuple((k, min(int(d[k]), 2)) for k in keep if k in d)
 
 
@@ -93,7 +93,7 @@ def variants(cfg, problem):
     """The schedules a small problem's space may leave out, derived from one of its Triton configs
     (FC2: stream-K, split 2, pointer loads, the other orientation; FC1: persistent, split-k,
     stream-K, pointer loads, the other orientation; routed: FC1's tails, FC1 on the sorted copy
-    of x), each kept where
+    of x, FC2's y through TMA), each kept where
     ``can_implement`` allows."""
     from densemoe.kernels.triton import fc1 as tfc1, fc2 as tfc2
 
@@ -105,7 +105,8 @@ def variants(cfg, problem):
         ok = tfc1.can_implement
     elif isinstance(cfg, RoutedConfig):  # FC1's tails: an expert's rest rides on its last whole tile
         cands = [dict(fc1_tail_m=16, block_m=16, flatten=False),  # rests of 1-16 rows
-                 dict(fc1_sorted_x=True, fc1_tail_m=0)]  # x from its sorted copy (and the copy's kernel)
+                 dict(fc1_sorted_x=True, fc1_tail_m=0),  # x from its sorted copy (and the copy's kernel)
+                 dict(fc2_y_tma=True)]  # FC2's y rows through TMA
         ok = routed_can_implement
     else:
         return []

@@ -341,14 +341,14 @@ def test_column_stream_configs_are_checked():
 
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 5)[0]  # 15 fields: stored before the five later ones (_LATER_FIELDS)
+    old = full.rsplit(",", 6)[0]  # 15 fields: stored before the six later ones (_LATER_FIELDS)
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    for later in (1, 2, 3, 4):  # 19, 18, 17, 16 fields
+    for later in (1, 2, 3, 4, 5):  # 20, 19, 18, 17, 16 fields
         assert RoutedConfig.from_str(full.rsplit(",", later)[0]) == RoutedConfig.from_str(old)
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
-    with pytest.raises(ValueError, match="a routed config has 20 fields, got 14"):
+    with pytest.raises(ValueError, match="a routed config has 21 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 
@@ -655,6 +655,7 @@ def test_fc1_tail_configs_are_checked():
         assert any("fc1_tail_m" in b for b in config_problems(bad, True)), bad
     assert RoutedConfig.from_str(RoutedConfig(block_m=64, fc1_tail_m=16).to_str()).fc1_tail_m == 16
     assert RoutedConfig.from_str(RoutedConfig(fc1_sorted_x=True).to_str()).fc1_sorted_x
+    assert RoutedConfig.from_str(RoutedConfig(fc2_y_tma=True).to_str()).fc2_y_tma
 
 
 @interp
@@ -694,3 +695,29 @@ def test_sorted_rows_kernel_copies_the_valid_pairs_and_zeros_the_rest():
     n = int(off[E])
     assert torch.equal(out[:n], x[srt[:n].long() // k]) and (out[n:] == 0).all()
     assert 0 < n < M * k
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_SWAP, dataclasses.replace(SMALL, fused_combine=True),
+                                 dataclasses.replace(SMALL_SWAP, fc2_col_groups=2),
+                                 dataclasses.replace(SMALL, flatten=True)])
+def test_fc2_y_through_tma_is_the_pointer_loads_bit_for_bit(dtype, cfg):
+    """fc2_y_tma: FC2 loads a tile's y rows through a TMA box at the tile's first row (the rows
+    past the tile's, other experts' or never written, reach only masked outputs): the same bits
+    as pointer loads, with dropped slots, a token without a valid slot, an expert with no token,
+    ragged M; with the fused combine, the column stream and flatten."""
+    E, k, I, H = 8, 3, 64, 96
+    w13, w2 = weights(E, I, H)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    ytma = dataclasses.replace(cfg, fc2_y_tma=True)
+    for M in (1, 7, 100):
+        x = tokens(M, H, seed=M)
+        ids, wts = uniform_routing(M, E, k, seed=M)
+        ids[ids == 5] = 6
+        ids[0, 1] = -1
+        if M > 3:
+            ids[2] = torch.tensor([E, -3, 1 << 40])
+        want = routed_experts(x, pw, ids, wts, config=cfg)
+        got = routed_experts(x, pw, ids, wts, config=ytma)
+        assert torch.equal(got, want), (M, (got.float() - want.float()).abs().max())

@@ -313,6 +313,24 @@ def test_fc1_sorted_x_on_model_shapes(shape, dtype, M, bm, swap):
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("M", [1, 100, 2048])
+def test_fc2_y_tma_on_model_shapes(shape, dtype, M):
+    """fc2_y_tma (FC2's y rows through TMA): the bits of the chosen config without it, eager and
+    in graph replays with other routings into a poisoned output."""
+    import dataclasses
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 9)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    base = dataclasses.replace(routed_configs.choose(
+        RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16), x.device).config,
+        fc2_y_tma=False)
+    cfg = dataclasses.replace(base, fc2_y_tma=True)
+    assert torch.equal(routed_experts(x, pw, ids, wts, config=cfg), routed_experts(x, pw, ids, wts, config=base))
+    _replays_as_eager(shape, M, x, pw, ids, wts, cfg, base, M + 90, n=2)
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [1, 100, 1000])
 def test_block_fp8_on_model_shapes(shape, M):
     """128 x 128 block-scaled weights (issue 20): within 1.2x the error of the same block-fp8

@@ -271,6 +271,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       routing 2-11% below the plain tiles at M = 2048-4096 (docs/routed.md).
     * FC1 on the sorted copy of x (``fc1_sorted_x``: x through TMA, as the dense FC1 loads it) at
       the middle tiles of 64 and more rows, one and two programs an SM.
+    * FC2 with its y rows through TMA (``fc2_y_tma``) at the middle tiles, and at the widest FC2
+      tile with two programs an SM.
     * FC2 extras at the middle FC1 tile: flattened and two programs per SM together, the widest
       FC2 tile of H flattened, with two, three or four programs per SM (rings as deep as fit their
       share of shared memory), and flattened with two; with fp8 y in groups of 256 (fc1_block_i
@@ -281,8 +283,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
-    At most 35 configs per (block_m, swap) and three of those, five swapped 128-row ones, so at
-    most 111 with the default.
+    At most 37 configs per (block_m, swap) and three of those, five swapped 128-row ones, so at
+    most 117 with the default.
     """
     if "triton" not in backends:
         return []
@@ -363,6 +365,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
             add(make(bm, swap, 256, max(t[1] for t in tiles if t[0] == 256), k2=256, flatten=True))
         if ROUTED_ATOMIC:
             add(make(bm, swap, bi, bn, atomic_combine=True))
+        # FC2's y rows through TMA (a tile's rows are contiguous): the middle tiles, the wide with two programs an SM
+        add(make(bm, swap, bi, bn, fc2_y_tma=True))
+        add(make(bm, swap, bi, wide, pps=2, fc2_y_tma=True))
         # the combine fused into FC2 (no combine launch; the same bits): the middle and the wide tiles
         add(make(bm, swap, bi, bn, fused_combine=True))
         add(make(bm, swap, bi, wide, pps=2, fused_combine=True))

@@ -92,7 +92,13 @@ class RoutedConfig:
     of that copy through a TMA descriptor (where the device and the copy allow; contiguous
     pointer loads otherwise) instead of gathering them by token with pointer loads, as the dense
     FC1 loads x. The copy costs M*k*H bytes written; the same products in the same order: the
-    same bits. Fields added later than a stored config string default (``from_str``)."""
+    same bits.
+    ``fc2_y_tma``: FC2 loads a tile's rows of y through a TMA descriptor (y's rows are in the
+    sorted order, so a tile's are contiguous: no copy needed) instead of pointer loads; the rows
+    of the box past the tile's belong to masked outputs (those past the valid pairs were never
+    written: they only reach masked rows of the product). Where the device has TMA and tma is on.
+    The same products: the same bits. Fields added later than a stored config string default
+    (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -114,6 +120,7 @@ class RoutedConfig:
     fc2_col_major: bool = False  # FC2's units column tile by column tile (a token's k rows close in time)
     fc1_tail_m: int = 0  # > 0: an expert's rest of <= this many rows rides on its last whole FC1 tile
     fc1_sorted_x: bool = False  # FC1 reads x from a copy in the sorted order (TMA where it can), not gathered
+    fc2_y_tma: bool = False  # FC2 loads a tile's y rows (contiguous: sorted order) through TMA, not by pointer
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -139,13 +146,14 @@ class RoutedConfig:
         return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}"
                 f"{'x' if self.fc1_sorted_x else ''}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
-                f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}/p{self.programs_per_sm}"
+                f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}{'y' if self.fc2_y_tma else ''}"
+                f"/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
                 f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -529,12 +537,18 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
 @triton.jit
 def _fc2_kstep(acc, k0, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr, ys_ptr, w_ptr, w_desc,
                ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
+               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr,
+               y_desc=None, r0=0, Y_TMA: tl.constexpr = False):
     """One k-step of FC2 at k0: the tile's rows of y times the expert's w2 columns, added to acc
-    (fp8: the step's fp32 partial sum times its y scale, and w2's block scale for block weights)."""
+    (fp8: the step's fp32 partial sum times its y scale, and w2's block scale for block weights).
+    ``Y_TMA``: the rows r0.. of y through ``y_desc`` (the box's rows past the tile's reach only
+    masked outputs)."""
     kk = k0 + offs_k
     k_ok = kk < I
-    a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    if Y_TMA:
+        a = y_desc.load([r0, k0])
+    else:
+        a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     if USE_TMA:  # (I % BLOCK_K == 0: a step never reaches the next expert's columns)
         b = w_desc.load([nt * BLOCK_N, e * I + k0])
     else:
@@ -625,7 +639,7 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
               USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr,
-              COL_MAJOR: tl.constexpr):
+              COL_MAJOR: tl.constexpr, y_desc=None, Y_TMA: tl.constexpr = False):
     """``I_STEPS`` = 0: unit u = (tile u // n_tiles_n, column tile u % n_tiles_n), its k-loop over
     I pipelined. ``I_STEPS`` > 0 (= I / BLOCK_K, the column stream): unit u = (tile u // n_groups,
     group u % n_groups of the column tiles); the loop over the group's column tiles is the
@@ -657,7 +671,7 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
         for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
             acc = _fc2_kstep(acc, k0, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr, ys_ptr, w_ptr,
                              w_desc, ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS, BLOCK_N, BLOCK_K, SWAP_AB, USE_TMA,
-                             W_BLOCK)
+                             W_BLOCK, y_desc, r0, Y_TMA)
         _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_ptr, out_ptr, stride_om, TOP_K,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_tiles_n, BLOCK_M, BLOCK_N, SWAP_AB, ATOMIC, FUSED)
     else:
@@ -666,14 +680,14 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
             for ks in tl.static_range(I_STEPS):
                 acc = _fc2_kstep(acc, ks * BLOCK_K, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr,
                                  ys_ptr, w_ptr, w_desc, ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS, BLOCK_N, BLOCK_K,
-                                 SWAP_AB, USE_TMA, W_BLOCK)
+                                 SWAP_AB, USE_TMA, W_BLOCK, y_desc, r0, Y_TMA)
             _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_ptr, out_ptr, stride_om,
                           TOP_K, ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_tiles_n, BLOCK_M, BLOCK_N, SWAP_AB, ATOMIC,
                           FUSED)
 
 
 @triton.jit(do_not_specialize=["P"])
-def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr,
+def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr, out_ptr, y_desc,
                 P, H, I, E, NUM_PROGS, Q, TOP_K,
                 stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                 ids_ptr, cnt_ptr, fin_ptr, stride_fm, n_groups,
@@ -682,7 +696,7 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
                 FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
                 FUSED: tl.constexpr = False, K_PAD: tl.constexpr = 8, I_STEPS: tl.constexpr = 0,
-                COL_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False):
+                COL_MAJOR: tl.constexpr = False, Y_TMA: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
@@ -705,14 +719,14 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS, COL_MAJOR)
+                      I_STEPS, COL_MAJOR, y_desc, Y_TMA)
     else:
         for u in tl.range(tl.program_id(0), n_units, NUM_PROGS):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS, COL_MAJOR)
+                      I_STEPS, COL_MAJOR, y_desc, Y_TMA)
 
 
 @triton.jit
@@ -821,6 +835,8 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     has_ys = y_scale is not None
     use_tma = cfg.tma and I % cfg.fc2_block_k == 0 and supports_tma(y.device) and tma_compatible(w2)
     w_desc = _descriptor(w2, [cfg.fc2_block_n, cfg.fc2_block_k]) if use_tma else w2
+    y_tma = cfg.fc2_y_tma and use_tma and tma_compatible(y)
+    y_desc = _descriptor(y, [cfg.block_m, cfg.fc2_block_k]) if y_tma else y
     blk = w_block_scale is not None
     fused = cfg.fused_combine
     if fused:  # per (token, column tile) counters, left at zero by the kernel (this stream's buffer)
@@ -828,7 +844,7 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         cnt = reused_zeros(max(1, (P // max(top_k, 1)) * n_tiles_n), y.device).view(torch.int32)
     _fc2_kernel[(progs,)](
         y, y_scale if has_ys else w2_scale, w2, w_desc, w2_scale, w_block_scale if blk else w2_scale, sorted_pairs,
-        offsets, topk_weights, rows, P, H, I, E, progs, group, top_k,
+        offsets, topk_weights, rows, y_desc, P, H, I, E, progs, group, top_k,
         y.stride(0), y_scale.stride(0) if has_ys else 0, w2.stride(0), rows.stride(0),
         w_block_scale.stride(0) if blk else 0,
         topk_ids if fused else sorted_pairs, cnt if fused else sorted_pairs, out if fused else rows,
@@ -836,7 +852,7 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         HAS_YS=has_ys, I_STEPS=I // cfg.fc2_block_k if groups else 0, COL_MAJOR=cfg.fc2_col_major, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
-        num_warps=cfg.fc2_warps,
+        Y_TMA=y_tma, num_warps=cfg.fc2_warps,
         **launch_kwargs(y.device))
 
 
