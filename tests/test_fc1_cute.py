@@ -19,6 +19,7 @@ import dataclasses
 import glob
 import inspect
 import os
+import re
 
 import pytest
 import torch
@@ -105,6 +106,10 @@ def test_old_strings_without_cluster_fields_still_parse():
     (C(tile_i=48, tile_m=64, swap_ab=0), "multiple of 32"),
     (C(tile_i=288, tile_m=64, swap_ab=0), "multiple of 32"),
     (C(tile_i=256, tile_m=128, consumers=2, swap_ab=0), "registers"),
+    (C(promote=2), "promote"),
+    # the temporaries double the accumulators: 2 * 128 + 16 and 4 * 64 * 128 / 256 * 2 + 4
+    (C(tile_i=128, tile_m=64, consumers=1, promote=1), "with their temporaries"),
+    (C(tile_i=128, tile_m=128, consumers=2, swap_ab=0, promote=1), "with their temporaries"),
 ])
 def test_can_implement_rejects(cfg, reason):
     ok, why = can_implement(problem(), cfg)
@@ -120,6 +125,23 @@ def test_can_implement_allows_clusters_and_two_token_atoms():
     for cfg in ok:
         assert can_implement(problem(I=192 if cfg.tile_i == 96 else 256), cfg)[0], cfg
     assert can_implement(problem(), C(tile_m=256, tile_i=64, consumers=2, swap_ab=0, tile_k=256))[0]
+
+
+def test_promote_rules_and_registers():
+    """promote=1 is fp8 only and counts a temporary per accumulator; the tiles it is meant
+    for fit (two consumers: 128 tokens x 64 or 96 rows of I, or 128 rows of I x 64 tokens)."""
+    assert "fp8 inputs" in can_implement(problem(dtype=BF16), C(tile_k=64, promote=1))[1]
+    for cfg in (C(tile_i=64, tile_m=128, consumers=2, swap_ab=0, promote=1),
+                C(tile_i=96, tile_m=128, consumers=2, swap_ab=0, promote=1),
+                C(tile_i=128, tile_m=64, consumers=2, promote=1), C(tile_i=128, tile_m=32, promote=1)):
+        assert can_implement(problem(H=2048, E=128, I=768), cfg)[0], cfg
+        plain = dataclasses.replace(cfg, promote=0)
+        assert cfg.acc_regs() == 2 * plain.acc_regs() and cfg.scale_regs() == plain.scale_regs()
+    assert C(tile_i=96, tile_m=128, consumers=2, swap_ab=0, promote=1).acc_regs() + 4 == 196
+    old = "fc1-cute:tile_i=128,tile_m=64,tile_k=128,stages=0,consumers=2,swap_ab=1,ctas=0,cluster_n=1,cluster_m=1"
+    assert C.from_str(old).promote == 0  # strings written before the field
+    cfg = C(tile_i=128, tile_m=64, consumers=2, promote=1)
+    assert C.from_str(cfg.to_str()) == cfg and cfg.to_str().endswith(",promote=1")
 
 
 def test_can_implement_shape_rules():
@@ -165,7 +187,9 @@ def test_default_cute_config_valid_and_deterministic(M, dtype, shape):
     cfg = default_cute_config(p)
     assert can_implement(p, cfg)[0]
     assert default_cute_config(p) == cfg and C.from_str(cfg.to_str()) == cfg
-    assert cfg.swap_ab == (M <= 128)
+    # fp8 promotes (Triton's precision); its temporaries do not fit the swapped 128-token tile
+    assert cfg.swap_ab == (M <= (64 if dtype == FP8 else 128))
+    assert cfg.promote == (dtype == FP8)
     assert cfg.tile_k * dtype.itemsize == 128
 
 
@@ -259,11 +283,17 @@ def test_fc1_space_cute_candidates_valid_deterministic_and_triton_unchanged():
                 assert any(not c.swap_ab for c in cute) == (m >= 64)
                 assert any(c.cluster_n == 2 for c in cute)
                 assert any(c.cluster_m == 2 for c in cute) == (m > 128)
-                assert any(not c.swap_ab and c.m_atoms() == 2 for c in cute) == (m > 128)
+                assert any(not c.swap_ab and c.m_atoms() == 2 for c in cute) == (m > 128 and dt != FP8)  # fp8: no room
                 assert all(c.ctas == 0 and c.stages == 0 for c in cute)
+                # fp8: every CuTe tactic promotes (Triton's precision), the tiles that fit it last
+                assert all(c.promote == (dt == FP8) for c in cute)
+                extra = [c for c in cute if dt == FP8 and c.tile_m == 128 and not c.swap_ab and c.tile_i in (64, 96)
+                         and c.cluster_m == 1 and c.m_atoms() == 1]
+                assert any(c.tile_i == 96 for c in extra) == (dt == FP8 and m >= 64 and s.inter % 96 == 0)
                 # the clusterless candidates are the ones of before the clusters came
-                assert [c for c in cute if c.cluster_size == 1 and c.m_atoms() == 1] == cute[:len(
-                    [c for c in cute if c.cluster_size == 1 and c.m_atoms() == 1])]
+                first = [c for c in cute if c not in extra]
+                assert [c for c in first if c.cluster_size == 1 and c.m_atoms() == 1] == first[:len(
+                    [c for c in first if c.cluster_size == 1 and c.m_atoms() == 1])]
 
 
 # ---------------------------------------------------------------------------------- selection (CPU)
@@ -382,6 +412,12 @@ COMPILE_CASES = [
     (C(tile_i=128, tile_m=128, tile_k=64, consumers=2, swap_ab=0, cluster_n=2, cluster_m=2), BF16, BF16,
      (2048, 128, 768)),
     (C(tile_i=64, tile_m=64, tile_k=128, swap_ab=0, cluster_m=4, ctas=8), FP8, BF16, (7168, 256, 256)),
+    # fp8 with each k-tile's products promoted into fp32 (hopper.mainloop_promoted)
+    (C(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0, promote=1), FP8, BF16, (2048, 128, 768)),
+    (C(tile_i=128, tile_m=64, tile_k=128, consumers=2, promote=1), FP8, FP8, (7168, 256, 256)),
+    (C(tile_i=96, tile_m=128, tile_k=256, consumers=2, swap_ab=0, cluster_n=2, promote=1), FP8, BF16,
+     (2048, 128, 768)),
+    (C(tile_i=64, tile_m=16, tile_k=128, cluster_m=2, promote=1), FP8, torch.float32, (7168, 256, 256)),
 ]
 
 
@@ -439,6 +475,12 @@ def test_compiles_for_sm90a(cute_env, cfg, dtype, out_dtype, hei):
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
         assert "max.NaN.f32" in ptx and "min.NaN.f32" in ptx  # the clamp keeps NaN (issue 21)
     assert ".local" not in ptx  # nothing spilled to local memory at the PTX level
+    # the plain loop keeps one k-tile's wgmma group in flight; promote waits for each k-tile's
+    # group, then adds the temporaries (the other consumer warpgroup keeps the tensor cores busy)
+    waits = {int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
+    assert waits == ({0} if cfg.promote else {0, 1}), waits
+    if cfg.promote:  # each k-tile's first k-block overwrites the temporaries (scale-d from 0)
+        assert re.search(r"mov\.b32\s+%r\d+, 0;\s*\n(?:.*\n){0,12}?\s*setp\.ne\.b32\s+p, %r\d+, 0;\s*\n\s*wgmma", ptx)
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -485,10 +527,11 @@ def ref_chunked(x, w1, alpha1, x_scale, alpha_post, out_dtype, compute_dtype, ex
     return torch.cat(parts, dim=1)
 
 
-def torch_same_precision(x, w1, alpha1, x_scale, alpha_post, experts_per_chunk=16):
+def torch_same_precision(x, w1, alpha1, x_scale, alpha_post, experts_per_chunk=16, fast=True):
     """What PyTorch gets at the kernel's precision (fp32 result): per slice of experts, cuBLAS
-    FP8 with fast accumulation (torch._scaled_mm, as wgmma accumulates fp8 products) or an fp32
-    GEMM of the upcast bf16 inputs (exact products, fp32 sums); then the epilogue in fp32."""
+    FP8 with fast accumulation (torch._scaled_mm, as wgmma accumulates fp8 products; ``fast``
+    False: without it, as ``promote=1`` adds each k-tile into fp32) or an fp32 GEMM of the
+    upcast bf16 inputs (exact products, fp32 sums); then the epilogue in fp32."""
     M, H = x.shape
     E = alpha1.shape[0]
     I = w1.shape[0] // (2 * E)
@@ -501,7 +544,7 @@ def torch_same_precision(x, w1, alpha1, x_scale, alpha_post, experts_per_chunk=1
         e1 = min(E, e0 + experts_per_chunk)
         w = w1[e0 * 2 * I:e1 * 2 * I]
         if x.dtype == FP8:
-            h = torch._scaled_mm(xp, w.T, scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=True)[:M]
+            h = torch._scaled_mm(xp, w.T, scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=fast)[:M]
         else:
             h = x.float() @ w.float().T
         h = h.reshape(M, e1 - e0, 2, I)
@@ -627,6 +670,39 @@ def test_cute_fp32_output_and_optional_inputs(extras, swap, dtype, request):
     ref = fc1_ref(x, w1, a1, out_dtype=torch.float64, **kw)
     t = rel(torch_same_precision(x, w1, a1, kw["x_scale"], kw["alpha_post"]), ref)
     assert rel(out, ref) <= 1.5 * t + 1e-5, (rel(out, ref), t)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.usefixtures("_no_tf32")
+@pytest.mark.parametrize("M", [1, 37, 300])
+@pytest.mark.parametrize("cfg", [C(tile_i=128, tile_m=64, tile_k=128, consumers=2, promote=1),
+                                 C(tile_i=64, tile_m=16, tile_k=256, promote=1),
+                                 C(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0, promote=1),
+                                 C(tile_i=96, tile_m=128, tile_k=128, consumers=2, swap_ab=0, cluster_n=2,
+                                   promote=1)], ids=_cfg_id)
+def test_cute_fp8_promote_matches_cublas_without_fast_accumulation(cfg, M, request):
+    """promote=1, fp32 output, on a long k (H = 7168: 56 k-tiles of 128): within 1.1x the error
+    of cuBLAS FP8 without fast accumulation (each k-tile's sum added in fp32, as here) plus
+    1e-5, against the float64 reference; the output poisoned. The same problem without
+    promotion is checked against the fast-accumulation pipeline (what it is), so both bounds
+    are measured on the same inputs."""
+    H, E, I = 7168, 4, 384
+    x, w1, a1, xs, post = gpu_inputs(M, H, E, I, FP8, seed_of(request.node.nodeid))
+    assert can_implement(problem(M, H, E, I, FP8, torch.float32), cfg)[0]
+    ref = fc1_ref(x, w1, a1, x_scale=xs, alpha_post=post, out_dtype=torch.float64)
+    precise = rel(torch_same_precision(x, w1, a1, xs, post, fast=False), ref)
+    buf, out = poisoned_out(M, E * I, torch.float32)
+    densemoe.fc1(x, w1, a1, x_scale=xs, alpha_post=post, out=out, config=cfg)
+    assert_untouched_border(buf, M, E * I)
+    assert rel(out, ref) <= 1.1 * precise + 1e-5, (rel(out, ref), precise)
+    # the inputs tell the two precisions apart (else this test could not fail for a kernel
+    # that did not promote), and the same tile without promotion is at the fast pipeline's
+    fast = rel(torch_same_precision(x, w1, a1, xs, post, fast=True), ref)
+    assert fast > 1.1 * precise + 1e-5, (fast, precise)
+    plain = densemoe.fc1(x, w1, a1, x_scale=xs, alpha_post=post, out_dtype=torch.float32,
+                         config=dataclasses.replace(cfg, promote=0))
+    assert rel(plain, ref) <= 1.5 * fast + 1e-5, (rel(plain, ref), fast)
 
 
 @gpu

@@ -18,6 +18,8 @@ the copy's own launch is inside the timed call).
     python bench/probes/routed_fc1_vs_dense.py [shape,...] [r,...]   (a CUDA GPU; default
                                                                        qwen3-30b-a3b,deepseek-v3-tp8 128,256)
     python bench/probes/routed_fc1_vs_dense.py --check               (tiny shape, interpreter, no timing)
+    python bench/probes/routed_fc1_vs_dense.py --cute [shape,...] [r,...]   (also the CuTe dense FC1,
+                                                                       with and without fp8 promotion)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 import torch
 
 from densemoe.kernels.triton import routed as kern
+from densemoe.kernels.cute.fc1_sm90 import Fc1CuteConfig
 from densemoe.kernels.triton.fc1 import Fc1TritonConfig
 from densemoe.ops.fc1 import fc1
 
@@ -71,7 +74,8 @@ def compare(dims, r, device, timer=None, configs=CONFIGS, dense_configs=DENSE):
         run = (lambda dc=dc, y2=y2: fc1(x, w, alpha1, x_scale=xs, out=y2, config=dc))  # noqa: E731
         run()
         assert torch.allclose(y2.float(), dense_y.float(), rtol=2e-2, atol=1e-2), dc.to_str()
-        out["dense " + dc.to_str().split(":")[1].replace(",use_tma=1,persistent=0,split_k=1,stream_k=0", "")] = \
+        out["dense " + dc.to_str().replace(",use_tma=1,persistent=0,split_k=1,stream_k=0", "").replace(
+            ",stages=0", "").replace(",ctas=0", "").replace(",cluster_m=1", "")] = \
             timer(run)["us"] if timer else 0.0
     for bm, bi, swap, warps, stages, pps, tail, *srt_x in configs:
         cfg = kern.RoutedConfig(block_m=bm, fc1_block_i=bi, fc1_block_k=128, fc1_swap_ab=swap, fc1_warps=warps,
@@ -91,6 +95,19 @@ def compare(dims, r, device, timer=None, configs=CONFIGS, dense_configs=DENSE):
     return out
 
 
+# ``--cute`` (the CuTe DSL bundle on the device): the dense FC1 on the CuTe kernel too, with each
+# k-tile's fp8 products promoted into fp32 (``promote=1``: a producer warp and two consumer
+# warpgroups that are not held in step, so one's wait and adds run under the other's MMAs; the
+# Triton loops wait for each product with the whole CTA in step, docs/routed.md "Ninth
+# session"), and one tile without promotion (fast accumulation: the precision the Triton FC1 gave
+# up in f759edd) for the cost of the promotion itself
+CUTE = (Fc1CuteConfig(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0),
+        Fc1CuteConfig(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0, promote=1),
+        Fc1CuteConfig(tile_i=96, tile_m=128, tile_k=128, consumers=2, swap_ab=0, promote=1),
+        Fc1CuteConfig(tile_i=64, tile_m=128, tile_k=256, consumers=2, swap_ab=0, promote=1),
+        Fc1CuteConfig(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0, cluster_n=2, promote=1),
+        Fc1CuteConfig(tile_i=128, tile_m=64, tile_k=128, consumers=2, promote=1))
+
 if "--check" in sys.argv:
     compare((256, 4, 256), 40, "cpu", configs=((16, 64, False, 4, 2, 1, 0), (32, 64, True, 4, 2, 1, 16),
                                                 (32, 64, True, 4, 2, 1, 0, True)),
@@ -106,7 +123,9 @@ elif __name__ == "__main__":
     for shape in (args[0] if args else "qwen3-30b-a3b,deepseek-v3-tp8").split(","):
         s = SHAPES[shape]
         for r in [int(v) for v in (args[1] if len(args) > 1 else "128,256").split(",")]:
-            res = compare((s.hidden, s.experts, s.inter), r, "cuda", timer)
+            res = compare((s.hidden, s.experts, s.inter), r, "cuda", timer,
+                          dense_configs=DENSE + (tuple(c for c in CUTE if s.inter % c.tile_i == 0)
+                                                 if "--cute" in sys.argv else ()))
             d = res["dense"]
             print(f"vs_dense {shape} r={r}: dense {d:.1f} | " +
                   ", ".join(f"{k} {us:.1f} ({us / d:.2f}x)" for k, us in res.items() if k != "dense"), flush=True)

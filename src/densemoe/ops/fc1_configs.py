@@ -126,18 +126,24 @@ def default_cute_config(problem: Fc1Problem) -> Fc1CuteConfig:
     warpgroups from 64 tokens up, one below); above 128 tokens: tokens as wgmma's M, 128 tokens
     x 128 gate + 128 up rows, two consumers. The tile of I shrinks to 64 (then 32 unswapped)
     where 128 does not divide I. k-tile 128 bytes per row (deepest ring). One CTA per SM.
+    fp8: ``promote=1`` (each k-tile's products added into fp32, the Triton kernels' precision);
+    its temporaries double the accumulator registers, so where the tile above does not fit
+    them, the next that does (ending with tokens as wgmma's M, 128 tokens x 64 rows of I).
     Raises ValueError when no CuTe config fits (H not a multiple of 128 bytes, I not a
     multiple of 64 / 32, M too large for 32-bit indices).
     """
     p = problem
     tk = 128 // p.dtype.itemsize
+    promote = int(p.dtype == torch.float8_e4m3fn)
     if p.m <= 128:
         tm = next(t for t in (16, 32, 64, 128) if p.m <= t)
         cons = 2 if tm >= 64 else 1
-        cands = [Fc1CuteConfig(tile_i=ti, tile_m=tm, tile_k=tk, consumers=c, swap_ab=1)
+        cands = [Fc1CuteConfig(tile_i=ti, tile_m=tm, tile_k=tk, consumers=c, swap_ab=1, promote=promote)
                  for ti, c in ((128, cons), (64, 1))]
     else:
-        cands = [Fc1CuteConfig(tile_i=ti, tile_m=128, tile_k=tk, consumers=2, swap_ab=0) for ti in (128, 64, 32)]
+        cands = []
+    cands += [Fc1CuteConfig(tile_i=ti, tile_m=128, tile_k=tk, consumers=2, swap_ab=0, promote=promote)
+              for ti in (128, 64, 32)]
     why = ""
     for cfg in cands:
         ok, why = cute_fc1.can_implement(p, cfg)

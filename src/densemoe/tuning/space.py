@@ -140,8 +140,9 @@ def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> 
     or 128 with two; tokens as M: two consumers above M = 64); above M = 128 also 256-token
     tiles (two 64-row atoms per consumer, tile of I 64/96) alone, with ``cluster_n=2`` and,
     where there are two or more such tiles, ``cluster_m=2``, and the 128-token tiles with
-    ``cluster_m=2`` (the weight tile multicast to two token tiles) and with both. At most 30
-    CuTe tactics per M bucket."""
+    ``cluster_m=2`` (the weight tile multicast to two token tiles) and with both. fp8: all of
+    them with ``promote=1`` where its temporaries fit, and tokens as wgmma's M at 128 tokens x
+    64 or 96 rows of I (alone and with ``cluster_n=2``). At most 30 CuTe tactics per M bucket."""
     p = problem
     out: list = []
     ks = sorted({kb // p.dtype.itemsize for kb in (128, 256)})
@@ -191,6 +192,15 @@ def fc1_space(problem: Fc1Problem, backends=("triton",), num_sms: int = 132) -> 
                 cands.append(C(tile_i=ti, tile_m=128, tile_k=tk, consumers=2, swap_ab=0, cluster_m=2))
             for tk in ks:
                 cands.append(C(tile_i=128, tile_m=128, tile_k=tk, consumers=2, swap_ab=0, cluster_n=2, cluster_m=2))
+        if p.dtype == torch.float8_e4m3fn:
+            # fp8: every CuTe tactic promotes each k-tile's products into fp32 (the Triton
+            # kernels' precision; ``Fc1CuteConfig.promote``); the temporaries double the
+            # accumulators, so some tiles above no longer fit, and these do: tokens as wgmma's
+            # M at 128 tokens x 64 or 96 rows of I, swap-AB at 128 rows of I up to 64 tokens
+            cands = [dataclasses.replace(c, promote=1) for c in cands]
+            if p.m >= 64:
+                for ti, tk, cn in itertools.product((64, 96), ks, (1, 2)):
+                    cands.append(C(tile_i=ti, tile_m=128, tile_k=tk, consumers=2, swap_ab=0, cluster_n=cn, promote=1))
         for cfg in cands:
             if cute_fc1.can_implement(p, cfg)[0] and cfg not in out:
                 out.append(cfg)

@@ -42,6 +42,11 @@ Kernel.
   accumulators with identical layouts, so the SwiGLU pairing is element-wise in registers. A
   stage is released as soon as the wgmmas that read it are complete (one commit group in
   flight).
+* fp8 promotion (``promote=1``): each k-tile's gate and up products go into two temporaries
+  that are added into the fp32 accumulators one product behind the MMAs
+  (``hopper.mainloop_promoted``), as the Triton kernels' per-k-tile promotion does but without
+  leaving the tensor cores idle for each add. Without it the wgmmas sum all of H inside their
+  accumulators at Hopper's reduced fp8 precision (cuBLAS's fast accumulation).
 * Orientation (``swap_ab``): 1 = weights are wgmma's M operand (64 rows per consumer atom) and
   tokens its N (``tile_m`` 16..256: M = 1 costs a 16-wide token tile); 0 = tokens are wgmma's M
   (``tile_m = 64 * consumers``, or ``128 * consumers``: two 64-row atoms per consumer, so that
@@ -137,6 +142,12 @@ class Fc1CuteConfig:
     cluster_m: CTAs per cluster along the token tiles (1, 2, 4): they take neighbouring token
                tiles of the same weight tile, whose gate and up rows are multicast (each CTA
                loads tile_i / cluster_m of them); cluster_n * cluster_m <= 4
+    promote:   fp8 only. 0: the wgmmas accumulate all of H in their accumulators (Hopper's fp8
+               accumulation keeps a reduced-precision sum there: cuBLAS's fast accumulation);
+               1: each k-tile's gate and up products go into temporaries that are added into
+               the fp32 accumulators (``hopper.mainloop_promoted``: the adds one product behind
+               the MMAs), the precision of the Triton kernels and of cuBLAS without fast
+               accumulation; twice the accumulator registers
     """
 
     tile_i: int = 64
@@ -148,6 +159,7 @@ class Fc1CuteConfig:
     ctas: int = 0
     cluster_n: int = 1
     cluster_m: int = 1
+    promote: int = 0
 
     backend = "cute"
 
@@ -157,8 +169,8 @@ class Fc1CuteConfig:
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def from_str(s: str) -> "Fc1CuteConfig":
-        """Inverse of ``to_str``; fields a string lacks (e.g. the cluster sizes, in strings
-        written before they existed) take their defaults."""
+        """Inverse of ``to_str``; fields a string lacks (e.g. the cluster sizes or
+        ``promote``, in strings written before they existed) take their defaults."""
         body = s.removeprefix("fc1-cute:")
         return Fc1CuteConfig(**{k: int(v) for k, v in (kv.split("=") for kv in body.split(",") if kv)})
 
@@ -180,8 +192,9 @@ class Fc1CuteConfig:
         return min(16, (SMEM_BYTES - SMEM_RESERVE) // self.stage_bytes(dtype))
 
     def acc_regs(self) -> int:
-        """fp32 registers per consumer thread for the two accumulators."""
-        return 2 * self.tile_i * self.tile_m // (128 * self.consumers)
+        """fp32 registers per consumer thread for the two accumulators (and, ``promote``, their
+        two temporaries)."""
+        return (2 if self.promote else 1) * 2 * self.tile_i * self.tile_m // (128 * self.consumers)
 
     def scale_regs(self) -> int:
         """fp32 registers per consumer thread for the epilogue's per-token factors: two
@@ -205,6 +218,10 @@ def can_implement(problem: Fc1Problem, config: Fc1CuteConfig) -> tuple[bool, str
         return False, f"consumers={c.consumers} not in (1, 2)"
     if c.swap_ab not in (0, 1):
         return False, f"swap_ab={c.swap_ab} not in (0, 1)"
+    if c.promote not in (0, 1):
+        return False, f"promote={c.promote} not in (0, 1)"
+    if c.promote and p.dtype != FP8:
+        return False, "promote=1 is for fp8 inputs (bf16 wgmma accumulates in fp32 already)"
     if c.swap_ab:
         if c.tile_i not in (64, 128, 192, 256) or c.tile_i % (64 * c.consumers):
             return False, f"tile_i={c.tile_i} must be 64/128/192/256 and a multiple of 64 * consumers (wgmma M)"
@@ -225,8 +242,8 @@ def can_implement(problem: Fc1Problem, config: Fc1CuteConfig) -> tuple[bool, str
         return False, f"tile_k={c.tile_k} does not divide H={p.h}"
     regs = c.acc_regs() + c.scale_regs()
     if regs > MAX_ACC_REGS:
-        return False, (f"gate and up accumulators and the token factors need {regs} fp32 registers per "
-                       f"thread (limit {MAX_ACC_REGS})")
+        return False, (f"gate and up accumulators{' with their temporaries' if c.promote else ''} and the token "
+                       f"factors need {regs} fp32 registers per thread (limit {MAX_ACC_REGS})")
     stages = c.resolved_stages(p.dtype)
     if stages < 2:
         return False, f"stages={stages} must be >= 2"
@@ -279,6 +296,7 @@ def _build_kernel_class():
             self.w_tiles = e * self.i_tiles
             self.consumers = cfg.consumers
             self.swap = bool(cfg.swap_ab)
+            self.promote = bool(cfg.promote)
             self.cluster = (cfg.cluster_n, cfg.cluster_m)
             self.num_mcast_x = cfg.cluster_n  # token tile shared by CTAs on other weight tiles
             self.num_mcast_w = cfg.cluster_m  # gate / up tiles shared by CTAs on other token tiles
@@ -423,10 +441,18 @@ def _build_kernel_class():
                 if cutlass.const_expr(self.out_fp8):
                     inv_os = Float32(1.0) / mOscale[0]
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                if cutlass.const_expr(self.promote):
+                    tmp_g = cute.make_rmem_tensor(tCcC.shape, Float32)
+                    tmp_u = cute.make_rmem_tensor(tCcC.shape, Float32)
                 for cu in range(cluster_id, cunits, num_clusters):
-                    # the gate and the up products of each k-block in one commit group
-                    read, release = hopper.mainloop(tiled_mma, pipe, read, release, self.kt,
-                                                    ((acc_g, gA, gB), (acc_u, uA, uB)))
+                    if cutlass.const_expr(self.promote):
+                        # each k-tile's gate and up products into temporaries, added in fp32
+                        read, release = hopper.mainloop_promoted(tiled_mma, pipe, read, release, self.kt,
+                                                                 ((acc_g, gA, gB, tmp_g), (acc_u, uA, uB, tmp_u)))
+                    else:
+                        # the gate and the up products of each k-block in one commit group
+                        read, release = hopper.mainloop(tiled_mma, pipe, read, release, self.kt,
+                                                        ((acc_g, gA, gB), (acc_u, uA, uB)))
                     wt, mt = unit_tiles(cu, m_groups, ccoord[0], ccoord[1], cn, cm)
                     # a padding unit (past the weight tiles or the token tiles): computed on
                     # zeros, not stored

@@ -17,7 +17,8 @@ What lives here:
   while it traces (they emit exactly the IR of the code written inline): ``tiled_mma``,
   ``smem_layout``, ``tma_atom``, ``launch``, ``cluster_coords``, ``load_pipeline``,
   ``staged_tensor``, ``tma_slices``, ``producer_role``, ``consumer_role``;
-* ``mainloop``: the consumers' k-loop over one work unit (``@cute.jit``: dynamic control flow).
+* ``mainloop``: the consumers' k-loop over one work unit (``@cute.jit``: dynamic control flow);
+  ``mainloop_promoted`` the same with each k-tile's fp8 products added into fp32 accumulators.
 
 Each kernel keeps its own work list, epilogue and scaling. Every cutlass import is lazy, so
 this module (like the kernel modules' configs and ``can_implement``) imports without CuTe DSL.
@@ -284,7 +285,31 @@ def _jit_helpers():
         release.advance()
         return read, release
 
-    return {"mainloop": _mainloop}
+    @cute.jit
+    def _mainloop_promoted(tiled_mma: cute.TiledMma, pipe, read, release, k_tiles: int, gemms):
+        num_kb = cute.size(gemms[0][1], mode=[2])
+        for acc, _, _, _ in gemms:
+            acc.fill(0.0)
+        for kt in cutlass.range(k_tiles, unroll=1):
+            pipe.consumer_wait(read)
+            cute.nvgpu.warpgroup.fence()
+            for kb in cutlass.range_constexpr(num_kb):
+                coord = (None, None, kb, read.index)
+                # the first k-block overwrites the temporaries (wgmma's scale-d = 0): no zeros
+                # written into registers a wgmma of the previous k-tile defined
+                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
+                for _, op_a, op_b, tmp in gemms:
+                    cute.gemm(tiled_mma, tmp, op_a[coord], op_b[coord], tmp)
+            cute.nvgpu.warpgroup.commit_group()
+            cute.nvgpu.warpgroup.wait_group(0)
+            pipe.consumer_release(release)  # the stage is read: the producer may refill it
+            release.advance()
+            read.advance()
+            for acc, _, _, tmp in gemms:
+                acc.store(acc.load() + tmp.load())
+        return read, release
+
+    return {"mainloop": _mainloop, "mainloop_promoted": _mainloop_promoted}
 
 
 def mainloop(tiled_mma, pipe, read, release, k_tiles: int, gemms):
@@ -294,3 +319,23 @@ def mainloop(tiled_mma, pipe, read, release, k_tiles: int, gemms):
     it is complete (at most two stages held; any number of k-tiles). The caller sets
     ``ACCUMULATE`` on ``tiled_mma`` once. Returns the advanced (read, release) states."""
     return _jit_helpers()["mainloop"](tiled_mma, pipe, read, release, k_tiles, gemms)
+
+
+def mainloop_promoted(tiled_mma, pipe, read, release, k_tiles: int, gemms):
+    """``mainloop`` with each k-tile's fp8 products promoted into fp32 (DeepGEMM's promotion,
+    what cuBLAS does without fast accumulation): every ``(acc, A, B, tmp)`` of ``gemms``
+    multiplies a k-tile into its temporary ``tmp`` (from zero, one commit group a product), and
+    the temporary is added into ``acc`` in fp32 once its group is complete. Hopper's fp8 wgmma
+    keeps a reduced-precision sum inside the accumulator, so without this the error grows with
+    the k-tiles summed in it (docs/routed.md, "fp8 accumulation").
+
+    The adds run one product behind the MMAs: after committing product p the warpgroup waits
+    for all groups but the newest (``wait_group(1)``), adds product p-1's temporary (the last
+    product of the previous k-tile for p = 0) and then issues product p+1, so the tensor cores
+    have product p while the adds of p-1 run. Triton's per-k-tile promotion
+    (``max_num_imprecise_acc``) waits for each product before its add instead (the SASS shows
+    ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after every product), which leaves the tensor cores idle
+    for the wait and the add. A stage is released once both of its k-tile's products are
+    complete (at the next k-tile's first wait). Registers: one temporary per product on top of
+    the accumulators (``can_implement`` counts them)."""
+    return _jit_helpers()["mainloop_promoted"](tiled_mma, pipe, read, release, k_tiles, gemms)
