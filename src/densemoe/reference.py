@@ -331,3 +331,12 @@ def routed_experts_ref(x: torch.Tensor, w1: torch.Tensor, alpha1: torch.Tensor, 
             part = w2[:, e * I:(e + 1) * I].to(compute_dtype) @ v
             out[m] += topk_weights[m, j].to(compute_dtype) * w2_scale[e].to(compute_dtype) * part
     return out
+
+
+def tile_list_ref(offsets: torch.Tensor, block_m: int) -> torch.Tensor:
+    """The routed path's tiles of ``block_m`` sorted rows as a list (``densemoe.kernels.triton.
+    routed.tile_list_launch``): [tiles, 2] int32 (expert, first row), the experts in order, each
+    expert's rows from ``offsets[e]`` in steps of ``block_m``."""
+    off = offsets.cpu().tolist()
+    rows = [(e, r) for e in range(len(off) - 1) for r in range(off[e], off[e + 1], block_m)]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)

@@ -309,7 +309,29 @@ def _jit_helpers():
                 acc.store(acc.load() + tmp.load())
         return read, release
 
-    return {"mainloop": _mainloop, "mainloop_promoted": _mainloop_promoted}
+    @cute.jit
+    def _mainloop_promoted_shared(tiled_mma: cute.TiledMma, pipe, read, release, k_tiles: int, gemms, tmp):
+        num_kb = cute.size(gemms[0][1], mode=[2])
+        for acc, _, _ in gemms:
+            acc.fill(0.0)
+        for kt in cutlass.range(k_tiles, unroll=1):
+            pipe.consumer_wait(read)
+            for acc, op_a, op_b in gemms:
+                cute.nvgpu.warpgroup.fence()
+                for kb in cutlass.range_constexpr(num_kb):
+                    coord = (None, None, kb, read.index)
+                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
+                    cute.gemm(tiled_mma, tmp, op_a[coord], op_b[coord], tmp)
+                cute.nvgpu.warpgroup.commit_group()
+                cute.nvgpu.warpgroup.wait_group(0)
+                acc.store(acc.load() + tmp.load())
+            pipe.consumer_release(release)
+            release.advance()
+            read.advance()
+        return read, release
+
+    return {"mainloop": _mainloop, "mainloop_promoted": _mainloop_promoted,
+            "mainloop_promoted_shared": _mainloop_promoted_shared}
 
 
 def mainloop(tiled_mma, pipe, read, release, k_tiles: int, gemms):
@@ -339,3 +361,12 @@ def mainloop_promoted(tiled_mma, pipe, read, release, k_tiles: int, gemms):
     complete (at the next k-tile's first wait). Registers: one temporary per product on top of
     the accumulators (``can_implement`` counts them)."""
     return _jit_helpers()["mainloop_promoted"](tiled_mma, pipe, read, release, k_tiles, gemms)
+
+
+def mainloop_promoted_shared(tiled_mma, pipe, read, release, k_tiles: int, gemms, tmp):
+    """``mainloop_promoted`` with one temporary for all products (``gemms`` = ``((acc, A, B),
+    ...)``): each product's k-tile goes into ``tmp`` and is added into its accumulator before
+    the next product is issued (one wait per product). One temporary instead of one per
+    product: the registers of 128 gate + 128 up columns a warpgroup (3 x 64 a thread), so that a
+    unit spans a whole 128-column group of fp8 y (``routed_fc1_sm90``)."""
+    return _jit_helpers()["mainloop_promoted_shared"](tiled_mma, pipe, read, release, k_tiles, gemms, tmp)

@@ -364,6 +364,42 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 
 
 @triton.jit
+def _tile_list_kernel(offsets_ptr, tiles_ptr, count_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """Program e writes its expert's tiles of BLOCK_M sorted rows into the list: tiles[t] =
+    (e, first row), t from the running count of the experts before it; program 0 the count."""
+    e = tl.program_id(0)
+    run, tiles, total = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
+    ex = tl.arange(0, E_PAD)
+    first = tl.sum(tl.where(ex == e, run - tiles, 0), axis=0)
+    mine = tl.sum(tl.where(ex == e, tiles, 0), axis=0)
+    lo = tl.load(offsets_ptr + e)
+    for j0 in range(0, mine, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        ok = j < mine
+        tl.store(tiles_ptr + (first + j) * 2, tl.full((CHUNK,), 0, tl.int32) + e, mask=ok)
+        tl.store(tiles_ptr + (first + j) * 2 + 1, lo + j * BLOCK_M, mask=ok)
+    if e == 0:
+        tl.store(count_ptr, total)
+
+
+def tile_list_launch(offsets: torch.Tensor, num_experts: int, block_m: int, tiles: torch.Tensor,
+                     count: torch.Tensor) -> None:
+    """The tiles of ``block_m`` sorted rows as a list, for kernels that take one (the CuTe
+    routed FC1): ``tiles`` [T, 2] int32 (expert, first row), each expert's in row order, the
+    experts in order, T at least the worst case (``max_tiles``); ``count`` [1] int32 the number
+    written. On the GPU, no host sync (graph-capturable)."""
+    if tiles.dtype != torch.int32 or count.dtype != torch.int32 or not tiles.is_contiguous():
+        raise ValueError("tiles and count must be contiguous int32")
+    if num_experts == 0:
+        count.zero_()
+        return
+    _tile_list_kernel[(num_experts,)](offsets, tiles, count, num_experts, BLOCK_M=block_m,
+                                      E_PAD=triton.next_power_of_2(num_experts), CHUNK=64, num_warps=1,
+                                      **launch_kwargs(offsets.device))
+
+
+@triton.jit
 def _fc1_loop(e, it, tok, r_ok, tok_t, t_ok, x_ptr, w_desc, w_ptr, xs_ptr, ws_ptr, H, I, stride_xm, stride_wn,
               stride_xsm, stride_wsr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
               TAIL_M: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
