@@ -251,3 +251,97 @@ def test_graph_replay_with_other_routings(dtype):
             b_[want[2].long()] = ref
             assert torch.equal(a_.view(torch.uint8) if got.dtype == FP8 else a_,
                                b_.view(torch.uint8) if ref.dtype == FP8 else b_)
+
+
+# ---------------------------------------------------------------------------------- in the routed path
+
+def _qwen3(M, dtype=FP8, block=0):
+    from densemoe.kernels.common import RoutedProblem
+
+    return RoutedProblem(M, 2048, 128, 768, 8, dtype, BF16, block)
+
+
+def _cute_cfg(**kw):
+    base = dict(block_m=64, fc1_block_i=128, fc1_block_k=128, fc2_block_n=128, fc2_block_k=128, fc2_warps=4,
+                fc2_stages=4, programs_per_sm=2, fc1_cute=True)
+    return kern.RoutedConfig(**{**base, **kw})
+
+
+def test_fc1_cute_field_string_and_rules():
+    from densemoe.ops import routed_configs
+
+    cfg = _cute_cfg()
+    assert kern.RoutedConfig.from_str(cfg.to_str()) == cfg and "fc1:cute-i128k128" in cfg.short()
+    old = cfg.to_str().rsplit(",", 1)[0]  # a string written before the field: the Triton FC1
+    assert kern.RoutedConfig.from_str(old) == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False})
+    assert routed_configs.can_implement(_qwen3(4096), cfg)[0]
+    assert routed_configs.can_implement(_qwen3(4096, BF16), _cute_cfg(fc1_block_k=64, fc2_block_k=64))[0]
+    for kw, why in ((dict(fc1_swap_ab=True), "fc1_cute"), (dict(fc1_tail_m=16), "fc1_cute"),
+                    (dict(fc1_sorted_x=True), "fc1_cute"), (dict(fc1_warps=8), "fc1_cute"),
+                    (dict(fc1_block_i=256, fc2_block_k=128), "fc1_cute")):
+        ok, msg = routed_configs.can_implement(_qwen3(4096), _cute_cfg(**kw))
+        assert not ok and why in msg, (kw, msg)
+    # the CuTe rules through the op layer's validity function: k-tile bytes, block weights
+    ok, msg = routed_configs.can_implement(_qwen3(4096), _cute_cfg(fc1_block_k=64))
+    assert not ok and "128 or 256 bytes" in msg, msg
+    ok, msg = routed_configs.can_implement(_qwen3(4096, block=128), _cute_cfg())
+    assert not ok and "block-scaled" in msg, msg
+
+
+def test_space_offers_fc1_cute_where_experts_get_many_rows():
+    from densemoe.ops import routed_configs
+    from densemoe.tuning.space import routed_space
+
+    for M, want in ((4096, True), (2048, True), (128, False), (1, False)):
+        for dt in (FP8, BF16):
+            sp = routed_space(_qwen3(M, dt))
+            cute = [c for c in sp if c.fc1_cute]
+            assert bool(cute) == want, (M, dt)
+            assert all(routed_configs.can_implement(_qwen3(M, dt), c)[0] for c in cute)
+            assert {c.fc1_block_i for c in cute} == ({64, 128} if want else set())
+    assert not [c for c in routed_space(_qwen3(4096, FP8, 128)) if c.fc1_cute]
+
+
+def test_choose_runs_a_tuned_fc1_cute_on_triton_where_cute_cannot(monkeypatch):
+    """A table entry naming fc1_cute (tuned on an H200) on a device without it (here the CPU):
+    the same tiles with the Triton FC1; a pinned one says why it cannot run."""
+    from densemoe.ops import routed_configs
+    from densemoe.tuning import cache
+
+    cfg = _cute_cfg()
+    entry = {"best": {"backend": "triton", "config": cfg.to_str(), "us": 1.0}}
+    monkeypatch.setattr(cache, "lookup_or_autotune", lambda key, problem, device: (entry, "shipped"))
+    monkeypatch.setenv("DENSEMOE_TUNED", "1")
+    ch = routed_configs.choose(_qwen3(4096), "cpu")
+    assert ch.config == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False}) and ch.source == "shipped"
+    with pytest.raises(ValueError, match="runs FC1 on CuTe, which cannot run here"):
+        routed_configs.choose(_qwen3(4096), "cpu", config=cfg)
+    # where CuTe runs, the entry as it is
+    monkeypatch.setattr(routed_configs, "cute_fc1_runs_on", lambda device: (True, ""))
+    assert routed_configs.choose(_qwen3(4096), "cpu").config == cfg
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("M", [100, 2048])
+def test_routed_experts_with_fc1_cute_on_model_shapes(shape, dtype, M):
+    """The whole routed path with FC1 on CuTe: within torch's error at the kernels' precision
+    (the routed GPU tests' bound), and within 1e-2 of the Triton FC1's output."""
+    import dataclasses
+
+    from test_routed_gpu import _case, _within_torch
+
+    from densemoe.ops.routed import routed_experts
+    from densemoe.weights import prepare_weights
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 21)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    bk = 128 if dtype == "fp8" else 64
+    cfg = _cute_cfg(fc1_block_k=bk, fc2_block_k=bk)
+    out = routed_experts(x, pw, ids, wts, config=cfg)
+    assert torch.isfinite(out).all()
+    _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
+    plain = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc1_cute=False))
+    assert ((out.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-2

@@ -67,7 +67,18 @@ def _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg: RoutedConfig, w1_block_sca
     else:
         y = torch.empty((P, I), dtype=torch.bfloat16, device=dev)
         ys = None
-    kern.fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, ys, k, cfg, w_block_scale=w1_block_scale)
+    if cfg.fc1_cute:  # the CuTe FC1: a sorted copy of x (TMA has no gather) and its tile list
+        from densemoe.kernels.cute import routed_fc1_sm90 as cute_fc1
+
+        xs_sorted = torch.empty((P, x.shape[1]), dtype=x.dtype, device=dev)
+        kern.sorted_rows_launch(x, sorted_pairs, offsets, k, xs_sorted)
+        tiles = torch.empty((cute_fc1.max_tiles(P, E), 2), dtype=torch.int32, device=dev)
+        count = torch.empty(1, dtype=torch.int32, device=dev)
+        kern.tile_list_launch(offsets, E, cute_fc1.TILE_M, tiles, count)
+        cute_fc1.routed_fc1_cute(xs_sorted, w1, alpha1, x_scale, sorted_pairs, offsets, tiles, count, y, ys, k,
+                                 routed_configs.cute_fc1_config(cfg))
+    else:
+        kern.fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, ys, k, cfg, w_block_scale=w1_block_scale)
     return sorted_pairs, offsets, y, ys
 
 

@@ -3,8 +3,10 @@
 ``choose(problem, device, config=None)`` is the one answer to "which tiles run this routed call":
 the op, the tuner and the benchmarks all ask it. In order: a pinned config ("pinned"); the tuned
 entry for the problem's key ("cache" / "shipped", ``densemoe.tuning.cache``) unless
-``tuned=False``; ``default_config`` ("heuristic"). Every answer passes
-``kernels.triton.routed.can_implement``.
+``tuned=False``; ``default_config`` ("heuristic"). Every answer passes ``can_implement`` (the
+Triton kernels' rules and, for ``fc1_cute``, the CuTe FC1's). A tuned config with ``fc1_cute``
+on a device where CuTe does not run (not sm_90, or CuTe DSL not installed) runs the same tiles
+with the Triton FC1; a pinned one raises.
 
 The default rule reads the rows an expert gets on average, r = M * top_k / E (uniform routing).
 It is the pattern of the H200 tuning run of 2026-12-05 (fp8, DeepSeek-V3 TP8 and Qwen3-30B-A3B,
@@ -29,7 +31,9 @@ import dataclasses
 import torch
 
 from densemoe.kernels.common import RoutedProblem
-from densemoe.kernels.triton.routed import RoutedConfig, can_implement
+from densemoe.kernels.cute import routed_fc1_sm90 as cute_fc1
+from densemoe.kernels.triton import routed as kern
+from densemoe.kernels.triton.routed import RoutedConfig
 from densemoe.ops import choice
 from densemoe.ops.choice import Choice
 
@@ -44,6 +48,33 @@ ROWS_TABLE = (
     (64, 32, True, 128, 256, 2, 3, 3),
     (None, 64, False, 128, 128, 2, 2, 4),
 )
+
+
+def cute_fc1_config(cfg: RoutedConfig) -> "cute_fc1.RoutedFc1CuteConfig":
+    """The CuTe FC1 tactic of a config with ``fc1_cute``: its tile of I and k-tile, the deepest
+    ring, one CTA per SM."""
+    return cute_fc1.RoutedFc1CuteConfig(tile_i=cfg.fc1_block_i, tile_k=cfg.fc1_block_k)
+
+
+def can_implement(problem: RoutedProblem, cfg: RoutedConfig) -> tuple[bool, str]:
+    """The one validity function of the routed configs (the default rule, the tuned-table lookup,
+    the space and the tuner): ``kernels.triton.routed.can_implement``, and with ``fc1_cute`` the
+    CuTe FC1's own rules (``routed_fc1_sm90.can_implement``). Shape rules only: whether this
+    device runs CuTe is ``choose``'s question."""
+    ok, why = kern.can_implement(problem, cfg)
+    if ok and cfg.fc1_cute:
+        y_dtype = FP8 if problem.dtype == FP8 else torch.bfloat16
+        ok, why = cute_fc1.can_implement(problem.h, problem.e, problem.i, problem.dtype, y_dtype,
+                                         cute_fc1_config(cfg), problem.m * problem.top_k)
+        why = f"fc1_cute: {why}" if not ok else ""
+    return ok, why
+
+
+def cute_fc1_runs_on(device) -> tuple[bool, str]:
+    """Whether the CuTe FC1 runs on ``device`` (sm_90 and CuTe DSL installed)."""
+    from densemoe.kernels.cute import hopper
+
+    return hopper.device_ok(torch.device(device))
 
 
 def default_config(problem: RoutedProblem) -> RoutedConfig:
@@ -90,12 +121,22 @@ def choose(problem: RoutedProblem, device, *, config: RoutedConfig | None = None
         if deterministic and config.atomic_combine:
             raise RuntimeError(f"{OP}: atomic_combine=True is not deterministic, and "
                                "torch.use_deterministic_algorithms(True) is on")
+        if config.fc1_cute:
+            ok, why = cute_fc1_runs_on(device)
+            if not ok:
+                raise ValueError(f"{OP}: config {config.short()} runs FC1 on CuTe, which cannot run here: {why}")
         return Choice("triton", config, "pinned")
     if tuned:
         hit = choice.tuned("routed", problem, device, "triton", lambda: (False, "no CuTe routed kernel"),
                            parse_config, {"triton": can_implement})
         if hit is not None:
             if deterministic and hit.config.atomic_combine:
-                return hit._replace(config=dataclasses.replace(hit.config, atomic_combine=False))
-            return hit
+                hit = hit._replace(config=dataclasses.replace(hit.config, atomic_combine=False))
+            if hit.config.fc1_cute and not cute_fc1_runs_on(device)[0]:
+                # tuned where CuTe runs, not here: the same tiles with the Triton FC1
+                plain = dataclasses.replace(hit.config, fc1_cute=False)
+                if can_implement(problem, plain)[0]:
+                    return hit._replace(config=plain)
+            else:
+                return hit
     return Choice("triton", default_config(problem), "heuristic")

@@ -28,7 +28,6 @@ from densemoe.kernels.triton.fc1 import can_implement as fc1_can_implement
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig
 from densemoe.kernels.triton.fc2 import can_implement as triton_can_implement
 from densemoe.kernels.triton.routed import RoutedConfig
-from densemoe.kernels.triton.routed import can_implement as routed_can_implement
 from densemoe.ops import fc1_configs, fc2_configs, routed_configs
 from densemoe.ops.strategy import expected_picked
 
@@ -289,6 +288,10 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       256) FC2's k-step 256, flattened. (The H200's fp8 tuning of 2026-12-05 picked the widest
       tile with two programs per SM at M = 4-2048; three and four were not in its space.)
 
+    * FC1 on the CuTe kernel (``fc1_cute``) where an expert gets 32 rows or more on average: its
+      tiles of I 128 and 64 and k-tiles of 128 and 256 bytes, with the unswapped bases' FC2 at
+      one and two programs an SM (not with block-scaled weights).
+
     Block-scaled weights (``problem.block``): FC1's tile and both k-steps are the block and FC2's
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
@@ -334,7 +337,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                             fc2_stages=s2, programs_per_sm=pps, **flags)
 
     def add(cfg):
-        if cfg is not None and cfg not in out and routed_can_implement(p, cfg)[0]:
+        if cfg is not None and cfg not in out and routed_configs.can_implement(p, cfg)[0]:
             out.append(cfg)
 
     bases = []
@@ -405,6 +408,21 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                        (64, dict(pps=2, fc1_sorted_x=True))):
             if bi in bis:
                 add(make(128, True, bi, bn, **kw))
+    if rows >= 32 and not getattr(p, "block", 0):
+        # FC1 on the CuTe kernel (``fc1_cute``: 128-row tiles of its own, two consumer warpgroups
+        # not in step, fp8 promoted per k-tile): tiles of I 128 and 64, k-tiles of 128 and 256
+        # bytes, beside the FC2 of the unswapped bases' middle tiles, one and two programs an SM
+        for bm, swap in bases:
+            if swap:
+                continue
+            bn = 128 if 128 in bns else bns[-1]
+            for bi, k1 in itertools.product((128, 64), (1, 2)):
+                for pps in (1, 2):
+                    base = make(bm, False, bi, bn, pps=pps, k2=min(128 if fp8 else 64, bi))
+                    if base is None:
+                        continue
+                    add(dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
+                                            fc1_warps=4, fc1_stages=3, fc1_swap_ab=False))
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 

@@ -97,8 +97,13 @@ class RoutedConfig:
     sorted order, so a tile's are contiguous: no copy needed) instead of pointer loads; the rows
     of the box past the tile's belong to masked outputs (those past the valid pairs were never
     written: they only reach masked rows of the product). Where the device has TMA and tma is on.
-    The same products: the same bits. Fields added later than a stored config string default
-    (``from_str``)."""
+    The same products: the same bits.
+    ``fc1_cute``: FC1 runs on the CuTe DSL kernel (``kernels/cute/routed_fc1_sm90.py``, chosen
+    by the op layer: this module never imports it) on a sorted copy of x, with its own tiles of
+    128 rows (FC2 keeps ``block_m``): ``fc1_block_i`` is its tile of I and fp8 y's scale group,
+    ``fc1_block_k`` its k-tile; FC1's other fields are not used (``config_problems`` keeps them at
+    one value, so that one CuTe FC1 has one config string). Fields added later than a stored
+    config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -121,6 +126,7 @@ class RoutedConfig:
     fc1_tail_m: int = 0  # > 0: an expert's rest of <= this many rows rides on its last whole FC1 tile
     fc1_sorted_x: bool = False  # FC1 reads x from a copy in the sorted order (TMA where it can), not gathered
     fc2_y_tma: bool = False  # FC2 loads a tile's y rows (contiguous: sorted order) through TMA, not by pointer
+    fc1_cute: bool = False  # FC1 on the CuTe DSL kernel (the op layer's choice; FC1's tile of I and k-tile only)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -143,7 +149,8 @@ class RoutedConfig:
         return not self.atomic_combine
 
     def short(self) -> str:
-        return (f"m{self.block_m}/fc1:i{self.fc1_block_i}k{self.fc1_block_k}{'s' if self.fc1_swap_ab else ''}"
+        return (f"m{self.block_m}/fc1:{'cute-' if self.fc1_cute else ''}i{self.fc1_block_i}k{self.fc1_block_k}"
+                f"{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}"
                 f"{'x' if self.fc1_sorted_x else ''}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}{'y' if self.fc2_y_tma else ''}"
@@ -153,7 +160,8 @@ class RoutedConfig:
 
 
 # fields appended after tables were stored: a string without them takes their defaults
-_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma")
+_LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma",
+                 "fc1_cute")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -181,7 +189,9 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
         if cfg.fc2_col_groups > -(-problem.h // cfg.fc2_block_n):
             bad.append(f"fc2_col_groups={cfg.fc2_col_groups} exceeds H's {-(-problem.h // cfg.fc2_block_n)} "
                        f"column tiles of {cfg.fc2_block_n}")
-    if fc1_stage * cfg.fc1_stages > SMEM_BYTES - 1024:
+    if cfg.fc1_cute and blk:
+        bad.append("fc1_cute: the CuTe FC1 takes per-expert scales, not block-scaled weights")
+    if fc1_stage * cfg.fc1_stages > SMEM_BYTES - 1024 and not cfg.fc1_cute:
         bad.append(f"FC1's {cfg.fc1_stages} stages of {fc1_stage} B exceed shared memory")
     if fc2_stage * cfg.fc2_stages > SMEM_BYTES - 1024:
         bad.append(f"FC2's {cfg.fc2_stages} stages of {fc2_stage} B exceed shared memory")
@@ -215,6 +225,11 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
                    f"(a tile with a tail runs a loop of its own)")
     if cfg.fc1_sorted_x and cfg.fc1_tail_m:
         bad.append("fc1_sorted_x with fc1_tail_m: the tail's rows would need a second x descriptor; one at most")
+    if cfg.fc1_cute and (cfg.fc1_block_i not in (64, 128) or cfg.fc1_swap_ab or cfg.fc1_tail_m or cfg.fc1_sorted_x
+                         or (cfg.fc1_warps, cfg.fc1_stages) != (4, 3)):
+        bad.append("fc1_cute: FC1's tile of I must be 64 or 128, and its Triton fields at their defaults "
+                   "(fc1_swap_ab, fc1_tail_m, fc1_sorted_x off, fc1_warps 4, fc1_stages 3: the CuTe kernel "
+                   "has its own tiles and copy of x)")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
