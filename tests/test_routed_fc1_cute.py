@@ -272,7 +272,7 @@ def test_fc1_cute_field_string_and_rules():
 
     cfg = _cute_cfg()
     assert kern.RoutedConfig.from_str(cfg.to_str()) == cfg and "fc1:cute-i128k128" in cfg.short()
-    old = cfg.to_str().rsplit(",", 1)[0]  # a string written before the field: the Triton FC1
+    old = cfg.to_str().rsplit(",", 2)[0]  # a string written before the fields: the Triton FC1
     assert kern.RoutedConfig.from_str(old) == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False})
     assert routed_configs.can_implement(_qwen3(4096), cfg)[0]
     assert routed_configs.can_implement(_qwen3(4096, BF16), _cute_cfg(fc1_block_k=64, fc2_block_k=64))[0]
@@ -314,7 +314,7 @@ def test_choose_runs_a_tuned_fc1_cute_on_triton_where_cute_cannot(monkeypatch):
     monkeypatch.setenv("DENSEMOE_TUNED", "1")
     ch = routed_configs.choose(_qwen3(4096), "cpu")
     assert ch.config == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False}) and ch.source == "shipped"
-    with pytest.raises(ValueError, match="runs FC1 on CuTe, which cannot run here"):
+    with pytest.raises(ValueError, match="runs a GEMM on CuTe, which cannot run here"):
         routed_configs.choose(_qwen3(4096), "cpu", config=cfg)
     # where CuTe runs, the entry as it is
     monkeypatch.setattr(routed_configs, "cute_fc1_runs_on", lambda device: (True, ""))

@@ -153,3 +153,10 @@ def split_workspace(m: int, n: int, m_tiles: int, n_tiles: int, cut: bool, devic
         return buf[: m * n], buf[m * n:].view(torch.int32)
     ws = torch.zeros(need, dtype=torch.float32, device=device)
     return ws, ws[m * n:].view(torch.int32)
+
+
+def max_tiles(pairs: int, experts: int, block_m: int) -> int:
+    """Tiles of ``block_m`` sorted rows a routing of ``pairs`` over ``experts`` can need at most:
+    every expert's last one part-filled, none empty (the size of a tile list that any routing
+    fits: CUDA graphs replay with any)."""
+    return max(1, min(pairs, (pairs + experts * (block_m - 1)) // block_m))

@@ -88,7 +88,19 @@ def _fc2_stage(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_ids, topk_weight
     of the output: ``RoutedStages``)."""
     M, k = topk_ids.shape
     dev = y.device
-    if cfg.atomic_combine:  # the pairs add into fp32 token rows; one cast to out's dtype
+    if cfg.fc2_cute and _cute_fc2_takes(cfg, y, ys, w2, w2_scale):  # FC2 on CuTe: each pair's row, then the combine
+        from densemoe.kernels.cute import routed_fc2_sm90 as cute_fc2
+
+        E = w2_scale.shape[0]
+        P = M * k
+        tiles = torch.empty((cute_fc2.max_tiles(P, E), 2), dtype=torch.int32, device=dev)
+        count = torch.empty(1, dtype=torch.int32, device=dev)
+        kern.tile_list_launch(offsets, E, cute_fc2.TILE_M, tiles, count)
+        rows = torch.empty((P, w2.shape[0]), dtype=torch.bfloat16, device=dev)
+        cute_fc2.routed_fc2_cute(y, ys, w2, w2_scale, topk_weights.reshape(-1), sorted_pairs, offsets, tiles, count,
+                                 rows, routed_configs.cute_fc2_config(cfg))
+        kern.combine_launch(rows, topk_ids, out, E)
+    elif cfg.atomic_combine:  # the pairs add into fp32 token rows; one cast to out's dtype
         acc = torch.zeros((M, w2.shape[0]), dtype=torch.float32, device=dev)
         kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, acc, cfg.fc1_block_i, cfg, k,
                         w_block_scale=w2_block_scale)
@@ -99,6 +111,16 @@ def _fc2_stage(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_ids, topk_weight
                         w_block_scale=w2_block_scale, topk_ids=topk_ids, out=out)
         if not cfg.fused_combine:  # (fused: FC2's last pair of each token summed its rows into out)
             kern.combine_launch(rows, topk_ids, out, w2_scale.shape[0])
+
+
+def _cute_fc2_takes(cfg, y, ys, w2, w2_scale) -> bool:
+    """Whether the CuTe FC2 takes this piece of w2 (``RoutedStages`` runs column pieces of H;
+    a piece its tile of H does not divide runs on the Triton FC2)."""
+    from densemoe.kernels.cute import routed_fc2_sm90 as cute_fc2
+
+    group = y.shape[1] // ys.shape[1] if ys is not None else cfg.fc2_block_k
+    return cute_fc2.can_implement(w2.shape[0], w2_scale.shape[0], y.shape[1], y.dtype, group,
+                                  routed_configs.cute_fc2_config(cfg), y.shape[0])[0]
 
 
 @torch.library.custom_op("densemoe::routed_experts", mutates_args=("out",))

@@ -4,9 +4,9 @@
 the op, the tuner and the benchmarks all ask it. In order: a pinned config ("pinned"); the tuned
 entry for the problem's key ("cache" / "shipped", ``densemoe.tuning.cache``) unless
 ``tuned=False``; ``default_config`` ("heuristic"). Every answer passes ``can_implement`` (the
-Triton kernels' rules and, for ``fc1_cute``, the CuTe FC1's). A tuned config with ``fc1_cute``
-on a device where CuTe does not run (not sm_90, or CuTe DSL not installed) runs the same tiles
-with the Triton FC1; a pinned one raises.
+Triton kernels' rules and, for ``fc1_cute`` / ``fc2_cute``, the CuTe kernels'). A tuned config
+with either on a device where CuTe does not run (not sm_90, or CuTe DSL not installed) runs the
+same tiles with the Triton kernels; a pinned one raises.
 
 The default rule reads the rows an expert gets on average, r = M * top_k / E (uniform routing).
 It is the pattern of the H200 tuning run of 2026-12-05 (fp8, DeepSeek-V3 TP8 and Qwen3-30B-A3B,
@@ -32,6 +32,7 @@ import torch
 
 from densemoe.kernels.common import RoutedProblem
 from densemoe.kernels.cute import routed_fc1_sm90 as cute_fc1
+from densemoe.kernels.cute import routed_fc2_sm90 as cute_fc2
 from densemoe.kernels.triton import routed as kern
 from densemoe.kernels.triton.routed import RoutedConfig
 from densemoe.ops import choice
@@ -56,6 +57,11 @@ def cute_fc1_config(cfg: RoutedConfig) -> "cute_fc1.RoutedFc1CuteConfig":
     return cute_fc1.RoutedFc1CuteConfig(tile_i=cfg.fc1_block_i, tile_k=cfg.fc1_block_k)
 
 
+def cute_fc2_config(cfg: RoutedConfig) -> "cute_fc2.RoutedFc2CuteConfig":
+    """The CuTe FC2 tactic of a config with ``fc2_cute``: its tile of H and k-tile."""
+    return cute_fc2.RoutedFc2CuteConfig(tile_n=cfg.fc2_block_n, tile_k=cfg.fc2_block_k)
+
+
 def can_implement(problem: RoutedProblem, cfg: RoutedConfig) -> tuple[bool, str]:
     """The one validity function of the routed configs (the default rule, the tuned-table lookup,
     the space and the tuner): ``kernels.triton.routed.can_implement``, and with ``fc1_cute`` the
@@ -67,11 +73,15 @@ def can_implement(problem: RoutedProblem, cfg: RoutedConfig) -> tuple[bool, str]
         ok, why = cute_fc1.can_implement(problem.h, problem.e, problem.i, problem.dtype, y_dtype,
                                          cute_fc1_config(cfg), problem.m * problem.top_k)
         why = f"fc1_cute: {why}" if not ok else ""
+    if ok and cfg.fc2_cute:
+        ok, why = cute_fc2.can_implement(problem.h, problem.e, problem.i, problem.dtype, cfg.fc1_block_i,
+                                         cute_fc2_config(cfg), problem.m * problem.top_k)
+        why = f"fc2_cute: {why}" if not ok else ""
     return ok, why
 
 
 def cute_fc1_runs_on(device) -> tuple[bool, str]:
-    """Whether the CuTe FC1 runs on ``device`` (sm_90 and CuTe DSL installed)."""
+    """Whether the CuTe routed kernels (FC1 and FC2) run on ``device`` (sm_90 and CuTe DSL installed)."""
     from densemoe.kernels.cute import hopper
 
     return hopper.device_ok(torch.device(device))
@@ -121,10 +131,10 @@ def choose(problem: RoutedProblem, device, *, config: RoutedConfig | None = None
         if deterministic and config.atomic_combine:
             raise RuntimeError(f"{OP}: atomic_combine=True is not deterministic, and "
                                "torch.use_deterministic_algorithms(True) is on")
-        if config.fc1_cute:
+        if config.fc1_cute or config.fc2_cute:
             ok, why = cute_fc1_runs_on(device)
             if not ok:
-                raise ValueError(f"{OP}: config {config.short()} runs FC1 on CuTe, which cannot run here: {why}")
+                raise ValueError(f"{OP}: config {config.short()} runs a GEMM on CuTe, which cannot run here: {why}")
         return Choice("triton", config, "pinned")
     if tuned:
         hit = choice.tuned("routed", problem, device, "triton", lambda: (False, "no CuTe routed kernel"),
@@ -132,9 +142,9 @@ def choose(problem: RoutedProblem, device, *, config: RoutedConfig | None = None
         if hit is not None:
             if deterministic and hit.config.atomic_combine:
                 hit = hit._replace(config=dataclasses.replace(hit.config, atomic_combine=False))
-            if hit.config.fc1_cute and not cute_fc1_runs_on(device)[0]:
-                # tuned where CuTe runs, not here: the same tiles with the Triton FC1
-                plain = dataclasses.replace(hit.config, fc1_cute=False)
+            if (hit.config.fc1_cute or hit.config.fc2_cute) and not cute_fc1_runs_on(device)[0]:
+                # tuned where CuTe runs, not here: the same tiles with the Triton GEMMs
+                plain = dataclasses.replace(hit.config, fc1_cute=False, fc2_cute=False)
                 if can_implement(problem, plain)[0]:
                     return hit._replace(config=plain)
             else:

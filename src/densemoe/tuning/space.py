@@ -288,9 +288,10 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       256) FC2's k-step 256, flattened. (The H200's fp8 tuning of 2026-12-05 picked the widest
       tile with two programs per SM at M = 4-2048; three and four were not in its space.)
 
-    * FC1 on the CuTe kernel (``fc1_cute``) where an expert gets 32 rows or more on average: its
-      tiles of I 128 and 64 and k-tiles of 128 and 256 bytes, with the unswapped bases' FC2 at
-      one and two programs an SM (not with block-scaled weights).
+    * FC1 on the CuTe kernel (``fc1_cute``) where the bases are unswapped (more than 64 rows an
+      expert): its tiles of I 128 and 64 and k-tiles of 128 and 256 bytes, with the bases' FC2 at
+      one and two programs an SM; with a tile of I of 128 also FC2 on CuTe (``fc2_cute``, 128
+      columns); and FC2 alone on CuTe beside the middle Triton FC1 (not with block-scaled weights).
 
     Block-scaled weights (``problem.block``): FC1's tile and both k-steps are the block and FC2's
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
@@ -421,8 +422,15 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                     base = make(bm, False, bi, bn, pps=pps, k2=min(128 if fp8 else 64, bi))
                     if base is None:
                         continue
-                    add(dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
-                                            fc1_warps=4, fc1_stages=3, fc1_swap_ab=False))
+                    cute1 = dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
+                                                fc1_warps=4, fc1_stages=3, fc1_swap_ab=False)
+                    add(cute1)
+                    if bi == 128:  # and FC2 on CuTe too (fp8: its k-tile is y's scale group, 128)
+                        add(dataclasses.replace(cute1, fc2_cute=True, fc2_block_n=128, fc2_warps=4, fc2_stages=3))
+            for pps in (1, 2):  # FC2 alone on CuTe, beside the middle Triton FC1
+                base = make(bm, False, 128, 128, pps=pps)
+                if base is not None:
+                    add(dataclasses.replace(base, fc2_cute=True, fc2_warps=4, fc2_stages=3))
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 

@@ -43,8 +43,9 @@ step, so its tensor cores sit idle through every wait and add (28% of the fp8 pe
   scales, SwiGLU, the row's amax over the quad (two butterfly shuffles), the fp8 scale and
   values; stores masked to the tile's rows.
 
-Constraints are in ``can_implement``. Not yet wired into the routed path: ``RoutedConfig`` has no
-field for it; ``bench/probes/routed_fc1_cute.py`` times it against the Triton routed FC1.
+Constraints are in ``can_implement``. In the routed path through ``RoutedConfig.fc1_cute`` (the op
+layer runs the sorted copy, the tile list and this kernel); ``bench/probes/routed_fc1_cute.py``
+times it against the Triton routed FC1.
 """
 
 
@@ -53,6 +54,7 @@ import functools
 
 import torch
 
+from densemoe.kernels import common
 from densemoe.kernels.cute import hopper
 from densemoe.kernels.cute.hopper import MAX_ACC_REGS, SMEM_BYTES, SMEM_RESERVE, cutlass_dtype, ptr
 
@@ -98,8 +100,8 @@ class RoutedFc1CuteConfig:
 
 
 def max_tiles(pairs: int, e: int) -> int:
-    """Tiles of 128 sorted rows at most: every expert's last one part-filled, none empty."""
-    return max(1, min(pairs, (pairs + e * (TILE_M - 1)) // TILE_M))
+    """Tiles of 128 sorted rows at most (``kernels.common.max_tiles``): the tile list's size."""
+    return common.max_tiles(pairs, e, TILE_M)
 
 
 def can_implement(h: int, e: int, i: int, dtype: torch.dtype, out_dtype: torch.dtype,

@@ -102,8 +102,13 @@ class RoutedConfig:
     by the op layer: this module never imports it) on a sorted copy of x, with its own tiles of
     128 rows (FC2 keeps ``block_m``): ``fc1_block_i`` is its tile of I and fp8 y's scale group,
     ``fc1_block_k`` its k-tile; FC1's other fields are not used (``config_problems`` keeps them at
-    one value, so that one CuTe FC1 has one config string). Fields added later than a stored
-    config string default (``from_str``)."""
+    one value, so that one CuTe FC1 has one config string).
+    ``fc2_cute``: FC2 runs on the CuTe DSL kernel (``kernels/cute/routed_fc2_sm90.py``, the op
+    layer's choice) with its own tiles of 128 rows: ``fc2_block_n`` its tile of H, ``fc2_block_k``
+    its k-tile (fp8: FC1's tile of I, one y scale a k-tile); it writes each pair's row for the
+    combine (no atomic or fused combine, no column stream or order, no y TMA flag: it loads y by
+    TMA anyway), and FC2's other fields stay at one value. Fields added later than a stored config
+    string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -127,6 +132,7 @@ class RoutedConfig:
     fc1_sorted_x: bool = False  # FC1 reads x from a copy in the sorted order (TMA where it can), not gathered
     fc2_y_tma: bool = False  # FC2 loads a tile's y rows (contiguous: sorted order) through TMA, not by pointer
     fc1_cute: bool = False  # FC1 on the CuTe DSL kernel (the op layer's choice; FC1's tile of I and k-tile only)
+    fc2_cute: bool = False  # FC2 on the CuTe DSL kernel (the op layer's choice; FC2's tile of H and k-tile only)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -152,7 +158,7 @@ class RoutedConfig:
         return (f"m{self.block_m}/fc1:{'cute-' if self.fc1_cute else ''}i{self.fc1_block_i}k{self.fc1_block_k}"
                 f"{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}"
-                f"{'x' if self.fc1_sorted_x else ''}/fc2:n{self.fc2_block_n}k{self.fc2_block_k}"
+                f"{'x' if self.fc1_sorted_x else ''}/fc2:{'cute-' if self.fc2_cute else ''}n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}{'y' if self.fc2_y_tma else ''}"
                 f"/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
@@ -161,7 +167,7 @@ class RoutedConfig:
 
 # fields appended after tables were stored: a string without them takes their defaults
 _LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma",
-                 "fc1_cute")
+                 "fc1_cute", "fc2_cute")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -189,11 +195,11 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
         if cfg.fc2_col_groups > -(-problem.h // cfg.fc2_block_n):
             bad.append(f"fc2_col_groups={cfg.fc2_col_groups} exceeds H's {-(-problem.h // cfg.fc2_block_n)} "
                        f"column tiles of {cfg.fc2_block_n}")
-    if cfg.fc1_cute and blk:
-        bad.append("fc1_cute: the CuTe FC1 takes per-expert scales, not block-scaled weights")
+    if (cfg.fc1_cute or cfg.fc2_cute) and blk:
+        bad.append("fc1_cute / fc2_cute: the CuTe kernels take per-expert scales, not block-scaled weights")
     if fc1_stage * cfg.fc1_stages > SMEM_BYTES - 1024 and not cfg.fc1_cute:
         bad.append(f"FC1's {cfg.fc1_stages} stages of {fc1_stage} B exceed shared memory")
-    if fc2_stage * cfg.fc2_stages > SMEM_BYTES - 1024:
+    if fc2_stage * cfg.fc2_stages > SMEM_BYTES - 1024 and not cfg.fc2_cute:
         bad.append(f"FC2's {cfg.fc2_stages} stages of {fc2_stage} B exceed shared memory")
     return (not bad, "; ".join(bad))
 
@@ -230,6 +236,12 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
         bad.append("fc1_cute: FC1's tile of I must be 64 or 128, and its Triton fields at their defaults "
                    "(fc1_swap_ab, fc1_tail_m, fc1_sorted_x off, fc1_warps 4, fc1_stages 3: the CuTe kernel "
                    "has its own tiles and copy of x)")
+    if cfg.fc2_cute and (cfg.fc2_block_n not in (64, 128) or cfg.fc2_swap_ab or cfg.atomic_combine
+                         or cfg.fused_combine or cfg.fc2_col_groups or cfg.fc2_col_major or cfg.fc2_y_tma
+                         or cfg.flatten or (cfg.fc2_warps, cfg.fc2_stages) != (4, 3)):
+        bad.append("fc2_cute: FC2's tile of H must be 64 or 128, the combine separate (no atomic or fused "
+                   "combine), and FC2's Triton fields at their defaults (fc2_swap_ab, fc2_col_groups, "
+                   "fc2_col_major, fc2_y_tma, flatten off, fc2_warps 4, fc2_stages 3)")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:

@@ -1,0 +1,352 @@
+"""The routed (grouped) FC2 for Hopper (sm_90a) in NVIDIA's CuTe DSL: each (token, expert) pair's
+row of y times its expert's w2, the y scales promoted per k-tile, w2's scale and the routing
+weight applied, each pair's row written for the combine.
+
+Semantics: those of the Triton routed FC2 without the fused or atomic combine
+(``densemoe.kernels.triton.routed.fc2_launch``)::
+
+    # y:       [P, I]   fp8 e4m3 with y_scale [P, I / tile_k] (one scale per (row, tile_k
+    #                   columns): FC1's groups), or bf16; rows in the sorted order
+    # w2:      [H, E*I] same dtype (expert e: columns e*I .. e*I+I-1), K-major
+    # w2_scale [E] float32; topk_weights [P] float32 by pair (token * top_k + slot)
+    # sorted:  [P] int32; offsets [E+1]; tiles [T, 2] (expert, first row), n_tiles [1]
+    # rows:    [P, H] bf16, by pair
+    for r in range(offsets[E]):  e = the expert whose rows hold r, p = sorted[r]
+        acc[n] = sum_kt y_scale[r, kt] * sum(y[r, k] * w2[n, e*I + k] for k in k-tile kt)   # fp32
+        rows[p, n] = bf16(acc[n] * w2_scale[e] * topk_weights[p])
+
+Kernel (ninth session, docs/routed.md): the construction of ``routed_fc1_sm90``. Units are
+(tile of 128 sorted rows from the tile list, tile of ``tile_n`` columns of H), tile-major, taken
+by persistent CTAs; a producer warp loads y's rows through TMA at the tile's first row (they are
+contiguous in the sorted order) and w2's ``tile_n`` rows of the expert's k-tile; two consumer
+warpgroups of 64 rows, not held in step: fp8 multiplies each k-tile into a temporary, waits for
+it and adds it times the row's y scale (loaded before the wait) into the fp32 accumulator; bf16
+accumulates as it goes. The epilogue reads each row's pair, scales and stores its columns.
+
+Constraints are in ``can_implement``. In the routed path through ``RoutedConfig.fc2_cute``.
+"""
+
+import dataclasses
+import functools
+
+import torch
+
+from densemoe.kernels import common
+from densemoe.kernels.cute import hopper
+from densemoe.kernels.cute.hopper import MAX_ACC_REGS, SMEM_BYTES, SMEM_RESERVE, cutlass_dtype, ptr
+
+FP8 = torch.float8_e4m3fn
+TILE_M = 128  # rows a unit: two consumer warpgroups of one 64-row wgmma atom each (the tile list's)
+_INDEX_LIMIT = 2**31
+
+__all__ = ["RoutedFc2CuteConfig", "can_implement", "compile_routed_fc2", "routed_fc2_cute", "max_tiles"]
+
+
+def max_tiles(pairs: int, e: int) -> int:
+    """Tiles of 128 sorted rows at most (``kernels.common.max_tiles``): the tile list's size."""
+    return common.max_tiles(pairs, e, TILE_M)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedFc2CuteConfig:
+    """One tactic of the CuTe routed FC2 (sm_90a); ``ctas`` only sizes the launch.
+
+    tile_n: columns of H a unit, wgmma's N (64 or 128); must divide H
+    tile_k: k-tile in elements, 128 bytes a row; fp8: also y's scale group (FC1's tile of I)
+    stages: ring depth (0: as deep as shared memory allows, <= 12)
+    ctas:   persistent CTAs (0: one per SM)
+    """
+
+    tile_n: int = 128
+    tile_k: int = 128
+    stages: int = 0
+    ctas: int = 0
+
+    backend = "cute"
+
+    def to_str(self) -> str:
+        return "routed-fc2-cute:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    def stage_bytes(self, dtype: torch.dtype) -> int:
+        return (TILE_M + self.tile_n) * self.tile_k * dtype.itemsize
+
+    def resolved_stages(self, dtype: torch.dtype) -> int:
+        return self.stages or min(12, (SMEM_BYTES - SMEM_RESERVE) // self.stage_bytes(dtype))
+
+    def acc_regs(self, dtype: torch.dtype) -> int:
+        """fp32 registers a consumer thread: the accumulator (64 rows x tile_n over 128 threads)
+        and, fp8, the temporary."""
+        return 64 * self.tile_n // 128 * (2 if dtype == FP8 else 1)
+
+
+def can_implement(h: int, e: int, i: int, dtype: torch.dtype, group: int, config: RoutedFc2CuteConfig,
+                  pairs: int = 1) -> tuple[bool, str]:
+    """Whether ``config`` can run this problem; ``group``: the columns of y per scale (fp8)."""
+    c = config
+    if dtype not in (FP8, torch.bfloat16):
+        return False, f"input dtype {dtype} not supported (fp8 e4m3 or bf16)"
+    if c.tile_n not in (64, 128):
+        return False, f"tile_n={c.tile_n} must be 64 or 128 (wgmma N)"
+    if h % c.tile_n:
+        return False, f"tile_n={c.tile_n} does not divide H={h}"
+    if c.tile_k * dtype.itemsize != 128:
+        return False, f"tile_k={c.tile_k} must give 128 bytes per row for {dtype}"
+    if i % c.tile_k:
+        return False, f"tile_k={c.tile_k} does not divide I={i} (a k-tile never reaches the next expert)"
+    if dtype == FP8 and group != c.tile_k:
+        return False, f"fp8 y's scale group ({group} columns) must be the k-tile ({c.tile_k}): one scale a k-tile"
+    regs = c.acc_regs(dtype) + 8
+    if regs > MAX_ACC_REGS:
+        return False, f"accumulators need {regs} fp32 registers per thread (limit {MAX_ACC_REGS})"
+    st = c.resolved_stages(dtype)
+    if st < 2 or st * c.stage_bytes(dtype) + SMEM_RESERVE > SMEM_BYTES:
+        return False, f"{st} stages of {c.stage_bytes(dtype)} B do not fit shared memory ({SMEM_BYTES} B)"
+    if c.ctas < 0:
+        return False, f"ctas={c.ctas} must be >= 0"
+    for what, n in (("w2", e * i * h), ("y", pairs * i), ("the rows", pairs * h)):
+        if n >= _INDEX_LIMIT:
+            return False, f"{what} has {n} elements: the kernel's indices are 32-bit"
+    return True, ""
+
+
+def _build_kernel_class():
+    import cutlass
+    import cutlass.cute as cute
+    import cutlass.memory  # noqa: F401
+    import cutlass.pipeline as pipeline
+    from cutlass import Float32, Int32
+
+    class RoutedFc2Sm90:
+        def __init__(self, cfg: RoutedFc2CuteConfig, ab_dtype, h: int, e: int, i: int):
+            self.cfg = cfg
+            self.ab_dtype = ab_dtype
+            self.fp8 = ab_dtype.width == 8
+            self.H, self.E, self.I = h, e, i
+            self.tile_n, self.tile_k = cfg.tile_n, cfg.tile_k
+            self.kt = i // cfg.tile_k  # k-tiles a unit (an expert's I)
+            self.n_tiles = h // cfg.tile_n
+            self.consumers = 2
+            self.threads = 128 * 3
+            self.stages = cfg.resolved_stages(FP8 if self.fp8 else torch.bfloat16)
+
+        @cute.jit
+        def __call__(self, y_ptr: cute.Pointer, w_ptr: cute.Pointer, ys_ptr: cute.Pointer, w2s_ptr: cute.Pointer,
+                     tw_ptr: cute.Pointer, sorted_ptr: cute.Pointer, offsets_ptr: cute.Pointer,
+                     tiles_ptr: cute.Pointer, ntiles_ptr: cute.Pointer, rows_ptr: cute.Pointer, pairs: Int32,
+                     ld_ys: Int32, ld_rows: Int32, num_ctas: Int32, stream):
+            H, E, I = self.H, self.E, self.I
+            mY = cute.make_tensor(y_ptr, cute.make_layout((pairs, I), stride=(I, 1)))
+            mW = cute.make_tensor(w_ptr, cute.make_layout((H, E * I), stride=(E * I, 1)))
+            mYs = cute.make_tensor(ys_ptr, cute.make_layout((pairs, self.kt), stride=(ld_ys, 1)))
+            mW2s = cute.make_tensor(w2s_ptr, cute.make_layout(E))
+            mTw = cute.make_tensor(tw_ptr, cute.make_layout(pairs))
+            mSorted = cute.make_tensor(sorted_ptr, cute.make_layout(pairs))
+            mOffsets = cute.make_tensor(offsets_ptr, cute.make_layout(E + 1))
+            mTiles = cute.make_tensor(tiles_ptr, cute.make_layout((pairs, 2), stride=(2, 1)))
+            mNTiles = cute.make_tensor(ntiles_ptr, cute.make_layout(1))
+            mRows = cute.make_tensor(rows_ptr, cute.make_layout((pairs, H), stride=(ld_rows, 1)))
+
+            self.tiled_mma = hopper.tiled_mma(self.ab_dtype, self.consumers, self.tile_n)
+            y_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, TILE_M, self.stages)
+            w_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_n, self.stages)
+            tma_y, tma_ty = hopper.tma_atom(mY, y_layout, TILE_M, self.tile_k, 1)
+            tma_w, tma_tw = hopper.tma_atom(mW, w_layout, self.tile_n, self.tile_k, 1)
+
+            @cute.struct
+            class SharedStorage:
+                pipe_mbar: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+                sY: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(y_layout)], 1024]
+                sW: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(w_layout)], 1024]
+
+            self.shared_storage = SharedStorage
+            hopper.launch(self.kernel(tma_y, tma_ty, tma_w, tma_tw, mYs, mW2s, mTw, mSorted, mOffsets, mTiles, mNTiles,
+                                      mRows, self.tiled_mma, y_layout, w_layout),
+                          num_ctas, (1, 1), self.threads, stream)
+
+        @cute.kernel
+        def kernel(self, tma_y: cute.CopyAtom, mY: cute.Tensor, tma_w: cute.CopyAtom, mW: cute.Tensor,
+                   mYs: cute.Tensor, mW2s: cute.Tensor, mTw: cute.Tensor, mSorted: cute.Tensor,
+                   mOffsets: cute.Tensor, mTiles: cute.Tensor, mNTiles: cute.Tensor, mRows: cute.Tensor,
+                   tiled_mma: cute.TiledMma, y_smem_layout: cute.ComposedLayout, w_smem_layout: cute.ComposedLayout):
+            tile_n, tile_k = self.tile_n, self.tile_k
+            NT, KT = self.n_tiles, self.kt
+            tidx, _, _ = cute.arch.thread_idx()
+            warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            if warp_idx == 0:
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_y)
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_w)
+            cta_layout, _, _, _, cta, num_ctas = hopper.cluster_coords((1, 1))
+
+            smem = cutlass.memory.SmemAllocator()
+            storage = smem.allocate(self.shared_storage)
+            y_one = cute.slice_(y_smem_layout, (None, None, 0))
+            w_one = cute.slice_(w_smem_layout, (None, None, 0))
+            tx_bytes = cute.size_in_bytes(self.ab_dtype, y_one) + cute.size_in_bytes(self.ab_dtype, w_one)
+            pipe = hopper.load_pipeline(storage.pipe_mbar.data_ptr(), self.stages, tx_bytes, cta_layout, (1, 1), 1,
+                                        self.consumers)
+            sY = hopper.staged_tensor(storage.sY, y_smem_layout)
+            sW = hopper.staged_tensor(storage.sW, w_smem_layout)
+            gW = cute.local_tile(mW, (tile_n, tile_k), (None, None))
+            tWsW, tWgW = hopper.tma_slices(tma_w, 0, 1, sW, gW)
+
+            units = mNTiles[0] * NT
+            pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
+            warp_group = cute.arch.make_warp_uniform(tidx // 128)
+
+            if warp_group == 0:  # ------------------------------------------ producer
+                hopper.producer_role()
+                if warp_idx == 0:
+                    state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                    for u in range(cta, units, num_ctas):
+                        t = u // NT
+                        nt = u - t * NT
+                        e = mTiles[t, 0]
+                        r0 = mTiles[t, 1]
+                        gY = cute.local_tile(cute.domain_offset((r0, 0), mY), (TILE_M, tile_k), (None, None))
+                        tYsY, tYgY = hopper.tma_slices(tma_y, 0, 1, sY, gY)
+                        for kt in cutlass.range(KT, unroll=1):
+                            pipe.producer_acquire(state)
+                            bar = pipe.producer_get_barrier(state)
+                            cute.copy(tma_y, tYgY[(None, 0, kt)], tYsY[(None, state.index)], tma_bar_ptr=bar)
+                            cute.copy(tma_w, tWgW[(None, nt, e * KT + kt)], tWsW[(None, state.index)], tma_bar_ptr=bar)
+                            pipe.producer_commit(state)
+                            state.advance()
+                    pipe.producer_tail(state)
+            else:  # --------------------------------------------------------- consumers
+                ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, warp_group, tidx)
+                tA = tiled_mma.make_fragment_A(wg_mma.partition_A(sY))  # rows are wgmma's M
+                tB = tiled_mma.make_fragment_B(wg_mma.partition_B(sW))
+                cC = cute.make_identity_tensor((TILE_M, tile_n))  # (row, column)
+                tCcC = thr_mma.partition_C(cC)
+                acc = cute.make_rmem_tensor(tCcC.shape, Float32)
+                read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+                if cutlass.const_expr(self.fp8):
+                    tmp = cute.make_rmem_tensor(tCcC.shape, Float32)
+                for u in range(cta, units, num_ctas):
+                    t = u // NT
+                    nt = u - t * NT
+                    e = mTiles[t, 0]
+                    r0 = mTiles[t, 1]
+                    r1 = cutlass.min(r0 + TILE_M, mOffsets[e + 1])
+                    if cutlass.const_expr(self.fp8):
+                        read, release = self._mainloop_scaled(tiled_mma, pipe, read, release, acc, tmp, tA, tB, tCcC,
+                                                              mYs, r0, r1)
+                    else:
+                        read, release = hopper.mainloop(tiled_mma, pipe, read, release, KT, ((acc, tA, tB),))
+                    self._epilogue(acc, tCcC, mW2s, mTw, mSorted, mRows, e, nt, r0, r1)
+
+        @cute.jit
+        def _mainloop_scaled(self, tiled_mma: cute.TiledMma, pipe, read, release, acc: cute.Tensor, tmp: cute.Tensor,
+                             tA: cute.Tensor, tB: cute.Tensor, tCcC: cute.Tensor, mYs: cute.Tensor, r0: Int32,
+                             r1: Int32):
+            """fp8: each k-tile into ``tmp`` (scale-d 0 on its first k-block), waited for, then
+            added into ``acc`` times its rows' y scales (read before the wait)."""
+            num_kb = cute.size(tA, mode=[2])
+            acc.fill(0.0)
+            sy = cute.make_rmem_tensor((2,), Float32)
+            for kt in cutlass.range(self.kt, unroll=1):
+                pipe.consumer_wait(read)
+                cute.nvgpu.warpgroup.fence()
+                for kb in cutlass.range_constexpr(num_kb):
+                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
+                    cute.gemm(tiled_mma, tmp, tA[(None, None, kb, read.index)], tB[(None, None, kb, read.index)], tmp)
+                cute.nvgpu.warpgroup.commit_group()
+                for v1 in cutlass.range_constexpr(2):  # this thread's two rows (clamped: never stored past r1)
+                    sy[v1] = mYs[cutlass.min(r0 + tCcC[((0, v1, 0), 0, 0)][0], r1 - 1), kt]
+                cute.nvgpu.warpgroup.wait_group(0)
+                pipe.consumer_release(release)
+                release.advance()
+                read.advance()
+                for v2 in cutlass.range_constexpr(self.tile_n // 8):
+                    for v1 in cutlass.range_constexpr(2):
+                        for v0 in cutlass.range_constexpr(2):
+                            crd = ((v0, v1, v2), 0, 0)
+                            acc[crd] = acc[crd] + tmp[crd] * sy[v1]
+            return read, release
+
+        @cute.jit
+        def _epilogue(self, acc: cute.Tensor, tCcC: cute.Tensor, mW2s: cute.Tensor, mTw: cute.Tensor,
+                      mSorted: cute.Tensor, mRows: cute.Tensor, e: Int32, nt: Int32, r0: Int32, r1: Int32):
+            """rows[pair, nt * tile_n + columns] = acc * w2_scale[e] * topk_weights[pair] for this
+            thread's two rows; rows at or past r1 are not stored."""
+            ws = mW2s[e]
+            col0 = nt * self.tile_n
+            for v1 in cutlass.range_constexpr(2):
+                row = r0 + tCcC[((0, v1, 0), 0, 0)][0]
+                if row < r1:
+                    pair = mSorted[row]
+                    wt = mTw[pair] * ws
+                    for v2 in cutlass.range_constexpr(self.tile_n // 8):
+                        for v0 in cutlass.range_constexpr(2):
+                            crd = ((v0, v1, v2), 0, 0)
+                            mRows[pair, col0 + tCcC[crd][1]] = (acc[crd] * wt).to(cutlass.BFloat16)
+
+    return RoutedFc2Sm90
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_class():
+    return _build_kernel_class()
+
+
+@functools.lru_cache(maxsize=256)
+def compile_routed_fc2(config: RoutedFc2CuteConfig, dtype: torch.dtype, h: int, e: int, i: int):
+    """Compile once per static key (config, dtype, H, E, I)."""
+    import cuda.bindings.driver as cuda
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    ok, why = can_implement(h, e, i, dtype, config.tile_k, config)
+    if not ok:
+        raise ValueError(f"CuTe routed FC2 config {config} cannot run H={h} E={e} I={i} {dtype}: {why}")
+    ab = cutlass_dtype(dtype)
+    gmem = cute.AddressSpace.gmem
+    f32, i32, bf16 = cutlass.Float32, cutlass.Int32, cutlass.BFloat16
+    kern = _kernel_class()(config, ab, h, e, i)
+    args = (make_ptr(ab, 16, gmem, assumed_align=16), make_ptr(ab, 16, gmem, assumed_align=16),
+            make_ptr(f32, 16, gmem, assumed_align=4), make_ptr(f32, 16, gmem, assumed_align=4),
+            make_ptr(f32, 16, gmem, assumed_align=4), make_ptr(i32, 16, gmem, assumed_align=4),
+            make_ptr(i32, 16, gmem, assumed_align=4), make_ptr(i32, 16, gmem, assumed_align=8),
+            make_ptr(i32, 16, gmem, assumed_align=4), make_ptr(bf16, 16, gmem, assumed_align=2),
+            i32(1), i32(1), i32(1), i32(1), cuda.CUstream(0))
+    return hopper.compile_kernel(kern, *args)
+
+
+def routed_fc2_cute(y: torch.Tensor, y_scale: torch.Tensor | None, w2: torch.Tensor, w2_scale: torch.Tensor,
+                    topk_weights: torch.Tensor, sorted_pairs: torch.Tensor, offsets: torch.Tensor,
+                    tiles: torch.Tensor, n_tiles: torch.Tensor, rows: torch.Tensor,
+                    config: RoutedFc2CuteConfig) -> None:
+    """Launch (the module docstring's contract; ``tiles``/``n_tiles`` as for ``routed_fc1_sm90``,
+    tiles of ``TILE_M`` rows; ``topk_weights`` [P] float32, contiguous)."""
+    import cuda.bindings.driver as cuda
+    import cutlass
+
+    from densemoe._runtime import sm_count
+
+    P, I = y.shape
+    H = w2.shape[0]
+    E = w2_scale.shape[0]
+    fp8 = y.dtype == FP8
+    group = I // y_scale.shape[1] if fp8 else config.tile_k
+    ok, why = can_implement(H, E, I, y.dtype, group, config, P)
+    if not ok:
+        raise ValueError(f"config {config} cannot run H={H} E={E} I={I}: {why}")
+    if rows.dtype != torch.bfloat16 or rows.shape != (P, H) or rows.stride(1) != 1:
+        raise ValueError(f"rows must be bf16 [P={P}, H={H}] with unit column stride")
+    if P == 0:
+        return
+    for name, t in (("y", y), ("w2", w2)):
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            raise ValueError(f"{name} must be contiguous and 16-byte aligned (TMA)")
+    fn = compile_routed_fc2(config, y.dtype, H, E, I)
+    ctas = config.ctas or sm_count(y.device)
+    ab = cutlass_dtype(y.dtype)
+    f32, i32 = cutlass.Float32, cutlass.Int32
+    ys = y_scale if fp8 else w2_scale
+    stream = cuda.CUstream(torch.cuda.current_stream(y.device).cuda_stream)
+    fn(ptr(y, ab), ptr(w2, ab), ptr(ys, f32, 4), ptr(w2_scale, f32, 4), ptr(topk_weights, f32, 4),
+       ptr(sorted_pairs, i32, 4), ptr(offsets, i32, 4), ptr(tiles, i32, 8), ptr(n_tiles, i32, 4),
+       ptr(rows, cutlass.BFloat16, 2), i32(P), i32(ys.stride(0) if fp8 else 1), i32(rows.stride(0)), i32(ctas), stream)

@@ -1,0 +1,202 @@
+"""The CuTe DSL routed FC2 (``kernels/cute/routed_fc2_sm90.py``) and ``RoutedConfig.fc2_cute``.
+
+CPU (CI): the config rules; the kernel compiled for sm_90a without a GPU, fp8 and bf16, both
+tiles of H, with the PTX checked for what the design relies on (y and w2 through TMA, no
+cp.async; fp8: one wgmma wait a k-tile); the field, its string, its rules and the space; the
+fallback off Hopper. GPU (marker ``gpu``): the kernel's rows against float64 within 1.1x the
+Triton FC2's error on the same y, every valid pair's row written; the whole routed path with FC2
+(and FC1) on CuTe within the routed GPU tests' torch bound.
+"""
+
+import glob
+import os
+import re
+
+import pytest
+import torch
+
+from densemoe.kernels.cute import routed_fc2_sm90 as rc
+from densemoe.kernels.cute.routed_fc2_sm90 import RoutedFc2CuteConfig as C
+from densemoe.kernels.triton import routed as kern
+from _helpers import FP8, cute_dump_dir
+
+BF16 = torch.bfloat16
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU and TRITON_INTERPRET unset")
+
+
+@pytest.mark.parametrize("cfg, dtype, group, why", [
+    (C(tile_n=256), FP8, 128, "64 or 128"),
+    (C(tile_k=256), FP8, 256, "128 bytes"),
+    (C(tile_k=128), BF16, 128, "128 bytes"),
+    (C(), FP8, 64, "scale group"),
+    (C(), torch.float16, 128, "input dtype"),
+    (C(ctas=-1), FP8, 128, "ctas"),
+    (C(stages=40), FP8, 128, "shared memory"),
+])
+def test_can_implement_rejects(cfg, dtype, group, why):
+    ok, msg = rc.can_implement(2048, 128, 768, dtype, group, cfg)
+    assert not ok and why in msg, msg
+
+
+def test_can_implement_shapes_and_registers():
+    assert rc.can_implement(2048, 128, 768, FP8, 128, C())[0]
+    assert rc.can_implement(7168, 256, 256, BF16, 128, C(tile_n=64, tile_k=64))[0]  # bf16: no scale group
+    assert "does not divide H" in rc.can_implement(2048 + 64, 128, 768, FP8, 128, C())[1]
+    assert "does not divide I" in rc.can_implement(2048, 128, 704, FP8, 128, C())[1]
+    assert "32-bit" in rc.can_implement(7168, 256, 256, FP8, 128, C(), pairs=400000)[1]
+    assert C().acc_regs(FP8) == 128 and C().acc_regs(BF16) == 64 and C(tile_n=64).acc_regs(FP8) == 64
+    assert rc.max_tiles(1000, 8) == min(1000, (1000 + 8 * 127) // 128)
+
+
+COMPILE = [(C(), FP8), (C(tile_n=64), FP8), (C(tile_k=64), BF16), (C(tile_n=64, tile_k=64, stages=3), BF16)]
+
+
+@pytest.mark.cute_compile
+@pytest.mark.parametrize("cfg, dtype", COMPILE, ids=lambda v: v.to_str().split(":")[1] if isinstance(v, C) else None)
+def test_compiles_for_sm90a(tmp_path, cfg, dtype):
+    pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed (pip install -e '.[dev]')")
+    with cute_dump_dir(tmp_path) as dump:
+        rc.compile_routed_fc2.cache_clear()
+        fn = rc.compile_routed_fc2(cfg, dtype, 7168, 256, 256)
+        assert rc.compile_routed_fc2(cfg, dtype, 7168, 256, 256) is fn
+        (path,) = glob.glob(os.path.join(dump, "*.ptx"))
+        ptx = open(path).read()
+    assert ".target sm_90a" in ptx
+    ab = "e4m3.e4m3" if dtype == FP8 else "bf16.bf16"
+    assert f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_n}k{32 if dtype == FP8 else 16}.f32.{ab}" in ptx
+    assert ptx.count("cp.async.bulk.tensor.2d.shared::cta.global") == 2  # y and w2 tiles: no gather
+    assert "cp.async.ca" not in ptx and "cp.async.cg" not in ptx
+    waits = {int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
+    assert waits == ({0} if dtype == FP8 else {0, 1}), waits
+    assert "st.global.b16" in ptx and ".local" not in ptx
+
+
+# ---------------------------------------------------------------------------------- in the routed path
+
+def _problem(M, dtype=FP8, block=0, h=2048, e=128, i=768):
+    from densemoe.kernels.common import RoutedProblem
+
+    return RoutedProblem(M, h, e, i, 8, dtype, BF16, block)
+
+
+def _cfg(**kw):
+    base = dict(block_m=64, fc1_block_i=128, fc1_block_k=128, fc2_block_n=128, fc2_block_k=128, programs_per_sm=2,
+                fc2_cute=True)
+    return kern.RoutedConfig(**{**base, **kw})
+
+
+def test_fc2_cute_field_string_and_rules():
+    from densemoe.ops import routed_configs
+
+    cfg = _cfg()
+    assert kern.RoutedConfig.from_str(cfg.to_str()) == cfg and "fc2:cute-n128k128" in cfg.short()
+    old = cfg.to_str().rsplit(",", 1)[0]
+    assert kern.RoutedConfig.from_str(old) == kern.RoutedConfig(**{**cfg.__dict__, "fc2_cute": False})
+    assert routed_configs.can_implement(_problem(4096), cfg)[0]
+    assert routed_configs.can_implement(_problem(4096), _cfg(fc1_cute=True))[0]
+    for kw in (dict(fc2_swap_ab=True), dict(fused_combine=True), dict(atomic_combine=True), dict(fc2_col_groups=2),
+               dict(fc2_col_major=True), dict(fc2_y_tma=True), dict(flatten=True), dict(fc2_warps=8),
+               dict(fc2_block_n=256)):
+        ok, msg = routed_configs.can_implement(_problem(4096), _cfg(**kw))
+        assert not ok and "fc2_cute" in msg, (kw, msg)
+    # fp8: FC2's k-tile is y's scale group (FC1's tile of I)
+    ok, msg = routed_configs.can_implement(_problem(4096), _cfg(fc1_block_i=256))
+    assert not ok and "scale group" in msg, msg
+    ok, msg = routed_configs.can_implement(_problem(4096, block=128), _cfg())
+    assert not ok and "block-scaled" in msg, msg
+
+
+def test_space_and_fallback(monkeypatch):
+    from densemoe.ops import routed_configs
+    from densemoe.tuning import cache
+    from densemoe.tuning.space import routed_space
+
+    sp = routed_space(_problem(4096))
+    assert any(c.fc2_cute and not c.fc1_cute for c in sp) and any(c.fc2_cute and c.fc1_cute for c in sp)
+    assert not any(c.fc2_cute for c in routed_space(_problem(64)))
+    cfg = _cfg(fc1_cute=True)
+    entry = {"best": {"backend": "triton", "config": cfg.to_str(), "us": 1.0}}
+    monkeypatch.setattr(cache, "lookup_or_autotune", lambda key, problem, device: (entry, "shipped"))
+    monkeypatch.setenv("DENSEMOE_TUNED", "1")
+    got = routed_configs.choose(_problem(4096), "cpu").config
+    assert got == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False, "fc2_cute": False})
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("M", [1, 100, 2048])
+@pytest.mark.parametrize("tile_n", [128, 64])
+def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n):
+    """The CuTe FC2's rows (from the Triton FC1's y) against float64, within 1.1x the Triton
+    FC2's rows' error; the rows poisoned, every valid pair's written."""
+    from test_routed_gpu import _case
+
+    from densemoe.kernels.common import max_tiles
+    from densemoe.quant import quantize_per_token
+    from densemoe.weights import prepare_weights
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 31)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    E, k = pw.num_experts, ids.shape[1]
+    I, H = pw.inter, pw.hidden
+    P = M * k
+    xq, sx = quantize_per_token(x) if pw.dtype == FP8 else (x, None)
+    srt = torch.empty(P, dtype=torch.int32, device="cuda")
+    off = torch.empty(E + 1, dtype=torch.int32, device="cuda")
+    kern.schedule_launch(ids.contiguous(), E, srt, off)
+    bk = 128 if dtype == "fp8" else 64
+    fp8 = pw.dtype == FP8
+    y = torch.empty(P, I, dtype=FP8 if fp8 else BF16, device="cuda")
+    ys = torch.empty(P, I // 128, device="cuda") if fp8 else None
+    tcfg = kern.RoutedConfig(block_m=64, fc1_block_i=128, fc1_block_k=bk, fc2_block_n=tile_n, fc2_block_k=bk)
+    kern.fc1_launch(xq, pw.w1, pw.alpha1, sx, srt, off, y, ys, k, tcfg)
+    tw = wts.to(torch.float32).contiguous().reshape(-1)
+    tiles = torch.empty(max_tiles(P, E, rc.TILE_M), 2, dtype=torch.int32, device="cuda")
+    count = torch.empty(1, dtype=torch.int32, device="cuda")
+    kern.tile_list_launch(off, E, rc.TILE_M, tiles, count)
+    rows = torch.full((P, H), float("nan"), dtype=BF16, device="cuda")
+    rc.routed_fc2_cute(y, ys, pw.w2, pw.w2_scale, tw, srt, off, tiles, count, rows, C(tile_n=tile_n, tile_k=bk))
+    rows_t = torch.full_like(rows, float("nan"))
+    kern.fc2_launch(y, ys, pw.w2, pw.w2_scale, srt, off, tw, rows_t, 128, tcfg, k)
+    torch.cuda.synchronize()
+    assert not rows.float().isnan().any(), "a pair's row unwritten"
+    # float64 of the same products: y dequantised as stored, w2 and the scales exact
+    yd = y.double() * (ys.double().repeat_interleave(128, 1) if fp8 else 1.0)
+    ref = torch.zeros(P, H, dtype=torch.float64, device="cuda")
+    o = off.tolist()
+    for e in range(E):
+        if o[e + 1] > o[e]:
+            pairs = srt[o[e]:o[e + 1]].long()
+            ref[pairs] = (yd[o[e]:o[e + 1]] @ pw.w2[:, e * I:(e + 1) * I].double().T
+                          * float(pw.w2_scale[e]) * tw[pairs].double()[:, None])
+    err = ((rows.double() - ref).norm() / ref.norm()).item()
+    err_t = ((rows_t.double() - ref).norm() / ref.norm()).item()
+    assert err <= 1.1 * err_t + 1e-6, (err, err_t)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("fc1_cute", [False, True])
+def test_routed_experts_with_fc2_cute_on_model_shapes(shape, dtype, fc1_cute):
+    import dataclasses
+
+    from test_routed_gpu import _case, _within_torch
+
+    from densemoe.ops.routed import routed_experts
+    from densemoe.weights import prepare_weights
+
+    M = 1000
+    w13, w2, x, ids, wts = _case(shape, M, M + 41)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    bk = 128 if dtype == "fp8" else 64
+    cfg = _cfg(fc1_block_k=bk, fc2_block_k=bk, fc1_cute=fc1_cute)
+    out = routed_experts(x, pw, ids, wts, config=cfg)
+    assert torch.isfinite(out).all()
+    _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
+    plain = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc1_cute=False, fc2_cute=False))
+    assert ((out.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-2
