@@ -35,10 +35,11 @@ import torch
 import densemoe
 from densemoe.kernels.common import Fc2Problem
 from densemoe.kernels.triton.routed import RoutedConfig
-from densemoe.kernels.triton.routed import can_implement as routed_can_implement
+from densemoe.kernels.cute.hopper import cute_available
 from densemoe.ops.fc1 import fc1
 from densemoe.ops.fc2 import fc2
 from densemoe.ops.routed import moe_schedule
+from densemoe.ops.routed_configs import can_implement as routed_can_implement
 from densemoe.reference import fc1_ref, fc2_ref, moe_schedule_ref
 from densemoe.tuning import ops as tops
 
@@ -85,7 +86,8 @@ def signature(cfg) -> tuple:
     d = dataclasses.asdict(cfg)
     keep = ("split", "swap_ab", "use_tma", "ctas_per_sm", "persistent", "split_k", "stream_k", "cluster_m",
             "cluster_n", "consumers", "flatten", "atomic_combine", "fused_combine", "fc2_col_groups", "fc2_col_major", "tma",
-            "programs_per_sm", "fc1_swap_ab", "fc2_swap_ab", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma")
+            "programs_per_sm", "fc1_swap_ab", "fc2_swap_ab", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma", "fc1_cute",
+            "fc2_cute")
     return (type(cfg).__name__,) + tuple((k, min(int(d[k]), 2)) for k in keep if k in d)
 
 
@@ -93,7 +95,7 @@ def variants(cfg, problem):
     """The schedules a small problem's space may leave out, derived from one of its Triton configs
     (FC2: stream-K, split 2, pointer loads, the other orientation; FC1: persistent, split-k,
     stream-K, pointer loads, the other orientation; routed: FC1's tails, FC1 on the sorted copy
-    of x, FC2's y through TMA), each kept where
+    of x, FC2's y through TMA, and on a GPU with CuTe both GEMMs on the CuTe kernels), each kept where
     ``can_implement`` allows."""
     from densemoe.kernels.triton import fc1 as tfc1, fc2 as tfc2
 
@@ -107,6 +109,13 @@ def variants(cfg, problem):
         cands = [dict(fc1_tail_m=16, block_m=16, flatten=False),  # rests of 1-16 rows
                  dict(fc1_sorted_x=True, fc1_tail_m=0),  # x from its sorted copy (and the copy's kernel)
                  dict(fc2_y_tma=True)]  # FC2's y rows through TMA
+        if GPU and cute_available():  # both GEMMs on the CuTe kernels (the copy, the tile list, their rings)
+            k = cfg.fc1_block_k if problem.dtype == torch.float8_e4m3fn else 64
+            cands.append(dict(fc1_cute=True, fc2_cute=True, fc1_block_i=128, fc1_block_k=k, fc1_swap_ab=False,
+                              fc1_warps=4, fc1_stages=3, fc1_tail_m=0, fc1_sorted_x=False, fc2_block_n=128,
+                              fc2_block_k=k, fc2_swap_ab=False, fc2_warps=4, fc2_stages=3, flatten=False,
+                              atomic_combine=False, fused_combine=False, fc2_col_groups=0, fc2_col_major=False,
+                              fc2_y_tma=False))
         ok = routed_can_implement
     else:
         return []
@@ -137,7 +146,6 @@ def check(name, got, ref, tol):
 
 
 def run_ops(limit, launches: Launches) -> None:
-    from densemoe.kernels.cute.hopper import cute_available
 
     from densemoe.kernels.triton import fc1 as tfc1, fc2 as tfc2
 
