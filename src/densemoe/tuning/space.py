@@ -298,7 +298,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     rings, programs per SM and the flags vary.
 
     At most 37 configs per (block_m, swap) and three of those, five swapped 128-row ones, so at
-    most 117 with the default.
+    most 117 with the default; with the CuTe ones (14 per unswapped base, two bases) at most 145.
     """
     if "triton" not in backends:
         return []
