@@ -346,20 +346,20 @@ def mainloop(tiled_mma, pipe, read, release, k_tiles: int, gemms):
 def mainloop_promoted(tiled_mma, pipe, read, release, k_tiles: int, gemms):
     """``mainloop`` with each k-tile's fp8 products promoted into fp32 (DeepGEMM's promotion,
     what cuBLAS does without fast accumulation): every ``(acc, A, B, tmp)`` of ``gemms``
-    multiplies a k-tile into its temporary ``tmp`` (from zero, one commit group a product), and
+    multiplies a k-tile into its temporary ``tmp`` (from zero), and
     the temporary is added into ``acc`` in fp32 once its group is complete. Hopper's fp8 wgmma
     keeps a reduced-precision sum inside the accumulator, so without this the error grows with
     the k-tiles summed in it (docs/routed.md, "fp8 accumulation").
 
-    The adds run one product behind the MMAs: after committing product p the warpgroup waits
-    for all groups but the newest (``wait_group(1)``), adds product p-1's temporary (the last
-    product of the previous k-tile for p = 0) and then issues product p+1, so the tensor cores
-    have product p while the adds of p-1 run. Triton's per-k-tile promotion
-    (``max_num_imprecise_acc``) waits for each product before its add instead (the SASS shows
-    ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after every product), which leaves the tensor cores idle
-    for the wait and the add. A stage is released once both of its k-tile's products are
-    complete (at the next k-tile's first wait). Registers: one temporary per product on top of
-    the accumulators (``can_implement`` counts them)."""
+    Per k-tile the products are one commit group; the warpgroup waits for it
+    (``wait_group(0)``), releases the stage and adds the temporaries. The tensor cores are not
+    idle meanwhile: the kernels run two consumer warpgroups that are not held in step (no
+    CTA-wide barrier in the loop), so one warpgroup's wgmmas run while the other waits and adds.
+    Triton's per-k-tile promotion (``max_num_imprecise_acc``) has the same wait, but its CTA
+    barriers keep the warpgroups in step (docs/routed.md, "Ninth session"). An earlier form
+    with the adds one product behind the MMAs made ptxas serialise every wgmma (C7514).
+    Registers: one temporary per product on top of the accumulators (``can_implement`` counts
+    them)."""
     return _jit_helpers()["mainloop_promoted"](tiled_mma, pipe, read, release, k_tiles, gemms)
 
 
