@@ -42,10 +42,10 @@ Kernel.
   accumulators with identical layouts, so the SwiGLU pairing is element-wise in registers. A
   stage is released as soon as the wgmmas that read it are complete (one commit group in
   flight).
-* fp8 promotion (``promote=1``): each k-tile's gate and up products go into two temporaries
-  that are added into the fp32 accumulators one product behind the MMAs
-  (``hopper.mainloop_promoted``), as the Triton kernels' per-k-tile promotion does but without
-  leaving the tensor cores idle for each add. Without it the wgmmas sum all of H inside their
+* fp8 promotion (``promote=1``): each k-tile's gate and up products go into two temporaries,
+  are waited for and added into the fp32 accumulators (``hopper.mainloop_promoted``), as the
+  Triton kernels' per-k-tile promotion does; with two consumer warpgroups not held in step, one
+  warpgroup's wgmmas run while the other waits and adds. Without it the wgmmas sum all of H inside their
   accumulators at Hopper's reduced fp8 precision (cuBLAS's fast accumulation).
 * Orientation (``swap_ab``): 1 = weights are wgmma's M operand (64 rows per consumer atom) and
   tokens its N (``tile_m`` 16..256: M = 1 costs a 16-wide token tile); 0 = tokens are wgmma's M
@@ -145,8 +145,7 @@ class Fc1CuteConfig:
     promote:   fp8 only. 0: the wgmmas accumulate all of H in their accumulators (Hopper's fp8
                accumulation keeps a reduced-precision sum there: cuBLAS's fast accumulation);
                1: each k-tile's gate and up products go into temporaries that are added into
-               the fp32 accumulators (``hopper.mainloop_promoted``: the adds one product behind
-               the MMAs), the precision of the Triton kernels and of cuBLAS without fast
+               the fp32 accumulators once complete (``hopper.mainloop_promoted``), the precision of the Triton kernels and of cuBLAS without fast
                accumulation; twice the accumulator registers
     """
 
