@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from densemoe.kernels.cute.fc2_sm90 import can_implement
 from densemoe.ops.fc2 import which_backend
 from densemoe.ops.fc2_configs import cute_preferred, default_cute_config
 from densemoe.reference import fc2_ref
-from _helpers import FP8, assert_close_to_torch, cute_dump_dir, dtype_id, make_inputs, seed_of
+from _helpers import FP8, assert_close_to_torch, cute_dump_dir, dtype_id, errors, make_inputs, seed_of
 
 C = Fc2CuteConfig
 BF16 = torch.bfloat16
@@ -61,6 +62,8 @@ def problem(M=16, N=7168, E=256, I=256, dtype=FP8, out_dtype=BF16):
     (C(tile_n=48, tile_m=64, swap_ab=0), "multiple of 32"),
     (C(tile_n=256, tile_m=128, consumers=2, swap_ab=0), "registers"),
     (C(tile_n=192, tile_m=64, acc_buffers=2, swap_ab=0), "registers"),
+    (C(promote=2), "promote"),
+    (C(promote=1, acc_buffers=2), "acc_buffers=1"),
 ])
 def test_can_implement_rejects(cfg, reason):
     ok, why = can_implement(problem(), cfg)
@@ -91,6 +94,24 @@ def test_can_implement_k_tile_must_divide_expert():
     assert can_implement(problem(I=384), C(tile_k=128))[0]
 
 
+def test_promote_rules_and_strings():
+    """promote=1 is fp8 only, with the one temporary; strings written before the field parse
+    to promote=0; fp8's default config and every fp8 CuTe tactic of the space promote."""
+    from densemoe.tuning.space import cute_space
+    assert "fp8 inputs" in can_implement(problem(dtype=BF16), C(tile_k=64, promote=1))[1]
+    assert can_implement(problem(), C(promote=1))[0]
+    old = "cute:tile_n=128,tile_m=16,tile_k=128,stages=0,consumers=2,acc_buffers=1,cluster_n=1,cluster_m=1,ctas=0,swap_ab=1,lockstep=0"
+    assert C.from_str(old).promote == 0
+    cfg = C(tile_n=128, tile_m=32, promote=1)
+    assert C.from_str(cfg.to_str()) == cfg and cfg.to_str().endswith(",promote=1")
+    for M in (1, 100, 300):
+        for dt in (FP8, BF16):
+            p = problem(M, 2048, 128, 768, dtype=dt)
+            space = cute_space(p)
+            assert space and all(c.promote == (dt == FP8) for c in space)
+            assert all(c.acc_buffers == 1 for c in space if c.promote)
+
+
 def test_two_temporaries_need_room_for_two_experts():
     ok, why = can_implement(problem(N=2048, E=128, I=768), C(tile_n=128, tile_m=32, tile_k=128, acc_buffers=2))
     assert not ok and "acc_buffers=2" in why
@@ -103,6 +124,7 @@ def test_default_config_valid_and_deterministic(M, dtype, nei):
     p = problem(M, *nei, dtype=dtype)
     cfg = default_cute_config(p)
     assert can_implement(p, cfg)[0]
+    assert cfg.promote == (dtype == FP8)  # fp8 promotes each k-tile (the Triton FC2's precision)
     assert default_cute_config(p) == cfg
     assert C.from_str(cfg.to_str()) == cfg
 
@@ -205,6 +227,9 @@ COMPILE_CASES = [
     (C(tile_n=192, tile_m=128, tile_k=128, consumers=2, cluster_n=2, cluster_m=4, swap_ab=0), FP8, (7168, 256, 256)),
     (C(tile_n=128, tile_m=128, tile_k=128, consumers=2, cluster_m=2, swap_ab=0, lockstep=1), FP8, (7168, 256, 256)),
     (C(tile_n=192, tile_m=128, tile_k=128, consumers=2, cluster_m=3, swap_ab=0, lockstep=1), FP8, (7168, 256, 256)),
+    # fp8 promoted per k-tile: swapped with a token-tile cluster, and tokens as wgmma's M
+    (C(tile_n=128, tile_m=32, tile_k=128, consumers=2, cluster_m=2, promote=1), FP8, (2048, 128, 768)),
+    (C(tile_n=128, tile_m=128, tile_k=128, consumers=2, swap_ab=0, lockstep=1, promote=1), FP8, (7168, 256, 256)),
 ]
 
 
@@ -241,6 +266,14 @@ def test_compiles_for_sm90a(cute_env, cfg, dtype, nei):
     assert "red.relaxed.gpu.global.add.f32" in ptx  # split tiles reduce in the workspace
     assert "atom.global.acq_rel" in ptx  # the last CTA of a split tile is found by a counter
     assert ".local" not in ptx  # nothing spilled to local memory at the PTX level
+    waits = {int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
+    if cfg.promote:
+        # each k-tile's group is waited for before its add, and its first k-block overwrites
+        # the temporary (scale-d from a zero predicate), so no zero-fill feeds a wgmma
+        assert waits == {0}, waits
+        assert re.search(r"mov\.b32\s+%r\d+, 0;\s*\n(?:.*\n){0,12}?\s*setp\.ne\.b32\s+p, %r\d+, 0;\s*\n\s*wgmma", ptx)
+    elif cfg.acc_buffers == 2 or I // cfg.tile_k > 1:
+        assert 1 in waits, waits  # one expert's (or k-tile's) group stays in flight
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -312,6 +345,41 @@ def test_cute_pinned_configs(cfg, M, dtype, request):
     out = torch.full((M, N), float("nan"), dtype=BF16, device="cuda")
     densemoe.fc2(a, w, alpha, out=out, config=cfg)
     assert_close_to_torch(out.cpu(), ref.cpu(), base.cpu())
+
+
+PROMOTE_CONFIGS = [
+    C(tile_n=128, tile_m=32, tile_k=128, consumers=2, promote=1),
+    C(tile_n=64, tile_m=16, tile_k=256, ctas=6, promote=1),  # few CTAs: tiles cut, reduced in the workspace
+    C(tile_n=128, tile_m=128, tile_k=128, consumers=2, swap_ab=0, lockstep=1, promote=1),
+    C(tile_n=192, tile_m=128, tile_k=128, consumers=2, cluster_m=2, swap_ab=0, promote=1),
+]
+
+
+@gpu
+@pytest.mark.parametrize("M", (1, 37, 300))
+@pytest.mark.parametrize("cfg", PROMOTE_CONFIGS, ids=lambda c: c.to_str()[5:].replace(",", "|"))
+def test_cute_fp8_promote_matches_cublas_without_fast_accumulation(cfg, M, request):
+    """promote=1, fp32 output, I = 768 (Qwen3-30B-A3B's: 6 k-tiles of 128 an expert): within
+    1.1x the error of cuBLAS FP8 without fast accumulation (per-k-tile sums added in fp32, as
+    here) plus 1e-6, against the float64 reference; the output poisoned. The inputs must tell
+    that precision from fast accumulation (else this test could not fail for a kernel that did
+    not promote), and the same tile without promotion is held to the fast pipeline's bound."""
+    from test_fc2_gpu import gpu_inputs, torch_same_precision
+    N, E, I = 1000, 4, 768
+    a, w, alpha = gpu_inputs(M, N, E, I, FP8, seed_of(request.node.nodeid), "dense")
+    assert can_implement(problem(M, N, E, I, FP8, torch.float32), cfg)[0]
+    ref = fc2_ref(a, w, alpha, torch.float64)
+    precise = errors(torch_same_precision(a, w, alpha, fast=False), ref)[0]
+    fast = errors(torch_same_precision(a, w, alpha, fast=True), ref)[0]
+    out = torch.full((M, N), float("nan"), dtype=torch.float32, device="cuda")
+    densemoe.fc2(a, w, alpha, out=out, config=cfg)
+    assert torch.isfinite(out).all()
+    got = errors(out, ref)[0]
+    assert got <= 1.1 * precise + 1e-6, (got, precise, fast)
+    assert fast > 1.1 * precise + 1e-6, (fast, precise)
+    plain = torch.full((M, N), float("nan"), dtype=torch.float32, device="cuda")
+    densemoe.fc2(a, w, alpha, out=plain, config=dataclasses.replace(cfg, promote=0))
+    assert errors(plain, ref)[0] <= 1.5 * fast + 1e-6, (errors(plain, ref)[0], fast)
 
 
 @gpu

@@ -26,10 +26,11 @@ def gpu_inputs(M, N, E, I, dtype, seed, alpha_kind="sparse"):
     return a, w, alpha
 
 
-def torch_same_precision(a, w, alpha) -> torch.Tensor:
+def torch_same_precision(a, w, alpha, fast: bool = True) -> torch.Tensor:
     """What PyTorch's GEMMs get at the kernel's precision, in fp32 before the final cast: per
     expert, cuBLAS FP8 (torch._scaled_mm, fp32 out, the tensor cores' fast accumulation, as the
-    kernel uses) or an fp32 GEMM of the upcast bf16 inputs (exact products, fp32 sums, as bf16
+    kernel uses; ``fast`` False: without it, as the CuTe FC2's ``promote=1`` adds each k-tile
+    into fp32) or an fp32 GEMM of the upcast bf16 inputs (exact products, fp32 sums, as bf16
     tensor-core GEMMs do); then alpha times each partial sum, summed in fp32."""
     M, K = a.shape
     E = alpha.shape[1]
@@ -46,7 +47,7 @@ def torch_same_precision(a, w, alpha) -> torch.Tensor:
         sl = slice(e * I, (e + 1) * I)
         if a.dtype == FP8:
             part = torch._scaled_mm(ap[:, sl].contiguous(), wp[:, sl].contiguous().T, scale_a=one, scale_b=one,
-                                    out_dtype=torch.float32, use_fast_accum=True)[:M, :N]
+                                    out_dtype=torch.float32, use_fast_accum=fast)[:M, :N]
         else:
             part = a[:, sl].float() @ w[:, sl].float().T
         acc += alpha[:, e:e + 1] * part

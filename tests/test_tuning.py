@@ -96,7 +96,10 @@ def test_space_covers_the_variants_the_kernels_have():
     assert {(c.cluster_n, c.cluster_m) for c in cute} == {(1, 1), (2, 1)}  # one token tile: no (1, 2)
     big = [c for c in fc2_space(Fc2Problem(256, 7168, 256, 256, FP8, BF16)) if c.backend == "cute"]
     assert {(c.cluster_n, c.cluster_m) for c in big} >= {(1, 1), (2, 1), (1, 2)}
-    assert {c.acc_buffers for c in cute} == {1, 2}
+    # fp8 promotes each k-tile (one temporary); bf16 keeps the two-temporary variant
+    assert {(c.acc_buffers, c.promote) for c in cute} == {(1, 1)}
+    bf16 = [c for c in fc2_space(Fc2Problem(96, 7168, 256, 256, BF16, BF16)) if c.backend == "cute"]
+    assert {(c.acc_buffers, c.promote) for c in bf16} == {(1, 0), (2, 0)}
     with pytest.raises(ValueError, match="unknown backends"):
         fc2_space(p, backends=("cublas",))
 

@@ -126,7 +126,8 @@ def default_skip_config(problem: Fc2Problem, num_sms: int = 132) -> Fc2TritonCon
 
 
 def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
-    """Deterministic CuTe config: tile by M from ``CUTE_TABLE``, deepest ring, one wave.
+    """Deterministic CuTe config: tile by M from ``CUTE_TABLE``, deepest ring, one wave; fp8
+    promotes each k-tile (``promote=1``, one temporary: the Triton FC2's precision).
     Raises ValueError when no CuTe config fits (an expert's k-slice below 128 bytes)."""
     p = problem
     if (p.i * p.dtype.itemsize) % 128:
@@ -141,6 +142,8 @@ def default_cute_config(problem: Fc2Problem) -> Fc2CuteConfig:
     if fields["cluster_m"] == 0:
         fields = dict(fields, cluster_m=2 if -(-p.m // fields["tile_m"]) % 2 == 0 else 1)
     cfg = Fc2CuteConfig(tile_k=tk, **fields)
+    if p.dtype == torch.float8_e4m3fn:
+        cfg = dataclasses.replace(cfg, promote=1, acc_buffers=1)
     if not cute_fc2.can_implement(p, cfg)[0]:  # e.g. too few stages for two temporaries
         cfg = dataclasses.replace(cfg, acc_buffers=1)
     ok, why = cute_fc2.can_implement(p, cfg)

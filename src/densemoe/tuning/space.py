@@ -75,10 +75,14 @@ def triton_space(problem: Fc2Problem, num_sms: int = 132) -> list[Fc2TritonConfi
 def cute_space(problem: Fc2Problem) -> list[Fc2CuteConfig]:
     """CuTe DSL FC2 tactics for ``problem``. Swap-AB (tokens as wgmma N) up to M = 256: token
     tile x weight tile x consumers x temporaries x cluster x k-tile. Tokens as wgmma M from
-    M = 64: 64 or 128 token rows x 128/192 columns x temporaries x token-tile cluster x lockstep."""
+    M = 64: 64 or 128 token rows x 128/192 columns x temporaries x token-tile cluster x lockstep.
+    fp8: every tactic promotes each k-tile into fp32 (``Fc2CuteConfig.promote``, the Triton FC2's
+    precision), which takes the one temporary (no ``acc_buffers=2``)."""
     p = problem
     out: list[Fc2CuteConfig] = []
     k128 = 128 // p.dtype.itemsize
+    promote = int(p.dtype == torch.float8_e4m3fn)
+    bufs = (1,) if promote else (1, 2)
 
     def add(cfg: Fc2CuteConfig) -> None:
         if cute_fc2.can_implement(p, cfg)[0] and cfg not in out:
@@ -88,18 +92,18 @@ def cute_space(problem: Fc2Problem) -> list[Fc2CuteConfig]:
         tm_fit = min(128, max(16, -(-p.m // 16) * 16))
         for tm in sorted({tm_fit, _pow2_at_least(tm_fit)} & set(range(16, 257, 16))):
             for (tn, cons), ab, (cn, cm), k in itertools.product(
-                    ((64, 1), (128, 1), (128, 2), (256, 2)), (1, 2), ((1, 1), (2, 1), (1, 2)), (k128, 2 * k128)):
+                    ((64, 1), (128, 1), (128, 2), (256, 2)), bufs, ((1, 1), (2, 1), (1, 2)), (k128, 2 * k128)):
                 if cm > 1 and -(-p.m // tm) < 2:
                     continue  # a token-tile cluster needs two token tiles
                 add(Fc2CuteConfig(tile_n=tn, tile_m=tm, tile_k=k, consumers=cons, acc_buffers=ab,
-                                  cluster_n=cn, cluster_m=cm))
+                                  cluster_n=cn, cluster_m=cm, promote=promote))
     if p.m >= 64:
         cons = 1 if p.m <= 64 else 2
-        for tn, ab, cm, ls in itertools.product((128, 192), (1, 2), (1, 2), (0, 1)):
+        for tn, ab, cm, ls in itertools.product((128, 192), bufs, (1, 2), (0, 1)):
             if cm > 1 and -(-p.m // (64 * cons)) < 2:
                 continue
             add(Fc2CuteConfig(tile_n=tn, tile_m=64 * cons, tile_k=k128, consumers=cons, acc_buffers=ab,
-                              cluster_m=cm, swap_ab=0, lockstep=ls))
+                              cluster_m=cm, swap_ab=0, lockstep=ls, promote=promote))
     return out
 
 

@@ -40,6 +40,12 @@ at large M.
   ``acc += tmp * alpha[m, e]`` per token column. With ``acc_buffers=2`` experts alternate
   between two temporaries and the promotion of expert e runs while expert e+1's wgmmas are
   in flight, so the tensor cores do not wait for the scale-and-add.
+* fp8 promotion per k-tile (``promote=1``): each k-tile's product goes into the temporary
+  (wgmma's scale-d = 0 on its first k-block), is waited for and added, times alpha, into the
+  fp32 accumulator. Hopper's fp8 wgmma keeps a reduced-precision sum inside its accumulator,
+  so promoting once per expert sums all of I there (24 k-steps of 32 at Qwen3-30B-A3B's I =
+  768); per k-tile it is the Triton FC2's precision (docs/trust.md). With two consumer
+  warpgroups (not held in step) one warpgroup's wgmmas run while the other waits and adds.
 * Alpha is read straight from global memory (L2-resident, a few KB per tile) into
   registers one expert ahead of its use: no loader warp, no shared-memory staging.
 * Clusters (``cluster_n``, ``cluster_m``): CTAs of a cluster work on neighbouring column
@@ -93,6 +99,9 @@ class Fc2CuteConfig:
     lockstep:    1: each tile visits the experts in a rotated order chosen so that every
                  cluster works on (nearly) the same expert at the same time: the token
                  tile's L2 working set is a few experts wide, not all of ``a`` (large M)
+    promote:     fp8 only, with acc_buffers=1. 0: an expert's k-tiles accumulate in one
+                 temporary at Hopper's reduced fp8 precision and are promoted once; 1: each
+                 k-tile is promoted (acc += tmp * alpha), the Triton FC2's precision
     """
 
     tile_n: int = 128
@@ -106,6 +115,7 @@ class Fc2CuteConfig:
     ctas: int = 0
     swap_ab: int = 1
     lockstep: int = 0
+    promote: int = 0
 
     backend = "cute"
 
@@ -115,7 +125,7 @@ class Fc2CuteConfig:
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def from_str(s: str) -> "Fc2CuteConfig":
-        s = s.removeprefix("cute:")
+        s = s.removeprefix("cute:")  # fields a string lacks (promote, before it existed): defaults
         return Fc2CuteConfig(**{k: int(v) for k, v in (item.split("=") for item in s.split(","))})
 
     @property
@@ -172,6 +182,12 @@ def can_implement(problem: Fc2Problem, config: Fc2CuteConfig) -> tuple[bool, str
         return False, f"K={p.k} rows are not 16-byte aligned (TMA)"
     if c.acc_buffers not in (1, 2):
         return False, f"acc_buffers={c.acc_buffers} not in (1, 2)"
+    if c.promote not in (0, 1):
+        return False, f"promote={c.promote} not in (0, 1)"
+    if c.promote and p.dtype != torch.float8_e4m3fn:
+        return False, "promote=1 is for fp8 inputs (bf16 wgmma accumulates in fp32 already)"
+    if c.promote and c.acc_buffers != 1:
+        return False, "promote=1 needs acc_buffers=1 (the k-tile's temporary is added before the next k-tile)"
     # accumulator + temporaries, plus two alpha vectors (swap_ab: tile_m / 4 token columns per
     # thread; otherwise 2 token rows per thread)
     alpha_regs = 2 * (c.tile_m // 4) if c.swap_ab else 2 * 2
@@ -227,6 +243,7 @@ def _build_kernel_class():
             self.cluster = (cfg.cluster_n, cfg.cluster_m)
             self.swap = bool(cfg.swap_ab)
             self.lockstep = bool(cfg.lockstep)
+            self.promote = bool(cfg.promote)
             # fp32 alpha values per consumer thread: one per token column it holds (swap_ab),
             # or one per accumulator row (2)
             self.alpha_n = cfg.tile_m // 4 if self.swap else 2
@@ -365,7 +382,28 @@ def _build_kernel_class():
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
                 if u0 < u1:
                     self._load_alpha(alpha_nxt, mAlpha, tCcC, u0, m_groups, num_clusters, ccoord[1], m)
-                if cutlass.const_expr(self.acc_buffers == 1):
+                if cutlass.const_expr(self.promote):
+                    # per k-tile: tmp0 from zero (scale-d 0 on the first k-block), wait, release
+                    # the stage, acc += tmp0 * alpha; the unit's alpha is rotated in first
+                    num_kb = cute.size(tCrA, mode=[2])
+                    for u in range(u0, u1):
+                        self._next_alpha(u, u1, m_groups, num_clusters, ccoord, alpha_cur, alpha_nxt, mAlpha, tCcC, m)
+                        for kt in cutlass.range(self.kt_per_expert, unroll=1):
+                            pipe.consumer_wait(read)
+                            cute.nvgpu.warpgroup.fence()
+                            for kb in cutlass.range_constexpr(num_kb):
+                                coord = (None, None, kb, read.index)
+                                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
+                                cute.gemm(tiled_mma, tmp0, tCrA[coord], tCrB[coord], tmp0)
+                            cute.nvgpu.warpgroup.commit_group()
+                            cute.nvgpu.warpgroup.wait_group(0)
+                            pipe.consumer_release(release)
+                            release.advance()
+                            read.advance()
+                            self._promote(acc, tmp0, alpha_cur)
+                        self._close(u, u0, u1, m_groups, num_clusters, ccoord, acc, tCcC, mOut, mWs, cnt_ptr, flag,
+                                    m, ctid)
+                elif cutlass.const_expr(self.acc_buffers == 1):
                     for u in range(u0, u1):
                         read, release = hopper.mainloop(tiled_mma, pipe, read, release, self.kt_per_expert,
                                                         ((tmp0, tCrA, tCrB),))
@@ -425,13 +463,26 @@ def _build_kernel_class():
                     flag: cute.Tensor, m: Int32, ctid: Int32):
             """Unit u's MMAs are complete: promote with alpha (loaded one unit ago), prefetch the
             next unit's alpha, and store / reduce the tile if u ends this CTA's segment of it."""
-            E = self.E
-            cn, cm = self.cluster
+            self._next_alpha(u, u1, m_groups, nclu, ccoord, alpha_cur, alpha_nxt, mAlpha, tCcC, m)
+            self._promote(acc, tmp, alpha_cur)
+            self._close(u, u0, u1, m_groups, nclu, ccoord, acc, tCcC, mOut, mWs, cnt_ptr, flag, m, ctid)
+
+        @cute.jit
+        def _next_alpha(self, u: Int32, u1: Int32, m_groups: Int32, nclu: Int32, ccoord, alpha_cur: cute.Tensor,
+                        alpha_nxt: cute.Tensor, mAlpha: cute.Tensor, tCcC: cute.Tensor, m: Int32):
+            """Unit u's alpha (loaded one unit ago) into alpha_cur; unit u+1's loads issued."""
             for c in cutlass.range_constexpr(self.alpha_n):
                 alpha_cur[c] = alpha_nxt[c]
             if u + 1 < u1:
                 self._load_alpha(alpha_nxt, mAlpha, tCcC, u + 1, m_groups, nclu, ccoord[1], m)
-            self._promote(acc, tmp, alpha_cur)
+
+        @cute.jit
+        def _close(self, u: Int32, u0: Int32, u1: Int32, m_groups: Int32, nclu: Int32, ccoord, acc: cute.Tensor,
+                   tCcC: cute.Tensor, mOut: cute.Tensor, mWs: cute.Tensor, cnt_ptr: cute.Pointer,
+                   flag: cute.Tensor, m: Int32, ctid: Int32):
+            """Unit u is promoted: store / reduce the tile if u ends this CTA's segment of it."""
+            E = self.E
+            cn, cm = self.cluster
             tile = u // E
             e = u - tile * E
             if e == E - 1 or u == u1 - 1:
