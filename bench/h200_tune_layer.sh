@@ -8,7 +8,8 @@
 #   tar xzf <files_at>/next.tgz -C /tmp/n && tar xzf /tmp/n/tune.tgz -C /tmp/n/tune (see tune_h200.sh)
 #   python bench/merge_tuned.py /tmp/n/tune/wip/tuned.json --into src/densemoe/tuning/tables/h200.json
 #
-#   bash bench/h200_tune_layer.sh <commit>     (timeout_s=600; carry nothing: no CuTe in these jobs)
+#   bash bench/h200_tune_layer.sh <commit>     (timeout_s=600; carry [".carry"]: the routed space has CuTe
+#   candidates (fc1_cute, fc2_cute) at large M since the tenth session; without the bundle they fall back to Triton)
 #
 # MS_ROUTED (tune_h200.sh's, default every bucket) narrows the tuning to some buckets: after the
 # eighth session's space change (FC1's tails, swapped 128-row tiles: only where 64- or 128-row
