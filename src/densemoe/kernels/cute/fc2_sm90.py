@@ -40,11 +40,11 @@ at large M.
   ``acc += tmp * alpha[m, e]`` per token column. With ``acc_buffers=2`` experts alternate
   between two temporaries and the promotion of expert e runs while expert e+1's wgmmas are
   in flight, so the tensor cores do not wait for the scale-and-add.
-* fp8 promotion per k-tile (``promote=1``): each k-tile's product goes into the temporary
-  (wgmma's scale-d = 0 on its first k-block), is waited for and added, times alpha, into the
-  fp32 accumulator. Hopper's fp8 wgmma keeps a reduced-precision sum inside its accumulator,
-  so promoting once per expert sums all of I there (24 k-steps of 32 at Qwen3-30B-A3B's I =
-  768); per k-tile it is the Triton FC2's precision (docs/trust.md). With two consumer
+* fp8 promotion (``promote=1``): each 128 of k (``hopper.PROMOTE_K``; a k-tile of 256 bytes
+  is two) go into the temporary (wgmma's scale-d = 0 on the first k-block), are waited for and
+  added, times alpha, into the fp32 accumulator. Hopper's fp8 wgmma keeps a reduced-precision
+  sum inside its accumulator, so promoting once per expert sums all of I there (24 k-steps of
+  32 at Qwen3-30B-A3B's I = 768; docs/trust.md). With two consumer
   warpgroups (not held in step) one warpgroup's wgmmas run while the other waits and adds.
 * Alpha is read straight from global memory (L2-resident, a few KB per tile) into
   registers one expert ahead of its use: no loader warp, no shared-memory staging.
@@ -101,7 +101,8 @@ class Fc2CuteConfig:
                  tile's L2 working set is a few experts wide, not all of ``a`` (large M)
     promote:     fp8 only, with acc_buffers=1. 0: an expert's k-tiles accumulate in one
                  temporary at Hopper's reduced fp8 precision and are promoted once; 1: each
-                 k-tile is promoted (acc += tmp * alpha), the Triton FC2's precision
+                 128 of k is promoted (acc += tmp * alpha), cuBLAS's precision without
+                 fast accumulation
     """
 
     tile_n: int = 128
@@ -383,24 +384,28 @@ def _build_kernel_class():
                 if u0 < u1:
                     self._load_alpha(alpha_nxt, mAlpha, tCcC, u0, m_groups, num_clusters, ccoord[1], m)
                 if cutlass.const_expr(self.promote):
-                    # per k-tile: tmp0 from zero (scale-d 0 on the first k-block), wait, release
-                    # the stage, acc += tmp0 * alpha; the unit's alpha is rotated in first
+                    # per PROMOTE_K of k: tmp0 from zero (scale-d 0 on the first k-block), wait,
+                    # acc += tmp0 * alpha (the stage released after its last chunk); the unit's
+                    # alpha is rotated in first
                     num_kb = cute.size(tCrA, mode=[2])
+                    chunk = hopper.promote_blocks(num_kb)  # hopper.PROMOTE_K of k a promotion
                     for u in range(u0, u1):
                         self._next_alpha(u, u1, m_groups, num_clusters, ccoord, alpha_cur, alpha_nxt, mAlpha, tCcC, m)
                         for kt in cutlass.range(self.kt_per_expert, unroll=1):
                             pipe.consumer_wait(read)
-                            cute.nvgpu.warpgroup.fence()
-                            for kb in cutlass.range_constexpr(num_kb):
-                                coord = (None, None, kb, read.index)
-                                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
-                                cute.gemm(tiled_mma, tmp0, tCrA[coord], tCrB[coord], tmp0)
-                            cute.nvgpu.warpgroup.commit_group()
-                            cute.nvgpu.warpgroup.wait_group(0)
-                            pipe.consumer_release(release)
-                            release.advance()
-                            read.advance()
-                            self._promote(acc, tmp0, alpha_cur)
+                            for c0 in cutlass.range_constexpr(0, num_kb, chunk):
+                                cute.nvgpu.warpgroup.fence()
+                                for kb in cutlass.range_constexpr(c0, c0 + chunk):
+                                    coord = (None, None, kb, read.index)
+                                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > c0)
+                                    cute.gemm(tiled_mma, tmp0, tCrA[coord], tCrB[coord], tmp0)
+                                cute.nvgpu.warpgroup.commit_group()
+                                cute.nvgpu.warpgroup.wait_group(0)
+                                if c0 + chunk == num_kb:
+                                    pipe.consumer_release(release)
+                                    release.advance()
+                                    read.advance()
+                                self._promote(acc, tmp0, alpha_cur)
                         self._close(u, u0, u1, m_groups, num_clusters, ccoord, acc, tCcC, mOut, mWs, cnt_ptr, flag,
                                     m, ctid)
                 elif cutlass.const_expr(self.acc_buffers == 1):

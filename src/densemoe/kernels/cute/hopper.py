@@ -18,7 +18,7 @@ What lives here:
   ``smem_layout``, ``tma_atom``, ``launch``, ``cluster_coords``, ``load_pipeline``,
   ``staged_tensor``, ``tma_slices``, ``producer_role``, ``consumer_role``;
 * ``mainloop``: the consumers' k-loop over one work unit (``@cute.jit``: dynamic control flow);
-  ``mainloop_promoted`` the same with each k-tile's fp8 products added into fp32 accumulators.
+  ``mainloop_promoted`` the same with the fp8 products added into fp32 accumulators every ``PROMOTE_K``.
 
 Each kernel keeps its own work list, epilogue and scaling. Every cutlass import is lazy, so
 this module (like the kernel modules' configs and ``can_implement``) imports without CuTe DSL.
@@ -36,6 +36,12 @@ SMEM_RESERVE = 2048  # mbarriers + alignment slack
 CONSUMER_REGS = 232  # setmaxnreg of a consumer warpgroup
 PRODUCER_REGS = 40  # setmaxnreg of the producer warpgroup (it only issues TMA)
 MAX_ACC_REGS = 200  # fp32 registers per consumer thread for accumulators + epilogue factors (can_implement)
+# fp8 promotion interval, in k elements: the products of this many k go into a temporary at
+# Hopper's reduced fp8 accumulation before the fp32 add. 128 is what cuBLAS does without fast
+# accumulation: measured on an H100 (tenth session), promoting every 256 instead gave 1.55-1.65x
+# cuBLAS's error (FC1 at H = 7168, FC2 at I = 768), every 128 within 1.1x of it.
+PROMOTE_K = 128
+WGMMA_K_FP8 = 32  # k of one fp8 wgmma instruction (a k-block of the staged tile)
 
 # ----------------------------------------------------------------------------------------
 # Host side
@@ -256,6 +262,14 @@ def consumer_role(tiled_mma, warp_group, tidx):
     return ctid, wg_mma, thr_mma
 
 
+def promote_blocks(num_kb: int) -> int:
+    """k-blocks (fp8 wgmma instructions of ``WGMMA_K_FP8``) per promotion of a staged k-tile of
+    ``num_kb`` of them: ``PROMOTE_K`` worth, or the whole k-tile if it is shorter."""
+    chunk = min(num_kb, PROMOTE_K // WGMMA_K_FP8)
+    assert num_kb % chunk == 0, (num_kb, chunk)
+    return chunk
+
+
 @functools.lru_cache(maxsize=1)
 def _jit_helpers():
     """The @cute.jit helpers (need cutlass at definition); built once."""
@@ -288,43 +302,48 @@ def _jit_helpers():
     @cute.jit
     def _mainloop_promoted(tiled_mma: cute.TiledMma, pipe, read, release, k_tiles: int, gemms):
         num_kb = cute.size(gemms[0][1], mode=[2])
+        chunk = promote_blocks(num_kb)
         for acc, _, _, _ in gemms:
             acc.fill(0.0)
         for kt in cutlass.range(k_tiles, unroll=1):
             pipe.consumer_wait(read)
-            cute.nvgpu.warpgroup.fence()
-            for kb in cutlass.range_constexpr(num_kb):
-                coord = (None, None, kb, read.index)
-                # the first k-block overwrites the temporaries (wgmma's scale-d = 0): no zeros
-                # written into registers a wgmma of the previous k-tile defined
-                tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
-                for _, op_a, op_b, tmp in gemms:
-                    cute.gemm(tiled_mma, tmp, op_a[coord], op_b[coord], tmp)
-            cute.nvgpu.warpgroup.commit_group()
-            cute.nvgpu.warpgroup.wait_group(0)
-            pipe.consumer_release(release)  # the stage is read: the producer may refill it
-            release.advance()
-            read.advance()
-            for acc, _, _, tmp in gemms:
-                acc.store(acc.load() + tmp.load())
+            for c0 in cutlass.range_constexpr(0, num_kb, chunk):
+                cute.nvgpu.warpgroup.fence()
+                for kb in cutlass.range_constexpr(c0, c0 + chunk):
+                    coord = (None, None, kb, read.index)
+                    # a chunk's first k-block overwrites the temporaries (wgmma's scale-d = 0):
+                    # no zeros written into registers an earlier wgmma defined
+                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > c0)
+                    for _, op_a, op_b, tmp in gemms:
+                        cute.gemm(tiled_mma, tmp, op_a[coord], op_b[coord], tmp)
+                cute.nvgpu.warpgroup.commit_group()
+                cute.nvgpu.warpgroup.wait_group(0)
+                if c0 + chunk == num_kb:
+                    pipe.consumer_release(release)  # the stage is read: the producer may refill it
+                    release.advance()
+                    read.advance()
+                for acc, _, _, tmp in gemms:
+                    acc.store(acc.load() + tmp.load())
         return read, release
 
     @cute.jit
     def _mainloop_promoted_shared(tiled_mma: cute.TiledMma, pipe, read, release, k_tiles: int, gemms, tmp):
         num_kb = cute.size(gemms[0][1], mode=[2])
+        chunk = promote_blocks(num_kb)
         for acc, _, _ in gemms:
             acc.fill(0.0)
         for kt in cutlass.range(k_tiles, unroll=1):
             pipe.consumer_wait(read)
-            for acc, op_a, op_b in gemms:
-                cute.nvgpu.warpgroup.fence()
-                for kb in cutlass.range_constexpr(num_kb):
-                    coord = (None, None, kb, read.index)
-                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
-                    cute.gemm(tiled_mma, tmp, op_a[coord], op_b[coord], tmp)
-                cute.nvgpu.warpgroup.commit_group()
-                cute.nvgpu.warpgroup.wait_group(0)
-                acc.store(acc.load() + tmp.load())
+            for c0 in cutlass.range_constexpr(0, num_kb, chunk):
+                for acc, op_a, op_b in gemms:
+                    cute.nvgpu.warpgroup.fence()
+                    for kb in cutlass.range_constexpr(c0, c0 + chunk):
+                        coord = (None, None, kb, read.index)
+                        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > c0)
+                        cute.gemm(tiled_mma, tmp, op_a[coord], op_b[coord], tmp)
+                    cute.nvgpu.warpgroup.commit_group()
+                    cute.nvgpu.warpgroup.wait_group(0)
+                    acc.store(acc.load() + tmp.load())
             pipe.consumer_release(release)
             release.advance()
             read.advance()
@@ -344,15 +363,17 @@ def mainloop(tiled_mma, pipe, read, release, k_tiles: int, gemms):
 
 
 def mainloop_promoted(tiled_mma, pipe, read, release, k_tiles: int, gemms):
-    """``mainloop`` with each k-tile's fp8 products promoted into fp32 (DeepGEMM's promotion,
-    what cuBLAS does without fast accumulation): every ``(acc, A, B, tmp)`` of ``gemms``
-    multiplies a k-tile into its temporary ``tmp`` (from zero), and
-    the temporary is added into ``acc`` in fp32 once its group is complete. Hopper's fp8 wgmma
-    keeps a reduced-precision sum inside the accumulator, so without this the error grows with
-    the k-tiles summed in it (docs/routed.md, "fp8 accumulation").
+    """``mainloop`` with the fp8 products promoted into fp32 every ``PROMOTE_K`` of k
+    (DeepGEMM's promotion, what cuBLAS does without fast accumulation): every ``(acc, A, B,
+    tmp)`` of ``gemms`` multiplies ``PROMOTE_K`` of k (a 128-byte k-tile; half of a 256-byte
+    one) into its temporary ``tmp`` (from zero), and the temporary is added into ``acc`` in fp32
+    once its group is complete. Hopper's fp8 wgmma keeps a reduced-precision sum inside the
+    accumulator, so without this the error grows with the k summed in it (docs/routed.md, "fp8
+    accumulation").
 
-    Per k-tile the products are one commit group; the warpgroup waits for it
-    (``wait_group(0)``), releases the stage and adds the temporaries. The tensor cores are not
+    Per ``PROMOTE_K`` the products are one commit group; the warpgroup waits for it
+    (``wait_group(0)``), adds the temporaries, and after a k-tile's last group releases its
+    stage. The tensor cores are not
     idle meanwhile: the kernels run two consumer warpgroups that are not held in step (no
     CTA-wide barrier in the loop), so one warpgroup's wgmmas run while the other waits and adds.
     Triton's per-k-tile promotion (``max_num_imprecise_acc``) has the same wait, but its CTA
@@ -365,8 +386,8 @@ def mainloop_promoted(tiled_mma, pipe, read, release, k_tiles: int, gemms):
 
 def mainloop_promoted_shared(tiled_mma, pipe, read, release, k_tiles: int, gemms, tmp):
     """``mainloop_promoted`` with one temporary for all products (``gemms`` = ``((acc, A, B),
-    ...)``): each product's k-tile goes into ``tmp`` and is added into its accumulator before
-    the next product is issued (one wait per product). One temporary instead of one per
+    ...)``): each product's ``PROMOTE_K`` of k goes into ``tmp`` and is added into its
+    accumulator before the next product is issued (one wait per product and ``PROMOTE_K``). One temporary instead of one per
     product: the registers of 128 gate + 128 up columns a warpgroup (3 x 64 a thread), so that a
     unit spans a whole 128-column group of fp8 y (``routed_fc1_sm90``)."""
     return _jit_helpers()["mainloop_promoted_shared"](tiled_mma, pipe, read, release, k_tiles, gemms, tmp)

@@ -392,9 +392,10 @@ def _tile_at(t, run, tiles, offsets_ptr, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 
 @triton.jit
 def _tile_list_kernel(offsets_ptr, tiles_ptr, count_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
-                      CHUNK: tl.constexpr):
+                      CHUNK: tl.constexpr, PDL: tl.constexpr = False):
     """Program e writes its expert's tiles of BLOCK_M sorted rows into the list: tiles[t] =
     (e, first row), t from the running count of the experts before it; program 0 the count."""
+    pdl_enter(PDL)
     e = tl.program_id(0)
     run, tiles, total = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     ex = tl.arange(0, E_PAD)
