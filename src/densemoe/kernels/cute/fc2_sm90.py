@@ -389,6 +389,8 @@ def _build_kernel_class():
                     # alpha is rotated in first
                     num_kb = cute.size(tCrA, mode=[2])
                     chunk = hopper.promote_blocks(num_kb)  # hopper.PROMOTE_K of k a promotion
+                    # (hopper.mainloop_promoted's step, written out: ACCUMULATE set from a
+                    # trace-time helper inside this dynamic loop fails IR verification)
                     for u in range(u0, u1):
                         self._next_alpha(u, u1, m_groups, num_clusters, ccoord, alpha_cur, alpha_nxt, mAlpha, tCcC, m)
                         for kt in cutlass.range(self.kt_per_expert, unroll=1):
