@@ -56,6 +56,27 @@ def test_tile_list_rejects_other_dtypes():
                               torch.zeros(1, dtype=torch.int32))
 
 
+def test_launchers_check_the_tile_list_they_read():
+    """The CuTe routed kernels read each (expert, first row) of the list as one 8-byte load and
+    the other schedule buffers as int32: a view off that alignment, another dtype or a list too
+    short for the routing's worst case is refused before any launch (CPU: the check comes first)."""
+    from densemoe.kernels.common import check_tile_list
+    P, E = 300, 4
+    n = rc.max_tiles(P, E)
+    srt, off, cnt = (torch.zeros(P, dtype=torch.int32), torch.zeros(E + 1, dtype=torch.int32),
+                     torch.zeros(1, dtype=torch.int32))
+    good = torch.zeros(n, 2, dtype=torch.int32)
+    check_tile_list(good, cnt, srt, off, P, E, rc.TILE_M)
+    odd = torch.zeros(2 * n + 1, dtype=torch.int32)[1:].view(n, 2)  # contiguous, 4 bytes off
+    for tiles, what in ((odd, "8-byte aligned"), (good[:-1], ">= "), (good.long(), "int32"), (good.t(), "contiguous")):
+        with pytest.raises(ValueError, match="tiles must be"):
+            check_tile_list(tiles, cnt, srt, off, P, E, rc.TILE_M)
+    with pytest.raises(ValueError, match="offsets must be int32"):
+        check_tile_list(good, cnt, srt, off[:-1], P, E, rc.TILE_M)
+    with pytest.raises(ValueError, match="sorted_pairs must be int32"):
+        check_tile_list(good, cnt, srt.long(), off, P, E, rc.TILE_M)
+
+
 def test_max_tiles_bounds_every_routing():
     for counts in ([5, 0, 130, 128, 1], [300], [1] * 9, [127] * 4, [128] * 4):
         off = _offsets(counts)

@@ -160,3 +160,18 @@ def max_tiles(pairs: int, experts: int, block_m: int) -> int:
     every expert's last one part-filled, none empty (the size of a tile list that any routing
     fits: CUDA graphs replay with any)."""
     return max(1, min(pairs, (pairs + experts * (block_m - 1)) // block_m))
+
+
+def check_tile_list(tiles: torch.Tensor, n_tiles: torch.Tensor, sorted_pairs: torch.Tensor, offsets: torch.Tensor,
+                    pairs: int, experts: int, block_m: int) -> None:
+    """The schedule's buffers as a kernel that walks the tile list reads them: int32 and
+    contiguous; ``tiles`` [>= max_tiles, 2] and 8-byte aligned (each (expert, first row) is one
+    8-byte load in the CuTe kernels)."""
+    n = max_tiles(pairs, experts, block_m)
+    if (tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[0] < n or tiles.shape[1] != 2
+            or not tiles.is_contiguous() or tiles.data_ptr() % 8):
+        raise ValueError(f"tiles must be int32 [>= {n}, 2], contiguous and 8-byte aligned")
+    for name, t, size in (("n_tiles", n_tiles, 1), ("sorted_pairs", sorted_pairs, pairs),
+                          ("offsets", offsets, experts + 1)):
+        if t.dtype != torch.int32 or not t.is_contiguous() or t.numel() < size:
+            raise ValueError(f"{name} must be int32, contiguous, at least {size} long")

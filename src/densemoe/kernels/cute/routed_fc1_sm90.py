@@ -264,34 +264,38 @@ def _build_kernel_class():
                     tmp = cute.make_rmem_tensor(tCcC.shape, Float32)
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
                 for u in range(cta, units, num_ctas):
+                    # the unit's indices and its two rows' scales, loaded before the k-loop so their
+                    # dependent reads (tile -> expert -> row end; row -> pair -> x scale) overlap it
+                    t = u // IT
+                    it = u - t * IT
+                    e = mTiles[t, 0]
+                    r0 = mTiles[t, 1]
+                    r1 = cutlass.min(r0 + TILE_M, mOffsets[e + 1])
+                    a1 = mAlpha1[e]
+                    s0 = a1
+                    s1 = a1
+                    if has_xs != 0:  # rows clamped into the unit: in range whatever the row (never stored past r1)
+                        s0 = a1 * mXs[mSorted[cutlass.min(r0 + tCcC[((0, 0, 0), 0, 0)][0], r1 - 1)] // top_k]
+                        s1 = a1 * mXs[mSorted[cutlass.min(r0 + tCcC[((0, 1, 0), 0, 0)][0], r1 - 1)] // top_k]
                     if cutlass.const_expr(self.fp8):
                         read, release = hopper.mainloop_promoted_shared(tiled_mma, pipe, read, release, self.kt,
                                                                         ((acc_g, gA, gB), (acc_u, gA, uB)), tmp)
                     else:
                         read, release = hopper.mainloop(tiled_mma, pipe, read, release, self.kt,
                                                         ((acc_g, gA, gB), (acc_u, gA, uB)))
-                    t = u // IT
-                    it = u - t * IT
-                    e = mTiles[t, 0]
-                    r0 = mTiles[t, 1]
-                    r1 = cutlass.min(r0 + TILE_M, mOffsets[e + 1])
-                    self._epilogue(acc_g, acc_u, tCcC, mAlpha1, mXs, mSorted, mY, mYs, e, it, r0, r1, top_k, has_xs)
+                    self._epilogue(acc_g, acc_u, tCcC, mY, mYs, it, r0, r1, s0, s1)
 
         @cute.jit
-        def _epilogue(self, acc_g: cute.Tensor, acc_u: cute.Tensor, tCcC: cute.Tensor, mAlpha1: cute.Tensor,
-                      mXs: cute.Tensor, mSorted: cute.Tensor, mY: cute.Tensor, mYs: cute.Tensor, e: Int32, it: Int32,
-                      r0: Int32, r1: Int32, top_k: Int32, has_xs: Int32):
+        def _epilogue(self, acc_g: cute.Tensor, acc_u: cute.Tensor, tCcC: cute.Tensor, mY: cute.Tensor,
+                      mYs: cute.Tensor, it: Int32, r0: Int32, r1: Int32, s0: Float32, s1: Float32):
             """Rows r0 + (this thread's two rows), columns it * tile_i + (its tile_i / 4): the
-            scales, SwiGLU, fp8 y and its group scale (or bf16 y); rows at or past r1 not stored."""
-            a1 = mAlpha1[e]
+            rows' scales (alpha1[e] times the token's x scale: s0, s1), SwiGLU, fp8 y and its group
+            scale (or bf16 y); rows at or past r1 not stored."""
             col0 = it * self.tile_i
             for v1 in cutlass.range_constexpr(2):  # the accumulator's value mode ((2, 2, tile_i/8), 1, 1)
                 row = r0 + tCcC[((0, v1, 0), 0, 0)][0]
                 ok = row < r1
-                rc = cutlass.min(row, r1 - 1)  # in range whatever the row (never stored past r1)
-                s = a1
-                if has_xs != 0:
-                    s = a1 * mXs[mSorted[rc] // top_k]
+                s = s0 if v1 == 0 else s1
                 for v2 in cutlass.range_constexpr(self.tile_i // 8):
                     for v0 in cutlass.range_constexpr(2):
                         crd = ((v0, v1, v2), 0, 0)
@@ -375,6 +379,8 @@ def routed_fc1_cute(xs_sorted: torch.Tensor, w1: torch.Tensor, alpha1: torch.Ten
 
     P, H = xs_sorted.shape
     E = alpha1.shape[0]
+    if E == 0:
+        raise ValueError("alpha1 must hold one scale per expert (E >= 1)")
     I = w1.shape[0] // (2 * E)
     ok, why = can_implement(H, E, I, xs_sorted.dtype, y.dtype, config, P)
     if not ok:
@@ -382,15 +388,15 @@ def routed_fc1_cute(xs_sorted: torch.Tensor, w1: torch.Tensor, alpha1: torch.Ten
     fp8 = y.dtype == FP8
     if fp8 and (y_scale is None or y_scale.shape[1] != I // config.tile_i):
         raise ValueError(f"fp8 y needs y_scale [P, I / tile_i = {I // config.tile_i}]")
-    if tiles.shape[0] < max_tiles(P, E) or tiles.dtype != torch.int32 or not tiles.is_contiguous():
-        raise ValueError(f"tiles must be int32 [>= {max_tiles(P, E)}, 2], contiguous")
+    common.check_tile_list(tiles, n_tiles, sorted_pairs, offsets, P, E, TILE_M)
     if P == 0:
         return
     for name, t in (("xs_sorted", xs_sorted), ("w1", w1), ("y", y)):
         if not t.is_contiguous() or t.data_ptr() % 16:
             raise ValueError(f"{name} must be contiguous and 16-byte aligned (TMA)")
     fn = compile_routed_fc1(config, xs_sorted.dtype, H, E, I)
-    ctas = config.ctas or sm_count(xs_sorted.device)
+    # no more CTAs than units can exist (M = 1: 8 tiles)
+    ctas = min(config.ctas or sm_count(xs_sorted.device), max_tiles(P, E) * (I // config.tile_i))
     ab = cutlass_dtype(xs_sorted.dtype)
     od = cutlass.Float8E4M3FN if fp8 else cutlass.BFloat16
     f32, i32 = cutlass.Float32, cutlass.Int32

@@ -230,12 +230,19 @@ def _build_kernel_class():
                     e = mTiles[t, 0]
                     r0 = mTiles[t, 1]
                     r1 = cutlass.min(r0 + TILE_M, mOffsets[e + 1])
+                    # the two rows' pairs and routing weights, loaded before the k-loop so their
+                    # dependent reads (row -> pair -> weight) overlap it; rows clamped into the unit
+                    ws = mW2s[e]
+                    p0 = mSorted[cutlass.min(r0 + tCcC[((0, 0, 0), 0, 0)][0], r1 - 1)]
+                    p1 = mSorted[cutlass.min(r0 + tCcC[((0, 1, 0), 0, 0)][0], r1 - 1)]
+                    wt0 = mTw[p0] * ws
+                    wt1 = mTw[p1] * ws
                     if cutlass.const_expr(self.fp8):
                         read, release = self._mainloop_scaled(tiled_mma, pipe, read, release, acc, tmp, tA, tB, tCcC,
                                                               mYs, r0, r1)
                     else:
                         read, release = hopper.mainloop(tiled_mma, pipe, read, release, KT, ((acc, tA, tB),))
-                    self._epilogue(acc, tCcC, mW2s, mTw, mSorted, mRows, e, nt, r0, r1)
+                    self._epilogue(acc, tCcC, mRows, nt, r0, r1, p0, p1, wt0, wt1)
 
         @cute.jit
         def _mainloop_scaled(self, tiled_mma: cute.TiledMma, pipe, read, release, acc: cute.Tensor, tmp: cute.Tensor,
@@ -267,17 +274,16 @@ def _build_kernel_class():
             return read, release
 
         @cute.jit
-        def _epilogue(self, acc: cute.Tensor, tCcC: cute.Tensor, mW2s: cute.Tensor, mTw: cute.Tensor,
-                      mSorted: cute.Tensor, mRows: cute.Tensor, e: Int32, nt: Int32, r0: Int32, r1: Int32):
-            """rows[pair, nt * tile_n + columns] = acc * w2_scale[e] * topk_weights[pair] for this
-            thread's two rows; rows at or past r1 are not stored."""
-            ws = mW2s[e]
+        def _epilogue(self, acc: cute.Tensor, tCcC: cute.Tensor, mRows: cute.Tensor, nt: Int32, r0: Int32,
+                      r1: Int32, p0: Int32, p1: Int32, wt0: Float32, wt1: Float32):
+            """rows[pair, nt * tile_n + columns] = acc * (w2_scale[e] * topk_weights[pair]: wt0,
+            wt1) for this thread's two rows (pairs p0, p1); rows at or past r1 are not stored."""
             col0 = nt * self.tile_n
             for v1 in cutlass.range_constexpr(2):
                 row = r0 + tCcC[((0, v1, 0), 0, 0)][0]
                 if row < r1:
-                    pair = mSorted[row]
-                    wt = mTw[pair] * ws
+                    pair = p0 if v1 == 0 else p1
+                    wt = wt0 if v1 == 0 else wt1
                     for v2 in cutlass.range_constexpr(self.tile_n // 8):
                         for v0 in cutlass.range_constexpr(2):
                             crd = ((v0, v1, v2), 0, 0)
@@ -336,13 +342,17 @@ def routed_fc2_cute(y: torch.Tensor, y_scale: torch.Tensor | None, w2: torch.Ten
         raise ValueError(f"config {config} cannot run H={H} E={E} I={I}: {why}")
     if rows.dtype != torch.bfloat16 or rows.shape != (P, H) or rows.stride(1) != 1:
         raise ValueError(f"rows must be bf16 [P={P}, H={H}] with unit column stride")
+    common.check_tile_list(tiles, n_tiles, sorted_pairs, offsets, P, E, TILE_M)
+    if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous() or topk_weights.numel() < P:
+        raise ValueError(f"topk_weights must be float32 [P={P}], contiguous")
     if P == 0:
         return
     for name, t in (("y", y), ("w2", w2)):
         if not t.is_contiguous() or t.data_ptr() % 16:
             raise ValueError(f"{name} must be contiguous and 16-byte aligned (TMA)")
     fn = compile_routed_fc2(config, y.dtype, H, E, I)
-    ctas = config.ctas or sm_count(y.device)
+    # no more CTAs than units can exist
+    ctas = min(config.ctas or sm_count(y.device), max_tiles(P, E) * (H // config.tile_n))
     ab = cutlass_dtype(y.dtype)
     f32, i32 = cutlass.Float32, cutlass.Int32
     ys = y_scale if fp8 else w2_scale
