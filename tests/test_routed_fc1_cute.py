@@ -213,6 +213,7 @@ def _deq(y, ys, group):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.xdist_group("cute_fc1_big")  # model-shape weights and float64 references: one worker (memory)
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("M", [1, 7, 100, 1000, 2048])
@@ -344,6 +345,7 @@ def test_choose_runs_a_tuned_fc1_cute_on_triton_where_cute_cannot(monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.xdist_group("cute_fc1_big")  # model-shape weights and float64 references: one worker (memory)
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("M", [100, 2048])

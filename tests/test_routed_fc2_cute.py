@@ -125,6 +125,7 @@ def test_space_and_fallback(monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.xdist_group("cute_fc2_big")  # model-shape weights and float64 references: one worker (memory)
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("M", [1, 100, 2048])
@@ -179,6 +180,7 @@ def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.xdist_group("cute_fc2_big")  # model-shape weights and float64 references: one worker (memory)
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("fc1_cute", [False, True])
