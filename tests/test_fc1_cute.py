@@ -698,12 +698,15 @@ def test_cute_fp8_promote_matches_cublas_without_fast_accumulation(cfg, M, reque
     assert_untouched_border(buf, M, E * I)
     assert rel(out, ref) <= 1.1 * precise + 1e-5, (rel(out, ref), precise)
     # the inputs tell the two precisions apart (else this test could not fail for a kernel
-    # that did not promote), and the same tile without promotion is at the fast pipeline's
+    # that did not promote), and the same tile without promotion is worse than the promoted
+    # one (the promotion is what gives the precision). Without promotion all of H = 7168 sums
+    # inside wgmma: 1.63x cuBLAS's fast-accumulation error at M = 1 on an H100 (eleventh
+    # session), so it is bounded by 2.5x that, not held to it.
     fast = rel(torch_same_precision(x, w1, a1, xs, post, fast=True), ref)
     assert fast > 1.1 * precise + 1e-5, (fast, precise)
     plain = densemoe.fc1(x, w1, a1, x_scale=xs, alpha_post=post, out_dtype=torch.float32,
                          config=dataclasses.replace(cfg, promote=0))
-    assert rel(plain, ref) <= 1.5 * fast + 1e-5, (rel(plain, ref), fast)
+    assert 2 * rel(out, ref) < rel(plain, ref) <= 2.5 * fast + 1e-5, (rel(out, ref), rel(plain, ref), fast)
 
 
 @gpu
