@@ -16,7 +16,7 @@
 # tiles are in play) MS_ROUTED=768,1024,1536,2048,3072,4096 retunes what could change, the other
 # entries stay valid (their space did not change). The benchmark settles 1000 reads before each
 # timing since the eighth session (~30 s more a shape: its timeout is 120 s).
-# TUNE_BUDGET (default 300 s) bounds the tuning; a cut job resumes from WIP in a later call (WIP: a
+# OPS (default "routed strategy") names the tuning jobs; BENCH_MS (default 1-4096) the benchmark's M. TUNE_BUDGET (default 300 s) bounds the tuning; a cut job resumes from WIP in a later call (WIP: a
 # folder of the tree holding an earlier call's wip/ as tune_h200.sh describes; one that does not
 # exist is a fresh cache). DT=fp8block or DT=bf16: that dtype's jobs and benchmark instead (the
 # seventh session ran all three, one call each: about 280, 360 and 370 s on the H200).
@@ -24,7 +24,7 @@ set -uo pipefail
 commit=${1:-unknown}
 t0=$SECONDS
 DT=${DT:-fp8}
-WIP=${WIP:-bench/results/h200_wip_next} DT=$DT OPS="routed strategy" BUDGET=${TUNE_BUDGET:-300} bash bench/tune_h200.sh
+WIP=${WIP:-bench/results/h200_wip_next} DT=$DT OPS="${OPS:-routed strategy}" BUDGET=${TUNE_BUDGET:-300} bash bench/tune_h200.sh
 mkdir -p /tmp/tune && tar xzf $OUT/tune.tgz -C /tmp/tune
 source bench/device_env.sh >/dev/null
 export DENSEMOE_CACHE_DIR=/tmp/tune/wip
@@ -33,7 +33,7 @@ for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   [ $left -lt 40 ] && { echo "# layer $shape: skipped, ${left} s left"; continue; }
   out=$OUT/layer_h200_${shape}_$DT
   timeout $((left < 120 ? left : 120)) python3 -m densemoe.bench layer --shapes $shape --dtypes $DT \
-    --m 1,2,4,8,16,32,64,128,256,512,1024,2048,4096 --reps 20 --skip-max-m 512 --commit "$commit" --out $out > $out.log 2>&1
+    --m ${BENCH_MS:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096} --reps 20 --skip-max-m 512 --commit "$commit" --out $out > $out.log 2>&1
   echo "# layer $shape: exit $? at $((SECONDS - t0)) s"
   grep "^experts .* $DT " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' | cut -c1-200
 done
