@@ -114,7 +114,8 @@ def test_can_implement_shapes_and_registers():
 # ---------------------------------------------------------------------------------- sm_90a compile
 
 COMPILE = [(C(), FP8, (2048, 128, 768)), (C(tile_i=64, tile_k=256), FP8, (7168, 256, 256)),
-           (C(tile_k=64), BF16, (2048, 128, 768)), (C(tile_i=64, tile_k=128, stages=3), BF16, (7168, 256, 256))]
+           (C(tile_k=64), BF16, (2048, 128, 768)), (C(tile_i=64, tile_k=128, stages=3), BF16, (7168, 256, 256)),
+           (C(tile_m=64), FP8, (7168, 256, 256)), (C(tile_m=64, tile_k=64), BF16, (2048, 128, 768))]
 
 
 @pytest.mark.cute_compile
@@ -145,6 +146,10 @@ def test_compiles_for_sm90a(tmp_path, cfg, dtype, hei):
         assert waits == {0, 1}, waits
         assert "shfl.sync.bfly" not in ptx and "st.global.b16" in ptx
     assert ".local" not in ptx
+    # tile_m 64: a warpgroup waits for its unit's stages after the other has read the unit
+    # before (one named barrier each way), none with 128 (both read every stage)
+    named = (len(re.findall(r"\bbar\.sync\s+%r", ptx)), len(re.findall(r"\bbar\.arrive\s+%r", ptx)))
+    assert named == ((1, 1) if cfg.tile_m == 64 else (0, 0)), named
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -181,11 +186,11 @@ def _run(pw, xq, sx, ids, k, cfg, tiles=None, count=None, bufs=None):
         torch.empty(P, dtype=torch.int32, device="cuda"), torch.empty(E + 1, dtype=torch.int32, device="cuda"),
         torch.full((P, I), float("nan"), device="cuda").to(xq.dtype if xq.dtype == FP8 else BF16),
         torch.full((P, I // cfg.tile_i), float("nan"), device="cuda"),
-        torch.empty(rc.max_tiles(P, E), 2, dtype=torch.int32, device="cuda"),
+        torch.empty(rc.max_tiles(P, E, cfg.tile_m), 2, dtype=torch.int32, device="cuda"),
         torch.empty(1, dtype=torch.int32, device="cuda"))
     kern.schedule_launch(ids, E, srt, off)
     xs_sorted = xq[srt.long() // k].contiguous()
-    kern.tile_list_launch(off, E, rc.TILE_M, tiles, count)
+    kern.tile_list_launch(off, E, cfg.tile_m, tiles, count)
     rc.routed_fc1_cute(xs_sorted, pw.w1, pw.alpha1, sx, srt, off, tiles, count, y, ys if y.dtype == FP8 else None,
                        k, cfg)
     return y, ys, srt, off
@@ -217,10 +222,12 @@ def _deq(y, ys, group):
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("M", [1, 7, 100, 1000, 2048])
-@pytest.mark.parametrize("tile_i", [128, 64])
-def test_routed_fc1_cute_on_model_shapes(shape, dtype, M, tile_i):
+@pytest.mark.parametrize("tile_i, tile_m", [(128, 128), (64, 128), (128, 64)])
+def test_routed_fc1_cute_on_model_shapes(shape, dtype, M, tile_i, tile_m):
+    """tile_m 64: the two warpgroups take alternate units (M = 1 and 7: most warpgroups idle; at
+    2048 each CTA's units are many times its ring)."""
     pw, xq, sx, ids, k = _problem(shape, M, dtype, M + 11)
-    cfg = C(tile_i=tile_i, tile_k=128 if dtype == "fp8" else 64)
+    cfg = C(tile_i=tile_i, tile_k=128 if dtype == "fp8" else 64, tile_m=tile_m)
     y, ys, srt, off = _run(pw, xq, sx, ids, k, cfg)
     torch.cuda.synchronize()
     valid = int(off[-1])
@@ -243,14 +250,15 @@ def test_routed_fc1_cute_on_model_shapes(shape, dtype, M, tile_i):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
-def test_graph_replay_with_other_routings(dtype):
+@pytest.mark.parametrize("tile_m", [128, 64])
+def test_graph_replay_with_other_routings(dtype, tile_m):
     """Schedule, sorted copy, tile list and kernel captured once; replays with other routings
     (written into the captured ids) give an eager call's bits."""
     pw, xq, sx, ids, k = _problem("qwen3-30b-a3b", 600, dtype, 3)
-    cfg = C(tile_k=128 if dtype == "fp8" else 64)
+    cfg = C(tile_k=128 if dtype == "fp8" else 64, tile_m=tile_m)
     y, ys, srt, off = _run(pw, xq, sx, ids, k, cfg)
     E = pw.alpha1.shape[0]
-    bufs = (srt, off, y, ys, torch.empty(rc.max_tiles(ids.numel(), E), 2, dtype=torch.int32, device="cuda"),
+    bufs = (srt, off, y, ys, torch.empty(rc.max_tiles(ids.numel(), E, tile_m), 2, dtype=torch.int32, device="cuda"),
             torch.empty(1, dtype=torch.int32, device="cuda"))
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()

@@ -11,7 +11,8 @@ CUDA graph behind an L2 flush (``Timer``, medians):
 
 * the Triton FC1 at the device's table config for the problem (``routed_configs.choose``) and at
   the tiles the tables pick at large M;
-* the CuTe FC1 at tile_i 128 and 64, k-tiles of 128 and 256 bytes: the kernel alone, and with
+* the CuTe FC1 at tile_i 128 and 64, k-tiles of 128 and 256 bytes, units of 128 rows and (the
+  warpgroups on alternate units) 64: the kernel alone, and with
   what it needs that the Triton FC1 does not (the sorted copy of x, a torch gather here, and the
   tile list), so the whole cost is on the line.
 
@@ -30,7 +31,10 @@ from densemoe.ops import routed_configs
 
 FP8 = torch.float8_e4m3fn
 CUTE = (rc.RoutedFc1CuteConfig(tile_i=128, tile_k=128), rc.RoutedFc1CuteConfig(tile_i=128, tile_k=256),
-        rc.RoutedFc1CuteConfig(tile_i=64, tile_k=128), rc.RoutedFc1CuteConfig(tile_i=64, tile_k=256))
+        rc.RoutedFc1CuteConfig(tile_i=64, tile_k=128), rc.RoutedFc1CuteConfig(tile_i=64, tile_k=256),
+        # 64-row units, the warpgroups on alternate units (eleventh session)
+        rc.RoutedFc1CuteConfig(tile_i=128, tile_k=128, tile_m=64), rc.RoutedFc1CuteConfig(tile_i=128, tile_k=256, tile_m=64),
+        rc.RoutedFc1CuteConfig(tile_i=64, tile_k=256, tile_m=64))
 # (block_m, fc1_block_i, swap, warps, stages, programs an SM): the tables' large-M picks
 TRITON = ((64, 128, False, 4, 2, 2), (128, 128, False, 8, 4, 1))
 
@@ -88,7 +92,7 @@ def compare(shape, M, timer):
         err = check(name, y, ys, c.fc1_block_i)
         out[name] = (timer(run)["us"], err)
     xs_sorted = x[rows].contiguous()
-    tiles = torch.empty(rc.max_tiles(P, E), 2, dtype=torch.int32, device="cuda")
+    tiles = torch.empty(rc.max_tiles(P, E, 64), 2, dtype=torch.int32, device="cuda")  # (the longer list)
     count = torch.empty(1, dtype=torch.int32, device="cuda")
     for c in CUTE:
         if not rc.can_implement(H, E, I, FP8, FP8, c, P)[0]:
@@ -101,12 +105,12 @@ def compare(shape, M, timer):
 
         def whole(c=c, y=y, ys=ys):
             xs2 = x[rows]  # the sorted copy (the sorted-x patch's gather kernel would do it in the path)
-            kern.tile_list_launch(off, E, rc.TILE_M, tiles, count)
+            kern.tile_list_launch(off, E, c.tile_m, tiles, count)
             rc.routed_fc1_cute(xs2, w, a1, xs, srt, off, tiles, count, y, ys, k, c)
 
         whole()
         err = check(c.to_str(), y, ys, c.tile_i)
-        name = f"cute i{c.tile_i} k{c.tile_k}"
+        name = f"cute i{c.tile_i} k{c.tile_k}" + (f" m{c.tile_m}" if c.tile_m != rc.TILE_M else "")
         out[name] = (timer(alone)["us"], err)
         out[name + " +copy+list"] = (timer(whole)["us"], err)
     flops = 2 * P * H * 2 * I

@@ -59,7 +59,7 @@ from densemoe.kernels.cute import hopper
 from densemoe.kernels.cute.hopper import MAX_ACC_REGS, SMEM_BYTES, SMEM_RESERVE, cutlass_dtype, ptr
 
 FP8 = torch.float8_e4m3fn
-TILE_M = 128  # rows a unit: two consumer warpgroups of one 64-row wgmma atom each
+TILE_M = 128  # rows a unit by default: two consumer warpgroups of one 64-row wgmma atom each
 _INDEX_LIMIT = 2**31
 
 __all__ = ["RoutedFc1CuteConfig", "can_implement", "compile_routed_fc1", "routed_fc1_cute", "max_tiles"]
@@ -74,12 +74,17 @@ class RoutedFc1CuteConfig:
     tile_k: k-tile in elements, 128 or 256 bytes a row; must divide H
     stages: ring depth (0: as deep as shared memory allows, <= 12)
     ctas:   persistent CTAs (0: one per SM)
+    tile_m: sorted rows a unit. 128: the two consumer warpgroups take 64 rows each of one unit.
+            64: each warpgroup takes every other unit of the CTA's, whole (so one's epilogue
+            runs under the other's k-loop), for experts with few rows (DeepSeek-V3 TP8 at
+            M = 2048: 64 rows an expert, a 128-row tile half empty)
     """
 
     tile_i: int = 128
     tile_k: int = 128
     stages: int = 0
     ctas: int = 0
+    tile_m: int = 128
 
     backend = "cute"
 
@@ -87,7 +92,7 @@ class RoutedFc1CuteConfig:
         return "routed-fc1-cute:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
     def stage_bytes(self, dtype: torch.dtype) -> int:
-        return (TILE_M + 2 * self.tile_i) * self.tile_k * dtype.itemsize
+        return (self.tile_m + 2 * self.tile_i) * self.tile_k * dtype.itemsize
 
     def resolved_stages(self, dtype: torch.dtype) -> int:
         return self.stages or min(12, (SMEM_BYTES - SMEM_RESERVE) // self.stage_bytes(dtype))
@@ -99,9 +104,9 @@ class RoutedFc1CuteConfig:
         return one * (3 if dtype == FP8 else 2)
 
 
-def max_tiles(pairs: int, e: int) -> int:
-    """Tiles of 128 sorted rows at most (``kernels.common.max_tiles``): the tile list's size."""
-    return common.max_tiles(pairs, e, TILE_M)
+def max_tiles(pairs: int, e: int, tile_m: int = TILE_M) -> int:
+    """Tiles of ``tile_m`` sorted rows at most (``kernels.common.max_tiles``): the tile list's size."""
+    return common.max_tiles(pairs, e, tile_m)
 
 
 def can_implement(h: int, e: int, i: int, dtype: torch.dtype, out_dtype: torch.dtype,
@@ -113,6 +118,8 @@ def can_implement(h: int, e: int, i: int, dtype: torch.dtype, out_dtype: torch.d
     want = FP8 if dtype == FP8 else torch.bfloat16
     if out_dtype != want:
         return False, f"y must be {want} for {dtype} inputs (fp8 y with per-row group scales, or bf16)"
+    if c.tile_m not in (64, 128):
+        return False, f"tile_m={c.tile_m} must be 64 (a unit a warpgroup) or 128 (a unit a CTA)"
     if c.tile_i not in (64, 128):
         return False, f"tile_i={c.tile_i} must be 64 or 128 (wgmma N, fp8 y's scale group)"
     if i % c.tile_i:
@@ -153,7 +160,10 @@ def _build_kernel_class():
             self.tile_i, self.tile_k = cfg.tile_i, cfg.tile_k
             self.kt = h // cfg.tile_k
             self.i_tiles = i // cfg.tile_i
+            self.tile_m = cfg.tile_m
+            self.alternate = cfg.tile_m == 64  # each consumer warpgroup its own units
             self.consumers = 2
+            self.mma_atoms = 1 if self.alternate else 2  # 64-row wgmma atoms a unit
             self.threads = 128 * 3
             self.stages = cfg.resolved_stages(FP8 if self.fp8 else torch.bfloat16)
 
@@ -174,11 +184,11 @@ def _build_kernel_class():
             mY = cute.make_tensor(y_ptr, cute.make_layout((pairs, I), stride=(I, 1)))
             mYs = cute.make_tensor(ys_ptr, cute.make_layout((pairs, self.i_tiles), stride=(ld_ys, 1)))
 
-            self.tiled_mma = hopper.tiled_mma(self.ab_dtype, self.consumers, self.tile_i)
+            self.tiled_mma = hopper.tiled_mma(self.ab_dtype, self.mma_atoms, self.tile_i)
             w_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_i, self.stages)
-            x_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, TILE_M, self.stages)
+            x_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_m, self.stages)
             tma_w, tma_tw = hopper.tma_atom(mW, w_layout, self.tile_i, self.tile_k, 1)
-            tma_x, tma_tx = hopper.tma_atom(mX, x_layout, TILE_M, self.tile_k, 1)
+            tma_x, tma_tx = hopper.tma_atom(mX, x_layout, self.tile_m, self.tile_k, 1)
 
             @cute.struct
             class SharedStorage:
@@ -212,8 +222,9 @@ def _build_kernel_class():
             w_one = cute.slice_(w_smem_layout, (None, None, 0))
             x_one = cute.slice_(x_smem_layout, (None, None, 0))
             tx_bytes = 2 * cute.size_in_bytes(self.ab_dtype, w_one) + cute.size_in_bytes(self.ab_dtype, x_one)
+            # a stage is released by the warpgroups that read it: both, or (alternate) one
             pipe = hopper.load_pipeline(storage.pipe_mbar.data_ptr(), self.stages, tx_bytes, cta_layout, (1, 1), 1,
-                                        self.consumers)
+                                        self.mma_atoms)
             sG = hopper.staged_tensor(storage.sG, w_smem_layout)
             sU = hopper.staged_tensor(storage.sU, w_smem_layout)
             sX = hopper.staged_tensor(storage.sX, x_smem_layout)
@@ -238,7 +249,7 @@ def _build_kernel_class():
                         up_tile = gate_tile + IT
                         # the unit's rows of the sorted x from row r0 (TMA: any first row; the
                         # rows past the copy's end read as zeros)
-                        gX = cute.local_tile(cute.domain_offset((r0, 0), mX), (TILE_M, tile_k), (None, None))
+                        gX = cute.local_tile(cute.domain_offset((r0, 0), mX), (self.tile_m, tile_k), (None, None))
                         tXsX, tXgX = hopper.tma_slices(tma_x, 0, 1, sX, gX)
                         for kt in cutlass.range(self.kt, unroll=1):
                             pipe.producer_acquire(state)
@@ -250,11 +261,14 @@ def _build_kernel_class():
                             state.advance()
                     pipe.producer_tail(state)
             else:  # --------------------------------------------------------- consumers
-                ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, warp_group, tidx)
+                if cutlass.const_expr(self.alternate):  # the warpgroup's own 64-row atom: its threads 0-127
+                    ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, Int32(1), tidx - (warp_group - 1) * 128)
+                else:
+                    ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, warp_group, tidx)
                 gA = tiled_mma.make_fragment_A(wg_mma.partition_A(sX))  # rows are wgmma's M
                 gB = tiled_mma.make_fragment_B(wg_mma.partition_B(sG))
                 uB = tiled_mma.make_fragment_B(wg_mma.partition_B(sU))
-                cC = cute.make_identity_tensor((TILE_M, tile_i))  # (row, column)
+                cC = cute.make_identity_tensor((self.tile_m, tile_i))  # (row, column)
                 tCcC = thr_mma.partition_C(cC)
                 acc_g = cute.make_rmem_tensor(tCcC.shape, Float32)
                 acc_u = cute.make_rmem_tensor(tCcC.shape, Float32)
@@ -263,27 +277,52 @@ def _build_kernel_class():
                 if cutlass.const_expr(self.fp8):
                     tmp = cute.make_rmem_tensor(tCcC.shape, Float32)
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-                for u in range(cta, units, num_ctas):
+                first, step = cta, num_ctas
+                mine = warp_group - 1
+                if cutlass.const_expr(self.alternate):
+                    # The CTA's units alternate between the warpgroups, in the ring's order: the
+                    # second passes over the first unit's stages, and each passes over the other's
+                    # unit after its own (no wait, no release: the other warpgroup does both).
+                    # A warpgroup waits for a unit's stages only once the other has waited for
+                    # all of the unit before (named barrier 1 + its index): a full barrier's
+                    # wait tells phases apart by parity only, so a warpgroup a ring-lap or more
+                    # ahead of the loads could take an earlier fill of the stage for its own.
+                    first = cta + mine * num_ctas
+                    step = 2 * num_ctas
+                    for _ in cutlass.range(mine * self.kt, unroll=1):
+                        read.advance()
+                        release.advance()
+                for u in range(first, units, step):
                     # the unit's indices and its two rows' scales, loaded before the k-loop so their
                     # dependent reads (tile -> expert -> row end; row -> pair -> x scale) overlap it
                     t = u // IT
                     it = u - t * IT
                     e = mTiles[t, 0]
                     r0 = mTiles[t, 1]
-                    r1 = cutlass.min(r0 + TILE_M, mOffsets[e + 1])
+                    r1 = cutlass.min(r0 + self.tile_m, mOffsets[e + 1])
                     a1 = mAlpha1[e]
                     s0 = a1
                     s1 = a1
                     if has_xs != 0:  # rows clamped into the unit: in range whatever the row (never stored past r1)
                         s0 = a1 * mXs[mSorted[cutlass.min(r0 + tCcC[((0, 0, 0), 0, 0)][0], r1 - 1)] // top_k]
                         s1 = a1 * mXs[mSorted[cutlass.min(r0 + tCcC[((0, 1, 0), 0, 0)][0], r1 - 1)] // top_k]
+                    if cutlass.const_expr(self.alternate):
+                        if u >= cta + num_ctas:  # not the CTA's first unit
+                            cute.arch.barrier(barrier_id=1 + mine, number_of_threads=256)
                     if cutlass.const_expr(self.fp8):
                         read, release = hopper.mainloop_promoted_shared(tiled_mma, pipe, read, release, self.kt,
                                                                         ((acc_g, gA, gB), (acc_u, gA, uB)), tmp)
                     else:
                         read, release = hopper.mainloop(tiled_mma, pipe, read, release, self.kt,
                                                         ((acc_g, gA, gB), (acc_u, gA, uB)))
+                    if cutlass.const_expr(self.alternate):
+                        if u + num_ctas < units:  # the other warpgroup has the next unit
+                            cute.arch.barrier_arrive(barrier_id=2 - mine, number_of_threads=256)
                     self._epilogue(acc_g, acc_u, tCcC, mY, mYs, it, r0, r1, s0, s1)
+                    if cutlass.const_expr(self.alternate):
+                        for _ in cutlass.range(self.kt, unroll=1):
+                            read.advance()
+                            release.advance()
 
         @cute.jit
         def _epilogue(self, acc_g: cute.Tensor, acc_u: cute.Tensor, tCcC: cute.Tensor, mY: cute.Tensor,
@@ -371,7 +410,7 @@ def routed_fc1_cute(xs_sorted: torch.Tensor, w1: torch.Tensor, alpha1: torch.Ten
                     y: torch.Tensor, y_scale: torch.Tensor | None, top_k: int, config: RoutedFc1CuteConfig) -> None:
     """Launch (the module docstring's contract). ``tiles`` [>= max_tiles(P, E), 2] int32 and
     ``n_tiles`` [1] int32 come from ``densemoe.kernels.triton.routed.tile_list_launch`` (or any
-    writer of the same list) for tiles of ``TILE_M`` rows."""
+    writer of the same list) for tiles of ``config.tile_m`` rows."""
     import cuda.bindings.driver as cuda
     import cutlass
 
@@ -388,7 +427,7 @@ def routed_fc1_cute(xs_sorted: torch.Tensor, w1: torch.Tensor, alpha1: torch.Ten
     fp8 = y.dtype == FP8
     if fp8 and (y_scale is None or y_scale.shape[1] != I // config.tile_i):
         raise ValueError(f"fp8 y needs y_scale [P, I / tile_i = {I // config.tile_i}]")
-    common.check_tile_list(tiles, n_tiles, sorted_pairs, offsets, P, E, TILE_M)
+    common.check_tile_list(tiles, n_tiles, sorted_pairs, offsets, P, E, config.tile_m)
     if P == 0:
         return
     for name, t in (("xs_sorted", xs_sorted), ("w1", w1), ("y", y)):
@@ -396,7 +435,8 @@ def routed_fc1_cute(xs_sorted: torch.Tensor, w1: torch.Tensor, alpha1: torch.Ten
             raise ValueError(f"{name} must be contiguous and 16-byte aligned (TMA)")
     fn = compile_routed_fc1(config, xs_sorted.dtype, H, E, I)
     # no more CTAs than units can exist (M = 1: 8 tiles)
-    ctas = min(config.ctas or sm_count(xs_sorted.device), max_tiles(P, E) * (I // config.tile_i))
+    units = max_tiles(P, E, config.tile_m) * (I // config.tile_i)
+    ctas = min(config.ctas or sm_count(xs_sorted.device), units if config.tile_m == TILE_M else -(-units // 2))
     ab = cutlass_dtype(xs_sorted.dtype)
     od = cutlass.Float8E4M3FN if fp8 else cutlass.BFloat16
     f32, i32 = cutlass.Float32, cutlass.Int32
