@@ -111,7 +111,7 @@ def variants(cfg, problem):
                  dict(fc2_y_tma=True)]  # FC2's y rows through TMA
         if GPU and cute_available():  # both GEMMs on the CuTe kernels (the copy, the tile list, their rings)
             k = cfg.fc1_block_k if problem.dtype == torch.float8_e4m3fn else 64
-            cands.append(dict(fc1_cute=True, fc2_cute=True, fc1_block_i=128, fc1_block_k=k, fc1_swap_ab=False,
+            cands.append(dict(fc1_cute=True, fc2_cute=True, block_m=64, fc1_block_i=128, fc1_block_k=k, fc1_swap_ab=False,
                               fc1_warps=4, fc1_stages=3, fc1_tail_m=0, fc1_sorted_x=False, fc2_block_n=128,
                               fc2_block_k=k, fc2_swap_ab=False, fc2_warps=4, fc2_stages=3, flatten=False,
                               atomic_combine=False, fused_combine=False, fc2_col_groups=0, fc2_col_major=False,

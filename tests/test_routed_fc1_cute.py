@@ -305,10 +305,12 @@ def test_fc1_cute_field_string_and_rules():
     old = cfg.to_str().rsplit(",", 2)[0]  # a string written before the fields: the Triton FC1
     assert kern.RoutedConfig.from_str(old) == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False})
     assert routed_configs.can_implement(_qwen3(4096), cfg)[0]
+    # the CuTe FC1's units are block_m rows
+    assert [routed_configs.cute_fc1_config(_cute_cfg(block_m=b)).tile_m for b in (64, 128)] == [64, 128]
     assert routed_configs.can_implement(_qwen3(4096, BF16), _cute_cfg(fc1_block_k=64, fc2_block_k=64))[0]
     for kw, why in ((dict(fc1_swap_ab=True), "fc1_cute"), (dict(fc1_tail_m=16), "fc1_cute"),
                     (dict(fc1_sorted_x=True), "fc1_cute"), (dict(fc1_warps=8), "fc1_cute"),
-                    (dict(fc1_block_i=256, fc2_block_k=128), "fc1_cute")):
+                    (dict(fc1_block_i=256, fc2_block_k=128), "fc1_cute"), (dict(block_m=32), "block_m")):
         ok, msg = routed_configs.can_implement(_qwen3(4096), _cute_cfg(**kw))
         assert not ok and why in msg, (kw, msg)
     # the CuTe rules through the op layer's validity function: k-tile bytes, block weights
@@ -322,13 +324,15 @@ def test_space_offers_fc1_cute_where_experts_get_many_rows():
     from densemoe.ops import routed_configs
     from densemoe.tuning.space import routed_space
 
-    for M, want in ((4096, True), (2048, True), (128, False), (1, False)):
+    for M, want in ((4096, True), (2048, True), (512, True), (256, True), (128, False), (1, False)):
         for dt in (FP8, BF16):
             sp = routed_space(_qwen3(M, dt))
             cute = [c for c in sp if c.fc1_cute]
             assert bool(cute) == want, (M, dt)
             assert all(routed_configs.can_implement(_qwen3(M, dt), c)[0] for c in cute)
             assert {c.fc1_block_i for c in cute} == ({64, 128} if want else set())
+            # units of 64 rows wherever CuTe is offered (from 16 rows an expert), of 128 from 64 rows
+            assert {c.block_m for c in cute} == ({64, 128} if M >= 2048 else {64} if want else set()), (M, sorted({c.block_m for c in cute}))
     assert not [c for c in routed_space(_qwen3(4096, FP8, 128)) if c.fc1_cute]
 
 
@@ -357,9 +361,11 @@ def test_choose_runs_a_tuned_fc1_cute_on_triton_where_cute_cannot(monkeypatch):
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("M", [100, 2048])
-def test_routed_experts_with_fc1_cute_on_model_shapes(shape, dtype, M):
-    """The whole routed path with FC1 on CuTe: within torch's error at the kernels' precision
-    (the routed GPU tests' bound), and within 1e-2 of the Triton FC1's output."""
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_routed_experts_with_fc1_cute_on_model_shapes(shape, dtype, M, block_m):
+    """The whole routed path with FC1 on CuTe in units of block_m rows (and FC2's tiles of as
+    many): within torch's error at the kernels' precision (the routed GPU tests' bound), and
+    within 1e-2 of the Triton FC1's output."""
     import dataclasses
 
     from test_routed_gpu import _case, _within_torch
@@ -370,7 +376,7 @@ def test_routed_experts_with_fc1_cute_on_model_shapes(shape, dtype, M):
     w13, w2, x, ids, wts = _case(shape, M, M + 21)
     pw = prepare_weights(w13, w2, dtype=dtype)
     bk = 128 if dtype == "fp8" else 64
-    cfg = _cute_cfg(fc1_block_k=bk, fc2_block_k=bk)
+    cfg = _cute_cfg(fc1_block_k=bk, fc2_block_k=bk, block_m=block_m)
     out = routed_experts(x, pw, ids, wts, config=cfg)
     assert torch.isfinite(out).all()
     _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)

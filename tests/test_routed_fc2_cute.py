@@ -112,9 +112,8 @@ def test_space_and_fallback(monkeypatch):
     from densemoe.tuning import cache
     from densemoe.tuning.space import routed_space
 
-    sp = routed_space(_problem(4096))
-    assert any(c.fc2_cute and not c.fc1_cute for c in sp) and any(c.fc2_cute and c.fc1_cute for c in sp)
-    assert not any(c.fc2_cute for c in routed_space(_problem(64)))
+    # not in the space (slower than the Triton FC2 on the H200: tuning.space)
+    assert not any(c.fc2_cute for M in (64, 4096) for c in routed_space(_problem(M)))
     cfg = _cfg(fc1_cute=True)
     entry = {"best": {"backend": "triton", "config": cfg.to_str(), "us": 1.0}}
     monkeypatch.setattr(cache, "lookup_or_autotune", lambda key, problem, device: (entry, "shipped"))

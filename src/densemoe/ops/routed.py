@@ -72,11 +72,11 @@ def _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg: RoutedConfig, w1_block_sca
 
         xs_sorted = torch.empty((P, x.shape[1]), dtype=x.dtype, device=dev)
         kern.sorted_rows_launch(x, sorted_pairs, offsets, k, xs_sorted)
-        tiles = torch.empty((cute_fc1.max_tiles(P, E), 2), dtype=torch.int32, device=dev)
+        ccfg = routed_configs.cute_fc1_config(cfg)
+        tiles = torch.empty((cute_fc1.max_tiles(P, E, ccfg.tile_m), 2), dtype=torch.int32, device=dev)
         count = torch.empty(1, dtype=torch.int32, device=dev)
-        kern.tile_list_launch(offsets, E, cute_fc1.TILE_M, tiles, count)
-        cute_fc1.routed_fc1_cute(xs_sorted, w1, alpha1, x_scale, sorted_pairs, offsets, tiles, count, y, ys, k,
-                                 routed_configs.cute_fc1_config(cfg))
+        kern.tile_list_launch(offsets, E, ccfg.tile_m, tiles, count)
+        cute_fc1.routed_fc1_cute(xs_sorted, w1, alpha1, x_scale, sorted_pairs, offsets, tiles, count, y, ys, k, ccfg)
     else:
         kern.fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, ys, k, cfg, w_block_scale=w1_block_scale)
     return sorted_pairs, offsets, y, ys

@@ -292,17 +292,17 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       256) FC2's k-step 256, flattened. (The H200's fp8 tuning of 2026-12-05 picked the widest
       tile with two programs per SM at M = 4-2048; three and four were not in its space.)
 
-    * FC1 on the CuTe kernel (``fc1_cute``) where the bases are unswapped (more than 64 rows an
-      expert): its tiles of I 128 and 64 and k-tiles of 128 and 256 bytes, with the bases' FC2 at
-      one and two programs an SM; with a tile of I of 128 also FC2 on CuTe (``fc2_cute``, 128
-      columns); and FC2 alone on CuTe beside the middle Triton FC1 (not with block-scaled weights).
+    * FC1 on the CuTe kernel (``fc1_cute``) from 16 rows an expert, in units of the unswapped
+      bases' block_m rows (64 where every base is swapped): its tiles of I 128 and 64 and k-tiles
+      of 128 and 256 bytes, with the bases' FC2 at one and two programs an SM (not with
+      block-scaled weights). FC2 on CuTe (``fc2_cute``) is not in the space (slower on the H200).
 
     Block-scaled weights (``problem.block``): FC1's tile and both k-steps are the block and FC2's
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
     At most 37 configs per (block_m, swap) and three of those, five swapped 128-row ones, so at
-    most 117 with the default; with the CuTe ones (14 per unswapped base, two bases) at most 145.
+    most 117 with the default; with the CuTe ones (8 per unswapped base, two bases) at most 133.
     """
     if "triton" not in backends:
         return []
@@ -413,28 +413,22 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                        (64, dict(pps=2, fc1_sorted_x=True))):
             if bi in bis:
                 add(make(128, True, bi, bn, **kw))
-    if rows >= 32 and not getattr(p, "block", 0):
-        # FC1 on the CuTe kernel (``fc1_cute``: 128-row tiles of its own, two consumer warpgroups
-        # not in step, fp8 promoted per k-tile): tiles of I 128 and 64, k-tiles of 128 and 256
-        # bytes, beside the FC2 of the unswapped bases' middle tiles, one and two programs an SM
-        for bm, swap in bases:
-            if swap:
-                continue
+    if rows >= 16 and not getattr(p, "block", 0):
+        # FC1 on the CuTe kernel (``fc1_cute``: units of the base's block_m rows, 64 or 128, two
+        # consumer warpgroups not in step, fp8 promoted per k-tile): tiles of I 128 and 64, k-tiles
+        # of 128 and 256 bytes, beside the FC2 of the unswapped bases' middle tiles, one and two
+        # programs an SM; where every base is swapped (16-64 rows an expert), beside an unswapped
+        # FC2 of 64 rows (its weights are read once an expert either way)
+        for bm in [bm for bm, swap in bases if not swap] or [64]:
             bn = 128 if 128 in bns else bns[-1]
             for bi, k1 in itertools.product((128, 64), (1, 2)):
                 for pps in (1, 2):
                     base = make(bm, False, bi, bn, pps=pps, k2=min(128 if fp8 else 64, bi))
-                    if base is None:
-                        continue
-                    cute1 = dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
-                                                fc1_warps=4, fc1_stages=3, fc1_swap_ab=False)
-                    add(cute1)
-                    if bi == 128:  # and FC2 on CuTe too (fp8: its k-tile is y's scale group, 128)
-                        add(dataclasses.replace(cute1, fc2_cute=True, fc2_block_n=128, fc2_warps=4, fc2_stages=3))
-            for pps in (1, 2):  # FC2 alone on CuTe, beside the middle Triton FC1
-                base = make(bm, False, 128, 128, pps=pps)
-                if base is not None:
-                    add(dataclasses.replace(base, fc2_cute=True, fc2_warps=4, fc2_stages=3))
+                    if base is not None:
+                        add(dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
+                                                fc1_warps=4, fc1_stages=3, fc1_swap_ab=False))
+        # (FC2 on CuTe, ``fc2_cute``, is not offered: 1.3-2.8x slower than the table's Triton FC2
+        # on an H200 at M = 512-4096, bench/results/h200_2026-12-06_session12_logs/routed_fc2_cute.log)
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 

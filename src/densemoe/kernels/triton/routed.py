@@ -99,10 +99,11 @@ class RoutedConfig:
     written: they only reach masked rows of the product). Where the device has TMA and tma is on.
     The same products: the same bits.
     ``fc1_cute``: FC1 runs on the CuTe DSL kernel (``kernels/cute/routed_fc1_sm90.py``, chosen
-    by the op layer: this module never imports it) on a sorted copy of x, with its own tiles of
-    128 rows (FC2 keeps ``block_m``): ``fc1_block_i`` is its tile of I and fp8 y's scale group,
-    ``fc1_block_k`` its k-tile; FC1's other fields are not used (``config_problems`` keeps them at
-    one value, so that one CuTe FC1 has one config string).
+    by the op layer: this module never imports it) on a sorted copy of x, in units of
+    ``block_m`` rows (64: each consumer warpgroup its own units; 128: both on one unit):
+    ``fc1_block_i`` is its tile of I and fp8 y's scale group, ``fc1_block_k`` its k-tile; FC1's
+    other fields are not used (``config_problems`` keeps them at one value, so that one CuTe FC1
+    has one config string).
     ``fc2_cute``: FC2 runs on the CuTe DSL kernel (``kernels/cute/routed_fc2_sm90.py``, the op
     layer's choice) with its own tiles of 128 rows: ``fc2_block_n`` its tile of H, ``fc2_block_k``
     its k-tile (fp8: FC1's tile of I, one y scale a k-tile); it writes each pair's row for the
@@ -231,11 +232,11 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
                    f"(a tile with a tail runs a loop of its own)")
     if cfg.fc1_sorted_x and cfg.fc1_tail_m:
         bad.append("fc1_sorted_x with fc1_tail_m: the tail's rows would need a second x descriptor; one at most")
-    if cfg.fc1_cute and (cfg.fc1_block_i not in (64, 128) or cfg.fc1_swap_ab or cfg.fc1_tail_m or cfg.fc1_sorted_x
-                         or (cfg.fc1_warps, cfg.fc1_stages) != (4, 3)):
-        bad.append("fc1_cute: FC1's tile of I must be 64 or 128, and its Triton fields at their defaults "
-                   "(fc1_swap_ab, fc1_tail_m, fc1_sorted_x off, fc1_warps 4, fc1_stages 3: the CuTe kernel "
-                   "has its own tiles and copy of x)")
+    if cfg.fc1_cute and (cfg.fc1_block_i not in (64, 128) or cfg.block_m not in (64, 128) or cfg.fc1_swap_ab
+                         or cfg.fc1_tail_m or cfg.fc1_sorted_x or (cfg.fc1_warps, cfg.fc1_stages) != (4, 3)):
+        bad.append("fc1_cute: FC1's tile of I and block_m (its units' rows) must be 64 or 128, and its Triton "
+                   "fields at their defaults (fc1_swap_ab, fc1_tail_m, fc1_sorted_x off, fc1_warps 4, "
+                   "fc1_stages 3: the CuTe kernel has its own ring and copy of x)")
     if cfg.fc2_cute and (cfg.fc2_block_n not in (64, 128) or cfg.fc2_swap_ab or cfg.atomic_combine
                          or cfg.fused_combine or cfg.fc2_col_groups or cfg.fc2_col_major or cfg.fc2_y_tma
                          or cfg.flatten or (cfg.fc2_warps, cfg.fc2_stages) != (4, 3)):
