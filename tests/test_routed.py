@@ -185,6 +185,11 @@ def test_combine_skips_slots_whose_id_is_outside_the_experts():
     (7, 16, 4, dataclasses.replace(SMALL_SWAP, atomic_combine=True)),
     (100, 8, 2, dataclasses.replace(SMALL, tma=False)),  # pointer loads of the weights
     (7, 16, 4, dataclasses.replace(SMALL_SWAP, tma=False, flatten=True)),
+    # FC2 on tiles of its own: wider and narrower than FC1's, swapped, its own programs per SM
+    (100, 8, 2, dataclasses.replace(SMALL, fc2_block_m=32, fc2_programs_per_sm=3)),
+    (1000, 8, 2, RoutedConfig(block_m=64, fc1_block_i=64, fc1_block_k=32, fc2_block_n=64, fc2_block_k=32,
+                              fc2_block_m=16, fc2_swap_ab=True)),
+    (7, 16, 4, dataclasses.replace(SMALL_SWAP, fc2_block_m=64, fc2_swap_ab=False, fc2_programs_per_sm=1)),
 ])
 def test_routed_against_float64_and_torch(dtype, M, E, k, cfg):
     _routed_against_float64_and_torch(dtype, M, E, k, cfg, 64, 64)
@@ -221,7 +226,8 @@ def _routed_against_float64_and_torch(dtype, M, E, k, cfg, I, H):
 
 @interp
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_SWAP, dataclasses.replace(SMALL, flatten=True, tma=False)])
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_SWAP, dataclasses.replace(SMALL, flatten=True, tma=False),
+                                 dataclasses.replace(SMALL, fc2_block_m=32, fc2_programs_per_sm=2)])
 def test_fused_combine_is_the_combine_bit_for_bit(dtype, cfg):
     """fused_combine: FC2's program that lands a token's last valid pair sums its k rows in slot
     order, as the combine kernel does: the same bits, with dropped slots, a token whose every id
@@ -339,16 +345,71 @@ def test_column_stream_configs_are_checked():
     assert "0..64" in " ".join(config_problems(dataclasses.replace(ok, fc2_col_groups=-1), True))
 
 
+def test_fc2_on_tiles_of_its_own_is_what_fc2_runs():
+    """fc2_block_m / fc2_programs_per_sm: FC2's launch and FC2's rules read ``fc2_part`` (FC2's
+    own block_m and programs); 0 is the shared value, and setting the shared value is refused
+    (one config, one string); FC2's shared memory is counted at its own rows."""
+    from densemoe.kernels.triton.routed import config_problems
+
+    cfg = RoutedConfig(block_m=128, fc1_warps=8, fc1_stages=2, fc2_block_m=64, fc2_programs_per_sm=2)
+    part = cfg.fc2_part()
+    assert (part.block_m, part.programs_per_sm, part.fc2_block_m, part.fc2_programs_per_sm) == (64, 2, 0, 0)
+    assert part.fc1_warps == 8 and SMALL.fc2_part() is SMALL
+    assert "fc2:n128k128w4st3m64p2/p1" in cfg.short()
+    assert not config_problems(cfg, True)
+    for bad in (dataclasses.replace(cfg, fc2_block_m=128), dataclasses.replace(cfg, fc2_programs_per_sm=1)):
+        assert "leave them 0" in " ".join(config_problems(bad, True))
+    assert "power of two" in " ".join(config_problems(dataclasses.replace(cfg, fc2_block_m=48), True))
+    assert "fc2_programs_per_sm" in " ".join(config_problems(dataclasses.replace(cfg, fc2_programs_per_sm=5), True))
+    # FC2's stages at 256-row tiles of its own do not fit where 64-row FC1 tiles' do
+    p = RoutedProblem(4096, 2048, 128, 768, 8, BF16, BF16)
+    assert can_implement(p, RoutedConfig(fc2_block_k=64, fc1_block_k=64, fc2_stages=4))[0]
+    ok, why = can_implement(p, RoutedConfig(fc2_block_k=64, fc1_block_k=64, fc2_stages=4, fc2_block_m=256,
+                                            fc2_block_n=256))
+    assert not ok and "FC2's 4 stages" in why, why
+
+
+@interp
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_split_config_runs_fc1_of_one_and_fc2_of_the_other_bit_for_bit(dtype):
+    """A config with FC1 and FC2 on tiles of their own (``tuning.space.with_fc1_of``): the bits of
+    FC1's stage at the one config, then FC2's stage at the other, run by hand; ragged M, dropped
+    slots, FC2's rows cut wider and narrower than FC1's."""
+    from densemoe.ops.routed import _fc1_stage, _fc2_stage, _inputs
+    from densemoe.tuning.space import with_fc1_of
+
+    E, k, I, H = 8, 3, 64, 96
+    w13, w2 = weights(E, I, H)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    fc1s = (SMALL, dataclasses.replace(SMALL_SWAP, block_m=32, programs_per_sm=1))
+    fc2s = (dataclasses.replace(SMALL, block_m=64, fc2_block_n=64, programs_per_sm=3),
+            dataclasses.replace(SMALL_SWAP, fc2_col_groups=2), dataclasses.replace(SMALL, fused_combine=True))
+    for M, (a, b) in zip((1, 7, 100, 100, 7, 1), [(a, b) for a in fc1s for b in fc2s]):
+        x = tokens(M, H, seed=M)
+        ids, wts = uniform_routing(M, E, k, seed=M)
+        ids[0, 1] = -1
+        split = with_fc1_of(b, a)
+        assert split.fc2_part() == dataclasses.replace(b, **{n: getattr(a, n) for n in (
+            "fc1_block_k", "fc1_swap_ab", "fc1_warps", "fc1_stages", "fc1_tail_m", "fc1_sorted_x", "fc1_cute")})
+        xq, sx, ids_c, wts_c = _inputs(x, pw, ids, wts, split, None)
+        sorted_pairs, offsets, y, ys = _fc1_stage(xq, sx, pw.w1, pw.alpha1, ids_c, a)
+        want = torch.full((M, H), float("nan"), dtype=BF16)
+        _fc2_stage(y, ys, pw.w2, pw.w2_scale, sorted_pairs, offsets, ids_c, wts_c, want, b)
+        got = routed_experts(x, pw, ids, wts, config=split)
+        assert torch.equal(got, want), (M, a.short(), b.short())
+
+
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 8)[0]  # 15 fields: stored before the eight later ones (_LATER_FIELDS)
+    old = full.rsplit(",", 10)[0]  # 15 fields: stored before the ten later ones (_LATER_FIELDS)
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    for later in (1, 2, 3, 4, 5, 6, 7):  # 22 ... 16 fields
+    for later in range(1, 10):  # 24 ... 16 fields
         assert RoutedConfig.from_str(full.rsplit(",", later)[0]) == RoutedConfig.from_str(old)
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
-    with pytest.raises(ValueError, match="a routed config has 23 fields, got 14"):
+    assert RoutedConfig.from_str(RoutedConfig(fc2_block_m=32, fc2_programs_per_sm=2).to_str()).fc2_block_m == 32
+    with pytest.raises(ValueError, match="a routed config has 25 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 

@@ -241,6 +241,34 @@ def test_column_stream_is_fc2_on_model_shapes(shape, M):
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("M", [2048, 3000])
+def test_split_fc1_and_fc2_tiles_on_model_shapes(shape, dtype, M):
+    """The space's split configs (128-row FC1, Triton and CuTe, before a 64-row FC2 of the
+    space's; ``tuning.space.with_fc1_of``): within torch's error; the bits of FC1's stage at the
+    split config then FC2's at its FC2 part, run by hand; graph replays with other routings give
+    an eager call's bits."""
+    from densemoe.ops.routed import _fc1_stage, _fc2_stage, _inputs
+    from densemoe.tuning.space import routed_space
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 31)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    p = RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16)
+    split = [c for c in routed_space(p) if c.fc2_block_m]
+    picks = [next(c for c in split if not c.fc1_cute), next(c for c in split if c.fc1_cute)]
+    picks.append(next(c for c in split if not c.fc1_cute and not c.fc2_col_groups))
+    for cfg in picks:
+        out = routed_experts(x, pw, ids, wts, config=cfg)
+        _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, not cfg.atomic_combine)
+        xq, sx, ids_c, wts_c = _inputs(x, pw, ids, wts, cfg, None)
+        sorted_pairs, offsets, y, ys = _fc1_stage(xq, sx, pw.w1, pw.alpha1, ids_c, cfg)
+        want = torch.full_like(out, float("nan"))
+        _fc2_stage(y, ys, pw.w2, pw.w2_scale, sorted_pairs, offsets, ids_c, wts_c, want, cfg.fc2_part())
+        assert torch.equal(out, want), cfg.short()
+    _replays_as_eager(shape, M, x, pw, ids, wts, picks[0], picks[0], M + 70, n=2)
+
+
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [7, 1000])
 def test_atomic_combine_and_flatten_on_model_shapes(shape, M):
     import dataclasses

@@ -802,12 +802,41 @@ def test_routed_space_is_valid_bounded_and_holds_the_default(shape, dtype):
             s = SHAPES[shape]
             p = _routed_problem(m, dtype, s.hidden, s.experts, s.inter, s.topk)
         space = routed_space(p)
-        assert space and space == routed_space(p) and len(space) == len(set(space)) <= 117, (m, len(space))  # routed_space: at most 117
+        assert space and space == routed_space(p) and len(space) == len(set(space)) <= 153, (m, len(space))  # routed_space: at most 153
         assert space[0] == default_config(p)
         for cfg in space:
             ok, why = can_implement(p, cfg)
             assert ok, (cfg, why)
         assert routed_space(p, backends=("cute",)) == []
+
+
+def test_routed_space_splits_fc1_and_fc2_tiles_from_32_rows_an_expert():
+    """From 32 rows an expert: 128-row FC1s (Triton, CuTe) before 64-row FC2s the space has
+    on their own, each the FC2 of such a config field for field (``with_fc1_of``)."""
+    import dataclasses
+
+    from densemoe.kernels.triton.routed import RoutedConfig
+    from densemoe.tuning.space import FC1_FIELDS, MAX_FC2_PARTS, _fc2_key, routed_space, with_fc1_of
+
+    # DeepSeek-V3 TP8: 8, 32 (16- and 32-row tiles only), 64 and 128 rows an expert
+    for m, want in ((256, False), (1024, False), (2048, True), (4096, True)):
+        p = _routed_problem(m, FP8, 7168, 256, 256, 8)
+        space = routed_space(p)
+        split = [c for c in space if c.fc2_block_m or c.fc2_programs_per_sm]
+        assert bool(split) == want, m
+        if not split:
+            continue
+        assert {c.block_m for c in split} == {128} and {c.fc2_part().block_m for c in split} == {64}
+        assert {c.fc1_cute for c in split} == {False, True} and len(split) == 2 * MAX_FC2_PARTS
+        fc2s = {_fc2_key(c) for c in space if c.block_m == 64 and not c.fc2_block_m}
+        assert all(_fc2_key(c) in fc2s for c in split)
+        assert any(c.fc2_col_groups for c in split)  # the H200 tables' FC2 at these M
+    a = RoutedConfig(block_m=128, fc1_warps=8, fc1_stages=2, programs_per_sm=1, fc1_sorted_x=True)
+    b = RoutedConfig(block_m=64, fc2_block_n=256, fc2_stages=2, programs_per_sm=2, fc2_col_groups=5, fc1_warps=4)
+    c = with_fc1_of(b, a)
+    assert all(getattr(c, n) == getattr(a, n) for n in FC1_FIELDS)
+    assert _fc2_key(c) == _fc2_key(b) and (c.fc2_block_m, c.fc2_programs_per_sm) == (64, 2)
+    assert with_fc1_of(b, dataclasses.replace(a, block_m=64, programs_per_sm=2)).fc2_block_m == 0
 
 
 def test_routed_space_follows_the_rows_per_expert():
@@ -827,7 +856,8 @@ def test_routed_space_follows_the_rows_per_expert():
     assert {c.tma for c in decode} == {False, True}
     assert all(c.fc1_block_i % c.fc2_block_k == 0 for c in decode)  # fp8: one y scale per fc2 k-step
     mid = space(1536)  # 48 rows an expert: 32- and 64-row tiles, 64 both ways
-    assert {(c.block_m, c.fc1_swap_ab) for c in mid} == {(32, True), (64, True), (64, False)}
+    assert {(c.block_m, c.fc1_swap_ab) for c in mid if not c.fc2_block_m} == {(32, True), (64, True), (64, False)}
+    assert {(c.block_m, c.fc2_block_m) for c in mid if c.fc2_block_m} == {(128, 64)}  # FC1's 128-row tiles, FC2's 64
     prefill = space(4096, BF16)  # 128 rows: 64- and 128-row tiles, tokens as the MMA's M
     assert {c.block_m for c in prefill} == {64, 128}
     # but three: 128 tokens as the MMA's N (the dense FC1's form at 128+ tokens a weight tile)
@@ -1102,8 +1132,8 @@ def test_cli_dry_run_routed_and_strategy(capsys):
     assert cli.main(["tune", "--op", "routed", "--m", "1,512,4096", "--dtypes", "fp8", "--dry-run"]) == 0
     rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| fp8 |")]
     assert [r[2].strip() for r in rows] == ["1", "512", "4096", "distinct (compiles)"]
-    # routed_space: at most 133 a bucket (117 Triton, 16 with FC1 on CuTe); the distinct row sums buckets
-    assert all(0 < int(r[3]) <= 133 and int(r[4]) == 0 for r in rows[:3]) and int(rows[3][3]) > 0
+    # routed_space: at most 153 a bucket (117 Triton, 16 with FC1 on CuTe, 20 split); the distinct row sums buckets
+    assert all(0 < int(r[3]) <= 153 and int(r[4]) == 0 for r in rows[:3]) and int(rows[3][3]) > 0
     assert cli.main(["tune", "--op", "strategy", "--shape", "qwen3-30b-a3b", "--m", "1,64", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "| fp8 | 1 | skip, dense, routed | skip |" in out and "| fp8 | 64 | skip, dense, routed | routed |" in out
@@ -1149,7 +1179,7 @@ def test_block_dtype_plans_the_routed_and_strategy_jobs_only(capsys):
     assert cli.main(["tune", "--op", "routed", "--m", "1,512,4096", "--dtypes", "fp8block", "--dry-run"]) == 0
     rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| fp8block |")]
     assert [r[2].strip() for r in rows] == ["1", "512", "4096", "distinct (compiles)"]
-    assert all(0 < int(r[3]) <= 80 for r in rows)  # FC2 128 or 256 wide, the rest of the routed space's pruning
+    assert all(0 < int(r[3]) <= 100 for r in rows)  # FC2 128 or 256 wide, the rest of the routed space's pruning (and its split FC1 and FC2 tiles)
     with pytest.raises(SystemExit):
         cli.main(["tune", "--op", "fc2", "--dtypes", "fp8block", "--dry-run"])
     assert "is for --op routed or strategy" in capsys.readouterr().err

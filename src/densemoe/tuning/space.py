@@ -237,6 +237,31 @@ def _column_groups(problem: RoutedProblem, block_m: int, block_n: int, programs:
     return -(-cols // per)
 
 
+# FC1's fields of a routed config (``with_fc1_of``); the rest are FC2's, or both GEMMs' (flatten, tma)
+FC1_FIELDS = ("block_m", "fc1_block_i", "fc1_block_k", "fc1_swap_ab", "fc1_warps", "fc1_stages", "programs_per_sm",
+              "fc1_tail_m", "fc1_sorted_x", "fc1_cute")
+# the split configs (128-row FC1, 64-row FC2) take the first this many distinct FC2s of the 64-row base
+MAX_FC2_PARTS = 10
+
+
+def _fc2_key(cfg: RoutedConfig) -> tuple:
+    """What FC2 runs in ``cfg``: every field but FC1's (its own block_m and programs resolved)."""
+    f2 = cfg.fc2_part()
+    return (f2.block_m, f2.programs_per_sm) + tuple(getattr(f2, f.name) for f in dataclasses.fields(f2)
+                                                     if f.name not in FC1_FIELDS)
+
+
+def with_fc1_of(fc2: RoutedConfig, fc1: RoutedConfig) -> RoutedConfig:
+    """``fc2``'s FC2 (its tiles, programs, combine and flags) after ``fc1``'s FC1 (its fields,
+    ``FC1_FIELDS``): FC2's block_m and programs per SM go to ``fc2_block_m`` /
+    ``fc2_programs_per_sm`` where they differ from FC1's (0 where they agree: one config, one
+    string). The shared fields (fc1_block_i's y scale group, flatten, tma) are ``fc2``'s."""
+    f2 = fc2.fc2_part()
+    new = dataclasses.replace(f2, **{n: getattr(fc1, n) for n in FC1_FIELDS if n != "fc1_block_i"})
+    return dataclasses.replace(new, fc2_block_m=f2.block_m if f2.block_m != new.block_m else 0,
+                               fc2_programs_per_sm=f2.programs_per_sm if f2.programs_per_sm != new.programs_per_sm else 0)
+
+
 def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 132) -> list[RoutedConfig]:
     """Routed tactics for ``problem`` (Triton only; [] when "triton" is not in ``backends``), in
     a fixed order, each passing ``kernels.triton.routed.can_implement``, the default rule's
@@ -296,13 +321,19 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       bases' block_m rows (64 where every base is swapped): its tiles of I 128 and 64 and k-tiles
       of 128 and 256 bytes, with the bases' FC2 at one and two programs an SM (not with
       block-scaled weights). FC2 on CuTe (``fc2_cute``) is not in the space (slower on the H200).
+    * FC1 and FC2 on tiles of their own from 32 rows an expert where 64-row unswapped tiles are:
+      the 128-row FC1 (Triton at 8 warps, one program an SM; CuTe with 256-byte k-tiles) before
+      ``MAX_FC2_PARTS`` distinct FC2s of the 64-row base (``with_fc1_of``, ``fc2_block_m`` /
+      ``fc2_programs_per_sm``), the column stream's first, then those of two or more programs
+      an SM.
 
     Block-scaled weights (``problem.block``): FC1's tile and both k-steps are the block and FC2's
     tile whole blocks (128 or 256: ``can_implement``), so FC2's width, the token tile, warps,
     rings, programs per SM and the flags vary.
 
     At most 37 configs per (block_m, swap) and three of those, five swapped 128-row ones, so at
-    most 117 with the default; with the CuTe ones (8 per unswapped base, two bases) at most 133.
+    most 117 with the default; with the CuTe ones (8 per unswapped base, two bases) and the split
+    ones (two FC1s before ``MAX_FC2_PARTS`` FC2s) at most 153.
     """
     if "triton" not in backends:
         return []
@@ -429,6 +460,26 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                                                 fc1_warps=4, fc1_stages=3, fc1_swap_ab=False))
         # (FC2 on CuTe, ``fc2_cute``, is not offered: 1.3-2.8x slower than the table's Triton FC2
         # on an H200 at M = 512-4096, bench/results/h200_2026-12-06_session12_logs/routed_fc2_cute.log)
+    if rows >= 32 and (64, False) in bases:
+        # FC1 and FC2 on tiles of their own (``fc2_block_m``): 128-row FC1s (Triton at 8 warps,
+        # one program an SM; CuTe) beside the 64-row FC2s above. On the H200 (twelfth session,
+        # routed_fc1_cute.log) the 128-row Triton FC1 took 304.5 us at TP8 M = 2048 where the
+        # table's 64-row one took 372.7, and the table's FC2 is a 64-row one
+        fc1_parts = [make(128, False, 128, 128, warps=(8, 4))]
+        if rows >= 16 and not getattr(p, "block", 0):
+            fc1_parts.append(dataclasses.replace(fc1_parts[0], fc1_cute=True, fc1_block_k=2 * (128 if fp8 else 64),
+                                                 fc1_warps=4, fc1_stages=3))
+        seen = set()
+        # the FC2s the H200 tables pick at these M first: the column stream, then two or more programs an SM
+        for c in sorted(out, key=lambda c: (not c.fc2_col_groups, c.fc2_part().programs_per_sm < 2)):
+            key = _fc2_key(c)
+            if (c.block_m, c.fc1_swap_ab, c.fc1_block_i, c.fc1_cute, c.fc2_block_m, c.flatten) != (64, False, 128, False, 0, False) \
+                    or c.fc2_swap_ab or key in seen or len(seen) >= MAX_FC2_PARTS:
+                continue
+            seen.add(key)
+            for f1 in fc1_parts:
+                if f1 is not None:
+                    add(with_fc1_of(c, f1))
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 

@@ -58,8 +58,10 @@ from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
 class RoutedConfig:
     """Tiles of the routed GEMMs. FC1: BLOCK_M rows of an expert x fc1_block_i columns of I
     (gate and up), fc1_block_k of H per step; FC2: BLOCK_M rows x fc2_block_n columns of H,
-    fc2_block_k of I per step. ``block_m`` is shared (one tile cut of the experts' rows). The
-    fp8 output of FC1 has one scale per fc1_block_i columns, so fc2_block_k divides it.
+    fc2_block_k of I per step. ``block_m`` and ``programs_per_sm`` are both GEMMs' unless
+    ``fc2_block_m`` / ``fc2_programs_per_sm`` give FC2 its own (``fc2_part``: each GEMM cuts the
+    experts' rows into its own tiles, so the two need not agree; the best FC1 tile and the best
+    FC2 tile of a problem often differ). The fp8 output of FC1 has one scale per fc1_block_i columns, so fc2_block_k divides it.
     ``atomic_combine``: FC2 adds each pair's weighted row into its token's fp32 output row
     (atomics; the k rows' order varies, so the result may differ in the last bit between runs)
     instead of writing [M*k, H] rows that the combine sums in slot order (deterministic).
@@ -134,6 +136,8 @@ class RoutedConfig:
     fc2_y_tma: bool = False  # FC2 loads a tile's y rows (contiguous: sorted order) through TMA, not by pointer
     fc1_cute: bool = False  # FC1 on the CuTe DSL kernel (the op layer's choice; FC1's tile of I and k-tile only)
     fc2_cute: bool = False  # FC2 on the CuTe DSL kernel (the op layer's choice; FC2's tile of H and k-tile only)
+    fc2_block_m: int = 0  # > 0: FC2's tiles of this many rows (0: block_m, FC1's and FC2's)
+    fc2_programs_per_sm: int = 0  # > 0: FC2's programs per SM (0: programs_per_sm)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -155,12 +159,23 @@ class RoutedConfig:
     def deterministic(self) -> bool:
         return not self.atomic_combine
 
+    def fc2_part(self) -> "RoutedConfig":
+        """The config FC2 runs: ``block_m`` and ``programs_per_sm`` its own where
+        ``fc2_block_m`` / ``fc2_programs_per_sm`` are set (FC2's launch and rules read this)."""
+        if not (self.fc2_block_m or self.fc2_programs_per_sm):
+            return self
+        return dataclasses.replace(self, block_m=self.fc2_block_m or self.block_m,
+                                   programs_per_sm=self.fc2_programs_per_sm or self.programs_per_sm,
+                                   fc2_block_m=0, fc2_programs_per_sm=0)
+
     def short(self) -> str:
         return (f"m{self.block_m}/fc1:{'cute-' if self.fc1_cute else ''}i{self.fc1_block_i}k{self.fc1_block_k}"
                 f"{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}"
                 f"{'x' if self.fc1_sorted_x else ''}/fc2:{'cute-' if self.fc2_cute else ''}n{self.fc2_block_n}k{self.fc2_block_k}"
                 f"{'s' if self.fc2_swap_ab else ''}w{self.fc2_warps}st{self.fc2_stages}{'y' if self.fc2_y_tma else ''}"
+                f"{f'm{self.fc2_block_m}' if self.fc2_block_m else ''}"
+                f"{f'p{self.fc2_programs_per_sm}' if self.fc2_programs_per_sm else ''}"
                 f"/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
                 f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
@@ -168,7 +183,7 @@ class RoutedConfig:
 
 # fields appended after tables were stored: a string without them takes their defaults
 _LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma",
-                 "fc1_cute", "fc2_cute")
+                 "fc1_cute", "fc2_cute", "fc2_block_m", "fc2_programs_per_sm")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -179,7 +194,7 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     bad = config_problems(cfg, problem.dtype == torch.float8_e4m3fn)
     esize = problem.dtype.itemsize
     fc1_stage = (cfg.block_m + cfg.fc1_tail_m + 2 * cfg.fc1_block_i) * cfg.fc1_block_k * esize
-    fc2_stage = (cfg.block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
+    fc2_stage = (cfg.fc2_part().block_m + cfg.fc2_block_n) * cfg.fc2_block_k * esize
     blk = getattr(problem, "block", 0)
     if blk and ((cfg.fc1_block_i, cfg.fc1_block_k, cfg.fc2_block_k) != (blk,) * 3 or cfg.fc2_block_n % blk):
         bad.append(f"block-scaled weights: fc1_block_i, fc1_block_k and fc2_block_k must be {blk} (one weight "
@@ -212,6 +227,9 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
         val = getattr(cfg, name)
         if not isinstance(val, int) or val < 16 or val & (val - 1):
             bad.append(f"{name}={val!r} must be a power of two >= 16")
+    if cfg.fc2_block_m and (not isinstance(cfg.fc2_block_m, int) or cfg.fc2_block_m < 16
+                            or cfg.fc2_block_m & (cfg.fc2_block_m - 1)):
+        bad.append(f"fc2_block_m={cfg.fc2_block_m!r} must be 0 (block_m) or a power of two >= 16")
     if bad:
         return bad
     if fp8 and cfg.fc1_block_i % cfg.fc2_block_k:
@@ -225,6 +243,11 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
             bad.append(f"{name} must be in 1..5")
     if cfg.programs_per_sm not in (1, 2, 3, 4):
         bad.append("programs_per_sm must be in 1..4")
+    if cfg.fc2_programs_per_sm not in (0, 1, 2, 3, 4):
+        bad.append("fc2_programs_per_sm must be 0 (programs_per_sm) or in 1..4")
+    if cfg.fc2_block_m == cfg.block_m or cfg.fc2_programs_per_sm == cfg.programs_per_sm:
+        bad.append("fc2_block_m / fc2_programs_per_sm equal to block_m / programs_per_sm: leave them 0 "
+                   "(one config, one string)")
     if cfg.fc1_tail_m not in (0, 16, 32):
         bad.append(f"fc1_tail_m={cfg.fc1_tail_m!r} must be 0, 16 or 32")
     elif cfg.fc1_tail_m and (cfg.fc1_tail_m > cfg.block_m or cfg.flatten):
@@ -239,10 +262,12 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
                    "fc1_stages 3: the CuTe kernel has its own ring and copy of x)")
     if cfg.fc2_cute and (cfg.fc2_block_n not in (64, 128) or cfg.fc2_swap_ab or cfg.atomic_combine
                          or cfg.fused_combine or cfg.fc2_col_groups or cfg.fc2_col_major or cfg.fc2_y_tma
-                         or cfg.flatten or (cfg.fc2_warps, cfg.fc2_stages) != (4, 3)):
+                         or cfg.flatten or (cfg.fc2_warps, cfg.fc2_stages) != (4, 3) or cfg.fc2_block_m
+                         or cfg.fc2_programs_per_sm):
         bad.append("fc2_cute: FC2's tile of H must be 64 or 128, the combine separate (no atomic or fused "
                    "combine), and FC2's Triton fields at their defaults (fc2_swap_ab, fc2_col_groups, "
-                   "fc2_col_major, fc2_y_tma, flatten off, fc2_warps 4, fc2_stages 3)")
+                   "fc2_col_major, fc2_y_tma, flatten off, fc2_warps 4, fc2_stages 3, fc2_block_m and "
+                   "fc2_programs_per_sm 0)")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
@@ -888,7 +913,8 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
     """Grouped FC2 into rows [M*k, H] (pair order), weights and scales applied; with
     ``cfg.atomic_combine`` added into rows = the fp32 output [M, H] (zeroed by the caller); with
     ``cfg.fused_combine`` also each token's k rows summed into ``out`` [M, H] (``topk_ids`` [M, k]
-    contiguous: which slots count)."""
+    contiguous: which slots count). FC2's own tiles and programs: ``cfg.fc2_part()``."""
+    cfg = cfg.fc2_part()
     P = sorted_pairs.numel()
     H = w2.shape[0]
     E = w2_scale.shape[0]
