@@ -57,7 +57,7 @@ def check(key: str, entry: dict) -> str:
                 return f"{slot}: {item.get('config')!r} is not one of {STRATEGIES}"
         return "" if entry.get("best") else "no best strategy"
     if key.startswith("routed|"):
-        for slot in ("best", "triton", "heuristic"):
+        for slot in ("best", "triton", "no_cute", "heuristic"):
             item = entry.get(slot)
             if item:
                 try:

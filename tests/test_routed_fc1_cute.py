@@ -350,6 +350,11 @@ def test_choose_runs_a_tuned_fc1_cute_on_triton_where_cute_cannot(monkeypatch):
     assert ch.config == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False}) and ch.source == "shipped"
     with pytest.raises(ValueError, match="runs a GEMM on CuTe, which cannot run here"):
         routed_configs.choose(_qwen3(4096), "cpu", config=cfg)
+    # an entry with the tuner's fastest config without CuTe: that one, not the best's tiles
+    plain = _cute_cfg(fc1_cute=False, fc2_stages=3, programs_per_sm=1)
+    entry["no_cute"] = {"backend": "triton", "config": plain.to_str(), "us": 2.0}
+    ch = routed_configs.choose(_qwen3(4096), "cpu")
+    assert ch.config == plain and ch.source == "shipped"
     # where CuTe runs, the entry as it is
     monkeypatch.setattr(routed_configs, "cute_fc1_runs_on", lambda device: (True, ""))
     assert routed_configs.choose(_qwen3(4096), "cpu").config == cfg

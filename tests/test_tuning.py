@@ -810,6 +810,27 @@ def test_routed_space_is_valid_bounded_and_holds_the_default(shape, dtype):
         assert routed_space(p, backends=("cute",)) == []
 
 
+def test_the_fastest_right_config_without_cute_is_recorded_beside_a_cute_best():
+    """``tuner.fastest_without_cute``: the routed entry's ``no_cute`` slot skips configs with a
+    CuTe GEMM, those already failed, and a wrong one (marked so); None when none is left."""
+    from densemoe.kernels.triton.routed import RoutedConfig
+    from densemoe.tuning.tuner import Timing, fastest_without_cute, uses_cute
+
+    cute = RoutedConfig(fc1_cute=True, fc1_block_k=256)
+    failed, wrong, right, slower = (RoutedConfig(block_m=b) for b in (16, 32, 64, 128))
+    ok = [Timing(cute, us=1.0), Timing(failed, us=2.0, error="boom"), Timing(wrong, us=3.0),
+          Timing(right, us=4.0), Timing(slower, us=5.0)]
+    checked = []
+
+    def error_of(c):
+        checked.append(c)
+        return 1.0 if c == wrong else 0.0
+    assert uses_cute(cute) and not uses_cute(right) and uses_cute(RoutedConfig(fc2_cute=True))
+    assert fastest_without_cute(ok, error_of).config == right and checked == [wrong, right]
+    assert "wrong result" in ok[2].error
+    assert fastest_without_cute(ok[:3], lambda c: 0.0) is None
+
+
 def test_routed_space_splits_fc1_and_fc2_tiles_from_32_rows_an_expert():
     """From 32 rows an expert: 128-row FC1s (Triton, CuTe) before 64-row FC2s the space has
     on their own, each the FC2 of such a config field for field (``with_fc1_of``)."""

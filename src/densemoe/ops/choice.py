@@ -34,21 +34,22 @@ def pinned(op: str, config, check: Callable[[], tuple[bool, str]]) -> Choice:
 
 
 def tuned(name: str, problem, device: torch.device, backend: str, check: Callable[[], tuple[bool, str]],
-          parse: Callable[[str], object], fits: dict) -> Choice | None:
+          parse: Callable[[str], object], fits: dict, slots: tuple | None = None) -> Choice | None:
     """The tuned entry for ``problem`` on ``device`` (``cache.lookup_or_autotune``), or None.
 
     "auto" takes the entry's best, then its best Triton config; a forced backend takes that
     backend's slot, then the best if it is of that backend. A CuTe config that ``check`` says
     these tensors cannot take moves on to the next slot; a config that does not parse, or that
     its backend's ``fits[backend](problem, config)`` refuses, warns once and is skipped.
-    ``name``: the op's key prefix ("fc1", "fc2")."""
+    ``name``: the op's key prefix ("fc1", "fc2"); ``slots``: the entry's slots to try instead
+    (the routed op's "no_cute")."""
     if not cache.tuned_lookups_enabled():
         return None
     key = cache.make_key(name, cache.device_name(device), problem)
     entry, where = cache.lookup_or_autotune(key, problem, device)
     if entry is None:
         return None
-    for slot in ("best", "triton") if backend == "auto" else (backend, "best"):
+    for slot in slots or (("best", "triton") if backend == "auto" else (backend, "best")):
         item = entry.get(slot)
         if not item:
             continue

@@ -143,7 +143,12 @@ def choose(problem: RoutedProblem, device, *, config: RoutedConfig | None = None
             if deterministic and hit.config.atomic_combine:
                 hit = hit._replace(config=dataclasses.replace(hit.config, atomic_combine=False))
             if (hit.config.fc1_cute or hit.config.fc2_cute) and not cute_fc1_runs_on(device)[0]:
-                # tuned where CuTe runs, not here: the same tiles with the Triton GEMMs
+                # tuned where CuTe runs, not here: the entry's fastest config without CuTe (the
+                # tuner's "no_cute" slot), else the same tiles with the Triton GEMMs where they fit
+                alt = choice.tuned("routed", problem, device, "triton", lambda: (False, "no CuTe routed kernel"),
+                                   parse_config, {"triton": can_implement}, slots=("no_cute",))
+                if alt is not None and not (alt.config.fc1_cute or alt.config.fc2_cute):
+                    return alt
                 plain = dataclasses.replace(hit.config, fc1_cute=False, fc2_cute=False)
                 if can_implement(problem, plain)[0]:
                     return hit._replace(config=plain)

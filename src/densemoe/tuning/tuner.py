@@ -200,6 +200,10 @@ def tune_problem(problem: Fc1Problem | Fc2Problem | RoutedProblem, device, *, ba
         b = t.config.backend
         if b not in per_backend:
             per_backend[b] = t
+    if best is not None and uses_cute(best.config):
+        plain = fastest_without_cute(ok, error_of)
+        if plain is not None:
+            per_backend["no_cute"] = plain
     heur = next((t for t in timings if t.config == hcfg), None)
     if heur is None:  # the heuristic's backend is outside ``backends``: timed for the comparison only
         heur = Timing(hcfg)
@@ -216,6 +220,26 @@ def tune_problem(problem: Fc1Problem | Fc2Problem | RoutedProblem, device, *, ba
             warnings.warn(f"densemoe: could not save the tuned entry to {cache.cache_path()} ({exc}); "
                           f"set DENSEMOE_CACHE_DIR to a writable directory", RuntimeWarning, stacklevel=2)
     return result
+
+
+def uses_cute(cfg) -> bool:
+    """Whether a routed config runs a GEMM on CuTe (``fc1_cute`` / ``fc2_cute``)."""
+    return bool(getattr(cfg, "fc1_cute", False) or getattr(cfg, "fc2_cute", False))
+
+
+def fastest_without_cute(ok: list, error_of) -> "Timing | None":
+    """The fastest of ``ok`` (timings, fastest first) whose config runs no GEMM on CuTe and whose
+    result is right (``error_of`` within TOL): a routed entry's ``no_cute`` slot, which
+    ``routed_configs.choose`` takes where CuTe DSL cannot run (the best's tiles need not fit the
+    Triton GEMMs, nor be the fastest Triton ones)."""
+    for t in ok:
+        if t.error or uses_cute(t.config):
+            continue
+        err = error_of(t.config)
+        if math.isfinite(err) and err <= TOL:
+            return t
+        t.error = f"wrong result: relative error {err:.3g} > {TOL}"
+    return None
 
 
 def _finals(timings: list, hcfg, timer, reps: int, finalists: int, rounds: int, run) -> None:
