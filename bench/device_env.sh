@@ -11,6 +11,9 @@ if compgen -G ".carry/wheels/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+# the card in result file names (a call that asks for an H200 may run on a held H100: 2026-12-06)
+GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[12]00' | tr 'H' 'h')
+GPU_TAG=${GPU_TAG:-gpu}
 python3 -c "import torch, triton, cutlass; print('torch', torch.__version__, 'triton', triton.__version__, 'cutlass-dsl', getattr(cutlass, '__version__', '?'))"
 # the GPU test suite, spread over processes when pytest-xdist came along: gpu_suite <timeout_s>
 gpu_suite() {

@@ -57,7 +57,7 @@ if [ -n "${FUZZ:-}" ]; then  # FUZZ=200: the fuzz suite at that many examples a 
 fi
 if [ -n "${LAYER:-}" ]; then  # the layer benchmark (else in the second call, after the tuning: h200_tune_layer.sh)
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
-  out=$OUT/layer_h200_${shape}_fp8
+  out=$OUT/layer_${GPU_TAG}_${shape}_fp8
   timeout ${BENCH_TIMEOUT:-70} python3 -m densemoe.bench layer --shapes $shape --dtypes fp8 \
     --m 1,2,4,8,16,32,64,128,256,512,1024,2048,4096 --reps 20 --skip-max-m 512 --commit "$commit" --out $out > $out.log 2>&1
   echo "# $shape: exit $? at $((SECONDS - t0)) s"

@@ -31,7 +31,7 @@ export DENSEMOE_CACHE_DIR=/tmp/tune/wip
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
   left=$((570 - (SECONDS - t0)))
   [ $left -lt 40 ] && { echo "# layer $shape: skipped, ${left} s left"; continue; }
-  out=$OUT/layer_h200_${shape}_$DT
+  out=$OUT/layer_${GPU_TAG}_${shape}_$DT
   timeout $((left < 120 ? left : 120)) python3 -m densemoe.bench layer --shapes $shape --dtypes $DT \
     --m ${BENCH_MS:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096} --reps 20 --skip-max-m 512 --commit "$commit" --out $out > $out.log 2>&1
   echo "# layer $shape: exit $? at $((SECONDS - t0)) s"

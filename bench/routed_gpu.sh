@@ -5,7 +5,7 @@
 #      forced, the chosen one, the cuBLAS fp8 pipeline, transformers' grouped_mm, torch's grouped
 #      GEMMs, the routed floor), fp8 and bf16, M = 1 ... 4096, one process per shape so that a
 #      shape cut short by its timeout (BENCH_TIMEOUT s each, 150) costs only its own results:
-#      $OUT/layer_h200_<shape>.json, .md and .png (the plot: matplotlib is in the device image).
+#      $OUT/layer_<h100 or h200>_<shape>.json, .md and .png (the plot: matplotlib is in the device image).
 # Here, first: bash ../shared/tools/cutedsl-bundle (writes .carry/cutedsl.tar.xz, for the suite's
 # CuTe DSL tests); then on the GPU machine, with carry [".carry"]:
 #   bash bench/routed_gpu.sh <commit>
@@ -18,7 +18,7 @@
 # bf16 grouped pipeline on the dequantised weights) is NOT in the default DTYPES: with the suite
 # the call would not fit in 600 s (times below). Run it as a second device call, without the suite:
 #   NO_SUITE=1 DTYPES=fp8block bash bench/routed_gpu.sh <commit>
-# its files are named layer_h200_<shape>_fp8block.* (any DTYPES other than the default adds
+# its files are named layer_<h100 or h200>_<shape>_fp8block.* (any DTYPES other than the default adds
 # _<dtypes> to the names).
 #
 # Time, measured on the H200 (2026-12-05): the whole GPU suite 128 s (603 tests, 8 pytest-xdist
@@ -35,7 +35,7 @@ echo "# suite done at $((SECONDS - t_start)) s"
 for shape in $(echo "${SHAPES:-deepseek-v3-tp8,qwen3-30b-a3b}" | tr , ' '); do
   dtypes=${DTYPES:-fp8,bf16}
   tag=$([[ $dtypes == fp8,bf16 ]] || echo "_${dtypes//,/-}")
-  out=$OUT/layer_h200_${shape}${tag}
+  out=$OUT/layer_${GPU_TAG}_${shape}${tag}
   timeout ${BENCH_TIMEOUT:-150} python3 -m densemoe.bench layer --shapes $shape --dtypes $dtypes \
     --m ${MS:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096} --reps ${REPS:-20} ${SKIP_MAX_M:+--skip-max-m $SKIP_MAX_M} \
     --commit "$commit" --out $out > $out.log 2>&1

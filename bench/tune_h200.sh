@@ -21,7 +21,8 @@
 # a folder that the next call's copy of the tree carries; the script seeds its cache
 # (tuned.json) and its list of finished jobs (done.txt) from it. At the end:
 #   python bench/merge_tuned.py bench/results/h200_wip/tuned.json.gz --into src/densemoe/tuning/tables/h200.json
-# and commit the summaries (<files_at>/tune_h200_*.md) under bench/results/.
+# and commit the summaries (<files_at>/tune_<h100 or h200>_*.md) under bench/results/. Merge into the table of
+# the card that ran (device.txt; the keys name it): a call for an H200 may run on a held H100.
 #
 # Jobs, per dtype (fp8 first), each `python -m densemoe tune --missing-only`:
 #   routed   TP8, Qwen3   M 1..4096 (19 buckets: the sweep, 768, 1024, 1536, 2048, 3072, 4096)
@@ -108,12 +109,12 @@ for job in "${jobs[@]}"; do
   tag=${op}_${shape}_${dt}
   t0=$SECONDS
   timeout -k 10 $remaining python3 -m densemoe tune --op $op --shape $shape --m $ms --dtypes $dt \
-    --backends $backends --missing-only --out $OUT/tune_h200_$tag.md 2> $OUT/tune_h200_$tag.log
+    --backends $backends --missing-only --out $OUT/tune_${GPU_TAG}_$tag.md 2> $OUT/tune_${GPU_TAG}_$tag.log
   rc=$?
-  echo "== $job: rc $rc in $((SECONDS - t0)) s; $(grep -ac dropped $OUT/tune_h200_$tag.log) dropped"
-  grep -a "precompiled" $OUT/tune_h200_$tag.log | tail -2
-  grep -av "dropped\|\[#\|\[\.\|Warning\|warn" $OUT/tune_h200_$tag.log | tail -3
-  cut -c1-220 $OUT/tune_h200_$tag.md 2>/dev/null
+  echo "== $job: rc $rc in $((SECONDS - t0)) s; $(grep -ac dropped $OUT/tune_${GPU_TAG}_$tag.log) dropped"
+  grep -a "precompiled" $OUT/tune_${GPU_TAG}_$tag.log | tail -2
+  grep -av "dropped\|\[#\|\[\.\|Warning\|warn" $OUT/tune_${GPU_TAG}_$tag.log | tail -3
+  cut -c1-220 $OUT/tune_${GPU_TAG}_$tag.md 2>/dev/null
   if (( rc == 0 )); then echo "$job" >> $DENSEMOE_CACHE_DIR/done.txt; else left=$((left + 1)); fi
 done
 python3 - "$DENSEMOE_CACHE_DIR/tuned.json" <<'EOF'
