@@ -87,7 +87,7 @@ def signature(cfg) -> tuple:
     keep = ("split", "swap_ab", "use_tma", "ctas_per_sm", "persistent", "split_k", "stream_k", "cluster_m",
             "cluster_n", "consumers", "flatten", "atomic_combine", "fused_combine", "fc2_col_groups", "fc2_col_major", "tma",
             "programs_per_sm", "fc1_swap_ab", "fc2_swap_ab", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma", "fc1_cute",
-            "fc2_cute")
+            "fc2_cute", "fc2_block_m", "fc2_programs_per_sm")
     return (type(cfg).__name__,) + tuple((k, min(int(d[k]), 2)) for k in keep if k in d)
 
 
@@ -95,7 +95,8 @@ def variants(cfg, problem):
     """The schedules a small problem's space may leave out, derived from one of its Triton configs
     (FC2: stream-K, split 2, pointer loads, the other orientation; FC1: persistent, split-k,
     stream-K, pointer loads, the other orientation; routed: FC1's tails, FC1 on the sorted copy
-    of x, FC2's y through TMA, and on a GPU with CuTe both GEMMs on the CuTe kernels), each kept where
+    of x, FC2's y through TMA, FC1 and FC2 on tiles of their own, and on a GPU with CuTe both
+    GEMMs on the CuTe kernels), each kept where
     ``can_implement`` allows."""
     from densemoe.kernels.triton import fc1 as tfc1, fc2 as tfc2
 
@@ -108,7 +109,10 @@ def variants(cfg, problem):
     elif isinstance(cfg, RoutedConfig):  # FC1's tails: an expert's rest rides on its last whole tile
         cands = [dict(fc1_tail_m=16, block_m=16, flatten=False),  # rests of 1-16 rows
                  dict(fc1_sorted_x=True, fc1_tail_m=0),  # x from its sorted copy (and the copy's kernel)
-                 dict(fc2_y_tma=True)]  # FC2's y rows through TMA
+                 dict(fc2_y_tma=True),  # FC2's y rows through TMA
+                 # FC1 and FC2 on tiles of their own (FC1's twice FC2's rows, FC2 at its own programs an SM)
+                 dict(block_m=min(2 * cfg.block_m, 128), fc1_tail_m=0, fc1_stages=2, fc2_block_m=cfg.block_m,
+                      fc2_programs_per_sm=1 if cfg.programs_per_sm == 2 else 2)]
         if GPU and cute_available():  # both GEMMs on the CuTe kernels (the copy, the tile list, their rings)
             k = cfg.fc1_block_k if problem.dtype == torch.float8_e4m3fn else 64
             cands.append(dict(fc1_cute=True, fc2_cute=True, block_m=64, fc1_block_i=128, fc1_block_k=k, fc1_swap_ab=False,
