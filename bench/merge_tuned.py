@@ -81,6 +81,17 @@ def check(key: str, entry: dict) -> str:
     return ""
 
 
+def card_mismatch(key: str, into: Path) -> str:
+    """Why a key's entry does not belong in the table ``into`` (empty where it does): a table
+    named after a card (h100.json, h200.json) takes that card's keys only; a device call asked
+    for an H200 can run on a held H100 (2026-12-06), and its keys would never match an H200."""
+    card = into.stem.upper()
+    device = key.split("|")[1] if key.count("|") >= 1 else ""
+    if card.startswith("H") and card[1:].isdigit() and card not in device:
+        return f"tuned on {device!r}, not an {card}: merge it into that card's table"
+    return ""
+
+
 def apply_margin(entry: dict, margin: float) -> bool:
     """The tuner's rule (tuner.MARGIN) applied to an entry recorded without it: the heuristic's
     choice stays the winner unless the best beat it by more than ``margin``. True if changed."""
@@ -111,7 +122,7 @@ def main(argv=None) -> int:
             margin = MARGIN if args.margin is None else args.margin
             if margin and apply_margin(entry, margin):
                 print(f"kept the heuristic (within {margin:.0%}): {key.split('|densemoe')[0]}", file=sys.stderr)
-            why = check(key, entry)
+            why = card_mismatch(key, Path(args.into)) or check(key, entry)
             if why:
                 print(f"left out {key}: {why}", file=sys.stderr)
             else:

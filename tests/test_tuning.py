@@ -368,6 +368,15 @@ def test_merge_applies_the_margin_to_old_entries():
     assert merge.apply_margin(e, 0.02) and e["best"]["config"] == "h"
     e = {"best": {"config": "a", "us": 10.0}, "heuristic": {"config": "h", "us": 10.3}}
     assert not merge.apply_margin(e, 0.02) and e["best"]["config"] == "a"
+    # a table named after a card takes that card's keys only
+    key = "routed|NVIDIA H100 80GB HBM3|fp8->bf16|N=2048|K=98304|E=128|topk=8|M<=1024|densemoe=0.1.0"
+    assert merge.card_mismatch(key, Path("tables/h100.json")) == ""
+    assert "not an H200" in merge.card_mismatch(key, Path("tables/h200.json"))
+    assert merge.card_mismatch(key, Path("/tmp/merged.json")) == ""
+    # and the shipped tables hold none of another card's
+    for table in sorted(cache.TABLES_DIR.glob("h[0-9]*.json")):
+        keys = json.loads(table.read_text())["entries"]
+        assert keys and not [k for k in keys if merge.card_mismatch(k, table)], table.name
 
 
 @pytest.mark.interpreter
