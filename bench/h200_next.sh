@@ -119,12 +119,15 @@ fi
 # NCU="fc2:deepseek-v3-tp8:512 fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" in a later call (the
 # first call's time goes to the above): Nsight Compute on one routed launch (FC1 at Qwen3 M = 2048 runs
 # at 28% of the fp8 peak and 3.0x its bound; FC2 at TP8 M = 2048 at 2.2x)
+# A spec may add a kernel-name regex and a pinned config: "fc1:qwen3-30b-a3b:2048:routed_fc1_sm90:routed:64,...,1,0,0,0"
+# (the CuTe FC1 of a tuned entry: its PTX entry is kernel_cutlass_kernel_densemoekernelscuterouted_fc1_sm90_...;
+# the config string, commas and all, after the fourth colon)
 for spec in ${NCU:-}; do
-  IFS=: read -r kern shape m <<< "$spec"
+  IFS=: read -r kern shape m rx cfg <<< "$spec"
   left=$(budget 60); [ $left -lt 25 ] && { echo "# ncu $spec: skipped"; continue; }
   timeout $left ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
-    -k regex:"_${kern}_kernel" --launch-skip 2 --launch-count 1 python3 bench/probes/routed_ncu.py $shape $m \
+    -k regex:"${rx:-_${kern}_kernel}" --launch-skip 2 --launch-count 1 python3 bench/probes/routed_ncu.py $shape $m $cfg \
     > $OUT/ncu_routed_${kern}_${shape}_M$m.txt 2>&1
   echo "# ncu $spec: exit $? at $((SECONDS - t0)) s"
   grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Stall|Compute \(SM\)|L2 Hit|Executed Ipc" \
