@@ -465,9 +465,10 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         # one program an SM; CuTe) beside the 64-row FC2s above. On the H200 (twelfth session,
         # routed_fc1_cute.log) the 128-row Triton FC1 took 304.5 us at TP8 M = 2048 where the
         # table's 64-row one took 372.7, and the table's FC2 is a 64-row one
-        fc1_parts = [make(128, False, 128, 128, warps=(8, 4))]
-        if rows >= 16 and not getattr(p, "block", 0):
-            fc1_parts.append(dataclasses.replace(fc1_parts[0], fc1_cute=True, fc1_block_k=2 * (128 if fp8 else 64),
+        tri = make(128, False, 128, 128, warps=(8, 4))
+        fc1_parts = [] if tri is None else [tri]
+        if tri is not None and not getattr(p, "block", 0):
+            fc1_parts.append(dataclasses.replace(tri, fc1_cute=True, fc1_block_k=2 * (128 if fp8 else 64),
                                                  fc1_warps=4, fc1_stages=3))
         seen = set()
         # the FC2s the H200 tables pick at these M first: the column stream, then two or more programs an SM
@@ -478,8 +479,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                 continue
             seen.add(key)
             for f1 in fc1_parts:
-                if f1 is not None:
-                    add(with_fc1_of(c, f1))
+                add(with_fc1_of(c, f1))
     default = routed_configs.default_config(p)
     return [default] + [c for c in out if c != default]
 
