@@ -148,6 +148,8 @@ def choose(problem: RoutedProblem, device, *, config: RoutedConfig | None = None
                 alt = choice.tuned("routed", problem, device, "triton", lambda: (False, "no CuTe routed kernel"),
                                    parse_config, {"triton": can_implement}, slots=("no_cute",))
                 if alt is not None and not (alt.config.fc1_cute or alt.config.fc2_cute):
+                    if deterministic and alt.config.atomic_combine:
+                        alt = alt._replace(config=dataclasses.replace(alt.config, atomic_combine=False))
                     return alt
                 plain = dataclasses.replace(hit.config, fc1_cute=False, fc2_cute=False)
                 if can_implement(problem, plain)[0]:

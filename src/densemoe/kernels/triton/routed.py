@@ -61,7 +61,8 @@ class RoutedConfig:
     fc2_block_k of I per step. ``block_m`` and ``programs_per_sm`` are both GEMMs' unless
     ``fc2_block_m`` / ``fc2_programs_per_sm`` give FC2 its own (``fc2_part``: each GEMM cuts the
     experts' rows into its own tiles, so the two need not agree; the best FC1 tile and the best
-    FC2 tile of a problem often differ). The fp8 output of FC1 has one scale per fc1_block_i columns, so fc2_block_k divides it.
+    FC2 tile of a problem often differ). The fp8 output of FC1 has one scale per fc1_block_i
+    columns, so fc2_block_k divides it.
     ``atomic_combine``: FC2 adds each pair's weighted row into its token's fp32 output row
     (atomics; the k rows' order varies, so the result may differ in the last bit between runs)
     instead of writing [M*k, H] rows that the combine sums in slot order (deterministic).
