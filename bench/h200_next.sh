@@ -116,6 +116,11 @@ if [ $left -ge 30 ] && want cute_fc2 && [ -f bench/probes/routed_fc2_cute.py ]; 
   timeout $left python3 bench/probes/routed_fc2_cute.py ${CUTE_FC2_ARGS:-deepseek-v3-tp8,qwen3-30b-a3b 512,2048,4096} > $OUT/routed_fc2_cute.log 2>&1
   echo "# cute fc2: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|cute_fc2)|Error" $OUT/routed_fc2_cute.log | cut -c1-900
 fi
+left=$(budget 60)  # PROBES="row_tma": one TMA load a row into the swizzled stage (twelfth session, Next 2)
+if [ $left -ge 20 ] && want row_tma && [ -f bench/probes/row_tma_gather.py ]; then
+  timeout $left python3 bench/probes/row_tma_gather.py > $OUT/row_tma_gather.log 2>&1
+  echo "# row tma: exit $? at $((SECONDS - t0)) s"; grep -E "k-tile|gather|Error" $OUT/row_tma_gather.log | head -6
+fi
 # NCU="fc2:deepseek-v3-tp8:512 fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" in a later call (the
 # first call's time goes to the above): Nsight Compute on one routed launch (FC1 at Qwen3 M = 2048 runs
 # at 28% of the fp8 peak and 3.0x its bound; FC2 at TP8 M = 2048 at 2.2x)
