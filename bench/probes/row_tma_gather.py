@@ -4,9 +4,12 @@
 Hopper's TMA has no gather, but a box of one row by the k-tile, issued once per row at the row's
 place in the stage, lands as the whole tile's box would if the swizzle is a function of the
 shared-memory address (the 128-byte swizzle XORs address bits 4-6 with bits 7-9, and a row
-starts at a 128-byte boundary of a 1024-byte-aligned stage). One warp issues the 128 loads of a
-128-row stage (each lane four) on one mbarrier with the stage's transaction bytes; the kernel then
-reads the stage through the wgmma layout (the swizzled view the consumers use) and writes it out.
+starts at a 128-byte boundary of a 1024-byte-aligned stage). The producer warp issues the 128
+loads of a 128-row stage on one mbarrier with the stage's transaction bytes (CuTe DSL wraps each
+TMA copy in ``elect.sync``: one lane issues them all, one after another); the kernel then reads
+the stage through the wgmma layout (the swizzled view the consumers use) and writes it out. (One
+thread issuing 128 loads a stage may bound the producer: a later probe should time it inside an
+FC1 k-loop.)
 
     python bench/probes/row_tma_gather.py            (a CUDA GPU and CuTe DSL: runs and checks
                                                       out[r] == x[idx[r], k-tile] for several k-tiles)
@@ -70,8 +73,7 @@ def build():
                 if tidx == 0:
                     cute.arch.mbarrier_arrive_and_expect_tx(bar, TILE_M * TILE_K)
                 cute.arch.sync_warp()
-                for j in cutlass.range_constexpr(TILE_M // 32):
-                    r = tidx * (TILE_M // 32) + j
+                for r in cutlass.range(TILE_M, unroll=1):  # each copy is issued by one elected lane
                     s_row = cute.local_tile(sX[(None, None, stage)], (1, TILE_K), (r, 0))
                     g_row = cute.local_tile(tX, (1, TILE_K), (mIdx[r], kt))
                     ts, tg = cute.nvgpu.cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(s_row, 0, 2),
@@ -104,8 +106,9 @@ def main(argv) -> int:
         cute.compile(build(), p8, pi, p8, 16, 0, cuda.CUstream(0))
         ptx = open(glob.glob(os.path.join(dump, "*.ptx"))[0]).read()
         loads = ptx.count("cp.async.bulk.tensor.2d.shared::cta.global")
-        print(f"compiled for sm_90a: {loads} one-row TMA loads in the PTX (a lane's {TILE_M // 32}, unrolled)")
-        return 0 if loads == TILE_M // 32 else 1
+        print(f"compiled for sm_90a: {loads} one-row TMA load in the PTX's row loop, elect.sync "
+              f"{'before it' if 'elect.sync' in ptx else 'missing'}")
+        return 0 if loads == 1 and "elect.sync" in ptx else 1
     import torch
     from cutlass.cute.runtime import from_dlpack  # noqa: F401 - CuTe DSL's torch bridge is importable
 
