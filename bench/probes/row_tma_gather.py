@@ -110,7 +110,6 @@ def main(argv) -> int:
               f"{'before it' if 'elect.sync' in ptx else 'missing'}")
         return 0 if loads == 1 and "elect.sync" in ptx else 1
     import torch
-    from cutlass.cute.runtime import from_dlpack  # noqa: F401 - CuTe DSL's torch bridge is importable
 
     M = 1000
     g = torch.Generator(device="cuda").manual_seed(0)
