@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# A session's first device call (the next plan: docs/routed.md "Tenth session", Next 0; last run 2026-12-05,
+# A session's device call for tests and probes (the next plan: docs/routed.md "Twelfth session", Next: on an
+# H200 the retune comes first, bench/h200_tune_layer.sh; then e.g. NO_SUITE=1 STREAM_SHAPES= PROBES=row_tma
+# NCU="fc1:...:routed_fc1_sm90:<config>"). Last run 2026-12-06, twelfth session, on an H200, tree 2f9a6d4:
+# SUITE_PROCS=6 SUITE_TIMEOUT=250 SUITE_PATHS="tests/test_routed_fc1_cute.py tests/test_fc1_cute.py
+# tests/test_routed_gpu.py" PROBES="cute_fc1 cute_fc2" STREAM_SHAPES= (215 s); and on an H100, tree 0d43585,
+# with SUITE_PROCS=4 PROBES=none (173 s). Before: 2026-12-05,
 # tenth session, on an H100, tree a958904 with the patch stack: SUITE_PROCS=5 SUITE_TIMEOUT=390 PROBES=cute_fc1
 # CUTE_FC1_TIMEOUT=170 STREAM_SHAPES= (the suite 217 s; five processes ran out of memory: four on an H100);
 # before that, eighth session, on an H100, tree 62fdfcd:
