@@ -302,7 +302,7 @@ def test_fc1_cute_field_string_and_rules():
 
     cfg = _cute_cfg()
     assert kern.RoutedConfig.from_str(cfg.to_str()) == cfg and "fc1:cute-i128k128" in cfg.short()
-    old = cfg.to_str().rsplit(",", 2)[0]  # a string written before the fields: the Triton FC1
+    old = cfg.to_str().rsplit(",", 4)[0]  # a string written before the fields (and the two after them): the Triton FC1
     assert kern.RoutedConfig.from_str(old) == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False})
     assert routed_configs.can_implement(_qwen3(4096), cfg)[0]
     # the CuTe FC1's units are block_m rows
