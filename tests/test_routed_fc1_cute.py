@@ -338,7 +338,8 @@ def test_space_offers_fc1_cute_where_experts_get_many_rows():
 
 def test_choose_runs_a_tuned_fc1_cute_on_triton_where_cute_cannot(monkeypatch):
     """A table entry naming fc1_cute (tuned on an H200) on a device without it (here the CPU):
-    the same tiles with the Triton FC1; a pinned one says why it cannot run."""
+    the entry's fastest config without CuTe (its "no_cute" slot), or the default rule where the
+    entry has none; a pinned one says why it cannot run."""
     from densemoe.ops import routed_configs
     from densemoe.tuning import cache
 
@@ -347,10 +348,10 @@ def test_choose_runs_a_tuned_fc1_cute_on_triton_where_cute_cannot(monkeypatch):
     monkeypatch.setattr(cache, "lookup_or_autotune", lambda key, problem, device: (entry, "shipped"))
     monkeypatch.setenv("DENSEMOE_TUNED", "1")
     ch = routed_configs.choose(_qwen3(4096), "cpu")
-    assert ch.config == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False}) and ch.source == "shipped"
+    assert ch.config == routed_configs.default_config(_qwen3(4096)) and ch.source == "heuristic"
     with pytest.raises(ValueError, match="runs a GEMM on CuTe, which cannot run here"):
         routed_configs.choose(_qwen3(4096), "cpu", config=cfg)
-    # an entry with the tuner's fastest config without CuTe: that one, not the best's tiles
+    # an entry with the tuner's fastest config without CuTe: that one
     plain = _cute_cfg(fc1_cute=False, fc2_stages=3, programs_per_sm=1)
     entry["no_cute"] = {"backend": "triton", "config": plain.to_str(), "us": 2.0}
     ch = routed_configs.choose(_qwen3(4096), "cpu")

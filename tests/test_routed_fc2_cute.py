@@ -118,8 +118,10 @@ def test_space_and_fallback(monkeypatch):
     entry = {"best": {"backend": "triton", "config": cfg.to_str(), "us": 1.0}}
     monkeypatch.setattr(cache, "lookup_or_autotune", lambda key, problem, device: (entry, "shipped"))
     monkeypatch.setenv("DENSEMOE_TUNED", "1")
-    got = routed_configs.choose(_problem(4096), "cpu").config
-    assert got == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False, "fc2_cute": False})
+    ch = routed_configs.choose(_problem(4096), "cpu")  # no "no_cute" slot: the default rule here
+    assert ch.config == routed_configs.default_config(_problem(4096)) and ch.source == "heuristic"
+    entry["no_cute"] = {"backend": "triton", "config": _cfg(fc2_cute=False).to_str(), "us": 2.0}
+    assert routed_configs.choose(_problem(4096), "cpu").config == _cfg(fc2_cute=False)
 
 
 @pytest.mark.gpu

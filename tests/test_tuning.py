@@ -823,7 +823,7 @@ def test_the_fastest_right_config_without_cute_is_recorded_beside_a_cute_best():
     """``tuner.fastest_without_cute``: the routed entry's ``no_cute`` slot skips configs with a
     CuTe GEMM, those already failed, and a wrong one (marked so); None when none is left."""
     from densemoe.kernels.triton.routed import RoutedConfig
-    from densemoe.tuning.tuner import Timing, fastest_without_cute, uses_cute
+    from densemoe.tuning.tuner import Timing, fastest_without_cute
 
     cute = RoutedConfig(fc1_cute=True, fc1_block_k=256)
     failed, wrong, right, slower = (RoutedConfig(block_m=b) for b in (16, 32, 64, 128))
@@ -834,7 +834,7 @@ def test_the_fastest_right_config_without_cute_is_recorded_beside_a_cute_best():
     def error_of(c):
         checked.append(c)
         return 1.0 if c == wrong else 0.0
-    assert uses_cute(cute) and not uses_cute(right) and uses_cute(RoutedConfig(fc2_cute=True))
+    assert cute.uses_cute and not right.uses_cute and RoutedConfig(fc2_cute=True).uses_cute
     assert fastest_without_cute(ok, error_of).config == right and checked == [wrong, right]
     assert "wrong result" in ok[2].error
     assert fastest_without_cute(ok[:3], lambda c: 0.0) is None

@@ -38,11 +38,12 @@ def tuned(name: str, problem, device: torch.device, backend: str, check: Callabl
     """The tuned entry for ``problem`` on ``device`` (``cache.lookup_or_autotune``), or None.
 
     "auto" takes the entry's best, then its best Triton config; a forced backend takes that
-    backend's slot, then the best if it is of that backend. A CuTe config that ``check`` says
-    these tensors cannot take moves on to the next slot; a config that does not parse, or that
+    backend's slot, then the best if it is of that backend. A config that runs on CuTe (the CuTe
+    backend, or a config whose ``uses_cute`` is true) that ``check`` says cannot run here moves
+    on to the next slot; a config that does not parse, or that
     its backend's ``fits[backend](problem, config)`` refuses, warns once and is skipped.
-    ``name``: the op's key prefix ("fc1", "fc2"); ``slots``: the entry's slots to try instead
-    (the routed op's "no_cute")."""
+    ``name``: the op's key prefix ("fc1", "fc2", "routed"); ``slots``: the entry's slots to try
+    instead (the routed op's: its best, then its fastest without CuTe, "no_cute")."""
     if not cache.tuned_lookups_enabled():
         return None
     key = cache.make_key(name, cache.device_name(device), problem)
@@ -60,7 +61,7 @@ def tuned(name: str, problem, device: torch.device, backend: str, check: Callabl
             return None
         if backend != "auto" and cfg.backend != backend:
             continue
-        if cfg.backend == "cute" and not check()[0]:
+        if (cfg.backend == "cute" or getattr(cfg, "uses_cute", False)) and not check()[0]:
             continue  # fine on the tuning machine, not for these tensors here: next slot
         ok, why = fits[cfg.backend](problem, cfg)
         if ok:

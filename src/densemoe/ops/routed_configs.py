@@ -131,29 +131,18 @@ def choose(problem: RoutedProblem, device, *, config: RoutedConfig | None = None
         if deterministic and config.atomic_combine:
             raise RuntimeError(f"{OP}: atomic_combine=True is not deterministic, and "
                                "torch.use_deterministic_algorithms(True) is on")
-        if config.fc1_cute or config.fc2_cute:
+        if config.uses_cute:
             ok, why = cute_fc1_runs_on(device)
             if not ok:
                 raise ValueError(f"{OP}: config {config.short()} runs a GEMM on CuTe, which cannot run here: {why}")
         return Choice("triton", config, "pinned")
     if tuned:
-        hit = choice.tuned("routed", problem, device, "triton", lambda: (False, "no CuTe routed kernel"),
-                           parse_config, {"triton": can_implement})
+        # the entry's best; where it runs a GEMM on CuTe and CuTe cannot run here (tuned where
+        # it can), the entry's fastest config without CuTe (the tuner's "no_cute" slot)
+        hit = choice.tuned("routed", problem, device, "triton", lambda: cute_fc1_runs_on(device), parse_config,
+                           {"triton": can_implement}, slots=("best", "no_cute"))
         if hit is not None:
             if deterministic and hit.config.atomic_combine:
                 hit = hit._replace(config=dataclasses.replace(hit.config, atomic_combine=False))
-            if (hit.config.fc1_cute or hit.config.fc2_cute) and not cute_fc1_runs_on(device)[0]:
-                # tuned where CuTe runs, not here: the entry's fastest config without CuTe (the
-                # tuner's "no_cute" slot), else the same tiles with the Triton GEMMs where they fit
-                alt = choice.tuned("routed", problem, device, "triton", lambda: (False, "no CuTe routed kernel"),
-                                   parse_config, {"triton": can_implement}, slots=("no_cute",))
-                if alt is not None and not (alt.config.fc1_cute or alt.config.fc2_cute):
-                    if deterministic and alt.config.atomic_combine:
-                        alt = alt._replace(config=dataclasses.replace(alt.config, atomic_combine=False))
-                    return alt
-                plain = dataclasses.replace(hit.config, fc1_cute=False, fc2_cute=False)
-                if can_implement(problem, plain)[0]:
-                    return hit._replace(config=plain)
-            else:
-                return hit
+            return hit
     return Choice("triton", default_config(problem), "heuristic")

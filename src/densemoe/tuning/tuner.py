@@ -200,7 +200,7 @@ def tune_problem(problem: Fc1Problem | Fc2Problem | RoutedProblem, device, *, ba
         b = t.config.backend
         if b not in per_backend:
             per_backend[b] = t
-    if best is not None and uses_cute(best.config):
+    if best is not None and getattr(best.config, "uses_cute", False):
         plain = fastest_without_cute(ok, error_of)
         if plain is not None:
             per_backend["no_cute"] = plain
@@ -222,18 +222,14 @@ def tune_problem(problem: Fc1Problem | Fc2Problem | RoutedProblem, device, *, ba
     return result
 
 
-def uses_cute(cfg) -> bool:
-    """Whether a routed config runs a GEMM on CuTe (``fc1_cute`` / ``fc2_cute``)."""
-    return bool(getattr(cfg, "fc1_cute", False) or getattr(cfg, "fc2_cute", False))
-
-
 def fastest_without_cute(ok: list, error_of) -> "Timing | None":
     """The fastest of ``ok`` (timings, fastest first) whose config runs no GEMM on CuTe and whose
     result is right (``error_of`` within TOL): a routed entry's ``no_cute`` slot, which
     ``routed_configs.choose`` takes where CuTe DSL cannot run (the best's tiles need not fit the
-    Triton GEMMs, nor be the fastest Triton ones)."""
+    Triton GEMMs, nor be the fastest Triton ones; an entry without the slot gives way to the
+    default rule there)."""
     for t in ok:
-        if t.error or uses_cute(t.config):
+        if t.error or getattr(t.config, "uses_cute", False):
             continue
         err = error_of(t.config)
         if math.isfinite(err) and err <= TOL:

@@ -160,6 +160,12 @@ class RoutedConfig:
     def deterministic(self) -> bool:
         return not self.atomic_combine
 
+    @property
+    def uses_cute(self) -> bool:
+        """Whether a GEMM runs on CuTe DSL (``fc1_cute`` / ``fc2_cute``): what needs sm_90 and
+        CuTe DSL where the config runs (``ops.choice.tuned`` skips it elsewhere)."""
+        return self.fc1_cute or self.fc2_cute
+
     def fc2_part(self) -> "RoutedConfig":
         """The config FC2 runs: ``block_m`` and ``programs_per_sm`` its own where
         ``fc2_block_m`` / ``fc2_programs_per_sm`` are set (FC2's launch and rules read this)."""
@@ -212,7 +218,7 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
         if cfg.fc2_col_groups > -(-problem.h // cfg.fc2_block_n):
             bad.append(f"fc2_col_groups={cfg.fc2_col_groups} exceeds H's {-(-problem.h // cfg.fc2_block_n)} "
                        f"column tiles of {cfg.fc2_block_n}")
-    if (cfg.fc1_cute or cfg.fc2_cute) and blk:
+    if cfg.uses_cute and blk:
         bad.append("fc1_cute / fc2_cute: the CuTe kernels take per-expert scales, not block-scaled weights")
     if fc1_stage * cfg.fc1_stages > SMEM_BYTES - 1024 and not cfg.fc1_cute:
         bad.append(f"FC1's {cfg.fc1_stages} stages of {fc1_stage} B exceed shared memory")
