@@ -24,18 +24,20 @@ set -uo pipefail
 commit=${1:-unknown}
 t0=$SECONDS
 DT=${DT:-fp8}
+BENCH_DT=${BENCH_DT:-$DT}  # the benchmark's one dtype (DT may name several for the tuning)
+END=${END:-570}  # the benchmarks stop starting this many seconds after the script began
 WIP=${WIP:-bench/results/h200_wip_next} DT=$DT OPS="${OPS:-routed strategy}" BUDGET=${TUNE_BUDGET:-300} bash bench/tune_h200.sh
 mkdir -p /tmp/tune && tar xzf $OUT/tune.tgz -C /tmp/tune
 source bench/device_env.sh >/dev/null
 export DENSEMOE_CACHE_DIR=/tmp/tune/wip
 for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
-  left=$((570 - (SECONDS - t0)))
+  left=$((END - (SECONDS - t0)))
   [ $left -lt 40 ] && { echo "# layer $shape: skipped, ${left} s left"; continue; }
-  out=$OUT/layer_${GPU_TAG}_${shape}_$DT
-  timeout $((left < 120 ? left : 120)) python3 -m densemoe.bench layer --shapes $shape --dtypes $DT \
+  out=$OUT/layer_${GPU_TAG}_${shape}_$BENCH_DT
+  timeout $((left < 120 ? left : 120)) python3 -m densemoe.bench layer --shapes $shape --dtypes $BENCH_DT \
     --m ${BENCH_MS:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096} --reps 20 --skip-max-m 512 --commit "$commit" --out $out > $out.log 2>&1
   echo "# layer $shape: exit $? at $((SECONDS - t0)) s"
-  grep "^experts .* $DT " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' | cut -c1-200
+  grep "^experts .* $BENCH_DT " $out.log | sed -e 's/^experts //; s/cublas_fp8_pipeline/cublas/; s/hf_grouped_mm_bf16/hf_gmm/' | cut -c1-200
 done
 # outside $OUT, then moved in (h200_next.sh says why)
 (cd $OUT && tar czf /tmp/next.tgz . ; mv /tmp/next.tgz $OUT/ && find $OUT -mindepth 1 ! -name next.tgz -exec rm -rf {} +)
