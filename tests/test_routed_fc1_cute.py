@@ -7,9 +7,11 @@ for what the design relies on (x, gate and up through TMA; fp8: one wgmma wait a
 quad's amax by two butterfly shuffles, NaN-keeping max and clamp).
 GPU (marker ``gpu``): on both model shapes, uniform routing, M = 1 ... 2048, y and its scales
 poisoned: every valid row written, the error against float64 within 1.1x the Triton routed FC1's
-on the same inputs; a CUDA graph replayed with other routings gives an eager call's bits.
+on the same inputs; a CUDA graph replayed with other routings gives an eager call's bits; x's
+rows gathered by TMA (``gather``) give the sorted copy's bits, alone and in the routed path.
 """
 
+import dataclasses
 import glob
 import os
 import re
@@ -115,7 +117,10 @@ def test_can_implement_shapes_and_registers():
 
 COMPILE = [(C(), FP8, (2048, 128, 768)), (C(tile_i=64, tile_k=256), FP8, (7168, 256, 256)),
            (C(tile_k=64), BF16, (2048, 128, 768)), (C(tile_i=64, tile_k=128, stages=3), BF16, (7168, 256, 256)),
-           (C(tile_m=64), FP8, (7168, 256, 256)), (C(tile_m=64, tile_k=64), BF16, (2048, 128, 768))]
+           (C(tile_m=64), FP8, (7168, 256, 256)), (C(tile_m=64, tile_k=64), BF16, (2048, 128, 768)),
+           # x's rows gathered by TMA (no sorted copy)
+           (C(gather=True), FP8, (2048, 128, 768)), (C(tile_m=64, tile_k=256, gather=True), FP8, (2048, 128, 768)),
+           (C(tile_m=64, tile_k=64, gather=True), BF16, (7168, 256, 256))]
 
 
 @pytest.mark.cute_compile
@@ -150,6 +155,15 @@ def test_compiles_for_sm90a(tmp_path, cfg, dtype, hei):
     # before (one named barrier each way), none with 128 (both read every stage)
     named = (len(re.findall(r"\bbar\.sync\s+%r", ptx)), len(re.findall(r"\bbar\.arrive\s+%r", ptx)))
     assert named == ((1, 1) if cfg.tile_m == 64 else (0, 0)), named
+    if cfg.gather:  # against the same config on the sorted copy: the row loop's shuffle of the
+        # lane's token, and the other producer warps' wait for a free stage; the same TMA loads
+        with cute_dump_dir(tmp_path / "copy") as dump:
+            rc.compile_routed_fc1(dataclasses.replace(cfg, gather=False), dtype, H, E, I)
+            (path,) = glob.glob(os.path.join(dump, "*.ptx"))
+            plain = open(path).read()
+        for what, more in (("shfl.sync.idx", 1), ("mbarrier.try_wait", 1), ("mbarrier.arrive.expect_tx", 0),
+                           ("cp.async.bulk.tensor.2d.shared::cta.global", 0)):
+            assert ptx.count(what) == plain.count(what) + more, (what, ptx.count(what), plain.count(what))
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -189,7 +203,7 @@ def _run(pw, xq, sx, ids, k, cfg, tiles=None, count=None, bufs=None):
         torch.empty(rc.max_tiles(P, E, cfg.tile_m), 2, dtype=torch.int32, device="cuda"),
         torch.empty(1, dtype=torch.int32, device="cuda"))
     kern.schedule_launch(ids, E, srt, off)
-    xs_sorted = xq[srt.long() // k].contiguous()
+    xs_sorted = xq if cfg.gather else xq[srt.long() // k].contiguous()
     kern.tile_list_launch(off, E, cfg.tile_m, tiles, count)
     rc.routed_fc1_cute(xs_sorted, pw.w1, pw.alpha1, sx, srt, off, tiles, count, y, ys if y.dtype == FP8 else None,
                        k, cfg)
@@ -249,13 +263,43 @@ def test_routed_fc1_cute_on_model_shapes(shape, dtype, M, tile_i, tile_m):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.xdist_group("cute_fc1_big")
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("M", [1, 7, 100, 2048])
+@pytest.mark.parametrize("tile_m, k_bytes", [(128, 128), (64, 256), (64, 128)])
+def test_gather_gives_the_sorted_copys_bits(shape, dtype, M, tile_m, k_bytes):
+    """x's rows gathered by TMA, a load a row (and 128-byte chunk): y and its scales equal the
+    sorted copy's bit for bit (the same products in the same order); every valid row written.
+    M = 1 and 7: units mostly past their expert's rows (loaded again from its last row)."""
+    pw, xq, sx, ids, k = _problem(shape, M, dtype, M + 5)
+    cfg = C(tile_k=k_bytes // xq.element_size(), tile_m=tile_m)
+    y, ys, srt, off = _run(pw, xq, sx, ids, k, cfg)
+    yg, ysg, srt_g, off_g = _run(pw, xq, sx, ids, k, dataclasses.replace(cfg, gather=True))
+    torch.cuda.synchronize()
+    assert torch.equal(off, off_g)
+    valid = int(off[-1])
+    assert not yg[:valid].float().isnan().any(), "a row of y unwritten"
+    # pair by pair: above SMALL_P pairs the schedule's atomics order the pairs within an expert
+    # (the two calls' orders differ), and each row's bits depend on its pair only
+    bits = (lambda t: t.view(torch.uint8)) if y.dtype == FP8 else (lambda t: t)
+    for got, want in ((yg, y), (ysg, ys)) if y.dtype == FP8 else ((yg, y),):
+        a_, b_ = torch.empty_like(bits(got)), torch.empty_like(bits(want))
+        a_[srt_g.long()] = bits(got)
+        b_[srt.long()] = bits(want)
+        assert torch.equal(a_, b_)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("tile_m", [128, 64])
-def test_graph_replay_with_other_routings(dtype, tile_m):
-    """Schedule, sorted copy, tile list and kernel captured once; replays with other routings
-    (written into the captured ids) give an eager call's bits."""
+@pytest.mark.parametrize("gather", [False, True])
+def test_graph_replay_with_other_routings(dtype, tile_m, gather):
+    """Schedule, sorted copy (or none: gather), tile list and kernel captured once; replays with
+    other routings (written into the captured ids) give an eager call's bits."""
     pw, xq, sx, ids, k = _problem("qwen3-30b-a3b", 600, dtype, 3)
-    cfg = C(tile_k=128 if dtype == "fp8" else 64, tile_m=tile_m)
+    cfg = C(tile_k=128 if dtype == "fp8" else 64, tile_m=tile_m, gather=gather)
     y, ys, srt, off = _run(pw, xq, sx, ids, k, cfg)
     E = pw.alpha1.shape[0]
     bufs = (srt, off, y, ys, torch.empty(rc.max_tiles(ids.numel(), E, tile_m), 2, dtype=torch.int32, device="cuda"),
@@ -302,7 +346,7 @@ def test_fc1_cute_field_string_and_rules():
 
     cfg = _cute_cfg()
     assert kern.RoutedConfig.from_str(cfg.to_str()) == cfg and "fc1:cute-i128k128" in cfg.short()
-    old = cfg.to_str().rsplit(",", 4)[0]  # a string written before the fields (and the two after them): the Triton FC1
+    old = cfg.to_str().rsplit(",", 5)[0]  # a string written before the field (and the four after it): the Triton FC1
     assert kern.RoutedConfig.from_str(old) == kern.RoutedConfig(**{**cfg.__dict__, "fc1_cute": False})
     assert routed_configs.can_implement(_qwen3(4096), cfg)[0]
     # the CuTe FC1's units are block_m rows
@@ -313,6 +357,13 @@ def test_fc1_cute_field_string_and_rules():
                     (dict(fc1_block_i=256, fc2_block_k=128), "fc1_cute"), (dict(block_m=32), "block_m")):
         ok, msg = routed_configs.can_implement(_qwen3(4096), _cute_cfg(**kw))
         assert not ok and why in msg, (kw, msg)
+    # gathering x's rows by TMA: a way of the CuTe FC1's, in its config and its short name
+    g = _cute_cfg(fc1_cute_gather=True)
+    assert routed_configs.cute_fc1_config(g).gather and not routed_configs.cute_fc1_config(cfg).gather
+    assert "fc1:cute-g-i128" in g.short() and kern.RoutedConfig.from_str(g.to_str()) == g
+    assert routed_configs.can_implement(_qwen3(4096), g)[0]
+    ok, msg = routed_configs.can_implement(_qwen3(4096), _cute_cfg(fc1_cute=False, fc1_cute_gather=True))
+    assert not ok and "needs fc1_cute" in msg, msg
     # the CuTe rules through the op layer's validity function: k-tile bytes, block weights
     ok, msg = routed_configs.can_implement(_qwen3(4096), _cute_cfg(fc1_block_k=64))
     assert not ok and "128 or 256 bytes" in msg, msg
@@ -331,6 +382,9 @@ def test_space_offers_fc1_cute_where_experts_get_many_rows():
             assert bool(cute) == want, (M, dt)
             assert all(routed_configs.can_implement(_qwen3(M, dt), c)[0] for c in cute)
             assert {c.fc1_block_i for c in cute} == ({64, 128} if want else set())
+            # each on the sorted copy and gathering x's rows by TMA
+            assert {dataclasses.replace(c, fc1_cute_gather=False) for c in cute if c.fc1_cute_gather} == \
+                {c for c in cute if not c.fc1_cute_gather}
             # units of 64 rows wherever CuTe is offered (from 16 rows an expert), of 128 from 64 rows
             assert {c.block_m for c in cute} == ({64, 128} if M >= 2048 else {64} if want else set()), (M, sorted({c.block_m for c in cute}))
     assert not [c for c in routed_space(_qwen3(4096, FP8, 128)) if c.fc1_cute]
@@ -388,3 +442,27 @@ def test_routed_experts_with_fc1_cute_on_model_shapes(shape, dtype, M, block_m):
     _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
     plain = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc1_cute=False))
     assert ((out.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.xdist_group("cute_fc1_big")
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
+@pytest.mark.parametrize("M", [100, 2048])
+def test_routed_experts_gathering_x_gives_the_copys_bits(shape, dtype, M):
+    """The routed path with the CuTe FC1 gathering x's rows by TMA (no sorted copy): the output
+    equals the one on the sorted copy bit for bit (64-row units, 256-byte k-tiles: the H100
+    table's Qwen3 pick)."""
+    from test_routed_gpu import _case
+
+    from densemoe.ops.routed import routed_experts
+    from densemoe.weights import prepare_weights
+
+    w13, w2, x, ids, wts = _case(shape, M, M + 23)
+    pw = prepare_weights(w13, w2, dtype=dtype)
+    bk = 128 if dtype == "fp8" else 64
+    cfg = _cute_cfg(fc1_block_k=2 * bk, fc2_block_k=bk, block_m=64)
+    want = routed_experts(x, pw, ids, wts, config=cfg)
+    got = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc1_cute_gather=True))
+    assert torch.isfinite(got).all() and torch.equal(got, want)

@@ -14,12 +14,16 @@ CUDA graph behind an L2 flush (``Timer``, medians):
 * the CuTe FC1 at tile_i 128 and 64, k-tiles of 128 and 256 bytes, units of 128 rows and (the
   warpgroups on alternate units) 64: the kernel alone, and with
   what it needs that the Triton FC1 does not (the sorted copy of x, a torch gather here, and the
-  tile list), so the whole cost is on the line.
+  tile list), so the whole cost is on the line;
+* the same CuTe configs gathering x's rows by TMA (``gather``: one TMA load a row, no sorted
+  copy; thirteenth session): with the tile list ("+list"), its y checked bit for bit against the
+  copy's.
 
     python bench/probes/routed_fc1_cute.py [shape,...] [M,...]   (a CUDA GPU and CuTe DSL; default
                                                                  qwen3-30b-a3b,deepseek-v3-tp8 1024,2048,4096)
 """
 
+import dataclasses
 import sys
 
 import torch
@@ -85,10 +89,16 @@ def compare(shape, M, timer):
         if c != table:
             cfgs.append(("triton " + c.short().split("/fc2")[0] + f"/p{pps}", c))
     for name, c in cfgs:
+        if c.fc1_cute:  # the table picks the CuTe FC1 here: its Triton fields are no Triton FC1 of their own
+            continue
         y = torch.full((P, I), float("nan"), device="cuda").to(FP8)
         ys = torch.full((P, -(-I // c.fc1_block_i)), float("nan"), device="cuda")
         run = (lambda c=c, y=y, ys=ys: kern.fc1_launch(x, w, a1, xs, srt, off, y, ys, k, c))  # noqa: E731
-        run()
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 - e.g. a ring that does not fit this card's shared memory
+            print(f"# {name}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
         err = check(name, y, ys, c.fc1_block_i)
         out[name] = (timer(run)["us"], err)
     xs_sorted = x[rows].contiguous()
@@ -113,6 +123,18 @@ def compare(shape, M, timer):
         name = f"cute i{c.tile_i} k{c.tile_k}" + (f" m{c.tile_m}" if c.tile_m != rc.TILE_M else "")
         out[name] = (timer(alone)["us"], err)
         out[name + " +copy+list"] = (timer(whole)["us"], err)
+        g = dataclasses.replace(c, gather=True)
+        yg = torch.full_like(y, float("nan"))
+        ysg = torch.full_like(ys, float("nan"))
+
+        def gathered(g=g, yg=yg, ysg=ysg):
+            kern.tile_list_launch(off, E, g.tile_m, tiles, count)
+            rc.routed_fc1_cute(x, w, a1, xs, srt, off, tiles, count, yg, ysg, k, g)
+
+        gathered()
+        same = torch.equal(yg.view(torch.uint8), y.view(torch.uint8)) and torch.equal(ysg, ys)
+        assert same, f"{name} gather: y differs from the copy's"
+        out[name + " gather+list"] = (timer(gathered)["us"], err)
     flops = 2 * P * H * 2 * I
     return out, flops
 

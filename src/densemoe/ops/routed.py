@@ -67,12 +67,15 @@ def _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg: RoutedConfig, w1_block_sca
     else:
         y = torch.empty((P, I), dtype=torch.bfloat16, device=dev)
         ys = None
-    if cfg.fc1_cute:  # the CuTe FC1: a sorted copy of x (TMA has no gather) and its tile list
+    if cfg.fc1_cute:  # the CuTe FC1: its tile list, and a sorted copy of x unless it gathers x's rows by TMA
         from densemoe.kernels.cute import routed_fc1_sm90 as cute_fc1
 
-        xs_sorted = torch.empty((P, x.shape[1]), dtype=x.dtype, device=dev)
-        kern.sorted_rows_launch(x, sorted_pairs, offsets, k, xs_sorted)
         ccfg = routed_configs.cute_fc1_config(cfg)
+        if ccfg.gather:  # x itself (TMA needs 16-byte aligned rows: a view off that takes a copy)
+            xs_sorted = x.contiguous() if x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
+        else:
+            xs_sorted = torch.empty((P, x.shape[1]), dtype=x.dtype, device=dev)
+            kern.sorted_rows_launch(x, sorted_pairs, offsets, k, xs_sorted)
         tiles = torch.empty((cute_fc1.max_tiles(P, E, ccfg.tile_m), 2), dtype=torch.int32, device=dev)
         count = torch.empty(1, dtype=torch.int32, device=dev)
         kern.tile_list_launch(offsets, E, ccfg.tile_m, tiles, count)

@@ -54,7 +54,8 @@ ROWS_TABLE = (
 def cute_fc1_config(cfg: RoutedConfig) -> "cute_fc1.RoutedFc1CuteConfig":
     """The CuTe FC1 tactic of a config with ``fc1_cute``: its tile of I, k-tile and units of
     ``block_m`` rows, the deepest ring, one CTA per SM."""
-    return cute_fc1.RoutedFc1CuteConfig(tile_i=cfg.fc1_block_i, tile_k=cfg.fc1_block_k, tile_m=cfg.block_m)
+    return cute_fc1.RoutedFc1CuteConfig(tile_i=cfg.fc1_block_i, tile_k=cfg.fc1_block_k, tile_m=cfg.block_m,
+                                        gather=cfg.fc1_cute_gather)
 
 
 def cute_fc2_config(cfg: RoutedConfig) -> "cute_fc2.RoutedFc2CuteConfig":

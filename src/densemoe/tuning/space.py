@@ -239,7 +239,7 @@ def _column_groups(problem: RoutedProblem, block_m: int, block_n: int, programs:
 
 # FC1's fields of a routed config (``with_fc1_of``); the rest are FC2's, or both GEMMs' (flatten, tma)
 FC1_FIELDS = ("block_m", "fc1_block_i", "fc1_block_k", "fc1_swap_ab", "fc1_warps", "fc1_stages", "programs_per_sm",
-              "fc1_tail_m", "fc1_sorted_x", "fc1_cute")
+              "fc1_tail_m", "fc1_sorted_x", "fc1_cute", "fc1_cute_gather")
 # the split configs (128-row FC1, 64-row FC2) take the first this many distinct FC2s of the 64-row base
 MAX_FC2_PARTS = 10
 
@@ -320,9 +320,11 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     * FC1 on the CuTe kernel (``fc1_cute``) from 16 rows an expert, in units of the unswapped
       bases' block_m rows (64 where every base is swapped): its tiles of I 128 and 64 and k-tiles
       of 128 and 256 bytes, with the bases' FC2 at one and two programs an SM (not with
-      block-scaled weights). FC2 on CuTe (``fc2_cute``) is not in the space (slower on the H200).
+      block-scaled weights); each on a sorted copy of x and gathering x's rows by TMA
+      (``fc1_cute_gather``, no copy). FC2 on CuTe (``fc2_cute``) is not in the space (slower on the H200).
     * FC1 and FC2 on tiles of their own from 32 rows an expert where 64-row unswapped tiles are:
-      the 128-row FC1 (Triton at 8 warps, one program an SM; CuTe with 256-byte k-tiles) before
+      the 128-row FC1 (Triton at 8 warps, one program an SM; CuTe with 256-byte k-tiles, on the
+      copy and gathering) before
       ``MAX_FC2_PARTS`` distinct FC2s of the 64-row base (``with_fc1_of``, ``fc2_block_m`` /
       ``fc2_programs_per_sm``), the column stream's first, then those of two or more programs
       an SM.
@@ -456,8 +458,10 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                 for pps in (1, 2):
                     base = make(bm, False, bi, bn, pps=pps, k2=min(128 if fp8 else 64, bi))
                     if base is not None:
-                        add(dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
-                                                fc1_warps=4, fc1_stages=3, fc1_swap_ab=False))
+                        for gather in (False, True):  # x from a sorted copy, or gathered by TMA a row
+                            add(dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
+                                                    fc1_warps=4, fc1_stages=3, fc1_swap_ab=False,
+                                                    fc1_cute_gather=gather))
         # (FC2 on CuTe, ``fc2_cute``, is not offered: 1.3-2.8x slower than the table's Triton FC2
         # on an H200 at M = 512-4096, bench/results/h200_2026-12-06_session12_logs/routed_fc2_cute.log)
     if rows >= 32 and (64, False) in bases:
@@ -468,8 +472,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         tri = make(128, False, 128, 128, warps=(8, 4))
         fc1_parts = [] if tri is None else [tri]
         if tri is not None and not getattr(p, "block", 0):
-            fc1_parts.append(dataclasses.replace(tri, fc1_cute=True, fc1_block_k=2 * (128 if fp8 else 64),
-                                                 fc1_warps=4, fc1_stages=3))
+            for gather in (False, True):
+                fc1_parts.append(dataclasses.replace(tri, fc1_cute=True, fc1_block_k=2 * (128 if fp8 else 64),
+                                                     fc1_warps=4, fc1_stages=3, fc1_cute_gather=gather))
         seen = set()
         # the FC2s the H200 tables pick at these M first: the column stream, then two or more programs an SM
         for c in sorted(out, key=lambda c: (not c.fc2_col_groups, c.fc2_part().programs_per_sm < 2)):

@@ -5,7 +5,8 @@ Semantics: the contract of the Triton routed FC1 (``densemoe.kernels.triton.rout
 the pairs sorted by expert; ``densemoe.reference`` holds the torch twin of the whole path)::
 
     # xs_sorted: [P, H]    fp8 e4m3 or bf16: row r is x[sorted[r] // top_k] (a sorted copy,
-    #                      rows past offsets[E] zero), K-major, contiguous
+    #                      rows past offsets[E] zero), K-major, contiguous;
+    #                      with ``gather``: x [M, H] itself, row r read as x[sorted[r] // top_k]
     # w1:        [E*2I, H] same dtype (expert e: rows e*2I .. +I gate, e*2I+I .. +I up)
     # alpha1:    [E]       float32;  x_scale: [M] float32, optional (fp8)
     # sorted:    [P] int32 pair ids (token * top_k + slot) in expert order; offsets: [E+1] int32
@@ -34,6 +35,14 @@ step, so its tensor cores sit idle through every wait and add (28% of the fp8 pe
 * A producer warp loads x's rows through TMA at any first row (the descriptor over the whole
   sorted copy, offset per unit: Hopper's TMA has no gather, hence the copy), and the gate and up
   rows from the checkpoint layout as they are, into a ring of ``stages``.
+  ``gather``: no sorted copy. The producer warpgroup's four warps each load a quarter of the
+  unit's rows straight from x, one TMA load a row and 128-byte chunk (a box of one row, at the
+  row's place in the swizzled stage: the 128-byte swizzle is a function of the shared-memory
+  address, so one-row boxes land as the whole tile's box would,
+  ``bench/probes/row_tma_gather.py``). A lane holds one row's token (read once a unit); warp 0
+  also loads the weights and sets the stage's transaction bytes (the same bytes as the copy's
+  box), the others wait for the stage to be free and add their loads to its barrier. Rows past
+  the expert's last load that last row again (multiplied, never stored).
 * Two consumer warpgroups, 64 rows each, not held in step (each waits only for its own wgmmas and
   the ring's barriers): each k-tile's gate product goes into a temporary, is waited for and
   added into the fp32 gate accumulator, then the up product the same way
@@ -44,7 +53,7 @@ step, so its tensor cores sit idle through every wait and add (28% of the fp8 pe
   values; stores masked to the tile's rows.
 
 Constraints are in ``can_implement``. In the routed path through ``RoutedConfig.fc1_cute`` (the op
-layer runs the sorted copy, the tile list and this kernel); ``bench/probes/routed_fc1_cute.py``
+layer runs the sorted copy unless ``fc1_cute_gather``, the tile list and this kernel); ``bench/probes/routed_fc1_cute.py``
 times it against the Triton routed FC1.
 """
 
@@ -74,6 +83,8 @@ class RoutedFc1CuteConfig:
     tile_k: k-tile in elements, 128 or 256 bytes a row; must divide H
     stages: ring depth (0: as deep as shared memory allows, <= 12)
     ctas:   persistent CTAs (0: one per SM)
+    gather: x's rows straight from x [M, H] by one TMA load a row (no sorted copy: the caller
+            passes x itself); 0: from a sorted copy [P, H]
     tile_m: sorted rows a unit. 128: the two consumer warpgroups take 64 rows each of one unit.
             64: each warpgroup takes every other unit of the CTA's, whole (so one's epilogue
             runs under the other's k-loop), for experts with few rows (DeepSeek-V3 TP8 at
@@ -85,6 +96,7 @@ class RoutedFc1CuteConfig:
     stages: int = 0
     ctas: int = 0
     tile_m: int = 128
+    gather: bool = False
 
     backend = "cute"
 
@@ -136,6 +148,7 @@ def can_implement(h: int, e: int, i: int, dtype: torch.dtype, out_dtype: torch.d
         return False, f"{st} stages of {c.stage_bytes(dtype)} B do not fit shared memory ({SMEM_BYTES} B)"
     if c.ctas < 0:
         return False, f"ctas={c.ctas} must be >= 0"
+    # (the gathered x [M, H] has at most P rows: the sorted copy's bound covers it)
     for what, n in (("w1", 2 * e * i * h), ("the sorted x", pairs * h), ("y", pairs * i)):
         if n >= _INDEX_LIMIT:
             return False, f"{what} has {n} elements: the kernel's indices are 32-bit"
@@ -161,6 +174,10 @@ def _build_kernel_class():
             self.kt = h // cfg.tile_k
             self.i_tiles = i // cfg.tile_i
             self.tile_m = cfg.tile_m
+            self.gather = cfg.gather
+            # a one-row TMA box is 128 bytes of a row (the swizzle's span): chunks a k-tile
+            self.chunk = 128 // (ab_dtype.width // 8)
+            self.chunks = cfg.tile_k // self.chunk
             self.alternate = cfg.tile_m == 64  # each consumer warpgroup its own units
             self.consumers = 2
             self.mma_atoms = 1 if self.alternate else 2  # 64-row wgmma atoms a unit
@@ -174,7 +191,8 @@ def _build_kernel_class():
                      n_tokens: Int32, top_k: Int32, has_xs: Int32, ld_ys: Int32, num_ctas: Int32, stream):
             H, E, I = self.H, self.E, self.I
             mW = cute.make_tensor(w_ptr, cute.make_layout((E * 2 * I, H), stride=(H, 1)))
-            mX = cute.make_tensor(x_ptr, cute.make_layout((pairs, H), stride=(H, 1)))
+            x_rows = n_tokens if cutlass.const_expr(self.gather) else pairs
+            mX = cute.make_tensor(x_ptr, cute.make_layout((x_rows, H), stride=(H, 1)))
             mAlpha1 = cute.make_tensor(alpha1_ptr, cute.make_layout(E))
             mXs = cute.make_tensor(xs_ptr, cute.make_layout(n_tokens))
             mSorted = cute.make_tensor(sorted_ptr, cute.make_layout(pairs))
@@ -188,7 +206,14 @@ def _build_kernel_class():
             w_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_i, self.stages)
             x_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_m, self.stages)
             tma_w, tma_tw = hopper.tma_atom(mW, w_layout, self.tile_i, self.tile_k, 1)
-            tma_x, tma_tx = hopper.tma_atom(mX, x_layout, self.tile_m, self.tile_k, 1)
+            if cutlass.const_expr(self.gather):  # one row by one 128-byte chunk, over the stage's swizzle
+                one = cute.slice_(x_layout, (None, None, 0))
+                row = cute.make_composed_layout(one.inner, one.offset,
+                                                cute.make_layout((1, self.chunk), stride=(self.chunk, 1)))
+                tma_x, tma_tx = cute.nvgpu.cpasync.make_tiled_tma_atom(
+                    cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp(), mX, row, (1, self.chunk))
+            else:
+                tma_x, tma_tx = hopper.tma_atom(mX, x_layout, self.tile_m, self.tile_k, 1)
 
             @cute.struct
             class SharedStorage:
@@ -238,7 +263,10 @@ def _build_kernel_class():
 
             if warp_group == 0:  # ------------------------------------------ producer
                 hopper.producer_role()
-                if warp_idx == 0:
+                if cutlass.const_expr(self.gather):
+                    self._produce_gathered(pipe, tma_w, tWgW, tGsG, tUsU, tma_x, mX, sX, mSorted, mOffsets, mTiles,
+                                           top_k, units, cta, num_ctas, warp_idx, tidx)
+                elif warp_idx == 0:
                     state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
                     for u in range(cta, units, num_ctas):
                         t = u // IT
@@ -323,6 +351,53 @@ def _build_kernel_class():
                         for _ in cutlass.range(self.kt, unroll=1):
                             read.advance()
                             release.advance()
+
+        @cute.jit
+        def _produce_gathered(self, pipe, tma_w: cute.CopyAtom, tWgW: cute.Tensor, tGsG: cute.Tensor,
+                              tUsU: cute.Tensor, tma_x: cute.CopyAtom, mX: cute.Tensor, sX: cute.Tensor,
+                              mSorted: cute.Tensor, mOffsets: cute.Tensor, mTiles: cute.Tensor, top_k: Int32,
+                              units: Int32, cta: Int32, num_ctas: Int32, warp_idx: Int32, tidx: Int32):
+            """The producer warpgroup without the sorted copy: warp ``w`` loads rows w * tile_m/4 ..
+            of each stage straight from x (one TMA load a row and chunk); warp 0 also the weights,
+            and it sets the stage's transaction bytes (the others' loads may land first: the
+            barrier's count of bytes goes below zero until then, and the phase cannot end before
+            warp 0 arrives)."""
+            IT = self.i_tiles
+            per_warp = self.tile_m // 4
+            lane = tidx % 32
+            mine = warp_idx * per_warp + cutlass.min(lane, per_warp - 1)  # this lane's row of the unit
+            state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+            for u in range(cta, units, num_ctas):
+                t = u // IT
+                it = u - t * IT
+                e = mTiles[t, 0]
+                r0 = mTiles[t, 1]
+                r1 = cutlass.min(r0 + self.tile_m, mOffsets[e + 1])
+                token = mSorted[cutlass.min(r0 + mine, r1 - 1)] // top_k  # past the expert: its last row again
+                gate_tile = 2 * e * IT + it
+                up_tile = gate_tile + IT
+                for kt in cutlass.range(self.kt, unroll=1):
+                    if warp_idx == 0:
+                        pipe.producer_acquire(state)
+                    else:
+                        pipe.sync_object_empty.wait(state.index, state.phase)
+                    bar = pipe.producer_get_barrier(state)
+                    if warp_idx == 0:
+                        cute.copy(tma_w, tWgW[(None, gate_tile, kt)], tGsG[(None, state.index)], tma_bar_ptr=bar)
+                        cute.copy(tma_w, tWgW[(None, up_tile, kt)], tUsU[(None, state.index)], tma_bar_ptr=bar)
+                    s_stage = sX[(None, None, state.index)]
+                    for j in cutlass.range(per_warp, unroll=1):
+                        tok = cute.arch.shuffle_sync(token, j)
+                        for c in cutlass.range_constexpr(self.chunks):
+                            s_row = cute.local_tile(s_stage, (1, self.chunk), (warp_idx * per_warp + j, c))
+                            g_row = cute.local_tile(mX, (1, self.chunk), (tok, kt * self.chunks + c))
+                            ts, tg = cute.nvgpu.cpasync.tma_partition(tma_x, 0, cute.make_layout(1),
+                                                                      cute.group_modes(s_row, 0, 2),
+                                                                      cute.group_modes(g_row, 0, 2))
+                            cute.copy(tma_x, tg, ts, tma_bar_ptr=bar)
+                    state.advance()
+            if warp_idx == 0:
+                pipe.producer_tail(state)
 
         @cute.jit
         def _epilogue(self, acc_g: cute.Tensor, acc_u: cute.Tensor, tCcC: cute.Tensor, mY: cute.Tensor,
@@ -410,13 +485,19 @@ def routed_fc1_cute(xs_sorted: torch.Tensor, w1: torch.Tensor, alpha1: torch.Ten
                     y: torch.Tensor, y_scale: torch.Tensor | None, top_k: int, config: RoutedFc1CuteConfig) -> None:
     """Launch (the module docstring's contract). ``tiles`` [>= max_tiles(P, E), 2] int32 and
     ``n_tiles`` [1] int32 come from ``densemoe.kernels.triton.routed.tile_list_launch`` (or any
-    writer of the same list) for tiles of ``config.tile_m`` rows."""
+    writer of the same list) for tiles of ``config.tile_m`` rows. With ``config.gather``,
+    ``xs_sorted`` is x [M, H] itself (M * top_k = P pairs)."""
     import cuda.bindings.driver as cuda
     import cutlass
 
     from densemoe._runtime import sm_count
 
-    P, H = xs_sorted.shape
+    P = sorted_pairs.shape[0]
+    rows, H = xs_sorted.shape
+    if rows != (P // top_k if config.gather else P) or (config.gather and P != rows * top_k):
+        raise ValueError(f"{'x' if config.gather else 'xs_sorted'} has {rows} rows; with {P} sorted pairs of top_k="
+                         f"{top_k} it must have {P // top_k if config.gather else P}"
+                         f"{' (gather: x itself, M rows)' if config.gather else ' (the sorted copy)'}")
     E = alpha1.shape[0]
     if E == 0:
         raise ValueError("alpha1 must hold one scale per expert (E >= 1)")
@@ -445,5 +526,5 @@ def routed_fc1_cute(xs_sorted: torch.Tensor, w1: torch.Tensor, alpha1: torch.Ten
     stream = cuda.CUstream(torch.cuda.current_stream(xs_sorted.device).cuda_stream)
     fn(ptr(w1, ab), ptr(xs_sorted, ab), ptr(alpha1, f32, 4), ptr(xs, f32, 4), ptr(sorted_pairs, i32, 4),
        ptr(offsets, i32, 4), ptr(tiles, i32, 8), ptr(n_tiles, i32, 4), ptr(y, od, y.element_size()), ptr(ys, f32, 4),
-       i32(P), i32(xs.shape[0]), i32(top_k), i32(x_scale is not None), i32(ys.stride(0) if fp8 else 1), i32(ctas),
+       i32(P), i32(rows if config.gather else xs.shape[0]), i32(top_k), i32(x_scale is not None), i32(ys.stride(0) if fp8 else 1), i32(ctas),
        stream)

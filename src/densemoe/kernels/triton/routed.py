@@ -111,8 +111,11 @@ class RoutedConfig:
     layer's choice) with its own tiles of 128 rows: ``fc2_block_n`` its tile of H, ``fc2_block_k``
     its k-tile (fp8: FC1's tile of I, one y scale a k-tile); it writes each pair's row for the
     combine (no atomic or fused combine, no column stream or order, no y TMA flag: it loads y by
-    TMA anyway), and FC2's other fields stay at one value. Fields added later than a stored config
-    string default (``from_str``)."""
+    TMA anyway), and FC2's other fields stay at one value.
+    ``fc1_cute_gather`` (with ``fc1_cute``): the CuTe FC1 loads x's rows straight from x, one TMA
+    load a row, instead of from a sorted copy (no copy: M * top_k * H bytes less written and
+    read); the same products in the same order: the same bits. Fields added later than a stored
+    config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -139,6 +142,7 @@ class RoutedConfig:
     fc2_cute: bool = False  # FC2 on the CuTe DSL kernel (the op layer's choice; FC2's tile of H and k-tile only)
     fc2_block_m: int = 0  # > 0: FC2's tiles of this many rows (0: block_m, FC1's and FC2's)
     fc2_programs_per_sm: int = 0  # > 0: FC2's programs per SM (0: programs_per_sm)
+    fc1_cute_gather: bool = False  # the CuTe FC1 gathers x's rows by TMA (no sorted copy of x)
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -176,7 +180,7 @@ class RoutedConfig:
                                    fc2_block_m=0, fc2_programs_per_sm=0)
 
     def short(self) -> str:
-        return (f"m{self.block_m}/fc1:{'cute-' if self.fc1_cute else ''}i{self.fc1_block_i}k{self.fc1_block_k}"
+        return (f"m{self.block_m}/fc1:{'cute-' if self.fc1_cute else ''}{'g-' if self.fc1_cute_gather else ''}i{self.fc1_block_i}k{self.fc1_block_k}"
                 f"{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}"
                 f"{'x' if self.fc1_sorted_x else ''}/fc2:{'cute-' if self.fc2_cute else ''}n{self.fc2_block_n}k{self.fc2_block_k}"
@@ -190,7 +194,7 @@ class RoutedConfig:
 
 # fields appended after tables were stored: a string without them takes their defaults
 _LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma",
-                 "fc1_cute", "fc2_cute", "fc2_block_m", "fc2_programs_per_sm")
+                 "fc1_cute", "fc2_cute", "fc2_block_m", "fc2_programs_per_sm", "fc1_cute_gather")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -267,6 +271,8 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
         bad.append("fc1_cute: FC1's tile of I and block_m (its units' rows) must be 64 or 128, and its Triton "
                    "fields at their defaults (fc1_swap_ab, fc1_tail_m, fc1_sorted_x off, fc1_warps 4, "
                    "fc1_stages 3: the CuTe kernel has its own ring and copy of x)")
+    if cfg.fc1_cute_gather and not cfg.fc1_cute:
+        bad.append("fc1_cute_gather: the CuTe FC1's way to load x; needs fc1_cute")
     if cfg.fc2_cute and (cfg.fc2_block_n not in (64, 128) or cfg.fc2_swap_ab or cfg.atomic_combine
                          or cfg.fused_combine or cfg.fc2_col_groups or cfg.fc2_col_major or cfg.fc2_y_tma
                          or cfg.flatten or (cfg.fc2_warps, cfg.fc2_stages) != (4, 3) or cfg.fc2_block_m
