@@ -15,6 +15,7 @@
 # numbered list (`python3 bench/sanitize_kernels.py --list`), so one tool's run can be split over
 # calls: each launch prints "ok <i> <s> <name>" as it ends, and the summary names the last one. Not run yet (2026-12-05): the time under each tool is unknown;
 # if the call runs out, split it (TOOLS="memcheck racecheck", then TOOLS="synccheck initcheck").
+# MATCH=<text>: only the launches whose name holds it (MATCH=cute-g-: the CuTe FC1 gathering x by TMA).
 set -uo pipefail
 source bench/device_env.sh
 commit=${1:-unknown}
@@ -24,7 +25,7 @@ mkdir -p $OUT/sanitize
 echo "commit $commit" > $OUT/sanitize/summary.txt
 python3 bench/sanitize_kernels.py --list > $OUT/sanitize/what_ran.txt 2>&1
 # once without a sanitizer: the results checked, and Triton's compile cache filled for the tools
-timeout ${WARM:-150} python3 bench/sanitize_kernels.py --limit ${LIMIT:-0} ${FROM:+--from $FROM} ${TO:+--to $TO} 2>&1 | grep -av "^ok " | tail -3 | tee -a $OUT/sanitize/summary.txt
+timeout ${WARM:-150} python3 bench/sanitize_kernels.py --limit ${LIMIT:-0} ${FROM:+--from $FROM} ${TO:+--to $TO} ${MATCH:+--match "$MATCH"} 2>&1 | grep -av "^ok " | tail -3 | tee -a $OUT/sanitize/summary.txt
 for tool in ${TOOLS:-memcheck racecheck synccheck initcheck}; do
   extra=""
   [[ $tool == memcheck ]] && extra="--leak-check no"
@@ -32,7 +33,7 @@ for tool in ${TOOLS:-memcheck racecheck synccheck initcheck}; do
   [[ $tool == initcheck ]] && extra="--track-unused-memory no"
   log=$OUT/sanitize/$tool.log
   timeout ${PER_TOOL:-140} compute-sanitizer --tool $tool $extra --print-limit 50 \
-    python3 bench/sanitize_kernels.py --limit ${LIMIT:-0} ${FROM:+--from $FROM} ${TO:+--to $TO} > $log 2>&1
+    python3 bench/sanitize_kernels.py --limit ${LIMIT:-0} ${FROM:+--from $FROM} ${TO:+--to $TO} ${MATCH:+--match "$MATCH"} > $log 2>&1
   rc=$?
   # the last launch that ended (a cut run resumes with FROM=<its number + 1>)
   echo "$tool: exit $rc at $((SECONDS - t0)) s; $(grep -a 'ERROR SUMMARY' $log | tail -1); $(grep -a '^# ' $log | tail -1); last: $(grep -a '^ok ' $log | tail -1 | cut -c1-120)" \

@@ -64,12 +64,13 @@ class Launches:
     is in [start, stop) (None else; when listing, it prints it instead); ``done(i, name)`` prints
     its progress line."""
 
-    def __init__(self, start: int = 0, stop: int | None = None, listing: bool = False):
+    def __init__(self, start: int = 0, stop: int | None = None, listing: bool = False, match: str = ""):
         self.i, self.start, self.stop, self.listing, self.t0, self.ran = -1, start, stop, listing, time.time(), 0
+        self.match = match
 
     def take(self, name: str) -> int | None:
         self.i += 1
-        inside = self.start <= self.i and (self.stop is None or self.i < self.stop)
+        inside = self.start <= self.i and (self.stop is None or self.i < self.stop) and self.match in name
         if self.listing:
             if inside:
                 print(f"{self.i} {name}")
@@ -87,7 +88,7 @@ def signature(cfg) -> tuple:
     keep = ("split", "swap_ab", "use_tma", "ctas_per_sm", "persistent", "split_k", "stream_k", "cluster_m",
             "cluster_n", "consumers", "flatten", "atomic_combine", "fused_combine", "fc2_col_groups", "fc2_col_major", "tma",
             "programs_per_sm", "fc1_swap_ab", "fc2_swap_ab", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma", "fc1_cute",
-            "fc2_cute", "fc2_block_m", "fc2_programs_per_sm")
+            "fc2_cute", "fc2_block_m", "fc2_programs_per_sm", "fc1_cute_gather")
     return (type(cfg).__name__,) + tuple((k, min(int(d[k]), 2)) for k in keep if k in d)
 
 
@@ -120,6 +121,10 @@ def variants(cfg, problem):
                               fc2_block_k=k, fc2_swap_ab=False, fc2_warps=4, fc2_stages=3, flatten=False,
                               atomic_combine=False, fused_combine=False, fc2_col_groups=0, fc2_col_major=False,
                               fc2_y_tma=False))
+            # the CuTe FC1 gathering x's rows by TMA (its producer's four warps), FC2 on Triton
+            cands.append(dict(fc1_cute=True, fc1_cute_gather=True, block_m=64, fc1_block_i=128, fc1_block_k=k,
+                              fc1_swap_ab=False, fc1_warps=4, fc1_stages=3, fc1_tail_m=0, fc1_sorted_x=False,
+                              fc2_block_k=min(k, cfg.fc2_block_k)))
         ok = routed_can_implement
     else:
         return []
@@ -161,7 +166,8 @@ def run_ops(limit, launches: Launches) -> None:
                 cfgs = configs(op, p, backends, limit)
                 inputs = None
                 for cfg in cfgs:
-                    name = f"{op.name} {'fp8' if dtype == FP8 else 'bf16'} M={m} {cfg.to_str()}"
+                    name = (f"{op.name} {'fp8' if dtype == FP8 else 'bf16'} M={m} {cfg.to_str()}"
+                            + (f" {cfg.short()}" if isinstance(cfg, RoutedConfig) else ""))
                     skip_too = isinstance(cfg, (tfc1.Fc1TritonConfig, tfc2.Fc2TritonConfig))
                     i = launches.take(name)
                     i_s = launches.take(name + " skip") if skip_too else None
@@ -243,8 +249,9 @@ def main() -> int:
     ap.add_argument("--layer-only", action="store_true")
     ap.add_argument("--from", dest="start", type=int, default=0, help="the first launch (of --list's numbers)")
     ap.add_argument("--to", dest="stop", type=int, default=None, help="the launch to stop before")
+    ap.add_argument("--match", default="", help="only launches whose name holds this (e.g. 'cute-g-': the gathering CuTe FC1)")
     args = ap.parse_args()
-    launches = Launches(args.start, args.stop, args.list)
+    launches = Launches(args.start, args.stop, args.list, args.match)
     if not args.layer_only:
         run_ops(args.limit, launches)
     run_layer(launches)
