@@ -382,9 +382,9 @@ def test_space_offers_fc1_cute_where_experts_get_many_rows():
             assert bool(cute) == want, (M, dt)
             assert all(routed_configs.can_implement(_qwen3(M, dt), c)[0] for c in cute)
             assert {c.fc1_block_i for c in cute} == ({64, 128} if want else set())
-            # each on the sorted copy and gathering x's rows by TMA
+            # each on the sorted copy, and those of tile 128 also gathering x's rows by TMA
             assert {dataclasses.replace(c, fc1_cute_gather=False) for c in cute if c.fc1_cute_gather} == \
-                {c for c in cute if not c.fc1_cute_gather}
+                {c for c in cute if not c.fc1_cute_gather and c.fc1_block_i == 128}
             # units of 64 rows wherever CuTe is offered (from 16 rows an expert), of 128 from 64 rows
             assert {c.block_m for c in cute} == ({64, 128} if M >= 2048 else {64} if want else set()), (M, sorted({c.block_m for c in cute}))
     assert not [c for c in routed_space(_qwen3(4096, FP8, 128)) if c.fc1_cute]
@@ -466,3 +466,42 @@ def test_routed_experts_gathering_x_gives_the_copys_bits(shape, dtype, M):
     want = routed_experts(x, pw, ids, wts, config=cfg)
     got = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc1_cute_gather=True))
     assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the CPU path: Triton's interpreter (the CuTe launch is stood in for)")
+@pytest.mark.parametrize("gather", [False, True])
+def test_fc1_stage_passes_x_itself_when_gathering(monkeypatch, gather):
+    """The op layer's FC1 stage with the CuTe FC1: gathering, the kernel gets x itself (no sorted
+    copy launched); a view of x off 16-byte alignment (TMA's) gets an aligned copy of its rows;
+    on the copy, the sorted rows. The CuTe launch is stood in for (it needs a GPU)."""
+    from densemoe.kernels.common import max_tiles
+    from densemoe.ops import routed as ops_routed
+
+    seen = {}
+
+    def fake_fc1(xs, w1, alpha1, x_scale, srt, off, tiles, count, y, ys, k, ccfg):
+        seen.update(xs=xs, gather=ccfg.gather, tile_m=ccfg.tile_m, tiles=tiles)
+
+    copies = []
+    monkeypatch.setattr(rc, "routed_fc1_cute", fake_fc1)
+    monkeypatch.setattr(kern, "sorted_rows_launch", lambda *a: copies.append(a))
+    M, H, E, I, k = 5, 256, 4, 128, 2
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(M * H + 1, generator=g).to(BF16)
+    w1 = torch.randn(E * 2 * I, H, generator=g).to(BF16)
+    alpha1 = torch.ones(E)
+    ids = torch.rand(M, E, generator=g).topk(k, dim=1).indices.to(torch.int32)
+    cfg = kern.RoutedConfig(block_m=64, fc1_block_i=128, fc1_block_k=64, fc2_block_k=64, fc1_cute=True,
+                            fc1_cute_gather=gather)
+    for x in (base[:M * H].view(M, H), base[1:].view(M, H)):  # aligned, and 2 bytes off
+        seen.clear()
+        copies.clear()
+        ops_routed._fc1_stage(x, None, w1, alpha1, ids, cfg)
+        assert seen["gather"] == gather and seen["tile_m"] == 64
+        assert seen["tiles"].shape[0] >= max_tiles(M * k, E, 64)
+        if gather:
+            assert not copies and torch.equal(seen["xs"], x)
+            assert seen["xs"].data_ptr() % 16 == 0
+            assert (seen["xs"].data_ptr() == x.data_ptr()) == (x.data_ptr() % 16 == 0)
+        else:
+            assert len(copies) == 1 and seen["xs"].shape == (M * k, H)
