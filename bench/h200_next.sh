@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A session's device call for tests and probes (the next plan: docs/routed.md "Twelfth session", Next: on an
-# H200 the retune comes first, bench/h200_tune_layer.sh; then e.g. NO_SUITE=1 STREAM_SHAPES= PROBES=row_tma
-# NCU="fc1:...:routed_fc1_sm90:<config>"). Last run 2026-12-06, twelfth session, on an H200, tree 2f9a6d4:
+# A session's device call for tests and probes (the next plan: docs/routed.md "Thirteenth session", Next: on
+# an H200 the retune comes first, bench/h200_tune_layer.sh; then e.g. NO_SUITE=1 STREAM_SHAPES= PROBES=cute_fc1
+# NCU="fc1:...:routed_fc1_sm90:<config>"). The thirteenth session (H100) ran its plan by hand (the commands are
+# in docs/routed.md). Last run 2026-12-06, twelfth session, on an H200, tree 2f9a6d4:
 # SUITE_PROCS=6 SUITE_TIMEOUT=250 SUITE_PATHS="tests/test_routed_fc1_cute.py tests/test_fc1_cute.py
 # tests/test_routed_gpu.py" PROBES="cute_fc1 cute_fc2" STREAM_SHAPES= (215 s); and on an H100, tree 0d43585,
 # with SUITE_PROCS=4 PROBES=none (173 s). Before: 2026-12-05,
