@@ -401,15 +401,16 @@ def test_split_config_runs_fc1_of_one_and_fc2_of_the_other_bit_for_bit(dtype):
 
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 10)[0]  # 15 fields: stored before the ten later ones (_LATER_FIELDS)
+    old = full.rsplit(",", 11)[0]  # 15 fields: stored before the eleven later ones (_LATER_FIELDS)
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    for later in range(1, 10):  # 24 ... 16 fields
+    for later in range(1, 11):  # 25 ... 16 fields
         assert RoutedConfig.from_str(full.rsplit(",", later)[0]) == RoutedConfig.from_str(old)
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
     assert RoutedConfig.from_str(RoutedConfig(fc2_block_m=32, fc2_programs_per_sm=2).to_str()).fc2_block_m == 32
-    with pytest.raises(ValueError, match="a routed config has 25 fields, got 14"):
+    assert RoutedConfig.from_str(RoutedConfig(fc1_cute=True, fc1_cute_gather=True).to_str()).fc1_cute_gather
+    with pytest.raises(ValueError, match="a routed config has 26 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 

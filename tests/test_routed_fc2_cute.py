@@ -91,7 +91,7 @@ def test_fc2_cute_field_string_and_rules():
 
     cfg = _cfg()
     assert kern.RoutedConfig.from_str(cfg.to_str()) == cfg and "fc2:cute-n128k128" in cfg.short()
-    old = cfg.to_str().rsplit(",", 3)[0]  # before fc2_cute (and the two fields after it)
+    old = cfg.to_str().rsplit(",", 4)[0]  # before fc2_cute (and the three fields after it)
     assert kern.RoutedConfig.from_str(old) == kern.RoutedConfig(**{**cfg.__dict__, "fc2_cute": False})
     assert routed_configs.can_implement(_problem(4096), cfg)[0]
     assert routed_configs.can_implement(_problem(4096), _cfg(fc1_cute=True))[0]
