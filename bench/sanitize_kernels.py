@@ -249,7 +249,8 @@ def main() -> int:
     ap.add_argument("--layer-only", action="store_true")
     ap.add_argument("--from", dest="start", type=int, default=0, help="the first launch (of --list's numbers)")
     ap.add_argument("--to", dest="stop", type=int, default=None, help="the launch to stop before")
-    ap.add_argument("--match", default="", help="only launches whose name holds this (e.g. 'cute-g-': the gathering CuTe FC1)")
+    ap.add_argument("--match", default="",
+                    help="only launches whose name holds this (e.g. 'cute-g-': the gathering CuTe FC1)")
     args = ap.parse_args()
     launches = Launches(args.start, args.stop, args.list, args.match)
     if not args.layer_only:

@@ -321,7 +321,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       bases' block_m rows (64 where every base is swapped): its tiles of I 128 and 64 and k-tiles
       of 128 and 256 bytes, with the bases' FC2 at one and two programs an SM (not with
       block-scaled weights); each on a sorted copy of x, and those of tile 128 also gathering
-      x's rows by TMA (``fc1_cute_gather``, no copy). FC2 on CuTe (``fc2_cute``) is not in the space (slower on the H200).
+      x's rows by TMA (``fc1_cute_gather``, no copy). FC2 on CuTe (``fc2_cute``) is not in the
+      space (slower on the H200).
     * FC1 and FC2 on tiles of their own from 32 rows an expert where 64-row unswapped tiles are:
       the 128-row FC1 (Triton at 8 warps, one program an SM; CuTe with 256-byte k-tiles, on the
       copy and gathering) before
@@ -459,8 +460,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                     base = make(bm, False, bi, bn, pps=pps, k2=min(128 if fp8 else 64, bi))
                     if base is not None:
                         # x from a sorted copy, or gathered by TMA a row: with tiles of I 128 only (at 64 a
-                        # unit's MMA halves for the same row loads; on the H100 each gathering config of
-                        # tile 64 lost to one of tile 128, 13th session, routed_fc1_cute_gather.log)
+                        # unit's MMA halves for the same row loads; docs/routed.md, "Thirteenth session")
                         for gather in (False, True) if bi == 128 else (False,):
                             add(dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
                                                     fc1_warps=4, fc1_stages=3, fc1_swap_ab=False,

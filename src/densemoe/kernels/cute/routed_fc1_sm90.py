@@ -53,7 +53,8 @@ step, so its tensor cores sit idle through every wait and add (28% of the fp8 pe
   values; stores masked to the tile's rows.
 
 Constraints are in ``can_implement``. In the routed path through ``RoutedConfig.fc1_cute`` (the op
-layer runs the sorted copy unless ``fc1_cute_gather``, the tile list and this kernel); ``bench/probes/routed_fc1_cute.py``
+layer runs the sorted copy unless ``fc1_cute_gather``, the tile list and this kernel);
+``bench/probes/routed_fc1_cute.py``
 times it against the Triton routed FC1.
 """
 
@@ -526,5 +527,6 @@ def routed_fc1_cute(xs_sorted: torch.Tensor, w1: torch.Tensor, alpha1: torch.Ten
     stream = cuda.CUstream(torch.cuda.current_stream(xs_sorted.device).cuda_stream)
     fn(ptr(w1, ab), ptr(xs_sorted, ab), ptr(alpha1, f32, 4), ptr(xs, f32, 4), ptr(sorted_pairs, i32, 4),
        ptr(offsets, i32, 4), ptr(tiles, i32, 8), ptr(n_tiles, i32, 4), ptr(y, od, y.element_size()), ptr(ys, f32, 4),
-       i32(P), i32(rows if config.gather else xs.shape[0]), i32(top_k), i32(x_scale is not None), i32(ys.stride(0) if fp8 else 1), i32(ctas),
+       i32(P), i32(rows if config.gather else xs.shape[0]), i32(top_k), i32(x_scale is not None),
+       i32(ys.stride(0) if fp8 else 1), i32(ctas),
        stream)

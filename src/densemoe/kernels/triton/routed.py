@@ -180,7 +180,8 @@ class RoutedConfig:
                                    fc2_block_m=0, fc2_programs_per_sm=0)
 
     def short(self) -> str:
-        return (f"m{self.block_m}/fc1:{'cute-' if self.fc1_cute else ''}{'g-' if self.fc1_cute_gather else ''}i{self.fc1_block_i}k{self.fc1_block_k}"
+        return (f"m{self.block_m}/fc1:{'cute-' if self.fc1_cute else ''}{'g-' if self.fc1_cute_gather else ''}"
+                f"i{self.fc1_block_i}k{self.fc1_block_k}"
                 f"{'s' if self.fc1_swap_ab else ''}"
                 f"w{self.fc1_warps}st{self.fc1_stages}{f't{self.fc1_tail_m}' if self.fc1_tail_m else ''}"
                 f"{'x' if self.fc1_sorted_x else ''}/fc2:{'cute-' if self.fc2_cute else ''}n{self.fc2_block_n}k{self.fc2_block_k}"
