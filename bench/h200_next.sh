@@ -127,6 +127,16 @@ if [ $left -ge 20 ] && want row_tma && [ -f bench/probes/row_tma_gather.py ]; th
   timeout $left python3 bench/probes/row_tma_gather.py > $OUT/row_tma_gather.log 2>&1
   echo "# row tma: exit $? at $((SECONDS - t0)) s"; grep -E "k-tile|gather|Error" $OUT/row_tma_gather.log | head -6
 fi
+left=$(budget 200)  # PROBES="stages": each launch of the routed path alone with the table's config
+# (bench/probes/routed_stages.py; STAGES_SHAPES, STAGES_MS, STAGES_DT), beside its traffic bound
+if [ $left -ge 30 ] && want stages; then
+  for shape in ${STAGES_SHAPES:-deepseek-v3-tp8 qwen3-30b-a3b}; do
+    left=$(budget 100); [ $left -lt 30 ] && { echo "# stages $shape: skipped"; continue; }
+    timeout $left python3 bench/probes/routed_stages.py $shape ${STAGES_DT:-fp8} ${STAGES_MS:-16,512,2048,4096} \
+      > $OUT/routed_stages_${GPU_TAG}_${shape}.log 2>&1
+    echo "# stages $shape: exit $? at $((SECONDS - t0)) s"; cut -c1-400 $OUT/routed_stages_${GPU_TAG}_${shape}.log | tail -6
+  done
+fi
 # NCU="fc2:deepseek-v3-tp8:512 fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" in a later call (the
 # first call's time goes to the above): Nsight Compute on one routed launch (FC1 at Qwen3 M = 2048 runs
 # at 28% of the fp8 peak and 3.0x its bound; FC2 at TP8 M = 2048 at 2.2x)
