@@ -932,6 +932,9 @@ def _fc2_ring_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, 
     slot_elems = P.to(tl.int64) * BLOCK_N
     j = tl.atomic_add(sync_ptr, 1)
     while j < total:
+        # the next ticket now, so that its atomic's latency passes under this unit (a held ticket
+        # is never one that an earlier unfinished unit waits on: the order argument holds)
+        j_next = tl.atomic_add(sync_ptr, 1)
         first = j < G  # column tile 0's tiles
         jj = tl.maximum(j - G, 0)
         cc = jj // (G + C)
@@ -954,7 +957,7 @@ def _fc2_ring_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, 
             _ring_combine(u, c, slot_ptr, ids_ptr, out_ptr, M, H, E, stride_om, TOP_K, BLOCK_N, ROWS_C)
             tl.debug_barrier()  # every thread's reads of the slot are done before the release
             tl.atomic_add(sync_ptr + 2 + S + c, 1, sem="release")
-        j = tl.atomic_add(sync_ptr, 1)
+        j = j_next
     # the last program out leaves the counters at zero for the next launch (every other program
     # has taken its last ticket and counted its units before it counts itself out)
     if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == NUM_PROGS - 1:
