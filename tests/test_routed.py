@@ -257,57 +257,6 @@ def test_fused_combine_is_the_combine_bit_for_bit(dtype, cfg):
 
 @interp
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
-@pytest.mark.parametrize("cfg", [SMALL, SMALL_SWAP, dataclasses.replace(SMALL, tma=False, fc2_y_tma=True),
-                                 dataclasses.replace(SMALL, fc2_block_m=32, fc2_programs_per_sm=2)])
-@pytest.mark.parametrize("ring", [2, 3])
-def test_fc2_ring_is_fc2_and_the_combine_bit_for_bit(dtype, cfg, ring):
-    """fc2_ring: FC2 and the combine in one launch, column tile by column tile through ring
-    slots: the same rows and sums as FC2's rows and the combine kernel, with dropped slots, a
-    token whose every id is out of range (a zero row), an expert twice in a row, ragged M and a
-    ragged last column tile (H = 96: three tiles of 32, so slot 0 is reused at ring 2); the
-    counters are left at zero for the next launch."""
-    from densemoe.kernels.common import stream_buffer
-
-    E, k, I, H = 8, 3, 64, 96
-    w13, w2 = weights(E, I, H)
-    pw = prepare_weights(w13, w2, dtype=dtype)
-    ringed = dataclasses.replace(cfg, fc2_ring=ring)
-    assert can_implement(RoutedProblem(7, H, E, I, k, pw.dtype, BF16), ringed)[0]
-    for M in (1, 7, 100):
-        x = tokens(M, H, seed=M)
-        ids, wts = uniform_routing(M, E, k, seed=M)
-        ids[0, 1] = -1
-        if M > 3:
-            ids[2] = torch.tensor([E, -3, 1 << 40])  # no valid slot: the output row is 0
-            ids[3, 2] = ids[3, 0]  # an expert twice in one row: once per slot
-        want = routed_experts(x, pw, ids, wts, config=cfg)
-        got = routed_experts(x, pw, ids, wts, config=ringed)
-        assert torch.equal(got, want), (M, (got.float() - want.float()).abs().max())
-        if M > 3:
-            assert (got[2] == 0).all()
-        assert not stream_buffer("cpu").any()  # the counters back at zero
-        ids2, wts2 = uniform_routing(M, E, k, seed=M + 50)  # another routing through the same counters
-        assert torch.equal(routed_experts(x, pw, ids2, wts2, config=ringed),
-                           routed_experts(x, pw, ids2, wts2, config=cfg))
-
-
-def test_fc2_ring_config_rules():
-    """fc2_ring: 2..4 slots, alone among FC2's combines and orders; a string without the field
-    reads as off."""
-    from densemoe.kernels.triton.routed import config_problems
-
-    assert not config_problems(RoutedConfig(fc2_ring=2), True)
-    assert "0 (off) or 2..4" in " ".join(config_problems(RoutedConfig(fc2_ring=1), True))
-    for flag in (dict(fused_combine=True), dict(atomic_combine=True), dict(fc2_col_groups=2),
-                 dict(fc2_col_major=True), dict(flatten=True)):
-        assert "the ring is FC2's own" in " ".join(config_problems(RoutedConfig(fc2_ring=3, **flag), True)), flag
-    assert RoutedConfig.from_str(RoutedConfig(fc2_ring=3).to_str()).fc2_ring == 3
-    assert RoutedConfig.from_str(RoutedConfig().to_str().rsplit(",", 1)[0]).fc2_ring == 0
-    assert RoutedConfig(fc2_ring=2).short().endswith("/r2")
-
-
-@interp
-@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("cfg", [SMALL, dataclasses.replace(SMALL, tma=False), SMALL_SWAP])
 def test_column_stream_is_fc2_bit_for_bit(dtype, cfg):
     """fc2_col_groups: FC2's units run over a group of column tiles, the k-steps unrolled in the
@@ -452,16 +401,16 @@ def test_split_config_runs_fc1_of_one_and_fc2_of_the_other_bit_for_bit(dtype):
 
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
-    old = full.rsplit(",", 12)[0]  # 15 fields: stored before the twelve later ones (_LATER_FIELDS)
+    old = full.rsplit(",", 11)[0]  # 15 fields: stored before the eleven later ones (_LATER_FIELDS)
     assert RoutedConfig.from_str(old) == RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2)
-    for later in range(1, 12):  # 26 ... 16 fields
+    for later in range(1, 11):  # 25 ... 16 fields
         assert RoutedConfig.from_str(full.rsplit(",", later)[0]) == RoutedConfig.from_str(old)
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_major=True).to_str()).fc2_col_major
     assert RoutedConfig.from_str(RoutedConfig(fused_combine=True).to_str()).fused_combine
     assert RoutedConfig.from_str(RoutedConfig(fc2_col_groups=7).to_str()).fc2_col_groups == 7
     assert RoutedConfig.from_str(RoutedConfig(fc2_block_m=32, fc2_programs_per_sm=2).to_str()).fc2_block_m == 32
     assert RoutedConfig.from_str(RoutedConfig(fc1_cute=True, fc1_cute_gather=True).to_str()).fc1_cute_gather
-    with pytest.raises(ValueError, match="a routed config has 27 fields, got 14"):
+    with pytest.raises(ValueError, match="a routed config has 26 fields, got 14"):
         RoutedConfig.from_str(old.rsplit(",", 1)[0])
     from densemoe.kernels.triton.routed import config_problems
 

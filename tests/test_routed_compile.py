@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource
 
     from densemoe.kernels.triton.routed import (_combine_kernel, _count_kernel, _fc1_kernel, _fc2_kernel,
-                                                _fc2_ring_kernel, _place_kernel, _sort_schedule_kernel)
+                                                _place_kernel, _sort_schedule_kernel)
 
     FP8 = "fp8e4nv"
 
@@ -158,21 +158,6 @@ SCRIPT = textwrap.dedent('''
         cpa = {t: len(re.findall(r"cp\\.async\\.c[ag]", p)) for t, p in ptx.items()}
         assert bulk[True] > bulk[False] and cpa[True] < cpa[False], (dt, bulk, cpa)
         n += 1
-    # FC2 and the combine in one launch (fc2_ring): wgmma, the k-loop pipelined, the counters
-    # released and acquired at GPU scope, the slot's rows read back past L1
-    for dt, swap in ((FP8, False), ("bf16", True), (FP8, True)):
-        bk = 128 if dt == FP8 else 64
-        k = compile_(_fc2_ring_kernel, dict(y_ptr="*" + dt, ys_ptr="*fp32", w_ptr="*" + dt,
-                                            w_desc=f"tensordesc<{dt}[128, {bk}]>", w2s_ptr="*fp32", ws_ptr="*fp32",
-                                            sorted_ptr="*i32", offsets_ptr="*i32", tw_ptr="*fp32", ids_ptr="*i64",
-                                            ring_ptr="*bf16", out_ptr="*bf16", sync_ptr="*i32"),
-                     dict(TOP_K=8, HAS_YS=dt == FP8, E_PAD=256, BLOCK_M=16 if swap else 64, BLOCK_N=128,
-                          BLOCK_K=bk, SWAP_AB=swap, NUM_STAGES=2, USE_TMA=True, RING=3, ROWS_C=32, PDL=True))
-        ptx = k.asm["ptx"]
-        # (Triton lowers the acquire of an add of 0 to an acquire load, a release add to acq_rel)
-        assert re.search(r"atom\\.global\\.gpu\\.(release|acq_rel)\\.add", ptx) and \\
-            re.search(r"(ld|atom)\\.global\\.gpu\\.acquire", ptx) and "ld.global.cg" in ptx, dt
-        n += 1
     print("compiled", n)
 ''')
 
@@ -186,4 +171,4 @@ def test_routed_kernels_compile_for_sm90_pipelined():
     env["TRITON_INTERPRET"] = "0"
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 33" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 30" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -216,34 +216,6 @@ def test_fused_combine_is_the_combine_on_model_shapes(shape, M):
 
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
-@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
-@pytest.mark.parametrize("M", [1, 7, 100, 1000, 4096])
-def test_fc2_ring_is_fc2_and_the_combine_on_model_shapes(shape, dtype, M):
-    """fc2_ring across programs on the GPU (tickets, per-column-tile counters released and
-    acquired, slots reused, rows read back from L2): FC2's rows and the combine kernel's sums
-    bit for bit at 2 and 3 slots and 1-3 programs an SM, again under graph replay with other
-    routings (the counters reused), with a dropped slot; the counters left at zero."""
-    import dataclasses
-
-    from densemoe.kernels.common import stream_buffer
-
-    w13, w2, x, ids, wts = _case(shape, M, M + 13)
-    pw = prepare_weights(w13, w2, dtype=dtype)
-    p = RoutedProblem(M, x.shape[1], pw.num_experts, pw.inter, ids.shape[1], pw.dtype, BF16)
-    base = dataclasses.replace(routed_configs.choose(p, x.device).config, atomic_combine=False, fused_combine=False,
-                               fc2_col_groups=0, fc2_col_major=False, flatten=False, fc2_cute=False)
-    ids[0, 0] = -1
-    want = routed_experts(x, pw, ids, wts, config=base)
-    for ring, pps in ((2, 1), (3, 2), (3, 3)):
-        ringed = dataclasses.replace(base, fc2_ring=ring, fc2_programs_per_sm=pps if pps != base.programs_per_sm else 0)
-        got = routed_experts(x, pw, ids, wts, config=ringed)
-        assert torch.equal(got, want), (ring, pps, (got.float() - want.float()).abs().max())
-        torch.cuda.synchronize()
-        assert not stream_buffer(x.device)[:2 + 2 * 56].any()  # the counters back at zero
-    _replays_as_eager(shape, M, x, pw, ids, wts, ringed, base, 400)
-
-
-@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [1, 7, 100, 1000])
 def test_column_stream_is_fc2_on_model_shapes(shape, M):
     """fc2_col_groups (FC2's loop over column tiles pipelined, the k-steps unrolled) on the GPU:

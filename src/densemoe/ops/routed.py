@@ -103,9 +103,6 @@ def _fc2_stage(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_ids, topk_weight
         cute_fc2.routed_fc2_cute(y, ys, w2, w2_scale, topk_weights.reshape(-1), sorted_pairs, offsets, tiles, count,
                                  rows, routed_configs.cute_fc2_config(cfg))
         kern.combine_launch(rows, topk_ids, out, E)
-    elif cfg.fc2_ring:  # FC2 and the combine in one launch, column tile by column tile (rows in L2-sized slots)
-        kern.fc2_ring_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, topk_ids, out, cfg.fc1_block_i,
-                             cfg, w_block_scale=w2_block_scale)
     elif cfg.atomic_combine:  # the pairs add into fp32 token rows; one cast to out's dtype
         acc = torch.zeros((M, w2.shape[0]), dtype=torch.float32, device=dev)
         kern.fc2_launch(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_weights, acc, cfg.fc1_block_i, cfg, k,

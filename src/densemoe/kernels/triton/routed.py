@@ -114,15 +114,8 @@ class RoutedConfig:
     TMA anyway), and FC2's other fields stay at one value.
     ``fc1_cute_gather`` (with ``fc1_cute``): the CuTe FC1 loads x's rows straight from x, one TMA
     load a row, instead of from a sorted copy (no copy: M * top_k * H bytes less written and
-    read); the same products in the same order: the same bits.
-    ``fc2_ring`` = R > 0 (2..4): FC2 and the combine run in one launch (``_fc2_ring_kernel``),
-    column tile by column tile of H. The pairs' rows of a column tile go to one of R slots of
-    [M*k, fc2_block_n] (bf16; 8.4 MB at DeepSeek-V3 TP8 M = 4096 with 128-wide tiles) instead of
-    the [M*k, H] rows, and the same launch sums each token's k rows of that column tile from the
-    slot while L2 holds it; a slot is reused R column tiles later. The rows and their sums are
-    the same bits as FC2's rows and the combine kernel's. Not with the other combines, the
-    column stream or order, flatten or the CuTe FC2. Fields added later than a stored config
-    string default (``from_str``)."""
+    read); the same products in the same order: the same bits. Fields added later than a stored
+    config string default (``from_str``)."""
 
     block_m: int = 64
     fc1_block_i: int = 128
@@ -150,7 +143,6 @@ class RoutedConfig:
     fc2_block_m: int = 0  # > 0: FC2's tiles of this many rows (0: block_m, FC1's and FC2's)
     fc2_programs_per_sm: int = 0  # > 0: FC2's programs per SM (0: programs_per_sm)
     fc1_cute_gather: bool = False  # the CuTe FC1 gathers x's rows by TMA (no sorted copy of x)
-    fc2_ring: int = 0  # > 0: FC2 and the combine in one launch, column tile by column tile, rows in this many slots
 
     backend = "triton"  # class attribute, not a field (``ops.choice`` reads it)
 
@@ -198,13 +190,12 @@ class RoutedConfig:
                 f"{f'p{self.fc2_programs_per_sm}' if self.fc2_programs_per_sm else ''}"
                 f"/p{self.programs_per_sm}"
                 f"{'/fused' if self.fused_combine else ''}{'/atomic' if self.atomic_combine else ''}"
-                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}"
-                f"{f'/r{self.fc2_ring}' if self.fc2_ring else ''}")
+                f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
 
 
 # fields appended after tables were stored: a string without them takes their defaults
 _LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma",
-                 "fc1_cute", "fc2_cute", "fc2_block_m", "fc2_programs_per_sm", "fc1_cute_gather", "fc2_ring")
+                 "fc1_cute", "fc2_cute", "fc2_block_m", "fc2_programs_per_sm", "fc1_cute_gather")
 # the column stream unrolls FC2's k-steps per column tile: at most this many (I / fc2_block_k)
 MAX_STREAM_STEPS = 8
 
@@ -281,13 +272,6 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
         bad.append("fc1_cute: FC1's tile of I and block_m (its units' rows) must be 64 or 128, and its Triton "
                    "fields at their defaults (fc1_swap_ab, fc1_tail_m, fc1_sorted_x off, fc1_warps 4, "
                    "fc1_stages 3: the CuTe kernel has its own ring and copy of x)")
-    if cfg.fc2_ring not in (0, 2, 3, 4):
-        bad.append(f"fc2_ring={cfg.fc2_ring!r} must be 0 (off) or 2..4 slots (with one slot a column tile's "
-                   f"units would wait on the combine of the one before, which comes after them)")
-    elif cfg.fc2_ring and (cfg.atomic_combine or cfg.fused_combine or cfg.fc2_col_groups or cfg.fc2_col_major
-                           or cfg.flatten or cfg.fc2_cute):
-        bad.append("fc2_ring: the ring is FC2's own combine and order: no atomic or fused combine, column "
-                   "stream or order, flatten or CuTe FC2 with it")
     if cfg.fc1_cute_gather and not cfg.fc1_cute:
         bad.append("fc1_cute_gather: the CuTe FC1's way to load x; needs fc1_cute")
     if cfg.fc2_cute and (cfg.fc2_block_n not in (64, 128) or cfg.fc2_swap_ab or cfg.atomic_combine
@@ -850,123 +834,6 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
 
 
 @triton.jit
-def _ring_wait(ptr, need):
-    """Spin until the counter at ``ptr`` reaches ``need`` (acquire at GPU scope: what the units
-    that counted wrote before their release is visible after)."""
-    seen = tl.atomic_add(ptr, 0, sem="acquire")
-    while seen < need:
-        seen = tl.atomic_add(ptr, 0, sem="acquire")
-
-
-@triton.jit
-def _ring_gemm(t, c, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
-               slot_ptr, H, I, Q, TOP_K, stride_ym, stride_ysm, stride_wn, stride_wsr, y_desc,
-               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr,
-               W_BLOCK: tl.constexpr, Y_TMA: tl.constexpr):
-    """Tile t's rows times column tile c of H, as ``_fc2_unit`` computes them, stored at each
-    pair's row of the ring slot (slot_ptr: [P, BLOCK_N])."""
-    e, r0, r1 = _tile_at(t, run, tiles, offsets_ptr, BLOCK_M, E_PAD)
-    rows = r0 + tl.arange(0, BLOCK_M)
-    r_ok = rows < r1
-    y_rows = rows.to(tl.int64) * stride_ym
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_n, n_ok, w_rows, acc = _fc2_columns(c, e, H, I, stride_wn, BLOCK_M, BLOCK_N, SWAP_AB)
-    for k0 in tl.range(0, I, BLOCK_K, num_stages=NUM_STAGES):
-        acc = _fc2_kstep(acc, k0, e, c, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr, ys_ptr, w_ptr,
-                         w_desc, ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS, BLOCK_N, BLOCK_K, SWAP_AB, USE_TMA,
-                         W_BLOCK, y_desc, r0, Y_TMA)
-    # the epilogue addresses out_ptr + pair * stride + offs_n with offs_n from c * BLOCK_N: the
-    # slot's base moved back by c * BLOCK_N lands column c * BLOCK_N + n at the slot's column n
-    _fc2_epilogue(acc, e, rows, r_ok, c, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_ptr, slot_ptr + (0 - c * BLOCK_N), BLOCK_N,
-                  TOP_K, sorted_ptr, sorted_ptr, slot_ptr, 0, 0, 1, BLOCK_M, BLOCK_N, SWAP_AB, False, False)
-
-
-@triton.jit
-def _ring_combine(u, c, slot_ptr, ids_ptr, out_ptr, M, H, E, stride_om, TOP_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr, ROWS_C: tl.constexpr):
-    """Tokens u * ROWS_C.. of column tile c: each token's k rows of the slot summed in fp32 in
-    slot order over the slots with a valid id (``_combine_kernel``'s sum), read past L1."""
-    toks = u * ROWS_C + tl.arange(0, ROWS_C)
-    t_ok = toks < M
-    cols = tl.arange(0, BLOCK_N)
-    n_ok = c * BLOCK_N + cols < H
-    acc = tl.zeros((ROWS_C, BLOCK_N), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        pair = toks.to(tl.int64) * TOP_K + j
-        ej = tl.load(ids_ptr + pair, mask=t_ok, other=-1)
-        ok = t_ok & (ej >= 0) & (ej < E)
-        r = tl.load(slot_ptr + pair[:, None] * BLOCK_N + cols[None, :], mask=ok[:, None] & n_ok[None, :], other=0.0,
-                    cache_modifier=".cg")
-        acc += r.to(tl.float32)
-    tl.store(out_ptr + toks.to(tl.int64)[:, None] * stride_om + (c * BLOCK_N + cols)[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["P", "M"])
-def _fc2_ring_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr, ids_ptr,
-                     ring_ptr, out_ptr, sync_ptr, y_desc, P, M, H, I, E, NUM_PROGS, Q,
-                     stride_ym, stride_ysm, stride_wn, stride_wsr, stride_om,
-                     TOP_K: tl.constexpr, HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-                     NUM_STAGES: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr,
-                     RING: tl.constexpr, ROWS_C: tl.constexpr, Y_TMA: tl.constexpr = False,
-                     PDL: tl.constexpr = False):
-    """FC2 and the combine in one launch, column tile by column tile of H (``fc2_ring``): the
-    pairs' rows of column tile c go to ring slot c % RING ([RING, P, BLOCK_N] bf16, small
-    enough for L2 to hold), and the combine units of column tile c sum them from there into
-    out, so the rows need not make the round trip through HBM. Units, in ticket order: every
-    tile of column tile 0, then for c = 0.. the tiles of column tile c + 1 and the combine units
-    of c, then the combine units of the last. A combine unit waits until its column tile's
-    tiles are all counted; a tile unit waits until the slot's previous column tile is combined
-    (RING >= 2: both wait only on units of earlier tickets, and a program takes a ticket only
-    while it runs, so the earliest unfinished unit can always go on). sync_ptr [2 + 2 S] int32,
-    zero at entry and left zero: the ticket, the programs out, the tile units done per column
-    tile, the combine units done per column tile."""
-    pdl_enter(PDL)
-    run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
-    S = tl.cdiv(H, BLOCK_N)
-    C = tl.cdiv(M, ROWS_C)
-    G = n_tiles
-    total = S * (G + C)
-    slot_elems = P.to(tl.int64) * BLOCK_N
-    j = tl.atomic_add(sync_ptr, 1)
-    while j < total:
-        # the next ticket now, so that its atomic's latency passes under this unit (a held ticket
-        # is never one that an earlier unfinished unit waits on: the order argument holds)
-        j_next = tl.atomic_add(sync_ptr, 1)
-        first = j < G  # column tile 0's tiles
-        jj = tl.maximum(j - G, 0)
-        cc = jj // (G + C)
-        r = jj % (G + C)
-        gemm = first | ((cc < S - 1) & (r < G))
-        c = tl.where(first, 0, tl.where(gemm, cc + 1, cc))
-        u = tl.where(first, j, tl.where(gemm, r, tl.where(cc < S - 1, r - G, r)))
-        slot_ptr = ring_ptr + (c % RING) * slot_elems
-        if gemm:
-            if c >= RING:  # the slot's last column tile is summed before its rows are overwritten
-                _ring_wait(sync_ptr + 2 + S + c - RING, C)
-            _ring_gemm(u, c, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr,
-                       tw_ptr, slot_ptr, H, I, Q, TOP_K, stride_ym, stride_ysm, stride_wn, stride_wsr, y_desc,
-                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, USE_TMA, W_BLOCK, Y_TMA)
-            tl.debug_barrier()  # every thread's rows are issued before the release
-            tl.atomic_add(sync_ptr + 2 + c, 1, sem="release")
-        else:
-            _ring_wait(sync_ptr + 2 + c, G)
-            tl.debug_barrier()
-            _ring_combine(u, c, slot_ptr, ids_ptr, out_ptr, M, H, E, stride_om, TOP_K, BLOCK_N, ROWS_C)
-            tl.debug_barrier()  # every thread's reads of the slot are done before the release
-            tl.atomic_add(sync_ptr + 2 + S + c, 1, sem="release")
-        j = j_next
-    # the last program out leaves the counters at zero for the next launch (every other program
-    # has taken its last ticket and counted its units before it counts itself out)
-    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == NUM_PROGS - 1:
-        for i0 in range(0, 2 + 2 * S, 256):
-            ii = i0 + tl.arange(0, 256)
-            tl.store(sync_ptr + ii, tl.zeros((256,), dtype=tl.int32), mask=ii < 2 + 2 * S)
-
-
-@triton.jit
 def _combine_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
                     PDL: tl.constexpr = False):
     """out[m, n-block] = sum over the slots j with a valid id of rows[m*k + j, n-block], fp32,
@@ -1091,47 +958,6 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
         Y_TMA=y_tma, num_warps=cfg.fc2_warps,
-        **launch_kwargs(y.device))
-
-
-# tokens a combine unit of the FC2 ring sums (its tile of the output: RING_ROWS_C x fc2_block_n)
-RING_ROWS_C = 32
-
-
-def fc2_ring_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, topk_ids, out, group: int,
-                    cfg: RoutedConfig, w_block_scale=None) -> None:
-    """Grouped FC2 and the combine in one launch (``cfg.fc2_ring`` slots, ``_fc2_ring_kernel``):
-    out [M, H] (row stride free, columns contiguous) = each token's rows summed over its valid
-    slots in slot order: fc2_launch's rows and combine_launch's sum, bit for bit.
-    ``topk_ids`` [M, k] contiguous."""
-    cfg = cfg.fc2_part()
-    P = sorted_pairs.numel()
-    M, k = topk_ids.shape
-    H = w2.shape[0]
-    E = w2_scale.shape[0]
-    I = w2.shape[1] // E
-    if M == 0 or H == 0:
-        return
-    if out.stride(1) != 1 or not topk_ids.is_contiguous():
-        raise ValueError("fc2_ring_launch: out's columns and topk_ids must be contiguous")
-    n_tiles_n = triton.cdiv(H, cfg.fc2_block_n)
-    max_tiles = min(P, (P + E * (cfg.block_m - 1)) // cfg.block_m)
-    progs = _num_programs(y.device, cfg, n_tiles_n * (max_tiles + triton.cdiv(M, RING_ROWS_C)))
-    has_ys = y_scale is not None
-    use_tma = cfg.tma and I % cfg.fc2_block_k == 0 and supports_tma(y.device) and tma_compatible(w2)
-    w_desc = _descriptor(w2, [cfg.fc2_block_n, cfg.fc2_block_k]) if use_tma else w2
-    y_tma = cfg.fc2_y_tma and use_tma and tma_compatible(y)
-    y_desc = _descriptor(y, [cfg.block_m, cfg.fc2_block_k]) if y_tma else y
-    blk = w_block_scale is not None
-    ring = torch.empty((cfg.fc2_ring, max(P, 1), cfg.fc2_block_n), dtype=torch.bfloat16, device=y.device)
-    sync = reused_zeros(2 + 2 * n_tiles_n, y.device).view(torch.int32)
-    _fc2_ring_kernel[(progs,)](
-        y, y_scale if has_ys else w2_scale, w2, w_desc, w2_scale, w_block_scale if blk else w2_scale, sorted_pairs,
-        offsets, topk_weights, topk_ids, ring, out, sync, y_desc, P, M, H, I, E, progs, group,
-        y.stride(0), y_scale.stride(0) if has_ys else 0, w2.stride(0), w_block_scale.stride(0) if blk else 0,
-        out.stride(0), TOP_K=k, HAS_YS=has_ys, E_PAD=triton.next_power_of_2(E), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab, NUM_STAGES=cfg.fc2_stages,
-        USE_TMA=use_tma, W_BLOCK=blk, RING=cfg.fc2_ring, ROWS_C=RING_ROWS_C, Y_TMA=y_tma, num_warps=cfg.fc2_warps,
         **launch_kwargs(y.device))
 
 
