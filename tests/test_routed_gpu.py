@@ -219,8 +219,8 @@ def test_fused_combine_is_the_combine_on_model_shapes(shape, M):
 @pytest.mark.parametrize("M", [1, 7, 100, 1000])
 def test_column_stream_is_fc2_on_model_shapes(shape, M):
     """fc2_col_groups (FC2's loop over column tiles pipelined, the k-steps unrolled) on the GPU:
-    the bits of one column tile per unit, for one group and for several, again under graph
-    replay with other routings, with a dropped slot."""
+    the bits of one column tile per unit, for one group and for several, with y's rows by
+    pointer and through TMA, again under graph replay with other routings, with a dropped slot."""
     import dataclasses
 
     from densemoe.kernels.triton.routed import can_implement
@@ -237,6 +237,9 @@ def test_column_stream_is_fc2_on_model_shapes(shape, M):
         one_tile = dataclasses.replace(stream, fc2_col_groups=0)  # one column tile a unit, the same tiles
         want = routed_experts(x, pw, ids, wts, config=one_tile)
         assert torch.equal(routed_experts(x, pw, ids, wts, config=stream), want), groups
+        # and with y's rows through TMA (the same products)
+        assert torch.equal(routed_experts(x, pw, ids, wts, config=dataclasses.replace(stream, fc2_y_tma=True)),
+                           want), groups
     _replays_as_eager(shape, M, x, pw, ids, wts, stream, one_tile, 300)
 
 
