@@ -23,10 +23,11 @@
 #
 # 1. the whole GPU suite (-m gpu), ~3.5 min on 8 processes (over 300 s on a cold H100: SUITE_TIMEOUT, default 400);
 # 2. (LAYER=1 only: the layer benchmark runs in the second call, bench/h200_tune_layer.sh, after the tuning)
-# 3. FC2's column stream against the tuned FC2, alone and in the whole path
-#    (bench/probes/routed_fc2_stream.py, 2 x 75 s at most); FC1 on gathered against contiguous rows
+# 3. FC2's column stream against the tuned FC2, alone and in the whole path, where STREAM_SHAPES names
+#    shapes (bench/probes/routed_fc2_stream.py, 2 x 75 s at most); the probes PROBES names (default:
+#    FC1 on gathered against contiguous rows
 #    (routed_fc1_contiguous.py); FC1's loop with one dot over gate and up (fc1_gate_up_one_dot.py);
-#    issue 22's one-GPU simulation (sharded_sim.py), each with a deadline;
+#    issue 22's one-GPU simulation (sharded_sim.py); PROBES=stages: routed_stages.py), each with a deadline;
 # 4. with NCU="fc2:deepseek-v3-tp8:512 ..." (a later call, with NO_SUITE=1): Nsight Compute on one routed
 #    launch (bench/probes/routed_ncu.py).
 # Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
@@ -71,7 +72,9 @@ for shape in deepseek-v3-tp8 qwen3-30b-a3b; do
     | cut -c1-200
 done
 fi
-for shape in ${STREAM_SHAPES-deepseek-v3-tp8 qwen3-30b-a3b}; do  # FC2's column stream against the tuned FC2 (docs/routed.md)
+# FC2's column stream against the tuned FC2 (docs/routed.md): only where STREAM_SHAPES names shapes
+# (e.g. "deepseek-v3-tp8 qwen3-30b-a3b"; it ran unasked before PROBES=stages on 2026-12-06)
+for shape in ${STREAM_SHAPES:-}; do
   left=$((560 - (SECONDS - t0)))  # the tarball below must be written before the call's 600 s
   [ $left -lt 30 ] && { echo "# fc2 stream $shape: skipped, ${left} s left"; continue; }
   ms=$([ $shape = deepseek-v3-tp8 ] && echo 16,128,512,2048,4096 || echo 128,512)
