@@ -258,11 +258,16 @@ def test_fused_combine_is_the_combine_bit_for_bit(dtype, cfg):
 @interp
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("cfg", [SMALL, dataclasses.replace(SMALL, tma=False), SMALL_SWAP])
-def test_column_stream_is_fc2_bit_for_bit(dtype, cfg):
+@pytest.mark.parametrize("hoist", [True, False])
+def test_column_stream_is_fc2_bit_for_bit(dtype, cfg, hoist, monkeypatch):
     """fc2_col_groups: FC2's units run over a group of column tiles, the k-steps unrolled in the
     pipelined column loop; the same k-steps in the same order as one column tile per unit, so the
     same bits: for one group (every column tile), two (the last group shorter: 3 tiles of 32) and
-    three (one tile each), I in one k-step and in two, ragged M, dropped slots."""
+    three (one tile each), I in one k-step and in two, ragged M, dropped slots; with the unit's y
+    operand loaded once before the column loop (``FC2_HOIST_Y``) and in the loop."""
+    from densemoe.kernels.triton import routed as kern
+
+    monkeypatch.setattr(kern, "FC2_HOIST_Y", hoist)
     E, k, H = 8, 3, 96
     for I, bk, ms in ((64, 32, (1, 7, 100)), (32, 32, (7,))):
         w13, w2 = weights(E, I, H)

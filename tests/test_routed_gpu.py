@@ -217,11 +217,17 @@ def test_fused_combine_is_the_combine_on_model_shapes(shape, M):
 
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("M", [1, 7, 100, 1000])
-def test_column_stream_is_fc2_on_model_shapes(shape, M):
+@pytest.mark.parametrize("hoist", [True, False])
+def test_column_stream_is_fc2_on_model_shapes(shape, M, hoist, monkeypatch):
     """fc2_col_groups (FC2's loop over column tiles pipelined, the k-steps unrolled) on the GPU:
     the bits of one column tile per unit, for one group and for several, with y's rows by
-    pointer and through TMA, again under graph replay with other routings, with a dropped slot."""
+    pointer and through TMA, the unit's y operand loaded once before the column loop or in it,
+    again under graph replay with other routings, with a dropped slot."""
     import dataclasses
+
+    from densemoe.kernels.triton import routed as kern
+
+    monkeypatch.setattr(kern, "FC2_HOIST_Y", hoist)
 
     from densemoe.kernels.triton.routed import can_implement
 

@@ -1,8 +1,9 @@
 """FC2 (and the combine, as the config runs it) with the table's config against small changes of
 it, on the same y, in one process (issue 19: FC2 at large M is latency-bound, Nsight Compute,
 docs/routed.md "Fourteenth session"): y's rows through TMA (``fc2_y_tma``) or not, one stage
-more, one program an SM more, and for a config without the column stream the stream at two
-group sizes. Each variant is checked bit for bit against the table's config (every change
+more, one program an SM more, for a config without the column stream the stream at two group
+sizes, and for one with it the unit's y operand in the loop or loaded once before it
+(``kern.FC2_HOIST_Y`` switched). Each variant is checked bit for bit against the table's config (every change
 here keeps the k-steps and their order) and skipped where ``can_implement`` refuses it.
 
     python bench/probes/routed_fc2_variants.py [shapes] [M,...] [fp8|bf16]
@@ -16,6 +17,7 @@ import torch
 
 from densemoe.bench.layer import ExpertsCase
 from densemoe.kernels.common import RoutedProblem
+from densemoe.kernels.triton import routed as kern
 from densemoe.kernels.triton.routed import can_implement
 from densemoe.ops import routed_configs
 from densemoe.ops.routed import _fc1_stage, _fc2_stage
@@ -55,6 +57,11 @@ for shape in shapes:
             variants["stream g2"] = dict(fc2_col_groups=2)
             variants["stream g8"] = dict(fc2_col_groups=8)
         line = [f"{shape} M={M} table {cfg.short()} {timer(lambda: fc2(cfg))['us']:.1f}"]
+        if cfg.fc2_col_groups and I // cfg.fc2_block_k <= 2:  # the stream's y operand in the loop, as before
+            kern.FC2_HOIST_Y = not kern.FC2_HOIST_Y
+            same = torch.equal(fc2(cfg), want)
+            line.append(f"hoist_y={kern.FC2_HOIST_Y} {timer(lambda: fc2(cfg))['us']:.1f}{'' if same else ' WRONG'}")
+            kern.FC2_HOIST_Y = not kern.FC2_HOIST_Y
         for name, kw in variants.items():
             if kw.get("fc2_programs_per_sm") is not None:  # 0 means programs_per_sm: one config, one string
                 kw["fc2_programs_per_sm"] = 0 if kw["fc2_programs_per_sm"] == cfg.programs_per_sm \

@@ -639,26 +639,33 @@ def _fc1_kernel(x_ptr, w_ptr, w_desc, alpha1_ptr, xs_ptr, ws_ptr, sorted_ptr, of
 
 
 @triton.jit
-def _fc2_kstep(acc, k0, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr, ys_ptr, w_ptr, w_desc,
-               ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr,
-               y_desc=None, r0=0, Y_TMA: tl.constexpr = False):
-    """One k-step of FC2 at k0: the tile's rows of y times the expert's w2 columns, added to acc
-    (fp8: the step's fp32 partial sum times its y scale, and w2's block scale for block weights).
-    ``Y_TMA``: the rows r0.. of y through ``y_desc`` (the box's rows past the tile's reach only
-    masked outputs)."""
+def _fc2_a(k0, rows, r_ok, y_rows, offs_k, y_ptr, ys_ptr, I, Q, stride_ysm, HAS_YS: tl.constexpr,
+           y_desc=None, r0=0, Y_TMA: tl.constexpr = False):
+    """k-step k0's operand of y: the tile's rows (``Y_TMA``: rows r0.. through ``y_desc``; the
+    box's rows past the tile's reach only masked outputs) and, fp8, their scales (else 0.0)."""
     kk = k0 + offs_k
-    k_ok = kk < I
     if Y_TMA:
         a = y_desc.load([r0, k0])
     else:
-        a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(y_ptr + y_rows[:, None] + kk[None, :], mask=r_ok[:, None] & (kk < I)[None, :], other=0.0)
+    sy = 0.0
+    if HAS_YS:
+        sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
+    return a, sy
+
+
+@triton.jit
+def _fc2_mma(acc, a, sy, k0, e, nt, offs_n, n_ok, w_rows, offs_k, w_ptr, w_desc, ws_ptr, I, stride_wsr,
+             HAS_YS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+             USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr):
+    """k-step k0 with y's operand (a, sy) given: times the expert's w2 columns, added to acc
+    (fp8: the step's fp32 partial sum times its y scale, and w2's block scale for block weights)."""
+    kk = k0 + offs_k
     if USE_TMA:  # (I % BLOCK_K == 0: a step never reaches the next expert's columns)
         b = w_desc.load([nt * BLOCK_N, e * I + k0])
     else:
-        b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_rows[:, None] + kk[None, :], mask=n_ok[:, None] & (kk < I)[None, :], other=0.0)
     if HAS_YS:  # the DeepGEMM promotion: each step's fp32 partial sum times its y scale
-        sy = tl.load(ys_ptr + rows.to(tl.int64) * stride_ysm + k0 // Q, mask=r_ok, other=0.0)
         if W_BLOCK and BLOCK_N > BLOCK_K:  # the tile spans BLOCK_N / 128 row blocks of w2: a scale per column
             sw = tl.load(ws_ptr + (offs_n // BLOCK_K).to(tl.int64) * stride_wsr + (e * I + k0) // BLOCK_K,
                          mask=n_ok, other=0.0)
@@ -682,16 +689,43 @@ def _fc2_kstep(acc, k0, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k,
 
 
 @triton.jit
+def _fc2_kstep(acc, k0, e, nt, rows, r_ok, offs_n, n_ok, y_rows, w_rows, offs_k, y_ptr, ys_ptr, w_ptr, w_desc,
+               ws_ptr, I, Q, stride_ysm, stride_wsr, HAS_YS: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr,
+               y_desc=None, r0=0, Y_TMA: tl.constexpr = False):
+    """One k-step of FC2 at k0: the tile's rows of y (``_fc2_a``) times the expert's w2 columns
+    (``_fc2_mma``), added to acc."""
+    a, sy = _fc2_a(k0, rows, r_ok, y_rows, offs_k, y_ptr, ys_ptr, I, Q, stride_ysm, HAS_YS, y_desc, r0, Y_TMA)
+    return _fc2_mma(acc, a, sy, k0, e, nt, offs_n, n_ok, w_rows, offs_k, w_ptr, w_desc, ws_ptr, I, stride_wsr,
+                    HAS_YS, BLOCK_N, BLOCK_K, SWAP_AB, USE_TMA, W_BLOCK)
+
+
+@triton.jit
 def _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_ptr, out_ptr, stride_om, TOP_K,
                   ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   SWAP_AB: tl.constexpr, ATOMIC: tl.constexpr, FUSED: tl.constexpr):
     """w2's scale and the routing weight, then the store of the tile's rows (or, ``ATOMIC``, the
     add into the token's fp32 output row; ``FUSED``, the rows then the token's sum where this
     tile lands its last pair)."""
+    pair, wt = _fc2_pair_weight(e, rows, r_ok, sorted_ptr, tw_ptr, w2s_ptr)
+    _fc2_store(acc, pair, wt, r_ok, nt, offs_n, n_ok, out_ptr, stride_om, TOP_K, ids_ptr, cnt_ptr, fin_ptr,
+               stride_fm, E, n_tiles_n, BLOCK_M, BLOCK_N, SWAP_AB, ATOMIC, FUSED)
+
+
+@triton.jit
+def _fc2_pair_weight(e, rows, r_ok, sorted_ptr, tw_ptr, w2s_ptr):
+    """The tile's rows' pairs and their factors: the routing weight times w2's scale."""
+    pair = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
+    return pair, tl.load(tw_ptr + pair, mask=r_ok, other=0.0) * tl.load(w2s_ptr + e)
+
+
+@triton.jit
+def _fc2_store(acc, pair, wt, r_ok, nt, offs_n, n_ok, out_ptr, stride_om, TOP_K, ids_ptr, cnt_ptr, fin_ptr,
+               stride_fm, E, n_tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr,
+               ATOMIC: tl.constexpr, FUSED: tl.constexpr):
+    """``_fc2_epilogue`` with the pairs and their factors given."""
     if SWAP_AB:
         acc = tl.trans(acc)
-    pair = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
-    wt = tl.load(tw_ptr + pair, mask=r_ok, other=0.0) * tl.load(w2s_ptr + e)
     v = acc * wt[:, None]
     mask = r_ok[:, None] & n_ok[None, :]
     if ATOMIC:  # out [M, H] fp32, zeroed: the token's k rows meet here (in no fixed order)
@@ -743,14 +777,16 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
               HAS_YS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr,
               USE_TMA: tl.constexpr, W_BLOCK: tl.constexpr, FUSED: tl.constexpr, I_STEPS: tl.constexpr,
-              COL_MAJOR: tl.constexpr, y_desc=None, Y_TMA: tl.constexpr = False):
+              COL_MAJOR: tl.constexpr, y_desc=None, Y_TMA: tl.constexpr = False, HOIST_Y: tl.constexpr = False):
     """``I_STEPS`` = 0: unit u = (tile u // n_tiles_n, column tile u % n_tiles_n), its k-loop over
     I pipelined. ``I_STEPS`` > 0 (= I / BLOCK_K, the column stream): unit u = (tile u // n_groups,
     group u % n_groups of the column tiles); the loop over the group's column tiles is the
     pipelined one, each tile's I_STEPS k-steps unrolled in it, so the next tiles' weights load
     while this one multiplies and stores (FC2's k-loop is short where I is: 2 steps at TP8).
     The same k-steps in the same order either way: the same bits. ``COL_MAJOR`` (I_STEPS = 0):
-    unit u = (tile u % n_tiles, column tile u // n_tiles)."""
+    unit u = (tile u % n_tiles, column tile u // n_tiles). ``HOIST_Y`` (I_STEPS 1 or 2): the
+    unit's y rows, their scales, pairs and factors, the same for every column tile, load once
+    before the column loop, so its ring holds only w2's tiles."""
     if I_STEPS == 0:
         if COL_MAJOR:
             t = u % n_tiles
@@ -778,6 +814,23 @@ def _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sort
                              W_BLOCK, y_desc, r0, Y_TMA)
         _fc2_epilogue(acc, e, rows, r_ok, nt, offs_n, n_ok, sorted_ptr, tw_ptr, w2s_ptr, out_ptr, stride_om, TOP_K,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_tiles_n, BLOCK_M, BLOCK_N, SWAP_AB, ATOMIC, FUSED)
+    elif HOIST_Y:
+        a0, sy0 = _fc2_a(0, rows, r_ok, y_rows, offs_k, y_ptr, ys_ptr, I, Q, stride_ysm, HAS_YS, y_desc, r0, Y_TMA)
+        if I_STEPS == 2:
+            a1, sy1 = _fc2_a(BLOCK_K, rows, r_ok, y_rows, offs_k, y_ptr, ys_ptr, I, Q, stride_ysm, HAS_YS, y_desc, r0,
+                             Y_TMA)
+        else:
+            a1, sy1 = a0, sy0
+        pair, wt = _fc2_pair_weight(e, rows, r_ok, sorted_ptr, tw_ptr, w2s_ptr)
+        for nt in tl.range(c0, c1, num_stages=NUM_STAGES):
+            offs_n, n_ok, w_rows, acc = _fc2_columns(nt, e, H, I, stride_wn, BLOCK_M, BLOCK_N, SWAP_AB)
+            acc = _fc2_mma(acc, a0, sy0, 0, e, nt, offs_n, n_ok, w_rows, offs_k, w_ptr, w_desc, ws_ptr, I, stride_wsr,
+                           HAS_YS, BLOCK_N, BLOCK_K, SWAP_AB, USE_TMA, W_BLOCK)
+            if I_STEPS == 2:
+                acc = _fc2_mma(acc, a1, sy1, BLOCK_K, e, nt, offs_n, n_ok, w_rows, offs_k, w_ptr, w_desc, ws_ptr, I,
+                               stride_wsr, HAS_YS, BLOCK_N, BLOCK_K, SWAP_AB, USE_TMA, W_BLOCK)
+            _fc2_store(acc, pair, wt, r_ok, nt, offs_n, n_ok, out_ptr, stride_om, TOP_K, ids_ptr, cnt_ptr, fin_ptr,
+                       stride_fm, E, n_tiles_n, BLOCK_M, BLOCK_N, SWAP_AB, ATOMIC, FUSED)
     else:
         for nt in tl.range(c0, c1, num_stages=NUM_STAGES):
             offs_n, n_ok, w_rows, acc = _fc2_columns(nt, e, H, I, stride_wn, BLOCK_M, BLOCK_N, SWAP_AB)
@@ -800,7 +853,8 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                 SWAP_AB: tl.constexpr, NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False,
                 FLATTEN: tl.constexpr = False, USE_TMA: tl.constexpr = False, W_BLOCK: tl.constexpr = False,
                 FUSED: tl.constexpr = False, K_PAD: tl.constexpr = 8, I_STEPS: tl.constexpr = 0,
-                COL_MAJOR: tl.constexpr = False, Y_TMA: tl.constexpr = False, PDL: tl.constexpr = False):
+                COL_MAJOR: tl.constexpr = False, Y_TMA: tl.constexpr = False, HOIST_Y: tl.constexpr = False,
+                PDL: tl.constexpr = False):
     pdl_enter(PDL)
     run, tiles, n_tiles = _tile_table(offsets_ptr, E, BLOCK_M, E_PAD)
     n_tiles_n = tl.cdiv(H, BLOCK_N)
@@ -823,14 +877,14 @@ def _fc2_kernel(y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offse
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS, COL_MAJOR, y_desc, Y_TMA)
+                      I_STEPS, COL_MAJOR, y_desc, Y_TMA, HOIST_Y)
     else:
         for u in tl.range(tl.program_id(0), n_units, NUM_PROGS):
             _fc2_unit(u, run, tiles, y_ptr, ys_ptr, w_ptr, w_desc, w2s_ptr, ws_ptr, sorted_ptr, offsets_ptr, tw_ptr,
                       out_ptr, H, I, Q, TOP_K, n_tiles_n, stride_ym, stride_ysm, stride_wn, stride_om, stride_wsr,
                       ids_ptr, cnt_ptr, fin_ptr, stride_fm, E, n_groups, n_tiles,
                       HAS_YS, E_PAD, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, NUM_STAGES, ATOMIC, USE_TMA, W_BLOCK, FUSED,
-                      I_STEPS, COL_MAJOR, y_desc, Y_TMA)
+                      I_STEPS, COL_MAJOR, y_desc, Y_TMA, HOIST_Y)
 
 
 @triton.jit
@@ -922,6 +976,11 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
         **launch_kwargs(x.device))
 
 
+# the column stream's y operand loaded once a unit where I is one or two k-steps (``_fc2_unit``'s
+# HOIST_Y); a module switch so that a probe can time both in one process
+FC2_HOIST_Y = True
+
+
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
                cfg: RoutedConfig, top_k: int, w_block_scale=None, topk_ids=None, out=None) -> None:
     """Grouped FC2 into rows [M*k, H] (pair order), weights and scales applied; with
@@ -957,7 +1016,7 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         HAS_YS=has_ys, I_STEPS=I // cfg.fc2_block_k if groups else 0, COL_MAJOR=cfg.fc2_col_major, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
-        Y_TMA=y_tma, num_warps=cfg.fc2_warps,
+        Y_TMA=y_tma, HOIST_Y=FC2_HOIST_Y and bool(groups) and I // cfg.fc2_block_k <= 2, num_warps=cfg.fc2_warps,
         **launch_kwargs(y.device))
 
 
