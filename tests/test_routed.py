@@ -404,6 +404,20 @@ def test_split_config_runs_fc1_of_one_and_fc2_of_the_other_bit_for_bit(dtype):
         assert torch.equal(got, want), (M, a.short(), b.short())
 
 
+def test_column_stream_counts_the_hoisted_y_once(monkeypatch):
+    """Where I is one or two k-steps the column stream loads a unit's y tiles once before its
+    column loop, so can_implement counts them once and the ring as w2's tiles only."""
+    from densemoe.kernels.triton import routed as kern
+
+    p = RoutedProblem(4096, 7168, 256, 256, 8, FP8, BF16)
+    cfg = RoutedConfig(block_m=64, fc2_block_n=256, fc2_block_k=128, fc2_stages=3, fc2_col_groups=2)
+    assert kern.stream_hoists_y(256, 128) and not kern.stream_hoists_y(768, 128)
+    assert can_implement(p, cfg)[0]  # 2 x 64 x 128 once + 3 stages of 2 x 256 x 128: 208 KB
+    monkeypatch.setattr(kern, "FC2_HOIST_Y", False)
+    ok, why = can_implement(p, cfg)  # 3 stages of 2 x (64 + 256) x 128: 240 KB
+    assert not ok and "exceed shared memory" in why
+
+
 def test_config_strings_stored_before_later_fields_still_parse():
     full = RoutedConfig(block_m=32, fc2_block_n=256, programs_per_sm=2).to_str()
     old = full.rsplit(",", 11)[0]  # 15 fields: stored before the eleven later ones (_LATER_FIELDS)

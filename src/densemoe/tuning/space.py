@@ -27,7 +27,7 @@ from densemoe.kernels.triton.fc1 import Fc1TritonConfig
 from densemoe.kernels.triton.fc1 import can_implement as fc1_can_implement
 from densemoe.kernels.triton.fc2 import Fc2TritonConfig
 from densemoe.kernels.triton.fc2 import can_implement as triton_can_implement
-from densemoe.kernels.triton.routed import RoutedConfig
+from densemoe.kernels.triton.routed import RoutedConfig, stream_hoists_y
 from densemoe.ops import fc1_configs, fc2_configs, routed_configs
 from densemoe.ops.strategy import expected_picked
 
@@ -215,10 +215,10 @@ def routed_rows(problem: RoutedProblem) -> float:
     return problem.m * problem.top_k / max(problem.e, 1)
 
 
-def _deepest(stage_bytes: int, programs: int, cap: int) -> int:
-    """The deepest ring (at most ``cap``) whose stages fit shared memory with ``programs``
-    programs per SM; 0 when not even two fit."""
-    fits = (SMEM_BYTES - 1024) // programs // stage_bytes
+def _deepest(stage_bytes: int, programs: int, cap: int, fixed: int = 0) -> int:
+    """The deepest ring (at most ``cap``) whose stages fit shared memory, beside ``fixed`` bytes
+    a program, with ``programs`` programs per SM; 0 when not even two fit."""
+    fits = ((SMEM_BYTES - 1024) // programs - fixed) // stage_bytes
     return min(cap, fits) if fits >= 2 else 0
 
 
@@ -364,9 +364,14 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
             w1, w2 = warps
         cap = 5 if bm <= 32 else 4
         s1 = _deepest((bm + flags.get("fc1_tail_m", 0) + 2 * bi) * k1 * esize, pps, cap)
-        # a stage of FC2's column stream holds all of a column tile's k-steps
+        # a stage of FC2's column stream holds all of a column tile's k-steps (w2's only where the
+        # unit's y tiles load once before the column loop, stream_hoists_y: those tiles, and the
+        # 10-11 KB more that Triton 3.9 allocates beside them on sm_90a, once a program)
         steps = p.i // k2 if flags.get("fc2_col_groups") else 1
-        s2 = _deepest((bm + bn) * k2 * esize * steps, pps, cap)
+        if flags.get("fc2_col_groups") and stream_hoists_y(p.i, k2):
+            s2 = _deepest(bn * k2 * esize * steps, pps, cap, fixed=bm * k2 * esize * steps + 12 * 1024)
+        else:
+            s2 = _deepest((bm + bn) * k2 * esize * steps, pps, cap)
         if stages is not None:
             s1, s2 = min(s1, stages), min(s2, stages)
         if s1 < 2 or s2 < 2:

@@ -193,6 +193,17 @@ class RoutedConfig:
                 f"{f'/g{self.fc2_col_groups}' if self.fc2_col_groups else ''}{'/cm' if self.fc2_col_major else ''}")
 
 
+# the column stream's y operand loaded once a unit where I is one or two k-steps (``_fc2_unit``'s
+# HOIST_Y; ``stream_hoists_y``); a module switch so that a probe can time both in one process
+FC2_HOIST_Y = True
+
+
+def stream_hoists_y(i: int, block_k: int) -> bool:
+    """Whether FC2's column stream loads a unit's y tiles once before its column loop (then its
+    ring holds only w2's tiles: ``can_implement`` and the tuning space count shared memory so)."""
+    return FC2_HOIST_Y and i % block_k == 0 and i // block_k <= 2
+
+
 # fields appended after tables were stored: a string without them takes their defaults
 _LATER_FIELDS = ("fused_combine", "fc2_col_groups", "fc2_col_major", "fc1_tail_m", "fc1_sorted_x", "fc2_y_tma",
                  "fc1_cute", "fc2_cute", "fc2_block_m", "fc2_programs_per_sm", "fc1_cute_gather")
@@ -214,12 +225,17 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
     if cfg.tma and problem.i % cfg.fc2_block_k:
         bad.append(f"tma: fc2_block_k={cfg.fc2_block_k} must divide I={problem.i} (a TMA k-step must not reach "
                    f"into the next expert)")
+    fc2_fixed = 0
     if cfg.fc2_col_groups:
         steps = problem.i // cfg.fc2_block_k
         if problem.i % cfg.fc2_block_k or steps > MAX_STREAM_STEPS:
             bad.append(f"fc2_col_groups: fc2_block_k={cfg.fc2_block_k} must divide I={problem.i} in at most "
                        f"{MAX_STREAM_STEPS} steps (each column tile's k-steps are unrolled)")
-        fc2_stage = steps * fc2_stage  # a stage holds a column tile's whole k-extent
+        if stream_hoists_y(problem.i, cfg.fc2_block_k):  # y's tiles once a unit, the ring w2's only
+            fc2_fixed = steps * cfg.fc2_part().block_m * cfg.fc2_block_k * esize
+            fc2_stage = steps * cfg.fc2_block_n * cfg.fc2_block_k * esize
+        else:
+            fc2_stage = steps * fc2_stage  # a stage holds a column tile's whole k-extent
         if cfg.fc2_col_groups > -(-problem.h // cfg.fc2_block_n):
             bad.append(f"fc2_col_groups={cfg.fc2_col_groups} exceeds H's {-(-problem.h // cfg.fc2_block_n)} "
                        f"column tiles of {cfg.fc2_block_n}")
@@ -227,7 +243,7 @@ def can_implement(problem, cfg: RoutedConfig) -> tuple[bool, str]:
         bad.append("fc1_cute / fc2_cute: the CuTe kernels take per-expert scales, not block-scaled weights")
     if fc1_stage * cfg.fc1_stages > SMEM_BYTES - 1024 and not cfg.fc1_cute:
         bad.append(f"FC1's {cfg.fc1_stages} stages of {fc1_stage} B exceed shared memory")
-    if fc2_stage * cfg.fc2_stages > SMEM_BYTES - 1024 and not cfg.fc2_cute:
+    if fc2_fixed + fc2_stage * cfg.fc2_stages > SMEM_BYTES - 1024 and not cfg.fc2_cute:
         bad.append(f"FC2's {cfg.fc2_stages} stages of {fc2_stage} B exceed shared memory")
     return (not bad, "; ".join(bad))
 
@@ -976,11 +992,6 @@ def fc1_launch(x, w1, alpha1, x_scale, sorted_pairs, offsets, y, y_scale, top_k:
         **launch_kwargs(x.device))
 
 
-# the column stream's y operand loaded once a unit where I is one or two k-steps (``_fc2_unit``'s
-# HOIST_Y); a module switch so that a probe can time both in one process
-FC2_HOIST_Y = True
-
-
 def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, rows, group: int,
                cfg: RoutedConfig, top_k: int, w_block_scale=None, topk_ids=None, out=None) -> None:
     """Grouped FC2 into rows [M*k, H] (pair order), weights and scales applied; with
@@ -1016,7 +1027,7 @@ def fc2_launch(y, y_scale, w2, w2_scale, sorted_pairs, offsets, topk_weights, ro
         HAS_YS=has_ys, I_STEPS=I // cfg.fc2_block_k if groups else 0, COL_MAJOR=cfg.fc2_col_major, E_PAD=triton.next_power_of_2(E), FUSED=fused, K_PAD=triton.next_power_of_2(max(top_k, 1)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.fc2_block_n, BLOCK_K=cfg.fc2_block_k, SWAP_AB=cfg.fc2_swap_ab,
         NUM_STAGES=cfg.fc2_stages, ATOMIC=cfg.atomic_combine, FLATTEN=cfg.flatten, USE_TMA=use_tma, W_BLOCK=blk,
-        Y_TMA=y_tma, HOIST_Y=FC2_HOIST_Y and bool(groups) and I // cfg.fc2_block_k <= 2, num_warps=cfg.fc2_warps,
+        Y_TMA=y_tma, HOIST_Y=bool(groups) and stream_hoists_y(I, cfg.fc2_block_k), num_warps=cfg.fc2_warps,
         **launch_kwargs(y.device))
 
 
