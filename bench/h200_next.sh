@@ -152,6 +152,19 @@ if [ $left -ge 30 ] && want stages; then
     echo "# stages $shape: exit $? at $((SECONDS - t0)) s"; cut -c1-400 $OUT/routed_stages_${GPU_TAG}_${shape}.log | tail -6
   done
 fi
+# NCU_CUTE_FC2="deepseek-v3-tp8 4096": Nsight Compute on the CuTe routed FC2's configs of
+# bench/probes/routed_fc2_cute.py (its CUTE, in order; --ncu: each launched once, nothing timed)
+if [ -n "${NCU_CUTE_FC2:-}" ]; then
+  left=$(budget ${NCU_CUTE_TIMEOUT:-120})
+  read -r nshape nm <<< "$NCU_CUTE_FC2"
+  timeout $left ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
+    -k regex:routed_fc2_sm90 --launch-count 4 python3 bench/probes/routed_fc2_cute.py $nshape $nm --ncu \
+    > $OUT/ncu_cute_fc2_${nshape}_M$nm.txt 2>&1
+  echo "# ncu cute fc2: exit $? at $((SECONDS - t0)) s"
+  grep -E "routed_fc2_sm90|DRAM Throughput|Duration|Registers Per|Stall|Compute \(SM\)|Issued Warp|No Eligible" \
+    $OUT/ncu_cute_fc2_${nshape}_M$nm.txt | cut -c1-150 | head -40
+fi
 # NCU="fc2:deepseek-v3-tp8:512 fc2:deepseek-v3-tp8:2048 fc1:qwen3-30b-a3b:2048" in a later call (the
 # first call's time goes to the above): Nsight Compute on one routed launch (FC1 at Qwen3 M = 2048 runs
 # at 28% of the fp8 peak and 3.0x its bound; FC2 at TP8 M = 2048 at 2.2x)

@@ -27,6 +27,7 @@ needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reaso
 
 @pytest.mark.parametrize("cfg, dtype, group, why", [
     (C(tile_n=256), FP8, 128, "64 or 128"),
+    (C(tile_m=32), FP8, 128, "tile_m=32"),
     (C(tile_k=256), FP8, 256, "128 bytes"),
     (C(tile_k=128), BF16, 128, "128 bytes"),
     (C(), FP8, 64, "scale group"),
@@ -47,13 +48,17 @@ def test_can_implement_shapes_and_registers():
     assert "32-bit" in rc.can_implement(7168, 256, 256, FP8, 128, C(), pairs=400000)[1]
     assert C().acc_regs(FP8) == 128 and C().acc_regs(BF16) == 64 and C(tile_n=64).acc_regs(FP8) == 64
     assert rc.max_tiles(1000, 8) == min(1000, (1000 + 8 * 127) // 128)
+    assert rc.max_tiles(1000, 8, 64) == min(1000, (1000 + 8 * 63) // 64)
+    assert C(tile_m=64).stage_bytes(FP8) == (64 + 128) * 128 and C().stage_bytes(FP8) == (128 + 128) * 128
 
 
-COMPILE = [(C(), FP8), (C(tile_n=64), FP8), (C(tile_k=64), BF16), (C(tile_n=64, tile_k=64, stages=3), BF16)]
+COMPILE = [(C(), FP8), (C(tile_n=64), FP8), (C(tile_k=64), BF16), (C(tile_n=64, tile_k=64, stages=3), BF16),
+           (C(tile_m=64), FP8), (C(tile_m=64, tile_k=64), BF16), (C(ahead=False), FP8),
+           (C(tile_m=64, ahead=False), FP8)]
 
 
 @pytest.mark.cute_compile
-@pytest.mark.parametrize("cfg, dtype", COMPILE, ids=lambda v: v.to_str().split(":")[1] if isinstance(v, C) else None)
+@pytest.mark.parametrize("cfg, dtype", COMPILE, ids=lambda v: v.to_str().split(":")[1] if isinstance(v, C) else str(v))
 def test_compiles_for_sm90a(tmp_path, cfg, dtype):
     pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed (pip install -e '.[dev]')")
     with cute_dump_dir(tmp_path) as dump:
@@ -69,7 +74,14 @@ def test_compiles_for_sm90a(tmp_path, cfg, dtype):
     assert "cp.async.ca" not in ptx and "cp.async.cg" not in ptx
     waits = {int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
     assert waits == ({0} if dtype == FP8 else {0, 1}), waits
-    assert "st.global.b16" in ptx and ".local" not in ptx
+    # the rows' stores: a thread's two adjacent columns at once (tile_n / 4 a unit: 2 rows x tile_n / 8 pairs)
+    stores = re.findall(r"st\.global(?:\.[a-z0-9]+)*", ptx)
+    assert stores and set(stores) == {"st.global.b32"} and len(stores) == cfg.tile_n // 4, stores
+    assert ".local" not in ptx
+    # units of 64 rows: one 64-row wgmma atom a warpgroup, and the two warpgroups' hand-over on
+    # named barriers 1 and 2 (bar.sync / bar.arrive of 256 threads, the id in a register)
+    handover = re.findall(r"bar(?:rier)?\.(?:sync|arrive)(?:\.aligned)?\s+\S+,\s*256;", ptx)
+    assert bool(handover) == (cfg.tile_m == 64), handover
 
 
 # ---------------------------------------------------------------------------------- in the routed path
@@ -100,6 +112,13 @@ def test_fc2_cute_field_string_and_rules():
                dict(fc2_block_n=256)):
         ok, msg = routed_configs.can_implement(_problem(4096), _cfg(**kw))
         assert not ok and "fc2_cute" in msg, (kw, msg)
+    # the CuTe FC2's units: fc2_block_m rows, or block_m's; 64 or 128
+    assert routed_configs.cute_fc2_config(cfg).tile_m == 64
+    assert routed_configs.cute_fc2_config(_cfg(block_m=128)).tile_m == 128
+    assert routed_configs.cute_fc2_config(_cfg(block_m=32, fc2_block_m=128)).tile_m == 128
+    assert routed_configs.can_implement(_problem(4096), _cfg(block_m=32, fc2_block_m=64))[0]
+    ok, msg = routed_configs.can_implement(_problem(4096), _cfg(block_m=32))
+    assert not ok and "fc2_cute" in msg and "units' rows" in msg, msg
     # fp8: FC2's k-tile is y's scale group (FC1's tile of I)
     ok, msg = routed_configs.can_implement(_problem(4096), _cfg(fc1_block_i=256))
     assert not ok and "scale group" in msg, msg
@@ -130,10 +149,12 @@ def test_space_and_fallback(monkeypatch):
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("M", [1, 100, 2048])
-@pytest.mark.parametrize("tile_n", [128, 64])
-def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n):
+@pytest.mark.parametrize("tile_n, tile_m, ahead", [(128, 128, True), (64, 128, True), (128, 64, True),
+                                                   (128, 64, False)])
+def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n, tile_m, ahead):
     """The CuTe FC2's rows (from the Triton FC1's y) against float64, within 1.1x the Triton
-    FC2's rows' error; the rows poisoned, every valid pair's written."""
+    FC2's rows' error; the rows poisoned, every valid pair's written; units of 128 rows (both
+    warpgroups) and of 64 (each warpgroup its own), the units' indices loaded ahead or not."""
     from test_routed_gpu import _case
 
     from densemoe.kernels.common import max_tiles
@@ -156,11 +177,12 @@ def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n):
     tcfg = kern.RoutedConfig(block_m=64, fc1_block_i=128, fc1_block_k=bk, fc2_block_n=tile_n, fc2_block_k=bk)
     kern.fc1_launch(xq, pw.w1, pw.alpha1, sx, srt, off, y, ys, k, tcfg)
     tw = wts.to(torch.float32).contiguous().reshape(-1)
-    tiles = torch.empty(max_tiles(P, E, rc.TILE_M), 2, dtype=torch.int32, device="cuda")
+    tiles = torch.empty(max_tiles(P, E, tile_m), 2, dtype=torch.int32, device="cuda")
     count = torch.empty(1, dtype=torch.int32, device="cuda")
-    kern.tile_list_launch(off, E, rc.TILE_M, tiles, count)
+    kern.tile_list_launch(off, E, tile_m, tiles, count)
     rows = torch.full((P, H), float("nan"), dtype=BF16, device="cuda")
-    rc.routed_fc2_cute(y, ys, pw.w2, pw.w2_scale, tw, srt, off, tiles, count, rows, C(tile_n=tile_n, tile_k=bk))
+    rc.routed_fc2_cute(y, ys, pw.w2, pw.w2_scale, tw, srt, off, tiles, count, rows,
+                       C(tile_n=tile_n, tile_k=bk, tile_m=tile_m, ahead=ahead))
     rows_t = torch.full_like(rows, float("nan"))
     kern.fc2_launch(y, ys, pw.w2, pw.w2_scale, srt, off, tw, rows_t, 128, tcfg, k)
     torch.cuda.synchronize()

@@ -3,11 +3,15 @@
 session, docs/routed.md). Both read the same y (the Triton FC1's, fp8 per (row, 128 columns))
 and write each pair's bf16 row; each output is checked against float32 of the same products
 first, then timed (``Timer``: CUDA graphs, L2 flushed, medians): the Triton FC2 at the table's
-config and at the large-M tiles, the CuTe FC2 at 128 and 64 columns, alone and with its tile
-list. The combine is the same launch after either and is not timed.
+config and at the large-M tiles, the CuTe FC2 in units of 128 rows (both warpgroups on one unit)
+and 64 (each warpgroup its own units), each with its units' indices loaded one unit ahead or at
+the unit's start, alone and with its tile list. The combine is the same launch after either and is not timed.
 
     python bench/probes/routed_fc2_cute.py [shape,...] [M,...]   (a CUDA GPU and CuTe DSL; default
                                                                  deepseek-v3-tp8,qwen3-30b-a3b 512,2048,4096)
+
+``--ncu``: nothing timed; each config runs once after its check (Triton's, then the CuTe ones in
+``CUTE``'s order), for Nsight Compute (``-k regex:routed_fc2_sm90 --launch-count 4``).
 """
 
 import sys
@@ -20,7 +24,9 @@ from densemoe.kernels.triton import routed as kern
 from densemoe.ops import routed_configs
 
 FP8 = torch.float8_e4m3fn
-CUTE = (rc.RoutedFc2CuteConfig(tile_n=128), rc.RoutedFc2CuteConfig(tile_n=64))
+# units of 128 rows (both warpgroups) or 64 (each its own), the indices loaded ahead or not (128 columns:
+# 64 was slower at every point on the H200, bench/results/h200_2026-12-06_session12_logs/routed_fc2_cute.log)
+CUTE = tuple(rc.RoutedFc2CuteConfig(tile_m=m, ahead=a) for m in (128, 64) for a in (False, True))
 # (block_m, fc2_block_n, swap, warps, stages, programs an SM): the tables' large-M picks
 TRITON = ((64, 128, False, 4, 4, 2), (128, 256, False, 8, 2, 1))
 
@@ -71,26 +77,28 @@ def compare(shape, M, timer):
         rows = torch.full((P, H), float("nan"), device="cuda", dtype=torch.bfloat16)
         run = (lambda c=c, rows=rows: kern.fc2_launch(y, ys, w2, w2s, srt, off, tw, rows, 128, c, k))  # noqa: E731
         run()
-        out[name] = (timer(run)["us"], check(name, rows))
-    tiles = torch.empty(max_tiles(P, E, rc.TILE_M), 2, dtype=torch.int32, device="cuda")
+        out[name] = (timer(run)["us"] if timer else 0.0, check(name, rows))
     count = torch.empty(1, dtype=torch.int32, device="cuda")
-    kern.tile_list_launch(off, E, rc.TILE_M, tiles, count)
     for c in CUTE:
         if not rc.can_implement(H, E, I, FP8, 128, c, P)[0]:
             continue
+        tiles = torch.empty(max_tiles(P, E, c.tile_m), 2, dtype=torch.int32, device="cuda")
         rows = torch.full((P, H), float("nan"), device="cuda", dtype=torch.bfloat16)
 
-        def alone(c=c, rows=rows):
+        def alone(c=c, rows=rows, tiles=tiles):
             rc.routed_fc2_cute(y, ys, w2, w2s, tw, srt, off, tiles, count, rows, c)
 
-        def whole(c=c, rows=rows):
-            kern.tile_list_launch(off, E, rc.TILE_M, tiles, count)
+        def whole(c=c, rows=rows, tiles=tiles):
+            kern.tile_list_launch(off, E, c.tile_m, tiles, count)
             rc.routed_fc2_cute(y, ys, w2, w2s, tw, srt, off, tiles, count, rows, c)
 
         whole()
         err = check(c.to_str(), rows)
-        out[f"cute n{c.tile_n}"] = (timer(alone)["us"], err)
-        out[f"cute n{c.tile_n} +list"] = (timer(whole)["us"], err)
+        if timer is None:  # --ncu: each config launched once (after the tile list), nothing timed
+            continue
+        name = f"cute m{c.tile_m}n{c.tile_n}{' ahead' if c.ahead else ''}"
+        out[name] = (timer(alone)["us"], err)
+        out[name + " +list"] = (timer(whole)["us"], err)
     bytes_ = E * H * I + P * I + 2 * P * H  # the weights (all picked at these M), y, the rows written
     return out, bytes_
 
@@ -99,7 +107,7 @@ if __name__ == "__main__":
     from densemoe.timing import Timer
 
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    timer = Timer(reps=20)
+    timer = None if "--ncu" in sys.argv else Timer(reps=20)
     print(f"# {torch.cuda.get_device_name()}; FC2 alone (rows for the combine), fp8, uniform top-k; us (TB/s of "
           f"weights + y + rows, error vs float32)", flush=True)
     for shape in (args[0] if args else "deepseek-v3-tp8,qwen3-30b-a3b").split(","):

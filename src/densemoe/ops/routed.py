@@ -96,12 +96,13 @@ def _fc2_stage(y, ys, w2, w2_scale, sorted_pairs, offsets, topk_ids, topk_weight
 
         E = w2_scale.shape[0]
         P = M * k
-        tiles = torch.empty((cute_fc2.max_tiles(P, E), 2), dtype=torch.int32, device=dev)
+        ccfg = routed_configs.cute_fc2_config(cfg)
+        tiles = torch.empty((cute_fc2.max_tiles(P, E, ccfg.tile_m), 2), dtype=torch.int32, device=dev)
         count = torch.empty(1, dtype=torch.int32, device=dev)
-        kern.tile_list_launch(offsets, E, cute_fc2.TILE_M, tiles, count)
+        kern.tile_list_launch(offsets, E, ccfg.tile_m, tiles, count)
         rows = torch.empty((P, w2.shape[0]), dtype=torch.bfloat16, device=dev)
         cute_fc2.routed_fc2_cute(y, ys, w2, w2_scale, topk_weights.reshape(-1), sorted_pairs, offsets, tiles, count,
-                                 rows, routed_configs.cute_fc2_config(cfg))
+                                 rows, ccfg)
         kern.combine_launch(rows, topk_ids, out, E)
     elif cfg.atomic_combine:  # the pairs add into fp32 token rows; one cast to out's dtype
         acc = torch.zeros((M, w2.shape[0]), dtype=torch.float32, device=dev)

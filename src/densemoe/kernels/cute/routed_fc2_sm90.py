@@ -16,12 +16,15 @@ Semantics: those of the Triton routed FC2 without the fused or atomic combine
         rows[p, n] = bf16(acc[n] * w2_scale[e] * topk_weights[p])
 
 Kernel (ninth session, docs/routed.md): the construction of ``routed_fc1_sm90``. Units are
-(tile of 128 sorted rows from the tile list, tile of ``tile_n`` columns of H), tile-major, taken
-by persistent CTAs; a producer warp loads y's rows through TMA at the tile's first row (they are
-contiguous in the sorted order) and w2's ``tile_n`` rows of the expert's k-tile; two consumer
-warpgroups of 64 rows, not held in step: fp8 multiplies each k-tile into a temporary, waits for
-it and adds it times the row's y scale (loaded before the wait) into the fp32 accumulator; bf16
-accumulates as it goes. The epilogue reads each row's pair, scales and stores its columns.
+(tile of ``tile_m`` sorted rows from the tile list, tile of ``tile_n`` columns of H), tile-major,
+taken by persistent CTAs; a producer warp loads y's rows through TMA at the tile's first row (they
+are contiguous in the sorted order) and w2's ``tile_n`` rows of the expert's k-tile. Two consumer
+warpgroups, not held in step: at ``tile_m`` 128 both take each unit, 64 rows each; at 64 the units
+alternate between them (``routed_fc1_sm90``'s scheme), so one stores its rows while the other
+multiplies. fp8 multiplies each k-tile into a temporary, waits for it and adds it times the row's
+y scale (loaded before the wait) into the fp32 accumulator; bf16 accumulates as it goes. The
+epilogue reads each row's pair, scales its columns and stores them two at a time (a thread's two
+adjacent columns: one 4-byte store).
 
 Constraints are in ``can_implement``. In the routed path through ``RoutedConfig.fc2_cute``.
 """
@@ -36,15 +39,15 @@ from densemoe.kernels.cute import hopper
 from densemoe.kernels.cute.hopper import MAX_ACC_REGS, SMEM_BYTES, SMEM_RESERVE, cutlass_dtype, ptr
 
 FP8 = torch.float8_e4m3fn
-TILE_M = 128  # rows a unit: two consumer warpgroups of one 64-row wgmma atom each (the tile list's)
+TILE_M = 128  # rows a unit by default: two consumer warpgroups of one 64-row wgmma atom each (the tile list's)
 _INDEX_LIMIT = 2**31
 
 __all__ = ["RoutedFc2CuteConfig", "can_implement", "compile_routed_fc2", "routed_fc2_cute", "max_tiles"]
 
 
-def max_tiles(pairs: int, e: int) -> int:
-    """Tiles of 128 sorted rows at most (``kernels.common.max_tiles``): the tile list's size."""
-    return common.max_tiles(pairs, e, TILE_M)
+def max_tiles(pairs: int, e: int, tile_m: int = TILE_M) -> int:
+    """Tiles of ``tile_m`` sorted rows at most (``kernels.common.max_tiles``): the tile list's size."""
+    return common.max_tiles(pairs, e, tile_m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +58,19 @@ class RoutedFc2CuteConfig:
     tile_k: k-tile in elements, 128 bytes a row; fp8: also y's scale group (FC1's tile of I)
     stages: ring depth (0: as deep as shared memory allows, <= 12)
     ctas:   persistent CTAs (0: one per SM)
+    tile_m: sorted rows a unit (the tile list's tiles). 128: the two consumer warpgroups take 64
+            rows each of one unit; 64: each warpgroup its own units, in turn
+    ahead:  load a unit's indices (tile -> expert, first row -> end row, pairs -> weights: three
+            dependent loads) one unit ahead, under the k-loop and the epilogue of the unit before;
+            off: at the unit's start, before its k-loop (two k-tiles at I = 256: shorter than the chain)
     """
 
     tile_n: int = 128
     tile_k: int = 128
     stages: int = 0
     ctas: int = 0
+    tile_m: int = TILE_M
+    ahead: bool = True
 
     backend = "cute"
 
@@ -68,7 +78,7 @@ class RoutedFc2CuteConfig:
         return "routed-fc2-cute:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
     def stage_bytes(self, dtype: torch.dtype) -> int:
-        return (TILE_M + self.tile_n) * self.tile_k * dtype.itemsize
+        return (self.tile_m + self.tile_n) * self.tile_k * dtype.itemsize
 
     def resolved_stages(self, dtype: torch.dtype) -> int:
         return self.stages or min(12, (SMEM_BYTES - SMEM_RESERVE) // self.stage_bytes(dtype))
@@ -87,6 +97,8 @@ def can_implement(h: int, e: int, i: int, dtype: torch.dtype, group: int, config
         return False, f"input dtype {dtype} not supported (fp8 e4m3 or bf16)"
     if c.tile_n not in (64, 128):
         return False, f"tile_n={c.tile_n} must be 64 or 128 (wgmma N)"
+    if c.tile_m not in (64, 128):
+        return False, f"tile_m={c.tile_m} must be 64 or 128 (one or two 64-row wgmma atoms a unit)"
     if h % c.tile_n:
         return False, f"tile_n={c.tile_n} does not divide H={h}"
     if c.tile_k * dtype.itemsize != 128:
@@ -125,7 +137,10 @@ def _build_kernel_class():
             self.tile_n, self.tile_k = cfg.tile_n, cfg.tile_k
             self.kt = i // cfg.tile_k  # k-tiles a unit (an expert's I)
             self.n_tiles = h // cfg.tile_n
+            self.tile_m = cfg.tile_m
+            self.alternate = cfg.tile_m == 64  # each consumer warpgroup its own units
             self.consumers = 2
+            self.mma_atoms = 1 if self.alternate else 2  # 64-row wgmma atoms a unit
             self.threads = 128 * 3
             self.stages = cfg.resolved_stages(FP8 if self.fp8 else torch.bfloat16)
 
@@ -146,10 +161,10 @@ def _build_kernel_class():
             mNTiles = cute.make_tensor(ntiles_ptr, cute.make_layout(1))
             mRows = cute.make_tensor(rows_ptr, cute.make_layout((pairs, H), stride=(ld_rows, 1)))
 
-            self.tiled_mma = hopper.tiled_mma(self.ab_dtype, self.consumers, self.tile_n)
-            y_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, TILE_M, self.stages)
+            self.tiled_mma = hopper.tiled_mma(self.ab_dtype, self.mma_atoms, self.tile_n)
+            y_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_m, self.stages)
             w_layout = hopper.smem_layout(self.ab_dtype, self.tile_k, self.tile_n, self.stages)
-            tma_y, tma_ty = hopper.tma_atom(mY, y_layout, TILE_M, self.tile_k, 1)
+            tma_y, tma_ty = hopper.tma_atom(mY, y_layout, self.tile_m, self.tile_k, 1)
             tma_w, tma_tw = hopper.tma_atom(mW, w_layout, self.tile_n, self.tile_k, 1)
 
             @cute.struct
@@ -182,8 +197,9 @@ def _build_kernel_class():
             y_one = cute.slice_(y_smem_layout, (None, None, 0))
             w_one = cute.slice_(w_smem_layout, (None, None, 0))
             tx_bytes = cute.size_in_bytes(self.ab_dtype, y_one) + cute.size_in_bytes(self.ab_dtype, w_one)
+            # a stage is released by the warpgroups that read it: both, or (alternate) one
             pipe = hopper.load_pipeline(storage.pipe_mbar.data_ptr(), self.stages, tx_bytes, cta_layout, (1, 1), 1,
-                                        self.consumers)
+                                        self.mma_atoms)
             sY = hopper.staged_tensor(storage.sY, y_smem_layout)
             sW = hopper.staged_tensor(storage.sW, w_smem_layout)
             gW = cute.local_tile(mW, (tile_n, tile_k), (None, None))
@@ -197,12 +213,23 @@ def _build_kernel_class():
                 hopper.producer_role()
                 if warp_idx == 0:
                     state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+                    last = cutlass.max(units - 1, 0)
+                    tn = cutlass.min(cta, last) // NT
+                    n_e = mTiles[tn, 0]
+                    n_r0 = mTiles[tn, 1]
                     for u in range(cta, units, num_ctas):
                         t = u // NT
                         nt = u - t * NT
-                        e = mTiles[t, 0]
-                        r0 = mTiles[t, 1]
-                        gY = cute.local_tile(cute.domain_offset((r0, 0), mY), (TILE_M, tile_k), (None, None))
+                        e = n_e
+                        r0 = n_r0
+                        if cutlass.const_expr(self.cfg.ahead):  # the next unit's tile entry, under this one's copies
+                            tn = cutlass.min(u + num_ctas, last) // NT
+                            n_e = mTiles[tn, 0]
+                            n_r0 = mTiles[tn, 1]
+                        else:
+                            e = mTiles[t, 0]
+                            r0 = mTiles[t, 1]
+                        gY = cute.local_tile(cute.domain_offset((r0, 0), mY), (self.tile_m, tile_k), (None, None))
                         tYsY, tYgY = hopper.tma_slices(tma_y, 0, 1, sY, gY)
                         for kt in cutlass.range(KT, unroll=1):
                             pipe.producer_acquire(state)
@@ -213,10 +240,13 @@ def _build_kernel_class():
                             state.advance()
                     pipe.producer_tail(state)
             else:  # --------------------------------------------------------- consumers
-                ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, warp_group, tidx)
+                if cutlass.const_expr(self.alternate):  # the warpgroup's own 64-row atom: its threads 0-127
+                    ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, Int32(1), tidx - (warp_group - 1) * 128)
+                else:
+                    ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, warp_group, tidx)
                 tA = tiled_mma.make_fragment_A(wg_mma.partition_A(sY))  # rows are wgmma's M
                 tB = tiled_mma.make_fragment_B(wg_mma.partition_B(sW))
-                cC = cute.make_identity_tensor((TILE_M, tile_n))  # (row, column)
+                cC = cute.make_identity_tensor((self.tile_m, tile_n))  # (row, column)
                 tCcC = thr_mma.partition_C(cC)
                 acc = cute.make_rmem_tensor(tCcC.shape, Float32)
                 read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
@@ -224,25 +254,89 @@ def _build_kernel_class():
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
                 if cutlass.const_expr(self.fp8):
                     tmp = cute.make_rmem_tensor(tCcC.shape, Float32)
-                for u in range(cta, units, num_ctas):
-                    t = u // NT
-                    nt = u - t * NT
-                    e = mTiles[t, 0]
-                    r0 = mTiles[t, 1]
-                    r1 = cutlass.min(r0 + TILE_M, mOffsets[e + 1])
-                    # the two rows' pairs and routing weights, loaded before the k-loop so their
-                    # dependent reads (row -> pair -> weight) overlap it; rows clamped into the unit
-                    ws = mW2s[e]
-                    p0 = mSorted[cutlass.min(r0 + tCcC[((0, 0, 0), 0, 0)][0], r1 - 1)]
-                    p1 = mSorted[cutlass.min(r0 + tCcC[((0, 1, 0), 0, 0)][0], r1 - 1)]
-                    wt0 = mTw[p0] * ws
-                    wt1 = mTw[p1] * ws
+                first, step = cta, num_ctas
+                mine = warp_group - 1
+                if cutlass.const_expr(self.alternate):
+                    # routed_fc1_sm90's scheme: the CTA's units alternate between the warpgroups in
+                    # the ring's order; each passes over the other's unit (no wait, no release: the
+                    # other does both) and waits for a unit's stages only once the other has waited
+                    # for all of the unit before (named barrier 1 + its index), so that a warpgroup
+                    # a ring-lap ahead never takes an earlier fill of a stage for its own.
+                    first = cta + mine * num_ctas
+                    step = 2 * num_ctas
+                    for _ in cutlass.range(mine * KT, unroll=1):
+                        read.advance()
+                        release.advance()
+                # The unit's indices: tile t -> (expert e, first row r0) -> end row r1 and w2's
+                # scale; the thread's two rows -> pairs -> routing weights. With ``ahead``, each
+                # level of that chain is issued for the next unit where this one waits anyway (the
+                # tile entry before the k-loop, the rows' pairs before the epilogue, the weights
+                # after it); indices are clamped into their tensors, so a unit past the last (or an
+                # empty tile list) loads in bounds and is never used.
+                last = cutlass.max(units - 1, 0)
+                pairs_last = cute.size(mSorted) - 1
+                row0 = tCcC[((0, 0, 0), 0, 0)][0]
+                row1 = tCcC[((0, 1, 0), 0, 0)][0]
+                tn = cutlass.min(first, last) // NT
+                n_e = mTiles[tn, 0]
+                n_r0 = mTiles[tn, 1]
+                e = cutlass.min(cutlass.max(n_e, 0), self.E - 1)
+                r0 = cutlass.min(cutlass.max(n_r0, 0), pairs_last)
+                r1 = cutlass.min(r0 + self.tile_m, mOffsets[e + 1])
+                p0 = mSorted[cutlass.min(r0 + row0, pairs_last)]
+                p1 = mSorted[cutlass.min(r0 + row1, pairs_last)]
+                ws = mW2s[e]
+                wt0 = mTw[p0] * ws
+                wt1 = mTw[p1] * ws
+                nt = cutlass.min(first, last) - tn * NT
+                for u in range(first, units, step):
+                    if cutlass.const_expr(not self.cfg.ahead):  # the chain here, at the unit's start
+                        t = u // NT
+                        nt = u - t * NT
+                        e = mTiles[t, 0]
+                        r0 = mTiles[t, 1]
+                        r1 = cutlass.min(r0 + self.tile_m, mOffsets[e + 1])
+                        ws = mW2s[e]
+                        p0 = mSorted[cutlass.min(r0 + row0, r1 - 1)]
+                        p1 = mSorted[cutlass.min(r0 + row1, r1 - 1)]
+                        wt0 = mTw[p0] * ws
+                        wt1 = mTw[p1] * ws
+                    if cutlass.const_expr(self.cfg.ahead):  # the next unit's tile entry: lands during the k-loop
+                        un = cutlass.min(u + step, last)
+                        tn = un // NT
+                        n_e = mTiles[tn, 0]
+                        n_r0 = mTiles[tn, 1]
+                    if cutlass.const_expr(self.alternate):
+                        if u >= cta + num_ctas:  # not the CTA's first unit
+                            cute.arch.barrier(barrier_id=1 + mine, number_of_threads=256)
                     if cutlass.const_expr(self.fp8):
                         read, release = self._mainloop_scaled(tiled_mma, pipe, read, release, acc, tmp, tA, tB, tCcC,
                                                               mYs, r0, r1)
                     else:
                         read, release = hopper.mainloop(tiled_mma, pipe, read, release, KT, ((acc, tA, tB),))
+                    if cutlass.const_expr(self.alternate):
+                        if u + num_ctas < units:  # the other warpgroup has the next unit
+                            cute.arch.barrier_arrive(barrier_id=2 - mine, number_of_threads=256)
+                    if cutlass.const_expr(self.cfg.ahead):  # the next unit's rows and pairs: land during the epilogue
+                        n_e = cutlass.min(cutlass.max(n_e, 0), self.E - 1)
+                        n_r0 = cutlass.min(cutlass.max(n_r0, 0), pairs_last)
+                        n_r1 = cutlass.min(n_r0 + self.tile_m, mOffsets[n_e + 1])
+                        n_p0 = mSorted[cutlass.min(n_r0 + row0, pairs_last)]
+                        n_p1 = mSorted[cutlass.min(n_r0 + row1, pairs_last)]
+                        n_ws = mW2s[n_e]
                     self._epilogue(acc, tCcC, mRows, nt, r0, r1, p0, p1, wt0, wt1)
+                    if cutlass.const_expr(self.cfg.ahead):  # the next unit becomes this one
+                        nt = un - tn * NT
+                        r0 = n_r0
+                        r1 = n_r1
+                        p0 = n_p0
+                        p1 = n_p1
+                        wt0 = mTw[n_p0] * n_ws
+                        wt1 = mTw[n_p1] * n_ws
+                    if cutlass.const_expr(self.alternate):
+                        for _ in cutlass.range(KT, unroll=1):
+                            read.advance()
+                            release.advance()
 
         @cute.jit
         def _mainloop_scaled(self, tiled_mma: cute.TiledMma, pipe, read, release, acc: cute.Tensor, tmp: cute.Tensor,
@@ -277,8 +371,13 @@ def _build_kernel_class():
         def _epilogue(self, acc: cute.Tensor, tCcC: cute.Tensor, mRows: cute.Tensor, nt: Int32, r0: Int32,
                       r1: Int32, p0: Int32, p1: Int32, wt0: Float32, wt1: Float32):
             """rows[pair, nt * tile_n + columns] = acc * (w2_scale[e] * topk_weights[pair]: wt0,
-            wt1) for this thread's two rows (pairs p0, p1); rows at or past r1 are not stored."""
+            wt1) for this thread's two rows (pairs p0, p1); rows at or past r1 are not stored.
+            A thread's values come in pairs of adjacent columns (the accumulator's value mode
+            ((2, 2, tile_n / 8), 1, 1): column pair, row, group of 8 columns), each pair one
+            4-byte store: the row's start is 4-byte aligned (``routed_fc2_cute`` checks the rows'
+            pointer and row stride) and the pair's first column even."""
             col0 = nt * self.tile_n
+            two = cute.make_rmem_tensor(cute.make_layout(2), cutlass.BFloat16)
             for v1 in cutlass.range_constexpr(2):
                 row = r0 + tCcC[((0, v1, 0), 0, 0)][0]
                 if row < r1:
@@ -286,8 +385,11 @@ def _build_kernel_class():
                     wt = wt0 if v1 == 0 else wt1
                     for v2 in cutlass.range_constexpr(self.tile_n // 8):
                         for v0 in cutlass.range_constexpr(2):
-                            crd = ((v0, v1, v2), 0, 0)
-                            mRows[pair, col0 + tCcC[crd][1]] = (acc[crd] * wt).to(cutlass.BFloat16)
+                            two[v0] = (acc[((v0, v1, v2), 0, 0)] * wt).to(cutlass.BFloat16)
+                        at = mRows.iterator + cute.crd2idx((pair, col0 + tCcC[((0, v1, v2), 0, 0)][1]), mRows.layout)
+                        dst = cute.make_tensor(cute.make_ptr(cutlass.BFloat16, at.toint(), cute.AddressSpace.gmem,
+                                                             assumed_align=4), cute.make_layout(2))
+                        cute.autovec_copy(two, dst)
 
     return RoutedFc2Sm90
 
@@ -326,7 +428,7 @@ def routed_fc2_cute(y: torch.Tensor, y_scale: torch.Tensor | None, w2: torch.Ten
                     tiles: torch.Tensor, n_tiles: torch.Tensor, rows: torch.Tensor,
                     config: RoutedFc2CuteConfig) -> None:
     """Launch (the module docstring's contract; ``tiles``/``n_tiles`` as for ``routed_fc1_sm90``,
-    tiles of ``TILE_M`` rows; ``topk_weights`` [P] float32, contiguous)."""
+    tiles of ``config.tile_m`` rows; ``topk_weights`` [P] float32, contiguous)."""
     import cuda.bindings.driver as cuda
     import cutlass
 
@@ -342,7 +444,9 @@ def routed_fc2_cute(y: torch.Tensor, y_scale: torch.Tensor | None, w2: torch.Ten
         raise ValueError(f"config {config} cannot run H={H} E={E} I={I}: {why}")
     if rows.dtype != torch.bfloat16 or rows.shape != (P, H) or rows.stride(1) != 1:
         raise ValueError(f"rows must be bf16 [P={P}, H={H}] with unit column stride")
-    common.check_tile_list(tiles, n_tiles, sorted_pairs, offsets, P, E, TILE_M)
+    if rows.data_ptr() % 4 or rows.stride(0) % 2:  # the epilogue stores two columns at once
+        raise ValueError("rows must start 4-byte aligned with an even row stride")
+    common.check_tile_list(tiles, n_tiles, sorted_pairs, offsets, P, E, config.tile_m)
     if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous() or topk_weights.numel() < P:
         raise ValueError(f"topk_weights must be float32 [P={P}], contiguous")
     if P == 0:
@@ -352,7 +456,7 @@ def routed_fc2_cute(y: torch.Tensor, y_scale: torch.Tensor | None, w2: torch.Ten
             raise ValueError(f"{name} must be contiguous and 16-byte aligned (TMA)")
     fn = compile_routed_fc2(config, y.dtype, H, E, I)
     # no more CTAs than units can exist
-    ctas = min(config.ctas or sm_count(y.device), max_tiles(P, E) * (H // config.tile_n))
+    ctas = min(config.ctas or sm_count(y.device), max_tiles(P, E, config.tile_m) * (H // config.tile_n))
     ab = cutlass_dtype(y.dtype)
     f32, i32 = cutlass.Float32, cutlass.Int32
     ys = y_scale if fp8 else w2_scale

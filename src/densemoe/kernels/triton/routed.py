@@ -108,7 +108,8 @@ class RoutedConfig:
     other fields are not used (``config_problems`` keeps them at one value, so that one CuTe FC1
     has one config string).
     ``fc2_cute``: FC2 runs on the CuTe DSL kernel (``kernels/cute/routed_fc2_sm90.py``, the op
-    layer's choice) with its own tiles of 128 rows: ``fc2_block_n`` its tile of H, ``fc2_block_k``
+    layer's choice) in units of ``fc2_block_m`` (or ``block_m``) rows, 64 or 128 (64: each consumer
+    warpgroup its own units): ``fc2_block_n`` its tile of H, ``fc2_block_k``
     its k-tile (fp8: FC1's tile of I, one y scale a k-tile); it writes each pair's row for the
     combine (no atomic or fused combine, no column stream or order, no y TMA flag: it loads y by
     TMA anyway), and FC2's other fields stay at one value.
@@ -139,7 +140,7 @@ class RoutedConfig:
     fc1_sorted_x: bool = False  # FC1 reads x from a copy in the sorted order (TMA where it can), not gathered
     fc2_y_tma: bool = False  # FC2 loads a tile's y rows (contiguous: sorted order) through TMA, not by pointer
     fc1_cute: bool = False  # FC1 on the CuTe DSL kernel (the op layer's choice; FC1's tile of I and k-tile only)
-    fc2_cute: bool = False  # FC2 on the CuTe DSL kernel (the op layer's choice; FC2's tile of H and k-tile only)
+    fc2_cute: bool = False  # FC2 on the CuTe DSL kernel (the op layer's choice; FC2's tiles and k-tile only)
     fc2_block_m: int = 0  # > 0: FC2's tiles of this many rows (0: block_m, FC1's and FC2's)
     fc2_programs_per_sm: int = 0  # > 0: FC2's programs per SM (0: programs_per_sm)
     fc1_cute_gather: bool = False  # the CuTe FC1 gathers x's rows by TMA (no sorted copy of x)
@@ -290,14 +291,14 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
                    "fc1_stages 3: the CuTe kernel has its own ring and copy of x)")
     if cfg.fc1_cute_gather and not cfg.fc1_cute:
         bad.append("fc1_cute_gather: the CuTe FC1's way to load x; needs fc1_cute")
-    if cfg.fc2_cute and (cfg.fc2_block_n not in (64, 128) or cfg.fc2_swap_ab or cfg.atomic_combine
+    if cfg.fc2_cute and (cfg.fc2_block_n not in (64, 128) or (cfg.fc2_block_m or cfg.block_m) not in (64, 128)
+                         or cfg.fc2_swap_ab or cfg.atomic_combine
                          or cfg.fused_combine or cfg.fc2_col_groups or cfg.fc2_col_major or cfg.fc2_y_tma
-                         or cfg.flatten or (cfg.fc2_warps, cfg.fc2_stages) != (4, 3) or cfg.fc2_block_m
-                         or cfg.fc2_programs_per_sm):
-        bad.append("fc2_cute: FC2's tile of H must be 64 or 128, the combine separate (no atomic or fused "
-                   "combine), and FC2's Triton fields at their defaults (fc2_swap_ab, fc2_col_groups, "
-                   "fc2_col_major, fc2_y_tma, flatten off, fc2_warps 4, fc2_stages 3, fc2_block_m and "
-                   "fc2_programs_per_sm 0)")
+                         or cfg.flatten or (cfg.fc2_warps, cfg.fc2_stages) != (4, 3) or cfg.fc2_programs_per_sm):
+        bad.append("fc2_cute: FC2's tile of H and its units' rows (fc2_block_m, or block_m) must be 64 or 128, "
+                   "the combine separate (no atomic or fused combine), and FC2's Triton fields at their "
+                   "defaults (fc2_swap_ab, fc2_col_groups, fc2_col_major, fc2_y_tma, flatten off, fc2_warps 4, "
+                   "fc2_stages 3, fc2_programs_per_sm 0)")
     if cfg.fused_combine and cfg.atomic_combine:
         bad.append("fused_combine and atomic_combine are two ways to combine: one at most")
     if not isinstance(cfg.fc2_col_groups, int) or not 0 <= cfg.fc2_col_groups <= 64:
