@@ -207,7 +207,8 @@ def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n, tile_m, a
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 @pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("fc1_cute", [False, True])
-def test_routed_experts_with_fc2_cute_on_model_shapes(shape, dtype, fc1_cute):
+@pytest.mark.parametrize("fc2_block_m", [0, 128])  # the CuTe FC2's units: block_m's 64 rows, or 128
+def test_routed_experts_with_fc2_cute_on_model_shapes(shape, dtype, fc1_cute, fc2_block_m):
     import dataclasses
 
     from test_routed_gpu import _case, _within_torch
@@ -219,7 +220,7 @@ def test_routed_experts_with_fc2_cute_on_model_shapes(shape, dtype, fc1_cute):
     w13, w2, x, ids, wts = _case(shape, M, M + 41)
     pw = prepare_weights(w13, w2, dtype=dtype)
     bk = 128 if dtype == "fp8" else 64
-    cfg = _cfg(fc1_block_k=bk, fc2_block_k=bk, fc1_cute=fc1_cute)
+    cfg = _cfg(fc1_block_k=bk, fc2_block_k=bk, fc1_cute=fc1_cute, fc2_block_m=fc2_block_m)
     out = routed_experts(x, pw, ids, wts, config=cfg)
     assert torch.isfinite(out).all()
     _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
