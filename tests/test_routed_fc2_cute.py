@@ -131,8 +131,12 @@ def test_space_and_fallback(monkeypatch):
     from densemoe.tuning import cache
     from densemoe.tuning.space import routed_space
 
-    # not in the space (slower than the Triton FC2 on the H200: tuning.space)
-    assert not any(c.fc2_cute for M in (64, 4096) for c in routed_space(_problem(M)))
+    # in the space from 32 rows an expert, units of 64 and 128 rows; not with block-scaled weights
+    assert not any(c.fc2_cute for c in routed_space(_problem(64)))
+    big = [c for c in routed_space(_problem(4096)) if c.fc2_cute]
+    assert 0 < len(big) <= 6 and {routed_configs.cute_fc2_config(c).tile_m for c in big} == {64, 128}
+    assert all(routed_configs.can_implement(_problem(4096), c)[0] for c in big)
+    assert not any(c.fc2_cute for c in routed_space(_problem(4096, block=128)))
     cfg = _cfg(fc1_cute=True)
     entry = {"best": {"backend": "triton", "config": cfg.to_str(), "us": 1.0}}
     monkeypatch.setattr(cache, "lookup_or_autotune", lambda key, problem, device: (entry, "shipped"))
