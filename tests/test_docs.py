@@ -58,6 +58,16 @@ def test_readme_h200_table_is_the_results():
         assert d["meta"]["commit"] in readme and d["meta"]["date"].split()[0] in readme
 
 
+def test_readme_h100_table_is_the_results():
+    readme = (ROOT / "README.md").read_text()
+    data = {shape: docs.load(ROOT / rel) for shape, rel in docs.H100_SOURCES.items()}
+    assert docs.h100_table(data) in readme, "README.md's H100 experts table differs from the results: paste " \
+        "densemoe.bench.docs.h100_table(...)"
+    for d in data.values():
+        assert d["meta"]["commit"] in readme and d["meta"]["date"].split()[0] in readme
+        assert d["meta"]["device"].startswith("NVIDIA H100")
+
+
 def _local_links(path: Path):
     """(target, resolved path) of every relative markdown link in ``path`` (anchors dropped)."""
     text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)

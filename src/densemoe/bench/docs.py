@@ -31,6 +31,12 @@ H200_SOURCES = {
     "qwen3-30b-a3b": "bench/results/layer_h200_2026-12-05_session7_qwen3-30b-a3b_fp8.json.gz",
 }
 H200_MS = (1, 16, 64, 128, 512, 1024, 4096)
+# The README's H100 experts-path table: the current H100 tables (fp8, retuned in the fifteenth
+# session; M = 16-4096), one file per shape.
+H100_SOURCES = {
+    "deepseek-v3-tp8": "bench/results/layer_h100_2026-12-06_session15_deepseek-v3-tp8_fp8.json.gz",
+    "qwen3-30b-a3b": "bench/results/layer_h100_2026-12-06_session15_qwen3-30b-a3b_fp8.json.gz",
+}
 # vLLM's tuned 128 x 128 block-fp8 fused-MoE pipeline on an H200, experts path, uniform top-8:
 # issue 19's table (measured in another process, on another routing draw).
 VLLM_BLOCK_FP8_H200_US = {
@@ -218,6 +224,24 @@ def h200_table(data: dict[str, dict], ms=H200_MS) -> str:
             lines.append(f"| {_name(shape)} | {r['M']} | {r['chosen']} | {c:.1f} | {c / r['routed_floor_us']:.2f} | "
                          f"{v if v else '-'} | {f'{v / c:.2f}x' if v else '-'} | {cb:.1f} | {cb / c:.1f}x | "
                          f"{hf:.1f} | {hf / c:.1f}x |")
+    return "\n".join(lines)
+
+
+def h100_table(data: dict[str, dict]) -> str:
+    """The README's H100 experts-path table: per shape (``data``: shape -> result file of the
+    layer benchmark) the fp8 experts path with the rule's strategy, its multiple of the routed
+    floor, and from the same run cuBLAS's fp8 pipeline, transformers' ``grouped_mm`` and the
+    routed pipeline on torch's grouped GEMMs, each with our speedup over it."""
+    lines = ["| model (per GPU) | tokens M | strategy | densemoe fp8 us | x routed floor | cuBLAS fp8 pipeline us | "
+             "speedup | transformers grouped_mm bf16 us | speedup | torch grouped GEMMs us | speedup |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape, d in data.items():
+        for r in d["records"]:
+            if r.get("op") != "experts" or r.get("dtype") != "fp8":
+                continue
+            c, cb, hf, tg = r["chosen_us"], r["cublas_fp8_pipeline_us"], r["hf_grouped_mm_bf16_us"], r["torch_grouped_us"]
+            lines.append(f"| {_name(shape)} | {r['M']} | {r['chosen']} | {c:.1f} | {c / r['routed_floor_us']:.2f} | "
+                         f"{cb:.1f} | {cb / c:.1f}x | {hf:.1f} | {hf / c:.1f}x | {tg:.1f} | {tg / c:.1f}x |")
     return "\n".join(lines)
 
 
