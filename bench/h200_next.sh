@@ -137,14 +137,17 @@ fi
 left=$(budget ${VARIANTS_TIMEOUT:-120})  # PROBES="fc2_variants": FC2 with the table's config against small changes
 # of it, the y hoist (FC2_HOIST_Y) flipped among them (bench/probes/routed_fc2_variants.py; VARIANTS_ARGS)
 if [ $left -ge 30 ] && want fc2_variants; then
-  timeout $left python3 bench/probes/routed_fc2_variants.py ${VARIANTS_ARGS:-deepseek-v3-tp8,qwen3-30b-a3b 512,2048,4096 fp8} \
-    > $OUT/routed_fc2_variants_${GPU_TAG}.log 2>&1
-  echo "# fc2 variants: exit $? at $((SECONDS - t0)) s"; grep -E "^#|M=|Error" $OUT/routed_fc2_variants_${GPU_TAG}.log | cut -c1-400
+  timeout $left python3 bench/probes/routed_fc2_variants.py \
+    ${VARIANTS_ARGS:-deepseek-v3-tp8,qwen3-30b-a3b 512,2048,4096 fp8} > $OUT/routed_fc2_variants_${GPU_TAG}.log 2>&1
+  echo "# fc2 variants: exit $? at $((SECONDS - t0)) s"
+  grep -E "^#|M=|Error" $OUT/routed_fc2_variants_${GPU_TAG}.log | cut -c1-400
 fi
-left=$(budget 60)  # PROBES="quant_rows": x's quantisation in one pass at a block of 8192 (bench/probes/quant_rows_block.py)
+# PROBES="quant_rows": x's quantisation in one pass at a block of 8192 (bench/probes/quant_rows_block.py)
+left=$(budget 60)
 if [ $left -ge 20 ] && want quant_rows; then
   timeout $left python3 bench/probes/quant_rows_block.py > $OUT/quant_rows_${GPU_TAG}.log 2>&1
-  echo "# quant rows: exit $? at $((SECONDS - t0)) s"; grep -E "^#|H=|Error" $OUT/quant_rows_${GPU_TAG}.log | cut -c1-400
+  echo "# quant rows: exit $? at $((SECONDS - t0)) s"
+  grep -E "^#|H=|Error" $OUT/quant_rows_${GPU_TAG}.log | cut -c1-400
 fi
 left=$(budget 200)  # PROBES="stages": each launch of the routed path alone with the table's config
 # (bench/probes/routed_stages.py; STAGES_SHAPES, STAGES_MS, STAGES_DT), beside its traffic bound

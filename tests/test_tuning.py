@@ -853,7 +853,8 @@ def test_routed_space_splits_fc1_and_fc2_tiles_from_32_rows_an_expert():
     for m, want in ((256, False), (1024, False), (2048, True), (4096, True)):
         p = _routed_problem(m, FP8, 7168, 256, 256, 8)
         space = routed_space(p)
-        split = [c for c in space if (c.fc2_block_m or c.fc2_programs_per_sm) and not c.fc2_cute]  # (CuTe FC2: its own test)
+        # (the CuTe FC2's pairs: test_routed_fc2_cute)
+        split = [c for c in space if (c.fc2_block_m or c.fc2_programs_per_sm) and not c.fc2_cute]
         assert bool(split) == want, m
         if not split:
             continue
@@ -889,7 +890,8 @@ def test_routed_space_follows_the_rows_per_expert():
     assert all(c.fc1_block_i % c.fc2_block_k == 0 for c in decode)  # fp8: one y scale per fc2 k-step
     mid = space(1536)  # 48 rows an expert: 32- and 64-row tiles, 64 both ways
     assert {(c.block_m, c.fc1_swap_ab) for c in mid if not c.fc2_block_m} == {(32, True), (64, True), (64, False)}
-    assert {(c.block_m, c.fc2_block_m) for c in mid if c.fc2_block_m and not c.fc2_cute} == {(128, 64)}  # FC1's 128, FC2's 64
+    # FC1's 128-row tiles, FC2's 64 (the CuTe FC2's pairs: test_routed_fc2_cute)
+    assert {(c.block_m, c.fc2_block_m) for c in mid if c.fc2_block_m and not c.fc2_cute} == {(128, 64)}
     prefill = space(4096, BF16)  # 128 rows: 64- and 128-row tiles, tokens as the MMA's M
     assert {c.block_m for c in prefill} == {64, 128}
     # but three: 128 tokens as the MMA's N (the dense FC1's form at 128+ tokens a weight tile)

@@ -23,7 +23,8 @@ timer = Timer(reps=30)
 print("# us (GB/s) of x's per-token fp8 quantisation; 'lib' is quant_rows_triton as shipped", flush=True)
 for H in hs:
     for M in ms:
-        x = torch.randn(M, H, device="cuda", dtype=torch.bfloat16, generator=torch.Generator(device="cuda").manual_seed(M))
+        g = torch.Generator(device="cuda").manual_seed(M)
+        x = torch.randn(M, H, device="cuda", dtype=torch.bfloat16, generator=g)
         q = torch.empty(M, H, device="cuda", dtype=torch.float8_e4m3fn)
         s = torch.empty(M, device="cuda", dtype=torch.float32)
 

@@ -239,7 +239,8 @@ def h100_table(data: dict[str, dict]) -> str:
         for r in d["records"]:
             if r.get("op") != "experts" or r.get("dtype") != "fp8":
                 continue
-            c, cb, hf, tg = r["chosen_us"], r["cublas_fp8_pipeline_us"], r["hf_grouped_mm_bf16_us"], r["torch_grouped_us"]
+            c, cb = r["chosen_us"], r["cublas_fp8_pipeline_us"]
+            hf, tg = r["hf_grouped_mm_bf16_us"], r["torch_grouped_us"]
             lines.append(f"| {_name(shape)} | {r['M']} | {r['chosen']} | {c:.1f} | {c / r['routed_floor_us']:.2f} | "
                          f"{cb:.1f} | {cb / c:.1f}x | {hf:.1f} | {hf / c:.1f}x | {tg:.1f} | {tg / c:.1f}x |")
     return "\n".join(lines)
