@@ -49,23 +49,17 @@ def test_readme_headline_table_is_the_results():
         assert fact in readme, fact
 
 
-def test_readme_h200_table_is_the_results():
+@pytest.mark.parametrize("card, sources, table", [("H200", docs.H200_SOURCES, docs.h200_table),
+                                                  ("H100", docs.H100_SOURCES, docs.h100_table)])
+def test_readme_card_table_is_the_results(card, sources, table):
+    """The README's per-card experts-path tables are regenerated from their result files."""
     readme = (ROOT / "README.md").read_text()
-    data = {shape: docs.load(ROOT / rel) for shape, rel in docs.H200_SOURCES.items()}
-    assert docs.h200_table(data) in readme, "README.md's H200 table differs from the results: paste " \
-        "densemoe.bench.docs.h200_table(...)"
+    data = {shape: docs.load(ROOT / rel) for shape, rel in sources.items()}
+    assert table(data) in readme, f"README.md's {card} table differs from the results: paste " \
+        f"densemoe.bench.docs.{table.__name__}(...)"
     for d in data.values():
         assert d["meta"]["commit"] in readme and d["meta"]["date"].split()[0] in readme
-
-
-def test_readme_h100_table_is_the_results():
-    readme = (ROOT / "README.md").read_text()
-    data = {shape: docs.load(ROOT / rel) for shape, rel in docs.H100_SOURCES.items()}
-    assert docs.h100_table(data) in readme, "README.md's H100 experts table differs from the results: paste " \
-        "densemoe.bench.docs.h100_table(...)"
-    for d in data.values():
-        assert d["meta"]["commit"] in readme and d["meta"]["date"].split()[0] in readme
-        assert d["meta"]["device"].startswith("NVIDIA H100")
+        assert card in d["meta"]["device"]
 
 
 def _local_links(path: Path):
