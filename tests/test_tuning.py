@@ -25,7 +25,7 @@ from densemoe.ops.fc2 import which_backend
 from densemoe.reference import fc2_ref
 from densemoe.shapes import M_SWEEP, SHAPES
 from densemoe.tuning import cache
-from densemoe.tuning.buckets import bucket_range, m_bucket
+from densemoe.tuning.buckets import bucket_range, m_bucket, neighbours
 from densemoe.tuning.space import fc2_space
 from densemoe.tuning.ops import make_inputs
 from densemoe.tuning.tuner import TOL, summary, tune, tune_problem
@@ -64,6 +64,10 @@ def test_buckets():
         prev = b
     with pytest.raises(ValueError, match="not a bucket"):
         bucket_range(100)
+    assert neighbours(1) == (2,) and neighbours(2) == (1, 4) and neighbours(1024) == (768, 1536)
+    for b in sorted({m_bucket(m) for m in range(1, 5000)})[1:]:
+        lo, hi = neighbours(b)
+        assert bucket_range(b)[0] == lo and bucket_range(hi)[0] == b
 
 
 # ---------------------------------------------------------------------------------- space
@@ -999,15 +1003,66 @@ def test_routed_tuned_end_to_end_on_the_interpreter(cache_dir, monkeypatch):
     assert "| fp8 | 8 | triton:block_m=16,fc1_block_i=64" in summary([r])
 
 
+def _record_routed(problem, slots: dict) -> str:
+    """A tuned entry for ``problem`` on the CPU in the user's cache, its slots' configs as given."""
+    key = cache.make_key("routed", cache.device_name(torch.device("cpu")), problem)
+    cache.record(key, {slot: {"backend": "triton", "config": c if isinstance(c, str) else c.to_str(), "us": 1.0}
+                       for slot, c in slots.items()} | {"m": problem.m, "device": "cpu"})
+    return key
+
+
+def test_the_neighbouring_buckets_winners_join_the_space(cache_dir):
+    """``with_neighbours``: the configs tuned for the buckets just below and above (every slot
+    but the heuristic's) follow the space, once each, where they fit the problem; a config
+    that does not fit it or does not parse, and the buckets further away, are left out."""
+    import dataclasses
+
+    from densemoe.ops import routed_configs
+    from densemoe.tuning.ops import ROUTED
+    from densemoe.tuning.space import routed_space
+    from densemoe.tuning.tuner import with_neighbours
+
+    def at(b, spec=None):
+        return _routed_problem(b, dtype=BF16)
+    p = at(8)
+    space = routed_space(p, num_sms=132)
+    base = space[0]
+    below = dataclasses.replace(base, fc1_stages=2, fc2_stages=2, fc2_warps=8)  # in no space: 2 stages
+    above = dataclasses.replace(base, fc1_stages=3, fc2_stages=2, fc2_warps=8)
+    unfit = dataclasses.replace(base, fc2_block_k=96)  # does not divide fc1_block_i
+    far = dataclasses.replace(base, fc1_stages=2, fc2_stages=3, fc2_warps=8)
+    for c in (below, above, far):
+        assert c not in space and routed_configs.can_implement(p, c)[0]
+    assert not routed_configs.can_implement(p, unfit)[0]
+    _record_routed(at(4), {"best": below, "triton": below, "heuristic": far})
+    _record_routed(at(16), {"best": above, "no_cute": space[1], "triton": "routed:not,a,config"})
+    _record_routed(at(32), {"best": far})
+    _record_routed(at(2), {"best": far})
+    got = with_neighbours(ROUTED, at, 8, "cpu", ("triton",))
+    assert got == space + [below, above]
+    _record_routed(at(16), {"best": unfit})
+    assert with_neighbours(ROUTED, at, 8, "cpu", ("triton",)) == space + [below]
+
+
 @pytest.mark.interpreter
 @pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
 def test_routed_tuning_through_tune_and_the_default_space(cache_dir):
     """``tune(op="routed")`` over the whole default space of a tiny shape, one bucket, fake
-    timer: every candidate runs and is right (none dropped), the entry is recorded."""
+    timer: every candidate runs and is right (none dropped), the entry is recorded; the
+    winner tuned for the next bucket up is among the candidates."""
+    import dataclasses
+
+    from densemoe.tuning.space import routed_space
+
+    p8 = _routed_problem(8, dtype=BF16)
+    first = routed_space(_routed_problem(4, dtype=BF16), num_sms=132)[0]
+    above = dataclasses.replace(first, fc1_stages=2, fc2_stages=2, fc2_warps=8)
+    _record_routed(p8, {"best": above})
     results = tune("routed", TINY_ROUTED, [3], dtypes=("bf16",), device="cpu", timer=fake_timer, progress=False)
     (r,) = results
     assert r.problem.m == 4 and r.problem.top_k == 2 and not r.failures and len(r.timings) >= 4
     assert cache.lookup(r.key)[1] == "cache"
+    assert [t.config for t in r.timings].count(above) == 1
 
 
 def _strategy_timer(monkeypatch, times):

@@ -204,6 +204,9 @@ def _heuristic(problem: Fc1Problem, backend: str, check) -> Choice:
     return Choice("triton", default_config(problem), "heuristic")
 
 
+# each backend's validity function, by the backend's name (a tuned entry's configs are checked with it)
+FITS = {"triton": can_implement, "cute": cute_fc1.can_implement}
+
+
 def _tuned(problem, device: torch.device, backend: str, check) -> Choice | None:
-    return choice.tuned("fc1", problem, device, backend, check, parse_config,
-                        {"triton": can_implement, "cute": cute_fc1.can_implement})
+    return choice.tuned("fc1", problem, device, backend, check, parse_config, FITS)

@@ -199,6 +199,9 @@ def _heuristic(problem: Fc2Problem, device: torch.device, backend: str, check) -
     return Choice("triton", default_config(problem, sm_count(device)), "heuristic")
 
 
+# each backend's validity function, by the backend's name (a tuned entry's configs are checked with it)
+FITS = {"triton": can_implement, "cute": cute_fc2.can_implement}
+
+
 def _tuned(problem, device: torch.device, backend: str, check) -> Choice | None:
-    return choice.tuned("fc2", problem, device, backend, check, parse_config,
-                        {"triton": can_implement, "cute": cute_fc2.can_implement})
+    return choice.tuned("fc2", problem, device, backend, check, parse_config, FITS)

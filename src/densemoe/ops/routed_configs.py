@@ -114,6 +114,10 @@ def default_config(problem: RoutedProblem) -> RoutedConfig:
     return cfg
 
 
+# the validity function by backend, as the dense ops' ``FITS`` (every routed config is "triton")
+FITS = {"triton": can_implement}
+
+
 def parse_config(text: str) -> RoutedConfig:
     return RoutedConfig.from_str(text)
 
@@ -143,7 +147,7 @@ def choose(problem: RoutedProblem, device, *, config: RoutedConfig | None = None
         # the entry's best; where it runs a GEMM on CuTe and CuTe cannot run here (tuned where
         # it can), the entry's fastest config without CuTe (the tuner's "no_cute" slot)
         hit = choice.tuned("routed", problem, device, "triton", lambda: cute_fc1_runs_on(device), parse_config,
-                           {"triton": can_implement}, slots=("best", "no_cute"))
+                           FITS, slots=("best", "no_cute"))
         if hit is not None:
             if deterministic and hit.config.atomic_combine:
                 hit = hit._replace(config=dataclasses.replace(hit.config, atomic_combine=False))

@@ -31,3 +31,9 @@ def bucket_range(bucket: int) -> tuple[int, int]:
     while lo > 1 and m_bucket(lo) == bucket:
         lo -= 1
     return lo, bucket
+
+
+def neighbours(bucket: int) -> tuple[int, ...]:
+    """The buckets just below and just above ``bucket`` (none below bucket 1)."""
+    lo, _ = bucket_range(bucket)
+    return ((m_bucket(lo),) if lo >= 1 else ()) + (m_bucket(bucket + 1),)

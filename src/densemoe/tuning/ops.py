@@ -44,6 +44,8 @@ class TunedOp:
     run: Callable          # (inputs, out, config) -> None (it wrote out) or the output it made
     reference: Callable    # (inputs, config) -> fp32 reference of the output
     heuristic: Callable    # (problem, inputs, out) -> config
+    parse: Callable        # a tuned entry's config string -> config
+    fits: dict             # backend name -> (problem, config) -> (ok, why): the ops' validity functions
     # config -> what of it the reference depends on (the routed path's y groups, its combine);
     # the tuner computes one reference per distinct value. None: the same for every config.
     ref_key: Callable = lambda config: None
@@ -92,7 +94,8 @@ FC2 = TunedOp(
     space=fc2_space,
     make_inputs=_fc2_inputs,
     make_out=lambda p, device: torch.empty(p.m, p.n, dtype=p.out_dtype, device=device),
-    run=_fc2_run, reference=_fc2_ref, heuristic=_fc2_heuristic)
+    run=_fc2_run, reference=_fc2_ref, heuristic=_fc2_heuristic,
+    parse=fc2_configs.parse_config, fits=fc2_configs.FITS)
 
 
 # ------------------------------------------------------------------------------------------ fc1
@@ -137,7 +140,8 @@ FC1 = TunedOp(
     space=fc1_space,
     make_inputs=_fc1_inputs,
     make_out=lambda p, device: torch.empty(p.m, p.e * p.i, dtype=p.out_dtype, device=device),
-    run=_fc1_run, reference=_fc1_ref, heuristic=_fc1_heuristic)
+    run=_fc1_run, reference=_fc1_ref, heuristic=_fc1_heuristic,
+    parse=fc1_configs.parse_config, fits=fc1_configs.FITS)
 
 # ------------------------------------------------------------------------------------------ routed
 
@@ -314,6 +318,7 @@ ROUTED = TunedOp(
     make_inputs=_routed_inputs,
     make_out=lambda p, device: torch.empty(p.m, p.h, dtype=p.out_dtype, device=device),
     run=_routed_run, reference=routed_reference, heuristic=_routed_heuristic,
+    parse=routed_configs.parse_config, fits=routed_configs.FITS,
     ref_key=lambda cfg: (cfg.fc1_block_i, cfg.atomic_combine))
 
 OPS = {"fc2": FC2, "fc1": FC1, "routed": ROUTED}

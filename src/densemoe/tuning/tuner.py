@@ -4,8 +4,9 @@ For one problem (shape, dtypes, M bucket) on one device:
 
 1. inputs: fresh random ``a`` and ``w`` (never zeros) and a top-k routing ``alpha``, at the
    bucket's top M (its largest, slowest call);
-2. candidates: ``space.fc2_space`` for the requested backends; a candidate that fails to compile
-   or run is dropped and reported (``TuneResult.failures``), never hidden;
+2. candidates: ``space.fc2_space`` for the requested backends (``tune`` adds the configs tuned
+   for the neighbouring buckets: ``with_neighbours``); a candidate that fails to compile or run
+   is dropped and reported (``TuneResult.failures``), never hidden;
 3. timing: CUDA-graph replays with L2 flushed by a read before each, median of ``reps``
    (``densemoe.timing.Timer``); then the finalists (the ``finalists`` fastest, each
    backend's fastest and the heuristic's own choice) are timed again, ``rounds`` interleaved
@@ -46,7 +47,7 @@ from densemoe.ops import routed_configs
 from densemoe.ops import strategy as rule
 from densemoe.timing import Timer
 from densemoe.tuning import cache
-from densemoe.tuning.buckets import m_bucket
+from densemoe.tuning.buckets import m_bucket, neighbours
 from densemoe.tuning.ops import OPS, op_of, routed_reference, run_strategy, strategy_inputs
 from densemoe.tuning.space import BACKENDS, describe
 
@@ -378,11 +379,11 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
         spec = OPS[op]
         todo = [b for b in buckets if not (missing_only and _have(
             cache.make_key(spec.name, cache.device_name(device), problem_at(b, spec))))]
+        spaces = {b: with_neighbours(spec, problem_at, b, device, backends) for b in todo}
         if device.type == "cuda" and compile_workers != 0 and todo:
             from densemoe.tuning.precompile import precompile
 
-            plan = [(q, spec.space(q, backends, _sms(device))) for q in
-                    (problem_at(b, spec) for b in todo)]
+            plan = [(problem_at(b, spec), spaces[b]) for b in todo]
             stats = precompile(plan, device, compile_workers)
             if progress:
                 print(f"{op} {label} {dt}: {stats.line()}", file=sys.stderr)
@@ -390,9 +391,34 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
             p = problem_at(b, spec)
             inputs, shared = spec.make_inputs(p, device, b, shared)
             bar = _progress_bar(f"{op} {label} {dt} M<={b}") if progress else None
-            results.append(tune_problem(p, device, backends=backends, timer=timer, reps=reps,
+            results.append(tune_problem(p, device, backends=backends, timer=timer, reps=reps, space=spaces[b],
                                         inputs=inputs, save=save, progress=bar))
     return results
+
+
+def with_neighbours(spec, problem_at, bucket: int, device, backends=BACKENDS) -> list:
+    """The op's space at ``bucket`` and after it the configs tuned for the buckets just below and
+    just above (every slot of their entries but the heuristic's, from the user's cache or the
+    shipped tables) that fit this bucket's problem and are not in the space already. The space
+    cuts token tiles by the rows an expert gets, so a tile can win just across a bucket's edge
+    while its own space leaves it out (docs/tuning.md, "Neighbours")."""
+    device = torch.device(device)
+    p = problem_at(bucket, spec)
+    space = list(spec.space(p, backends, _sms(device)))
+    dev = cache.device_name(device)
+    for nb in neighbours(bucket):
+        entry, _ = cache.lookup(cache.make_key(spec.name, dev, problem_at(nb, spec)))
+        for slot, item in (entry or {}).items():
+            if slot == "heuristic" or not isinstance(item, dict) or "config" not in item:
+                continue
+            try:
+                cfg = spec.parse(item["config"])
+            except Exception:  # noqa: BLE001 - an entry that no longer parses is the lookup's warning
+                continue
+            fits = spec.fits.get(cfg.backend)
+            if cfg.backend in backends and cfg not in space and fits is not None and fits(p, cfg)[0]:
+                space.append(cfg)
+    return space
 
 
 def _have(key: str) -> bool:
