@@ -149,6 +149,14 @@ if [ $left -ge 20 ] && want quant_rows; then
   echo "# quant rows: exit $? at $((SECONDS - t0)) s"
   grep -E "^#|H=|Error" $OUT/quant_rows_${GPU_TAG}.log | cut -c1-400
 fi
+# PROBES="quant_sched": x's quantisation in the schedule's launch against the two apart, alone and in the
+# whole routed path (bench/probes/quant_schedule.py; the mailbox patches/issue19-quant-schedule.mbox.gz)
+left=$(budget 90)
+if [ $left -ge 30 ] && want quant_sched && [ -f bench/probes/quant_schedule.py ]; then
+  timeout $left python3 bench/probes/quant_schedule.py > $OUT/quant_schedule_${GPU_TAG}.log 2>&1
+  echo "# quant schedule: exit $? at $((SECONDS - t0)) s"
+  grep -E "^#|M=|Error" $OUT/quant_schedule_${GPU_TAG}.log | cut -c1-400
+fi
 left=$(budget 200)  # PROBES="stages": each launch of the routed path alone with the table's config
 # (bench/probes/routed_stages.py; STAGES_SHAPES, STAGES_MS, STAGES_DT), beside its traffic bound
 if [ $left -ge 30 ] && want stages; then
