@@ -1065,6 +1065,39 @@ def test_routed_tuning_through_tune_and_the_default_space(cache_dir):
     assert [t.config for t in r.timings].count(above) == 1
 
 
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRET, reason="CPU path: Triton's interpreter")
+def test_a_bucket_just_tuned_offers_its_winner_to_the_next(cache_dir, monkeypatch):
+    """``tune`` over two buckets: the winner recorded for the first (from a space the second's
+    leaves out) is among the second's candidates in the same sweep."""
+    import dataclasses
+
+    from densemoe.kernels.triton import routed as kern
+    from densemoe.tuning import ops as tuned_ops
+    from densemoe.tuning import tuner
+    from densemoe.tuning.space import routed_space
+
+    first = routed_space(_routed_problem(4, dtype=BF16), num_sms=132)[0]
+    a = dataclasses.replace(first, fc1_stages=2, fc2_stages=2, fc2_warps=8)
+    b = dataclasses.replace(first, fc1_stages=3, fc2_stages=2, fc2_warps=8)
+    monkeypatch.setitem(tuner.OPS, "routed", dataclasses.replace(
+        tuned_ops.ROUTED, space=lambda p, backends, sms: [a] if p.m <= 4 else [b]))
+    last = {}
+    real = kern.fc1_launch
+
+    def fc1_launch(*args, **kw):
+        last["cfg"] = args[-1]
+        real(*args, **kw)
+    monkeypatch.setattr(kern, "fc1_launch", fc1_launch)
+
+    def timer(fn):
+        fn()
+        return {"us": 1.0 if last["cfg"] == a else 10.0}
+    r4, r8 = tune("routed", TINY_ROUTED, [3, 8], dtypes=("bf16",), device="cpu", timer=timer, progress=False)
+    assert r4.best.config == a and b not in [t.config for t in r4.timings]
+    assert [t.config for t in r8.timings].count(a) == 1 and r8.best.config == a
+
+
 def _strategy_timer(monkeypatch, times):
     """A timer that gives each strategy its time from ``times`` (the tuner runs them through
     ``tuner.run_strategy``, wrapped here to see which one runs)."""

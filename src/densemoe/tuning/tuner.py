@@ -379,11 +379,10 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
         spec = OPS[op]
         todo = [b for b in buckets if not (missing_only and _have(
             cache.make_key(spec.name, cache.device_name(device), problem_at(b, spec))))]
-        spaces = {b: with_neighbours(spec, problem_at, b, device, backends) for b in todo}
         if device.type == "cuda" and compile_workers != 0 and todo:
             from densemoe.tuning.precompile import precompile
 
-            plan = [(problem_at(b, spec), spaces[b]) for b in todo]
+            plan = [(problem_at(b, spec), with_neighbours(spec, problem_at, b, device, backends)) for b in todo]
             stats = precompile(plan, device, compile_workers)
             if progress:
                 print(f"{op} {label} {dt}: {stats.line()}", file=sys.stderr)
@@ -391,7 +390,9 @@ def tune(op: str = "fc2", shape="deepseek-v3-tp8", m_values=(1, 2, 4, 8, 16, 32,
             p = problem_at(b, spec)
             inputs, shared = spec.make_inputs(p, device, b, shared)
             bar = _progress_bar(f"{op} {label} {dt} M<={b}") if progress else None
-            results.append(tune_problem(p, device, backends=backends, timer=timer, reps=reps, space=spaces[b],
+            # the neighbours again: the bucket below may have just been tuned (its new entry joins)
+            space = with_neighbours(spec, problem_at, b, device, backends)
+            results.append(tune_problem(p, device, backends=backends, timer=timer, reps=reps, space=space,
                                         inputs=inputs, save=save, progress=bar))
     return results
 
