@@ -153,9 +153,13 @@ fi
 # whole routed path (bench/probes/quant_schedule.py; the mailbox patches/issue19-quant-schedule.mbox.gz)
 left=$(budget 90)
 if [ $left -ge 30 ] && want quant_sched && [ -f bench/probes/quant_schedule.py ]; then
-  timeout $left python3 bench/probes/quant_schedule.py > $OUT/quant_schedule_${GPU_TAG}.log 2>&1
-  echo "# quant schedule: exit $? at $((SECONDS - t0)) s"
-  grep -E "^#|M=|Error" $OUT/quant_schedule_${GPU_TAG}.log | cut -c1-400
+  for dt in fp8 fp8block; do
+    left=$(budget 60); [ $left -lt 20 ] && { echo "# quant schedule $dt: skipped"; continue; }
+    timeout $left python3 bench/probes/quant_schedule.py deepseek-v3-tp8,qwen3-30b-a3b 1,16,128,512,2048,4096 $dt \
+      > $OUT/quant_schedule_${GPU_TAG}_$dt.log 2>&1
+    echo "# quant schedule $dt: exit $? at $((SECONDS - t0)) s"
+    grep -E "^#|M=|Error" $OUT/quant_schedule_${GPU_TAG}_$dt.log | cut -c1-400
+  done
 fi
 left=$(budget 200)  # PROBES="stages": each launch of the routed path alone with the table's config
 # (bench/probes/routed_stages.py; STAGES_SHAPES, STAGES_MS, STAGES_DT), beside its traffic bound
