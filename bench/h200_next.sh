@@ -2,7 +2,7 @@
 # Fifteenth session (2026-12-06, H100): SUITE_PROCS=4 SUITE_TIMEOUT=330 PROBES="fc2_variants quant_rows stages"
 # STAGES_SHAPES=deepseek-v3-tp8 STAGES_MS=512,4096 (57efb33, 352 s); SUITE_PROCS=4 SUITE_TIMEOUT=330 PROBES=cute_fc2
 # CUTE_FC2_TIMEOUT=130 CUTE_FC2_ARGS="deepseek-v3-tp8,qwen3-30b-a3b 2048,4096" NCU_CUTE_FC2="deepseek-v3-tp8 4096"
-# NCU_CUTE_TIMEOUT=110 (2a51365, 297 s; the suite 252 s). Next plan: docs/routed.md "Fifteenth session", Next.
+# NCU_CUTE_TIMEOUT=110 (2a51365, 297 s; the suite 252 s). Next plan: docs/routed.md "Sixteenth session".
 # A session's device call for tests and probes (the next plan: docs/routed.md "Thirteenth session", Next: on
 # an H200 the retune comes first, bench/h200_tune_layer.sh; then e.g. NO_SUITE=1 STREAM_SHAPES= PROBES=cute_fc1
 # NCU="fc1:...:routed_fc1_sm90:<config>"). The thirteenth session (H100) ran its plan by hand (the commands are
