@@ -154,7 +154,7 @@ fi
 left=$(budget 90)
 if [ $left -ge 30 ] && want quant_sched && [ -f bench/probes/quant_schedule.py ]; then
   for dt in fp8 fp8block; do
-    left=$(budget 60); [ $left -lt 20 ] && { echo "# quant schedule $dt: skipped"; continue; }
+    left=$(budget 45); [ $left -lt 20 ] && { echo "# quant schedule $dt: skipped"; continue; }
     timeout $left python3 bench/probes/quant_schedule.py deepseek-v3-tp8,qwen3-30b-a3b 1,16,128,512,2048,4096 $dt \
       > $OUT/quant_schedule_${GPU_TAG}_$dt.log 2>&1
     echo "# quant schedule $dt: exit $? at $((SECONDS - t0)) s"
