@@ -19,5 +19,7 @@ python3 -c "import torch, triton, cutlass; print('torch', torch.__version__, 'tr
 gpu_suite() {
   local par=""
   python3 -c "import xdist" 2>/dev/null && par="-n ${SUITE_PROCS:-8} --dist loadgroup"
-  timeout ${1:-320} python3 -m pytest -q -m gpu ${SUITE_PATHS:-tests} -p no:cacheprovider $par 2>&1 | tee $OUT/gpu_tests.log | tail -8
+  # --durations: the slowest tests go to the log (the reply shows its tail without them)
+  timeout ${1:-320} python3 -m pytest -q -m gpu ${SUITE_PATHS:-tests} -p no:cacheprovider --durations=20 $par 2>&1 \
+    | tee $OUT/gpu_tests.log | grep -Ev "^[0-9.]+s (call|setup|teardown) " | tail -8
 }

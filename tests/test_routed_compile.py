@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent(r'''
     import re
     import triton
     from triton.backends.compiler import GPUTarget
@@ -34,8 +34,8 @@ SCRIPT = textwrap.dedent('''
                 sig[name] = "constexpr"
             else:
                 sig[name] = "i32"
-            if (name in ptrs and not ptrs[name].startswith("tensordesc")) or name.startswith("stride") \
-                    or name in ("H", "I"):
+            if ((name in ptrs and not ptrs[name].startswith("tensordesc")) or name.startswith("stride")
+                    or name in ("H", "I")):
                 attrs[(i,)] = [["tt.divisibility", 16]]  # what a launch on the model shapes specialises
         k = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=warps, num_stages=stages))
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent('''
         if gemm:
             assert "wgmma" in ptx, kernel
             # the gathered rows, pipelined (a sorted copy of x through TMA: none)
-            assert bool(re.search(r"cp\\.async\\.c[ag]", ptx)) == gathered, (kernel, const)
+            assert bool(re.search(r"cp\.async\.c[ag]", ptx)) == gathered, (kernel, const)
             if const.get("USE_TMA"):
                 assert "cp.async.bulk.tensor" in ptx, (kernel, const)
             # fp8: no dot that carries an accumulator is left to Hopper's reduced-precision
@@ -168,7 +168,7 @@ SCRIPT = textwrap.dedent('''
                                        NUM_STAGES=3, USE_TMA=True, Y_TMA=y_tma, PDL=True),
                                   gathered=not y_tma or dt == FP8).asm["ptx"]
         bulk = {t: p.count("cp.async.bulk.tensor") for t, p in ptx.items()}
-        cpa = {t: len(re.findall(r"cp\\.async\\.c[ag]", p)) for t, p in ptx.items()}
+        cpa = {t: len(re.findall(r"cp\.async\.c[ag]", p)) for t, p in ptx.items()}
         assert bulk[True] > bulk[False] and cpa[True] < cpa[False], (dt, bulk, cpa)
         n += 1
     print("compiled", n)

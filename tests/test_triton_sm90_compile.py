@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent(r'''
     import re
     import sys
     import triton
