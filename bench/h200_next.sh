@@ -161,6 +161,12 @@ if [ $left -ge 30 ] && want quant_sched && [ -f bench/probes/quant_schedule.py ]
     grep -E "^#|M=|Error" $OUT/quant_schedule_${GPU_TAG}_$dt.log | cut -c1-400
   done
 fi
+left=$(budget ${ATOMIC_TIMEOUT:-100})  # PROBES="atomic_bf16": the combine by atomics in FC2, fp32 and bf16
+if [ $left -ge 30 ] && want atomic_bf16; then  # (bench/probes/routed_combine_atomic.py; ATOMIC_ARGS)
+  timeout $left python3 bench/probes/routed_combine_atomic.py ${ATOMIC_ARGS:-deepseek-v3-tp8,qwen3-30b-a3b 512,2048,4096} \
+    > $OUT/routed_combine_atomic_${GPU_TAG}.log 2>&1
+  echo "# combine atomic: exit $? at $((SECONDS - t0)) s"; grep -E "^#|M=|Error" $OUT/routed_combine_atomic_${GPU_TAG}.log | cut -c1-600
+fi
 left=$(budget 200)  # PROBES="stages": each launch of the routed path alone with the table's config
 # (bench/probes/routed_stages.py; STAGES_SHAPES, STAGES_MS, STAGES_DT), beside its traffic bound
 if [ $left -ge 30 ] && want stages; then
