@@ -34,7 +34,8 @@
 #    issue 22's one-GPU simulation (sharded_sim.py); PROBES=stages: routed_stages.py), each with a deadline;
 # 4. with NCU="fc2:deepseek-v3-tp8:512 ..." (a later call, with NO_SUITE=1): Nsight Compute on one routed
 #    launch (bench/probes/routed_ncu.py).
-# Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files).
+# Everything under $OUT goes back as one tarball (next.tgz; a reply brings at most 8 files). END (default 560):
+# the seconds after the start by which the probes stop (for a call with less device time left than 600 s).
 # Then, in further calls (each tars $OUT; tar czf $OUT/x.tgz ... as this script does):
 #   - block fp8 probes: python3 bench/probes/block_dense_stages.py skip 1,16,64 (the deeper block ring:
 #     FC1 was 335 us at TP8 M = 64 against 212 per expert);
@@ -57,7 +58,7 @@ commit=${1:-unknown}
 t0=$SECONDS
 [ -z "${NO_SUITE:-}" ] && { gpu_suite ${SUITE_TIMEOUT:-400}; echo "# suite done at $((SECONDS - t0)) s"; }
 if [ -n "${FUZZ:-}" ]; then  # FUZZ=200: the fuzz suite at that many examples a test, failures not shrunk
-  left=$((540 - (SECONDS - t0)))  # (its report must come back: the sixth session's run was cut before it)
+  left=$((${END:-560} - 20 - (SECONDS - t0)))  # (its report must come back: the sixth session's run was cut before it)
   # SIGINT at the timeout: pytest then prints its summary of what failed so far; each failure is
   # also written to fuzz_failures.txt as it comes (DENSEMOE_FAILURES, tests/conftest.py)
   DENSEMOE_FUZZ_EXAMPLES=$FUZZ DENSEMOE_FUZZ_NO_SHRINK=1 DENSEMOE_FAILURES=$OUT/fuzz_failures.txt \
@@ -79,14 +80,14 @@ fi
 # FC2's column stream against the tuned FC2 (docs/routed.md): only where STREAM_SHAPES names shapes
 # (e.g. "deepseek-v3-tp8 qwen3-30b-a3b"; it ran unasked before PROBES=stages on 2026-12-06)
 for shape in ${STREAM_SHAPES:-}; do
-  left=$((560 - (SECONDS - t0)))  # the tarball below must be written before the call's 600 s
+  left=$((${END:-560} - (SECONDS - t0)))  # the tarball below must be written before the call's 600 s
   [ $left -lt 30 ] && { echo "# fc2 stream $shape: skipped, ${left} s left"; continue; }
   ms=$([ $shape = deepseek-v3-tp8 ] && echo 16,128,512,2048,4096 || echo 128,512)
   timeout $((left < ${STREAM_TIMEOUT:-60} ? left : ${STREAM_TIMEOUT:-60})) python3 bench/probes/routed_fc2_stream.py $shape $ms > $OUT/fc2_stream_$shape.log 2>&1
   echo "# fc2 stream $shape: exit $? at $((SECONDS - t0)) s"
   grep -E "^(#|M=)" $OUT/fc2_stream_$shape.log | cut -c1-170
 done
-budget() { local left=$((560 - (SECONDS - t0))); echo $((left < $1 ? left : $1)); }
+budget() { local left=$((${END:-560} - (SECONDS - t0))); echo $((left < $1 ? left : $1)); }
 want() { [ -z "${NO_PROBES:-}" ] && [[ " ${PROBES:-contiguous one_dot sim} " == *" $1 "* ]]; }  # PROBES="one_dot": that one alone
 left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed.md "Fifth session")
 if [ $left -ge 20 ] && want contiguous; then
