@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Seventeenth session (2026-12-06, H100): END=470 SUITE_PROCS=4 SUITE_TIMEOUT=300 PROBES="cute_fc2 quant_sched"
+# CUTE_FC2_TIMEOUT=100 (dded97e with both mailboxes, 385 s): the suite was cut at 300 s (~83%): give it 420 s or more.
+# Next plan: docs/routed.md "Seventeenth session".
 # Fifteenth session (2026-12-06, H100): SUITE_PROCS=4 SUITE_TIMEOUT=330 PROBES="fc2_variants quant_rows stages"
 # STAGES_SHAPES=deepseek-v3-tp8 STAGES_MS=512,4096 (57efb33, 352 s); SUITE_PROCS=4 SUITE_TIMEOUT=330 PROBES=cute_fc2
 # CUTE_FC2_TIMEOUT=130 CUTE_FC2_ARGS="deepseek-v3-tp8,qwen3-30b-a3b 2048,4096" NCU_CUTE_FC2="deepseek-v3-tp8 4096"
