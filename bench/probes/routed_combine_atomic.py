@@ -20,73 +20,55 @@ The bf16 form is not in the library: this probe measures whether it is worth a c
 Timer: CUDA graphs behind an L2 flush, medians."""
 
 import dataclasses
-import sys
 
-import torch
+from _table_y import cases  # (this folder: bench/probes/_table_y.py)
 
-from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.common import RoutedProblem
 from densemoe.kernels.triton import routed as kern
 from densemoe.kernels.triton.routed import can_implement
-from densemoe.ops import routed_configs
-from densemoe.ops.routed import _fc1_stage, _fc2_stage
-from densemoe.quant import FP8, quantize_per_token
+from densemoe.ops.routed import _fc2_stage
 from densemoe.timing import Timer
-from densemoe.tuning.ops import routed_topk
 
-shapes = (sys.argv[1] if len(sys.argv) > 1 else "deepseek-v3-tp8,qwen3-30b-a3b").split(",")
-ms = [int(m) for m in (sys.argv[2] if len(sys.argv) > 2 else "512,2048,4096").split(",")]
-dt = sys.argv[3] if len(sys.argv) > 3 else "fp8"
 timer = Timer(reps=20)
-print(f"# {dt}; us of FC2 + combine in each form, on the table's y; err: max |out - table| / max |table|",
-      flush=True)
-for shape in shapes:
-    case = ExpertsCase(shape, "cuda")
-    p = case.prepared[dt]
-    E, H, I, k = p.num_experts, p.hidden, p.inter, case.k
-    for M in ms:
-        x = case.x(M)
-        ids, wts = routed_topk(M, E, k, "cuda", torch.Generator(device="cuda").manual_seed(M))
-        wts = wts.float().contiguous()
-        prob = RoutedProblem(M, H, E, I, k, p.dtype, torch.bfloat16)
-        cfg = routed_configs.choose(prob, "cuda").config
-        xq, sx = quantize_per_token(x) if p.dtype == FP8 else (x, None)
-        sp, offs, y, ys = _fc1_stage(xq, sx, p.w1, p.alpha1, ids, cfg)
-        out = torch.empty(M, H, dtype=torch.bfloat16, device="cuda")
+for n, (shape, M, dt, t) in enumerate(cases("512,2048,4096")):
+    if n == 0:
+        print(f"# {dt}; us of FC2 + combine in each form, on the table's y; err: max |out - table| / max |table|",
+              flush=True)
+    p, k, ids, wts, prob, cfg, sp, offs, y, ys, out = (t.p, t.k, t.ids, t.wts, t.prob, t.cfg, t.sp, t.offs, t.y,
+                                                      t.ys, t.out)
 
-        def staged(c):
-            _fc2_stage(y, ys, p.w2, p.w2_scale, sp, offs, ids, wts, out, c)
-            return out
+    def staged(c):
+        _fc2_stage(y, ys, p.w2, p.w2_scale, sp, offs, ids, wts, out, c)
+        return out
 
-        def bf16_atomic(c):
-            out.zero_()
-            kern.fc2_launch(y, ys, p.w2, p.w2_scale, sp, offs, wts, out, c.fc1_block_i, c, k)
-            return out
+    def bf16_atomic(c):
+        out.zero_()
+        kern.fc2_launch(y, ys, p.w2, p.w2_scale, sp, offs, wts, out, c.fc1_block_i, c, k)
+        return out
 
-        want = staged(cfg).clone().float()
-        scale = want.abs().max().item()
-        base = dataclasses.replace(cfg, fc2_cute=False, fused_combine=False, atomic_combine=False)
-        forms = {"table": (staged, cfg), "rows": (staged, base)}
-        for cm in (False, True):
-            try:
-                a = dataclasses.replace(base, atomic_combine=True, fc2_col_major=cm,
-                                        fc2_col_groups=0 if cm else base.fc2_col_groups)
-            except Exception as exc:  # a field combination the config refuses: say so, go on
-                print(f"# {shape} M={M} col_major={cm}: {exc}", flush=True)
-                continue
-            tag = " cm" if cm else ""
-            forms["f32" + tag] = (staged, a)
-            forms["bf16" + tag] = (bf16_atomic, a)
-        line = [f"{shape} M={M} {cfg.short()}"]
-        for name, (fn, c) in forms.items():
-            ok, why = can_implement(prob, c) if c is not cfg else (True, "")
-            if not ok:
-                line.append(f"{name} -")
-                continue
-            try:
-                err = (fn(c).float() - want).abs().max().item() / scale
-            except Exception as exc:  # (out of resources on this card): say so, go on
-                line.append(f"{name} {type(exc).__name__}")
-                continue
-            line.append(f"{name} {timer(lambda: fn(c))['us']:.1f} ({err:.1e})")
-        print("  ".join(line), flush=True)
+    want = staged(cfg).clone().float()
+    scale = want.abs().max().item()
+    base = dataclasses.replace(cfg, fc2_cute=False, fused_combine=False, atomic_combine=False)
+    forms = {"table": (staged, cfg), "rows": (staged, base)}
+    for cm in (False, True):
+        try:
+            a = dataclasses.replace(base, atomic_combine=True, fc2_col_major=cm,
+                                    fc2_col_groups=0 if cm else base.fc2_col_groups)
+        except Exception as exc:  # a field combination the config refuses: say so, go on
+            print(f"# {shape} M={M} col_major={cm}: {exc}", flush=True)
+            continue
+        tag = " cm" if cm else ""
+        forms["f32" + tag] = (staged, a)
+        forms["bf16" + tag] = (bf16_atomic, a)
+    line = [f"{shape} M={M} {cfg.short()}"]
+    for name, (fn, c) in forms.items():
+        ok, why = can_implement(prob, c) if c is not cfg else (True, "")
+        if not ok:
+            line.append(f"{name} -")
+            continue
+        try:
+            err = (fn(c).float() - want).abs().max().item() / scale
+        except Exception as exc:  # (out of resources on this card): say so, go on
+            line.append(f"{name} {type(exc).__name__}")
+            continue
+        line.append(f"{name} {timer(lambda: fn(c))['us']:.1f} ({err:.1e})")
+    print("  ".join(line), flush=True)

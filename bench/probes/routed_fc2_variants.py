@@ -11,73 +11,56 @@ here keeps the k-steps and their order) and skipped where ``can_implement`` refu
 Timer: CUDA graphs behind an L2 flush, medians."""
 
 import dataclasses
-import sys
 
 import torch
+from _table_y import cases  # (this folder: bench/probes/_table_y.py)
 
-from densemoe.bench.layer import ExpertsCase
-from densemoe.kernels.common import RoutedProblem
 from densemoe.kernels.triton import routed as kern
 from densemoe.kernels.triton.routed import can_implement
-from densemoe.ops import routed_configs
-from densemoe.ops.routed import _fc1_stage, _fc2_stage
-from densemoe.quant import FP8, quantize_per_token
+from densemoe.ops.routed import _fc2_stage
 from densemoe.timing import Timer
-from densemoe.tuning.ops import routed_topk
 
-shapes = (sys.argv[1] if len(sys.argv) > 1 else "deepseek-v3-tp8,qwen3-30b-a3b").split(",")
-ms = [int(m) for m in (sys.argv[2] if len(sys.argv) > 2 else "2048,4096").split(",")]
-dt = sys.argv[3] if len(sys.argv) > 3 else "fp8"
 timer = Timer(reps=20)
-print(f"# {dt}; us of FC2 + combine as each config runs them, on the table's y", flush=True)
-for shape in shapes:
-    case = ExpertsCase(shape, "cuda")
-    p = case.prepared[dt]
-    E, H, I, k = p.num_experts, p.hidden, p.inter, case.k
-    for M in ms:
-        x = case.x(M)
-        ids, wts = routed_topk(M, E, k, "cuda", torch.Generator(device="cuda").manual_seed(M))
-        wts = wts.float().contiguous()
-        prob = RoutedProblem(M, H, E, I, k, p.dtype, torch.bfloat16)
-        cfg = routed_configs.choose(prob, "cuda").config
-        xq, sx = quantize_per_token(x) if p.dtype == FP8 else (x, None)
-        sp, offs, y, ys = _fc1_stage(xq, sx, p.w1, p.alpha1, ids, cfg)
-        out = torch.empty(M, H, dtype=torch.bfloat16, device="cuda")
+for n, (shape, M, dt, t) in enumerate(cases("2048,4096")):
+    if n == 0:
+        print(f"# {dt}; us of FC2 + combine as each config runs them, on the table's y", flush=True)
+    p, ids, wts, prob, cfg, sp, offs, y, ys, out = t.p, t.ids, t.wts, t.prob, t.cfg, t.sp, t.offs, t.y, t.ys, t.out
+    I = p.inter
 
-        def fc2(c):
-            _fc2_stage(y, ys, p.w2, p.w2_scale, sp, offs, ids, wts, out, c)
-            return out
+    def fc2(c):
+        _fc2_stage(y, ys, p.w2, p.w2_scale, sp, offs, ids, wts, out, c)
+        return out
 
-        want = fc2(cfg).clone()
-        pps = cfg.fc2_programs_per_sm or cfg.programs_per_sm
-        variants = {"y_tma": dict(fc2_y_tma=not cfg.fc2_y_tma), "stages+1": dict(fc2_stages=cfg.fc2_stages + 1),
-                    "pps+1": dict(fc2_programs_per_sm=pps + 1),
-                    "y_tma,stages+1": dict(fc2_y_tma=not cfg.fc2_y_tma, fc2_stages=cfg.fc2_stages + 1)}
-        if not cfg.fc2_col_groups and not (cfg.fused_combine or cfg.atomic_combine or cfg.fc2_cute):
-            variants["stream g2"] = dict(fc2_col_groups=2)
-            variants["stream g8"] = dict(fc2_col_groups=8)
-        line = [f"{shape} M={M} table {cfg.short()} {timer(lambda: fc2(cfg))['us']:.1f}"]
-        if cfg.fc2_col_groups and I // cfg.fc2_block_k <= 2:  # the stream's y operand in the loop, as before
-            kern.FC2_HOIST_Y = not kern.FC2_HOIST_Y
-            same = torch.equal(fc2(cfg), want)
-            line.append(f"hoist_y={kern.FC2_HOIST_Y} {timer(lambda: fc2(cfg))['us']:.1f}{'' if same else ' WRONG'}")
-            kern.FC2_HOIST_Y = not kern.FC2_HOIST_Y
-        for name, kw in variants.items():
-            if kw.get("fc2_programs_per_sm") is not None:  # 0 means programs_per_sm: one config, one string
-                kw["fc2_programs_per_sm"] = 0 if kw["fc2_programs_per_sm"] == cfg.programs_per_sm \
-                    else kw["fc2_programs_per_sm"]
-            try:
-                c = dataclasses.replace(cfg, **kw)
-            except Exception:
-                continue
-            ok, why = can_implement(prob, c)
-            if not ok:
-                line.append(f"{name} -")
-                continue
-            try:
-                same = torch.equal(fc2(c), want)
-            except Exception as exc:  # (out of resources on this card): say so, go on
-                line.append(f"{name} {type(exc).__name__}")
-                continue
-            line.append(f"{name} {timer(lambda: fc2(c))['us']:.1f}{'' if same else ' WRONG'}")
-        print("  ".join(line), flush=True)
+    want = fc2(cfg).clone()
+    pps = cfg.fc2_programs_per_sm or cfg.programs_per_sm
+    variants = {"y_tma": dict(fc2_y_tma=not cfg.fc2_y_tma), "stages+1": dict(fc2_stages=cfg.fc2_stages + 1),
+                "pps+1": dict(fc2_programs_per_sm=pps + 1),
+                "y_tma,stages+1": dict(fc2_y_tma=not cfg.fc2_y_tma, fc2_stages=cfg.fc2_stages + 1)}
+    if not cfg.fc2_col_groups and not (cfg.fused_combine or cfg.atomic_combine or cfg.fc2_cute):
+        variants["stream g2"] = dict(fc2_col_groups=2)
+        variants["stream g8"] = dict(fc2_col_groups=8)
+    line = [f"{shape} M={M} table {cfg.short()} {timer(lambda: fc2(cfg))['us']:.1f}"]
+    if cfg.fc2_col_groups and I // cfg.fc2_block_k <= 2:  # the stream's y operand in the loop, as before
+        kern.FC2_HOIST_Y = not kern.FC2_HOIST_Y
+        same = torch.equal(fc2(cfg), want)
+        line.append(f"hoist_y={kern.FC2_HOIST_Y} {timer(lambda: fc2(cfg))['us']:.1f}{'' if same else ' WRONG'}")
+        kern.FC2_HOIST_Y = not kern.FC2_HOIST_Y
+    for name, kw in variants.items():
+        if kw.get("fc2_programs_per_sm") is not None:  # 0 means programs_per_sm: one config, one string
+            kw["fc2_programs_per_sm"] = 0 if kw["fc2_programs_per_sm"] == cfg.programs_per_sm \
+                else kw["fc2_programs_per_sm"]
+        try:
+            c = dataclasses.replace(cfg, **kw)
+        except Exception:
+            continue
+        ok, why = can_implement(prob, c)
+        if not ok:
+            line.append(f"{name} -")
+            continue
+        try:
+            same = torch.equal(fc2(c), want)
+        except Exception as exc:  # (out of resources on this card): say so, go on
+            line.append(f"{name} {type(exc).__name__}")
+            continue
+        line.append(f"{name} {timer(lambda: fc2(c))['us']:.1f}{'' if same else ' WRONG'}")
+    print("  ".join(line), flush=True)
