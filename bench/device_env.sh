@@ -18,7 +18,11 @@ python3 -c "import torch, triton, cutlass; print('torch', torch.__version__, 'tr
 # the GPU test suite, spread over processes when pytest-xdist came along: gpu_suite <timeout_s>
 gpu_suite() {
   local par=""
-  python3 -c "import xdist" 2>/dev/null && par="-n ${SUITE_PROCS:-8} --dist loadgroup"
+  # processes: SUITE_PROCS, else by the card's memory: 4 on an 80 GB H100 (five ran out of memory there,
+  # tenth session), 6 on a 141 GB H200
+  local procs=${SUITE_PROCS:-$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null \
+    | head -1 | awk '{print ($1 > 100000) ? 6 : 4}')}
+  python3 -c "import xdist" 2>/dev/null && par="-n ${procs:-4} --dist loadgroup"
   # --durations: the slowest tests go to the log (the reply shows its tail without them)
   timeout ${1:-320} python3 -m pytest -q -m gpu ${SUITE_PATHS:-tests} -p no:cacheprovider --durations=20 $par 2>&1 \
     | tee $OUT/gpu_tests.log | grep -Ev "^[0-9.]+s (call|setup|teardown) " | tail -8
