@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Eighteenth session (2026-12-06): six calls refused; the plan stands for the next one, on main with both mailboxes:
+# Eighteenth session (2026-12-06): seven calls refused; the plan stands for the next one, on main with both mailboxes:
 # END=575 SUITE_TIMEOUT=450 PROBES=atomic_bf16 ATOMIC_TIMEOUT=110 (the suite's processes now follow the card's memory:
 # 4 on an H100, 6 on an H200; SUITE_PROCS overrides). docs/routed.md "Eighteenth session".
 # Seventeenth session (2026-12-06, H100): END=470 SUITE_PROCS=4 SUITE_TIMEOUT=300 PROBES="cute_fc2 quant_sched"
