@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Eighteenth session (2026-12-06): seven calls refused; the plan stands for the next one, on main with both mailboxes:
 # END=575 SUITE_TIMEOUT=450 PROBES=atomic_bf16 ATOMIC_TIMEOUT=110 (the suite's processes now follow the card's memory:
-# 4 on an H100, 6 on an H200; SUITE_PROCS overrides). docs/routed.md "Eighteenth session".
+# 4 on an H100, 6 on an H200; SUITE_PROCS overrides). docs/routed-journal.md "Eighteenth session".
 # Seventeenth session (2026-12-06, H100): END=470 SUITE_PROCS=4 SUITE_TIMEOUT=300 PROBES="cute_fc2 quant_sched"
 # CUTE_FC2_TIMEOUT=100 (dded97e with both mailboxes, 385 s): the suite was cut at 300 s (~83%): give it 420 s or more.
-# Next plan: docs/routed.md "Seventeenth session".
+# Next plan: docs/routed-journal.md "Seventeenth session".
 # Fifteenth session (2026-12-06, H100): SUITE_PROCS=4 SUITE_TIMEOUT=330 PROBES="fc2_variants quant_rows stages"
 # STAGES_SHAPES=deepseek-v3-tp8 STAGES_MS=512,4096 (57efb33, 352 s); SUITE_PROCS=4 SUITE_TIMEOUT=330 PROBES=cute_fc2
 # CUTE_FC2_TIMEOUT=130 CUTE_FC2_ARGS="deepseek-v3-tp8,qwen3-30b-a3b 2048,4096" NCU_CUTE_FC2="deepseek-v3-tp8 4096"
-# NCU_CUTE_TIMEOUT=110 (2a51365, 297 s; the suite 252 s). Next plan: docs/routed.md "Sixteenth session".
-# A session's device call for tests and probes (the next plan: docs/routed.md "Thirteenth session", Next: on
+# NCU_CUTE_TIMEOUT=110 (2a51365, 297 s; the suite 252 s). Next plan: docs/routed-journal.md "Sixteenth session".
+# A session's device call for tests and probes (the next plan: docs/routed-journal.md "Thirteenth session", Next: on
 # an H200 the retune comes first, bench/h200_tune_layer.sh; then e.g. NO_SUITE=1 STREAM_SHAPES= PROBES=cute_fc1
 # NCU="fc1:...:routed_fc1_sm90:<config>"). The thirteenth session (H100) ran its plan by hand (the commands are
-# in docs/routed.md). Last run 2026-12-06, twelfth session, on an H200, tree 2f9a6d4:
+# in docs/routed-journal.md). Last run 2026-12-06, twelfth session, on an H200, tree 2f9a6d4:
 # SUITE_PROCS=6 SUITE_TIMEOUT=250 SUITE_PATHS="tests/test_routed_fc1_cute.py tests/test_fc1_cute.py
 # tests/test_routed_gpu.py" PROBES="cute_fc1 cute_fc2" STREAM_SHAPES= (215 s); and on an H100, tree 0d43585,
 # with SUITE_PROCS=4 PROBES=none (173 s). Before: 2026-12-05,
@@ -22,14 +22,14 @@
 # NO_SUITE=1 STREAM_SHAPES= PROBES=position FUZZ=100 FUZZ_K="routed_with or block_fp8" FUZZ_TIMEOUT=250
 # NCU="fc1:qwen3-30b-a3b:2048 fc1:qwen3-30b-a3b:16 fc2:qwen3-30b-a3b:16", 250 s; docs/routed.md
 # "Eighth session"). Next: PROBES=vs_dense NO_SUITE=1 STREAM_SHAPES= with the sorted-x patch applied
-# (docs/routed.md, the eighth session's list). Carry the CuTe bundle (.carry,
+# (docs/routed-journal.md, the eighth session's list). Carry the CuTe bundle (.carry,
 # ../shared/tools/cutedsl-bundle) for the CuTe tests (without it they fail, not skip) and call
 #
 #   bash bench/h200_next.sh <commit>          (run with timeout_s=600; commit: git rev-parse --short HEAD)
 #
 # (the tree plus the bundle must pass the device's 64 MiB check, which counts stricter than bytes:
 # remove bench/results/*.png and bench/results/*.json.gz from the working copy for the call, keep
-# bench/results/h200_wip*/, and `git checkout -- .` after; docs/routed.md "The device scripts")
+# bench/results/h200_wip*/, and `git checkout -- .` after; docs/device.md)
 #
 # 1. the whole GPU suite (-m gpu), ~3.5 min on 8 processes (over 300 s on a cold H100: SUITE_TIMEOUT, default 400);
 # 2. (LAYER=1 only: the layer benchmark runs in the second call, bench/h200_tune_layer.sh, after the tuning)
@@ -95,7 +95,7 @@ for shape in ${STREAM_SHAPES:-}; do
 done
 budget() { local left=$((${END:-560} - (SECONDS - t0))); echo $((left < $1 ? left : $1)); }
 want() { [ -z "${NO_PROBES:-}" ] && [[ " ${PROBES:-contiguous one_dot sim} " == *" $1 "* ]]; }  # PROBES="one_dot": that one alone
-left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed.md "Fifth session")
+left=$(budget 50)  # FC1's gathered rows against contiguous ones (docs/routed-journal.md "Fifth session")
 if [ $left -ge 20 ] && want contiguous; then
   timeout $left python3 bench/probes/routed_fc1_contiguous.py qwen3-30b-a3b 128,512,2048,4096 > $OUT/fc1_contiguous.log 2>&1
   echo "# fc1 contiguous: exit $? at $((SECONDS - t0)) s"; grep -v "^ *$" $OUT/fc1_contiguous.log | tail -8 | cut -c1-170
@@ -115,7 +115,7 @@ if [ $left -ge 30 ] && want sim; then
   timeout $left python3 bench/sharded_sim.py --out $OUT/sharded_sim_h200 > $OUT/sharded_sim.log 2>&1
   echo "# sharded sim: exit $? at $((SECONDS - t0)) s"; tail -14 $OUT/sharded_sim.log | cut -c1-170
 fi
-left=$(budget 80)  # PROBES="position": does a timing read slow right after the dense one? (docs/routed.md, seventh session)
+left=$(budget 80)  # PROBES="position": does a timing read slow right after the dense one? (docs/routed-journal.md, seventh session)
 if [ $left -ge 30 ] && want position; then
   timeout $left python3 bench/probes/timing_position.py deepseek-v3-tp8 fp8 1024,4096 100,1000 > $OUT/timing_position.log 2>&1
   echo "# timing position: exit $? at $((SECONDS - t0)) s"; grep -E "^(#|M=)" $OUT/timing_position.log | cut -c1-200

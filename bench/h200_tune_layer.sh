@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# The second device call of a session that lands kernel changes (docs/routed.md "The device
-# scripts"): one dtype's routed and strategy tuning (DT, default fp8) from a fresh cache (every routed schedule in the
+# The second device call of a session that lands kernel changes (docs/device.md): one dtype's routed and strategy tuning (DT, default fp8) from a fresh cache (every routed schedule in the
 # space: the fused combine, FC2's column stream and column-major order, FC1's stream-K), then the
 # layer benchmark of that dtype in the same call, reading that cache on top of the shipped tables, so the
 # figures are those of the merged table. One tarball comes back (next.tgz: the tuner's wip/,

@@ -24,7 +24,7 @@ probe's tiles with one and two programs per SM: its fp8 y, dequantised, is check
 same reference first. The fifth session's H200 run put the library's FC1 at 277 us where this
 loop took 170 (Qwen3 M = 2048, the same tile); the sixth session's H100 run bisected it
 (``--bisect``: the library 1.15x the loop on the same even routing) and found the rest in the
-routing (``--ragged``: uniform top-8 routing 1.28-1.37x the even one; docs/routed.md "Sixth
+routing (``--ragged``: uniform top-8 routing 1.28-1.37x the even one; docs/routed-journal.md "Sixth
 session"). ``--ragged --tails``: the same with FC1's tails (``fc1_tail_m``: an expert's rest of
 a few rows rides on its last whole tile) against the plain tiles (eighth session).
 
@@ -199,7 +199,7 @@ def check(H, E, I, rows, device, configs):
     return x, w, tok
 
 
-# the steps from the probe's loop to the library's FC1 (docs/routed.md "Sixth session"): each alone, then all
+# the steps from the probe's loop to the library's FC1 (docs/routed-journal.md "Sixth session"): each alone, then all
 VARIANTS = (("loop", {}), ("k mask", dict(k_mask=True)), ("tma", dict(tma=True)), ("fp8 y", dict(fp8=True)),
             ("persistent 1/SM", dict(persist=1)), ("persistent 2/SM", dict(persist=2)),
             ("all, 1/SM", dict(k_mask=True, tma=True, fp8=True, persist=1)),

@@ -1,5 +1,5 @@
 """What the Triton FC1 k-loops are in SASS (no GPU: compiled for sm_90a with the installed Triton,
-disassembled with the nvdisasm in its wheel; ninth session, docs/routed.md).
+disassembled with the nvdisasm in its wheel; ninth session, docs/routed-journal.md).
 
 For the dense FC1 (``kernels.triton.fc1._fc1_kernel``, TMA) and the routed FC1
 (``kernels.triton.routed._fc1_kernel``, x gathered) at the tiles the tables pick at large M (128
@@ -31,7 +31,7 @@ wgmma instruction (8 waits a k-tile), where = the k-tile waits once.
     python bench/probes/fc1_loop_sass.py [--forms] [--ws] [--promote]     (CPU; the installed Triton)
 
 Run 2026-12-05 (ninth session) with Triton 3.9.0 (this machine) and, for ``--ws``, Triton 3.6.0 in
-a virtual environment (the device's version): results in docs/routed.md "Ninth session".
+a virtual environment (the device's version): results in docs/routed-journal.md "Ninth session".
 """
 
 import os

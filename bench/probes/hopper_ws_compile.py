@@ -1,7 +1,7 @@
 """Does Triton's Hopper warp specialisation (``tl.range(..., warp_specialize=True)``, the
 ``nvgpu-warp-specialization`` pass on sm_90) fire? Compiles for sm_90a without a GPU and reports,
 per kernel, whether the TTGIR holds a ``ttg.warp_specialize`` op with its partitions (the loop's
-``tt.warp_specialize`` attribute alone is only the request) (eighth session, docs/routed.md):
+``tt.warp_specialize`` attribute alone is only the request) (eighth session, docs/routed-journal.md):
 
 - a minimal TMA-descriptor GEMM loop (fp16 and fp8; one and two dots a k-step, as FC1's gate and
   up; alone and inside a persistent loop), at 4 and 8 warps;

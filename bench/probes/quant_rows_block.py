@@ -2,7 +2,7 @@
 the library's two passes (amax over the row, then the quantisation, the row read twice) against
 one pass with the whole row in registers at a block of 8192 (4, 8 or 16 warps), on the same x,
 checked bit for bit against the library first (issue 19: x's quantisation at DeepSeek-V3 TP8
-M = 4096 took 43.3 us on an H100 against 27 of traffic, docs/routed.md "Fourteenth session").
+M = 4096 took 43.3 us on an H100 against 27 of traffic, docs/routed-journal.md "Fourteenth session").
 
     python bench/probes/quant_rows_block.py [H,...] [M,...]
 

@@ -1,6 +1,6 @@
 """FC2 and the combine: the pairs' rows summed by the combine launch, against the pairs added into
 the token's output row by atomics in FC2's epilogue (issue 19: at DeepSeek-V3 TP8 M = 4096 the
-rows cost 2 x 470 MB of traffic, docs/routed.md "Where the targets stand"). Forms, each on the
+rows cost 2 x 470 MB of traffic, docs/routed.md "The floor of this pipeline"). Forms, each on the
 same y, in one process:
 
 - ``table``: the table's config as the routed path runs it;

@@ -1,4 +1,4 @@
-"""Does the routed FC1 lose time to its gathered x rows? (issue 19, docs/routed.md "Next" 3.)
+"""Does the routed FC1 lose time to its gathered x rows? (issue 19, docs/routed-journal.md "First H200 measurements", Next 3.)
 The grouped FC1 loads each tile's x rows by token (``sorted_pairs // k``): rows scattered over
 x, loaded through cp.async, never TMA (Hopper's TMA has no gather). This probe runs the
 library's FC1 kernel twice on the same routing and config: as the library calls it, and on a

@@ -1,6 +1,6 @@
 """The CuTe DSL routed FC1 (``kernels/cute/routed_fc1_sm90.py``: TMA producer warp, two consumer
 warpgroups not held in step, each fp8 k-tile promoted into fp32) against the Triton routed FC1
-(``kernels.triton.routed.fc1_launch``) on uniform top-k routing (ninth session, docs/routed.md).
+(``kernels.triton.routed.fc1_launch``) on uniform top-k routing (ninth session, docs/routed-journal.md).
 
 The Triton FC1 runs at 28% of the fp8 peak at Qwen3 M = 2048 (H200) and 22% tensor-pipe use
 under Nsight Compute (H100): each k-step waits for its gate and its up wgmma before adding them

@@ -1,4 +1,4 @@
-"""The routed FC1 against the dense FC1 on the same work (eighth session, docs/routed.md).
+"""The routed FC1 against the dense FC1 on the same work (eighth session, docs/routed-journal.md).
 
 On an H100 the dense path's FC1 (``ops.fc1``, its tuned table) does Qwen3-30B-A3B at M = 128
 (every expert's 1536 rows against 128 tokens: 403 MB of weights, 103 GFLOP) in 157.5 us and at
@@ -98,7 +98,7 @@ def compare(dims, r, device, timer=None, configs=CONFIGS, dense_configs=DENSE):
 # ``--cute`` (the CuTe DSL bundle on the device): the dense FC1 on the CuTe kernel too, with each
 # k-tile's fp8 products promoted into fp32 (``promote=1``: a producer warp and two consumer
 # warpgroups that are not held in step, so one's wait and adds run under the other's MMAs; the
-# Triton loops wait for each product with the whole CTA in step, docs/routed.md "Ninth
+# Triton loops wait for each product with the whole CTA in step, docs/routed-journal.md "Ninth
 # session"), and one tile without promotion (fast accumulation: the precision the Triton FC1 gave
 # up in f759edd) for the cost of the promotion itself
 CUTE = (Fc1CuteConfig(tile_i=64, tile_m=128, tile_k=128, consumers=2, swap_ab=0),

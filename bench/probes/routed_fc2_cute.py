@@ -1,6 +1,6 @@
 """The CuTe DSL routed FC2 (``kernels/cute/routed_fc2_sm90.py``) against the Triton routed FC2
 (``kernels.triton.routed.fc2_launch``, rows for the combine) on uniform top-k routing (ninth
-session, docs/routed.md). Both read the same y (the Triton FC1's, fp8 per (row, 128 columns))
+session, docs/routed-journal.md). Both read the same y (the Triton FC1's, fp8 per (row, 128 columns))
 and write each pair's bf16 row; each output is checked against float32 of the same products
 first, then timed (``Timer``: CUDA graphs, L2 flushed, medians): the Triton FC2 at the table's
 config and at the large-M tiles, the CuTe FC2 in units of 128 rows (both warpgroups on one unit)

@@ -1,4 +1,4 @@
-"""Does the routed fp8 FC2 gain from keeping its MMAs in flight? (issue 19, docs/routed.md "First
+"""Does the routed fp8 FC2 gain from keeping its MMAs in flight? (issue 19, docs/routed-journal.md "First
 H200 measurements", next step 2.) The library's grouped FC2 multiplies each k-step's product by
 y's group scale, so each step waits for its wgmma (`routed_mma_waits.py`: pendings 0). Where one
 FC1 tile covers all of I (DeepSeek-V3 TP8: I = 256, fc1_block_i 256), y has one scale per pair

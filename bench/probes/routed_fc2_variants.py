@@ -1,6 +1,6 @@
 """FC2 (and the combine, as the config runs it) with the table's config against small changes of
 it, on the same y, in one process (issue 19: FC2 at large M is latency-bound, Nsight Compute,
-docs/routed.md "Fourteenth session"): y's rows through TMA (``fc2_y_tma``) or not, one stage
+docs/routed-journal.md "Fourteenth session"): y's rows through TMA (``fc2_y_tma``) or not, one stage
 more, one program an SM more, for a config without the column stream the stream at two group
 sizes, and for one with it the unit's y operand in the loop or loaded once before it
 (``kern.FC2_HOIST_Y`` switched). Each variant is checked bit for bit against the table's config (every change

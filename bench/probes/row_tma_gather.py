@@ -1,5 +1,5 @@
 """One TMA load a row: can the CuTe routed FC1's producer gather x's rows straight from x [M, H]
-(no sorted copy) into its 128-byte-swizzled stage? (docs/routed.md, twelfth session, Next 2.)
+(no sorted copy) into its 128-byte-swizzled stage? (docs/routed-journal.md, twelfth session, Next 2.)
 
 Hopper's TMA has no gather, but a box of one row by the k-tile, issued once per row at the row's
 place in the stage, lands as the whole tile's box would if the swizzle is a function of the

@@ -1,7 +1,7 @@
 """Does a timing read slow right after a heavy one? The layer benchmark's interleaved rounds time
 the routed line right after the dense one; on the H200 (2026-12-05, seventh session) the routed
 path read 3-5% slower there at M >= 1024 than the same callable timed again right after it
-(`docs/routed.md`, "Seventh session"). This probe times the same routed call in three positions,
+(`docs/routed-journal.md`, "Seventh session"). This probe times the same routed call in three positions,
 each as its own ``Timer`` call (CUDA graph, L2 flushed, median of ``reps``), in interleaved
 rounds, for each ``settle`` (the timer's reads before a timing, in flushes of 256 MB):
 

@@ -373,7 +373,7 @@ def performance_md(root: str | Path = ".") -> str:
         "median of `--reps`; before each timing the timer reads 256 MB `--settle` times for the clocks to settle "
         "after the line before (100; 1000 for the layer benchmark since 2026-12-05, where the routed line "
         "right after the dense one read 2.4% slow at M = 4096 with 100: "
-        "[routed.md](routed.md#eighth-session-2026-12-05-fc1s-tails-the-timing-position-profiles)). "
+        "[routed-journal.md](routed-journal.md#eighth-session-2026-12-05-fc1s-tails-the-timing-position-profiles)). "
         "FC1, the layer and skipping time ours and the baselines in three interleaved rounds "
         "(median of the round medians); FC2 interleaves the tuned config with the heuristic's and times cuBLAS "
         "in the same process. The read ceiling (a streaming read) and the cuBLAS GEMM peaks are "

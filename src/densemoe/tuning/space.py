@@ -467,7 +467,7 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
                     base = make(bm, False, bi, bn, pps=pps, k2=min(128 if fp8 else 64, bi))
                     if base is not None:
                         # x from a sorted copy, or gathered by TMA a row: with tiles of I 128 only (at 64 a
-                        # unit's MMA halves for the same row loads; docs/routed.md, "Thirteenth session")
+                        # unit's MMA halves for the same row loads; docs/routed-journal.md, "Thirteenth session")
                         for gather in (False, True) if bi == 128 else (False,):
                             add(dataclasses.replace(base, fc1_cute=True, fc1_block_k=k1 * (128 if fp8 else 64),
                                                     fc1_warps=4, fc1_stages=3, fc1_swap_ab=False,

@@ -377,7 +377,7 @@ def mainloop_promoted(tiled_mma, pipe, read, release, k_tiles: int, gemms):
     idle meanwhile: the kernels run two consumer warpgroups that are not held in step (no
     CTA-wide barrier in the loop), so one warpgroup's wgmmas run while the other waits and adds.
     Triton's per-k-tile promotion (``max_num_imprecise_acc``) has the same wait, but its CTA
-    barriers keep the warpgroups in step (docs/routed.md, "Ninth session"). An earlier form
+    barriers keep the warpgroups in step (docs/routed-journal.md, "Ninth session"). An earlier form
     with the adds one product behind the MMAs made ptxas serialise every wgmma (C7514).
     Registers: one temporary per product on top of the accumulators (``can_implement`` counts
     them)."""

@@ -21,7 +21,7 @@ the pairs sorted by expert; ``densemoe.reference`` holds the torch twin of the w
               NaN kept), y_scale[r, c] = sc, y[r, i] = fp8(clamp(v / sc, +-448))
         bf16: y[r, i] = bf16(v)
 
-Kernel (sixth and ninth sessions' findings, docs/routed.md): the Triton routed FC1 gathers x by
+Kernel (sixth and ninth sessions' findings, docs/routed-journal.md): the Triton routed FC1 gathers x by
 token with cp.async and waits for each fp8 product before its fp32 add with the whole CTA in
 step, so its tensor cores sit idle through every wait and add (28% of the fp8 peak at Qwen3 M =
 2048). Here:

@@ -15,7 +15,7 @@ Semantics: those of the Triton routed FC2 without the fused or atomic combine
         acc[n] = sum_kt y_scale[r, kt] * sum(y[r, k] * w2[n, e*I + k] for k in k-tile kt)   # fp32
         rows[p, n] = bf16(acc[n] * w2_scale[e] * topk_weights[p])
 
-Kernel (ninth session, docs/routed.md): the construction of ``routed_fc1_sm90``. Units are
+Kernel (ninth session, docs/routed-journal.md): the construction of ``routed_fc1_sm90``. Units are
 (tile of ``tile_m`` sorted rows from the tile list, tile of ``tile_n`` columns of H), tile-major,
 taken by persistent CTAs; a producer warp loads y's rows through TMA at the tile's first row (they
 are contiguous in the sorted order) and w2's ``tile_n`` rows of the expert's k-tile. Two consumer
