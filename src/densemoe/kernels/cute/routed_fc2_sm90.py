@@ -61,8 +61,10 @@ class RoutedFc2CuteConfig:
     tile_m: sorted rows a unit (the tile list's tiles). 128: the two consumer warpgroups take 64
             rows each of one unit; 64: each warpgroup its own units, in turn
     ahead:  load a unit's indices (tile -> expert, first row -> end row, pairs -> weights: three
-            dependent loads) one unit ahead, under the k-loop and the epilogue of the unit before;
-            off: at the unit's start, before its k-loop (two k-tiles at I = 256: shorter than the chain)
+            dependent loads) and its first k-tile's y scales one unit ahead, under the k-loop and
+            the epilogue of the unit before; off: at the unit's start, before its k-loop (two
+            k-tiles at I = 256: shorter than the chain). Either way a k-tile's y scales load
+            while the k-tile before multiplies.
     """
 
     tile_n: int = 128
@@ -289,6 +291,11 @@ def _build_kernel_class():
                 wt0 = mTw[p0] * ws
                 wt1 = mTw[p1] * ws
                 nt = cutlass.min(first, last) - tn * NT
+                sy0 = Float32(1.0)  # the rows' y scales of the unit's first k-tile (fp8)
+                sy1 = Float32(1.0)
+                if cutlass.const_expr(self.fp8):
+                    sy0 = mYs[cutlass.min(r0 + row0, pairs_last), 0]
+                    sy1 = mYs[cutlass.min(r0 + row1, pairs_last), 0]
                 for u in range(first, units, step):
                     if cutlass.const_expr(not self.cfg.ahead):  # the chain here, at the unit's start
                         t = u // NT
@@ -301,6 +308,9 @@ def _build_kernel_class():
                         p1 = mSorted[cutlass.min(r0 + row1, r1 - 1)]
                         wt0 = mTw[p0] * ws
                         wt1 = mTw[p1] * ws
+                        if cutlass.const_expr(self.fp8):
+                            sy0 = mYs[cutlass.min(r0 + row0, r1 - 1), 0]
+                            sy1 = mYs[cutlass.min(r0 + row1, r1 - 1), 0]
                     if cutlass.const_expr(self.cfg.ahead):  # the next unit's tile entry: lands during the k-loop
                         un = cutlass.min(u + step, last)
                         tn = un // NT
@@ -311,7 +321,7 @@ def _build_kernel_class():
                             cute.arch.barrier(barrier_id=1 + mine, number_of_threads=256)
                     if cutlass.const_expr(self.fp8):
                         read, release = self._mainloop_scaled(tiled_mma, pipe, read, release, acc, tmp, tA, tB, tCcC,
-                                                              mYs, r0, r1)
+                                                              mYs, r0, r1, sy0, sy1)
                     else:
                         read, release = hopper.mainloop(tiled_mma, pipe, read, release, KT, ((acc, tA, tB),))
                     if cutlass.const_expr(self.alternate):
@@ -324,6 +334,9 @@ def _build_kernel_class():
                         n_p0 = mSorted[cutlass.min(n_r0 + row0, pairs_last)]
                         n_p1 = mSorted[cutlass.min(n_r0 + row1, pairs_last)]
                         n_ws = mW2s[n_e]
+                        if cutlass.const_expr(self.fp8):  # and its first k-tile's y scales
+                            sy0 = mYs[cutlass.min(n_r0 + row0, pairs_last), 0]
+                            sy1 = mYs[cutlass.min(n_r0 + row1, pairs_last), 0]
                     self._epilogue(acc, tCcC, mRows, nt, r0, r1, p0, p1, wt0, wt1)
                     if cutlass.const_expr(self.cfg.ahead):  # the next unit becomes this one
                         nt = un - tn * NT
@@ -341,12 +354,15 @@ def _build_kernel_class():
         @cute.jit
         def _mainloop_scaled(self, tiled_mma: cute.TiledMma, pipe, read, release, acc: cute.Tensor, tmp: cute.Tensor,
                              tA: cute.Tensor, tB: cute.Tensor, tCcC: cute.Tensor, mYs: cute.Tensor, r0: Int32,
-                             r1: Int32):
+                             r1: Int32, sy0: Float32, sy1: Float32):
             """fp8: each k-tile into ``tmp`` (scale-d 0 on its first k-block), waited for, then
-            added into ``acc`` times its rows' y scales (read before the wait)."""
+            added into ``acc`` times its rows' y scales: the first k-tile's given (``sy0``,
+            ``sy1``, loaded by the caller), each next k-tile's loaded while this one multiplies
+            (rows clamped below r1: a row at or past it is never stored)."""
             num_kb = cute.size(tA, mode=[2])
             acc.fill(0.0)
-            sy = cute.make_rmem_tensor((2,), Float32)
+            row0 = cutlass.min(r0 + tCcC[((0, 0, 0), 0, 0)][0], r1 - 1)
+            row1 = cutlass.min(r0 + tCcC[((0, 1, 0), 0, 0)][0], r1 - 1)
             for kt in cutlass.range(self.kt, unroll=1):
                 pipe.consumer_wait(read)
                 cute.nvgpu.warpgroup.fence()
@@ -354,17 +370,19 @@ def _build_kernel_class():
                     tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
                     cute.gemm(tiled_mma, tmp, tA[(None, None, kb, read.index)], tB[(None, None, kb, read.index)], tmp)
                 cute.nvgpu.warpgroup.commit_group()
-                for v1 in cutlass.range_constexpr(2):  # this thread's two rows (clamped: never stored past r1)
-                    sy[v1] = mYs[cutlass.min(r0 + tCcC[((0, v1, 0), 0, 0)][0], r1 - 1), kt]
+                kn = cutlass.min(kt + 1, self.kt - 1)  # the next k-tile's scales (the last loads its own again)
+                n0 = mYs[row0, kn]
+                n1 = mYs[row1, kn]
                 cute.nvgpu.warpgroup.wait_group(0)
                 pipe.consumer_release(release)
                 release.advance()
                 read.advance()
                 for v2 in cutlass.range_constexpr(self.tile_n // 8):
-                    for v1 in cutlass.range_constexpr(2):
-                        for v0 in cutlass.range_constexpr(2):
-                            crd = ((v0, v1, v2), 0, 0)
-                            acc[crd] = acc[crd] + tmp[crd] * sy[v1]
+                    for v0 in cutlass.range_constexpr(2):
+                        acc[((v0, 0, v2), 0, 0)] = acc[((v0, 0, v2), 0, 0)] + tmp[((v0, 0, v2), 0, 0)] * sy0
+                        acc[((v0, 1, v2), 0, 0)] = acc[((v0, 1, v2), 0, 0)] + tmp[((v0, 1, v2), 0, 0)] * sy1
+                sy0 = n0
+                sy1 = n1
             return read, release
 
         @cute.jit
