@@ -280,22 +280,11 @@ def _build_kernel_class():
                 row0 = tCcC[((0, 0, 0), 0, 0)][0]
                 row1 = tCcC[((0, 1, 0), 0, 0)][0]
                 tn = cutlass.min(first, last) // NT
-                n_e = mTiles[tn, 0]
-                n_r0 = mTiles[tn, 1]
-                e = cutlass.min(cutlass.max(n_e, 0), self.E - 1)
-                r0 = cutlass.min(cutlass.max(n_r0, 0), pairs_last)
-                r1 = cutlass.min(r0 + self.tile_m, mOffsets[e + 1])
-                p0 = mSorted[cutlass.min(r0 + row0, pairs_last)]
-                p1 = mSorted[cutlass.min(r0 + row1, pairs_last)]
-                ws = mW2s[e]
+                r0, r1, p0, p1, ws, sy0, sy1 = self._unit_rows(mTiles[tn, 0], mTiles[tn, 1], row0, row1, pairs_last,
+                                                               mOffsets, mSorted, mW2s, mYs)
                 wt0 = mTw[p0] * ws
                 wt1 = mTw[p1] * ws
                 nt = cutlass.min(first, last) - tn * NT
-                sy0 = Float32(1.0)  # the rows' y scales of the unit's first k-tile (fp8)
-                sy1 = Float32(1.0)
-                if cutlass.const_expr(self.fp8):
-                    sy0 = mYs[cutlass.min(r0 + row0, pairs_last), 0]
-                    sy1 = mYs[cutlass.min(r0 + row1, pairs_last), 0]
                 for u in range(first, units, step):
                     if cutlass.const_expr(not self.cfg.ahead):  # the chain here, at the unit's start
                         t = u // NT
@@ -327,16 +316,9 @@ def _build_kernel_class():
                     if cutlass.const_expr(self.alternate):
                         if u + num_ctas < units:  # the other warpgroup has the next unit
                             cute.arch.barrier_arrive(barrier_id=2 - mine, number_of_threads=256)
-                    if cutlass.const_expr(self.cfg.ahead):  # the next unit's rows and pairs: land during the epilogue
-                        n_e = cutlass.min(cutlass.max(n_e, 0), self.E - 1)
-                        n_r0 = cutlass.min(cutlass.max(n_r0, 0), pairs_last)
-                        n_r1 = cutlass.min(n_r0 + self.tile_m, mOffsets[n_e + 1])
-                        n_p0 = mSorted[cutlass.min(n_r0 + row0, pairs_last)]
-                        n_p1 = mSorted[cutlass.min(n_r0 + row1, pairs_last)]
-                        n_ws = mW2s[n_e]
-                        if cutlass.const_expr(self.fp8):  # and its first k-tile's y scales
-                            sy0 = mYs[cutlass.min(n_r0 + row0, pairs_last), 0]
-                            sy1 = mYs[cutlass.min(n_r0 + row1, pairs_last), 0]
+                    if cutlass.const_expr(self.cfg.ahead):  # the next unit's rows, pairs, first scales: land during
+                        n_r0, n_r1, n_p0, n_p1, n_ws, sy0, sy1 = self._unit_rows(  # the epilogue
+                            n_e, n_r0, row0, row1, pairs_last, mOffsets, mSorted, mW2s, mYs)
                     self._epilogue(acc, tCcC, mRows, nt, r0, r1, p0, p1, wt0, wt1)
                     if cutlass.const_expr(self.cfg.ahead):  # the next unit becomes this one
                         nt = un - tn * NT
@@ -350,6 +332,25 @@ def _build_kernel_class():
                         for _ in cutlass.range(KT, unroll=1):
                             read.advance()
                             release.advance()
+
+        @cute.jit
+        def _unit_rows(self, e: Int32, r0: Int32, row0: Int32, row1: Int32, pairs_last: Int32, mOffsets: cute.Tensor,
+                       mSorted: cute.Tensor, mW2s: cute.Tensor, mYs: cute.Tensor):
+            """A unit's rows from its tile entry (expert ``e``, first row ``r0``), both clamped into
+            their tensors: first and end row, the pairs of this thread's two rows (``row0``,
+            ``row1`` within the unit, clamped to the last pair: a row past the unit's end is never
+            stored), w2's scale, and (fp8) the two rows' y scales of the first k-tile (1 for bf16)."""
+            e = cutlass.min(cutlass.max(e, 0), self.E - 1)
+            r0 = cutlass.min(cutlass.max(r0, 0), pairs_last)
+            r1 = cutlass.min(r0 + self.tile_m, mOffsets[e + 1])
+            p0 = mSorted[cutlass.min(r0 + row0, pairs_last)]
+            p1 = mSorted[cutlass.min(r0 + row1, pairs_last)]
+            sy0 = Float32(1.0)
+            sy1 = Float32(1.0)
+            if cutlass.const_expr(self.fp8):
+                sy0 = mYs[cutlass.min(r0 + row0, pairs_last), 0]
+                sy1 = mYs[cutlass.min(r0 + row1, pairs_last), 0]
+            return r0, r1, p0, p1, mW2s[e], sy0, sy1
 
         @cute.jit
         def _mainloop_scaled(self, tiled_mma: cute.TiledMma, pipe, read, release, acc: cute.Tensor, tmp: cute.Tensor,
