@@ -28,6 +28,8 @@ needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reaso
 @pytest.mark.parametrize("cfg, dtype, group, why", [
     (C(tile_n=256), FP8, 128, "64 or 128"),
     (C(tile_m=32), FP8, 128, "tile_m=32"),
+    (C(cols=3), FP8, 128, "cols=3"),
+    (C(cols=2, tile_k=64), BF16, 64, "cols=2"),
     (C(tile_k=256), FP8, 256, "128 bytes"),
     (C(tile_k=128), BF16, 128, "128 bytes"),
     (C(), FP8, 64, "scale group"),
@@ -44,6 +46,9 @@ def test_can_implement_shapes_and_registers():
     assert rc.can_implement(2048, 128, 768, FP8, 128, C())[0]
     assert rc.can_implement(7168, 256, 256, BF16, 128, C(tile_n=64, tile_k=64))[0]  # bf16: no scale group
     assert "does not divide H" in rc.can_implement(2048 + 64, 128, 768, FP8, 128, C())[1]
+    assert rc.can_implement(2048 + 128, 128, 768, FP8, 128, C())[0]  # two column tiles a unit: 256 columns
+    assert "does not divide H" in rc.can_implement(2048 + 128, 128, 768, FP8, 128, C(cols=2))[1]
+    assert C(cols=2).acc_regs(FP8) == 192 and C(cols=2).stage_bytes(FP8) == (128 + 2 * 128) * 128
     assert "does not divide I" in rc.can_implement(2048, 128, 704, FP8, 128, C())[1]
     assert "32-bit" in rc.can_implement(7168, 256, 256, FP8, 128, C(), pairs=400000)[1]
     assert C().acc_regs(FP8) == 128 and C().acc_regs(BF16) == 64 and C(tile_n=64).acc_regs(FP8) == 64
@@ -54,7 +59,7 @@ def test_can_implement_shapes_and_registers():
 
 COMPILE = [(C(), FP8), (C(tile_n=64), FP8), (C(tile_k=64), BF16), (C(tile_n=64, tile_k=64, stages=3), BF16),
            (C(tile_m=64), FP8), (C(tile_m=64, tile_k=64), BF16), (C(ahead=False), FP8),
-           (C(tile_m=64, ahead=False), FP8)]
+           (C(tile_m=64, ahead=False), FP8), (C(cols=2), FP8), (C(cols=2, tile_m=64), FP8)]
 
 
 @pytest.mark.cute_compile
@@ -70,13 +75,15 @@ def test_compiles_for_sm90a(tmp_path, cfg, dtype):
     assert ".target sm_90a" in ptx
     ab = "e4m3.e4m3" if dtype == FP8 else "bf16.bf16"
     assert f"wgmma.mma_async.sync.aligned.m64n{cfg.tile_n}k{32 if dtype == FP8 else 16}.f32.{ab}" in ptx
-    assert ptx.count("cp.async.bulk.tensor.2d.shared::cta.global") == 2  # y and w2 tiles: no gather
+    # y's tile and w2's (one a column tile of the unit): no gather
+    assert ptx.count("cp.async.bulk.tensor.2d.shared::cta.global") == 1 + cfg.cols
+    assert ptx.count("wgmma.mma_async") == cfg.cols * cfg.tile_k // (32 if dtype == FP8 else 16)  # a k-tile's
     assert "cp.async.ca" not in ptx and "cp.async.cg" not in ptx
     waits = {int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
     assert waits == ({0} if dtype == FP8 else {0, 1}), waits
     # the rows' stores: a thread's two adjacent columns at once (tile_n / 4 a unit: 2 rows x tile_n / 8 pairs)
     stores = re.findall(r"st\.global(?:\.[a-z0-9]+)*", ptx)
-    assert stores and set(stores) == {"st.global.b32"} and len(stores) == cfg.tile_n // 4, stores
+    assert stores and set(stores) == {"st.global.b32"} and len(stores) == cfg.cols * cfg.tile_n // 4, stores
     assert ".local" not in ptx
     # units of 64 rows: one 64-row wgmma atom a warpgroup, and the two warpgroups' hand-over on
     # named barriers 1 and 2 (bar.sync / bar.arrive of 256 threads, the id in a register)
@@ -151,14 +158,15 @@ def test_space_and_fallback(monkeypatch):
 @needs_gpu
 @pytest.mark.xdist_group("cute_fc2_big")  # model-shape weights and float64 references: one worker (memory)
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
-@pytest.mark.parametrize("dtype", ["fp8", "bf16"])
 @pytest.mark.parametrize("M", [1, 100, 2048])
-@pytest.mark.parametrize("tile_n, tile_m, ahead", [(128, 128, True), (64, 128, True), (128, 64, True),
-                                                   (128, 64, False)])
-def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n, tile_m, ahead):
+@pytest.mark.parametrize("dtype, tile_n, tile_m, ahead, cols", [
+    (dt, *v, 1) for dt in ("fp8", "bf16") for v in ((128, 128, True), (64, 128, True), (128, 64, True), (128, 64, False))
+] + [("fp8", 128, 128, True, 2), ("fp8", 128, 64, True, 2)])  # two column tiles a unit: fp8 only
+def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n, tile_m, ahead, cols):
     """The CuTe FC2's rows (from the Triton FC1's y) against float64, within 1.1x the Triton
     FC2's rows' error; the rows poisoned, every valid pair's written; units of 128 rows (both
-    warpgroups) and of 64 (each warpgroup its own), the units' indices loaded ahead or not."""
+    warpgroups) and of 64 (each warpgroup its own), the units' indices loaded ahead or not, and
+    (fp8) two column tiles a unit."""
     from test_routed_gpu import _case
 
     from densemoe.kernels.common import max_tiles
@@ -186,7 +194,7 @@ def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n, tile_m, a
     kern.tile_list_launch(off, E, tile_m, tiles, count)
     rows = torch.full((P, H), float("nan"), dtype=BF16, device="cuda")
     rc.routed_fc2_cute(y, ys, pw.w2, pw.w2_scale, tw, srt, off, tiles, count, rows,
-                       C(tile_n=tile_n, tile_k=bk, tile_m=tile_m, ahead=ahead))
+                       C(tile_n=tile_n, tile_k=bk, tile_m=tile_m, ahead=ahead, cols=cols))
     rows_t = torch.full_like(rows, float("nan"))
     kern.fc2_launch(y, ys, pw.w2, pw.w2_scale, srt, off, tw, rows_t, 128, tcfg, k)
     torch.cuda.synchronize()

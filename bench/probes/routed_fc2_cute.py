@@ -26,7 +26,8 @@ from densemoe.ops import routed_configs
 FP8 = torch.float8_e4m3fn
 # units of 128 rows (both warpgroups) or 64 (each its own), the indices loaded ahead or not (128 columns:
 # 64 was slower at every point on the H200, bench/results/h200_2026-12-06_session12_logs/routed_fc2_cute.log)
-CUTE = tuple(rc.RoutedFc2CuteConfig(tile_m=m, ahead=a) for m in (128, 64) for a in (False, True))
+CUTE = tuple(rc.RoutedFc2CuteConfig(tile_m=m, ahead=a) for m in (128, 64) for a in (False, True)) + \
+    tuple(rc.RoutedFc2CuteConfig(tile_m=m, cols=2) for m in (128, 64))  # two column tiles a unit
 # (block_m, fc2_block_n, swap, warps, stages, programs an SM): the tables' large-M picks
 TRITON = ((64, 128, False, 4, 4, 2), (128, 256, False, 8, 2, 1))
 
@@ -96,7 +97,7 @@ def compare(shape, M, timer):
         err = check(c.to_str(), rows)
         if timer is None:  # --ncu: each config launched once (after the tile list), nothing timed
             continue
-        name = f"cute m{c.tile_m}n{c.tile_n}{' ahead' if c.ahead else ''}"
+        name = f"cute m{c.tile_m}n{c.tile_n}{'x2' if c.cols == 2 else ''}{' ahead' if c.ahead else ''}"
         out[name] = (timer(alone)["us"], err)
         out[name + " +list"] = (timer(whole)["us"], err)
     bytes_ = E * H * I + P * I + 2 * P * H  # the weights (all picked at these M), y, the rows written

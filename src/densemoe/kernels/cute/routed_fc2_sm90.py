@@ -24,7 +24,10 @@ alternate between them (``routed_fc1_sm90``'s scheme), so one stores its rows wh
 multiplies. fp8 multiplies each k-tile into a temporary, waits for it and adds it times the row's
 y scale (loaded before the wait) into the fp32 accumulator; bf16 accumulates as it goes. The
 epilogue reads each row's pair, scales its columns and stores them two at a time (a thread's two
-adjacent columns: one 4-byte store).
+adjacent columns: one 4-byte store). With ``cols`` 2 (fp8) a unit is two column tiles: each
+stage holds y's k-tile and w2's two (two TMA loads into two staged buffers), each k-tile's
+product goes through the one temporary into the first tile's accumulator, then the second's, so
+y's rows, their scales and the unit's indices load once for 2 x ``tile_n`` columns.
 
 Constraints are in ``can_implement``. In the routed path through ``RoutedConfig.fc2_cute``.
 """
@@ -65,6 +68,9 @@ class RoutedFc2CuteConfig:
             the epilogue of the unit before; off: at the unit's start, before its k-loop (two
             k-tiles at I = 256: shorter than the chain). Either way a k-tile's y scales load
             while the k-tile before multiplies.
+    cols:   column tiles a unit (1 or 2; 2: fp8 only): each k-tile's y rows and scales and the
+            unit's indices serve both, w2's two tiles land in one stage as one TMA box, and
+            each has its own accumulator (one promotion temporary between them)
     """
 
     tile_n: int = 128
@@ -73,6 +79,7 @@ class RoutedFc2CuteConfig:
     ctas: int = 0
     tile_m: int = TILE_M
     ahead: bool = True
+    cols: int = 1
 
     backend = "cute"
 
@@ -80,15 +87,15 @@ class RoutedFc2CuteConfig:
         return "routed-fc2-cute:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
     def stage_bytes(self, dtype: torch.dtype) -> int:
-        return (self.tile_m + self.tile_n) * self.tile_k * dtype.itemsize
+        return (self.tile_m + self.cols * self.tile_n) * self.tile_k * dtype.itemsize
 
     def resolved_stages(self, dtype: torch.dtype) -> int:
         return self.stages or min(12, (SMEM_BYTES - SMEM_RESERVE) // self.stage_bytes(dtype))
 
     def acc_regs(self, dtype: torch.dtype) -> int:
-        """fp32 registers a consumer thread: the accumulator (64 rows x tile_n over 128 threads)
-        and, fp8, the temporary."""
-        return 64 * self.tile_n // 128 * (2 if dtype == FP8 else 1)
+        """fp32 registers a consumer thread: the accumulators (64 rows x tile_n over 128 threads,
+        one a column tile) and, fp8, the temporary."""
+        return 64 * self.tile_n // 128 * (self.cols + (1 if dtype == FP8 else 0))
 
 
 def can_implement(h: int, e: int, i: int, dtype: torch.dtype, group: int, config: RoutedFc2CuteConfig,
@@ -101,8 +108,10 @@ def can_implement(h: int, e: int, i: int, dtype: torch.dtype, group: int, config
         return False, f"tile_n={c.tile_n} must be 64 or 128 (wgmma N)"
     if c.tile_m not in (64, 128):
         return False, f"tile_m={c.tile_m} must be 64 or 128 (one or two 64-row wgmma atoms a unit)"
-    if h % c.tile_n:
-        return False, f"tile_n={c.tile_n} does not divide H={h}"
+    if c.cols not in (1, 2) or (c.cols == 2 and dtype != FP8):
+        return False, f"cols={c.cols} must be 1, or 2 with fp8"
+    if h % (c.tile_n * c.cols):
+        return False, f"tile_n={c.tile_n} x cols={c.cols} does not divide H={h}"
     if c.tile_k * dtype.itemsize != 128:
         return False, f"tile_k={c.tile_k} must give 128 bytes per row for {dtype}"
     if i % c.tile_k:
@@ -138,7 +147,8 @@ def _build_kernel_class():
             self.H, self.E, self.I = h, e, i
             self.tile_n, self.tile_k = cfg.tile_n, cfg.tile_k
             self.kt = i // cfg.tile_k  # k-tiles a unit (an expert's I)
-            self.n_tiles = h // cfg.tile_n
+            self.cols = cfg.cols
+            self.n_tiles = h // (cfg.tile_n * cfg.cols)  # a unit's columns: cols tiles of tile_n
             self.tile_m = cfg.tile_m
             self.alternate = cfg.tile_m == 64  # each consumer warpgroup its own units
             self.consumers = 2
@@ -174,6 +184,9 @@ def _build_kernel_class():
                 pipe_mbar: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
                 sY: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(y_layout)], 1024]
                 sW: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(w_layout)], 1024]
+                # the second column tile's w2 (cols 2; one element otherwise)
+                sW2: cute.struct.Align[cute.struct.MemRange[self.ab_dtype, cute.cosize(w_layout) if self.cols == 2
+                                                            else 1], 1024]
 
             self.shared_storage = SharedStorage
             hopper.launch(self.kernel(tma_y, tma_ty, tma_w, tma_tw, mYs, mW2s, mTw, mSorted, mOffsets, mTiles, mNTiles,
@@ -198,7 +211,7 @@ def _build_kernel_class():
             storage = smem.allocate(self.shared_storage)
             y_one = cute.slice_(y_smem_layout, (None, None, 0))
             w_one = cute.slice_(w_smem_layout, (None, None, 0))
-            tx_bytes = cute.size_in_bytes(self.ab_dtype, y_one) + cute.size_in_bytes(self.ab_dtype, w_one)
+            tx_bytes = cute.size_in_bytes(self.ab_dtype, y_one) + self.cols * cute.size_in_bytes(self.ab_dtype, w_one)
             # a stage is released by the warpgroups that read it: both, or (alternate) one
             pipe = hopper.load_pipeline(storage.pipe_mbar.data_ptr(), self.stages, tx_bytes, cta_layout, (1, 1), 1,
                                         self.mma_atoms)
@@ -206,6 +219,11 @@ def _build_kernel_class():
             sW = hopper.staged_tensor(storage.sW, w_smem_layout)
             gW = cute.local_tile(mW, (tile_n, tile_k), (None, None))
             tWsW, tWgW = hopper.tma_slices(tma_w, 0, 1, sW, gW)
+            sW2 = sW
+            tWsW2 = tWsW
+            if cutlass.const_expr(self.cols == 2):  # the second column tile's w2: its own staged buffer
+                sW2 = hopper.staged_tensor(storage.sW2, w_smem_layout)
+                tWsW2, _ = hopper.tma_slices(tma_w, 0, 1, sW2, gW)
 
             units = mNTiles[0] * NT
             pipeline.pipeline_init_wait(cluster_shape_mn=(1, 1))
@@ -237,7 +255,11 @@ def _build_kernel_class():
                             pipe.producer_acquire(state)
                             bar = pipe.producer_get_barrier(state)
                             cute.copy(tma_y, tYgY[(None, 0, kt)], tYsY[(None, state.index)], tma_bar_ptr=bar)
-                            cute.copy(tma_w, tWgW[(None, nt, e * KT + kt)], tWsW[(None, state.index)], tma_bar_ptr=bar)
+                            cute.copy(tma_w, tWgW[(None, nt * self.cols, e * KT + kt)], tWsW[(None, state.index)],
+                                      tma_bar_ptr=bar)
+                            if cutlass.const_expr(self.cols == 2):
+                                cute.copy(tma_w, tWgW[(None, nt * 2 + 1, e * KT + kt)], tWsW2[(None, state.index)],
+                                          tma_bar_ptr=bar)
                             pipe.producer_commit(state)
                             state.advance()
                     pipe.producer_tail(state)
@@ -248,9 +270,15 @@ def _build_kernel_class():
                     ctid, wg_mma, thr_mma = hopper.consumer_role(tiled_mma, warp_group, tidx)
                 tA = tiled_mma.make_fragment_A(wg_mma.partition_A(sY))  # rows are wgmma's M
                 tB = tiled_mma.make_fragment_B(wg_mma.partition_B(sW))
+                tBs = (tB,)
+                if cutlass.const_expr(self.cols == 2):
+                    tBs = (tB, tiled_mma.make_fragment_B(wg_mma.partition_B(sW2)))
                 cC = cute.make_identity_tensor((self.tile_m, tile_n))  # (row, column)
                 tCcC = thr_mma.partition_C(cC)
                 acc = cute.make_rmem_tensor(tCcC.shape, Float32)
+                accs = (acc,)
+                if cutlass.const_expr(self.cols == 2):  # the second column tile's
+                    accs = (acc, cute.make_rmem_tensor(tCcC.shape, Float32))
                 read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                 release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
                 tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
@@ -309,7 +337,7 @@ def _build_kernel_class():
                         if u >= cta + num_ctas:  # not the CTA's first unit
                             cute.arch.barrier(barrier_id=1 + mine, number_of_threads=256)
                     if cutlass.const_expr(self.fp8):
-                        read, release = self._mainloop_scaled(tiled_mma, pipe, read, release, acc, tmp, tA, tB, tCcC,
+                        read, release = self._mainloop_scaled(tiled_mma, pipe, read, release, accs, tmp, tA, tBs, tCcC,
                                                               mYs, r0, r1, sy0, sy1)
                     else:
                         read, release = hopper.mainloop(tiled_mma, pipe, read, release, KT, ((acc, tA, tB),))
@@ -319,7 +347,8 @@ def _build_kernel_class():
                     if cutlass.const_expr(self.cfg.ahead):  # the next unit's rows, pairs, first scales: land during
                         n_r0, n_r1, n_p0, n_p1, n_ws, sy0, sy1 = self._unit_rows(  # the epilogue
                             n_e, n_r0, row0, row1, pairs_last, mOffsets, mSorted, mW2s, mYs)
-                    self._epilogue(acc, tCcC, mRows, nt, r0, r1, p0, p1, wt0, wt1)
+                    for n in cutlass.range_constexpr(self.cols):  # nt: the unit's group of column tiles
+                        self._epilogue(accs[n], tCcC, mRows, nt * self.cols + n, r0, r1, p0, p1, wt0, wt1)
                     if cutlass.const_expr(self.cfg.ahead):  # the next unit becomes this one
                         nt = un - tn * NT
                         r0 = n_r0
@@ -353,35 +382,45 @@ def _build_kernel_class():
             return r0, r1, p0, p1, mW2s[e], sy0, sy1
 
         @cute.jit
-        def _mainloop_scaled(self, tiled_mma: cute.TiledMma, pipe, read, release, acc: cute.Tensor, tmp: cute.Tensor,
-                             tA: cute.Tensor, tB: cute.Tensor, tCcC: cute.Tensor, mYs: cute.Tensor, r0: Int32,
+        def _mainloop_scaled(self, tiled_mma: cute.TiledMma, pipe, read, release, accs, tmp: cute.Tensor,
+                             tA: cute.Tensor, tBs, tCcC: cute.Tensor, mYs: cute.Tensor, r0: Int32,
                              r1: Int32, sy0: Float32, sy1: Float32):
             """fp8: each k-tile into ``tmp`` (scale-d 0 on its first k-block), waited for, then
-            added into ``acc`` times its rows' y scales: the first k-tile's given (``sy0``,
-            ``sy1``, loaded by the caller), each next k-tile's loaded while this one multiplies
-            (rows clamped below r1: a row at or past it is never stored)."""
+            added into its column tile's accumulator (``accs``: one a column tile of the unit)
+            times its rows' y scales: the first k-tile's given (``sy0``, ``sy1``, loaded by the
+            caller), each next k-tile's loaded while this one multiplies (rows clamped below r1:
+            a row at or past it is never stored). Two column tiles (``tBs``: w2's tiles of the
+            stage, one a column tile) share the temporary, one after the other."""
             num_kb = cute.size(tA, mode=[2])
-            acc.fill(0.0)
+            for n in cutlass.range_constexpr(self.cols):
+                accs[n].fill(0.0)
             row0 = cutlass.min(r0 + tCcC[((0, 0, 0), 0, 0)][0], r1 - 1)
             row1 = cutlass.min(r0 + tCcC[((0, 1, 0), 0, 0)][0], r1 - 1)
             for kt in cutlass.range(self.kt, unroll=1):
                 pipe.consumer_wait(read)
-                cute.nvgpu.warpgroup.fence()
-                for kb in cutlass.range_constexpr(num_kb):
-                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
-                    cute.gemm(tiled_mma, tmp, tA[(None, None, kb, read.index)], tB[(None, None, kb, read.index)], tmp)
-                cute.nvgpu.warpgroup.commit_group()
-                kn = cutlass.min(kt + 1, self.kt - 1)  # the next k-tile's scales (the last loads its own again)
-                n0 = mYs[row0, kn]
-                n1 = mYs[row1, kn]
-                cute.nvgpu.warpgroup.wait_group(0)
-                pipe.consumer_release(release)
-                release.advance()
-                read.advance()
-                for v2 in cutlass.range_constexpr(self.tile_n // 8):
-                    for v0 in cutlass.range_constexpr(2):
-                        acc[((v0, 0, v2), 0, 0)] = acc[((v0, 0, v2), 0, 0)] + tmp[((v0, 0, v2), 0, 0)] * sy0
-                        acc[((v0, 1, v2), 0, 0)] = acc[((v0, 1, v2), 0, 0)] + tmp[((v0, 1, v2), 0, 0)] * sy1
+                n0 = sy0
+                n1 = sy1
+                for n in cutlass.range_constexpr(self.cols):
+                    cute.nvgpu.warpgroup.fence()
+                    for kb in cutlass.range_constexpr(num_kb):
+                        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, kb > 0)
+                        cute.gemm(tiled_mma, tmp, tA[(None, None, kb, read.index)],
+                                  tBs[n][(None, None, kb, read.index)], tmp)
+                    cute.nvgpu.warpgroup.commit_group()
+                    if cutlass.const_expr(n == 0):
+                        kn = cutlass.min(kt + 1, self.kt - 1)  # the next k-tile's scales (the last loads its own again)
+                        n0 = mYs[row0, kn]
+                        n1 = mYs[row1, kn]
+                    cute.nvgpu.warpgroup.wait_group(0)
+                    if cutlass.const_expr(n == self.cols - 1):
+                        pipe.consumer_release(release)
+                        release.advance()
+                        read.advance()
+                    acc = accs[n]
+                    for v2 in cutlass.range_constexpr(self.tile_n // 8):
+                        for v0 in cutlass.range_constexpr(2):
+                            acc[((v0, 0, v2), 0, 0)] = acc[((v0, 0, v2), 0, 0)] + tmp[((v0, 0, v2), 0, 0)] * sy0
+                            acc[((v0, 1, v2), 0, 0)] = acc[((v0, 1, v2), 0, 0)] + tmp[((v0, 1, v2), 0, 0)] * sy1
                 sy0 = n0
                 sy1 = n1
             return read, release
