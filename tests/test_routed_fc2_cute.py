@@ -116,9 +116,19 @@ def test_fc2_cute_field_string_and_rules():
     assert routed_configs.can_implement(_problem(4096), _cfg(fc1_cute=True))[0]
     for kw in (dict(fc2_swap_ab=True), dict(fused_combine=True), dict(atomic_combine=True), dict(fc2_col_groups=2),
                dict(fc2_col_major=True), dict(fc2_y_tma=True), dict(flatten=True), dict(fc2_warps=8),
-               dict(fc2_block_n=256)):
+               dict(fc2_block_n=512)):
         ok, msg = routed_configs.can_implement(_problem(4096), _cfg(**kw))
         assert not ok and "fc2_cute" in msg, (kw, msg)
+    # fp8's 256 columns a unit: two column tiles of 128 (the kernel's cols 2); not bf16
+    wide = _cfg(fc2_block_n=256)
+    assert routed_configs.can_implement(_problem(4096), wide)[0] and "fc2:cute-n256" in wide.short()
+    assert (routed_configs.cute_fc2_config(wide).tile_n, routed_configs.cute_fc2_config(wide).cols) == (128, 2)
+    assert routed_configs.cute_fc2_config(cfg).cols == 1
+    ok, msg = routed_configs.can_implement(_problem(4096, dtype=BF16), _cfg(fc2_block_n=256, fc1_block_k=64,
+                                                                            fc2_block_k=64))
+    assert not ok and "fc2_cute" in msg, msg
+    ok, msg = routed_configs.can_implement(_problem(4096, h=2048 + 128), wide)  # H a multiple of 128, not of 256
+    assert not ok and "does not divide H" in msg, msg
     # the CuTe FC2's units: fc2_block_m rows, or block_m's; 64 or 128
     assert routed_configs.cute_fc2_config(cfg).tile_m == 64
     assert routed_configs.cute_fc2_config(_cfg(block_m=128)).tile_m == 128
@@ -141,7 +151,9 @@ def test_space_and_fallback(monkeypatch):
     # in the space from 32 rows an expert, units of 64 and 128 rows; not with block-scaled weights
     assert not any(c.fc2_cute for c in routed_space(_problem(64)))
     big = [c for c in routed_space(_problem(4096)) if c.fc2_cute]
-    assert 0 < len(big) <= 6 and {routed_configs.cute_fc2_config(c).tile_m for c in big} == {64, 128}
+    assert 0 < len(big) <= 12 and {routed_configs.cute_fc2_config(c).tile_m for c in big} == {64, 128}
+    assert {routed_configs.cute_fc2_config(c).cols for c in big} == {1, 2}
+    assert {c.fc2_block_n for c in routed_space(_problem(4096, dtype=BF16)) if c.fc2_cute} == {128}
     assert all(routed_configs.can_implement(_problem(4096), c)[0] for c in big)
     assert not any(c.fc2_cute for c in routed_space(_problem(4096, block=128)))
     cfg = _cfg(fc1_cute=True)
@@ -221,6 +233,20 @@ def test_routed_fc2_cute_rows_on_model_shapes(shape, dtype, M, tile_n, tile_m, a
 @pytest.mark.parametrize("fc1_cute", [False, True])
 @pytest.mark.parametrize("fc2_block_m", [0, 128])  # the CuTe FC2's units: block_m's 64 rows, or 128
 def test_routed_experts_with_fc2_cute_on_model_shapes(shape, dtype, fc1_cute, fc2_block_m):
+    _fc2_cute_on_model_shape(shape, dtype, fc1_cute, fc2_block_m, 128)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.xdist_group("cute_fc2_big")
+@pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("fc2_block_m", [0, 128])
+def test_routed_experts_with_fc2_cute_two_column_tiles_a_unit(shape, fc2_block_m):
+    """fp8's 256 columns a unit (the kernel's cols 2) through ``RoutedConfig``."""
+    _fc2_cute_on_model_shape(shape, "fp8", False, fc2_block_m, 256)
+
+
+def _fc2_cute_on_model_shape(shape, dtype, fc1_cute, fc2_block_m, fc2_block_n):
     import dataclasses
 
     from test_routed_gpu import _case, _within_torch
@@ -232,9 +258,10 @@ def test_routed_experts_with_fc2_cute_on_model_shapes(shape, dtype, fc1_cute, fc
     w13, w2, x, ids, wts = _case(shape, M, M + 41)
     pw = prepare_weights(w13, w2, dtype=dtype)
     bk = 128 if dtype == "fp8" else 64
-    cfg = _cfg(fc1_block_k=bk, fc2_block_k=bk, fc1_cute=fc1_cute, fc2_block_m=fc2_block_m)
+    cfg = _cfg(fc1_block_k=bk, fc2_block_k=bk, fc1_cute=fc1_cute, fc2_block_m=fc2_block_m, fc2_block_n=fc2_block_n)
     out = routed_experts(x, pw, ids, wts, config=cfg)
     assert torch.isfinite(out).all()
     _within_torch(out, pw, x, ids, wts, cfg.fc1_block_i, True)
-    plain = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc1_cute=False, fc2_cute=False))
+    plain = routed_experts(x, pw, ids, wts, config=dataclasses.replace(cfg, fc1_cute=False, fc2_cute=False,
+                                                                       fc2_block_n=128))
     assert ((out.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-2

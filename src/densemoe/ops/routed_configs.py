@@ -59,10 +59,12 @@ def cute_fc1_config(cfg: RoutedConfig) -> "cute_fc1.RoutedFc1CuteConfig":
 
 
 def cute_fc2_config(cfg: RoutedConfig) -> "cute_fc2.RoutedFc2CuteConfig":
-    """The CuTe FC2 tactic of a config with ``fc2_cute``: its tile of H, k-tile and units of
-    ``fc2_block_m`` (or ``block_m``) rows, the indices loaded ahead, the deepest ring, one CTA per SM."""
-    return cute_fc2.RoutedFc2CuteConfig(tile_n=cfg.fc2_block_n, tile_k=cfg.fc2_block_k,
-                                        tile_m=cfg.fc2_block_m or cfg.block_m)
+    """The CuTe FC2 tactic of a config with ``fc2_cute``: its tile of H (``fc2_block_n`` 256: two
+    column tiles of 128 a unit, ``cols`` 2), k-tile and units of ``fc2_block_m`` (or ``block_m``)
+    rows, the indices loaded ahead, the deepest ring, one CTA per SM."""
+    tile_n = min(cfg.fc2_block_n, 128)
+    return cute_fc2.RoutedFc2CuteConfig(tile_n=tile_n, tile_k=cfg.fc2_block_k, tile_m=cfg.fc2_block_m or cfg.block_m,
+                                        cols=max(1, cfg.fc2_block_n // tile_n))
 
 
 def can_implement(problem: RoutedProblem, cfg: RoutedConfig) -> tuple[bool, str]:

@@ -323,8 +323,9 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
       block-scaled weights); each on a sorted copy of x, and those of tile 128 also gathering
       x's rows by TMA (``fc1_cute_gather``, no copy).
     * FC2 on the CuTe kernel (``fc2_cute``) from 32 rows an expert (not with block-scaled
-      weights): units of 64 and of 128 rows, beside the gathering CuTe FC1s of 256-byte k-tiles
-      and one Triton FC1 of the bases (at most six).
+      weights): units of 64 and of 128 rows, and for fp8 128 and 256 columns a unit, beside the
+      gathering CuTe FC1s of 256-byte k-tiles and one Triton FC1 of the bases (at most six, fp8
+      twelve).
     * FC1 and FC2 on tiles of their own from 32 rows an expert where 64-row unswapped tiles are:
       the 128-row FC1 (Triton at 8 warps, one program an SM; CuTe with 256-byte k-tiles, on the
       copy and gathering) before
@@ -337,8 +338,8 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
     rings, programs per SM and the flags vary.
 
     At most 37 configs per (block_m, swap) and three of those, five swapped 128-row ones, so at
-    most 117 with the default; with the CuTe ones (8 per unswapped base, two bases) and the split
-    ones (two FC1s before ``MAX_FC2_PARTS`` FC2s) at most 159.
+    most 117 with the default; with the CuTe FC1s (8 per unswapped base, two bases), the CuTe FC2s
+    (at most twelve) and the split ones (two FC1s before ``MAX_FC2_PARTS`` FC2s) at most 171.
     """
     if "triton" not in backends:
         return []
@@ -477,18 +478,18 @@ def routed_space(problem: RoutedProblem, backends=("triton",), num_sms: int = 13
         # indices loaded a unit ahead): on an H100 (fifteenth session, routed_fc2_cute.log) 13-15%
         # faster than the table's Triton FC2 at Qwen3-30B-A3B M = 2048-4096, 13-20% slower at
         # DeepSeek-V3 TP8; beside the CuTe FC1s the tables pick at large M (x gathered, 256-byte
-        # k-tiles) and one of the bases' Triton FC1s
+        # k-tiles) and one of the bases' Triton FC1s; fp8 also 256 columns a unit (two column tiles
+        # of 128: y's k-tile, its scales and the unit's indices loaded once for both)
         fc1s = [c for c in out if c.fc1_cute and c.fc1_cute_gather and c.fc1_block_i == 128
                 and c.fc1_block_k * esize == 256 and c.programs_per_sm == 1] + \
             [c for c in out if not c.fc1_cute and not c.fc1_swap_ab and c.block_m in (64, 128) and c.fc1_block_i == 128
              and not c.fc2_col_groups and not c.flatten and not c.fc2_block_m and c.programs_per_sm == 1][:1]
-        for f1 in fc1s:
-            for rows_fc2 in (64, 128):
-                add(dataclasses.replace(f1, fc2_cute=True, fc2_block_n=128, fc2_block_k=128 if fp8 else 64,
-                                        fc2_swap_ab=False, fc2_warps=4, fc2_stages=3, fc2_col_groups=0,
-                                        fc2_col_major=False, fc2_y_tma=False, flatten=False, atomic_combine=False,
-                                        fused_combine=False, fc2_programs_per_sm=0,
-                                        fc2_block_m=0 if rows_fc2 == f1.block_m else rows_fc2))
+        for f1, rows_fc2, width in itertools.product(fc1s, (64, 128), (128, 256) if fp8 else (128,)):
+            add(dataclasses.replace(f1, fc2_cute=True, fc2_block_n=width, fc2_block_k=128 if fp8 else 64,
+                                    fc2_swap_ab=False, fc2_warps=4, fc2_stages=3, fc2_col_groups=0,
+                                    fc2_col_major=False, fc2_y_tma=False, flatten=False, atomic_combine=False,
+                                    fused_combine=False, fc2_programs_per_sm=0,
+                                    fc2_block_m=0 if rows_fc2 == f1.block_m else rows_fc2))
     if rows >= 32 and (64, False) in bases:
         # FC1 and FC2 on tiles of their own (``fc2_block_m``): 128-row FC1s (Triton at 8 warps,
         # one program an SM; CuTe) beside the 64-row FC2s above. On the H200 (twelfth session,

@@ -109,7 +109,8 @@ class RoutedConfig:
     has one config string).
     ``fc2_cute``: FC2 runs on the CuTe DSL kernel (``kernels/cute/routed_fc2_sm90.py``, the op
     layer's choice) in units of ``fc2_block_m`` (or ``block_m``) rows, 64 or 128 (64: each consumer
-    warpgroup its own units): ``fc2_block_n`` its tile of H, ``fc2_block_k``
+    warpgroup its own units): ``fc2_block_n`` its tile of H (fp8's 256: two column tiles of 128 a
+    unit, the kernel's ``cols`` 2), ``fc2_block_k``
     its k-tile (fp8: FC1's tile of I, one y scale a k-tile); it writes each pair's row for the
     combine (no atomic or fused combine, no column stream or order, no y TMA flag: it loads y by
     TMA anyway), and FC2's other fields stay at one value.
@@ -291,11 +292,13 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
                    "fc1_stages 3: the CuTe kernel has its own ring and copy of x)")
     if cfg.fc1_cute_gather and not cfg.fc1_cute:
         bad.append("fc1_cute_gather: the CuTe FC1's way to load x; needs fc1_cute")
-    if cfg.fc2_cute and (cfg.fc2_block_n not in (64, 128) or (cfg.fc2_block_m or cfg.block_m) not in (64, 128)
+    if cfg.fc2_cute and (cfg.fc2_block_n not in ((64, 128, 256) if fp8 else (64, 128))
+                         or (cfg.fc2_block_m or cfg.block_m) not in (64, 128)
                          or cfg.fc2_swap_ab or cfg.atomic_combine
                          or cfg.fused_combine or cfg.fc2_col_groups or cfg.fc2_col_major or cfg.fc2_y_tma
                          or cfg.flatten or (cfg.fc2_warps, cfg.fc2_stages) != (4, 3) or cfg.fc2_programs_per_sm):
-        bad.append("fc2_cute: FC2's tile of H and its units' rows (fc2_block_m, or block_m) must be 64 or 128, "
+        bad.append("fc2_cute: FC2's tile of H must be 64 or 128 (or, fp8, 256: two column tiles of 128 a unit) and "
+                   "its units' rows (fc2_block_m, or block_m) 64 or 128, "
                    "the combine separate (no atomic or fused combine), and FC2's Triton fields at their "
                    "defaults (fc2_swap_ab, fc2_col_groups, fc2_col_major, fc2_y_tma, flatten off, fc2_warps 4, "
                    "fc2_stages 3, fc2_programs_per_sm 0)")
