@@ -99,12 +99,30 @@ def assert_as_accurate_as_torch(out, ref, same):
 
 def assert_schedule(ids, E, small_p=None):
     """offsets equal the twin's; each expert's segment holds the twin's pairs (in pair order up
-    to ``SMALL_P`` pairs; above, the order within a segment is the atomics')."""
-    from densemoe.kernels.triton.routed import SMALL_P, schedule_launch
+    to ``SMALL_P`` pairs; above, the order within a segment is the atomics'). The same for the
+    launch that also quantises x (``quant_schedule_launch``), whose x8 and scales are
+    ``quantize_per_token``'s bits."""
+    from densemoe.kernels.triton.routed import quant_schedule_launch, schedule_launch
 
     s = torch.empty(ids.numel(), dtype=torch.int32)
     o = torch.empty(E + 1, dtype=torch.int32)
     schedule_launch(ids, E, s, o, small_p=small_p)
+    _same_schedule(s, o, ids, E, small_p)
+    M = ids.shape[0]
+    x = torch.randn(M, 96, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
+    xq = torch.full((M, 96), 7.0).to(FP8)
+    sx = torch.full((M,), float("nan"))
+    s.fill_(-7)
+    o.fill_(-7)
+    quant_schedule_launch(x, xq, sx, ids, E, s, o, small_p=small_p)
+    _same_schedule(s, o, ids, E, small_p)
+    q_ref, s_ref = quantize_per_token(x)
+    assert torch.equal(xq.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sx, s_ref)
+
+
+def _same_schedule(s, o, ids, E, small_p):
+    from densemoe.kernels.triton.routed import SMALL_P
+
     s_ref, o_ref = moe_schedule_ref(ids, E)
     assert torch.equal(o, o_ref), (o, o_ref)
     n = int(o_ref[-1])
@@ -144,13 +162,22 @@ def test_schedule_edge_routings(small_p):
 def test_schedule_writes_nothing_past_its_buffers(M, k, E, small_p):
     """Guard elements after sorted_pairs and offsets stay as they were (every id valid, so the
     sort's store mask runs to the last pair: a mask one too wide writes past the buffer)."""
-    from densemoe.kernels.triton.routed import schedule_launch
+    from densemoe.kernels.triton.routed import quant_schedule_launch, schedule_launch
     ids, _ = uniform_routing(M, E, k, seed=M)
     P = M * k
     s = torch.full((P + 1,), -7, dtype=torch.int32)
     o = torch.full((E + 2,), -7, dtype=torch.int32)
     schedule_launch(ids, E, s[:P], o[:E + 1], small_p=small_p)
     assert s[P] == -7 and o[E + 1] == -7
+    assert torch.equal(o[:E + 1], moe_schedule_ref(ids, E)[1])
+    H = 80  # not a power of two: the quantisation's row mask matters too
+    x = torch.randn(M + 1, H).to(torch.bfloat16)
+    xq = torch.full((M + 1, H), 7.0).to(FP8)
+    sx = torch.full((M + 1,), -7.0)
+    s.fill_(-7)
+    o.fill_(-7)
+    quant_schedule_launch(x[:M], xq[:M], sx[:M], ids, E, s[:P], o[:E + 1], small_p=small_p)
+    assert s[P] == -7 and o[E + 1] == -7 and sx[M] == -7 and (xq[M].float() == 7).all()
     assert torch.equal(o[:E + 1], moe_schedule_ref(ids, E)[1])
 
 
@@ -517,10 +544,11 @@ def test_m_zero_and_x_quant():
     pw = prepare_weights(*weights(E, I, H), dtype="fp8")
     out = routed_experts(torch.empty(0, H, dtype=BF16), pw, torch.empty(0, k, dtype=torch.long), torch.empty(0, k))
     assert out.shape == (0, H)
-    x = tokens(5, H)
-    ids, wts = uniform_routing(5, E, k)
-    assert torch.equal(routed_experts(x, pw, ids, wts, x_quant=quantize_per_token(x), config=SMALL),
-                       routed_experts(x, pw, ids, wts, config=SMALL))
+    for M in (5, 600):  # x quantised in the schedule's launch: its one-program form, then its chunks (P > 1024)
+        x = tokens(M, H)
+        ids, wts = uniform_routing(M, E, k)
+        assert torch.equal(routed_experts(x, pw, ids, wts, x_quant=quantize_per_token(x), config=SMALL),
+                           routed_experts(x, pw, ids, wts, config=SMALL))
 
 
 # -------------------------------------------------------------------- custom ops and compile

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(r'''
     from triton.compiler import ASTSource
 
     from densemoe.kernels.triton.routed import (_combine_kernel, _count_kernel, _fc1_kernel, _fc2_kernel,
-                                                _place_kernel, _sort_schedule_kernel)
+                                                _place_kernel, _quant_schedule_kernel, _sort_schedule_kernel)
 
     FP8 = "fp8e4nv"
 
@@ -62,7 +62,12 @@ SCRIPT = textwrap.dedent(r'''
     k = compile_(_place_kernel, dict(ids_ptr="*i64", counts_ptr="*i32", cursor_ptr="*i32", sorted_ptr="*i32",
                                      offsets_ptr="*i32"), dict(CHUNK=1024, BINS=512), gemm=False)
     assert "atom" in k.asm["ptx"]
-    n += 4
+    for sort, block, one_pass, warps in ((True, 2048, True, 4), (True, 4096, False, 8), (False, 4096, False, 8)):
+        compile_(_quant_schedule_kernel, dict(x_ptr="*bf16", q_ptr="*" + FP8, s_ptr="*fp32", ids_ptr="*i64",
+                                              sorted_ptr="*i32", offsets_ptr="*i32", counts_ptr="*i32"),
+                 dict(SORT=sort, P_PAD=1024 if sort else 16, CHUNK=1024, BINS=512, BLOCK=block, ONE_PASS=one_pass),
+                 warps=warps, gemm=False)
+    n += 7
     for dt, swap, flat, atomic, tma in ((FP8, False, False, False, True), (FP8, True, False, True, True),
                                         (FP8, False, True, True, False), ("bf16", True, True, False, True),
                                         ("bf16", False, False, True, False), (FP8, True, True, False, True)):
@@ -184,4 +189,4 @@ def test_routed_kernels_compile_for_sm90_pipelined():
     env["TRITON_INTERPRET"] = "0"
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 32" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 35" in r.stdout, r.stdout + r.stderr[-2000:]

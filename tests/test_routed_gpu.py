@@ -110,20 +110,28 @@ def _within_torch(out, pw, x, ids, wts, group, round_rows):
 @pytest.mark.parametrize("shape", ["deepseek-v3-tp8", "qwen3-30b-a3b"])
 def test_schedule_on_the_gpu(shape):
     """Offsets bit for bit; each expert's segment the twin's pairs (in pair order up to SMALL_P
-    pairs; above, in the atomics' order)."""
-    from densemoe.kernels.triton.routed import SMALL_P
+    pairs; above, in the atomics' order). The same from the launch that also quantises x
+    (``quant_schedule_launch``), whose x8 and scales are ``quantize_per_token``'s bits."""
+    from densemoe.kernels.triton.routed import SMALL_P, quant_schedule_launch
 
     s = SHAPES[shape]
     for M in (1, 7, 100, SMALL_P // s.topk, 1000, 4096):  # SMALL_P // k: the one-launch form's largest
         ids = torch.rand(M, s.experts, device="cuda").topk(s.topk, dim=1).indices
-        so, oo = moe_schedule(ids, s.experts)
         sr, orf = moe_schedule_ref(ids, s.experts)
-        assert torch.equal(oo, orf)
-        if M * s.topk <= SMALL_P:
-            assert torch.equal(so, sr)
         seg = torch.repeat_interleave(torch.arange(s.experts, device="cuda"), (orf[1:] - orf[:-1]).long())
         key = lambda v: (seg.long() << 32) + v.long()  # noqa: E731 - sort within each segment
-        assert torch.equal(key(so).sort().values, key(sr).sort().values)
+        x = torch.randn(M, s.hidden, device="cuda").to(BF16)
+        xq = torch.full_like(x, 7.0).to(FP8)
+        sx = torch.full((M,), float("nan"), device="cuda")
+        fused = (torch.full_like(sr, -7), torch.full_like(orf, -7))
+        quant_schedule_launch(x, xq, sx, ids, s.experts, *fused)
+        q_ref, s_ref = quantize_per_token(x)
+        assert torch.equal(xq.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sx, s_ref)
+        for so, oo in (moe_schedule(ids, s.experts), fused):
+            assert torch.equal(oo, orf)
+            if M * s.topk <= SMALL_P:
+                assert torch.equal(so, sr)
+            assert torch.equal(key(so).sort().values, key(sr).sort().values)
 
 
 def test_outputs_do_not_depend_on_the_order_within_an_expert():

@@ -7,8 +7,8 @@ argument checks and its custom ops.
 Pipeline (four launches up to 1024 pairs, five above; no host sync, buffers sized by M * top_k whatever the routing, so a
 CUDA graph replays with any routing; ``densemoe.kernels.triton.routed`` has the semantics):
 
-    fp8:  x8, sx = quantize_per_token(x)                       (unless x_quant is given)
-          sorted_pairs, offsets = moe_schedule(topk_ids, E)      pairs grouped by expert
+    fp8:  x8, sx = quantize_per_token(x)                       (unless x_quant is given; per token:
+          sorted_pairs, offsets = moe_schedule(topk_ids, E)      in the schedule's first launch)
           y8, ys = grouped FC1 (SwiGLU; y quantised per (pair, fc1_block_i columns))
           rows = grouped FC2 (per-step promotion by ys, w2's scale and the routing weight)
           out = combine(rows)                                    each token's k rows, fp32
@@ -60,7 +60,13 @@ def _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg: RoutedConfig, w1_block_sca
     dev = x.device
     sorted_pairs = torch.empty(P, dtype=torch.int32, device=dev)
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    kern.schedule_launch(topk_ids, E, sorted_pairs, offsets)
+    if w1.dtype == FP8 and x.dtype != FP8:  # x quantised per token in the schedule's launch
+        xq = torch.empty(x.shape, dtype=FP8, device=dev)
+        x_scale = torch.empty(M, dtype=torch.float32, device=dev)
+        kern.quant_schedule_launch(x, xq, x_scale, topk_ids, E, sorted_pairs, offsets)
+        x = xq
+    else:
+        kern.schedule_launch(topk_ids, E, sorted_pairs, offsets)
     if w1.dtype == FP8:
         y = torch.empty((P, I), dtype=FP8, device=dev)
         ys = torch.empty((P, -(-I // cfg.fc1_block_i)), dtype=torch.float32, device=dev)
@@ -212,8 +218,9 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _inputs(x, prepared, topk_ids, topk_weights, config, x_quant):
-    """``routed_experts``' checks; (x8 or bf16 x, its scales, topk_ids, float32 topk_weights)
-    as the kernels take them (x None for M = 0)."""
+    """``routed_experts``' checks; (x, its scales, topk_ids, float32 topk_weights) as the op takes
+    them: x8 and its scales, or for fp8 per-expert weights without ``x_quant`` x itself and None
+    (the schedule's launch quantises it), or bf16 x and None (x None for M = 0)."""
     if not isinstance(prepared, PreparedWeights):
         raise TypeError(f"{OP}: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) "
                         f"returns, got {type(prepared).__name__}")
@@ -251,11 +258,14 @@ def _inputs(x, prepared, topk_ids, topk_weights, config, x_quant):
             if xq.shape != x.shape or xq.dtype != FP8 or tuple(sx.shape) != (M,):
                 raise ValueError(f"{OP}: x_quant must be (x8 [M, H] fp8, sx [M]) for x {tuple(x.shape)}, got "
                                  f"{tuple(xq.shape)} {xq.dtype}, {tuple(sx.shape)}")
+            sx = sx.to(torch.float32).contiguous()
         else:
             if x.dtype == FP8:
                 raise ValueError(f"{OP}: an fp8 x needs its per-token scales: pass x_quant=(x8, sx)")
-            xq, sx = quantize_per_token(x)
-        sx = sx.to(torch.float32).contiguous()
+            if x.dtype in _OUT_DTYPES:
+                xq, sx = x, None  # quantised by the schedule's launch (``_fc1_stage``)
+            else:
+                xq, sx = quantize_per_token(x)
     else:
         if x_quant is not None:
             raise ValueError(f"{OP}: x_quant is for fp8 weights; these are {prepared.dtype}")

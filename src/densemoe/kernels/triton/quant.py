@@ -46,7 +46,14 @@ _MAX_BLOCK = 4096  # elements one program holds in registers per pass
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q,
                        BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
-    m = tl.program_id(0).to(tl.int64)
+    quant_row(tl.program_id(0).to(tl.int64), x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, BLOCK, ONE_PASS)
+
+
+@triton.jit
+def quant_row(m, x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    """Row m of the per-token quantisation (module docstring); ``quant_rows_meta`` gives BLOCK,
+    ONE_PASS and the warps for H. Also run by the routed schedule's launch
+    (``routed.quant_schedule_launch``)."""
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
         ok = offs < H
@@ -130,14 +137,18 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (max(n, 1) - 1).bit_length())
 
 
+def quant_rows_meta(H: int) -> dict:
+    """``quant_row``'s BLOCK and ONE_PASS and the launch's warps for rows of H elements."""
+    block = min(_pow2_at_least(H), _MAX_BLOCK)
+    return dict(BLOCK=block, ONE_PASS=H <= block, num_warps=4 if block <= 2048 else 8)
+
+
 def quant_rows_triton(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
     """q [M, H] fp8, s [M] fp32 <- x [M, H] (unit stride along H; checked by the caller)."""
     M, H = x.shape
     if M == 0:
         return
-    block = min(_pow2_at_least(H), _MAX_BLOCK)
-    _quant_rows_kernel[(M,)](x, q, s, H, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=H <= block,
-                             num_warps=4 if block <= 2048 else 8, **launch_kwargs(x.device))
+    _quant_rows_kernel[(M,)](x, q, s, H, x.stride(0), q.stride(0), **quant_rows_meta(H), **launch_kwargs(x.device))
 
 
 def quant_y_triton(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor | None,

@@ -52,6 +52,7 @@ from densemoe.kernels.common import SMEM_BYTES, reused_zeros, tma_compatible
 from densemoe.kernels.triton.gate_up import gate_up_step
 from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
+from densemoe.kernels.triton.quant import quant_row, quant_rows_meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,10 +324,15 @@ def config_problems(cfg: RoutedConfig, fp8: bool) -> list[str]:
 @triton.jit
 def _sort_schedule_kernel(ids_ptr, sorted_ptr, offsets_ptr, P, E, P_PAD: tl.constexpr, BINS: tl.constexpr,
                           PDL: tl.constexpr = False):
+    pdl_enter(PDL)
+    _sort_pairs(ids_ptr, sorted_ptr, offsets_ptr, P, E, P_PAD, BINS)
+
+
+@triton.jit
+def _sort_pairs(ids_ptr, sorted_ptr, offsets_ptr, P, E, P_PAD: tl.constexpr, BINS: tl.constexpr):
     """One program, all P <= P_PAD pairs: the offsets from a histogram of the ids, the pairs by one
     sort of the keys id * P_PAD + p (ids outside [0, E) as E: they sort last and are not stored),
     so each expert's pairs come in pair order."""
-    pdl_enter(PDL)
     offs = tl.arange(0, P_PAD)
     ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)  # native width: no id wraps into range
     ids = tl.where((offs < P) & (ids >= 0) & (ids < E), ids, E).to(tl.int32)
@@ -340,9 +346,13 @@ def _sort_schedule_kernel(ids_ptr, sorted_ptr, offsets_ptr, P, E, P_PAD: tl.cons
 
 @triton.jit
 def _count_kernel(ids_ptr, counts_ptr, P, E, CHUNK: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr = False):
-    """counts[c, e] = pairs of chunk c (CHUNK pairs) with id e; ids outside [0, E) go to bin E."""
     pdl_enter(PDL)
-    c = tl.program_id(0)
+    _count_chunk(tl.program_id(0), ids_ptr, counts_ptr, P, E, CHUNK, BINS)
+
+
+@triton.jit
+def _count_chunk(c, ids_ptr, counts_ptr, P, E, CHUNK: tl.constexpr, BINS: tl.constexpr):
+    """counts[c, e] = pairs of chunk c (CHUNK pairs) with id e; ids outside [0, E) go to bin E."""
     offs = c * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + offs, mask=offs < P, other=-1)
     ids = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
@@ -383,6 +393,25 @@ SMALL_P = 1024  # up to this many pairs: one launch (``_sort_schedule_kernel``),
 CHUNK_P = 1024  # pairs per program of the two-launch schedule
 
 
+@triton.jit
+def _quant_schedule_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, ids_ptr, sorted_ptr, offsets_ptr, counts_ptr,
+                           P, E, N_SCHED, SORT: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                           BINS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
+    """The schedule's first launch and x's per-token quantisation in one grid: programs
+    0 .. N_SCHED - 1 sort all pairs (``SORT``: one program) or count a chunk each, the next M
+    programs quantise a row of x each (``quant.quant_row``). The two read different inputs and
+    write different outputs."""
+    pdl_enter(PDL)
+    pid = tl.program_id(0)
+    if pid < N_SCHED:
+        if SORT:
+            _sort_pairs(ids_ptr, sorted_ptr, offsets_ptr, P, E, P_PAD, BINS)
+        else:
+            _count_chunk(pid, ids_ptr, counts_ptr, P, E, CHUNK, BINS)
+    else:
+        quant_row((pid - N_SCHED).to(tl.int64), x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, BLOCK, ONE_PASS)
+
+
 def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torch.Tensor,
                     offsets: torch.Tensor, small_p: int | None = None) -> None:
     """Fill ``sorted_pairs`` [M*k] int32 and ``offsets`` [E+1] int32 from ``topk_ids`` [M, k]
@@ -399,17 +428,49 @@ def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torc
     if P > (SMALL_P if small_p is None else small_p):
         n_chunks = triton.cdiv(P, CHUNK_P)
         counts = torch.empty((n_chunks, bins), dtype=torch.int32, device=dev)
-        cursor = torch.empty((n_chunks, bins), dtype=torch.int32, device=dev)
         _count_kernel[(n_chunks,)](topk_ids, counts, P, num_experts, CHUNK=CHUNK_P, BINS=bins, num_warps=4,
                                    **launch_kwargs(dev))
-        _place_kernel[(n_chunks,)](topk_ids, counts, cursor, sorted_pairs, offsets, P, num_experts, n_chunks,
-                                   CHUNK=CHUNK_P, BINS=bins, num_warps=4, **launch_kwargs(dev))
+        _place_launch(topk_ids, counts, num_experts, sorted_pairs, offsets)
         return
+    _sort_schedule_kernel[(1,)](topk_ids, sorted_pairs, offsets, P, num_experts, P_PAD=_sort_pad(P, num_experts),
+                                BINS=bins, num_warps=4, **launch_kwargs(dev))
+
+
+def _sort_pad(P: int, num_experts: int) -> int:
+    """The one-program sort's pair count, a power of two (a ValueError where its keys overflow)."""
     p_pad = max(16, triton.next_power_of_2(max(P, 1)))
     if num_experts >= 2**31 // p_pad:
         raise ValueError(f"moe schedule: E={num_experts} experts times {p_pad} pairs overflow the sort's int32 keys")
-    _sort_schedule_kernel[(1,)](topk_ids, sorted_pairs, offsets, P, num_experts, P_PAD=p_pad, BINS=bins,
-                                num_warps=4, **launch_kwargs(dev))
+    return p_pad
+
+
+def _place_launch(topk_ids, counts, num_experts: int, sorted_pairs, offsets) -> None:
+    """The schedule's second launch (above ``SMALL_P`` pairs), after the chunks' ``counts``."""
+    n_chunks, bins = counts.shape
+    cursor = torch.empty((n_chunks, bins), dtype=torch.int32, device=counts.device)
+    _place_kernel[(n_chunks,)](topk_ids, counts, cursor, sorted_pairs, offsets, topk_ids.numel(), num_experts,
+                               n_chunks, CHUNK=CHUNK_P, BINS=bins, num_warps=4, **launch_kwargs(counts.device))
+
+
+def quant_schedule_launch(x: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, topk_ids: torch.Tensor,
+                          num_experts: int, sorted_pairs: torch.Tensor, offsets: torch.Tensor,
+                          small_p: int | None = None) -> None:
+    """``schedule_launch`` with x's per-token fp8 quantisation (xq [M, H] fp8, sx [M] fp32 <- x
+    [M, H], unit stride along H: ``quant.quant_rows_triton``'s bits) in its first launch: one
+    launch up to ``SMALL_P`` pairs, two above, where the separate kernels take two and three."""
+    M, H = x.shape
+    P = topk_ids.numel()
+    dev = x.device
+    bins = triton.next_power_of_2(num_experts + 1)
+    sort = P <= (SMALL_P if small_p is None else small_p)
+    n_sched = 1 if sort else triton.cdiv(P, CHUNK_P)
+    counts = sorted_pairs if sort else torch.empty((n_sched, bins), dtype=torch.int32, device=dev)
+    _quant_schedule_kernel[(n_sched + M,)](
+        x, xq, sx, H, x.stride(0), xq.stride(0), topk_ids, sorted_pairs, offsets, counts, P, num_experts, n_sched,
+        SORT=sort, P_PAD=_sort_pad(P, num_experts) if sort else 16, CHUNK=CHUNK_P, BINS=bins, **quant_rows_meta(H),
+        **launch_kwargs(dev))
+    if not sort:
+        _place_launch(topk_ids, counts, num_experts, sorted_pairs, offsets)
 
 
 # ----------------------------------------------------------------------------------------------
