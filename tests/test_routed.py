@@ -16,7 +16,7 @@ from densemoe.kernels.common import RoutedProblem
 from densemoe.kernels.triton.routed import RoutedConfig, can_implement
 from densemoe.ops import routed_configs, strategy
 from densemoe.ops.routed import moe_schedule, routed_experts
-from densemoe.quant import FP8, quantize_per_token
+from densemoe.quant import FP8, quantize_per_token, quantize_per_token_group
 from densemoe.reference import experts_ref, moe_schedule_ref, routed_experts_ref
 from densemoe.shapes import SHAPES
 from densemoe.tuning import cache
@@ -110,14 +110,15 @@ def assert_schedule(ids, E, small_p=None):
     _same_schedule(s, o, ids, E, small_p)
     M = ids.shape[0]
     x = torch.randn(M, 96, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)
-    xq = torch.full((M, 96), 7.0).to(FP8)
-    sx = torch.full((M,), float("nan"))
-    s.fill_(-7)
-    o.fill_(-7)
-    quant_schedule_launch(x, xq, sx, ids, E, s, o, small_p=small_p)
-    _same_schedule(s, o, ids, E, small_p)
-    q_ref, s_ref = quantize_per_token(x)
-    assert torch.equal(xq.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sx, s_ref)
+    for group in (0, 32):  # per token; in groups of 32 columns (three a row)
+        xq = torch.full((M, 96), 7.0).to(FP8)
+        sx = torch.full((M, 96 // group) if group else (M,), float("nan"))
+        s.fill_(-7)
+        o.fill_(-7)
+        quant_schedule_launch(x, xq, sx, ids, E, s, o, group=group, small_p=small_p)
+        _same_schedule(s, o, ids, E, small_p)
+        q_ref, s_ref = quantize_per_token_group(x, group) if group else quantize_per_token(x)
+        assert torch.equal(xq.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sx, s_ref), group
 
 
 def _same_schedule(s, o, ids, E, small_p):
@@ -170,15 +171,16 @@ def test_schedule_writes_nothing_past_its_buffers(M, k, E, small_p):
     schedule_launch(ids, E, s[:P], o[:E + 1], small_p=small_p)
     assert s[P] == -7 and o[E + 1] == -7
     assert torch.equal(o[:E + 1], moe_schedule_ref(ids, E)[1])
-    H = 80  # not a power of two: the quantisation's row mask matters too
+    H = 80  # not a power of two: the quantisation's row mask matters too (and five groups of 16)
     x = torch.randn(M + 1, H).to(torch.bfloat16)
-    xq = torch.full((M + 1, H), 7.0).to(FP8)
-    sx = torch.full((M + 1,), -7.0)
-    s.fill_(-7)
-    o.fill_(-7)
-    quant_schedule_launch(x[:M], xq[:M], sx[:M], ids, E, s[:P], o[:E + 1], small_p=small_p)
-    assert s[P] == -7 and o[E + 1] == -7 and sx[M] == -7 and (xq[M].float() == 7).all()
-    assert torch.equal(o[:E + 1], moe_schedule_ref(ids, E)[1])
+    for group in (0, 16):
+        xq = torch.full((M + 1, H), 7.0).to(FP8)
+        sx = torch.full((M + 1, H // group) if group else (M + 1,), -7.0)
+        s.fill_(-7)
+        o.fill_(-7)
+        quant_schedule_launch(x[:M], xq[:M], sx[:M], ids, E, s[:P], o[:E + 1], group=group, small_p=small_p)
+        assert s[P] == -7 and o[E + 1] == -7 and (sx[M] == -7).all() and (xq[M].float() == 7).all()
+        assert torch.equal(o[:E + 1], moe_schedule_ref(ids, E)[1])
 
 
 @interp
@@ -549,6 +551,22 @@ def test_m_zero_and_x_quant():
         ids, wts = uniform_routing(M, E, k)
         assert torch.equal(routed_experts(x, pw, ids, wts, x_quant=quantize_per_token(x), config=SMALL),
                            routed_experts(x, pw, ids, wts, config=SMALL))
+
+
+@interp
+@pytest.mark.parametrize("M", [5, 600])
+def test_block_fp8_x_quant_given_or_in_the_schedules_launch(M):
+    """With block-scaled weights, x quantised in 1 x 128 groups by the caller (``x_quant``) or by
+    the schedule's launch: the same bits (one-program schedule at M = 5, chunks at M = 600)."""
+    from _helpers import block_weights
+
+    E, k, I, H = 4, 2, 128, 256
+    w13, s13, _, w2, s2, _ = block_weights(E, I, H, seed=M)
+    pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+    x = tokens(M, H)
+    ids, wts = uniform_routing(M, E, k)
+    assert torch.equal(routed_experts(x, pw, ids, wts, x_quant=quantize_per_token_group(x, 128)),
+                       routed_experts(x, pw, ids, wts))
 
 
 # -------------------------------------------------------------------- custom ops and compile

@@ -62,12 +62,14 @@ SCRIPT = textwrap.dedent(r'''
     k = compile_(_place_kernel, dict(ids_ptr="*i64", counts_ptr="*i32", cursor_ptr="*i32", sorted_ptr="*i32",
                                      offsets_ptr="*i32"), dict(CHUNK=1024, BINS=512), gemm=False)
     assert "atom" in k.asm["ptx"]
-    for sort, block, one_pass, warps in ((True, 2048, True, 4), (True, 4096, False, 8), (False, 4096, False, 8)):
+    for sort, block, one_pass, warps, g in ((True, 2048, True, 4, 0), (True, 4096, False, 8, 0),
+                                            (False, 4096, False, 8, 0), (True, 16, True, 4, 128),
+                                            (False, 16, True, 4, 128)):  # Qwen3's H, TP8's; 1 x 128 groups
         compile_(_quant_schedule_kernel, dict(x_ptr="*bf16", q_ptr="*" + FP8, s_ptr="*fp32", ids_ptr="*i64",
                                               sorted_ptr="*i32", offsets_ptr="*i32", counts_ptr="*i32"),
-                 dict(SORT=sort, P_PAD=1024 if sort else 16, CHUNK=1024, BINS=512, BLOCK=block, ONE_PASS=one_pass),
-                 warps=warps, gemm=False)
-    n += 7
+                 dict(SORT=sort, P_PAD=1024 if sort else 16, CHUNK=1024, BINS=512, BLOCK=block, ONE_PASS=one_pass,
+                      G=g, GROUPS=16), warps=warps, gemm=False)
+    n += 9
     for dt, swap, flat, atomic, tma in ((FP8, False, False, False, True), (FP8, True, False, True, True),
                                         (FP8, False, True, True, False), ("bf16", True, True, False, True),
                                         ("bf16", False, False, True, False), (FP8, True, True, False, True)):
@@ -189,4 +191,4 @@ def test_routed_kernels_compile_for_sm90_pipelined():
     env["TRITON_INTERPRET"] = "0"
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "compiled 35" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "compiled 37" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -13,7 +13,7 @@ import densemoe
 from densemoe.kernels.common import RoutedProblem
 from densemoe.ops import routed_configs
 from densemoe.ops.routed import moe_schedule, routed_experts
-from densemoe.quant import FP8, quantize_per_token
+from densemoe.quant import FP8, quantize_per_token, quantize_per_token_group
 from densemoe.reference import moe_schedule_ref
 from densemoe.shapes import SHAPES
 from densemoe.timing import capture
@@ -111,7 +111,8 @@ def _within_torch(out, pw, x, ids, wts, group, round_rows):
 def test_schedule_on_the_gpu(shape):
     """Offsets bit for bit; each expert's segment the twin's pairs (in pair order up to SMALL_P
     pairs; above, in the atomics' order). The same from the launch that also quantises x
-    (``quant_schedule_launch``), whose x8 and scales are ``quantize_per_token``'s bits."""
+    (``quant_schedule_launch``), whose x8 and scales are ``quantize_per_token``'s bits (per token)
+    and ``quantize_per_token_group``'s (groups of 128)."""
     from densemoe.kernels.triton.routed import SMALL_P, quant_schedule_launch
 
     s = SHAPES[shape]
@@ -121,13 +122,15 @@ def test_schedule_on_the_gpu(shape):
         seg = torch.repeat_interleave(torch.arange(s.experts, device="cuda"), (orf[1:] - orf[:-1]).long())
         key = lambda v: (seg.long() << 32) + v.long()  # noqa: E731 - sort within each segment
         x = torch.randn(M, s.hidden, device="cuda").to(BF16)
-        xq = torch.full_like(x, 7.0).to(FP8)
-        sx = torch.full((M,), float("nan"), device="cuda")
-        fused = (torch.full_like(sr, -7), torch.full_like(orf, -7))
-        quant_schedule_launch(x, xq, sx, ids, s.experts, *fused)
-        q_ref, s_ref = quantize_per_token(x)
-        assert torch.equal(xq.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sx, s_ref)
-        for so, oo in (moe_schedule(ids, s.experts), fused):
+        runs = [moe_schedule(ids, s.experts)]
+        for group in (0, 128):  # per token; DeepSeek-V3's 1 x 128 groups (block-scaled weights)
+            xq = torch.full_like(x, 7.0).to(FP8)
+            sx = torch.full((M, s.hidden // group) if group else (M,), float("nan"), device="cuda")
+            runs.append((torch.full_like(sr, -7), torch.full_like(orf, -7)))
+            quant_schedule_launch(x, xq, sx, ids, s.experts, *runs[-1], group=group)
+            q_ref, s_ref = quantize_per_token_group(x, group) if group else quantize_per_token(x)
+            assert torch.equal(xq.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(sx, s_ref), group
+        for so, oo in runs:
             assert torch.equal(oo, orf)
             if M * s.topk <= SMALL_P:
                 assert torch.equal(so, sr)

@@ -7,8 +7,8 @@ argument checks and its custom ops.
 Pipeline (four launches up to 1024 pairs, five above; no host sync, buffers sized by M * top_k whatever the routing, so a
 CUDA graph replays with any routing; ``densemoe.kernels.triton.routed`` has the semantics):
 
-    fp8:  x8, sx = quantize_per_token(x)                       (unless x_quant is given; per token:
-          sorted_pairs, offsets = moe_schedule(topk_ids, E)      in the schedule's first launch)
+    fp8:  x8, sx = quantize_per_token(x)                       (unless x_quant is given; in the
+          sorted_pairs, offsets = moe_schedule(topk_ids, E)      schedule's first launch)
           y8, ys = grouped FC1 (SwiGLU; y quantised per (pair, fc1_block_i columns))
           rows = grouped FC2 (per-step promotion by ys, w2's scale and the routing weight)
           out = combine(rows)                                    each token's k rows, fp32
@@ -60,10 +60,11 @@ def _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg: RoutedConfig, w1_block_sca
     dev = x.device
     sorted_pairs = torch.empty(P, dtype=torch.int32, device=dev)
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    if w1.dtype == FP8 and x.dtype != FP8:  # x quantised per token in the schedule's launch
+    if w1.dtype == FP8 and x.dtype != FP8:  # x quantised in the schedule's launch (per token, or in groups)
+        group = BLOCK if w1_block_scale is not None else 0
         xq = torch.empty(x.shape, dtype=FP8, device=dev)
-        x_scale = torch.empty(M, dtype=torch.float32, device=dev)
-        kern.quant_schedule_launch(x, xq, x_scale, topk_ids, E, sorted_pairs, offsets)
+        x_scale = torch.empty((M, x.shape[1] // group) if group else (M,), dtype=torch.float32, device=dev)
+        kern.quant_schedule_launch(x, xq, x_scale, topk_ids, E, sorted_pairs, offsets, group=group)
         x = xq
     else:
         kern.schedule_launch(topk_ids, E, sorted_pairs, offsets)
@@ -219,8 +220,8 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _inputs(x, prepared, topk_ids, topk_weights, config, x_quant):
     """``routed_experts``' checks; (x, its scales, topk_ids, float32 topk_weights) as the op takes
-    them: x8 and its scales, or for fp8 per-expert weights without ``x_quant`` x itself and None
-    (the schedule's launch quantises it), or bf16 x and None (x None for M = 0)."""
+    them: x8 and its scales, or for fp8 weights without ``x_quant`` x itself and None (the
+    schedule's launch quantises it), or bf16 x and None (x None for M = 0)."""
     if not isinstance(prepared, PreparedWeights):
         raise TypeError(f"{OP}: prepared must be the PreparedWeights that densemoe.prepare_weights(w13, w2) "
                         f"returns, got {type(prepared).__name__}")
@@ -247,11 +248,15 @@ def _inputs(x, prepared, topk_ids, topk_weights, config, x_quant):
                 raise ValueError(f"{OP}: with block-scaled weights x_quant must be (x8 [M, H] fp8, sx [M, H/"
                                  f"{prepared.block}]) = quantize_per_token_group(x), got {tuple(xq.shape)} {xq.dtype}, "
                                  f"{tuple(sx.shape)}")
+            sx = sx.to(torch.float32).contiguous()
         else:
             if x.dtype == FP8:
                 raise ValueError(f"{OP}: an fp8 x needs its group scales: pass x_quant=(x8, sx)")
-            xq, sx = quantize_per_token_group(x, prepared.block)
-        sx = sx.to(torch.float32).contiguous()
+            if x.dtype in _OUT_DTYPES and prepared.block == BLOCK:
+                xq, sx = x, None  # quantised by the schedule's launch (``_fc1_stage``)
+            else:
+                xq, sx = quantize_per_token_group(x, prepared.block)
+                sx = sx.to(torch.float32).contiguous()
     elif prepared.dtype == FP8:
         if x_quant is not None:
             xq, sx = x_quant

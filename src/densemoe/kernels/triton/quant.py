@@ -173,10 +173,17 @@ def quant_y_triton(y: torch.Tensor, alpha: torch.Tensor, w2_scale: torch.Tensor 
 @triton.jit
 def _quant_groups_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s,
                          G: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr = False):
-    """Program (m, b): row m's groups b*GROUPS .. b*GROUPS + GROUPS - 1, each G columns."""
     pdl_enter(PDL)
-    m = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    quant_groups(tl.program_id(0).to(tl.int64), tl.program_id(1), x_ptr, q_ptr, s_ptr, H, stride_x, stride_q,
+                 stride_s, G, GROUPS)
+
+
+@triton.jit
+def quant_groups(m, b, x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s, G: tl.constexpr, GROUPS: tl.constexpr):
+    """Part b of row m: the row's groups b*GROUPS .. b*GROUPS + GROUPS - 1, each G columns
+    (``quant_groups_meta`` gives GROUPS and the parts a row has). Also run by the routed
+    schedule's launch (``routed.quant_schedule_launch``)."""
+    g = b * GROUPS + tl.arange(0, GROUPS)
     cols = g[:, None] * G + tl.arange(0, G)[None, :]
     ok = cols < H
     v = tl.load(x_ptr + m * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -192,8 +199,13 @@ def quant_groups_triton(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group
     M, H = x.shape
     if M == 0:
         return
+    meta = quant_groups_meta(H, group)
+    _quant_groups_kernel[(M, meta.pop("parts"))](x, q, s, H, x.stride(0), q.stride(0), s.stride(0), **meta,
+                                                 **launch_kwargs(x.device))
+
+
+def quant_groups_meta(H: int, group: int) -> dict:
+    """``quant_groups``' G and GROUPS, the parts a row of H elements takes, and the launch's warps."""
     n_groups = H // group
     per_prog = max(1, min(_pow2_at_least(n_groups), 2048 // group))
-    _quant_groups_kernel[(M, triton.cdiv(n_groups, per_prog))](
-        x, q, s, H, x.stride(0), q.stride(0), s.stride(0), G=group, GROUPS=per_prog, num_warps=4,
-        **launch_kwargs(x.device))
+    return dict(G=group, GROUPS=per_prog, parts=triton.cdiv(n_groups, per_prog), num_warps=4)

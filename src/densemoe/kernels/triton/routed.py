@@ -52,7 +52,7 @@ from densemoe.kernels.common import SMEM_BYTES, reused_zeros, tma_compatible
 from densemoe.kernels.triton.gate_up import gate_up_step
 from densemoe.kernels.triton.fp8 import amax_abs, clamp_e4m3, e4m3_scale
 from densemoe.kernels.triton.pdl import launch_kwargs, pdl_enter
-from densemoe.kernels.triton.quant import quant_row, quant_rows_meta
+from densemoe.kernels.triton.quant import quant_groups, quant_groups_meta, quant_row, quant_rows_meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,12 +394,14 @@ CHUNK_P = 1024  # pairs per program of the two-launch schedule
 
 
 @triton.jit
-def _quant_schedule_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, ids_ptr, sorted_ptr, offsets_ptr, counts_ptr,
-                           P, E, N_SCHED, SORT: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                           BINS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
-    """The schedule's first launch and x's per-token quantisation in one grid: programs
-    0 .. N_SCHED - 1 sort all pairs (``SORT``: one program) or count a chunk each, the next M
-    programs quantise a row of x each (``quant.quant_row``). The two read different inputs and
+def _quant_schedule_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s, ids_ptr, sorted_ptr, offsets_ptr,
+                           counts_ptr, P, E, N_SCHED, PARTS, SORT: tl.constexpr, P_PAD: tl.constexpr,
+                           CHUNK: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                           G: tl.constexpr = 0, GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False):
+    """The schedule's first launch and x's fp8 quantisation in one grid: programs 0 .. N_SCHED - 1
+    sort all pairs (``SORT``: one program) or count a chunk each; the next ones quantise x, a row
+    each per token (``quant.quant_row``), or with ``G`` (groups of G columns, block-scaled
+    weights) PARTS programs a row (``quant.quant_groups``). The two read different inputs and
     write different outputs."""
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -409,7 +411,12 @@ def _quant_schedule_kernel(x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, ids_ptr, 
         else:
             _count_chunk(pid, ids_ptr, counts_ptr, P, E, CHUNK, BINS)
     else:
-        quant_row((pid - N_SCHED).to(tl.int64), x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, BLOCK, ONE_PASS)
+        q = pid - N_SCHED
+        if G:
+            quant_groups((q // PARTS).to(tl.int64), q % PARTS, x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, stride_s,
+                         G, GROUPS)
+        else:
+            quant_row(q.to(tl.int64), x_ptr, q_ptr, s_ptr, H, stride_x, stride_q, BLOCK, ONE_PASS)
 
 
 def schedule_launch(topk_ids: torch.Tensor, num_experts: int, sorted_pairs: torch.Tensor,
@@ -453,11 +460,13 @@ def _place_launch(topk_ids, counts, num_experts: int, sorted_pairs, offsets) -> 
 
 
 def quant_schedule_launch(x: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, topk_ids: torch.Tensor,
-                          num_experts: int, sorted_pairs: torch.Tensor, offsets: torch.Tensor,
+                          num_experts: int, sorted_pairs: torch.Tensor, offsets: torch.Tensor, group: int = 0,
                           small_p: int | None = None) -> None:
-    """``schedule_launch`` with x's per-token fp8 quantisation (xq [M, H] fp8, sx [M] fp32 <- x
-    [M, H], unit stride along H: ``quant.quant_rows_triton``'s bits) in its first launch: one
-    launch up to ``SMALL_P`` pairs, two above, where the separate kernels take two and three."""
+    """``schedule_launch`` with x's fp8 quantisation in its first launch: per token (xq [M, H]
+    fp8, sx [M] fp32 <- x [M, H]: ``quant.quant_rows_triton``'s bits) or with ``group`` per token
+    and group of that many columns (sx [M, H / group]: ``quant.quant_groups_triton``'s bits);
+    x with unit stride along H. One launch up to ``SMALL_P`` pairs, two above, where the separate
+    kernels take two and three."""
     M, H = x.shape
     P = topk_ids.numel()
     dev = x.device
@@ -465,10 +474,15 @@ def quant_schedule_launch(x: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, t
     sort = P <= (SMALL_P if small_p is None else small_p)
     n_sched = 1 if sort else triton.cdiv(P, CHUNK_P)
     counts = sorted_pairs if sort else torch.empty((n_sched, bins), dtype=torch.int32, device=dev)
-    _quant_schedule_kernel[(n_sched + M,)](
-        x, xq, sx, H, x.stride(0), xq.stride(0), topk_ids, sorted_pairs, offsets, counts, P, num_experts, n_sched,
-        SORT=sort, P_PAD=_sort_pad(P, num_experts) if sort else 16, CHUNK=CHUNK_P, BINS=bins, **quant_rows_meta(H),
-        **launch_kwargs(dev))
+    if group:
+        meta = dict(quant_groups_meta(H, group), BLOCK=16, ONE_PASS=True)
+        parts = meta.pop("parts")
+    else:
+        meta, parts = quant_rows_meta(H), 1
+    _quant_schedule_kernel[(n_sched + M * parts,)](
+        x, xq, sx, H, x.stride(0), xq.stride(0), sx.stride(0), topk_ids, sorted_pairs, offsets, counts, P,
+        num_experts, n_sched, parts, SORT=sort, P_PAD=_sort_pad(P, num_experts) if sort else 16, CHUNK=CHUNK_P,
+        BINS=bins, **meta, **launch_kwargs(dev))
     if not sort:
         _place_launch(topk_ids, counts, num_experts, sorted_pairs, offsets)
 
