@@ -546,7 +546,7 @@ def test_m_zero_and_x_quant():
     pw = prepare_weights(*weights(E, I, H), dtype="fp8")
     out = routed_experts(torch.empty(0, H, dtype=BF16), pw, torch.empty(0, k, dtype=torch.long), torch.empty(0, k))
     assert out.shape == (0, H)
-    for M in (5, 600):  # x quantised in the schedule's launch: its one-program form, then its chunks (P > 1024)
+    for M in (5, 600):  # x quantised in the schedule's one launch (P <= 1024), then apart (P > 1024)
         x = tokens(M, H)
         ids, wts = uniform_routing(M, E, k)
         assert torch.equal(routed_experts(x, pw, ids, wts, x_quant=quantize_per_token(x), config=SMALL),
@@ -557,7 +557,7 @@ def test_m_zero_and_x_quant():
 @pytest.mark.parametrize("M", [5, 600])
 def test_block_fp8_x_quant_given_or_in_the_schedules_launch(M):
     """With block-scaled weights, x quantised in 1 x 128 groups by the caller (``x_quant``) or by
-    the schedule's launch: the same bits (one-program schedule at M = 5, chunks at M = 600)."""
+    the routed op: the same bits (in the schedule's one launch at M = 5, apart at M = 600)."""
     from _helpers import block_weights
 
     E, k, I, H = 4, 2, 128, 256
@@ -567,6 +567,33 @@ def test_block_fp8_x_quant_given_or_in_the_schedules_launch(M):
     ids, wts = uniform_routing(M, E, k)
     assert torch.equal(routed_experts(x, pw, ids, wts, x_quant=quantize_per_token_group(x, 128)),
                        routed_experts(x, pw, ids, wts))
+
+
+@interp
+@pytest.mark.parametrize("block", [False, True])
+def test_x_quantised_in_the_schedules_launch_up_to_small_p_pairs(monkeypatch, block):
+    """The op quantises x in the schedule's launch only where that is one launch (P <= SMALL_P);
+    above, the fused form's two launches measured slower (docs/routed.md "Seventeenth session")."""
+    from _helpers import block_weights
+
+    from densemoe.kernels.triton import routed as kern
+
+    calls = []
+    fused = kern.quant_schedule_launch
+    monkeypatch.setattr(kern, "quant_schedule_launch", lambda *a, **kw: (calls.append(a[3].numel()), fused(*a, **kw)))
+    monkeypatch.setattr(kern, "SMALL_P", 16)
+    E, k, I, H = 4, 2, 128, 256
+    if block:
+        w13, s13, _, w2, s2, _ = block_weights(E, I, H, seed=3)
+        pw = prepare_weights(w13, w2, w13_scale=s13, w2_scale=s2)
+    else:
+        pw = prepare_weights(*weights(E, I, H), dtype="fp8")
+    for M in (8, 9):  # 16 pairs, then 18
+        x = tokens(M, H)
+        ids, wts = uniform_routing(M, E, k)
+        xq = quantize_per_token_group(x, 128) if block else quantize_per_token(x)
+        assert torch.equal(routed_experts(x, pw, ids, wts, x_quant=xq), routed_experts(x, pw, ids, wts))
+    assert calls == [16], calls
 
 
 # -------------------------------------------------------------------- custom ops and compile

@@ -7,8 +7,8 @@ argument checks and its custom ops.
 Pipeline (four launches up to 1024 pairs, five above; no host sync, buffers sized by M * top_k whatever the routing, so a
 CUDA graph replays with any routing; ``densemoe.kernels.triton.routed`` has the semantics):
 
-    fp8:  x8, sx = quantize_per_token(x)                       (unless x_quant is given; in the
-          sorted_pairs, offsets = moe_schedule(topk_ids, E)      schedule's first launch)
+    fp8:  x8, sx = quantize_per_token(x)                       (unless x_quant is given; up to 1024
+          sorted_pairs, offsets = moe_schedule(topk_ids, E)      pairs in the schedule's one launch)
           y8, ys = grouped FC1 (SwiGLU; y quantised per (pair, fc1_block_i columns))
           rows = grouped FC2 (per-step promotion by ys, w2's scale and the routing weight)
           out = combine(rows)                                    each token's k rows, fp32
@@ -60,13 +60,17 @@ def _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg: RoutedConfig, w1_block_sca
     dev = x.device
     sorted_pairs = torch.empty(P, dtype=torch.int32, device=dev)
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
-    if w1.dtype == FP8 and x.dtype != FP8:  # x quantised in the schedule's launch (per token, or in groups)
-        group = BLOCK if w1_block_scale is not None else 0
+    group = BLOCK if w1_block_scale is not None else 0
+    if w1.dtype == FP8 and x.dtype != FP8 and P <= kern.SMALL_P:  # x quantised in the schedule's one launch
         xq = torch.empty(x.shape, dtype=FP8, device=dev)
         x_scale = torch.empty((M, x.shape[1] // group) if group else (M,), dtype=torch.float32, device=dev)
         kern.quant_schedule_launch(x, xq, x_scale, topk_ids, E, sorted_pairs, offsets, group=group)
         x = xq
     else:
+        if w1.dtype == FP8 and x.dtype != FP8:  # above SMALL_P pairs x apart: the fused form's two launches
+            # measured slower there on the H100 (Qwen3-30B-A3B M = 2048: docs/routed.md "Seventeenth session")
+            x, x_scale = quantize_per_token_group(x, group) if group else quantize_per_token(x)
+            x_scale = x_scale.to(torch.float32).contiguous()
         kern.schedule_launch(topk_ids, E, sorted_pairs, offsets)
     if w1.dtype == FP8:
         y = torch.empty((P, I), dtype=FP8, device=dev)
