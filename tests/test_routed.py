@@ -573,7 +573,7 @@ def test_block_fp8_x_quant_given_or_in_the_schedules_launch(M):
 @pytest.mark.parametrize("block", [False, True])
 def test_x_quantised_in_the_schedules_launch_up_to_small_p_pairs(monkeypatch, block):
     """The op quantises x in the schedule's launch only where that is one launch (P <= SMALL_P);
-    above, the fused form's two launches measured slower (docs/routed.md "Seventeenth session")."""
+    above, the fused form's two launches measured slower (docs/routed-journal.md "Seventeenth session")."""
     from _helpers import block_weights
 
     from densemoe.kernels.triton import routed as kern

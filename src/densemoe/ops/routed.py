@@ -68,7 +68,7 @@ def _fc1_stage(x, x_scale, w1, alpha1, topk_ids, cfg: RoutedConfig, w1_block_sca
         x = xq
     else:
         if w1.dtype == FP8 and x.dtype != FP8:  # above SMALL_P pairs x apart: the fused form's two launches
-            # measured slower there on the H100 (Qwen3-30B-A3B M = 2048: docs/routed.md "Seventeenth session")
+            # measured slower there on the H100 (Qwen3-30B-A3B M = 2048: docs/routed-journal.md "Seventeenth session")
             x, x_scale = quantize_per_token_group(x, group) if group else quantize_per_token(x)
             x_scale = x_scale.to(torch.float32).contiguous()
         kern.schedule_launch(topk_ids, E, sorted_pairs, offsets)
