@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Nineteenth session (2026-12-06, H200): END=575 SUITE_TIMEOUT=450 PROBES=atomic_bf16 ATOMIC_TIMEOUT=110
+# (66ae31e, 407 s; the suite 366 s on six processes, 958 passed). docs/routed-journal.md "Nineteenth session".
 # Eighteenth session (2026-12-06): seven calls refused; the plan stands for the next one, on main with both mailboxes:
 # END=575 SUITE_TIMEOUT=450 PROBES=atomic_bf16 ATOMIC_TIMEOUT=110 (the suite's processes now follow the card's memory:
 # 4 on an H100, 6 on an H200; SUITE_PROCS overrides). docs/routed-journal.md "Eighteenth session".

@@ -4,6 +4,7 @@ compared with the committed files; the documents' links to files in the reposito
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -54,12 +55,23 @@ def test_readme_headline_table_is_the_results():
 def test_readme_card_table_is_the_results(card, sources, table):
     """The README's per-card experts-path tables are regenerated from their result files."""
     readme = (ROOT / "README.md").read_text()
-    data = {shape: docs.load(ROOT / rel) for shape, rel in sources.items()}
+    data = {shape: docs.load_first(rel if isinstance(rel, tuple) else (rel,), ROOT) for shape, rel in sources.items()}
     assert table(data) in readme, f"README.md's {card} table differs from the results: paste " \
         f"densemoe.bench.docs.{table.__name__}(...)"
     for d in data.values():
-        assert d["meta"]["commit"] in readme and d["meta"]["date"].split()[0] in readme
-        assert card in d["meta"]["device"]
+        for meta in d["metas"]:
+            assert meta["commit"] in readme and meta["date"].split()[0] in readme
+            assert card in meta["device"]
+
+
+def test_load_first_takes_each_point_from_the_first_file_that_has_it(tmp_path):
+    a = {"meta": {"commit": "a"}, "records": [{"op": "experts", "dtype": "fp8", "M": m, "us": m} for m in (1, 16)]}
+    b = {"meta": {"commit": "b"}, "records": [{"op": "experts", "dtype": "fp8", "M": m, "us": -m} for m in (16, 512)]}
+    for name, d in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(d))
+    got = docs.load_first(("a.json", "b.json"), tmp_path)
+    assert [(r["M"], r["us"]) for r in got["records"]] == [(1, 1), (16, 16), (512, -512)]
+    assert got["meta"]["commit"] == "a" and [m["commit"] for m in got["metas"]] == ["a", "b"]
 
 
 def _local_links(path: Path):

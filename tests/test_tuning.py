@@ -734,8 +734,8 @@ def test_routed_and_strategy_keys_do_not_depend_on_cute_dsl(monkeypatch):
 
 def test_the_h200_table_reaches_the_routed_path(monkeypatch):
     """On a device named NVIDIA H200 with this Triton, routed_configs.choose takes the shipped
-    entry for DeepSeek-V3 TP8 fp8 (retuned on the H200, 2026-12-05, fifth session: FC2's column
-    stream in 5 groups, two programs per SM), not the first-guess rule."""
+    entry for DeepSeek-V3 TP8 fp8 at M = 512 (the one `tables/h200.json` holds under that key,
+    read here from the file), not the first-guess rule."""
     import triton
 
     from densemoe.kernels.common import RoutedProblem
@@ -749,9 +749,11 @@ def test_the_h200_table_reaches_the_routed_path(monkeypatch):
     monkeypatch.setattr(cache, "cache_dir", lambda: Path("/nonexistent-densemoe-cache"))
     cache._tables.cache_clear()
     s = SHAPES["deepseek-v3-tp8"]
-    choice = routed_configs.choose(RoutedProblem(512, s.hidden, s.experts, s.inter, s.topk, FP8, BF16), "cuda")
+    p = RoutedProblem(512, s.hidden, s.experts, s.inter, s.topk, FP8, BF16)
+    choice = routed_configs.choose(p, "cuda")
     assert choice.source == "shipped", choice
-    assert choice.config.programs_per_sm == 2 and choice.config.fc2_col_groups == 5, choice
+    table = cache.read_file(cache.TABLES_DIR / "h200.json")
+    assert choice.config == routed_configs.parse_config(table[cache.make_key("routed", "NVIDIA H200", p)]["best"]["config"])
     assert choice.config != routed_configs.default_config(RoutedProblem(512, s.hidden, s.experts, s.inter, s.topk,
                                                                         FP8, BF16))
     cache.make_key.cache_clear()
@@ -762,7 +764,7 @@ def test_the_h200_table_reaches_the_routed_path(monkeypatch):
 def test_the_h200_table_reaches_the_strategy_rule(monkeypatch, cute):
     """On a device named NVIDIA H200, with CuTe DSL installed or not, strategy.pick takes the shipped
     crossovers: Qwen3-30B-A3B fp8 M = 4 runs routed (the rule alone: skip), and block-scaled
-    DeepSeek-V3 TP8 at M = 64 runs routed where per-expert fp8 runs skip (both recorded)."""
+    DeepSeek-V3 TP8 at M = 16 runs routed where per-expert fp8 runs skip (both recorded)."""
     from densemoe.kernels.common import RoutedProblem
     from densemoe.ops import strategy
 
@@ -779,8 +781,8 @@ def test_the_h200_table_reaches_the_strategy_rule(monkeypatch, cute):
         assert strategy.pick(4, q.experts, q.topk) == "skip"
         assert strategy.pick(4, q.experts, q.topk, problem=qp, device="cuda") == "routed"
         for block, want in ((0, "skip"), (128, "routed")):
-            dp = RoutedProblem(64, d.hidden, d.experts, d.inter, d.topk, FP8, BF16, block)
-            assert strategy.pick(64, d.experts, d.topk, problem=dp, device="cuda") == want, block
+            dp = RoutedProblem(16, d.hidden, d.experts, d.inter, d.topk, FP8, BF16, block)
+            assert strategy.pick(16, d.experts, d.topk, problem=dp, device="cuda") == want, block
     finally:
         cache.make_key.cache_clear()
         cache._tables.cache_clear()

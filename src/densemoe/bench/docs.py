@@ -25,10 +25,14 @@ SOURCES = {
     "skip": "bench/results/skip_h100_2026-11-26_streamk.json.gz",
 }
 CHART = "bench/results/fc2_h100_2026-11-26_tp8_final.png"
-# The README's H200 table: the experts path, one file per shape (the layer benchmark, fp8).
+# The README's H200 table: the experts path (the layer benchmark, fp8), the nineteenth session's two
+# runs per shape on the same tree: `19b` (M = 1-128, after the strategy retune) and `19a` (M = 16-4096,
+# after the routed retune); a point takes the first file that has it (``load_first``).
 H200_SOURCES = {
-    "deepseek-v3-tp8": "bench/results/layer_h200_2026-12-05_session7_deepseek-v3-tp8_fp8.json.gz",
-    "qwen3-30b-a3b": "bench/results/layer_h200_2026-12-05_session7_qwen3-30b-a3b_fp8.json.gz",
+    "deepseek-v3-tp8": ("bench/results/layer_h200_2026-12-06_session19b_deepseek-v3-tp8_fp8.json.gz",
+                        "bench/results/layer_h200_2026-12-06_session19a_deepseek-v3-tp8_fp8.json.gz"),
+    "qwen3-30b-a3b": ("bench/results/layer_h200_2026-12-06_session19b_qwen3-30b-a3b_fp8.json.gz",
+                      "bench/results/layer_h200_2026-12-06_session19a_qwen3-30b-a3b_fp8.json.gz"),
 }
 H200_MS = (1, 16, 64, 128, 512, 1024, 4096)
 # The README's H100 experts-path table: the current H100 tables (fp8, retuned in the fifteenth
@@ -58,6 +62,21 @@ def load(path: str | Path) -> dict:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         return json.load(f)
+
+
+def load_first(paths, root: str | Path = ".") -> dict:
+    """Several result files of one table as one: a record per (op, dtype, M), from the first file
+    that has it; ``meta`` is the first file's, ``metas`` every file's in order."""
+    files = [load(Path(root) / p) for p in paths]
+    seen, records = set(), []
+    for d in files:
+        for r in d["records"]:
+            key = (r.get("op"), r.get("dtype"), r.get("M"))
+            if key not in seen:
+                seen.add(key)
+                records.append(r)
+    records.sort(key=lambda r: (str(r.get("op")), str(r.get("dtype")), r.get("M") or 0))
+    return {"meta": files[0]["meta"], "metas": [d["meta"] for d in files], "records": records}
 
 
 def load_all(root: str | Path = ".") -> dict[str, dict]:
@@ -366,7 +385,7 @@ def performance_md(root: str | Path = ".") -> str:
         "The H200 results of 2026-12-05 (the routed path untuned in fp8, bf16 and block fp8; its tuned tiles and "
         "the strategy crossovers in all three: "
         "`bench/results/layer_h200_2026-12-05_*`, `tune_h200_2026-12-05_*`) are summarised in "
-        "[routed.md](routed.md#first-h200-measurements-2026-12-05-and-the-plan), not here.",
+        "[routed-journal.md](routed-journal.md#first-h200-measurements-2026-12-05-and-the-plan), not here.",
         "",
         "**How it is timed** (`src/densemoe/bench/`, `src/densemoe/timing.py`). Every result is checked against "
         "an fp32 reference first. Times are CUDA-graph replays with the L2 flushed (by a read) before each, "
