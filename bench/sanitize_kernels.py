@@ -12,7 +12,12 @@ sanitizer passes but that computes garbage still fails here):
   fused-combine, column-stream, column-major and programs-per-SM variants; FC2 and FC1 also with expert skipping (Triton).
 - the layer: ``DenseMoE`` (router kernels, the gate's fused quantisation, the y quantisation)
   with each strategy, softmax and DeepSeek-V3 routers, M = 1, 4, 100.
-- the schedule in both forms (one program up to 1024 pairs, two launches above).
+- the schedule in both forms (one program up to 1024 pairs, two launches above); x's fp8
+  quantisation in the schedule's launch (the routed op handed x unquantised, per token and, with
+  block-scaled weights, in 1 x 128 groups).
+- 128 x 128 block-scaled fp8 weights (issue 20) on a shape of 128-multiples: the routed path per
+  schedule signature of its space, x handed quantised and x quantised in the schedule, and the
+  skip and dense paths (``experts_forward``).
 
 ``--limit N`` caps the configs per (op, dtype, M) (default: all signatures); ``--list`` prints
 what would run, numbered; ``--from A --to B`` runs launches A <= i < B of that list only (to split
@@ -33,7 +38,7 @@ import time
 import torch
 
 import densemoe
-from densemoe.kernels.common import Fc2Problem
+from densemoe.kernels.common import Fc2Problem, RoutedProblem
 from densemoe.kernels.triton.routed import RoutedConfig
 from densemoe.kernels.cute.hopper import cute_available
 from densemoe.ops.fc1 import fc1
@@ -42,6 +47,7 @@ from densemoe.ops.routed import moe_schedule
 from densemoe.ops.routed_configs import can_implement as routed_can_implement
 from densemoe.reference import fc1_ref, fc2_ref, moe_schedule_ref
 from densemoe.tuning import ops as tops
+from densemoe.weights import BLOCK
 
 FP8, BF16 = torch.float8_e4m3fn, torch.bfloat16
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -57,6 +63,8 @@ class Shape:  # what the tuner's op factories read
 
 
 SHAPE = Shape(hidden=256, experts=16, inter=128, topk=4) if GPU else Shape(hidden=64, experts=8, inter=64, topk=2)
+# block-scaled fp8 needs H and I in whole 128-blocks (the interpreter's: as few experts as keep it quick)
+BLOCK_SHAPE = SHAPE if GPU else Shape(hidden=256, experts=4, inter=128, topk=2)
 
 
 class Launches:
@@ -181,6 +189,57 @@ def run_ops(limit, launches: Launches) -> None:
                         launches.done(i, name)
                     if i_s is not None and run_skip(op, p, inputs, cfg, name):
                         launches.done(i_s, name + " skip")
+                if op is tops.ROUTED and dtype == FP8 and cfgs:  # x handed unquantised: quantised in the schedule
+                    inputs = run_routed_x_in_schedule(p, cfgs[0], inputs, f"routed fp8 M={m}", launches)
+
+
+def run_routed_x_in_schedule(p, cfg, inputs, label, launches):
+    """The routed op on x unquantised with ``cfg`` (its quantisation in the schedule's launch up
+    to ``SMALL_P`` pairs), checked as the quantised call is; gives back the inputs it drew."""
+    name = f"{label} {cfg.to_str()} {cfg.short()} x-in-schedule"
+    i = launches.take(name)
+    if i is None:
+        return inputs
+    if inputs is None:
+        inputs, _ = tops.ROUTED.make_inputs(p, DEV, 0, None)
+    bare = inputs._replace(x_quant=None)
+    out = tops.ROUTED.make_out(p, DEV)
+    res = tops.ROUTED.run(bare, out, cfg)
+    check(name, out if res is None else res, tops.ROUTED.reference(bare, cfg), 0.1)
+    launches.done(i, name)
+    return inputs
+
+
+def run_block(limit, launches: Launches) -> None:
+    """128 x 128 block-scaled fp8: the routed path per schedule signature of its space (x handed
+    quantised in 1 x 128 groups; the first config also with x quantised in the schedule), then the
+    skip and dense paths through ``experts_forward``, each checked against the math."""
+    s = BLOCK_SHAPE
+    for m in (1, 7, 100):
+        p = RoutedProblem(m, s.hidden, s.experts, s.inter, s.topk, FP8, BF16, BLOCK)
+        cfgs = configs(tops.ROUTED, p, ("triton",), limit)
+        inputs = None
+        for cfg in cfgs:
+            name = f"routed fp8block M={m} {cfg.to_str()} {cfg.short()}"
+            i = launches.take(name)
+            if i is None:
+                continue
+            if inputs is None:
+                inputs, _ = tops.ROUTED.make_inputs(p, DEV, 0, None)
+            out = tops.ROUTED.make_out(p, DEV)
+            res = tops.ROUTED.run(inputs, out, cfg)
+            check(name, out if res is None else res, tops.ROUTED.reference(inputs, cfg), 0.1)
+            launches.done(i, name)
+        if cfgs:
+            inputs = run_routed_x_in_schedule(p, cfgs[0], inputs, f"routed fp8block M={m}", launches)
+        for strategy in ("skip", "dense"):
+            name = f"experts fp8block {strategy} M={m}"
+            i = launches.take(name)
+            if i is None:
+                continue
+            si = tops.strategy_inputs(p, DEV, 0, inputs.prepared if inputs is not None else None)
+            check(name, tops.run_strategy(si, strategy), tops.routed_reference(si.routed), 0.1)
+            launches.done(i, name)
 
 
 def run_skip(op, p, inputs, cfg, name) -> bool:
@@ -255,6 +314,7 @@ def main() -> int:
     launches = Launches(args.start, args.stop, args.list, args.match)
     if not args.layer_only:
         run_ops(args.limit, launches)
+        run_block(args.limit, launches)
     run_layer(launches)
     if args.list:
         print(f"# {launches.i + 1} launches")

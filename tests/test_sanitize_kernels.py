@@ -38,3 +38,27 @@ def test_the_list_is_numbered_and_a_range_runs_just_those_launches():
     ran = re.findall(r"^ok (\d+) [\d.]+ (.*)$", out, flags=re.M)
     assert [(int(i), n) for i, n in ran] == [(start, names[str(start)]), (start + 1, names[str(start + 1)])]
     assert "# 2 launches checked on cpu" in out and f"(of {len(numbered)}, from {start})" in out
+
+
+@pytest.mark.interpreter
+def test_the_list_holds_block_scaled_fp8_and_x_quantised_in_the_schedule():
+    """Block-scaled fp8 (the routed path per signature, the skip and dense paths) and the routed
+    op handed x unquantised (x's quantisation in the schedule's launch) are in the list, and one of
+    each runs and passes its check on the interpreter (until the nineteenth session neither was
+    in the list, so no sanitizer saw those kernels)."""
+    numbered = [line.split(" ", 1) for line in driver("--list").splitlines() if not line.startswith("#")]
+    names = {n: int(i) for i, n in numbered}
+    block = [n for n in names if n.startswith("routed fp8block M=") and not n.endswith("x-in-schedule")]
+    assert len(block) >= 3 * 5
+    for prefix in ("routed fp8 M=", "routed fp8block M="):
+        assert {m for m in (1, 7, 100) if any(n.startswith(f"{prefix}{m} ") and n.endswith(" x-in-schedule")
+                                                for n in names)} == {1, 7, 100}, prefix
+    for strategy in ("skip", "dense"):
+        assert all(f"experts fp8block {strategy} M={m}" in names for m in (1, 7, 100))
+    picks = [next(n for n in names if n.startswith("routed fp8 M=7 ") and n.endswith(" x-in-schedule")),
+             next(n for n in names if n.startswith("routed fp8block M=7 ") and n.endswith(" x-in-schedule")),
+             "experts fp8block skip M=7"]
+    for name in picks:
+        i = names[name]
+        out = driver("--from", str(i), "--to", str(i + 1))
+        assert re.search(rf"^ok {i} [\d.]+ {re.escape(name)}$", out, flags=re.M), out[-2000:]
