@@ -193,6 +193,37 @@ def test_fp8_layer_with_the_quantisation_in_fc1s_epilogue(M, monkeypatch):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("strategy", ["skip", "dense", "routed"])
+@pytest.mark.parametrize("M", [1, 4, 5, 33])
+def test_the_layer_quantises_x_in_the_router_only_where_its_gate_kernel_does(M, strategy, monkeypatch):
+    """fp8 ``DenseMoE``: the router quantises x where its gate kernel does so in the same launch
+    (M <= 4); above, x goes to the experts unquantised (the routed path then quantises it in its
+    schedule's launch, skip and dense apart). The output has the bits of the experts handed the
+    router's quantisation, as the layer did before (nineteenth session)."""
+    import densemoe.layer as layer_mod
+    import densemoe.ops.routed as routed_mod
+
+    E, I, H, k = 8, 32, 64, 2
+    w13, w2 = experts(E, I, H, seed=M)
+    gate = torch.randn(E, H, generator=torch.Generator().manual_seed(M + 3)) * H ** -0.5
+    x = torch.randn(M, H, generator=torch.Generator().manual_seed(M + 2)).to(BF16)
+    moe = densemoe.DenseMoE(prepare_weights(w13, w2, dtype="fp8"), gate, k, strategy=strategy)
+    asked, fused = [], []
+    real_logits, real_fused = layer_mod.routing.router_logits, routed_mod.kern.quant_schedule_launch
+    monkeypatch.setattr(layer_mod.routing, "router_logits",
+                        lambda *a, **kw: asked.append(kw["quantize"]) or real_logits(*a, **kw))
+    monkeypatch.setattr(routed_mod.kern, "quant_schedule_launch",
+                        lambda *a, **kw: fused.append(1) or real_fused(*a, **kw))
+    out = moe(x)
+    assert asked == [M <= 4]
+    assert fused == ([1] if strategy == "routed" and M > 4 else [])
+    route = moe.route(x)
+    want = experts_forward(x, moe.prepared, route.alpha, strategy=strategy, x_quant=quantize_per_token(x),
+                           expert_ids=route.topk_ids, topk_weights=route.topk_weights)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.interpreter
 def test_fused_experts_matches_and_caches_the_prepared_weights():
     M, E, I, H, k = 5, 8, 32, 64, 2
     w13, w2 = experts(E, I, H, seed=3)

@@ -101,8 +101,11 @@ class DenseMoE(nn.Module):
                                   strategy=self.strategy if self.skip is None else ("skip" if self.skip else "dense")
                                   ).reshape(shape)
             return out + self.shared_experts(hidden_states) if self.shared_experts is not None else out
-        # fp8 experts: the router's kernel quantises x too where it runs (M <= 4), else None
-        route, x_quant = self._route(x, quantize=self.prepared.dtype == FP8 and not self.prepared.block)
+        # fp8 experts: x quantised by the router only where its gate kernel does it in the same launch
+        # (M <= 4). Elsewhere the experts quantise x themselves, with the same bits: skip and dense in a
+        # launch of their own, as the router would have; routed in its schedule's launch up to SMALL_P pairs.
+        fp8 = self.prepared.dtype == FP8 and not self.prepared.block
+        route, x_quant = self._route(x, quantize=fp8 and routing.gate_kernel_runs(x, self.gate_weight))
         # one token: FC1 and FC2 walk the router's top-k ids (distinct by construction)
         out = experts_forward(x, self.prepared, route.alpha, skip=self.skip, strategy=self.strategy, top_k=self.top_k,
                               x_quant=x_quant, expert_ids=route.topk_ids, topk_weights=route.topk_weights

@@ -308,6 +308,12 @@ def _gate_blocker(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
+def gate_kernel_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``router_logits(x, weight)`` runs the gate kernel (impl "auto"), which with
+    ``quantize`` quantises x in the same launch; elsewhere ``quantize`` costs a launch of its own."""
+    return _gate_blocker(x, weight) is None
+
+
 def router_logits(x: torch.Tensor, weight: torch.Tensor, *, float32: bool = False, quantize: bool = False,
                   impl: str = "auto"):
     """The router's logits, and optionally the fp8 experts' quantised input, in one pass:
